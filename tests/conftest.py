@@ -1,0 +1,60 @@
+"""Shared test helpers: where the parity fixtures live and how to read one case.
+
+The fixtures (what the official PyTorch DeepSeek-VL2 code computes) sit outside the repository, in
+``../shared/fixtures`` relative to the repository root; see the README there.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+VARIANTS = ("mha", "mla", "mla_noaux")
+
+
+def ckpt_dir(variant: str) -> Path:
+    """Checkpoint folder of a variant (config, weights, tokenizer, processor config)."""
+    return FIXTURES / variant / "ckpt"
+
+
+@functools.cache
+def load_variant(variant: str):
+    """(cases.json as a dict keyed by case name, cases.npz as a mapping 'NAME/KEY' -> array)."""
+    cases = json.loads((FIXTURES / variant / "cases.json").read_text(encoding="utf-8"))
+    with np.load(FIXTURES / variant / "cases.npz") as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    return cases, arrays
+
+
+def case_names(variant: str = VARIANTS[0]):
+    """Names of the cases of a variant, in file order."""
+    return list(load_variant(variant)[0])
+
+
+def all_cases():
+    """Every (variant, case name) pair, for pytest.mark.parametrize."""
+    return [(v, name) for v in VARIANTS for name in case_names(v)]
+
+
+def load_case(variant: str, name: str) -> dict:
+    """One case: its cases.json entry plus 'arrays' ({KEY: array}, batch size 1) and 'image_paths'."""
+    cases, arrays = load_variant(variant)
+    case = dict(cases[name])
+    prefix = name + "/"
+    case["arrays"] = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+    case["image_paths"] = [FIXTURES / "images" / f for f in case["images"]]
+    return case
+
+
+def open_images(case: dict):
+    """The case's images as the reference's callers give them: PIL.Image.open(path).convert('RGB')."""
+    images = []
+    for path in case["image_paths"]:
+        with Image.open(path) as im:
+            images.append(im.convert("RGB"))
+    return images

@@ -1,0 +1,116 @@
+"""The user-facing model object: config + parameters + processor, with jitted forwards.
+
+    model = vl2_jax.load_pretrained(path, dtype="float32")
+    batch = model.processor.batchify([model.processor(conversation, images)])
+    logits = model.logits(batch)   # [B, T, V] float32
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vl2_jax.checkpoint import SafetensorsFolder, load_hf, source_dtype
+from vl2_jax.config import VL2Config
+from vl2_jax.errors import CheckpointError, ConfigError
+from vl2_jax.modules.vl2 import VL2, image_token_sources
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(dtype) -> jnp.dtype | None:
+    """None, a name ("bfloat16", "float32", "float16") or a dtype -> a jnp dtype (or None)."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
+        return DTYPES[dtype]
+    return jnp.dtype(dtype).type
+
+
+def left_pad_positions(attention_mask_BT: np.ndarray) -> np.ndarray:
+    """Positions of left-padded rows: `cumsum(mask) - 1`, 0 on padding (as the reference's generate)."""
+    return np.maximum(np.cumsum(attention_mask_BT, axis=-1) - 1, 0).astype(np.int32)
+
+
+class VL2Model:
+    """DeepSeek-VL2 with its parameters and processor. All arrays in and out are batch-major."""
+
+    def __init__(self, cfg: VL2Config, params: dict, processor=None, dtype=jnp.float32):
+        self.cfg = cfg
+        self.params = params
+        self.processor = processor
+        self.dtype = jnp.dtype(dtype)
+        self.module = VL2(cfg, self.dtype.type)
+
+    # -- jitted pieces ------------------------------------------------------------------------------
+    @functools.cached_property
+    def _embed(self):
+        return jax.jit(functools.partial(self.module.apply, method=VL2.embed))
+
+    @functools.cached_property
+    def _language(self):
+        def forward(params, x, positions, valid):
+            return self.module.apply(params, x, positions, valid, method=lambda m, *a: m.language(*a))
+
+        return jax.jit(forward)
+
+    # -- public API ---------------------------------------------------------------------------------
+    def _image_inputs(self, batch):
+        """Host-side: the tiles actually used [I, 3, S, S] (or None) and the gather indices [B, T]."""
+        crop = np.asarray(batch.images_spatial_crop)
+        seq_mask = np.asarray(batch.images_seq_mask, bool)
+        tiles_idx, src = image_token_sources(crop, seq_mask, self.cfg.tokens_per_tile_side)
+        if len(tiles_idx) == 0:
+            return None, src
+        images = np.asarray(batch.images)
+        tiles = images[tiles_idx[:, 0], tiles_idx[:, 1]]
+        return jnp.asarray(tiles, self.dtype), src
+
+    def prepare_inputs_embeds(self, batch) -> jax.Array:
+        """Token embeddings with the image features written in: [B, T, D] in the model dtype."""
+        tiles, src = self._image_inputs(batch)
+        return self._embed(
+            self.params, jnp.asarray(batch.input_ids, jnp.int32), tiles, jnp.asarray(src),
+            jnp.asarray(batch.images_seq_mask, bool),
+        )
+
+    def logits(self, batch) -> jax.Array:
+        """Full forward without a cache: float32 logits [B, T, V]."""
+        mask = np.asarray(batch.attention_mask, bool)
+        x = self.prepare_inputs_embeds(batch)
+        return self._language(self.params, x, jnp.asarray(left_pad_positions(mask)), jnp.asarray(mask))
+
+
+def load_pretrained(path: str | Path, dtype="float32") -> VL2Model:
+    """Loads a Hugging Face DeepSeek-VL2 folder or a `python -m convert` output.
+
+    Args:
+      path: folder with config.json, the tokenizer and processor files, and either safetensors weights
+        or an Orbax checkpoint written by `python -m convert`.
+      dtype: "float32", "bfloat16", "float16", or None to keep the checkpoint's dtype.
+    """
+    from vl2_jax.processor import Processor
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a folder; pass a DeepSeek-VL2 checkpoint folder.")
+    cfg = VL2Config.from_pretrained(path)
+    want = resolve_dtype(dtype)
+    from vl2_jax import orbax_io
+
+    if orbax_io.is_converted(path):
+        params, saved = orbax_io.restore(path, cfg, want)
+        dtype_ = want or saved
+    else:
+        folder = SafetensorsFolder(path)
+        dtype_ = want or source_dtype(folder)
+        params = load_hf(path, cfg, dtype_)
+    processor = Processor.from_pretrained(path)
+    return VL2Model(cfg, params, processor, dtype_)
+

@@ -1,0 +1,74 @@
+"""The DeepSeek-V2 language model: embedding, pre-norm decoder layers (attention + MLP or MoE), final
+RMSNorm and an untied LM head.
+
+Parameter layout (`params["language"]`):
+    embed [V, D], layers_{i}: attn_norm/scale [D], attn/..., mlp_norm/scale [D], mlp/...,
+    norm/scale [D], lm_head [D, V]
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from vl2_jax.config import LanguageConfig
+from vl2_jax.modules.attention import MHAttention, MLAttention
+from vl2_jax.modules.layers import RMSNorm, einsum, normal_init
+from vl2_jax.modules.moe import MLP, MoE
+
+
+class DecoderLayer(nn.Module):
+    cfg: LanguageConfig
+    layer: int
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        c = self.cfg
+        self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype)
+        self.attn = (MLAttention if c.use_mla else MHAttention)(c, self.dtype)
+        self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype)
+        if c.is_moe_layer(self.layer):
+            self.mlp = MoE(c, self.dtype)
+        else:
+            self.mlp = MLP(c.hidden_size, c.intermediate_size, self.dtype)
+
+    def new_kv(self, x_BTD, positions_BT):
+        """Key entries [B, T, ...] of these tokens for this layer (see `attention`)."""
+        return self.attn.new_kv(self.attn_norm(x_BTD), positions_BT)
+
+    def __call__(self, x_BTD, positions_BT, kv, mask_BTS) -> jax.Array:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, kv, mask_BTS)
+        return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+
+
+class LanguageModel(nn.Module):
+    cfg: LanguageConfig
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        c = self.cfg
+        self.embed_table = self.param("embed", normal_init(), (c.vocab_size, c.hidden_size), self.dtype)
+        self.layers = [DecoderLayer(c, i, self.dtype) for i in range(c.num_hidden_layers)]  # layers_{i}
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype)
+        self.lm_head = self.param("lm_head", normal_init(), (c.hidden_size, c.vocab_size), self.dtype)
+
+    def embed(self, ids_BT: jax.Array) -> jax.Array:
+        """Token ids [B, T] -> embeddings [B, T, D]."""
+        return jnp.take(self.embed_table, ids_BT, axis=0)
+
+    def head(self, x_BTD: jax.Array) -> jax.Array:
+        """Final norm and LM head: [B, T, D] -> float32 logits [B, T, V] (computed in the model dtype)."""
+        return einsum("BTD,DV->BTV", self.norm(x_BTD), self.lm_head).astype(jnp.float32)
+
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, valid_BT: jax.Array) -> jax.Array:
+        """Full causal forward without a cache: embeddings [B, T, D] -> float32 logits [B, T, V].
+
+        `valid_BT` marks real tokens (False on left padding): keys at padding are never attended to.
+        """
+        t = x_BTD.shape[1]
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        mask_BTS = causal[None] & valid_BT[:, None, :]
+        for layer in self.layers:
+            x_BTD = layer(x_BTD, positions_BT, layer.new_kv(x_BTD, positions_BT), mask_BTS)
+        return self.head(x_BTD)

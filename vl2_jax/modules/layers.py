@@ -1,0 +1,87 @@
+"""Small building blocks shared by the vision tower and the language model."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+
+def einsum(spec: str, *operands: jax.Array) -> jax.Array:
+    """`jnp.einsum` at full float32 precision when the operands are float32.
+
+    GPUs otherwise run float32 matmuls in TF32, which breaks float32 parity with the reference; bfloat16
+    operands are unaffected.
+    """
+    full = all(op.dtype == jnp.float32 for op in operands)
+    return jnp.einsum(spec, *operands, precision=jax.lax.Precision.HIGHEST if full else None)
+
+
+def normal_init(stddev: float = 0.02):
+    return nn.initializers.normal(stddev)
+
+
+class RMSNorm(nn.Module):
+    """DeepSeek-V2 RMSNorm: normalise in float32, cast back, then scale (the reference's order)."""
+
+    dim: int
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (self.dim,), self.dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale * x32.astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with scale and bias, statistics in float32."""
+
+    dim: int
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (self.dim,), self.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.dim,), self.dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_cos_sin(positions_BT: jax.Array, dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [B, T, dim] of the rotate-half convention (frequencies repeated twice).
+
+    Computed in float32 and cast to the activation dtype, as the reference's cached tables are.
+    """
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    freqs = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x_BTHK: jax.Array, cos_BTK: jax.Array, sin_BTK: jax.Array) -> jax.Array:
+    """Rotate-half (Llama) RoPE over the whole last axis; used by MHA (deepseek-vl2-tiny)."""
+    cos, sin = cos_BTK[:, :, None, :], sin_BTK[:, :, None, :]
+    return x_BTHK * cos + rotate_half(x_BTHK) * sin
+
+
+def apply_rope_interleaved(x_BTHJ: jax.Array, cos_BTJ: jax.Array, sin_BTJ: jax.Array) -> jax.Array:
+    """Interleaved-pair RoPE used by MLA (deepseek-vl2-small and base).
+
+    As the reference, the pairs (x0, x1), (x2, x3), ... are first gathered into halves
+    (x0, x2, ..., x1, x3, ...) and then rotated half-wise. The result stays in that permuted order; queries
+    and keys share it, so their dot products are those of the rotated pairs.
+    """
+    x = jnp.concatenate([x_BTHJ[..., 0::2], x_BTHJ[..., 1::2]], axis=-1)
+    return apply_rope(x, cos_BTJ, sin_BTJ)

@@ -1,0 +1,71 @@
+"""SigLIP ViT (SO400M/14 at 384 px in the released models): patch conv, position embedding, pre-norm
+blocks, final LayerNorm. No class token and no pooling head (`vision.attn_pool.*` is unused upstream).
+
+Parameter layout (`params["vision"]`):
+    patch_w [3, p, p, C], patch_b [C], pos_embed [P, C]
+    block_{i}: norm1, norm2 ({scale, bias} [C]); qkv_w [C, 3, H, K], qkv_b [3, H, K];
+               out_w [H, K, C], out_b [C]; fc1_w [C, F], fc1_b [F]; fc2_w [F, C], fc2_b [C]
+    norm: {scale, bias} [C]
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from vl2_jax.config import VisionConfig
+from vl2_jax.modules.layers import LayerNorm, einsum, normal_init
+
+
+class VisionBlock(nn.Module):
+    cfg: VisionConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_IPC: jax.Array) -> jax.Array:
+        c = self.cfg
+        init = normal_init()
+        h = LayerNorm(c.width, c.layer_norm_eps, self.dtype, name="norm1")(x_IPC)
+        qkv_w = self.param("qkv_w", init, (c.width, 3, c.heads, c.head_dim), self.dtype)
+        qkv_b = self.param("qkv_b", nn.initializers.zeros, (3, c.heads, c.head_dim), self.dtype)
+        qkv = einsum("IPC,CZHK->ZIPHK", h, qkv_w) + qkv_b[:, None, None]
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        scores = einsum("IPHK,IQHK->IHPQ", q * jnp.asarray(c.head_dim**-0.5, q.dtype), k)
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+        attn = einsum("IHPQ,IQHK->IPHK", probs, v)
+        out_w = self.param("out_w", init, (c.heads, c.head_dim, c.width), self.dtype)
+        out_b = self.param("out_b", nn.initializers.zeros, (c.width,), self.dtype)
+        x_IPC = x_IPC + einsum("IPHK,HKC->IPC", attn, out_w) + out_b
+
+        h = LayerNorm(c.width, c.layer_norm_eps, self.dtype, name="norm2")(x_IPC)
+        fc1_w = self.param("fc1_w", init, (c.width, c.mlp_dim), self.dtype)
+        fc1_b = self.param("fc1_b", nn.initializers.zeros, (c.mlp_dim,), self.dtype)
+        fc2_w = self.param("fc2_w", init, (c.mlp_dim, c.width), self.dtype)
+        fc2_b = self.param("fc2_b", nn.initializers.zeros, (c.width,), self.dtype)
+        h = jax.nn.gelu(einsum("IPC,CF->IPF", h, fc1_w) + fc1_b, approximate=True)  # GELU tanh, as SigLIP
+        return x_IPC + einsum("IPF,FC->IPC", h, fc2_w) + fc2_b
+
+
+class VisionTransformer(nn.Module):
+    """images [I, 3, S, S] (normalised pixels) -> features [I, P, C]."""
+
+    cfg: VisionConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images_I3SS: jax.Array) -> jax.Array:
+        c = self.cfg
+        p, g = c.patch_size, c.grid
+        patch_w = self.param("patch_w", normal_init(), (3, p, p, c.width), self.dtype)
+        patch_b = self.param("patch_b", nn.initializers.zeros, (c.width,), self.dtype)
+        pos_embed = self.param("pos_embed", normal_init(), (c.num_patches, c.width), self.dtype)
+
+        # A stride-p conv without padding ignores the last S - g*p pixels (6 at 384 px with p = 14).
+        x = images_I3SS[:, :, : g * p, : g * p].astype(self.dtype)
+        x = x.reshape(x.shape[0], 3, g, p, g, p)
+        x_IPC = einsum("Icyhxw,chwC->IyxC", x, patch_w)
+        x_IPC = x_IPC.reshape(x.shape[0], g * g, c.width) + patch_b + pos_embed
+        for i in range(c.layers):
+            x_IPC = VisionBlock(c, self.dtype, name=f"block_{i}")(x_IPC)
+        return LayerNorm(c.width, c.layer_norm_eps, self.dtype, name="norm")(x_IPC)

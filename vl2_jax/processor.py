@@ -1,0 +1,362 @@
+"""Turn a chat conversation plus images into DeepSeek-VL2 model inputs (numpy, PIL, HF tokenizers).
+
+This re-implements the official ``DeepseekVLV2Processor`` (``deepseek`` chat template, inference mode)
+without torch: the token ids, image tiles and masks it returns are the ones the official code returns.
+
+Prompt layout, per turn of the conversation (``S`` is the tile size, e.g. 384):
+
+* ``bos`` once, at the very start;
+* a user turn is tokenized on its own as ``"<|User|>: " + content.strip() + "\\n\\n<|Assistant|>:"``
+  (``"<|User|>:<|Assistant|>:"`` when the stripped content is empty), each ``<image>`` in it being
+  replaced by that image's run of image tokens;
+* an assistant turn is ``content.strip()`` followed by ``eos``;
+* the final ``eos`` is dropped, so the model continues the last assistant turn. A conversation that
+  ends with a user turn is treated as if an empty assistant turn followed it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from vl2_jax.errors import ConfigError, InputError
+
+USER_ROLE = "<|User|>"
+ASSISTANT_ROLE = "<|Assistant|>"
+SYSTEM_ROLE = "system"
+_ROLES = {USER_ROLE: USER_ROLE, "user": USER_ROLE, ASSISTANT_ROLE: ASSISTANT_ROLE,
+          "assistant": ASSISTANT_ROLE, SYSTEM_ROLE: SYSTEM_ROLE}
+_SEP = "\n\n"  # the "deepseek" template's separator after a user message
+# Special tokens the official processor makes sure of, in the order it adds any that are missing.
+_EXTRA_SPECIAL = ("<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>", USER_ROLE, ASSISTANT_ROLE)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessorOutput:
+    """One processed conversation (numpy arrays; ``T`` tokens, ``S`` tile size).
+
+    input_ids: [T] int32. images: [tiles, 3, S, S] float32 (per image a global view then its local
+    tiles, rows outer; one all-zero tile when there is no image). images_seq_mask: [T] bool, True at
+    image tokens. images_spatial_crop: [n_images, 2] int32 (width tiles, height tiles); [[0, 0]] when
+    there is no image. prompt: the formatted conversation as text (the reference's ``sft_format``).
+    """
+
+    input_ids: np.ndarray
+    images: np.ndarray
+    images_seq_mask: np.ndarray
+    images_spatial_crop: np.ndarray
+    prompt: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """Several outputs padded together (numpy arrays; ``B`` rows, left padded with ``pad_id``).
+
+    input_ids: [B, T] int32. attention_mask: [B, T] bool, False at padding. images:
+    [B, max_tiles, 3, S, S] float32, zero tiles appended. images_seq_mask: [B, T] bool, False at padding.
+    images_spatial_crop: [B, max_images, 2] int32, zero rows appended.
+    """
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    images: np.ndarray
+    images_seq_mask: np.ndarray
+    images_spatial_crop: np.ndarray
+
+
+def select_best_resolution(image_size, candidate_resolutions):
+    """Pick the candidate canvas (width, height) for an image of ``image_size`` = (width, height).
+
+    The winner keeps the most pixels after an aspect-preserving fit (sizes truncated to int, counted at
+    most at the original pixel count); a tie goes to the candidate that wastes the least canvas, and
+    a full tie to the earliest candidate.
+    """
+    orig_w, orig_h = image_size
+    best, best_effective, best_waste = None, 0, float("inf")
+    for width, height in candidate_resolutions:
+        scale = min(width / orig_w, height / orig_h)
+        effective = min(int(orig_w * scale) * int(orig_h * scale), orig_w * orig_h)
+        waste = width * height - effective
+        if effective > best_effective or (effective == best_effective and waste < best_waste):
+            best, best_effective, best_waste = (width, height), effective, waste
+    return best
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Hide transformers' log lines while loading (e.g. "PyTorch was not found"): they do not apply here."""
+    names = ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "TRANSFORMERS_VERBOSITY")
+    old_env = {name: os.environ.get(name) for name in names}
+    first_import = "transformers" not in sys.modules
+    # The torch notice is logged while transformers is first imported, at a level read from the env.
+    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+    if first_import:
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    try:
+        from transformers.utils import logging as hf_logging
+
+        if first_import:  # the level transformers would have chosen on its own
+            user_level = (old_env["TRANSFORMERS_VERBOSITY"] or "warning").upper()
+            old_level = getattr(logging, user_level, logging.WARNING)
+        else:
+            old_level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(old_level)
+    finally:
+        for name, value in old_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _token_text(value):
+    """tokenizer_config.json stores a special token either as text or as a serialized AddedToken."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def load_tokenizer(path, pad_token="<｜▁pad▁｜>", image_token="<image>"):
+    """Load ``tokenizer.json`` from folder ``path`` as a fast tokenizer, used exactly as stored.
+
+    The class named in tokenizer_config.json (``LlamaTokenizerFast``) is ignored on purpose: in
+    transformers 5 that class swaps its own sentencepiece-style pipeline in for the byte-level one of
+    tokenizer.json and gives different ids (spaces, newlines and CJK text are lost), while the official
+    code (transformers 4) used the file as is. Missing special tokens are added as the official
+    processor adds them.
+    """
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        raise ConfigError(f"no tokenizer.json in {path}")
+    config = {}
+    if (path / "tokenizer_config.json").is_file():
+        config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    kwargs = {k: _token_text(config[k]) for k in ("bos_token", "eos_token", "pad_token") if config.get(k)}
+    kwargs.setdefault("pad_token", pad_token)  # the official processor adds this pad when there is none
+    if "model_max_length" in config:
+        kwargs["model_max_length"] = config["model_max_length"]
+    with _quiet_transformers():
+        from tokenizers import AddedToken
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_file=str(path / "tokenizer.json"),
+            clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+            padding_side="left", **kwargs)
+        # add_tokens(special_tokens=True) is spelled the same in transformers 4 and 5; it keeps the id of a
+        # token that is already in the vocabulary and only marks it special, so ids never move.
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False)
+                              for t in (image_token,) + _EXTRA_SPECIAL], special_tokens=True)
+    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+        raise ConfigError(f"tokenizer in {path} has no bos or eos token")
+    return tokenizer
+
+
+class Processor:
+    """DeepSeek-VL2 processor: conversation + images -> :class:`ProcessorOutput` (inference mode)."""
+
+    def __init__(self, tokenizer, candidate_resolutions, patch_size, downsample_ratio,
+                 image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), normalize=True,
+                 image_token="<image>"):
+        self.tokenizer = tokenizer
+        self.candidate_resolutions = tuple((int(w), int(h)) for w, h in candidate_resolutions)
+        if not self.candidate_resolutions:
+            raise ConfigError("candidate_resolutions is empty")
+        self.image_size = self.candidate_resolutions[0][0]
+        self.patch_size = int(patch_size)
+        self.downsample_ratio = int(downsample_ratio)
+        self.image_mean = tuple(float(x) for x in image_mean)
+        self.image_std = tuple(float(x) for x in image_std)
+        self.normalize = bool(normalize)
+        self.image_token = image_token
+        self.bos_id = tokenizer.bos_token_id
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        # Padding colour: the mean colour, truncated to int as the reference does (127 for 0.5).
+        self._fill = tuple(int(m * 255) for m in self.image_mean)
+        side = math.ceil((self.image_size // self.patch_size) / self.downsample_ratio)
+        self._tokens_per_side = side
+
+    @classmethod
+    def from_pretrained(cls, path) -> Processor:
+        """Build from a folder with tokenizer.json, tokenizer_config.json and processor_config.json."""
+        path = Path(path)
+        config_file = path / "processor_config.json"
+        if not config_file.is_file():
+            raise ConfigError(f"no processor_config.json in {path}")
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        missing = [k for k in ("candidate_resolutions", "patch_size", "downsample_ratio") if k not in config]
+        if missing:
+            raise ConfigError(f"{config_file} lacks {', '.join(missing)}")
+        if config.get("sft_format", "deepseek") != "deepseek":
+            raise ConfigError(f"only the 'deepseek' chat template is supported, not {config['sft_format']!r}")
+        image_token = config.get("image_token", "<image>")
+        tokenizer = load_tokenizer(path, config.get("pad_token", "<｜▁pad▁｜>"), image_token)
+        return cls(tokenizer, config["candidate_resolutions"], config["patch_size"],
+                   config["downsample_ratio"], config.get("image_mean", (0.5, 0.5, 0.5)),
+                   config.get("image_std", (0.5, 0.5, 0.5)), config.get("normalize", True), image_token)
+
+    # ----------------------------------------------------------------------------------------- text
+    def _encode(self, text):
+        return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
+
+    def decode(self, ids, skip_special_tokens=False) -> str:
+        """Token ids (any int sequence or array) -> text."""
+        ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def _normalize_conversation(self, conversation):
+        """Validate; return [(template role, stripped content)], ending with an assistant turn."""
+        if isinstance(conversation, (str, bytes)) or not conversation:
+            raise InputError("conversation must be a non-empty list of {'role', 'content'} dicts")
+        turns = []
+        for i, message in enumerate(conversation):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise InputError(f"message {i} must be a dict with 'role' and 'content', got {message!r}")
+            role, content = _ROLES.get(message["role"]), message["content"]
+            if role is None:
+                raise InputError(f"message {i} has unknown role {message['role']!r}; use "
+                                 f"'<|User|>'/'user', '<|Assistant|>'/'assistant' or 'system'")
+            if not isinstance(content, str):
+                raise InputError(f"message {i} content must be a str, got {type(content).__name__}")
+            if role != USER_ROLE and self.image_token in content:
+                raise InputError(f"message {i} ({message['role']}) contains {self.image_token}; "
+                                 f"images may only appear in user turns")
+            if role == SYSTEM_ROLE and i != 0:
+                raise InputError(f"a system message may only be the first message, found at {i}")
+            turns.append((role, content.strip()))
+        if turns[-1][0] != ASSISTANT_ROLE:
+            # The empty assistant turn the reference expects at the end (its eos is dropped below).
+            turns.append((ASSISTANT_ROLE, ""))
+        return turns
+
+    def _format_prompt(self, turns):
+        """The reference's ``sft_format`` text: separators alternate with message position."""
+        seps = (_SEP, self.tokenizer.eos_token)
+        text = ""
+        for i, (role, content) in enumerate(turns):
+            text += f"{role}: {content}{seps[i % 2]}" if content else f"{role}:"
+        return text.strip()
+
+    # --------------------------------------------------------------------------------------- images
+    def _to_array(self, image):
+        """PIL RGB image [H, W] -> [3, H, W] float32: /255, then (x - mean) / std if normalizing."""
+        x = np.asarray(image, dtype=np.uint8).astype(np.float32) / np.float32(255)
+        if self.normalize:
+            x = (x - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+        return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+    def _tile(self, image, cropping):
+        """One image -> ([1 + nw*nh, 3, S, S] tiles, (nw, nh))."""
+        size = self.image_size
+        if cropping:
+            best_w, best_h = select_best_resolution(image.size, self.candidate_resolutions)
+        else:
+            best_w, best_h = size, size
+        tiles = [self._to_array(ImageOps.pad(image, (size, size), color=self._fill))]
+        local = ImageOps.pad(image, (best_w, best_h), color=self._fill)
+        for top in range(0, best_h, size):
+            for left in range(0, best_w, size):
+                tiles.append(self._to_array(local.crop((left, top, left + size, top + size))))
+        return tiles, (best_w // size, best_h // size)
+
+    def num_image_tokens(self, num_width_tiles, num_height_tiles):
+        """Image tokens for one image: global grid rows + newlines, separator, stitched local grid."""
+        h = w = self._tokens_per_side
+        return h * (w + 1) + 1 + (num_height_tiles * h) * (num_width_tiles * w + 1)
+
+    def _load_image(self, image):
+        if isinstance(image, Image.Image):
+            return image.convert("RGB")
+        if isinstance(image, (str, os.PathLike)):
+            try:
+                with Image.open(image) as opened:
+                    return opened.convert("RGB")
+            except OSError as exc:
+                raise InputError(f"cannot read image {os.fspath(image)!r}: {exc}") from exc
+        raise InputError(f"an image must be a PIL image or a file path, got {type(image).__name__}")
+
+    # ----------------------------------------------------------------------------------------- main
+    def __call__(self, conversation, images=()) -> ProcessorOutput:
+        """Process one conversation (list of {'role', 'content'}) with its images (PIL or paths).
+
+        Images are taken in order by the ``<image>`` placeholders of the user turns; there must be
+        exactly one per placeholder.
+        """
+        turns = self._normalize_conversation(conversation)
+        images = list(images) if images is not None else []
+        n_placeholders = sum(c.count(self.image_token) for r, c in turns if r == USER_ROLE)
+        if n_placeholders != len(images):
+            raise InputError(f"the conversation has {n_placeholders} {self.image_token} placeholder(s) "
+                             f"but {len(images)} image(s) were given")
+        images = [self._load_image(im) for im in images]
+        cropping = len(images) <= 2  # the reference tiles only when the whole conversation has <= 2
+
+        ids, seq_mask, tiles, crops = [self.bos_id], [False], [], []
+        next_image = iter(images)
+        for role, content in turns:
+            if role == USER_ROLE:
+                # Each user turn is formatted on its own, as if followed by an empty assistant turn.
+                text = f"{USER_ROLE}: {content}{_SEP}{ASSISTANT_ROLE}:" if content else \
+                    f"{USER_ROLE}:{ASSISTANT_ROLE}:"
+                pieces = text.split(self.image_token)
+                for k, piece in enumerate(pieces):
+                    piece_ids = self._encode(piece)
+                    ids += piece_ids
+                    seq_mask += [False] * len(piece_ids)
+                    if k + 1 < len(pieces):
+                        image_tiles, (nw, nh) = self._tile(next(next_image), cropping)
+                        tiles += image_tiles
+                        crops.append((nw, nh))
+                        n = self.num_image_tokens(nw, nh)
+                        ids += [self.image_token_id] * n
+                        seq_mask += [True] * n
+            else:
+                # Assistant: text + eos. System (first message only): text, no separator.
+                turn_ids = self._encode(content) + ([self.eos_id] if role == ASSISTANT_ROLE else [])
+                ids += turn_ids
+                seq_mask += [False] * len(turn_ids)
+        # Inference mode: drop the closing eos of the last (assistant) turn.
+        ids, seq_mask = ids[:-1], seq_mask[:-1]
+
+        size = self.image_size
+        return ProcessorOutput(
+            input_ids=np.asarray(ids, dtype=np.int32),
+            images=np.stack(tiles) if tiles else np.zeros((1, 3, size, size), np.float32),
+            images_seq_mask=np.asarray(seq_mask, dtype=bool),
+            images_spatial_crop=np.asarray(crops if crops else [(0, 0)], dtype=np.int32).reshape(-1, 2),
+            prompt=self._format_prompt(turns))
+
+    def batchify(self, outputs) -> Batch:
+        """Stack outputs into one :class:`Batch`, padding tokens on the left (see Batch for shapes)."""
+        outputs = list(outputs)
+        if not outputs:
+            raise InputError("batchify needs at least one ProcessorOutput")
+        batch, length = len(outputs), max(len(o.input_ids) for o in outputs)
+        max_tiles = max(o.images.shape[0] for o in outputs)
+        max_images = max(o.images_spatial_crop.shape[0] for o in outputs)
+        input_ids = np.full((batch, length), self.pad_id, dtype=np.int32)
+        attention_mask = np.zeros((batch, length), dtype=bool)
+        seq_mask = np.zeros((batch, length), dtype=bool)
+        images = np.zeros((batch, max_tiles) + outputs[0].images.shape[1:], dtype=np.float32)
+        crops = np.zeros((batch, max_images, 2), dtype=np.int32)
+        for b, o in enumerate(outputs):
+            start = length - len(o.input_ids)
+            input_ids[b, start:] = o.input_ids
+            attention_mask[b, start:] = True
+            seq_mask[b, start:] = o.images_seq_mask
+            images[b, :o.images.shape[0]] = o.images
+            crops[b, :o.images_spatial_crop.shape[0]] = o.images_spatial_crop
+        return Batch(input_ids, attention_mask, images, seq_mask, crops)
