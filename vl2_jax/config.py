@@ -313,7 +313,7 @@ PRESETS: dict[str, VL2Config] = {
         language=LanguageConfig(
             vocab_size=129280, hidden_size=1280, intermediate_size=6848, moe_intermediate_size=896,
             num_hidden_layers=12, num_attention_heads=10, num_key_value_heads=10, n_routed_experts=64,
-            topk_method="greedy", use_mla=False, kv_lora_rank=None, qk_rope_head_dim=0, qk_nope_head_dim=0,
+            topk_method="greedy", use_mla=False, kv_lora_rank=None, q_lora_rank=None, qk_rope_head_dim=0, qk_nope_head_dim=0,
             v_head_dim=0, bos_token_id=0, eos_token_id=1, **_MOE,
         ),
         candidate_resolutions=_tiles(384),

@@ -1,0 +1,74 @@
+"""Whole-model float32 parity with what the official PyTorch code computed on the fixtures."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+import vl2_jax
+from tests.conftest import VARIANTS, all_cases, ckpt_dir, load_case, open_images
+
+TOL = 1e-4  # relative to the reference's largest magnitude (fixtures/README.md)
+
+
+@functools.cache
+def model(variant: str) -> vl2_jax.VL2Model:
+    return vl2_jax.load_pretrained(ckpt_dir(variant), dtype="float32")
+
+
+def batch_of(variant: str, *names: str):
+    m = model(variant)
+    outs = []
+    for name in names:
+        case = load_case(variant, name)
+        outs.append(m.processor(case["conversation"], open_images(case)))
+    return m.processor.batchify(outs)
+
+
+def rel_err(got, want) -> float:
+    return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
+
+
+@pytest.mark.parametrize("variant,name", all_cases())
+def test_embeds_and_logits_match_reference(variant, name):
+    ref = load_case(variant, name)["arrays"]
+    batch = batch_of(variant, name)
+    m = model(variant)
+    assert rel_err(m.prepare_inputs_embeds(batch), ref["inputs_embeds"]) < TOL
+    logits = m.logits(batch)
+    assert logits.dtype == np.float32
+    assert rel_err(logits, ref["logits"]) < TOL
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_left_padded_batch_rows_equal_single(variant):
+    """Rows of a left-padded batch give each conversation's own logits (padding never leaks in)."""
+    names = ("two_images", "text_only", "history")
+    batch = batch_of(variant, *names)
+    logits = np.asarray(model(variant).logits(batch))
+    t = batch.input_ids.shape[1]
+    for row, name in enumerate(names):
+        ref = load_case(variant, name)["arrays"]["logits"][0]
+        n = ref.shape[0]
+        assert batch.attention_mask[row, : t - n].sum() == 0
+        assert rel_err(logits[row, t - n :], ref) < TOL
+
+
+def test_load_keeps_checkpoint_dtype_with_none():
+    m = vl2_jax.load_pretrained(ckpt_dir("mha"), dtype=None)
+    assert m.dtype == np.float32
+    leaves = {str(x.dtype) for x in __import__("jax").tree.leaves(m.params)}
+    assert leaves == {"float32"}
+
+
+def test_bfloat16_load_runs_and_agrees_roughly():
+    """bf16 weights and activations: same argmax on most positions as float32 (not a parity test)."""
+    m16 = vl2_jax.load_pretrained(ckpt_dir("mla"), dtype="bfloat16")
+    batch = batch_of("mla", "one_photo")
+    got = np.asarray(m16.logits(batch))
+    ref = load_case("mla", "one_photo")["arrays"]["logits"][0]
+    assert got.dtype == np.float32
+    cos = (got[0] * ref).sum(-1) / np.linalg.norm(got[0], axis=-1) / np.linalg.norm(ref, axis=-1)
+    assert cos.min() > 0.99
