@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -16,7 +17,7 @@ import numpy as np
 
 from vl2_jax.checkpoint import SafetensorsFolder, load_hf, source_dtype
 from vl2_jax.config import VL2Config
-from vl2_jax.errors import CheckpointError, ConfigError
+from vl2_jax.errors import CheckpointError, ConfigError, InputError
 from vl2_jax.modules.vl2 import VL2, image_token_sources
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -47,6 +48,7 @@ class VL2Model:
         self.processor = processor
         self.dtype = jnp.dtype(dtype)
         self.module = VL2(cfg, self.dtype.type)
+        self._generator = None
 
     # -- jitted pieces ------------------------------------------------------------------------------
     @functools.cached_property
@@ -85,6 +87,54 @@ class VL2Model:
         mask = np.asarray(batch.attention_mask, bool)
         x = self.prepare_inputs_embeds(batch)
         return self._language(self.params, x, jnp.asarray(left_pad_positions(mask)), jnp.asarray(mask))
+
+
+    def generate(
+        self,
+        batch,
+        max_new_tokens: int = 512,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        seed: int = 0,
+        stop: Sequence[str] = (),
+        prefill_chunk: int | None = None,
+        on_text: Callable[[int, str], None] | None = None,
+    ):
+        """Generates answers for a processor batch -> `vl2_jax.generation.GenerationResult`.
+
+        Greedy when `temperature == 0` (the default); otherwise samples with temperature, `top_k` (0 = off)
+        and `top_p` (1.0 = off), reproducibly for a `seed`. `repetition_penalty` > 1 discourages tokens
+        already in the prompt or answer. A row stops at EOS, at one of the `stop` strings (e.g. "User:",
+        the chat template's), after `max_new_tokens`, or at the model's context limit. `prefill_chunk=N`
+        writes the prompt into the cache N tokens at a time (same answers, less activation memory).
+        `on_text(row, new_text)` is called with text as it is produced.
+        """
+        from vl2_jax.generation import Generator
+        from vl2_jax.sampling import SamplingParams
+
+        checks = [
+            (temperature >= 0, f"temperature must be >= 0 (got {temperature})"),
+            (0 < top_p <= 1, f"top_p must be in (0, 1] (got {top_p})"),
+            (top_k >= 0, f"top_k must be >= 0 (got {top_k}; 0 turns it off)"),
+            (repetition_penalty > 0, f"repetition_penalty must be > 0 (got {repetition_penalty})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(message + ".")
+        if self._generator is None:
+            self._generator = Generator(self)
+        sampling = SamplingParams.make(temperature, top_k, top_p, repetition_penalty)
+        return self._generator.run(
+            batch, max_new_tokens, sampling, seed, stop, prefill_chunk, on_text
+        )
+
+    def stream(self, batch, **kwargs) -> Iterator[str]:
+        """Like `generate` for a one-conversation batch, yielding the answer's text as it is produced."""
+        from vl2_jax.generation import stream_text
+
+        return stream_text(self, batch, **kwargs)
 
 
 def load_pretrained(path: str | Path, dtype="float32") -> VL2Model:

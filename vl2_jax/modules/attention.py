@@ -32,6 +32,10 @@ from vl2_jax.modules.layers import (
     rope_cos_sin,
 )
 
+# The reference builds q_a_layernorm / kv_a_layernorm without passing eps: they use 1e-6 whatever
+# config.rms_norm_eps says (only the decoder layers' norms take the config's value).
+LATENT_NORM_EPS = 1e-6
+
 
 def masked_softmax(scores: jax.Array, mask: jax.Array, dtype) -> jax.Array:
     """Softmax over the last axis in float32 (as the reference), cast to `dtype`.
@@ -88,11 +92,11 @@ class MLAttention(nn.Module):
             self.q_w = self.param("q_w", init, (d, h, c.q_head_dim), self.dtype)
         else:
             self.q_a_w = self.param("q_a_w", init, (d, c.q_lora_rank), self.dtype)
-            self.q_a_norm = RMSNorm(c.q_lora_rank, c.rms_norm_eps, self.dtype)
+            self.q_a_norm = RMSNorm(c.q_lora_rank, LATENT_NORM_EPS, self.dtype)
             self.q_b_w = self.param("q_b_w", init, (c.q_lora_rank, h, c.q_head_dim), self.dtype)
         self.kv_a_w = self.param("kv_a_w", init, (d, r), self.dtype)
         self.k_rope_w = self.param("k_rope_w", init, (d, c.qk_rope_head_dim), self.dtype)
-        self.kv_a_norm = RMSNorm(r, c.rms_norm_eps, self.dtype)
+        self.kv_a_norm = RMSNorm(r, LATENT_NORM_EPS, self.dtype)
         self.wk_b = self.param("wk_b", init, (h, c.qk_nope_head_dim, r), self.dtype)
         self.wv_b = self.param("wv_b", init, (h, c.v_head_dim, r), self.dtype)
         self.o_w = self.param("o_w", init, (h, c.v_head_dim, d), self.dtype)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from vl2_jax.cache import KVCache, write
 from vl2_jax.config import LanguageConfig
 from vl2_jax.modules.attention import MHAttention, MLAttention
 from vl2_jax.modules.layers import RMSNorm, einsum, normal_init
@@ -72,3 +73,24 @@ class LanguageModel(nn.Module):
         for layer in self.layers:
             x_BTD = layer(x_BTD, positions_BT, layer.new_kv(x_BTD, positions_BT), mask_BTS)
         return self.head(x_BTD)
+
+    def forward_cached(
+        self, x_BTD: jax.Array, positions_BT: jax.Array, valid_BT: jax.Array, cache: KVCache
+    ) -> tuple[jax.Array, KVCache]:
+        """T new tokens written into the cache at `cache.length` -> (float32 logits [B, V] of the last
+        token, cache).
+
+        `valid_BT` marks real tokens among the new ones (False on left padding). Used for prefill (whole
+        prompt or chunks of it) and decode (T = 1); the cache comes back with the entries written.
+        """
+        t = x_BTD.shape[1]
+        start = cache.length
+        valid = jax.lax.dynamic_update_slice(cache.valid, valid_BT, (0, start))
+        cache = cache.replace(valid=valid)
+        mask_BTS = cache.mask(t)
+        layers = []
+        for layer, entries in zip(self.layers, cache.layers):
+            entries = write(entries, layer.new_kv(x_BTD, positions_BT), start)
+            x_BTD = layer(x_BTD, positions_BT, entries, mask_BTS)
+            layers.append(entries)
+        return self.head(x_BTD[:, -1:])[:, 0], cache.replace(layers=tuple(layers), length=start + t)

@@ -1,0 +1,156 @@
+"""Generation: greedy parity with the reference's `generate`, chunked prefill, batches, the cache, sampling
+and compile counts."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import vl2_jax
+from tests.conftest import VARIANTS, all_cases, ckpt_dir, load_case, open_images
+from vl2_jax.errors import InputError
+from vl2_jax.sampling import SamplingParams, filter_top_k_top_p, penalize, sample
+
+
+@functools.cache
+def model(variant: str) -> vl2_jax.VL2Model:
+    return vl2_jax.load_pretrained(ckpt_dir(variant), dtype="float32")
+
+
+def one(m, variant, name):
+    case = load_case(variant, name)
+    return m.processor(case["conversation"], open_images(case)), case["arrays"]["greedy"].tolist()
+
+
+@pytest.mark.parametrize("variant,name", all_cases())
+def test_greedy_matches_reference_whole_and_chunked_prefill(variant, name):
+    m = model(variant)
+    out, greedy = one(m, variant, name)
+    batch = m.processor.batchify([out])
+    r = m.generate(batch, max_new_tokens=len(greedy))
+    assert r.token_ids[0] == greedy
+    assert r.finish_reason[0] == ("stop" if greedy[-1] == m.cfg.language.eos_token_id else "length")
+    assert m.generate(batch, max_new_tokens=len(greedy), prefill_chunk=7).token_ids[0] == greedy
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_left_padded_batch_gives_each_rows_answer(variant):
+    m = model(variant)
+    names = ("three_images_no_crop", "text_only", "one_wide")
+    outs, greedys = zip(*(one(m, variant, n) for n in names))
+    r = m.generate(m.processor.batchify(list(outs)), max_new_tokens=max(map(len, greedys)))
+    for got, want in zip(r.token_ids, greedys):
+        assert got[: len(want)] == want
+
+
+def test_cached_decoding_equals_full_recompute():
+    """Random weights (query LoRA, grouped routing): each greedy token is the argmax of a full forward."""
+    base = vl2_jax.PRESETS["test"]
+    cfg = dataclasses.replace(base, language=dataclasses.replace(base.language, vocab_size=413))
+    proc = model("mla").processor
+    cfg = dataclasses.replace(
+        cfg, vision=dataclasses.replace(cfg.vision, image_size=70), candidate_resolutions=proc.candidate_resolutions
+    )
+    module = vl2_jax.VL2Model(cfg, None, proc).module
+    s = cfg.vision.image_size
+    params = jax.jit(module.init)(
+        jax.random.key(1), jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 3, s, s)), jnp.zeros((1, 4), jnp.int32),
+        jnp.zeros((1, 4), bool), jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), bool),
+    )
+    m = vl2_jax.VL2Model(cfg, params, proc)
+    case = load_case("mla", "one_photo")
+    out = proc(case["conversation"], open_images(case))
+    r = m.generate(proc.batchify([out]), max_new_tokens=10)
+    ids = np.concatenate([out.input_ids, np.asarray(r.token_ids[0][:-1], np.int32)])
+    full = dataclasses.replace(
+        out, input_ids=ids, images_seq_mask=np.pad(out.images_seq_mask, (0, len(ids) - len(out.input_ids)))
+    )
+    logits = np.asarray(m.logits(proc.batchify([full])))[0, len(out.input_ids) - 1 :]
+    assert logits.argmax(-1).tolist() == r.token_ids[0]
+
+
+def test_sampling_is_reproducible_and_seed_dependent():
+    m = model("mha")
+    batch = m.processor.batchify([one(m, "mha", "text_only")[0]])
+    kw = dict(max_new_tokens=12, temperature=1.5)
+    a, b = m.generate(batch, seed=3, **kw), m.generate(batch, seed=3, **kw)
+    assert a.token_ids == b.token_ids
+    assert any(m.generate(batch, seed=s, **kw).token_ids != a.token_ids for s in (4, 5, 6))
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    m = model("mla")
+    batch = m.processor.batchify([one(m, "mla", "one_wide")[0]])
+    greedy = m.generate(batch, max_new_tokens=8).token_ids
+    assert m.generate(batch, max_new_tokens=8, temperature=0.9, top_k=1, seed=7).token_ids == greedy
+    assert m.generate(batch, max_new_tokens=8, temperature=0.9, top_p=1e-6, seed=7).token_ids == greedy
+
+
+def test_filters_and_penalty_semantics():
+    logits = jnp.log(jnp.asarray([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    kept = lambda k, p: np.isfinite(np.asarray(filter_top_k_top_p(logits, jnp.int32(k), jnp.float32(p))))[0]
+    assert kept(2, 1.0).tolist() == [True, True, False, False, False]
+    assert kept(0, 0.6).tolist() == [True, True, False, False, False]  # 0.5 < 0.6, 0.5 + 0.2 reaches it
+    assert kept(0, 0.5).tolist() == [True, False, False, False, False]
+    assert kept(0, 1.0).all()
+    pen = penalize(jnp.asarray([[2.0, -2.0, 2.0]]), jnp.asarray([[True, True, False]]), jnp.float32(2.0))
+    np.testing.assert_allclose(np.asarray(pen), [[1.0, -4.0, 2.0]])
+    # Sampled tokens stay inside the top-k set.
+    params = SamplingParams.make(temperature=1.0, top_k=2)
+    keys = jax.random.split(jax.random.key(0), 50)
+    draws = jax.vmap(lambda k: sample(logits, jnp.zeros_like(logits, bool), params, k))(keys)
+    draws = set(np.asarray(draws).ravel().tolist())
+    assert draws == {0, 1}
+
+
+def test_no_retrace_within_a_bucket():
+    m = model("mha")
+    conv = lambda text: [{"role": "user", "content": text}]
+    short = m.processor.batchify([m.processor(conv("Hi."))])
+    long = m.processor.batchify([m.processor(conv("Describe a very small grey cat, please."))])
+    assert short.input_ids.shape[1] != long.input_ids.shape[1]
+    m.generate(short, max_new_tokens=5)
+    before = m._generator.traces
+    m.generate(long, max_new_tokens=5)
+    assert m._generator.traces == before
+
+
+def test_stop_strings_and_streaming():
+    m = model("mha")
+    batch = m.processor.batchify([one(m, "mha", "text_only")[0]])
+    full = m.generate(batch, max_new_tokens=12)
+    pieces = list(m.stream(batch, max_new_tokens=12))
+    assert "".join(pieces) == full.text[0] and len(pieces) >= 1
+    stop = full.text[0][3:5]
+    r = m.generate(batch, max_new_tokens=12, stop=[stop])
+    assert r.finish_reason == ["stop"] and r.text[0] == full.text[0][: full.text[0].find(stop)]
+    assert r.token_ids[0] == full.token_ids[0][: len(r.token_ids[0])]
+
+
+def test_context_limit():
+    m = model("mha")
+    tight = dataclasses.replace(m.cfg.language, max_position_embeddings=20)
+    m2 = vl2_jax.VL2Model(dataclasses.replace(m.cfg, language=tight), m.params, m.processor)
+    batch = m.processor.batchify([one(m, "mha", "text_only")[0]])  # 15 prompt tokens
+    r = m2.generate(batch, max_new_tokens=50)
+    assert len(r.token_ids[0]) == 5 and r.finish_reason == ["length"]
+    long = m.processor.batchify([one(m, "mha", "one_photo")[0]])
+    with pytest.raises(InputError, match="98 tokens.*20 tokens"):
+        m2.generate(long, max_new_tokens=5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
+     ({"top_p": 1.5}, "top_p"), ({"top_k": -2}, "top_k"), ({"repetition_penalty": 0}, "repetition_penalty")],
+)
+def test_bad_arguments(kwargs, words):
+    m = model("mha")
+    batch = m.processor.batchify([one(m, "mha", "text_only")[0]])
+    with pytest.raises(InputError, match=words):
+        m.generate(batch, **kwargs)

@@ -1,0 +1,312 @@
+"""Generation: bucketed, jitted prefill into a static KV cache, then a decode loop on the device.
+
+Flow for a batch (left padded by the processor):
+1. The prompt is left padded further to a bucket length (a power of two, at least 64), so new prompt
+   lengths reuse compiled code; padding is masked, so answers do not change.
+2. `embed` (vision tower + projector + text embeddings) runs once; prefill then writes the prompt into
+   the cache whole or `prefill_chunk` tokens at a time, and the first token is sampled.
+3. `decode` runs a `lax.while_loop` on the device until every row has produced EOS or a step limit is
+   reached; nothing returns to the host per token. For streaming, the host calls it with successive
+   limits (chunks of tokens) and decodes the text in between. The cache and the loop state are donated.
+Stop strings are applied on the host, after each chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from vl2_jax.cache import KVCache
+from vl2_jax.errors import InputError
+from vl2_jax.model import VL2Model, left_pad_positions
+from vl2_jax.modules.vl2 import VL2
+from vl2_jax.sampling import SamplingParams, sample
+
+MIN_BUCKET = 64
+
+
+def bucket(n: int, limit: int | None = None) -> int:
+    """The padded length for n tokens: the next power of two >= max(n, 64) (capped at `limit` if given)."""
+    b = max(MIN_BUCKET, 1 << (n - 1).bit_length())
+    return max(n, min(b, limit)) if limit else b
+
+
+@struct.dataclass
+class DecodeState:
+    """Loop state. tokens [B, N] generated ids (pad after a row is done); done [B]; count [B] tokens
+    generated per row; positions [B] RoPE position of the next fed token; seen [B, V] tokens in the prompt
+    or answer (for the repetition penalty); step [] tokens generated so far; key: PRNG key."""
+
+    cache: KVCache
+    tokens: jax.Array
+    done: jax.Array
+    count: jax.Array
+    positions: jax.Array
+    seen: jax.Array
+    step: jax.Array
+    key: jax.Array
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """Per row: the new token ids (EOS included when produced), their text (special tokens kept, EOS not
+    shown), and why it ended: "stop" (EOS or a stop string) or "length" (max_new_tokens or the context)."""
+
+    token_ids: list[list[int]]
+    text: list[str]
+    finish_reason: list[str]
+    prompt_tokens: list[int]
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def generated_tokens(self) -> list[int]:
+        return [len(t) for t in self.token_ids]
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = max(self.generated_tokens, default=0) - 1
+        return steps / self.decode_s if self.decode_s > 0 and steps > 0 else 0.0
+
+
+class Generator:
+    """Jitted prefill and decode of one model. Compiled functions are cached per shape bucket."""
+
+    def __init__(self, model: VL2Model):
+        self.model = model
+        self.traces = 0  # incremented each time prefill or decode is traced (tests count recompiles)
+
+    # -- jitted functions -----------------------------------------------------------------------------
+    @functools.cached_property
+    def _prefill_chunk(self):
+        def run(params, x, positions, valid, cache):
+            self.traces += 1
+            return self.model.module.apply(
+                params, x, positions, valid, cache, method=lambda m, *a: m.language.forward_cached(*a)
+            )
+
+        return jax.jit(run, donate_argnums=(4,))
+
+    @functools.cached_property
+    def _start(self):
+        """First token from the prefill logits -> the initial DecodeState."""
+
+        def run(logits, cache, positions, seen, sampling, key, eos, pad, max_new):
+            self.traces += 1
+            key, sub = jax.random.split(key)
+            first = sample(logits, seen, sampling, sub)
+            b = first.shape[0]
+            tokens = jnp.full((b, max_new), pad, jnp.int32).at[:, 0].set(first)
+            seen = seen.at[jnp.arange(b), first].set(True)
+            return DecodeState(cache, tokens, first == eos, jnp.ones((b,), jnp.int32), positions, seen, jnp.int32(1), key)
+
+        return jax.jit(run, donate_argnums=(1,), static_argnums=(8,))
+
+    @functools.cached_property
+    def _decode(self):
+        module = self.model.module
+
+        def run(params, state: DecodeState, limit, sampling, eos, pad):
+            self.traces += 1
+
+            def cond(s: DecodeState):
+                return (s.step < limit) & ~jnp.all(s.done)
+
+            def body(s: DecodeState):
+                fed = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1, keepdims=False)
+                x = module.apply(params, fed[:, None], method=lambda m, ids: m.language.embed(ids))
+                logits, cache = module.apply(
+                    params, x, s.positions[:, None], jnp.ones_like(fed, bool)[:, None], s.cache,
+                    method=lambda m, *a: m.language.forward_cached(*a),
+                )
+                key, sub = jax.random.split(s.key)
+                tok = sample(logits, s.seen, sampling, sub)
+                tok = jnp.where(s.done, pad, tok)
+                tokens = jax.lax.dynamic_update_index_in_dim(s.tokens, tok, s.step, axis=1)
+                seen = s.seen.at[jnp.arange(tok.shape[0]), tok].set(True)
+                return DecodeState(
+                    cache, tokens, s.done | (tok == eos), s.count + (~s.done).astype(jnp.int32),
+                    s.positions + 1, seen, s.step + 1, key,
+                )
+
+            return jax.lax.while_loop(cond, body, state)
+
+        return jax.jit(run, donate_argnums=(1,))
+
+    @functools.cached_property
+    def _embed(self):
+        def run(params, ids, tiles, src, seq_mask):
+            self.traces += 1
+            return self.model.module.apply(params, ids, tiles, src, seq_mask, method=VL2.embed)
+
+        return jax.jit(run)
+
+    # -- host side -----------------------------------------------------------------------------------
+    def _pad_batch(self, batch, length: int):
+        """Left pads ids / masks [B, T] to [B, length] (pad id, masks False)."""
+        extra = length - batch.input_ids.shape[1]
+        pad2 = lambda a, v: np.pad(np.asarray(a), ((0, 0), (extra, 0)), constant_values=v)
+        return (
+            pad2(batch.input_ids, self.model.processor.pad_id if self.model.processor else 0).astype(np.int32),
+            pad2(batch.attention_mask, False).astype(bool),
+            pad2(batch.images_seq_mask, False).astype(bool),
+        )
+
+    def run(
+        self,
+        batch,
+        max_new_tokens: int = 512,
+        sampling: SamplingParams | None = None,
+        seed: int = 0,
+        stop: Sequence[str] = (),
+        prefill_chunk: int | None = None,
+        on_text: Callable[[int, str], None] | None = None,
+        stream_every: int = 16,
+    ) -> GenerationResult:
+        """Generates for a processor batch; see `VL2Model.generate` for the arguments."""
+        m, cfg = self.model, self.model.cfg.language
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1 (got {max_new_tokens}).")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise InputError(f"prefill_chunk must be at least 1 (got {prefill_chunk}).")
+        attention = np.asarray(batch.attention_mask, bool)
+        prompt_tokens = attention.sum(-1).astype(int).tolist()
+        longest = max(prompt_tokens)
+        limit = cfg.max_position_embeddings
+        if longest > limit - 1:
+            raise InputError(
+                f"the prompt has {longest} tokens but the model's context is {limit} tokens "
+                f"(max_position_embeddings), leaving no room for an answer; shorten the prompt or use fewer images."
+            )
+        # Positions stop at the context limit: that row then ends with finish reason "length".
+        max_new = min(max_new_tokens, limit - longest)
+        sampling = sampling or SamplingParams.make()
+        t0 = time.perf_counter()
+
+        length = bucket(batch.input_ids.shape[1])
+        if prefill_chunk:
+            length = -(-length // prefill_chunk) * prefill_chunk
+        ids, attention, seq_mask = self._pad_batch(batch, length)
+        tiles, src = m._image_inputs(batch)
+        src = np.pad(src, ((0, 0), (length - src.shape[1], 0)))
+        x = self._embed(m.params, jnp.asarray(ids), tiles, jnp.asarray(src), jnp.asarray(seq_mask))
+        positions = left_pad_positions(attention)
+        b = ids.shape[0]
+        slots = bucket(length + max_new, None)
+        cache = KVCache.zeros(cfg, b, slots, m.dtype)
+        chunk = prefill_chunk or length
+        for start in range(0, length, chunk):
+            sl = slice(start, start + chunk)
+            logits, cache = self._prefill_chunk(
+                m.params, x[:, sl], jnp.asarray(positions[:, sl]), jnp.asarray(attention[:, sl]), cache
+            )
+        seen = np.zeros((b, cfg.vocab_size), bool)
+        rows = np.repeat(np.arange(b), length)
+        seen[rows[attention.ravel()], ids.ravel()[attention.ravel()]] = True
+        eos = jnp.int32(cfg.eos_token_id)
+        pad = jnp.int32(m.processor.pad_id if m.processor else cfg.eos_token_id)
+        state = self._start(
+            logits, cache, jnp.asarray(positions[:, -1] + 1), jnp.asarray(seen), sampling,
+            jax.random.key(seed), eos, pad, max_new,
+        )
+        state.done.block_until_ready()
+        ttft = time.perf_counter() - t0
+
+        streamer = _Streamer(m.processor, b, stop, on_text) if (on_text or stop) else None
+        t1 = time.perf_counter()
+        step = 1
+        while True:
+            if streamer:
+                tokens, done = np.asarray(state.tokens[:, :step]), np.asarray(state.done)
+                stopped = streamer.update(tokens, np.asarray(state.count), done)
+                if stopped.any():
+                    state = state.replace(done=jnp.asarray(done | stopped))
+            if step >= max_new or bool(jnp.all(state.done)):
+                break
+            step = min(max_new, step + stream_every) if streamer else max_new
+            state = self._decode(m.params, state, jnp.int32(step), sampling, eos, pad)
+            step = int(state.step)
+        tokens, count = np.asarray(state.tokens), np.asarray(state.count)
+        decode_s = time.perf_counter() - t1
+        return self._result(tokens, count, prompt_tokens, stop, streamer, ttft, decode_s, cfg.eos_token_id)
+
+    def _result(self, tokens, count, prompt_tokens, stop, streamer, ttft, decode_s, eos) -> GenerationResult:
+        ids, texts, reasons = [], [], []
+        for row in range(tokens.shape[0]):
+            toks = tokens[row, : count[row]].tolist()
+            reason = "stop" if toks and toks[-1] == eos else "length"
+            cut = streamer.stop_at[row] if streamer else None
+            if cut is not None:
+                toks, reason = toks[: cut[0]], "stop"
+            text = self.model.processor.decode(toks[:-1] if toks and toks[-1] == eos else toks)
+            if cut is not None:
+                text = text[: cut[1]]
+            ids.append(toks)
+            texts.append(text)
+            reasons.append(reason)
+        return GenerationResult(ids, texts, reasons, prompt_tokens, ttft, decode_s)
+
+
+class _Streamer:
+    """Host-side text of each row as chunks of tokens arrive: emits new text and finds stop strings."""
+
+    def __init__(self, processor, rows: int, stop: Sequence[str], on_text):
+        self.processor, self.stop, self.on_text = processor, tuple(s for s in stop if s), on_text
+        self.sent = [""] * rows
+        self.stop_at: list[tuple[int, int] | None] = [None] * rows  # (tokens kept, characters kept)
+
+    def update(self, tokens: np.ndarray, count: np.ndarray, done: np.ndarray) -> np.ndarray:
+        """Returns [B] bool: rows that just hit a stop string."""
+        hit = np.zeros(len(self.sent), bool)
+        for row, sent in enumerate(self.sent):
+            if self.stop_at[row] is not None:
+                continue
+            toks = tokens[row, : count[row]].tolist()
+            text = self.processor.decode(toks)
+            found = [text.find(s, max(0, len(sent) - len(s))) for s in self.stop]
+            found = [f for f in found if f >= 0]
+            if found:
+                at = min(found)
+                keep = next(n for n in range(1, len(toks) + 1) if len(self.processor.decode(toks[:n])) > at)
+                self.stop_at[row] = (keep, at)
+                text, hit[row] = text[:at], True
+            elif not done[row]:
+                # Hold back a partial multi-byte character and anything a stop string may still complete.
+                text = text.rstrip("\ufffd")
+                hold = max((len(s) - 1 for s in self.stop), default=0)
+                text = text[: max(len(sent), len(text) - hold)]
+            elif toks and toks[-1] == self.processor.eos_id:
+                text = self.processor.decode(toks[:-1])
+            if self.on_text and len(text) > len(sent):
+                self.on_text(row, text[len(sent) :])
+            self.sent[row] = max(text, sent, key=len)
+        return hit
+
+
+def stream_text(model: VL2Model, batch, **kwargs) -> Iterator[str]:
+    """Yields the text of a single-conversation batch as it is produced (runs generation in a thread)."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue()
+    box: dict = {}
+
+    def work():
+        try:
+            box["result"] = model.generate(batch, on_text=lambda row, text: q.put(text), **kwargs)
+        except BaseException as e:  # re-raised in the consumer
+            box["error"] = e
+        q.put(None)
+
+    threading.Thread(target=work, daemon=True).start()
+    while (piece := q.get()) is not None:
+        yield piece
+    if "error" in box:
+        raise box["error"]
