@@ -277,7 +277,8 @@ class Processor:
         h = w = self._tokens_per_side
         return h * (w + 1) + 1 + (num_height_tiles * h) * (num_width_tiles * w + 1)
 
-    def _load_image(self, image):
+    def load_image(self, image):
+        """A PIL image or a file path -> an RGB PIL image (`convert("RGB")`, as the reference's callers)."""
         if isinstance(image, Image.Image):
             return image.convert("RGB")
         if isinstance(image, (str, os.PathLike)):
@@ -301,7 +302,7 @@ class Processor:
         if n_placeholders != len(images):
             raise InputError(f"the conversation has {n_placeholders} {self.image_token} placeholder(s) "
                              f"but {len(images)} image(s) were given")
-        images = [self._load_image(im) for im in images]
+        images = [self.load_image(im) for im in images]
         cropping = len(images) <= 2  # the reference tiles only when the whole conversation has <= 2
 
         ids, seq_mask, tiles, crops = [self.bos_id], [False], [], []

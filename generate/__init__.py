@@ -1,0 +1,1 @@
+"""`python -m generate`: see generate/__main__.py."""

@@ -1,0 +1,70 @@
+"""Ask DeepSeek-VL2 about images from the command line.
+
+    python -m generate --image cat.jpg --prompt "Describe the image."
+    python -m generate --model random:test --image cat.jpg --prompt "<image> What is this?" --json
+
+The answer streams to stdout; loading, compile and speed notes go to stderr. `--json` prints one JSON
+object instead. A bad argument, image, prompt or checkpoint prints one `error: ...` line, exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DEFAULT_MODEL = "deepseek-ai/deepseek-vl2-tiny"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m generate", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="local checkpoint folder (Hugging Face or converted), a hub id (downloaded and converted "
+                        f"once), or random:tiny|small|base|test for random weights offline (default: {DEFAULT_MODEL})")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image file; repeat for several images")
+    p.add_argument("--prompt", default=None,
+                   help="the question; use <image> placeholders to place images, or none to put them first")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help='stop when the answer contains TEXT; repeatable (default: "User:", the chat template\'s)')
+    p.add_argument("--prefill-chunk", type=_positive_int, default=None,
+                   help="process the prompt this many tokens at a time (same answer, less memory)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="default: bfloat16 on GPU/TPU, float32 on CPU")
+    p.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin (images go to turn 1)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the answer and timings")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    log = lambda line: print(line, file=sys.stderr, flush=True)
+    from vl2_jax.cli import run
+
+    try:
+        return run(args, log)
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    except Exception as e:  # noqa: BLE001 - last line of defence: one sentence, no traceback
+        from vl2_jax.cli import explain
+
+        log("error: " + explain(e))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,84 @@
+"""`python -m generate`: fixture greedy parity through the command line, offline random models, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from generate.__main__ import main
+from tests.conftest import FIXTURES, VARIANTS, ckpt_dir, load_case
+
+ROOT = Path(__file__).resolve().parents[1]
+SINGLE_TURN = ("text_only", "one_photo", "one_wide", "two_images", "three_images_no_crop")
+
+
+def run_json(capsys, argv) -> dict:
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("name", SINGLE_TURN)
+def test_cli_greedy_matches_reference(capsys, variant, name):
+    case = load_case(variant, name)
+    greedy = case["arrays"]["greedy"].tolist()
+    argv = ["--model", str(ckpt_dir(variant)), "--dtype", "float32", "--json", "--max-new-tokens", str(len(greedy)),
+            "--prompt", case["conversation"][0]["content"]]
+    for path in case["image_paths"]:
+        argv += ["--image", str(path)]
+    out = run_json(capsys, argv)
+    assert out["token_ids"] == greedy
+    assert out["generated_tokens"] == len(greedy) and out["prompt_tokens"] == case["arrays"]["input_ids"].shape[1]
+    assert {"text", "finish_reason", "ttft_s", "decode_tokens_per_s"} <= set(out)
+
+
+def _cli(*args, stdin=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "generate", *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, input=stdin, timeout=300)
+
+
+def test_random_test_model_runs_offline_and_streams():
+    r = _cli("--model", "random:test", "--image", str(FIXTURES / "images" / "noise_tiny.png"),
+             "--prompt", "What is in the picture?", "--max-new-tokens", "6")
+    assert r.returncode == 0, r.stderr
+    assert "prompt tokens" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--max-new-tokens", "0", "--prompt", "hi"], "--max-new-tokens"),
+        (["--temperature", "-1", "--prompt", "hi"], "temperature"),
+        (["--top-p", "1.5", "--prompt", "hi"], "top-p"),
+        (["--dtype", "float8", "--prompt", "hi"], "--dtype"),
+        (["--prompt", "<image> and <image>", "--image", str(FIXTURES / "images" / "noise_tiny.png")], "placeholder"),
+        (["--prompt", "hi", "--image", "/no/such/image.png"], "image"),
+    ],
+)
+def test_bad_arguments_fail_with_one_line(args, words):
+    r = _cli("--model", "random:test", *args)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr and words in r.stderr
+
+
+def test_missing_model_folder():
+    r = _cli("--model", "/no/such/folder", "--prompt", "hi")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "/no/such/folder" in r.stderr
+
+
+def test_chat_keeps_history_and_survives_bad_utf8():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    stdin = b"Hello there.\n\xff\xfe bad line\nAnd again?\n"
+    r = subprocess.run([sys.executable, "-m", "generate", "--model", "random:test", "--chat", "--json",
+                        "--max-new-tokens", "4"], capture_output=True, env=env, cwd=ROOT, input=stdin, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()
+    answers = [json.loads(line) for line in r.stdout.decode().splitlines() if line.startswith("{")]
+    assert len(answers) == 2
+    assert answers[1]["prompt_tokens"] > answers[0]["prompt_tokens"] + 4  # the first exchange is in the history
+    assert b"not valid UTF-8" in r.stderr and b"Traceback" not in r.stderr
