@@ -1,0 +1,49 @@
+"""Command line: convert a Hugging Face DeepSeek-VL2 checkpoint folder into a vl2_jax Orbax folder.
+
+    python -m convert deepseek-vl2-small/ vl2-small-orbax/ [--dtype bfloat16|float32] [--force]
+
+Progress goes to stderr, the one-line summary to stdout. A bad input (missing folder or config, missing,
+unexpected or mis-shaped tensors, truncated files) prints one `error: ...` line and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m convert", description=__doc__.splitlines()[0])
+    p.add_argument("src", help="Hugging Face folder: config.json, safetensors weights, tokenizer and processor files")
+    p.add_argument("dst", help="output folder (created; must not exist unless --force)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="saved dtype (default: the source's)")
+    p.add_argument("--force", action="store_true", help="replace an existing converted checkpoint at DST")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # Conversion is host work: keep jax (which orbax initialises) off any accelerator it would grab.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from vl2_jax.errors import VL2Error
+    from vl2_jax.orbax_io import convert_checkpoint, format_bytes
+
+    log = lambda line: print(line, file=sys.stderr, flush=True)
+    try:
+        result = convert_checkpoint(args.src, args.dst, args.dtype, args.force, progress=log)
+    except (VL2Error, OSError) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"error: interrupted; {args.dst} was not written.", file=sys.stderr)
+        return 130
+    print(
+        f"converted {args.src} -> {args.dst}: {result['num_parameters']:,} parameters in {len(result['groups'])} "
+        f"groups, {result['dtype']}, {format_bytes(result['bytes'])}, {result['seconds']:.1f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

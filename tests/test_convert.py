@@ -1,0 +1,225 @@
+"""`python -m convert`: Hugging Face folder -> Orbax folder, and `load_pretrained` of the result."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import VARIANTS, case_names, ckpt_dir, load_case, open_images
+from safetensors.numpy import load_file, save_file
+
+import vl2_jax.model
+from convert.__main__ import main as convert_main
+from vl2_jax import orbax_io
+from vl2_jax.checkpoint import load_hf
+from vl2_jax.config import PRESETS, VL2Config
+from vl2_jax.errors import CheckpointError
+from vl2_jax.testing import write_random_hf_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+
+
+def run_convert(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "convert", *map(str, args)], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=120, **kw)
+
+
+@functools.cache
+def converted(variant: str, root: Path) -> Path:
+    dst = root / variant
+    run = run_convert(ckpt_dir(variant), dst, "--dtype", "float32")
+    assert run.returncode == 0, run.stderr
+    assert "dropped 13 unused tensors (vision.attn_pool.*" in run.stderr
+    assert run.stdout.count("\n") == 1 and run.stdout.startswith("converted ")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("converted")
+
+
+def copy_ckpt(variant: str, dst: Path) -> Path:
+    shutil.copytree(ckpt_dir(variant), dst)
+    for f in dst.iterdir():
+        f.chmod(0o644)  # the fixtures are read-only
+    return dst
+
+
+# ------------------------------------------------------------------------------------------ parity
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_converted_matches_reference(variant, root):
+    dst = converted(variant, root)
+    assert orbax_io.is_converted(dst) and not orbax_io.is_converted(ckpt_dir(variant))
+    cfg = VL2Config.from_pretrained(ckpt_dir(variant))
+    want, got = load_hf(ckpt_dir(variant), cfg), orbax_io.restore(dst, cfg)[0]
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got), strict=True):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b)), jax.tree_util.keystr(path)
+
+    model = vl2_jax.model.load_pretrained(dst)
+    # All cases in one left-padded batch: one compilation per variant keeps this test fast.
+    cases = [load_case(variant, name) for name in case_names(variant)]
+    batch = model.processor.batchify([model.processor(c["conversation"], open_images(c)) for c in cases])
+    logits = np.asarray(model.logits(batch))
+    for row, case in enumerate(cases):
+        ref = case["arrays"]["logits"][0]
+        err = np.abs(logits[row, -len(ref):] - ref).max() / np.abs(ref).max()
+        assert err < 1e-4, (case["prompt"], err)
+
+
+def test_manifest_and_layout(root):
+    dst = converted("mla", root)
+    manifest = json.loads((dst / orbax_io.MANIFEST).read_text())
+    groups = ["vision", "projector", "embed", "layers_0", "layers_1", "layers_2", "head"]
+    assert manifest["groups"] == groups and manifest["dtype"] == "float32"
+    assert sorted(p.name for p in (dst / "params").iterdir()) == sorted(groups)
+    assert len(manifest["dropped"]["tensors"]) == 13
+    for name in ("config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (dst / name).read_bytes() == (ckpt_dir("mla") / name).read_bytes()
+    params = orbax_io.restore(dst, VL2Config.from_pretrained(dst))[0]
+    assert manifest["num_parameters"] == sum(x.size for x in jax.tree.leaves(params))
+
+
+def test_restore_checks_shapes_and_casts(root):
+    dst = converted("mla", root)
+    cfg = VL2Config.from_pretrained(dst)
+    params, saved = orbax_io.restore(dst, cfg, "bfloat16")
+    assert saved == np.float32 and {x.dtype.name for x in jax.tree.leaves(params)} == {"bfloat16"}
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = {"params": {"language": {"embed": sharding}, "vision": sharding}}  # a leaf, a subtree
+    restored = orbax_io.restore(dst, cfg, shardings=shardings)[0]["params"]
+    assert restored["language"]["embed"].sharding == sharding == restored["vision"]["block_1"]["qkv_w"].sharding
+    wider = dataclasses.replace(cfg, language=dataclasses.replace(cfg.language, vocab_size=414))
+    with pytest.raises(CheckpointError, match="language/embed has shape"):
+        orbax_io.restore(dst, wider)
+
+
+# ------------------------------------------------------------------------------------------ errors
+def broken_ckpt(tmp_path, edit) -> Path:
+    """A copy of the mla fixture whose tensors `edit(dict)` changed."""
+    src = copy_ckpt("mla", tmp_path / "src")
+    tensors = load_file(src / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, src / "model.safetensors")
+    return src
+
+
+def convert_error(capsys, *args) -> str:
+    """Runs the CLI in-process (the subprocess path is covered above); returns its one error line."""
+    assert convert_main([*map(str, args)]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t.pop("language.model.layers.1.mlp.experts.3.up_proj.weight"), "missing tensor(s): language.model.layers.1.mlp.experts.3.up_proj.weight"),
+    (lambda t: t.update(extra=np.zeros(3, np.float32)), "unexpected tensor(s): extra"),
+    (lambda t: t.update({"projector.layers.0.bias": np.zeros(5, np.float32)}), "tensor projector.layers.0.bias has shape [5]"),
+])
+def test_bad_tensors_fail_cleanly(tmp_path, capsys, edit, message):
+    src = broken_ckpt(tmp_path, edit)
+    assert message in convert_error(capsys, src, tmp_path / "dst")
+    assert not list(tmp_path.glob("dst*"))
+
+
+def test_truncated_file_fails_cleanly(tmp_path):
+    src = copy_ckpt("mla", tmp_path / "src")
+    with open(src / "model.safetensors", "r+b") as f:
+        f.truncate(os.path.getsize(src / "model.safetensors") - 1000)
+    run = run_convert(src, tmp_path / "dst")
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith("error: ") and "model.safetensors" in run.stderr
+    assert not list(tmp_path.glob("dst*"))
+
+
+def test_missing_inputs_fail_cleanly(tmp_path, capsys):
+    assert "is not a folder" in convert_error(capsys, tmp_path / "nowhere", tmp_path / "dst")
+    src = copy_ckpt("mla", tmp_path / "src")
+    (src / "config.json").unlink()
+    assert "config.json" in convert_error(capsys, src, tmp_path / "dst")
+    (src / "config.json").write_text('{"model_type": "deepseek_vl_v2", "tile_tag": "2D", "flavour": 1}')
+    assert "flavour" in convert_error(capsys, src, tmp_path / "dst")
+    assert not list(tmp_path.glob("dst*"))
+
+
+def test_existing_destination_needs_force(tmp_path, capsys, root):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("mine")
+    assert "already exists; pass --force" in convert_error(capsys, ckpt_dir("mha"), dst)
+    assert "not a vl2_jax checkpoint" in convert_error(capsys, ckpt_dir("mha"), dst, "--force")
+    assert (dst / "notes.txt").read_text() == "mine"
+    shutil.rmtree(dst)
+    shutil.copytree(converted("mla", root), dst)
+    assert "already exists" in convert_error(capsys, ckpt_dir("mha"), dst)
+    assert convert_main([str(ckpt_dir("mha")), str(dst), "--force"]) == 0
+    assert json.loads((dst / "config.json").read_text()) == json.loads((ckpt_dir("mha") / "config.json").read_text())
+    assert orbax_io.is_converted(dst) and [p.name for p in tmp_path.iterdir()] == ["dst"]
+
+
+# ------------------------------------------------------------------------------- interrupted runs
+SLOW_CONVERT = textwrap.dedent("""
+    import sys, time
+    from vl2_jax import orbax_io
+    save = orbax_io._save_group
+    def slow_save(*args):  # the first group lands, then the run stalls until it is killed
+        save(*args)
+        time.sleep(600)
+    orbax_io._save_group = slow_save
+    from convert.__main__ import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_killed_conversion_leaves_no_checkpoint(tmp_path):
+    dst = tmp_path / "dst"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, str(ckpt_dir("mha")), str(dst)], cwd=REPO,
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = tmp_path / f"dst.partial-{proc.pid}"
+    deadline = time.time() + 60
+    while not (partial / "params" / "vision" / "commit_success.txt").exists():
+        assert proc.poll() is None and time.time() < deadline, "the conversion never wrote its first group"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not dst.exists() and not orbax_io.is_converted(partial)
+    with pytest.raises(CheckpointError):
+        orbax_io.restore(partial, VL2Config.from_pretrained(ckpt_dir("mha")))
+
+    run = run_convert(ckpt_dir("mha"), dst)
+    assert run.returncode == 0, run.stderr
+    assert "interrupted conversion" in run.stderr and not partial.exists()
+    assert orbax_io.is_converted(dst) and [p.name for p in tmp_path.iterdir()] == ["dst"]
+
+
+# ------------------------------------------------------------------------------------------ dtypes
+def test_bfloat16_conversion_and_random_sharded_checkpoint(tmp_path):
+    cfg = PRESETS["test"]
+    src = write_random_hf_checkpoint(cfg, tmp_path / "src", dtype="float32", shards=3)
+    assert len(list(src.glob("model-0000?-of-00003.safetensors"))) == 3
+    for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json"):
+        shutil.copyfile(ckpt_dir("mla") / name, src / name)
+    run = run_convert(src, tmp_path / "dst", "--dtype", "bfloat16")
+    assert run.returncode == 0, run.stderr
+    params, saved = orbax_io.restore(tmp_path / "dst", cfg)
+    assert saved == jax.numpy.bfloat16
+    want = load_hf(src, cfg, jax.numpy.bfloat16)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(params), strict=True):
+        assert b.dtype == jax.numpy.bfloat16 and np.array_equal(np.asarray(a), np.asarray(b))
+    assert vl2_jax.model.load_pretrained(tmp_path / "dst", dtype=None).dtype == jax.numpy.bfloat16

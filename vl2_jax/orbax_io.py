@@ -1,0 +1,366 @@
+"""Our converted checkpoints: a Hugging Face folder -> Orbax, streamed one group of parameters at a time.
+
+Layout of a converted folder DST (what `python -m convert SRC DST` writes):
+
+    DST/config.json, processor_config.json, tokenizer*.json, ...   copied from SRC
+    DST/params/vision/          one Orbax PyTree checkpoint per group (leaves keep their full paths,
+    DST/params/projector/       e.g. `language/layers_3/attn/q_w`; projector also holds image_newline
+    DST/params/embed/           and view_separator, head holds language/norm and language/lm_head)
+    DST/params/layers_{i}/
+    DST/params/head/
+    DST/vl2_jax_checkpoint.json the manifest, written last: format, version, dtype, groups, counts
+
+Host memory stays near one group (the largest is one MoE layer: ~1.1 GB for -small, ~1.7 GB for base
+in bf16), because each group is read, converted, written and freed before the next. The output is
+written into `DST.partial-<pid>` and renamed to DST only when complete, so an interrupted run never
+leaves a folder that `is_converted` accepts.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vl2_jax.checkpoint import (
+    UNUSED_PREFIXES,
+    Path_,
+    Rule,
+    SafetensorsFolder,
+    apply_rule,
+    check_accounts,
+    check_source_shapes,
+    conversion_plan,
+    set_path,
+    source_dtype,
+)
+from vl2_jax.config import VL2Config
+from vl2_jax.errors import CheckpointError, ConfigError
+
+MANIFEST = "vl2_jax_checkpoint.json"
+FORMAT = "vl2_jax-orbax-groups"
+VERSION = 1
+# Everything `load_pretrained` and the processor may read besides the weights.
+COPIED_FILES = (
+    "config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "generation_config.json",
+)
+# Names of folders an unfinished or replacing run leaves behind; never a checkpoint.
+_TEMP_NAME = re.compile(r"\.(partial|replaced)-(\d+)$")
+_DTYPE_NAMES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+
+Progress = Callable[[str], None]
+
+
+# ------------------------------------------------------------------------------------------ groups
+def group_of(path: Path_) -> str:
+    """The group (saved together) of a parameter path such as ("language", "layers_3", "attn", "q_w")."""
+    if path[0] == "vision":
+        return "vision"
+    if path[0] in ("projector", "image_newline", "view_separator"):
+        return "projector"
+    if path[1] == "embed":
+        return "embed"
+    if path[1].startswith("layers_"):
+        return path[1]
+    return "head"  # language/norm, language/lm_head
+
+
+def grouped_plan(cfg: VL2Config) -> dict[str, list[Rule]]:
+    """`conversion_plan(cfg)` split into groups, in checkpoint order. A rule never spans two groups."""
+    groups: dict[str, list[Rule]] = {}
+    for rule in conversion_plan(cfg):
+        names = {group_of(p) for p, _ in rule.targets}
+        assert len(names) == 1, names
+        groups.setdefault(names.pop(), []).append(rule)
+    return groups
+
+
+def expected_shapes(cfg: VL2Config) -> dict[str, dict[Path_, tuple[int, ...]]]:
+    """{group: {parameter path (without the leading "params"): shape}} implied by the config."""
+    return {
+        g: {path: tuple(shape) for rule in rules for path, shape in rule.targets}
+        for g, rules in grouped_plan(cfg).items()
+    }
+
+
+# ---------------------------------------------------------------------------------------- manifest
+def _read_manifest(path: Path) -> dict:
+    file = path / MANIFEST
+    try:
+        manifest = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no {MANIFEST}; it is not a finished `python -m convert` output.") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is unreadable ({e}).") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{file} is not a vl2_jax checkpoint manifest.")
+    if manifest.get("version") != VERSION:
+        raise CheckpointError(
+            f"{file} has format version {manifest.get('version')!r}; this vl2_jax reads version {VERSION}."
+        )
+    groups = manifest.get("groups")
+    if not isinstance(groups, list) or manifest.get("dtype") not in _DTYPE_NAMES:
+        raise CheckpointError(f"{file} is malformed (groups or dtype).")
+    for g in groups:
+        if not (path / "params" / str(g)).is_dir():
+            raise CheckpointError(f"{path} lacks the parameter group params/{g} listed in its manifest.")
+    return manifest
+
+
+def is_converted(path: str | Path) -> bool:
+    """True iff `path` is a finished `python -m convert` output (a valid manifest, all groups there)."""
+    path = Path(path)
+    if _TEMP_NAME.search(path.name):
+        return False
+    try:
+        _read_manifest(path)
+    except CheckpointError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------- restore
+def _checkpointer():
+    import orbax.checkpoint as ocp
+
+    return ocp.PyTreeCheckpointer()
+
+
+def _saved_leaves(checkpointer, directory: Path) -> dict[Path_, tuple[tuple[int, ...], str]]:
+    """{path: (shape, dtype name)} of an Orbax PyTree checkpoint, read from its metadata only."""
+    meta = checkpointer.metadata(directory)
+    tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)  # orbax >= 0.11 wraps the tree
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {tuple(k.key for k in kp): (tuple(m.shape), str(m.dtype)) for kp, m in leaves}
+
+
+def _lookup(tree, path: tuple[str, ...]):
+    """tree[path[0]][path[1]]...; None where absent. A Sharding met on the way applies to its subtree."""
+    for key in path:
+        if isinstance(tree, jax.sharding.Sharding):
+            return tree
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def restore(path: str | Path, cfg: VL2Config, dtype=None, shardings=None) -> tuple[dict, type]:
+    """Restores a converted checkpoint into the tree `load_hf` gives: `{"params": {...}}` of jax arrays.
+
+    Args:
+      path: a `python -m convert` output folder.
+      cfg: the model config; every leaf's shape is checked against `conversion_plan(cfg)`.
+      dtype: cast every leaf to this dtype while reading (None keeps the saved dtype).
+      shardings: None (every leaf on the default device, as `load_hf`), or a pytree like the params
+        (`{"params": {...}}`) whose leaves are `jax.sharding.Sharding` (None or absent: the default
+        device; a Sharding in place of a subtree covers all of it); each leaf is then read straight
+        into its shards.
+
+    Returns:
+      (params, saved dtype as a jnp scalar type such as jnp.bfloat16).
+
+    Raises CheckpointError naming the group or leaf that is missing, unexpected or mis-shaped.
+    """
+    import orbax.checkpoint as ocp
+
+    path = Path(path)
+    manifest = _read_manifest(path)
+    saved = _DTYPE_NAMES[manifest["dtype"]]
+    want = jnp.dtype(saved if dtype is None else dtype)
+    expected = expected_shapes(cfg)
+    missing = [g for g in expected if g not in manifest["groups"]]
+    extra = [g for g in manifest["groups"] if g not in expected]
+    if missing or extra:
+        raise CheckpointError(
+            f"{path} does not match its config.json: missing group(s) {missing}, unexpected group(s) {extra}."
+        )
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    checkpointer = _checkpointer()
+    params: dict = {}
+    for group, shapes in expected.items():
+        directory = (path / "params" / group).absolute()
+        leaves = _saved_leaves(checkpointer, directory)
+        for p, shape in shapes.items():
+            if p not in leaves:
+                raise CheckpointError(f"{path}: parameter {'/'.join(p)} is missing from params/{group}.")
+            if leaves[p][0] != shape:
+                raise CheckpointError(
+                    f"{path}: parameter {'/'.join(p)} has shape {list(leaves[p][0])}, but config.json implies {list(shape)}."
+                )
+        unexpected = sorted("/".join(p) for p in set(leaves) - set(shapes))
+        if unexpected:
+            raise CheckpointError(f"{path}: unexpected parameter(s) in params/{group}: {', '.join(unexpected[:5])}.")
+        abstract: dict = {}
+        for p, shape in shapes.items():
+            sharding = _lookup(shardings, ("params", *p))
+            sharding = default if sharding is None else sharding
+            set_path(abstract, p, jax.ShapeDtypeStruct(shape, want, sharding=sharding))
+        tree = checkpointer.restore(
+            directory,
+            args=ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)),
+        )
+        for p in shapes:
+            set_path(params, p, _lookup(tree, p))
+    return {"params": params}, saved
+
+
+# ----------------------------------------------------------------------------------------- convert
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(dst: Path, progress: Progress) -> None:
+    """Deletes `DST.partial-<pid>` / `DST.replaced-<pid>` folders whose process is gone (a killed run)."""
+    if not dst.parent.is_dir():
+        return
+    for p in dst.parent.glob(f"{glob_escape(dst.name)}.*-*"):
+        m = _TEMP_NAME.search(p.name)
+        if m and p.name == dst.name + m.group(0) and not _pid_alive(int(m.group(2))):
+            progress(f"removing {p}, left by an interrupted conversion")
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _check_destination(src: Path, dst: Path, force: bool) -> None:
+    if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
+        raise CheckpointError(f"the destination {dst} would contain or replace the source {src}; choose another folder.")
+    if not dst.exists():
+        return
+    if not force:
+        raise CheckpointError(f"{dst} already exists; pass --force to replace it.")
+    # --force replaces only what a conversion made (or an empty folder), never an arbitrary folder.
+    if not dst.is_dir() or not (is_converted(dst) or (dst / MANIFEST).exists() or not any(dst.iterdir())):
+        raise CheckpointError(f"{dst} exists and is not a vl2_jax checkpoint; refusing to replace it, even with --force.")
+
+
+def _copy_side_files(src: Path, tmp: Path) -> list[str]:
+    copied = []
+    for name in COPIED_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, tmp / name)
+            copied.append(name)
+    return copied
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def convert_checkpoint(
+    src: str | Path, dst: str | Path, dtype=None, force: bool = False, progress: Progress | None = None
+) -> dict:
+    """Converts a Hugging Face DeepSeek-VL2 folder `src` into an Orbax checkpoint folder `dst`.
+
+    Every tensor is checked (names, shapes) before anything is written. `dtype` ("bfloat16", "float32",
+    a dtype, or None for the source's) is the saved dtype. `progress(line)` gets one line per step.
+    Returns the manifest (plus "seconds" and "bytes"). Raises CheckpointError / ConfigError.
+    """
+    progress = progress or (lambda line: None)
+    start = time.time()
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise CheckpointError(f"{src} is not a folder; pass a Hugging Face DeepSeek-VL2 checkpoint folder.")
+    cfg = VL2Config.from_pretrained(src)
+    _check_destination(src, dst, force)
+    folder = SafetensorsFolder(src)
+    plan = conversion_plan(cfg)
+    dropped = check_accounts(plan, folder.names())
+    check_source_shapes(plan, folder)
+    if isinstance(dtype, str) and dtype not in _DTYPE_NAMES:
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPE_NAMES)}.")
+    np_dtype = np.dtype(source_dtype(folder) if dtype is None else _DTYPE_NAMES.get(dtype, dtype))
+    dropped_params = sum(int(np.prod(folder.shape(n))) for n in dropped)
+    del folder  # reopened per group below, so the shards' memory maps never pile up (see _convert_groups)
+    if dropped:
+        prefixes = ", ".join(p + "*" for p in UNUSED_PREFIXES if any(n.startswith(p) for n in dropped))
+        progress(f"dropped {len(dropped)} unused tensors ({prefixes}, {dropped_params:,} parameters)")
+    for name in ("processor_config.json", "tokenizer.json"):
+        if not (src / name).is_file():
+            progress(f"note: {src} has no {name}; add it to {dst} before calling load_pretrained")
+
+    _remove_stale(dst, progress)
+    tmp = dst.with_name(f"{dst.name}.partial-{os.getpid()}")
+    try:
+        (tmp / "params").mkdir(parents=True)
+        copied = _copy_side_files(src, tmp)
+        groups, n_params, n_bytes = _convert_groups(cfg, src, tmp, np_dtype, progress, start)
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "dtype": np_dtype.name,
+            "groups": groups,
+            "num_parameters": n_params,
+            "dropped": {"tensors": dropped, "parameters": dropped_params},
+            "copied_files": copied,
+            "source": str(src.resolve()),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        (tmp / (MANIFEST + ".tmp")).write_text(json.dumps(manifest, indent=1) + "\n")
+        os.replace(tmp / (MANIFEST + ".tmp"), tmp / MANIFEST)  # the manifest appears whole or not at all
+        _move_into_place(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest | {"seconds": time.time() - start, "bytes": n_bytes}
+
+
+def _convert_groups(cfg, src: Path, tmp: Path, np_dtype, progress: Progress, start: float):
+    """Converts and saves one group at a time; returns (group names, parameter count, bytes)."""
+    groups = grouped_plan(cfg)
+    total = sum(int(np.prod(s)) for rules in groups.values() for r in rules for _, s in r.targets) * np_dtype.itemsize
+    checkpointer = _checkpointer()
+    n_params = n_bytes = 0
+    for i, (name, rules) in enumerate(groups.items()):
+        # A fresh reader per group: the safetensors files are memory-mapped, and pages read through a
+        # map stay in this process's resident set until it is unmapped.
+        folder = SafetensorsFolder(src)
+        tree: dict = {}
+        for rule in rules:
+            for p, array in apply_rule(rule, [folder.get(s) for s in rule.source_names]):
+                set_path(tree, p, array.astype(np_dtype, copy=False))
+        del folder
+        leaves = jax.tree_util.tree_leaves(tree)
+        n_params += sum(a.size for a in leaves)
+        n_bytes += sum(a.nbytes for a in leaves)
+        _save_group(checkpointer, (tmp / "params" / name).absolute(), tree)
+        del tree, leaves
+        progress(
+            f"[{i + 1}/{len(groups)}] {name}: {sum(len(r.sources) for r in rules)} tensors, "
+            f"{format_bytes(n_bytes)} of {format_bytes(total)}, {time.time() - start:.0f} s"
+        )
+    return list(groups), n_params, n_bytes
+
+
+def _save_group(checkpointer, directory: Path, tree: dict) -> None:
+    """Writes one group (a nested dict of numpy arrays) as an Orbax PyTree checkpoint."""
+    checkpointer.save(directory, tree)
+
+
+def _move_into_place(tmp: Path, dst: Path) -> None:
+    if not dst.exists():
+        os.rename(tmp, dst)
+        return
+    old = dst.with_name(f"{dst.name}.replaced-{os.getpid()}")
+    os.rename(dst, old)
+    os.rename(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
