@@ -32,10 +32,15 @@ from vl2_jax.sampling import SamplingParams, sample
 MIN_BUCKET = 64
 
 
-def bucket(n: int, limit: int | None = None) -> int:
-    """The padded length for n tokens: the next power of two >= max(n, 64) (capped at `limit` if given)."""
-    b = max(MIN_BUCKET, 1 << (n - 1).bit_length())
-    return max(n, min(b, limit)) if limit else b
+def bucket(n: int) -> int:
+    """The padded length for n tokens: 64, then 8 steps per octave (at most 12.5% padding).
+
+    1042 -> 1152, 3000 -> 3072. Lengths in one bucket share compiled code.
+    """
+    if n <= MIN_BUCKET:
+        return MIN_BUCKET
+    step = 1 << max(0, (n - 1).bit_length() - 4)
+    return -(-n // step) * step
 
 
 @struct.dataclass
@@ -169,6 +174,7 @@ class Generator:
         prefill_chunk: int | None = None,
         on_text: Callable[[int, str], None] | None = None,
         stream_every: int = 16,
+        ignore_eos: bool = False,
     ) -> GenerationResult:
         """Generates for a processor batch; see `VL2Model.generate` for the arguments."""
         m, cfg = self.model, self.model.cfg.language
@@ -199,7 +205,7 @@ class Generator:
         x = self._embed(m.params, jnp.asarray(ids), tiles, jnp.asarray(src), jnp.asarray(seq_mask))
         positions = left_pad_positions(attention)
         b = ids.shape[0]
-        slots = bucket(length + max_new, None)
+        slots = bucket(length + max_new)
         cache = KVCache.zeros(cfg, b, slots, m.dtype)
         chunk = prefill_chunk or length
         for start in range(0, length, chunk):
@@ -210,7 +216,7 @@ class Generator:
         seen = np.zeros((b, cfg.vocab_size), bool)
         rows = np.repeat(np.arange(b), length)
         seen[rows[attention.ravel()], ids.ravel()[attention.ravel()]] = True
-        eos = jnp.int32(cfg.eos_token_id)
+        eos = jnp.int32(-1 if ignore_eos else cfg.eos_token_id)
         pad = jnp.int32(m.processor.pad_id if m.processor else cfg.eos_token_id)
         state = self._start(
             logits, cache, jnp.asarray(positions[:, -1] + 1), jnp.asarray(seen), sampling,

@@ -25,7 +25,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VL2_JAX_CACHE", Path.home() / ".cache" / "vl2_jax"))
 
 
-def load_model(spec: str, dtype, progress: Callable[[str], None] = lambda s: None, seed: int = 0):
+def load_model(
+    spec: str, dtype, progress: Callable[[str], None] = lambda s: None, seed: int = 0, moe_impl: str = "auto"
+):
     """`spec` (see the module docstring) -> VL2Model in `dtype` ("bfloat16", "float32" or None)."""
     from vl2_jax.model import load_pretrained
     from vl2_jax.random_model import random_model
@@ -33,12 +35,12 @@ def load_model(spec: str, dtype, progress: Callable[[str], None] = lambda s: Non
     start = time.perf_counter()
     if spec.startswith("random:"):
         progress(f"initialising random {spec[7:]} weights ...")
-        model = random_model(spec[7:], dtype or "float32", seed)
+        model = random_model(spec[7:], dtype or "float32", seed, moe_impl)
     elif Path(spec).exists() or not HUB_ID.match(spec):
         progress(f"loading {spec} ...")
-        model = load_pretrained(spec, dtype)
+        model = load_pretrained(spec, dtype, moe_impl)
     else:
-        model = load_pretrained(_converted_from_hub(spec, progress), dtype)
+        model = load_pretrained(_converted_from_hub(spec, progress), dtype, moe_impl)
     progress(f"model ready in {time.perf_counter() - start:.1f} s")
     return model
 

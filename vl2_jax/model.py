@@ -42,12 +42,16 @@ def left_pad_positions(attention_mask_BT: np.ndarray) -> np.ndarray:
 class VL2Model:
     """DeepSeek-VL2 with its parameters and processor. All arrays in and out are batch-major."""
 
-    def __init__(self, cfg: VL2Config, params: dict, processor=None, dtype=jnp.float32):
+    def __init__(self, cfg: VL2Config, params: dict, processor=None, dtype=jnp.float32, moe_impl: str = "auto"):
+        from vl2_jax.modules.moe import MOE_IMPLS
+
+        if moe_impl not in MOE_IMPLS:
+            raise ConfigError(f"unknown moe_impl {moe_impl!r}; use one of {', '.join(MOE_IMPLS)}.")
         self.cfg = cfg
         self.params = params
         self.processor = processor
         self.dtype = jnp.dtype(dtype)
-        self.module = VL2(cfg, self.dtype.type)
+        self.module = VL2(cfg, self.dtype.type, moe_impl)
         self._generator = None
 
     # -- jitted pieces ------------------------------------------------------------------------------
@@ -101,6 +105,7 @@ class VL2Model:
         stop: Sequence[str] = (),
         prefill_chunk: int | None = None,
         on_text: Callable[[int, str], None] | None = None,
+        ignore_eos: bool = False,
     ):
         """Generates answers for a processor batch -> `vl2_jax.generation.GenerationResult`.
 
@@ -109,7 +114,8 @@ class VL2Model:
         already in the prompt or answer. A row stops at EOS, at one of the `stop` strings (e.g. "User:",
         the chat template's), after `max_new_tokens`, or at the model's context limit. `prefill_chunk=N`
         writes the prompt into the cache N tokens at a time (same answers, less activation memory).
-        `on_text(row, new_text)` is called with text as it is produced.
+        `on_text(row, new_text)` is called with text as it is produced. `ignore_eos=True` generates
+        exactly `max_new_tokens` (for benchmarks).
         """
         from vl2_jax.generation import Generator
         from vl2_jax.sampling import SamplingParams
@@ -127,7 +133,7 @@ class VL2Model:
             self._generator = Generator(self)
         sampling = SamplingParams.make(temperature, top_k, top_p, repetition_penalty)
         return self._generator.run(
-            batch, max_new_tokens, sampling, seed, stop, prefill_chunk, on_text
+            batch, max_new_tokens, sampling, seed, stop, prefill_chunk, on_text, ignore_eos=ignore_eos
         )
 
     def stream(self, batch, **kwargs) -> Iterator[str]:
@@ -137,13 +143,14 @@ class VL2Model:
         return stream_text(self, batch, **kwargs)
 
 
-def load_pretrained(path: str | Path, dtype="float32") -> VL2Model:
+def load_pretrained(path: str | Path, dtype="float32", moe_impl: str = "auto") -> VL2Model:
     """Loads a Hugging Face DeepSeek-VL2 folder or a `python -m convert` output.
 
     Args:
       path: folder with config.json, the tokenizer and processor files, and either safetensors weights
         or an Orbax checkpoint written by `python -m convert`.
       dtype: "float32", "bfloat16", "float16", or None to keep the checkpoint's dtype.
+      moe_impl: expert dispatch, "auto" (default), "dense" (the plain reference path) or "gather".
     """
     from vl2_jax.processor import Processor
 
@@ -162,5 +169,5 @@ def load_pretrained(path: str | Path, dtype="float32") -> VL2Model:
         dtype_ = want or source_dtype(folder)
         params = load_hf(path, cfg, dtype_)
     processor = Processor.from_pretrained(path)
-    return VL2Model(cfg, params, processor, dtype_)
+    return VL2Model(cfg, params, processor, dtype_, moe_impl)
 

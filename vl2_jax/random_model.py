@@ -93,7 +93,7 @@ def init_params(cfg: VL2Config, dtype, seed: int = 0) -> dict:
     return jax.tree.unflatten(jax.tree.structure(shapes), draw(jax.random.key(seed, impl="unsafe_rbg")))
 
 
-def random_model(name: str, dtype="float32", seed: int = 0):
+def random_model(name: str, dtype="float32", seed: int = 0, moe_impl: str = "auto"):
     """A `VL2Model` with random weights at a preset size ("tiny", "small", "base", "test")."""
     from vl2_jax.model import VL2Model, resolve_dtype
     from vl2_jax.processor import Processor
@@ -103,4 +103,4 @@ def random_model(name: str, dtype="float32", seed: int = 0):
     cfg = PRESETS[name]
     dtype = resolve_dtype(dtype) or jnp.float32
     folder = write_assets(Path(tempfile.mkdtemp(prefix=f"vl2-random-{name}-")), cfg)
-    return VL2Model(cfg, init_params(cfg, dtype, seed), Processor.from_pretrained(folder), dtype)
+    return VL2Model(cfg, init_params(cfg, dtype, seed), Processor.from_pretrained(folder), dtype, moe_impl)

@@ -23,6 +23,7 @@ class DecoderLayer(nn.Module):
     cfg: LanguageConfig
     layer: int
     dtype: jnp.dtype = jnp.float32
+    moe_impl: str = "dense"
 
     def setup(self):
         c = self.cfg
@@ -30,7 +31,7 @@ class DecoderLayer(nn.Module):
         self.attn = (MLAttention if c.use_mla else MHAttention)(c, self.dtype)
         self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype)
         if c.is_moe_layer(self.layer):
-            self.mlp = MoE(c, self.dtype)
+            self.mlp = MoE(c, self.dtype, self.moe_impl)
         else:
             self.mlp = MLP(c.hidden_size, c.intermediate_size, self.dtype)
 
@@ -46,11 +47,12 @@ class DecoderLayer(nn.Module):
 class LanguageModel(nn.Module):
     cfg: LanguageConfig
     dtype: jnp.dtype = jnp.float32
+    moe_impl: str = "dense"  # see moe.MoE
 
     def setup(self):
         c = self.cfg
         self.embed_table = self.param("embed", normal_init(), (c.vocab_size, c.hidden_size), self.dtype)
-        self.layers = [DecoderLayer(c, i, self.dtype) for i in range(c.num_hidden_layers)]  # layers_{i}
+        self.layers = [DecoderLayer(c, i, self.dtype, self.moe_impl) for i in range(c.num_hidden_layers)]  # layers_{i}
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype)
         self.lm_head = self.param("lm_head", normal_init(), (c.hidden_size, c.vocab_size), self.dtype)
 

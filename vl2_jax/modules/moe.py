@@ -81,6 +81,16 @@ def dense_combine_weights(weights_NX: jax.Array, idx_NX: jax.Array, num_experts:
     return jnp.einsum("NX,NXE->NE", weights_NX, onehot)
 
 
+def experts_gather(x_ND, gate_w, up_w, down_w, weights_NX, idx_NX) -> jax.Array:
+    """Decode path: gathers only the chosen experts' weights ([N, X, D, F]) and runs them per token.
+
+    Reads N*X expert matrices instead of all E, so it wins while N*X < E (small decode batches).
+    """
+    h = jax.nn.silu(einsum("ND,NXDF->NXF", x_ND, gate_w[idx_NX])) * einsum("ND,NXDF->NXF", x_ND, up_w[idx_NX])
+    y_NXD = einsum("NXF,NXFD->NXD", h, down_w[idx_NX])
+    return jnp.einsum("NXD,NX->ND", y_NXD.astype(jnp.float32), weights_NX).astype(x_ND.dtype)
+
+
 def experts_dense(x_ND, gate_w, up_w, down_w, combine_NE) -> jax.Array:
     """Plain path: every expert on every token, outputs weighted in float32. [N, D] -> [N, D] (x dtype)."""
     h = jax.nn.silu(einsum("ND,EDF->NEF", x_ND, gate_w)) * einsum("ND,EDF->NEF", x_ND, up_w)
@@ -88,11 +98,19 @@ def experts_dense(x_ND, gate_w, up_w, down_w, combine_NE) -> jax.Array:
     return jnp.einsum("NED,NE->ND", y_NED.astype(jnp.float32), combine_NE).astype(x_ND.dtype)
 
 
+MOE_IMPLS = ("auto", "dense", "gather")
+
+
 class MoE(nn.Module):
-    """Routed experts plus shared experts: x [B, T, D] -> [B, T, D]."""
+    """Routed experts plus shared experts: x [B, T, D] -> [B, T, D].
+
+    `impl`: "dense" (the plain reference path), "gather" (chosen experts' weights only), or "auto":
+    gather while tokens * top-k < experts (decode), dense otherwise (prefill). The choice is static.
+    """
 
     cfg: LanguageConfig
     dtype: jnp.dtype = jnp.float32
+    impl: str = "dense"
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
@@ -110,7 +128,13 @@ class MoE(nn.Module):
         x_ND = x_BTD.reshape(b * t, d)
         logits = einsum("ND,DE->NE", x_ND.astype(jnp.float32), router_w.astype(jnp.float32))
         weights, idx = route(logits, c, bias)
-        y = experts_dense(x_ND, gate_w, up_w, down_w, dense_combine_weights(weights, idx, e))
+        impl = self.impl
+        if impl == "auto":
+            impl = "gather" if b * t * c.num_experts_per_tok < e else "dense"
+        if impl == "gather":
+            y = experts_gather(x_ND, gate_w, up_w, down_w, weights, idx)
+        else:
+            y = experts_dense(x_ND, gate_w, up_w, down_w, dense_combine_weights(weights, idx, e))
         y = y.reshape(b, t, d)
         if c.n_shared_experts:
             y = y + MLP(d, f * c.n_shared_experts, self.dtype, name="shared")(x_BTD)

@@ -83,6 +83,7 @@ def image_token_sources(
 class VL2(nn.Module):
     cfg: VL2Config
     dtype: jnp.dtype = jnp.float32
+    moe_impl: str = "dense"  # see moe.MoE
 
     def setup(self):
         c = self.cfg
@@ -91,7 +92,7 @@ class VL2(nn.Module):
         d = c.language.hidden_size
         self.image_newline = self.param("image_newline", normal_init(), (d,), self.dtype)
         self.view_separator = self.param("view_separator", normal_init(), (d,), self.dtype)
-        self.language = LanguageModel(c.language, self.dtype)
+        self.language = LanguageModel(c.language, self.dtype, self.moe_impl)
 
     def image_features(self, tiles_I3SS: jax.Array) -> jax.Array:
         """Normalised tiles [I, 3, S, S] -> projected tile tokens [I, h*w, D]."""
