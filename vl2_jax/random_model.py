@@ -8,6 +8,7 @@ config and processor files, so everything loads through the same code as a real 
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from pathlib import Path
@@ -75,22 +76,24 @@ def init_params(cfg: VL2Config, dtype, seed: int = 0) -> dict:
     )
     shapes = jax.eval_shape(VL2(cfg, dtype).init, jax.random.key(seed), *args)
     paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(shapes)[0])
-    names = [str(getattr(p[-1], "key", p[-1])) for p in paths]
+    keys = jax.random.split(jax.random.key(seed, impl="unsafe_rbg"), len(leaves))  # RngBitGenerator: quick to compile
+    out = []
+    # One small jitted draw per leaf (compiled once per distinct shape): a single jit over every leaf
+    # takes minutes to compile at the real sizes.
+    for path, leaf, key in zip(paths, leaves, keys):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name == "scale":
+            out.append(jnp.ones(leaf.shape, leaf.dtype))
+        elif name.endswith(("_b", "bias")):
+            out.append(jnp.zeros(leaf.shape, leaf.dtype))
+        else:
+            out.append(_normal(key, leaf.shape, leaf.dtype))
+    return jax.tree.unflatten(jax.tree.structure(shapes), out)
 
-    @jax.jit
-    def draw(key):
-        out = []
-        for name, leaf, k in zip(names, leaves, jax.random.split(key, len(leaves))):
-            if name == "scale":
-                out.append(jnp.ones(leaf.shape, leaf.dtype))
-            elif name.endswith(("_b", "bias")):
-                out.append(jnp.zeros(leaf.shape, leaf.dtype))
-            else:
-                out.append((0.02 * jax.random.normal(k, leaf.shape, jnp.float32)).astype(leaf.dtype))
-        return out
 
-    # "unsafe_rbg" draws with XLA's RngBitGenerator: far quicker to compile than threefry for ~1000 leaves.
-    return jax.tree.unflatten(jax.tree.structure(shapes), draw(jax.random.key(seed, impl="unsafe_rbg")))
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _normal(key, shape, dtype):
+    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
 def random_model(name: str, dtype="float32", seed: int = 0, moe_impl: str = "auto"):
