@@ -6,7 +6,13 @@ The fixtures (what the official PyTorch DeepSeek-VL2 code computes) sit outside 
 
 from __future__ import annotations
 
-import functools
+import os
+
+# Eight simulated CPU devices for the sharding tests; set before anything imports jax. Unsharded code
+# keeps running on the first device.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import functools  # noqa: E402
 import json
 from pathlib import Path
 

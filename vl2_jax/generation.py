@@ -22,10 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import NamedSharding
 
 from vl2_jax.cache import KVCache
 from vl2_jax.errors import InputError
-from vl2_jax.model import VL2Model, left_pad_positions
+from vl2_jax.model import VL2Model, left_pad_positions, out_of_memory_as
 from vl2_jax.modules.vl2 import VL2
 from vl2_jax.sampling import SamplingParams, sample
 
@@ -194,24 +195,40 @@ class Generator:
         # Positions stop at the context limit: that row then ends with finish reason "length".
         max_new = min(max_new_tokens, limit - longest)
         sampling = sampling or SamplingParams.make()
-        t0 = time.perf_counter()
+        shape = f"{len(prompt_tokens)} x {batch.input_ids.shape[1]} prompt tokens + {max_new} new"
+        with m.mesh_context(), out_of_memory_as(f"while generating ({shape})"):
+            return self._generate(batch, max_new, sampling, seed, stop, prefill_chunk, on_text, stream_every,
+                                  ignore_eos, prompt_tokens)
 
+    def _cache(self, batch: int, slots: int) -> KVCache:
+        """An empty cache, created directly in its shards under a mesh."""
+        m, cfg = self.model, self.model.cfg.language
+        make = functools.partial(KVCache.zeros, cfg, batch, slots, m.dtype)
+        if m.mesh is None:
+            return make()
+        specs = m.layout.cache_specs(jax.eval_shape(make))
+        return jax.jit(make, out_shardings=jax.tree.map(lambda p: NamedSharding(m.mesh, p), specs))()
+
+    def _generate(self, batch, max_new, sampling, seed, stop, prefill_chunk, on_text, stream_every, ignore_eos,
+                  prompt_tokens) -> GenerationResult:
+        m, cfg = self.model, self.model.cfg.language
+        bt = ("batch", None)
+        t0 = time.perf_counter()
         length = bucket(batch.input_ids.shape[1])
         if prefill_chunk:
             length = -(-length // prefill_chunk) * prefill_chunk
         ids, attention, seq_mask = self._pad_batch(batch, length)
         tiles, src = m._image_inputs(batch)
         src = np.pad(src, ((0, 0), (length - src.shape[1], 0)))
-        x = self._embed(m.params, jnp.asarray(ids), tiles, jnp.asarray(src), jnp.asarray(seq_mask))
+        x = self._embed(m.params, m.put(ids, bt), tiles, m.put(src, bt), m.put(seq_mask, bt))
         positions = left_pad_positions(attention)
         b = ids.shape[0]
-        slots = bucket(length + max_new)
-        cache = KVCache.zeros(cfg, b, slots, m.dtype)
+        cache = self._cache(b, bucket(length + max_new))
         chunk = prefill_chunk or length
         for start in range(0, length, chunk):
             sl = slice(start, start + chunk)
             logits, cache = self._prefill_chunk(
-                m.params, x[:, sl], jnp.asarray(positions[:, sl]), jnp.asarray(attention[:, sl]), cache
+                m.params, x[:, sl], m.put(positions[:, sl], bt), m.put(attention[:, sl], bt), cache
             )
         seen = np.zeros((b, cfg.vocab_size), bool)
         rows = np.repeat(np.arange(b), length)
@@ -219,10 +236,10 @@ class Generator:
         eos = jnp.int32(-1 if ignore_eos else cfg.eos_token_id)
         pad = jnp.int32(m.processor.pad_id if m.processor else cfg.eos_token_id)
         state = self._start(
-            logits, cache, jnp.asarray(positions[:, -1] + 1), jnp.asarray(seen), sampling,
+            logits, cache, m.put(positions[:, -1] + 1, ("batch",)), m.put(seen, bt), sampling,
             jax.random.key(seed), eos, pad, max_new,
         )
-        state.done.block_until_ready()
+        done = m.fetch(state.done)
         ttft = time.perf_counter() - t0
 
         streamer = _Streamer(m.processor, b, stop, on_text) if (on_text or stop) else None
@@ -230,16 +247,16 @@ class Generator:
         step = 1
         while True:
             if streamer:
-                tokens, done = np.asarray(state.tokens[:, :step]), np.asarray(state.done)
-                stopped = streamer.update(tokens, np.asarray(state.count), done)
+                stopped = streamer.update(m.fetch(state.tokens)[:, :step], m.fetch(state.count), done)
                 if stopped.any():
-                    state = state.replace(done=jnp.asarray(done | stopped))
-            if step >= max_new or bool(jnp.all(state.done)):
+                    done = done | stopped
+                    state = state.replace(done=m.put(done, ("batch",)))
+            if step >= max_new or done.all():
                 break
             step = min(max_new, step + stream_every) if streamer else max_new
             state = self._decode(m.params, state, jnp.int32(step), sampling, eos, pad)
-            step = int(state.step)
-        tokens, count = np.asarray(state.tokens), np.asarray(state.count)
+            step, done = int(m.fetch(state.step)), m.fetch(state.done)
+        tokens, count = m.fetch(state.tokens), m.fetch(state.count)
         decode_s = time.perf_counter() - t1
         return self._result(tokens, count, prompt_tokens, stop, streamer, ttft, decode_s, cfg.eos_token_id)
 

@@ -26,21 +26,23 @@ def cache_dir() -> Path:
 
 
 def load_model(
-    spec: str, dtype, progress: Callable[[str], None] = lambda s: None, seed: int = 0, moe_impl: str = "auto"
+    spec: str, dtype, progress: Callable[[str], None] = lambda s: None, seed: int = 0, moe_impl: str = "auto",
+    mesh=None,
 ):
-    """`spec` (see the module docstring) -> VL2Model in `dtype` ("bfloat16", "float32" or None)."""
+    """`spec` (see the module docstring) -> VL2Model in `dtype` ("bfloat16", "float32" or None), on one
+    device or across `mesh` ("auto", "expert=4,tensor=2", ...; see `load_pretrained`)."""
     from vl2_jax.model import load_pretrained
     from vl2_jax.random_model import random_model
 
     start = time.perf_counter()
     if spec.startswith("random:"):
         progress(f"initialising random {spec[7:]} weights ...")
-        model = random_model(spec[7:], dtype or "float32", seed, moe_impl)
+        model = random_model(spec[7:], dtype or "float32", seed, moe_impl, mesh)
     elif Path(spec).exists() or not HUB_ID.match(spec):
         progress(f"loading {spec} ...")
-        model = load_pretrained(spec, dtype, moe_impl)
+        model = load_pretrained(spec, dtype, moe_impl, mesh)
     else:
-        model = load_pretrained(_converted_from_hub(spec, progress), dtype, moe_impl)
+        model = load_pretrained(_converted_from_hub(spec, progress), dtype, moe_impl, mesh)
     progress(f"model ready in {time.perf_counter() - start:.1f} s")
     return model
 
@@ -58,8 +60,9 @@ def _converted_from_hub(repo_id: str, progress) -> Path:
         source = snapshot_download(repo_id, allow_patterns=DOWNLOAD_PATTERNS)
     except Exception as e:  # network, auth and not-found errors all come as different types
         raise CheckpointError(
-            f"could not download {repo_id} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0]}); "
-            "check the id and your connection, or pass a local folder or random:tiny."
+            f"{repo_id} is not a local folder, and downloading it from the Hugging Face hub failed "
+            f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); check the path or the hub id and your "
+            "connection, or pass random:tiny."
         ) from None
     progress(f"converting {repo_id} to {target} (once) ...")
     convert_checkpoint(source, target, None, force=True, progress=progress)

@@ -64,9 +64,10 @@ def write_assets(folder: str | Path, cfg: VL2Config) -> Path:
     return folder
 
 
-def init_params(cfg: VL2Config, dtype, seed: int = 0) -> dict:
+def init_params(cfg: VL2Config, dtype, seed: int = 0, shardings: dict | None = None) -> dict:
     """Random parameters `{"params": ...}` drawn on the default device: normal(0.02) weights, norm scales 1,
-    biases 0. Shapes come from tracing the model (`eval_shape`), so nothing but the draws is compiled."""
+    biases 0. Shapes come from tracing the model (`eval_shape`), so nothing but the draws is compiled.
+    With `shardings` (a params-like tree of Shardings) every leaf is drawn directly in its shards."""
     from vl2_jax.modules.vl2 import VL2
 
     s, t = cfg.vision.image_size, 4
@@ -80,30 +81,38 @@ def init_params(cfg: VL2Config, dtype, seed: int = 0) -> dict:
     out = []
     # One small jitted draw per leaf (compiled once per distinct shape): a single jit over every leaf
     # takes minutes to compile at the real sizes.
-    for path, leaf, key in zip(paths, leaves, keys):
+    targets = jax.tree.leaves(shardings) if shardings is not None else [None] * len(leaves)
+    for path, leaf, key, sharding in zip(paths, leaves, keys, targets):
         name = str(getattr(path[-1], "key", path[-1]))
-        if name == "scale":
-            out.append(jnp.ones(leaf.shape, leaf.dtype))
-        elif name.endswith(("_b", "bias")):
-            out.append(jnp.zeros(leaf.shape, leaf.dtype))
-        else:
-            out.append(_normal(key, leaf.shape, leaf.dtype))
+        kind = "ones" if name == "scale" else "zeros" if name.endswith(("_b", "bias")) else "normal"
+        out.append(_draw(kind, leaf.shape, jnp.dtype(leaf.dtype), sharding)(key))
     return jax.tree.unflatten(jax.tree.structure(shapes), out)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _normal(key, shape, dtype):
-    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+@functools.cache
+def _draw(kind: str, shape, dtype, sharding):
+    def draw(key):
+        if kind == "normal":
+            return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+        return (jnp.ones if kind == "ones" else jnp.zeros)(shape, dtype)
+
+    return jax.jit(draw, out_shardings=sharding)
 
 
-def random_model(name: str, dtype="float32", seed: int = 0, moe_impl: str = "auto"):
-    """A `VL2Model` with random weights at a preset size ("tiny", "small", "base", "test")."""
+def random_model(name: str, dtype="float32", seed: int = 0, moe_impl: str = "auto", mesh=None):
+    """A `VL2Model` with random weights at a preset size ("tiny", "small", "base", "test"), on one device
+    or across `mesh` (see `load_pretrained`)."""
+    from vl2_jax.checkpoint import param_shapes
     from vl2_jax.model import VL2Model, resolve_dtype
     from vl2_jax.processor import Processor
+    from vl2_jax.sharding import Layout, make_mesh
 
     if name not in PRESETS:
         raise ConfigError(f"unknown random model size {name!r}; use one of {', '.join(PRESETS)}.")
     cfg = PRESETS[name]
     dtype = resolve_dtype(dtype) or jnp.float32
     folder = write_assets(Path(tempfile.mkdtemp(prefix=f"vl2-random-{name}-")), cfg)
-    return VL2Model(cfg, init_params(cfg, dtype, seed), Processor.from_pretrained(folder), dtype, moe_impl)
+    mesh = make_mesh(mesh, cfg)
+    shardings = Layout(mesh).param_shardings(param_shapes(cfg, dtype)) if mesh is not None else None
+    params = init_params(cfg, dtype, seed, shardings)
+    return VL2Model(cfg, params, Processor.from_pretrained(folder), dtype, moe_impl, mesh)

@@ -17,6 +17,7 @@ from vl2_jax.config import LanguageConfig
 from vl2_jax.modules.attention import MHAttention, MLAttention
 from vl2_jax.modules.layers import RMSNorm, einsum, normal_init
 from vl2_jax.modules.moe import MLP, MoE
+from vl2_jax.sharding import constrain
 
 
 class DecoderLayer(nn.Module):
@@ -41,7 +42,7 @@ class DecoderLayer(nn.Module):
 
     def __call__(self, x_BTD, positions_BT, kv, mask_BTS) -> jax.Array:
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, kv, mask_BTS)
-        return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+        return constrain(x_BTD + self.mlp(self.mlp_norm(x_BTD)), ("batch", None, None))
 
 
 class LanguageModel(nn.Module):
@@ -58,7 +59,7 @@ class LanguageModel(nn.Module):
 
     def embed(self, ids_BT: jax.Array) -> jax.Array:
         """Token ids [B, T] -> embeddings [B, T, D]."""
-        return jnp.take(self.embed_table, ids_BT, axis=0)
+        return constrain(jnp.take(self.embed_table, ids_BT, axis=0), ("batch", None, None))
 
     def head(self, x_BTD: jax.Array) -> jax.Array:
         """Final norm and LM head: [B, T, D] -> float32 logits [B, T, V] (computed in the model dtype)."""

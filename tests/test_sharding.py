@@ -1,0 +1,140 @@
+"""Sharding on 8 simulated CPU devices (tests/conftest.py sets XLA_FLAGS): parity with one device, a
+pinned snapshot of every PartitionSpec, and two processes joined by jax.distributed."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import vl2_jax
+from tests.conftest import FIXTURES, VARIANTS, ckpt_dir, load_case, open_images
+from vl2_jax.cache import KVCache
+from vl2_jax.checkpoint import param_shapes
+from vl2_jax.errors import ConfigError
+from vl2_jax.sharding import Layout, auto_mesh_shape, make_mesh, param_logical_axes
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYOUTS = ("expert=8", "tensor=8", "data=2,expert=2,tensor=2")
+SNAPSHOT = ROOT / "tests" / "data" / "partition_specs.txt"
+NAMES = ("two_images", "text_only")  # a batch of two, so data=2 really splits it
+
+
+@functools.cache
+def single(variant):
+    return vl2_jax.load_pretrained(ckpt_dir(variant), dtype="float32")
+
+
+def batch_for(m, variant):
+    outs = []
+    for name in NAMES:
+        case = load_case(variant, name)
+        outs.append(m.processor(case["conversation"], open_images(case)))
+    return m.processor.batchify(outs)
+
+
+@functools.cache
+def reference(variant):
+    m = single(variant)
+    b = batch_for(m, variant)
+    return np.asarray(m.logits(b)), m.generate(b, max_new_tokens=10).token_ids
+
+
+def test_eight_devices_are_visible():
+    assert len(jax.devices()) == 8
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sharded_logits_and_greedy_equal_unsharded(variant, layout):
+    logits, greedy = reference(variant)
+    m = vl2_jax.load_pretrained(ckpt_dir(variant), dtype="float32", mesh=layout)
+    b = batch_for(m, variant)
+    got = np.asarray(m.logits(b))
+    assert np.abs(got - logits).max() / np.abs(logits).max() < 1e-5
+    assert m.generate(b, max_new_tokens=10).token_ids == greedy
+    # The weights really are split: an expert or tensor axis > 1 leaves no device with a whole MoE layer.
+    experts = m.params["params"]["language"]["layers_1"]["mlp"]["gate_w"]
+    assert len({s.data.shape for s in experts.addressable_shards}) == 1
+    assert experts.addressable_shards[0].data.size < experts.size
+
+
+def specs_text() -> str:
+    """One line per parameter and cache leaf: preset, layout, path, PartitionSpec."""
+    lines = []
+    for preset in ("tiny", "test"):  # MHA with 10 heads; MLA with query LoRA and grouped routing
+        cfg = vl2_jax.PRESETS[preset]
+        for layout in (*LAYOUTS, "expert=2,tensor=4"):
+            lay = Layout(make_mesh(layout, cfg))
+            specs = lay.param_specs(param_shapes(cfg, np.float32))
+            cache = jax.eval_shape(functools.partial(KVCache.zeros, cfg.language, 2, 64, np.float32))
+            for tree, prefix in ((specs, ""), (lay.cache_specs(cache), "cache/")):
+                for path, spec in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(
+                        x, jax.sharding.PartitionSpec))[0]:
+                    name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+                    lines.append(f"{preset} {layout} {prefix}{name} {tuple(spec)}")
+    return "\n".join(lines) + "\n"
+
+
+def test_partition_specs_match_snapshot():
+    """A sharding change must show up as a reviewed diff of tests/data/partition_specs.txt
+    (regenerate with UPDATE_SNAPSHOTS=1)."""
+    text = specs_text()
+    if os.environ.get("UPDATE_SNAPSHOTS"):
+        SNAPSHOT.write_text(text)
+    assert text == SNAPSHOT.read_text()
+
+
+def test_rules_refuse_unknown_parameters_and_bad_meshes():
+    with pytest.raises(ConfigError, match="no partition rule"):
+        param_logical_axes("language/layers_1/mlp/mystery_w", 2)
+    cfg = vl2_jax.PRESETS["tiny"]
+    with pytest.raises(ConfigError, match="needs 6 devices but 8"):
+        make_mesh("expert=3,tensor=2", cfg)
+    with pytest.raises(ConfigError, match="bad mesh spec"):
+        make_mesh("experts=8", cfg)
+
+
+def test_auto_mesh_and_undividable_heads():
+    assert auto_mesh_shape(vl2_jax.PRESETS["tiny"], 8) == {"data": 1, "expert": 8, "tensor": 1}
+    assert auto_mesh_shape(vl2_jax.PRESETS["base"], 16) == {"data": 1, "expert": 8, "tensor": 2}
+    cfg = vl2_jax.PRESETS["tiny"]  # 10 heads cannot split 4 ways: replicated, the MLP is still split
+    lay = Layout(make_mesh("expert=2,tensor=4", cfg))
+    specs = lay.param_specs(param_shapes(cfg, np.float32))["params"]["language"]["layers_1"]
+    assert tuple(specs["attn"]["q_w"]) == (None, None, None)
+    assert tuple(specs["mlp"]["gate_w"]) == ("expert", None, "tensor")
+    assert any("heads (10) does not divide by tensor=4" in n for n in lay.notes)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_give_the_single_process_answer():
+    """Two processes on one machine (one CPU device each, gloo over loopback) share one generation."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    args = [sys.executable, "-m", "generate", "--model", str(ckpt_dir("mla")), "--dtype", "float32", "--json",
+            "--max-new-tokens", "6", "--image", str(FIXTURES / "images" / "noise_wide.png"),
+            "--prompt", "What is in the picture?"]
+    port = _free_port()
+    procs = [subprocess.Popen([*args, "--mesh", "expert=2", "--coordinator", f"localhost:{port}",
+                               "--num-processes", "2", "--process-id", str(i)], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    one = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    answer = lambda out: json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    assert answer(outs[0][0])["token_ids"] == answer(one.stdout)["token_ids"]
+    assert not any(line.startswith("{") for line in outs[1][0].splitlines())  # only process 0 prints

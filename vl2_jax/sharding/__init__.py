@@ -1,0 +1,172 @@
+"""Device meshes and partition rules.
+
+Mesh axes (names fixed, sizes chosen by the user or by `auto_mesh_shape`):
+    data    splits the batch (independent conversations)
+    expert  splits the routed experts of every MoE layer
+    tensor  splits attention heads, MLP width and the vocabulary
+
+The model code names *logical* axes; `LOGICAL_TO_MESH` maps them to mesh axes. Parameters get their
+logical axes from `PARAM_RULES`, ordered regular expressions over the parameter path
+(`language/layers_3/attn/q_w`); the first match wins and an unmatched parameter is an error. Where a
+dimension does not divide by its mesh axis (deepseek-vl2-tiny has 10 heads: on tensor=4 they cannot be
+split), that dimension is replicated instead and the choice is recorded in `Layout.notes`; the other
+dimensions stay split. The vision tower and projector (~0.4B parameters) are replicated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from vl2_jax.config import VL2Config
+from vl2_jax.errors import ConfigError
+
+MESH_AXES = ("data", "expert", "tensor")
+
+LOGICAL_TO_MESH = {
+    "batch": "data",
+    "experts": "expert",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+}
+
+# (regex over the parameter path, logical axes by rank). An empty tuple means replicated.
+PARAM_RULES: tuple[tuple[str, dict[int, tuple]], ...] = (
+    (r"^(vision|projector)/", {1: (None,), 2: (None, None), 3: (None,) * 3, 4: (None,) * 4}),
+    (r"^(image_newline|view_separator)$", {1: (None,)}),
+    (r"^language/embed$", {2: ("vocab", None)}),
+    (r"^language/lm_head$", {2: (None, "vocab")}),
+    (r"/scale$", {1: (None,)}),  # every RMSNorm
+    (r"/attn/(q_w|q_b_w)$", {3: (None, "heads", None)}),
+    (r"/attn/(k_w|v_w)$", {3: (None, "kv_heads", None)}),
+    (r"/attn/(wk_b|wv_b|o_w)$", {3: ("heads", None, None)}),
+    (r"/attn/(q_a_w|kv_a_w|k_rope_w)$", {2: (None, None)}),
+    (r"/mlp/router_w$", {2: (None, None)}),
+    (r"/mlp/router_bias$", {1: (None,)}),
+    (r"/mlp/(shared/)?(gate_w|up_w)$", {2: (None, "mlp"), 3: ("experts", None, "mlp")}),
+    (r"/mlp/(shared/)?down_w$", {2: ("mlp", None), 3: ("experts", "mlp", None)}),
+)
+
+# KV cache leaves by name: MHA caches per-head keys and values; MLA's latent is shared by all heads.
+CACHE_RULES = {
+    "k": ("batch", None, "kv_heads", None),
+    "v": ("batch", None, "kv_heads", None),
+    "latent": ("batch", None, None),
+    "k_rope": ("batch", None, None),
+    "valid": ("batch", None),
+    "length": (),
+}
+
+
+def parse_mesh_spec(spec: str) -> dict[str, int]:
+    """"data=2,expert=4" -> {"data": 2, "expert": 4, "tensor": 1}; raises ConfigError on a bad spec."""
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, value = part.partition("=")
+        if name not in sizes or not value.isdigit() or int(value) < 1:
+            raise ConfigError(
+                f"bad mesh spec {spec!r}: expected comma-separated AXIS=SIZE with AXIS in {', '.join(MESH_AXES)} "
+                "and SIZE >= 1 (e.g. expert=4,tensor=2), or 'auto'."
+            )
+        sizes[name] = int(value)
+    return sizes
+
+
+def auto_mesh_shape(cfg: VL2Config, num_devices: int) -> dict[str, int]:
+    """All devices, laid out for one model: experts first (the bulk of the weights), then tensor."""
+    lc = cfg.language
+    experts = lc.n_routed_experts or 1
+    expert = max(d for d in range(1, num_devices + 1) if num_devices % d == 0 and experts % d == 0)
+    return {"data": 1, "expert": expert, "tensor": num_devices // expert}
+
+
+def make_mesh(spec: str | dict | Mesh | None, cfg: VL2Config, devices: Sequence | None = None) -> Mesh | None:
+    """A mesh over `devices` (default: all) from "auto", "data=..,expert=..,tensor=..", a dict or a Mesh."""
+    if spec is None or isinstance(spec, Mesh):
+        return spec
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = auto_mesh_shape(cfg, len(devices)) if spec == "auto" else (
+        parse_mesh_spec(spec) if isinstance(spec, str) else {**dict.fromkeys(MESH_AXES, 1), **spec}
+    )
+    total = math.prod(sizes.values())
+    if total != len(devices):
+        shape = ",".join(f"{k}={v}" for k, v in sizes.items())
+        raise ConfigError(f"mesh {shape} needs {total} devices but {len(devices)} are visible; make the sizes multiply to {len(devices)}.")
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+@dataclasses.dataclass
+class Layout:
+    """Resolves logical axes to PartitionSpecs on one mesh, replicating dimensions that do not divide."""
+
+    mesh: Mesh
+    notes: set[str] = dataclasses.field(default_factory=set)
+
+    def spec(self, logical: Sequence[str | None], shape: Sequence[int], what: str = "") -> PartitionSpec:
+        axes = []
+        for name, size in zip(logical, shape, strict=True):
+            axis = LOGICAL_TO_MESH.get(name) if name else None
+            n = self.mesh.shape[axis] if axis else 1
+            if axis and size % n:
+                self.notes.add(f"{what or name}: {name} ({size}) does not divide by {axis}={n}; replicated")
+                axis = None
+            axes.append(axis if n > 1 else None)
+        return PartitionSpec(*axes)
+
+    def sharding(self, logical, shape, what: str = "") -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(logical, shape, what))
+
+    def param_specs(self, shapes: dict) -> dict:
+        """A tree like `shapes` (leaves with `.shape`, e.g. ShapeDtypeStructs) of PartitionSpecs."""
+        return jax.tree_util.tree_map_with_path(
+            lambda path, leaf: self.spec(param_logical_axes(_path_str(path), leaf.ndim), leaf.shape,
+                                         _path_str(path)), shapes)
+
+    def param_shardings(self, shapes: dict) -> dict:
+        return jax.tree.map(lambda s: NamedSharding(self.mesh, s), self.param_specs(shapes))
+
+    def cache_specs(self, cache) -> object:
+        """PartitionSpecs for a KVCache (same tree structure)."""
+        return jax.tree_util.tree_map_with_path(
+            lambda path, leaf: self.spec(CACHE_RULES[_leaf_name(path)], leaf.shape, "cache " + _leaf_name(path)),
+            cache)
+
+
+def param_logical_axes(path: str, ndim: int) -> tuple:
+    """Logical axes of the parameter at `path` (e.g. "language/layers_1/mlp/gate_w"): first rule wins."""
+    path = path.removeprefix("params/")
+    for pattern, by_rank in PARAM_RULES:
+        if re.search(pattern, path):
+            if ndim not in by_rank:
+                raise ConfigError(f"partition rule {pattern!r} has no spec for the rank-{ndim} parameter {path}.")
+            return by_rank[ndim]
+    raise ConfigError(f"no partition rule matches the parameter {path}; add one to vl2_jax/sharding.")
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def _leaf_name(path) -> str:
+    last = path[-1]
+    return str(getattr(last, "key", getattr(last, "name", last)))
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """Pins an activation's sharding at a block boundary when a mesh is set (`jax.set_mesh`); else a no-op.
+
+    Dimensions that do not divide by their mesh axis stay replicated (e.g. a batch of 1 on data=2).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, Layout(mesh).spec(logical, x.shape))
