@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"error: interrupted; {args.dst} was not written.", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - last line of defence (out of memory, an orbax failure): one line
+        from vl2_jax.cli import explain
+
+        print(f"error: {explain(e).rstrip('.')}; {args.dst} was not written.", file=sys.stderr)
+        return 1
     print(
         f"converted {args.src} -> {args.dst}: {result['num_parameters']:,} parameters in {len(result['groups'])} "
         f"groups, {result['dtype']}, {format_bytes(result['bytes'])}, {result['seconds']:.1f} s"

@@ -154,3 +154,18 @@ def test_bad_arguments(kwargs, words):
     batch = m.processor.batchify([one(m, "mha", "text_only")[0]])
     with pytest.raises(InputError, match=words):
         m.generate(batch, **kwargs)
+
+
+def test_device_out_of_memory_becomes_one_clear_error(monkeypatch):
+    from vl2_jax.errors import DeviceMemoryError
+    from vl2_jax.generation import Generator
+
+    m = model("mha")
+    batch = m.processor.batchify([one(m, "mha", "text_only")[0]])
+
+    def exhausted(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.9GiB.")
+
+    monkeypatch.setattr(Generator, "_generate", exhausted)
+    with pytest.raises(DeviceMemoryError, match="ran out of memory while generating.*prefill_chunk"):
+        m.generate(batch, max_new_tokens=4)

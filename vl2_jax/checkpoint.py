@@ -22,6 +22,7 @@ from vl2_jax.config import VL2Config
 from vl2_jax.errors import CheckpointError
 
 UNUSED_PREFIXES = ("vision.attn_pool.",)
+_FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")  # safetensors' names of the dtypes a weight may have
 
 Path_ = tuple[str, ...]
 
@@ -176,25 +177,30 @@ class SafetensorsFolder:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index} is not a valid safetensors index ({e}).") from None
-            files = sorted(set(weight_map.values()))
+                files = sorted(set(map(str, weight_map.values())))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON or bad structure
+                raise CheckpointError(
+                    f"{index} is not a valid safetensors index ({type(e).__name__}: {e}); download it again."
+                ) from None
         elif single.is_file():
             files = [single.name]
         else:
             raise CheckpointError(
-                f"{self.path} has neither model.safetensors nor model.safetensors.index.json."
+                f"{self.path} has no weights (neither model.safetensors nor model.safetensors.index.json); "
+                "download the checkpoint's weights into it, or pass a `python -m convert` output."
             )
         self._handles = {}
         self.tensor_file: dict[str, str] = {}
         for name in files:
             file = self.path / name
             if not file.is_file():
-                raise CheckpointError(f"the shard {file} listed in the index is missing.")
+                raise CheckpointError(f"the shard {file} listed in the index is missing; download it again.")
             try:
                 handle = safe_open(str(file), framework="numpy")
             except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-                raise CheckpointError(f"cannot read {file}: {e} (is the file truncated or corrupt?)") from None
+                raise CheckpointError(
+                    f"cannot read {file} ({e}); the file is truncated or corrupt, so download it again."
+                ) from None
             self._handles[name] = handle
             for key in handle.keys():
                 self.tensor_file[key] = name
@@ -215,7 +221,7 @@ class SafetensorsFolder:
             raise CheckpointError(f"cannot read tensor {name} from {self.tensor_file[name]}: {e}") from None
 
 
-def check_accounts(plan: list[Rule], names: list[str]) -> list[str]:
+def check_accounts(plan: list[Rule], names: list[str], where: str | Path | None = None) -> list[str]:
     """Validates that the plan uses every checkpoint tensor exactly once; returns the dropped names.
 
     Raises CheckpointError naming the missing and the unexpected tensors.
@@ -231,7 +237,10 @@ def check_accounts(plan: list[Rule], names: list[str]) -> list[str]:
     if extra:
         problems.append(f"unexpected tensor(s): {_some(extra)}")
     if problems:
-        raise CheckpointError("checkpoint does not match its config.json: " + "; ".join(problems) + ".")
+        raise CheckpointError(
+            "checkpoint does not match its config.json: " + "; ".join(problems)
+            + f"; download {where or 'the checkpoint'} again, or use the config.json that came with its weights."
+        )
     return dropped
 
 
@@ -240,12 +249,19 @@ def _some(names: list[str], n: int = 5) -> str:
 
 
 def check_source_shapes(plan: list[Rule], folder: SafetensorsFolder) -> None:
-    """Fails before reading any data on a tensor whose shape is not the one the config implies."""
+    """Fails before reading any data on a tensor whose shape (or non-float dtype) config.json does not imply."""
     for rule in plan:
         for name, shape in rule.sources:
             if folder.shape(name) != shape:
                 raise CheckpointError(
-                    f"tensor {name} has shape {list(folder.shape(name))}, but config.json implies {list(shape)}."
+                    f"tensor {name} has shape {list(folder.shape(name))} in {folder.path / folder.tensor_file[name]}, "
+                    f"but config.json implies {list(shape)}; "
+                    "use the config.json that came with these weights."
+                )
+            if folder.dtype(name) not in _FLOAT_DTYPES:
+                raise CheckpointError(
+                    f"tensor {name} in {folder.path / folder.tensor_file[name]} has dtype {folder.dtype(name)}, "
+                    "not a floating-point type; these are not DeepSeek-VL2 weights, so download the checkpoint again."
                 )
 
 
@@ -285,7 +301,7 @@ def source_dtype(folder: SafetensorsFolder) -> jnp.dtype:
 def iter_converted(cfg: VL2Config, folder: SafetensorsFolder, dtype) -> Iterator[tuple[Path_, np.ndarray]]:
     """Yields (path, array in `dtype`) for every parameter, reading one rule's sources at a time."""
     plan = conversion_plan(cfg)
-    check_accounts(plan, folder.names())
+    check_accounts(plan, folder.names(), folder.path)
     check_source_shapes(plan, folder)
     np_dtype = np.dtype(jnp.dtype(dtype))
     for rule in plan:
@@ -293,14 +309,26 @@ def iter_converted(cfg: VL2Config, folder: SafetensorsFolder, dtype) -> Iterator
             yield path, array.astype(np_dtype, copy=False)
 
 
-def load_hf(path: str | Path, cfg: VL2Config, dtype=None) -> dict:
+def param_shapes(cfg: VL2Config, dtype) -> dict:
+    """The parameter tree `{"params": ...}` as ShapeDtypeStructs, from the plan's targets."""
+    tree: dict = {}
+    for rule in conversion_plan(cfg):
+        for path, shape in rule.targets:
+            set_path(tree, path, jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)))
+    return {"params": tree}
+
+
+def load_hf(path: str | Path, cfg: VL2Config, dtype=None, place: Callable | None = None) -> dict:
     """Loads a Hugging Face checkpoint folder into a parameter tree `{"params": ...}` of jax arrays.
 
-    `dtype=None` keeps the checkpoint's dtype.
+    `dtype=None` keeps the checkpoint's dtype. `place(path, host_array) -> jax.Array` puts each leaf on
+    the devices as it is converted (default: the default device), so the host holds one rule's tensors
+    at a time.
     """
     folder = SafetensorsFolder(path)
     dtype = source_dtype(folder) if dtype is None else dtype
+    place = place or (lambda p, array: jax.device_put(array))
     params: dict = {}
     for p, array in iter_converted(cfg, folder, dtype):
-        set_path(params, p, jax.device_put(array))
+        set_path(params, p, place(p, array))
     return {"params": params}

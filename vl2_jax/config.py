@@ -278,7 +278,12 @@ class VL2Config:
             raw = json.loads(file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{file} is not valid JSON ({e}).") from None
-        return cls.from_hf_dict(raw)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{file} must hold a JSON object, not {type(raw).__name__}.")
+        try:
+            return cls.from_hf_dict(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{file}: {e}") from None
 
     def to_hf_dict(self) -> dict:
         """The config in the Hugging Face layout (what `from_hf_dict` reads back)."""

@@ -1,17 +1,24 @@
-"""Exceptions raised by vl2_jax."""
+"""Exceptions that users see: each carries one sentence saying what is wrong, where, and what to do."""
 
 
 class VL2Error(Exception):
-    """Base class of every error that vl2_jax raises on purpose."""
+    """Base class of every error this package raises on purpose."""
 
 
 class ConfigError(VL2Error):
-    """A configuration file is missing, malformed or describes something unsupported."""
+    """config.json, the tokenizer or processor files, a dtype, moe_impl or mesh spec: missing, unknown
+    or not supported."""
 
 
 class CheckpointError(VL2Error):
-    """A checkpoint is missing, incomplete or does not match its configuration."""
+    """A checkpoint folder, weights file, shard, tensor or converted manifest that is missing, extra,
+    mis-shaped, of the wrong dtype or unreadable."""
 
 
 class InputError(VL2Error):
-    """A conversation, image or batch given by the caller is invalid."""
+    """An image (see `processor.open_image`), a conversation, a prompt over the context limit or a
+    generation argument that cannot be processed."""
+
+
+class DeviceMemoryError(VL2Error, MemoryError):
+    """The accelerator ran out of memory; the message says during what and what to try."""

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -15,10 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vl2_jax.checkpoint import SafetensorsFolder, load_hf, source_dtype
+from vl2_jax.checkpoint import SafetensorsFolder, load_hf, param_shapes, source_dtype
 from vl2_jax.config import VL2Config
-from vl2_jax.errors import CheckpointError, ConfigError, InputError
+from vl2_jax.errors import CheckpointError, ConfigError, DeviceMemoryError, InputError
 from vl2_jax.modules.vl2 import VL2, image_token_sources
+from vl2_jax.sharding import Layout, make_mesh
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -34,6 +36,20 @@ def resolve_dtype(dtype) -> jnp.dtype | None:
     return jnp.dtype(dtype).type
 
 
+@contextlib.contextmanager
+def out_of_memory_as(what: str):
+    """Turns XLA's RESOURCE_EXHAUSTED into a `DeviceMemoryError` that says during what and what to try."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+            raise
+        raise DeviceMemoryError(
+            f"the accelerator ran out of memory {what}; try a smaller batch or max_new_tokens, prefill_chunk=512, "
+            "dtype='bfloat16', or more devices (mesh='auto')."
+        ) from e
+
+
 def left_pad_positions(attention_mask_BT: np.ndarray) -> np.ndarray:
     """Positions of left-padded rows: `cumsum(mask) - 1`, 0 on padding (as the reference's generate)."""
     return np.maximum(np.cumsum(attention_mask_BT, axis=-1) - 1, 0).astype(np.int32)
@@ -42,7 +58,10 @@ def left_pad_positions(attention_mask_BT: np.ndarray) -> np.ndarray:
 class VL2Model:
     """DeepSeek-VL2 with its parameters and processor. All arrays in and out are batch-major."""
 
-    def __init__(self, cfg: VL2Config, params: dict, processor=None, dtype=jnp.float32, moe_impl: str = "auto"):
+    def __init__(
+        self, cfg: VL2Config, params: dict, processor=None, dtype=jnp.float32, moe_impl: str = "auto", mesh=None
+    ):
+        """`params` must already be placed for `mesh` (None: one device); see `load_pretrained`."""
         from vl2_jax.modules.moe import MOE_IMPLS
 
         if moe_impl not in MOE_IMPLS:
@@ -52,7 +71,32 @@ class VL2Model:
         self.processor = processor
         self.dtype = jnp.dtype(dtype)
         self.module = VL2(cfg, self.dtype.type, moe_impl)
+        self.mesh = mesh
+        self.layout = Layout(mesh) if mesh is not None else None
+        if self.layout is not None:
+            self.layout.param_specs(param_shapes(cfg, self.dtype))  # records what had to stay replicated
         self._generator = None
+
+    # -- placement ------------------------------------------------------------------------------------
+    def mesh_context(self):
+        """`jax.set_mesh(self.mesh)` (activation constraints refer to it), or nothing without a mesh."""
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def put(self, host: np.ndarray, logical: Sequence[str | None]) -> jax.Array:
+        """A host array (the same on every process) -> a global array sharded by logical axes."""
+        host = np.asarray(host)
+        if self.mesh is None:
+            return jnp.asarray(host)
+        sharding = self.layout.sharding(logical, host.shape)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    def fetch(self, x: jax.Array) -> np.ndarray:
+        """A (possibly sharded, possibly multi-process) array -> the whole value on this host."""
+        if self.mesh is None or x.is_fully_addressable:
+            return np.asarray(x)
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     # -- jitted pieces ------------------------------------------------------------------------------
     @functools.cached_property
@@ -75,22 +119,26 @@ class VL2Model:
         if len(tiles_idx) == 0:
             return None, src
         images = np.asarray(batch.images)
-        tiles = images[tiles_idx[:, 0], tiles_idx[:, 1]]
-        return jnp.asarray(tiles, self.dtype), src
+        tiles = images[tiles_idx[:, 0], tiles_idx[:, 1]].astype(self.dtype)
+        return self.put(tiles, (None, None, None, None)), src
 
     def prepare_inputs_embeds(self, batch) -> jax.Array:
         """Token embeddings with the image features written in: [B, T, D] in the model dtype."""
-        tiles, src = self._image_inputs(batch)
-        return self._embed(
-            self.params, jnp.asarray(batch.input_ids, jnp.int32), tiles, jnp.asarray(src),
-            jnp.asarray(batch.images_seq_mask, bool),
-        )
+        with self.mesh_context(), out_of_memory_as("while embedding the prompt and its images"):
+            tiles, src = self._image_inputs(batch)
+            bt = ("batch", None)
+            return self._embed(
+                self.params, self.put(np.asarray(batch.input_ids, np.int32), bt), tiles, self.put(src, bt),
+                self.put(np.asarray(batch.images_seq_mask, bool), bt),
+            )
 
     def logits(self, batch) -> jax.Array:
         """Full forward without a cache: float32 logits [B, T, V]."""
         mask = np.asarray(batch.attention_mask, bool)
         x = self.prepare_inputs_embeds(batch)
-        return self._language(self.params, x, jnp.asarray(left_pad_positions(mask)), jnp.asarray(mask))
+        with self.mesh_context(), out_of_memory_as(f"in a full forward of {mask.shape[0]} x {mask.shape[1]} tokens"):
+            bt = ("batch", None)
+            return self._language(self.params, x, self.put(left_pad_positions(mask), bt), self.put(mask, bt))
 
 
     def generate(
@@ -143,7 +191,7 @@ class VL2Model:
         return stream_text(self, batch, **kwargs)
 
 
-def load_pretrained(path: str | Path, dtype="float32", moe_impl: str = "auto") -> VL2Model:
+def load_pretrained(path: str | Path, dtype="float32", moe_impl: str = "auto", mesh=None) -> VL2Model:
     """Loads a Hugging Face DeepSeek-VL2 folder or a `python -m convert` output.
 
     Args:
@@ -151,6 +199,9 @@ def load_pretrained(path: str | Path, dtype="float32", moe_impl: str = "auto") -
         or an Orbax checkpoint written by `python -m convert`.
       dtype: "float32", "bfloat16", "float16", or None to keep the checkpoint's dtype.
       moe_impl: expert dispatch, "auto" (default), "dense" (the plain reference path) or "gather".
+      mesh: None (one device), "auto" (all visible devices, laid out for the model), a spec such as
+        "expert=4,tensor=2" (axes data, expert, tensor), or a `jax.sharding.Mesh` with those axis names.
+        Each parameter is read straight into its shards; no host holds the whole model.
     """
     from vl2_jax.processor import Processor
 
@@ -158,16 +209,34 @@ def load_pretrained(path: str | Path, dtype="float32", moe_impl: str = "auto") -
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder; pass a DeepSeek-VL2 checkpoint folder.")
     cfg = VL2Config.from_pretrained(path)
+    processor = Processor.from_pretrained(path)  # before the weights: a bad tokenizer fails in a second
     want = resolve_dtype(dtype)
     from vl2_jax import orbax_io
 
-    if orbax_io.is_converted(path):
-        params, saved = orbax_io.restore(path, cfg, want)
-        dtype_ = want or saved
-    else:
+    mesh = make_mesh(mesh, cfg)
+    converted = orbax_io.is_converted(path)
+    if not converted:
         folder = SafetensorsFolder(path)
-        dtype_ = want or source_dtype(folder)
-        params = load_hf(path, cfg, dtype_)
-    processor = Processor.from_pretrained(path)
-    return VL2Model(cfg, params, processor, dtype_, moe_impl)
+    dtype_ = want or (orbax_io.saved_dtype(path) if converted else source_dtype(folder))
+    shardings = None
+    if mesh is not None:
+        shardings = Layout(mesh).param_shardings(param_shapes(cfg, dtype_))
+    with out_of_memory_as(f"while loading the {jnp.dtype(dtype_).name} weights"):
+        if converted:
+            params, _ = orbax_io.restore(path, cfg, dtype_, shardings)
+        else:
+            params = load_hf(path, cfg, dtype_, place=_placer(shardings))
+    return VL2Model(cfg, params, processor, dtype_, moe_impl, mesh)
 
+
+
+def _placer(shardings):
+    """`place(path, host_array)` for `load_hf`: straight into the leaf's shards, or the default device."""
+    if shardings is None:
+        return None
+
+    def place(path, array):
+        sharding = functools.reduce(lambda tree, key: tree[key], ("params", *path), shardings)
+        return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+    return place

@@ -129,6 +129,11 @@ def is_converted(path: str | Path) -> bool:
     return True
 
 
+def saved_dtype(path: str | Path):
+    """The dtype a converted checkpoint was saved in (a jnp scalar type such as jnp.bfloat16)."""
+    return _DTYPE_NAMES[_read_manifest(Path(path))["dtype"]]
+
+
 # ----------------------------------------------------------------------------------------- restore
 def _checkpointer():
     import orbax.checkpoint as ocp
@@ -284,7 +289,7 @@ def convert_checkpoint(
     _check_destination(src, dst, force)
     folder = SafetensorsFolder(src)
     plan = conversion_plan(cfg)
-    dropped = check_accounts(plan, folder.names())
+    dropped = check_accounts(plan, folder.names(), src)
     check_source_shapes(plan, folder)
     if isinstance(dtype, str) and dtype not in _DTYPE_NAMES:
         raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPE_NAMES)}.")

@@ -22,7 +22,9 @@ import json
 import logging
 import math
 import os
+import re
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +124,18 @@ def _quiet_transformers():
                 os.environ[name] = value
 
 
+def _read_json(file: Path) -> dict:
+    """A JSON object from `file`, or a ConfigError naming the file."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConfigError(f"{file} is not valid JSON ({_one_line(exc)}); copy it again from the original "
+                          f"checkpoint.") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{file} must hold a JSON object, not a {type(value).__name__}.")
+    return value
+
+
 def _token_text(value):
     """tokenizer_config.json stores a special token either as text or as a serialized AddedToken."""
     return value.get("content") if isinstance(value, dict) else value
@@ -138,10 +152,11 @@ def load_tokenizer(path, pad_token="<｜▁pad▁｜>", image_token="<image>"):
     """
     path = Path(path)
     if not (path / "tokenizer.json").is_file():
-        raise ConfigError(f"no tokenizer.json in {path}")
+        raise ConfigError(f"{path} has no tokenizer.json; copy tokenizer.json and tokenizer_config.json from the "
+                          f"original Hugging Face checkpoint into it.")
     config = {}
     if (path / "tokenizer_config.json").is_file():
-        config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+        config = _read_json(path / "tokenizer_config.json")
     kwargs = {k: _token_text(config[k]) for k in ("bos_token", "eos_token", "pad_token") if config.get(k)}
     kwargs.setdefault("pad_token", pad_token)  # the official processor adds this pad when there is none
     if "model_max_length" in config:
@@ -150,17 +165,99 @@ def load_tokenizer(path, pad_token="<｜▁pad▁｜>", image_token="<image>"):
         from tokenizers import AddedToken
         from transformers import PreTrainedTokenizerFast
 
-        tokenizer = PreTrainedTokenizerFast(
-            tokenizer_file=str(path / "tokenizer.json"),
-            clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
-            padding_side="left", **kwargs)
+        try:
+            tokenizer = PreTrainedTokenizerFast(
+                tokenizer_file=str(path / "tokenizer.json"),
+                clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+                padding_side="left", **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the tokenizers library raises a bare Exception on a bad file
+            raise ConfigError(f"{path / 'tokenizer.json'} is not a valid tokenizer file ({_one_line(exc)[:200]}); "
+                              f"copy it again from the original Hugging Face checkpoint.") from None
         # add_tokens(special_tokens=True) is spelled the same in transformers 4 and 5; it keeps the id of a
         # token that is already in the vocabulary and only marks it special, so ids never move.
         tokenizer.add_tokens([AddedToken(t, special=True, normalized=False)
                               for t in (image_token,) + _EXTRA_SPECIAL], special_tokens=True)
     if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
-        raise ConfigError(f"tokenizer in {path} has no bos or eos token")
+        raise ConfigError(f"the tokenizer in {path} has no bos or eos token; set bos_token and eos_token in "
+                          f"its tokenizer_config.json.")
     return tokenizer
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _to_rgb(image: Image.Image, label: str) -> Image.Image:
+    """Decodes (a lazily opened file is read here) and converts with `convert("RGB")`, as the reference."""
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise InputError(f"{label} has zero area ({width}x{height} pixels); pass an image at least 1 pixel wide and high.")
+    try:
+        image.load()  # a truncated or corrupt file often fails only here, not at Image.open
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError, zlib.error, ...
+        raise InputError(f"{label} could not be decoded ({_one_line(exc)}); the file is truncated or corrupt, "
+                         f"so re-save or re-download it.") from None
+    try:
+        return image.convert("RGB")
+    except MemoryError:
+        raise
+    except ValueError as exc:
+        raise InputError(f"{label} has mode {image.mode!r}, which PIL cannot convert to RGB ({_one_line(exc)}); "
+                         f"save it as an RGB image first.") from None
+    except Exception as exc:  # noqa: BLE001 - e.g. a decoder error surfacing at conversion
+        raise InputError(f"{label} could not be decoded ({_one_line(exc)}); the file is truncated or corrupt, "
+                         f"so re-save or re-download it.") from None
+
+
+def open_image(image, name: str | None = None) -> Image.Image:
+    """A PIL image or an image file path -> a fully decoded RGB PIL image, exactly ``img.convert("RGB")``.
+
+    Every mode PIL can convert (L, LA, P, RGBA, CMYK, I;16, ...) is converted as the reference's callers do;
+    ``name`` (e.g. "image 2 of 3") labels an in-memory image in messages, a file is named by its path.
+
+    Raises:
+      InputError: one sentence naming the image, for a file that is missing, a folder, empty, unreadable,
+        not an image, truncated or corrupt; an image over PIL's decompression-bomb limit
+        (``PIL.Image.MAX_IMAGE_PIXELS``, checked before decoding; set it to None to lift the limit); a
+        zero-area image; or a mode that PIL cannot convert to RGB.
+    """
+    if isinstance(image, Image.Image):
+        return _to_rgb(image, name or "the PIL image")
+    if not isinstance(image, (str, os.PathLike)):
+        where = f" ({name})" if name else ""
+        raise InputError(f"an image must be a PIL image or a file path, got {type(image).__name__}{where}.")
+    path = os.fspath(image)
+    if not os.path.exists(path):
+        raise InputError(f"image file {path} does not exist; check the path.")
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a folder, not an image file; pass the path of an image file.")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"image file {path} is empty (0 bytes); pass a complete image file.")
+    try:
+        with warnings.catch_warnings():  # PIL warns between 1x and 2x its limit; we refuse from 1x below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+    except Image.DecompressionBombError as exc:  # over 2x the limit: PIL refuses at open
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        count = f"{int(pixels.group(1)):,}" if pixels else "too many"
+        raise InputError(f"image {path} has {count} pixels, over PIL's "
+                         f"decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} (PIL.Image.MAX_IMAGE_PIXELS); "
+                         f"downscale it first.") from None
+    except Image.UnidentifiedImageError:
+        raise InputError(f"{path} is not an image file that PIL can read; convert it to PNG or JPEG.") from None
+    except OSError as exc:
+        raise InputError(f"cannot read image file {path} ({exc.strerror or _one_line(exc)}); "
+                         f"check the file and its permissions.") from None
+    except Exception as exc:  # noqa: BLE001 - a malformed header can raise SyntaxError, ValueError, ...
+        raise InputError(f"image file {path} is corrupt ({_one_line(exc)}); re-save or re-download it.") from None
+    with opened:
+        limit, (width, height) = Image.MAX_IMAGE_PIXELS, opened.size
+        if limit and width * height > limit:
+            raise InputError(f"image {path} is {width}x{height} = {width * height:,} pixels, over PIL's "
+                             f"decompression-bomb limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS); downscale it first.")
+        return _to_rgb(opened, f"image {path}")
 
 
 class Processor:
@@ -195,8 +292,9 @@ class Processor:
         path = Path(path)
         config_file = path / "processor_config.json"
         if not config_file.is_file():
-            raise ConfigError(f"no processor_config.json in {path}")
-        config = json.loads(config_file.read_text(encoding="utf-8"))
+            raise ConfigError(f"{path} has no processor_config.json; copy it from the original Hugging Face "
+                              f"checkpoint into it.")
+        config = _read_json(config_file)
         missing = [k for k in ("candidate_resolutions", "patch_size", "downsample_ratio") if k not in config]
         if missing:
             raise ConfigError(f"{config_file} lacks {', '.join(missing)}")
@@ -210,7 +308,9 @@ class Processor:
 
     # ----------------------------------------------------------------------------------------- text
     def _encode(self, text):
-        return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
+        # verbose=False: no "sequence length is longer than the specified maximum" log line; a prompt over
+        # the context is refused by `generate` with both counts.
+        return list(self.tokenizer.encode(text, add_special_tokens=False, verbose=False)) if text else []
 
     def decode(self, ids, skip_special_tokens=False) -> str:
         """Token ids (any int sequence or array) -> text."""
@@ -220,22 +320,22 @@ class Processor:
     def _normalize_conversation(self, conversation):
         """Validate; return [(template role, stripped content)], ending with an assistant turn."""
         if isinstance(conversation, (str, bytes)) or not conversation:
-            raise InputError("conversation must be a non-empty list of {'role', 'content'} dicts")
+            raise InputError("the conversation must be a non-empty list of {'role', 'content'} dicts.")
         turns = []
         for i, message in enumerate(conversation):
             if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                raise InputError(f"message {i} must be a dict with 'role' and 'content', got {message!r}")
+                raise InputError(f"message {i} must be a dict with 'role' and 'content', got {message!r}.")
             role, content = _ROLES.get(message["role"]), message["content"]
             if role is None:
                 raise InputError(f"message {i} has unknown role {message['role']!r}; use "
-                                 f"'<|User|>'/'user', '<|Assistant|>'/'assistant' or 'system'")
+                                 f"'<|User|>'/'user', '<|Assistant|>'/'assistant' or 'system'.")
             if not isinstance(content, str):
-                raise InputError(f"message {i} content must be a str, got {type(content).__name__}")
+                raise InputError(f"message {i} content must be a str, got {type(content).__name__}.")
             if role != USER_ROLE and self.image_token in content:
                 raise InputError(f"message {i} ({message['role']}) contains {self.image_token}; "
-                                 f"images may only appear in user turns")
+                                 f"images may only appear in user turns.")
             if role == SYSTEM_ROLE and i != 0:
-                raise InputError(f"a system message may only be the first message, found at {i}")
+                raise InputError(f"a system message may only be the first message, found at {i}.")
             turns.append((role, content.strip()))
         if turns[-1][0] != ASSISTANT_ROLE:
             # The empty assistant turn the reference expects at the end (its eos is dropped below).
@@ -277,17 +377,9 @@ class Processor:
         h = w = self._tokens_per_side
         return h * (w + 1) + 1 + (num_height_tiles * h) * (num_width_tiles * w + 1)
 
-    def load_image(self, image):
-        """A PIL image or a file path -> an RGB PIL image (`convert("RGB")`, as the reference's callers)."""
-        if isinstance(image, Image.Image):
-            return image.convert("RGB")
-        if isinstance(image, (str, os.PathLike)):
-            try:
-                with Image.open(image) as opened:
-                    return opened.convert("RGB")
-            except OSError as exc:
-                raise InputError(f"cannot read image {os.fspath(image)!r}: {exc}") from exc
-        raise InputError(f"an image must be a PIL image or a file path, got {type(image).__name__}")
+    def load_image(self, image, name: str | None = None):
+        """A PIL image or a file path -> an RGB PIL image; see :func:`open_image` (``name`` labels errors)."""
+        return open_image(image, name)
 
     # ----------------------------------------------------------------------------------------- main
     def __call__(self, conversation, images=()) -> ProcessorOutput:
@@ -301,8 +393,8 @@ class Processor:
         n_placeholders = sum(c.count(self.image_token) for r, c in turns if r == USER_ROLE)
         if n_placeholders != len(images):
             raise InputError(f"the conversation has {n_placeholders} {self.image_token} placeholder(s) "
-                             f"but {len(images)} image(s) were given")
-        images = [self.load_image(im) for im in images]
+                             f"but {len(images)} image(s) were given; pass one image per placeholder.")
+        images = [self.load_image(im, f"image {i + 1} of {len(images)}") for i, im in enumerate(images)]
         cropping = len(images) <= 2  # the reference tiles only when the whole conversation has <= 2
 
         ids, seq_mask, tiles, crops = [self.bos_id], [False], [], []
@@ -344,7 +436,7 @@ class Processor:
         """Stack outputs into one :class:`Batch`, padding tokens on the left (see Batch for shapes)."""
         outputs = list(outputs)
         if not outputs:
-            raise InputError("batchify needs at least one ProcessorOutput")
+            raise InputError("batchify needs at least one ProcessorOutput.")
         batch, length = len(outputs), max(len(o.input_ids) for o in outputs)
         max_tiles = max(o.images.shape[0] for o in outputs)
         max_images = max(o.images_spatial_crop.shape[0] for o in outputs)

@@ -1,0 +1,486 @@
+"""Bad input from the real world: every case gets one clear sentence and a documented exception (API) or an
+`error: ...` line, a non-zero exit status and no traceback (CLI); valid odd images follow the reference rules.
+
+Covered elsewhere, not repeated here: argument errors --max-new-tokens 0, --temperature -1, --top-p 1.5,
+--dtype float8, a missing absolute --model folder and invalid UTF-8 in --chat (tests/test_cli.py);
+`python -m convert` with missing, unexpected or mis-shaped tensors, a truncated file, a missing config and
+an interrupted run (tests/test_convert.py); unsupported config values (tests/test_config.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import FIXTURES, ckpt_dir
+from PIL import Image
+from safetensors.numpy import load_file, save_file
+
+import vl2_jax
+from generate.__main__ import main
+from vl2_jax.cli import explain
+from vl2_jax.config import PRESETS
+from vl2_jax.errors import CheckpointError, ConfigError, InputError
+from vl2_jax.processor import Processor
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_IMAGE = FIXTURES / "images" / "noise_tiny.png"
+USER = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def processor() -> Processor:
+    """The fixture checkpoint's processor: 70 px tiles, 3x3 tokens per tile."""
+    return Processor.from_pretrained(ckpt_dir("mla"))
+
+
+@pytest.fixture(scope="module")
+def processor384(processor) -> Processor:
+    """The released models' tiling: 384 px tiles, 14x14 tokens per tile, up to 9 tiles."""
+    return Processor(processor.tokenizer, PRESETS["tiny"].candidate_resolutions, 14, 2)
+
+
+def one_sentence(message: str) -> str:
+    assert "\n" not in message and "Traceback" not in message and message.endswith("."), message
+    return message
+
+
+def cli_error(capsys, argv, code: int = 1) -> str:
+    """Runs `python -m generate` in-process; checks the exit status and the single error line, returns it."""
+    if code == 2:  # argparse: a usage line, then one error line
+        with pytest.raises(SystemExit) as exit_:
+            main([str(a) for a in argv])
+        assert exit_.value.code == 2
+    else:
+        assert main([str(a) for a in argv]) == code
+    captured = capsys.readouterr()
+    err = captured.err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in err and "Token indices" not in err, err
+    assert err.splitlines()[-1] == errors[0], err  # nothing after the error line
+    return errors[0]
+
+
+def api_error(kind, fn, *args):
+    with pytest.raises(kind) as raised:
+        fn(*args)
+    return one_sentence(str(raised.value))
+
+
+# ------------------------------------------------------------------------------------------- images
+def _png_bytes(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header claims width x height (PIL reads the header only until .load())."""
+    data = bytearray(_png_bytes(Image.new("L", (8, 8))))
+    data[16:24] = struct.pack(">II", width, height)  # IHDR data starts at byte 16
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def _noise(size=(300, 200), seed=0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _encoded(fmt: str) -> bytes:
+    out = io.BytesIO()
+    _noise().save(out, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return out.getvalue()
+
+
+def _corrupt(data: bytes) -> bytes:
+    bad = bytearray(data)
+    start = len(bad) // 3
+    bad[start : start + 200] = bytes(b ^ 0x5A for b in bad[start : start + 200])
+    return bytes(bad)
+
+
+BAD_IMAGES = {
+    "missing": (None, "does not exist"),
+    "empty.png": (lambda: b"", "is empty (0 bytes)"),
+    "notes.png": (lambda: b"these are my notes, not a picture\n", "not an image file"),
+    "truncated.png": (lambda: _encoded("PNG")[: len(_encoded("PNG")) // 2], "could not be decoded"),
+    "truncated.jpg": (lambda: _encoded("JPEG")[: len(_encoded("JPEG")) // 2], "could not be decoded"),
+    "corrupt.png": (lambda: _corrupt(_encoded("PNG")), "could not be decoded"),
+    "corrupt.jpg": (lambda: _corrupt(_encoded("JPEG")), "could not be decoded"),
+    "bomb.png": (lambda: _png_claiming(20000, 20000), "400,000,000 pixels, over PIL's decompression-bomb limit"),
+    "big.png": (lambda: _png_claiming(10000, 10000), "10000x10000 = 100,000,000 pixels, over PIL's decompression"),
+    "zero_width.png": (lambda: _png_claiming(0, 10), "not an image file"),  # PIL cannot even identify it
+    "folder.png": ("dir", "is a folder"),
+}
+
+
+def _make_bad_image(tmp_path: Path, name: str) -> Path:
+    make, _ = BAD_IMAGES[name]
+    path = tmp_path / name
+    if make == "dir":
+        path.mkdir()
+    elif make is not None:
+        path.write_bytes(make())
+    return path
+
+
+@pytest.mark.parametrize("name", list(BAD_IMAGES))
+def test_bad_image_files_api(tmp_path, processor, name):
+    path = _make_bad_image(tmp_path, name)
+    message = api_error(InputError, processor, USER("<image> What is it?"), [path])
+    assert str(path) in message and BAD_IMAGES[name][1] in message
+
+
+@pytest.mark.parametrize("name", ["missing", "empty.png", "notes.png", "truncated.jpg", "corrupt.png", "bomb.png"])
+def test_bad_image_files_cli(tmp_path, capsys, name):
+    # Images are checked before the model loads: none of these builds the random model.
+    path = _make_bad_image(tmp_path, name)
+    line = cli_error(capsys, ["--model", "random:test", "--image", path, "--prompt", "What is it?"])
+    assert str(path) in line and BAD_IMAGES[name][1] in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if name == "missing" else [name])  # nothing left
+
+
+def test_bad_image_subprocess_has_one_line_and_no_traceback(tmp_path):
+    path = _make_bad_image(tmp_path, "truncated.jpg")
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    r = subprocess.run(
+        [sys.executable, "-m", "generate", "--model", str(ckpt_dir("mla")), "--image", str(path), "--prompt", "hi"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"error: image {path} could not be decoded"), r.stderr
+
+
+def test_in_memory_images_zero_area_bad_mode_and_closed_file(tmp_path, processor):
+    images = [Image.new("RGB", (5, 5)), Image.new("RGB", (0, 7))]
+    message = api_error(InputError, processor, USER("<image><image>"), images)
+    assert message.startswith("image 2 of 2 has zero area (0x7 pixels)")
+    message = api_error(InputError, processor, USER("<image>"), [Image.new("La", (4, 4))])
+    assert message.startswith("image 1 of 1 has mode 'La', which PIL cannot convert to RGB")
+    path = tmp_path / "noise.png"
+    _noise().save(path)
+    lazy = Image.open(path)
+    lazy.close()  # opened but never decoded, then closed: decoding now fails
+    assert "could not be decoded" in api_error(InputError, processor, USER("<image>"), [lazy])
+    assert "got int" in api_error(InputError, processor, USER("<image>"), [3])
+
+
+def test_decompression_bomb_limit_is_pils_setting(tmp_path, processor, monkeypatch):
+    path = tmp_path / "noise.png"
+    _noise((300, 200)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 200 - 1)
+    assert "300x200 = 60,000 pixels" in api_error(InputError, processor, USER("<image>"), [path])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # the user lifted the limit
+    grid = _expected_grid(300, 200, processor.candidate_resolutions, 70)
+    assert processor(USER("<image>"), [path]).images_spatial_crop.tolist() == [list(grid)]
+
+
+def _normalized(rgb: np.ndarray) -> np.ndarray:
+    """Reference pixels: /255, then (x - 0.5) / 0.5, channels first."""
+    x = rgb.astype(np.float32) / np.float32(255)
+    return ((x - np.float32(0.5)) / np.float32(0.5)).transpose(2, 0, 1)
+
+
+def _mode_image(mode: str, size: int, seed: int = 1) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    if mode == "I;16":  # 16-bit grey, values over 255 included
+        return Image.fromarray(rng.integers(0, 1000, (size, size)).astype(np.uint16))
+    if mode == "P":
+        return _noise((size, size), seed).convert("P", palette=Image.Palette.ADAPTIVE, colors=37)
+    return _noise((size, size), seed).convert("RGBA" if mode in ("RGBA", "LA") else "RGB").convert(mode)
+
+
+@pytest.mark.parametrize(
+    "mode,fmt",
+    [("RGBA", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("L", "PNG"), ("I;16", "PNG"), ("CMYK", "JPEG"), ("1", "PNG")],
+)
+def test_image_modes_convert_like_the_reference(tmp_path, processor, mode, fmt):
+    path = tmp_path / f"image.{fmt.lower()}"
+    _mode_image(mode, 70).save(path, fmt)
+    with Image.open(path) as stored:
+        assert stored.mode == mode
+        want = _normalized(np.asarray(stored.convert("RGB")))  # what the reference's callers do
+    for given in (path, Image.open(path)):  # a path, and a PIL image opened lazily by the caller
+        out = processor(USER("<image> Describe."), [given])
+        # A 70x70 image on 70 px tiles: the global view and the single local tile are the image itself.
+        assert out.images_spatial_crop.tolist() == [[1, 1]] and out.images.shape == (2, 3, 70, 70)
+        np.testing.assert_array_equal(out.images[0], want)
+        np.testing.assert_array_equal(out.images[1], want)
+
+
+def _expected_grid(width, height, candidates, tile, cropping=True):
+    """MODEL_FACTS rules: best candidate maximises min(int-truncated downscaled area, original area), ties
+    to the least waste, then the earliest; without cropping one tile."""
+    if not cropping:
+        return 1, 1
+    best, best_key = None, None
+    for cw, ch in candidates:
+        scale = min(cw / width, ch / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        key = (effective, -(cw * ch - effective))
+        if best_key is None or key > best_key:
+            best, best_key = (cw, ch), key
+    return best[0] // tile, best[1] // tile
+
+
+@pytest.mark.parametrize(
+    "sizes", [[(1, 1)], [(4000, 50)], [(50, 4000)], [(4000, 50), (50, 4000)], [(1, 1), (4000, 50), (50, 4000)]]
+)
+def test_odd_sizes_follow_the_reference_rules(processor384, sizes):
+    p = processor384
+    images = [_noise(s, seed=i) for i, s in enumerate(sizes)]
+    out = p(USER("<image>" * len(images) + " Compare."), images)
+    grids = [_expected_grid(w, h, p.candidate_resolutions, 384, cropping=len(sizes) <= 2) for w, h in sizes]
+    tokens = [14 * 15 + 1 + (nh * 14) * (nw * 14 + 1) for nw, nh in grids]
+    assert out.images_spatial_crop.tolist() == [list(g) for g in grids]
+    assert out.images.shape == (sum(1 + nw * nh for nw, nh in grids), 3, 384, 384)
+    assert int(out.images_seq_mask.sum()) == sum(tokens) == int((out.input_ids == p.image_token_id).sum())
+    if sizes == [(1, 1)]:
+        assert grids == [(1, 1)] and tokens == [421]
+        np.testing.assert_array_equal(
+            out.images[0], np.broadcast_to(_normalized(np.asarray(images[0]))[:, :1, :1], (3, 384, 384))
+        )
+    if sizes == [(50, 4000)]:
+        assert grids == [(1, 9)] and tokens == [2101]  # the most tokens one image can take
+    if sizes == [(4000, 50)]:
+        assert grids == [(9, 1)] and tokens == [1989]
+        pad = _normalized(np.full((1, 1, 3), 127, np.uint8))[0, 0, 0]  # the grey fill, (127/255 - 0.5) / 0.5
+        glob = out.images[0]  # a 384 x ~5 band in the middle, the grey pad colour above and below
+        assert (glob[:, :150] == pad).all() and (glob[:, -150:] == pad).all() and not (glob[:, 190] == pad).all()
+
+
+# ------------------------------------------------------------------------------------------ prompts
+def test_placeholder_count_mismatch(capsys, processor):
+    line = cli_error(capsys, ["--model", "random:test", "--image", TINY_IMAGE, "--prompt", "<image> vs <image>"])
+    assert "the prompt has 2 <image> placeholder(s) but 1 image(s) were given" in line
+    message = api_error(InputError, processor, USER("<image> and <image>"), [TINY_IMAGE])
+    assert "2 <image> placeholder(s) but 1 image(s)" in message
+    message = api_error(InputError, processor, USER("No placeholder."), [TINY_IMAGE])
+    assert "0 <image> placeholder(s) but 1 image(s)" in message
+
+
+@pytest.mark.parametrize("prompt", ["", "   \n "])
+def test_empty_prompt(capsys, prompt):
+    line = cli_error(capsys, ["--model", "random:test", "--prompt", prompt])
+    assert line == "error: the prompt is empty; say something or give an image."
+
+
+@pytest.fixture(scope="module")
+def fixture_model():
+    return vl2_jax.load_pretrained(ckpt_dir("mla"))
+
+
+def test_prompt_over_the_context(capsys, fixture_model):
+    prompt = "ab" * 2100
+    n = len(fixture_model.processor(USER(prompt)).input_ids)
+    assert n > 4095
+    batch = fixture_model.processor.batchify([fixture_model.processor(USER(prompt))])
+    message = api_error(InputError, fixture_model.generate, batch)
+    assert f"the prompt has {n} tokens but the model's context is 4096 tokens" in message
+    line = cli_error(capsys, ["--model", ckpt_dir("mla"), "--prompt", prompt, "--max-new-tokens", "2"])
+    assert f"the prompt has {n} tokens but the model's context is 4096 tokens" in line
+
+
+# ---------------------------------------------------------------------------------------- arguments
+@pytest.mark.parametrize(
+    "args,code,words",
+    [
+        (["--max-new-tokens", "-3"], 2, "--max-new-tokens: must be at least 1 (got -3)"),
+        (["--max-new-tokens", "ten"], 2, "--max-new-tokens: must be a whole number of at least 1 (got 'ten')"),
+        (["--prefill-chunk", "0"], 2, "--prefill-chunk: must be at least 1 (got 0)"),
+        (["--temperature", "hot"], 2, "--temperature: invalid float value"),
+        (["--temperature", "nan"], 1, "--temperature must be >= 0 (got nan)"),
+        (["--top-p", "0"], 1, "--top-p must be in (0, 1] (got 0.0)"),
+        (["--top-p", "nan"], 1, "--top-p must be in (0, 1]"),
+        (["--top-k", "-1"], 1, "--top-k must be >= 0 (got -1)"),
+        (["--repetition-penalty", "0"], 1, "--repetition-penalty must be > 0 (got 0.0"),
+        (["--repetition-penalty", "-1.5"], 1, "--repetition-penalty must be > 0 (got -1.5"),
+        (["--dtype", "int8"], 2, "--dtype: invalid choice: 'int8'"),
+        ([], 1, "give --prompt TEXT"),
+    ],
+)
+def test_bad_arguments(capsys, args, code, words):
+    argv = ["--model", "random:test", *args] + ([] if not args else ["--prompt", "hi"])
+    assert words in cli_error(capsys, argv, code)
+
+
+def test_api_refuses_bad_sampling_arguments(fixture_model):
+    batch = fixture_model.processor.batchify([fixture_model.processor(USER("hi"))])
+    for kwargs, words in [
+        ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0"),
+        ({"top_k": -2}, "top_k must be >= 0"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be"),
+        ({"prefill_chunk": 0}, "prefill_chunk must be at least 1"),
+    ]:
+        assert words in api_error(InputError, functools.partial(fixture_model.generate, batch, **kwargs))
+
+
+# -------------------------------------------------------------------------------------- checkpoints
+def _copy_ckpt(tmp_path: Path) -> Path:
+    dst = tmp_path / "ckpt"
+    shutil.copytree(ckpt_dir("mla"), dst)
+    for f in dst.iterdir():
+        f.chmod(0o644)  # the fixtures are read-only
+    return dst
+
+
+def _edit_tensors(edit):
+    def damage(path: Path):
+        tensors = load_file(path / "model.safetensors")
+        edit(tensors)
+        save_file(tensors, path / "model.safetensors")
+
+    return damage
+
+
+def _truncate(path: Path):
+    file = path / "model.safetensors"
+    with open(file, "r+b") as f:
+        f.truncate(file.stat().st_size - 1000)
+
+
+LLAMA = '{"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "vocab_size": 32000}'
+EXPERT = "language.model.layers.1.mlp.experts.3.up_proj.weight"
+BAD_CKPTS = {
+    "no folder": (lambda p: shutil.rmtree(p), CheckpointError, "is not a folder"),
+    "no config": (lambda p: (p / "config.json").unlink(), ConfigError, "has no config.json"),
+    "bad json config": (lambda p: (p / "config.json").write_text("{"), ConfigError, "config.json is not valid JSON"),
+    "llama config": (lambda p: (p / "config.json").write_text(LLAMA), ConfigError, "model_type='llama'"),
+    "no weights": (lambda p: (p / "model.safetensors").unlink(), CheckpointError, "has no weights"),
+    "missing tensor": (_edit_tensors(lambda t: t.pop(EXPERT)), CheckpointError, f"missing tensor(s): {EXPERT}"),
+    "extra tensor": (
+        _edit_tensors(lambda t: t.update(extra=np.zeros(3, np.float32))),
+        CheckpointError,
+        "unexpected tensor(s): extra",
+    ),
+    "wrong shape": (
+        _edit_tensors(lambda t: t.update({"image_newline": np.zeros(5, np.float32)})),
+        CheckpointError,
+        "tensor image_newline has shape [5]",
+    ),
+    "int tensor": (
+        _edit_tensors(lambda t: t.update({"image_newline": t["image_newline"].astype(np.int32)})),
+        CheckpointError,
+        "tensor image_newline in ",
+    ),
+    "truncated": (_truncate, CheckpointError, "the file is truncated or corrupt"),
+    "no tokenizer": (lambda p: (p / "tokenizer.json").unlink(), ConfigError, "has no tokenizer.json"),
+    "bad tokenizer": (
+        lambda p: (p / "tokenizer.json").write_text('{"model": 1}'),
+        ConfigError,
+        "tokenizer.json is not a valid tokenizer file",
+    ),
+    "no processor config": (
+        lambda p: (p / "processor_config.json").unlink(),
+        ConfigError,
+        "has no processor_config.json",
+    ),
+    "bad processor config": (
+        lambda p: (p / "processor_config.json").write_text("[1, 2"),
+        ConfigError,
+        "processor_config.json is not valid JSON",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CKPTS))
+def test_bad_checkpoints_api(tmp_path, name):
+    damage, kind, words = BAD_CKPTS[name]
+    path = _copy_ckpt(tmp_path)
+    damage(path)
+    message = api_error(kind, vl2_jax.load_pretrained, path)
+    assert words in message
+    if name != "llama config":  # config.py's messages name the key, not the folder (see the module docstring)
+        assert str(path) in message, message
+
+
+@pytest.mark.parametrize(
+    "name", ["no folder", "llama config", "missing tensor", "int tensor", "truncated", "no tokenizer"]
+)
+def test_bad_checkpoints_cli(tmp_path, capsys, name):
+    damage, _, words = BAD_CKPTS[name]
+    path = _copy_ckpt(tmp_path)
+    damage(path)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    line = cli_error(capsys, ["--model", path, "--prompt", "hi", "--max-new-tokens", "1"])
+    assert line.startswith("error: ") and words in line
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, nothing left behind
+
+
+def test_nonexistent_relative_folder_tries_the_hub_and_says_both(tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.setenv("VL2_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    line = cli_error(capsys, ["--model", "my-models/vl2-tiny", "--prompt", "hi"])
+    assert line.startswith("error: my-models/vl2-tiny is not a local folder, and downloading it from the Hugging")
+    assert "couldn't connect" in line and not (tmp_path / "cache").exists()
+
+
+# ------------------------------------------------------------------------------------ out of memory
+OOM = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 12.50GiB.\nBufferAssignment OOM Debugging.\n..."
+
+
+def test_explain_out_of_memory():
+    for error in (jax.errors.JaxRuntimeError(OOM), RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")):
+        message = one_sentence(explain(error))
+        assert message.startswith("the accelerator ran out of memory;") and "--prefill-chunk" in message
+    assert one_sentence(explain(MemoryError())).startswith("the host ran out of memory")
+    assert explain(ValueError("odd\nthing")) == "ValueError: odd thing"
+
+
+def test_out_of_memory_at_load_and_prefill_is_one_line(capsys, monkeypatch, fixture_model):
+    import vl2_jax.hub
+
+    def load_oom(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError(OOM)
+
+    monkeypatch.setattr(vl2_jax.hub, "load_model", load_oom)
+    assert "ran out of memory" in cli_error(capsys, ["--model", "random:test", "--prompt", "hi"])
+
+    def generate_oom(batch, **kwargs):
+        raise jax.errors.JaxRuntimeError(OOM)
+
+    monkeypatch.setattr(fixture_model, "generate", generate_oom)  # as if prefill ran out of device memory
+    monkeypatch.setattr(vl2_jax.hub, "load_model", lambda *args, **kwargs: fixture_model)
+    line = cli_error(capsys, ["--model", "random:test", "--prompt", "hi", "--image", TINY_IMAGE])
+    assert "ran out of memory" in line
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("orbax: commit failed\nsecond line")])
+def test_convert_failing_midway_leaves_nothing(tmp_path, capsys, monkeypatch, error):
+    from convert.__main__ import main as convert_main
+    from vl2_jax import orbax_io
+
+    def save_then_fail(*args):
+        raise error
+
+    monkeypatch.setattr(orbax_io, "_save_group", save_then_fail)
+    assert convert_main([str(ckpt_dir("mha")), str(tmp_path / "dst")]) == 1
+    err = capsys.readouterr().err
+    line = err.splitlines()[-1]
+    assert (
+        "Traceback" not in err and line.startswith("error: ") and line.endswith(f"{tmp_path / 'dst'} was not written.")
+    )
+    assert (
+        "host ran out of memory" if isinstance(error, MemoryError) else "RuntimeError: orbax: commit failed"
+    ) in line
+    assert list(tmp_path.iterdir()) == []
