@@ -1,0 +1,157 @@
+"""Boxes in grounding answers: parse `<|ref|>LABEL<|/ref|><|det|>[[x1,y1,x2,y2], ...]<|/det|>`, draw them.
+
+    detections = parse_boxes(answer, image)          # or image=(width, height)
+    draw_boxes(image, detections, "boxes.png")       # a new PIL image with outlines and labels
+
+The model writes boxes on a 0-999 grid relative to the ORIGINAL image; a box becomes pixels as
+`x * W / 999`, `y * H / 999` (as the official demo). Parsing never raises on what the model wrote; it
+skips what it cannot use with a `warnings.warn` and keeps the rest:
+
+- several boxes per `<|det|>`, several refs, any nesting of lists (`[x1,y1,x2,y2]`, `[[...]]`, `[[[...]]]`),
+  or four bare numbers without brackets;
+- a `<|det|>` without a preceding `<|ref|>` is labelled "object";
+- a `<|det|>` cut off by the end of the answer (or by the next tag) keeps its complete boxes and skips the
+  incomplete last one;
+- a list that is not exactly four finite numbers (junk, three numbers, `nan`) is skipped;
+- numbers outside 0..999 are CLIPPED to the grid (so to the image), with a warning; a box that is empty
+  after clipping (zero width or height) is skipped;
+- a box with x2 < x1 or y2 < y1 is NORMALISED (the coordinates are swapped): the region is unambiguous.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+GRID = 999
+DEFAULT_LABEL = "object"
+# Saturated colours that stay distinct from each other and from most photos; one per label, cycling.
+COLORS = (
+    (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (255, 225, 25), (0, 128, 128),
+)
+
+_TAGS = re.compile(
+    r"<\|ref\|>(?P<ref>(?:(?!<\|).)*?)<\|/ref\|>"
+    r"|<\|det\|>(?P<det>.*?)(?P<end><\|/det\|>|(?=<\|ref\|>|<\|det\|>)|\Z)",
+    re.S,
+)
+_INNER_LIST = re.compile(r"\[([^\[\]]*)\]")
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One box: `label` (the ref's text), `box` in pixels of the original image as floats (x1, y1, x2, y2)
+    with x1 <= x2 and y1 <= y2, and `grid`, the same box on the model's 0-999 grid (after clipping)."""
+
+    label: str
+    box: tuple[float, float, float, float]
+    grid: tuple[float, float, float, float]
+
+
+def _image_size(image) -> tuple[int, int]:
+    """(width, height) of a PIL image or of a (width, height) pair."""
+    size = getattr(image, "size", image)
+    width, height = size
+    return int(width), int(height)
+
+
+def _grid_box(raw: str, notes: list[str]) -> tuple[float, float, float, float] | None:
+    """'x1, y1, x2, y2' -> a clipped, ordered, non-empty box on the grid, or None (with a note why)."""
+    parts = [p for p in re.split(r"[,\s]+", raw.strip()) if p]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        notes.append(f"skipped a malformed box [{raw.strip()}] (want four numbers x1, y1, x2, y2)")
+        return None
+    clipped = [min(max(v, 0.0), float(GRID)) for v in values]
+    if clipped != values:
+        notes.append(f"clipped box [{raw.strip()}] to the 0-{GRID} grid")
+    x1, y1, x2, y2 = clipped
+    x1, x2 = min(x1, x2), max(x1, x2)
+    y1, y2 = min(y1, y2), max(y1, y2)
+    if x1 == x2 or y1 == y2:
+        notes.append(f"skipped an empty box [{raw.strip()}]")
+        return None
+    return x1, y1, x2, y2
+
+
+def _boxes_in(det: str, terminated: bool, notes: list[str]) -> list[tuple[float, float, float, float]]:
+    """Every usable innermost list in the text of one `<|det|>` (or the whole text if it has no brackets)."""
+    if "[" not in det and "]" not in det and re.search(r"\d", det):
+        raws, rest = [det], ""
+    else:
+        raws, rest = [m.group(1) for m in _INNER_LIST.finditer(det)], _INNER_LIST.sub(" ", det)
+    boxes = [b for raw in raws if (b := _grid_box(raw, notes)) is not None]
+    if not terminated:
+        notes.append("a <|det|> is not closed (truncated answer?)")
+    if re.search(r"\d", rest):
+        why = "an incomplete box" if not terminated else "numbers outside a [x1, y1, x2, y2] list"
+        notes.append(f"skipped {why} in <|det|>{det.strip()}")
+    return boxes
+
+
+def parse_boxes(text: str, image) -> list[Detection]:
+    """The boxes of a grounding answer, in pixels of `image` (a PIL image or (width, height)), in order.
+
+    Each `<|det|>` takes the label of the `<|ref|>` just before it (since the previous `<|det|>`), else
+    "object". Malformed boxes are skipped with a warning (see the module docstring); never raises on text.
+    """
+    width, height = _image_size(image)
+    found: list[Detection] = []
+    notes: list[str] = []
+    label = None
+    for m in _TAGS.finditer(text):
+        if m.group("ref") is not None:
+            label = " ".join(m.group("ref").split()) or None
+            continue
+        for g in _boxes_in(m.group("det"), m.group("end").startswith("<"), notes):
+            x1, y1, x2, y2 = g
+            pixels = (x1 * width / GRID, y1 * height / GRID, x2 * width / GRID, y2 * height / GRID)
+            found.append(Detection(label or DEFAULT_LABEL, pixels, g))
+        label = None
+    for note in notes:
+        warnings.warn("grounding: " + note, stacklevel=2)
+    return found
+
+
+def draw_boxes(image, boxes, out_path: str | Path | None = None):
+    """A new RGB image: `image` (PIL image or path) with each box outlined and labelled.
+
+    `boxes` are `Detection`s (or anything with `.label` and a pixel `.box`). Boxes of the same label share
+    a colour, labels get `COLORS` in order of first appearance. The label is written with PIL's default
+    font on a filled tag above the box (inside it when there is no room above). Saved to `out_path` if given.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as opened:
+            canvas = opened.convert("RGB")
+    else:
+        canvas = image.convert("RGB")  # a copy, also when already RGB
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    width, height = canvas.size
+    line = max(2, round(min(width, height) / 200))
+    colours: dict[str, tuple[int, int, int]] = {}
+    for det in boxes:
+        colour = colours.setdefault(det.label, COLORS[len(colours) % len(COLORS)])
+        x1, y1, x2, y2 = (int(round(v)) for v in det.box)
+        x1, x2 = (min(max(v, 0), width - 1) for v in (x1, x2))
+        y1, y2 = (min(max(v, 0), height - 1) for v in (y1, y2))
+        draw.rectangle([x1, y1, x2, y2], outline=colour, width=line)
+        left, top, right, bottom = draw.textbbox((0, 0), det.label, font=font)
+        tw, th = right - left + 4, bottom - top + 4
+        ty = y1 - th if y1 - th >= 0 else y1 + line
+        tx = max(0, min(x1, width - 1 - tw))  # keep the tag inside the image
+        draw.rectangle([tx, ty, tx + tw, ty + th], fill=colour)
+        ink = (0, 0, 0) if sum(colour) > 450 else (255, 255, 255)  # readable on light and dark tags
+        draw.text((tx + 2 - left, ty + 2 - top), det.label, fill=ink, font=font)
+    if out_path is not None:
+        canvas.save(out_path)
+    return canvas
