@@ -4,7 +4,9 @@
     python -m generate --model random:test --image cat.jpg --prompt "<image> What is this?" --json
 
 The answer streams to stdout; loading, compile and speed notes go to stderr. `--json` prints one JSON
-object instead. A bad argument, image, prompt or checkpoint prints one `error: ...` line, exit status 1.
+object instead. A bad argument, image, prompt or checkpoint prints one `error: ...` line, exit status 1
+(a malformed flag, e.g. `--max-new-tokens 0`: argparse's usage line and its error line, exit status 2).
+Images and the prompt are checked before the model loads.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ DEFAULT_MODEL = "deepseek-ai/deepseek-vl2-tiny"
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1 (got {text!r})") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
     return value
@@ -45,6 +50,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="default: bfloat16 on GPU/TPU, float32 on CPU")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin (images go to turn 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the answer and timings")
+    p.add_argument("--mesh", default=None, metavar="SPEC",
+                   help="shard over devices: 'auto' (all visible devices) or sizes such as expert=4,tensor=2 "
+                        "(axes data, expert, tensor; they must multiply to the device count)")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="several hosts: the coordinator address for jax.distributed (with --num-processes, --process-id)")
+    p.add_argument("--num-processes", type=int, default=None, help="several hosts: how many processes in all")
+    p.add_argument("--process-id", type=int, default=None, help="several hosts: this process's index (0 prints)")
+    p.add_argument("--draw-boxes", default=None, metavar="OUT.png",
+                   help="draw the answer's grounding boxes on the first --image and save it to OUT.png")
     return p
 
 

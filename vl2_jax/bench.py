@@ -98,7 +98,7 @@ def run(args) -> list[dict]:
         pos, valid = jnp.asarray(left_pad_positions(attention)), jnp.asarray(attention)
         slots = bucket(length + args.new_tokens)
 
-        def prefill():
+        def prefill(x=x, pos=pos, valid=valid, slots=slots):
             cache = KVCache.zeros(model.cfg.language, 1, slots, model.dtype)
             return gen._prefill_chunk(model.params, x, pos, valid, cache)[0]
 
@@ -111,7 +111,7 @@ def run(args) -> list[dict]:
     floor_s = activated_bytes(model, t + args.new_tokens) / (args.hbm_gbps * 1e9)
     for b in args.batches:
         batch = proc.batchify([prompts["image"]] * b)
-        run_once = lambda: model.generate(batch, max_new_tokens=args.new_tokens, ignore_eos=True)
+        run_once = lambda batch=batch: model.generate(batch, max_new_tokens=args.new_tokens, ignore_eos=True)
         run_once()
         results = [run_once() for _ in range(args.repeats)]
         step_s = statistics.median(r.decode_s / (args.new_tokens - 1) for r in results)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 from collections.abc import Callable
 
-from vl2_jax.chat import ChatSession
+from vl2_jax.chat import ChatSession, user_turn
 from vl2_jax.errors import InputError, VL2Error
+from vl2_jax.processor import open_image
 
 TEMPLATE_STOP = ("User:",)
 
@@ -20,6 +23,8 @@ def explain(error: BaseException) -> str:
     if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
         return ("the accelerator ran out of memory; try a smaller batch or --max-new-tokens, --prefill-chunk 512, "
                 "--dtype bfloat16, or more devices.")
+    if isinstance(error, MemoryError):
+        return "the host ran out of memory (MemoryError); close other programs, or try --dtype bfloat16 or a smaller model."
     if isinstance(error, OSError):
         return text
     return f"{type(error).__name__}: {text}"
@@ -31,19 +36,49 @@ def _default_dtype() -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
+def _start_distributed(args) -> bool:
+    """Joins the multi-controller runtime when --coordinator is given; True on process 0 (the printer)."""
+    given = [args.coordinator is not None, args.num_processes is not None, args.process_id is not None]
+    if not any(given):
+        return True
+    if not all(given):
+        raise InputError("several hosts need all of --coordinator HOST:PORT, --num-processes N and --process-id I.")
+    if not 0 <= args.process_id < args.num_processes:
+        raise InputError(f"--process-id must be in [0, {args.num_processes}) (got {args.process_id}).")
+    import jax
+
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    return jax.process_index() == 0
+
+
 def run(args, log: Callable[[str], None]) -> int:
     from vl2_jax.hub import load_model
 
-    if args.temperature < 0:
+    if not _start_distributed(args):
+        # Only process 0 speaks; the others run exactly the same steps (streaming included, so every
+        # process issues the same device programs) with their output discarded.
+        log = lambda line: None
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+
+    if not 0 <= args.temperature < math.inf:  # also refuses nan and inf
         raise InputError(f"--temperature must be >= 0 (got {args.temperature}).")
+    if not 0 < args.repetition_penalty < math.inf:
+        raise InputError(f"--repetition-penalty must be > 0 (got {args.repetition_penalty}; 1 turns it off).")
     if not 0 < args.top_p <= 1:
         raise InputError(f"--top-p must be in (0, 1] (got {args.top_p}).")
     if args.top_k < 0:
         raise InputError(f"--top-k must be >= 0 (got {args.top_k}).")
     if not args.chat and args.prompt is None:
         raise InputError("give --prompt TEXT (or --chat for an interactive session).")
-    model = load_model(args.model, args.dtype or _default_dtype(), log)
-    images = [model.processor.load_image(p) for p in args.image]
+    if getattr(args, "draw_boxes", None) and not args.image:
+        raise InputError("--draw-boxes needs an --image (the boxes are drawn on the first image).")
+    # Images and the prompt are checked before the model loads, so a typo fails in a second, not minutes.
+    images = [open_image(p) for p in args.image]
+    if not args.chat:
+        user_turn(args.prompt, len(images))
+    model = load_model(args.model, args.dtype or _default_dtype(), log, mesh=args.mesh)
+    if model.layout is not None:
+        log(f"mesh {dict(model.mesh.shape)}" + "".join(f"; {n}" for n in sorted(model.layout.notes)[:8]))
     options = dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         repetition_penalty=args.repetition_penalty, seed=args.seed,
@@ -51,7 +86,9 @@ def run(args, log: Callable[[str], None]) -> int:
     )
     session = ChatSession()
     if not args.chat:
-        return _answer(model, session.ask(args.prompt, images), images, options, args.json, log)
+        text = _answer(model, session.ask(args.prompt, images), images, options, args.json, log, text_only=True)
+        _draw_boxes(getattr(args, "draw_boxes", None), images, text, log)
+        return 0
     log("chat: type a message and press Enter; an empty line or Ctrl-D ends the session.")
     pending = images
     for raw in sys.stdin.buffer:
@@ -63,9 +100,33 @@ def run(args, log: Callable[[str], None]) -> int:
         if not line:
             break
         answer = _answer(model, session.ask(line, pending), session.images, options, args.json, log, text_only=True)
+        _draw_boxes(getattr(args, "draw_boxes", None), session.images, answer, log)
         session.answer(answer)
         pending = []
     return 0
+
+
+def _draw_boxes(out_path, images, text, log) -> None:
+    """--draw-boxes: the answer's boxes, relative to the first image, drawn on it and saved to `out_path`
+    (by process 0 only when several processes share the work)."""
+    import jax
+
+    if not out_path or jax.process_index() != 0:
+        return
+    import warnings
+
+    from vl2_jax.grounding import draw_boxes, parse_boxes
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        boxes = parse_boxes(text, images[0])
+    for w in caught:
+        log(f"warning: {w.message}")
+    try:
+        draw_boxes(images[0], boxes, out_path)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot write --draw-boxes {out_path}: {e}") from None
+    log(f"drew {len(boxes)} box{'es' if len(boxes) != 1 else ''} on the first image -> {out_path}")
 
 
 def _answer(model, conversation, images, options, as_json, log, text_only=False):
