@@ -82,3 +82,10 @@ def test_chat_keeps_history_and_survives_bad_utf8():
     assert len(answers) == 2
     assert answers[1]["prompt_tokens"] > answers[0]["prompt_tokens"] + 4  # the first exchange is in the history
     assert b"not valid UTF-8" in r.stderr and b"Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("mesh,words", [("expert=3", "needs 3 devices"), ("experts=2", "bad mesh spec")])
+def test_impossible_mesh_fails_with_one_line(capsys, mesh, words):
+    assert main(["--model", str(ckpt_dir("mha")), "--dtype", "float32", "--prompt", "hi", "--mesh", mesh]) == 1
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and err.count("error:") == 1
