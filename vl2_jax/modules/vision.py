@@ -18,19 +18,6 @@ from vl2_jax.config import VisionConfig
 from vl2_jax.modules.layers import LayerNorm, einsum, normal_init
 
 
-def attention_plain(q_IPHK, k_IQHK, v_IQHK, scale: float) -> jax.Array:
-    """Reference path: einsum scores, float32 softmax (full precision for float32 on every backend)."""
-    scores = einsum("IPHK,IQHK->IHPQ", q_IPHK * jnp.asarray(scale, q_IPHK.dtype), k_IQHK)
-    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v_IQHK.dtype)
-    return einsum("IHPQ,IQHK->IPHK", probs, v_IQHK)
-
-
-def attention_fused(q_IPHK, k_IQHK, v_IQHK, scale: float) -> jax.Array:
-    """Fast path for bf16/f16: `jax.nn.dot_product_attention`, which takes cuDNN flash attention on
-    NVIDIA GPUs where its constraints hold (SigLIP's head dim 72 does) and XLA's path elsewhere."""
-    return jax.nn.dot_product_attention(q_IPHK, k_IQHK, v_IQHK, scale=scale)
-
-
 class VisionBlock(nn.Module):
     cfg: VisionConfig
     dtype: jnp.dtype = jnp.float32
@@ -44,7 +31,9 @@ class VisionBlock(nn.Module):
         qkv_b = self.param("qkv_b", nn.initializers.zeros, (3, c.heads, c.head_dim), self.dtype)
         qkv = einsum("IPC,CZHK->ZIPHK", h, qkv_w) + qkv_b[:, None, None]
         q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = (attention_plain if q.dtype == jnp.float32 else attention_fused)(q, k, v, c.head_dim**-0.5)
+        scores = einsum("IPHK,IQHK->IHPQ", q * jnp.asarray(c.head_dim**-0.5, q.dtype), k)
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+        attn = einsum("IHPQ,IQHK->IPHK", probs, v)
         out_w = self.param("out_w", init, (c.heads, c.head_dim, c.width), self.dtype)
         out_b = self.param("out_b", nn.initializers.zeros, (c.width,), self.dtype)
         x_IPC = x_IPC + einsum("IPHK,HKC->IPC", attn, out_w) + out_b
