@@ -20,8 +20,8 @@ from PIL import Image
 from vl2_jax.checkpoint import param_shapes
 from vl2_jax.config import PRESETS
 from vl2_jax.model import VL2Model
-from vl2_jax.random_model import init_params, write_assets
 from vl2_jax.processor import Processor
+from vl2_jax.random_model import init_params, write_assets
 from vl2_jax.sharding import Layout, make_mesh
 
 
