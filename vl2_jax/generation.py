@@ -1,8 +1,8 @@
 """Generation: bucketed, jitted prefill into a static KV cache, then a decode loop on the device.
 
 Flow for a batch (left padded by the processor):
-1. The prompt is left padded further to a bucket length (a power of two, at least 64), so new prompt
-   lengths reuse compiled code; padding is masked, so answers do not change.
+1. The prompt is left padded further to a bucket length (`bucket`: 64, then 8 lengths per octave), so
+   new prompt lengths reuse compiled code; padding is masked, so answers do not change.
 2. `embed` (vision tower + projector + text embeddings) runs once; prefill then writes the prompt into
    the cache whole or `prefill_chunk` tokens at a time, and the first token is sampled.
 3. `decode` runs a `lax.while_loop` on the device until every row has produced EOS or a step limit is
