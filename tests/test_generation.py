@@ -169,3 +169,25 @@ def test_device_out_of_memory_becomes_one_clear_error(monkeypatch):
     monkeypatch.setattr(Generator, "_generate", exhausted)
     with pytest.raises(DeviceMemoryError, match="ran out of memory while generating.*prefill_chunk"):
         m.generate(batch, max_new_tokens=4)
+
+
+def test_decode_and_prefill_update_the_cache_in_place():
+    """The compiled decode loop and prefill alias the donated cache (no second copy of it in memory)."""
+    from vl2_jax.cache import KVCache
+    from vl2_jax.generation import DecodeState, Generator
+
+    m = model("mla")
+    cfg = m.cfg.language
+    b, slots, n = 2, 256, 16
+    cache = KVCache.zeros(cfg, b, slots, m.dtype)
+    cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
+    state = DecodeState(cache, jnp.zeros((b, n), jnp.int32), jnp.zeros((b,), bool), jnp.ones((b,), jnp.int32),
+                        jnp.zeros((b,), jnp.int32), jnp.zeros((b, cfg.vocab_size), bool), jnp.int32(1),
+                        jax.random.key(0))
+    gen = Generator(m)
+    decode = gen._decode.lower(m.params, state, jnp.int32(n), SamplingParams.make(), jnp.int32(1), jnp.int32(2))
+    assert decode.compile().memory_analysis().alias_size_in_bytes >= cache_bytes
+    x = jnp.zeros((b, 8, cfg.hidden_size), m.dtype)
+    pos, valid = jnp.zeros((b, 8), jnp.int32), jnp.ones((b, 8), bool)
+    prefill = gen._prefill_chunk.lower(m.params, x, pos, valid, cache)
+    assert prefill.compile().memory_analysis().alias_size_in_bytes >= cache_bytes
