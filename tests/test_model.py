@@ -75,8 +75,8 @@ def test_bfloat16_load_runs_and_agrees_roughly():
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_moe_gather_path_equals_dense_path(variant):
-    """The decode-time dispatch (chosen experts' weights only) against the plain all-experts path."""
+def test_moe_fast_paths_equal_dense_path(variant):
+    """The decode-time gather and the grouped ragged dispatch against the plain all-experts path."""
     import jax
     import jax.numpy as jnp
 
@@ -88,10 +88,15 @@ def test_moe_gather_path_equals_dense_path(variant):
     dense = MoE(m.cfg.language, jnp.float32, "dense").apply(params, x)
     gather = MoE(m.cfg.language, jnp.float32, "gather").apply(params, x)
     assert rel_err(gather, np.asarray(dense)) < 1e-5
+    x = jax.random.normal(jax.random.key(1), (2, 37, m.cfg.language.hidden_size))  # prefill-sized
+    dense = MoE(m.cfg.language, jnp.float32, "dense").apply(params, x)
+    ragged = MoE(m.cfg.language, jnp.float32, "ragged").apply(params, x)
+    assert rel_err(ragged, np.asarray(dense)) < 1e-5
 
 
-def test_plain_dense_moe_model_matches_reference_greedy():
-    m = vl2_jax.load_pretrained(ckpt_dir("mla_noaux"), dtype="float32", moe_impl="dense")
+@pytest.mark.parametrize("impl", ["dense", "ragged"])
+def test_forced_moe_dispatch_matches_reference_greedy(impl):
+    m = vl2_jax.load_pretrained(ckpt_dir("mla_noaux"), dtype="float32", moe_impl=impl)
     case = load_case("mla_noaux", "one_photo")
     greedy = case["arrays"]["greedy"].tolist()
     batch = m.processor.batchify([m.processor(case["conversation"], open_images(case))])

@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m vl2_jax.bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="random:tiny", help="random:tiny|small|base|test or a checkpoint folder")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU/TPU, float32 on CPU")
-    p.add_argument("--moe", default="auto", choices=["auto", "dense", "gather"], help="expert dispatch")
+    p.add_argument("--moe", default="auto", choices=["auto", "dense", "gather", "ragged"], help="expert dispatch")
     p.add_argument("--image-size", type=int, default=768)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batches", default="1,8,32", help="decode batch sizes, comma separated")

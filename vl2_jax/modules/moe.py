@@ -91,6 +91,27 @@ def experts_gather(x_ND, gate_w, up_w, down_w, weights_NX, idx_NX) -> jax.Array:
     return jnp.einsum("NXD,NX->ND", y_NXD.astype(jnp.float32), weights_NX).astype(x_ND.dtype)
 
 
+def experts_ragged(x_ND, gate_w, up_w, down_w, weights_NX, idx_NX) -> jax.Array:
+    """Grouped path: token copies sorted by expert, one `lax.ragged_dot` per projection.
+
+    Computes exactly the N*X chosen (token, expert) pairs, with no capacity and nothing dropped. Fast
+    where `ragged_dot` has a good kernel (TPU); on NVIDIA GPUs it was measured slow (PERF.md), so it is
+    opt-in there.
+    """
+    n, x = idx_NX.shape
+    e = gate_w.shape[0]
+    flat = idx_NX.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    tokens = x_ND[order // x]  # [N*X, D], grouped by expert
+    sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+    precision = jax.lax.Precision.HIGHEST if x_ND.dtype == jnp.float32 else None
+    dot = lambda a, w: jax.lax.ragged_dot(a, w, sizes, precision=precision)
+    h = jax.nn.silu(dot(tokens, gate_w)) * dot(tokens, up_w)
+    y_sorted = dot(h, down_w)  # [N*X, D]
+    y_NXD = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(n, x, -1)
+    return jnp.einsum("NXD,NX->ND", y_NXD.astype(jnp.float32), weights_NX).astype(x_ND.dtype)
+
+
 def experts_dense(x_ND, gate_w, up_w, down_w, combine_NE) -> jax.Array:
     """Plain path: every expert on every token, outputs weighted in float32. [N, D] -> [N, D] (x dtype)."""
     h = jax.nn.silu(einsum("ND,EDF->NEF", x_ND, gate_w)) * einsum("ND,EDF->NEF", x_ND, up_w)
@@ -98,13 +119,14 @@ def experts_dense(x_ND, gate_w, up_w, down_w, combine_NE) -> jax.Array:
     return jnp.einsum("NED,NE->ND", y_NED.astype(jnp.float32), combine_NE).astype(x_ND.dtype)
 
 
-MOE_IMPLS = ("auto", "dense", "gather")
+MOE_IMPLS = ("auto", "dense", "gather", "ragged")
 
 
 class MoE(nn.Module):
     """Routed experts plus shared experts: x [B, T, D] -> [B, T, D].
 
-    `impl`: "dense" (the plain reference path), "gather" (chosen experts' weights only), or "auto":
+    `impl`: "dense" (the plain reference path), "gather" (chosen experts' weights only), "ragged"
+    (grouped `lax.ragged_dot` over expert-sorted tokens; opt-in), or "auto":
     gather while tokens * top-k <= experts / 4 (batch-1 and -2 decode), dense otherwise. Gathering
     copies each chosen expert's weights, so it only pays while few experts are chosen; measured on an
     H200 with tiny: gather at batch 8 ran at half the speed of reading all experts. The choice is static.
@@ -135,6 +157,8 @@ class MoE(nn.Module):
             impl = "gather" if 4 * b * t * c.num_experts_per_tok <= e else "dense"
         if impl == "gather":
             y = experts_gather(x_ND, gate_w, up_w, down_w, weights, idx)
+        elif impl == "ragged":
+            y = experts_ragged(x_ND, gate_w, up_w, down_w, weights, idx)
         else:
             y = experts_dense(x_ND, gate_w, up_w, down_w, dense_combine_weights(weights, idx, e))
         y = y.reshape(b, t, d)
