@@ -20,6 +20,7 @@ from flax import linen as nn
 
 from vl2_jax.config import LanguageConfig
 from vl2_jax.modules.layers import einsum, normal_init
+from vl2_jax.sharding import Layout
 
 
 class MLP(nn.Module):
@@ -137,8 +138,6 @@ def experts_sharded(impl: str, x_ND, gate_w, up_w, down_w, weights_NX, idx_NX) -
     [N, D] float32 partial outputs over the axes that split the experts then sums them. XLA's automatic
     partitioning of the gather instead moves the gathered expert weights between devices.
     """
-    from vl2_jax.sharding import Layout
-
     mesh = jax.sharding.get_abstract_mesh()
     layout = Layout(mesh)
     up_spec = layout.spec(("experts", None, "mlp"), gate_w.shape)
