@@ -79,7 +79,7 @@ def specs_text() -> str:
             for tree, prefix in ((specs, ""), (lay.cache_specs(cache), "cache/")):
                 for path, spec in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(
                         x, jax.sharding.PartitionSpec))[0]:
-                    name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+                    name = jax.tree_util.keystr(path, simple=True, separator="/")
                     lines.append(f"{preset} {layout} {prefix}{name} {tuple(spec)}")
     return "\n".join(lines) + "\n"
 

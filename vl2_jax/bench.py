@@ -38,7 +38,7 @@ def activated_bytes(model, context: int) -> int:
     lc, itemsize = model.cfg.language, model.dtype.itemsize
     total = 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(model.params["params"]["language"])[0]:
-        keys = [str(getattr(k, "key", k)) for k in path]
+        keys = jax.tree_util.keystr(path, simple=True, separator="/").split("/")
         n = int(np.prod(leaf.shape))
         if keys[0] == "embed":
             n = lc.hidden_size  # one row
@@ -91,10 +91,7 @@ def run(args) -> list[dict]:
         t = batch.input_ids.shape[1]
         # Prefill alone: the language model writes the (bucketed) prompt into an empty cache.
         length = bucket(t)
-        ids, attention, seq_mask = gen._pad_batch(batch, length)
-        tiles, src = model._image_inputs(batch)
-        src = np.pad(src, ((0, 0), (length - src.shape[1], 0)))
-        x = gen._embed(model.params, jnp.asarray(ids), tiles, jnp.asarray(src), jnp.asarray(seq_mask))
+        x, _, attention = gen.embed_prompt(batch, length)
         pos, valid = jnp.asarray(left_pad_positions(attention)), jnp.asarray(attention)
         slots = bucket(length + args.new_tokens)
 

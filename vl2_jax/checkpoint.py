@@ -318,14 +318,15 @@ def param_shapes(cfg: VL2Config, dtype) -> dict:
     return {"params": tree}
 
 
-def load_hf(path: str | Path, cfg: VL2Config, dtype=None, place: Callable | None = None) -> dict:
-    """Loads a Hugging Face checkpoint folder into a parameter tree `{"params": ...}` of jax arrays.
+def load_hf(source: str | Path | SafetensorsFolder, cfg: VL2Config, dtype=None, place: Callable | None = None) -> dict:
+    """Loads a Hugging Face checkpoint (a folder, or an open `SafetensorsFolder`) into a parameter tree
+    `{"params": ...}` of jax arrays.
 
     `dtype=None` keeps the checkpoint's dtype. `place(path, host_array) -> jax.Array` puts each leaf on
     the devices as it is converted (default: the default device), so the host holds one rule's tensors
     at a time.
     """
-    folder = SafetensorsFolder(path)
+    folder = source if isinstance(source, SafetensorsFolder) else SafetensorsFolder(source)
     dtype = source_dtype(folder) if dtype is None else dtype
     place = place or (lambda p, array: jax.device_put(array))
     params: dict = {}

@@ -155,15 +155,20 @@ class Generator:
         return jax.jit(run)
 
     # -- host side -----------------------------------------------------------------------------------
-    def _pad_batch(self, batch, length: int):
-        """Left pads ids / masks [B, T] to [B, length] (pad id, masks False)."""
+    def embed_prompt(self, batch, length: int) -> tuple[jax.Array, np.ndarray, np.ndarray]:
+        """The batch left padded to `length` and embedded (vision included).
+
+        Returns (embeddings [B, length, D] on the devices, ids [B, length], attention [B, length] bool).
+        """
+        m, bt = self.model, ("batch", None)
         extra = length - batch.input_ids.shape[1]
         pad2 = lambda a, v: np.pad(np.asarray(a), ((0, 0), (extra, 0)), constant_values=v)
-        return (
-            pad2(batch.input_ids, self.model.processor.pad_id if self.model.processor else 0).astype(np.int32),
-            pad2(batch.attention_mask, False).astype(bool),
-            pad2(batch.images_seq_mask, False).astype(bool),
-        )
+        ids = pad2(batch.input_ids, m.processor.pad_id).astype(np.int32)
+        attention = pad2(batch.attention_mask, False).astype(bool)
+        seq_mask = pad2(batch.images_seq_mask, False).astype(bool)
+        tiles, src = m._image_inputs(batch)
+        x = self._embed(m.params, m.put(ids, bt), tiles, m.put(pad2(src, 0), bt), m.put(seq_mask, bt))
+        return x, ids, attention
 
     def run(
         self,
@@ -217,10 +222,7 @@ class Generator:
         length = bucket(batch.input_ids.shape[1])
         if prefill_chunk:
             length = -(-length // prefill_chunk) * prefill_chunk
-        ids, attention, seq_mask = self._pad_batch(batch, length)
-        tiles, src = m._image_inputs(batch)
-        src = np.pad(src, ((0, 0), (length - src.shape[1], 0)))
-        x = self._embed(m.params, m.put(ids, bt), tiles, m.put(src, bt), m.put(seq_mask, bt))
+        x, ids, attention = self.embed_prompt(batch, length)
         positions = left_pad_positions(attention)
         b = ids.shape[0]
         cache = self._cache(b, bucket(length + max_new))
@@ -234,7 +236,7 @@ class Generator:
         rows = np.repeat(np.arange(b), length)
         seen[rows[attention.ravel()], ids.ravel()[attention.ravel()]] = True
         eos = jnp.int32(-1 if ignore_eos else cfg.eos_token_id)
-        pad = jnp.int32(m.processor.pad_id if m.processor else cfg.eos_token_id)
+        pad = jnp.int32(m.processor.pad_id)
         state = self._start(
             logits, cache, m.put(positions[:, -1] + 1, ("batch",)), m.put(seen, bt), sampling,
             jax.random.key(seed), eos, pad, max_new,

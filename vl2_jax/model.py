@@ -140,7 +140,6 @@ class VL2Model:
             bt = ("batch", None)
             return self._language(self.params, x, self.put(left_pad_positions(mask), bt), self.put(mask, bt))
 
-
     def generate(
         self,
         batch,
@@ -226,9 +225,8 @@ def load_pretrained(path: str | Path, dtype="float32", moe_impl: str = "auto", m
         if converted:
             params, _ = orbax_io.restore(path, cfg, dtype_, shardings)
         else:
-            params = load_hf(path, cfg, dtype_, place=_placer(shardings))
+            params = load_hf(folder, cfg, dtype_, place=_placer(shardings))
     return VL2Model(cfg, params, processor, dtype_, moe_impl, mesh)
-
 
 
 def _placer(shardings):

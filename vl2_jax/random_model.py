@@ -83,7 +83,7 @@ def init_params(cfg: VL2Config, dtype, seed: int = 0, shardings: dict | None = N
     # takes minutes to compile at the real sizes.
     targets = jax.tree.leaves(shardings) if shardings is not None else [None] * len(leaves)
     for path, leaf, key, sharding in zip(paths, leaves, keys, targets):
-        name = str(getattr(path[-1], "key", path[-1]))
+        name = jax.tree_util.keystr(path[-1:], simple=True)
         kind = "ones" if name == "scale" else "zeros" if name.endswith(("_b", "bias")) else "normal"
         out.append(_draw(kind, leaf.shape, jnp.dtype(leaf.dtype), sharding)(key))
     return jax.tree.unflatten(jax.tree.structure(shapes), out)

@@ -153,12 +153,11 @@ def param_logical_axes(path: str, ndim: int) -> tuple:
 
 
 def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def _leaf_name(path) -> str:
-    last = path[-1]
-    return str(getattr(last, "key", getattr(last, "name", last)))
+    return jax.tree_util.keystr(path[-1:], simple=True)
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
