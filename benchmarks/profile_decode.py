@@ -2,7 +2,8 @@
 
     python benchmarks/profile_decode.py --model random:tiny --tokens 32 --cosine
 
-1. Profiles a batch-1 greedy generation with `jax.profiler` (perfetto trace), then sums the device
+1. Profiles a batch-1 greedy generation (with --first-token: one time to first token, the vision
+   tower, prefill and first sample, kernels summed over the whole call) with `jax.profiler` (perfetto trace), then sums the device
    kernels by name: launches per decoded token, device-busy time per token against the wall time per
    token. A busy fraction well under 1 means the step is bound by launch gaps, not by the kernels.
 2. With --cosine: the same random weights in float32 and in bf16, logits of the image prompt, cosine
@@ -35,16 +36,12 @@ def _prompt(model, size=768):
     return model.processor.batchify([one])
 
 
-def profile(spec: str, tokens: int) -> list[dict]:
-    from vl2_jax.hub import load_model
-
-    model = load_model(spec, "bfloat16")
-    batch = _prompt(model)
-    model.generate(batch, max_new_tokens=tokens, ignore_eos=True)  # compile
+def _traced(fn):
+    """Runs fn() under the profiler -> (its result, wall seconds, kernel launches and busy us by name)."""
     trace_dir = tempfile.mkdtemp()
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         start = time.perf_counter()
-        result = model.generate(batch, max_new_tokens=tokens, ignore_eos=True)
+        result = fn()
         wall = time.perf_counter() - start
     files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
     events = json.load(gzip.open(files[0]))["traceEvents"]
@@ -63,6 +60,32 @@ def profile(spec: str, tokens: int) -> list[dict]:
     if not kernels:  # unknown trace layout: show what is there instead of a silent zero
         print(json.dumps({"trace_processes": sorted(set(procs.values()))[:20],
                           "trace_threads": sorted(set(threads.values()))[:20]}), flush=True)
+    return result, wall, kernels, busy
+
+
+def profile_first_token(spec: str) -> list[dict]:
+    """Kernels of one time-to-first-token (embedding with the vision tower, prefill, first sample)."""
+    from vl2_jax.hub import load_model
+
+    model = load_model(spec, "bfloat16")
+    batch = _prompt(model)
+    model.generate(batch, max_new_tokens=1)  # compile
+    result, wall, kernels, busy = _traced(lambda: model.generate(batch, max_new_tokens=1))
+    rows = [{"model": spec, "metric": "first_token_profile", "launches": sum(kernels.values()),
+             "device_busy_ms": 1e-3 * sum(busy.values()), "wall_ms": 1e3 * wall, "ttft_ms": 1e3 * result.ttft_s,
+             "jax": jax.__version__, "device": jax.devices()[0].device_kind}]
+    for name, dur in busy.most_common(15):
+        rows.append({"model": spec, "metric": "kernel", "name": name[:80], "launches": kernels[name], "ms": dur / 1e3})
+    return rows
+
+
+def profile(spec: str, tokens: int) -> list[dict]:
+    from vl2_jax.hub import load_model
+
+    model = load_model(spec, "bfloat16")
+    batch = _prompt(model)
+    model.generate(batch, max_new_tokens=tokens, ignore_eos=True)  # compile
+    result, wall, kernels, busy = _traced(lambda: model.generate(batch, max_new_tokens=tokens, ignore_eos=True))
     steps = tokens - 1
     per_step_wall = result.decode_s / steps
     total_busy = sum(busy.values()) * 1e-6
@@ -100,8 +123,12 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--cosine", action="store_true")
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--first-token", action="store_true", help="profile the time to first token instead")
     args = p.parse_args(argv)
-    rows = [] if args.no_profile else profile(args.model, args.tokens)
+    if args.no_profile:
+        rows = []
+    else:
+        rows = profile_first_token(args.model) if args.first_token else profile(args.model, args.tokens)
     if args.cosine:
         rows += cosine(args.model)
     for r in rows:

@@ -642,3 +642,14 @@ def test_image_token_sources_refuses_wrong_count():
     mask[0, 2:2 + 3 * 4 + 1 + 3 * 4 - 1] = True  # one position short
     with pytest.raises(InputError, match="image-token positions"):
         image_token_sources(crops, mask, 3)
+
+
+def test_vision_attention_auto_is_plain_off_gpu():
+    """Off NVIDIA GPUs (and in float32) "auto" is the plain path; cuDNN is chosen only where it runs."""
+    from vl2_jax.modules.vision import attend, attend_plain, cudnn_usable
+
+    q, k, v = (jnp.asarray(randn(np.random.default_rng(i), 2, 9, 3, 8)) for i in range(3))
+    assert not cudnn_usable(jnp.float32, 8) and not cudnn_usable(jnp.bfloat16, 12)
+    np.testing.assert_array_equal(np.asarray(attend(q, k, v)), np.asarray(attend_plain(q, k, v)))
+    if jax.default_backend() != "gpu":
+        assert not cudnn_usable(jnp.bfloat16, 8)

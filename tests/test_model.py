@@ -76,7 +76,7 @@ def test_bfloat16_load_runs_and_agrees_roughly():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_moe_fast_paths_equal_dense_path(variant):
-    """The decode-time gather and the grouped ragged dispatch against the plain all-experts path."""
+    """The decode-time gather and the grouped and ragged dispatches against the plain all-experts path."""
     import jax
     import jax.numpy as jnp
 
@@ -90,11 +90,12 @@ def test_moe_fast_paths_equal_dense_path(variant):
     assert rel_err(gather, np.asarray(dense)) < 1e-5
     x = jax.random.normal(jax.random.key(1), (2, 37, m.cfg.language.hidden_size))  # prefill-sized
     dense = MoE(m.cfg.language, jnp.float32, "dense").apply(params, x)
-    ragged = MoE(m.cfg.language, jnp.float32, "ragged").apply(params, x)
-    assert rel_err(ragged, np.asarray(dense)) < 1e-5
+    for impl in ("grouped", "ragged"):
+        got = MoE(m.cfg.language, jnp.float32, impl).apply(params, x)
+        assert rel_err(got, np.asarray(dense)) < 1e-5, impl
 
 
-@pytest.mark.parametrize("impl", ["dense", "ragged"])
+@pytest.mark.parametrize("impl", ["dense", "grouped", "ragged"])
 def test_forced_moe_dispatch_matches_reference_greedy(impl):
     m = vl2_jax.load_pretrained(ckpt_dir("mla_noaux"), dtype="float32", moe_impl=impl)
     case = load_case("mla_noaux", "one_photo")

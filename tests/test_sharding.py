@@ -62,7 +62,7 @@ def test_sharded_logits_and_greedy_equal_unsharded(variant, layout):
     assert np.abs(got - logits).max() / np.abs(logits).max() < 1e-5
     assert m.generate(b, max_new_tokens=10).token_ids == greedy
     # The weights really are split: an expert or tensor axis > 1 leaves no device with a whole MoE layer.
-    experts = m.params["params"]["language"]["layers_1"]["mlp"]["gate_w"]
+    experts = m.params["params"]["language"]["layers_1"]["mlp"]["gate_up_w"]
     assert len({s.data.shape for s in experts.addressable_shards}) == 1
     assert experts.addressable_shards[0].data.size < experts.size
 
@@ -110,7 +110,7 @@ def test_auto_mesh_and_undividable_heads():
     lay = Layout(make_mesh("expert=2,tensor=4", cfg))
     specs = lay.param_specs(param_shapes(cfg, np.float32))["params"]["language"]["layers_1"]
     assert tuple(specs["attn"]["q_w"]) == (None, None, None)
-    assert tuple(specs["mlp"]["gate_w"]) == ("expert", None, "tensor")
+    assert tuple(specs["mlp"]["gate_up_w"]) == ("expert", None, None, "tensor")
     assert any("heads (10) does not divide by tensor=4" in n for n in lay.notes)
 
 
@@ -149,9 +149,9 @@ def test_moe_runs_expert_parallel_under_a_mesh():
 
     m = single("mla_noaux")
     params = {"params": m.params["params"]["language"]["layers_1"]["mlp"]}
-    x = jax.random.normal(jax.random.key(0), (2, 3, m.cfg.language.hidden_size))
+    x = jax.random.normal(jax.random.key(0), (2, 13, m.cfg.language.hidden_size))  # grouped: capacity < tokens
     mesh = make_mesh("expert=2,tensor=4", m.cfg)
-    for impl in ("dense", "gather", "ragged"):
+    for impl in ("dense", "gather", "grouped", "ragged"):
         module = MoE(m.cfg.language, jnp.float32, impl)
         want = np.asarray(module.apply(params, x))
         with jax.set_mesh(mesh):

@@ -28,6 +28,7 @@ from PIL import Image
 from vl2_jax.cache import KVCache
 from vl2_jax.generation import Generator, bucket
 from vl2_jax.model import left_pad_positions
+from vl2_jax.modules.moe import MOE_IMPLS
 from vl2_jax.modules.vl2 import VL2
 
 SENTENCE = "Describe this image in detail."
@@ -42,8 +43,8 @@ def activated_bytes(model, context: int) -> int:
         n = int(np.prod(leaf.shape))
         if keys[0] == "embed":
             n = lc.hidden_size  # one row
-        elif "mlp" in keys and keys[-1] in ("gate_w", "up_w", "down_w") and "shared" not in keys:
-            n = n // lc.n_routed_experts * lc.num_experts_per_tok
+        elif keys[1:] in (["mlp", "gate_up_w"], ["mlp", "down_w"]) and lc.is_moe_layer(int(keys[0].split("_")[1])):
+            n = n // lc.n_routed_experts * lc.num_experts_per_tok  # routed experts: only the chosen ones
         total += n * itemsize
     per_token = (lc.kv_lora_rank + lc.qk_rope_head_dim) if lc.use_mla else 2 * lc.num_key_value_heads * lc.head_dim
     return total + per_token * lc.num_hidden_layers * context * itemsize
@@ -91,6 +92,9 @@ def run(args) -> list[dict]:
         t = batch.input_ids.shape[1]
         # Prefill alone: the language model writes the (bucketed) prompt into an empty cache.
         length = bucket(t)
+        # Embedding: host padding and transfer, vision tower and projector (image prompt), token embedding.
+        emit(metric="embed_ms", prompt=name, prompt_tokens=t,
+             value=1e3 * median_time(lambda b=batch, n=length: gen.embed_prompt(b, n)[0], args.repeats))
         x, _, attention = gen.embed_prompt(batch, length)
         pos, valid = jnp.asarray(left_pad_positions(attention)), jnp.asarray(attention)
         slots = bucket(length + args.new_tokens)
@@ -136,14 +140,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m vl2_jax.bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="random:tiny", help="random:tiny|small|base|test or a checkpoint folder")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU/TPU, float32 on CPU")
-    p.add_argument("--moe", default="auto", choices=["auto", "dense", "gather", "ragged"], help="expert dispatch")
+    p.add_argument("--moe", default="auto", choices=list(MOE_IMPLS), help="expert dispatch")
     p.add_argument("--image-size", type=int, default=768)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--batches", default="1,8,32", help="decode batch sizes, comma separated")
+    p.add_argument("--batches", default="1,8,32", help="decode batch sizes, comma separated ('' for none)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--hbm-gbps", type=float, default=4300.0, help="HBM bandwidth for the floor (H200 copy: ~4300)")
     args = p.parse_args(argv)
-    args.batches = [int(b) for b in args.batches.split(",")]
+    args.batches = [int(b) for b in args.batches.split(",") if b]
     if args.dtype is None:
         args.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     rows = run(args)

@@ -91,8 +91,11 @@ def _projector_rules(cfg: VL2Config) -> Iterator[Rule]:
 
 
 def _mlp_rules(src: str, dst: Path_, d: int, f: int) -> Iterator[Rule]:
-    yield _one(src + "gate_proj.weight", dst + ("gate_w",), (d, f), _t)
-    yield _one(src + "up_proj.weight", dst + ("up_w",), (d, f), _t)
+    yield Rule(
+        ((src + "gate_proj.weight", (f, d)), (src + "up_proj.weight", (f, d))),
+        ((dst + ("gate_up_w",), (d, 2, f)),),
+        lambda gate, up: (np.stack([gate.T, up.T], axis=1),),
+    )
     yield _one(src + "down_proj.weight", dst + ("down_w",), (f, d), _t)
 
 
@@ -102,8 +105,11 @@ def _attention_rules(cfg: VL2Config, s: str, d_: Path_) -> Iterator[Rule]:
     if not lc.use_mla:
         g, k = lc.num_key_value_heads, lc.head_dim
         yield _one(s + "q_proj.weight", d_ + ("q_w",), (d, h, k), _t)
-        yield _one(s + "k_proj.weight", d_ + ("k_w",), (d, g, k), _t)
-        yield _one(s + "v_proj.weight", d_ + ("v_w",), (d, g, k), _t)
+        yield Rule(
+            ((s + "k_proj.weight", (g * k, d)), (s + "v_proj.weight", (g * k, d))),
+            ((d_ + ("kv_w",), (d, 2, g, k)),),
+            lambda wk, wv: (np.stack([wk.T, wv.T], axis=1).reshape(d, 2, g, k),),
+        )
         yield _one(s + "o_proj.weight", d_ + ("o_w",), (h, k, d), _t, (d, h * k))
         return
     r, j, kn, u, kq = lc.kv_lora_rank, lc.qk_rope_head_dim, lc.qk_nope_head_dim, lc.v_head_dim, lc.q_head_dim
@@ -114,11 +120,7 @@ def _attention_rules(cfg: VL2Config, s: str, d_: Path_) -> Iterator[Rule]:
         yield _one(s + "q_a_proj.weight", d_ + ("q_a_w",), (d, q), _t)
         yield _one(s + "q_a_layernorm.weight", d_ + ("q_a_norm", "scale"), (q,))
         yield _one(s + "q_b_proj.weight", d_ + ("q_b_w",), (q, h, kq), _t)
-    yield Rule(
-        ((s + "kv_a_proj_with_mqa.weight", (r + j, d)),),
-        ((d_ + ("kv_a_w",), (d, r)), (d_ + ("k_rope_w",), (d, j))),
-        lambda w: (w[:r].T, w[r:].T),  # rows: latent | shared rope key
-    )
+    yield _one(s + "kv_a_proj_with_mqa.weight", d_ + ("kv_a_w",), (d, r + j), _t)  # rows: latent | rope key
     yield _one(s + "kv_a_layernorm.weight", d_ + ("kv_a_norm", "scale"), (r,))
     yield Rule(
         ((s + "kv_b_proj.weight", (h * (kn + u), r)),),
@@ -145,12 +147,16 @@ def _language_rules(cfg: VL2Config) -> Iterator[Rule]:
         yield _one(m + "gate.weight", dm + ("router_w",), (d, e), _t)
         if lc.topk_method == "noaux_tc":
             yield _one(m + "gate.e_score_correction_bias", dm + ("router_bias",), (e,))
-        for name, shape in (("gate_proj", (e, d, f)), ("up_proj", (e, d, f)), ("down_proj", (e, f, d))):
-            yield Rule(
-                tuple((f"{m}experts.{x}.{name}.weight", (shape[2], shape[1])) for x in range(e)),
-                ((dm + (name.replace("_proj", "_w"),), shape),),
-                lambda *ws: (np.stack([w.T for w in ws]),),
-            )
+        yield Rule(  # sources: gate_proj and up_proj of expert 0, of expert 1, ...
+            tuple((f"{m}experts.{x}.{name}.weight", (f, d)) for x in range(e) for name in ("gate_proj", "up_proj")),
+            ((dm + ("gate_up_w",), (e, d, 2, f)),),
+            lambda *ws: (np.stack([np.stack([g.T, u.T], axis=1) for g, u in zip(ws[::2], ws[1::2])]),),
+        )
+        yield Rule(
+            tuple((f"{m}experts.{x}.down_proj.weight", (d, f)) for x in range(e)),
+            ((dm + ("down_w",), (e, f, d)),),
+            lambda *ws: (np.stack([w.T for w in ws]),),
+        )
         if lc.n_shared_experts:
             yield from _mlp_rules(m + "shared_experts.", dm + ("shared",), d, f * lc.n_shared_experts)
     yield _one("language.model.norm.weight", ("language", "norm", "scale"), (d,))

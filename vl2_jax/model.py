@@ -197,8 +197,8 @@ def load_pretrained(path: str | Path, dtype="float32", moe_impl: str = "auto", m
       path: folder with config.json, the tokenizer and processor files, and either safetensors weights
         or an Orbax checkpoint written by `python -m convert`.
       dtype: "float32", "bfloat16", "float16", or None to keep the checkpoint's dtype.
-      moe_impl: expert dispatch, "auto" (default), "dense" (the plain reference path), "gather" or
-        "ragged" (see `modules/moe.py`).
+      moe_impl: expert dispatch, "auto" (default), "dense" (the plain reference path), "gather",
+        "grouped" or "ragged" (see `modules/moe.py`).
       mesh: None (one device), "auto" (all visible devices, laid out for the model), a spec such as
         "expert=4,tensor=2" (axes data, expert, tensor), or a `jax.sharding.Mesh` with those axis names.
         Each parameter is read straight into its shards; no host holds the whole model.

@@ -48,7 +48,7 @@ from vl2_jax.errors import CheckpointError, ConfigError
 
 MANIFEST = "vl2_jax_checkpoint.json"
 FORMAT = "vl2_jax-orbax-groups"
-VERSION = 1
+VERSION = 2  # 2: stacked projections (gate_up_w, kv_w, kv_a_w with the rope key)
 # Everything `load_pretrained` and the processor may read besides the weights.
 COPIED_FILES = (
     "config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -106,7 +106,8 @@ def _read_manifest(path: Path) -> dict:
         raise CheckpointError(f"{file} is not a vl2_jax checkpoint manifest.")
     if manifest.get("version") != VERSION:
         raise CheckpointError(
-            f"{file} has format version {manifest.get('version')!r}; this vl2_jax reads version {VERSION}."
+            f"{file} has format version {manifest.get('version')!r}; this vl2_jax reads version {VERSION}. "
+            "Convert the Hugging Face checkpoint again with `python -m convert`."
         )
     groups = manifest.get("groups")
     if not isinstance(groups, list) or manifest.get("dtype") not in _DTYPE_NAMES:

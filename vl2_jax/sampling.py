@@ -1,6 +1,8 @@
 """Next-token selection on the device: greedy, temperature, top-k, top-p and repetition penalty.
 
-All settings are traced scalars, so changing them never recompiles. Semantics follow Hugging Face's
+The settings are traced scalars, so changing them never recompiles; only greedy (temperature 0)
+against sampling is static, so that greedy decoding carries no sampling code and no on-device branch
+(one compilation each). Semantics follow Hugging Face's
 logits processors, which the official code's `generate` uses:
 - repetition penalty: for tokens already in the prompt or the answer, a positive logit is divided by
   the penalty and a negative one multiplied by it;
@@ -18,17 +20,20 @@ from flax import struct
 
 @struct.dataclass
 class SamplingParams:
-    """Scalars: temperature [] f32, top_k [] i32, top_p [] f32, repetition_penalty [] f32."""
+    """Scalars: temperature [] f32, top_k [] i32, top_p [] f32, repetition_penalty [] f32; `greedy` is
+    static (part of the jit cache key)."""
 
     temperature: jax.Array
     top_k: jax.Array
     top_p: jax.Array
     repetition_penalty: jax.Array
+    greedy: bool = struct.field(pytree_node=False, default=True)
 
     @classmethod
     def make(cls, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0) -> SamplingParams:
         return cls(
-            jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.float32(repetition_penalty)
+            jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.float32(repetition_penalty),
+            greedy=float(temperature) == 0.0,
         )
 
 
@@ -56,12 +61,7 @@ def filter_top_k_top_p(logits_BV: jax.Array, top_k: jax.Array, top_p: jax.Array)
 def sample(logits_BV: jax.Array, seen_BV: jax.Array, params: SamplingParams, key: jax.Array) -> jax.Array:
     """float32 logits [B, V] -> token ids [B] int32."""
     logits_BV = penalize(logits_BV, seen_BV, params.repetition_penalty)
-
-    def draw(logits):
-        scaled = logits / params.temperature
-        return jax.random.categorical(key, filter_top_k_top_p(scaled, params.top_k, params.top_p), axis=-1)
-
-    def greedy(logits):
-        return jnp.argmax(logits, axis=-1)
-
-    return jax.lax.cond(params.temperature > 0, draw, greedy, logits_BV).astype(jnp.int32)
+    if params.greedy:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    scaled = logits_BV / params.temperature
+    return jax.random.categorical(key, filter_top_k_top_p(scaled, params.top_k, params.top_p), axis=-1).astype(jnp.int32)

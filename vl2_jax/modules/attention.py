@@ -11,9 +11,10 @@ real sizes. Attention uses the absorbed form, exactly as the reference's eager p
 into the query (`wk_b`) and into the output (`wv_b`).
 
 Parameter layout (`language/layers_{i}/attn`):
-    MHA: q_w [D, H, K], k_w [D, G, K], v_w [D, G, K], o_w [H, K, D]
-    MLA: q_w [D, H, K+J] (or q_a_w [D, Q], q_a_norm/scale [Q], q_b_w [Q, H, K+J]), kv_a_w [D, R],
-         k_rope_w [D, J], kv_a_norm/scale [R], wk_b [H, K, R], wv_b [H, U, R], o_w [H, U, D]
+    MHA: q_w [D, H, K], kv_w [D, W, G, K] (W = 2: key | value), o_w [H, K, D]
+    MLA: q_w [D, H, K+J] (or q_a_w [D, Q], q_a_norm/scale [Q], q_b_w [Q, H, K+J]),
+         kv_a_w [D, R+J] (latent | rope key), kv_a_norm/scale [R], wk_b [H, K, R], wv_b [H, U, R], o_w [H, U, D]
+Projections that read the same input share one weight (one matmul at decode, where each costs a kernel).
 """
 
 from __future__ import annotations
@@ -55,8 +56,7 @@ class MHAttention(nn.Module):
         c, init = self.cfg, normal_init()
         h, g, k, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
         self.q_w = self.param("q_w", init, (d, h, k), self.dtype)
-        self.k_w = self.param("k_w", init, (d, g, k), self.dtype)
-        self.v_w = self.param("v_w", init, (d, g, k), self.dtype)
+        self.kv_w = self.param("kv_w", init, (d, 2, g, k), self.dtype)
         self.o_w = self.param("o_w", init, (h, k, d), self.dtype)
 
     def _rope(self, positions_BT, dtype):
@@ -64,9 +64,8 @@ class MHAttention(nn.Module):
 
     def new_kv(self, x_BTD: jax.Array, positions_BT: jax.Array) -> dict[str, jax.Array]:
         cos, sin = self._rope(positions_BT, x_BTD.dtype)
-        k = apply_rope(einsum("BTD,DGK->BTGK", x_BTD, self.k_w), cos, sin)
-        v = einsum("BTD,DGK->BTGK", x_BTD, self.v_w)
-        return {"k": k, "v": v}
+        kv = einsum("BTD,DWGK->WBTGK", x_BTD, self.kv_w)
+        return {"k": apply_rope(kv[0], cos, sin), "v": kv[1]}
 
     def __call__(self, x_BTD, positions_BT, kv: dict[str, jax.Array], mask_BTS) -> jax.Array:
         c = self.cfg
@@ -94,8 +93,7 @@ class MLAttention(nn.Module):
             self.q_a_w = self.param("q_a_w", init, (d, c.q_lora_rank), self.dtype)
             self.q_a_norm = RMSNorm(c.q_lora_rank, LATENT_NORM_EPS, self.dtype)
             self.q_b_w = self.param("q_b_w", init, (c.q_lora_rank, h, c.q_head_dim), self.dtype)
-        self.kv_a_w = self.param("kv_a_w", init, (d, r), self.dtype)
-        self.k_rope_w = self.param("k_rope_w", init, (d, c.qk_rope_head_dim), self.dtype)
+        self.kv_a_w = self.param("kv_a_w", init, (d, r + c.qk_rope_head_dim), self.dtype)
         self.kv_a_norm = RMSNorm(r, LATENT_NORM_EPS, self.dtype)
         self.wk_b = self.param("wk_b", init, (h, c.qk_nope_head_dim, r), self.dtype)
         self.wv_b = self.param("wv_b", init, (h, c.v_head_dim, r), self.dtype)
@@ -106,9 +104,10 @@ class MLAttention(nn.Module):
 
     def new_kv(self, x_BTD: jax.Array, positions_BT: jax.Array) -> dict[str, jax.Array]:
         cos, sin = self._rope(positions_BT, x_BTD.dtype)
-        latent = self.kv_a_norm(einsum("BTD,DR->BTR", x_BTD, self.kv_a_w))
-        k_rope = einsum("BTD,DJ->BTJ", x_BTD, self.k_rope_w)
-        k_rope = apply_rope_interleaved(k_rope[:, :, None, :], cos, sin)[:, :, 0, :]
+        kv_a = einsum("BTD,DR->BTR", x_BTD, self.kv_a_w)  # R here is R + J
+        r = self.cfg.kv_lora_rank
+        latent = self.kv_a_norm(kv_a[..., :r])
+        k_rope = apply_rope_interleaved(kv_a[..., None, r:], cos, sin)[:, :, 0, :]
         return {"latent": latent, "k_rope": k_rope}
 
     def __call__(self, x_BTD, positions_BT, kv: dict[str, jax.Array], mask_BTS) -> jax.Array:

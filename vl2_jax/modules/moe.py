@@ -6,13 +6,15 @@ Routing follows the reference's `MoEGate` exactly (float32 logits; softmax or si
 expert runs on every token and the routing weights (zero for unchosen experts) are applied in float32. It
 is the reference that faster dispatches are tested against.
 
-Parameter layout:
-    mlp (dense):  gate_w [D, F], up_w [D, F], down_w [F, D]
+Parameter layout (W = 2 stacks the gate and up projections, so that one matmul reads both):
+    mlp (dense):  gate_up_w [D, W, F], down_w [F, D]
     mlp (MoE):    router_w [D, E], router_bias [E] (noaux_tc only),
-                  gate_w [E, D, F], up_w [E, D, F], down_w [E, F, D], shared/{gate_w, up_w, down_w}
+                  gate_up_w [E, D, W, F], down_w [E, F, D], shared/{gate_up_w, down_w}
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,11 @@ from flax import linen as nn
 from vl2_jax.config import LanguageConfig
 from vl2_jax.modules.layers import einsum, normal_init
 from vl2_jax.sharding import Layout
+
+
+def swiglu(h_CF: jax.Array) -> jax.Array:
+    """silu(gate) * up from the stacked projections [..., W=2, F] -> [..., F]."""
+    return jax.nn.silu(h_CF[..., 0, :]) * h_CF[..., 1, :]
 
 
 class MLP(nn.Module):
@@ -33,11 +40,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         init = normal_init()
-        gate_w = self.param("gate_w", init, (self.dim, self.hidden), self.dtype)
-        up_w = self.param("up_w", init, (self.dim, self.hidden), self.dtype)
+        gate_up_w = self.param("gate_up_w", init, (self.dim, 2, self.hidden), self.dtype)
         down_w = self.param("down_w", init, (self.hidden, self.dim), self.dtype)
-        h = jax.nn.silu(einsum("...D,DF->...F", x, gate_w)) * einsum("...D,DF->...F", x, up_w)
-        return einsum("...F,FD->...D", h, down_w)
+        return einsum("...F,FD->...D", swiglu(einsum("...D,DWF->...WF", x, gate_up_w)), down_w)
 
 
 def _mask_groups(choice_NE: jax.Array, group_scores_NG: jax.Array, topk_group: int) -> jax.Array:
@@ -82,17 +87,36 @@ def dense_combine_weights(weights_NX: jax.Array, idx_NX: jax.Array, num_experts:
     return jnp.einsum("NX,NXE->NE", weights_NX, onehot)
 
 
-def experts_gather(x_ND, gate_w, up_w, down_w, weights_NX, idx_NX, out_dtype=None) -> jax.Array:
-    """Decode path: gathers only the chosen experts' weights ([N, X, D, F]) and runs them per token.
+def experts_gather(x_ND, gate_up_w, down_w, weights_NX, idx_NX, out_dtype=None) -> jax.Array:
+    """Decode path: gathers only the chosen experts' weights ([N, X, D, W, F]) and runs them per token.
 
     Reads N*X expert matrices instead of all E, so it wins while N*X < E (small decode batches).
     """
-    h = jax.nn.silu(einsum("ND,NXDF->NXF", x_ND, gate_w[idx_NX])) * einsum("ND,NXDF->NXF", x_ND, up_w[idx_NX])
+    e = gate_up_w.shape[0]
+    weights_NX = jnp.where((idx_NX >= 0) & (idx_NX < e), weights_NX, 0.0)
+    idx_NX = jnp.clip(idx_NX, 0, e - 1)
+    h = swiglu(einsum("ND,NXDWF->NXWF", x_ND, gate_up_w[idx_NX]))
     y_NXD = einsum("NXF,NXFD->NXD", h, down_w[idx_NX])
     return jnp.einsum("NXD,NX->ND", y_NXD.astype(jnp.float32), weights_NX).astype(out_dtype or x_ND.dtype)
 
 
-def experts_ragged(x_ND, gate_w, up_w, down_w, weights_NX, idx_NX, out_dtype=None) -> jax.Array:
+def _group_by_expert(idx_NX: jax.Array, num_experts: int):
+    """Assignments (token, choice) sorted by expert.
+
+    Returns (order [A]: assignment indices in expert order, A = N*X; rank [A]: each sorted assignment's
+    position within its expert's group; sizes [E] int32: tokens per expert). Ids outside [0, E) sort to
+    the ends and are not counted.
+    """
+    flat = idx_NX.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sorted_ids = flat[order]
+    sizes = jnp.sum(sorted_ids[:, None] == jnp.arange(num_experts), axis=0, dtype=jnp.int32)
+    starts = jnp.searchsorted(sorted_ids, jnp.arange(num_experts, dtype=sorted_ids.dtype))
+    rank = jnp.arange(flat.shape[0]) - starts[jnp.clip(sorted_ids, 0, num_experts - 1)]
+    return order, rank, sizes
+
+
+def experts_ragged(x_ND, gate_up_w, down_w, weights_NX, idx_NX, out_dtype=None) -> jax.Array:
     """Grouped path: token copies sorted by expert, one `lax.ragged_dot` per projection.
 
     Computes exactly the N*X chosen (token, expert) pairs, with no capacity and nothing dropped. Fast
@@ -100,79 +124,125 @@ def experts_ragged(x_ND, gate_w, up_w, down_w, weights_NX, idx_NX, out_dtype=Non
     opt-in there.
     """
     n, x = idx_NX.shape
-    e = gate_w.shape[0]
-    flat = idx_NX.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
+    e, d, _, f = gate_up_w.shape
+    weights_NX = jnp.where((idx_NX >= 0) & (idx_NX < e), weights_NX, 0.0)
+    # Out-of-range ids go last, past the groups that `sizes` covers: ragged_dot leaves those rows zero.
+    order, _, sizes = _group_by_expert(jnp.where(idx_NX < 0, e, idx_NX), e)
     tokens = x_ND[order // x]  # [N*X, D], grouped by expert
-    sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
     precision = jax.lax.Precision.HIGHEST if x_ND.dtype == jnp.float32 else None
     dot = lambda a, w: jax.lax.ragged_dot(a, w, sizes, precision=precision)
-    h = jax.nn.silu(dot(tokens, gate_w)) * dot(tokens, up_w)
+    h = swiglu(dot(tokens, gate_up_w.reshape(e, d, 2 * f)).reshape(-1, 2, f))
     y_sorted = dot(h, down_w)  # [N*X, D]
     y_NXD = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(n, x, -1)
     return jnp.einsum("NXD,NX->ND", y_NXD.astype(jnp.float32), weights_NX).astype(out_dtype or x_ND.dtype)
 
 
-def experts_dense(x_ND, gate_w, up_w, down_w, combine_NE, out_dtype=None) -> jax.Array:
+def grouped_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float = 2.0) -> int:
+    """Rows per expert of the grouped dispatch: `factor` x the balanced load, rounded up to a multiple of
+    8, at most `num_tokens` (a token chooses an expert at most once, so that bound never overflows)."""
+    balanced = num_tokens * top_k / num_experts
+    return min(num_tokens, 8 * math.ceil(factor * balanced / 8))
+
+
+def experts_grouped(x_ND, gate_up_w, down_w, weights_NX, idx_NX, out_dtype=None, capacity=None) -> jax.Array:
+    """Grouped path: tokens scattered into per-expert slots [E, M, D], one batched matmul per projection.
+
+    Reads every expert's weights once and computes E*M rows instead of the dense path's E*N. `capacity`
+    M defaults to `grouped_capacity`; if any expert gets more than M tokens the layer runs the dense path
+    instead (a `lax.cond` on the device), so nothing is ever dropped. With M = N (small batches) there is
+    no check. Ids outside [0, E) contribute nothing.
+    """
+    n, x = idx_NX.shape
+    e, d, _, _ = gate_up_w.shape
+    cap = capacity or grouped_capacity(n, x, e)
+    order, rank, sizes = _group_by_expert(idx_NX, e)
+    ids = idx_NX.reshape(-1)[order]
+    slot_sorted = jnp.where((ids >= 0) & (ids < e) & (rank < cap), ids * cap + rank, e * cap)
+    slot = jnp.zeros_like(slot_sorted).at[order].set(slot_sorted)  # [A], e*cap = not here
+
+    def grouped():
+        tokens = jnp.repeat(x_ND, x, axis=0)  # [A, D], assignment order
+        xs = jnp.zeros((e * cap, d), x_ND.dtype).at[slot].set(tokens, mode="drop").reshape(e, cap, d)
+        h = swiglu(einsum("EMD,EDWF->EMWF", xs, gate_up_w))
+        y = einsum("EMF,EFD->EMD", h, down_w).reshape(e * cap, d)
+        y_NXD = jnp.take(y, slot, axis=0, mode="fill", fill_value=0).reshape(n, x, d)  # 0 where not here
+        return jnp.einsum("NXD,NX->ND", y_NXD.astype(jnp.float32), weights_NX).astype(out_dtype or x_ND.dtype)
+
+    if cap >= n:
+        return grouped()
+
+    def dense():
+        combine = dense_combine_weights(weights_NX, idx_NX, e)
+        return experts_dense(x_ND, gate_up_w, down_w, combine, out_dtype)
+
+    return jax.lax.cond(jnp.max(sizes) > cap, dense, grouped)
+
+
+def experts_dense(x_ND, gate_up_w, down_w, combine_NE, out_dtype=None) -> jax.Array:
     """Plain path: every expert on every token, outputs weighted in float32. [N, D] -> [N, D] (x dtype)."""
-    h = jax.nn.silu(einsum("ND,EDF->NEF", x_ND, gate_w)) * einsum("ND,EDF->NEF", x_ND, up_w)
+    h = swiglu(einsum("ND,EDWF->NEWF", x_ND, gate_up_w))
     y_NED = einsum("NEF,EFD->NED", h, down_w)
     return jnp.einsum("NED,NE->ND", y_NED.astype(jnp.float32), combine_NE).astype(out_dtype or x_ND.dtype)
 
 
-def run_experts(impl: str, x_ND, gate_w, up_w, down_w, weights_NX, idx_NX, out_dtype=None) -> jax.Array:
-    """Routed experts by one dispatch ("dense", "gather" or "ragged"): [N, D] -> [N, D]."""
+def run_experts(impl: str, x_ND, gate_up_w, down_w, weights_NX, idx_NX, out_dtype=None) -> jax.Array:
+    """Routed experts by one dispatch ("dense", "gather", "grouped" or "ragged"): [N, D] -> [N, D].
+
+    Every dispatch gives the same result; ids outside [0, E) contribute nothing (expert parallelism
+    passes the experts held by other devices that way).
+    """
     if impl == "gather":
-        return experts_gather(x_ND, gate_w, up_w, down_w, weights_NX, idx_NX, out_dtype)
+        return experts_gather(x_ND, gate_up_w, down_w, weights_NX, idx_NX, out_dtype)
+    if impl == "grouped":
+        return experts_grouped(x_ND, gate_up_w, down_w, weights_NX, idx_NX, out_dtype)
     if impl == "ragged":
-        return experts_ragged(x_ND, gate_w, up_w, down_w, weights_NX, idx_NX, out_dtype)
-    combine = dense_combine_weights(weights_NX, idx_NX, gate_w.shape[0])
-    return experts_dense(x_ND, gate_w, up_w, down_w, combine, out_dtype)
+        return experts_ragged(x_ND, gate_up_w, down_w, weights_NX, idx_NX, out_dtype)
+    combine = dense_combine_weights(weights_NX, idx_NX, gate_up_w.shape[0])
+    return experts_dense(x_ND, gate_up_w, down_w, combine, out_dtype)
 
 
-def experts_sharded(impl: str, x_ND, gate_w, up_w, down_w, weights_NX, idx_NX) -> jax.Array:
+def experts_sharded(impl: str, x_ND, gate_up_w, down_w, weights_NX, idx_NX) -> jax.Array:
     """Expert (and tensor) parallel routed experts under the current mesh, via `shard_map`.
 
     Each device runs its own experts (and its slice of their width) on the tokens routed to them, with
-    `impl` as the local dispatch; weights of experts held elsewhere are zeroed; one all-reduce of the
-    [N, D] float32 partial outputs over the axes that split the experts then sums them. XLA's automatic
-    partitioning of the gather instead moves the gathered expert weights between devices.
+    `impl` as the local dispatch (ids of experts held elsewhere fall outside the local range and count
+    for nothing); one all-reduce of the [N, D] float32 partial outputs over the axes that split the
+    experts then sums them. XLA's automatic partitioning of the gather instead moves the gathered expert
+    weights between devices.
     """
     mesh = jax.sharding.get_abstract_mesh()
     layout = Layout(mesh)
-    up_spec = layout.spec(("experts", None, "mlp"), gate_w.shape)
+    up_spec = layout.spec(("experts", None, None, "mlp"), gate_up_w.shape)
     down_spec = layout.spec(("experts", "mlp", None), down_w.shape)
-    expert_axis, split = up_spec[0], tuple(a for a in (up_spec[0], up_spec[2]) if a)
+    expert_axis, split = up_spec[0], tuple(a for a in (up_spec[0], up_spec[3]) if a)
     if not split:
-        return run_experts(impl, x_ND, gate_w, up_w, down_w, weights_NX, idx_NX)
+        return run_experts(impl, x_ND, gate_up_w, down_w, weights_NX, idx_NX)
     P = jax.sharding.PartitionSpec
 
-    def local(x, g, u, d, w, idx):
-        e_local = g.shape[0]
-        offset = jax.lax.axis_index(expert_axis) * e_local if expert_axis else 0
-        lid = idx - offset
-        w = jnp.where((lid >= 0) & (lid < e_local), w, 0.0)
-        y = run_experts(impl, x, g, u, d, w, jnp.clip(lid, 0, e_local - 1), jnp.float32)
+    def local(x, gu, d, w, idx):
+        offset = jax.lax.axis_index(expert_axis) * gu.shape[0] if expert_axis else 0
+        y = run_experts(impl, x, gu, d, w, idx - offset, jnp.float32)
         return jax.lax.psum(y, split)
 
     y = jax.shard_map(
-        local, mesh=mesh, in_specs=(P(), up_spec, up_spec, down_spec, P(), P()), out_specs=P(), check_vma=False
-    )(x_ND, gate_w, up_w, down_w, weights_NX, idx_NX)
+        local, mesh=mesh, in_specs=(P(), up_spec, down_spec, P(), P()), out_specs=P(), check_vma=False
+    )(x_ND, gate_up_w, down_w, weights_NX, idx_NX)
     return y.astype(x_ND.dtype)
 
 
-MOE_IMPLS = ("auto", "dense", "gather", "ragged")
+MOE_IMPLS = ("auto", "dense", "gather", "grouped", "ragged")
 
 
 class MoE(nn.Module):
     """Routed experts plus shared experts: x [B, T, D] -> [B, T, D].
 
-    `impl`: "dense" (the plain reference path), "gather" (chosen experts' weights only), "ragged"
-    (grouped `lax.ragged_dot` over expert-sorted tokens; opt-in), or "auto":
-    gather while tokens * top-k <= experts / 4 (batch-1 and -2 decode), dense otherwise. Gathering
-    copies each chosen expert's weights, so it only pays while few experts are chosen; measured on an
-    H200 with tiny: gather at batch 8 ran at half the speed of reading all experts. The choice is static.
-    Under a mesh that splits the experts or their width, the dispatch runs per device (`experts_sharded`).
+    `impl`: "dense" (the plain reference path: every expert on every token), "gather" (chosen experts'
+    weights only), "grouped" (tokens in per-expert slots of a bounded capacity, dense on overflow),
+    "ragged" (`lax.ragged_dot` over expert-sorted tokens; opt-in, slow on NVIDIA GPUs), or "auto": gather
+    while tokens * top-k <= experts / 4 (batch-1 and -2 decode), grouped otherwise. The choice is static
+    (it depends on shapes only). `benchmarks/moe_dispatch.py` measured it on an H200 (BENCHMARKS.md):
+    gather wins at one token, grouped from 8 tokens up to prefill. Under a mesh that splits the experts
+    or their width, the dispatch runs per device (`experts_sharded`).
     """
 
     cfg: LanguageConfig
@@ -187,8 +257,7 @@ class MoE(nn.Module):
         bias = None
         if c.topk_method == "noaux_tc":
             bias = self.param("router_bias", nn.initializers.zeros, (e,), self.dtype)
-        gate_w = self.param("gate_w", init, (e, d, f), self.dtype)
-        up_w = self.param("up_w", init, (e, d, f), self.dtype)
+        gate_up_w = self.param("gate_up_w", init, (e, d, 2, f), self.dtype)
         down_w = self.param("down_w", init, (e, f, d), self.dtype)
 
         b, t, _ = x_BTD.shape
@@ -197,11 +266,11 @@ class MoE(nn.Module):
         weights, idx = route(logits, c, bias)
         impl = self.impl
         if impl == "auto":
-            impl = "gather" if 4 * b * t * c.num_experts_per_tok <= e else "dense"
+            impl = "gather" if 4 * b * t * c.num_experts_per_tok <= e else "grouped"
         if jax.sharding.get_abstract_mesh().empty:
-            y = run_experts(impl, x_ND, gate_w, up_w, down_w, weights, idx)
+            y = run_experts(impl, x_ND, gate_up_w, down_w, weights, idx)
         else:
-            y = experts_sharded(impl, x_ND, gate_w, up_w, down_w, weights, idx)
+            y = experts_sharded(impl, x_ND, gate_up_w, down_w, weights, idx)
         y = y.reshape(b, t, d)
         if c.n_shared_experts:
             y = y + MLP(d, f * c.n_shared_experts, self.dtype, name="shared")(x_BTD)

@@ -46,12 +46,12 @@ PARAM_RULES: tuple[tuple[str, dict[int, tuple]], ...] = (
     (r"^language/lm_head$", {2: (None, "vocab")}),
     (r"/scale$", {1: (None,)}),  # every RMSNorm
     (r"/attn/(q_w|q_b_w)$", {3: (None, "heads", None)}),
-    (r"/attn/(k_w|v_w)$", {3: (None, "kv_heads", None)}),
+    (r"/attn/kv_w$", {4: (None, None, "kv_heads", None)}),
     (r"/attn/(wk_b|wv_b|o_w)$", {3: ("heads", None, None)}),
-    (r"/attn/(q_a_w|kv_a_w|k_rope_w)$", {2: (None, None)}),
+    (r"/attn/(q_a_w|kv_a_w)$", {2: (None, None)}),
     (r"/mlp/router_w$", {2: (None, None)}),
     (r"/mlp/router_bias$", {1: (None,)}),
-    (r"/mlp/(shared/)?(gate_w|up_w)$", {2: (None, "mlp"), 3: ("experts", None, "mlp")}),
+    (r"/mlp/(shared/)?gate_up_w$", {3: (None, None, "mlp"), 4: ("experts", None, None, "mlp")}),
     (r"/mlp/(shared/)?down_w$", {2: ("mlp", None), 3: ("experts", "mlp", None)}),
 )
 
@@ -142,7 +142,7 @@ class Layout:
 
 
 def param_logical_axes(path: str, ndim: int) -> tuple:
-    """Logical axes of the parameter at `path` (e.g. "language/layers_1/mlp/gate_w"): first rule wins."""
+    """Logical axes of the parameter at `path` (e.g. "language/layers_1/mlp/gate_up_w"): first rule wins."""
     path = path.removeprefix("params/")
     for pattern, by_rank in PARAM_RULES:
         if re.search(pattern, path):
