@@ -13,26 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
+from vl2_jax.bench import median_time
 from vl2_jax.config import PRESETS
 from vl2_jax.modules.moe import run_experts, swiglu
 
 REPS = 5
-
-
-def _timed(fn, *args) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(REPS):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def _route(x, router_w, k):
@@ -97,7 +86,7 @@ def run(model: str, tokens: list[int]) -> list[dict]:
             if (name.startswith("gather") and n > 64) or (name == "ragged" and n < 64):
                 continue
             x = jax.random.normal(jax.random.key(n), (n, d), jnp.bfloat16)
-            sec = _timed(chain, x, ws)
+            sec = median_time(lambda x=x, ws=ws, chain=chain: chain(x, ws), REPS)
             row = {"model": model, "dispatch": name, "tokens": n, "ms": 1e3 * sec, "moe_layers": layers,
                    "device": jax.devices()[0].device_kind, "jax": jax.__version__}
             print(json.dumps(row), flush=True)

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
+from vl2_jax.bench import median_time
 from vl2_jax.config import PRESETS
 from vl2_jax.modules.vision import VisionTransformer
 
@@ -44,16 +43,6 @@ def tower_without_attention(params, images, cfg):
     return _layer_norm(x, params["norm"], cfg.layer_norm_eps)
 
 
-def timed(fn, *args, repeats=10) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="tiny")
@@ -68,7 +57,7 @@ def main():
     base = variants["library, attention=plain"](params, images).astype(jnp.float32)
     for name, fn in variants.items():
         try:
-            ms = timed(fn, params, images)
+            ms = 1e3 * median_time(lambda fn=fn: fn(params, images), 10)
             out = fn(params, images).astype(jnp.float32)
             cos = float((out * base).sum() / jnp.linalg.norm(out) / jnp.linalg.norm(base))
             row = {"variant": name, "ms": ms, "cosine_vs_plain": cos}

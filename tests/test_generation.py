@@ -185,9 +185,9 @@ def test_decode_and_prefill_update_the_cache_in_place():
                         jnp.zeros((b,), jnp.int32), jnp.zeros((b, cfg.vocab_size), bool), jnp.int32(1),
                         jax.random.key(0))
     gen = Generator(m)
-    decode = gen._decode.lower(m.params, state, jnp.int32(n), SamplingParams.make(), jnp.int32(1), jnp.int32(2))
+    decode = gen._decode.lower(gen.language_params, state, jnp.int32(n), SamplingParams.make(), jnp.int32(1), jnp.int32(2))
     assert decode.compile().memory_analysis().alias_size_in_bytes >= cache_bytes
     x = jnp.zeros((b, 8, cfg.hidden_size), m.dtype)
     pos, valid = jnp.zeros((b, 8), jnp.int32), jnp.ones((b, 8), bool)
-    prefill = gen._prefill_chunk.lower(m.params, x, pos, valid, cache)
+    prefill = gen._prefill_chunk.lower(gen.language_params, x, pos, valid, cache)
     assert prefill.compile().memory_analysis().alias_size_in_bytes >= cache_bytes

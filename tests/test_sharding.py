@@ -149,7 +149,7 @@ def test_moe_runs_expert_parallel_under_a_mesh():
 
     m = single("mla_noaux")
     params = {"params": m.params["params"]["language"]["layers_1"]["mlp"]}
-    x = jax.random.normal(jax.random.key(0), (2, 13, m.cfg.language.hidden_size))  # grouped: capacity < tokens
+    x = jax.random.normal(jax.random.key(0), (2, 40, m.cfg.language.hidden_size))  # grouped: capacity < tokens
     mesh = make_mesh("expert=2,tensor=4", m.cfg)
     for impl in ("dense", "gather", "grouped", "ragged"):
         module = MoE(m.cfg.language, jnp.float32, impl)
@@ -158,3 +158,24 @@ def test_moe_runs_expert_parallel_under_a_mesh():
             assert "shard_map" in str(jax.make_jaxpr(module.apply)(params, x))
             got = np.asarray(jax.jit(module.apply)(params, x))
         assert np.abs(got - want).max() / np.abs(want).max() < 1e-5, impl
+
+
+def test_expert_parallel_moe_is_bitwise_equal_in_bfloat16():
+    """With the experts split alone, each (token, choice) output comes from one device, the all-reduce adds
+    zeros only and the weighted sum runs as on one device: bf16 results are identical, not just close.
+    (A tensor split cuts the expert width, so its partial sums do round differently.)"""
+    import jax.numpy as jnp
+
+    from vl2_jax.modules.moe import MoE
+
+    m = single("mla_noaux")
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), {"params": m.params["params"]["language"]["layers_1"]["mlp"]})
+    for tokens in (1, 40):  # decode (no capacity check) and prefill-sized (grouped with its overflow check)
+        x = jax.random.normal(jax.random.key(tokens), (2, tokens, m.cfg.language.hidden_size)).astype(jnp.bfloat16)
+        for impl in ("dense", "gather", "grouped"):
+            module = MoE(m.cfg.language, jnp.bfloat16, impl)
+            want = np.asarray(jax.jit(module.apply)(params, x).astype(jnp.float32))
+            for layout in ("data=4,expert=2", "expert=8"):
+                with jax.set_mesh(make_mesh(layout, m.cfg)):
+                    got = np.asarray(jax.jit(module.apply)(params, x).astype(jnp.float32))
+                np.testing.assert_array_equal(got, want, err_msg=f"{impl} {layout} {tokens} tokens")

@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from vl2_jax.cache import KVCache
 from vl2_jax.generation import Generator, bucket
 from vl2_jax.model import left_pad_positions
 from vl2_jax.modules.moe import MOE_IMPLS
@@ -100,8 +99,7 @@ def run(args) -> list[dict]:
         slots = bucket(length + args.new_tokens)
 
         def prefill(x=x, pos=pos, valid=valid, slots=slots):
-            cache = KVCache.zeros(model.cfg.language, 1, slots, model.dtype)
-            return gen._prefill_chunk(model.params, x, pos, valid, cache)[0]
+            return gen._prefill_chunk(gen.language_params, x, pos, valid, gen._cache(1, slots))[0]
 
         emit(metric="prefill_ms", prompt=name, prompt_tokens=t, value=1e3 * median_time(prefill, args.repeats))
         # Time to first token: embedding (vision included), prefill, first sample; the processor excluded.
