@@ -106,6 +106,10 @@ def test_filters_and_penalty_semantics():
     draws = jax.vmap(lambda k: sample(logits, jnp.zeros_like(logits, bool), params, k))(keys)
     draws = set(np.asarray(draws).ravel().tolist())
     assert draws == {0, 1}
+    # Greedy exactly when the device's float32 temperature is 0: 1e-46 rounds to 0 and must not divide by it.
+    tiny_t = SamplingParams.make(temperature=1e-46)
+    assert tiny_t.greedy and not SamplingParams.make(temperature=1e-30).greedy
+    assert np.asarray(sample(logits[:, ::-1], jnp.zeros_like(logits, bool), tiny_t, jax.random.key(1))).tolist() == [4]
 
 
 def test_no_retrace_within_a_bucket():

@@ -130,6 +130,16 @@ def _attention_rules(cfg: VL2Config, s: str, d_: Path_) -> Iterator[Rule]:
     yield _one(s + "o_proj.weight", d_ + ("o_w",), (h, u, d), _t, (d, h * u))
 
 
+def _stack_experts_gate_up(*ws: np.ndarray) -> tuple[np.ndarray]:
+    """gate_proj, up_proj of expert 0, of expert 1, ... ([F, D] each) -> [E, D, 2, F], filled in place
+    (no per-expert intermediate stacks: the peak is the sources plus the result)."""
+    f, d = ws[0].shape
+    out = np.empty((len(ws) // 2, d, 2, f), ws[0].dtype)
+    for i, w in enumerate(ws):
+        out[i // 2, :, i % 2] = w.T
+    return (out,)
+
+
 def _language_rules(cfg: VL2Config) -> Iterator[Rule]:
     lc = cfg.language
     d, v = lc.hidden_size, lc.vocab_size
@@ -150,7 +160,7 @@ def _language_rules(cfg: VL2Config) -> Iterator[Rule]:
         yield Rule(  # sources: gate_proj and up_proj of expert 0, of expert 1, ...
             tuple((f"{m}experts.{x}.{name}.weight", (f, d)) for x in range(e) for name in ("gate_proj", "up_proj")),
             ((dm + ("gate_up_w",), (e, d, 2, f)),),
-            lambda *ws: (np.stack([np.stack([g.T, u.T], axis=1) for g, u in zip(ws[::2], ws[1::2])]),),
+            _stack_experts_gate_up,
         )
         yield Rule(
             tuple((f"{m}experts.{x}.down_proj.weight", (d, f)) for x in range(e)),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 
@@ -27,14 +28,12 @@ class SamplingParams:
     top_k: jax.Array
     top_p: jax.Array
     repetition_penalty: jax.Array
-    greedy: bool = struct.field(pytree_node=False, default=True)
+    greedy: bool = struct.field(pytree_node=False)
 
     @classmethod
     def make(cls, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0) -> SamplingParams:
-        return cls(
-            jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.float32(repetition_penalty),
-            greedy=float(temperature) == 0.0,
-        )
+        t = np.float32(temperature)  # greedy exactly when the device value is 0 (1e-46 rounds to it)
+        return cls(t, jnp.int32(top_k), jnp.float32(top_p), jnp.float32(repetition_penalty), greedy=bool(t == 0))
 
 
 def penalize(logits_BV: jax.Array, seen_BV: jax.Array, penalty: jax.Array) -> jax.Array:

@@ -216,14 +216,16 @@ def experts_sharded(impl: str, x_ND, gate_up_w, down_w, weights_NX, idx_NX) -> j
     zeros. One all-reduce of the per-choice outputs [N, X, D] over the axes that split the experts
     then assembles them, and the weighted sum runs as on one device. With experts split alone, each
     (token, choice) has one nonzero contribution, so the all-reduce is exact and the layer computes
-    the same values as one device, in the same order. XLA's automatic partitioning of the gather
+    the same values as one device, in the same order. (A split of the width leaves partial sums, which
+    are all-reduced in float32.) XLA's automatic partitioning of the gather
     instead moves the gathered expert weights between devices.
     """
     mesh = jax.sharding.get_abstract_mesh()
     layout = Layout(mesh)
     up_spec = layout.spec(("experts", None, None, "mlp"), gate_up_w.shape)
     down_spec = layout.spec(("experts", "mlp", None), down_w.shape)
-    expert_axis, split = up_spec[0], tuple(a for a in (up_spec[0], up_spec[3]) if a)
+    expert_axis, width_axis = up_spec[0], up_spec[3]
+    split = tuple(a for a in (expert_axis, width_axis) if a)
     if not split:
         return run_experts(impl, x_ND, gate_up_w, down_w, weights_NX, idx_NX)
     P = jax.sharding.PartitionSpec
@@ -236,6 +238,8 @@ def experts_sharded(impl: str, x_ND, gate_up_w, down_w, weights_NX, idx_NX) -> j
             y = outputs_grouped(x_ND, gu, d, idx - offset, capacity)
         else:
             y = expert_outputs(impl, x_ND, gu, d, idx - offset)
+        if width_axis:  # partial sums over slices of the width: add them in float32
+            y = y.astype(jnp.float32)
         return jax.lax.psum(y, split)
 
     y_NXD = jax.shard_map(
