@@ -118,10 +118,13 @@ class VL2Model:
         tiles_idx, src = image_token_sources(crop, seq_mask, self.cfg.tokens_per_tile_side)
         if len(tiles_idx) == 0:
             return None, src
-        images = np.asarray(batch.images)
-        # float32 to the device, cast there by the vision tower: numpy's bfloat16 cast of 5 tiles took
-        # milliseconds on the host.
-        tiles = images[tiles_idx[:, 0], tiles_idx[:, 1]].astype(np.float32)
+        images = np.asarray(batch.images, np.float32)  # cast on the device: numpy's bfloat16 cast is slow
+        b, n = images.shape[:2]
+        every_slot = np.stack(np.divmod(np.arange(b * n), n), axis=1)
+        if np.array_equal(tiles_idx, every_slot):  # every tile slot used, in order: a view, no copy
+            tiles = images.reshape(b * n, *images.shape[2:])
+        else:  # a copy of the used slots (~2 ms for 5 tiles at 384 px)
+            tiles = images[tiles_idx[:, 0], tiles_idx[:, 1]]
         return self.put(tiles, (None, None, None, None)), src
 
     def prepare_inputs_embeds(self, batch) -> jax.Array:
