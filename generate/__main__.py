@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vl2_jax.config import MOE_IMPLS
+
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl2-tiny"
 
 
@@ -57,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="several hosts: the coordinator address for jax.distributed (with --num-processes, --process-id)")
     p.add_argument("--num-processes", type=int, default=None, help="several hosts: how many processes in all")
     p.add_argument("--process-id", type=int, default=None, help="several hosts: this process's index (0 prints)")
+    p.add_argument("--moe", default="auto", choices=MOE_IMPLS,
+                   help="routed-expert dispatch: auto (default: the fastest measured for the token count), or "
+                        "dense (the plain path: every expert on every token), gather, grouped, ragged")
     p.add_argument("--draw-boxes", default=None, metavar="OUT.png",
                    help="draw the answer's grounding boxes on the first --image and save it to OUT.png")
     return p

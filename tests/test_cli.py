@@ -37,6 +37,16 @@ def test_cli_greedy_matches_reference(capsys, variant, name):
     assert {"text", "finish_reason", "ttft_s", "decode_tokens_per_s"} <= set(out)
 
 
+def test_forced_plain_moe_dispatch_gives_the_same_answer(capsys):
+    case = load_case("mla_noaux", "one_photo")
+    greedy = case["arrays"]["greedy"].tolist()
+    argv = ["--model", str(ckpt_dir("mla_noaux")), "--dtype", "float32", "--json", "--max-new-tokens", str(len(greedy)),
+            "--prompt", case["conversation"][0]["content"], "--moe", "dense"]
+    for path in case["image_paths"]:
+        argv += ["--image", str(path)]
+    assert run_json(capsys, argv)["token_ids"] == greedy
+
+
 def _cli(*args, stdin=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     return subprocess.run([sys.executable, "-m", "generate", *args], capture_output=True, text=True, env=env,
@@ -57,6 +67,7 @@ def test_random_test_model_runs_offline_and_streams():
         (["--temperature", "-1", "--prompt", "hi"], "temperature"),
         (["--top-p", "1.5", "--prompt", "hi"], "top-p"),
         (["--dtype", "float8", "--prompt", "hi"], "--dtype"),
+        (["--moe", "fastest", "--prompt", "hi"], "--moe"),
         (["--prompt", "<image> and <image>", "--image", str(FIXTURES / "images" / "noise_tiny.png")], "placeholder"),
         (["--prompt", "hi", "--image", "/no/such/image.png"], "image"),
     ],

@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from vl2_jax.config import MOE_IMPLS
 from vl2_jax.generation import Generator, bucket
 from vl2_jax.model import left_pad_positions
-from vl2_jax.modules.moe import MOE_IMPLS
 from vl2_jax.modules.vl2 import VL2
 
 SENTENCE = "Describe this image in detail."

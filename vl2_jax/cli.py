@@ -76,7 +76,8 @@ def run(args, log: Callable[[str], None]) -> int:
     images = [open_image(p) for p in args.image]
     if not args.chat:
         user_turn(args.prompt, len(images))
-    model = load_model(args.model, args.dtype or _default_dtype(), log, mesh=args.mesh)
+    model = load_model(args.model, args.dtype or _default_dtype(), log, moe_impl=args.moe,
+                       mesh=args.mesh)
     if model.layout is not None:
         log(f"mesh {dict(model.mesh.shape)}" + "".join(f"; {n}" for n in sorted(model.layout.notes)[:8]))
     options = dict(

@@ -17,6 +17,10 @@ from typing import Any
 
 from vl2_jax.errors import ConfigError
 
+# The routed experts' dispatches (`vl2_jax.modules.moe.MoE.impl`); here so that the command line can
+# check --moe without importing jax.
+MOE_IMPLS = ("auto", "dense", "gather", "grouped", "ragged")
+
 # Keys that Hugging Face's `PretrainedConfig` (4.x and 5.x) writes into any config.json. They carry no
 # model structure (generation defaults, bookkeeping), so they are accepted and ignored.
 _HF_GENERIC_KEYS = frozenset(

@@ -62,7 +62,7 @@ class VL2Model:
         self, cfg: VL2Config, params: dict, processor=None, dtype=jnp.float32, moe_impl: str = "auto", mesh=None
     ):
         """`params` must already be placed for `mesh` (None: one device); see `load_pretrained`."""
-        from vl2_jax.modules.moe import MOE_IMPLS
+        from vl2_jax.config import MOE_IMPLS
 
         if moe_impl not in MOE_IMPLS:
             raise ConfigError(f"unknown moe_impl {moe_impl!r}; use one of {', '.join(MOE_IMPLS)}.")

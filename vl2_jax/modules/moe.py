@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from vl2_jax.config import LanguageConfig
+from vl2_jax.config import MOE_IMPLS, LanguageConfig  # noqa: F401 (MOE_IMPLS: the choices of MoE.impl)
 from vl2_jax.modules.layers import einsum, normal_init
 from vl2_jax.sharding import Layout
 
@@ -246,9 +246,6 @@ def experts_sharded(impl: str, x_ND, gate_up_w, down_w, weights_NX, idx_NX) -> j
         local, mesh=mesh, in_specs=(P(), up_spec, down_spec, P()), out_specs=P(), check_vma=False
     )(x_ND, gate_up_w, down_w, idx_NX)
     return combine(y_NXD, weights_NX, x_ND.dtype)
-
-
-MOE_IMPLS = ("auto", "dense", "gather", "grouped", "ragged")
 
 
 class MoE(nn.Module):
