@@ -28,6 +28,7 @@ from PIL import Image
 from vl2_jax.config import MOE_IMPLS
 from vl2_jax.generation import Generator, bucket
 from vl2_jax.model import left_pad_positions
+from vl2_jax.modules.moe import grouped_capacity
 from vl2_jax.modules.vl2 import VL2
 
 SENTENCE = "Describe this image in detail."
@@ -47,6 +48,16 @@ def activated_bytes(model, context: int) -> int:
         total += n * itemsize
     per_token = (lc.kv_lora_rank + lc.qk_rope_head_dim) if lc.use_mla else 2 * lc.num_key_value_heads * lc.head_dim
     return total + per_token * lc.num_hidden_layers * context * itemsize
+
+
+def busiest_expert_tokens(gen: Generator, x, positions, valid) -> list[int]:
+    """Per MoE layer, how many of the prompt's tokens its busiest expert receives (uncached forward)."""
+    _, state = jax.jit(lambda p, *a: gen._language.apply(p, *a, mutable=["intermediates"]))(
+        gen.language_params, x, positions, valid)
+    leaves = jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
+    by_layer = {int(jax.tree_util.keystr(path, simple=True, separator="/").split("/")[0].split("_")[1]): int(v)
+                for path, v in leaves}
+    return [by_layer[i] for i in sorted(by_layer)]
 
 
 def median_time(fn, repeats: int) -> float:
@@ -102,6 +113,11 @@ def run(args) -> list[dict]:
             return gen._prefill_chunk(gen.language_params, x, pos, valid, gen._cache(1, slots))[0]
 
         emit(metric="prefill_ms", prompt=name, prompt_tokens=t, value=1e3 * median_time(prefill, args.repeats))
+        busiest = busiest_expert_tokens(gen, x, pos, valid)
+        if busiest:  # how often the grouped prefill dispatch falls back to the dense path on this prompt
+            cap = grouped_capacity(length, model.cfg.language.num_experts_per_tok, model.cfg.language.n_routed_experts)
+            emit(metric="moe_layers_over_capacity", prompt=name, prompt_tokens=t, bucket_tokens=length, capacity=cap,
+                 busiest_expert_tokens=busiest, value=sum(n > cap for n in busiest))
         # Time to first token: embedding (vision included), prefill, first sample; the processor excluded.
         model.generate(batch, max_new_tokens=1)
         ttft = statistics.median(model.generate(batch, max_new_tokens=1).ttft_s for _ in range(args.repeats))

@@ -279,6 +279,8 @@ class MoE(nn.Module):
         x_ND = x_BTD.reshape(b * t, d)
         logits = einsum("ND,DE->NE", x_ND.astype(jnp.float32), router_w.astype(jnp.float32))
         weights, idx = route(logits, c, bias)
+        # For diagnostics (the benchmark collects it with mutable=["intermediates"]; otherwise dead code).
+        self.sow("intermediates", "busiest_expert_tokens", jnp.max(jnp.sum(idx[..., None] == jnp.arange(e), (0, 1))))
         impl = self.impl
         if impl == "auto":
             impl = "gather" if 4 * b * t * c.num_experts_per_tok <= e else "grouped"
