@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from vl2_jax.config import MOE_IMPLS, LanguageConfig  # noqa: F401 (MOE_IMPLS: the choices of MoE.impl)
+from vl2_jax.config import LanguageConfig
 from vl2_jax.modules.layers import einsum, normal_init
 from vl2_jax.sharding import Layout
 
@@ -251,12 +251,13 @@ def experts_sharded(impl: str, x_ND, gate_up_w, down_w, weights_NX, idx_NX) -> j
 class MoE(nn.Module):
     """Routed experts plus shared experts: x [B, T, D] -> [B, T, D].
 
-    `impl`: "dense" (the plain reference path: every expert on every token), "gather" (chosen experts'
-    weights only), "grouped" (tokens in per-expert slots of a bounded capacity, dense on overflow),
-    "ragged" (`lax.ragged_dot` over expert-sorted tokens; opt-in, slow on NVIDIA GPUs), or "auto": gather
-    while tokens * top-k <= experts / 4 (batch-1 and -2 decode), grouped otherwise. The choice is static
-    (it depends on shapes only). `benchmarks/moe_dispatch.py` measured it on an H200 (BENCHMARKS.md):
-    gather wins at one token, grouped from 8 tokens up to prefill. Under a mesh that splits the experts
+    `impl` (one of `vl2_jax.config.MOE_IMPLS`): "dense" (the plain reference path: every expert on
+    every token), "gather" (chosen experts' weights only), "grouped" (tokens in per-expert slots of a
+    bounded capacity, dense on overflow), "ragged" (`lax.ragged_dot` over expert-sorted tokens; opt-in,
+    slow on NVIDIA GPUs), or "auto": gather while tokens * top-k <= experts / 4 (batch-1 and -2
+    decode), grouped otherwise. The choice is static (it depends on shapes only).
+    `benchmarks/moe_dispatch.py` measured it on an H200 (BENCHMARKS.md): gather wins at one token,
+    grouped from 8 tokens up to prefill. Under a mesh that splits the experts
     or their width, the dispatch runs per device (`experts_sharded`).
     """
 
