@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vl2_jax.modules.moe import combine, grouped_capacity, outputs_grouped, run_experts
+from vl2_jax.kernels import mosaic_ragged_usable
+from vl2_jax.modules.moe import choose_dispatch, combine, grouped_capacity, outputs_grouped, run_experts
 
 E, D, F, N, X = 16, 24, 20, 80, 4
 FAST = ("gather", "grouped", "ragged")
@@ -71,3 +72,38 @@ def test_grouped_capacity():
     assert grouped_capacity(32, 6, 64) == 32  # decode batches: no overflow check
     assert grouped_capacity(1088, 6, 64) == 208  # 2 x 102 tokens, rounded up to a multiple of 8
     assert np.all([grouped_capacity(n, 6, 64) <= n for n in range(1, 300)])
+
+
+def test_auto_dispatch_choice():
+    """gather at decode batch 1-2, grouped above; "ragged" only where the Mosaic GPU kernel runs."""
+    w = jnp.zeros((64, 128, 2, 128), jnp.bfloat16)
+    assert choose_dispatch("auto", 2, 6, w) == "gather"
+    assert choose_dispatch("auto", 8, 6, w) == "grouped"
+    prefill = choose_dispatch("auto", 1042, 6, w)
+    assert prefill == ("ragged" if mosaic_ragged_usable(jnp.bfloat16, 128, 256) else "grouped")
+    assert choose_dispatch("auto", 1042, 6, w.astype(jnp.float32)) == "grouped"  # the kernel is bf16/f16 only
+    assert choose_dispatch("dense", 1, 6, w) == "dense"
+    if jax.default_backend() == "cpu":
+        assert not mosaic_ragged_usable(jnp.bfloat16, 128, 256)
+
+
+@pytest.mark.skipif(not mosaic_ragged_usable(jnp.bfloat16, 128, 128),
+                    reason="the Mosaic GPU grouped matmul needs a Hopper GPU")
+@pytest.mark.parametrize("skewed", [False, True])
+def test_mosaic_ragged_equals_dense_bf16(skewed):
+    """The GPU kernel path of the ragged dispatch (bf16, real tile-divisible sizes) against the dense
+    path in float32: the bf16 error only (relative to the largest output), including ids of remote
+    experts and a row count that is not a multiple of the tile."""
+    e, d, f, n, x = 64, 256, 128, 1042, 6
+    k = jax.random.split(jax.random.key(1), 4)
+    xs = jax.random.normal(k[0], (n, d))
+    gate_up = jax.random.normal(k[1], (e, d, 2, f)) / d**0.5
+    down = jax.random.normal(k[2], (e, f, d)) / f**0.5
+    logits = jax.random.normal(k[3], (n, e)) + (jnp.arange(e) < 4) * (6.0 if skewed else 0.0)
+    weights, idx = jax.lax.top_k(jax.nn.softmax(logits), x)
+    idx = idx.astype(jnp.int32).at[:5, 0].set(-1)
+    bf = lambda a: a.astype(jnp.bfloat16)
+    got = jax.jit(run_experts, static_argnums=0)("ragged", bf(xs), bf(gate_up), bf(down), weights, idx)
+    want = dense(bf(xs).astype(jnp.float32), bf(gate_up).astype(jnp.float32), bf(down).astype(jnp.float32), weights, idx)
+    assert rel_err(got.astype(jnp.float32), want) < 1e-2
+    assert bool(jnp.all(jnp.isfinite(got)))

@@ -28,7 +28,7 @@ from PIL import Image
 from vl2_jax.config import MOE_IMPLS
 from vl2_jax.generation import Generator, bucket
 from vl2_jax.model import left_pad_positions
-from vl2_jax.modules.moe import grouped_capacity
+from vl2_jax.modules.moe import choose_dispatch, grouped_capacity
 from vl2_jax.modules.vl2 import VL2
 
 SENTENCE = "Describe this image in detail."
@@ -58,6 +58,13 @@ def busiest_expert_tokens(gen: Generator, x, positions, valid) -> list[int]:
     by_layer = {int(jax.tree_util.keystr(path, simple=True, separator="/").split("/")[0].split("_")[1]): int(v)
                 for path, v in leaves}
     return [by_layer[i] for i in sorted(by_layer)]
+
+
+def prefill_dispatch(model, impl: str, tokens: int) -> str:
+    """The routed-expert dispatch that `impl` resolves to for a prefill of `tokens` tokens."""
+    c = model.cfg.language
+    experts = jax.ShapeDtypeStruct((c.n_routed_experts, c.hidden_size, 2, c.moe_intermediate_size), model.dtype)
+    return choose_dispatch(impl, tokens, c.num_experts_per_tok, experts)
 
 
 def median_time(fn, repeats: int) -> float:
@@ -112,7 +119,8 @@ def run(args) -> list[dict]:
         def prefill(x=x, pos=pos, valid=valid, slots=slots):
             return gen._prefill_chunk(gen.language_params, x, pos, valid, gen._cache(1, slots))[0]
 
-        emit(metric="prefill_ms", prompt=name, prompt_tokens=t, value=1e3 * median_time(prefill, args.repeats))
+        emit(metric="prefill_ms", prompt=name, prompt_tokens=t, dispatch=prefill_dispatch(model, args.moe, length),
+             value=1e3 * median_time(prefill, args.repeats))
         busiest = busiest_expert_tokens(gen, x, pos, valid)
         if busiest:  # how often the grouped prefill dispatch falls back to the dense path on this prompt
             cap = grouped_capacity(length, model.cfg.language.num_experts_per_tok, model.cfg.language.n_routed_experts)

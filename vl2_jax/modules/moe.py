@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from vl2_jax.config import LanguageConfig
+from vl2_jax.kernels import ROW_MULTIPLE, mosaic_ragged_usable, ragged_dot
 from vl2_jax.modules.layers import einsum, normal_init
 from vl2_jax.sharding import Layout
 
@@ -129,22 +130,24 @@ def _group_by_expert(idx_NX: jax.Array, num_experts: int):
 
 
 def outputs_ragged(x_ND, gate_up_w, down_w, idx_NX) -> jax.Array:
-    """Grouped path: token copies sorted by expert, one `lax.ragged_dot` per projection.
+    """Ragged path: token copies sorted by expert, one grouped matmul (`kernels.ragged_dot`) per projection.
 
-    Computes exactly the N*X chosen (token, expert) pairs, with no capacity and nothing dropped. Fast
-    where `ragged_dot` has a good kernel (TPU); on NVIDIA GPUs it was measured slow (PERF.md), so it is
-    opt-in there.
+    Computes exactly the N*X chosen (token, expert) pairs, with no capacity and nothing dropped, so its
+    cost does not depend on how evenly the tokens route. On Hopper GPUs in bf16 it runs JAX's Pallas
+    Mosaic GPU kernel; elsewhere `lax.ragged_dot` (fast on TPU, slow on NVIDIA GPUs: PERF.md).
     """
     n, x = idx_NX.shape
     e, d, _, f = gate_up_w.shape
+    a = n * x
     # Out-of-range ids go last, past the groups that `sizes` covers: their rows are masked below.
     order, _, sizes = _group_by_expert(jnp.where(idx_NX < 0, e, idx_NX), e)
-    tokens = x_ND[order // x]  # [N*X, D], grouped by expert
-    precision = jax.lax.Precision.HIGHEST if x_ND.dtype == jnp.float32 else None
-    dot = lambda a, w: jax.lax.ragged_dot(a, w, sizes, precision=precision)
-    h = swiglu(dot(tokens, gate_up_w.reshape(e, d, 2 * f)).reshape(-1, 2, f))
-    y_sorted = dot(h, down_w)  # [N*X, D]
-    y_NXD = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(n, x, -1)
+    rows = -(-a // ROW_MULTIPLE) * ROW_MULTIPLE  # padding rows belong to no group
+    tokens = jnp.take(x_ND, order // x, axis=0)  # [A, D], grouped by expert
+    tokens = jnp.pad(tokens, ((0, rows - a), (0, 0)))
+    h = swiglu(ragged_dot(tokens, gate_up_w.reshape(e, d, 2 * f), sizes).reshape(rows, 2, f))
+    y_sorted = ragged_dot(h, down_w, sizes)  # [rows, D]
+    position = jnp.zeros_like(order).at[order].set(jnp.arange(a, dtype=order.dtype))  # sorted row of each
+    y_NXD = jnp.take(y_sorted, position, axis=0).reshape(n, x, d)
     return jnp.where(_in_range(idx_NX, e)[..., None], y_NXD, 0)
 
 
@@ -208,6 +211,34 @@ def run_experts(impl: str, x_ND, gate_up_w, down_w, weights_NX, idx_NX) -> jax.A
     return combine(expert_outputs(impl, x_ND, gate_up_w, down_w, idx_NX), weights_NX, x_ND.dtype)
 
 
+def _expert_specs(gate_up_shape, down_shape):
+    """PartitionSpecs of the routed experts' weights under the current mesh (none without one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        P = jax.sharding.PartitionSpec
+        return P(None, None, None, None), P(None, None, None)
+    layout = Layout(mesh)
+    return layout.spec(("experts", None, None, "mlp"), gate_up_shape), layout.spec(("experts", "mlp", None), down_shape)
+
+
+def choose_dispatch(impl: str, num_tokens: int, top_k: int, gate_up_w: jax.Array) -> str:
+    """Resolves "auto" (static: shapes, dtype and platform only): "gather" while tokens * top-k <=
+    experts / 4 (batch-1 and -2 decode); beyond 64 tokens (prefill) "ragged" where the Mosaic GPU
+    grouped matmul runs (Hopper, bf16, the per-device width a multiple of its tiles); "grouped" otherwise.
+    """
+    if impl != "auto":
+        return impl
+    e, d, _, f = gate_up_w.shape
+    if 4 * num_tokens * top_k <= e:
+        return "gather"
+    width_axis = _expert_specs(gate_up_w.shape, (e, f, d))[0][3]
+    f_local = f // (jax.sharding.get_abstract_mesh().shape[width_axis] if width_axis else 1)
+    dtype = gate_up_w.dtype
+    if num_tokens > 64 and mosaic_ragged_usable(dtype, d, 2 * f_local) and mosaic_ragged_usable(dtype, f_local, d):
+        return "ragged"
+    return "grouped"
+
+
 def experts_sharded(impl: str, x_ND, gate_up_w, down_w, weights_NX, idx_NX) -> jax.Array:
     """Expert (and tensor) parallel routed experts under the current mesh, via `shard_map`.
 
@@ -221,9 +252,7 @@ def experts_sharded(impl: str, x_ND, gate_up_w, down_w, weights_NX, idx_NX) -> j
     instead moves the gathered expert weights between devices.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    layout = Layout(mesh)
-    up_spec = layout.spec(("experts", None, None, "mlp"), gate_up_w.shape)
-    down_spec = layout.spec(("experts", "mlp", None), down_w.shape)
+    up_spec, down_spec = _expert_specs(gate_up_w.shape, down_w.shape)
     expert_axis, width_axis = up_spec[0], up_spec[3]
     split = tuple(a for a in (expert_axis, width_axis) if a)
     if not split:
@@ -253,11 +282,10 @@ class MoE(nn.Module):
 
     `impl` (one of `vl2_jax.config.MOE_IMPLS`): "dense" (the plain reference path: every expert on
     every token), "gather" (chosen experts' weights only), "grouped" (tokens in per-expert slots of a
-    bounded capacity, dense on overflow), "ragged" (`lax.ragged_dot` over expert-sorted tokens; opt-in,
-    slow on NVIDIA GPUs), or "auto": gather while tokens * top-k <= experts / 4 (batch-1 and -2
-    decode), grouped otherwise. The choice is static (it depends on shapes only).
-    `benchmarks/moe_dispatch.py` measured it on an H200 (BENCHMARKS.md): gather wins at one token,
-    grouped from 8 tokens up to prefill. Under a mesh that splits the experts
+    bounded capacity, dense on overflow), "ragged" (a grouped matmul over expert-sorted tokens: the
+    Mosaic GPU kernel on Hopper, `lax.ragged_dot` elsewhere), or "auto" (`choose_dispatch`).
+    `benchmarks/moe_dispatch.py` measured them on an H200 (BENCHMARKS.md): gather wins at one token,
+    grouped at decode batches, the Mosaic kernel at prefill. Under a mesh that splits the experts
     or their width, the dispatch runs per device (`experts_sharded`).
     """
 
@@ -282,9 +310,7 @@ class MoE(nn.Module):
         weights, idx = route(logits, c, bias)
         # For diagnostics (the benchmark collects it with mutable=["intermediates"]; otherwise dead code).
         self.sow("intermediates", "busiest_expert_tokens", jnp.max(jnp.sum(idx[..., None] == jnp.arange(e), (0, 1))))
-        impl = self.impl
-        if impl == "auto":
-            impl = "gather" if 4 * b * t * c.num_experts_per_tok <= e else "grouped"
+        impl = choose_dispatch(self.impl, b * t, c.num_experts_per_tok, gate_up_w)
         if jax.sharding.get_abstract_mesh().empty:
             y = run_experts(impl, x_ND, gate_up_w, down_w, weights, idx)
         else:
