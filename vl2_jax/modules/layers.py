@@ -7,14 +7,15 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 
-def einsum(spec: str, *operands: jax.Array) -> jax.Array:
+def einsum(spec: str, *operands: jax.Array, preferred_element_type=None) -> jax.Array:
     """`jnp.einsum` at full float32 precision when the operands are float32.
 
     GPUs otherwise run float32 matmuls in TF32, which breaks float32 parity with the reference; bfloat16
     operands are unaffected.
     """
     full = all(op.dtype == jnp.float32 for op in operands)
-    return jnp.einsum(spec, *operands, precision=jax.lax.Precision.HIGHEST if full else None)
+    return jnp.einsum(spec, *operands, precision=jax.lax.Precision.HIGHEST if full else None,
+                      preferred_element_type=preferred_element_type)
 
 
 def normal_init(stddev: float = 0.02):
