@@ -17,10 +17,16 @@ def test_bench_smoke(capsys):
     assert {("vision_ms", "image", None), ("prefill_ms", "image", None), ("ttft_ms", "text", None),
             ("decode_tokens_per_s", "image", 1), ("decode_tokens_per_s", "image", 2)} <= metrics
     assert all(r["value"] > 0 for r in rows if r["metric"] != "moe_layers_over_capacity")
-    over = [r for r in rows if r["metric"] == "moe_layers_over_capacity"]
-    assert {r["prompt"] for r in over} == {"image", "text"}
     lc = PRESETS["test"].language
     moe_layers = sum(lc.is_moe_layer(i) for i in range(lc.num_hidden_layers))
+    balance = {r["prompt"]: r for r in rows if r["metric"] == "moe_busiest_expert_tokens"}
+    assert set(balance) == {"image", "text"}
+    for r in balance.values():
+        assert len(r["per_layer"]) == moe_layers and r["value"] == max(r["per_layer"]) <= r["bucket_tokens"]
+    # Over-capacity counts only where the grouped dispatch ran (on CPU: every prompt).
+    prefill = {r["prompt"]: r["dispatch"] for r in rows if r["metric"] == "prefill_ms"}
+    over = [r for r in rows if r["metric"] == "moe_layers_over_capacity"]
+    assert {r["prompt"] for r in over} == {p for p, d in prefill.items() if d == "grouped"} == {"image", "text"}
     for r in over:  # per MoE layer, the busiest expert gets at most every (bucketed) token
         busiest = r["busiest_expert_tokens"]
         assert len(busiest) == moe_layers and all(0 < n <= r["bucket_tokens"] for n in busiest)

@@ -119,10 +119,14 @@ def run(args) -> list[dict]:
         def prefill(x=x, pos=pos, valid=valid, slots=slots):
             return gen._prefill_chunk(gen.language_params, x, pos, valid, gen._cache(1, slots))[0]
 
-        emit(metric="prefill_ms", prompt=name, prompt_tokens=t, dispatch=prefill_dispatch(model, args.moe, length),
+        dispatch = prefill_dispatch(model, args.moe, length)
+        emit(metric="prefill_ms", prompt=name, prompt_tokens=t, dispatch=dispatch,
              value=1e3 * median_time(prefill, args.repeats))
         busiest = busiest_expert_tokens(gen, x, pos, valid)
-        if busiest:  # how often the grouped prefill dispatch falls back to the dense path on this prompt
+        if busiest:  # the routing balance: each MoE layer's busiest expert, of `bucket_tokens` tokens
+            emit(metric="moe_busiest_expert_tokens", prompt=name, prompt_tokens=t, bucket_tokens=length,
+                 per_layer=busiest, value=max(busiest))
+        if busiest and dispatch == "grouped":  # how often the grouped dispatch falls back to the dense path
             cap = grouped_capacity(length, model.cfg.language.num_experts_per_tok, model.cfg.language.n_routed_experts)
             emit(metric="moe_layers_over_capacity", prompt=name, prompt_tokens=t, bucket_tokens=length, capacity=cap,
                  busiest_expert_tokens=busiest, value=sum(n > cap for n in busiest))
