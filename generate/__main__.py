@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
                         "dense (the plain path: every expert on every token), gather, grouped, ragged")
     p.add_argument("--draw-boxes", default=None, metavar="OUT.png",
                    help="draw the answer's grounding boxes on the first --image and save it to OUT.png")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="keep compiled programs in DIR between runs (default: $VL2_JAX_COMPILE_CACHE, else "
+                        "~/.cache/vl2_jax/xla; '' turns it off; JAX_COMPILATION_CACHE_DIR, if set, wins)")
     return p
 
 

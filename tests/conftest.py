@@ -11,6 +11,9 @@ import os
 # Eight simulated CPU devices for the sharding tests; set before anything imports jax. Unsharded code
 # keeps running on the first device.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The CLI's persistent compilation cache is a process-wide JAX setting: off for in-process CLI tests
+# (tests/test_cli.py turns it on in a subprocess of its own).
+os.environ["VL2_JAX_COMPILE_CACHE"] = ""
 
 import functools  # noqa: E402
 import json
