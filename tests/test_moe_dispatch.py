@@ -87,14 +87,55 @@ def test_auto_dispatch_choice():
         assert not mosaic_ragged_usable(jnp.bfloat16, 128, 256)
 
 
+def test_ragged_never_reads_rows_outside_the_groups(arrays, monkeypatch):
+    """The Mosaic kernel leaves rows past the groups unwritten: with a stand-in that fills them with NaN,
+    the ragged dispatch still equals dense, ids of remote experts give exact zeros, and nothing is NaN.
+    N*X = 111 rows, so one padding row too."""
+    from vl2_jax.modules import moe
+
+    def nan_outside(lhs, rhs, sizes):
+        out = jax.lax.ragged_dot(lhs, rhs, sizes, precision=jax.lax.Precision.HIGHEST)
+        return jnp.where((jnp.arange(lhs.shape[0]) < sizes.sum())[:, None], out, jnp.nan)
+
+    monkeypatch.setattr(moe, "ragged_dot", nan_outside)
+    x, gate_up, down, weights, idx = (a[:37] for a in arrays)
+    idx = idx[:, :3].at[:4, 0].set(-3).at[4:8, 1].add(E)
+    weights = weights[:, :3]
+    y = moe.outputs_ragged(x, gate_up, down, idx)
+    assert bool(jnp.all(jnp.isfinite(y)))
+    assert bool(jnp.all(y[:4, 0] == 0)) and bool(jnp.all(y[4:8, 1] == 0))
+    assert rel_err(combine(y, weights, x.dtype), dense(x, gate_up, down, weights, idx)) < 1e-5
+
+
+def test_auto_picks_the_kernel_only_where_the_per_device_width_fits(monkeypatch):
+    """With a Hopper GPU faked: prefill resolves to "ragged" when each device's slice of the expert width
+    fits the kernel's tiles, "grouped" when a tensor split cuts it too thin (tiny's 896 / 4 = 224)."""
+    from vl2_jax import kernels
+    from vl2_jax.config import PRESETS
+    from vl2_jax.sharding import make_mesh
+
+    monkeypatch.setattr(kernels, "_hopper_gpu", lambda: True)
+    if kernels._mgpu is None:
+        pytest.skip("this JAX has no Mosaic GPU ragged_dot module")
+    cfg = PRESETS["tiny"]
+    c = cfg.language
+    w = jax.ShapeDtypeStruct((c.n_routed_experts, c.hidden_size, 2, c.moe_intermediate_size), jnp.bfloat16)
+    assert choose_dispatch("auto", 1042, 6, w) == "ragged"
+    assert choose_dispatch("auto", 32, 6, w) == "grouped"  # decode batches stay grouped
+    with jax.set_mesh(make_mesh("expert=4,tensor=2", cfg)):
+        assert choose_dispatch("auto", 1042, 6, w) == "ragged"  # 448 wide per device
+    with jax.set_mesh(make_mesh("expert=2,tensor=4", cfg)):
+        assert choose_dispatch("auto", 1042, 6, w) == "grouped"  # 224 wide: not a multiple of 128
+
+
 @pytest.mark.skipif(not mosaic_ragged_usable(jnp.bfloat16, 128, 128),
                     reason="the Mosaic GPU grouped matmul needs a Hopper GPU")
-@pytest.mark.parametrize("skewed", [False, True])
-def test_mosaic_ragged_equals_dense_bf16(skewed):
+@pytest.mark.parametrize("n,skewed", [(1042, False), (1042, True), (30, False)])
+def test_mosaic_ragged_equals_dense_bf16(n, skewed):
     """The GPU kernel path of the ragged dispatch (bf16, real tile-divisible sizes) against the dense
     path in float32: the bf16 error only (relative to the largest output), including ids of remote
-    experts and a row count that is not a multiple of the tile."""
-    e, d, f, n, x = 64, 256, 128, 1042, 6
+    experts, a row count that is not a multiple of the tile, and (30 tokens) just over one row tile."""
+    e, d, f, x = 64, 256, 128, 6
     k = jax.random.split(jax.random.key(1), 4)
     xs = jax.random.normal(k[0], (n, d))
     gate_up = jax.random.normal(k[1], (e, d, 2, f)) / d**0.5

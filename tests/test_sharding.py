@@ -172,7 +172,7 @@ def test_expert_parallel_moe_is_bitwise_equal_in_bfloat16():
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), {"params": m.params["params"]["language"]["layers_1"]["mlp"]})
     for tokens in (1, 40):  # decode (no capacity check) and prefill-sized (grouped with its overflow check)
         x = jax.random.normal(jax.random.key(tokens), (2, tokens, m.cfg.language.hidden_size)).astype(jnp.bfloat16)
-        for impl in ("dense", "gather", "grouped"):
+        for impl in ("dense", "gather", "grouped", "ragged"):
             module = MoE(m.cfg.language, jnp.bfloat16, impl)
             want = np.asarray(jax.jit(module.apply)(params, x).astype(jnp.float32))
             for layout in ("data=4,expert=2", "expert=8"):

@@ -57,11 +57,14 @@ def ragged_dot(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array) 
     [G, K, N] -> [M, N] in the input dtype, accumulated in float32 (HIGHEST precision for float32).
 
     Rows past `sum(group_sizes)` belong to no group: their output is unspecified (the Mosaic kernel
-    leaves them unwritten), so callers mask them. M must be a multiple of `ROW_MULTIPLE` for the kernel.
+    leaves them unwritten), so callers mask them. The kernel runs for M a multiple of `ROW_MULTIPLE` and
+    at least one row tile (`BLOCK_M`; fewer rows were not tested on the GPU, and are decode sizes, where
+    the kernel is no faster than the grouped dispatch).
     """
     m, k = lhs_MK.shape
     n = rhs_GKN.shape[-1]
-    if m % ROW_MULTIPLE == 0 and lhs_MK.dtype == rhs_GKN.dtype and mosaic_ragged_usable(lhs_MK.dtype, k, n):
+    fits = m % ROW_MULTIPLE == 0 and m >= BLOCK_M and lhs_MK.dtype == rhs_GKN.dtype
+    if fits and mosaic_ragged_usable(lhs_MK.dtype, k, n):
         return _mosaic_ragged_dot(lhs_MK, rhs_GKN, group_sizes_G)
     precision = jax.lax.Precision.HIGHEST if lhs_MK.dtype == jnp.float32 else None
     return jax.lax.ragged_dot(lhs_MK, rhs_GKN, group_sizes_G, precision=precision)

@@ -205,8 +205,9 @@ def expert_outputs(impl: str, x_ND, gate_up_w, down_w, idx_NX, ids_in_range: boo
     """Each token's chosen experts by one dispatch ("dense", "gather", "grouped" or "ragged"):
     [N, D] -> [N, X, D] in the activation dtype (float32 for "gather", see `outputs_gather`).
 
-    Every dispatch gives the same values; ids outside [0, E) give zeros (expert parallelism passes the
-    experts held by other devices that way) unless the caller promises `ids_in_range`.
+    Every dispatch gives the same values up to the rounding of its output dtype; ids outside [0, E) give
+    zeros (expert parallelism passes the experts held by other devices that way) unless the caller
+    promises `ids_in_range`.
     """
     if impl == "gather":
         return outputs_gather(x_ND, gate_up_w, down_w, idx_NX, ids_in_range)
