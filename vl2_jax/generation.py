@@ -175,7 +175,7 @@ class Generator:
         attention = pad2(batch.attention_mask, False).astype(bool)
         seq_mask = pad2(batch.images_seq_mask, False).astype(bool)
         tiles, src = m._image_inputs(batch)
-        x = self._embed(m.params, m.put(ids, bt), tiles, m.put(pad2(src, 0), bt), m.put(seq_mask, bt))
+        x = self._embed(m.embed_params, m.put(ids, bt), tiles, m.put(pad2(src, 0), bt), m.put(seq_mask, bt))
         return x, ids, attention
 
     def run(
