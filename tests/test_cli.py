@@ -121,3 +121,11 @@ def test_impossible_mesh_fails_with_one_line(capsys, mesh, words):
     assert main(["--model", str(ckpt_dir("mha")), "--dtype", "float32", "--prompt", "hi", "--mesh", mesh]) == 1
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err and err.count("error:") == 1
+
+
+def test_unusable_compile_cache_is_one_note_not_a_failure(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = _cli("--model", "random:test", "--prompt", "hi", "--max-new-tokens", "2", "--compile-cache", str(blocker / "xla"))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("not cached") == 1 and "Warning" not in r.stderr

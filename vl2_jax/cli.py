@@ -67,6 +67,13 @@ def _use_compile_cache(path: str, log: Callable[[str], None]) -> None:
 
     if not path or jax.config.jax_compilation_cache_dir:
         return
+    try:
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK):
+            raise PermissionError("not writable")
+    except OSError as e:
+        log(f"compiled programs not cached: cannot use {path} ({e.strerror or e}); see --compile-cache")
+        return
     jax.config.update("jax_compilation_cache_dir", path)
     log(f"compiled programs cached in {path}")
 
