@@ -115,6 +115,7 @@ def test_auto_picks_the_kernel_only_where_the_per_device_width_fits(monkeypatch)
     from vl2_jax.sharding import make_mesh
 
     monkeypatch.setattr(kernels, "_hopper_gpu", lambda: True)
+    monkeypatch.setattr(kernels, "_mosaic_self_check", lambda: True)
     if kernels._mgpu is None:
         pytest.skip("this JAX has no Mosaic GPU ragged_dot module")
     cfg = PRESETS["tiny"]
@@ -148,3 +149,25 @@ def test_mosaic_ragged_equals_dense_bf16(n, skewed):
     want = dense(bf(xs).astype(jnp.float32), bf(gate_up).astype(jnp.float32), bf(down).astype(jnp.float32), weights, idx)
     assert rel_err(got.astype(jnp.float32), want) < 1e-2
     assert bool(jnp.all(jnp.isfinite(got)))
+
+
+def test_kernel_self_check_guards_against_a_broken_kernel(monkeypatch):
+    """A kernel that fails (an incompatible JAX) or computes wrong values is detected once, inside a
+    trace too, with one warning, and the dispatch falls back to the portable path."""
+    from vl2_jax import kernels
+
+    def check(stand_in):
+        kernels._mosaic_self_check.cache_clear()
+        monkeypatch.setattr(kernels, "_mosaic_ragged_dot", stand_in)
+        return jax.jit(lambda: jnp.array(kernels._mosaic_self_check()))()
+
+    def broken(*args):
+        raise TypeError("ragged_dot() got an unexpected keyword argument 'block_m'")
+
+    exact = lambda lhs, rhs, sizes: jax.lax.ragged_dot(lhs, rhs, sizes)
+    with pytest.warns(UserWarning, match="self-check"):
+        assert not check(broken)
+    with pytest.warns(UserWarning, match="relative error"):
+        assert not check(lambda lhs, rhs, sizes: exact(lhs, rhs, sizes) * 1.1)
+    assert check(exact)
+    kernels._mosaic_self_check.cache_clear()

@@ -10,6 +10,7 @@ expert gate/up projection where `lax.ragged_dot` took 2.3 ms (BENCHMARKS.md).
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +41,31 @@ def mosaic_ragged_usable(dtype, k: int, n: int) -> bool:
         and k % BLOCK_K == 0
         and n % BLOCK_N == 0
         and _hopper_gpu()
+        and _mosaic_self_check()
     )
+
+
+@functools.cache
+def _mosaic_self_check() -> bool:
+    """Runs the kernel once on a small problem against `lax.ragged_dot`: the kernel comes from JAX's
+    examples, not a stable API, so a JAX whose version of it breaks or changes its signature gets a
+    warning and the portable path instead of a failing prefill. Runs eagerly even inside a trace."""
+    try:
+        with jax.ensure_compile_time_eval():
+            k1, k2 = jax.random.split(jax.random.key(0))
+            lhs = jax.random.normal(k1, (2 * BLOCK_M, BLOCK_K), jnp.bfloat16)
+            rhs = jax.random.normal(k2, (3, BLOCK_K, BLOCK_N), jnp.bfloat16)
+            sizes = jnp.array([100, 0, 150], jnp.int32)  # 6 rows in no group
+            got = _mosaic_ragged_dot(lhs, rhs, sizes)[:250].astype(jnp.float32)
+            want = jax.lax.ragged_dot(lhs, rhs, sizes, preferred_element_type=jnp.float32)[:250]
+            err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+        if not err < 2e-2:
+            raise ValueError(f"relative error {err:.3g} against lax.ragged_dot")
+        return True
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use it
+        warnings.warn(f"vl2_jax: the Mosaic GPU grouped matmul failed its self-check ({type(e).__name__}: "
+                      f"{str(e)[:200]}); prefill uses the slower portable dispatch instead.", stacklevel=2)
+        return False
 
 
 @jax.jit
