@@ -11,6 +11,7 @@ case and a table: microseconds per matvec and the bandwidth it reaches reading W
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -44,6 +45,7 @@ def bench(spec: str, x_shape, w_shape, take: int) -> float:
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     cases = []
     for name, d, f in (("tiny dense MLP", 1280, 6848), ("small dense MLP", 2048, 10944),
                        ("tiny LM head", 1280, 129280), ("small LM head", 2048, 102400)):
