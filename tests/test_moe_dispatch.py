@@ -118,6 +118,8 @@ def test_auto_picks_the_kernel_only_where_the_per_device_width_fits(monkeypatch)
     monkeypatch.setattr(kernels, "_mosaic_self_check", lambda: True)
     if kernels._mgpu is None:
         pytest.skip("this JAX has no Mosaic GPU ragged_dot module")
+    if jax.device_count() < 8:
+        pytest.skip("the meshes below need 8 devices (the CPU suite fakes 8 host devices)")
     cfg = PRESETS["tiny"]
     c = cfg.language
     w = jax.ShapeDtypeStruct((c.n_routed_experts, c.hidden_size, 2, c.moe_intermediate_size), jnp.bfloat16)
@@ -129,8 +131,24 @@ def test_auto_picks_the_kernel_only_where_the_per_device_width_fits(monkeypatch)
         assert choose_dispatch("auto", 1042, 6, w) == "grouped"  # 224 wide: not a multiple of 128
 
 
-@pytest.mark.skipif(not mosaic_ragged_usable(jnp.bfloat16, 128, 128),
-                    reason="the Mosaic GPU grouped matmul needs a Hopper GPU")
+def _hopper_with_kernel() -> bool:
+    from vl2_jax import kernels
+
+    return kernels._mgpu is not None and kernels._hopper_gpu()
+
+
+@pytest.mark.skipif(not _hopper_with_kernel(), reason="the Mosaic GPU grouped matmul needs a Hopper GPU")
+def test_kernel_self_check_passes_on_hopper_inside_a_trace():
+    """On the GPU the kernel is meant for, its self-check passes, also when first asked while a model
+    is being traced (as the prefill does): a failing check would silently cost the fast prefill."""
+    from vl2_jax import kernels
+
+    kernels._mosaic_self_check.cache_clear()
+    assert bool(jax.jit(lambda: jnp.array(kernels._mosaic_self_check()))())
+    assert mosaic_ragged_usable(jnp.bfloat16, 128, 128)
+
+
+@pytest.mark.skipif(not _hopper_with_kernel(), reason="the Mosaic GPU grouped matmul needs a Hopper GPU")
 @pytest.mark.parametrize("n,skewed", [(1042, False), (1042, True), (30, False)])
 def test_mosaic_ragged_equals_dense_bf16(n, skewed):
     """The GPU kernel path of the ragged dispatch (bf16, real tile-divisible sizes) against the dense
@@ -158,7 +176,7 @@ def test_kernel_self_check_guards_against_a_broken_kernel(monkeypatch):
 
     def check(stand_in):
         kernels._mosaic_self_check.cache_clear()
-        monkeypatch.setattr(kernels, "_mosaic_ragged_dot", stand_in)
+        monkeypatch.setattr(kernels, "_mosaic_ragged_dot", jax.jit(stand_in))
         return jax.jit(lambda: jnp.array(kernels._mosaic_self_check()))()
 
     def broken(*args):
@@ -170,4 +188,81 @@ def test_kernel_self_check_guards_against_a_broken_kernel(monkeypatch):
     with pytest.warns(UserWarning, match="relative error"):
         assert not check(lambda lhs, rhs, sizes: exact(lhs, rhs, sizes) * 1.1)
     assert check(exact)
+    # Like the real kernel, a stand-in whose body names a mesh axis: checked eagerly op by op, it
+    # would lose that axis ("unbound axis name"), which once turned the kernel off on the GPU.
+    mesh = jax.make_mesh((1,), ("sm",), axis_types=(jax.sharding.AxisType.Explicit,), devices=jax.devices()[:1])
+    P = jax.sharding.PartitionSpec
+
+    def with_axis(lhs, rhs, sizes):
+        def body(lhs, rhs, sizes):
+            return exact(lhs, rhs, sizes) + 0 * jax.lax.axis_index("sm").astype(lhs.dtype)
+        return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P()), out_specs=P(),
+                             check_vma=False)(lhs, rhs, sizes)
+
+    assert check(with_axis)
     kernels._mosaic_self_check.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gathered_matvec_kernel_semantics(dtype):
+    """The decode kernel's program (run by Pallas's interpreter, so on any backend): several column and
+    row blocks, rows sharing an input (`rows_per_input`), repeated and unordered expert ids."""
+    from vl2_jax.kernels import MATVEC_BLOCK_K, MATVEC_BLOCK_N, gathered_matvec
+
+    rng = np.random.default_rng(3)
+    e, k, n, per = 7, 3 * MATVEC_BLOCK_K, 5 * MATVEC_BLOCK_N, 3
+    x = rng.standard_normal((2, k)).astype(dtype)
+    w = rng.standard_normal((e, k, n)).astype(dtype)
+    ids = np.array([6, 0, 3, 3, 1, 6], np.int32)
+    got = np.asarray(gathered_matvec(x, w, ids, rows_per_input=per, interpret=True))
+    want = np.einsum("ak,akn->an", x[np.arange(len(ids)) // per].astype(np.float64), w[ids].astype(np.float64))
+    assert got.dtype == np.float32 and got.shape == (len(ids), n)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+
+
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_gather_dispatch_through_the_kernel_equals_dense(monkeypatch, tokens):
+    """The gather dispatch with its kernel switched in (interpreted on CPU) against the dense path in
+    float32, bf16 weights at tile-divisible sizes, with and without out-of-range (remote) ids."""
+    import functools
+
+    from vl2_jax.kernels import MATVEC_BLOCK_K, gathered_matvec
+    from vl2_jax.modules import moe
+
+    monkeypatch.setattr(moe, "gathered_matvec_usable", lambda *a: True)
+    monkeypatch.setattr(moe, "gathered_matvec", functools.partial(gathered_matvec, interpret=True))
+    e, d, f, x = 12, 2 * MATVEC_BLOCK_K, MATVEC_BLOCK_K, 3
+    k = jax.random.split(jax.random.key(5), 4)
+    bf = lambda a: a.astype(jnp.bfloat16)
+    xs = bf(jax.random.normal(k[0], (tokens, d)))
+    gate_up = bf(jax.random.normal(k[1], (e, d, 2, f)) / d**0.5)
+    down = bf(jax.random.normal(k[2], (e, f, d)) / f**0.5)
+    weights, idx = jax.lax.top_k(jax.nn.softmax(jax.random.normal(k[3], (tokens, e))), x)
+    idx = idx.astype(jnp.int32)
+    f32 = lambda a: a.astype(jnp.float32)
+    for ids, in_range in ((idx, True), (idx.at[0, 0].set(-2).at[-1, 1].add(e), False)):
+        got = run_experts("gather", xs, gate_up, down, weights, ids, ids_in_range=in_range)
+        want = dense(f32(xs), f32(gate_up), f32(down), weights, ids)
+        assert rel_err(f32(got), want) < 1e-2
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the gathered matrix-vector kernel runs on NVIDIA GPUs")
+def test_gathered_matvec_kernel_on_the_gpu():
+    """On a GPU the kernel builds and passes its self-check (inside a trace too), and the bf16 gather
+    dispatch at small's real sizes agrees with the float32 dense path."""
+    from vl2_jax import kernels
+
+    kernels._matvec_self_check.cache_clear()
+    assert bool(jax.jit(lambda: jnp.array(kernels._matvec_self_check()))())
+    e, d, f, x = 64, 2048, 1408, 6
+    assert kernels.gathered_matvec_usable(jnp.bfloat16, d, 2 * f) and kernels.gathered_matvec_usable(jnp.bfloat16, f, d)
+    k = jax.random.split(jax.random.key(2), 4)
+    bf = lambda a: a.astype(jnp.bfloat16)
+    xs = bf(jax.random.normal(k[0], (2, d)))
+    gate_up = bf(jax.random.normal(k[1], (e, d, 2, f)) / d**0.5)
+    down = bf(jax.random.normal(k[2], (e, f, d)) / f**0.5)
+    weights, idx = jax.lax.top_k(jax.nn.softmax(jax.random.normal(k[3], (2, e))), x)
+    got = jax.jit(run_experts, static_argnums=0)("gather", xs, gate_up, down, weights, idx.astype(jnp.int32))
+    f32 = lambda a: a.astype(jnp.float32)
+    want = dense(f32(xs), f32(gate_up), f32(down), weights, idx.astype(jnp.int32))
+    assert rel_err(f32(got), want) < 1e-2

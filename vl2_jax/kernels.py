@@ -5,15 +5,27 @@ and falls back to the plain JAX operation everywhere else (CPU, TPU, other GPUs,
 GPU grouped matmul that ships with JAX (`jax.experimental.pallas.ops.gpu.ragged_dot_mgpu`); elsewhere
 `jax.lax.ragged_dot`. On an H200 at a 1042-token prefill the Mosaic kernel took 0.15 ms for tiny's
 expert gate/up projection where `lax.ragged_dot` took 2.3 ms (BENCHMARKS.md).
+
+`gathered_matvec`: the decode step's chosen-expert matrix-vector products as one Pallas Triton kernel
+that reads each chosen expert's weights in place. XLA's form of it (`w[ids]` then a dot) first copies
+the chosen experts' weights out, which was a quarter of small's batch-1 decode step on an H200. The
+portable form of the same product stays in `vl2_jax.modules.moe.outputs_gather`.
+
+`VL2_JAX_KERNELS=0` in the environment turns every kernel off (the portable paths run), to compare or
+to rule a kernel out.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
 
 try:  # an example kernel module of JAX, not a stable API: any import failure means "not available"
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu as _mgpu
@@ -26,6 +38,11 @@ BLOCK_M, BLOCK_N, BLOCK_K, STEPS, GRID_BLOCK_N = 128, 128, 64, 4, 4
 ROW_MULTIPLE = 8  # the Mosaic kernel's row count must be a multiple of its 8-row tiling
 
 
+def kernels_enabled() -> bool:
+    """False when `VL2_JAX_KERNELS=0` in the environment (read when a model is traced)."""
+    return os.environ.get("VL2_JAX_KERNELS", "1") != "0"
+
+
 @functools.cache
 def _hopper_gpu() -> bool:
     if jax.default_backend() != "gpu":
@@ -36,7 +53,8 @@ def _hopper_gpu() -> bool:
 def mosaic_ragged_usable(dtype, k: int, n: int) -> bool:
     """Whether `ragged_dot` of [M, k] x [G, k, n] in `dtype` runs the Mosaic GPU kernel here."""
     return (
-        _mgpu is not None
+        kernels_enabled()
+        and _mgpu is not None
         and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
         and k % BLOCK_K == 0
         and n % BLOCK_N == 0
@@ -47,20 +65,24 @@ def mosaic_ragged_usable(dtype, k: int, n: int) -> bool:
 
 @functools.cache
 def _mosaic_self_check() -> bool:
-    """Runs the kernel once on a small problem against `lax.ragged_dot`: the kernel comes from JAX's
-    examples, not a stable API, so a JAX whose version of it breaks or changes its signature gets a
-    warning and the portable path instead of a failing prefill. Runs eagerly even inside a trace."""
+    """Runs the kernel once on a small problem against a float32 numpy reference: the kernel comes from
+    JAX's examples, not a stable API, so a JAX whose version of it breaks or changes its signature gets
+    a warning and the portable path instead of a failing prefill.
+
+    Runs eagerly even when first asked inside a trace: numpy inputs and an ahead-of-time compiled call
+    (not `ensure_compile_time_eval`, which evaluates the kernel's body op by op and loses its mesh axes).
+    """
     try:
-        with jax.ensure_compile_time_eval():
-            k1, k2 = jax.random.split(jax.random.key(0))
-            lhs = jax.random.normal(k1, (2 * BLOCK_M, BLOCK_K), jnp.bfloat16)
-            rhs = jax.random.normal(k2, (3, BLOCK_K, BLOCK_N), jnp.bfloat16)
-            sizes = jnp.array([100, 0, 150], jnp.int32)  # 6 rows in no group
-            got = _mosaic_ragged_dot(lhs, rhs, sizes)[:250].astype(jnp.float32)
-            want = jax.lax.ragged_dot(lhs, rhs, sizes, preferred_element_type=jnp.float32)[:250]
-            err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+        rng = np.random.default_rng(0)
+        sizes = np.array([100, 0, 150], np.int32)  # 6 rows in no group
+        lhs = rng.standard_normal((2 * BLOCK_M, BLOCK_K)).astype(jnp.bfloat16)
+        rhs = rng.standard_normal((len(sizes), BLOCK_K, BLOCK_N)).astype(jnp.bfloat16)
+        got = np.asarray(_mosaic_ragged_dot.lower(lhs, rhs, sizes).compile()(lhs, rhs, sizes), np.float32)
+        group = np.repeat(np.arange(len(sizes)), sizes)
+        want = np.einsum("mk,mkn->mn", lhs[: len(group)].astype(np.float32), rhs[group].astype(np.float32))
+        err = float(np.max(np.abs(got[: len(group)] - want)) / np.max(np.abs(want)))
         if not err < 2e-2:
-            raise ValueError(f"relative error {err:.3g} against lax.ragged_dot")
+            raise ValueError(f"relative error {err:.3g} against a float32 reference")
         return True
     except Exception as e:  # noqa: BLE001 - any failure means: do not use it
         warnings.warn(f"vl2_jax: the Mosaic GPU grouped matmul failed its self-check ({type(e).__name__}: "
@@ -93,3 +115,92 @@ def ragged_dot(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array) 
         return _mosaic_ragged_dot(lhs_MK, rhs_GKN, group_sizes_G)
     precision = jax.lax.Precision.HIGHEST if lhs_MK.dtype == jnp.float32 else None
     return jax.lax.ragged_dot(lhs_MK, rhs_GKN, group_sizes_G, precision=precision)
+
+
+# Gathered matrix-vector kernel: each program reduces one (row, expert) pair over all of K for a slice
+# of MATVEC_BLOCK_N output columns, MATVEC_BLOCK_K rows of the weight at a time.
+MATVEC_BLOCK_K, MATVEC_BLOCK_N, MATVEC_WARPS, MATVEC_STAGES = 128, 64, 4, 4
+
+
+def gathered_matvec_usable(dtype, k: int, n: int) -> bool:
+    """Whether `gathered_matvec` of rows [., k] against experts [E, k, n] in `dtype` runs its kernel here
+    (any CUDA GPU; bf16/f16; k and n multiples of the blocks; a one-time self-check)."""
+    return (
+        kernels_enabled()
+        and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        and k % MATVEC_BLOCK_K == 0
+        and n % MATVEC_BLOCK_N == 0
+        and _cuda_gpu()
+        and _matvec_self_check()
+    )
+
+
+@functools.cache
+def _cuda_gpu() -> bool:
+    return jax.default_backend() == "gpu" and "NVIDIA" in jax.local_devices()[0].device_kind.upper()
+
+
+def _gathered_matvec_kernel(ids_ref, x_ref, w_ref, out_ref):
+    # ids_ref [1]: this row's expert; x_ref [K]: its input; w_ref [E, K, N]: all experts, read in place;
+    # out_ref [BLOCK_N]: float32 sums for this program's columns.
+    block_n = out_ref.shape[-1]
+    expert = ids_ref[0]
+    cols = pl.ds(pl.program_id(1) * block_n, block_n)
+
+    def step(i, acc):
+        rows = pl.ds(pl.multiple_of(i * MATVEC_BLOCK_K, MATVEC_BLOCK_K), MATVEC_BLOCK_K)
+        x = x_ref[rows].astype(jnp.float32)
+        w = w_ref[expert, rows, cols].astype(jnp.float32)
+        return acc + jnp.sum(x[:, None] * w, axis=0)
+
+    steps = w_ref.shape[1] // MATVEC_BLOCK_K
+    out_ref[...] = jax.lax.fori_loop(0, steps, step, jnp.zeros((block_n,), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("rows_per_input", "interpret"))
+def gathered_matvec(x_RK: jax.Array, w_EKN: jax.Array, ids_A: jax.Array, rows_per_input: int = 1,
+                    interpret: bool = False) -> jax.Array:
+    """out[a] = x[a // rows_per_input] @ w[ids[a]]: inputs [R, K], experts [E, K, N], expert ids [A] in
+    [0, E) -> [A, N] float32 (A = R * rows_per_input). Ids must be in range: nothing checks them.
+
+    One program per (row a, block of N columns); the expert's weights are read where they lie, once
+    per row. `interpret=True` runs the kernel's semantics on any backend (the CPU tests).
+    """
+    a = ids_A.shape[0]
+    e, k, n = w_EKN.shape
+    return pl.pallas_call(
+        _gathered_matvec_kernel,
+        grid=(a, n // MATVEC_BLOCK_N),
+        in_specs=[
+            pl.BlockSpec((1,), lambda i, j: (i,)),
+            pl.BlockSpec((None, k), lambda i, j: (i // rows_per_input, 0)),
+            pl.BlockSpec((e, k, n), lambda i, j: (0, 0, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, MATVEC_BLOCK_N), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((a, n), jnp.float32),
+        compiler_params=pl_triton.CompilerParams(num_warps=MATVEC_WARPS, num_stages=MATVEC_STAGES),
+        interpret=interpret,
+        name="gathered_matvec",
+    )(ids_A.astype(jnp.int32), x_RK, w_EKN)
+
+
+@functools.cache
+def _matvec_self_check() -> bool:
+    """`gathered_matvec` once against a float32 numpy reference, eagerly (as `_mosaic_self_check`): a
+    GPU or JAX on which the Triton kernel does not build gets one warning and XLA's gather instead."""
+    try:
+        rng = np.random.default_rng(0)
+        e, k, n, per = 5, 2 * MATVEC_BLOCK_K, 2 * MATVEC_BLOCK_N, 3
+        x = rng.standard_normal((2, k)).astype(jnp.bfloat16)
+        w = rng.standard_normal((e, k, n)).astype(jnp.bfloat16)
+        ids = np.array([4, 0, 2, 2, 1, 4], np.int32)
+        got = np.asarray(gathered_matvec.lower(x, w, ids, per).compile()(x, w, ids))
+        want = np.einsum("ak,akn->an", x[np.arange(len(ids)) // per].astype(np.float32), w[ids].astype(np.float32))
+        err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+        if not err < 1e-3:
+            raise ValueError(f"relative error {err:.3g} against a float32 reference")
+        return True
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use it
+        warnings.warn(f"vl2_jax: the gathered matrix-vector kernel failed its self-check ({type(e).__name__}: "
+                      f"{str(e)[:200]}); decode uses XLA's gather instead.", stacklevel=2)
+        return False
