@@ -2,10 +2,11 @@
 
     python benchmarks/profile_decode.py --model random:tiny --tokens 32 --cosine
 
-1. Profiles a batch-1 greedy generation (with --first-token: one time to first token, the vision
-   tower, prefill and first sample, kernels summed over the whole call) with `jax.profiler` (perfetto trace), then sums the device
-   kernels by name: launches per decoded token, device-busy time per token against the wall time per
-   token. A busy fraction well under 1 means the step is bound by launch gaps, not by the kernels.
+1. Profiles batch-1 greedy decode steps with `jax.profiler` (a --tokens generation minus a one-token
+   one, so embedding and prefill drop out; with --first-token instead: one time to first token, the
+   vision tower, prefill and first sample), then sums the device kernels by name: launches per decoded
+   token, device-busy time per token against the wall time per token. A busy fraction well under 1
+   means the step is bound by launch gaps, not by the kernels.
 2. With --cosine: the same random weights in float32 and in bf16, logits of the image prompt, cosine
    similarity per position (the acceptance bar is >= 0.999).
 Prints one JSON line per result, then a short table.
@@ -36,8 +37,9 @@ def _prompt(model, size=768):
     return model.processor.batchify([one])
 
 
-def _traced(fn):
-    """Runs fn() under the profiler -> (its result, wall seconds, kernel launches and busy us by name)."""
+def _traced(fn, exact_names: bool = False):
+    """Runs fn() under the profiler -> (its result, wall seconds, kernel launches and busy us by name).
+    Names lose their numeric suffix (all `input_reduce_fusion_N` together) unless `exact_names`."""
     trace_dir = tempfile.mkdtemp()
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         start = time.perf_counter()
@@ -54,7 +56,7 @@ def _traced(fn):
             continue
         where = procs.get(e["pid"], "") + " " + threads.get((e["pid"], e["tid"]), "")
         if "/device:GPU" in where and "Stream" in where:
-            name = re.sub(r"[._]\d+$", "", e["name"])
+            name = e["name"] if exact_names else re.sub(r"[._]\d+$", "", e["name"])
             kernels[name] += 1
             busy[name] += e["dur"]
     if not kernels:  # unknown trace layout: show what is there instead of a silent zero
@@ -79,24 +81,30 @@ def profile_first_token(spec: str) -> list[dict]:
     return rows
 
 
-def profile(spec: str, tokens: int) -> list[dict]:
+def profile(spec: str, tokens: int, exact_names: bool = False) -> list[dict]:
+    """Kernels of the decode steps alone: a `tokens`-token generation minus a one-token one (the same
+    embedding and prefill), per name, divided by the tokens - 1 decode steps."""
     from vl2_jax.hub import load_model
 
     model = load_model(spec, "bfloat16")
     batch = _prompt(model)
-    model.generate(batch, max_new_tokens=tokens, ignore_eos=True)  # compile
-    result, wall, kernels, busy = _traced(lambda: model.generate(batch, max_new_tokens=tokens, ignore_eos=True))
+    run = lambda n: model.generate(batch, max_new_tokens=n, ignore_eos=True)
+    run(tokens), run(1)  # compile
+    _, _, kernels1, busy1 = _traced(lambda: run(1), exact_names)
+    result, wall, kernels, busy = _traced(lambda: run(tokens), exact_names)
+    kernels.subtract(kernels1)
+    busy.subtract(busy1)
     steps = tokens - 1
     per_step_wall = result.decode_s / steps
-    total_busy = sum(busy.values()) * 1e-6
+    step_busy = sum(v for v in busy.values() if v > 0) * 1e-6 / steps
     rows = [{
-        "model": spec, "metric": "decode_profile", "launches_per_token": sum(kernels.values()) / tokens,
-        "device_busy_ms_per_token": 1e3 * total_busy / tokens, "wall_ms_per_token": 1e3 * per_step_wall,
-        "busy_fraction": total_busy / wall, "jax": jax.__version__, "device": jax.devices()[0].device_kind,
+        "model": spec, "metric": "decode_profile", "launches_per_token": sum(v for v in kernels.values() if v > 0) / steps,
+        "device_busy_ms_per_token": 1e3 * step_busy, "wall_ms_per_token": 1e3 * per_step_wall,
+        "busy_fraction": step_busy / per_step_wall, "jax": jax.__version__, "device": jax.devices()[0].device_kind,
     }]
-    for name, dur in busy.most_common(12):
-        rows.append({"model": spec, "metric": "kernel", "name": name[:80], "per_token": kernels[name] / tokens,
-                     "us_per_token": dur / tokens})
+    for name, dur in busy.most_common(25 if exact_names else 12):
+        rows.append({"model": spec, "metric": "kernel", "name": name[:80], "per_token": kernels[name] / steps,
+                     "us_per_token": dur / steps})
     return rows
 
 
@@ -124,11 +132,13 @@ def main(argv=None) -> int:
     p.add_argument("--cosine", action="store_true")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--first-token", action="store_true", help="profile the time to first token instead")
+    p.add_argument("--exact-names", action="store_true",
+                   help="list kernels by their full names (to find them in an XLA dump of the optimized HLO)")
     args = p.parse_args(argv)
     if args.no_profile:
         rows = []
     else:
-        rows = profile_first_token(args.model) if args.first_token else profile(args.model, args.tokens)
+        rows = profile_first_token(args.model) if args.first_token else profile(args.model, args.tokens, args.exact_names)
     if args.cosine:
         rows += cosine(args.model)
     for r in rows:

@@ -203,14 +203,15 @@ def test_kernel_self_check_guards_against_a_broken_kernel(monkeypatch):
     kernels._mosaic_self_check.cache_clear()
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_gathered_matvec_kernel_semantics(dtype):
+@pytest.mark.parametrize("dtype,k_blocks", [(jnp.float32, 3), (jnp.bfloat16, 3), (jnp.bfloat16, 4)])
+def test_gathered_matvec_kernel_semantics(dtype, k_blocks):
     """The decode kernel's program (run by Pallas's interpreter, so on any backend): several column and
-    row blocks, rows sharing an input (`rows_per_input`), repeated and unordered expert ids."""
+    row blocks (K of 3 blocks of 128, or 4: two of 256), rows sharing an input (`rows_per_input`),
+    repeated and unordered expert ids."""
     from vl2_jax.kernels import MATVEC_BLOCK_K, MATVEC_BLOCK_N, gathered_matvec
 
     rng = np.random.default_rng(3)
-    e, k, n, per = 7, 3 * MATVEC_BLOCK_K, 5 * MATVEC_BLOCK_N, 3
+    e, k, n, per = 7, k_blocks * MATVEC_BLOCK_K, 5 * MATVEC_BLOCK_N, 3
     x = rng.standard_normal((2, k)).astype(dtype)
     w = rng.standard_normal((e, k, n)).astype(dtype)
     ids = np.array([6, 0, 3, 3, 1, 6], np.int32)

@@ -118,7 +118,8 @@ def ragged_dot(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array) 
 
 
 # Gathered matrix-vector kernel: each program reduces one (row, expert) pair over all of K for a slice
-# of MATVEC_BLOCK_N output columns, MATVEC_BLOCK_K rows of the weight at a time.
+# of MATVEC_BLOCK_N output columns, block_k rows of the weight at a time: 256 where K allows, else
+# MATVEC_BLOCK_K. From a sweep on an H200 at small's and base's expert shapes (BENCHMARKS.md).
 MATVEC_BLOCK_K, MATVEC_BLOCK_N, MATVEC_WARPS, MATVEC_STAGES = 128, 64, 4, 4
 
 
@@ -140,45 +141,48 @@ def _cuda_gpu() -> bool:
     return jax.default_backend() == "gpu" and "NVIDIA" in jax.local_devices()[0].device_kind.upper()
 
 
-def _gathered_matvec_kernel(ids_ref, x_ref, w_ref, out_ref):
+def _gathered_matvec_kernel(ids_ref, x_ref, w_ref, out_ref, *, block_k: int):
     # ids_ref [1]: this row's expert; x_ref [K]: its input; w_ref [E, K, N]: all experts, read in place;
-    # out_ref [BLOCK_N]: float32 sums for this program's columns.
+    # out_ref [block_n]: float32 sums for this program's columns.
     block_n = out_ref.shape[-1]
     expert = ids_ref[0]
     cols = pl.ds(pl.program_id(1) * block_n, block_n)
 
     def step(i, acc):
-        rows = pl.ds(pl.multiple_of(i * MATVEC_BLOCK_K, MATVEC_BLOCK_K), MATVEC_BLOCK_K)
+        rows = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
         x = x_ref[rows].astype(jnp.float32)
         w = w_ref[expert, rows, cols].astype(jnp.float32)
         return acc + jnp.sum(x[:, None] * w, axis=0)
 
-    steps = w_ref.shape[1] // MATVEC_BLOCK_K
+    steps = w_ref.shape[1] // block_k
     out_ref[...] = jax.lax.fori_loop(0, steps, step, jnp.zeros((block_n,), jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnames=("rows_per_input", "interpret"))
+@functools.partial(jax.jit, static_argnames=("rows_per_input", "interpret", "tiles"))
 def gathered_matvec(x_RK: jax.Array, w_EKN: jax.Array, ids_A: jax.Array, rows_per_input: int = 1,
-                    interpret: bool = False) -> jax.Array:
+                    interpret: bool = False, tiles: tuple[int, int, int, int] | None = None) -> jax.Array:
     """out[a] = x[a // rows_per_input] @ w[ids[a]]: inputs [R, K], experts [E, K, N], expert ids [A] in
     [0, E) -> [A, N] float32 (A = R * rows_per_input). Ids must be in range: nothing checks them.
 
     One program per (row a, block of N columns); the expert's weights are read where they lie, once
-    per row. `interpret=True` runs the kernel's semantics on any backend (the CPU tests).
+    per row. `interpret=True` runs the kernel's semantics on any backend (the CPU tests). `tiles`
+    (block_k, block_n, warps, stages) overrides the defaults (`benchmarks/matvec_tiles.py` sweeps them).
     """
     a = ids_A.shape[0]
     e, k, n = w_EKN.shape
+    block_k = 2 * MATVEC_BLOCK_K if k % (2 * MATVEC_BLOCK_K) == 0 else MATVEC_BLOCK_K
+    block_k, block_n, warps, stages = tiles or (block_k, MATVEC_BLOCK_N, MATVEC_WARPS, MATVEC_STAGES)
     return pl.pallas_call(
-        _gathered_matvec_kernel,
-        grid=(a, n // MATVEC_BLOCK_N),
+        functools.partial(_gathered_matvec_kernel, block_k=block_k),
+        grid=(a, n // block_n),
         in_specs=[
             pl.BlockSpec((1,), lambda i, j: (i,)),
             pl.BlockSpec((None, k), lambda i, j: (i // rows_per_input, 0)),
             pl.BlockSpec((e, k, n), lambda i, j: (0, 0, 0)),
         ],
-        out_specs=pl.BlockSpec((None, MATVEC_BLOCK_N), lambda i, j: (i, j)),
+        out_specs=pl.BlockSpec((None, block_n), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((a, n), jnp.float32),
-        compiler_params=pl_triton.CompilerParams(num_warps=MATVEC_WARPS, num_stages=MATVEC_STAGES),
+        compiler_params=pl_triton.CompilerParams(num_warps=warps, num_stages=stages),
         interpret=interpret,
         name="gathered_matvec",
     )(ids_A.astype(jnp.int32), x_RK, w_EKN)

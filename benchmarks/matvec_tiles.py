@@ -1,0 +1,85 @@
+"""Tile sizes of the decode step's gathered matrix-vector kernel (`vl2_jax.kernels.gathered_matvec`). (GPU)
+
+    python benchmarks/matvec_tiles.py [--models tiny,small,base] [--tokens 1]
+
+For each model's routed-expert projections at batch-1 decode (gate/up: [X, D] rows against experts
+[E, D, 2F]; down: [X, F] against [E, F, D]; X = top-k chosen experts), times every tile configuration
+(block_k, block_n, warps, stages) over 8 different random expert choices (so the experts' weights do
+not sit in the L2 cache), checks it against a float32 reference, and prints one JSON line per case,
+then a table of the best configuration per shape with its bandwidth and the default's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vl2_jax import kernels
+from vl2_jax.bench import median_time
+from vl2_jax.config import PRESETS
+
+CONFIGS = list(itertools.product((128, 256), (32, 64, 128), (4, 8), (2, 4)))  # block_k, block_n, warps, stages
+ROUNDS = 8
+
+
+def _case(rows: int, per: int, k: int, n: int, e: int, x: int):
+    kx, kw, ki = jax.random.split(jax.random.key(0), 3)
+    inputs = jax.random.normal(kx, (rows, k), jnp.bfloat16)
+    w = (0.05 * jax.random.normal(kw, (e, k, n), jnp.float32)).astype(jnp.bfloat16)
+    ids = jnp.stack([jax.random.permutation(kk, e)[: rows * per] for kk in jax.random.split(ki, ROUNDS)])
+    return inputs, w, ids.astype(jnp.int32)
+
+
+def _sweep(row: dict, inputs, w, ids, per: int) -> dict:
+    want = np.einsum("ak,akn->an", np.asarray(inputs, np.float32)[np.arange(ids.shape[1]) // per],
+                     np.asarray(w[ids[0]], np.float32))
+    k, n = w.shape[1:]
+    results = {}
+    for tiles in [t for t in CONFIGS if k % t[0] == 0 and n % t[1] == 0]:
+        def rounds(inputs, w, ids, tiles=tiles):
+            return sum(kernels.gathered_matvec(inputs, w, ids[i], per, tiles=tiles).sum() for i in range(ROUNDS))
+        fn = jax.jit(rounds)
+        try:
+            got = np.asarray(kernels.gathered_matvec(inputs, w, ids[0], per, tiles=tiles))
+            err = float(np.abs(got - want).max() / np.abs(want).max())
+            ms = 1e3 * median_time(lambda fn=fn: fn(inputs, w, ids), 5) / ROUNDS
+        except Exception as e:  # noqa: BLE001 - a configuration that does not build is reported, not fatal
+            print(json.dumps(row | {"tiles": tiles, "error": f"{type(e).__name__}: {str(e)[:120]}"}), flush=True)
+            continue
+        gbps = ids.shape[1] * k * n * w.dtype.itemsize / (ms * 1e-3) / 1e9
+        results[tiles] = (ms, gbps, err)
+        print(json.dumps(row | {"tiles": tiles, "ms": ms, "gb_per_s": gbps, "rel_err": err}), flush=True)
+    best = min(results, key=lambda t: results[t][0])
+    block_k = 2 * kernels.MATVEC_BLOCK_K if k % (2 * kernels.MATVEC_BLOCK_K) == 0 else kernels.MATVEC_BLOCK_K
+    default = (block_k, kernels.MATVEC_BLOCK_N, kernels.MATVEC_WARPS, kernels.MATVEC_STAGES)
+    return row | {"best": best, "best_ms": results[best][0], "best_gb_per_s": results[best][1],
+                  "best_rel_err": results[best][2], "default_ms": results.get(default, (float("nan"),))[0]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="tiny,small,base")
+    p.add_argument("--tokens", type=int, default=1, help="decode batch (rows = tokens * top-k)")
+    args = p.parse_args(argv)
+    table = []
+    for model in args.models.split(","):
+        c = PRESETS[model].language
+        e, d, f, x = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size, c.num_experts_per_tok
+        for proj, rows, per, k, n in (("gate_up", args.tokens, x, d, 2 * f), ("down", args.tokens * x, 1, f, d)):
+            row = {"model": model, "proj": proj, "rows": rows * per, "k": k, "n": n}
+            table.append(_sweep(row, *_case(rows, per, k, n, e, x), per))
+    print("| model | projection | rows x K x N | best (block_k, block_n, warps, stages) | ms | GB/s | default ms |")
+    print("|---|---|---|---|---|---|---|")
+    for r in table:
+        print(f"| {r['model']} | {r['proj']} | {r['rows']} x {r['k']} x {r['n']} | {r['best']} | {r['best_ms']:.4f} | "
+              f"{r['best_gb_per_s']:.0f} | {r['default_ms']:.4f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
