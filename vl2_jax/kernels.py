@@ -9,7 +9,9 @@ expert gate/up projection where `lax.ragged_dot` took 2.3 ms (BENCHMARKS.md).
 `gathered_matvec`: the decode step's chosen-expert matrix-vector products as one Pallas Triton kernel
 that reads each chosen expert's weights in place. XLA's form of it (`w[ids]` then a dot) first copies
 the chosen experts' weights out, which was a quarter of small's batch-1 decode step on an H200. The
-portable form of the same product stays in `vl2_jax.modules.moe.outputs_gather`.
+portable form of the same product stays in `vl2_jax.modules.moe.outputs_gather`. JAX 0.11 marks
+Pallas's Triton backend deprecated (a DeprecationWarning at lowering); when it is removed, the
+self-check fails and decode runs XLA's gather again, until the kernel moves to Mosaic GPU.
 
 `VL2_JAX_KERNELS=0` in the environment turns every kernel off (the portable paths run), to compare or
 to rule a kernel out.
