@@ -267,3 +267,21 @@ def test_gathered_matvec_kernel_on_the_gpu():
     f32 = lambda a: a.astype(jnp.float32)
     want = dense(f32(xs), f32(gate_up), f32(down), weights, idx.astype(jnp.int32))
     assert rel_err(f32(got), want) < 1e-2
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the failure path where the kernel cannot build")
+def test_matvec_self_check_fails_closed_where_the_kernel_cannot_build(monkeypatch):
+    """Where Triton cannot lower (here: the CPU), the self-check warns once and says no; with the
+    kernel's semantics in place (Pallas's interpreter) it says yes, inside a trace too."""
+    import functools
+
+    from vl2_jax import kernels
+
+    kernels._matvec_self_check.cache_clear()
+    with pytest.warns(UserWarning, match="gathered matrix-vector kernel failed its self-check"):
+        assert not kernels._matvec_self_check()
+    interpreted = jax.jit(functools.partial(kernels.gathered_matvec, interpret=True), static_argnums=3)
+    monkeypatch.setattr(kernels, "gathered_matvec", interpreted)
+    kernels._matvec_self_check.cache_clear()
+    assert bool(jax.jit(lambda: jnp.array(kernels._matvec_self_check()))())
+    kernels._matvec_self_check.cache_clear()

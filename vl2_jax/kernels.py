@@ -65,31 +65,42 @@ def mosaic_ragged_usable(dtype, k: int, n: int) -> bool:
     )
 
 
-@functools.cache
-def _mosaic_self_check() -> bool:
-    """Runs the kernel once on a small problem against a float32 numpy reference: the kernel comes from
-    JAX's examples, not a stable API, so a JAX whose version of it breaks or changes its signature gets
-    a warning and the portable path instead of a failing prefill.
+def _self_check(kernel: str, fallback: str, tolerance: float, compute) -> bool:
+    """Whether `compute()` -> (the kernel's output, a float32 numpy reference) agree within `tolerance`
+    of the reference's largest value. Any failure, an exception included, is one warning and False.
 
-    Runs eagerly even when first asked inside a trace: numpy inputs and an ahead-of-time compiled call
-    (not `ensure_compile_time_eval`, which evaluates the kernel's body op by op and loses its mesh axes).
+    A kernel is checked eagerly even when first asked inside a trace: numpy inputs and an ahead-of-time
+    compiled call (not `ensure_compile_time_eval`, which evaluates a kernel's body op by op and loses
+    its mesh axes: on the GPU that once turned the prefill kernel off).
     """
     try:
+        got, want = compute()
+        err = float(np.max(np.abs(np.asarray(got, np.float32) - want)) / np.max(np.abs(want)))
+        if not err < tolerance:
+            raise ValueError(f"relative error {err:.3g} against a float32 reference")
+        return True
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use it
+        warnings.warn(f"vl2_jax: the {kernel} failed its self-check ({type(e).__name__}: {str(e)[:200]}); "
+                      f"{fallback} instead.", stacklevel=3)
+        return False
+
+
+@functools.cache
+def _mosaic_self_check() -> bool:
+    """The Mosaic kernel once on a small problem: it comes from JAX's examples, not a stable API, so a
+    JAX whose version of it breaks or changes its signature gets the portable path, not a failing prefill."""
+
+    def compute():
         rng = np.random.default_rng(0)
         sizes = np.array([100, 0, 150], np.int32)  # 6 rows in no group
         lhs = rng.standard_normal((2 * BLOCK_M, BLOCK_K)).astype(jnp.bfloat16)
         rhs = rng.standard_normal((len(sizes), BLOCK_K, BLOCK_N)).astype(jnp.bfloat16)
-        got = np.asarray(_mosaic_ragged_dot.lower(lhs, rhs, sizes).compile()(lhs, rhs, sizes), np.float32)
+        got = _mosaic_ragged_dot.lower(lhs, rhs, sizes).compile()(lhs, rhs, sizes)
         group = np.repeat(np.arange(len(sizes)), sizes)
         want = np.einsum("mk,mkn->mn", lhs[: len(group)].astype(np.float32), rhs[group].astype(np.float32))
-        err = float(np.max(np.abs(got[: len(group)] - want)) / np.max(np.abs(want)))
-        if not err < 2e-2:
-            raise ValueError(f"relative error {err:.3g} against a float32 reference")
-        return True
-    except Exception as e:  # noqa: BLE001 - any failure means: do not use it
-        warnings.warn(f"vl2_jax: the Mosaic GPU grouped matmul failed its self-check ({type(e).__name__}: "
-                      f"{str(e)[:200]}); prefill uses the slower portable dispatch instead.", stacklevel=2)
-        return False
+        return np.asarray(got)[: len(group)], want
+
+    return _self_check("Mosaic GPU grouped matmul", "prefill uses the slower portable dispatch", 2e-2, compute)
 
 
 @jax.jit
@@ -192,21 +203,17 @@ def gathered_matvec(x_RK: jax.Array, w_EKN: jax.Array, ids_A: jax.Array, rows_pe
 
 @functools.cache
 def _matvec_self_check() -> bool:
-    """`gathered_matvec` once against a float32 numpy reference, eagerly (as `_mosaic_self_check`): a
-    GPU or JAX on which the Triton kernel does not build gets one warning and XLA's gather instead."""
-    try:
+    """`gathered_matvec` once on a small problem: a GPU or JAX on which the Triton kernel does not build
+    (Pallas's Triton backend is deprecated) gets XLA's gather."""
+
+    def compute():
         rng = np.random.default_rng(0)
         e, k, n, per = 5, 2 * MATVEC_BLOCK_K, 2 * MATVEC_BLOCK_N, 3
         x = rng.standard_normal((2, k)).astype(jnp.bfloat16)
         w = rng.standard_normal((e, k, n)).astype(jnp.bfloat16)
         ids = np.array([4, 0, 2, 2, 1, 4], np.int32)
-        got = np.asarray(gathered_matvec.lower(x, w, ids, per).compile()(x, w, ids))
+        got = gathered_matvec.lower(x, w, ids, per).compile()(x, w, ids)
         want = np.einsum("ak,akn->an", x[np.arange(len(ids)) // per].astype(np.float32), w[ids].astype(np.float32))
-        err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
-        if not err < 1e-3:
-            raise ValueError(f"relative error {err:.3g} against a float32 reference")
-        return True
-    except Exception as e:  # noqa: BLE001 - any failure means: do not use it
-        warnings.warn(f"vl2_jax: the gathered matrix-vector kernel failed its self-check ({type(e).__name__}: "
-                      f"{str(e)[:200]}); decode uses XLA's gather instead.", stacklevel=2)
-        return False
+        return got, want
+
+    return _self_check("gathered matrix-vector kernel", "decode uses XLA's gather", 1e-3, compute)
