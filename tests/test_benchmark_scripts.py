@@ -30,3 +30,9 @@ def test_moe_dispatch_benchmark_runs_on_cpu():
     r = _run("benchmarks/moe_dispatch.py", "--models", "test", "--tokens", "1,8")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| test | gather |" in r.stdout and "| test | grouped |" in r.stdout
+
+
+def test_bf16_drift_runs_on_cpu():
+    r = _run("benchmarks/bf16_drift.py", "--model", "test", "--layers", "2", "--tokens", "16")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "logits_cosine_bf16_with_f32_routing" in r.stdout and "tokens_with_other_experts" in r.stdout
