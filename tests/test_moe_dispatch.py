@@ -285,3 +285,17 @@ def test_matvec_self_check_fails_closed_where_the_kernel_cannot_build(monkeypatc
     kernels._matvec_self_check.cache_clear()
     assert bool(jax.jit(lambda: jnp.array(kernels._matvec_self_check()))())
     kernels._matvec_self_check.cache_clear()
+
+
+def test_a_jax_without_pallas_triton_uses_xla_gather(monkeypatch):
+    """The Triton backend is deprecated: without it the kernel is simply not used (and the library
+    still imports), while its semantics still run interpreted."""
+    from vl2_jax import kernels
+
+    monkeypatch.setattr(kernels, "_cuda_gpu", lambda: True)
+    monkeypatch.setattr(kernels, "_matvec_self_check", lambda: True)
+    assert kernels.gathered_matvec_usable(jnp.bfloat16, 256, 128) == (kernels.pl_triton is not None)
+    monkeypatch.setattr(kernels, "pl_triton", None)
+    assert not kernels.gathered_matvec_usable(jnp.bfloat16, 256, 128)
+    x, w, ids = np.ones((1, 128), np.float32), np.ones((2, 128, 64), np.float32), np.array([1], np.int32)
+    assert np.allclose(np.asarray(kernels.gathered_matvec(x, w, ids, interpret=True)), 128.0)

@@ -10,8 +10,8 @@ expert gate/up projection where `lax.ragged_dot` took 2.3 ms (BENCHMARKS.md).
 that reads each chosen expert's weights in place. XLA's form of it (`w[ids]` then a dot) first copies
 the chosen experts' weights out, which was a quarter of small's batch-1 decode step on an H200. The
 portable form of the same product stays in `vl2_jax.modules.moe.outputs_gather`. JAX 0.11 marks
-Pallas's Triton backend deprecated (a DeprecationWarning at lowering); when it is removed, the
-self-check fails and decode runs XLA's gather again, until the kernel moves to Mosaic GPU.
+Pallas's Triton backend deprecated (a DeprecationWarning at lowering); a JAX without it, or on which
+the kernel fails its self-check, runs XLA's gather again, until the kernel moves to Mosaic GPU.
 
 `VL2_JAX_KERNELS=0` in the environment turns every kernel off (the portable paths run), to compare or
 to rule a kernel out.
@@ -27,12 +27,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pl_triton
 
 try:  # an example kernel module of JAX, not a stable API: any import failure means "not available"
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu as _mgpu
 except Exception:  # noqa: BLE001
     _mgpu = None
+
+try:  # Pallas's Triton backend, deprecated in JAX 0.11: once it is gone, decode uses XLA's gather
+    from jax.experimental.pallas import triton as pl_triton
+except Exception:  # noqa: BLE001
+    pl_triton = None
 
 # Tile sizes: the fastest in a sweep on an H200 at tiny's and small's prefill shapes, even and skewed routing
 # (`benchmarks/ragged_dot_tiles.py`; BENCHMARKS.md).
@@ -141,6 +145,7 @@ def gathered_matvec_usable(dtype, k: int, n: int) -> bool:
     (any CUDA GPU; bf16/f16; k and n multiples of the blocks; a one-time self-check)."""
     return (
         kernels_enabled()
+        and pl_triton is not None
         and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
         and k % MATVEC_BLOCK_K == 0
         and n % MATVEC_BLOCK_N == 0
@@ -195,7 +200,7 @@ def gathered_matvec(x_RK: jax.Array, w_EKN: jax.Array, ids_A: jax.Array, rows_pe
         ],
         out_specs=pl.BlockSpec((None, block_n), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((a, n), jnp.float32),
-        compiler_params=pl_triton.CompilerParams(num_warps=warps, num_stages=stages),
+        compiler_params=pl_triton.CompilerParams(num_warps=warps, num_stages=stages) if pl_triton else None,
         interpret=interpret,
         name="gathered_matvec",
     )(ids_A.astype(jnp.int32), x_RK, w_EKN)
