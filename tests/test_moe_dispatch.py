@@ -203,11 +203,14 @@ def test_kernel_self_check_guards_against_a_broken_kernel(monkeypatch):
     kernels._mosaic_self_check.cache_clear()
 
 
-@pytest.mark.parametrize("dtype,k_blocks", [(jnp.float32, 3), (jnp.bfloat16, 3), (jnp.bfloat16, 4)])
-def test_gathered_matvec_kernel_semantics(dtype, k_blocks):
+@pytest.mark.parametrize("dtype,k_blocks,tiles", [
+    (jnp.float32, 3, None), (jnp.bfloat16, 3, None), (jnp.bfloat16, 4, None),
+    (jnp.bfloat16, 4, (128, 64, 4, 4, 2)), (jnp.bfloat16, 4, (128, 32, 4, 4, 4)),
+])
+def test_gathered_matvec_kernel_semantics(dtype, k_blocks, tiles):
     """The decode kernel's program (run by Pallas's interpreter, so on any backend): several column and
-    row blocks (K of 3 blocks of 128, or 4: two of 256), rows sharing an input (`rows_per_input`),
-    repeated and unordered expert ids."""
+    row blocks (K of 3 blocks of 128, or 4: two of 256, or split over 2 or 4 programs), rows sharing an
+    input (`rows_per_input`), repeated and unordered expert ids."""
     from vl2_jax.kernels import MATVEC_BLOCK_K, MATVEC_BLOCK_N, gathered_matvec
 
     rng = np.random.default_rng(3)
@@ -215,10 +218,18 @@ def test_gathered_matvec_kernel_semantics(dtype, k_blocks):
     x = rng.standard_normal((2, k)).astype(dtype)
     w = rng.standard_normal((e, k, n)).astype(dtype)
     ids = np.array([6, 0, 3, 3, 1, 6], np.int32)
-    got = np.asarray(gathered_matvec(x, w, ids, rows_per_input=per, interpret=True))
+    got = np.asarray(gathered_matvec(x, w, ids, rows_per_input=per, interpret=True, tiles=tiles))
     want = np.einsum("ak,akn->an", x[np.arange(len(ids)) // per].astype(np.float64), w[ids].astype(np.float64))
     assert got.dtype == np.float32 and got.shape == (len(ids), n)
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+
+
+def test_gathered_matvec_refuses_tiles_that_do_not_divide():
+    from vl2_jax.kernels import gathered_matvec
+
+    x, w, ids = np.ones((1, 384), np.float32), np.ones((2, 384, 64), np.float32), np.zeros(1, np.int32)
+    with pytest.raises(ValueError, match="multiple of block_k"):
+        gathered_matvec(x, w, ids, interpret=True, tiles=(128, 64, 4, 4, 2))
 
 
 @pytest.mark.parametrize("tokens", [1, 2])

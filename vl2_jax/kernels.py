@@ -159,51 +159,59 @@ def _cuda_gpu() -> bool:
     return jax.default_backend() == "gpu" and "NVIDIA" in jax.local_devices()[0].device_kind.upper()
 
 
-def _gathered_matvec_kernel(ids_ref, x_ref, w_ref, out_ref, *, block_k: int):
+def _gathered_matvec_kernel(ids_ref, x_ref, w_ref, out_ref, *, block_k: int, k_steps: int):
     # ids_ref [1]: this row's expert; x_ref [K]: its input; w_ref [E, K, N]: all experts, read in place;
-    # out_ref [block_n]: float32 sums for this program's columns.
+    # out_ref [block_n]: float32 sums for this program's columns over its k_steps blocks of K.
     block_n = out_ref.shape[-1]
     expert = ids_ref[0]
     cols = pl.ds(pl.program_id(1) * block_n, block_n)
+    first = pl.program_id(2) * k_steps
 
     def step(i, acc):
-        rows = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
+        rows = pl.ds(pl.multiple_of((first + i) * block_k, block_k), block_k)
         x = x_ref[rows].astype(jnp.float32)
         w = w_ref[expert, rows, cols].astype(jnp.float32)
         return acc + jnp.sum(x[:, None] * w, axis=0)
 
-    steps = w_ref.shape[1] // block_k
-    out_ref[...] = jax.lax.fori_loop(0, steps, step, jnp.zeros((block_n,), jnp.float32))
+    out_ref[...] = jax.lax.fori_loop(0, k_steps, step, jnp.zeros((block_n,), jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("rows_per_input", "interpret", "tiles"))
 def gathered_matvec(x_RK: jax.Array, w_EKN: jax.Array, ids_A: jax.Array, rows_per_input: int = 1,
-                    interpret: bool = False, tiles: tuple[int, int, int, int] | None = None) -> jax.Array:
+                    interpret: bool = False, tiles: tuple[int, ...] | None = None) -> jax.Array:
     """out[a] = x[a // rows_per_input] @ w[ids[a]]: inputs [R, K], experts [E, K, N], expert ids [A] in
     [0, E) -> [A, N] float32 (A = R * rows_per_input). Ids must be in range: nothing checks them.
 
-    One program per (row a, block of N columns); the expert's weights are read where they lie, once
-    per row. `interpret=True` runs the kernel's semantics on any backend (the CPU tests). `tiles`
-    (block_k, block_n, warps, stages) overrides the defaults (`benchmarks/matvec_tiles.py` sweeps them).
+    One program per (row a, block of N columns, slice of K); the expert's weights are read where they
+    lie, once per row. `interpret=True` runs the kernel's semantics on any backend (the CPU tests).
+    `tiles` (block_k, block_n, warps, stages[, k_split]) overrides the defaults
+    (`benchmarks/matvec_tiles.py` sweeps them); k_split > 1 splits K over that many programs, whose
+    float32 partial sums are added after the kernel (more programs in flight for short row counts).
     """
     a = ids_A.shape[0]
     e, k, n = w_EKN.shape
     block_k = 2 * MATVEC_BLOCK_K if k % (2 * MATVEC_BLOCK_K) == 0 else MATVEC_BLOCK_K
-    block_k, block_n, warps, stages = tiles or (block_k, MATVEC_BLOCK_N, MATVEC_WARPS, MATVEC_STAGES)
-    return pl.pallas_call(
-        functools.partial(_gathered_matvec_kernel, block_k=block_k),
-        grid=(a, n // block_n),
+    tiles = tiles or (block_k, MATVEC_BLOCK_N, MATVEC_WARPS, MATVEC_STAGES)
+    block_k, block_n, warps, stages = tiles[:4]
+    k_split = tiles[4] if len(tiles) > 4 else 1
+    if k % (block_k * k_split) or n % block_n:
+        raise ValueError(f"gathered_matvec: K={k} must be a multiple of block_k*k_split={block_k * k_split} "
+                         f"and N={n} of block_n={block_n}")
+    partial_sums = pl.pallas_call(
+        functools.partial(_gathered_matvec_kernel, block_k=block_k, k_steps=k // (block_k * k_split)),
+        grid=(a, n // block_n, k_split),
         in_specs=[
-            pl.BlockSpec((1,), lambda i, j: (i,)),
-            pl.BlockSpec((None, k), lambda i, j: (i // rows_per_input, 0)),
-            pl.BlockSpec((e, k, n), lambda i, j: (0, 0, 0)),
+            pl.BlockSpec((1,), lambda i, j, s: (i,)),
+            pl.BlockSpec((None, k), lambda i, j, s: (i // rows_per_input, 0)),
+            pl.BlockSpec((e, k, n), lambda i, j, s: (0, 0, 0)),
         ],
-        out_specs=pl.BlockSpec((None, block_n), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((a, n), jnp.float32),
+        out_specs=pl.BlockSpec((None, None, block_n), lambda i, j, s: (s, i, j)),
+        out_shape=jax.ShapeDtypeStruct((k_split, a, n), jnp.float32),
         compiler_params=pl_triton.CompilerParams(num_warps=warps, num_stages=stages) if pl_triton else None,
         interpret=interpret,
         name="gathered_matvec",
     )(ids_A.astype(jnp.int32), x_RK, w_EKN)
+    return partial_sums[0] if k_split == 1 else partial_sums.sum(0)
 
 
 @functools.cache
