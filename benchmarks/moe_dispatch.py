@@ -4,8 +4,10 @@
 
 Times the routed + shared experts of every MoE layer of a model (random bf16 weights at the real
 sizes, layers chained so each depends on the last, one jitted call) for each dispatch of
-`vl2_jax.modules.moe` and, at decode sizes, for a candidate not in the library: the shared experts
-stored as S stacked experts and run with the gathered routed ones in one matmul.
+`vl2_jax.modules.moe` (the library's kernels as `auto` would pick them; "grouped, expert kernel" is
+the grouped dispatch with the experimental kernel, `VL2_JAX_KERNELS=experimental`, at decode sizes)
+and, at decode sizes, for a candidate not in the library: the shared experts stored as S stacked
+experts and run with the gathered routed ones in one matmul.
 Prints one JSON line per case and a table of milliseconds per token count (all layers together).
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -72,9 +75,16 @@ def run(model: str, tokens: list[int]) -> list[dict]:
     e, d, f, s, k = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size, c.n_shared_experts, c.num_experts_per_tok
     layers = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
     rows = []
-    for name in ("dense", "grouped", "gather", "ragged", "gather+shared as experts"):
+    setting = os.environ.get("VL2_JAX_KERNELS")
+    for name in ("dense", "grouped", "grouped, expert kernel", "gather", "ragged", "gather+shared as experts"):
         ws = _weights(jax.random.key(0), layers, e, d, f, s, name.endswith("experts"))
-        layer = _layer_shared_as_experts(k) if name.endswith("experts") else _layer(name, k)
+        layer = _layer_shared_as_experts(k) if name.endswith("experts") else _layer(name.split(",")[0], k)
+        if name == "grouped, expert kernel":  # read when the chain is traced, inside its first timing
+            os.environ["VL2_JAX_KERNELS"] = "experimental"
+        elif setting is None:
+            os.environ.pop("VL2_JAX_KERNELS", None)
+        else:
+            os.environ["VL2_JAX_KERNELS"] = setting
 
         @jax.jit
         def chain(x, ws, layer=layer):
@@ -83,7 +93,8 @@ def run(model: str, tokens: list[int]) -> list[dict]:
             return x
 
         for n in tokens:
-            if (name.startswith("gather") and n > 64) or (name == "ragged" and n < 64):
+            if ((name.startswith("gather") and n > 64) or (name == "ragged" and n < 64)
+                    or (name.endswith("kernel") and n > 64)):
                 continue
             x = jax.random.normal(jax.random.key(n), (n, d), jnp.bfloat16)
             sec = median_time(lambda x=x, ws=ws, chain=chain: chain(x, ws), REPS)

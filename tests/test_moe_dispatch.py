@@ -310,3 +310,80 @@ def test_a_jax_without_pallas_triton_uses_xla_gather(monkeypatch):
     assert not kernels.gathered_matvec_usable(jnp.bfloat16, 256, 128)
     x, w, ids = np.ones((1, 128), np.float32), np.ones((2, 128, 64), np.float32), np.array([1], np.int32)
     assert np.allclose(np.asarray(kernels.gathered_matvec(x, w, ids, interpret=True)), 128.0)
+
+
+def test_expert_matmul_kernel_semantics():
+    """The experimental decode-batch kernel (interpreted): each expert's rows times its weights, zeros
+    for experts no row chose, several row/column/K blocks."""
+    from vl2_jax.kernels import EXPERT_ROWS_MULTIPLE, MATVEC_BLOCK_K, MATVEC_BLOCK_N, expert_matmul
+
+    rng = np.random.default_rng(4)
+    e, m, k, n = 5, EXPERT_ROWS_MULTIPLE, 3 * MATVEC_BLOCK_K, 3 * MATVEC_BLOCK_N
+    sizes = np.array([2, 0, 16, 0, 7], np.int32)
+    xs = (rng.standard_normal((e, m, k)) * (np.arange(m)[None, :, None] < sizes[:, None, None])).astype(np.float32)
+    w = rng.standard_normal((e, k, n)).astype(np.float32)
+    got = np.asarray(expert_matmul(xs, w, sizes, interpret=True))
+    want = np.einsum("emk,ekn->emn", xs.astype(np.float64), w.astype(np.float64))
+    assert got.dtype == np.float32 and np.abs(got - want).max() / np.abs(want).max() < 1e-5
+    assert not got[[1, 3]].any()
+    with pytest.raises(ValueError, match="multiple of"):
+        expert_matmul(xs[:, :8], w, sizes, interpret=True)
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_grouped_dispatch_through_the_expert_kernel_equals_dense(monkeypatch, remote):
+    """The grouped dispatch at a decode batch with the experimental kernel switched in (interpreted)
+    against the dense path in float32, bf16 weights, with and without ids of remote experts."""
+    import functools
+
+    from vl2_jax.kernels import MATVEC_BLOCK_K, expert_matmul
+    from vl2_jax.modules import moe
+
+    monkeypatch.setattr(moe, "expert_matmul_usable", lambda *a: True)
+    monkeypatch.setattr(moe, "expert_matmul", functools.partial(expert_matmul, interpret=True))
+    e, d, f, x, n = 16, 2 * MATVEC_BLOCK_K, MATVEC_BLOCK_K, 4, 8
+    k = jax.random.split(jax.random.key(6), 4)
+    bf = lambda a: a.astype(jnp.bfloat16)
+    xs = bf(jax.random.normal(k[0], (n, d)))
+    gate_up = bf(jax.random.normal(k[1], (e, d, 2, f)) / d**0.5)
+    down = bf(jax.random.normal(k[2], (e, f, d)) / f**0.5)
+    weights, idx = jax.lax.top_k(jax.nn.softmax(jax.random.normal(k[3], (n, e))), x)
+    idx = idx.astype(jnp.int32)
+    if remote:
+        idx = idx.at[:, 0].set(-1).at[:3, 1].add(e)
+    got = run_experts("grouped", xs, gate_up, down, weights, idx)
+    f32 = lambda a: a.astype(jnp.float32)
+    assert rel_err(f32(got), dense(f32(xs), f32(gate_up), f32(down), weights, idx)) < 1e-2
+
+
+def test_experimental_kernels_only_on_request(monkeypatch):
+    from vl2_jax import kernels
+
+    for setting, measured, experimental in (("1", True, False), ("0", False, False), ("experimental", True, True)):
+        monkeypatch.setenv("VL2_JAX_KERNELS", setting)
+        assert (kernels.kernels_enabled(), kernels.kernels_enabled(experimental=True)) == (measured, experimental)
+    monkeypatch.delenv("VL2_JAX_KERNELS")
+    assert kernels.kernels_enabled() and not kernels.kernels_enabled(experimental=True)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the expert matmul kernel runs on NVIDIA GPUs")
+def test_expert_matmul_kernel_on_the_gpu(monkeypatch):
+    """Experimental kernel, asked for: it builds and passes its self-check inside a trace, and the bf16
+    grouped dispatch through it at small's sizes (batch 8) agrees with the float32 dense path."""
+    from vl2_jax import kernels
+
+    monkeypatch.setenv("VL2_JAX_KERNELS", "experimental")
+    kernels._expert_matmul_self_check.cache_clear()
+    assert bool(jax.jit(lambda: jnp.array(kernels._expert_matmul_self_check()))())
+    e, d, f, x, n = 64, 2048, 1408, 6, 8
+    assert kernels.expert_matmul_usable(jnp.bfloat16, d, 2 * f) and kernels.expert_matmul_usable(jnp.bfloat16, f, d)
+    k = jax.random.split(jax.random.key(7), 4)
+    bf = lambda a: a.astype(jnp.bfloat16)
+    xs = bf(jax.random.normal(k[0], (n, d)))
+    gate_up = bf(jax.random.normal(k[1], (e, d, 2, f)) / d**0.5)
+    down = bf(jax.random.normal(k[2], (e, f, d)) / f**0.5)
+    weights, idx = jax.lax.top_k(jax.nn.softmax(jax.random.normal(k[3], (n, e))), x)
+    got = jax.jit(run_experts, static_argnums=0)("grouped", xs, gate_up, down, weights, idx.astype(jnp.int32))
+    f32 = lambda a: a.astype(jnp.float32)
+    want = dense(f32(xs), f32(gate_up), f32(down), weights, idx.astype(jnp.int32))
+    assert rel_err(f32(got), want) < 1e-2

@@ -13,8 +13,12 @@ portable form of the same product stays in `vl2_jax.modules.moe.outputs_gather`.
 Pallas's Triton backend deprecated (a DeprecationWarning at lowering); a JAX without it, or on which
 the kernel fails its self-check, runs XLA's gather again, until the kernel moves to Mosaic GPU.
 
-`VL2_JAX_KERNELS=0` in the environment turns every kernel off (the portable paths run), to compare or
-to rule a kernel out.
+`expert_matmul` (experimental): the grouped dispatch's per-expert matmuls at decode batches, skipping
+the experts no token chose, so a batch of 8 reads ~35 of small's 64 experts instead of all of them.
+Not yet measured on a GPU, so off unless asked for.
+
+`VL2_JAX_KERNELS` in the environment: `0` turns every kernel off (the portable paths run), to compare
+or to rule a kernel out; `experimental` also turns on the kernels not yet measured to win.
 """
 
 from __future__ import annotations
@@ -44,9 +48,11 @@ BLOCK_M, BLOCK_N, BLOCK_K, STEPS, GRID_BLOCK_N = 128, 128, 64, 4, 4
 ROW_MULTIPLE = 8  # the Mosaic kernel's row count must be a multiple of its 8-row tiling
 
 
-def kernels_enabled() -> bool:
-    """False when `VL2_JAX_KERNELS=0` in the environment (read when a model is traced)."""
-    return os.environ.get("VL2_JAX_KERNELS", "1") != "0"
+def kernels_enabled(experimental: bool = False) -> bool:
+    """Whether kernels may run: not with `VL2_JAX_KERNELS=0`; experimental ones only with
+    `VL2_JAX_KERNELS=experimental` (read when a model is traced)."""
+    setting = os.environ.get("VL2_JAX_KERNELS", "1")
+    return setting == "experimental" if experimental else setting != "0"
 
 
 @functools.cache
@@ -230,3 +236,88 @@ def _matvec_self_check() -> bool:
         return got, want
 
     return _self_check("gathered matrix-vector kernel", "decode uses XLA's gather", 1e-3, compute)
+
+
+# Expert matmul (experimental): one program per (expert, block of N columns) multiplies the expert's
+# rows [M, K] (M padded to EXPERT_ROWS_MULTIPLE for the tensor cores' 16-row minimum) by its weights.
+EXPERT_ROWS_MULTIPLE = 16
+
+
+def expert_matmul_usable(dtype, k: int, n: int) -> bool:
+    """Whether `expert_matmul` of [E, M, k] rows against [E, k, n] runs its kernel here (experimental:
+    only with `VL2_JAX_KERNELS=experimental`; NVIDIA GPU; bf16/f16; tile-divisible; a self-check)."""
+    return (
+        kernels_enabled(experimental=True)
+        and pl_triton is not None
+        and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        and k % MATVEC_BLOCK_K == 0
+        and n % MATVEC_BLOCK_N == 0
+        and _cuda_gpu()
+        and _expert_matmul_self_check()
+    )
+
+
+def _expert_matmul_kernel(sizes_ref, x_ref, w_ref, out_ref, *, block_k: int):
+    # sizes_ref [1]: rows routed to this expert; x_ref [E, M, K]: every expert's rows (zero past its
+    # size); w_ref [E, K, N]: the weights, read in place; out_ref [M, block_n]: float32.
+    e = pl.program_id(0)
+    m, block_n = out_ref.shape
+    cols = pl.ds(pl.program_id(1) * block_n, block_n)
+
+    @pl.when(sizes_ref[0] > 0)
+    def _():
+        def step(i, acc):
+            rows = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
+            return acc + jax.lax.dot(x_ref[e, :, rows], w_ref[e, rows, cols], preferred_element_type=jnp.float32)
+
+        steps = w_ref.shape[1] // block_k
+        out_ref[...] = jax.lax.fori_loop(0, steps, step, jnp.zeros((m, block_n), jnp.float32))
+
+    @pl.when(sizes_ref[0] == 0)
+    def _():
+        out_ref[...] = jnp.zeros((m, block_n), jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def expert_matmul(xs_EMK: jax.Array, w_EKN: jax.Array, sizes_E: jax.Array, interpret: bool = False) -> jax.Array:
+    """out[e] = xs[e] @ w[e] for every expert with sizes[e] > 0, zeros for the others: rows [E, M, K]
+    (M a multiple of `EXPERT_ROWS_MULTIPLE`), weights [E, K, N], row counts [E] -> [E, M, N] float32.
+
+    The weights of an expert no row chose are never read. `interpret=True` runs the kernel's
+    semantics on any backend (the CPU tests).
+    """
+    e, m, k = xs_EMK.shape
+    n = w_EKN.shape[-1]
+    if m % EXPERT_ROWS_MULTIPLE:
+        raise ValueError(f"expert_matmul: {m} rows per expert, not a multiple of {EXPERT_ROWS_MULTIPLE}")
+    block_k = 2 * MATVEC_BLOCK_K if k % (2 * MATVEC_BLOCK_K) == 0 else MATVEC_BLOCK_K
+    return pl.pallas_call(
+        functools.partial(_expert_matmul_kernel, block_k=block_k),
+        grid=(e, n // MATVEC_BLOCK_N),
+        in_specs=[
+            pl.BlockSpec((1,), lambda i, j: (i,)),
+            pl.BlockSpec((e, m, k), lambda i, j: (0, 0, 0)),
+            pl.BlockSpec((e, k, n), lambda i, j: (0, 0, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, m, MATVEC_BLOCK_N), lambda i, j: (i, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((e, m, n), jnp.float32),
+        compiler_params=pl_triton.CompilerParams(num_warps=MATVEC_WARPS, num_stages=MATVEC_STAGES) if pl_triton else None,
+        interpret=interpret,
+        name="expert_matmul",
+    )(sizes_E.astype(jnp.int32), xs_EMK, w_EKN)
+
+
+@functools.cache
+def _expert_matmul_self_check() -> bool:
+    """`expert_matmul` once on a small problem, experts without rows included."""
+
+    def compute():
+        rng = np.random.default_rng(0)
+        e, m, k, n = 4, EXPERT_ROWS_MULTIPLE, 2 * MATVEC_BLOCK_K, 2 * MATVEC_BLOCK_N
+        sizes = np.array([3, 0, 16, 1], np.int32)
+        xs = rng.standard_normal((e, m, k)) * (np.arange(m)[None, :, None] < sizes[:, None, None])
+        xs, w = xs.astype(jnp.bfloat16), rng.standard_normal((e, k, n)).astype(jnp.bfloat16)
+        got = expert_matmul.lower(xs, w, sizes).compile()(xs, w, sizes)
+        return got, np.einsum("emk,ekn->emn", xs.astype(np.float32), w.astype(np.float32))
+
+    return _self_check("expert matmul kernel", "decode batches use XLA's grouped matmul", 1e-3, compute)

@@ -21,7 +21,16 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from vl2_jax.config import LanguageConfig
-from vl2_jax.kernels import ROW_MULTIPLE, gathered_matvec, gathered_matvec_usable, mosaic_ragged_usable, ragged_dot
+from vl2_jax.kernels import (
+    EXPERT_ROWS_MULTIPLE,
+    ROW_MULTIPLE,
+    expert_matmul,
+    expert_matmul_usable,
+    gathered_matvec,
+    gathered_matvec_usable,
+    mosaic_ragged_usable,
+    ragged_dot,
+)
 from vl2_jax.modules.layers import einsum, normal_init
 from vl2_jax.sharding import Layout
 
@@ -185,22 +194,31 @@ def outputs_grouped(x_ND, gate_up_w, down_w, idx_NX, capacity: int | None = None
     Reads every expert's weights once and computes E*M rows instead of the dense path's E*N. `capacity`
     M defaults to `grouped_capacity`; if any expert gets more than M tokens the layer runs the dense path
     instead (a `lax.cond` on the device), so nothing is ever dropped. With M = N (decode batches) there is
-    no check.
+    no check, and where `kernels.expert_matmul` runs (experimental) the experts no token chose are
+    skipped rather than read.
     """
     n, x = idx_NX.shape
-    e, d, _, _ = gate_up_w.shape
+    e, d, _, f = gate_up_w.shape
     cap = capacity or grouped_capacity(n, x, e)
+    dtype = gate_up_w.dtype
+    kernel = (cap >= n and x_ND.dtype == dtype and expert_matmul_usable(dtype, d, 2 * f)
+              and expert_matmul_usable(dtype, f, d))
+    rows = -(-cap // EXPERT_ROWS_MULTIPLE) * EXPERT_ROWS_MULTIPLE if kernel else cap  # slots per expert
     order, rank, sizes = _group_by_expert(idx_NX, e)
     ids = idx_NX.reshape(-1)[order]
-    slot_sorted = jnp.where((ids >= 0) & (ids < e) & (rank < cap), ids * cap + rank, e * cap)
-    slot = jnp.zeros_like(slot_sorted).at[order].set(slot_sorted)  # [A], e*cap = not here
+    slot_sorted = jnp.where((ids >= 0) & (ids < e) & (rank < cap), ids * rows + rank, e * rows)
+    slot = jnp.zeros_like(slot_sorted).at[order].set(slot_sorted)  # [A], e*rows = not here
 
     def grouped():
         tokens = jnp.repeat(x_ND, x, axis=0)  # [A, D], assignment order
-        xs = jnp.zeros((e * cap, d), x_ND.dtype).at[slot].set(tokens, mode="drop").reshape(e, cap, d)
-        h = swiglu(einsum("EMD,EDWF->EMWF", xs, gate_up_w))
-        y = einsum("EMF,EFD->EMD", h, down_w).reshape(e * cap, d)
-        return jnp.take(y, slot, axis=0, mode="fill", fill_value=0).reshape(n, x, d)  # 0 where not here
+        xs = jnp.zeros((e * rows, d), x_ND.dtype).at[slot].set(tokens, mode="drop").reshape(e, rows, d)
+        if kernel:
+            h = expert_matmul(xs, gate_up_w.reshape(e, d, 2 * f), sizes).astype(dtype)
+            y = expert_matmul(swiglu(h.reshape(e, rows, 2, f)), down_w, sizes)
+        else:
+            h = swiglu(einsum("EMD,EDWF->EMWF", xs, gate_up_w))
+            y = einsum("EMF,EFD->EMD", h, down_w)
+        return jnp.take(y.reshape(e * rows, d), slot, axis=0, mode="fill", fill_value=0).reshape(n, x, d)
 
     if cap >= n:
         return grouped()
@@ -212,7 +230,8 @@ _OUTPUTS = {"dense": outputs_dense, "gather": outputs_gather, "grouped": outputs
 
 def expert_outputs(impl: str, x_ND, gate_up_w, down_w, idx_NX, ids_in_range: bool = False) -> jax.Array:
     """Each token's chosen experts by one dispatch ("dense", "gather", "grouped" or "ragged"):
-    [N, D] -> [N, X, D] in the activation dtype (float32 for "gather", see `outputs_gather`).
+    [N, D] -> [N, X, D] in the activation dtype (float32 for "gather", see `outputs_gather`, and for
+    "grouped" through its kernel).
 
     Every dispatch gives the same values up to the rounding of its output dtype; ids outside [0, E) give
     zeros (expert parallelism passes the experts held by other devices that way) unless the caller
