@@ -129,6 +129,34 @@ def test_auto_picks_the_kernel_only_where_the_per_device_width_fits(monkeypatch)
         assert choose_dispatch("auto", 1042, 6, w) == "ragged"  # 448 wide per device
     with jax.set_mesh(make_mesh("expert=2,tensor=4", cfg)):
         assert choose_dispatch("auto", 1042, 6, w) == "grouped"  # 224 wide: not a multiple of 128
+    with jax.set_mesh(make_mesh("data=8", cfg)):  # no shard_map: the kernel would see global arrays
+        assert choose_dispatch("auto", 1042, 6, w) == "grouped"
+
+
+def test_kernels_see_only_per_device_arrays():
+    """`local_arrays`: true on one device and inside shard_map, false under automatic partitioning."""
+    from vl2_jax.config import PRESETS
+    from vl2_jax.kernels import local_arrays
+    from vl2_jax.sharding import make_mesh
+
+    if jax.device_count() < 2:
+        pytest.skip("needs 2 devices (the CPU suite fakes 8 host devices)")
+    P = jax.sharding.PartitionSpec
+    seen = {}
+
+    def f(x):
+        seen["global"] = local_arrays()
+
+        def body(x):
+            seen["local"] = local_arrays()
+            return x
+
+        return jax.shard_map(body, mesh=jax.sharding.get_abstract_mesh(), in_specs=P(), out_specs=P())(x)
+
+    assert local_arrays()
+    with jax.set_mesh(make_mesh("data=2", PRESETS["test"], devices=jax.devices()[:2])):
+        jax.jit(f)(jnp.ones(4))
+    assert seen == {"global": False, "local": True}
 
 
 def _hopper_with_kernel() -> bool:
@@ -387,3 +415,30 @@ def test_expert_matmul_kernel_on_the_gpu(monkeypatch):
     f32 = lambda a: a.astype(jnp.float32)
     want = dense(f32(xs), f32(gate_up), f32(down), weights, idx.astype(jnp.int32))
     assert rel_err(f32(got), want) < 1e-2
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3])
+def test_mlp_through_the_matvec_kernel_equals_xla(monkeypatch, tokens):
+    """The dense MLP (shared experts) with the experimental one-expert kernel switched in (interpreted)
+    against its XLA form in bf16; from 3 tokens on the XLA form runs either way."""
+
+    from vl2_jax.kernels import MATVEC_BLOCK_K, gathered_matvec
+    from vl2_jax.modules import moe
+
+    d, f = 2 * MATVEC_BLOCK_K, MATVEC_BLOCK_K
+    mlp = moe.MLP(d, f, jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(8), (1, tokens, d)).astype(jnp.bfloat16)
+    params = jax.tree.map(lambda a: (a * 40).astype(jnp.bfloat16), mlp.init(jax.random.key(9), x))
+    want = mlp.apply(params, x)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return gathered_matvec(*args, interpret=True, **kwargs)
+
+    monkeypatch.setattr(moe, "gathered_matvec_usable", lambda *a, **k: True)
+    monkeypatch.setattr(moe, "gathered_matvec", counted)
+    got = mlp.apply(params, x)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert len(calls) == (2 if tokens <= 2 else 0)
+    assert rel_err(got.astype(jnp.float32), want.astype(jnp.float32)) < 1e-2

@@ -13,6 +13,9 @@ portable form of the same product stays in `vl2_jax.modules.moe.outputs_gather`.
 Pallas's Triton backend deprecated (a DeprecationWarning at lowering); a JAX without it, or on which
 the kernel fails its self-check, runs XLA's gather again, until the kernel moves to Mosaic GPU.
 
+The same kernel with one "expert" for the dense MLPs' batch-1 products (shared experts, the first
+layer's MLP) is experimental: XLA's own matrix-vector products there were not compared yet.
+
 `expert_matmul` (experimental): the grouped dispatch's per-expert matmuls at decode batches, skipping
 the experts no token chose, so a batch of 8 reads ~35 of small's 64 experts instead of all of them.
 Not yet measured on a GPU, so off unless asked for.
@@ -53,6 +56,14 @@ def kernels_enabled(experimental: bool = False) -> bool:
     `VL2_JAX_KERNELS=experimental` (read when a model is traced)."""
     setting = os.environ.get("VL2_JAX_KERNELS", "1")
     return setting == "experimental" if experimental else setting != "0"
+
+
+def local_arrays() -> bool:
+    """Whether the arrays being traced are whole per-device arrays: on one device, or inside
+    `shard_map` (every mesh axis manual). Kernels run only there: under automatic partitioning their
+    operands would be gathered onto every device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or all(t == jax.sharding.AxisType.Manual for t in mesh.axis_types)
 
 
 @functools.cache
@@ -134,7 +145,7 @@ def ragged_dot(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array) 
     m, k = lhs_MK.shape
     n = rhs_GKN.shape[-1]
     fits = m % ROW_MULTIPLE == 0 and m >= BLOCK_M and lhs_MK.dtype == rhs_GKN.dtype
-    if fits and mosaic_ragged_usable(lhs_MK.dtype, k, n):
+    if fits and local_arrays() and mosaic_ragged_usable(lhs_MK.dtype, k, n):
         return _mosaic_ragged_dot(lhs_MK, rhs_GKN, group_sizes_G)
     precision = jax.lax.Precision.HIGHEST if lhs_MK.dtype == jnp.float32 else None
     return jax.lax.ragged_dot(lhs_MK, rhs_GKN, group_sizes_G, precision=precision)
@@ -146,11 +157,12 @@ def ragged_dot(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array) 
 MATVEC_BLOCK_K, MATVEC_BLOCK_N, MATVEC_WARPS, MATVEC_STAGES = 128, 64, 4, 4
 
 
-def gathered_matvec_usable(dtype, k: int, n: int) -> bool:
+def gathered_matvec_usable(dtype, k: int, n: int, experimental: bool = False) -> bool:
     """Whether `gathered_matvec` of rows [., k] against experts [E, k, n] in `dtype` runs its kernel here
-    (any CUDA GPU; bf16/f16; k and n multiples of the blocks; a one-time self-check)."""
+    (any CUDA GPU; bf16/f16; k and n multiples of the blocks; a one-time self-check). `experimental`:
+    for a use not yet measured to win (`kernels_enabled`)."""
     return (
-        kernels_enabled()
+        kernels_enabled(experimental)
         and pl_triton is not None
         and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
         and k % MATVEC_BLOCK_K == 0

@@ -28,6 +28,7 @@ from vl2_jax.kernels import (
     expert_matmul_usable,
     gathered_matvec,
     gathered_matvec_usable,
+    local_arrays,
     mosaic_ragged_usable,
     ragged_dot,
 )
@@ -41,7 +42,11 @@ def swiglu(h_CF: jax.Array) -> jax.Array:
 
 
 class MLP(nn.Module):
-    """SwiGLU MLP: down(silu(gate(x)) * up(x)); x [..., D] -> [..., D]."""
+    """SwiGLU MLP: down(silu(gate(x)) * up(x)); x [..., D] -> [..., D].
+
+    At 1-2 tokens with `VL2_JAX_KERNELS=experimental` on NVIDIA GPUs (bf16) its two matrix-vector
+    products run `kernels.gathered_matvec` with one "expert"; the same values up to summation order.
+    """
 
     dim: int
     hidden: int
@@ -50,8 +55,17 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         init = normal_init()
-        gate_up_w = self.param("gate_up_w", init, (self.dim, 2, self.hidden), self.dtype)
-        down_w = self.param("down_w", init, (self.hidden, self.dim), self.dtype)
+        d, f = self.dim, self.hidden
+        gate_up_w = self.param("gate_up_w", init, (d, 2, f), self.dtype)
+        down_w = self.param("down_w", init, (f, d), self.dtype)
+        n = math.prod(x.shape[:-1])
+        if (n <= 2 and x.dtype == self.dtype and local_arrays()
+                and gathered_matvec_usable(self.dtype, d, 2 * f, experimental=True)
+                and gathered_matvec_usable(self.dtype, f, d, experimental=True)):
+            zero = jnp.zeros((n,), jnp.int32)
+            h = gathered_matvec(x.reshape(n, d), gate_up_w.reshape(1, d, 2 * f), zero).astype(self.dtype)
+            y = gathered_matvec(swiglu(h.reshape(n, 2, f)), down_w[None], zero).astype(self.dtype)
+            return y.reshape(x.shape)
         return einsum("...F,FD->...D", swiglu(einsum("...D,DWF->...WF", x, gate_up_w)), down_w)
 
 
@@ -124,7 +138,8 @@ def outputs_gather(x_ND, gate_up_w, down_w, idx_NX, ids_in_range: bool = False) 
     n, x = idx_NX.shape
     safe = idx_NX if ids_in_range else jnp.clip(idx_NX, 0, e - 1)
     dtype = gate_up_w.dtype
-    if x_ND.dtype == dtype and gathered_matvec_usable(dtype, d, 2 * f) and gathered_matvec_usable(dtype, f, d):
+    if (x_ND.dtype == dtype and local_arrays() and gathered_matvec_usable(dtype, d, 2 * f)
+            and gathered_matvec_usable(dtype, f, d)):
         ids = safe.reshape(-1)
         h = gathered_matvec(x_ND, gate_up_w.reshape(e, d, 2 * f), ids, rows_per_input=x)  # [N*X, 2F]
         h = swiglu(h.astype(dtype).reshape(n * x, 2, f))
@@ -201,7 +216,7 @@ def outputs_grouped(x_ND, gate_up_w, down_w, idx_NX, capacity: int | None = None
     e, d, _, f = gate_up_w.shape
     cap = capacity or grouped_capacity(n, x, e)
     dtype = gate_up_w.dtype
-    kernel = (cap >= n and x_ND.dtype == dtype and expert_matmul_usable(dtype, d, 2 * f)
+    kernel = (cap >= n and x_ND.dtype == dtype and local_arrays() and expert_matmul_usable(dtype, d, 2 * f)
               and expert_matmul_usable(dtype, f, d))
     rows = -(-cap // EXPERT_ROWS_MULTIPLE) * EXPERT_ROWS_MULTIPLE if kernel else cap  # slots per expert
     order, rank, sizes = _group_by_expert(idx_NX, e)
@@ -268,10 +283,14 @@ def choose_dispatch(impl: str, num_tokens: int, top_k: int, gate_up_w: jax.Array
     e, d, _, f = gate_up_w.shape
     if 4 * num_tokens * top_k <= e:
         return "gather"
-    width_axis = _expert_axes(gate_up_w.shape)[1]
+    expert_axis, width_axis = _expert_axes(gate_up_w.shape)
     f_local = f // (jax.sharding.get_abstract_mesh().shape[width_axis] if width_axis else 1)
     dtype = gate_up_w.dtype
-    if num_tokens > 64 and mosaic_ragged_usable(dtype, d, 2 * f_local) and mosaic_ragged_usable(dtype, f_local, d):
+    # The kernel runs on whole per-device arrays: one device, or `experts_sharded`'s shard_map (a mesh
+    # that splits the experts or their width); a data-only mesh partitions the dispatch automatically.
+    per_device = local_arrays() or expert_axis or width_axis
+    if (num_tokens > 64 and per_device and mosaic_ragged_usable(dtype, d, 2 * f_local)
+            and mosaic_ragged_usable(dtype, f_local, d)):
         return "ragged"
     return "grouped"
 
