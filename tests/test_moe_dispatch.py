@@ -29,6 +29,22 @@ def rel_err(got, want) -> float:
     return float(jnp.abs(got - want).max() / jnp.abs(want).max())
 
 
+def f32(a):
+    return a.astype(jnp.float32)
+
+
+def bf16_problem(seed: int, e: int, d: int, f: int, x: int, n: int):
+    """Random bf16 tokens [n, d] and experts (gate/up [e, d, 2, f], down [e, f, d]), with a softmax
+    router's top-x weights [n, x] (float32) and ids [n, x] (int32)."""
+    k = jax.random.split(jax.random.key(seed), 4)
+    bf = lambda a: a.astype(jnp.bfloat16)
+    xs = bf(jax.random.normal(k[0], (n, d)))
+    gate_up = bf(jax.random.normal(k[1], (e, d, 2, f)) / d**0.5)
+    down = bf(jax.random.normal(k[2], (e, f, d)) / f**0.5)
+    weights, idx = jax.lax.top_k(jax.nn.softmax(jax.random.normal(k[3], (n, e))), x)
+    return xs, gate_up, down, weights, idx.astype(jnp.int32)
+
+
 def dense(x, gate_up, down, weights, idx):
     with jax.default_matmul_precision("highest"):
         return run_experts("dense", x, gate_up, down, weights, idx)
@@ -272,14 +288,7 @@ def test_gather_dispatch_through_the_kernel_equals_dense(monkeypatch, tokens):
     monkeypatch.setattr(moe, "gathered_matvec_usable", lambda *a: True)
     monkeypatch.setattr(moe, "gathered_matvec", functools.partial(gathered_matvec, interpret=True))
     e, d, f, x = 12, 2 * MATVEC_BLOCK_K, MATVEC_BLOCK_K, 3
-    k = jax.random.split(jax.random.key(5), 4)
-    bf = lambda a: a.astype(jnp.bfloat16)
-    xs = bf(jax.random.normal(k[0], (tokens, d)))
-    gate_up = bf(jax.random.normal(k[1], (e, d, 2, f)) / d**0.5)
-    down = bf(jax.random.normal(k[2], (e, f, d)) / f**0.5)
-    weights, idx = jax.lax.top_k(jax.nn.softmax(jax.random.normal(k[3], (tokens, e))), x)
-    idx = idx.astype(jnp.int32)
-    f32 = lambda a: a.astype(jnp.float32)
+    xs, gate_up, down, weights, idx = bf16_problem(5, e, d, f, x, tokens)
     for ids, in_range in ((idx, True), (idx.at[0, 0].set(-2).at[-1, 1].add(e), False)):
         got = run_experts("gather", xs, gate_up, down, weights, ids, ids_in_range=in_range)
         want = dense(f32(xs), f32(gate_up), f32(down), weights, ids)
@@ -296,15 +305,9 @@ def test_gathered_matvec_kernel_on_the_gpu():
     assert bool(jax.jit(lambda: jnp.array(kernels._matvec_self_check()))())
     e, d, f, x = 64, 2048, 1408, 6
     assert kernels.gathered_matvec_usable(jnp.bfloat16, d, 2 * f) and kernels.gathered_matvec_usable(jnp.bfloat16, f, d)
-    k = jax.random.split(jax.random.key(2), 4)
-    bf = lambda a: a.astype(jnp.bfloat16)
-    xs = bf(jax.random.normal(k[0], (2, d)))
-    gate_up = bf(jax.random.normal(k[1], (e, d, 2, f)) / d**0.5)
-    down = bf(jax.random.normal(k[2], (e, f, d)) / f**0.5)
-    weights, idx = jax.lax.top_k(jax.nn.softmax(jax.random.normal(k[3], (2, e))), x)
-    got = jax.jit(run_experts, static_argnums=0)("gather", xs, gate_up, down, weights, idx.astype(jnp.int32))
-    f32 = lambda a: a.astype(jnp.float32)
-    want = dense(f32(xs), f32(gate_up), f32(down), weights, idx.astype(jnp.int32))
+    xs, gate_up, down, weights, idx = bf16_problem(2, e, d, f, x, 2)
+    got = jax.jit(run_experts, static_argnums=0)("gather", xs, gate_up, down, weights, idx)
+    want = dense(f32(xs), f32(gate_up), f32(down), weights, idx)
     assert rel_err(f32(got), want) < 1e-2
 
 
@@ -370,17 +373,10 @@ def test_grouped_dispatch_through_the_expert_kernel_equals_dense(monkeypatch, re
     monkeypatch.setattr(moe, "expert_matmul_usable", lambda *a: True)
     monkeypatch.setattr(moe, "expert_matmul", functools.partial(expert_matmul, interpret=True))
     e, d, f, x, n = 16, 2 * MATVEC_BLOCK_K, MATVEC_BLOCK_K, 4, 8
-    k = jax.random.split(jax.random.key(6), 4)
-    bf = lambda a: a.astype(jnp.bfloat16)
-    xs = bf(jax.random.normal(k[0], (n, d)))
-    gate_up = bf(jax.random.normal(k[1], (e, d, 2, f)) / d**0.5)
-    down = bf(jax.random.normal(k[2], (e, f, d)) / f**0.5)
-    weights, idx = jax.lax.top_k(jax.nn.softmax(jax.random.normal(k[3], (n, e))), x)
-    idx = idx.astype(jnp.int32)
+    xs, gate_up, down, weights, idx = bf16_problem(6, e, d, f, x, n)
     if remote:
         idx = idx.at[:, 0].set(-1).at[:3, 1].add(e)
     got = run_experts("grouped", xs, gate_up, down, weights, idx)
-    f32 = lambda a: a.astype(jnp.float32)
     assert rel_err(f32(got), dense(f32(xs), f32(gate_up), f32(down), weights, idx)) < 1e-2
 
 
@@ -405,15 +401,9 @@ def test_expert_matmul_kernel_on_the_gpu(monkeypatch):
     assert bool(jax.jit(lambda: jnp.array(kernels._expert_matmul_self_check()))())
     e, d, f, x, n = 64, 2048, 1408, 6, 8
     assert kernels.expert_matmul_usable(jnp.bfloat16, d, 2 * f) and kernels.expert_matmul_usable(jnp.bfloat16, f, d)
-    k = jax.random.split(jax.random.key(7), 4)
-    bf = lambda a: a.astype(jnp.bfloat16)
-    xs = bf(jax.random.normal(k[0], (n, d)))
-    gate_up = bf(jax.random.normal(k[1], (e, d, 2, f)) / d**0.5)
-    down = bf(jax.random.normal(k[2], (e, f, d)) / f**0.5)
-    weights, idx = jax.lax.top_k(jax.nn.softmax(jax.random.normal(k[3], (n, e))), x)
-    got = jax.jit(run_experts, static_argnums=0)("grouped", xs, gate_up, down, weights, idx.astype(jnp.int32))
-    f32 = lambda a: a.astype(jnp.float32)
-    want = dense(f32(xs), f32(gate_up), f32(down), weights, idx.astype(jnp.int32))
+    xs, gate_up, down, weights, idx = bf16_problem(7, e, d, f, x, n)
+    got = jax.jit(run_experts, static_argnums=0)("grouped", xs, gate_up, down, weights, idx)
+    want = dense(f32(xs), f32(gate_up), f32(down), weights, idx)
     assert rel_err(f32(got), want) < 1e-2
 
 
