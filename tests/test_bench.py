@@ -32,3 +32,23 @@ def test_bench_smoke(capsys):
         assert len(busiest) == moe_layers and all(0 < n <= r["bucket_tokens"] for n in busiest)
         assert r["value"] == sum(n > r["capacity"] for n in busiest)
     assert any(line.startswith("| random:test | decode_tokens_per_s") for line in out)
+    assert all(r["kernels"] == [] for r in rows)  # CPU: the portable paths only
+
+
+def test_every_line_names_the_kernels_in_use(monkeypatch):
+    """With the GPU kernels faked usable, the tiny preset lists the measured ones, and the experimental
+    ones only on request."""
+    import jax.numpy as jnp
+
+    from vl2_jax import kernels
+    from vl2_jax.bench import active_kernels
+
+    for name in ("mosaic_ragged_usable", "gathered_matvec_usable"):
+        monkeypatch.setattr(kernels, name, lambda *a, experimental=False: kernels.kernels_enabled(experimental))
+    monkeypatch.setattr(kernels, "expert_matmul_usable", lambda *a: kernels.kernels_enabled(experimental=True))
+    lc = PRESETS["tiny"].language
+    assert active_kernels(lc, jnp.bfloat16) == ["prefill: grouped matmul (Mosaic)", "decode: gathered matvec"]
+    monkeypatch.setenv("VL2_JAX_KERNELS", "experimental")
+    assert len(active_kernels(lc, jnp.bfloat16)) == 4
+    monkeypatch.setenv("VL2_JAX_KERNELS", "0")
+    assert active_kernels(lc, jnp.bfloat16) == []

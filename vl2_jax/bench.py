@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from vl2_jax import kernels
 from vl2_jax.config import MOE_IMPLS
 from vl2_jax.generation import Generator, bucket
 from vl2_jax.model import left_pad_positions
@@ -48,6 +49,22 @@ def activated_bytes(model, context: int) -> int:
         total += n * itemsize
     per_token = (lc.kv_lora_rank + lc.qk_rope_head_dim) if lc.use_mla else 2 * lc.num_key_value_heads * lc.head_dim
     return total + per_token * lc.num_hidden_layers * context * itemsize
+
+
+def active_kernels(lc, dtype) -> list[str]:
+    """The accelerator kernels (`vl2_jax.kernels`) this run's model uses here, by where they run; every
+    JSON line carries them, so a number says which code produced it."""
+    d, f = lc.hidden_size, lc.moe_intermediate_size
+    s = (lc.n_shared_experts or 0) * f
+    both = lambda usable, **kw: usable(dtype, d, 2 * f, **kw) and usable(dtype, f, d, **kw)
+    on = {
+        "prefill: grouped matmul (Mosaic)": both(kernels.mosaic_ragged_usable),
+        "decode: gathered matvec": both(kernels.gathered_matvec_usable),
+        "decode batches: expert matmul (experimental)": both(kernels.expert_matmul_usable),
+        "decode: shared-expert matvec (experimental)": bool(s) and kernels.gathered_matvec_usable(
+            dtype, d, 2 * s, experimental=True) and kernels.gathered_matvec_usable(dtype, s, d, experimental=True),
+    }
+    return [name for name, used in on.items() if used]
 
 
 def busiest_expert_tokens(gen: Generator, x, positions, valid) -> list[int]:
@@ -89,7 +106,8 @@ def run(args) -> list[dict]:
         "text": proc([{"role": "user", "content": SENTENCE}]),
     }
     common = {"model": args.model, "dtype": str(model.dtype), "moe": args.moe, "device": jax.devices()[0].device_kind,
-              "jax": jax.__version__, "date": datetime.date.today().isoformat()}
+              "jax": jax.__version__, "date": datetime.date.today().isoformat(),
+              "kernels": active_kernels(model.cfg.language, model.dtype)}
     rows = []
 
     def emit(**row):
