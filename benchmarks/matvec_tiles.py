@@ -64,8 +64,7 @@ def _sweep(row: dict, inputs, w, ids, per: int) -> dict:
         results[tiles] = (ms, gbps, err)
         print(json.dumps(row | {"tiles": tiles, "ms": ms, "gb_per_s": gbps, "rel_err": err}), flush=True)
     best = min(results, key=lambda t: results[t][0])
-    block_k = 2 * kernels.MATVEC_BLOCK_K if k % (2 * kernels.MATVEC_BLOCK_K) == 0 else kernels.MATVEC_BLOCK_K
-    default = (block_k, kernels.MATVEC_BLOCK_N, kernels.MATVEC_WARPS, kernels.MATVEC_STAGES, 1)
+    default = (kernels.matvec_block_k(k), kernels.MATVEC_BLOCK_N, kernels.MATVEC_WARPS, kernels.MATVEC_STAGES, 1)
     return row | {"best": best, "best_ms": results[best][0], "best_gb_per_s": results[best][1],
                   "best_rel_err": results[best][2], "default_ms": results.get(default, (float("nan"),))[0]}
 

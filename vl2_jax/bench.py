@@ -29,7 +29,7 @@ from vl2_jax import kernels
 from vl2_jax.config import MOE_IMPLS
 from vl2_jax.generation import Generator, bucket
 from vl2_jax.model import left_pad_positions
-from vl2_jax.modules.moe import choose_dispatch, grouped_capacity
+from vl2_jax.modules.moe import choose_dispatch, grouped_capacity, mlp_kernel_fits
 from vl2_jax.modules.vl2 import VL2
 
 SENTENCE = "Describe this image in detail."
@@ -56,13 +56,12 @@ def active_kernels(lc, dtype) -> list[str]:
     JSON line carries them, so a number says which code produced it."""
     d, f = lc.hidden_size, lc.moe_intermediate_size
     s = (lc.n_shared_experts or 0) * f
-    both = lambda usable, **kw: usable(dtype, d, 2 * f, **kw) and usable(dtype, f, d, **kw)
     on = {
-        "prefill: grouped matmul (Mosaic)": both(kernels.mosaic_ragged_usable),
-        "decode: gathered matvec": both(kernels.gathered_matvec_usable),
-        "decode batches: expert matmul (experimental)": both(kernels.expert_matmul_usable),
-        "decode: shared-expert matvec (experimental)": bool(s) and kernels.gathered_matvec_usable(
-            dtype, d, 2 * s, experimental=True) and kernels.gathered_matvec_usable(dtype, s, d, experimental=True),
+        "prefill: grouped matmul (Mosaic)": mlp_kernel_fits(kernels.mosaic_ragged_usable, dtype, d, f),
+        "decode: gathered matvec": mlp_kernel_fits(kernels.gathered_matvec_usable, dtype, d, f),
+        "decode batches: expert matmul (experimental)": mlp_kernel_fits(kernels.expert_matmul_usable, dtype, d, f),
+        "decode: shared-expert matvec (experimental)": bool(s) and mlp_kernel_fits(
+            kernels.gathered_matvec_usable, dtype, d, s, experimental=True),
     }
     return [name for name, used in on.items() if used]
 

@@ -157,10 +157,14 @@ def ragged_dot(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array) 
 MATVEC_BLOCK_K, MATVEC_BLOCK_N, MATVEC_WARPS, MATVEC_STAGES = 128, 64, 4, 4
 
 
-def gathered_matvec_usable(dtype, k: int, n: int, experimental: bool = False) -> bool:
-    """Whether `gathered_matvec` of rows [., k] against experts [E, k, n] in `dtype` runs its kernel here
-    (any CUDA GPU; bf16/f16; k and n multiples of the blocks; a one-time self-check). `experimental`:
-    for a use not yet measured to win (`kernels_enabled`)."""
+def matvec_block_k(k: int) -> int:
+    """The K block of the Triton kernels for a contraction of length `k`."""
+    return 2 * MATVEC_BLOCK_K if k % (2 * MATVEC_BLOCK_K) == 0 else MATVEC_BLOCK_K
+
+
+def _triton_usable(dtype, k: int, n: int, experimental: bool, self_check) -> bool:
+    """The conditions the Triton kernels share: enabled (`kernels_enabled`), Pallas's Triton backend
+    present, an NVIDIA GPU, bf16/f16, k and n multiples of the blocks; then `self_check()`, once."""
     return (
         kernels_enabled(experimental)
         and pl_triton is not None
@@ -168,8 +172,14 @@ def gathered_matvec_usable(dtype, k: int, n: int, experimental: bool = False) ->
         and k % MATVEC_BLOCK_K == 0
         and n % MATVEC_BLOCK_N == 0
         and _cuda_gpu()
-        and _matvec_self_check()
+        and self_check()
     )
+
+
+def gathered_matvec_usable(dtype, k: int, n: int, experimental: bool = False) -> bool:
+    """Whether `gathered_matvec` of rows [., k] against experts [E, k, n] in `dtype` runs its kernel here
+    (`_triton_usable`). `experimental`: for a use not yet measured to win."""
+    return _triton_usable(dtype, k, n, experimental, _matvec_self_check)
 
 
 @functools.cache
@@ -208,8 +218,7 @@ def gathered_matvec(x_RK: jax.Array, w_EKN: jax.Array, ids_A: jax.Array, rows_pe
     """
     a = ids_A.shape[0]
     e, k, n = w_EKN.shape
-    block_k = 2 * MATVEC_BLOCK_K if k % (2 * MATVEC_BLOCK_K) == 0 else MATVEC_BLOCK_K
-    tiles = tiles or (block_k, MATVEC_BLOCK_N, MATVEC_WARPS, MATVEC_STAGES)
+    tiles = tiles or (matvec_block_k(k), MATVEC_BLOCK_N, MATVEC_WARPS, MATVEC_STAGES)
     block_k, block_n, warps, stages = tiles[:4]
     k_split = tiles[4] if len(tiles) > 4 else 1
     if k % (block_k * k_split) or n % block_n:
@@ -257,16 +266,8 @@ EXPERT_ROWS_MULTIPLE = 16
 
 def expert_matmul_usable(dtype, k: int, n: int) -> bool:
     """Whether `expert_matmul` of [E, M, k] rows against [E, k, n] runs its kernel here (experimental:
-    only with `VL2_JAX_KERNELS=experimental`; NVIDIA GPU; bf16/f16; tile-divisible; a self-check)."""
-    return (
-        kernels_enabled(experimental=True)
-        and pl_triton is not None
-        and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-        and k % MATVEC_BLOCK_K == 0
-        and n % MATVEC_BLOCK_N == 0
-        and _cuda_gpu()
-        and _expert_matmul_self_check()
-    )
+    only with `VL2_JAX_KERNELS=experimental`; otherwise as `_triton_usable`)."""
+    return _triton_usable(dtype, k, n, True, _expert_matmul_self_check)
 
 
 def _expert_matmul_kernel(sizes_ref, x_ref, w_ref, out_ref, *, block_k: int):
@@ -302,9 +303,8 @@ def expert_matmul(xs_EMK: jax.Array, w_EKN: jax.Array, sizes_E: jax.Array, inter
     n = w_EKN.shape[-1]
     if m % EXPERT_ROWS_MULTIPLE:
         raise ValueError(f"expert_matmul: {m} rows per expert, not a multiple of {EXPERT_ROWS_MULTIPLE}")
-    block_k = 2 * MATVEC_BLOCK_K if k % (2 * MATVEC_BLOCK_K) == 0 else MATVEC_BLOCK_K
     return pl.pallas_call(
-        functools.partial(_expert_matmul_kernel, block_k=block_k),
+        functools.partial(_expert_matmul_kernel, block_k=matvec_block_k(k)),
         grid=(e, n // MATVEC_BLOCK_N),
         in_specs=[
             pl.BlockSpec((1,), lambda i, j: (i,)),

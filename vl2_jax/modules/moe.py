@@ -41,6 +41,20 @@ def swiglu(h_CF: jax.Array) -> jax.Array:
     return jax.nn.silu(h_CF[..., 0, :]) * h_CF[..., 1, :]
 
 
+def mlp_kernel_fits(usable, dtype, d: int, f: int, **kw) -> bool:
+    """Whether a kernel runs both products of a SwiGLU MLP of width `f` on [., d] inputs: [d, 2f] and
+    [f, d]. `usable` is one of `vl2_jax.kernels`' checks; `kw` goes to it."""
+    return usable(dtype, d, 2 * f, **kw) and usable(dtype, f, d, **kw)
+
+
+def swiglu_matvec(x_RD, gate_up_EDWF, down_EFD, ids_A, rows_per_input: int = 1) -> jax.Array:
+    """SwiGLU experts by `kernels.gathered_matvec`: out[a] = expert ids[a] applied to x[a // rows_per_input]
+    -> [A, D] float32, the hidden activation rounded to the weights' dtype between the two products."""
+    e, d, _, f = gate_up_EDWF.shape
+    h = gathered_matvec(x_RD, gate_up_EDWF.reshape(e, d, 2 * f), ids_A, rows_per_input=rows_per_input)
+    return gathered_matvec(swiglu(h.astype(gate_up_EDWF.dtype).reshape(-1, 2, f)), down_EFD, ids_A)
+
+
 class MLP(nn.Module):
     """SwiGLU MLP: down(silu(gate(x)) * up(x)); x [..., D] -> [..., D].
 
@@ -60,12 +74,9 @@ class MLP(nn.Module):
         down_w = self.param("down_w", init, (f, d), self.dtype)
         n = math.prod(x.shape[:-1])
         if (n <= 2 and x.dtype == self.dtype and local_arrays()
-                and gathered_matvec_usable(self.dtype, d, 2 * f, experimental=True)
-                and gathered_matvec_usable(self.dtype, f, d, experimental=True)):
-            zero = jnp.zeros((n,), jnp.int32)
-            h = gathered_matvec(x.reshape(n, d), gate_up_w.reshape(1, d, 2 * f), zero).astype(self.dtype)
-            y = gathered_matvec(swiglu(h.reshape(n, 2, f)), down_w[None], zero).astype(self.dtype)
-            return y.reshape(x.shape)
+                and mlp_kernel_fits(gathered_matvec_usable, self.dtype, d, f, experimental=True)):
+            y = swiglu_matvec(x.reshape(n, d), gate_up_w[None], down_w[None], jnp.zeros((n,), jnp.int32))
+            return y.astype(self.dtype).reshape(x.shape)
         return einsum("...F,FD->...D", swiglu(einsum("...D,DWF->...WF", x, gate_up_w)), down_w)
 
 
@@ -138,12 +149,8 @@ def outputs_gather(x_ND, gate_up_w, down_w, idx_NX, ids_in_range: bool = False) 
     n, x = idx_NX.shape
     safe = idx_NX if ids_in_range else jnp.clip(idx_NX, 0, e - 1)
     dtype = gate_up_w.dtype
-    if (x_ND.dtype == dtype and local_arrays() and gathered_matvec_usable(dtype, d, 2 * f)
-            and gathered_matvec_usable(dtype, f, d)):
-        ids = safe.reshape(-1)
-        h = gathered_matvec(x_ND, gate_up_w.reshape(e, d, 2 * f), ids, rows_per_input=x)  # [N*X, 2F]
-        h = swiglu(h.astype(dtype).reshape(n * x, 2, f))
-        y_NXD = gathered_matvec(h, down_w, ids).reshape(n, x, d)
+    if x_ND.dtype == dtype and local_arrays() and mlp_kernel_fits(gathered_matvec_usable, dtype, d, f):
+        y_NXD = swiglu_matvec(x_ND, gate_up_w, down_w, safe.reshape(-1), rows_per_input=x).reshape(n, x, d)
     else:
         h = swiglu(einsum("ND,NXDWF->NXWF", x_ND, gate_up_w[safe]))
         y_NXD = einsum("NXF,NXFD->NXD", h, down_w[safe], preferred_element_type=jnp.float32)
@@ -216,8 +223,7 @@ def outputs_grouped(x_ND, gate_up_w, down_w, idx_NX, capacity: int | None = None
     e, d, _, f = gate_up_w.shape
     cap = capacity or grouped_capacity(n, x, e)
     dtype = gate_up_w.dtype
-    kernel = (cap >= n and x_ND.dtype == dtype and local_arrays() and expert_matmul_usable(dtype, d, 2 * f)
-              and expert_matmul_usable(dtype, f, d))
+    kernel = cap >= n and x_ND.dtype == dtype and local_arrays() and mlp_kernel_fits(expert_matmul_usable, dtype, d, f)
     rows = -(-cap // EXPERT_ROWS_MULTIPLE) * EXPERT_ROWS_MULTIPLE if kernel else cap  # slots per expert
     order, rank, sizes = _group_by_expert(idx_NX, e)
     ids = idx_NX.reshape(-1)[order]
@@ -289,8 +295,7 @@ def choose_dispatch(impl: str, num_tokens: int, top_k: int, gate_up_w: jax.Array
     # The kernel runs on whole per-device arrays: one device, or `experts_sharded`'s shard_map (a mesh
     # that splits the experts or their width); a data-only mesh partitions the dispatch automatically.
     per_device = local_arrays() or expert_axis or width_axis
-    if (num_tokens > 64 and per_device and mosaic_ragged_usable(dtype, d, 2 * f_local)
-            and mosaic_ragged_usable(dtype, f_local, d)):
+    if num_tokens > 64 and per_device and mlp_kernel_fits(mosaic_ragged_usable, dtype, d, f_local):
         return "ragged"
     return "grouped"
 
