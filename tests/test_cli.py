@@ -61,20 +61,17 @@ def test_random_test_model_runs_offline_and_streams():
     assert "cached in" not in r.stderr  # the suite turns the cache off (conftest)
 
 
-def test_compile_cache_keeps_programs_between_runs(tmp_path):
+def test_compile_cache_keeps_programs_between_runs(tmp_path, monkeypatch):
     """--compile-cache DIR: the first run writes its compiled programs there, the second reads them back
     and answers the same. (Every compile is cached here: CPU compiles of the test model are too quick
     for JAX's default one-second threshold.)"""
     cache = tmp_path / "xla"
     args = ("--model", "random:test", "--image", str(FIXTURES / "images" / "noise_tiny.png"), "--prompt",
             "What is in the picture?", "--max-new-tokens", "4", "--json", "--compile-cache", str(cache))
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    try:
-        first = _cli(*args)
-        written = sorted(p.name for p in cache.iterdir())
-        second = _cli(*args)
-    finally:
-        del os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    first = _cli(*args)
+    written = sorted(p.name for p in cache.iterdir())
+    second = _cli(*args)
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert f"cached in {cache}" in first.stderr
     assert len(written) >= 3  # at least embedding, prefill and decode
