@@ -388,6 +388,11 @@ def test_experimental_kernels_only_on_request(monkeypatch):
         assert (kernels.kernels_enabled(), kernels.kernels_enabled(experimental=True)) == (measured, experimental)
     monkeypatch.delenv("VL2_JAX_KERNELS")
     assert kernels.kernels_enabled() and not kernels.kernels_enabled(experimental=True)
+    from vl2_jax.errors import ConfigError
+
+    monkeypatch.setenv("VL2_JAX_KERNELS", "off")  # a typo must not leave the kernels silently on
+    with pytest.raises(ConfigError, match="VL2_JAX_KERNELS='off' is not one of"):
+        kernels.kernels_enabled()
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the expert matmul kernel runs on NVIDIA GPUs")

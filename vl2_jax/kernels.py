@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from vl2_jax.errors import ConfigError
+
 try:  # an example kernel module of JAX, not a stable API: any import failure means "not available"
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu as _mgpu
 except Exception:  # noqa: BLE001
@@ -53,8 +55,11 @@ ROW_MULTIPLE = 8  # the Mosaic kernel's row count must be a multiple of its 8-ro
 
 def kernels_enabled(experimental: bool = False) -> bool:
     """Whether kernels may run: not with `VL2_JAX_KERNELS=0`; experimental ones only with
-    `VL2_JAX_KERNELS=experimental` (read when a model is traced)."""
+    `VL2_JAX_KERNELS=experimental` (read when a model is traced; any other value is an error)."""
     setting = os.environ.get("VL2_JAX_KERNELS", "1")
+    if setting not in ("0", "1", "experimental"):
+        raise ConfigError(f"VL2_JAX_KERNELS={setting!r} is not one of 0 (kernels off), 1 (the default) or "
+                          "experimental; unset it for the default.")
     return setting == "experimental" if experimental else setting != "0"
 
 
