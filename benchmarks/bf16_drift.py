@@ -26,7 +26,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
-def run(model: str, layers: int, tokens: int) -> list[dict]:
+def run(model: str, layers: int, tokens: int, same_weights: bool = False) -> list[dict]:
     from vl2_jax.config import PRESETS
     from vl2_jax.modules import moe
     from vl2_jax.modules.language import LanguageModel
@@ -36,6 +36,8 @@ def run(model: str, layers: int, tokens: int) -> list[dict]:
     cfg = dataclasses.replace(cfg, language=dataclasses.replace(cfg.language, num_hidden_layers=layers))
     lc = cfg.language
     params = init_params(cfg, jnp.float32)["params"]["language"]
+    if same_weights:  # the float32 reference computes on the bf16-rounded weights
+        params = jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(jnp.float32), params)
     ids = np.random.default_rng(0).integers(100, lc.vocab_size, (1, tokens))
     positions, valid = jnp.arange(tokens)[None], jnp.ones((1, tokens), bool)
 
@@ -68,6 +70,7 @@ def run(model: str, layers: int, tokens: int) -> list[dict]:
     for name, logits in (("bf16", got), ("bf16_with_f32_routing", forced)):
         cos = _cosine(logits, ref)
         rows.append({"model": model, "metric": f"logits_cosine_{name}", "layers": layers, "tokens": tokens,
+                     "reference_weights": "bf16" if same_weights else "float32",
                      "min": float(cos.min()), "mean": float(cos.mean())})
     return rows
 
@@ -77,8 +80,10 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="small", help="preset: tiny|small|base|test")
     p.add_argument("--layers", type=int, default=4, help="decoder layers kept (memory: small is ~2.2 GB per MoE layer in float32)")
     p.add_argument("--tokens", type=int, default=48)
+    p.add_argument("--same-weights", action="store_true",
+                   help="float32 reference on the bf16-rounded weights: only the arithmetic differs")
     args = p.parse_args(argv)
-    rows = run(args.model, args.layers, args.tokens)
+    rows = run(args.model, args.layers, args.tokens, args.same_weights)
     for r in rows:
         print(json.dumps(r), flush=True)
     for r in rows:

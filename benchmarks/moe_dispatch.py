@@ -4,8 +4,8 @@
 
 Times the routed + shared experts of every MoE layer of a model (random bf16 weights at the real
 sizes, layers chained so each depends on the last, one jitted call) for each dispatch of
-`vl2_jax.modules.moe` (the library's kernels as `auto` would pick them; "grouped, expert kernel" is
-the grouped dispatch with the experimental kernel, `VL2_JAX_KERNELS=experimental`, at decode sizes)
+`vl2_jax.modules.moe` (the library's kernels as `auto` would pick them; "grouped, no kernel" is the
+grouped dispatch with `VL2_JAX_KERNELS=0`: XLA's batched matmul over every expert)
 and, at decode sizes, for a candidate not in the library: the shared experts stored as S stacked
 experts and run with the gathered routed ones in one matmul.
 Prints one JSON line per case and a table of milliseconds per token count (all layers together).
@@ -76,11 +76,11 @@ def run(model: str, tokens: list[int]) -> list[dict]:
     layers = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
     rows = []
     setting = os.environ.get("VL2_JAX_KERNELS")
-    for name in ("dense", "grouped", "grouped, expert kernel", "gather", "ragged", "gather+shared as experts"):
+    for name in ("dense", "grouped", "grouped, no kernel", "gather", "ragged", "gather+shared as experts"):
         ws = _weights(jax.random.key(0), layers, e, d, f, s, name.endswith("experts"))
         layer = _layer_shared_as_experts(k) if name.endswith("experts") else _layer(name.split(",")[0], k)
-        if name == "grouped, expert kernel":  # read when the chain is traced, inside its first timing
-            os.environ["VL2_JAX_KERNELS"] = "experimental"
+        if name == "grouped, no kernel":  # read when the chain is traced, inside its first timing
+            os.environ["VL2_JAX_KERNELS"] = "0"
         elif setting is None:
             os.environ.pop("VL2_JAX_KERNELS", None)
         else:
@@ -94,7 +94,7 @@ def run(model: str, tokens: list[int]) -> list[dict]:
 
         for n in tokens:
             if ((name.startswith("gather") and n > 64) or (name == "ragged" and n < 64)
-                    or (name.endswith("kernel") and n > 64)):
+                    or (name.endswith("no kernel") and n > 64)):
                 continue
             x = jax.random.normal(jax.random.key(n), (n, d), jnp.bfloat16)
             sec = median_time(lambda x=x, ws=ws, chain=chain: chain(x, ws), REPS)

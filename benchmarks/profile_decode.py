@@ -108,11 +108,20 @@ def profile(spec: str, tokens: int, exact_names: bool = False) -> list[dict]:
     return rows
 
 
-def cosine(spec: str) -> list[dict]:
+def cosine(spec: str, same_weights: bool = False) -> list[dict]:
     from vl2_jax.hub import load_model
     from vl2_jax.model import VL2Model
 
     f32 = load_model(spec, "float32")
+    if same_weights:  # float32 compute on the bf16 weights, as with a bf16 checkpoint
+        # leaf by leaf, each float32 original freed as it is replaced: a whole second float32 copy of
+        # small (64 GB) did not fit next to the first on an H200
+        leaves, treedef = jax.tree.flatten(f32.params)
+        del f32.params
+        for i in range(len(leaves)):
+            leaves[i] = leaves[i].astype(jnp.bfloat16).astype(jnp.float32)
+        f32.params = jax.tree.unflatten(treedef, leaves)
+        del leaves
     batch = _prompt(f32)
     ref = np.asarray(f32.logits(batch))[0]
     params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), f32.params)
@@ -121,7 +130,7 @@ def cosine(spec: str) -> list[dict]:
     got = np.asarray(bf16.logits(batch))[0]
     cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
     agree = float((got.argmax(-1) == ref.argmax(-1)).mean())
-    return [{"model": spec, "metric": "bf16_vs_f32_logits_cosine", "min": float(cos.min()),
+    return [{"model": spec, "metric": "bf16_vs_f32_logits_cosine", "reference_weights": "bf16" if same_weights else "float32", "min": float(cos.min()),
              "mean": float(cos.mean()), "argmax_agreement": agree, "positions": int(len(cos))}]
 
 
@@ -130,6 +139,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="random:tiny")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--cosine", action="store_true")
+    p.add_argument("--same-weights", action="store_true",
+                   help="with --cosine: the float32 reference computes on the bf16-rounded weights (only the "
+                        "arithmetic differs, as with a bf16 checkpoint), not on the float32 draw")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--first-token", action="store_true", help="profile the time to first token instead")
     p.add_argument("--exact-names", action="store_true",
@@ -140,7 +152,7 @@ def main(argv=None) -> int:
     else:
         rows = profile_first_token(args.model) if args.first_token else profile(args.model, args.tokens, args.exact_names)
     if args.cosine:
-        rows += cosine(args.model)
+        rows += cosine(args.model, args.same_weights)
     for r in rows:
         print(json.dumps(r), flush=True)
     for r in rows:

@@ -36,19 +36,16 @@ def test_bench_smoke(capsys):
 
 
 def test_every_line_names_the_kernels_in_use(monkeypatch):
-    """With the GPU kernels faked usable, the tiny preset lists the measured ones, and the experimental
-    ones only on request."""
+    """With the GPU kernels faked usable, the tiny preset lists them all; with `VL2_JAX_KERNELS=0`, none."""
     import jax.numpy as jnp
 
     from vl2_jax import kernels
     from vl2_jax.bench import active_kernels
 
-    for name in ("mosaic_ragged_usable", "gathered_matvec_usable"):
-        monkeypatch.setattr(kernels, name, lambda *a, experimental=False: kernels.kernels_enabled(experimental))
-    monkeypatch.setattr(kernels, "expert_matmul_usable", lambda *a: kernels.kernels_enabled(experimental=True))
+    for name in ("mosaic_ragged_usable", "gathered_matvec_usable", "expert_matmul_usable"):
+        monkeypatch.setattr(kernels, name, lambda *a: kernels.kernels_enabled())
     lc = PRESETS["tiny"].language
-    assert active_kernels(lc, jnp.bfloat16) == ["prefill: grouped matmul (Mosaic)", "decode: gathered matvec"]
-    monkeypatch.setenv("VL2_JAX_KERNELS", "experimental")
-    assert len(active_kernels(lc, jnp.bfloat16)) == 4
+    assert active_kernels(lc, jnp.bfloat16) == ["prefill: grouped matmul (Mosaic)", "decode: gathered matvec",
+                                                "decode batches: expert matmul"]
     monkeypatch.setenv("VL2_JAX_KERNELS", "0")
     assert active_kernels(lc, jnp.bfloat16) == []

@@ -344,7 +344,7 @@ def test_a_jax_without_pallas_triton_uses_xla_gather(monkeypatch):
 
 
 def test_expert_matmul_kernel_semantics():
-    """The experimental decode-batch kernel (interpreted): each expert's rows times its weights, zeros
+    """The decode-batch kernel (interpreted): each expert's rows times its weights, zeros
     for experts no row chose, several row/column/K blocks."""
     from vl2_jax.kernels import EXPERT_ROWS_MULTIPLE, MATVEC_BLOCK_K, MATVEC_BLOCK_N, expert_matmul
 
@@ -353,7 +353,8 @@ def test_expert_matmul_kernel_semantics():
     sizes = np.array([2, 0, 16, 0, 7], np.int32)
     xs = (rng.standard_normal((e, m, k)) * (np.arange(m)[None, :, None] < sizes[:, None, None])).astype(np.float32)
     w = rng.standard_normal((e, k, n)).astype(np.float32)
-    got = np.asarray(expert_matmul(xs, w, sizes, interpret=True))
+    with jax.default_matmul_precision("highest"):  # a GPU's default float32 dot is TF32
+        got = np.asarray(expert_matmul(xs, w, sizes, interpret=True))
     want = np.einsum("emk,ekn->emn", xs.astype(np.float64), w.astype(np.float64))
     assert got.dtype == np.float32 and np.abs(got - want).max() / np.abs(want).max() < 1e-5
     assert not got[[1, 3]].any()
@@ -361,47 +362,77 @@ def test_expert_matmul_kernel_semantics():
         expert_matmul(xs[:, :8], w, sizes, interpret=True)
 
 
+def test_expert_matmul_tiles_fit_shared_memory():
+    """64 rows at block_k 256 asked an H200 for 256 KiB of shared memory (227 available) and failed to
+    build: larger row counts take smaller K tiles, and too many rows none."""
+    from vl2_jax.kernels import MATVEC_BLOCK_N, MATVEC_STAGES, expert_matmul_block_k
+
+    assert expert_matmul_block_k(16, 2048) == 256 and expert_matmul_block_k(16, 1408) == 128
+    assert expert_matmul_block_k(64, 2048) == 128
+    assert expert_matmul_block_k(4096, 2048) == 0
+    for m in (16, 32, 64, 128, 256):
+        bk = expert_matmul_block_k(m, 2048)
+        assert bk == 0 or MATVEC_STAGES * (m + MATVEC_BLOCK_N) * bk * 2 <= 227 * 1024
+
+
 @pytest.mark.parametrize("remote", [False, True])
 def test_grouped_dispatch_through_the_expert_kernel_equals_dense(monkeypatch, remote):
-    """The grouped dispatch at a decode batch with the experimental kernel switched in (interpreted)
+    """The grouped dispatch at a decode batch with the expert kernel switched in (interpreted)
     against the dense path in float32, bf16 weights, with and without ids of remote experts."""
-    import functools
 
     from vl2_jax.kernels import MATVEC_BLOCK_K, expert_matmul
     from vl2_jax.modules import moe
 
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return expert_matmul(*args, interpret=True)
+
     monkeypatch.setattr(moe, "expert_matmul_usable", lambda *a: True)
-    monkeypatch.setattr(moe, "expert_matmul", functools.partial(expert_matmul, interpret=True))
-    e, d, f, x, n = 16, 2 * MATVEC_BLOCK_K, MATVEC_BLOCK_K, 4, 8
+    monkeypatch.setattr(moe, "expert_matmul", counted)
+    e, d, f, x, n = 32, 2 * MATVEC_BLOCK_K, MATVEC_BLOCK_K, 4, 8  # 32 choices of 32 experts
     xs, gate_up, down, weights, idx = bf16_problem(6, e, d, f, x, n)
     if remote:
         idx = idx.at[:, 0].set(-1).at[:3, 1].add(e)
     got = run_experts("grouped", xs, gate_up, down, weights, idx)
+    assert len(calls) == 2  # both projections
     assert rel_err(f32(got), dense(f32(xs), f32(gate_up), f32(down), weights, idx)) < 1e-2
 
 
-def test_experimental_kernels_only_on_request(monkeypatch):
-    from vl2_jax import kernels
+def test_expert_kernel_only_where_experts_go_unchosen(monkeypatch):
+    """More choices than experts (a 9-token batch with 4 of 32 experts each): XLA's batched matmul."""
+    from vl2_jax.modules import moe
 
-    for setting, measured, experimental in (("1", True, False), ("0", False, False), ("experimental", True, True)):
-        monkeypatch.setenv("VL2_JAX_KERNELS", setting)
-        assert (kernels.kernels_enabled(), kernels.kernels_enabled(experimental=True)) == (measured, experimental)
-    monkeypatch.delenv("VL2_JAX_KERNELS")
-    assert kernels.kernels_enabled() and not kernels.kernels_enabled(experimental=True)
+    calls = []
+    monkeypatch.setattr(moe, "expert_matmul_usable", lambda *a: True)
+    monkeypatch.setattr(moe, "expert_matmul", lambda *a: calls.append(1))
+    xs, gate_up, down, weights, idx = bf16_problem(6, 32, 256, 128, 4, 9)
+    run_experts("grouped", xs, gate_up, down, weights, idx)
+    assert calls == []
+
+
+def test_kernels_switch(monkeypatch):
+    from vl2_jax import kernels
     from vl2_jax.errors import ConfigError
 
-    monkeypatch.setenv("VL2_JAX_KERNELS", "off")  # a typo must not leave the kernels silently on
-    with pytest.raises(ConfigError, match="VL2_JAX_KERNELS='off' is not one of"):
-        kernels.kernels_enabled()
+    for setting, enabled in (("1", True), ("0", False)):
+        monkeypatch.setenv("VL2_JAX_KERNELS", setting)
+        assert kernels.kernels_enabled() == enabled
+    monkeypatch.delenv("VL2_JAX_KERNELS")
+    assert kernels.kernels_enabled()
+    for typo in ("off", "experimental"):  # a typo, or last version's value, must not silently mean "on"
+        monkeypatch.setenv("VL2_JAX_KERNELS", typo)
+        with pytest.raises(ConfigError, match=f"VL2_JAX_KERNELS='{typo}' is not one of"):
+            kernels.kernels_enabled()
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the expert matmul kernel runs on NVIDIA GPUs")
-def test_expert_matmul_kernel_on_the_gpu(monkeypatch):
-    """Experimental kernel, asked for: it builds and passes its self-check inside a trace, and the bf16
-    grouped dispatch through it at small's sizes (batch 8) agrees with the float32 dense path."""
+def test_expert_matmul_kernel_on_the_gpu():
+    """The kernel builds and passes its self-check inside a trace, and the bf16 grouped dispatch through
+    it at small's sizes (batch 8) agrees with the float32 dense path."""
     from vl2_jax import kernels
 
-    monkeypatch.setenv("VL2_JAX_KERNELS", "experimental")
     kernels._expert_matmul_self_check.cache_clear()
     assert bool(jax.jit(lambda: jnp.array(kernels._expert_matmul_self_check()))())
     e, d, f, x, n = 64, 2048, 1408, 6, 8
@@ -410,30 +441,3 @@ def test_expert_matmul_kernel_on_the_gpu(monkeypatch):
     got = jax.jit(run_experts, static_argnums=0)("grouped", xs, gate_up, down, weights, idx)
     want = dense(f32(xs), f32(gate_up), f32(down), weights, idx)
     assert rel_err(f32(got), want) < 1e-2
-
-
-@pytest.mark.parametrize("tokens", [1, 2, 3])
-def test_mlp_through_the_matvec_kernel_equals_xla(monkeypatch, tokens):
-    """The dense MLP (shared experts) with the experimental one-expert kernel switched in (interpreted)
-    against its XLA form in bf16; from 3 tokens on the XLA form runs either way."""
-
-    from vl2_jax.kernels import MATVEC_BLOCK_K, gathered_matvec
-    from vl2_jax.modules import moe
-
-    d, f = 2 * MATVEC_BLOCK_K, MATVEC_BLOCK_K
-    mlp = moe.MLP(d, f, jnp.bfloat16)
-    x = jax.random.normal(jax.random.key(8), (1, tokens, d)).astype(jnp.bfloat16)
-    params = jax.tree.map(lambda a: (a * 40).astype(jnp.bfloat16), mlp.init(jax.random.key(9), x))
-    want = mlp.apply(params, x)
-    calls = []
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return gathered_matvec(*args, interpret=True, **kwargs)
-
-    monkeypatch.setattr(moe, "gathered_matvec_usable", lambda *a, **k: True)
-    monkeypatch.setattr(moe, "gathered_matvec", counted)
-    got = mlp.apply(params, x)
-    assert got.shape == want.shape and got.dtype == want.dtype
-    assert len(calls) == (2 if tokens <= 2 else 0)
-    assert rel_err(got.astype(jnp.float32), want.astype(jnp.float32)) < 1e-2

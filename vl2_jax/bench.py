@@ -55,13 +55,10 @@ def active_kernels(lc, dtype) -> list[str]:
     """The accelerator kernels (`vl2_jax.kernels`) this run's model uses here, by where they run; every
     JSON line carries them, so a number says which code produced it."""
     d, f = lc.hidden_size, lc.moe_intermediate_size
-    s = (lc.n_shared_experts or 0) * f
     on = {
         "prefill: grouped matmul (Mosaic)": mlp_kernel_fits(kernels.mosaic_ragged_usable, dtype, d, f),
         "decode: gathered matvec": mlp_kernel_fits(kernels.gathered_matvec_usable, dtype, d, f),
-        "decode batches: expert matmul (experimental)": mlp_kernel_fits(kernels.expert_matmul_usable, dtype, d, f),
-        "decode: shared-expert matvec (experimental)": bool(s) and mlp_kernel_fits(
-            kernels.gathered_matvec_usable, dtype, d, s, experimental=True),
+        "decode batches: expert matmul": mlp_kernel_fits(kernels.expert_matmul_usable, dtype, d, f),
     }
     return [name for name, used in on.items() if used]
 
