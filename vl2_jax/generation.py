@@ -28,7 +28,6 @@ from vl2_jax.cache import KVCache
 from vl2_jax.errors import InputError
 from vl2_jax.model import VL2Model, left_pad_positions, out_of_memory_as
 from vl2_jax.modules.language import LanguageModel
-from vl2_jax.modules.vl2 import VL2
 from vl2_jax.sampling import SamplingParams, sample
 
 MIN_BUCKET = 64
@@ -88,7 +87,8 @@ class Generator:
 
     def __init__(self, model: VL2Model):
         self.model = model
-        self.traces = 0  # incremented each time prefill or decode is traced (tests count recompiles)
+        self.traces = 0  # incremented each time prefill or decode is traced (tests count recompiles; the
+        # embedding is `VL2Model._embed`, whose jit cache they read)
         self._empty_caches: dict[tuple[int, int], Callable[[], KVCache]] = {}
         # Prefill and decode run the language model alone, on its parameters alone: every leaf passed to
         # a jitted call costs host time (~3 us on a GPU host), and the vision tower has 300+ of them.
@@ -154,14 +154,6 @@ class Generator:
 
         return jax.jit(run, donate_argnums=(1,))
 
-    @functools.cached_property
-    def _embed(self):
-        def run(params, ids, tiles, src, seq_mask):
-            self.traces += 1
-            return self.model.module.apply(params, ids, tiles, src, seq_mask, method=VL2.embed)
-
-        return jax.jit(run)
-
     # -- host side -----------------------------------------------------------------------------------
     def embed_prompt(self, batch, length: int) -> tuple[jax.Array, np.ndarray, np.ndarray]:
         """The batch left padded to `length` and embedded (vision included).
@@ -175,7 +167,7 @@ class Generator:
         attention = pad2(batch.attention_mask, False).astype(bool)
         seq_mask = pad2(batch.images_seq_mask, False).astype(bool)
         tiles, src = m._image_inputs(batch)
-        x = self._embed(m.embed_params, m.put(ids, bt), tiles, m.put(pad2(src, 0), bt), m.put(seq_mask, bt))
+        x = m._embed(m.embed_params, m.put(ids, bt), tiles, m.put(pad2(src, 0), bt), m.put(seq_mask, bt))
         return x, ids, attention
 
     def run(
