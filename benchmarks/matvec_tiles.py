@@ -9,8 +9,9 @@ weights do not sit in the L2 cache), checks it against a float32 reference, and 
 per case, then a table of the best configuration per shape with its bandwidth and the default's.
 
 With --dense it also times the batch-1 matrix-vector products that XLA runs today (shared experts,
-attention projections) as XLA's dot against the kernel with one "expert" (8 weight copies rotated),
-to decide whether the kernel should take them over.
+attention projections) as XLA's dot against the kernel with one "expert" (8 weight copies rotated).
+Standalone calls mislead there: the kernel won most of them on 2026-11-29, yet small's decode step
+ran slower with it on those products (BENCHMARKS.md, fifth session), so the library keeps XLA's.
 """
 
 from __future__ import annotations

@@ -32,7 +32,16 @@ def test_moe_dispatch_benchmark_runs_on_cpu():
     assert "| test | gather |" in r.stdout and "| test | grouped |" in r.stdout
 
 
-def test_bf16_drift_runs_on_cpu():
-    r = _run("benchmarks/bf16_drift.py", "--model", "test", "--layers", "2", "--tokens", "16")
+@pytest.mark.parametrize("same_weights", [False, True])
+def test_bf16_drift_runs_on_cpu(same_weights):
+    extra = ["--same-weights"] if same_weights else []
+    r = _run("benchmarks/bf16_drift.py", "--model", "test", "--layers", "2", "--tokens", "16", *extra)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "logits_cosine_bf16_with_f32_routing" in r.stdout and "tokens_with_other_experts" in r.stdout
+    assert f"reference_weights={'bf16' if same_weights else 'float32'}" in r.stdout
+
+
+def test_cosine_on_the_same_weights_runs_on_cpu():
+    r = _run("benchmarks/profile_decode.py", "--model", "random:test", "--cosine", "--no-profile", "--same-weights")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "metric=bf16_vs_f32_logits_cosine | reference_weights=bf16" in r.stdout

@@ -15,7 +15,7 @@ the kernel fails its self-check, runs XLA's gather again, until the kernel moves
 
 `expert_matmul`: the grouped dispatch's per-expert matmuls at decode batches, skipping the experts no
 token chose, so a batch of 8 reads ~35 of small's 64 experts instead of all of them (small's batch-8
-decode on an H200: 866 -> 2132 tok/s).
+decode on an H200: 866 -> 2133 tok/s).
 
 `VL2_JAX_KERNELS` in the environment: `0` turns every kernel off (the portable paths run), to compare
 or to rule a kernel out; `1` (the default) lets each run where it applies.

@@ -202,14 +202,16 @@ def grouped_capacity(num_tokens: int, top_k: int, num_experts: int, factor: floa
     return min(num_tokens, 8 * math.ceil(factor * balanced / 8))
 
 
-def outputs_grouped(x_ND, gate_up_w, down_w, idx_NX, capacity: int | None = None) -> jax.Array:
+def outputs_grouped(x_ND, gate_up_w, down_w, idx_NX, capacity: int | None = None,
+                    total_experts: int | None = None) -> jax.Array:
     """Grouped path: tokens scattered into per-expert slots [E, M, D], one batched matmul per projection.
 
     Reads every expert's weights once and computes E*M rows instead of the dense path's E*N. `capacity`
     M defaults to `grouped_capacity`; if any expert gets more than M tokens the layer runs the dense path
     instead (a `lax.cond` on the device), so nothing is ever dropped. With M = N (decode batches) there is
     no check, and where `kernels.expert_matmul` runs (no more choices than experts: batches of up to
-    10 tokens for 6 of 64) the experts no token chose are skipped rather than read.
+    10 tokens for 6 of 64) the experts no token chose are skipped rather than read. `total_experts`:
+    the experts of all devices, where these are one device's share (default: these E).
     """
     n, x = idx_NX.shape
     e, d, _, f = gate_up_w.shape
@@ -217,10 +219,11 @@ def outputs_grouped(x_ND, gate_up_w, down_w, idx_NX, capacity: int | None = None
     dtype = gate_up_w.dtype
     padded = -(-cap // EXPERT_ROWS_MULTIPLE) * EXPERT_ROWS_MULTIPLE
     # The kernel pays by skipping experts: with no more choices than experts some always go unread
-    # (small, 8 tokens x 6 choices: 2.5x XLA's batch); from a 38-token text prompt on, nearly every
-    # expert is chosen and XLA's batched matmul was faster (small's text prefill: 13.6 -> 15.5 ms).
-    kernel = (cap >= n and n * x <= e and x_ND.dtype == dtype and local_arrays() and expert_matmul_block_k(padded, d)
-              and expert_matmul_block_k(padded, f)
+    # (small, 8 tokens x 6 choices: 2.5x XLA's batch); at the 64-token bucket of a 38-token text prompt
+    # nearly every expert is chosen and XLA's batched matmul was faster (small's prefill: 13.6 -> 15.5 ms).
+    itemsize = jnp.dtype(dtype).itemsize
+    kernel = (cap >= n and n * x <= (total_experts or e) and x_ND.dtype == dtype and local_arrays()
+              and expert_matmul_block_k(padded, d, itemsize) and expert_matmul_block_k(padded, f, itemsize)
               and mlp_kernel_fits(expert_matmul_usable, dtype, d, f))
     rows = padded if kernel else cap  # slots per expert
     order, rank, sizes = _group_by_expert(idx_NX, e)
@@ -317,12 +320,13 @@ def experts_sharded(impl: str, x_ND, gate_up_w, down_w, weights_NX, idx_NX) -> j
     P = jax.sharding.PartitionSpec
     up_spec, down_spec = P(expert_axis, None, None, width_axis), P(expert_axis, width_axis, None)
     n, x = idx_NX.shape
-    capacity = grouped_capacity(n, x, gate_up_w.shape[0])  # the one-device value: same rows per expert
+    e = gate_up_w.shape[0]
+    capacity = grouped_capacity(n, x, e)  # the one-device value: same rows per expert
 
     def local(x_ND, gu, d, idx):
         offset = jax.lax.axis_index(expert_axis) * gu.shape[0] if expert_axis else 0
         if impl == "grouped":
-            y = outputs_grouped(x_ND, gu, d, idx - offset, capacity)
+            y = outputs_grouped(x_ND, gu, d, idx - offset, capacity, total_experts=e)
         else:
             y = expert_outputs(impl, x_ND, gu, d, idx - offset)
         if width_axis:  # partial sums over slices of the width: add them in float32
