@@ -372,34 +372,10 @@ def test_expert_matmul_tiles_fit_shared_memory():
     assert expert_matmul_block_k(4096, 2048) == 0
 
 
-@pytest.mark.parametrize("remote", [False, True])
-def test_grouped_dispatch_through_the_expert_kernel_equals_dense(monkeypatch, remote):
-    """The grouped dispatch at a decode batch with the expert kernel switched in (interpreted)
-    against the dense path in float32, bf16 weights, with and without ids of remote experts."""
-
-    from vl2_jax.kernels import MATVEC_BLOCK_K, expert_matmul
-    from vl2_jax.modules import moe
-
-    calls = []
-
-    def counted(*args):
-        calls.append(1)
-        return expert_matmul(*args, interpret=True)
-
-    monkeypatch.setattr(moe, "expert_matmul_usable", lambda *a: True)
-    monkeypatch.setattr(moe, "expert_matmul", counted)
-    e, d, f, x, n = 32, 2 * MATVEC_BLOCK_K, MATVEC_BLOCK_K, 4, 8  # 32 choices of 32 experts
-    xs, gate_up, down, weights, idx = bf16_problem(6, e, d, f, x, n)
-    if remote:
-        idx = idx.at[:, 0].set(-1).at[:3, 1].add(e)
-    got = run_experts("grouped", xs, gate_up, down, weights, idx)
-    assert len(calls) == 2  # both projections
-    assert rel_err(f32(got), dense(f32(xs), f32(gate_up), f32(down), weights, idx)) < 1e-2
-
-
-def test_expert_kernel_only_where_experts_go_unchosen(monkeypatch):
-    """More choices than experts (9 tokens x 4 of 32): XLA's batched matmul. The same batch on a device
-    holding 32 of 64 experts (expert parallelism): the kernel, since all devices' experts count."""
+@pytest.fixture
+def expert_kernel_calls(monkeypatch):
+    """The expert kernel switched in (interpreted) wherever the grouped dispatch would run it; the list
+    grows by one per call."""
     from vl2_jax.kernels import expert_matmul
     from vl2_jax.modules import moe
 
@@ -411,11 +387,32 @@ def test_expert_kernel_only_where_experts_go_unchosen(monkeypatch):
 
     monkeypatch.setattr(moe, "expert_matmul_usable", lambda *a: True)
     monkeypatch.setattr(moe, "expert_matmul", counted)
+    return calls
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_grouped_dispatch_through_the_expert_kernel_equals_dense(expert_kernel_calls, remote):
+    """The grouped dispatch at a decode batch through the expert kernel against the dense path in
+    float32, bf16 weights, with and without ids of remote experts."""
+    from vl2_jax.kernels import MATVEC_BLOCK_K
+
+    e, d, f, x, n = 32, 2 * MATVEC_BLOCK_K, MATVEC_BLOCK_K, 4, 8  # 32 choices of 32 experts
+    xs, gate_up, down, weights, idx = bf16_problem(6, e, d, f, x, n)
+    if remote:
+        idx = idx.at[:, 0].set(-1).at[:3, 1].add(e)
+    got = run_experts("grouped", xs, gate_up, down, weights, idx)
+    assert len(expert_kernel_calls) == 2  # both projections
+    assert rel_err(f32(got), dense(f32(xs), f32(gate_up), f32(down), weights, idx)) < 1e-2
+
+
+def test_expert_kernel_only_where_experts_go_unchosen(expert_kernel_calls):
+    """More choices than experts (9 tokens x 4 of 32): XLA's batched matmul. The same batch on a device
+    holding 32 of 64 experts (expert parallelism): the kernel, since all devices' experts count."""
     xs, gate_up, down, weights, idx = bf16_problem(6, 32, 256, 128, 4, 9)
-    want = moe.outputs_grouped(xs, gate_up, down, idx)
-    assert calls == []
-    got = moe.outputs_grouped(xs, gate_up, down, idx, total_experts=64)
-    assert len(calls) == 2
+    want = outputs_grouped(xs, gate_up, down, idx)
+    assert expert_kernel_calls == []
+    got = outputs_grouped(xs, gate_up, down, idx, total_experts=64)
+    assert len(expert_kernel_calls) == 2
     assert rel_err(f32(got), f32(want)) < 1e-2
 
 
