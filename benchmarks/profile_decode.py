@@ -6,7 +6,9 @@
    one, so embedding and prefill drop out; with --first-token instead: one time to first token, the
    vision tower, prefill and first sample), then sums the device kernels by name: launches per decoded
    token, device-busy time per token against the wall time per token. A busy fraction well under 1
-   means the step is bound by launch gaps, not by the kernels.
+   means the step is bound by launch gaps, not by the kernels. --first-token also reports where the
+   GPU waits: idle time between the first and last kernel, the longest gaps with the kernels around
+   them, and the wall time outside that span (host work before the first launch and after the last).
 2. With --cosine: the same random weights in float32 and in bf16, logits of the image prompt, cosine
    similarity per position (the acceptance bar is >= 0.999).
 Prints one JSON line per result, then a short table.
@@ -37,9 +39,10 @@ def _prompt(model, size=768):
     return model.processor.batchify([one])
 
 
-def _traced(fn, exact_names: bool = False):
+def _traced(fn, exact_names: bool = False, intervals: list | None = None):
     """Runs fn() under the profiler -> (its result, wall seconds, kernel launches and busy us by name).
-    Names lose their numeric suffix (all `input_reduce_fusion_N` together) unless `exact_names`."""
+    Names lose their numeric suffix (all `input_reduce_fusion_N` together) unless `exact_names`.
+    `intervals`, if given, receives every kernel as (start us, duration us, name)."""
     trace_dir = tempfile.mkdtemp()
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         start = time.perf_counter()
@@ -59,10 +62,30 @@ def _traced(fn, exact_names: bool = False):
             name = e["name"] if exact_names else re.sub(r"[._]\d+$", "", e["name"])
             kernels[name] += 1
             busy[name] += e["dur"]
+            if intervals is not None:
+                intervals.append((float(e["ts"]), float(e["dur"]), name))
     if not kernels:  # unknown trace layout: show what is there instead of a silent zero
         print(json.dumps({"trace_processes": sorted(set(procs.values()))[:20],
                           "trace_threads": sorted(set(threads.values()))[:20]}), flush=True)
     return result, wall, kernels, busy
+
+
+def idle_gaps(intervals: list[tuple[float, float, str]], top: int = 8) -> dict:
+    """Where the device waits: kernels (start us, duration us, name) -> the span from the first kernel's
+    start to the last one's end, the time inside it with no kernel running, and the `top` longest such
+    gaps with the kernels on either side (a gap after a kernel usually means host work or a transfer
+    before the next launch)."""
+    spans = sorted(intervals)
+    gaps, idle, end, last = [], 0.0, None, None
+    for start, dur, name in spans:
+        if end is not None and start > end:
+            idle += start - end
+            gaps.append((start - end, last, name))
+        if end is None or start + dur > end:
+            end, last = start + dur, name
+    span = end - spans[0][0] if spans else 0.0
+    return {"span_ms": span / 1e3, "idle_ms": idle / 1e3,
+            "largest_gaps": [{"ms": g / 1e3, "after": a[:60], "before": b[:60]} for g, a, b in sorted(gaps, reverse=True)[:top]]}
 
 
 def profile_first_token(spec: str) -> list[dict]:
@@ -72,10 +95,15 @@ def profile_first_token(spec: str) -> list[dict]:
     model = load_model(spec, "bfloat16")
     batch = _prompt(model)
     model.generate(batch, max_new_tokens=1)  # compile
-    result, wall, kernels, busy = _traced(lambda: model.generate(batch, max_new_tokens=1))
+    intervals = []
+    result, wall, kernels, busy = _traced(lambda: model.generate(batch, max_new_tokens=1), intervals=intervals)
+    gaps = idle_gaps(intervals)
     rows = [{"model": spec, "metric": "first_token_profile", "launches": sum(kernels.values()),
              "device_busy_ms": 1e-3 * sum(busy.values()), "wall_ms": 1e3 * wall, "ttft_ms": 1e3 * result.ttft_s,
+             "kernel_span_ms": gaps["span_ms"], "idle_in_span_ms": gaps["idle_ms"],
+             "outside_span_ms": 1e3 * wall - gaps["span_ms"],
              "jax": jax.__version__, "device": jax.devices()[0].device_kind}]
+    rows += [{"model": spec, "metric": "idle_gap", **g} for g in gaps["largest_gaps"]]
     for name, dur in busy.most_common(15):
         rows.append({"model": spec, "metric": "kernel", "name": name[:80], "launches": kernels[name], "ms": dur / 1e3})
     return rows

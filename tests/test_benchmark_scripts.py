@@ -45,3 +45,18 @@ def test_cosine_on_the_same_weights_runs_on_cpu():
     r = _run("benchmarks/profile_decode.py", "--model", "random:test", "--cosine", "--no-profile", "--same-weights")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "metric=bf16_vs_f32_logits_cosine | reference_weights=bf16" in r.stdout
+
+
+def test_idle_gaps_of_a_kernel_timeline():
+    """The first-token profile's gap finder: overlapping kernels count once, gaps are ranked with their
+    neighbours, the span runs from the first start to the last end."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("profile_decode", ROOT / "benchmarks" / "profile_decode.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # us: a [0, 100), b [50, 120) overlapping a, c [400, 450), d [460, 500)
+    timeline = [(400.0, 50.0, "c"), (0.0, 100.0, "a"), (50.0, 70.0, "b"), (460.0, 40.0, "d")]
+    got = module.idle_gaps(timeline, top=1)
+    assert got["span_ms"] == 0.5 and abs(got["idle_ms"] - 0.29) < 1e-9
+    assert got["largest_gaps"] == [{"ms": 0.28, "after": "b", "before": "c"}]
