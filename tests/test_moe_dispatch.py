@@ -362,14 +362,18 @@ def test_expert_matmul_kernel_semantics():
         expert_matmul(xs[:, :8], w, sizes, interpret=True)
 
 
-def test_expert_matmul_tiles_fit_shared_memory():
+def test_expert_matmul_tiles_fit_shared_memory(monkeypatch):
     """64 rows at block_k 256 asked an H200 for 256 KiB of shared memory (227 available) and failed to
-    build: larger row counts take smaller K tiles, and too many rows none."""
+    build: larger row counts take smaller K tiles, and too many rows none, so the kernel is not used."""
+    from vl2_jax import kernels
     from vl2_jax.kernels import expert_matmul_block_k
 
     assert expert_matmul_block_k(16, 2048) == 256 and expert_matmul_block_k(16, 1408) == 128
     assert expert_matmul_block_k(64, 2048) == 128
     assert expert_matmul_block_k(4096, 2048) == 0
+    monkeypatch.setattr(kernels, "_triton_usable", lambda *a: True)  # as on an NVIDIA GPU
+    assert kernels.expert_matmul_usable(jnp.bfloat16, 2048, 2816, rows=64)
+    assert not kernels.expert_matmul_usable(jnp.bfloat16, 2048, 2816, rows=4096)
 
 
 @pytest.fixture
@@ -385,7 +389,7 @@ def expert_kernel_calls(monkeypatch):
         calls.append(1)
         return expert_matmul(*args, interpret=True)
 
-    monkeypatch.setattr(moe, "expert_matmul_usable", lambda *a: True)
+    monkeypatch.setattr(moe, "expert_matmul_usable", lambda *a, **k: True)
     monkeypatch.setattr(moe, "expert_matmul", counted)
     return calls
 

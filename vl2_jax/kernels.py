@@ -278,9 +278,11 @@ def expert_matmul_block_k(m: int, k: int, itemsize: int = 2) -> int:
     return 0
 
 
-def expert_matmul_usable(dtype, k: int, n: int) -> bool:
-    """Whether `expert_matmul` of [E, M, k] rows against [E, k, n] runs its kernel here (`_triton_usable`)."""
-    return _triton_usable(dtype, k, n, _expert_matmul_self_check)
+def expert_matmul_usable(dtype, k: int, n: int, rows: int = EXPERT_ROWS_MULTIPLE) -> bool:
+    """Whether `expert_matmul` of [E, rows, k] against [E, k, n] runs its kernel here: `_triton_usable`,
+    and a K tile for `rows` that fits shared memory (`expert_matmul_block_k`)."""
+    return bool(expert_matmul_block_k(rows, k, jnp.dtype(dtype).itemsize)) and _triton_usable(
+        dtype, k, n, _expert_matmul_self_check)
 
 
 def _expert_matmul_kernel(sizes_ref, x_ref, w_ref, out_ref, *, block_k: int):

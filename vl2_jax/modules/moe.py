@@ -25,7 +25,6 @@ from vl2_jax.kernels import (
     EXPERT_ROWS_MULTIPLE,
     ROW_MULTIPLE,
     expert_matmul,
-    expert_matmul_block_k,
     expert_matmul_usable,
     gathered_matvec,
     gathered_matvec_usable,
@@ -44,16 +43,8 @@ def swiglu(h_CF: jax.Array) -> jax.Array:
 
 def mlp_kernel_fits(usable, dtype, d: int, f: int, **kw) -> bool:
     """Whether a kernel runs both products of a SwiGLU MLP of width `f` on [., d] inputs: [d, 2f] and
-    [f, d]. `usable` is one of `vl2_jax.kernels`' checks; `kw` goes to it."""
+    [f, d]. `usable` is one of `vl2_jax.kernels`' checks; `kw` goes to it (the expert matmul's rows)."""
     return usable(dtype, d, 2 * f, **kw) and usable(dtype, f, d, **kw)
-
-
-def swiglu_matvec(x_RD, gate_up_EDWF, down_EFD, ids_A, rows_per_input: int = 1) -> jax.Array:
-    """SwiGLU experts by `kernels.gathered_matvec`: out[a] = expert ids[a] applied to x[a // rows_per_input]
-    -> [A, D] float32, the hidden activation rounded to the weights' dtype between the two products."""
-    e, d, _, f = gate_up_EDWF.shape
-    h = gathered_matvec(x_RD, gate_up_EDWF.reshape(e, d, 2 * f), ids_A, rows_per_input=rows_per_input)
-    return gathered_matvec(swiglu(h.astype(gate_up_EDWF.dtype).reshape(-1, 2, f)), down_EFD, ids_A)
 
 
 class MLP(nn.Module):
@@ -66,9 +57,8 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         init = normal_init()
-        d, f = self.dim, self.hidden
-        gate_up_w = self.param("gate_up_w", init, (d, 2, f), self.dtype)
-        down_w = self.param("down_w", init, (f, d), self.dtype)
+        gate_up_w = self.param("gate_up_w", init, (self.dim, 2, self.hidden), self.dtype)
+        down_w = self.param("down_w", init, (self.hidden, self.dim), self.dtype)
         return einsum("...F,FD->...D", swiglu(einsum("...D,DWF->...WF", x, gate_up_w)), down_w)
 
 
@@ -142,7 +132,9 @@ def outputs_gather(x_ND, gate_up_w, down_w, idx_NX, ids_in_range: bool = False) 
     safe = idx_NX if ids_in_range else jnp.clip(idx_NX, 0, e - 1)
     dtype = gate_up_w.dtype
     if x_ND.dtype == dtype and local_arrays() and mlp_kernel_fits(gathered_matvec_usable, dtype, d, f):
-        y_NXD = swiglu_matvec(x_ND, gate_up_w, down_w, safe.reshape(-1), rows_per_input=x).reshape(n, x, d)
+        ids = safe.reshape(-1)  # [N*X]: row a runs expert ids[a] on token a // X
+        h = gathered_matvec(x_ND, gate_up_w.reshape(e, d, 2 * f), ids, rows_per_input=x).astype(dtype)
+        y_NXD = gathered_matvec(swiglu(h.reshape(-1, 2, f)), down_w, ids).reshape(n, x, d)
     else:
         h = swiglu(einsum("ND,NXDWF->NXWF", x_ND, gate_up_w[safe]))
         y_NXD = einsum("NXF,NXFD->NXD", h, down_w[safe], preferred_element_type=jnp.float32)
@@ -221,10 +213,8 @@ def outputs_grouped(x_ND, gate_up_w, down_w, idx_NX, capacity: int | None = None
     # The kernel pays by skipping experts: with no more choices than experts some always go unread
     # (small, 8 tokens x 6 choices: 2.5x XLA's batch); at the 64-token bucket of a 38-token text prompt
     # nearly every expert is chosen and XLA's batched matmul was faster (small's prefill: 13.6 -> 15.5 ms).
-    itemsize = jnp.dtype(dtype).itemsize
     kernel = (cap >= n and n * x <= (total_experts or e) and x_ND.dtype == dtype and local_arrays()
-              and expert_matmul_block_k(padded, d, itemsize) and expert_matmul_block_k(padded, f, itemsize)
-              and mlp_kernel_fits(expert_matmul_usable, dtype, d, f))
+              and mlp_kernel_fits(expert_matmul_usable, dtype, d, f, rows=padded))
     rows = padded if kernel else cap  # slots per expert
     order, rank, sizes = _group_by_expert(idx_NX, e)
     ids = idx_NX.reshape(-1)[order]
