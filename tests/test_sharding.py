@@ -67,6 +67,17 @@ def test_sharded_logits_and_greedy_equal_unsharded(variant, layout):
     assert experts.addressable_shards[0].data.size < experts.size
 
 
+@pytest.mark.parametrize("layout", [None, "data=2,expert=2,tensor=2"])
+def test_put_many_places_as_put_does(layout):
+    """Several host arrays in one transfer call: the values and shardings of `put`, array by array."""
+    m = single(VARIANTS[0]) if layout is None else vl2_jax.load_pretrained(ckpt_dir(VARIANTS[0]), mesh=layout)
+    host = [(np.arange(8 * 6, dtype=np.int32).reshape(8, 6), ("batch", None)),
+            (np.linspace(-1, 1, 2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4), (None, None, None, None))]
+    for got, want, (array, _) in zip(m.put_many(*host), [m.put(*pair) for pair in host], host, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), array)
+        assert got.sharding.is_equivalent_to(want.sharding, array.ndim)
+
+
 def specs_text() -> str:
     """One line per parameter and cache leaf: preset, layout, path, PartitionSpec."""
     lines = []

@@ -113,7 +113,7 @@ def run(args) -> list[dict]:
 
     # Vision tower + projector on the image prompt's tiles.
     batch = proc.batchify([prompts["image"]])
-    tiles, _ = model._image_inputs(batch)
+    tiles = model.put(model._image_inputs(batch)[0], (None, None, None, None))
     features = jax.jit(lambda p, t: model.module.apply(p, t, method=VL2.image_features))
     emit(metric="vision_ms", prompt="image", tiles=int(tiles.shape[0]),
          value=1e3 * median_time(lambda: features(model.params, tiles), args.repeats))

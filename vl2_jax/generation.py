@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 
 from vl2_jax.cache import KVCache
 from vl2_jax.errors import InputError
-from vl2_jax.model import VL2Model, left_pad_positions, out_of_memory_as
+from vl2_jax.model import VL2Model, left_pad, left_pad_positions, out_of_memory_as
 from vl2_jax.modules.language import LanguageModel
 from vl2_jax.sampling import SamplingParams, sample
 
@@ -160,15 +160,10 @@ class Generator:
 
         Returns (embeddings [B, length, D] on the devices, ids [B, length], attention [B, length] bool).
         """
-        m, bt = self.model, ("batch", None)
-        extra = length - batch.input_ids.shape[1]
-        pad2 = lambda a, v: np.pad(np.asarray(a), ((0, 0), (extra, 0)), constant_values=v)
-        ids = pad2(batch.input_ids, m.processor.pad_id).astype(np.int32)
-        attention = pad2(batch.attention_mask, False).astype(bool)
-        seq_mask = pad2(batch.images_seq_mask, False).astype(bool)
-        tiles, src = m._image_inputs(batch)
-        x = m._embed(m.embed_params, m.put(ids, bt), tiles, m.put(pad2(src, 0), bt), m.put(seq_mask, bt))
-        return x, ids, attention
+        m = self.model
+        x = m.embed_batch(batch, length)
+        ids = left_pad(batch.input_ids, length, m.processor.pad_id).astype(np.int32)
+        return x, ids, left_pad(batch.attention_mask, length, False).astype(bool)
 
     def run(
         self,
@@ -233,18 +228,16 @@ class Generator:
         chunk = prefill_chunk or length
         for start in range(0, length, chunk):
             sl = slice(start, start + chunk)
-            logits, cache = self._prefill_chunk(
-                self.language_params, x[:, sl], m.put(positions[:, sl], bt), m.put(attention[:, sl], bt), cache
-            )
+            pos, valid = m.put_many((positions[:, sl], bt), (attention[:, sl], bt))
+            x_chunk = x if chunk == length else x[:, sl]  # (slicing is one more dispatch)
+            logits, cache = self._prefill_chunk(self.language_params, x_chunk, pos, valid, cache)
         seen = np.zeros((b, cfg.vocab_size), bool)
         rows = np.repeat(np.arange(b), length)
         seen[rows[attention.ravel()], ids.ravel()[attention.ravel()]] = True
-        eos = jnp.int32(-1 if ignore_eos else cfg.eos_token_id)
-        pad = jnp.int32(m.processor.pad_id)
-        state = self._start(
-            logits, cache, m.put(positions[:, -1] + 1, ("batch",)), m.put(seen, bt), sampling,
-            jax.random.key(seed), eos, pad, max_new,
-        )
+        eos = np.int32(-1 if ignore_eos else cfg.eos_token_id)
+        pad = np.int32(m.processor.pad_id)
+        next_pos, seen = m.put_many((positions[:, -1] + 1, ("batch",)), (seen, bt))
+        state = self._start(logits, cache, next_pos, seen, sampling, _key(seed), eos, pad, max_new)
         done = m.fetch(state.done)
         ttft = time.perf_counter() - t0
 
@@ -281,6 +274,12 @@ class Generator:
             texts.append(text)
             reasons.append(reason)
         return GenerationResult(ids, texts, reasons, prompt_tokens, ttft, decode_s)
+
+
+@functools.lru_cache(maxsize=16)
+def _key(seed: int) -> jax.Array:
+    """The PRNG key of a seed, made once (its creation is several dispatches; `_start` only reads it)."""
+    return jax.random.key(seed)
 
 
 class _Streamer:

@@ -21,8 +21,8 @@ from flax import struct
 
 @struct.dataclass
 class SamplingParams:
-    """Scalars: temperature [] f32, top_k [] i32, top_p [] f32, repetition_penalty [] f32; `greedy` is
-    static (part of the jit cache key)."""
+    """Scalars (numpy or on the device): temperature [] f32, top_k [] i32, top_p [] f32,
+    repetition_penalty [] f32; `greedy` is static (part of the jit cache key)."""
 
     temperature: jax.Array
     top_k: jax.Array
@@ -33,7 +33,8 @@ class SamplingParams:
     @classmethod
     def make(cls, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0) -> SamplingParams:
         t = np.float32(temperature)  # greedy exactly when the device value is 0 (1e-46 rounds to it)
-        return cls(t, jnp.int32(top_k), jnp.float32(top_p), jnp.float32(repetition_penalty), greedy=bool(t == 0))
+        # numpy scalars: they travel with the jitted call that reads them, with no transfer of their own
+        return cls(t, np.int32(top_k), np.float32(top_p), np.float32(repetition_penalty), greedy=bool(t == 0))
 
 
 def penalize(logits_BV: jax.Array, seen_BV: jax.Array, penalty: jax.Array) -> jax.Array:
