@@ -23,8 +23,6 @@ from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 from vl2_jax.bench import median_time
 from vl2_jax.config import PRESETS
 
-CONFIGS = list(itertools.product((64, 128), (64, 128), (2, 4), (1, 4)))  # block_m, block_n, steps, grid_block_n
-
 
 def _case(m: int, k: int, n: int, e: int, skewed: bool):
     kx, kw, ks = jax.random.split(jax.random.key(0), 3)
@@ -37,8 +35,9 @@ def _case(m: int, k: int, n: int, e: int, skewed: bool):
     return x, w, sizes
 
 
-def _sweep(row: dict, e: int) -> dict:
-    """Every configuration on one shape: JSON lines, then the row with the best one."""
+def _sweep(row: dict, e: int, configs) -> dict:
+    """Every configuration (block_m, block_n, block_k, steps, grid_block_n) on one shape: JSON lines,
+    then the row with the best one."""
     m, kk, n = row["m"], row["k"], row["n"]
     x, w, sizes = _case(m, kk, n, e, row["skewed"])
     ref_fn = jax.jit(lambda x, w, s: jax.lax.ragged_dot(x, w, s, preferred_element_type=jnp.float32))
@@ -46,12 +45,12 @@ def _sweep(row: dict, e: int) -> dict:
     covered, scale = m - 4, float(jnp.max(jnp.abs(ref)))
     row = {**row, "lax_ragged_dot_ms": 1e3 * median_time(lambda: ref_fn(x, w, sizes), 3)}
     best = {}
-    for bm, bn, steps, gbn in CONFIGS:
-        if n % bn:
+    for bm, bn, bk, steps, gbn in configs:
+        if n % bn or kk % bk:
             continue
-        fn = jax.jit(functools.partial(ragged_dot_mgpu.ragged_dot, block_m=bm, block_n=bn, block_k=64,
+        fn = jax.jit(functools.partial(ragged_dot_mgpu.ragged_dot, block_m=bm, block_n=bn, block_k=bk,
                                        max_concurrent_steps=steps, grid_block_n=gbn))
-        case = {**row, "config": [bm, bn, steps, gbn]}
+        case = {**row, "config": [bm, bn, bk, steps, gbn]}
         try:
             out = fn(x, w, group_sizes=sizes)
             err = float(jnp.max(jnp.abs(out[:covered].astype(jnp.float32) - ref[:covered]))) / scale
@@ -65,11 +64,11 @@ def _sweep(row: dict, e: int) -> dict:
     return {**row, **best}
 
 
-def run(model: str, tokens: int) -> list[dict]:
+def run(model: str, tokens: int, configs) -> list[dict]:
     c = PRESETS[model].language
     e, d, f, k = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size, c.num_experts_per_tok
     m = -(-tokens * k // 8) * 8
-    return [_sweep({"model": model, "proj": proj, "m": m, "k": kk, "n": n, "skewed": skewed}, e)
+    return [_sweep({"model": model, "proj": proj, "m": m, "k": kk, "n": n, "skewed": skewed}, e, configs)
             for proj, (kk, n) in (("gate_up", (d, 2 * f)), ("down", (f, d))) for skewed in (False, True)]
 
 
@@ -77,9 +76,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="tiny,small,base")
     p.add_argument("--tokens", type=int, default=1042)
+    ints = lambda text: [int(v) for v in text.split(",")]
+    for name, default in (("block-m", "64,128"), ("block-n", "64,128"), ("block-k", "64"), ("steps", "2,4"),
+                          ("grid-block-n", "1,4")):
+        p.add_argument(f"--{name}", type=ints, default=ints(default), help=f"values to try (default {default})")
     args = p.parse_args()
-    rows = [r for model in args.models.split(",") for r in run(model, args.tokens)]
-    print(f"\n{jax.devices()[0].device_kind}, JAX {jax.__version__}, {args.tokens} tokens; config = block_m, block_n, steps, grid_block_n")
+    configs = list(itertools.product(args.block_m, args.block_n, args.block_k, args.steps, args.grid_block_n))
+    rows = [r for model in args.models.split(",") for r in run(model, args.tokens, configs)]
+    print(f"\n{jax.devices()[0].device_kind}, JAX {jax.__version__}, {args.tokens} tokens; "
+          "config = block_m, block_n, block_k, steps, grid_block_n")
     print("| model | projection | routing | lax.ragged_dot ms | Mosaic best ms | TFLOP/s | config |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
