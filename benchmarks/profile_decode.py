@@ -98,9 +98,11 @@ def profile_first_token(spec: str, keep: str | None = None) -> list[dict]:
 
     model = load_model(spec, "bfloat16")
     batch = _prompt(model)
-    for _ in range(3):  # compile; XLA runs a CUDA-graph region through its thunks once, records the graph
-        model.generate(batch, max_new_tokens=1)  # the second time (~7 ms for the vision tower) and updates
-    intervals = []  # it later: the steady state is the fourth run
+    # Compile, then the steady state: XLA runs a CUDA-graph region through its thunks on an executable's
+    # first run, records the graph on the second (~7 ms for small's vision tower) and only updates it later.
+    for _ in range(3):
+        model.generate(batch, max_new_tokens=1)
+    intervals = []
     result, wall, kernels, busy = _traced(lambda: model.generate(batch, max_new_tokens=1), intervals=intervals,
                                               keep=keep)
     gaps = idle_gaps(intervals)
@@ -182,6 +184,8 @@ def main(argv=None) -> int:
                    help="list kernels by their full names (to find them in an XLA dump of the optimized HLO)")
     p.add_argument("--keep-trace", metavar="PATH", help="with --first-token: copy the trace there (.json.gz)")
     args = p.parse_args(argv)
+    if args.keep_trace and (args.no_profile or not args.first_token):
+        p.error("--keep-trace goes with --first-token (and without --no-profile)")
     if args.no_profile:
         rows = []
     else:

@@ -1,12 +1,13 @@
 """Tile sizes of the Mosaic GPU grouped matmul (`vl2_jax.kernels.ragged_dot`) at prefill shapes. (Hopper)
 
     python benchmarks/ragged_dot_tiles.py [--models tiny,small,base] [--tokens 1042]
+        [--block-m 64,128] [--block-n 64,128] [--block-k 64] [--steps 2,4] [--grid-block-n 1,4]
 
 For each model's expert projections (gate/up [A, D] x [E, D, 2F] and down [A, F] x [E, F, D], with
 A = tokens * top-k rows routed evenly or skewed onto 8 experts, as random weights route image tokens),
-times every tile configuration of JAX's `ragged_dot_mgpu` kernel, checks it against
-`lax.ragged_dot` (float32 accumulation), and prints one JSON line per case and a table of the best
-configuration per shape next to `lax.ragged_dot`.
+times every tile configuration (the product of the values given) of JAX's `ragged_dot_mgpu` kernel as
+calls dispatched back to back, checks it against `lax.ragged_dot` (float32 accumulation), and prints
+one JSON line per case and a table of the best configuration per shape next to `lax.ragged_dot`.
 """
 
 from __future__ import annotations

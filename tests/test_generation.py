@@ -81,6 +81,12 @@ def test_sampling_is_reproducible_and_seed_dependent():
     a, b = m.generate(batch, seed=3, **kw), m.generate(batch, seed=3, **kw)
     assert a.token_ids == b.token_ids
     assert any(m.generate(batch, seed=s, **kw).token_ids != a.token_ids for s in (4, 5, 6))
+    # The key is made on the device from the seed's low 32 bits, as `jax.random.key` makes it on the host:
+    # numpy and JAX integer seeds work, and seeds equal modulo 2**32 sample alike.
+    assert m.generate(batch, seed=np.int64(3), **kw).token_ids == a.token_ids
+    assert m.generate(batch, seed=jnp.int32(3), **kw).token_ids == a.token_ids
+    assert m.generate(batch, seed=3 + 2**32, **kw).token_ids == a.token_ids
+    assert m.generate(batch, seed=-5, **kw).token_ids == m.generate(batch, seed=2**32 - 5, **kw).token_ids
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy():

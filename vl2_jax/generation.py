@@ -112,9 +112,10 @@ class Generator:
     def _start(self):
         """First token from the prefill logits -> the initial DecodeState."""
 
-        def run(logits, cache, positions, seen, sampling, key, eos, pad, max_new):
+        def run(logits, cache, positions, seen, sampling, seed, eos, pad, max_new):
             self.traces += 1
-            key, sub = jax.random.split(key)
+            # made here, not on the host: no dispatches of its own, and never tied to another mesh
+            key, sub = jax.random.split(jax.random.key(seed))
             first = sample(logits, seen, sampling, sub)
             b = first.shape[0]
             tokens = jnp.full((b, max_new), pad, jnp.int32).at[:, 0].set(first)
@@ -160,9 +161,7 @@ class Generator:
 
         Returns (embeddings [B, length, D] on the devices, ids [B, length], attention [B, length] bool).
         """
-        m = self.model
-        x = m.embed_batch(batch, length)
-        ids = left_pad(batch.input_ids, length, m.processor.pad_id).astype(np.int32)
+        x, ids = self.model._embed_batch(batch, length)
         return x, ids, left_pad(batch.attention_mask, length, False).astype(bool)
 
     def run(
@@ -237,7 +236,9 @@ class Generator:
         eos = np.int32(-1 if ignore_eos else cfg.eos_token_id)
         pad = np.int32(m.processor.pad_id)
         next_pos, seen = m.put_many((positions[:, -1] + 1, ("batch",)), (seen, bt))
-        state = self._start(logits, cache, next_pos, seen, sampling, _key(seed), eos, pad, max_new)
+        # jax.random.key(seed) keeps a seed's low 32 bits: the same key for every seed as on the host
+        seed = np.uint32(int(seed) % 2**32)
+        state = self._start(logits, cache, next_pos, seen, sampling, seed, eos, pad, max_new)
         done = m.fetch(state.done)
         ttft = time.perf_counter() - t0
 
@@ -253,7 +254,7 @@ class Generator:
             if step >= max_new or done.all():
                 break
             step = min(max_new, step + stream_every) if streamer else max_new
-            state = self._decode(self.language_params, state, jnp.int32(step), sampling, eos, pad)
+            state = self._decode(self.language_params, state, np.int32(step), sampling, eos, pad)
             step, done = int(m.fetch(state.step)), m.fetch(state.done)
         tokens, count = m.fetch(state.tokens), m.fetch(state.count)
         decode_s = time.perf_counter() - t1
@@ -274,12 +275,6 @@ class Generator:
             texts.append(text)
             reasons.append(reason)
         return GenerationResult(ids, texts, reasons, prompt_tokens, ttft, decode_s)
-
-
-@functools.lru_cache(maxsize=16)
-def _key(seed: int) -> jax.Array:
-    """The PRNG key of a seed, made once (its creation is several dispatches; `_start` only reads it)."""
-    return jax.random.key(seed)
 
 
 class _Streamer:

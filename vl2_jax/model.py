@@ -149,25 +149,26 @@ class VL2Model:
             tiles = images[tiles_idx[:, 0], tiles_idx[:, 1]]
         return tiles, src
 
-    def embed_batch(self, batch, length: int | None = None) -> jax.Array:
-        """A processor batch -> token embeddings with the image features written in [B, length, D] in the
-        model dtype, left padded to `length` (default: the batch's) with the pad token. Every input goes
-        to the devices in one transfer call, so that the vision tower starts as early as it can."""
+    def _embed_batch(self, batch, length: int | None = None) -> tuple[jax.Array, np.ndarray]:
+        """A processor batch -> (token embeddings with the image features written in [B, length, D] in
+        the model dtype, token ids [B, length] int32 on the host), left padded to `length` (default: the
+        batch's) with the pad token. Call under `mesh_context()`. Without a mesh every input goes to the
+        device in one transfer call, so that the vision tower starts as early as it can."""
         tiles, src = self._image_inputs(batch)
-        length = length or src.shape[1]
+        length = length or np.shape(batch.input_ids)[1]
         pad_id = self.processor.pad_id if self.processor is not None else 0
         bt = ("batch", None)
-        arrays = [(left_pad(batch.input_ids, length, pad_id).astype(np.int32), bt), (left_pad(src, length, 0), bt),
-                  (left_pad(batch.images_seq_mask, length, False).astype(bool), bt)]
+        ids = left_pad(batch.input_ids, length, pad_id).astype(np.int32)
+        arrays = [(ids, bt), (left_pad(src, length, 0), bt), (left_pad(batch.images_seq_mask, length, False).astype(bool), bt)]
         if tiles is not None:
             arrays.append((tiles, (None, None, None, None)))
-        ids, src, mask, *tiles = self.put_many(*arrays)
-        return self._embed(self.embed_params, ids, tiles[0] if tiles else None, src, mask)
+        ids_d, src, mask, *tiles = self.put_many(*arrays)
+        return self._embed(self.embed_params, ids_d, tiles[0] if tiles else None, src, mask), ids
 
     def prepare_inputs_embeds(self, batch) -> jax.Array:
         """Token embeddings with the image features written in: [B, T, D] in the model dtype."""
         with self.mesh_context(), out_of_memory_as("while embedding the prompt and its images"):
-            return self.embed_batch(batch)
+            return self._embed_batch(batch)[0]
 
     def logits(self, batch) -> jax.Array:
         """Full forward without a cache: float32 logits [B, T, V]."""
