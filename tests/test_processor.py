@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -69,6 +70,43 @@ def test_output_types():
     assert out.input_ids[0] == p.bos_id and p.eos_id not in out.input_ids
 
 
+def test_pixels_are_the_uint8_tiles_that_normalise_to_images():
+    p = processor()
+    out = run_case("mha", "two_images")
+    assert out.pixels.dtype == np.uint8 and out.pixels.shape == (out.images.shape[0], 70, 70, 3)
+    assert out.pixel_norm == p.pixel_norm == ((0.5,) * 3, (0.5,) * 3)
+    reference = (out.pixels.astype(np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
+    np.testing.assert_array_equal(out.images, reference.transpose(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("norm", [((0.5,) * 3, (0.5,) * 3),
+                                  ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+                                  None])
+def test_pixel_lookup_gives_the_reference_arithmetic_in_numpy_and_on_the_device(norm):
+    """Every level of every channel: the lookup equals x / 255, then (x - mean) / std in float32, also
+    jitted (where XLA would have turned the divisions into multiplications by reciprocals)."""
+    import jax
+    import jax.numpy as jnp
+
+    from vl2_jax.processor import normalize_pixels, pixel_table
+
+    levels = np.stack([np.roll(np.arange(256), 85 * c).reshape(16, 16) for c in range(3)], -1)[None].astype(np.uint8)
+    want = levels.astype(np.float32) / np.float32(255)
+    if norm is not None:
+        want = (want - np.asarray(norm[0], np.float32)) / np.asarray(norm[1], np.float32)
+    want = np.moveaxis(want, -1, -3)
+    np.testing.assert_array_equal(normalize_pixels(levels, pixel_table(norm)), want)
+    on_device = jax.jit(lambda x, t: normalize_pixels(x, t, jnp))(levels, pixel_table(norm))
+    np.testing.assert_array_equal(np.asarray(on_device), want)
+
+
+def test_batchify_refuses_outputs_normalised_differently():
+    out = run_case("mha", "one_photo")
+    other = dataclasses.replace(out, pixel_norm=None)
+    with pytest.raises(InputError, match="normalise"):
+        processor().batchify([out, other])
+
+
 def test_attributes():
     p = processor()
     assert p.image_size == 70 and p.patch_size == 14 and p.downsample_ratio == 2
@@ -92,6 +130,7 @@ def test_image_token_count_formula():
 def test_no_image_gives_one_zero_tile():
     out = run_case("mha", "text_only")
     assert out.images.shape == (1, 3, 70, 70) and not out.images.any()
+    assert out.pixels.shape == (1, 70, 70, 3) and not out.pixels.any()
     np.testing.assert_array_equal(out.images_spatial_crop, [[0, 0]])
     assert not out.images_seq_mask.any()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -42,37 +43,90 @@ _SEP = "\n\n"  # the "deepseek" template's separator after a user message
 _EXTRA_SPECIAL = ("<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>", USER_ROLE, ASSISTANT_ROLE)
 
 
+PixelNorm = tuple[tuple[float, ...], tuple[float, ...]] | None  # (mean, std) per channel, or None
+
+
+@functools.lru_cache(maxsize=8)
+def pixel_table(norm: PixelNorm) -> np.ndarray:
+    """[3, 256] float32: every uint8 level of each channel normalised as the reference normalises it,
+    x / 255, then (x - mean) / std when ``norm`` = (mean, std)."""
+    x = np.broadcast_to(np.arange(256, dtype=np.float32) / np.float32(255), (3, 256))
+    if norm is not None:
+        mean, std = (np.asarray(v, np.float32)[:, None] for v in norm)
+        x = (x - mean) / std
+    x = np.ascontiguousarray(x)
+    x.setflags(write=False)  # shared by every caller (cached)
+    return x
+
+
+def normalize_pixels(pixels_NSS3, table_C256, xp=np):
+    """uint8 pixels [..., S, S, 3] -> the reference's tiles [..., 3, S, S] float32, looked up in
+    ``pixel_table(norm)``. ``xp`` is numpy or jax.numpy. A lookup, so that the model's normalisation
+    on the device gives the processor's bits: XLA turns a division by a constant into a multiplication
+    by its reciprocal, which changes last bits."""
+    x = table_C256[xp.arange(3), pixels_NSS3.astype(xp.int32)]
+    return xp.moveaxis(x, -1, -3)
+
+
+def _tiles_used(images_spatial_crop_N2) -> int:
+    """Tiles of one conversation: a global view plus width x height local tiles per image."""
+    return sum(1 + int(w) * int(h) for w, h in images_spatial_crop_N2 if w and h)
+
+
+def _reference_images(pixels_TSS3, crop_N2, norm) -> np.ndarray:
+    """[tiles, S, S, 3] uint8 -> [tiles, 3, S, S] float32, normalised; tiles past the used ones zero."""
+    used = _tiles_used(crop_N2)
+    out = np.zeros((pixels_TSS3.shape[0], 3) + pixels_TSS3.shape[1:3], np.float32)
+    out[:used] = normalize_pixels(pixels_TSS3[:used], pixel_table(norm))
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class ProcessorOutput:
     """One processed conversation (numpy arrays; ``T`` tokens, ``S`` tile size).
 
-    input_ids: [T] int32. images: [tiles, 3, S, S] float32 (per image a global view then its local
-    tiles, rows outer; one all-zero tile when there is no image). images_seq_mask: [T] bool, True at
-    image tokens. images_spatial_crop: [n_images, 2] int32 (width tiles, height tiles); [[0, 0]] when
-    there is no image. prompt: the formatted conversation as text (the reference's ``sft_format``).
+    input_ids: [T] int32. pixels: [tiles, S, S, 3] uint8, the tiles as cropped (per image a global view
+    then its local tiles, rows outer; one all-zero tile when there is no image). images_seq_mask: [T]
+    bool, True at image tokens. images_spatial_crop: [n_images, 2] int32 (width tiles, height tiles);
+    [[0, 0]] when there is no image. prompt: the formatted conversation as text (the reference's
+    ``sft_format``). pixel_norm: (mean, std) the tiles are normalised with, or None (x / 255 alone).
+    ``images`` is the reference's tensor, made on first access: [tiles, 3, S, S] float32, normalised
+    (all zero when there is no image); the model reads the pixels and normalises them on the device.
     """
 
     input_ids: np.ndarray
-    images: np.ndarray
+    pixels: np.ndarray
     images_seq_mask: np.ndarray
     images_spatial_crop: np.ndarray
     prompt: str
+    pixel_norm: PixelNorm = None
+
+    @functools.cached_property
+    def images(self) -> np.ndarray:
+        return _reference_images(self.pixels, self.images_spatial_crop, self.pixel_norm)
 
 
 @dataclasses.dataclass(frozen=True)
 class Batch:
     """Several outputs padded together (numpy arrays; ``B`` rows, left padded with ``pad_id``).
 
-    input_ids: [B, T] int32. attention_mask: [B, T] bool, False at padding. images:
-    [B, max_tiles, 3, S, S] float32, zero tiles appended. images_seq_mask: [B, T] bool, False at padding.
-    images_spatial_crop: [B, max_images, 2] int32, zero rows appended.
+    input_ids: [B, T] int32. attention_mask: [B, T] bool, False at padding. pixels:
+    [B, max_tiles, S, S, 3] uint8, zero tiles appended. images_seq_mask: [B, T] bool, False at padding.
+    images_spatial_crop: [B, max_images, 2] int32, zero rows appended. pixel_norm: as in
+    ProcessorOutput. ``images``: the reference's [B, max_tiles, 3, S, S] float32, zero tiles appended.
     """
 
     input_ids: np.ndarray
     attention_mask: np.ndarray
-    images: np.ndarray
+    pixels: np.ndarray
     images_seq_mask: np.ndarray
     images_spatial_crop: np.ndarray
+    pixel_norm: PixelNorm = None
+
+    @functools.cached_property
+    def images(self) -> np.ndarray:
+        return np.stack([_reference_images(p, c, self.pixel_norm)
+                         for p, c in zip(self.pixels, self.images_spatial_crop, strict=True)])
 
 
 def select_best_resolution(image_size, candidate_resolutions):
@@ -351,25 +405,23 @@ class Processor:
         return text.strip()
 
     # --------------------------------------------------------------------------------------- images
-    def _to_array(self, image):
-        """PIL RGB image [H, W] -> [3, H, W] float32: /255, then (x - mean) / std if normalizing."""
-        x = np.asarray(image, dtype=np.uint8).astype(np.float32) / np.float32(255)
-        if self.normalize:
-            x = (x - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
-        return np.ascontiguousarray(x.transpose(2, 0, 1))
+    @property
+    def pixel_norm(self) -> PixelNorm:
+        """(mean, std) the tiles are normalised with, or None: see `pixel_table`."""
+        return (self.image_mean, self.image_std) if self.normalize else None
 
     def _tile(self, image, cropping):
-        """One image -> ([1 + nw*nh, 3, S, S] tiles, (nw, nh))."""
+        """One image -> ([1 + nw*nh] tiles, each [S, S, 3] uint8, (nw, nh))."""
         size = self.image_size
         if cropping:
             best_w, best_h = select_best_resolution(image.size, self.candidate_resolutions)
         else:
             best_w, best_h = size, size
-        tiles = [self._to_array(ImageOps.pad(image, (size, size), color=self._fill))]
+        tiles = [np.asarray(ImageOps.pad(image, (size, size), color=self._fill), np.uint8)]
         local = ImageOps.pad(image, (best_w, best_h), color=self._fill)
         for top in range(0, best_h, size):
             for left in range(0, best_w, size):
-                tiles.append(self._to_array(local.crop((left, top, left + size, top + size))))
+                tiles.append(np.asarray(local.crop((left, top, left + size, top + size)), np.uint8))
         return tiles, (best_w // size, best_h // size)
 
     def num_image_tokens(self, num_width_tiles, num_height_tiles):
@@ -427,10 +479,10 @@ class Processor:
         size = self.image_size
         return ProcessorOutput(
             input_ids=np.asarray(ids, dtype=np.int32),
-            images=np.stack(tiles) if tiles else np.zeros((1, 3, size, size), np.float32),
+            pixels=np.stack(tiles) if tiles else np.zeros((1, size, size, 3), np.uint8),
             images_seq_mask=np.asarray(seq_mask, dtype=bool),
             images_spatial_crop=np.asarray(crops if crops else [(0, 0)], dtype=np.int32).reshape(-1, 2),
-            prompt=self._format_prompt(turns))
+            prompt=self._format_prompt(turns), pixel_norm=self.pixel_norm)
 
     def batchify(self, outputs) -> Batch:
         """Stack outputs into one :class:`Batch`, padding tokens on the left (see Batch for shapes)."""
@@ -438,18 +490,21 @@ class Processor:
         if not outputs:
             raise InputError("batchify needs at least one ProcessorOutput.")
         batch, length = len(outputs), max(len(o.input_ids) for o in outputs)
-        max_tiles = max(o.images.shape[0] for o in outputs)
+        max_tiles = max(o.pixels.shape[0] for o in outputs)
         max_images = max(o.images_spatial_crop.shape[0] for o in outputs)
         input_ids = np.full((batch, length), self.pad_id, dtype=np.int32)
         attention_mask = np.zeros((batch, length), dtype=bool)
         seq_mask = np.zeros((batch, length), dtype=bool)
-        images = np.zeros((batch, max_tiles) + outputs[0].images.shape[1:], dtype=np.float32)
+        pixels = np.zeros((batch, max_tiles) + outputs[0].pixels.shape[1:], dtype=np.uint8)
         crops = np.zeros((batch, max_images, 2), dtype=np.int32)
         for b, o in enumerate(outputs):
             start = length - len(o.input_ids)
             input_ids[b, start:] = o.input_ids
             attention_mask[b, start:] = True
             seq_mask[b, start:] = o.images_seq_mask
-            images[b, :o.images.shape[0]] = o.images
+            pixels[b, :o.pixels.shape[0]] = o.pixels
             crops[b, :o.images_spatial_crop.shape[0]] = o.images_spatial_crop
-        return Batch(input_ids, attention_mask, images, seq_mask, crops)
+        norms = {o.pixel_norm for o in outputs}
+        if len(norms) > 1:
+            raise InputError("batchify got outputs of processors that normalise images differently.")
+        return Batch(input_ids, attention_mask, pixels, seq_mask, crops, norms.pop())
