@@ -9,6 +9,7 @@ an interrupted run (tests/test_convert.py); unsupported config values (tests/tes
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import os
@@ -293,6 +294,19 @@ def test_prompt_over_the_context(capsys, fixture_model):
     assert f"the prompt has {n} tokens but the model's context is 4096 tokens" in message
     line = cli_error(capsys, ["--model", ckpt_dir("mla"), "--prompt", prompt, "--max-new-tokens", "2"])
     assert f"the prompt has {n} tokens but the model's context is 4096 tokens" in line
+
+
+def test_batches_the_model_cannot_read_correctly_are_refused(fixture_model):
+    """Hand-built batches: float tiles where the uint8 pixels belong, or another normalisation than
+    the model's processor, would otherwise be silently wrong on the device."""
+    p = fixture_model.processor
+    batch = p.batchify([p(USER("<image> What is it?"), [TINY_IMAGE])])
+    floats = dataclasses.replace(batch, pixels=batch.pixels.astype(np.float32) / 255)
+    assert "batch.pixels must be uint8" in api_error(InputError, fixture_model.logits, floats)
+    other = dataclasses.replace(batch, pixel_norm=None)
+    assert "normalised with None" in api_error(InputError, fixture_model.generate, other)
+    with pytest.raises(ValueError, match="read-only"):
+        batch.images[0, 0, 0, 0, 0] = 1.0  # the model reads the pixels, so an edit here must not pass
 
 
 # ---------------------------------------------------------------------------------------- arguments

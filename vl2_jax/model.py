@@ -20,7 +20,7 @@ from vl2_jax.checkpoint import SafetensorsFolder, load_hf, param_shapes, source_
 from vl2_jax.config import VL2Config
 from vl2_jax.errors import CheckpointError, ConfigError, DeviceMemoryError, InputError
 from vl2_jax.modules.vl2 import VL2, image_token_sources
-from vl2_jax.processor import normalize_pixels, pixel_table
+from vl2_jax.processor import canonical_pixel_norm, normalize_pixels, pixel_table
 from vl2_jax.sharding import Layout, make_mesh
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -123,14 +123,14 @@ class VL2Model:
     # -- jitted pieces ------------------------------------------------------------------------------
     @functools.cached_property
     def _embed(self):
-        """(params, ids [B, T], pixels [I, S, S, 3] uint8 and their `pixel_table` [3, 256] (or None and
-        None), src [B, T], image mask [B, T]) -> embeddings [B, T, D]; the tiles are normalised here."""
+        """(params, ids [B, T], pixels [I, S, S, 3] uint8 or None, src [B, T], image mask [B, T], pixel
+        norm (static)) -> embeddings [B, T, D]; the tiles are normalised here (`pixel_table`)."""
 
-        def embed(params, ids, pixels, table, src, mask):
-            tiles = None if pixels is None else normalize_pixels(pixels, table, jnp)
+        def embed(params, ids, pixels, src, mask, norm):
+            tiles = None if pixels is None else normalize_pixels(pixels, jnp.asarray(pixel_table(norm)), jnp)
             return self.module.apply(params, ids, tiles, src, mask, method=VL2.embed)
 
-        return jax.jit(embed)
+        return jax.jit(embed, static_argnums=(5,))
 
     @functools.cached_property
     def _language(self):
@@ -150,6 +150,13 @@ class VL2Model:
         if len(tiles_idx) == 0:
             return None, src
         images = np.asarray(batch.pixels)
+        if images.dtype != np.uint8 or images.ndim != 5 or images.shape[-1] != 3:
+            raise InputError(f"batch.pixels must be uint8 [B, tiles, S, S, 3], as the processor makes them "
+                             f"(got {images.dtype} {list(images.shape)}); `images` is derived from them.")
+        norm = canonical_pixel_norm(batch.pixel_norm)
+        if self.processor is not None and norm != canonical_pixel_norm(self.processor.pixel_norm):
+            raise InputError(f"the batch's images are normalised with {batch.pixel_norm}, this model's "
+                             f"processor with {self.processor.pixel_norm}; make the batch with model.processor.")
         b, n = images.shape[:2]
         every_slot = np.stack(np.divmod(np.arange(b * n), n), axis=1)
         if np.array_equal(tiles_idx, every_slot):  # every tile slot used, in order: a view, no copy
@@ -170,9 +177,10 @@ class VL2Model:
         ids = left_pad(batch.input_ids, length, pad_id).astype(np.int32)
         arrays = [(ids, bt), (left_pad(src, length, 0), bt), (left_pad(batch.images_seq_mask, length, False).astype(bool), bt)]
         if tiles is not None:
-            arrays += [(tiles, (None, None, None, None)), (pixel_table(batch.pixel_norm), (None, None))]
-        ids_d, src, mask, *image = self.put_many(*arrays)
-        x = self._embed(self.embed_params, ids_d, *(image or (None, None)), src, mask)
+            arrays.append((tiles, (None, None, None, None)))
+        ids_d, src, mask, *tiles = self.put_many(*arrays)
+        norm = canonical_pixel_norm(batch.pixel_norm)
+        x = self._embed(self.embed_params, ids_d, tiles[0] if tiles else None, src, mask, norm)
         return x, ids
 
     def prepare_inputs_embeds(self, batch) -> jax.Array:

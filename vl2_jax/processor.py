@@ -46,17 +46,32 @@ _EXTRA_SPECIAL = ("<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>",
 PixelNorm = tuple[tuple[float, ...], tuple[float, ...]] | None  # (mean, std) per channel, or None
 
 
-@functools.lru_cache(maxsize=8)
-def pixel_table(norm: PixelNorm) -> np.ndarray:
-    """[3, 256] float32: every uint8 level of each channel normalised as the reference normalises it,
-    x / 255, then (x - mean) / std when ``norm`` = (mean, std)."""
-    x = np.broadcast_to(np.arange(256, dtype=np.float32) / np.float32(255), (3, 256))
+def _normalize_host(pixels_NSS3, norm: PixelNorm) -> np.ndarray:
+    """The reference's arithmetic in numpy: uint8 [..., S, S, 3] -> float32 [..., S, S, 3], x / 255,
+    then (x - mean) / std when ``norm`` = (mean, std)."""
+    x = pixels_NSS3.astype(np.float32) / np.float32(255)
     if norm is not None:
-        mean, std = (np.asarray(v, np.float32)[:, None] for v in norm)
-        x = (x - mean) / std
-    x = np.ascontiguousarray(x)
-    x.setflags(write=False)  # shared by every caller (cached)
+        x = (x - np.asarray(norm[0], np.float32)) / np.asarray(norm[1], np.float32)
     return x
+
+
+@functools.lru_cache(maxsize=8)
+def _table(norm: PixelNorm) -> np.ndarray:
+    levels = np.broadcast_to(np.arange(256, dtype=np.uint8)[:, None], (256, 3))  # [level, channel]
+    table = np.ascontiguousarray(_normalize_host(levels, norm).T)
+    table.setflags(write=False)  # shared by every caller (cached)
+    return table
+
+
+def canonical_pixel_norm(norm) -> PixelNorm:
+    """(mean, std) as tuples of floats (hashable, comparable), or None."""
+    return None if norm is None else tuple(tuple(float(v) for v in part) for part in norm)
+
+
+def pixel_table(norm) -> np.ndarray:
+    """[3, 256] float32: every uint8 level of each channel normalised as the reference normalises it
+    (`_normalize_host`). ``norm``: (mean, std), each 3 floats, or None."""
+    return _table(canonical_pixel_norm(norm))
 
 
 def normalize_pixels(pixels_NSS3, table_C256, xp=np):
@@ -64,8 +79,8 @@ def normalize_pixels(pixels_NSS3, table_C256, xp=np):
     ``pixel_table(norm)``. ``xp`` is numpy or jax.numpy. A lookup, so that the model's normalisation
     on the device gives the processor's bits: XLA turns a division by a constant into a multiplication
     by its reciprocal, which changes last bits."""
-    x = table_C256[xp.arange(3), pixels_NSS3.astype(xp.int32)]
-    return xp.moveaxis(x, -1, -3)
+    flat = pixels_NSS3.astype(xp.int32) + 256 * xp.arange(3, dtype=xp.int32)  # level + 256 * channel
+    return xp.moveaxis(table_C256.reshape(-1)[flat], -1, -3)
 
 
 def _tiles_used(images_spatial_crop_N2) -> int:
@@ -77,8 +92,13 @@ def _reference_images(pixels_TSS3, crop_N2, norm) -> np.ndarray:
     """[tiles, S, S, 3] uint8 -> [tiles, 3, S, S] float32, normalised; tiles past the used ones zero."""
     used = _tiles_used(crop_N2)
     out = np.zeros((pixels_TSS3.shape[0], 3) + pixels_TSS3.shape[1:3], np.float32)
-    out[:used] = normalize_pixels(pixels_TSS3[:used], pixel_table(norm))
+    out[:used] = np.moveaxis(_normalize_host(pixels_TSS3[:used], norm), -1, -3)
     return out
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)  # the model reads `pixels`: an edit here would be silently ignored
+    return a
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +110,8 @@ class ProcessorOutput:
     bool, True at image tokens. images_spatial_crop: [n_images, 2] int32 (width tiles, height tiles);
     [[0, 0]] when there is no image. prompt: the formatted conversation as text (the reference's
     ``sft_format``). pixel_norm: (mean, std) the tiles are normalised with, or None (x / 255 alone).
-    ``images`` is the reference's tensor, made on first access: [tiles, 3, S, S] float32, normalised
-    (all zero when there is no image); the model reads the pixels and normalises them on the device.
+    ``images`` is the reference's tensor, made on first access (read-only): [tiles, 3, S, S] float32,
+    normalised (all zero when there is no image). The model reads ``pixels`` and normalises on the device.
     """
 
     input_ids: np.ndarray
@@ -99,11 +119,11 @@ class ProcessorOutput:
     images_seq_mask: np.ndarray
     images_spatial_crop: np.ndarray
     prompt: str
-    pixel_norm: PixelNorm = None
+    pixel_norm: PixelNorm
 
     @functools.cached_property
     def images(self) -> np.ndarray:
-        return _reference_images(self.pixels, self.images_spatial_crop, self.pixel_norm)
+        return _read_only(_reference_images(self.pixels, self.images_spatial_crop, self.pixel_norm))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +133,8 @@ class Batch:
     input_ids: [B, T] int32. attention_mask: [B, T] bool, False at padding. pixels:
     [B, max_tiles, S, S, 3] uint8, zero tiles appended. images_seq_mask: [B, T] bool, False at padding.
     images_spatial_crop: [B, max_images, 2] int32, zero rows appended. pixel_norm: as in
-    ProcessorOutput. ``images``: the reference's [B, max_tiles, 3, S, S] float32, zero tiles appended.
+    ProcessorOutput. ``images``: the reference's [B, max_tiles, 3, S, S] float32, zero tiles appended
+    (made on first access, read-only).
     """
 
     input_ids: np.ndarray
@@ -121,12 +142,12 @@ class Batch:
     pixels: np.ndarray
     images_seq_mask: np.ndarray
     images_spatial_crop: np.ndarray
-    pixel_norm: PixelNorm = None
+    pixel_norm: PixelNorm
 
     @functools.cached_property
     def images(self) -> np.ndarray:
-        return np.stack([_reference_images(p, c, self.pixel_norm)
-                         for p, c in zip(self.pixels, self.images_spatial_crop, strict=True)])
+        return _read_only(np.stack([_reference_images(p, c, self.pixel_norm)
+                                    for p, c in zip(self.pixels, self.images_spatial_crop, strict=True)]))
 
 
 def select_best_resolution(image_size, candidate_resolutions):
