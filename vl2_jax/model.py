@@ -20,7 +20,7 @@ from vl2_jax.checkpoint import SafetensorsFolder, load_hf, param_shapes, source_
 from vl2_jax.config import VL2Config
 from vl2_jax.errors import CheckpointError, ConfigError, DeviceMemoryError, InputError
 from vl2_jax.modules.vl2 import VL2, image_token_sources
-from vl2_jax.processor import canonical_pixel_norm, normalize_pixels, pixel_table
+from vl2_jax.processor import canonical_pixel_norm, normalize_pixels
 from vl2_jax.sharding import Layout, make_mesh
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -124,10 +124,10 @@ class VL2Model:
     @functools.cached_property
     def _embed(self):
         """(params, ids [B, T], pixels [I, S, S, 3] uint8 or None, src [B, T], image mask [B, T], pixel
-        norm (static)) -> embeddings [B, T, D]; the tiles are normalised here (`pixel_table`)."""
+        norm (static)) -> embeddings [B, T, D]; the tiles are normalised here (`normalize_pixels`)."""
 
         def embed(params, ids, pixels, src, mask, norm):
-            tiles = None if pixels is None else normalize_pixels(pixels, jnp.asarray(pixel_table(norm)), jnp)
+            tiles = None if pixels is None else normalize_pixels(pixels, norm, jnp)
             return self.module.apply(params, ids, tiles, src, mask, method=VL2.embed)
 
         return jax.jit(embed, static_argnums=(5,))

@@ -74,13 +74,13 @@ def pixel_table(norm) -> np.ndarray:
     return _table(canonical_pixel_norm(norm))
 
 
-def normalize_pixels(pixels_NSS3, table_C256, xp=np):
+def normalize_pixels(pixels_NSS3, norm, xp=np):
     """uint8 pixels [..., S, S, 3] -> the reference's tiles [..., 3, S, S] float32, looked up in
-    ``pixel_table(norm)``. ``xp`` is numpy or jax.numpy. A lookup, so that the model's normalisation
-    on the device gives the processor's bits: XLA turns a division by a constant into a multiplication
-    by its reciprocal, which changes last bits."""
+    ``pixel_table(norm)`` (under jit, a constant of the program). ``xp`` is numpy or jax.numpy. A
+    lookup, so that the model's normalisation on the device gives the processor's bits: XLA turns a
+    division by a constant into a multiplication by its reciprocal, which changes last bits."""
     flat = pixels_NSS3.astype(xp.int32) + 256 * xp.arange(3, dtype=xp.int32)  # level + 256 * channel
-    return xp.moveaxis(table_C256.reshape(-1)[flat], -1, -3)
+    return xp.moveaxis(xp.asarray(pixel_table(norm)).reshape(-1)[flat], -1, -3)
 
 
 def _tiles_used(images_spatial_crop_N2) -> int:
