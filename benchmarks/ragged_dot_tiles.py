@@ -16,28 +16,13 @@ import argparse
 import functools
 import itertools
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
+from vl2_jax.bench import pipelined_time
 from vl2_jax.config import PRESETS
-
-
-def pipelined_time(fn, calls: int = 20, repeats: int = 5) -> float:
-    """Seconds per call of `calls` calls dispatched back to back and blocked on once (the median of
-    `repeats`): the device's time per call once the host's dispatch hides behind the kernels, where
-    blocking on every call (`median_time`) adds the host's round trip, ±30-50% between runs."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = [fn() for _ in range(calls)]
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t) / calls)
-    return statistics.median(times)
 
 
 def _case(m: int, k: int, n: int, e: int, skewed: bool):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vl2_jax.config import MOE_IMPLS
+from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS
 
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl2-tiny"
 
@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--moe", default="auto", choices=MOE_IMPLS,
                    help="routed-expert dispatch: auto (default: the fastest measured for the token count), or "
                         "dense (the plain path: every expert on every token), gather, grouped, ragged")
+    p.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS,
+                   help="attention: auto (default: cuDNN flash attention for images and prompts on NVIDIA GPUs "
+                        "in bf16/f16), or plain (the reference's arithmetic everywhere), cudnn, xla")
     p.add_argument("--draw-boxes", default=None, metavar="OUT.png",
                    help="draw the answer's grounding boxes on the first --image and save it to OUT.png")
     p.add_argument("--compile-cache", default=None, metavar="DIR",

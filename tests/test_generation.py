@@ -13,7 +13,7 @@ import pytest
 
 import vl2_jax
 from tests.conftest import VARIANTS, all_cases, ckpt_dir, load_case, open_images
-from vl2_jax.errors import InputError
+from vl2_jax.errors import ConfigError, InputError
 from vl2_jax.sampling import SamplingParams, filter_top_k_top_p, penalize, sample
 
 
@@ -46,6 +46,28 @@ def test_left_padded_batch_gives_each_rows_answer(variant):
     r = m.generate(m.processor.batchify(list(outs)), max_new_tokens=max(map(len, greedys)))
     for got, want in zip(r.token_ids, greedys):
         assert got[: len(want)] == want
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fused_attention_gives_the_reference_answers(variant):
+    """attention="xla" runs `jax.nn.dot_product_attention` (MLA expanded from the latent cache), the form
+    cuDNN runs on GPUs, at every step: the reference's greedy tokens for a left-padded batch of three,
+    prefilled whole and in chunks of 7 (queries meeting earlier chunks' cache entries)."""
+    base = model(variant)
+    m = vl2_jax.VL2Model(base.cfg, base.params, base.processor, jnp.float32, attention="xla")
+    names = ("three_images_no_crop", "text_only", "one_wide")
+    outs, greedys = zip(*(one(m, variant, n) for n in names))
+    batch = m.processor.batchify(list(outs))
+    for chunk in (None, 7):
+        r = m.generate(batch, max_new_tokens=max(map(len, greedys)), prefill_chunk=chunk)
+        for got, want in zip(r.token_ids, greedys):
+            assert got[: len(want)] == want
+
+
+def test_unknown_attention_is_a_config_error():
+    base = model("mha")
+    with pytest.raises(ConfigError, match="unknown attention 'flash'"):
+        vl2_jax.VL2Model(base.cfg, base.params, base.processor, attention="flash")
 
 
 def test_cached_decoding_equals_full_recompute():
@@ -199,5 +221,6 @@ def test_decode_and_prefill_update_the_cache_in_place():
     assert decode.compile().memory_analysis().alias_size_in_bytes >= cache_bytes
     x = jnp.zeros((b, 8, cfg.hidden_size), m.dtype)
     pos, valid = jnp.zeros((b, 8), jnp.int32), jnp.ones((b, 8), bool)
-    prefill = gen._prefill_chunk.lower(gen.language_params, x, pos, valid, cache)
-    assert prefill.compile().memory_analysis().alias_size_in_bytes >= cache_bytes
+    for fresh in (True, False):  # a prompt's first chunk, a later one
+        prefill = gen._prefill_chunk.lower(gen.language_params, x, pos, valid, cache, fresh)
+        assert prefill.compile().memory_analysis().alias_size_in_bytes >= cache_bytes

@@ -459,30 +459,98 @@ def _self_attend(module, x, positions, mask):
     return module(x, positions, module.new_kv(x, positions), mask)
 
 
-def test_mha_attention_gqa():
+def _self_attend_causal_on(valid: np.ndarray):
+    """`_self_attend`, also told that the mask is causal over the keys `valid` marks (`key_valid`)."""
+    return lambda module, x, positions, mask: module(x, positions, module.new_kv(x, positions), mask,
+                                                     jnp.asarray(valid))
+
+
+# (impl, method): the plain path, the fused form with the mask, the fused causal form (invalid keys flagged)
+ATTENTION_FORMS = {"plain": ("plain", _self_attend), "xla": ("xla", _self_attend),
+                   "xla_causal": ("xla", _self_attend_causal_on(VALID))}
+
+
+@pytest.mark.parametrize("form", ATTENTION_FORMS)
+def test_mha_attention_gqa(form):
     """MHA (deepseek-vl2-tiny): q/k/v/o projections, rotate-half RoPE over the head dim with config theta at
     the given positions, GQA (query head i uses kv head i // (H/G)), scores / sqrt(head_dim), causal + padding
-    mask. Rows of padding queries are not compared (undefined in both)."""
+    mask. Rows of padding queries are not compared (undefined in both). "xla" is the fused form that cuDNN
+    runs on GPUs (`jax.nn.dot_product_attention`), "plain" the reference's arithmetic."""
+    impl, method = ATTENTION_FORMS[form]
     cfg = make_cfg(**MHA)
     sd, params = convert(cfg, ("language", "layers_0", "attn"))
     x = randn(np.random.default_rng(8), 2, 7, cfg.language.hidden_size)
-    got = run(MHAttention(cfg.language), params, x, POSITIONS, causal_mask(VALID), method=_self_attend)
+    got = run(MHAttention(cfg.language, impl=impl), params, x, POSITIONS, causal_mask(VALID), method=method)
     want = mha_ref(x.astype(np.float64), sd, "language.model.layers.0.self_attn.", cfg.language, POSITIONS,
                    causal_mask(VALID))
     assert_close(got[VALID], want[VALID])
 
 
+@pytest.mark.parametrize("form", ATTENTION_FORMS)
 @pytest.mark.parametrize("q_lora_rank", [None, 23], ids=["q_proj", "q_lora"])
-def test_mla_attention(q_lora_rank):
+def test_mla_attention(q_lora_rank, form):
     """MLA (small/base): q (direct or LoRA with RMSNorm) split per head nope | rope; kv_a -> RMS-normed latent
-    | shared k_rope; interleaved RoPE; kv_b_proj per head [k_nope; v] absorbed; scale (nope+rope)^-0.5."""
+    | shared k_rope; interleaved RoPE; kv_b_proj per head [k_nope; v] absorbed ("plain") or expanded into
+    per-head keys and values (the fused form, "xla"); scale (nope+rope)^-0.5."""
+    impl, method = ATTENTION_FORMS[form]
     cfg = make_cfg(**dict(MLA, q_lora_rank=q_lora_rank))
     sd, params = convert(cfg, ("language", "layers_0", "attn"))
     x = randn(np.random.default_rng(9), 2, 7, cfg.language.hidden_size)
-    got = run(MLAttention(cfg.language), params, x, POSITIONS, causal_mask(VALID), method=_self_attend)
+    got = run(MLAttention(cfg.language, impl=impl), params, x, POSITIONS, causal_mask(VALID), method=method)
     want = mla_ref(x.astype(np.float64), sd, "language.model.layers.0.self_attn.", cfg.language, POSITIONS,
                    causal_mask(VALID))
     assert_close(got[VALID], want[VALID])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+def test_invalid_key_flags_leave_valid_scores_and_stay_finite(dtype):
+    """The fused causal form's key flags: valid keys' scores unchanged, invalid ones lowered by 32768,
+    every score finite in every dtype (an infinite flag in float16 would make a row of padding queries,
+    whose keys are all invalid, NaN, and 0 * NaN would carry it into real rows)."""
+    from vl2_jax.modules.attention import INVALID_KEY_SCORE, flag_invalid_keys
+
+    rng = np.random.default_rng(0)
+    q, k = (jnp.asarray(randn(rng, 2, 5, 4, 16), dtype) for _ in range(2))  # 4 query heads, 4 key heads
+    q2, k2 = flag_invalid_keys(q, k, jnp.asarray(VALID[:, :5]))
+    before = np.einsum("bthk,bshk->bhts", np.float32(q), np.float32(k))
+    after = np.einsum("bthk,bshk->bhts", np.float32(q2), np.float32(k2))
+    assert np.isfinite(after).all()
+    lowered = np.where(VALID[:, None, None, :5], 0.0, INVALID_KEY_SCORE)
+    np.testing.assert_allclose(after, before + lowered, rtol=0, atol=1e-2 * np.abs(before).max())
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention runs on NVIDIA GPUs")
+@pytest.mark.parametrize("use_mla", [False, True], ids=["mha", "mla"])
+def test_cudnn_prompt_attention_agrees_with_plain(use_mla):
+    """bf16 on a GPU, the real head sizes: "auto" runs cuDNN flash attention for a prompt (and the plain
+    path for one query), and its outputs agree with the plain path's (cosine >= 0.999 on real queries),
+    with the mask as a bias and causal with the invalid keys flagged."""
+    dims = (dict(MLA, hidden_size=256, num_attention_heads=2, num_key_value_heads=2, qk_nope_head_dim=128,
+                 qk_rope_head_dim=64, v_head_dim=128, kv_lora_rank=512, q_lora_rank=None) if use_mla
+            else dict(MHA, hidden_size=256, num_attention_heads=2, num_key_value_heads=2))
+    lc = make_cfg(**dims).language
+    cls = MLAttention if use_mla else MHAttention
+    t = 96
+    x = jnp.asarray(randn(np.random.default_rng(3), 2, t, lc.hidden_size), jnp.bfloat16)
+    valid = np.ones((2, t), bool)
+    valid[1, :17] = False
+    positions = jnp.asarray(np.maximum(np.cumsum(valid, -1) - 1, 0), jnp.int32)
+    mask = jnp.asarray(causal_mask(valid))
+    params = jax.jit(cls(lc, jnp.bfloat16).init, static_argnames="method")(
+        jax.random.key(0), x, positions, mask, method=_self_attend)["params"]
+    outs = {}
+    for form, impl, method in (("mask", "auto", _self_attend), ("causal", "auto", _self_attend_causal_on(valid)),
+                               ("plain", "plain", _self_attend)):
+        fn = jax.jit(functools.partial(cls(lc, jnp.bfloat16, impl).apply, method=method))
+        outs[form] = np.asarray(fn({"params": params}, x, positions, mask), np.float32)[valid].ravel()
+        hlo = fn.lower({"params": params}, x, positions, mask).as_text()
+        assert ("cudnn" in hlo) == (impl == "auto"), form
+    # decoding one token stays on the plain (absorbed) path
+    decode = jax.jit(functools.partial(cls(lc, jnp.bfloat16).apply, method=_self_attend))
+    assert "cudnn" not in decode.lower({"params": params}, x[:, :1], positions[:, :1], mask[:, :1, :1]).as_text()
+    b = outs["plain"]
+    for form, a in outs.items():
+        assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) >= 0.999, form
 
 
 def test_mla_inner_norms_keep_eps_1e6():
@@ -646,7 +714,8 @@ def test_image_token_sources_refuses_wrong_count():
 
 def test_vision_attention_auto_is_plain_off_gpu():
     """Off NVIDIA GPUs (and in float32) "auto" is the plain path; cuDNN is chosen only where it runs."""
-    from vl2_jax.modules.vision import attend, attend_plain, cudnn_usable
+    from vl2_jax.kernels import cudnn_attention_usable as cudnn_usable
+    from vl2_jax.modules.vision import attend, attend_plain
 
     q, k, v = (jnp.asarray(randn(np.random.default_rng(i), 2, 9, 3, 8)) for i in range(3))
     assert not cudnn_usable(jnp.float32, 8) and not cudnn_usable(jnp.bfloat16, 12)

@@ -105,7 +105,7 @@ def run(args, log: Callable[[str], None]) -> int:
         user_turn(args.prompt, len(images))
     _use_compile_cache(compile_cache_dir(getattr(args, "compile_cache", None)), log)
     model = load_model(args.model, args.dtype or _default_dtype(), log, moe_impl=args.moe,
-                       mesh=args.mesh)
+                       mesh=args.mesh, attention=getattr(args, "attention", "auto"))
     if model.layout is not None:
         log(f"mesh {dict(model.mesh.shape)}" + "".join(f"; {n}" for n in sorted(model.layout.notes)[:8]))
     options = dict(

@@ -20,6 +20,10 @@ from vl2_jax.errors import ConfigError
 # The routed experts' dispatches (`vl2_jax.modules.moe.MoE.impl`); here so that the command line can
 # check --moe without importing jax.
 MOE_IMPLS = ("auto", "dense", "gather", "grouped", "ragged")
+# How attention runs, in the vision tower and the language model: "plain" is the reference's einsums and
+# float32 softmax, "cudnn" and "xla" are `jax.nn.dot_product_attention`'s implementations, "auto" picks
+# cuDNN where it applies (`modules/attention.py`, `modules/vision.py`).
+ATTENTION_IMPLS = ("auto", "plain", "cudnn", "xla")
 
 # Keys that Hugging Face's `PretrainedConfig` (4.x and 5.x) writes into any config.json. They carry no
 # model structure (generation defaults, bookkeeping), so they are accepted and ignored.

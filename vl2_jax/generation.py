@@ -92,7 +92,8 @@ class Generator:
         self._empty_caches: dict[tuple[int, int], Callable[[], KVCache]] = {}
         # Prefill and decode run the language model alone, on its parameters alone: every leaf passed to
         # a jitted call costs host time (~3 us on a GPU host), and the vision tower has 300+ of them.
-        self._language = LanguageModel(model.cfg.language, model.module.dtype, model.module.moe_impl)
+        module = model.module
+        self._language = LanguageModel(model.cfg.language, module.dtype, module.moe_impl, module.attention)
 
     @property
     def language_params(self) -> dict:
@@ -102,11 +103,12 @@ class Generator:
     # -- jitted functions -----------------------------------------------------------------------------
     @functools.cached_property
     def _prefill_chunk(self):
-        def run(params, x, positions, valid, cache):
+        def run(params, x, positions, valid, cache, fresh):
             self.traces += 1
-            return self._language.apply(params, x, positions, valid, cache, method=LanguageModel.forward_cached)
+            return self._language.apply(params, x, positions, valid, cache, fresh,
+                                        method=LanguageModel.forward_cached)
 
-        return jax.jit(run, donate_argnums=(4,))
+        return jax.jit(run, donate_argnums=(4,), static_argnums=(5,))
 
     @functools.cached_property
     def _start(self):
@@ -229,7 +231,7 @@ class Generator:
             sl = slice(start, start + chunk)
             pos, valid = m.put_many((positions[:, sl], bt), (attention[:, sl], bt))
             x_chunk = x if chunk == length else x[:, sl]  # (slicing is one more dispatch)
-            logits, cache = self._prefill_chunk(self.language_params, x_chunk, pos, valid, cache)
+            logits, cache = self._prefill_chunk(self.language_params, x_chunk, pos, valid, cache, start == 0)
         seen = np.zeros((b, cfg.vocab_size), bool)
         rows = np.repeat(np.arange(b), length)
         seen[rows[attention.ravel()], ids.ravel()[attention.ravel()]] = True

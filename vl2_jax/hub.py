@@ -27,7 +27,7 @@ def cache_dir() -> Path:
 
 def load_model(
     spec: str, dtype, progress: Callable[[str], None] = lambda s: None, seed: int = 0, moe_impl: str = "auto",
-    mesh=None,
+    mesh=None, attention: str = "auto",
 ):
     """`spec` (see the module docstring) -> VL2Model in `dtype` ("bfloat16", "float32" or None), on one
     device or across `mesh` ("auto", "expert=4,tensor=2", ...; see `load_pretrained`)."""
@@ -37,12 +37,12 @@ def load_model(
     start = time.perf_counter()
     if spec.startswith("random:"):
         progress(f"initialising random {spec[7:]} weights ...")
-        model = random_model(spec[7:], dtype or "float32", seed, moe_impl, mesh)
+        model = random_model(spec[7:], dtype or "float32", seed, moe_impl, mesh, attention)
     elif Path(spec).exists() or not HUB_ID.match(spec):
         progress(f"loading {spec} ...")
-        model = load_pretrained(spec, dtype, moe_impl, mesh)
+        model = load_pretrained(spec, dtype, moe_impl, mesh, attention)
     else:
-        model = load_pretrained(_converted_from_hub(spec, progress), dtype, moe_impl, mesh)
+        model = load_pretrained(_converted_from_hub(spec, progress), dtype, moe_impl, mesh, attention)
     progress(f"model ready in {time.perf_counter() - start:.1f} s")
     return model
 

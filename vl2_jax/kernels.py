@@ -17,8 +17,11 @@ the kernel fails its self-check, runs XLA's gather again, until the kernel moves
 token chose, so a batch of 8 reads ~35 of small's 64 experts instead of all of them (small's batch-8
 decode on an H200: 866 -> 2133 tok/s).
 
-`VL2_JAX_KERNELS` in the environment: `0` turns every kernel off (the portable paths run), to compare
-or to rule a kernel out; `1` (the default) lets each run where it applies.
+`cudnn_attention_usable`: whether `jax.nn.dot_product_attention` may run cuDNN flash attention (the
+vision tower and the language model's prefill use it; their plain softmax paths run elsewhere).
+
+`VL2_JAX_KERNELS` in the environment: `0` turns every kernel off, cuDNN attention included (the
+portable paths run), to compare or to rule a kernel out; `1` (the default) lets each run where it applies.
 """
 
 from __future__ import annotations
@@ -44,10 +47,16 @@ try:  # Pallas's Triton backend, deprecated in JAX 0.11: once it is gone, decode
 except Exception:  # noqa: BLE001
     pl_triton = None
 
-# Tile sizes: the fastest in a sweep on an H200 at tiny's and small's prefill shapes, even and skewed routing
-# (`benchmarks/ragged_dot_tiles.py`; BENCHMARKS.md).
-BLOCK_M, BLOCK_N, BLOCK_K, STEPS, GRID_BLOCK_N = 128, 128, 64, 4, 4
+# Tiles (block_m, block_n, block_k, max_concurrent_steps, grid_block_n) by the output width N. Where N
+# is a multiple of 256 (every expert projection on one device): the fastest per call in a sweep on an
+# H200 at small's prefill shapes, even and skewed routing (`benchmarks/ragged_dot_tiles.py`), and
+# faster end to end than WIDE_TILES' predecessor, NARROW_TILES: small's prefill 24.97 -> 24.27 ms,
+# base's 38.55 -> 36.17 ms (BENCHMARKS.md, seventh session). Where N is only a multiple of 128 (a
+# tensor split of tiny's or small's expert width): NARROW_TILES, the fastest of the earlier sweeps.
+WIDE_TILES, NARROW_TILES = (64, 256, 64, 4, 4), (128, 128, 64, 4, 4)
+BLOCK_K = 64  # both tile sets' block_k: the contraction dim must be a multiple of it
 ROW_MULTIPLE = 8  # the Mosaic kernel's row count must be a multiple of its 8-row tiling
+MIN_ROWS = 128  # the fewest rows the kernel takes: fewer are decode sizes, where it is no faster
 
 
 def kernels_enabled() -> bool:
@@ -75,6 +84,13 @@ def _hopper_gpu() -> bool:
     return getattr(jax.local_devices()[0], "compute_capability", None) == "9.0"
 
 
+def cudnn_attention_usable(dtype, head_dim: int) -> bool:
+    """cuDNN flash attention's constraints: kernels on, an NVIDIA GPU, 16-bit floats, head dim a
+    multiple of 8 up to 256 (Hopper's limit; JAX raises at trace time where a GPU's is lower)."""
+    return (kernels_enabled() and jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+            and head_dim % 8 == 0 and head_dim <= 256)
+
+
 def mosaic_ragged_usable(dtype, k: int, n: int) -> bool:
     """Whether `ragged_dot` of [M, k] x [G, k, n] in `dtype` runs the Mosaic GPU kernel here."""
     return (
@@ -82,7 +98,7 @@ def mosaic_ragged_usable(dtype, k: int, n: int) -> bool:
         and _mgpu is not None
         and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
         and k % BLOCK_K == 0
-        and n % BLOCK_N == 0
+        and n % NARROW_TILES[1] == 0
         and _hopper_gpu()
         and _mosaic_self_check()
     )
@@ -110,28 +126,38 @@ def _self_check(kernel: str, fallback: str, tolerance: float, compute) -> bool:
 
 @functools.cache
 def _mosaic_self_check() -> bool:
-    """The Mosaic kernel once on a small problem: it comes from JAX's examples, not a stable API, so a
-    JAX whose version of it breaks or changes its signature gets the portable path, not a failing prefill."""
+    """The Mosaic kernel once on a small problem per tile set: it comes from JAX's examples, not a stable
+    API, so a JAX whose version of it breaks or changes its signature gets the portable path, not a
+    failing prefill."""
 
     def compute():
         rng = np.random.default_rng(0)
         sizes = np.array([100, 0, 150], np.int32)  # 6 rows in no group
-        lhs = rng.standard_normal((2 * BLOCK_M, BLOCK_K)).astype(jnp.bfloat16)
-        rhs = rng.standard_normal((len(sizes), BLOCK_K, BLOCK_N)).astype(jnp.bfloat16)
-        got = _mosaic_ragged_dot.lower(lhs, rhs, sizes).compile()(lhs, rhs, sizes)
-        group = np.repeat(np.arange(len(sizes)), sizes)
-        want = np.einsum("mk,mkn->mn", lhs[: len(group)].astype(np.float32), rhs[group].astype(np.float32))
-        return np.asarray(got)[: len(group)], want
+        lhs = rng.standard_normal((256, BLOCK_K)).astype(jnp.bfloat16)
+        got, want = [], []
+        for n in (NARROW_TILES[1], WIDE_TILES[1]):  # one width per tile set
+            rhs = rng.standard_normal((len(sizes), BLOCK_K, n)).astype(jnp.bfloat16)
+            out = _mosaic_ragged_dot.lower(lhs, rhs, sizes).compile()(lhs, rhs, sizes)
+            group = np.repeat(np.arange(len(sizes)), sizes)
+            got.append(np.asarray(out)[: len(group)])
+            want.append(np.einsum("mk,mkn->mn", lhs[: len(group)].astype(np.float32), rhs[group].astype(np.float32)))
+        return np.concatenate(got, -1), np.concatenate(want, -1)
 
     return _self_check("Mosaic GPU grouped matmul", "prefill uses the slower portable dispatch", 2e-2, compute)
+
+
+def ragged_tiles(n: int) -> tuple[int, int, int, int, int]:
+    """The Mosaic kernel's tiles for output width `n` (see WIDE_TILES)."""
+    return WIDE_TILES if n % WIDE_TILES[1] == 0 else NARROW_TILES
 
 
 @jax.jit
 def _mosaic_ragged_dot(lhs_MK, rhs_GKN, group_sizes_G):
     # Its own jit, so that a model calling it per layer lowers the kernel once per shape, not per call.
+    block_m, block_n, block_k, steps, grid_block_n = ragged_tiles(rhs_GKN.shape[-1])
     return _mgpu.ragged_dot(
-        lhs_MK, rhs_GKN, group_sizes=group_sizes_G, block_m=BLOCK_M, block_n=BLOCK_N, block_k=BLOCK_K,
-        max_concurrent_steps=STEPS, grid_block_n=GRID_BLOCK_N,
+        lhs_MK, rhs_GKN, group_sizes=group_sizes_G, block_m=block_m, block_n=block_n, block_k=block_k,
+        max_concurrent_steps=steps, grid_block_n=grid_block_n,
     )
 
 
@@ -141,12 +167,11 @@ def ragged_dot(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array) 
 
     Rows past `sum(group_sizes)` belong to no group: their output is unspecified (the Mosaic kernel
     leaves them unwritten), so callers mask them. The kernel runs for M a multiple of `ROW_MULTIPLE` and
-    at least one row tile (`BLOCK_M`; fewer rows were not tested on the GPU, and are decode sizes, where
-    the kernel is no faster than the grouped dispatch).
+    at least `MIN_ROWS` (fewer are decode sizes, where the kernel is no faster than the grouped dispatch).
     """
     m, k = lhs_MK.shape
     n = rhs_GKN.shape[-1]
-    fits = m % ROW_MULTIPLE == 0 and m >= BLOCK_M and lhs_MK.dtype == rhs_GKN.dtype
+    fits = m % ROW_MULTIPLE == 0 and m >= MIN_ROWS and lhs_MK.dtype == rhs_GKN.dtype
     if fits and local_arrays() and mosaic_ragged_usable(lhs_MK.dtype, k, n):
         return _mosaic_ragged_dot(lhs_MK, rhs_GKN, group_sizes_G)
     precision = jax.lax.Precision.HIGHEST if lhs_MK.dtype == jnp.float32 else None

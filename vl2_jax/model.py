@@ -66,18 +66,22 @@ class VL2Model:
     """DeepSeek-VL2 with its parameters and processor. All arrays in and out are batch-major."""
 
     def __init__(
-        self, cfg: VL2Config, params: dict, processor=None, dtype=jnp.float32, moe_impl: str = "auto", mesh=None
+        self, cfg: VL2Config, params: dict, processor=None, dtype=jnp.float32, moe_impl: str = "auto", mesh=None,
+        attention: str = "auto",
     ):
-        """`params` must already be placed for `mesh` (None: one device); see `load_pretrained`."""
-        from vl2_jax.config import MOE_IMPLS
+        """`params` must already be placed for `mesh` (None: one device); see `load_pretrained`.
+        `attention`: one of `vl2_jax.config.ATTENTION_IMPLS` ("plain": the reference's arithmetic)."""
+        from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS
 
         if moe_impl not in MOE_IMPLS:
             raise ConfigError(f"unknown moe_impl {moe_impl!r}; use one of {', '.join(MOE_IMPLS)}.")
+        if attention not in ATTENTION_IMPLS:
+            raise ConfigError(f"unknown attention {attention!r}; use one of {', '.join(ATTENTION_IMPLS)}.")
         self.cfg = cfg
         self.params = params
         self.processor = processor
         self.dtype = jnp.dtype(dtype)
-        self.module = VL2(cfg, self.dtype.type, moe_impl)
+        self.module = VL2(cfg, self.dtype.type, moe_impl, attention)
         self.mesh = mesh
         self.layout = Layout(mesh) if mesh is not None else None
         if self.layout is not None:
@@ -246,7 +250,9 @@ class VL2Model:
         return stream_text(self, batch, **kwargs)
 
 
-def load_pretrained(path: str | Path, dtype="float32", moe_impl: str = "auto", mesh=None) -> VL2Model:
+def load_pretrained(
+    path: str | Path, dtype="float32", moe_impl: str = "auto", mesh=None, attention: str = "auto"
+) -> VL2Model:
     """Loads a Hugging Face DeepSeek-VL2 folder or a `python -m convert` output.
 
     Args:
@@ -258,6 +264,8 @@ def load_pretrained(path: str | Path, dtype="float32", moe_impl: str = "auto", m
       mesh: None (one device), "auto" (all visible devices, laid out for the model), a spec such as
         "expert=4,tensor=2" (axes data, expert, tensor), or a `jax.sharding.Mesh` with those axis names.
         Each parameter is read straight into its shards; no host holds the whole model.
+      attention: "auto" (default: cuDNN flash attention for prompts and the vision tower on NVIDIA GPUs in
+        bf16/f16), "plain" (the reference's arithmetic everywhere), "cudnn" or "xla" (see `modules/attention.py`).
     """
     from vl2_jax.processor import Processor
 
@@ -282,7 +290,7 @@ def load_pretrained(path: str | Path, dtype="float32", moe_impl: str = "auto", m
             params, _ = orbax_io.restore(path, cfg, dtype_, shardings)
         else:
             params = load_hf(folder, cfg, dtype_, place=_placer(shardings))
-    return VL2Model(cfg, params, processor, dtype_, moe_impl, mesh)
+    return VL2Model(cfg, params, processor, dtype_, moe_impl, mesh, attention)
 
 
 def _placer(shardings):

@@ -99,7 +99,7 @@ def _draw(kind: str, shape, dtype, sharding):
     return jax.jit(draw, out_shardings=sharding)
 
 
-def random_model(name: str, dtype="float32", seed: int = 0, moe_impl: str = "auto", mesh=None):
+def random_model(name: str, dtype="float32", seed: int = 0, moe_impl: str = "auto", mesh=None, attention: str = "auto"):
     """A `VL2Model` with random weights at a preset size ("tiny", "small", "base", "test"), on one device
     or across `mesh` (see `load_pretrained`)."""
     from vl2_jax.checkpoint import param_shapes
@@ -115,4 +115,4 @@ def random_model(name: str, dtype="float32", seed: int = 0, moe_impl: str = "aut
     mesh = make_mesh(mesh, cfg)
     shardings = Layout(mesh).param_shardings(param_shapes(cfg, dtype)) if mesh is not None else None
     params = init_params(cfg, dtype, seed, shardings)
-    return VL2Model(cfg, params, Processor.from_pretrained(folder), dtype, moe_impl, mesh)
+    return VL2Model(cfg, params, Processor.from_pretrained(folder), dtype, moe_impl, mesh, attention)

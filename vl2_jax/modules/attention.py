@@ -3,7 +3,9 @@
 Both modules map `x [B, T, D]` at `positions [B, T]` to `[B, T, D]`. Keys come from `kv`, a dict of
 per-token key entries `[B, S, ...]` that the caller assembles (the current tokens alone, or a cache that
 already holds them); `new_kv(x, positions)` computes the entries of the current tokens. `mask [B, T, S]`
-is True where a query may attend to a key.
+is True where a query may attend to a key. `key_valid [B, S]`, where given, says the mask is causal
+over keys that are the queries themselves (S == T) with the invalid ones (left padding) masked:
+`mask == tril & key_valid[:, None, :]`; fused attention then runs causal without a mask tensor.
 
 MHA entries: k [B, S, G, K] (rotated), v [B, S, G, K].
 MLA entries: latent [B, S, R] (RMS-normed), k_rope [B, S, J] (rotated): 576 numbers per token at the
@@ -15,23 +17,43 @@ Parameter layout (`language/layers_{i}/attn`):
     MLA: q_w [D, H, K+J] (or q_a_w [D, Q], q_a_norm/scale [Q], q_b_w [Q, H, K+J]),
          kv_a_w [D, R+J] (latent | rope key), kv_a_norm/scale [R], wk_b [H, K, R], wv_b [H, U, R], o_w [H, U, D]
 Projections that read the same input share one weight (one matmul at decode, where each costs a kernel).
+
+`impl` (one of `vl2_jax.config.ATTENTION_IMPLS`) picks how queries meet keys: "plain" is the einsums
+and float32 softmax above (MLA absorbed), the reference's arithmetic; "cudnn" and "xla" run
+`jax.nn.dot_product_attention` (MLA first expands the latent into per-head keys and values,
+`attend_fused`); "auto" (the default) runs cuDNN flash attention for prompts (more than one query)
+where it applies (`fused_impl`) and "plain" otherwise: decoding one token with MLA reads the latent
+cache (576 numbers per token) directly, where expanding it would not pay. At small's 1062-token
+prefill on an H200 the fused form replaced the plain form's [H, T, S] scores and float32 softmax
+(BENCHMARKS.md).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from vl2_jax.config import LanguageConfig
+from vl2_jax.config import ATTENTION_IMPLS, LanguageConfig
+from vl2_jax.kernels import cudnn_attention_usable, local_arrays
 from vl2_jax.modules.layers import (
     RMSNorm,
     apply_rope,
     apply_rope_interleaved,
+    dot_product_attention,
     einsum,
     normal_init,
     rope_cos_sin,
 )
+
+# Fused causal attention marks invalid keys on extra head dims (a multiple of 8, cuDNN's unit): each
+# query has 1 on the first, each invalid key this score, which the softmax turns into a zero weight
+# (exp(-32768 * scale) underflows for any head dim up to 256, scale 1/16). Exact in bfloat16 and
+# float16 and finite in float16 (max 65504): an infinite score would make a row of padding queries,
+# whose keys are all invalid, NaN.
+FLAG_DIMS, INVALID_KEY_SCORE = 8, -32768.0
 
 # The reference builds q_a_layernorm / kv_a_layernorm without passing eps: they use 1e-6 whatever
 # config.rms_norm_eps says (only the decoder layers' norms take the config's value).
@@ -48,9 +70,66 @@ def masked_softmax(scores: jax.Array, mask: jax.Array, dtype) -> jax.Array:
     return jax.nn.softmax(scores, axis=-1).astype(dtype)
 
 
+def fused_impl(impl: str, dtype, queries: int, head_dim: int) -> str | None:
+    """The `jax.nn.dot_product_attention` implementation an attention call runs, or None for the plain
+    path. "auto" takes cuDNN for more than one query where it applies (the head dim with the causal
+    form's flags), on whole per-device arrays (under automatic partitioning the plain path runs; its
+    sharding is tested on the CPU)."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; use one of {', '.join(ATTENTION_IMPLS)}")
+    if impl == "auto":
+        usable = queries > 1 and cudnn_attention_usable(dtype, head_dim + FLAG_DIMS) and local_arrays()
+        return "cudnn" if usable else None
+    return None if impl == "plain" else impl
+
+
+def flag_invalid_keys(q_BTHK, k_BSGK, key_valid_BS) -> tuple[jax.Array, jax.Array]:
+    """q [B, T, H, K + FLAG_DIMS], k [B, S, G, K + FLAG_DIMS]: q . k is unchanged for valid keys and
+    lowered by INVALID_KEY_SCORE for the others."""
+    flag_q = jnp.zeros((*q_BTHK.shape[:-1], FLAG_DIMS), q_BTHK.dtype).at[..., 0].set(1)
+    score = jnp.where(key_valid_BS, 0.0, INVALID_KEY_SCORE).astype(k_BSGK.dtype)[:, :, None]
+    flag_k = jnp.zeros((*k_BSGK.shape[:-1], FLAG_DIMS), k_BSGK.dtype).at[..., 0].set(score)
+    return jnp.concatenate([q_BTHK, flag_q], -1), jnp.concatenate([k_BSGK, flag_k], -1)
+
+
+def attend_fused(q_BTHK, k_BSGK, v_BSGU, mask_BTS, scale: float, implementation: str, key_valid_BS=None,
+                 fallible: bool = False) -> jax.Array | None:
+    """softmax(q k^T * scale, masked) v by `jax.nn.dot_product_attention`: [B, T, H, U].
+
+    G key heads serve H // G query heads each. With `key_valid` (see the module docstring; T == S) it
+    runs causal, the invalid keys flagged on `FLAG_DIMS` extra head dims, and skips the keys past each
+    query (cuDNN computes half the scores, and reads no [B, T, S] mask); otherwise `mask` becomes a
+    bias. Values may be narrower than keys (MLA: U = 128 against K = 192); they are zero-padded to the
+    keys' width for the call and the output cut back to U. Rows of padding queries are unspecified
+    (the plain path averages over all slots; the causal form weights the keys up to the query).
+    `fallible` (the "auto" choice): None, with a warning, where the implementation refuses the call
+    at trace time (a cuDNN or GPU that cannot run it), so that the caller runs the plain path.
+    """
+    u = v_BSGU.shape[-1]
+    mask, causal = mask_BTS[:, None], False
+    if key_valid_BS is not None:
+        if q_BTHK.shape[1] != k_BSGK.shape[1]:
+            raise ValueError(f"key_valid needs the queries to be the keys (T == S), got T = {q_BTHK.shape[1]} "
+                             f"and S = {k_BSGK.shape[1]}")
+        mask, causal = None, True
+        q_BTHK, k_BSGK = flag_invalid_keys(q_BTHK, k_BSGK, key_valid_BS)
+    v_BSGU = jnp.pad(v_BSGU, [(0, 0)] * 3 + [(0, q_BTHK.shape[-1] - u)])
+    try:
+        out = dot_product_attention(q_BTHK, k_BSGK, v_BSGU, implementation, mask=mask, is_causal=causal,
+                                    scale=scale)
+    except (RuntimeError, NotImplementedError, ValueError) as e:
+        if not fallible:
+            raise
+        warnings.warn(f"vl2_jax: {implementation} attention refused a call ({type(e).__name__}: {str(e)[:200]}); "
+                      "the plain attention runs instead.", stacklevel=2)
+        return None
+    return out[..., :u]
+
+
 class MHAttention(nn.Module):
     cfg: LanguageConfig
     dtype: jnp.dtype = jnp.float32
+    impl: str = "auto"  # see vl2_jax.config.ATTENTION_IMPLS
 
     def setup(self):
         c, init = self.cfg, normal_init()
@@ -67,11 +146,16 @@ class MHAttention(nn.Module):
         kv = einsum("BTD,DWGK->WBTGK", x_BTD, self.kv_w)
         return {"k": apply_rope(kv[0], cos, sin), "v": kv[1]}
 
-    def __call__(self, x_BTD, positions_BT, kv: dict[str, jax.Array], mask_BTS) -> jax.Array:
+    def __call__(self, x_BTD, positions_BT, kv: dict[str, jax.Array], mask_BTS, key_valid_BS=None) -> jax.Array:
         c = self.cfg
         cos, sin = self._rope(positions_BT, x_BTD.dtype)
         q = apply_rope(einsum("BTD,DHK->BTHK", x_BTD, self.q_w), cos, sin)
         b, t, h, k = q.shape
+        fused = fused_impl(self.impl, q.dtype, t, k)
+        if fused:
+            out = attend_fused(q, kv["k"], kv["v"], mask_BTS, k**-0.5, fused, key_valid_BS, self.impl == "auto")
+            if out is not None:
+                return einsum("BTHK,HKD->BTD", out, self.o_w)
         g = c.num_key_value_heads
         q = q.reshape(b, t, g, h // g, k)
         scores = einsum("BTGhK,BSGK->BGhTS", q, kv["k"]) / jnp.asarray(k**0.5, q.dtype)
@@ -83,6 +167,7 @@ class MHAttention(nn.Module):
 class MLAttention(nn.Module):
     cfg: LanguageConfig
     dtype: jnp.dtype = jnp.float32
+    impl: str = "auto"  # see vl2_jax.config.ATTENTION_IMPLS
 
     def setup(self):
         c, init = self.cfg, normal_init()
@@ -110,7 +195,15 @@ class MLAttention(nn.Module):
         k_rope = apply_rope_interleaved(kv_a[..., None, r:], cos, sin)[:, :, 0, :]
         return {"latent": latent, "k_rope": k_rope}
 
-    def __call__(self, x_BTD, positions_BT, kv: dict[str, jax.Array], mask_BTS) -> jax.Array:
+    def _expanded(self, kv: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """The latent entries expanded per head: keys [B, S, H, K+J] (k_nope | the shared k_rope) and
+        values [B, S, H, U], for the fused attention."""
+        latent, k_rope = kv["latent"], kv["k_rope"]
+        k_nope = einsum("BSR,HKR->BSHK", latent, self.wk_b)
+        k_rope = jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:3], k_rope.shape[-1])).astype(k_nope.dtype)
+        return jnp.concatenate([k_nope, k_rope], -1), einsum("BSR,HUR->BSHU", latent, self.wv_b)
+
+    def __call__(self, x_BTD, positions_BT, kv: dict[str, jax.Array], mask_BTS, key_valid_BS=None) -> jax.Array:
         c = self.cfg
         if c.q_lora_rank is None:
             q = einsum("BTD,DHK->BTHK", x_BTD, self.q_w)
@@ -119,6 +212,13 @@ class MLAttention(nn.Module):
         q_nope, q_rope = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim :]
         cos, sin = self._rope(positions_BT, x_BTD.dtype)
         q_rope = apply_rope_interleaved(q_rope, cos, sin)
+        fused = fused_impl(self.impl, q.dtype, q.shape[1], c.q_head_dim)
+        if fused:
+            k_full, v = self._expanded(kv)
+            out = attend_fused(jnp.concatenate([q_nope, q_rope], -1), k_full, v, mask_BTS, c.q_head_dim**-0.5,
+                               fused, key_valid_BS, self.impl == "auto")
+            if out is not None:
+                return einsum("BTHU,HUD->BTD", out, self.o_w)
         q_latent = einsum("BTHK,HKR->BTHR", q_nope, self.wk_b)
         scores = einsum("BTHJ,BSJ->BHTS", q_rope, kv["k_rope"]) + einsum("BTHR,BSR->BHTS", q_latent, kv["latent"])
         scores = scores * jnp.asarray(c.q_head_dim**-0.5, scores.dtype)

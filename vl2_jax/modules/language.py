@@ -25,11 +25,12 @@ class DecoderLayer(nn.Module):
     layer: int
     dtype: jnp.dtype = jnp.float32
     moe_impl: str = "dense"
+    attention: str = "auto"  # see vl2_jax.config.ATTENTION_IMPLS
 
     def setup(self):
         c = self.cfg
         self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype)
-        self.attn = (MLAttention if c.use_mla else MHAttention)(c, self.dtype)
+        self.attn = (MLAttention if c.use_mla else MHAttention)(c, self.dtype, self.attention)
         self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype)
         if c.is_moe_layer(self.layer):
             self.mlp = MoE(c, self.dtype, self.moe_impl)
@@ -40,8 +41,9 @@ class DecoderLayer(nn.Module):
         """Key entries [B, T, ...] of these tokens for this layer (see `attention`)."""
         return self.attn.new_kv(self.attn_norm(x_BTD), positions_BT)
 
-    def __call__(self, x_BTD, positions_BT, kv, mask_BTS) -> jax.Array:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, kv, mask_BTS)
+    def __call__(self, x_BTD, positions_BT, kv, mask_BTS, key_valid_BS=None) -> jax.Array:
+        """See `modules/attention.py` for kv, the mask and `key_valid`."""
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, kv, mask_BTS, key_valid_BS)
         return constrain(x_BTD + self.mlp(self.mlp_norm(x_BTD)), ("batch", None, None))
 
 
@@ -49,11 +51,13 @@ class LanguageModel(nn.Module):
     cfg: LanguageConfig
     dtype: jnp.dtype = jnp.float32
     moe_impl: str = "dense"  # see moe.MoE
+    attention: str = "auto"  # see vl2_jax.config.ATTENTION_IMPLS
 
     def setup(self):
         c = self.cfg
         self.embed_table = self.param("embed", normal_init(), (c.vocab_size, c.hidden_size), self.dtype)
-        self.layers = [DecoderLayer(c, i, self.dtype, self.moe_impl) for i in range(c.num_hidden_layers)]  # layers_{i}
+        self.layers = [DecoderLayer(c, i, self.dtype, self.moe_impl, self.attention)
+                       for i in range(c.num_hidden_layers)]  # layers_{i}
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype)
         self.lm_head = self.param("lm_head", normal_init(), (c.hidden_size, c.vocab_size), self.dtype)
 
@@ -74,26 +78,32 @@ class LanguageModel(nn.Module):
         causal = jnp.tril(jnp.ones((t, t), bool))
         mask_BTS = causal[None] & valid_BT[:, None, :]
         for layer in self.layers:
-            x_BTD = layer(x_BTD, positions_BT, layer.new_kv(x_BTD, positions_BT), mask_BTS)
+            x_BTD = layer(x_BTD, positions_BT, layer.new_kv(x_BTD, positions_BT), mask_BTS, valid_BT)
         return self.head(x_BTD)
 
     def forward_cached(
-        self, x_BTD: jax.Array, positions_BT: jax.Array, valid_BT: jax.Array, cache: KVCache
+        self, x_BTD: jax.Array, positions_BT: jax.Array, valid_BT: jax.Array, cache: KVCache, fresh: bool = False
     ) -> tuple[jax.Array, KVCache]:
         """T new tokens written into the cache at `cache.length` -> (float32 logits [B, V] of the last
         token, cache).
 
         `valid_BT` marks real tokens among the new ones (False on left padding). Used for prefill (whole
         prompt or chunks of it) and decode (T = 1); the cache comes back with the entries written.
+        `fresh` (static) says the cache holds nothing yet (the first chunk of a prompt): the tokens then
+        attend among themselves, causally, not over the cache's S slots.
         """
         t = x_BTD.shape[1]
         start = cache.length
         valid = jax.lax.dynamic_update_slice(cache.valid, valid_BT, (0, start))
         cache = cache.replace(valid=valid)
-        mask_BTS = cache.mask(t)
+        if fresh:
+            mask_BTS, key_valid = jnp.tril(jnp.ones((t, t), bool))[None] & valid_BT[:, None, :], valid_BT
+        else:
+            mask_BTS, key_valid = cache.mask(t), None
         layers = []
         for layer, entries in zip(self.layers, cache.layers):
-            entries = write(entries, layer.new_kv(x_BTD, positions_BT), start)
-            x_BTD = layer(x_BTD, positions_BT, entries, mask_BTS)
+            new = layer.new_kv(x_BTD, positions_BT)
+            entries = write(entries, new, start)
+            x_BTD = layer(x_BTD, positions_BT, new if fresh else entries, mask_BTS, key_valid)
             layers.append(entries)
         return self.head(x_BTD[:, -1:])[:, 0], cache.replace(layers=tuple(layers), length=start + t)

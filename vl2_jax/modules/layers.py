@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -16,6 +18,14 @@ def einsum(spec: str, *operands: jax.Array, preferred_element_type=None) -> jax.
     full = all(op.dtype == jnp.float32 for op in operands)
     return jnp.einsum(spec, *operands, precision=jax.lax.Precision.HIGHEST if full else None,
                       preferred_element_type=preferred_element_type)
+
+
+def dot_product_attention(q, k, v, implementation: str, **kwargs) -> jax.Array:
+    """`jax.nn.dot_product_attention` ("cudnn" or "xla"), at full precision for float32 operands (GPUs
+    would otherwise run the "xla" form's matmuls in TF32)."""
+    full = q.dtype == jnp.float32
+    with jax.default_matmul_precision("highest") if full else contextlib.nullcontext():
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation, **kwargs)
 
 
 def normal_init(stddev: float = 0.02):

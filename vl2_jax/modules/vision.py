@@ -19,9 +19,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from vl2_jax.config import VisionConfig
-from vl2_jax.modules.layers import LayerNorm, einsum, normal_init
-
-ATTENTION_IMPLS = ("auto", "plain", "cudnn")
+from vl2_jax.kernels import cudnn_attention_usable
+from vl2_jax.modules.layers import LayerNorm, dot_product_attention, einsum, normal_init
 
 
 def attend_plain(q_IPHK, k_IQHK, v_IQHK) -> jax.Array:
@@ -32,17 +31,12 @@ def attend_plain(q_IPHK, k_IQHK, v_IQHK) -> jax.Array:
     return einsum("IHPQ,IQHK->IPHK", probs, v_IQHK)
 
 
-def cudnn_usable(dtype, head_dim: int) -> bool:
-    """cuDNN flash attention's constraints: an NVIDIA GPU, 16-bit floats, head dim a multiple of 8 up to 256."""
-    return (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-            and head_dim % 8 == 0 and head_dim <= 256)
-
-
 def attend(q_IPHK, k_IQHK, v_IQHK, impl: str = "auto") -> jax.Array:
-    """Full (unmasked) attention over the patches of each tile, by `impl` ("auto", "plain" or "cudnn")."""
-    if impl == "cudnn":
-        return jax.nn.dot_product_attention(q_IPHK, k_IQHK, v_IQHK, implementation="cudnn")
-    if impl == "auto" and cudnn_usable(q_IPHK.dtype, q_IPHK.shape[-1]):
+    """Full (unmasked) attention over the patches of each tile, by `impl` (one of
+    `vl2_jax.config.ATTENTION_IMPLS`; "xla" is `jax.nn.dot_product_attention`'s XLA form)."""
+    if impl in ("cudnn", "xla"):
+        return dot_product_attention(q_IPHK, k_IQHK, v_IQHK, impl)
+    if impl == "auto" and cudnn_attention_usable(q_IPHK.dtype, q_IPHK.shape[-1]):
         try:
             return jax.nn.dot_product_attention(q_IPHK, k_IQHK, v_IQHK, implementation="cudnn")
         except (RuntimeError, NotImplementedError, ValueError):  # no cuDNN, or a GPU it does not support
@@ -53,7 +47,7 @@ def attend(q_IPHK, k_IQHK, v_IQHK, impl: str = "auto") -> jax.Array:
 class VisionBlock(nn.Module):
     cfg: VisionConfig
     dtype: jnp.dtype = jnp.float32
-    attention: str = "auto"  # see ATTENTION_IMPLS
+    attention: str = "auto"  # see vl2_jax.config.ATTENTION_IMPLS
 
     @nn.compact
     def __call__(self, x_IPC: jax.Array) -> jax.Array:
@@ -82,7 +76,7 @@ class VisionTransformer(nn.Module):
 
     cfg: VisionConfig
     dtype: jnp.dtype = jnp.float32
-    attention: str = "auto"  # see ATTENTION_IMPLS
+    attention: str = "auto"  # see vl2_jax.config.ATTENTION_IMPLS
 
     @nn.compact
     def __call__(self, images_I3SS: jax.Array) -> jax.Array:

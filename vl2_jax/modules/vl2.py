@@ -84,15 +84,16 @@ class VL2(nn.Module):
     cfg: VL2Config
     dtype: jnp.dtype = jnp.float32
     moe_impl: str = "dense"  # see moe.MoE
+    attention: str = "auto"  # see vl2_jax.config.ATTENTION_IMPLS (vision tower and language model)
 
     def setup(self):
         c = self.cfg
-        self.vision = VisionTransformer(c.vision, self.dtype)
+        self.vision = VisionTransformer(c.vision, self.dtype, self.attention)
         self.projector = Projector(c.projector, c.vision.grid, self.dtype)
         d = c.language.hidden_size
         self.image_newline = self.param("image_newline", normal_init(), (d,), self.dtype)
         self.view_separator = self.param("view_separator", normal_init(), (d,), self.dtype)
-        self.language = LanguageModel(c.language, self.dtype, self.moe_impl)
+        self.language = LanguageModel(c.language, self.dtype, self.moe_impl, self.attention)
 
     def image_features(self, tiles_I3SS: jax.Array) -> jax.Array:
         """Normalised tiles [I, 3, S, S] -> projected tile tokens [I, h*w, D]."""
