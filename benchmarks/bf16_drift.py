@@ -8,6 +8,7 @@ bf16, and reports per MoE layer the share of tokens whose set of chosen experts 
 logits' cosine similarity three ways: float32 against bf16, and against bf16 made to use float32's
 expert choices and routing weights. If forcing the routing closes most of the gap, the drift is the
 routers' near-ties flipping under bf16 rounding, not an inaccurate operation.
+`--attention xla` runs bf16 with the fused attention form (the one cuDNN runs on GPUs).
 Prints one JSON line per result and a short table.
 """
 
@@ -26,7 +27,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
-def run(model: str, layers: int, tokens: int, same_weights: bool = False) -> list[dict]:
+def run(model: str, layers: int, tokens: int, same_weights: bool = False, attention: str = "plain") -> list[dict]:
     from vl2_jax.config import PRESETS
     from vl2_jax.modules import moe
     from vl2_jax.modules.language import LanguageModel
@@ -42,7 +43,7 @@ def run(model: str, layers: int, tokens: int, same_weights: bool = False) -> lis
     positions, valid = jnp.arange(tokens)[None], jnp.ones((1, tokens), bool)
 
     def forward(dtype, p, routes, forced=None):
-        lm = LanguageModel(lc, dtype, "dense")
+        lm = LanguageModel(lc, dtype, "dense", attention if dtype == jnp.bfloat16 else "plain")
         x = lm.apply({"params": p}, jnp.asarray(ids), method="embed")
         original = moe.route
 
@@ -70,7 +71,7 @@ def run(model: str, layers: int, tokens: int, same_weights: bool = False) -> lis
     for name, logits in (("bf16", got), ("bf16_with_f32_routing", forced)):
         cos = _cosine(logits, ref)
         rows.append({"model": model, "metric": f"logits_cosine_{name}", "layers": layers, "tokens": tokens,
-                     "reference_weights": "bf16" if same_weights else "float32",
+                     "reference_weights": "bf16" if same_weights else "float32", "bf16_attention": attention,
                      "min": float(cos.min()), "mean": float(cos.mean())})
     return rows
 
@@ -82,8 +83,10 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--same-weights", action="store_true",
                    help="float32 reference on the bf16-rounded weights: only the arithmetic differs")
+    p.add_argument("--attention", default="plain", choices=["plain", "xla", "cudnn"],
+                   help="bf16's attention (float32 always runs the plain path): xla is the fused form cuDNN runs")
     args = p.parse_args(argv)
-    rows = run(args.model, args.layers, args.tokens, args.same_weights)
+    rows = run(args.model, args.layers, args.tokens, args.same_weights, args.attention)
     for r in rows:
         print(json.dumps(r), flush=True)
     for r in rows:
