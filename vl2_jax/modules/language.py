@@ -20,6 +20,12 @@ from vl2_jax.modules.moe import MLP, MoE
 from vl2_jax.sharding import constrain
 
 
+def causal_mask(valid_BT: jax.Array) -> jax.Array:
+    """[B, T, T]: query i may attend to key j <= i where key j is a real token (`valid_BT`)."""
+    t = valid_BT.shape[1]
+    return jnp.tril(jnp.ones((t, t), bool))[None] & valid_BT[:, None, :]
+
+
 class DecoderLayer(nn.Module):
     cfg: LanguageConfig
     layer: int
@@ -74,9 +80,7 @@ class LanguageModel(nn.Module):
 
         `valid_BT` marks real tokens (False on left padding): keys at padding are never attended to.
         """
-        t = x_BTD.shape[1]
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        mask_BTS = causal[None] & valid_BT[:, None, :]
+        mask_BTS = causal_mask(valid_BT)
         for layer in self.layers:
             x_BTD = layer(x_BTD, positions_BT, layer.new_kv(x_BTD, positions_BT), mask_BTS, valid_BT)
         return self.head(x_BTD)
@@ -97,7 +101,7 @@ class LanguageModel(nn.Module):
         valid = jax.lax.dynamic_update_slice(cache.valid, valid_BT, (0, start))
         cache = cache.replace(valid=valid)
         if fresh:
-            mask_BTS, key_valid = jnp.tril(jnp.ones((t, t), bool))[None] & valid_BT[:, None, :], valid_BT
+            mask_BTS, key_valid = causal_mask(valid_BT), valid_BT
         else:
             mask_BTS, key_valid = cache.mask(t), None
         layers = []

@@ -38,7 +38,7 @@ def attend(q_IPHK, k_IQHK, v_IQHK, impl: str = "auto") -> jax.Array:
         return dot_product_attention(q_IPHK, k_IQHK, v_IQHK, impl)
     if impl == "auto" and cudnn_attention_usable(q_IPHK.dtype, q_IPHK.shape[-1]):
         try:
-            return jax.nn.dot_product_attention(q_IPHK, k_IQHK, v_IQHK, implementation="cudnn")
+            return dot_product_attention(q_IPHK, k_IQHK, v_IQHK, "cudnn")
         except (RuntimeError, NotImplementedError, ValueError):  # no cuDNN, or a GPU it does not support
             pass
     return attend_plain(q_IPHK, k_IQHK, v_IQHK)
