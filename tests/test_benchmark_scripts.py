@@ -41,6 +41,12 @@ def test_bf16_drift_runs_on_cpu(same_weights):
     assert f"reference_weights={'bf16' if same_weights else 'float32'}" in r.stdout
 
 
+def test_decode_matvec_runs_on_cpu():
+    r = _run("benchmarks/decode_matvec.py", "--model", "test", "--layers", "2", "--steps", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| q | kernel |" in r.stdout and "| all | einsum |" in r.stdout
+
+
 def test_cosine_on_the_same_weights_runs_on_cpu():
     r = _run("benchmarks/profile_decode.py", "--model", "random:test", "--cosine", "--no-profile", "--same-weights")
     assert r.returncode == 0, r.stderr[-2000:]

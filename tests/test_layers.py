@@ -722,3 +722,59 @@ def test_vision_attention_auto_is_plain_off_gpu():
     np.testing.assert_array_equal(np.asarray(attend(q, k, v)), np.asarray(attend_plain(q, k, v)))
     if jax.default_backend() != "gpu":
         assert not cudnn_usable(jnp.bfloat16, 8)
+
+
+ONE_ROW_PRODUCTS = [  # (spec, activation shape, weight shape): the decode step's projections at batch 1
+    ("BTD,DHK->BTHK", (1, 1, 256), (256, 4, 48)),
+    ("BTHU,HUD->BTD", (1, 1, 2, 128), (2, 128, 320)),
+    ("...F,FD->...D", (1, 1, 384), (384, 128)),
+    ("...D,DWF->...WF", (1, 1, 128), (128, 2, 64)),
+]
+
+
+@pytest.mark.parametrize("spec,x_shape,w_shape", ONE_ROW_PRODUCTS)
+def test_one_row_products_through_the_matvec_kernel(monkeypatch, spec, x_shape, w_shape):
+    """`layers.einsum` hands one row of bf16 activations times a weight to `kernels.dense_matvec` (here
+    interpreted, switched in as on a GPU) with the right shapes; the result equals the float32 einsum.
+    Two rows, a float32 activation or a batched weight keep the plain einsum."""
+    from vl2_jax import kernels
+    from vl2_jax.modules import layers
+
+    calls = []
+
+    def interpreted(x, w):
+        calls.append((x.shape, w.shape))
+        return kernels.dense_matvec(x, w, interpret=True)
+
+    monkeypatch.setattr(layers, "dense_matvec_usable", lambda dtype, k, n: dtype == jnp.bfloat16)
+    monkeypatch.setattr(layers, "dense_matvec", interpreted)
+    k = jax.random.split(jax.random.key(7), 2)
+    x = jax.random.normal(k[0], x_shape).astype(jnp.bfloat16)
+    w = (jax.random.normal(k[1], w_shape) / 16).astype(jnp.bfloat16)
+    got = layers.einsum(spec, x, w)
+    want = jnp.einsum(spec, x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
+    assert len(calls) == 1 and got.dtype == jnp.bfloat16 and got.shape == want.shape
+    assert float(jnp.abs(got.astype(jnp.float32) - want).max() / jnp.abs(want).max()) < 1e-2
+    two_rows = jnp.concatenate([x, x], axis=0)
+    layers.einsum(spec, two_rows, w)
+    layers.einsum(spec, x.astype(jnp.float32), w.astype(jnp.float32))
+    assert len(calls) == 1
+    assert layers._one_row_product("BTHK,HKR->BTHR", jnp.zeros((1, 1, 2, 8)), jnp.zeros((2, 8, 4))) is None
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the matrix-vector kernel runs on NVIDIA GPUs")
+def test_one_row_projections_run_the_kernel_on_the_gpu():
+    """On a GPU, small's batch-1 attention and shared-expert projections take the kernel (jitted) and
+    agree with the float32 einsum."""
+    from vl2_jax.modules import layers
+
+    for spec, x_shape, w_shape in [("BTD,DR->BTR", (1, 1, 2048), (2048, 576)),
+                                   ("BTHU,HUD->BTD", (1, 1, 16, 128), (16, 128, 2048)),
+                                   ("...F,FD->...D", (1, 1, 2816), (2816, 2048))]:
+        k = jax.random.split(jax.random.key(1), 2)
+        x = jax.random.normal(k[0], x_shape).astype(jnp.bfloat16)
+        w = (jax.random.normal(k[1], w_shape) / 32).astype(jnp.bfloat16)
+        assert layers.dense_matvec_usable(jnp.bfloat16, *layers._one_row_product(spec, x, w)[:2])
+        got = jax.jit(functools.partial(layers.einsum, spec))(x, w)
+        want = jnp.einsum(spec, x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
+        assert float(jnp.abs(got.astype(jnp.float32) - want).max() / jnp.abs(want).max()) < 1e-2

@@ -454,3 +454,30 @@ def test_expert_matmul_kernel_on_the_gpu(monkeypatch):
     assert len(calls) == 2  # both projections went through the kernel
     want = dense(f32(xs), f32(gate_up), f32(down), weights, idx)
     assert rel_err(f32(got), want) < 1e-2
+
+
+@pytest.mark.parametrize("k,n", [(2048, 576), (2816, 2048), (1280, 1280)])
+def test_dense_matvec_kernel_semantics(k, n):
+    """The batch-1 projections' kernel call (interpreted) at the real models' sizes, with the K split its
+    tiles choose (16, 11 and 10 programs per column block): one row times the weight."""
+    from vl2_jax.kernels import dense_matvec, dense_matvec_tiles
+
+    rng = np.random.default_rng(k + n)
+    x = rng.standard_normal((1, k)).astype(jnp.bfloat16)
+    w = rng.standard_normal((k, n)).astype(jnp.bfloat16)
+    assert k % dense_matvec_tiles(k, n)[4] == 0 and dense_matvec_tiles(k, n)[4] > 1
+    got = np.asarray(dense_matvec(x, w, interpret=True))
+    want = x.astype(np.float64) @ w.astype(np.float64)
+    assert got.dtype == np.float32 and got.shape == (1, n)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+
+
+def test_dense_matvec_only_below_the_size_xla_strength_reduces(monkeypatch):
+    """The kernel takes weights under DENSE_MATVEC_MAX_WEIGHT elements (tile-divisible, 16-bit); larger
+    ones (the LM head) keep XLA's dot, which runs them as cuBLAS GEMVs."""
+    from vl2_jax import kernels
+
+    monkeypatch.setattr(kernels, "gathered_matvec_usable", lambda dtype, k, n: k % 128 == 0 and n % 64 == 0)
+    assert kernels.dense_matvec_usable(jnp.bfloat16, 2816, 2048)
+    assert not kernels.dense_matvec_usable(jnp.bfloat16, 2048, 102400)
+    assert not kernels.dense_matvec_usable(jnp.bfloat16, 2048, 100)

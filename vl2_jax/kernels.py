@@ -13,6 +13,10 @@ portable form of the same product stays in `vl2_jax.modules.moe.outputs_gather`.
 Pallas's Triton backend deprecated (a DeprecationWarning at lowering); a JAX without it, or on which
 the kernel fails its self-check, runs XLA's gather again, until the kernel moves to Mosaic GPU.
 
+`dense_matvec`: the same kernel for one row times a dense weight (batch-1 decode's attention
+projections and shared experts), which XLA runs as a multiply and a reduction with the weight-sized
+product written out in between (small's batch-1 decode on an H200: 263 -> 326 tok/s).
+
 `expert_matmul`: the grouped dispatch's per-expert matmuls at decode batches, skipping the experts no
 token chose, so a batch of 8 reads ~35 of small's 64 experts instead of all of them (small's batch-8
 decode on an H200: 866 -> 2133 tok/s).
@@ -284,6 +288,36 @@ def _matvec_self_check() -> bool:
         return got, want
 
     return _self_check("gathered matrix-vector kernel", "decode uses XLA's gather", 1e-3, compute)
+
+
+# Dense matrix-vector products (batch-1 decode's attention projections and shared experts) through the
+# same kernel, as one "expert". XLA's GPU compiler rewrites a vector times a weight of fewer than
+# ~10M elements into an elementwise multiply and a reduction, and writes the weight-sized product out
+# between the two: small's 6-21 us per projection where reading the weight once takes 1-5 us (an
+# H200 profile, BENCHMARKS.md). Larger weights (the LM head, the dense layer's MLP) go to cuBLAS,
+# which reads them near the HBM bandwidth, and keep XLA's dot.
+DENSE_MATVEC_MAX_WEIGHT = 10_000_000
+_MATVEC_MIN_PROGRAMS = 264  # two per streaming multiprocessor of an H200 (132)
+
+
+def dense_matvec_tiles(k: int, n: int) -> tuple[int, int, int, int, int]:
+    """Tiles for one row against a [k, n] weight: K in 128-row blocks, split over the fewest programs
+    (a divisor of k / 128) that puts `_MATVEC_MIN_PROGRAMS` in flight, or as many as K allows."""
+    blocks, columns = k // MATVEC_BLOCK_K, n // MATVEC_BLOCK_N
+    split = next((d for d in range(1, blocks + 1) if blocks % d == 0 and d * columns >= _MATVEC_MIN_PROGRAMS), blocks)
+    return MATVEC_BLOCK_K, MATVEC_BLOCK_N, MATVEC_WARPS, MATVEC_STAGES, split
+
+
+def dense_matvec_usable(dtype, k: int, n: int) -> bool:
+    """Whether `dense_matvec` of one row against a [k, n] weight in `dtype` runs its kernel here."""
+    return k * n < DENSE_MATVEC_MAX_WEIGHT and gathered_matvec_usable(dtype, k, n)
+
+
+def dense_matvec(x_1K: jax.Array, w_KN: jax.Array, interpret: bool = False) -> jax.Array:
+    """x [1, K] @ w [K, N] -> [1, N] float32 by the gathered matrix-vector kernel (`dense_matvec_tiles`)."""
+    k, n = w_KN.shape
+    return gathered_matvec(x_1K, w_KN[None], jnp.zeros((1,), jnp.int32), interpret=interpret,
+                           tiles=dense_matvec_tiles(k, n))
 
 
 # Expert matmul: one program per (expert, block of N columns) multiplies the expert's

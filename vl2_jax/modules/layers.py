@@ -3,18 +3,40 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+from vl2_jax.kernels import dense_matvec, dense_matvec_usable, local_arrays
+
+
+def _one_row_product(spec: str, x: jax.Array, w: jax.Array) -> tuple[int, int, tuple[int, ...]] | None:
+    """(K, N, output shape) where `spec` multiplies one row of activations by a weight, "a c, c r -> a r"
+    (`a` may be "..."; the letters c contracted, K and N the sizes of c and r, a's sizes all 1); else None."""
+    ins, out = spec.replace(" ", "").split("->")
+    lhs, rhs = ins.split(",")
+    c = "".join(ch for ch in lhs if ch in rhs and ch not in out)
+    a, r = lhs[: len(lhs) - len(c)], rhs[len(c):]
+    lead = x.shape[: x.ndim - len(c)]
+    if not c or "." in rhs or lhs != a + c or rhs != c + r or out != a + r or math.prod(lead) != 1:
+        return None
+    return math.prod(w.shape[: len(c)]), math.prod(w.shape[len(c):]), (*lead, *w.shape[len(c):])
 
 
 def einsum(spec: str, *operands: jax.Array, preferred_element_type=None) -> jax.Array:
     """`jnp.einsum` at full float32 precision when the operands are float32.
 
     GPUs otherwise run float32 matmuls in TF32, which breaks float32 parity with the reference; bfloat16
-    operands are unaffected.
+    operands are unaffected. One row of 16-bit activations times a weight (batch-1 decode) runs
+    `kernels.dense_matvec` where it applies (see there why), rounded to the activations' dtype.
     """
+    if len(operands) == 2 and operands[0].dtype == operands[1].dtype and local_arrays():
+        product = _one_row_product(spec, *operands)
+        if product is not None and dense_matvec_usable(operands[0].dtype, *product[:2]):
+            (x, w), (k, n, shape) = operands, product
+            return dense_matvec(x.reshape(1, k), w.reshape(k, n)).astype(preferred_element_type or x.dtype).reshape(shape)
     full = all(op.dtype == jnp.float32 for op in operands)
     return jnp.einsum(spec, *operands, precision=jax.lax.Precision.HIGHEST if full else None,
                       preferred_element_type=preferred_element_type)
