@@ -2,9 +2,9 @@
 
     python benchmarks/bf16_drift.py --model small --layers 4 --tokens 48
 
-Builds the preset with its first `--layers` decoder layers (random weights drawn once in float32, the
-bf16 copy cast from them) and a random text prompt, runs the language model eagerly in float32 and in
-bf16, and reports per MoE layer the share of tokens whose set of chosen experts differs, then the
+Runs the preset's language model, its first `--layers` decoder layers (0: all), on a random text prompt
+eagerly in float32 and in bf16, one layer at a time (each layer's random weights drawn in float32, the
+bf16 copy cast from them, then dropped: any depth fits in one layer's memory), and reports per MoE layer the share of tokens whose set of chosen experts differs, then the
 logits' cosine similarity three ways: float32 against bf16, and against bf16 made to use float32's
 expert choices and routing weights. If forcing the routing closes most of the gap, the drift is the
 routers' near-ties flipping under bf16 rounding, not an inaccurate operation.
@@ -15,7 +15,7 @@ Prints one JSON line per result and a short table.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import functools
 import json
 
 import jax
@@ -30,46 +30,76 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def run(model: str, layers: int, tokens: int, same_weights: bool = False, attention: str = "plain") -> list[dict]:
     from vl2_jax.config import PRESETS
     from vl2_jax.modules import moe
-    from vl2_jax.modules.language import LanguageModel
-    from vl2_jax.random_model import init_params
+    from vl2_jax.modules.language import DecoderLayer, LanguageModel, causal_mask
+    from vl2_jax.random_model import draw_like
 
-    cfg = PRESETS[model]
-    cfg = dataclasses.replace(cfg, language=dataclasses.replace(cfg.language, num_hidden_layers=layers))
-    lc = cfg.language
-    params = init_params(cfg, jnp.float32)["params"]["language"]
-    if same_weights:  # the float32 reference computes on the bf16-rounded weights
-        params = jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(jnp.float32), params)
+    lc = PRESETS[model].language
+    layers = layers or lc.num_hidden_layers
     ids = np.random.default_rng(0).integers(100, lc.vocab_size, (1, tokens))
     positions, valid = jnp.arange(tokens)[None], jnp.ones((1, tokens), bool)
+    mask = causal_mask(valid)
+    streams = {"f32": jnp.float32, "bf16": jnp.bfloat16, "bf16_with_f32_routing": jnp.bfloat16}
 
-    def forward(dtype, p, routes, forced=None):
-        lm = LanguageModel(lc, dtype, "dense", attention if dtype == jnp.bfloat16 else "plain")
-        x = lm.apply({"params": p}, jnp.asarray(ids), method="embed")
-        original = moe.route
+    def weights(shapes_of, seed):
+        """float32 draw (bf16-rounded with same_weights) -> {stream: params in its dtype}."""
+        p = draw_like(jax.eval_shape(shapes_of), seed)
+        if same_weights:  # the float32 reference computes on the bf16-rounded weights
+            p = jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(jnp.float32), p)
+        cast = {d: jax.tree.map(lambda a, d=d: a.astype(d), p) for d in set(streams.values())}
+        return {name: cast[dtype] for name, dtype in streams.items()}
 
-        def recording(logits, c, bias=None):
+    def recorded(fn, forced=None):
+        """fn() with the routers' (weights, ids) recorded, or replaced by `forced` ones, in order."""
+        routes, original = [], moe.route
+
+        def route(logits, c, bias=None):
             out = forced.pop(0) if forced is not None else original(logits, c, bias)
             routes.append(out)
             return out
 
-        moe.route = recording
+        moe.route = route
         try:
             with jax.disable_jit():
-                return np.asarray(lm.apply({"params": p}, x, positions, valid), np.float32)[0]
+                return fn(), routes
         finally:
             moe.route = original
 
-    f32_routes, bf16_routes, forced_routes = [], [], []
-    ref = forward(jnp.float32, params, f32_routes)
-    p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
-    got = forward(jnp.bfloat16, p16, bf16_routes)
-    forced = forward(jnp.bfloat16, p16, forced_routes, forced=list(f32_routes))
+    def lm(stream):
+        dtype = streams[stream]
+        return LanguageModel(lc, dtype, "dense", attention if dtype == jnp.bfloat16 else "plain")
+
+    def ends(module, ids):  # the embedding, final norm and LM head: the parameters outside the layers
+        return module.head(module.embed(ids))
+
+    def call(module, h):
+        return module(h, positions, module.new_kv(h, positions), mask, valid)
+
+    def apply_layer(i, stream, params, h, forced=None):
+        dtype = streams[stream]
+        module = DecoderLayer(lc, i, dtype, "dense", attention if dtype == jnp.bfloat16 else "plain")
+        return recorded(functools.partial(module.apply, params, h, method=call), forced)
+
+    outer = weights(functools.partial(lm("f32").init, jax.random.key(0), jnp.asarray(ids), method=ends), 0)
+    x = {k: lm(k).apply(outer[k], jnp.asarray(ids), method="embed") for k in streams}
     rows = []
-    for i, ((_, a), (_, b)) in enumerate(zip(f32_routes, bf16_routes)):
-        same = [set(r) == set(s) for r, s in zip(np.asarray(a).tolist(), np.asarray(b).tolist())]
-        rows.append({"model": model, "metric": "tokens_with_other_experts", "moe_layer": i, "share": 1 - float(np.mean(same))})
-    for name, logits in (("bf16", got), ("bf16_with_f32_routing", forced)):
-        cos = _cosine(logits, ref)
+    # Layer by layer, each drawn, run in the three streams and dropped: small's 27 float32 layers (60 GB)
+    # never sit in memory together.
+    for i in range(layers):
+        module = DecoderLayer(lc, i, jnp.float32, "dense", "plain")
+        p = weights(functools.partial(module.init, jax.random.key(0), x["f32"], method=call), 1 + i)
+        new, routes = {}, {}
+        for k in ("f32", "bf16"):
+            new[k], routes[k] = apply_layer(i, k, p[k], x[k])
+        k = "bf16_with_f32_routing"
+        new[k], _ = apply_layer(i, k, p[k], x[k], forced=list(routes["f32"]))
+        x = new
+        if routes["f32"]:
+            (_, a), (_, b) = routes["f32"][0], routes["bf16"][0]
+            same = [set(r) == set(s) for r, s in zip(np.asarray(a).tolist(), np.asarray(b).tolist())]
+            rows.append({"model": model, "metric": "tokens_with_other_experts", "layer": i, "share": 1 - float(np.mean(same))})
+    logits = {k: np.asarray(lm(k).apply(outer[k], x[k], method="head"), np.float32)[0] for k in streams}
+    for name in ("bf16", "bf16_with_f32_routing"):
+        cos = _cosine(logits[name], logits["f32"])
         rows.append({"model": model, "metric": f"logits_cosine_{name}", "layers": layers, "tokens": tokens,
                      "reference_weights": "bf16" if same_weights else "float32", "bf16_attention": attention,
                      "min": float(cos.min()), "mean": float(cos.mean())})
@@ -79,7 +109,7 @@ def run(model: str, layers: int, tokens: int, same_weights: bool = False, attent
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="small", help="preset: tiny|small|base|test")
-    p.add_argument("--layers", type=int, default=4, help="decoder layers kept (memory: small is ~2.2 GB per MoE layer in float32)")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers kept, 0 for all (drawn and run one at a time)")
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--same-weights", action="store_true",
                    help="float32 reference on the bf16-rounded weights: only the arithmetic differs")

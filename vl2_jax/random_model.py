@@ -76,6 +76,11 @@ def init_params(cfg: VL2Config, dtype, seed: int = 0, shardings: dict | None = N
         jnp.zeros((1, t), bool), jnp.zeros((1, t), jnp.int32), jnp.ones((1, t), bool),
     )
     shapes = jax.eval_shape(VL2(cfg, dtype).init, jax.random.key(seed), *args)
+    return draw_like(shapes, seed, shardings)
+
+
+def draw_like(shapes, seed: int = 0, shardings: dict | None = None):
+    """Random arrays shaped as the tree `shapes` (of `jax.ShapeDtypeStruct`s), by `init_params`' rules."""
     paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(shapes)[0])
     keys = jax.random.split(jax.random.key(seed, impl="unsafe_rbg"), len(leaves))  # RngBitGenerator: quick to compile
     out = []
