@@ -3,11 +3,13 @@
     python benchmarks/bf16_drift.py --model small --layers 4 --tokens 48
 
 Runs the preset's language model, its first `--layers` decoder layers (0: all), on a random text prompt
-eagerly in float32 and in bf16, one layer at a time (each layer's random weights drawn in float32, the
-bf16 copy cast from them, then dropped: any depth fits in one layer's memory), and reports per MoE layer the share of tokens whose set of chosen experts differs, then the
-logits' cosine similarity three ways: float32 against bf16, and against bf16 made to use float32's
-expert choices and routing weights. If forcing the routing closes most of the gap, the drift is the
-routers' near-ties flipping under bf16 rounding, not an inaccurate operation.
+eagerly in float32 and in bf16, one layer at a time: each layer's random weights are drawn in float32
+(seeded per layer, so not the same draw as `init_params`), cast to bf16, used and dropped, so any depth
+fits in one layer's memory (small: 60 GB of float32 layers, ~3.3 GB at a time). Reports per MoE layer
+the share of tokens whose set of chosen experts differs, then the logits' cosine similarity two ways:
+float32 against bf16, and against bf16 made to use float32's expert choices and routing weights. If
+forcing the routing closes most of the gap, the drift is the routers' near-ties flipping under bf16
+rounding, not an inaccurate operation.
 `--attention xla` runs bf16 with the fused attention form (the one cuDNN runs on GPUs).
 Prints one JSON line per result and a short table.
 """
@@ -34,6 +36,8 @@ def run(model: str, layers: int, tokens: int, same_weights: bool = False, attent
     from vl2_jax.random_model import draw_like
 
     lc = PRESETS[model].language
+    if not 0 <= layers <= lc.num_hidden_layers:
+        raise ValueError(f"--layers must be 0 (all) to {lc.num_hidden_layers} for {model} (got {layers})")
     layers = layers or lc.num_hidden_layers
     ids = np.random.default_rng(0).integers(100, lc.vocab_size, (1, tokens))
     positions, valid = jnp.arange(tokens)[None], jnp.ones((1, tokens), bool)
@@ -92,7 +96,7 @@ def run(model: str, layers: int, tokens: int, same_weights: bool = False, attent
             new[k], routes[k] = apply_layer(i, k, p[k], x[k])
         k = "bf16_with_f32_routing"
         new[k], _ = apply_layer(i, k, p[k], x[k], forced=list(routes["f32"]))
-        x = new
+        x, p = new, None  # this layer's weights go before the next one's are drawn
         if routes["f32"]:
             (_, a), (_, b) = routes["f32"][0], routes["bf16"][0]
             same = [set(r) == set(s) for r, s in zip(np.asarray(a).tolist(), np.asarray(b).tolist())]
@@ -116,6 +120,11 @@ def main(argv=None) -> int:
     p.add_argument("--attention", default="plain", choices=["plain", "xla", "cudnn"],
                    help="bf16's attention (float32 always runs the plain path): xla is the fused form cuDNN runs")
     args = p.parse_args(argv)
+    from vl2_jax.config import PRESETS
+
+    depth = PRESETS[args.model].language.num_hidden_layers
+    if not 0 <= args.layers <= depth:
+        p.error(f"--layers must be 0 (all) to {depth} for {args.model} (got {args.layers})")
     rows = run(args.model, args.layers, args.tokens, args.same_weights, args.attention)
     for r in rows:
         print(json.dumps(r), flush=True)

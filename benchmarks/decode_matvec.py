@@ -9,11 +9,13 @@ one, and the products rounded to bf16 before they are summed. This times the non
 `--layers` decoder layers (distinct weights, so they stream from HBM as in the model) inside a
 `while_loop`, as the decode step runs them, in each form:
 
-  einsum     the model's einsums on [B, T, ...] activations (B = T = 1)
+  einsum     `jnp.einsum` on [B, T, ...] activations (B = T = 1): XLA's dot, what the model ran before
+             `layers.einsum` sent these products to the kernel
   matrix     the same products as 2-D [B*T, K] x [K, N] dots (weights reshaped, not copied)
   f32_out    `matrix` with a float32 result (`preferred_element_type`), cast back after
   weight_lhs `matrix` written as (w^T x^T)^T
-  kernel     `vl2_jax.kernels.dense_matvec` (the Triton matrix-vector kernel), what the model runs
+  kernel     `vl2_jax.kernels.dense_matvec` (the Triton matrix-vector kernel), what the model runs now
+             for every projection here but the shared gate/up (over its 10M-element limit: cuBLAS)
 
 and reports per form the time per layer, the effective bandwidth over the weights' bytes, and how many
 weight-sized elementwise fusions the optimized HLO holds (0: no strength-reduced product written out).

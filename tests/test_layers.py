@@ -759,15 +759,53 @@ def test_one_row_products_through_the_matvec_kernel(monkeypatch, spec, x_shape, 
     layers.einsum(spec, two_rows, w)
     layers.einsum(spec, x.astype(jnp.float32), w.astype(jnp.float32))
     assert len(calls) == 1
-    assert layers._one_row_product("BTHK,HKR->BTHR", jnp.zeros((1, 1, 2, 8)), jnp.zeros((2, 8, 4))) is None
+
+
+REFUSED_PRODUCTS = [  # (spec, activation shape, weight shape) that are not one row times a weight
+    ("BTHK,HKR->BTHR", (1, 1, 2, 8), (2, 8, 4)),  # per-head weights (the absorbed attention)
+    ("BTD,DWGK->WBTGK", (1, 1, 8), (8, 2, 2, 4)),  # output axes reordered (tiny's keys and values)
+    ("BSR,HKR->BSHK", (1, 1, 8), (2, 4, 8)),  # weight contracted on its last axis
+    ("bdd,ddk->bk", (1, 4, 4), (4, 4, 8)),  # repeated letters (a diagonal)
+    ("BTD,DK->BTK", (1, 8), (8, 4)),  # activation rank not the spec's
+    ("BTD,DK->BTK", (1, 1, 8), (9, 4)),  # contracted sizes that differ
+    ("ij,jk", (1, 4), (4, 3)),  # implicit output
+]
+
+
+@pytest.mark.parametrize("spec,x_shape,w_shape", REFUSED_PRODUCTS)
+def test_other_products_keep_the_plain_einsum(spec, x_shape, w_shape):
+    from vl2_jax.modules import layers
+
+    assert layers._one_row_product(spec, jnp.zeros(x_shape), jnp.zeros(w_shape)) is None
+
+
+def test_no_matvec_kernel_under_automatic_partitioning(monkeypatch):
+    """Under a mesh XLA partitions, the kernel would see global arrays: `layers.einsum` keeps XLA's dot."""
+    from vl2_jax.modules import layers
+
+    calls = []
+    monkeypatch.setattr(layers, "dense_matvec_usable", lambda *a: True)
+    monkeypatch.setattr(layers, "dense_matvec", lambda x, w: calls.append(1))
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    x, w = jnp.ones((1, 1, 128), jnp.bfloat16), jnp.ones((128, 64), jnp.bfloat16)
+    with jax.set_mesh(mesh):
+        layers.einsum("BTD,DK->BTK", x, w)
+    assert not calls
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the matrix-vector kernel runs on NVIDIA GPUs")
-def test_one_row_projections_run_the_kernel_on_the_gpu():
+def test_one_row_projections_run_the_kernel_on_the_gpu(monkeypatch):
     """On a GPU, small's batch-1 attention and shared-expert projections take the kernel (jitted) and
     agree with the float32 einsum."""
     from vl2_jax.modules import layers
 
+    calls, kernel = [], layers.dense_matvec
+
+    def counted(x, w):
+        calls.append(w.shape)
+        return kernel(x, w)
+
+    monkeypatch.setattr(layers, "dense_matvec", counted)
     for spec, x_shape, w_shape in [("BTD,DR->BTR", (1, 1, 2048), (2048, 576)),
                                    ("BTHU,HUD->BTD", (1, 1, 16, 128), (16, 128, 2048)),
                                    ("...F,FD->...D", (1, 1, 2816), (2816, 2048))]:
@@ -778,3 +816,4 @@ def test_one_row_projections_run_the_kernel_on_the_gpu():
         got = jax.jit(functools.partial(layers.einsum, spec))(x, w)
         want = jnp.einsum(spec, x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
         assert float(jnp.abs(got.astype(jnp.float32) - want).max() / jnp.abs(want).max()) < 1e-2
+    assert calls == [(2048, 576), (2048, 2048), (2816, 2048)]

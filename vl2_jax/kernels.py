@@ -310,7 +310,7 @@ def dense_matvec_tiles(k: int, n: int) -> tuple[int, int, int, int, int]:
 
 def dense_matvec_usable(dtype, k: int, n: int) -> bool:
     """Whether `dense_matvec` of one row against a [k, n] weight in `dtype` runs its kernel here."""
-    return k * n < DENSE_MATVEC_MAX_WEIGHT and gathered_matvec_usable(dtype, k, n)
+    return 0 < k * n < DENSE_MATVEC_MAX_WEIGHT and gathered_matvec_usable(dtype, k, n)
 
 
 def dense_matvec(x_1K: jax.Array, w_KN: jax.Array, interpret: bool = False) -> jax.Array:

@@ -14,13 +14,20 @@ from vl2_jax.kernels import dense_matvec, dense_matvec_usable, local_arrays
 
 def _one_row_product(spec: str, x: jax.Array, w: jax.Array) -> tuple[int, int, tuple[int, ...]] | None:
     """(K, N, output shape) where `spec` multiplies one row of activations by a weight, "a c, c r -> a r"
-    (`a` may be "..."; the letters c contracted, K and N the sizes of c and r, a's sizes all 1); else None."""
+    (`a` may be "..."; the letters c contracted, K and N the sizes of c and r, a's sizes all 1); else None
+    (any other spec, or shapes that do not fit it: `jnp.einsum` then says what is wrong)."""
+    if "->" not in spec:
+        return None
     ins, out = spec.replace(" ", "").split("->")
     lhs, rhs = ins.split(",")
     c = "".join(ch for ch in lhs if ch in rhs and ch not in out)
     a, r = lhs[: len(lhs) - len(c)], rhs[len(c):]
+    repeated = any(len(set(t)) != len(t) for t in (lhs.replace("...", ""), rhs))
+    if not c or repeated or "." in rhs or lhs != a + c or rhs != c + r or out != a + r:
+        return None
     lead = x.shape[: x.ndim - len(c)]
-    if not c or "." in rhs or lhs != a + c or rhs != c + r or out != a + r or math.prod(lead) != 1:
+    fits = (x.ndim == len(lhs) or "..." in a) and w.ndim == len(rhs) and x.shape[x.ndim - len(c):] == w.shape[: len(c)]
+    if not fits or math.prod(lead) != 1:
         return None
     return math.prod(w.shape[: len(c)]), math.prod(w.shape[len(c):]), (*lead, *w.shape[len(c):])
 
