@@ -29,9 +29,28 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
+def routed(fn, forced=None):
+    """fn() run eagerly with the routers' (weights, ids) recorded, or replaced by `forced` ones, in the
+    order the MoE layers ask: (fn's result, the routes)."""
+    from vl2_jax.modules import moe
+
+    routes, original = [], moe.route
+
+    def route(logits, c, bias=None):
+        out = forced.pop(0) if forced is not None else original(logits, c, bias)
+        routes.append(out)
+        return out
+
+    moe.route = route
+    try:
+        with jax.disable_jit():
+            return fn(), routes
+    finally:
+        moe.route = original
+
+
 def run(model: str, layers: int, tokens: int, same_weights: bool = False, attention: str = "plain") -> list[dict]:
     from vl2_jax.config import PRESETS
-    from vl2_jax.modules import moe
     from vl2_jax.modules.language import DecoderLayer, LanguageModel, causal_mask
     from vl2_jax.random_model import draw_like
 
@@ -52,22 +71,6 @@ def run(model: str, layers: int, tokens: int, same_weights: bool = False, attent
         cast = {d: jax.tree.map(lambda a, d=d: a.astype(d), p) for d in set(streams.values())}
         return {name: cast[dtype] for name, dtype in streams.items()}
 
-    def recorded(fn, forced=None):
-        """fn() with the routers' (weights, ids) recorded, or replaced by `forced` ones, in order."""
-        routes, original = [], moe.route
-
-        def route(logits, c, bias=None):
-            out = forced.pop(0) if forced is not None else original(logits, c, bias)
-            routes.append(out)
-            return out
-
-        moe.route = route
-        try:
-            with jax.disable_jit():
-                return fn(), routes
-        finally:
-            moe.route = original
-
     def lm(stream):
         dtype = streams[stream]
         return LanguageModel(lc, dtype, "dense", attention if dtype == jnp.bfloat16 else "plain")
@@ -81,7 +84,7 @@ def run(model: str, layers: int, tokens: int, same_weights: bool = False, attent
     def apply_layer(i, stream, params, h, forced=None):
         dtype = streams[stream]
         module = DecoderLayer(lc, i, dtype, "dense", attention if dtype == jnp.bfloat16 else "plain")
-        return recorded(functools.partial(module.apply, params, h, method=call), forced)
+        return routed(functools.partial(module.apply, params, h, method=call), forced)
 
     outer = weights(functools.partial(lm("f32").init, jax.random.key(0), jnp.asarray(ids), method=ends), 0)
     x = {k: lm(k).apply(outer[k], jnp.asarray(ids), method="embed") for k in streams}

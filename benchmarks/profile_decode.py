@@ -10,7 +10,8 @@
    GPU waits: idle time between the first and last kernel, the longest gaps with the kernels around
    them, and the wall time outside that span (host work before the first launch and after the last).
 2. With --cosine: the same random weights in float32 and in bf16, logits of the image prompt, cosine
-   similarity per position (the acceptance bar is >= 0.999).
+   similarity per position (the acceptance bar is >= 0.999). --forced-routing adds bf16 made to use
+   float32's expert choices and routing weights (as `bf16_drift.py`), both run eagerly.
 Prints one JSON line per result, then a short table.
 """
 
@@ -144,7 +145,7 @@ def profile(spec: str, tokens: int, exact_names: bool = False) -> list[dict]:
     return rows
 
 
-def cosine(spec: str, same_weights: bool = False) -> list[dict]:
+def cosine(spec: str, same_weights: bool = False, forced_routing: bool = False) -> list[dict]:
     from vl2_jax.hub import load_model
     from vl2_jax.model import VL2Model
 
@@ -159,15 +160,28 @@ def cosine(spec: str, same_weights: bool = False) -> list[dict]:
         f32.params = jax.tree.unflatten(treedef, leaves)
         del leaves
     batch = _prompt(f32)
-    ref = np.asarray(f32.logits(batch))[0]
+    if forced_routing:  # eagerly, recording float32's expert choices to hand to bf16 (`bf16_drift.py`)
+        from bf16_drift import routed
+
+        ref, routes = routed(lambda: np.asarray(f32.logits(batch))[0])
+    else:
+        ref = np.asarray(f32.logits(batch))[0]
     params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), f32.params)
     del f32.params
     bf16 = VL2Model(f32.cfg, params16, f32.processor, jnp.bfloat16)
-    got = np.asarray(bf16.logits(batch))[0]
-    cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
-    agree = float((got.argmax(-1) == ref.argmax(-1)).mean())
-    return [{"model": spec, "metric": "bf16_vs_f32_logits_cosine", "reference_weights": "bf16" if same_weights else "float32", "min": float(cos.min()),
-             "mean": float(cos.mean()), "argmax_agreement": agree, "positions": int(len(cos))}]
+    rows = []
+    runs = [("bf16_vs_f32_logits_cosine", lambda: np.asarray(bf16.logits(batch))[0])]
+    if forced_routing:
+        runs.append(("bf16_with_f32_routing_vs_f32_logits_cosine",
+                     lambda: routed(lambda: np.asarray(bf16.logits(batch))[0], forced=list(routes))[0]))
+    for metric, logits in runs:
+        got = logits()
+        cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
+        agree = float((got.argmax(-1) == ref.argmax(-1)).mean())
+        rows.append({"model": spec, "metric": metric, "reference_weights": "bf16" if same_weights else "float32",
+                     "min": float(cos.min()), "mean": float(cos.mean()), "argmax_agreement": agree,
+                     "positions": int(len(cos))})
+    return rows
 
 
 def main(argv=None) -> int:
@@ -178,6 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--same-weights", action="store_true",
                    help="with --cosine: the float32 reference computes on the bf16-rounded weights (only the "
                         "arithmetic differs, as with a bf16 checkpoint), not on the float32 draw")
+    p.add_argument("--forced-routing", action="store_true",
+                   help="with --cosine: also bf16 made to use float32's expert choices (both run eagerly)")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--first-token", action="store_true", help="profile the time to first token instead")
     p.add_argument("--exact-names", action="store_true",
@@ -191,7 +207,7 @@ def main(argv=None) -> int:
     else:
         rows = profile_first_token(args.model, args.keep_trace) if args.first_token else profile(args.model, args.tokens, args.exact_names)
     if args.cosine:
-        rows += cosine(args.model, args.same_weights)
+        rows += cosine(args.model, args.same_weights, args.forced_routing)
     for r in rows:
         print(json.dumps(r), flush=True)
     for r in rows:

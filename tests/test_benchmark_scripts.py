@@ -48,9 +48,11 @@ def test_decode_matvec_runs_on_cpu():
 
 
 def test_cosine_on_the_same_weights_runs_on_cpu():
-    r = _run("benchmarks/profile_decode.py", "--model", "random:test", "--cosine", "--no-profile", "--same-weights")
+    r = _run("benchmarks/profile_decode.py", "--model", "random:test", "--cosine", "--no-profile", "--same-weights",
+             "--forced-routing")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "metric=bf16_vs_f32_logits_cosine | reference_weights=bf16" in r.stdout
+    assert "metric=bf16_with_f32_routing_vs_f32_logits_cosine | reference_weights=bf16" in r.stdout
 
 
 def test_idle_gaps_of_a_kernel_timeline():
