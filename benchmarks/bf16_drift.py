@@ -55,9 +55,7 @@ def run(model: str, layers: int, tokens: int, same_weights: bool = False, attent
     from vl2_jax.random_model import draw_like
 
     lc = PRESETS[model].language
-    if not 0 <= layers <= lc.num_hidden_layers:
-        raise ValueError(f"--layers must be 0 (all) to {lc.num_hidden_layers} for {model} (got {layers})")
-    layers = layers or lc.num_hidden_layers
+    layers = layers or lc.num_hidden_layers  # (main checks it is at most the model's depth)
     ids = np.random.default_rng(0).integers(100, lc.vocab_size, (1, tokens))
     positions, valid = jnp.arange(tokens)[None], jnp.ones((1, tokens), bool)
     mask = causal_mask(valid)
@@ -71,9 +69,11 @@ def run(model: str, layers: int, tokens: int, same_weights: bool = False, attent
         cast = {d: jax.tree.map(lambda a, d=d: a.astype(d), p) for d in set(streams.values())}
         return {name: cast[dtype] for name, dtype in streams.items()}
 
+    def attention_of(stream):  # float32 always runs the plain path
+        return attention if streams[stream] == jnp.bfloat16 else "plain"
+
     def lm(stream):
-        dtype = streams[stream]
-        return LanguageModel(lc, dtype, "dense", attention if dtype == jnp.bfloat16 else "plain")
+        return LanguageModel(lc, streams[stream], "dense", attention_of(stream))
 
     def ends(module, ids):  # the embedding, final norm and LM head: the parameters outside the layers
         return module.head(module.embed(ids))
@@ -82,8 +82,7 @@ def run(model: str, layers: int, tokens: int, same_weights: bool = False, attent
         return module(h, positions, module.new_kv(h, positions), mask, valid)
 
     def apply_layer(i, stream, params, h, forced=None):
-        dtype = streams[stream]
-        module = DecoderLayer(lc, i, dtype, "dense", attention if dtype == jnp.bfloat16 else "plain")
+        module = DecoderLayer(lc, i, streams[stream], "dense", attention_of(stream))
         return routed(functools.partial(module.apply, params, h, method=call), forced)
 
     outer = weights(functools.partial(lm("f32").init, jax.random.key(0), jnp.asarray(ids), method=ends), 0)

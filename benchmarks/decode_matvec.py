@@ -34,6 +34,7 @@ import numpy as np
 
 from vl2_jax.bench import median_time
 from vl2_jax.kernels import dense_matvec
+from vl2_jax.modules.layers import one_row_product
 
 # per projection: (name, activation shape after B, T, weight shape, einsum on [B, T, ...] activations)
 PROJECTIONS = {
@@ -51,19 +52,11 @@ PROJECTIONS = {
 }
 
 
-def _contract_ndim(spec: str) -> int:
-    lhs, rest = spec.split(",")
-    rhs = rest.split("->")[0]
-    return len(set(lhs[2:]) & set(rhs))
-
-
 def _project(form: str, spec: str, x, w):
     if form == "einsum":
         return jnp.einsum(spec, x, w)
-    k = _contract_ndim(spec)
-    x2 = x.reshape(x.shape[0] * x.shape[1], -1)
-    w2 = w.reshape(int(np.prod(w.shape[:k])), -1)
-    out_shape = (*x.shape[:2], *w.shape[k:])
+    k, n, out_shape = one_row_product(spec, x, w)
+    x2, w2 = x.reshape(1, k), w.reshape(k, n)
     if form == "matrix":
         y = jnp.dot(x2, w2)
     elif form == "f32_out":

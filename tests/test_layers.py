@@ -733,7 +733,7 @@ ONE_ROW_PRODUCTS = [  # (spec, activation shape, weight shape): the decode step'
 
 
 @pytest.mark.parametrize("spec,x_shape,w_shape", ONE_ROW_PRODUCTS)
-def test_one_row_products_through_the_matvec_kernel(monkeypatch, spec, x_shape, w_shape):
+def testone_row_products_through_the_matvec_kernel(monkeypatch, spec, x_shape, w_shape):
     """`layers.einsum` hands one row of bf16 activations times a weight to `kernels.dense_matvec` (here
     interpreted, switched in as on a GPU) with the right shapes; the result equals the float32 einsum.
     Two rows, a float32 activation or a batched weight keep the plain einsum."""
@@ -776,7 +776,7 @@ REFUSED_PRODUCTS = [  # (spec, activation shape, weight shape) that are not one 
 def test_other_products_keep_the_plain_einsum(spec, x_shape, w_shape):
     from vl2_jax.modules import layers
 
-    assert layers._one_row_product(spec, jnp.zeros(x_shape), jnp.zeros(w_shape)) is None
+    assert layers.one_row_product(spec, jnp.zeros(x_shape), jnp.zeros(w_shape)) is None
 
 
 def test_no_matvec_kernel_under_automatic_partitioning(monkeypatch):
@@ -812,7 +812,7 @@ def test_one_row_projections_run_the_kernel_on_the_gpu(monkeypatch):
         k = jax.random.split(jax.random.key(1), 2)
         x = jax.random.normal(k[0], x_shape).astype(jnp.bfloat16)
         w = (jax.random.normal(k[1], w_shape) / 32).astype(jnp.bfloat16)
-        assert layers.dense_matvec_usable(jnp.bfloat16, *layers._one_row_product(spec, x, w)[:2])
+        assert layers.dense_matvec_usable(jnp.bfloat16, *layers.one_row_product(spec, x, w)[:2])
         got = jax.jit(functools.partial(layers.einsum, spec))(x, w)
         want = jnp.einsum(spec, x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
         assert float(jnp.abs(got.astype(jnp.float32) - want).max() / jnp.abs(want).max()) < 1e-2

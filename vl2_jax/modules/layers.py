@@ -12,7 +12,7 @@ from flax import linen as nn
 from vl2_jax.kernels import dense_matvec, dense_matvec_usable, local_arrays
 
 
-def _one_row_product(spec: str, x: jax.Array, w: jax.Array) -> tuple[int, int, tuple[int, ...]] | None:
+def one_row_product(spec: str, x: jax.Array, w: jax.Array) -> tuple[int, int, tuple[int, ...]] | None:
     """(K, N, output shape) where `spec` multiplies one row of activations by a weight, "a c, c r -> a r"
     (`a` may be "..."; the letters c contracted, K and N the sizes of c and r, a's sizes all 1); else None
     (any other spec, or shapes that do not fit it: `jnp.einsum` then says what is wrong)."""
@@ -40,7 +40,7 @@ def einsum(spec: str, *operands: jax.Array, preferred_element_type=None) -> jax.
     `kernels.dense_matvec` where it applies (see there why), rounded to the activations' dtype.
     """
     if len(operands) == 2 and operands[0].dtype == operands[1].dtype and local_arrays():
-        product = _one_row_product(spec, *operands)
+        product = one_row_product(spec, *operands)
         if product is not None and dense_matvec_usable(operands[0].dtype, *product[:2]):
             (x, w), (k, n, shape) = operands, product
             return dense_matvec(x.reshape(1, k), w.reshape(k, n)).astype(preferred_element_type or x.dtype).reshape(shape)
