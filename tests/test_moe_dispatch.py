@@ -213,6 +213,25 @@ def test_mosaic_ragged_equals_dense_bf16(n, skewed):
     assert bool(jnp.all(jnp.isfinite(got)))
 
 
+@pytest.mark.skipif(not _hopper_with_kernel(), reason="the Mosaic GPU grouped matmul needs a Hopper GPU")
+def test_mosaic_ragged_runs_under_disable_jit(monkeypatch):
+    """Eager debugging (`jax.disable_jit()`, as `benchmarks/bf16_drift.routed` does) still gets the
+    kernel and its result: its pipeline once crashed when run op by op."""
+    from vl2_jax import kernels
+
+    calls, kernel = [], kernels._mosaic_ragged_dot
+    monkeypatch.setattr(kernels, "_mosaic_ragged_dot", lambda *a: calls.append(1) or kernel(*a))
+    sizes = np.array([100, 0, 150], np.int32)
+    lhs = jax.random.normal(jax.random.key(0), (256, 128), jnp.bfloat16)
+    rhs = jax.random.normal(jax.random.key(1), (3, 128, 256), jnp.bfloat16)
+    with jax.disable_jit():
+        got = np.asarray(kernels.ragged_dot(lhs, rhs, sizes), np.float32)[:250]
+    group = np.repeat(np.arange(3), sizes)
+    want = np.einsum("mk,mkn->mn", np.asarray(lhs, np.float32)[:250], np.asarray(rhs, np.float32)[group])
+    assert np.abs(got - want).max() < 2e-2 * np.abs(want).max()
+    assert calls == [1]
+
+
 def test_kernel_self_check_guards_against_a_broken_kernel(monkeypatch):
     """A kernel that fails (an incompatible JAX) or computes wrong values is detected once, inside a
     trace too, with one warning, and the dispatch falls back to the portable path."""

@@ -177,7 +177,8 @@ def ragged_dot(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array) 
     n = rhs_GKN.shape[-1]
     fits = m % ROW_MULTIPLE == 0 and m >= MIN_ROWS and lhs_MK.dtype == rhs_GKN.dtype
     if fits and local_arrays() and mosaic_ragged_usable(lhs_MK.dtype, k, n):
-        return _mosaic_ragged_dot(lhs_MK, rhs_GKN, group_sizes_G)
+        with jax.disable_jit(False):  # its pipeline cannot run op by op: under `jax.disable_jit()` it crashed
+            return _mosaic_ragged_dot(lhs_MK, rhs_GKN, group_sizes_G)
     precision = jax.lax.Precision.HIGHEST if lhs_MK.dtype == jnp.float32 else None
     return jax.lax.ragged_dot(lhs_MK, rhs_GKN, group_sizes_G, precision=precision)
 
