@@ -3,6 +3,7 @@ MoE dispatch benchmark runs end to end at the test model's size on CPU."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -53,6 +54,34 @@ def test_cosine_on_the_same_weights_runs_on_cpu():
     assert r.returncode == 0, r.stderr[-2000:]
     assert "metric=bf16_vs_f32_logits_cosine | reference_weights=bf16" in r.stdout
     assert "metric=bf16_with_f32_routing_vs_f32_logits_cosine | reference_weights=bf16" in r.stdout
+
+
+@pytest.mark.parametrize("model,why", [("tiny", "use_mla=False"), ("base", "scoring_func='sigmoid'")])
+def test_torch_drift_refuses_presets_transformers_does_not_implement(model, why):
+    r = _run("benchmarks/torch_bf16_drift.py", "--model", model)
+    assert r.returncode == 2 and why in r.stderr, r.stderr[-2000:]
+
+
+def test_torch_drift_without_torch_says_so():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        r = _run("benchmarks/torch_bf16_drift.py", "--model", "test")
+        assert r.returncode == 2 and "needs torch" in r.stderr, r.stderr[-2000:]
+    else:
+        pytest.skip("torch is installed here")
+
+
+def test_torch_drift_float32_agrees_with_pytorch():
+    """Where torch is installed: vl2-jax's float32 language model against transformers' DeepseekV2 on the
+    same weights (MLA with a query LoRA, grouped routing), through the checkpoint conversion rules."""
+    pytest.importorskip("torch")
+    r = _run("benchmarks/torch_bf16_drift.py", "--model", "test", "--tokens", "32")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    cross = next(row for row in rows if row["metric"] == "jax_f32_vs_torch_f32_logits_cosine")
+    assert cross["min"] > 0.999999 and cross["argmax_agreement"] == 1.0
+    assert any(row["metric"] == "torch_tokens_with_other_experts" for row in rows)
 
 
 def test_idle_gaps_of_a_kernel_timeline():

@@ -1,0 +1,216 @@
+"""How far PyTorch's own bf16 drifts from its float32 on the same random weights, next to vl2-jax's. (GPU or CPU)
+
+    python benchmarks/torch_bf16_drift.py --model small --tokens 1042
+
+Needs torch and a transformers with `DeepseekV2ForCausalLM` (not project dependencies). Hugging Face's
+class is an independent PyTorch implementation of DeepSeek-VL2's language model (DeepSeek-V2's MoE with
+multi-head latent attention). At a preset's size it draws random weights (normal(0.02), norm scales 1:
+the distribution of `init_params`), rounds them to bf16, and runs one random text prompt four ways on
+those same weights: PyTorch in float32 and in bf16, then vl2-jax in float32 and in bf16 (the weights
+converted by the checkpoint conversion rules, as a real checkpoint would be). Reports each run's logits
+cosine similarity against PyTorch float32 (min and mean over positions, and how often the top token
+agrees) and, per MoE layer, the share of tokens whose experts differ between PyTorch's float32 and bf16.
+
+If PyTorch's bf16 is as far from its float32 as vl2-jax's bf16 is, the gap belongs to bf16 on these
+weights (random routers' near-ties flipping), not to vl2-jax. vl2-jax float32 against PyTorch float32 is
+a cross-check of the two implementations at full size.
+
+Only presets whose language model Hugging Face's class implements: MLA, softmax routing, no top-k
+renormalisation (small, test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # PyTorch runs first in this process
+
+import numpy as np
+
+from vl2_jax.config import PRESETS
+
+
+def hf_config(lc):
+    """A `LanguageConfig` -> transformers' `DeepseekV2Config`; ValueError where that class differs."""
+    from transformers import DeepseekV2Config
+
+    unsupported = {
+        "use_mla": not lc.use_mla,
+        "scoring_func": lc.scoring_func != "softmax",
+        "norm_topk_prob": lc.norm_topk_prob and lc.num_experts_per_tok > 1,
+        "topk_method": lc.topk_method not in ("greedy", "group_limited_greedy"),
+        "moe_layer_freq": lc.moe_layer_freq != 1,
+    }
+    if any(unsupported.values()):
+        bad = ", ".join(f"{k}={getattr(lc, k)!r}" for k, v in unsupported.items() if v)
+        raise ValueError(f"transformers' DeepseekV2 does not implement this preset's {bad}")
+    return DeepseekV2Config(
+        vocab_size=lc.vocab_size, hidden_size=lc.hidden_size, intermediate_size=lc.intermediate_size,
+        moe_intermediate_size=lc.moe_intermediate_size, num_hidden_layers=lc.num_hidden_layers,
+        num_attention_heads=lc.num_attention_heads, num_key_value_heads=lc.num_key_value_heads,
+        n_shared_experts=lc.n_shared_experts, n_routed_experts=lc.n_routed_experts,
+        num_experts_per_tok=lc.num_experts_per_tok, first_k_dense_replace=lc.first_k_dense_replace,
+        topk_method=lc.topk_method, n_group=lc.n_group, topk_group=lc.topk_group,
+        routed_scaling_factor=lc.routed_scaling_factor, norm_topk_prob=lc.norm_topk_prob,
+        q_lora_rank=lc.q_lora_rank, kv_lora_rank=lc.kv_lora_rank, qk_rope_head_dim=lc.qk_rope_head_dim,
+        qk_nope_head_dim=lc.qk_nope_head_dim, v_head_dim=lc.v_head_dim, rms_norm_eps=lc.rms_norm_eps,
+        max_position_embeddings=lc.max_position_embeddings, initializer_range=0.02, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": lc.rope_theta},
+    )
+
+
+def checkpoint_tensors(state: dict) -> dict:
+    """transformers' state dict (torch tensors) -> DeepSeek-VL2 checkpoint names -> numpy (bf16 as
+    ml_dtypes), splitting the stacked experts back into one tensor per expert."""
+    import ml_dtypes
+    import torch
+
+    def host(t):
+        t = t.detach().to("cpu")
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
+
+    out = {}
+    for name, t in state.items():
+        name = "language." + name if name.startswith("model.") else name.replace("lm_head", "language.lm_head")
+        if name.endswith("experts.gate_up_proj"):  # [E, 2F, D]: gate rows, then up rows
+            gate, up = t.chunk(2, dim=1)
+            for e in range(t.shape[0]):
+                out[name.replace("gate_up_proj", f"{e}.gate_proj.weight")] = host(gate[e])
+                out[name.replace("gate_up_proj", f"{e}.up_proj.weight")] = host(up[e])
+        elif name.endswith("experts.down_proj"):  # [E, D, F]
+            for e in range(t.shape[0]):
+                out[name.replace("down_proj", f"{e}.down_proj.weight")] = host(t[e])
+        else:
+            out[name] = host(t)
+    return out
+
+
+def language_params(cfg, tensors: dict, dtype) -> dict:
+    """Checkpoint-named arrays -> vl2-jax's language model parameters `{"params": ...}` on the device,
+    through the conversion rules of `python -m convert`."""
+    import jax
+
+    from vl2_jax.checkpoint import apply_rule, conversion_plan, set_path
+
+    tree: dict = {}
+    for rule in conversion_plan(cfg):
+        if not all(s.startswith("language.") for s in rule.source_names):
+            continue  # the vision tower and projector: not in a language model
+        for path, array in apply_rule(rule, [tensors.pop(s) for s in rule.source_names]):
+            set_path(tree, path[1:], jax.device_put(array.astype(dtype)))  # path[0] == "language"
+    if tensors:
+        raise SystemExit(f"error: {len(tensors)} tensors had no conversion rule, e.g. {sorted(tensors)[:3]}")
+    return {"params": tree}
+
+
+def torch_runs(lc, ids: np.ndarray, device: str) -> tuple[dict, list[dict], dict]:
+    """PyTorch float32 and bf16 on the same bf16-rounded weights -> (logits by run, expert flips per
+    MoE layer, the bf16 weights under checkpoint names)."""
+    import torch
+    from transformers import DeepseekV2ForCausalLM
+
+    torch.manual_seed(0)
+    torch.set_float32_matmul_precision("highest")  # no TF32 in the float32 reference
+    with torch.device(device):
+        model = DeepseekV2ForCausalLM._from_config(hf_config(lc), attn_implementation="eager", dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    gates = [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+    routes: list = []
+    hooks = [g.register_forward_hook(lambda m, args, out: routes.append(out[2].cpu().numpy())) for g in gates]
+    logits = {}
+    x = torch.tensor(ids, device=device)
+    for name, dtype in (("torch_f32", torch.float32), ("torch_bf16", torch.bfloat16)):
+        model.to(dtype)
+        with torch.no_grad():
+            logits[name] = model(x).logits.float().cpu().numpy()[0]
+    for h in hooks:
+        h.remove()
+    n = len(gates)
+    flips = [{"metric": "torch_tokens_with_other_experts", "moe_layer": i,
+              "share": float(np.mean([set(a) != set(b) for a, b in zip(routes[i].tolist(), routes[n + i].tolist())]))}
+             for i in range(n)]
+    tensors = checkpoint_tensors(model.state_dict())
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return logits, flips, tensors
+
+
+def jax_runs(cfg, tensors: dict, ids: np.ndarray) -> dict:
+    """vl2-jax's language model, jitted as a full forward, in float32 and in bf16 on the same weights."""
+    import jax
+    import jax.numpy as jnp
+
+    from vl2_jax.modules.language import LanguageModel
+
+    def forward(dtype):
+        def run(module, ids_BT):
+            t = ids_BT.shape[1]
+            return module(module.embed(ids_BT), jnp.arange(t)[None], jnp.ones_like(ids_BT, bool))
+
+        module = LanguageModel(cfg.language, dtype, "auto", "auto")
+        return jax.jit(lambda params, ids_BT: module.apply(params, ids_BT, method=run))
+
+    params16 = language_params(cfg, tensors, jnp.bfloat16)
+    params32 = jax.tree.map(lambda a: a.astype(jnp.float32), params16)
+    logits = {"jax_f32": np.asarray(forward(jnp.float32)(params32, ids))[0]}
+    del params32
+    logits["jax_bf16"] = np.asarray(forward(jnp.bfloat16)(params16, ids))[0]
+    return logits
+
+
+def run(model: str, tokens: int, device: str) -> list[dict]:
+    import jax
+    import torch
+    import transformers
+    from bf16_drift import _cosine  # this script's folder is on the path when it runs
+
+    cfg = PRESETS[model]
+    ids = np.random.default_rng(0).integers(100, cfg.language.vocab_size, (1, tokens))
+    logits, flips, tensors = torch_runs(cfg.language, ids, device)
+    logits |= jax_runs(cfg, tensors, ids)
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "jax": jax.__version__,
+                "device": jax.devices()[0].device_kind}
+    rows = [{"model": model, **r} for r in flips]
+    pairs = [("torch_bf16", "torch_f32"), ("jax_f32", "torch_f32"), ("jax_bf16", "torch_f32"), ("jax_bf16", "jax_f32")]
+    for a, b in pairs:
+        cos = _cosine(logits[a], logits[b])
+        rows.append({"model": model, "metric": f"{a}_vs_{b}_logits_cosine", "tokens": tokens,
+                     "min": float(cos.min()), "mean": float(cos.mean()),
+                     "argmax_agreement": float((logits[a].argmax(-1) == logits[b].argmax(-1)).mean()), **versions})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="small", choices=sorted(PRESETS), help="preset: small or test (MLA, softmax routing)")
+    p.add_argument("--tokens", type=int, default=1042, help="random text prompt length (1042: the image prompt's)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    args = p.parse_args(argv)
+    if args.tokens < 1:
+        p.error("--tokens must be at least 1")
+    try:
+        hf_config(PRESETS[args.model].language)
+    except (ValueError, ImportError) as e:  # ImportError: a transformers without DeepseekV2
+        p.error(str(e))
+    try:
+        import torch
+    except ImportError as e:
+        p.error(f"needs torch, which vl2-jax does not install ({e})")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = run(args.model, args.tokens, device)
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    for r in rows:
+        print(" | ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
+                         if k not in ("torch", "transformers", "jax", "device")))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
