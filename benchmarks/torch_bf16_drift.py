@@ -1,13 +1,15 @@
 """How far PyTorch's own bf16 drifts from its float32 on the same random weights, next to vl2-jax's. (GPU or CPU)
 
     python benchmarks/torch_bf16_drift.py --model small --tokens 1042
+    python benchmarks/torch_bf16_drift.py --model small --layers 3 --tokens 256   # fits a 24 GB CPU
 
 Needs torch and a transformers with `DeepseekV2ForCausalLM` (not project dependencies). Hugging Face's
 class is an independent PyTorch implementation of DeepSeek-VL2's language model (DeepSeek-V2's MoE with
 multi-head latent attention). At a preset's size it draws random weights (normal(0.02), norm scales 1:
 the distribution of `init_params`), rounds them to bf16, and runs one random text prompt four ways on
 those same weights: PyTorch in float32 and in bf16, then vl2-jax in float32 and in bf16 (the weights
-converted by the checkpoint conversion rules, as a real checkpoint would be). Reports each run's logits
+converted by the checkpoint conversion rules, as a real checkpoint would be). PyTorch's rotary
+frequencies stay float32 in its bf16 run, as in the official code. Reports each run's logits
 cosine similarity against PyTorch float32 (min and mean over positions, and how often the top token
 agrees) and, per MoE layer, the share of tokens whose experts differ between PyTorch's float32 and bf16.
 
@@ -22,6 +24,7 @@ renormalisation (small, test).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -34,8 +37,6 @@ from vl2_jax.config import PRESETS
 
 def hf_config(lc):
     """A `LanguageConfig` -> transformers' `DeepseekV2Config`; ValueError where that class differs."""
-    from transformers import DeepseekV2Config
-
     unsupported = {
         "use_mla": not lc.use_mla,
         "scoring_func": lc.scoring_func != "softmax",
@@ -46,6 +47,8 @@ def hf_config(lc):
     if any(unsupported.values()):
         bad = ", ".join(f"{k}={getattr(lc, k)!r}" for k, v in unsupported.items() if v)
         raise ValueError(f"transformers' DeepseekV2 does not implement this preset's {bad}")
+    from transformers import DeepseekV2Config
+
     return DeepseekV2Config(
         vocab_size=lc.vocab_size, hidden_size=lc.hidden_size, intermediate_size=lc.intermediate_size,
         moe_intermediate_size=lc.moe_intermediate_size, num_hidden_layers=lc.num_hidden_layers,
@@ -119,6 +122,9 @@ def torch_runs(lc, ids: np.ndarray, device: str) -> tuple[dict, list[dict], dict
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.bfloat16().float())
+    # `model.to(bf16)` would round the rotary frequencies too, an error that grows with position and that
+    # neither the official code nor vl2-jax makes (both compute the angles in float32): keep them float32
+    rotary = {name: b.clone() for name, b in model.named_buffers() if name.endswith("inv_freq")}
     gates = [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "gate")]
     routes: list = []
     hooks = [g.register_forward_hook(lambda m, args, out: routes.append(out[2].cpu().numpy())) for g in gates]
@@ -126,6 +132,9 @@ def torch_runs(lc, ids: np.ndarray, device: str) -> tuple[dict, list[dict], dict
     x = torch.tensor(ids, device=device)
     for name, dtype in (("torch_f32", torch.float32), ("torch_bf16", torch.bfloat16)):
         model.to(dtype)
+        for path, frequencies in rotary.items():
+            owner, _, leaf = path.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, frequencies)
         with torch.no_grad():
             logits[name] = model(x).logits.float().cpu().numpy()[0]
     for h in hooks:
@@ -164,13 +173,15 @@ def jax_runs(cfg, tensors: dict, ids: np.ndarray) -> dict:
     return logits
 
 
-def run(model: str, tokens: int, device: str) -> list[dict]:
+def run(model: str, tokens: int, device: str, layers: int = 0) -> list[dict]:
     import jax
     import torch
     import transformers
     from bf16_drift import _cosine  # this script's folder is on the path when it runs
 
     cfg = PRESETS[model]
+    if layers:  # the first `layers` decoder layers at the real widths (for a CPU's memory)
+        cfg = dataclasses.replace(cfg, language=dataclasses.replace(cfg.language, num_hidden_layers=layers))
     ids = np.random.default_rng(0).integers(100, cfg.language.vocab_size, (1, tokens))
     logits, flips, tensors = torch_runs(cfg.language, ids, device)
     logits |= jax_runs(cfg, tensors, ids)
@@ -181,6 +192,7 @@ def run(model: str, tokens: int, device: str) -> list[dict]:
     for a, b in pairs:
         cos = _cosine(logits[a], logits[b])
         rows.append({"model": model, "metric": f"{a}_vs_{b}_logits_cosine", "tokens": tokens,
+                     "layers": cfg.language.num_hidden_layers,
                      "min": float(cos.min()), "mean": float(cos.mean()),
                      "argmax_agreement": float((logits[a].argmax(-1) == logits[b].argmax(-1)).mean()), **versions})
     return rows
@@ -191,9 +203,13 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="small", choices=sorted(PRESETS), help="preset: small or test (MLA, softmax routing)")
     p.add_argument("--tokens", type=int, default=1042, help="random text prompt length (1042: the image prompt's)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--layers", type=int, default=0, help="keep the first N decoder layers (0: all), at the real widths")
     args = p.parse_args(argv)
     if args.tokens < 1:
         p.error("--tokens must be at least 1")
+    depth = PRESETS[args.model].language.num_hidden_layers
+    if not 0 <= args.layers <= depth:
+        p.error(f"--layers must be 0 (all) to {depth} for {args.model} (got {args.layers})")
     try:
         hf_config(PRESETS[args.model].language)
     except (ValueError, ImportError) as e:  # ImportError: a transformers without DeepseekV2
@@ -203,7 +219,7 @@ def main(argv=None) -> int:
     except ImportError as e:
         p.error(f"needs torch, which vl2-jax does not install ({e})")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rows = run(args.model, args.tokens, device)
+    rows = run(args.model, args.tokens, device, args.layers)
     for r in rows:
         print(json.dumps(r), flush=True)
     for r in rows:

@@ -219,6 +219,7 @@ def test_mosaic_ragged_runs_under_disable_jit(monkeypatch):
     kernel and its result: its pipeline once crashed when run op by op."""
     from vl2_jax import kernels
 
+    assert mosaic_ragged_usable(jnp.bfloat16, 128, 256)  # its self-check (cached) runs the real kernel first
     calls, kernel = [], kernels._mosaic_ragged_dot
     monkeypatch.setattr(kernels, "_mosaic_ragged_dot", lambda *a: calls.append(1) or kernel(*a))
     sizes = np.array([100, 0, 150], np.int32)
