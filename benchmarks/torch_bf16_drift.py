@@ -1,7 +1,8 @@
 """How far PyTorch's own bf16 drifts from its float32 on the same random weights, next to vl2-jax's. (GPU or CPU)
 
     python benchmarks/torch_bf16_drift.py --model small --tokens 1042
-    python benchmarks/torch_bf16_drift.py --model small --layers 3 --tokens 256   # fits a 24 GB CPU
+    python benchmarks/torch_bf16_drift.py --model small --layers 4 --tokens 1042   # fits a 24 GB CPU
+    python benchmarks/torch_bf16_drift.py --model small --layerwise                 # all layers on a CPU
 
 Needs torch and a transformers with `DeepseekV2ForCausalLM` (not project dependencies). Hugging Face's
 class is an independent PyTorch implementation of DeepSeek-VL2's language model (DeepSeek-V2's MoE with
@@ -27,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # PyTorch runs first in this process
 
@@ -173,7 +175,106 @@ def jax_runs(cfg, tensors: dict, ids: np.ndarray) -> dict:
     return logits
 
 
-def run(model: str, tokens: int, device: str, layers: int = 0) -> list[dict]:
+def layerwise_runs(cfg, ids: np.ndarray) -> tuple[dict, list[dict]]:
+    """The four runs one decoder layer at a time, on the CPU: each layer is drawn in PyTorch (the same
+    distribution as `torch_runs`, though not the same draw), rounded to bf16, run by both frameworks in
+    both dtypes and dropped, so all of small's 27 layers fit in one layer's memory. vl2-jax's layers run
+    jitted, one compiled function per layer kind and dtype. -> (logits by run, PyTorch's expert flips)."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from transformers.models.deepseek_v2 import modeling_deepseek_v2 as hf
+
+    from vl2_jax.checkpoint import apply_rule, conversion_plan, set_path
+    from vl2_jax.modules.language import DecoderLayer, LanguageModel, causal_mask
+
+    lc = cfg.language
+    config = hf_config(lc)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    torch.set_float32_matmul_precision("highest")
+    plan = conversion_plan(cfg)
+    dtypes = {"f32": (torch.float32, jnp.float32), "bf16": (torch.bfloat16, jnp.bfloat16)}
+
+    def drawn(module):  # float32, normal(0.02) weights and unit norm scales, rounded to bf16
+        with torch.no_grad():
+            for prm in module.parameters():
+                prm.normal_(0.0, 0.02)
+            for m in module.modules():
+                if isinstance(m, hf.DeepseekV2RMSNorm):
+                    m.weight.fill_(1.0)
+            for prm in module.parameters():
+                prm.copy_(prm.bfloat16().float())
+        return module.eval()
+
+    def jax_params(prefix: str, names: dict, drop: int) -> dict:  # torch tensors -> vl2-jax, bf16
+        tensors = checkpoint_tensors({prefix + k: v.to(torch.bfloat16) for k, v in names.items()})
+        tree: dict = {}
+        for rule in plan:
+            if all(src in tensors for src in rule.source_names):
+                for path, array in apply_rule(rule, [tensors.pop(src) for src in rule.source_names]):
+                    set_path(tree, path[drop:], jnp.asarray(array))
+        assert not tensors, sorted(tensors)[:3]
+        return {"params": tree}
+
+    t = ids.shape[1]
+    x_t = torch.tensor(ids)
+    pos_t = torch.arange(t)[None]
+    rope = hf.DeepseekV2RotaryEmbedding(config)(torch.zeros(1), pos_t)  # float32 angles for both dtypes
+    positions, valid = jnp.arange(t)[None], jnp.ones((1, t), bool)
+    mask = causal_mask(valid)
+
+    ends = drawn(torch.nn.ModuleDict({"embed_tokens": torch.nn.Embedding(lc.vocab_size, lc.hidden_size),
+                                      "norm": hf.DeepseekV2RMSNorm(lc.hidden_size, lc.rms_norm_eps),
+                                      "lm_head": torch.nn.Linear(lc.hidden_size, lc.vocab_size, bias=False)}))
+    named = {("" if k.startswith("lm_head") else "model.") + k: v for k, v in ends.state_dict().items()}
+    outer_j = jax_params("", named, 1)
+    lm = {k: LanguageModel(lc, jd, "auto", "auto") for k, (_, jd) in dtypes.items()}
+    cast = {k: jax.tree.map(lambda a, jd=jd: a.astype(jd), outer_j) for k, (_, jd) in dtypes.items()}
+    h = {"torch_" + k: ends.embed_tokens(x_t).to(td).detach() for k, (td, _) in dtypes.items()}
+    h |= {"jax_" + k: lm[k].apply(cast[k], jnp.asarray(ids), method="embed") for k in dtypes}
+
+    compiled = {}
+
+    def jax_layer(i, k):
+        kind = lc.is_moe_layer(i)
+        if (kind, k) not in compiled:
+            module = DecoderLayer(lc, i, dtypes[k][1], "auto", "auto")
+            compiled[kind, k] = jax.jit(lambda prm, x, module=module: module.apply(
+                prm, x, method=lambda m, x: m(x, positions, m.new_kv(x, positions), mask, valid)))
+        return compiled[kind, k]
+
+    flips = []
+    for i in range(lc.num_hidden_layers):
+        layer = drawn(hf.DeepseekV2DecoderLayer(config, i))
+        params = jax_params(f"model.layers.{i}.", layer.state_dict(), 2)
+        routes: list = []
+        hook = None
+        if lc.is_moe_layer(i):
+            hook = layer.mlp.gate.register_forward_hook(lambda m, a, out, r=routes: r.append(out[2].numpy()))
+        for k, (td, jd) in dtypes.items():
+            layer.to(td)
+            causal = torch.full((t, t), torch.finfo(td).min, dtype=td).triu(1)[None, None]
+            with torch.no_grad():
+                h["torch_" + k] = layer(h["torch_" + k], attention_mask=causal, position_ids=pos_t,
+                                        position_embeddings=rope)
+            h["jax_" + k] = jax_layer(i, k)(jax.tree.map(lambda a, jd=jd: a.astype(jd), params), h["jax_" + k])
+        if hook is not None:
+            hook.remove()
+            flips.append({"metric": "torch_tokens_with_other_experts", "moe_layer": len(flips),
+                          "share": float(np.mean([set(a) != set(b) for a, b in zip(routes[0].tolist(), routes[1].tolist())]))})
+        del layer, params
+        print(f"layer {i} done", file=sys.stderr, flush=True)
+    logits = {}
+    for k, (td, _) in dtypes.items():
+        ends.to(td)
+        with torch.no_grad():
+            logits["torch_" + k] = ends.lm_head(ends.norm(h["torch_" + k])).float().numpy()[0]
+        logits["jax_" + k] = np.asarray(lm[k].apply(cast[k], h["jax_" + k], method="head"))[0]
+    return logits, flips
+
+
+def run(model: str, tokens: int, device: str, layers: int = 0, layerwise: bool = False) -> list[dict]:
     import jax
     import torch
     import transformers
@@ -183,8 +284,11 @@ def run(model: str, tokens: int, device: str, layers: int = 0) -> list[dict]:
     if layers:  # the first `layers` decoder layers at the real widths (for a CPU's memory)
         cfg = dataclasses.replace(cfg, language=dataclasses.replace(cfg.language, num_hidden_layers=layers))
     ids = np.random.default_rng(0).integers(100, cfg.language.vocab_size, (1, tokens))
-    logits, flips, tensors = torch_runs(cfg.language, ids, device)
-    logits |= jax_runs(cfg, tensors, ids)
+    if layerwise:
+        logits, flips = layerwise_runs(cfg, ids)
+    else:
+        logits, flips, tensors = torch_runs(cfg.language, ids, device)
+        logits |= jax_runs(cfg, tensors, ids)
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "jax": jax.__version__,
                 "device": jax.devices()[0].device_kind}
     rows = [{"model": model, **r} for r in flips]
@@ -204,6 +308,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=1042, help="random text prompt length (1042: the image prompt's)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--layers", type=int, default=0, help="keep the first N decoder layers (0: all), at the real widths")
+    p.add_argument("--layerwise", action="store_true",
+                   help="CPU: draw, run and drop one layer at a time, so any depth fits (a different draw)")
     args = p.parse_args(argv)
     if args.tokens < 1:
         p.error("--tokens must be at least 1")
@@ -219,7 +325,7 @@ def main(argv=None) -> int:
     except ImportError as e:
         p.error(f"needs torch, which vl2-jax does not install ({e})")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rows = run(args.model, args.tokens, device, args.layers)
+    rows = run(args.model, args.tokens, device, args.layers, args.layerwise)
     for r in rows:
         print(json.dumps(r), flush=True)
     for r in rows:

@@ -72,14 +72,15 @@ def test_torch_drift_without_torch_says_so():
         pytest.skip("torch is installed here")
 
 
-def test_torch_drift_float32_agrees_with_pytorch():
+@pytest.mark.parametrize("mode", [[], ["--layerwise"]], ids=["whole", "layerwise"])
+def test_torch_drift_float32_agrees_with_pytorch(mode):
     """Where torch is installed: vl2-jax's float32 language model against transformers' DeepseekV2 on the
     same weights (MLA with a query LoRA, grouped routing), through the checkpoint conversion rules. It
     checks the script's renaming of transformers' tensors (a swapped gate and up, or reordered experts,
     fail it), not the norms' mapping (every norm scale is 1 in this draw; the fixtures' parity tests
     cover the conversion rules themselves)."""
     pytest.importorskip("torch")
-    r = _run("benchmarks/torch_bf16_drift.py", "--model", "test", "--tokens", "32")
+    r = _run("benchmarks/torch_bf16_drift.py", "--model", "test", "--tokens", "32", *mode)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     cross = next(row for row in rows if row["metric"] == "jax_f32_vs_torch_f32_logits_cosine")
