@@ -92,22 +92,28 @@ def checkpoint_tensors(state: dict) -> dict:
     return out
 
 
-def language_params(cfg, tensors: dict, dtype) -> dict:
-    """Checkpoint-named arrays -> vl2-jax's language model parameters `{"params": ...}` on the device,
-    through the conversion rules of `python -m convert`."""
+def converted(cfg, tensors: dict, drop: int, dtype) -> dict:
+    """Checkpoint-named arrays (consumed) -> vl2-jax parameters `{"params": ...}` on the device, through
+    the conversion rules of `python -m convert`: the rules whose sources are all in `tensors`, each
+    target's path less its first `drop` names (1: a language model's, 2: one decoder layer's)."""
     import jax
 
     from vl2_jax.checkpoint import apply_rule, conversion_plan, set_path
 
     tree: dict = {}
     for rule in conversion_plan(cfg):
-        if not all(s.startswith("language.") for s in rule.source_names):
-            continue  # the vision tower and projector: not in a language model
-        for path, array in apply_rule(rule, [tensors.pop(s) for s in rule.source_names]):
-            set_path(tree, path[1:], jax.device_put(array.astype(dtype)))  # path[0] == "language"
+        if all(s in tensors for s in rule.source_names):
+            for path, array in apply_rule(rule, [tensors.pop(s) for s in rule.source_names]):
+                set_path(tree, path[drop:], jax.device_put(array.astype(dtype)))
     if tensors:
         raise SystemExit(f"error: {len(tensors)} tensors had no conversion rule, e.g. {sorted(tensors)[:3]}")
     return {"params": tree}
+
+
+def flip_row(moe_layer: int, f32_ids: np.ndarray, bf16_ids: np.ndarray) -> dict:
+    """The share of tokens whose set of chosen experts ([tokens, k] ids) differs between the two runs."""
+    share = float(np.mean([set(a) != set(b) for a, b in zip(f32_ids.tolist(), bf16_ids.tolist())]))
+    return {"metric": "torch_tokens_with_other_experts", "moe_layer": moe_layer, "share": share}
 
 
 def torch_runs(lc, ids: np.ndarray, device: str) -> tuple[dict, list[dict], dict]:
@@ -142,9 +148,7 @@ def torch_runs(lc, ids: np.ndarray, device: str) -> tuple[dict, list[dict], dict
     for h in hooks:
         h.remove()
     n = len(gates)
-    flips = [{"metric": "torch_tokens_with_other_experts", "moe_layer": i,
-              "share": float(np.mean([set(a) != set(b) for a, b in zip(routes[i].tolist(), routes[n + i].tolist())]))}
-             for i in range(n)]
+    flips = [flip_row(i, routes[i], routes[n + i]) for i in range(n)]
     tensors = checkpoint_tensors(model.state_dict())
     del model
     if device == "cuda":
@@ -167,7 +171,7 @@ def jax_runs(cfg, tensors: dict, ids: np.ndarray) -> dict:
         module = LanguageModel(cfg.language, dtype, "auto", "auto")
         return jax.jit(lambda params, ids_BT: module.apply(params, ids_BT, method=run))
 
-    params16 = language_params(cfg, tensors, jnp.bfloat16)
+    params16 = converted(cfg, tensors, 1, jnp.bfloat16)
     params32 = jax.tree.map(lambda a: a.astype(jnp.float32), params16)
     logits = {"jax_f32": np.asarray(forward(jnp.float32)(params32, ids))[0]}
     del params32
@@ -185,7 +189,6 @@ def layerwise_runs(cfg, ids: np.ndarray) -> tuple[dict, list[dict]]:
     import torch
     from transformers.models.deepseek_v2 import modeling_deepseek_v2 as hf
 
-    from vl2_jax.checkpoint import apply_rule, conversion_plan, set_path
     from vl2_jax.modules.language import DecoderLayer, LanguageModel, causal_mask
 
     lc = cfg.language
@@ -193,7 +196,6 @@ def layerwise_runs(cfg, ids: np.ndarray) -> tuple[dict, list[dict]]:
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     torch.set_float32_matmul_precision("highest")
-    plan = conversion_plan(cfg)
     dtypes = {"f32": (torch.float32, jnp.float32), "bf16": (torch.bfloat16, jnp.bfloat16)}
 
     def drawn(module):  # float32, normal(0.02) weights and unit norm scales, rounded to bf16
@@ -208,14 +210,8 @@ def layerwise_runs(cfg, ids: np.ndarray) -> tuple[dict, list[dict]]:
         return module.eval()
 
     def jax_params(prefix: str, names: dict, drop: int) -> dict:  # torch tensors -> vl2-jax, bf16
-        tensors = checkpoint_tensors({prefix + k: v.to(torch.bfloat16) for k, v in names.items()})
-        tree: dict = {}
-        for rule in plan:
-            if all(src in tensors for src in rule.source_names):
-                for path, array in apply_rule(rule, [tensors.pop(src) for src in rule.source_names]):
-                    set_path(tree, path[drop:], jnp.asarray(array))
-        assert not tensors, sorted(tensors)[:3]
-        return {"params": tree}
+        return converted(cfg, checkpoint_tensors({prefix + k: v.to(torch.bfloat16) for k, v in names.items()}),
+                         drop, jnp.bfloat16)
 
     t = ids.shape[1]
     x_t = torch.tensor(ids)
@@ -261,8 +257,7 @@ def layerwise_runs(cfg, ids: np.ndarray) -> tuple[dict, list[dict]]:
             h["jax_" + k] = jax_layer(i, k)(jax.tree.map(lambda a, jd=jd: a.astype(jd), params), h["jax_" + k])
         if hook is not None:
             hook.remove()
-            flips.append({"metric": "torch_tokens_with_other_experts", "moe_layer": len(flips),
-                          "share": float(np.mean([set(a) != set(b) for a, b in zip(routes[0].tolist(), routes[1].tolist())]))})
+            flips.append(flip_row(len(flips), *routes))
         del layer, params
         print(f"layer {i} done", file=sys.stderr, flush=True)
     logits = {}
