@@ -3,23 +3,30 @@
     python benchmarks/torch_bf16_drift.py --model small --tokens 1042
     python benchmarks/torch_bf16_drift.py --model small --layers 4 --tokens 1042   # fits a 24 GB CPU
     python benchmarks/torch_bf16_drift.py --model small --layerwise                 # all layers on a CPU
+    python benchmarks/torch_bf16_drift.py --model base --layerwise                  # base on one H200
 
-Needs torch and a transformers with `DeepseekV2ForCausalLM` (not project dependencies). Hugging Face's
-class is an independent PyTorch implementation of DeepSeek-VL2's language model (DeepSeek-V2's MoE with
-multi-head latent attention). At a preset's size it draws random weights (normal(0.02), norm scales 1:
-the distribution of `init_params`), rounds them to bf16, and runs one random text prompt four ways on
-those same weights: PyTorch in float32 and in bf16, then vl2-jax in float32 and in bf16 (the weights
-converted by the checkpoint conversion rules, as a real checkpoint would be). PyTorch's rotary
-frequencies stay float32 in its bf16 run, as in the official code. Reports each run's logits
-cosine similarity against PyTorch float32 (min and mean over positions, and how often the top token
-agrees) and, per MoE layer, the share of tokens whose experts differ between PyTorch's float32 and bf16.
+Needs torch and a transformers with `DeepseekV2ForCausalLM` and `DeepseekV3ForCausalLM` (not project
+dependencies). Hugging Face's classes are an independent PyTorch implementation of DeepSeek-VL2's
+language model: DeepseekV2 for softmax routing (small), DeepseekV3 for sigmoid `noaux_tc` routing with
+renormalised, scaled weights (base); both with multi-head latent attention. At a preset's size it draws
+random weights (normal(0.02), norm scales 1: the distribution of `init_params`, except that the
+`noaux_tc` correction bias, zero there, is drawn too, so that its conversion is checked), rounds them to
+bf16, and runs one random text prompt four ways on those same weights: PyTorch in float32 and in bf16,
+then vl2-jax in float32 and in bf16 (the weights converted by the checkpoint conversion rules, as a real
+checkpoint would be). PyTorch's rotary frequencies stay float32 in its bf16 run, as in the official
+code. Reports each run's logits cosine similarity against PyTorch float32 (min and mean over positions,
+and how often the top token agrees) and, per MoE layer, the share of tokens whose experts differ
+between PyTorch's float32 and bf16.
 
 If PyTorch's bf16 is as far from its float32 as vl2-jax's bf16 is, the gap belongs to bf16 on these
 weights (random routers' near-ties flipping), not to vl2-jax. vl2-jax float32 against PyTorch float32 is
 a cross-check of the two implementations at full size.
 
-Only presets whose language model Hugging Face's class implements: MLA, softmax routing, no top-k
-renormalisation (small, test).
+`--routing base` gives the preset base's routing (sigmoid scores, `noaux_tc`, renormalised weights
+scaled by 2): small's sizes with base's routing, say, or the test preset through DeepseekV3.
+`--layerwise` draws, runs and drops one decoder layer at a time (on the GPU or the CPU), so any depth fits
+in one layer's memory: all of small's layers on a 24 GB CPU, base's on one H200.
+Tiny (multi-head attention) is not covered: these classes implement MLA only.
 """
 
 from __future__ import annotations
@@ -33,37 +40,64 @@ import sys
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # PyTorch runs first in this process
 
 import numpy as np
+from bf16_drift import _cosine  # this script's folder is on the path when it runs
 
 from vl2_jax.config import PRESETS
 
+ROUTING = ("scoring_func", "topk_method", "norm_topk_prob", "routed_scaling_factor")  # what --routing base takes
+
 
 def hf_config(lc):
-    """A `LanguageConfig` -> transformers' `DeepseekV2Config`; ValueError where that class differs."""
+    """A `LanguageConfig` -> transformers' `DeepseekV2Config` (softmax routing) or `DeepseekV3Config`
+    (sigmoid `noaux_tc` routing); ValueError where neither class implements the preset."""
+    v3 = lc.topk_method == "noaux_tc"
     unsupported = {
         "use_mla": not lc.use_mla,
-        "scoring_func": lc.scoring_func != "softmax",
-        "norm_topk_prob": lc.norm_topk_prob and lc.num_experts_per_tok > 1,
-        "topk_method": lc.topk_method not in ("greedy", "group_limited_greedy"),
+        "scoring_func": lc.scoring_func != ("sigmoid" if v3 else "softmax"),
+        "norm_topk_prob": not v3 and lc.norm_topk_prob and lc.num_experts_per_tok > 1,
+        "topk_method": lc.topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"),
         "moe_layer_freq": lc.moe_layer_freq != 1,
     }
     if any(unsupported.values()):
         bad = ", ".join(f"{k}={getattr(lc, k)!r}" for k, v in unsupported.items() if v)
-        raise ValueError(f"transformers' DeepseekV2 does not implement this preset's {bad}")
-    from transformers import DeepseekV2Config
+        raise ValueError(f"transformers' DeepseekV2 and DeepseekV3 do not implement this preset's {bad}")
+    import transformers
 
-    return DeepseekV2Config(
+    common = dict(
         vocab_size=lc.vocab_size, hidden_size=lc.hidden_size, intermediate_size=lc.intermediate_size,
         moe_intermediate_size=lc.moe_intermediate_size, num_hidden_layers=lc.num_hidden_layers,
         num_attention_heads=lc.num_attention_heads, num_key_value_heads=lc.num_key_value_heads,
         n_shared_experts=lc.n_shared_experts, n_routed_experts=lc.n_routed_experts,
         num_experts_per_tok=lc.num_experts_per_tok, first_k_dense_replace=lc.first_k_dense_replace,
-        topk_method=lc.topk_method, n_group=lc.n_group, topk_group=lc.topk_group,
+        n_group=lc.n_group, topk_group=lc.topk_group,
         routed_scaling_factor=lc.routed_scaling_factor, norm_topk_prob=lc.norm_topk_prob,
         q_lora_rank=lc.q_lora_rank, kv_lora_rank=lc.kv_lora_rank, qk_rope_head_dim=lc.qk_rope_head_dim,
         qk_nope_head_dim=lc.qk_nope_head_dim, v_head_dim=lc.v_head_dim, rms_norm_eps=lc.rms_norm_eps,
         max_position_embeddings=lc.max_position_embeddings, initializer_range=0.02, tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": lc.rope_theta},
     )
+    if v3:  # DeepSeek's interleaved rotary pairs, as the official code (and vl2-jax) rotate them
+        return transformers.DeepseekV3Config(**common, rope_interleave=True)
+    return transformers.DeepseekV2Config(**common, topk_method=lc.topk_method)
+
+
+def hf_class(config, name: str):
+    """The class `name` ("DecoderLayer", "RMSNorm", ...) of the modeling module `config` belongs to."""
+    import importlib
+
+    module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+    return getattr(module, type(config).__name__.removesuffix("Config") + name)
+
+
+def draw_correction_bias(module) -> None:
+    """normal(0.02), bf16-rounded, for every `noaux_tc` correction bias (a buffer, so not drawn with the
+    parameters; zero in transformers' and vl2-jax's initialisations)."""
+    import torch
+
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn_like(buffer).mul(0.02).bfloat16().float())
 
 
 def checkpoint_tensors(state: dict) -> dict:
@@ -120,16 +154,17 @@ def torch_runs(lc, ids: np.ndarray, device: str) -> tuple[dict, list[dict], dict
     """PyTorch float32 and bf16 on the same bf16-rounded weights -> (logits by run, expert flips per
     MoE layer, the bf16 weights under checkpoint names)."""
     import torch
-    from transformers import DeepseekV2ForCausalLM
 
     torch.manual_seed(0)
     torch.set_float32_matmul_precision("highest")  # no TF32 in the float32 reference
+    config = hf_config(lc)
     with torch.device(device):
-        model = DeepseekV2ForCausalLM._from_config(hf_config(lc), attn_implementation="eager", dtype=torch.float32)
+        model = hf_class(config, "ForCausalLM")._from_config(config, attn_implementation="eager", dtype=torch.float32)
     model.eval()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.bfloat16().float())
+    draw_correction_bias(model)
     # `model.to(bf16)` would round the rotary frequencies too, an error that grows with position and that
     # neither the official code nor vl2-jax makes (both compute the angles in float32): keep them float32
     rotary = {name: b.clone() for name, b in model.named_buffers() if name.endswith("inv_freq")}
@@ -179,21 +214,36 @@ def jax_runs(cfg, tensors: dict, ids: np.ndarray) -> dict:
     return logits
 
 
-def layerwise_runs(cfg, ids: np.ndarray) -> tuple[dict, list[dict]]:
-    """The four runs one decoder layer at a time, on the CPU: each layer is drawn in PyTorch (the same
+def router_margins(lc, logits: np.ndarray, gate) -> np.ndarray:
+    """Per token, how far the k-th best expert's choice score is above the next one's ([tokens]), from
+    PyTorch's float32 router logits; groups are ignored (exact for small and base, one group each)."""
+    if lc.scoring_func == "softmax":
+        scores = np.exp(logits - logits.max(-1, keepdims=True))
+        scores /= scores.sum(-1, keepdims=True)
+    else:
+        bias = getattr(gate, "e_score_correction_bias", None)
+        scores = 1 / (1 + np.exp(-logits)) + (0 if bias is None else bias.float().cpu().numpy())
+    ranked = -np.sort(-scores, axis=-1)
+    k = lc.num_experts_per_tok
+    return ranked[:, k - 1] - ranked[:, k]
+
+
+def layerwise_runs(cfg, ids: np.ndarray, device: str) -> tuple[dict, list[dict]]:
+    """The four runs one decoder layer at a time: each layer is drawn in PyTorch on `device` (the same
     distribution as `torch_runs`, though not the same draw), rounded to bf16, run by both frameworks in
-    both dtypes and dropped, so all of small's 27 layers fit in one layer's memory. vl2-jax's layers run
-    jitted, one compiled function per layer kind and dtype. -> (logits by run, PyTorch's expert flips)."""
+    both dtypes and dropped, so all of small's 27 layers fit a CPU's memory and base's 30 one GPU's.
+    vl2-jax's layers run jitted, one compiled function per layer kind and dtype. -> (logits by run,
+    PyTorch's expert flips, then the layers where vl2-jax's float32 parts from PyTorch's)."""
     import jax
     import jax.numpy as jnp
     import torch
-    from transformers.models.deepseek_v2 import modeling_deepseek_v2 as hf
 
     from vl2_jax.modules.language import DecoderLayer, LanguageModel, causal_mask
 
     lc = cfg.language
     config = hf_config(lc)
     config._attn_implementation = "eager"
+    rms_norm = hf_class(config, "RMSNorm")
     torch.manual_seed(0)
     torch.set_float32_matmul_precision("highest")
     dtypes = {"f32": (torch.float32, jnp.float32), "bf16": (torch.bfloat16, jnp.bfloat16)}
@@ -203,10 +253,11 @@ def layerwise_runs(cfg, ids: np.ndarray) -> tuple[dict, list[dict]]:
             for prm in module.parameters():
                 prm.normal_(0.0, 0.02)
             for m in module.modules():
-                if isinstance(m, hf.DeepseekV2RMSNorm):
+                if isinstance(m, rms_norm):
                     m.weight.fill_(1.0)
             for prm in module.parameters():
                 prm.copy_(prm.bfloat16().float())
+        draw_correction_bias(module)
         return module.eval()
 
     def jax_params(prefix: str, names: dict, drop: int) -> dict:  # torch tensors -> vl2-jax, bf16
@@ -214,15 +265,19 @@ def layerwise_runs(cfg, ids: np.ndarray) -> tuple[dict, list[dict]]:
                          drop, jnp.bfloat16)
 
     t = ids.shape[1]
-    x_t = torch.tensor(ids)
-    pos_t = torch.arange(t)[None]
-    rope = hf.DeepseekV2RotaryEmbedding(config)(torch.zeros(1), pos_t)  # float32 angles for both dtypes
+    x_t = torch.tensor(ids, device=device)
+    pos_t = torch.arange(t, device=device)[None]
+    rotary = hf_class(config, "RotaryEmbedding")(config).to(device)
+    # Angles computed in float32 and given in the layer's dtype, as the models themselves pass them
+    # (DeepseekV2's complex form stays float32 either way).
+    rope = {k: rotary(torch.zeros(1, dtype=td, device=device), pos_t) for k, (td, _) in dtypes.items()}
     positions, valid = jnp.arange(t)[None], jnp.ones((1, t), bool)
     mask = causal_mask(valid)
 
-    ends = drawn(torch.nn.ModuleDict({"embed_tokens": torch.nn.Embedding(lc.vocab_size, lc.hidden_size),
-                                      "norm": hf.DeepseekV2RMSNorm(lc.hidden_size, lc.rms_norm_eps),
-                                      "lm_head": torch.nn.Linear(lc.hidden_size, lc.vocab_size, bias=False)}))
+    with torch.device(device):
+        ends = drawn(torch.nn.ModuleDict({"embed_tokens": torch.nn.Embedding(lc.vocab_size, lc.hidden_size),
+                                          "norm": rms_norm(lc.hidden_size, lc.rms_norm_eps),
+                                          "lm_head": torch.nn.Linear(lc.hidden_size, lc.vocab_size, bias=False)}))
     named = {("" if k.startswith("lm_head") else "model.") + k: v for k, v in ends.state_dict().items()}
     outer_j = jax_params("", named, 1)
     lm = {k: LanguageModel(lc, jd, "auto", "auto") for k, (_, jd) in dtypes.items()}
@@ -240,57 +295,78 @@ def layerwise_runs(cfg, ids: np.ndarray) -> tuple[dict, list[dict]]:
                 prm, x, method=lambda m, x: m(x, positions, m.new_kv(x, positions), mask, valid)))
         return compiled[kind, k]
 
-    flips = []
+    flips, parted, apart = [], [], np.zeros(t, bool)
     for i in range(lc.num_hidden_layers):
-        layer = drawn(hf.DeepseekV2DecoderLayer(config, i))
+        with torch.device(device):
+            layer = drawn(hf_class(config, "DecoderLayer")(config, i))
         params = jax_params(f"model.layers.{i}.", layer.state_dict(), 2)
-        routes: list = []
+        routes: list = []  # (router logits, expert ids) of the float32 run, then of the bf16 run
         hook = None
         if lc.is_moe_layer(i):
-            hook = layer.mlp.gate.register_forward_hook(lambda m, a, out, r=routes: r.append(out[2].numpy()))
+            hook = layer.mlp.gate.register_forward_hook(
+                lambda m, a, out, r=routes: r.append((out[0].float().cpu().numpy(), out[2].cpu().numpy())))
         for k, (td, jd) in dtypes.items():
             layer.to(td)
-            causal = torch.full((t, t), torch.finfo(td).min, dtype=td).triu(1)[None, None]
+            causal = torch.full((t, t), torch.finfo(td).min, dtype=td, device=device).triu(1)[None, None]
             with torch.no_grad():
                 h["torch_" + k] = layer(h["torch_" + k], attention_mask=causal, position_ids=pos_t,
-                                        position_embeddings=rope)
+                                        position_embeddings=rope[k])
             h["jax_" + k] = jax_layer(i, k)(jax.tree.map(lambda a, jd=jd: a.astype(jd), params), h["jax_" + k])
         if hook is not None:
             hook.remove()
-            flips.append(flip_row(len(flips), *routes))
+            flips.append(flip_row(len(flips), routes[0][1], routes[1][1]))
+        # Where the two float32 runs part: which tokens' hidden states first differ here, and how close
+        # PyTorch's router came to a tie on them (a near-tie flips under any change of summation order).
+        torch_f32 = h["torch_f32"].float().cpu().numpy()[0]
+        now = _cosine(torch_f32, np.asarray(h["jax_f32"], np.float32)[0]) < 0.9999
+        if (now & ~apart).any():
+            margins = router_margins(lc, routes[0][0], layer.mlp.gate) if routes else None
+            parted.append({"metric": "f32_tokens_apart", "layer": i, "tokens": int(now.sum()),
+                          "new": int((now & ~apart).sum())}
+                         | ({"new_min_router_margin": float(margins[now & ~apart].min()),
+                             "median_router_margin": float(np.median(margins))} if routes else {}))
+        apart |= now
         del layer, params
         print(f"layer {i} done", file=sys.stderr, flush=True)
     logits = {}
     for k, (td, _) in dtypes.items():
         ends.to(td)
         with torch.no_grad():
-            logits["torch_" + k] = ends.lm_head(ends.norm(h["torch_" + k])).float().numpy()[0]
+            logits["torch_" + k] = ends.lm_head(ends.norm(h["torch_" + k])).float().cpu().numpy()[0]
         logits["jax_" + k] = np.asarray(lm[k].apply(cast[k], h["jax_" + k], method="head"))[0]
-    return logits, flips
+    return logits, flips + parted
 
 
-def run(model: str, tokens: int, device: str, layers: int = 0, layerwise: bool = False) -> list[dict]:
+def preset(model: str, layers: int = 0, routing: str = "preset"):
+    """The preset's `VL2Config`, cut to its first `layers` decoder layers (0: all) and, with routing
+    "base", given base's routing (`ROUTING`)."""
+    cfg = PRESETS[model]
+    changes = {"num_hidden_layers": layers} if layers else {}
+    if routing == "base":
+        changes |= {k: getattr(PRESETS["base"].language, k) for k in ROUTING}
+    return dataclasses.replace(cfg, language=dataclasses.replace(cfg.language, **changes))
+
+
+def run(model: str, tokens: int, device: str, layers: int = 0, layerwise: bool = False,
+        routing: str = "preset") -> list[dict]:
     import jax
     import torch
     import transformers
-    from bf16_drift import _cosine  # this script's folder is on the path when it runs
-
-    cfg = PRESETS[model]
-    if layers:  # the first `layers` decoder layers at the real widths (for a CPU's memory)
-        cfg = dataclasses.replace(cfg, language=dataclasses.replace(cfg.language, num_hidden_layers=layers))
+    cfg = preset(model, layers, routing)
     ids = np.random.default_rng(0).integers(100, cfg.language.vocab_size, (1, tokens))
     if layerwise:
-        logits, flips = layerwise_runs(cfg, ids)
+        logits, flips = layerwise_runs(cfg, ids, device)
     else:
         logits, flips, tensors = torch_runs(cfg.language, ids, device)
         logits |= jax_runs(cfg, tensors, ids)
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "jax": jax.__version__,
                 "device": jax.devices()[0].device_kind}
-    rows = [{"model": model, **r} for r in flips]
+    tag = {"model": model} | ({"routing": routing} if routing != "preset" else {})
+    rows = [tag | r for r in flips]
     pairs = [("torch_bf16", "torch_f32"), ("jax_f32", "torch_f32"), ("jax_bf16", "torch_f32"), ("jax_bf16", "jax_f32")]
     for a, b in pairs:
         cos = _cosine(logits[a], logits[b])
-        rows.append({"model": model, "metric": f"{a}_vs_{b}_logits_cosine", "tokens": tokens,
+        rows.append(tag | {"metric": f"{a}_vs_{b}_logits_cosine", "tokens": tokens,
                      "layers": cfg.language.num_hidden_layers,
                      "min": float(cos.min()), "mean": float(cos.mean()),
                      "argmax_agreement": float((logits[a].argmax(-1) == logits[b].argmax(-1)).mean()), **versions})
@@ -299,12 +375,14 @@ def run(model: str, tokens: int, device: str, layers: int = 0, layerwise: bool =
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="small", choices=sorted(PRESETS), help="preset: small or test (MLA, softmax routing)")
+    p.add_argument("--model", default="small", choices=sorted(PRESETS), help="preset: small, base or test (MLA)")
     p.add_argument("--tokens", type=int, default=1042, help="random text prompt length (1042: the image prompt's)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--layers", type=int, default=0, help="keep the first N decoder layers (0: all), at the real widths")
     p.add_argument("--layerwise", action="store_true",
-                   help="CPU: draw, run and drop one layer at a time, so any depth fits (a different draw)")
+                   help="draw, run and drop one layer at a time, so any depth fits (a different draw)")
+    p.add_argument("--routing", default="preset", choices=["preset", "base"],
+                   help="base: base's sigmoid noaux_tc routing on this preset's sizes")
     args = p.parse_args(argv)
     if args.tokens < 1:
         p.error("--tokens must be at least 1")
@@ -312,15 +390,15 @@ def main(argv=None) -> int:
     if not 0 <= args.layers <= depth:
         p.error(f"--layers must be 0 (all) to {depth} for {args.model} (got {args.layers})")
     try:
-        hf_config(PRESETS[args.model].language)
-    except (ValueError, ImportError) as e:  # ImportError: a transformers without DeepseekV2
+        hf_config(preset(args.model, args.layers, args.routing).language)
+    except (ValueError, ImportError, AttributeError) as e:  # a transformers without DeepseekV2 or V3
         p.error(str(e))
     try:
         import torch
     except ImportError as e:
         p.error(f"needs torch, which vl2-jax does not install ({e})")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rows = run(args.model, args.tokens, device, args.layers, args.layerwise)
+    rows = run(args.model, args.tokens, device, args.layers, args.layerwise, args.routing)
     for r in rows:
         print(json.dumps(r), flush=True)
     for r in rows:

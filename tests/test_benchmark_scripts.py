@@ -56,10 +56,9 @@ def test_cosine_on_the_same_weights_runs_on_cpu():
     assert "metric=bf16_with_f32_routing_vs_f32_logits_cosine | reference_weights=bf16" in r.stdout
 
 
-@pytest.mark.parametrize("model,why", [("tiny", "use_mla=False"), ("base", "scoring_func='sigmoid'")])
-def test_torch_drift_refuses_presets_transformers_does_not_implement(model, why):
-    r = _run("benchmarks/torch_bf16_drift.py", "--model", model)
-    assert r.returncode == 2 and why in r.stderr, r.stderr[-2000:]
+def test_torch_drift_refuses_presets_transformers_does_not_implement():
+    r = _run("benchmarks/torch_bf16_drift.py", "--model", "tiny")
+    assert r.returncode == 2 and "use_mla=False" in r.stderr, r.stderr[-2000:]
 
 
 def test_torch_drift_without_torch_says_so():
@@ -72,15 +71,17 @@ def test_torch_drift_without_torch_says_so():
         pytest.skip("torch is installed here")
 
 
+@pytest.mark.parametrize("routing", ["preset", "base"])
 @pytest.mark.parametrize("mode", [[], ["--layerwise"]], ids=["whole", "layerwise"])
-def test_torch_drift_float32_agrees_with_pytorch(mode):
-    """Where torch is installed: vl2-jax's float32 language model against transformers' DeepseekV2 on the
-    same weights (MLA with a query LoRA, grouped routing), through the checkpoint conversion rules. It
-    checks the script's renaming of transformers' tensors (a swapped gate and up, or reordered experts,
-    fail it), not the norms' mapping (every norm scale is 1 in this draw; the fixtures' parity tests
-    cover the conversion rules themselves)."""
+def test_torch_drift_float32_agrees_with_pytorch(mode, routing):
+    """Where torch is installed: vl2-jax's float32 language model against transformers' on the same
+    weights (MLA with a query LoRA), through the checkpoint conversion rules: DeepseekV2 with the test
+    preset's grouped softmax routing, DeepseekV3 with base's sigmoid `noaux_tc` routing and a random
+    correction bias. It checks the script's renaming of transformers' tensors (a swapped gate and up,
+    reordered experts or a negated correction bias fail it), not the norms' mapping (every norm scale
+    is 1 in this draw; the fixtures' parity tests cover the conversion rules themselves)."""
     pytest.importorskip("torch")
-    r = _run("benchmarks/torch_bf16_drift.py", "--model", "test", "--tokens", "32", *mode)
+    r = _run("benchmarks/torch_bf16_drift.py", "--model", "test", "--tokens", "32", "--routing", routing, *mode)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     cross = next(row for row in rows if row["metric"] == "jax_f32_vs_torch_f32_logits_cosine")
