@@ -2,7 +2,7 @@
 
     python benchmarks/torch_bf16_drift.py --model small --tokens 1042
     python benchmarks/torch_bf16_drift.py --model small --layers 4 --tokens 1042   # fits a 24 GB CPU
-    python benchmarks/torch_bf16_drift.py --model small --layerwise                 # all layers on a CPU
+    python benchmarks/torch_bf16_drift.py --model small --layerwise --device cpu    # all layers on a CPU
     python benchmarks/torch_bf16_drift.py --model base --layerwise                  # base on one H200
 
 Needs torch and a transformers with `DeepseekV2ForCausalLM` and `DeepseekV3ForCausalLM` (not project
@@ -25,7 +25,11 @@ a cross-check of the two implementations at full size.
 `--routing base` gives the preset base's routing (sigmoid scores, `noaux_tc`, renormalised weights
 scaled by 2): small's sizes with base's routing, say, or the test preset through DeepseekV3.
 `--layerwise` draws, runs and drops one decoder layer at a time (on the GPU or the CPU), so any depth fits
-in one layer's memory: all of small's layers on a 24 GB CPU, base's on one H200.
+in one layer's memory: all of small's layers on a 24 GB CPU, base's on one H200. It also reports each
+layer where vl2-jax's float32 hidden states part from PyTorch's (cosine < 0.9999) at new tokens, with
+PyTorch's float32 router margin there (the k-th best expert's choice score less the next one's): a
+near-tie flips under any change of summation order, float32's included. PyTorch's experts then run in
+transformers' plain per-expert loop.
 Tiny (multi-head attention) is not covered: these classes implement MLA only.
 """
 
@@ -40,7 +44,6 @@ import sys
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # PyTorch runs first in this process
 
 import numpy as np
-from bf16_drift import _cosine  # this script's folder is on the path when it runs
 
 from vl2_jax.config import PRESETS
 
@@ -214,15 +217,15 @@ def jax_runs(cfg, tensors: dict, ids: np.ndarray) -> dict:
     return logits
 
 
-def router_margins(lc, logits: np.ndarray, gate) -> np.ndarray:
+def router_margins(lc, logits: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     """Per token, how far the k-th best expert's choice score is above the next one's ([tokens]), from
-    PyTorch's float32 router logits; groups are ignored (exact for small and base, one group each)."""
+    router logits [tokens, experts] (and `noaux_tc`'s correction bias [experts]); groups are ignored
+    (exact for small and base, one group each)."""
     if lc.scoring_func == "softmax":
         scores = np.exp(logits - logits.max(-1, keepdims=True))
         scores /= scores.sum(-1, keepdims=True)
     else:
-        bias = getattr(gate, "e_score_correction_bias", None)
-        scores = 1 / (1 + np.exp(-logits)) + (0 if bias is None else bias.float().cpu().numpy())
+        scores = 1 / (1 + np.exp(-logits)) + (0 if bias is None else bias)
     ranked = -np.sort(-scores, axis=-1)
     k = lc.num_experts_per_tok
     return ranked[:, k - 1] - ranked[:, k]
@@ -237,6 +240,7 @@ def layerwise_runs(cfg, ids: np.ndarray, device: str) -> tuple[dict, list[dict]]
     import jax
     import jax.numpy as jnp
     import torch
+    from bf16_drift import _cosine  # this script's folder is on the path when it runs
 
     from vl2_jax.modules.language import DecoderLayer, LanguageModel, causal_mask
 
@@ -319,12 +323,15 @@ def layerwise_runs(cfg, ids: np.ndarray, device: str) -> tuple[dict, list[dict]]
         # PyTorch's router came to a tie on them (a near-tie flips under any change of summation order).
         torch_f32 = h["torch_f32"].float().cpu().numpy()[0]
         now = _cosine(torch_f32, np.asarray(h["jax_f32"], np.float32)[0]) < 0.9999
-        if (now & ~apart).any():
-            margins = router_margins(lc, routes[0][0], layer.mlp.gate) if routes else None
-            parted.append({"metric": "f32_tokens_apart", "layer": i, "tokens": int(now.sum()),
-                          "new": int((now & ~apart).sum())}
-                         | ({"new_min_router_margin": float(margins[now & ~apart].min()),
-                             "median_router_margin": float(np.median(margins))} if routes else {}))
+        new = now & ~apart
+        if new.any():
+            row = {"metric": "f32_tokens_apart", "layer": i, "tokens": int(now.sum()), "new": int(new.sum())}
+            if routes:
+                bias = getattr(layer.mlp.gate, "e_score_correction_bias", None)
+                margins = router_margins(lc, routes[0][0], None if bias is None else bias.float().cpu().numpy())
+                row |= {"new_router_margins": [float(m) for m in margins[new]],
+                        "median_router_margin": float(np.median(margins))}
+            parted.append(row)
         apart |= now
         del layer, params
         print(f"layer {i} done", file=sys.stderr, flush=True)
@@ -352,6 +359,8 @@ def run(model: str, tokens: int, device: str, layers: int = 0, layerwise: bool =
     import jax
     import torch
     import transformers
+    from bf16_drift import _cosine  # this script's folder is on the path when it runs
+
     cfg = preset(model, layers, routing)
     ids = np.random.default_rng(0).integers(100, cfg.language.vocab_size, (1, tokens))
     if layerwise:

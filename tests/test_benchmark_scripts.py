@@ -76,8 +76,8 @@ def test_torch_drift_without_torch_says_so():
 def test_torch_drift_float32_agrees_with_pytorch(mode, routing):
     """Where torch is installed: vl2-jax's float32 language model against transformers' on the same
     weights (MLA with a query LoRA), through the checkpoint conversion rules: DeepseekV2 with the test
-    preset's grouped softmax routing, DeepseekV3 with base's sigmoid `noaux_tc` routing and a random
-    correction bias. It checks the script's renaming of transformers' tensors (a swapped gate and up,
+    preset's grouped softmax routing, DeepseekV3 with base's sigmoid `noaux_tc` routing (on the test
+    preset's 4 groups, 2 kept) and a random correction bias. It checks the script's renaming of transformers' tensors (a swapped gate and up,
     reordered experts or a negated correction bias fail it), not the norms' mapping (every norm scale
     is 1 in this draw; the fixtures' parity tests cover the conversion rules themselves)."""
     pytest.importorskip("torch")
@@ -87,6 +87,29 @@ def test_torch_drift_float32_agrees_with_pytorch(mode, routing):
     cross = next(row for row in rows if row["metric"] == "jax_f32_vs_torch_f32_logits_cosine")
     assert cross["min"] > 0.999999 and cross["argmax_agreement"] == 1.0
     assert any(row["metric"] == "torch_tokens_with_other_experts" for row in rows)
+
+
+def test_router_margins_of_the_torch_drift_script():
+    """The float32 parting report's margin: the k-th best choice score less the next one's, from softmax
+    scores (small) or sigmoid scores plus the correction bias (base), whatever the experts' order."""
+    import importlib.util
+
+    import numpy as np
+
+    from vl2_jax.config import PRESETS
+
+    spec = importlib.util.spec_from_file_location("torch_bf16_drift", ROOT / "benchmarks" / "torch_bf16_drift.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rng = np.random.default_rng(0)
+    probs = np.array([0.2, 0.15, 0.1, 0.09, 0.08, 0.07, 0.05] + [0.26 / 57] * 57)  # small: 64 experts, top 6
+    order = rng.permutation(64)
+    got = module.router_margins(PRESETS["small"].language, np.log(probs[order])[None] + 3.0)
+    np.testing.assert_allclose(got, [0.07 - 0.05], rtol=1e-6)
+    bias = rng.permutation(np.arange(72) * 1e-3)  # base: 72 experts, top 6; equal logits, the bias ranks them
+    got = module.router_margins(PRESETS["base"].language, np.zeros((2, 72)), bias)
+    np.testing.assert_allclose(got, [1e-3, 1e-3], rtol=1e-6)
+    assert module.router_margins(PRESETS["base"].language, np.zeros((1, 72)))[0] == 0.0  # all tied
 
 
 def test_idle_gaps_of_a_kernel_timeline():
