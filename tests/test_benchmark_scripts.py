@@ -77,9 +77,10 @@ def test_torch_drift_float32_agrees_with_pytorch(mode, routing):
     """Where torch is installed: vl2-jax's float32 language model against transformers' on the same
     weights (MLA with a query LoRA), through the checkpoint conversion rules: DeepseekV2 with the test
     preset's grouped softmax routing, DeepseekV3 with base's sigmoid `noaux_tc` routing (on the test
-    preset's 4 groups, 2 kept) and a random correction bias. It checks the script's renaming of transformers' tensors (a swapped gate and up,
-    reordered experts or a negated correction bias fail it), not the norms' mapping (every norm scale
-    is 1 in this draw; the fixtures' parity tests cover the conversion rules themselves)."""
+    preset's 4 groups, 2 kept) and a random correction bias. It checks the script's renaming of
+    transformers' tensors (a swapped gate and up, reordered experts or a negated correction bias fail
+    it), not the norms' mapping (every norm scale is 1 in this draw; the fixtures' parity tests cover the
+    conversion rules themselves)."""
     pytest.importorskip("torch")
     r = _run("benchmarks/torch_bf16_drift.py", "--model", "test", "--tokens", "32", "--routing", routing, *mode)
     assert r.returncode == 0, r.stderr[-2000:]
