@@ -50,9 +50,10 @@ def routed(fn, forced=None):
 
 
 def run(model: str, layers: int, tokens: int, same_weights: bool = False, attention: str = "plain") -> list[dict]:
+    from vl2_jax.random_model import draw_like
+
     from vl2_jax.config import PRESETS
     from vl2_jax.modules.language import DecoderLayer, LanguageModel, causal_mask
-    from vl2_jax.random_model import draw_like
 
     lc = PRESETS[model].language
     layers = layers or lc.num_hidden_layers  # (main checks it is at most the model's depth)

@@ -147,6 +147,7 @@ def profile(spec: str, tokens: int, exact_names: bool = False) -> list[dict]:
 
 def cosine(spec: str, same_weights: bool = False, forced_routing: bool = False) -> list[dict]:
     from vl2_jax.hub import load_model
+
     from vl2_jax.model import VL2Model
 
     f32 = load_model(spec, "float32")

@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS,
                    help="attention: auto (default: cuDNN flash attention for images and prompts on NVIDIA GPUs "
                         "in bf16/f16), or plain (the reference's arithmetic everywhere), cudnn, xla")
+    p.add_argument("--kernels", default="on", choices=["on", "off"],
+                   help="accelerator kernels (Pallas MoE and matrix-vector kernels, cuDNN attention under "
+                        "--attention auto) where they apply (default: on); off runs the portable paths")
     p.add_argument("--draw-boxes", default=None, metavar="OUT.png",
                    help="draw the answer's grounding boxes on the first --image and save it to OUT.png")
     p.add_argument("--compile-cache", default=None, metavar="DIR",

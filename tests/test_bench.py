@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from vl2_jax.bench import main
-from vl2_jax.config import PRESETS
+from vl2_jax.config import PRESETS, Runtime
 
 
 def test_bench_smoke(capsys):
@@ -36,16 +36,15 @@ def test_bench_smoke(capsys):
 
 
 def test_every_line_names_the_kernels_in_use(monkeypatch):
-    """With the GPU kernels faked usable, the tiny preset lists them all; with `VL2_JAX_KERNELS=0`, none."""
+    """With the GPU kernels faked usable, the tiny preset lists them all; with `Runtime(kernels=False)`, none."""
     import jax.numpy as jnp
 
     from vl2_jax import kernels
     from vl2_jax.bench import active_kernels
 
     for name in ("mosaic_ragged_usable", "gathered_matvec_usable", "expert_matmul_usable"):
-        monkeypatch.setattr(kernels, name, lambda *a: kernels.kernels_enabled())
+        monkeypatch.setattr(kernels, name, lambda *a: True)
     lc = PRESETS["tiny"].language
-    assert active_kernels(lc, jnp.bfloat16) == ["prefill: grouped matmul (Mosaic)", "decode: gathered matvec",
-                                                "decode batches: expert matmul"]
-    monkeypatch.setenv("VL2_JAX_KERNELS", "0")
-    assert active_kernels(lc, jnp.bfloat16) == []
+    assert active_kernels(lc, jnp.bfloat16, Runtime()) == ["prefill: grouped matmul (Mosaic)", "decode: gathered matvec",
+                                                           "decode batches: expert matmul"]
+    assert active_kernels(lc, jnp.bfloat16, Runtime(kernels=False)) == []

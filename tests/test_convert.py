@@ -70,7 +70,7 @@ def test_converted_matches_reference(variant, root):
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got), strict=True):
         assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b)), jax.tree_util.keystr(path)
 
-    model = vl2_jax.model.load_pretrained(dst)
+    model = vl2_jax.load_pretrained(dst)
     # All cases in one left-padded batch: one compilation per variant keeps this test fast.
     cases = [load_case(variant, name) for name in case_names(variant)]
     batch = model.processor.batchify([model.processor(c["conversation"], open_images(c)) for c in cases])
@@ -222,4 +222,4 @@ def test_bfloat16_conversion_and_random_sharded_checkpoint(tmp_path):
     want = load_hf(src, cfg, jax.numpy.bfloat16)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(params), strict=True):
         assert b.dtype == jax.numpy.bfloat16 and np.array_equal(np.asarray(a), np.asarray(b))
-    assert vl2_jax.model.load_pretrained(tmp_path / "dst", dtype=None).dtype == jax.numpy.bfloat16
+    assert vl2_jax.load_pretrained(tmp_path / "dst", dtype=None).dtype == jax.numpy.bfloat16

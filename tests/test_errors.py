@@ -462,19 +462,19 @@ def test_explain_out_of_memory():
 
 
 def test_out_of_memory_at_load_and_prefill_is_one_line(capsys, monkeypatch, fixture_model):
-    import vl2_jax.hub
+    import vl2_jax.load
 
     def load_oom(*args, **kwargs):
         raise jax.errors.JaxRuntimeError(OOM)
 
-    monkeypatch.setattr(vl2_jax.hub, "load_model", load_oom)
+    monkeypatch.setattr(vl2_jax.load, "load_model", load_oom)
     assert "ran out of memory" in cli_error(capsys, ["--model", "random:test", "--prompt", "hi"])
 
     def generate_oom(batch, **kwargs):
         raise jax.errors.JaxRuntimeError(OOM)
 
     monkeypatch.setattr(fixture_model, "generate", generate_oom)  # as if prefill ran out of device memory
-    monkeypatch.setattr(vl2_jax.hub, "load_model", lambda *args, **kwargs: fixture_model)
+    monkeypatch.setattr(vl2_jax.load, "load_model", lambda *args, **kwargs: fixture_model)
     line = cli_error(capsys, ["--model", "random:test", "--prompt", "hi", "--image", TINY_IMAGE])
     assert "ran out of memory" in line
 

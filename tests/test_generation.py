@@ -54,7 +54,7 @@ def test_fused_attention_gives_the_reference_answers(variant):
     cuDNN runs on GPUs, at every step: the reference's greedy tokens for a left-padded batch of three,
     prefilled whole and in chunks of 7 (queries meeting earlier chunks' cache entries)."""
     base = model(variant)
-    m = vl2_jax.VL2Model(base.cfg, base.params, base.processor, jnp.float32, attention="xla")
+    m = vl2_jax.VL2Model(base.cfg, base.params, base.processor, jnp.float32, vl2_jax.Runtime(attention="xla"))
     names = ("three_images_no_crop", "text_only", "one_wide")
     outs, greedys = zip(*(one(m, variant, n) for n in names))
     batch = m.processor.batchify(list(outs))
@@ -67,7 +67,7 @@ def test_fused_attention_gives_the_reference_answers(variant):
 def test_unknown_attention_is_a_config_error():
     base = model("mha")
     with pytest.raises(ConfigError, match="unknown attention 'flash'"):
-        vl2_jax.VL2Model(base.cfg, base.params, base.processor, attention="flash")
+        vl2_jax.VL2Model(base.cfg, base.params, base.processor, runtime=vl2_jax.Runtime(attention="flash"))
 
 
 def test_cached_decoding_equals_full_recompute():
@@ -217,10 +217,10 @@ def test_decode_and_prefill_update_the_cache_in_place():
                         jnp.zeros((b,), jnp.int32), jnp.zeros((b, cfg.vocab_size), bool), jnp.int32(1),
                         jax.random.key(0))
     gen = Generator(m)
-    decode = gen._decode.lower(gen.language_params, state, jnp.int32(n), SamplingParams.make(), jnp.int32(1), jnp.int32(2))
+    decode = gen.decode.lower(gen.language_params, state, jnp.int32(n), SamplingParams.make(), jnp.int32(1), jnp.int32(2))
     assert decode.compile().memory_analysis().alias_size_in_bytes >= cache_bytes
     x = jnp.zeros((b, 8, cfg.hidden_size), m.dtype)
     pos, valid = jnp.zeros((b, 8), jnp.int32), jnp.ones((b, 8), bool)
     for fresh in (True, False):  # a prompt's first chunk, a later one
-        prefill = gen._prefill_chunk.lower(gen.language_params, x, pos, valid, cache, fresh)
+        prefill = gen.prefill_chunk.lower(gen.language_params, x, pos, valid, cache, fresh)
         assert prefill.compile().memory_analysis().alias_size_in_bytes >= cache_bytes

@@ -115,7 +115,7 @@ def test_cli_draw_boxes(tmp_path, monkeypatch, capsys):
     from types import SimpleNamespace
 
     import vl2_jax.cli
-    import vl2_jax.hub
+    import vl2_jax.load
     from generate.__main__ import main
 
     first, second, out = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "out.png"
@@ -131,7 +131,7 @@ def test_cli_draw_boxes(tmp_path, monkeypatch, capsys):
             return None
 
     model = FakeModel()
-    monkeypatch.setattr(vl2_jax.hub, "load_model", lambda *a, **k: model)
+    monkeypatch.setattr(vl2_jax.load, "load_model", lambda *a, **k: model)
     answer = "<|ref|>a<|/ref|><|det|>[[0, 0, 499, 999], [500, 0, 999, 999]]<|/det|><|det|>[[1, 2, 3]]<|/det|>"
     monkeypatch.setattr(vl2_jax.cli, "_answer", lambda *a, **k: answer)
     argv = ["--model", "random:test", "--image", str(first), "--image", str(second), "--prompt", "p"]

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from vl2_jax.checkpoint import apply_rule, conversion_plan, set_path
-from vl2_jax.config import PRESETS, VL2Config
+from vl2_jax.config import PRESETS, Runtime, VL2Config
 from vl2_jax.errors import InputError
 from vl2_jax.modules.attention import MHAttention, MLAttention
 from vl2_jax.modules.language import DecoderLayer
@@ -30,7 +30,8 @@ from vl2_jax.modules.layers import RMSNorm, apply_rope, apply_rope_interleaved, 
 from vl2_jax.modules.moe import MLP, MoE, route
 from vl2_jax.modules.projector import Projector
 from vl2_jax.modules.vision import VisionBlock, VisionTransformer
-from vl2_jax.modules.vl2 import VL2, image_token_sources
+from vl2_jax.modules.vl2 import VL2
+from vl2_jax.processor import image_token_sources
 
 TOL = 1e-5  # float32 single ops, relative to the reference's largest magnitude (STYLE.md)
 
@@ -480,7 +481,7 @@ def test_mha_attention_gqa(form):
     cfg = make_cfg(**MHA)
     sd, params = convert(cfg, ("language", "layers_0", "attn"))
     x = randn(np.random.default_rng(8), 2, 7, cfg.language.hidden_size)
-    got = run(MHAttention(cfg.language, impl=impl), params, x, POSITIONS, causal_mask(VALID), method=method)
+    got = run(MHAttention(cfg.language, runtime=Runtime(attention=impl)), params, x, POSITIONS, causal_mask(VALID), method=method)
     want = mha_ref(x.astype(np.float64), sd, "language.model.layers.0.self_attn.", cfg.language, POSITIONS,
                    causal_mask(VALID))
     assert_close(got[VALID], want[VALID])
@@ -496,7 +497,7 @@ def test_mla_attention(q_lora_rank, form):
     cfg = make_cfg(**dict(MLA, q_lora_rank=q_lora_rank))
     sd, params = convert(cfg, ("language", "layers_0", "attn"))
     x = randn(np.random.default_rng(9), 2, 7, cfg.language.hidden_size)
-    got = run(MLAttention(cfg.language, impl=impl), params, x, POSITIONS, causal_mask(VALID), method=method)
+    got = run(MLAttention(cfg.language, runtime=Runtime(attention=impl)), params, x, POSITIONS, causal_mask(VALID), method=method)
     want = mla_ref(x.astype(np.float64), sd, "language.model.layers.0.self_attn.", cfg.language, POSITIONS,
                    causal_mask(VALID))
     assert_close(got[VALID], want[VALID])
@@ -541,7 +542,7 @@ def test_cudnn_prompt_attention_agrees_with_plain(use_mla):
     outs = {}
     for form, impl, method in (("mask", "auto", _self_attend), ("causal", "auto", _self_attend_causal_on(valid)),
                                ("plain", "plain", _self_attend)):
-        fn = jax.jit(functools.partial(cls(lc, jnp.bfloat16, impl).apply, method=method))
+        fn = jax.jit(functools.partial(cls(lc, jnp.bfloat16, Runtime(attention=impl)).apply, method=method))
         outs[form] = np.asarray(fn({"params": params}, x, positions, mask), np.float32)[valid].ravel()
         hlo = fn.lower({"params": params}, x, positions, mask).as_text()
         assert ("cudnn" in hlo) == (impl == "auto"), form
@@ -734,9 +735,9 @@ ONE_ROW_PRODUCTS = [  # (spec, activation shape, weight shape): the decode step'
 
 @pytest.mark.parametrize("spec,x_shape,w_shape", ONE_ROW_PRODUCTS)
 def testone_row_products_through_the_matvec_kernel(monkeypatch, spec, x_shape, w_shape):
-    """`layers.einsum` hands one row of bf16 activations times a weight to `kernels.dense_matvec` (here
+    """`layers.project` hands one row of bf16 activations times a weight to `kernels.dense_matvec` (here
     interpreted, switched in as on a GPU) with the right shapes; the result equals the float32 einsum.
-    Two rows, a float32 activation or a batched weight keep the plain einsum."""
+    Two rows, a float32 activation, a batched weight or `use_kernel=False` keep the plain einsum."""
     from vl2_jax import kernels
     from vl2_jax.modules import layers
 
@@ -751,13 +752,15 @@ def testone_row_products_through_the_matvec_kernel(monkeypatch, spec, x_shape, w
     k = jax.random.split(jax.random.key(7), 2)
     x = jax.random.normal(k[0], x_shape).astype(jnp.bfloat16)
     w = (jax.random.normal(k[1], w_shape) / 16).astype(jnp.bfloat16)
-    got = layers.einsum(spec, x, w)
+    got = layers.project(spec, x, w, use_kernel=True)
     want = jnp.einsum(spec, x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
     assert len(calls) == 1 and got.dtype == jnp.bfloat16 and got.shape == want.shape
     assert float(jnp.abs(got.astype(jnp.float32) - want).max() / jnp.abs(want).max()) < 1e-2
     two_rows = jnp.concatenate([x, x], axis=0)
-    layers.einsum(spec, two_rows, w)
-    layers.einsum(spec, x.astype(jnp.float32), w.astype(jnp.float32))
+    layers.project(spec, two_rows, w, use_kernel=True)
+    layers.project(spec, x.astype(jnp.float32), w.astype(jnp.float32), use_kernel=True)
+    layers.project(spec, x, w, use_kernel=False)
+    layers.einsum(spec, x, w)
     assert len(calls) == 1
 
 
@@ -780,7 +783,7 @@ def test_other_products_keep_the_plain_einsum(spec, x_shape, w_shape):
 
 
 def test_no_matvec_kernel_under_automatic_partitioning(monkeypatch):
-    """Under a mesh XLA partitions, the kernel would see global arrays: `layers.einsum` keeps XLA's dot."""
+    """Under a mesh XLA partitions, the kernel would see global arrays: `layers.project` keeps XLA's dot."""
     from vl2_jax.modules import layers
 
     calls = []
@@ -789,7 +792,7 @@ def test_no_matvec_kernel_under_automatic_partitioning(monkeypatch):
     mesh = jax.make_mesh((len(jax.devices()),), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
     x, w = jnp.ones((1, 1, 128), jnp.bfloat16), jnp.ones((128, 64), jnp.bfloat16)
     with jax.set_mesh(mesh):
-        layers.einsum("BTD,DK->BTK", x, w)
+        layers.project("BTD,DK->BTK", x, w, use_kernel=True)
     assert not calls
 
 
@@ -813,7 +816,7 @@ def test_one_row_projections_run_the_kernel_on_the_gpu(monkeypatch):
         x = jax.random.normal(k[0], x_shape).astype(jnp.bfloat16)
         w = (jax.random.normal(k[1], w_shape) / 32).astype(jnp.bfloat16)
         assert layers.dense_matvec_usable(jnp.bfloat16, *layers.one_row_product(spec, x, w)[:2])
-        got = jax.jit(functools.partial(layers.einsum, spec))(x, w)
+        got = jax.jit(functools.partial(layers.project, spec, use_kernel=True))(x, w)
         want = jnp.einsum(spec, x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
         assert float(jnp.abs(got.astype(jnp.float32) - want).max() / jnp.abs(want).max()) < 1e-2
     assert calls == [(2048, 576), (2048, 2048), (2816, 2048)]

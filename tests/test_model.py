@@ -9,6 +9,7 @@ import pytest
 
 import vl2_jax
 from tests.conftest import VARIANTS, all_cases, ckpt_dir, load_case, open_images
+from vl2_jax import Runtime
 
 TOL = 1e-4  # relative to the reference's largest magnitude (fixtures/README.md)
 
@@ -85,19 +86,19 @@ def test_moe_fast_paths_equal_dense_path(variant):
     m = model(variant)
     params = {"params": m.params["params"]["language"]["layers_1"]["mlp"]}
     x = jax.random.normal(jax.random.key(0), (2, 1, m.cfg.language.hidden_size))  # 2 tokens * top-3 < 8
-    dense = MoE(m.cfg.language, jnp.float32, "dense").apply(params, x)
-    gather = MoE(m.cfg.language, jnp.float32, "gather").apply(params, x)
+    dense = MoE(m.cfg.language, jnp.float32, Runtime(moe="dense")).apply(params, x)
+    gather = MoE(m.cfg.language, jnp.float32, Runtime(moe="gather")).apply(params, x)
     assert rel_err(gather, np.asarray(dense)) < 1e-5
     x = jax.random.normal(jax.random.key(1), (2, 37, m.cfg.language.hidden_size))  # prefill-sized
-    dense = MoE(m.cfg.language, jnp.float32, "dense").apply(params, x)
+    dense = MoE(m.cfg.language, jnp.float32, Runtime(moe="dense")).apply(params, x)
     for impl in ("grouped", "ragged"):
-        got = MoE(m.cfg.language, jnp.float32, impl).apply(params, x)
+        got = MoE(m.cfg.language, jnp.float32, Runtime(moe=impl)).apply(params, x)
         assert rel_err(got, np.asarray(dense)) < 1e-5, impl
 
 
 @pytest.mark.parametrize("impl", ["dense", "grouped", "ragged"])
 def test_forced_moe_dispatch_matches_reference_greedy(impl):
-    m = vl2_jax.load_pretrained(ckpt_dir("mla_noaux"), dtype="float32", moe_impl=impl)
+    m = vl2_jax.load_pretrained(ckpt_dir("mla_noaux"), dtype="float32", runtime=Runtime(moe=impl))
     case = load_case("mla_noaux", "one_photo")
     greedy = case["arrays"]["greedy"].tolist()
     batch = m.processor.batchify([m.processor(case["conversation"], open_images(case))])

@@ -3,11 +3,14 @@ capacity overflow and the out-of-range expert ids that expert parallelism passes
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import vl2_jax
 from vl2_jax.kernels import mosaic_ragged_usable
 from vl2_jax.modules.moe import choose_dispatch, combine, grouped_capacity, outputs_grouped, run_experts
 
@@ -109,7 +112,7 @@ def test_ragged_never_reads_rows_outside_the_groups(arrays, monkeypatch):
     N*X = 111 rows, so one padding row too."""
     from vl2_jax.modules import moe
 
-    def nan_outside(lhs, rhs, sizes):
+    def nan_outside(lhs, rhs, sizes, use_kernel=True):
         out = jax.lax.ragged_dot(lhs, rhs, sizes, precision=jax.lax.Precision.HIGHEST)
         return jnp.where((jnp.arange(lhs.shape[0]) < sizes.sum())[:, None], out, jnp.nan)
 
@@ -440,19 +443,31 @@ def test_expert_kernel_only_where_experts_go_unchosen(expert_kernel_calls):
     assert rel_err(f32(got), f32(want)) < 1e-2
 
 
-def test_kernels_switch(monkeypatch):
-    from vl2_jax import kernels
+def test_runtime_kernels_switch(monkeypatch):
+    """`Runtime(kernels=False)` runs no kernel even where one is usable (here the gathered matvec faked
+    usable and interpreted), with the same answer; `Runtime` refuses values it does not know."""
+    from vl2_jax.config import Runtime
     from vl2_jax.errors import ConfigError
+    from vl2_jax.kernels import MATVEC_BLOCK_K, gathered_matvec
+    from vl2_jax.modules import moe
 
-    for setting, enabled in (("1", True), ("0", False)):
-        monkeypatch.setenv("VL2_JAX_KERNELS", setting)
-        assert kernels.kernels_enabled() == enabled
-    monkeypatch.delenv("VL2_JAX_KERNELS")
-    assert kernels.kernels_enabled()
-    for typo in ("off", "experimental"):  # a typo, or last version's value, must not silently mean "on"
-        monkeypatch.setenv("VL2_JAX_KERNELS", typo)
-        with pytest.raises(ConfigError, match=f"VL2_JAX_KERNELS='{typo}' is not one of"):
-            kernels.kernels_enabled()
+    calls = []
+    monkeypatch.setattr(moe, "gathered_matvec_usable", lambda *a: True)
+    monkeypatch.setattr(moe, "gathered_matvec", lambda *a, **k: calls.append(1) or gathered_matvec(*a, **k, interpret=True))
+    e, d, f = 12, 2 * MATVEC_BLOCK_K, MATVEC_BLOCK_K
+    cfg = dataclasses.replace(vl2_jax.PRESETS["test"].language, hidden_size=d, moe_intermediate_size=f,
+                              n_routed_experts=e, n_group=4, topk_group=2, num_experts_per_tok=3)
+    x = jax.random.normal(jax.random.key(0), (1, 1, d)).astype(jnp.bfloat16)
+    params = moe.MoE(cfg, jnp.bfloat16).init(jax.random.key(1), x)
+    outs = {}
+    for kernels in (True, False):
+        calls.clear()
+        outs[kernels] = f32(moe.MoE(cfg, jnp.bfloat16, Runtime(moe="gather", kernels=kernels)).apply(params, x))
+        assert bool(calls) == kernels
+    assert rel_err(outs[True], outs[False]) < 1e-2
+    for bad in (dict(kernels="off"), dict(moe="fast"), dict(attention="flash")):
+        with pytest.raises(ConfigError):
+            Runtime(**bad)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the expert matmul kernel runs on NVIDIA GPUs")

@@ -17,6 +17,7 @@ import pytest
 
 import vl2_jax
 from tests.conftest import FIXTURES, VARIANTS, ckpt_dir, load_case, open_images
+from vl2_jax import Runtime
 from vl2_jax.cache import KVCache
 from vl2_jax.checkpoint import param_shapes
 from vl2_jax.errors import ConfigError
@@ -175,7 +176,7 @@ def test_moe_runs_expert_parallel_under_a_mesh():
     x = jax.random.normal(jax.random.key(0), (2, 40, m.cfg.language.hidden_size))  # grouped: capacity < tokens
     mesh = make_mesh("expert=2,tensor=4", m.cfg)
     for impl in ("dense", "gather", "grouped", "ragged"):
-        module = MoE(m.cfg.language, jnp.float32, impl)
+        module = MoE(m.cfg.language, jnp.float32, Runtime(moe=impl))
         want = np.asarray(module.apply(params, x))
         with jax.set_mesh(mesh):
             assert "shard_map" in str(jax.make_jaxpr(module.apply)(params, x))
@@ -196,7 +197,7 @@ def test_expert_parallel_moe_is_bitwise_equal_in_bfloat16():
     for tokens in (1, 40):  # decode (no capacity check) and prefill-sized (grouped with its overflow check)
         x = jax.random.normal(jax.random.key(tokens), (2, tokens, m.cfg.language.hidden_size)).astype(jnp.bfloat16)
         for impl in ("dense", "gather", "grouped", "ragged"):
-            module = MoE(m.cfg.language, jnp.bfloat16, impl)
+            module = MoE(m.cfg.language, jnp.bfloat16, Runtime(moe=impl))
             want = np.asarray(jax.jit(module.apply)(params, x).astype(jnp.float32))
             for layout in ("data=4,expert=2", "expert=8"):
                 with jax.set_mesh(make_mesh(layout, m.cfg)):

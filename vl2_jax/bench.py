@@ -25,13 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from vl2_jax import kernels
-from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS
+from vl2_jax import kernels, load
+from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, Runtime
 from vl2_jax.generation import Generator, bucket
-from vl2_jax.model import left_pad_positions
 from vl2_jax.modules.moe import choose_dispatch, grouped_capacity, mlp_kernel_fits
+from vl2_jax.modules.vision import normalize_pixels
 from vl2_jax.modules.vl2 import VL2
-from vl2_jax.processor import normalize_pixels
+from vl2_jax.processor import left_pad_positions
 
 SENTENCE = "Describe this image in detail."
 
@@ -52,9 +52,11 @@ def activated_bytes(model, context: int) -> int:
     return total + per_token * lc.num_hidden_layers * context * itemsize
 
 
-def active_kernels(lc, dtype) -> list[str]:
+def active_kernels(lc, dtype, runtime: Runtime) -> list[str]:
     """The accelerator kernels (`vl2_jax.kernels`) this run's model uses here, by where they run; every
     JSON line carries them, so a number says which code produced it."""
+    if not runtime.kernels:
+        return []
     d, f = lc.hidden_size, lc.moe_intermediate_size
     on = {
         "prefill: grouped matmul (Mosaic)": mlp_kernel_fits(kernels.mosaic_ragged_usable, dtype, d, f),
@@ -64,21 +66,11 @@ def active_kernels(lc, dtype) -> list[str]:
     return [name for name, used in on.items() if used]
 
 
-def busiest_expert_tokens(gen: Generator, x, positions, valid) -> list[int]:
-    """Per MoE layer, how many of the prompt's tokens its busiest expert receives (uncached forward)."""
-    _, state = jax.jit(lambda p, *a: gen._language.apply(p, *a, mutable=["intermediates"]))(
-        gen.language_params, x, positions, valid)
-    leaves = jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
-    by_layer = {int(jax.tree_util.keystr(path, simple=True, separator="/").split("/")[0].split("_")[1]): int(v)
-                for path, v in leaves}
-    return [by_layer[i] for i in sorted(by_layer)]
-
-
 def prefill_dispatch(model, impl: str, tokens: int) -> str:
     """The routed-expert dispatch that `impl` resolves to for a prefill of `tokens` tokens."""
     c = model.cfg.language
     experts = jax.ShapeDtypeStruct((c.n_routed_experts, c.hidden_size, 2, c.moe_intermediate_size), model.dtype)
-    return choose_dispatch(impl, tokens, c.num_experts_per_tok, experts)
+    return choose_dispatch(impl, tokens, c.num_experts_per_tok, experts, model.runtime.kernels)
 
 
 def median_time(fn, repeats: int) -> float:
@@ -106,10 +98,9 @@ def pipelined_time(fn, calls: int = 20, repeats: int = 5) -> float:
 
 
 def run(args) -> list[dict]:
-    from vl2_jax.hub import load_model
-
-    model = load_model(args.model, args.dtype, lambda s: print(s, file=sys.stderr, flush=True), moe_impl=args.moe,
-                       attention=args.attention)
+    runtime = Runtime(moe=args.moe, attention=args.attention, kernels=args.kernels == "on")
+    model = load.load_model(args.model, args.dtype, runtime=runtime,
+                            progress=lambda s: print(s, file=sys.stderr, flush=True))
     proc, gen = model.processor, Generator(model)
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (args.image_size, args.image_size, 3), dtype=np.uint8))
@@ -119,7 +110,7 @@ def run(args) -> list[dict]:
     }
     common = {"model": args.model, "dtype": str(model.dtype), "moe": args.moe, "attention": args.attention,
               "device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": datetime.date.today().isoformat(),
-              "kernels": active_kernels(model.cfg.language, model.dtype)}
+              "kernels": active_kernels(model.cfg.language, model.dtype, runtime)}
     rows = []
 
     def emit(**row):
@@ -129,8 +120,8 @@ def run(args) -> list[dict]:
 
     # Vision tower + projector on the image prompt's tiles.
     batch = proc.batchify([prompts["image"]])
-    tiles, norm = model.put(model._image_inputs(batch)[0], (None, None, None, None)), batch.pixel_norm
-    features = jax.jit(lambda p, t: model.module.apply(p, normalize_pixels(t, norm, jnp), method=VL2.image_features))
+    tiles, norm = model.put(batch.used_tiles(), (None, None, None, None)), batch.pixel_norm
+    features = jax.jit(lambda p, t: model.module.apply(p, normalize_pixels(t, norm), method=VL2.image_features))
     emit(metric="vision_ms", prompt="image", tiles=int(tiles.shape[0]),  # (the normalisation included)
          value=1e3 * median_time(lambda: features(model.params, tiles), args.repeats))
 
@@ -147,12 +138,12 @@ def run(args) -> list[dict]:
         slots = bucket(length + args.new_tokens)
 
         def prefill(x=x, pos=pos, valid=valid, slots=slots):
-            return gen._prefill_chunk(gen.language_params, x, pos, valid, gen._cache(1, slots), True)[0]
+            return gen.prefill_chunk(gen.language_params, x, pos, valid, gen.empty_cache(1, slots), True)[0]
 
         dispatch = prefill_dispatch(model, args.moe, length)
         emit(metric="prefill_ms", prompt=name, prompt_tokens=t, dispatch=dispatch,
              value=1e3 * median_time(prefill, args.repeats))
-        busiest = busiest_expert_tokens(gen, x, pos, valid)
+        busiest = [int(n) for n in model.expert_load(batch, length).max(axis=-1)]
         if busiest:  # the routing balance: each MoE layer's busiest expert, of `bucket_tokens` tokens
             emit(metric="moe_busiest_expert_tokens", prompt=name, prompt_tokens=t, bucket_tokens=length,
                  per_layer=busiest, value=max(busiest))
@@ -199,6 +190,7 @@ def main(argv=None) -> int:
     p.add_argument("--moe", default="auto", choices=list(MOE_IMPLS), help="expert dispatch")
     p.add_argument("--attention", default="auto", choices=list(ATTENTION_IMPLS),
                    help="attention (plain: the reference's arithmetic; auto: cuDNN flash attention where it applies)")
+    p.add_argument("--kernels", default="on", choices=["on", "off"], help="accelerator kernels where they apply")
     p.add_argument("--image-size", type=int, default=768)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batches", default="1,8,32", help="decode batch sizes, comma separated ('' for none)")
@@ -206,8 +198,7 @@ def main(argv=None) -> int:
     p.add_argument("--hbm-gbps", type=float, default=4300.0, help="HBM bandwidth for the floor (H200 copy: ~4300)")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",") if b]
-    if args.dtype is None:
-        args.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    args.dtype = args.dtype or load.default_dtype()
     rows = run(args)
     print(table(rows))
     return 0

@@ -5,8 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from vl2_jax.errors import InputError
-
-IMAGE = "<image>"
+from vl2_jax.processor import IMAGE_TOKEN
 
 
 def user_turn(prompt: str, num_images: int) -> dict:
@@ -17,12 +16,12 @@ def user_turn(prompt: str, num_images: int) -> dict:
     """
     if not prompt.strip() and not num_images:
         raise InputError("the prompt is empty; say something or give an image.")
-    placeholders = prompt.count(IMAGE)
+    placeholders = prompt.count(IMAGE_TOKEN)
     if placeholders == 0:
-        prompt = f"{IMAGE}\n" * num_images + prompt
+        prompt = f"{IMAGE_TOKEN}\n" * num_images + prompt
     elif placeholders != num_images:
         raise InputError(
-            f"the prompt has {placeholders} {IMAGE} placeholder(s) but {num_images} image(s) were given; "
+            f"the prompt has {placeholders} {IMAGE_TOKEN} placeholder(s) but {num_images} image(s) were given; "
             f"use one placeholder per image, or none to put the images first."
         )
     return {"role": "user", "content": prompt}

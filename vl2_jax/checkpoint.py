@@ -18,11 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vl2_jax.config import VL2Config
+from vl2_jax.config import VL2Config, dtype_of
 from vl2_jax.errors import CheckpointError
 
 UNUSED_PREFIXES = ("vision.attn_pool.",)
 _FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")  # safetensors' names of the dtypes a weight may have
+SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}  # safetensors' name -> ours
 
 Path_ = tuple[str, ...]
 
@@ -311,7 +312,7 @@ def source_dtype(folder: SafetensorsFolder) -> jnp.dtype:
     for n in names:
         counts[folder.dtype(n)] = counts.get(folder.dtype(n), 0) + 1
     name = max(counts, key=counts.get)
-    return {"BF16": jnp.bfloat16, "F32": jnp.float32, "F16": jnp.float16}.get(name, jnp.float32)
+    return dtype_of(SAFETENSORS_DTYPES.get(name, "float32"))
 
 
 def iter_converted(cfg: VL2Config, folder: SafetensorsFolder, dtype) -> Iterator[tuple[Path_, np.ndarray]]:

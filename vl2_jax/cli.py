@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from collections.abc import Callable
 
 from vl2_jax.chat import ChatSession, user_turn
-from vl2_jax.errors import InputError, VL2Error
+from vl2_jax.config import Runtime
+from vl2_jax.errors import InputError, VL2Error, is_out_of_memory
 from vl2_jax.processor import open_image
+from vl2_jax.sampling import check_sampling
 
 TEMPLATE_STOP = ("User:",)
 
@@ -20,7 +21,7 @@ def explain(error: BaseException) -> str:
     text = " ".join(str(error).split())
     if isinstance(error, VL2Error):
         return text
-    if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
+    if is_out_of_memory(error):
         return ("the accelerator ran out of memory; try a smaller batch or --max-new-tokens, --prefill-chunk 512, "
                 "--dtype bfloat16, or more devices.")
     if isinstance(error, MemoryError):
@@ -28,12 +29,6 @@ def explain(error: BaseException) -> str:
     if isinstance(error, OSError):
         return text
     return f"{type(error).__name__}: {text}"
-
-
-def _default_dtype() -> str:
-    import jax
-
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 def _start_distributed(args) -> bool:
@@ -79,7 +74,7 @@ def _use_compile_cache(path: str, log: Callable[[str], None]) -> None:
 
 
 def run(args, log: Callable[[str], None]) -> int:
-    from vl2_jax.hub import load_model
+    from vl2_jax import load
 
     if not _start_distributed(args):
         # Only process 0 speaks; the others run exactly the same steps (streaming included, so every
@@ -87,14 +82,7 @@ def run(args, log: Callable[[str], None]) -> int:
         log = lambda line: None
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
 
-    if not 0 <= args.temperature < math.inf:  # also refuses nan and inf
-        raise InputError(f"--temperature must be >= 0 (got {args.temperature}).")
-    if not 0 < args.repetition_penalty < math.inf:
-        raise InputError(f"--repetition-penalty must be > 0 (got {args.repetition_penalty}; 1 turns it off).")
-    if not 0 < args.top_p <= 1:
-        raise InputError(f"--top-p must be in (0, 1] (got {args.top_p}).")
-    if args.top_k < 0:
-        raise InputError(f"--top-k must be >= 0 (got {args.top_k}).")
+    check_sampling(args.temperature, args.top_p, args.top_k, args.repetition_penalty, flags=True)
     if not args.chat and args.prompt is None:
         raise InputError("give --prompt TEXT (or --chat for an interactive session).")
     if getattr(args, "draw_boxes", None) and not args.image:
@@ -104,8 +92,8 @@ def run(args, log: Callable[[str], None]) -> int:
     if not args.chat:
         user_turn(args.prompt, len(images))
     _use_compile_cache(compile_cache_dir(getattr(args, "compile_cache", None)), log)
-    model = load_model(args.model, args.dtype or _default_dtype(), log, moe_impl=args.moe,
-                       mesh=args.mesh, attention=getattr(args, "attention", "auto"))
+    runtime = Runtime(moe=args.moe, attention=args.attention, kernels=args.kernels == "on")
+    model = load.load_model(args.model, args.dtype, runtime=runtime, mesh=args.mesh, progress=log)
     if model.layout is not None:
         log(f"mesh {dict(model.mesh.shape)}" + "".join(f"; {n}" for n in sorted(model.layout.notes)[:8]))
     options = dict(

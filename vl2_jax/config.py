@@ -17,13 +17,64 @@ from typing import Any
 
 from vl2_jax.errors import ConfigError
 
-# The routed experts' dispatches (`vl2_jax.modules.moe.MoE.impl`); here so that the command line can
-# check --moe without importing jax.
+# The routed experts' dispatches (`vl2_jax.modules.moe.MoE`); here so that the command line can check
+# --moe without importing jax.
 MOE_IMPLS = ("auto", "dense", "gather", "grouped", "ragged")
 # How attention runs, in the vision tower and the language model: "plain" is the reference's einsums and
 # float32 softmax, "cudnn" and "xla" are `jax.nn.dot_product_attention`'s implementations, "auto" picks
 # cuDNN where it applies (`modules/attention.py`, `modules/vision.py`).
 ATTENTION_IMPLS = ("auto", "plain", "cudnn", "xla")
+# The compute dtypes a model runs in, by name (values: numpy-compatible scalar types; jnp.bfloat16 is
+# ml_dtypes' bfloat16, which numpy understands too).
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def dtype_of(name_or_dtype):
+    """A dtype name ("float32", "bfloat16", "float16") or a dtype -> its numpy-compatible scalar type;
+    None stays None. An unknown name is a `ConfigError`."""
+    import ml_dtypes
+    import numpy as np
+
+    if name_or_dtype is None:
+        return None
+    if isinstance(name_or_dtype, str):
+        if name_or_dtype not in DTYPE_NAMES:
+            raise ConfigError(f"unknown dtype {name_or_dtype!r}; use one of {', '.join(DTYPE_NAMES)}.")
+        return ml_dtypes.bfloat16 if name_or_dtype == "bfloat16" else np.dtype(name_or_dtype).type
+    return np.dtype(name_or_dtype).type
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """How the model runs, never what it computes: every runtime choice in one explicit value.
+
+    moe: the routed experts' dispatch (`MOE_IMPLS`): "auto" picks per token count (`modules/moe.py`),
+      "dense" is the plain reference path (every expert on every token).
+    attention: `ATTENTION_IMPLS`: "auto" runs cuDNN flash attention for prompts and the vision tower on
+      NVIDIA GPUs in bf16/f16, "plain" the reference's arithmetic everywhere.
+    kernels: whether accelerator kernels (`vl2_jax.kernels`: Pallas grouped matmul and matrix-vector
+      kernels, cuDNN attention under "auto") may run where they apply; False runs the portable paths.
+
+    `Runtime.plain()` is the reference path the fast paths are tested against.
+    """
+
+    moe: str = "auto"
+    attention: str = "auto"
+    kernels: bool = True
+
+    def __post_init__(self):
+        if self.moe not in MOE_IMPLS:
+            raise ConfigError(f"unknown MoE dispatch {self.moe!r}; use one of {', '.join(MOE_IMPLS)}.")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ConfigError(f"unknown attention {self.attention!r}; use one of {', '.join(ATTENTION_IMPLS)}.")
+        if not isinstance(self.kernels, bool):
+            raise ConfigError(f"Runtime.kernels must be True or False (got {self.kernels!r}).")
+
+    @classmethod
+    def plain(cls) -> Runtime:
+        """The reference's arithmetic: dense experts, plain attention, no kernels."""
+        return cls(moe="dense", attention="plain", kernels=False)
+
 
 # Keys that Hugging Face's `PretrainedConfig` (4.x and 5.x) writes into any config.json. They carry no
 # model structure (generation defaults, bookkeeping), so they are accepted and ignored.

@@ -1,5 +1,9 @@
 """Exceptions that users see: each carries one sentence saying what is wrong, where, and what to do."""
 
+from __future__ import annotations
+
+import contextlib
+
 
 class VL2Error(Exception):
     """Base class of every error this package raises on purpose."""
@@ -22,3 +26,29 @@ class InputError(VL2Error):
 
 class DeviceMemoryError(VL2Error, MemoryError):
     """The accelerator ran out of memory; the message says during what and what to try."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an accelerator's out-of-memory failure (XLA's RESOURCE_EXHAUSTED) rather than
+    one of ours or another failure."""
+    if isinstance(error, VL2Error):
+        return isinstance(error, DeviceMemoryError)
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+OUT_OF_MEMORY_ADVICE = "try a smaller batch or max_new_tokens, prefill_chunk=512, dtype='bfloat16', or more devices (mesh='auto')"
+
+
+@contextlib.contextmanager
+def out_of_memory_as(what: str):
+    """Turns an accelerator's out-of-memory failure into a `DeviceMemoryError` that says during what and
+    what to try; every other exception passes through unchanged."""
+    try:
+        yield
+    except VL2Error:
+        raise
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        raise DeviceMemoryError(f"the accelerator ran out of memory {what}; {OUT_OF_MEMORY_ADVICE}.") from e

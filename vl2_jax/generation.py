@@ -25,9 +25,9 @@ from flax import struct
 from jax.sharding import NamedSharding
 
 from vl2_jax.cache import KVCache
-from vl2_jax.errors import InputError
-from vl2_jax.model import VL2Model, left_pad, left_pad_positions, out_of_memory_as
+from vl2_jax.errors import InputError, out_of_memory_as
 from vl2_jax.modules.language import LanguageModel
+from vl2_jax.processor import left_pad, left_pad_positions
 from vl2_jax.sampling import SamplingParams, sample
 
 MIN_BUCKET = 64
@@ -85,7 +85,8 @@ class GenerationResult:
 class Generator:
     """Jitted prefill and decode of one model. Compiled functions are cached per shape bucket."""
 
-    def __init__(self, model: VL2Model):
+    def __init__(self, model):
+        """`model`: a `vl2_jax.VL2Model` (its parameters, placement and embedding)."""
         self.model = model
         self.traces = 0  # incremented each time prefill or decode is traced (tests count recompiles; the
         # embedding is `VL2Model._embed`, whose jit cache they read)
@@ -93,7 +94,7 @@ class Generator:
         # Prefill and decode run the language model alone, on its parameters alone: every leaf passed to
         # a jitted call costs host time (~3 us on a GPU host), and the vision tower has 300+ of them.
         module = model.module
-        self._language = LanguageModel(model.cfg.language, module.dtype, module.moe_impl, module.attention)
+        self._language = LanguageModel(model.cfg.language, module.dtype, module.runtime)
 
     @property
     def language_params(self) -> dict:
@@ -102,7 +103,10 @@ class Generator:
 
     # -- jitted functions -----------------------------------------------------------------------------
     @functools.cached_property
-    def _prefill_chunk(self):
+    def prefill_chunk(self):
+        """Jitted (language params, x [B, T, D], positions [B, T], valid [B, T], cache (donated), fresh
+        (static)) -> (float32 logits [B, V] of the last token, cache): T tokens written into the cache."""
+
         def run(params, x, positions, valid, cache, fresh):
             self.traces += 1
             return self._language.apply(params, x, positions, valid, cache, fresh,
@@ -127,7 +131,9 @@ class Generator:
         return jax.jit(run, donate_argnums=(1,), static_argnums=(8,))
 
     @functools.cached_property
-    def _decode(self):
+    def decode(self):
+        """Jitted (language params, DecodeState (donated), step limit [], sampling, eos [], pad []) ->
+        DecodeState: the on-device loop until every row is done or `limit` tokens are generated."""
         language = self._language
 
         def run(params, state: DecodeState, limit, sampling, eos, pad):
@@ -163,7 +169,7 @@ class Generator:
 
         Returns (embeddings [B, length, D] on the devices, ids [B, length], attention [B, length] bool).
         """
-        x, ids = self.model._embed_batch(batch, length)
+        x, ids = self.model.embed(batch, length)
         return x, ids, left_pad(batch.attention_mask, length, False).astype(bool)
 
     def run(
@@ -201,8 +207,8 @@ class Generator:
             return self._generate(batch, max_new, sampling, seed, stop, prefill_chunk, on_text, stream_every,
                                   ignore_eos, prompt_tokens)
 
-    def _cache(self, batch: int, slots: int) -> KVCache:
-        """An empty cache from one jitted call (created eagerly, its ~25-55 zero arrays took 9-13 ms on an
+    def empty_cache(self, batch: int, slots: int) -> KVCache:
+        """An empty cache [batch, slots] from one jitted call (created eagerly, its ~25-55 zero arrays took 9-13 ms on an
         H200), directly in its shards under a mesh."""
         if (batch, slots) not in self._empty_caches:
             m = self.model
@@ -225,13 +231,13 @@ class Generator:
         x, ids, attention = self.embed_prompt(batch, length)
         positions = left_pad_positions(attention)
         b = ids.shape[0]
-        cache = self._cache(b, bucket(length + max_new))
+        cache = self.empty_cache(b, bucket(length + max_new))
         chunk = prefill_chunk or length
         for start in range(0, length, chunk):
             sl = slice(start, start + chunk)
             pos, valid = m.put_many((positions[:, sl], bt), (attention[:, sl], bt))
             x_chunk = x if chunk == length else x[:, sl]  # (slicing is one more dispatch)
-            logits, cache = self._prefill_chunk(self.language_params, x_chunk, pos, valid, cache, start == 0)
+            logits, cache = self.prefill_chunk(self.language_params, x_chunk, pos, valid, cache, start == 0)
         seen = np.zeros((b, cfg.vocab_size), bool)
         rows = np.repeat(np.arange(b), length)
         seen[rows[attention.ravel()], ids.ravel()[attention.ravel()]] = True
@@ -256,7 +262,7 @@ class Generator:
             if step >= max_new or done.all():
                 break
             step = min(max_new, step + stream_every) if streamer else max_new
-            state = self._decode(self.language_params, state, np.int32(step), sampling, eos, pad)
+            state = self.decode(self.language_params, state, np.int32(step), sampling, eos, pad)
             step, done = int(m.fetch(state.step)), m.fetch(state.done)
         tokens, count = m.fetch(state.tokens), m.fetch(state.count)
         decode_s = time.perf_counter() - t1
@@ -315,7 +321,7 @@ class _Streamer:
         return hit
 
 
-def stream_text(model: VL2Model, batch, **kwargs) -> Iterator[str]:
+def stream_text(model, batch, **kwargs) -> Iterator[str]:
     """Yields the text of a single-conversation batch as it is produced (runs generation in a thread)."""
     import queue
     import threading

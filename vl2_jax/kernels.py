@@ -24,22 +24,20 @@ decode on an H200: 866 -> 2133 tok/s).
 `cudnn_attention_usable`: whether `jax.nn.dot_product_attention` may run cuDNN flash attention (the
 vision tower and the language model's prefill use it; their plain softmax paths run elsewhere).
 
-`VL2_JAX_KERNELS` in the environment: `0` turns every kernel off, cuDNN attention included (the
-portable paths run), to compare or to rule a kernel out; `1` (the default) lets each run where it applies.
+Which kernels may run is the caller's explicit choice (`vl2_jax.config.Runtime.kernels`): the `*_usable`
+checks say only whether a kernel can run here, and the functions that pick a kernel take a `use_kernel`
+argument. Nothing here reads the environment.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
-
-from vl2_jax.errors import ConfigError
 
 try:  # an example kernel module of JAX, not a stable API: any import failure means "not available"
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu as _mgpu
@@ -63,16 +61,6 @@ ROW_MULTIPLE = 8  # the Mosaic kernel's row count must be a multiple of its 8-ro
 MIN_ROWS = 128  # the fewest rows the kernel takes: fewer are decode sizes, where it is no faster
 
 
-def kernels_enabled() -> bool:
-    """Whether kernels may run: not with `VL2_JAX_KERNELS=0` (read when a model is traced; a value
-    other than 0 or 1 is an error)."""
-    setting = os.environ.get("VL2_JAX_KERNELS", "1")
-    if setting not in ("0", "1"):
-        raise ConfigError(f"VL2_JAX_KERNELS={setting!r} is not one of 0 (kernels off) or 1 (the default); "
-                          "unset it for the default.")
-    return setting == "1"
-
-
 def local_arrays() -> bool:
     """Whether the arrays being traced are whole per-device arrays: on one device, or inside
     `shard_map` (every mesh axis manual). Kernels run only there: under automatic partitioning their
@@ -89,17 +77,16 @@ def _hopper_gpu() -> bool:
 
 
 def cudnn_attention_usable(dtype, head_dim: int) -> bool:
-    """cuDNN flash attention's constraints: kernels on, an NVIDIA GPU, 16-bit floats, head dim a
-    multiple of 8 up to 256 (Hopper's limit; JAX raises at trace time where a GPU's is lower)."""
-    return (kernels_enabled() and jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    """cuDNN flash attention's constraints: an NVIDIA GPU, 16-bit floats, head dim a multiple of 8 up to
+    256 (Hopper's limit; JAX raises at trace time where a GPU's is lower)."""
+    return (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
             and head_dim % 8 == 0 and head_dim <= 256)
 
 
 def mosaic_ragged_usable(dtype, k: int, n: int) -> bool:
     """Whether `ragged_dot` of [M, k] x [G, k, n] in `dtype` runs the Mosaic GPU kernel here."""
     return (
-        kernels_enabled()
-        and _mgpu is not None
+        _mgpu is not None
         and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
         and k % BLOCK_K == 0
         and n % NARROW_TILES[1] == 0
@@ -165,18 +152,19 @@ def _mosaic_ragged_dot(lhs_MK, rhs_GKN, group_sizes_G):
     )
 
 
-def ragged_dot(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array) -> jax.Array:
+def ragged_dot(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, use_kernel: bool = True) -> jax.Array:
     """Grouped matmul: rows [M, K] in consecutive groups of `group_sizes` [G] times each group's matrix
     [G, K, N] -> [M, N] in the input dtype, accumulated in float32 (HIGHEST precision for float32).
 
     Rows past `sum(group_sizes)` belong to no group: their output is unspecified (the Mosaic kernel
     leaves them unwritten), so callers mask them. The kernel runs for M a multiple of `ROW_MULTIPLE` and
-    at least `MIN_ROWS` (fewer are decode sizes, where the kernel is no faster than the grouped dispatch).
+    at least `MIN_ROWS` (fewer are decode sizes, where the kernel is no faster than the grouped dispatch),
+    and only with `use_kernel`.
     """
     m, k = lhs_MK.shape
     n = rhs_GKN.shape[-1]
     fits = m % ROW_MULTIPLE == 0 and m >= MIN_ROWS and lhs_MK.dtype == rhs_GKN.dtype
-    if fits and local_arrays() and mosaic_ragged_usable(lhs_MK.dtype, k, n):
+    if use_kernel and fits and local_arrays() and mosaic_ragged_usable(lhs_MK.dtype, k, n):
         with jax.disable_jit(False):  # its pipeline cannot run op by op: under `jax.disable_jit()` it crashed
             return _mosaic_ragged_dot(lhs_MK, rhs_GKN, group_sizes_G)
     precision = jax.lax.Precision.HIGHEST if lhs_MK.dtype == jnp.float32 else None
@@ -195,11 +183,10 @@ def matvec_block_k(k: int) -> int:
 
 
 def _triton_usable(dtype, k: int, n: int, self_check) -> bool:
-    """The conditions the Triton kernels share: enabled (`kernels_enabled`), Pallas's Triton backend
-    present, an NVIDIA GPU, bf16/f16, k and n multiples of the blocks; then `self_check()`, once."""
+    """The conditions the Triton kernels share: Pallas's Triton backend present, an NVIDIA GPU, bf16/f16,
+    k and n multiples of the blocks; then `self_check()`, once."""
     return (
-        kernels_enabled()
-        and pl_triton is not None
+        pl_triton is not None
         and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
         and k % MATVEC_BLOCK_K == 0
         and n % MATVEC_BLOCK_N == 0

@@ -10,78 +10,39 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vl2_jax.checkpoint import SafetensorsFolder, load_hf, param_shapes, source_dtype
-from vl2_jax.config import VL2Config
-from vl2_jax.errors import CheckpointError, ConfigError, DeviceMemoryError, InputError
-from vl2_jax.modules.vl2 import VL2, image_token_sources
-from vl2_jax.processor import canonical_pixel_norm, normalize_pixels
-from vl2_jax.sharding import Layout, make_mesh
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def resolve_dtype(dtype) -> jnp.dtype | None:
-    """None, a name ("bfloat16", "float32", "float16") or a dtype -> a jnp dtype (or None)."""
-    if dtype is None:
-        return None
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
-        return DTYPES[dtype]
-    return jnp.dtype(dtype).type
-
-
-@contextlib.contextmanager
-def out_of_memory_as(what: str):
-    """Turns XLA's RESOURCE_EXHAUSTED into a `DeviceMemoryError` that says during what and what to try."""
-    try:
-        yield
-    except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
-            raise
-        raise DeviceMemoryError(
-            f"the accelerator ran out of memory {what}; try a smaller batch or max_new_tokens, prefill_chunk=512, "
-            "dtype='bfloat16', or more devices (mesh='auto')."
-        ) from e
-
-
-def left_pad(a_BT, length: int, value) -> np.ndarray:
-    """[B, T] host array -> [B, length], `value` in the new columns on the left."""
-    a_BT = np.asarray(a_BT)
-    return np.pad(a_BT, ((0, 0), (length - a_BT.shape[1], 0)), constant_values=value)
-
-
-def left_pad_positions(attention_mask_BT: np.ndarray) -> np.ndarray:
-    """Positions of left-padded rows: `cumsum(mask) - 1`, 0 on padding (as the reference's generate)."""
-    return np.maximum(np.cumsum(attention_mask_BT, axis=-1) - 1, 0).astype(np.int32)
+from vl2_jax.checkpoint import param_shapes
+from vl2_jax.config import Runtime, VL2Config
+from vl2_jax.errors import InputError, out_of_memory_as
+from vl2_jax.generation import Generator, stream_text
+from vl2_jax.modules.language import LanguageModel
+from vl2_jax.modules.vision import normalize_pixels
+from vl2_jax.modules.vl2 import VL2
+from vl2_jax.processor import canonical_pixel_norm, left_pad, left_pad_positions
+from vl2_jax.sampling import SamplingParams, check_sampling
+from vl2_jax.sharding import Layout
 
 
 class VL2Model:
     """DeepSeek-VL2 with its parameters and processor. All arrays in and out are batch-major."""
 
-    def __init__(
-        self, cfg: VL2Config, params: dict, processor=None, dtype=jnp.float32, moe_impl: str = "auto", mesh=None,
-        attention: str = "auto",
-    ):
-        """`params` must already be placed for `mesh` (None: one device); see `load_pretrained`.
-        `attention`: one of `vl2_jax.config.ATTENTION_IMPLS` ("plain": the reference's arithmetic)."""
-        from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS
-
-        if moe_impl not in MOE_IMPLS:
-            raise ConfigError(f"unknown moe_impl {moe_impl!r}; use one of {', '.join(MOE_IMPLS)}.")
-        if attention not in ATTENTION_IMPLS:
-            raise ConfigError(f"unknown attention {attention!r}; use one of {', '.join(ATTENTION_IMPLS)}.")
+    def __init__(self, cfg: VL2Config, params: dict, processor=None, dtype=jnp.float32, runtime: Runtime = Runtime(),
+                 mesh=None):
+        """`params` must already be placed for `mesh` (None: one device); see `vl2_jax.load`. `runtime`:
+        how the model runs (MoE dispatch, attention form, kernels; `Runtime.plain()` is the reference's
+        arithmetic)."""
+        if not isinstance(runtime, Runtime):
+            raise TypeError(f"runtime must be a vl2_jax.Runtime, not {type(runtime).__name__}")
         self.cfg = cfg
         self.params = params
         self.processor = processor
         self.dtype = jnp.dtype(dtype)
-        self.module = VL2(cfg, self.dtype.type, moe_impl, attention)
+        self.runtime = runtime
+        self.module = VL2(cfg, self.dtype.type, runtime)
         self.mesh = mesh
         self.layout = Layout(mesh) if mesh is not None else None
         if self.layout is not None:
@@ -131,7 +92,7 @@ class VL2Model:
         norm (static)) -> embeddings [B, T, D]; the tiles are normalised here (`normalize_pixels`)."""
 
         def embed(params, ids, pixels, src, mask, norm):
-            tiles = None if pixels is None else normalize_pixels(pixels, norm, jnp)
+            tiles = None if pixels is None else normalize_pixels(pixels, norm)
             return self.module.apply(params, ids, tiles, src, mask, method=VL2.embed)
 
         return jax.jit(embed, static_argnums=(5,))
@@ -144,42 +105,33 @@ class VL2Model:
         return jax.jit(forward)
 
     # -- public API ---------------------------------------------------------------------------------
-    def _image_inputs(self, batch) -> tuple[np.ndarray | None, np.ndarray]:
-        """Host-side: the pixels of the tiles actually used [I, S, S, 3] uint8 (or None) and the gather
-        indices [B, T], both numpy. (Sent as uint8, normalised on the device: a quarter of float32's
-        bytes to copy and transfer.)"""
-        crop = np.asarray(batch.images_spatial_crop)
-        seq_mask = np.asarray(batch.images_seq_mask, bool)
-        tiles_idx, src = image_token_sources(crop, seq_mask, self.cfg.tokens_per_tile_side)
-        if len(tiles_idx) == 0:
-            return None, src
-        images = np.asarray(batch.pixels)
-        if images.dtype != np.uint8 or images.ndim != 5 or images.shape[-1] != 3:
+    def check_batch(self, batch) -> None:
+        """Refuses a batch this model cannot read: pixels that are not the processor's uint8 tiles, or
+        tiles normalised otherwise than by this model's processor."""
+        if batch.used_tiles() is None:
+            return
+        pixels = np.asarray(batch.pixels)
+        if pixels.dtype != np.uint8 or pixels.ndim != 5 or pixels.shape[-1] != 3:
             raise InputError(f"batch.pixels must be uint8 [B, tiles, S, S, 3], as the processor makes them "
-                             f"(got {images.dtype} {list(images.shape)}); `images` is derived from them.")
+                             f"(got {pixels.dtype} {list(pixels.shape)}); `images` is derived from them.")
         norm = canonical_pixel_norm(batch.pixel_norm)
         if self.processor is not None and norm != canonical_pixel_norm(self.processor.pixel_norm):
             raise InputError(f"the batch's images are normalised with {batch.pixel_norm}, this model's "
                              f"processor with {self.processor.pixel_norm}; make the batch with model.processor.")
-        b, n = images.shape[:2]
-        every_slot = np.stack(np.divmod(np.arange(b * n), n), axis=1)
-        if np.array_equal(tiles_idx, every_slot):  # every tile slot used, in order: a view, no copy
-            tiles = images.reshape(b * n, *images.shape[2:])
-        else:  # a copy of the used slots
-            tiles = images[tiles_idx[:, 0], tiles_idx[:, 1]]
-        return tiles, src
 
-    def _embed_batch(self, batch, length: int | None = None) -> tuple[jax.Array, np.ndarray]:
+    def embed(self, batch, length: int | None = None) -> tuple[jax.Array, np.ndarray]:
         """A processor batch -> (token embeddings with the image features written in [B, length, D] in
         the model dtype, token ids [B, length] int32 on the host), left padded to `length` (default: the
         batch's) with the pad token. Call under `mesh_context()`. Without a mesh every input goes to the
         device in one transfer call, so that the vision tower starts as early as it can."""
-        tiles, src = self._image_inputs(batch)
+        self.check_batch(batch)
+        tiles = batch.used_tiles()
         length = length or np.shape(batch.input_ids)[1]
         pad_id = self.processor.pad_id if self.processor is not None else 0
         bt = ("batch", None)
         ids = left_pad(batch.input_ids, length, pad_id).astype(np.int32)
-        arrays = [(ids, bt), (left_pad(src, length, 0), bt), (left_pad(batch.images_seq_mask, length, False).astype(bool), bt)]
+        src = left_pad(batch.image_src, length, 0)
+        arrays = [(ids, bt), (src, bt), (left_pad(batch.images_seq_mask, length, False).astype(bool), bt)]
         if tiles is not None:
             arrays.append((tiles, (None, None, None, None)))
         ids_d, src, mask, *tiles = self.put_many(*arrays)
@@ -190,7 +142,7 @@ class VL2Model:
     def prepare_inputs_embeds(self, batch) -> jax.Array:
         """Token embeddings with the image features written in: [B, T, D] in the model dtype."""
         with self.mesh_context(), out_of_memory_as("while embedding the prompt and its images"):
-            return self._embed_batch(batch)[0]
+            return self.embed(batch)[0]
 
     def logits(self, batch) -> jax.Array:
         """Full forward without a cache: float32 logits [B, T, V]."""
@@ -199,6 +151,22 @@ class VL2Model:
         with self.mesh_context(), out_of_memory_as(f"in a full forward of {mask.shape[0]} x {mask.shape[1]} tokens"):
             bt = ("batch", None)
             return self._language(self.params, x, self.put(left_pad_positions(mask), bt), self.put(mask, bt))
+
+    def expert_load(self, batch, length: int | None = None) -> np.ndarray:
+        """How many of the batch's tokens (left padded to `length`, padding included) each routed expert
+        receives in a full forward, per MoE layer: int32 [MoE layers, E] (the routing balance)."""
+        with self.mesh_context():
+            x, _ = self.embed(batch, length)
+            mask = left_pad(batch.attention_mask, x.shape[1], False).astype(bool)
+            bt = ("batch", None)
+            counts = self._expert_load(self.params, x, self.put(left_pad_positions(mask), bt), self.put(mask, bt))
+        return np.asarray(counts)
+
+    @functools.cached_property
+    def _expert_load(self):
+        language = LanguageModel(self.cfg.language, self.dtype.type, self.runtime)
+        return jax.jit(lambda p, *a: language.apply({"params": p["params"]["language"]}, *a,
+                                                    method=LanguageModel.expert_load))
 
     def generate(
         self,
@@ -224,18 +192,7 @@ class VL2Model:
         `on_text(row, new_text)` is called with text as it is produced. `ignore_eos=True` generates
         exactly `max_new_tokens` (for benchmarks).
         """
-        from vl2_jax.generation import Generator
-        from vl2_jax.sampling import SamplingParams
-
-        checks = [
-            (temperature >= 0, f"temperature must be >= 0 (got {temperature})"),
-            (0 < top_p <= 1, f"top_p must be in (0, 1] (got {top_p})"),
-            (top_k >= 0, f"top_k must be >= 0 (got {top_k}; 0 turns it off)"),
-            (repetition_penalty > 0, f"repetition_penalty must be > 0 (got {repetition_penalty})"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise InputError(message + ".")
+        check_sampling(temperature, top_p, top_k, repetition_penalty)
         if self._generator is None:
             self._generator = Generator(self)
         sampling = SamplingParams.make(temperature, top_k, top_p, repetition_penalty)
@@ -245,61 +202,5 @@ class VL2Model:
 
     def stream(self, batch, **kwargs) -> Iterator[str]:
         """Like `generate` for a one-conversation batch, yielding the answer's text as it is produced."""
-        from vl2_jax.generation import stream_text
-
         return stream_text(self, batch, **kwargs)
 
-
-def load_pretrained(
-    path: str | Path, dtype="float32", moe_impl: str = "auto", mesh=None, attention: str = "auto"
-) -> VL2Model:
-    """Loads a Hugging Face DeepSeek-VL2 folder or a `python -m convert` output.
-
-    Args:
-      path: folder with config.json, the tokenizer and processor files, and either safetensors weights
-        or an Orbax checkpoint written by `python -m convert`.
-      dtype: "float32", "bfloat16", "float16", or None to keep the checkpoint's dtype.
-      moe_impl: expert dispatch, "auto" (default), "dense" (the plain reference path), "gather",
-        "grouped" or "ragged" (see `modules/moe.py`).
-      mesh: None (one device), "auto" (all visible devices, laid out for the model), a spec such as
-        "expert=4,tensor=2" (axes data, expert, tensor), or a `jax.sharding.Mesh` with those axis names.
-        Each parameter is read straight into its shards; no host holds the whole model.
-      attention: "auto" (default: cuDNN flash attention for prompts and the vision tower on NVIDIA GPUs in
-        bf16/f16), "plain" (the reference's arithmetic everywhere), "cudnn" or "xla" (see `modules/attention.py`).
-    """
-    from vl2_jax.processor import Processor
-
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a folder; pass a DeepSeek-VL2 checkpoint folder.")
-    cfg = VL2Config.from_pretrained(path)
-    processor = Processor.from_pretrained(path)  # before the weights: a bad tokenizer fails in a second
-    want = resolve_dtype(dtype)
-    from vl2_jax import orbax_io
-
-    mesh = make_mesh(mesh, cfg)
-    converted = orbax_io.is_converted(path)
-    if not converted:
-        folder = SafetensorsFolder(path)
-    dtype_ = want or (orbax_io.saved_dtype(path) if converted else source_dtype(folder))
-    shardings = None
-    if mesh is not None:
-        shardings = Layout(mesh).param_shardings(param_shapes(cfg, dtype_))
-    with out_of_memory_as(f"while loading the {jnp.dtype(dtype_).name} weights"):
-        if converted:
-            params, _ = orbax_io.restore(path, cfg, dtype_, shardings)
-        else:
-            params = load_hf(folder, cfg, dtype_, place=_placer(shardings))
-    return VL2Model(cfg, params, processor, dtype_, moe_impl, mesh, attention)
-
-
-def _placer(shardings):
-    """`place(path, host_array)` for `load_hf`: straight into the leaf's shards, or the default device."""
-    if shardings is None:
-        return None
-
-    def place(path, array):
-        sharding = functools.reduce(lambda tree, key: tree[key], ("params", *path), shardings)
-        return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
-
-    return place

@@ -43,8 +43,8 @@ from vl2_jax.checkpoint import (
     set_path,
     source_dtype,
 )
-from vl2_jax.config import VL2Config
-from vl2_jax.errors import CheckpointError, ConfigError
+from vl2_jax.config import DTYPE_NAMES, VL2Config, dtype_of
+from vl2_jax.errors import CheckpointError
 
 MANIFEST = "vl2_jax_checkpoint.json"
 FORMAT = "vl2_jax-orbax-groups"
@@ -56,7 +56,6 @@ COPIED_FILES = (
 )
 # Names of folders an unfinished or replacing run leaves behind; never a checkpoint.
 _TEMP_NAME = re.compile(r"\.(partial|replaced)-(\d+)$")
-_DTYPE_NAMES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
 Progress = Callable[[str], None]
 
@@ -110,7 +109,7 @@ def _read_manifest(path: Path) -> dict:
             "Convert the Hugging Face checkpoint again with `python -m convert`."
         )
     groups = manifest.get("groups")
-    if not isinstance(groups, list) or manifest.get("dtype") not in _DTYPE_NAMES:
+    if not isinstance(groups, list) or manifest.get("dtype") not in DTYPE_NAMES:
         raise CheckpointError(f"{file} is malformed (groups or dtype).")
     for g in groups:
         if not (path / "params" / str(g)).is_dir():
@@ -132,7 +131,7 @@ def is_converted(path: str | Path) -> bool:
 
 def saved_dtype(path: str | Path):
     """The dtype a converted checkpoint was saved in (a jnp scalar type such as jnp.bfloat16)."""
-    return _DTYPE_NAMES[_read_manifest(Path(path))["dtype"]]
+    return dtype_of(_read_manifest(Path(path))["dtype"])
 
 
 # ----------------------------------------------------------------------------------------- restore
@@ -182,7 +181,7 @@ def restore(path: str | Path, cfg: VL2Config, dtype=None, shardings=None) -> tup
 
     path = Path(path)
     manifest = _read_manifest(path)
-    saved = _DTYPE_NAMES[manifest["dtype"]]
+    saved = dtype_of(manifest["dtype"])
     want = jnp.dtype(saved if dtype is None else dtype)
     expected = expected_shapes(cfg)
     missing = [g for g in expected if g not in manifest["groups"]]
@@ -292,9 +291,7 @@ def convert_checkpoint(
     plan = conversion_plan(cfg)
     dropped = check_accounts(plan, folder.names(), src)
     check_source_shapes(plan, folder)
-    if isinstance(dtype, str) and dtype not in _DTYPE_NAMES:
-        raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPE_NAMES)}.")
-    np_dtype = np.dtype(source_dtype(folder) if dtype is None else _DTYPE_NAMES.get(dtype, dtype))
+    np_dtype = np.dtype(source_dtype(folder) if dtype is None else dtype_of(dtype))
     dropped_params = sum(int(np.prod(folder.shape(n))) for n in dropped)
     del folder  # reopened per group below, so the shards' memory maps never pile up (see _convert_groups)
     if dropped:

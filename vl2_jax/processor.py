@@ -39,8 +39,10 @@ SYSTEM_ROLE = "system"
 _ROLES = {USER_ROLE: USER_ROLE, "user": USER_ROLE, ASSISTANT_ROLE: ASSISTANT_ROLE,
           "assistant": ASSISTANT_ROLE, SYSTEM_ROLE: SYSTEM_ROLE}
 _SEP = "\n\n"  # the "deepseek" template's separator after a user message
+IMAGE_TOKEN = "<image>"
+BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
 # Special tokens the official processor makes sure of, in the order it adds any that are missing.
-_EXTRA_SPECIAL = ("<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>", USER_ROLE, ASSISTANT_ROLE)
+EXTRA_SPECIAL_TOKENS = ("<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>", USER_ROLE, ASSISTANT_ROLE)
 
 
 PixelNorm = tuple[tuple[float, ...], tuple[float, ...]] | None  # (mean, std) per channel, or None
@@ -74,13 +76,11 @@ def pixel_table(norm) -> np.ndarray:
     return _table(canonical_pixel_norm(norm))
 
 
-def normalize_pixels(pixels_NSS3, norm, xp=np):
+def normalize_pixels(pixels_NSS3: np.ndarray, norm) -> np.ndarray:
     """uint8 pixels [..., S, S, 3] -> the reference's tiles [..., 3, S, S] float32, looked up in
-    ``pixel_table(norm)`` (under jit, a constant of the program). ``xp`` is numpy or jax.numpy. A
-    lookup, so that the model's normalisation on the device gives the processor's bits: XLA turns a
-    division by a constant into a multiplication by its reciprocal, which changes last bits."""
-    flat = pixels_NSS3.astype(xp.int32) + 256 * xp.arange(3, dtype=xp.int32)  # level + 256 * channel
-    return xp.moveaxis(xp.asarray(pixel_table(norm)).reshape(-1)[flat], -1, -3)
+    ``pixel_table(norm)`` (the device's twin is ``modules.vision.normalize_pixels``)."""
+    flat = pixels_NSS3.astype(np.int32) + 256 * np.arange(3, dtype=np.int32)  # level + 256 * channel
+    return np.moveaxis(pixel_table(norm).reshape(-1)[flat], -1, -3)
 
 
 def _tiles_used(images_spatial_crop_N2) -> int:
@@ -94,6 +94,76 @@ def _reference_images(pixels_TSS3, crop_N2, norm) -> np.ndarray:
     out = np.zeros((pixels_TSS3.shape[0], 3) + pixels_TSS3.shape[1:3], np.float32)
     out[:used] = np.moveaxis(_normalize_host(pixels_TSS3[:used], norm), -1, -3)
     return out
+
+
+def image_token_sources(
+    images_spatial_crop: np.ndarray, images_seq_mask: np.ndarray, side: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where each sequence position takes its image embedding from: the image-token layout.
+
+    Per image, the reference's ``global_view_pos="head"`` 2D layout: the global tile's side x side grid
+    with ``image_newline`` after each row, ``view_separator``, then the local tiles stitched into one
+    (nh*side) x (nw*side) grid, again with ``image_newline`` after each row.
+
+    Args:
+      images_spatial_crop: [B, n_images, 2] (width tiles, height tiles); rows of zeros end a row's images.
+      images_seq_mask: [B, T] True at image-token positions.
+      side: tokens per tile side after the projector.
+
+    Returns:
+      tiles: [I, 2] (batch row, tile within the row) of the tiles actually used, in feature order.
+      src: [B, T] int32 indices into ``[I * side * side tile tokens, image_newline, view_separator]``
+        (0 where ``images_seq_mask`` is False).
+    """
+    b = images_spatial_crop.shape[0]
+    hw = side * side
+    tiles: list[tuple[int, int]] = []  # (row, tile within row)
+    streams: list[list[int]] = []
+    for row in range(b):
+        stream: list[int] = []
+        first_tile = 0
+        for nw, nh in images_spatial_crop[row]:
+            nw, nh = int(nw), int(nh)
+            if nw == 0 or nh == 0:
+                break
+            base = len(tiles)
+            tiles.extend((row, first_tile + i) for i in range(1 + nw * nh))
+            first_tile += 1 + nw * nh
+            grid = np.arange(hw).reshape(side, side)
+            for r in range(side):  # global view
+                stream.extend((base * hw + grid[r]).tolist())
+                stream.append(-1)
+            stream.append(-2)
+            for th in range(nh):  # local views, stitched
+                for r in range(side):
+                    for tw in range(nw):
+                        stream.extend(((base + 1 + th * nw + tw) * hw + grid[r]).tolist())
+                    stream.append(-1)
+        streams.append(stream)
+    newline, separator = len(tiles) * hw, len(tiles) * hw + 1
+    src = np.zeros(images_seq_mask.shape, np.int32)
+    for row, stream in enumerate(streams):
+        positions = np.flatnonzero(images_seq_mask[row])
+        if len(positions) != len(stream):
+            raise InputError(
+                f"batch row {row} has {len(positions)} image-token positions but its images_spatial_crop "
+                f"gives {len(stream)} image tokens; the batch was not made by this model's processor."
+            )
+        s = np.asarray(stream, np.int64)
+        s = np.where(s == -1, newline, np.where(s == -2, separator, s))
+        src[row, positions] = s
+    return np.asarray(tiles, np.int32).reshape(-1, 2), src
+
+
+def left_pad(a_BT, length: int, value) -> np.ndarray:
+    """[B, T] host array -> [B, length], ``value`` in the new columns on the left."""
+    a_BT = np.asarray(a_BT)
+    return np.pad(a_BT, ((0, 0), (length - a_BT.shape[1], 0)), constant_values=value)
+
+
+def left_pad_positions(attention_mask_BT: np.ndarray) -> np.ndarray:
+    """Positions of left-padded rows: ``cumsum(mask) - 1``, 0 on padding (as the reference's generate)."""
+    return np.maximum(np.cumsum(attention_mask_BT, axis=-1) - 1, 0).astype(np.int32)
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:
@@ -133,7 +203,9 @@ class Batch:
     input_ids: [B, T] int32. attention_mask: [B, T] bool, False at padding. pixels:
     [B, max_tiles, S, S, 3] uint8, zero tiles appended. images_seq_mask: [B, T] bool, False at padding.
     images_spatial_crop: [B, max_images, 2] int32, zero rows appended. pixel_norm: as in
-    ProcessorOutput. ``images``: the reference's [B, max_tiles, 3, S, S] float32, zero tiles appended
+    ProcessorOutput. image_tiles [I, 2] and image_src [B, T]: the image-token layout
+    (``image_token_sources``): which tiles the image tokens use, and where each position's embedding
+    comes from. ``images``: the reference's [B, max_tiles, 3, S, S] float32, zero tiles appended
     (made on first access, read-only).
     """
 
@@ -143,6 +215,19 @@ class Batch:
     images_seq_mask: np.ndarray
     images_spatial_crop: np.ndarray
     pixel_norm: PixelNorm
+    image_tiles: np.ndarray
+    image_src: np.ndarray
+
+    def used_tiles(self) -> np.ndarray | None:
+        """The pixels of the tiles the image tokens use, in feature order: [I, S, S, 3] uint8, or None
+        without images. A view of ``pixels`` when every tile slot is used in order, else a copy."""
+        if len(self.image_tiles) == 0:
+            return None
+        b, n = self.pixels.shape[:2]
+        every_slot = np.stack(np.divmod(np.arange(b * n), n), axis=1)
+        if np.array_equal(self.image_tiles, every_slot):
+            return self.pixels.reshape(b * n, *self.pixels.shape[2:])
+        return self.pixels[self.image_tiles[:, 0], self.image_tiles[:, 1]]
 
     @functools.cached_property
     def images(self) -> np.ndarray:
@@ -216,7 +301,7 @@ def _token_text(value):
     return value.get("content") if isinstance(value, dict) else value
 
 
-def load_tokenizer(path, pad_token="<｜▁pad▁｜>", image_token="<image>"):
+def load_tokenizer(path, pad_token=PAD_TOKEN, image_token=IMAGE_TOKEN):
     """Load ``tokenizer.json`` from folder ``path`` as a fast tokenizer, used exactly as stored.
 
     The class named in tokenizer_config.json (``LlamaTokenizerFast``) is ignored on purpose: in
@@ -251,7 +336,7 @@ def load_tokenizer(path, pad_token="<｜▁pad▁｜>", image_token="<image>"):
         # add_tokens(special_tokens=True) is spelled the same in transformers 4 and 5; it keeps the id of a
         # token that is already in the vocabulary and only marks it special, so ids never move.
         tokenizer.add_tokens([AddedToken(t, special=True, normalized=False)
-                              for t in (image_token,) + _EXTRA_SPECIAL], special_tokens=True)
+                              for t in (image_token,) + EXTRA_SPECIAL_TOKENS], special_tokens=True)
     if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer in {path} has no bos or eos token; set bos_token and eos_token in "
                           f"its tokenizer_config.json.")
@@ -340,7 +425,7 @@ class Processor:
 
     def __init__(self, tokenizer, candidate_resolutions, patch_size, downsample_ratio,
                  image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), normalize=True,
-                 image_token="<image>"):
+                 image_token=IMAGE_TOKEN):
         self.tokenizer = tokenizer
         self.candidate_resolutions = tuple((int(w), int(h)) for w, h in candidate_resolutions)
         if not self.candidate_resolutions:
@@ -375,8 +460,8 @@ class Processor:
             raise ConfigError(f"{config_file} lacks {', '.join(missing)}")
         if config.get("sft_format", "deepseek") != "deepseek":
             raise ConfigError(f"only the 'deepseek' chat template is supported, not {config['sft_format']!r}")
-        image_token = config.get("image_token", "<image>")
-        tokenizer = load_tokenizer(path, config.get("pad_token", "<｜▁pad▁｜>"), image_token)
+        image_token = config.get("image_token", IMAGE_TOKEN)
+        tokenizer = load_tokenizer(path, config.get("pad_token", PAD_TOKEN), image_token)
         return cls(tokenizer, config["candidate_resolutions"], config["patch_size"],
                    config["downsample_ratio"], config.get("image_mean", (0.5, 0.5, 0.5)),
                    config.get("image_std", (0.5, 0.5, 0.5)), config.get("normalize", True), image_token)
@@ -528,4 +613,5 @@ class Processor:
         norms = {o.pixel_norm for o in outputs}
         if len(norms) > 1:
             raise InputError("batchify got outputs of processors that normalise images differently.")
-        return Batch(input_ids, attention_mask, pixels, seq_mask, crops, norms.pop())
+        tiles, src = image_token_sources(crops, seq_mask, self._tokens_per_side)
+        return Batch(input_ids, attention_mask, pixels, seq_mask, crops, norms.pop(), tiles, src)

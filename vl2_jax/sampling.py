@@ -13,10 +13,29 @@ logits processors, which the official code's `generate` uses:
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
+from vl2_jax.errors import InputError
+
+
+def check_sampling(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, flags: bool = False) -> None:
+    """Refuses settings outside their ranges with one `InputError`; `flags` names them as the command
+    line's flags (`--top-p`) rather than as arguments (`top_p`)."""
+    checks = [
+        (0 <= temperature < math.inf, "temperature", temperature, ">= 0", ""),
+        (0 < top_p <= 1, "top_p", top_p, "in (0, 1]", ""),
+        (top_k >= 0, "top_k", top_k, ">= 0", ""),
+        (0 < repetition_penalty < math.inf, "repetition_penalty", repetition_penalty, "> 0", "; 1 turns it off"),
+    ]
+    for ok, name, value, rule, hint in checks:  # `not ok` also refuses nan
+        if not ok:
+            label = "--" + name.replace("_", "-") if flags else name
+            raise InputError(f"{label} must be {rule} (got {value}{hint}).")
 
 
 @struct.dataclass

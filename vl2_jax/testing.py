@@ -14,10 +14,10 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from vl2_jax.checkpoint import conversion_plan
+from vl2_jax.checkpoint import SAFETENSORS_DTYPES, conversion_plan
 from vl2_jax.config import VL2Config
 
-_ST_DTYPES = {"bfloat16": "BF16", "float32": "F32", "float16": "F16"}
+_ST_DTYPES = {ours: theirs for theirs, ours in SAFETENSORS_DTYPES.items()}
 _CHUNK = 1 << 23  # elements generated at a time (32 MB of float32)
 
 

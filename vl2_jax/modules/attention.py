@@ -18,14 +18,14 @@ Parameter layout (`language/layers_{i}/attn`):
          kv_a_w [D, R+J] (latent | rope key), kv_a_norm/scale [R], wk_b [H, K, R], wv_b [H, U, R], o_w [H, U, D]
 Projections that read the same input share one weight (one matmul at decode, where each costs a kernel).
 
-`impl` (one of `vl2_jax.config.ATTENTION_IMPLS`) picks how queries meet keys: "plain" is the einsums
+`runtime.attention` (one of `vl2_jax.config.ATTENTION_IMPLS`) picks how queries meet keys: "plain" is the einsums
 and float32 softmax above (MLA absorbed), the reference's arithmetic; "cudnn" and "xla" run
 `jax.nn.dot_product_attention` (MLA first expands the latent into per-head keys and values,
 `attend_fused`); "auto" (the default) runs cuDNN flash attention for prompts (more than one query)
-where it applies (`fused_impl`) and "plain" otherwise: decoding one token with MLA reads the latent
-cache (576 numbers per token) directly, where expanding it would not pay. At small's 1062-token
-prefill on an H200 the fused form replaced the plain form's [H, T, S] scores and float32 softmax
-(BENCHMARKS.md).
+where it applies (`fused_impl`, with `runtime.kernels`) and "plain" otherwise: decoding one token with
+MLA reads the latent cache (576 numbers per token) directly, where expanding it would not pay. The
+projections go through `layers.project`, which runs batch 1's through the matrix-vector kernel where
+`runtime.kernels` allows.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from vl2_jax.config import ATTENTION_IMPLS, LanguageConfig
+from vl2_jax.config import LanguageConfig, Runtime
 from vl2_jax.kernels import cudnn_attention_usable, local_arrays
 from vl2_jax.modules.layers import (
     RMSNorm,
@@ -45,6 +45,7 @@ from vl2_jax.modules.layers import (
     dot_product_attention,
     einsum,
     normal_init,
+    project,
     rope_cos_sin,
 )
 
@@ -70,15 +71,15 @@ def masked_softmax(scores: jax.Array, mask: jax.Array, dtype) -> jax.Array:
     return jax.nn.softmax(scores, axis=-1).astype(dtype)
 
 
-def fused_impl(impl: str, dtype, queries: int, head_dim: int) -> str | None:
+def fused_impl(runtime: Runtime, dtype, queries: int, head_dim: int) -> str | None:
     """The `jax.nn.dot_product_attention` implementation an attention call runs, or None for the plain
-    path. "auto" takes cuDNN for more than one query where it applies (the head dim with the causal
-    form's flags), on whole per-device arrays (under automatic partitioning the plain path runs; its
-    sharding is tested on the CPU)."""
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"unknown attention impl {impl!r}; use one of {', '.join(ATTENTION_IMPLS)}")
+    path. "auto" takes cuDNN, where kernels may run, for more than one query where it applies (the head
+    dim with the causal form's flags), on whole per-device arrays (under automatic partitioning the plain
+    path runs; its sharding is tested on the CPU)."""
+    impl = runtime.attention
     if impl == "auto":
-        usable = queries > 1 and cudnn_attention_usable(dtype, head_dim + FLAG_DIMS) and local_arrays()
+        usable = (runtime.kernels and queries > 1 and cudnn_attention_usable(dtype, head_dim + FLAG_DIMS)
+                  and local_arrays())
         return "cudnn" if usable else None
     return None if impl == "plain" else impl
 
@@ -129,7 +130,7 @@ def attend_fused(q_BTHK, k_BSGK, v_BSGU, mask_BTS, scale: float, implementation:
 class MHAttention(nn.Module):
     cfg: LanguageConfig
     dtype: jnp.dtype = jnp.float32
-    impl: str = "auto"  # see vl2_jax.config.ATTENTION_IMPLS
+    runtime: Runtime = Runtime.plain()
 
     def setup(self):
         c, init = self.cfg, normal_init()
@@ -149,25 +150,27 @@ class MHAttention(nn.Module):
     def __call__(self, x_BTD, positions_BT, kv: dict[str, jax.Array], mask_BTS, key_valid_BS=None) -> jax.Array:
         c = self.cfg
         cos, sin = self._rope(positions_BT, x_BTD.dtype)
-        q = apply_rope(einsum("BTD,DHK->BTHK", x_BTD, self.q_w), cos, sin)
+        kernel = self.runtime.kernels
+        q = apply_rope(project("BTD,DHK->BTHK", x_BTD, self.q_w, kernel), cos, sin)
         b, t, h, k = q.shape
-        fused = fused_impl(self.impl, q.dtype, t, k)
+        fused = fused_impl(self.runtime, q.dtype, t, k)
         if fused:
-            out = attend_fused(q, kv["k"], kv["v"], mask_BTS, k**-0.5, fused, key_valid_BS, self.impl == "auto")
+            out = attend_fused(q, kv["k"], kv["v"], mask_BTS, k**-0.5, fused, key_valid_BS,
+                               self.runtime.attention == "auto")
             if out is not None:
-                return einsum("BTHK,HKD->BTD", out, self.o_w)
+                return project("BTHK,HKD->BTD", out, self.o_w, kernel)
         g = c.num_key_value_heads
         q = q.reshape(b, t, g, h // g, k)
         scores = einsum("BTGhK,BSGK->BGhTS", q, kv["k"]) / jnp.asarray(k**0.5, q.dtype)
         probs = masked_softmax(scores, mask_BTS[:, None, None], q.dtype)
         out = einsum("BGhTS,BSGK->BTGhK", probs, kv["v"]).reshape(b, t, h, k)
-        return einsum("BTHK,HKD->BTD", out, self.o_w)
+        return project("BTHK,HKD->BTD", out, self.o_w, kernel)
 
 
 class MLAttention(nn.Module):
     cfg: LanguageConfig
     dtype: jnp.dtype = jnp.float32
-    impl: str = "auto"  # see vl2_jax.config.ATTENTION_IMPLS
+    runtime: Runtime = Runtime.plain()
 
     def setup(self):
         c, init = self.cfg, normal_init()
@@ -189,7 +192,7 @@ class MLAttention(nn.Module):
 
     def new_kv(self, x_BTD: jax.Array, positions_BT: jax.Array) -> dict[str, jax.Array]:
         cos, sin = self._rope(positions_BT, x_BTD.dtype)
-        kv_a = einsum("BTD,DR->BTR", x_BTD, self.kv_a_w)  # R here is R + J
+        kv_a = project("BTD,DR->BTR", x_BTD, self.kv_a_w, self.runtime.kernels)  # R here is R + J
         r = self.cfg.kv_lora_rank
         latent = self.kv_a_norm(kv_a[..., :r])
         k_rope = apply_rope_interleaved(kv_a[..., None, r:], cos, sin)[:, :, 0, :]
@@ -204,25 +207,26 @@ class MLAttention(nn.Module):
         return jnp.concatenate([k_nope, k_rope], -1), einsum("BSR,HUR->BSHU", latent, self.wv_b)
 
     def __call__(self, x_BTD, positions_BT, kv: dict[str, jax.Array], mask_BTS, key_valid_BS=None) -> jax.Array:
-        c = self.cfg
+        c, kernel = self.cfg, self.runtime.kernels
         if c.q_lora_rank is None:
-            q = einsum("BTD,DHK->BTHK", x_BTD, self.q_w)
+            q = project("BTD,DHK->BTHK", x_BTD, self.q_w, kernel)
         else:
-            q = einsum("BTQ,QHK->BTHK", self.q_a_norm(einsum("BTD,DQ->BTQ", x_BTD, self.q_a_w)), self.q_b_w)
+            q_a = self.q_a_norm(project("BTD,DQ->BTQ", x_BTD, self.q_a_w, kernel))
+            q = project("BTQ,QHK->BTHK", q_a, self.q_b_w, kernel)
         q_nope, q_rope = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim :]
         cos, sin = self._rope(positions_BT, x_BTD.dtype)
         q_rope = apply_rope_interleaved(q_rope, cos, sin)
-        fused = fused_impl(self.impl, q.dtype, q.shape[1], c.q_head_dim)
+        fused = fused_impl(self.runtime, q.dtype, q.shape[1], c.q_head_dim)
         if fused:
             k_full, v = self._expanded(kv)
             out = attend_fused(jnp.concatenate([q_nope, q_rope], -1), k_full, v, mask_BTS, c.q_head_dim**-0.5,
-                               fused, key_valid_BS, self.impl == "auto")
+                               fused, key_valid_BS, self.runtime.attention == "auto")
             if out is not None:
-                return einsum("BTHU,HUD->BTD", out, self.o_w)
+                return project("BTHU,HUD->BTD", out, self.o_w, kernel)
         q_latent = einsum("BTHK,HKR->BTHR", q_nope, self.wk_b)
         scores = einsum("BTHJ,BSJ->BHTS", q_rope, kv["k_rope"]) + einsum("BTHR,BSR->BHTS", q_latent, kv["latent"])
         scores = scores * jnp.asarray(c.q_head_dim**-0.5, scores.dtype)
         probs = masked_softmax(scores, mask_BTS[:, None], q.dtype)
         out_latent = einsum("BHTS,BSR->BTHR", probs, kv["latent"])
         out = einsum("BTHR,HUR->BTHU", out_latent, self.wv_b)
-        return einsum("BTHU,HUD->BTD", out, self.o_w)
+        return project("BTHU,HUD->BTD", out, self.o_w, kernel)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from vl2_jax.cache import KVCache, write
-from vl2_jax.config import LanguageConfig
+from vl2_jax.config import LanguageConfig, Runtime
 from vl2_jax.modules.attention import MHAttention, MLAttention
 from vl2_jax.modules.layers import RMSNorm, einsum, normal_init
 from vl2_jax.modules.moe import MLP, MoE
@@ -30,18 +30,17 @@ class DecoderLayer(nn.Module):
     cfg: LanguageConfig
     layer: int
     dtype: jnp.dtype = jnp.float32
-    moe_impl: str = "dense"
-    attention: str = "auto"  # see vl2_jax.config.ATTENTION_IMPLS
+    runtime: Runtime = Runtime.plain()
 
     def setup(self):
         c = self.cfg
         self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype)
-        self.attn = (MLAttention if c.use_mla else MHAttention)(c, self.dtype, self.attention)
+        self.attn = (MLAttention if c.use_mla else MHAttention)(c, self.dtype, self.runtime)
         self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype)
         if c.is_moe_layer(self.layer):
-            self.mlp = MoE(c, self.dtype, self.moe_impl)
+            self.mlp = MoE(c, self.dtype, self.runtime)
         else:
-            self.mlp = MLP(c.hidden_size, c.intermediate_size, self.dtype)
+            self.mlp = MLP(c.hidden_size, c.intermediate_size, self.dtype, self.runtime.kernels)
 
     def new_kv(self, x_BTD, positions_BT):
         """Key entries [B, T, ...] of these tokens for this layer (see `attention`)."""
@@ -49,20 +48,23 @@ class DecoderLayer(nn.Module):
 
     def __call__(self, x_BTD, positions_BT, kv, mask_BTS, key_valid_BS=None) -> jax.Array:
         """See `modules/attention.py` for kv, the mask and `key_valid`."""
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, kv, mask_BTS, key_valid_BS)
+        x_BTD = self.attend(x_BTD, positions_BT, kv, mask_BTS, key_valid_BS)
         return constrain(x_BTD + self.mlp(self.mlp_norm(x_BTD)), ("batch", None, None))
+
+    def attend(self, x_BTD, positions_BT, kv, mask_BTS, key_valid_BS=None) -> jax.Array:
+        """The residual stream after this layer's attention: [B, T, D]."""
+        return x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, kv, mask_BTS, key_valid_BS)
 
 
 class LanguageModel(nn.Module):
     cfg: LanguageConfig
     dtype: jnp.dtype = jnp.float32
-    moe_impl: str = "dense"  # see moe.MoE
-    attention: str = "auto"  # see vl2_jax.config.ATTENTION_IMPLS
+    runtime: Runtime = Runtime.plain()
 
     def setup(self):
         c = self.cfg
         self.embed_table = self.param("embed", normal_init(), (c.vocab_size, c.hidden_size), self.dtype)
-        self.layers = [DecoderLayer(c, i, self.dtype, self.moe_impl, self.attention)
+        self.layers = [DecoderLayer(c, i, self.dtype, self.runtime)
                        for i in range(c.num_hidden_layers)]  # layers_{i}
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype)
         self.lm_head = self.param("lm_head", normal_init(), (c.hidden_size, c.vocab_size), self.dtype)
@@ -84,6 +86,18 @@ class LanguageModel(nn.Module):
         for layer in self.layers:
             x_BTD = layer(x_BTD, positions_BT, layer.new_kv(x_BTD, positions_BT), mask_BTS, valid_BT)
         return self.head(x_BTD)
+
+    def expert_load(self, x_BTD: jax.Array, positions_BT: jax.Array, valid_BT: jax.Array) -> jax.Array:
+        """How many of the tokens each routed expert receives, per MoE layer, in a full forward without a
+        cache (as `__call__`): int32 [MoE layers, E]. Padding tokens are routed too, as in the forward."""
+        mask_BTS, counts = causal_mask(valid_BT), []
+        for layer in self.layers:
+            kv = layer.new_kv(x_BTD, positions_BT)
+            if self.cfg.is_moe_layer(layer.layer):
+                _, idx_NX = layer.mlp.choices(layer.mlp_norm(layer.attend(x_BTD, positions_BT, kv, mask_BTS, valid_BT)))
+                counts.append(jnp.sum(idx_NX[..., None] == jnp.arange(self.cfg.n_routed_experts), (0, 1)))
+            x_BTD = layer(x_BTD, positions_BT, kv, mask_BTS, valid_BT)
+        return jnp.stack(counts).astype(jnp.int32) if counts else jnp.zeros((0, 0), jnp.int32)
 
     def forward_cached(
         self, x_BTD: jax.Array, positions_BT: jax.Array, valid_BT: jax.Array, cache: KVCache, fresh: bool = False

@@ -36,17 +36,26 @@ def einsum(spec: str, *operands: jax.Array, preferred_element_type=None) -> jax.
     """`jnp.einsum` at full float32 precision when the operands are float32.
 
     GPUs otherwise run float32 matmuls in TF32, which breaks float32 parity with the reference; bfloat16
-    operands are unaffected. One row of 16-bit activations times a weight (batch-1 decode) runs
-    `kernels.dense_matvec` where it applies (see there why), rounded to the activations' dtype.
+    operands are unaffected.
     """
-    if len(operands) == 2 and operands[0].dtype == operands[1].dtype and local_arrays():
-        product = one_row_product(spec, *operands)
-        if product is not None and dense_matvec_usable(operands[0].dtype, *product[:2]):
-            (x, w), (k, n, shape) = operands, product
-            return dense_matvec(x.reshape(1, k), w.reshape(k, n)).astype(preferred_element_type or x.dtype).reshape(shape)
     full = all(op.dtype == jnp.float32 for op in operands)
     return jnp.einsum(spec, *operands, precision=jax.lax.Precision.HIGHEST if full else None,
                       preferred_element_type=preferred_element_type)
+
+
+def project(spec: str, x: jax.Array, w: jax.Array, use_kernel: bool = True) -> jax.Array:
+    """Activations times a weight by `spec` (an einsum whose weight operand is second): `einsum`, or,
+    with `use_kernel` where one row of 16-bit activations meets a weight (batch-1 decode),
+    `kernels.dense_matvec` rounded to the activations' dtype. XLA's GPU compiler runs such a product
+    as an elementwise multiply and a reduction with the weight-sized product written out in between;
+    the kernel reads the weight once.
+    """
+    if use_kernel and x.dtype == w.dtype and local_arrays():
+        product = one_row_product(spec, x, w)
+        if product is not None and dense_matvec_usable(x.dtype, *product[:2]):
+            k, n, shape = product
+            return dense_matvec(x.reshape(1, k), w.reshape(k, n)).astype(x.dtype).reshape(shape)
+    return einsum(spec, x, w)
 
 
 def dot_product_attention(q, k, v, implementation: str, **kwargs) -> jax.Array:

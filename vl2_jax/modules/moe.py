@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from vl2_jax.config import LanguageConfig
+from vl2_jax.config import LanguageConfig, Runtime
 from vl2_jax.kernels import (
     EXPERT_ROWS_MULTIPLE,
     ROW_MULTIPLE,
@@ -32,7 +32,7 @@ from vl2_jax.kernels import (
     mosaic_ragged_usable,
     ragged_dot,
 )
-from vl2_jax.modules.layers import einsum, normal_init
+from vl2_jax.modules.layers import einsum, normal_init, project
 from vl2_jax.sharding import Layout
 
 
@@ -48,18 +48,21 @@ def mlp_kernel_fits(usable, dtype, d: int, f: int, **kw) -> bool:
 
 
 class MLP(nn.Module):
-    """SwiGLU MLP: down(silu(gate(x)) * up(x)); x [..., D] -> [..., D]."""
+    """SwiGLU MLP: down(silu(gate(x)) * up(x)); x [..., D] -> [..., D]. With `use_kernel`, one row of
+    activations runs the matrix-vector kernel (`layers.project`)."""
 
     dim: int
     hidden: int
     dtype: jnp.dtype = jnp.float32
+    use_kernel: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         init = normal_init()
         gate_up_w = self.param("gate_up_w", init, (self.dim, 2, self.hidden), self.dtype)
         down_w = self.param("down_w", init, (self.hidden, self.dim), self.dtype)
-        return einsum("...F,FD->...D", swiglu(einsum("...D,DWF->...WF", x, gate_up_w)), down_w)
+        h = swiglu(project("...D,DWF->...WF", x, gate_up_w, self.use_kernel))
+        return project("...F,FD->...D", h, down_w, self.use_kernel)
 
 
 def _mask_groups(choice_NE: jax.Array, group_scores_NG: jax.Array, topk_group: int) -> jax.Array:
@@ -116,11 +119,11 @@ def outputs_dense(x_ND, gate_up_w, down_w, idx_NX) -> jax.Array:
     return jnp.where(_in_range(idx_NX, e)[..., None], y_NXD, 0)
 
 
-def outputs_gather(x_ND, gate_up_w, down_w, idx_NX, ids_in_range: bool = False) -> jax.Array:
+def outputs_gather(x_ND, gate_up_w, down_w, idx_NX, ids_in_range: bool = False, use_kernel: bool = True) -> jax.Array:
     """Decode path: runs only the chosen experts' weights, per token: [N, X, D] float32.
 
     Reads N*X expert matrices instead of all E, so it wins while N*X < E (small decode batches).
-    On NVIDIA GPUs in bf16 `kernels.gathered_matvec` reads them in place; elsewhere XLA gathers them
+    With `use_kernel`, on NVIDIA GPUs in bf16, `kernels.gathered_matvec` reads them in place; else XLA gathers them
     ([N, X, D, W, F]) and runs a batched dot. The outputs are float32, straight from the down
     projection's accumulator: XLA folds the combine's cast into that matmul when nothing stands between
     them, and writing it out makes every caller (one device, expert parallel) round the same way.
@@ -131,7 +134,7 @@ def outputs_gather(x_ND, gate_up_w, down_w, idx_NX, ids_in_range: bool = False) 
     n, x = idx_NX.shape
     safe = idx_NX if ids_in_range else jnp.clip(idx_NX, 0, e - 1)
     dtype = gate_up_w.dtype
-    if x_ND.dtype == dtype and local_arrays() and mlp_kernel_fits(gathered_matvec_usable, dtype, d, f):
+    if use_kernel and x_ND.dtype == dtype and local_arrays() and mlp_kernel_fits(gathered_matvec_usable, dtype, d, f):
         ids = safe.reshape(-1)  # [N*X]: row a runs expert ids[a] on token a // X
         h = gathered_matvec(x_ND, gate_up_w.reshape(e, d, 2 * f), ids, rows_per_input=x).astype(dtype)
         y_NXD = gathered_matvec(swiglu(h.reshape(-1, 2, f)), down_w, ids).reshape(n, x, d)
@@ -158,12 +161,12 @@ def _group_by_expert(idx_NX: jax.Array, num_experts: int):
     return order, rank, sizes
 
 
-def outputs_ragged(x_ND, gate_up_w, down_w, idx_NX) -> jax.Array:
+def outputs_ragged(x_ND, gate_up_w, down_w, idx_NX, use_kernel: bool = True) -> jax.Array:
     """Ragged path: token copies sorted by expert, one grouped matmul (`kernels.ragged_dot`) per projection.
 
     Computes exactly the N*X chosen (token, expert) pairs, with no capacity and nothing dropped, so its
-    cost does not depend on how evenly the tokens route. On Hopper GPUs in bf16 it runs JAX's Pallas
-    Mosaic GPU kernel; elsewhere `lax.ragged_dot` (fast on TPU, slow on NVIDIA GPUs: PERF.md).
+    cost does not depend on how evenly the tokens route. With `use_kernel`, on Hopper GPUs in bf16, it
+    runs JAX's Pallas Mosaic GPU kernel; else `lax.ragged_dot` (fast on TPU, slow on NVIDIA GPUs).
     """
     n, x = idx_NX.shape
     e, d, _, f = gate_up_w.shape
@@ -173,8 +176,8 @@ def outputs_ragged(x_ND, gate_up_w, down_w, idx_NX) -> jax.Array:
     rows = -(-a // ROW_MULTIPLE) * ROW_MULTIPLE  # padding rows belong to no group
     tokens = jnp.take(x_ND, order // x, axis=0)  # [A, D], grouped by expert
     tokens = jnp.pad(tokens, ((0, rows - a), (0, 0)))
-    h = swiglu(ragged_dot(tokens, gate_up_w.reshape(e, d, 2 * f), sizes).reshape(rows, 2, f))
-    y_sorted = ragged_dot(h, down_w, sizes)  # [rows, D]
+    h = swiglu(ragged_dot(tokens, gate_up_w.reshape(e, d, 2 * f), sizes, use_kernel).reshape(rows, 2, f))
+    y_sorted = ragged_dot(h, down_w, sizes, use_kernel)  # [rows, D]
     position = jnp.zeros_like(order).at[order].set(jnp.arange(a, dtype=order.dtype))  # sorted row of each
     y_NXD = jnp.take(y_sorted, position, axis=0).reshape(n, x, d)
     return jnp.where(_in_range(idx_NX, e)[..., None], y_NXD, 0)
@@ -195,13 +198,13 @@ def grouped_capacity(num_tokens: int, top_k: int, num_experts: int, factor: floa
 
 
 def outputs_grouped(x_ND, gate_up_w, down_w, idx_NX, capacity: int | None = None,
-                    total_experts: int | None = None) -> jax.Array:
+                    total_experts: int | None = None, use_kernel: bool = True) -> jax.Array:
     """Grouped path: tokens scattered into per-expert slots [E, M, D], one batched matmul per projection.
 
     Reads every expert's weights once and computes E*M rows instead of the dense path's E*N. `capacity`
     M defaults to `grouped_capacity`; if any expert gets more than M tokens the layer runs the dense path
     instead (a `lax.cond` on the device), so nothing is ever dropped. With M = N (decode batches) there is
-    no check, and where `kernels.expert_matmul` runs (no more choices than experts: batches of up to
+    no check, and where `kernels.expert_matmul` runs (`use_kernel`; no more choices than experts: batches of up to
     10 tokens for 6 of 64) the experts no token chose are skipped rather than read. `total_experts`:
     the experts of all devices, where these are one device's share (default: these E).
     """
@@ -213,7 +216,7 @@ def outputs_grouped(x_ND, gate_up_w, down_w, idx_NX, capacity: int | None = None
     # The kernel pays by skipping experts: with no more choices than experts some always go unread
     # (small, 8 tokens x 6 choices: 2.5x XLA's batch); at the 64-token bucket of a 38-token text prompt
     # nearly every expert is chosen and XLA's batched matmul was faster (small's prefill: 13.6 -> 15.5 ms).
-    kernel = (cap >= n and n * x <= (total_experts or e) and x_ND.dtype == dtype and local_arrays()
+    kernel = (use_kernel and cap >= n and n * x <= (total_experts or e) and x_ND.dtype == dtype and local_arrays()
               and mlp_kernel_fits(expert_matmul_usable, dtype, d, f, rows=padded))
     rows = padded if kernel else cap  # slots per expert
     order, rank, sizes = _group_by_expert(idx_NX, e)
@@ -240,23 +243,27 @@ def outputs_grouped(x_ND, gate_up_w, down_w, idx_NX, capacity: int | None = None
 _OUTPUTS = {"dense": outputs_dense, "gather": outputs_gather, "grouped": outputs_grouped, "ragged": outputs_ragged}
 
 
-def expert_outputs(impl: str, x_ND, gate_up_w, down_w, idx_NX, ids_in_range: bool = False) -> jax.Array:
+def expert_outputs(impl: str, x_ND, gate_up_w, down_w, idx_NX, ids_in_range: bool = False,
+                   use_kernel: bool = True) -> jax.Array:
     """Each token's chosen experts by one dispatch ("dense", "gather", "grouped" or "ragged"):
     [N, D] -> [N, X, D] in the activation dtype (float32 for "gather", see `outputs_gather`, and for
     "grouped" through its kernel).
 
     Every dispatch gives the same values up to the rounding of its output dtype; ids outside [0, E) give
     zeros (expert parallelism passes the experts held by other devices that way) unless the caller
-    promises `ids_in_range`.
+    promises `ids_in_range`. `use_kernel`: the dispatch may run its accelerator kernel where it applies.
     """
     if impl == "gather":
-        return outputs_gather(x_ND, gate_up_w, down_w, idx_NX, ids_in_range)
-    return _OUTPUTS[impl](x_ND, gate_up_w, down_w, idx_NX)
+        return outputs_gather(x_ND, gate_up_w, down_w, idx_NX, ids_in_range, use_kernel)
+    if impl == "dense":
+        return outputs_dense(x_ND, gate_up_w, down_w, idx_NX)
+    return _OUTPUTS[impl](x_ND, gate_up_w, down_w, idx_NX, use_kernel=use_kernel)
 
 
-def run_experts(impl: str, x_ND, gate_up_w, down_w, weights_NX, idx_NX, ids_in_range: bool = False) -> jax.Array:
+def run_experts(impl: str, x_ND, gate_up_w, down_w, weights_NX, idx_NX, ids_in_range: bool = False,
+                use_kernel: bool = True) -> jax.Array:
     """Routed experts, weighted and summed: [N, D] -> [N, D] (see `expert_outputs`)."""
-    y_NXD = expert_outputs(impl, x_ND, gate_up_w, down_w, idx_NX, ids_in_range)
+    y_NXD = expert_outputs(impl, x_ND, gate_up_w, down_w, idx_NX, ids_in_range, use_kernel)
     return combine(y_NXD, weights_NX, x_ND.dtype)
 
 
@@ -270,10 +277,11 @@ def _expert_axes(gate_up_shape) -> tuple[str | None, str | None]:
     return spec[0], spec[3]
 
 
-def choose_dispatch(impl: str, num_tokens: int, top_k: int, gate_up_w: jax.Array) -> str:
+def choose_dispatch(impl: str, num_tokens: int, top_k: int, gate_up_w: jax.Array, use_kernel: bool = True) -> str:
     """Resolves "auto" (static: shapes, dtype and platform only): "gather" while tokens * top-k <=
     experts / 4 (batch-1 and -2 decode); beyond 64 tokens (prefill) "ragged" where the Mosaic GPU
-    grouped matmul runs (Hopper, bf16, the per-device width a multiple of its tiles); "grouped" otherwise.
+    grouped matmul runs (`use_kernel`, Hopper, bf16, the per-device width a multiple of its tiles);
+    "grouped" otherwise.
     """
     if impl != "auto":
         return impl
@@ -286,12 +294,12 @@ def choose_dispatch(impl: str, num_tokens: int, top_k: int, gate_up_w: jax.Array
     # The kernel runs on whole per-device arrays: one device, or `experts_sharded`'s shard_map (a mesh
     # that splits the experts or their width); a data-only mesh partitions the dispatch automatically.
     per_device = local_arrays() or expert_axis or width_axis
-    if num_tokens > 64 and per_device and mlp_kernel_fits(mosaic_ragged_usable, dtype, d, f_local):
+    if use_kernel and num_tokens > 64 and per_device and mlp_kernel_fits(mosaic_ragged_usable, dtype, d, f_local):
         return "ragged"
     return "grouped"
 
 
-def experts_sharded(impl: str, x_ND, gate_up_w, down_w, weights_NX, idx_NX) -> jax.Array:
+def experts_sharded(impl: str, x_ND, gate_up_w, down_w, weights_NX, idx_NX, use_kernel: bool = True) -> jax.Array:
     """Expert (and tensor) parallel routed experts under the current mesh, via `shard_map`.
 
     Each device runs its own experts (and its slice of their width) on the tokens routed to them, with
@@ -306,7 +314,7 @@ def experts_sharded(impl: str, x_ND, gate_up_w, down_w, weights_NX, idx_NX) -> j
     expert_axis, width_axis = _expert_axes(gate_up_w.shape)
     split = tuple(a for a in (expert_axis, width_axis) if a)
     if not split:  # e.g. a data-only mesh: every device holds every expert, the router's ids are all local
-        return run_experts(impl, x_ND, gate_up_w, down_w, weights_NX, idx_NX, ids_in_range=True)
+        return run_experts(impl, x_ND, gate_up_w, down_w, weights_NX, idx_NX, ids_in_range=True, use_kernel=use_kernel)
     P = jax.sharding.PartitionSpec
     up_spec, down_spec = P(expert_axis, None, None, width_axis), P(expert_axis, width_axis, None)
     n, x = idx_NX.shape
@@ -316,9 +324,9 @@ def experts_sharded(impl: str, x_ND, gate_up_w, down_w, weights_NX, idx_NX) -> j
     def local(x_ND, gu, d, idx):
         offset = jax.lax.axis_index(expert_axis) * gu.shape[0] if expert_axis else 0
         if impl == "grouped":
-            y = outputs_grouped(x_ND, gu, d, idx - offset, capacity, total_experts=e)
+            y = outputs_grouped(x_ND, gu, d, idx - offset, capacity, total_experts=e, use_kernel=use_kernel)
         else:
-            y = expert_outputs(impl, x_ND, gu, d, idx - offset)
+            y = expert_outputs(impl, x_ND, gu, d, idx - offset, use_kernel=use_kernel)
         if width_axis:  # partial sums over slices of the width: add them in float32
             y = y.astype(jnp.float32)
         return jax.lax.psum(y, split)
@@ -332,7 +340,7 @@ def experts_sharded(impl: str, x_ND, gate_up_w, down_w, weights_NX, idx_NX) -> j
 class MoE(nn.Module):
     """Routed experts plus shared experts: x [B, T, D] -> [B, T, D].
 
-    `impl` (one of `vl2_jax.config.MOE_IMPLS`): "dense" (the plain reference path: every expert on
+    `runtime.moe` (one of `vl2_jax.config.MOE_IMPLS`): "dense" (the plain reference path: every expert on
     every token), "gather" (chosen experts' weights only), "grouped" (tokens in per-expert slots of a
     bounded capacity, dense on overflow), "ragged" (a grouped matmul over expert-sorted tokens: the
     Mosaic GPU kernel on Hopper, `lax.ragged_dot` elsewhere), or "auto" (`choose_dispatch`).
@@ -343,31 +351,36 @@ class MoE(nn.Module):
 
     cfg: LanguageConfig
     dtype: jnp.dtype = jnp.float32
-    impl: str = "dense"
+    runtime: Runtime = Runtime.plain()
 
-    @nn.compact
-    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    def setup(self):
         c, init = self.cfg, normal_init()
         d, f, e = c.hidden_size, c.moe_intermediate_size, c.n_routed_experts
-        router_w = self.param("router_w", init, (d, e), self.dtype)
-        bias = None
+        self.router_w = self.param("router_w", init, (d, e), self.dtype)
         if c.topk_method == "noaux_tc":
-            bias = self.param("router_bias", nn.initializers.zeros, (e,), self.dtype)
-        gate_up_w = self.param("gate_up_w", init, (e, d, 2, f), self.dtype)
-        down_w = self.param("down_w", init, (e, f, d), self.dtype)
+            self.router_bias = self.param("router_bias", nn.initializers.zeros, (e,), self.dtype)
+        self.gate_up_w = self.param("gate_up_w", init, (e, d, 2, f), self.dtype)
+        self.down_w = self.param("down_w", init, (e, f, d), self.dtype)
+        if c.n_shared_experts:
+            self.shared = MLP(d, f * c.n_shared_experts, self.dtype, self.runtime.kernels)
 
-        b, t, _ = x_BTD.shape
+    def choices(self, x_BTD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The router's choices for x [B, T, D]: (weights [N, X] float32, expert ids [N, X] int32), N = B * T."""
+        logits = einsum("ND,DE->NE", x_BTD.reshape(-1, x_BTD.shape[-1]).astype(jnp.float32),
+                        self.router_w.astype(jnp.float32))
+        return route(logits, self.cfg, self.router_bias if self.cfg.topk_method == "noaux_tc" else None)
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        c, kernels = self.cfg, self.runtime.kernels
+        b, t, d = x_BTD.shape
         x_ND = x_BTD.reshape(b * t, d)
-        logits = einsum("ND,DE->NE", x_ND.astype(jnp.float32), router_w.astype(jnp.float32))
-        weights, idx = route(logits, c, bias)
-        if self.is_mutable_collection("intermediates"):  # diagnostics for the benchmark (routing balance)
-            self.sow("intermediates", "busiest_expert_tokens", jnp.max(jnp.sum(idx[..., None] == jnp.arange(e), (0, 1))))
-        impl = choose_dispatch(self.impl, b * t, c.num_experts_per_tok, gate_up_w)
+        weights, idx = self.choices(x_BTD)
+        impl = choose_dispatch(self.runtime.moe, b * t, c.num_experts_per_tok, self.gate_up_w, kernels)
         if jax.sharding.get_abstract_mesh().empty:
-            y = run_experts(impl, x_ND, gate_up_w, down_w, weights, idx, ids_in_range=True)
+            y = run_experts(impl, x_ND, self.gate_up_w, self.down_w, weights, idx, ids_in_range=True, use_kernel=kernels)
         else:
-            y = experts_sharded(impl, x_ND, gate_up_w, down_w, weights, idx)
+            y = experts_sharded(impl, x_ND, self.gate_up_w, self.down_w, weights, idx, kernels)
         y = y.reshape(b, t, d)
         if c.n_shared_experts:
-            y = y + MLP(d, f * c.n_shared_experts, self.dtype, name="shared")(x_BTD)
+            y = y + self.shared(x_BTD)
         return y

@@ -18,9 +18,21 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from vl2_jax.config import VisionConfig
+from vl2_jax.config import Runtime, VisionConfig
 from vl2_jax.kernels import cudnn_attention_usable
 from vl2_jax.modules.layers import LayerNorm, dot_product_attention, einsum, normal_init
+from vl2_jax.processor import PixelNorm, pixel_table
+
+
+def normalize_pixels(pixels_NSS3: jax.Array, norm: PixelNorm) -> jax.Array:
+    """uint8 pixels [..., S, S, 3] -> the reference's normalised tiles [..., 3, S, S] float32, on the device.
+
+    A lookup in `processor.pixel_table(norm)` (a constant of the compiled program), so the device gives
+    the processor's bits: XLA would turn a division by a constant into a multiplication by its
+    reciprocal, which changes last bits. `norm` is static: (mean, std) or None.
+    """
+    flat = pixels_NSS3.astype(jnp.int32) + 256 * jnp.arange(3, dtype=jnp.int32)  # level + 256 * channel
+    return jnp.moveaxis(jnp.asarray(pixel_table(norm)).reshape(-1)[flat], -1, -3)
 
 
 def attend_plain(q_IPHK, k_IQHK, v_IQHK) -> jax.Array:
@@ -31,12 +43,14 @@ def attend_plain(q_IPHK, k_IQHK, v_IQHK) -> jax.Array:
     return einsum("IHPQ,IQHK->IPHK", probs, v_IQHK)
 
 
-def attend(q_IPHK, k_IQHK, v_IQHK, impl: str = "auto") -> jax.Array:
-    """Full (unmasked) attention over the patches of each tile, by `impl` (one of
-    `vl2_jax.config.ATTENTION_IMPLS`; "xla" is `jax.nn.dot_product_attention`'s XLA form)."""
+def attend(q_IPHK, k_IQHK, v_IQHK, runtime: Runtime = Runtime()) -> jax.Array:
+    """Full (unmasked) attention over the patches of each tile, by `runtime.attention` (one of
+    `vl2_jax.config.ATTENTION_IMPLS`; "xla" is `jax.nn.dot_product_attention`'s XLA form; "auto" takes
+    cuDNN only where `runtime.kernels` allows)."""
+    impl = runtime.attention
     if impl in ("cudnn", "xla"):
         return dot_product_attention(q_IPHK, k_IQHK, v_IQHK, impl)
-    if impl == "auto" and cudnn_attention_usable(q_IPHK.dtype, q_IPHK.shape[-1]):
+    if impl == "auto" and runtime.kernels and cudnn_attention_usable(q_IPHK.dtype, q_IPHK.shape[-1]):
         try:
             return dot_product_attention(q_IPHK, k_IQHK, v_IQHK, "cudnn")
         except (RuntimeError, NotImplementedError, ValueError):  # no cuDNN, or a GPU it does not support
@@ -47,7 +61,7 @@ def attend(q_IPHK, k_IQHK, v_IQHK, impl: str = "auto") -> jax.Array:
 class VisionBlock(nn.Module):
     cfg: VisionConfig
     dtype: jnp.dtype = jnp.float32
-    attention: str = "auto"  # see vl2_jax.config.ATTENTION_IMPLS
+    runtime: Runtime = Runtime.plain()
 
     @nn.compact
     def __call__(self, x_IPC: jax.Array) -> jax.Array:
@@ -57,7 +71,7 @@ class VisionBlock(nn.Module):
         qkv_w = self.param("qkv_w", init, (c.width, 3, c.heads, c.head_dim), self.dtype)
         qkv_b = self.param("qkv_b", nn.initializers.zeros, (3, c.heads, c.head_dim), self.dtype)
         qkv = einsum("IPC,CZHK->ZIPHK", h, qkv_w) + qkv_b[:, None, None]
-        attn = attend(qkv[0], qkv[1], qkv[2], self.attention)
+        attn = attend(qkv[0], qkv[1], qkv[2], self.runtime)
         out_w = self.param("out_w", init, (c.heads, c.head_dim, c.width), self.dtype)
         out_b = self.param("out_b", nn.initializers.zeros, (c.width,), self.dtype)
         x_IPC = x_IPC + einsum("IPHK,HKC->IPC", attn, out_w) + out_b
@@ -76,7 +90,7 @@ class VisionTransformer(nn.Module):
 
     cfg: VisionConfig
     dtype: jnp.dtype = jnp.float32
-    attention: str = "auto"  # see vl2_jax.config.ATTENTION_IMPLS
+    runtime: Runtime = Runtime.plain()
 
     @nn.compact
     def __call__(self, images_I3SS: jax.Array) -> jax.Array:
@@ -92,5 +106,5 @@ class VisionTransformer(nn.Module):
         x_IPC = einsum("Icyhxw,chwC->IyxC", x, patch_w)
         x_IPC = x_IPC.reshape(x.shape[0], g * g, c.width) + patch_b + pos_embed
         for i in range(c.layers):
-            x_IPC = VisionBlock(c, self.dtype, self.attention, name=f"block_{i}")(x_IPC)
+            x_IPC = VisionBlock(c, self.dtype, self.runtime, name=f"block_{i}")(x_IPC)
         return LayerNorm(c.width, c.layer_norm_eps, self.dtype, name="norm")(x_IPC)

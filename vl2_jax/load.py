@@ -1,0 +1,252 @@
+"""Model specs -> a `VL2Model` on the devices: the one place that loads models.
+
+A spec is what a user types as a model:
+- `random:tiny|small|base|test`: random weights at that preset's size with a byte-level tokenizer
+  (offline; `test` is a few MB, the others the real sizes);
+- a local folder: a Hugging Face DeepSeek-VL2 checkpoint or a `python -m convert` output;
+- a Hugging Face hub id (`deepseek-ai/deepseek-vl2-tiny`): downloaded once through `huggingface_hub`
+  into its cache, converted once into `$VL2_JAX_CACHE` (default `~/.cache/vl2_jax`), then loaded from
+  the converted copy.
+
+Every leaf goes straight to its device (or, under a mesh, into its shards); no host holds the whole
+model. The formats themselves are read by `vl2_jax.checkpoint` (safetensors) and `vl2_jax.orbax_io`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from vl2_jax.checkpoint import SafetensorsFolder, load_hf, param_shapes, source_dtype
+from vl2_jax.config import PRESETS, Runtime, VL2Config, dtype_of
+from vl2_jax.errors import CheckpointError, ConfigError, out_of_memory_as
+from vl2_jax.model import VL2Model
+from vl2_jax.modules.vl2 import VL2
+from vl2_jax.processor import BOS_TOKEN, EOS_TOKEN, EXTRA_SPECIAL_TOKENS, IMAGE_TOKEN, PAD_TOKEN, Processor
+from vl2_jax.sharding import Layout, make_mesh
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model"]
+
+
+def default_dtype() -> str:
+    """The compute dtype when none is asked for: bfloat16 on accelerators, float32 on the CPU (where
+    bfloat16 matmuls are emulated and slower, and float32 matches the official outputs)."""
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def resolve_dtype(dtype):
+    """None, a name ("bfloat16", "float32", "float16") or a dtype -> a jnp scalar type (or None)."""
+    resolved = dtype_of(dtype)
+    return None if resolved is None else jnp.dtype(resolved).type
+
+
+def cache_dir() -> Path:
+    """Where hub checkpoints are converted to: `$VL2_JAX_CACHE`, default `~/.cache/vl2_jax`."""
+    return Path(os.environ.get("VL2_JAX_CACHE", Path.home() / ".cache" / "vl2_jax"))
+
+
+def load_model(
+    spec: str, dtype=None, *, runtime: Runtime = Runtime(), mesh=None, seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> VL2Model:
+    """Any spec (see the module docstring) -> a `VL2Model`.
+
+    Args:
+      spec: `random:<preset>`, a local folder, or a hub id.
+      dtype: "bfloat16", "float32", "float16", or None for `default_dtype()`.
+      runtime: how the model runs (`vl2_jax.Runtime`: MoE dispatch, attention form, kernels).
+      mesh: None (one device), "auto" (all visible devices, laid out for the model), a spec such as
+        "expert=4,tensor=2" (axes data, expert, tensor), or a `jax.sharding.Mesh` with those axis names.
+      seed: the random weights' seed (`random:*` only).
+      progress: called with a line of text at each stage (default: silent).
+    """
+    return _load(spec, dtype or default_dtype(), runtime, mesh, seed, progress or (lambda line: None))
+
+
+def load_pretrained(spec, dtype="float32", runtime: Runtime = Runtime(), mesh=None) -> VL2Model:
+    """`load_model` with float32 as the default, for parity work; `dtype=None` keeps a checkpoint's dtype."""
+    return _load(str(spec), dtype, runtime, mesh, 0, lambda line: None)
+
+
+def _load(spec: str, dtype, runtime: Runtime, mesh, seed: int, progress: Callable[[str], None]) -> VL2Model:
+    start = time.perf_counter()
+    if spec.startswith("random:"):
+        progress(f"initialising random {spec[7:]} weights ...")
+        model = random_model(spec[7:], dtype or "float32", seed, runtime, mesh)
+    elif Path(spec).exists() or not HUB_ID.match(spec):
+        progress(f"loading {spec} ...")
+        model = load_folder(spec, dtype, runtime, mesh)
+    else:
+        model = load_folder(_converted_from_hub(spec, progress), dtype, runtime, mesh)
+    progress(f"model ready in {time.perf_counter() - start:.1f} s")
+    return model
+
+
+def load_folder(path: str | Path, dtype=None, runtime: Runtime = Runtime(), mesh=None) -> VL2Model:
+    """A Hugging Face DeepSeek-VL2 folder or a `python -m convert` output -> a `VL2Model`.
+
+    The folder holds config.json, the tokenizer and processor files, and either safetensors weights or
+    an Orbax checkpoint written by `python -m convert`. `dtype=None` keeps the checkpoint's dtype.
+    """
+    from vl2_jax import orbax_io
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a folder; pass a DeepSeek-VL2 checkpoint folder.")
+    cfg = VL2Config.from_pretrained(path)
+    processor = Processor.from_pretrained(path)  # before the weights: a bad tokenizer fails in a second
+    want = resolve_dtype(dtype)
+    mesh = make_mesh(mesh, cfg)
+    converted = orbax_io.is_converted(path)
+    if not converted:
+        folder = SafetensorsFolder(path)
+    dtype_ = want or (orbax_io.saved_dtype(path) if converted else source_dtype(folder))
+    shardings = Layout(mesh).param_shardings(param_shapes(cfg, dtype_)) if mesh is not None else None
+    with out_of_memory_as(f"while loading the {jnp.dtype(dtype_).name} weights"):
+        if converted:
+            params, _ = orbax_io.restore(path, cfg, dtype_, shardings)
+        else:
+            params = load_hf(folder, cfg, dtype_, place=_placer(shardings))
+    return VL2Model(cfg, params, processor, dtype_, runtime, mesh)
+
+
+def _placer(shardings):
+    """`place(path, host_array)` for `load_hf`: straight into the leaf's shards, or the default device."""
+    if shardings is None:
+        return None
+
+    def place(path, array):
+        sharding = functools.reduce(lambda tree, key: tree[key], ("params", *path), shardings)
+        return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+    return place
+
+
+def _converted_from_hub(repo_id: str, progress) -> Path:
+    from vl2_jax.orbax_io import convert_checkpoint, is_converted
+
+    target = cache_dir() / repo_id.replace("/", "--")
+    if is_converted(target):
+        return target
+    progress(f"downloading {repo_id} from the Hugging Face hub (once) ...")
+    try:
+        from huggingface_hub import snapshot_download
+
+        source = snapshot_download(repo_id, allow_patterns=DOWNLOAD_PATTERNS)
+    except Exception as e:  # network, auth and not-found errors all come as different types
+        raise CheckpointError(
+            f"{repo_id} is not a local folder, and downloading it from the Hugging Face hub failed "
+            f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); check the path or the hub id and your "
+            "connection, or pass random:tiny."
+        ) from None
+    progress(f"converting {repo_id} to {target} (once) ...")
+    convert_checkpoint(source, target, None, force=True, progress=progress)
+    return target
+
+
+# ------------------------------------------------------------------------------------ random models
+def write_tokenizer(folder: Path, cfg: VL2Config) -> None:
+    """tokenizer.json + tokenizer_config.json of a byte-level BPE without merges (one token per byte)
+    that carries DeepSeek-VL2's special tokens, bos/eos at the config's ids."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    lc = cfg.language
+    vocab = {BOS_TOKEN: lc.bos_token_id, EOS_TOKEN: lc.eos_token_id}
+    free = (i for i in range(lc.vocab_size) if i not in vocab.values())
+    special = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, IMAGE_TOKEN, *EXTRA_SPECIAL_TOKENS)
+    for token in (*special[2:], *sorted(pre_tokenizers.ByteLevel.alphabet())):
+        vocab[token] = next(free)
+    if max(vocab.values()) >= lc.vocab_size:
+        raise ConfigError(f"vocab_size {lc.vocab_size} is too small for the random tokenizer ({len(vocab)} tokens).")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN,
+              "model_max_length": lc.max_position_embeddings}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=1))
+
+
+def write_assets(folder: str | Path, cfg: VL2Config) -> Path:
+    """config.json, processor_config.json and the tokenizer files of a random model, in `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=1))
+    processor = {
+        "candidate_resolutions": [list(r) for r in cfg.candidate_resolutions],
+        "patch_size": cfg.vision.patch_size,
+        "downsample_ratio": cfg.projector.downsample_ratio,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "normalize": True,
+        "image_token": IMAGE_TOKEN,
+        "pad_token": PAD_TOKEN,
+        "sft_format": "deepseek",
+    }
+    (folder / "processor_config.json").write_text(json.dumps(processor, ensure_ascii=False, indent=1))
+    write_tokenizer(folder, cfg)
+    return folder
+
+
+def init_params(cfg: VL2Config, dtype, seed: int = 0, shardings: dict | None = None) -> dict:
+    """Random parameters `{"params": ...}`: normal(0.02) weights, norm scales 1, biases 0, drawn on the
+    default device, or with `shardings` (a params-like tree of Shardings) directly in their shards.
+    Shapes come from tracing the model (`eval_shape`), so nothing but the draws is compiled."""
+    s, t = cfg.vision.image_size, 4
+    args = (
+        jnp.zeros((1, t), jnp.int32), jnp.zeros((1, 3, s, s), dtype), jnp.zeros((1, t), jnp.int32),
+        jnp.zeros((1, t), bool), jnp.zeros((1, t), jnp.int32), jnp.ones((1, t), bool),
+    )
+    shapes = jax.eval_shape(VL2(cfg, dtype).init, jax.random.key(seed), *args)
+    return draw_like(shapes, seed, shardings)
+
+
+def draw_like(shapes, seed: int = 0, shardings: dict | None = None):
+    """Random arrays shaped as the tree `shapes` (of `jax.ShapeDtypeStruct`s), by `init_params`' rules."""
+    paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(shapes)[0])
+    keys = jax.random.split(jax.random.key(seed, impl="unsafe_rbg"), len(leaves))  # RngBitGenerator: quick to compile
+    out = []
+    # One small jitted draw per leaf (compiled once per distinct shape): a single jit over every leaf
+    # takes minutes to compile at the real sizes.
+    targets = jax.tree.leaves(shardings) if shardings is not None else [None] * len(leaves)
+    for path, leaf, key, sharding in zip(paths, leaves, keys, targets):
+        name = jax.tree_util.keystr(path[-1:], simple=True)
+        kind = "ones" if name == "scale" else "zeros" if name.endswith(("_b", "bias")) else "normal"
+        out.append(_draw(kind, leaf.shape, jnp.dtype(leaf.dtype), sharding)(key))
+    return jax.tree.unflatten(jax.tree.structure(shapes), out)
+
+
+@functools.cache
+def _draw(kind: str, shape, dtype, sharding):
+    def draw(key):
+        if kind == "normal":
+            return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+        return (jnp.ones if kind == "ones" else jnp.zeros)(shape, dtype)
+
+    return jax.jit(draw, out_shardings=sharding)
+
+
+def random_model(name: str, dtype="float32", seed: int = 0, runtime: Runtime = Runtime(), mesh=None) -> VL2Model:
+    """A `VL2Model` with random weights at a preset size ("tiny", "small", "base", "test"), on one device
+    or across `mesh` (see `load_model`); its tokenizer and processor files go to a temporary folder and
+    load through the same code as a real checkpoint's."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown random model size {name!r}; use one of {', '.join(PRESETS)}.")
+    cfg = PRESETS[name]
+    dtype = resolve_dtype(dtype) or jnp.float32
+    folder = write_assets(Path(tempfile.mkdtemp(prefix=f"vl2-random-{name}-")), cfg)
+    mesh = make_mesh(mesh, cfg)
+    shardings = Layout(mesh).param_shardings(param_shapes(cfg, dtype)) if mesh is not None else None
+    params = init_params(cfg, dtype, seed, shardings)
+    return VL2Model(cfg, params, Processor.from_pretrained(folder), dtype, runtime, mesh)
