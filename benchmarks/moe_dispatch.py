@@ -5,7 +5,7 @@
 Times the routed + shared experts of every MoE layer of a model (random bf16 weights at the real
 sizes, layers chained so each depends on the last, one jitted call) for each dispatch of
 `vl2_jax.modules.moe` (the library's kernels as `auto` would pick them; "grouped, no kernel" is the
-grouped dispatch with `VL2_JAX_KERNELS=0`: XLA's batched matmul over every expert)
+grouped dispatch with `use_kernel=False`: XLA's batched matmul over every expert)
 and, at decode sizes, for a candidate not in the library: the shared experts stored as S stacked
 experts and run with the gathered routed ones in one matmul.
 Prints one JSON line per case and a table of milliseconds per token count (all layers together).
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -49,10 +48,10 @@ def _weights(key, layers, e, d, f, s, shared_as_experts: bool):
     return out
 
 
-def _layer(impl, k):
+def _layer(impl, k, use_kernel=True):
     def layer(x, w):
         weights, idx = _route(x, w["router"], k)
-        y = run_experts(impl, x, w["gate_up"], w["down"], weights, idx)
+        y = run_experts(impl, x, w["gate_up"], w["down"], weights, idx, use_kernel=use_kernel)
         return y + swiglu(jnp.einsum("ND,DWF->NWF", x, w["s_gate_up"])) @ w["s_down"]
     return layer
 
@@ -75,16 +74,12 @@ def run(model: str, tokens: list[int]) -> list[dict]:
     e, d, f, s, k = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size, c.n_shared_experts, c.num_experts_per_tok
     layers = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
     rows = []
-    setting = os.environ.get("VL2_JAX_KERNELS")
     for name in ("dense", "grouped", "grouped, no kernel", "gather", "ragged", "gather+shared as experts"):
         ws = _weights(jax.random.key(0), layers, e, d, f, s, name.endswith("experts"))
-        layer = _layer_shared_as_experts(k) if name.endswith("experts") else _layer(name.split(",")[0], k)
-        if name == "grouped, no kernel":  # read when the chain is traced, inside its first timing
-            os.environ["VL2_JAX_KERNELS"] = "0"
-        elif setting is None:
-            os.environ.pop("VL2_JAX_KERNELS", None)
+        if name.endswith("experts"):
+            layer = _layer_shared_as_experts(k)
         else:
-            os.environ["VL2_JAX_KERNELS"] = setting
+            layer = _layer(name.split(",")[0], k, use_kernel=not name.endswith("no kernel"))
 
         @jax.jit
         def chain(x, ws, layer=layer):

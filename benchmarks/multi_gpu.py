@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
-from vl2_jax.random_model import init_params, write_assets
+from vl2_jax.load import init_params, write_assets
 
 from vl2_jax.checkpoint import param_shapes
 from vl2_jax.config import PRESETS

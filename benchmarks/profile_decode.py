@@ -11,7 +11,7 @@
    them, and the wall time outside that span (host work before the first launch and after the last).
 2. With --cosine: the same random weights in float32 and in bf16, logits of the image prompt, cosine
    similarity per position (the acceptance bar is >= 0.999). --forced-routing adds bf16 made to use
-   float32's expert choices and routing weights (as `bf16_drift.py`), both run eagerly.
+   float32's expert choices and routing weights (as `bf16_drift.py jax`), both run eagerly.
 Prints one JSON line per result, then a short table.
 """
 
@@ -95,7 +95,7 @@ def idle_gaps(intervals: list[tuple[float, float, str]], top: int = 8) -> dict:
 
 def profile_first_token(spec: str, keep: str | None = None) -> list[dict]:
     """Kernels of one time-to-first-token (embedding with the vision tower, prefill, first sample)."""
-    from vl2_jax.hub import load_model
+    from vl2_jax.load import load_model
 
     model = load_model(spec, "bfloat16")
     batch = _prompt(model)
@@ -121,7 +121,7 @@ def profile_first_token(spec: str, keep: str | None = None) -> list[dict]:
 def profile(spec: str, tokens: int, exact_names: bool = False) -> list[dict]:
     """Kernels of the decode steps alone: a `tokens`-token generation minus a one-token one (the same
     embedding and prefill), per name, divided by the tokens - 1 decode steps."""
-    from vl2_jax.hub import load_model
+    from vl2_jax.load import load_model
 
     model = load_model(spec, "bfloat16")
     batch = _prompt(model)
@@ -146,7 +146,9 @@ def profile(spec: str, tokens: int, exact_names: bool = False) -> list[dict]:
 
 
 def cosine(spec: str, same_weights: bool = False, forced_routing: bool = False) -> list[dict]:
-    from vl2_jax.hub import load_model
+    import bf16_drift  # this script's folder is on the path when it runs
+
+    from vl2_jax.load import load_model
 
     from vl2_jax.model import VL2Model
 
@@ -161,10 +163,8 @@ def cosine(spec: str, same_weights: bool = False, forced_routing: bool = False) 
         f32.params = jax.tree.unflatten(treedef, leaves)
         del leaves
     batch = _prompt(f32)
-    if forced_routing:  # eagerly, recording float32's expert choices to hand to bf16 (`bf16_drift.py`)
-        from bf16_drift import routed
-
-        ref, routes = routed(lambda: np.asarray(f32.logits(batch))[0])
+    if forced_routing:  # eagerly, recording float32's expert choices to hand to bf16
+        ref, routes = bf16_drift.routed(lambda: np.asarray(f32.logits(batch))[0])
     else:
         ref = np.asarray(f32.logits(batch))[0]
     params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), f32.params)
@@ -174,10 +174,10 @@ def cosine(spec: str, same_weights: bool = False, forced_routing: bool = False) 
     runs = [("bf16_vs_f32_logits_cosine", lambda: np.asarray(bf16.logits(batch))[0])]
     if forced_routing:
         runs.append(("bf16_with_f32_routing_vs_f32_logits_cosine",
-                     lambda: routed(lambda: np.asarray(bf16.logits(batch))[0], forced=list(routes))[0]))
+                     lambda: bf16_drift.routed(lambda: np.asarray(bf16.logits(batch))[0], forced=list(routes))[0]))
     for metric, logits in runs:
         got = logits()
-        cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
+        cos = bf16_drift.cosine(got, ref)
         agree = float((got.argmax(-1) == ref.argmax(-1)).mean())
         rows.append({"model": spec, "metric": metric, "reference_weights": "bf16" if same_weights else "float32",
                      "min": float(cos.min()), "mean": float(cos.mean()), "argmax_agreement": agree,

@@ -33,19 +33,23 @@ def test_moe_dispatch_benchmark_runs_on_cpu():
     assert "| test | gather |" in r.stdout and "| test | grouped |" in r.stdout
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--kernel", "matvec", "--block-m", "64"], "--block-m go with --kernel ragged"),
+    (["--kernel", "ragged", "--dense"], "--dense goes with --kernel matvec"),
+    ([], "--kernel"),
+])
+def test_tile_sweep_refuses_options_of_the_other_kernel(args, message):
+    r = _run("benchmarks/tile_sweep.py", *args)
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("same_weights", [False, True])
 def test_bf16_drift_runs_on_cpu(same_weights):
     extra = ["--same-weights"] if same_weights else []
-    r = _run("benchmarks/bf16_drift.py", "--model", "test", "--layers", "2", "--tokens", "16", *extra)
+    r = _run("benchmarks/bf16_drift.py", "jax", "--model", "test", "--layers", "2", "--tokens", "16", *extra)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "logits_cosine_bf16_with_f32_routing" in r.stdout and "tokens_with_other_experts" in r.stdout
     assert f"reference_weights={'bf16' if same_weights else 'float32'}" in r.stdout
-
-
-def test_decode_matvec_runs_on_cpu():
-    r = _run("benchmarks/decode_matvec.py", "--model", "test", "--layers", "2", "--steps", "2")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "| q | kernel |" in r.stdout and "| all | einsum |" in r.stdout
 
 
 def test_cosine_on_the_same_weights_runs_on_cpu():
@@ -57,7 +61,7 @@ def test_cosine_on_the_same_weights_runs_on_cpu():
 
 
 def test_torch_drift_refuses_presets_transformers_does_not_implement():
-    r = _run("benchmarks/torch_bf16_drift.py", "--model", "tiny")
+    r = _run("benchmarks/bf16_drift.py", "torch", "--model", "tiny")
     assert r.returncode == 2 and "use_mla=False" in r.stderr, r.stderr[-2000:]
 
 
@@ -65,7 +69,7 @@ def test_torch_drift_without_torch_says_so():
     try:
         import torch  # noqa: F401
     except ImportError:
-        r = _run("benchmarks/torch_bf16_drift.py", "--model", "test")
+        r = _run("benchmarks/bf16_drift.py", "torch", "--model", "test")
         assert r.returncode == 2 and "needs torch" in r.stderr, r.stderr[-2000:]
     else:
         pytest.skip("torch is installed here")
@@ -82,7 +86,7 @@ def test_torch_drift_float32_agrees_with_pytorch(mode, routing):
     it), not the norms' mapping (every norm scale is 1 in this draw; the fixtures' parity tests cover the
     conversion rules themselves)."""
     pytest.importorskip("torch")
-    r = _run("benchmarks/torch_bf16_drift.py", "--model", "test", "--tokens", "32", "--routing", routing, *mode)
+    r = _run("benchmarks/bf16_drift.py", "torch", "--model", "test", "--tokens", "32", "--routing", routing, *mode)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     cross = next(row for row in rows if row["metric"] == "jax_f32_vs_torch_f32_logits_cosine")
@@ -99,7 +103,7 @@ def test_router_margins_of_the_torch_drift_script():
 
     from vl2_jax.config import PRESETS
 
-    spec = importlib.util.spec_from_file_location("torch_bf16_drift", ROOT / "benchmarks" / "torch_bf16_drift.py")
+    spec = importlib.util.spec_from_file_location("bf16_drift", ROOT / "benchmarks" / "bf16_drift.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     rng = np.random.default_rng(0)

@@ -51,10 +51,10 @@ except Exception:  # noqa: BLE001
 
 # Tiles (block_m, block_n, block_k, max_concurrent_steps, grid_block_n) by the output width N. Where N
 # is a multiple of 256 (every expert projection on one device): the fastest per call in a sweep on an
-# H200 at small's prefill shapes, even and skewed routing (`benchmarks/ragged_dot_tiles.py`), and
-# faster end to end than WIDE_TILES' predecessor, NARROW_TILES: small's prefill 24.97 -> 24.27 ms,
-# base's 38.55 -> 36.17 ms (BENCHMARKS.md, seventh session). Where N is only a multiple of 128 (a
-# tensor split of tiny's or small's expert width): NARROW_TILES, the fastest of the earlier sweeps.
+# H200 at small's prefill shapes, even and skewed routing (`benchmarks/tile_sweep.py --kernel ragged`),
+# and faster end to end than NARROW_TILES: small's prefill 24.97 -> 24.27 ms, base's 38.55 -> 36.17 ms
+# (BENCHMARKS.md). Where N is only a multiple of 128 (a tensor split of tiny's or small's expert
+# width): NARROW_TILES, the fastest of the narrower sweeps.
 WIDE_TILES, NARROW_TILES = (64, 256, 64, 4, 4), (128, 128, 64, 4, 4)
 BLOCK_K = 64  # both tile sets' block_k: the contraction dim must be a multiple of it
 ROW_MULTIPLE = 8  # the Mosaic kernel's row count must be a multiple of its 8-row tiling
@@ -232,7 +232,7 @@ def gathered_matvec(x_RK: jax.Array, w_EKN: jax.Array, ids_A: jax.Array, rows_pe
     One program per (row a, block of N columns, slice of K); the expert's weights are read where they
     lie, once per row. `interpret=True` runs the kernel's semantics on any backend (the CPU tests).
     `tiles` (block_k, block_n, warps, stages[, k_split]) overrides the defaults
-    (`benchmarks/matvec_tiles.py` sweeps them); k_split > 1 splits K over that many programs, whose
+    (`benchmarks/tile_sweep.py --kernel matvec` sweeps them); k_split > 1 splits K over that many programs, whose
     float32 partial sums are added after the kernel (more programs in flight for short row counts).
     """
     a = ids_A.shape[0]

@@ -1,9 +1,9 @@
 """SigLIP ViT (SO400M/14 at 384 px in the released models): patch conv, position embedding, pre-norm
 blocks, final LayerNorm. No class token and no pooling head (`vision.attn_pool.*` is unused upstream).
 
-Attention runs as cuDNN flash attention where it can (NVIDIA GPU, bf16/f16; measured 9.4 against
-14.0 ms for the 5-tile tower on an H200, `benchmarks/vision_tower.py`), else as the plain einsum softmax
-in float32 (CPU, TPU, float32 parity); `attention` picks one explicitly.
+Attention runs as cuDNN flash attention where it can (NVIDIA GPU, bf16/f16; 9.4 against 14.0 ms for
+the 5-tile tower on an H200, BENCHMARKS.md), else as the plain einsum softmax in float32 (CPU, TPU,
+float32 parity); `Runtime.attention` picks one explicitly.
 
 Parameter layout (`params["vision"]`):
     patch_w [3, p, p, C], patch_b [C], pos_embed [P, C]
