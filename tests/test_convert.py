@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -162,8 +163,11 @@ def test_existing_destination_needs_force(tmp_path, capsys, root):
     dst = tmp_path / "dst"
     dst.mkdir()
     (dst / "notes.txt").write_text("mine")
-    assert "already exists; pass --force" in convert_error(capsys, ckpt_dir("mha"), dst)
-    assert "not a vl2_jax checkpoint" in convert_error(capsys, ckpt_dir("mha"), dst, "--force")
+    # An unrelated folder: the first message already says that --force would not help either.
+    unrelated = (f"error: {dst} already exists and is not a vl2_jax checkpoint, so it will not be replaced, even with "
+                 "--force; choose another destination.")
+    assert convert_error(capsys, ckpt_dir("mha"), dst) == unrelated
+    assert convert_error(capsys, ckpt_dir("mha"), dst, "--force") == unrelated
     assert (dst / "notes.txt").read_text() == "mine"
     shutil.rmtree(dst)
     shutil.copytree(converted("mla", root), dst)
@@ -171,6 +175,27 @@ def test_existing_destination_needs_force(tmp_path, capsys, root):
     assert convert_main([str(ckpt_dir("mha")), str(dst), "--force"]) == 0
     assert json.loads((dst / "config.json").read_text()) == json.loads((ckpt_dir("mha") / "config.json").read_text())
     assert orbax_io.is_converted(dst) and [p.name for p in tmp_path.iterdir()] == ["dst"]
+
+
+def test_unwritable_destination_fails_first_naming_it(tmp_path, capsys):
+    """The destination is checked before the source is read: here the source's config.json is broken, yet
+    the one error line is about the destination, naming it and why it cannot be written."""
+    src = copy_ckpt("mla", tmp_path / "src")
+    (src / "config.json").write_text("{")
+    (tmp_path / "file.txt").write_text("")
+    missing, under_file = tmp_path / "missing" / "dst", tmp_path / "file.txt" / "dst"
+    assert convert_error(capsys, src, missing) == (
+        f"error: cannot write {missing}: its parent folder {missing.parent} does not exist; create it or choose "
+        "another destination.")
+    assert not missing.parent.exists()
+    assert convert_error(capsys, src, under_file) == (
+        f"error: cannot write {under_file}: its parent folder {under_file.parent} is not a folder; create it or "
+        "choose another destination.")
+    if Path("/proc/self").is_dir():  # a folder that exists but takes no new entries (the issue's example)
+        line = convert_error(capsys, src, "/proc/forbidden")
+        assert re.fullmatch(r"error: cannot write /proc/forbidden: (/proc does not allow creating folders in it|"
+                            r"no permission to create a folder in /proc); choose another destination\.", line), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "src"]
 
 
 # ------------------------------------------------------------------------------- interrupted runs
