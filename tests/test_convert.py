@@ -154,9 +154,27 @@ def test_missing_inputs_fail_cleanly(tmp_path, capsys):
     src = copy_ckpt("mla", tmp_path / "src")
     (src / "config.json").unlink()
     assert "config.json" in convert_error(capsys, src, tmp_path / "dst")
-    (src / "config.json").write_text('{"model_type": "deepseek_vl_v2", "tile_tag": "2D", "flavour": 1}')
-    assert "flavour" in convert_error(capsys, src, tmp_path / "dst")
+    (src / "config.json").write_text('{"model_type": "deepseek_vl_v2", "tile_tag": "2D", "aligner": {}}')
+    assert "config.json: key(s) aligner change how the official" in convert_error(capsys, src, tmp_path / "dst")
     assert not list(tmp_path.glob("dst*"))
+
+
+def test_unknown_config_keys_warn_in_one_line_each_and_convert(tmp_path, capsys):
+    """A key the official code does not read stops nobody: one `warning:` line per section, then the run goes on."""
+    src = copy_ckpt("mla", tmp_path / "src")
+    raw = json.loads((src / "config.json").read_text())
+    raw["flavour"] = 1
+    raw["language_config"]["mystery_knob"] = {"a": [1, 2]}
+    (src / "config.json").write_text(json.dumps(raw))
+    assert convert_main([str(src), str(tmp_path / "dst")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "warn" in line.lower()] == [
+        "warning: config.json: unknown key(s) flavour; ignored (the official DeepSeek-VL2 code does not read them "
+        "either).",
+        "warning: language_config: unknown key(s) mystery_knob; ignored (the official DeepSeek-VL2 code does not "
+        "read them either).",
+    ]
+    assert orbax_io.is_converted(tmp_path / "dst")
 
 
 def test_existing_destination_needs_force(tmp_path, capsys, root):

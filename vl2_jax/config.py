@@ -2,9 +2,11 @@
 
 `VL2Config.from_hf_dict` is the one place that translates the checkpoint's JSON. Absent keys take the
 reference's defaults (`VisionEncoderConfig`, `MlpProjectorConfig` and `DeepseekV2Config` of the official
-code); keys we do not know, and values we do not implement, are refused with a `ConfigError` that names
-the key. Presets: `PRESETS["tiny" | "small" | "base"]` are the released models, `PRESETS["test"]` is a
-small model with distinct sizes for tests and offline runs.
+code). Values we do not implement, and keys the official code reads that we do not implement
+(`_STRUCTURAL`), are refused with a `ConfigError` that names the key; any other key we do not know is
+ignored with one `warnings.warn` per section naming it, since the official code does not read it either.
+Presets: `PRESETS["tiny" | "small" | "base"]` are the released models, `PRESETS["test"]` is a small model
+with distinct sizes for tests and offline runs.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +45,41 @@ _HF_GENERIC_KEYS = frozenset(
 )
 
 
+# Structural keys this port does not implement, per section: keys that the official code reads to build
+# the model (deepseek-ai/DeepSeek-VL2 `deepseek_vl2/models/`: the config classes and `DeepseekVLV2ForCausalLM`
+# in modeling_deepseek_vl_v2.py, modeling_deepseek.py with transformers 4.38's LlamaAttention for MHA, the
+# `VisionTransformer` arguments of siglip_vit.py; processing_deepseek_vl_v2.py reads processor_config.json,
+# not this file). Ignoring one could silently change the model, so `_take` refuses them. Every other key
+# those files read is known or deliberately ignored by the `from_hf_dict`s below, hence the empty sets.
+# A key they do not read (also `num_labels`: only a classification head that VL2 never builds reads it)
+# is warned about and ignored, as the official code ignores it.
+_STRUCTURAL = {
+    "config.json": frozenset({
+        "aligner",  # the tile-indicator embeddings' width (`aligner.params.n_embed`) of the 1D tile tag
+        "quantization_config",  # quantized weights: transformers' loader, which the official classes use
+    }),
+    "vision_config": frozenset(),
+    "projector_config": frozenset(),
+    "language_config": frozenset(),
+}
+
+
 def _take(section: str, raw: dict, known: dict[str, Any], ignored: frozenset[str]) -> dict[str, Any]:
-    """Returns `known` updated with `raw`; refuses keys that are neither known nor ignored."""
+    """Returns `known` updated with `raw`. A key that is neither known, nor ignored, nor generic HF
+    bookkeeping is refused (ConfigError) if the official code reads it (`_STRUCTURAL`), else ignored with
+    one warning naming the section and the key(s)."""
     unknown = sorted(set(raw) - set(known) - ignored - _HF_GENERIC_KEYS)
-    if unknown:
+    structural = [k for k in unknown if k in _STRUCTURAL[section]]
+    if structural:
         raise ConfigError(
-            f"{section}: unknown key(s) {', '.join(unknown)}; this DeepSeek-VL2 port does not know them, "
-            "so it refuses to guess what they mean."
+            f"{section}: key(s) {', '.join(structural)} change how the official DeepSeek-VL2 code builds the model, "
+            "and this port does not implement them, so it refuses to guess."
+        )
+    if unknown:
+        warnings.warn(
+            f"{section}: unknown key(s) {', '.join(unknown)}; ignored (the official DeepSeek-VL2 code does not "
+            "read them either).",
+            stacklevel=3,
         )
     return {**known, **{k: v for k, v in raw.items() if k in known}}
 
