@@ -114,6 +114,7 @@ def _edit(path: str, value):
         ("language_config.tie_word_embeddings", True, ("tie_word_embeddings",)),
         ("aligner", {"params": {"n_embed": 1280}}, ("config.json: key(s) aligner change how the official",)),
         ("quantization_config", {"quant_method": "gptq", "bits": 4}, ("quantization_config", "refuses")),
+        ("candidate_resolutions", [[384, 384], [576, 384]], ("576x384", "image size 384")),
         ("vision_config.class_token", True, ("class_token",)),
         ("model_type", "llava", ("model_type", "llava")),
         ("projector_config.n_embed", 1024, ("n_embed",)),
@@ -156,6 +157,33 @@ def test_structural_keys_are_refused_before_warning(monkeypatch):
     # The rule covers every section: a structural key of the language model is refused the same way.
     monkeypatch.setitem(config._STRUCTURAL, "language_config", frozenset({"mystery_knob"}))
     _refused(_edit("language_config.mystery_knob", 3), "language_config: key(s) mystery_knob change how")
+
+
+RES_384 = "processor_config.json candidate_resolutions"
+
+
+@pytest.mark.parametrize("resolutions,message", [
+    ([[70, 70], [70, 140]], r": 70x70 does not fit the vision tower's image size 384 \(each width and height must be a "
+                             r"positive multiple of 384\)\.$"),
+    ([[384, 384], [384, 500]], r": 384x500 does not fit the vision tower's image size 384"),
+    ([[384, 384], [0, 384]], r": 0x384 does not fit the vision tower's image size 384"),
+    ([[768, 768], [384, 384]], r": the first resolution's width 768 sets the tile size, but the vision tower's image "
+                               r"size is 384; put \[384, 384\] first\.$"),
+    ([], r" is empty; it needs at least \[384, 384\], the vision tower's image size\.$"),
+    ([[384]], r" must be \[width, height\] pairs of whole numbers, not \[384\]\.$"),
+    ([[384, "384"]], r" must be \[width, height\] pairs of whole numbers"),
+    (384, r" must be a list of \[width, height\] pairs, not 384\.$"),
+], ids=["70px", "not-a-multiple", "zero", "tile-not-first", "empty", "single", "string", "not-a-list"])
+def test_candidate_resolutions_that_do_not_fit_the_vision_tower_are_refused(resolutions, message):
+    with pytest.raises(ConfigError, match="^" + RES_384.replace(".", r"\.") + message):
+        PRESETS["tiny"].check_candidate_resolutions(resolutions, RES_384)
+
+
+def test_candidate_resolutions_that_fit_are_returned_as_int_pairs():
+    assert PRESETS["tiny"].check_candidate_resolutions(_RES) == tuple(map(tuple, _RES))
+    assert PRESETS["test"].check_candidate_resolutions([[56, 56], [112.0, 56]]) == ((56, 56), (112, 56))
+    with pytest.raises(ConfigError, match=r"^candidate_resolutions: 384x384 does not fit the vision tower's image size 56"):
+        PRESETS["test"].check_candidate_resolutions(_RES)
 
 
 def test_moe_layer_rule():

@@ -256,8 +256,11 @@ def test_bfloat16_conversion_and_random_sharded_checkpoint(tmp_path):
     cfg = PRESETS["test"]
     src = write_random_hf_checkpoint(cfg, tmp_path / "src", dtype="float32", shards=3)
     assert len(list(src.glob("model-0000?-of-00003.safetensors"))) == 3
-    for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(ckpt_dir("mla") / name, src / name)
+    processor = json.loads((ckpt_dir("mla") / "processor_config.json").read_text())  # 70-px tiles: the test's are 56
+    processor["candidate_resolutions"] = [list(r) for r in cfg.candidate_resolutions]
+    (src / "processor_config.json").write_text(json.dumps(processor))
     run = run_convert(src, tmp_path / "dst", "--dtype", "bfloat16")
     assert run.returncode == 0, run.stderr
     params, saved = orbax_io.restore(tmp_path / "dst", cfg)
