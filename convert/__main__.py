@@ -2,8 +2,11 @@
 
     python -m convert deepseek-vl2-small/ vl2-small-orbax/ [--dtype bfloat16|float32] [--force]
 
-Progress goes to stderr, the one-line summary to stdout. A bad input (missing folder or config, missing,
-unexpected or mis-shaped tensors, truncated files) prints one `error: ...` line and exits with status 1.
+Progress goes to stderr, the one-line summary to stdout. The destination is checked before anything is
+read: a folder that cannot be written, or an existing one that is not a vl2_jax checkpoint (never replaced,
+even with --force), fails at once. A bad input (missing folder or config, missing, unexpected or
+mis-shaped tensors, truncated files) or destination prints one `error: ...` line and exits with status 1;
+a warning (e.g. an unknown, ignored key in config.json) prints one `warning: ...` line and the run goes on.
 """
 
 from __future__ import annotations
@@ -11,14 +14,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m convert", description=__doc__.splitlines()[0])
     p.add_argument("src", help="Hugging Face folder: config.json, safetensors weights, tokenizer and processor files")
-    p.add_argument("dst", help="output folder (created; must not exist unless --force)")
+    p.add_argument("dst", help="output folder (created inside an existing folder; must not exist unless --force)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="saved dtype (default: the source's)")
-    p.add_argument("--force", action="store_true", help="replace an existing converted checkpoint at DST")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing converted checkpoint (or empty folder) at DST; never any other folder")
     return p
 
 
@@ -31,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
 
     log = lambda line: print(line, file=sys.stderr, flush=True)
     try:
-        result = convert_checkpoint(args.src, args.dst, args.dtype, args.force, progress=log)
+        with warnings.catch_warnings():  # restores the default display afterwards
+            warnings.showwarning = lambda message, *_, **__: log("warning: " + " ".join(str(message).split()))
+            result = convert_checkpoint(args.src, args.dst, args.dtype, args.force, progress=log)
     except (VL2Error, OSError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +56,9 @@ def hf_config(size: str) -> dict:
 
 @pytest.mark.parametrize("size", ["tiny", "small", "base"])
 def test_released_configs_give_the_presets(size):
-    cfg = VL2Config.from_hf_dict(hf_config(size))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every key of a released config is known or deliberately ignored
+        cfg = VL2Config.from_hf_dict(hf_config(size))
     assert cfg.language == PRESETS[size].language
     assert cfg.vision == PRESETS[size].vision
     assert cfg.projector == PRESETS[size].projector
@@ -109,7 +112,9 @@ def _edit(path: str, value):
         ("language_config.scoring_func", "relu", ("scoring_func",)),
         ("language_config.hidden_act", "gelu", ("hidden_act",)),
         ("language_config.tie_word_embeddings", True, ("tie_word_embeddings",)),
-        ("language_config.mystery_knob", 3, ("mystery_knob", "language_config")),
+        ("aligner", {"params": {"n_embed": 1280}}, ("config.json: key(s) aligner change how the official",)),
+        ("quantization_config", {"quant_method": "gptq", "bits": 4}, ("quantization_config", "refuses")),
+        ("candidate_resolutions", [[384, 384], [576, 384]], ("576x384", "image size 384")),
         ("vision_config.class_token", True, ("class_token",)),
         ("model_type", "llava", ("model_type", "llava")),
         ("projector_config.n_embed", 1024, ("n_embed",)),
@@ -117,6 +122,68 @@ def _edit(path: str, value):
 )
 def test_unsupported_values_are_refused_by_name(path, value, words):
     _refused(_edit(path, value), *words)
+
+
+@pytest.mark.parametrize("section", ["config.json", "vision_config", "projector_config", "language_config"])
+def test_unknown_harmless_keys_warn_once_and_load(section):
+    """Keys the official code does not read (a newer transformers' bookkeeping, a tool's note) are ignored
+    with one warning naming the section and the keys; the config is the one without them."""
+    raw = copy.deepcopy(hf_config("tiny"))
+    target = raw if section == "config.json" else raw[section]
+    target.update(mystery_knob=3, a_note="x")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = VL2Config.from_hf_dict(raw)
+    assert [str(w.message) for w in caught] == [
+        f"{section}: unknown key(s) a_note, mystery_knob; ignored (the official DeepSeek-VL2 code does not read "
+        "them either)."
+    ]
+    assert cfg == VL2Config.from_hf_dict(hf_config("tiny"))
+
+
+def test_structural_keys_are_refused_before_warning(monkeypatch):
+    """A key the official code reads but this port does not implement is refused with its section, even
+    beside harmless unknown keys (and before warning about them)."""
+    from vl2_jax import config
+
+    raw = copy.deepcopy(hf_config("tiny"))
+    raw.update(aligner={"params": {"n_embed": 1280}}, a_note="x")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ConfigError, match=r"^config\.json: key\(s\) aligner change how the official "
+                           r"DeepSeek-VL2 code builds the model, and this port does not implement them, so it "
+                           r"refuses to guess\.$"):
+            VL2Config.from_hf_dict(raw)
+    # The rule covers every section: a structural key of the language model is refused the same way.
+    monkeypatch.setitem(config._STRUCTURAL, "language_config", frozenset({"mystery_knob"}))
+    _refused(_edit("language_config.mystery_knob", 3), "language_config: key(s) mystery_knob change how")
+
+
+RES_384 = "processor_config.json candidate_resolutions"
+
+
+@pytest.mark.parametrize("resolutions,message", [
+    ([[70, 70], [70, 140]], r": 70x70 does not fit the vision tower's image size 384 \(each width and height must be a "
+                             r"positive multiple of 384\)\.$"),
+    ([[384, 384], [384, 500]], r": 384x500 does not fit the vision tower's image size 384"),
+    ([[384, 384], [0, 384]], r": 0x384 does not fit the vision tower's image size 384"),
+    ([[768, 768], [384, 384]], r": the first resolution's width 768 sets the tile size, but the vision tower's image "
+                               r"size is 384; put \[384, 384\] first\.$"),
+    ([], r" is empty; it needs at least \[384, 384\], the vision tower's image size\.$"),
+    ([[384]], r" must be \[width, height\] pairs of whole numbers, not \[384\]\.$"),
+    ([[384, "384"]], r" must be \[width, height\] pairs of whole numbers"),
+    (384, r" must be a list of \[width, height\] pairs, not 384\.$"),
+], ids=["70px", "not-a-multiple", "zero", "tile-not-first", "empty", "single", "string", "not-a-list"])
+def test_candidate_resolutions_that_do_not_fit_the_vision_tower_are_refused(resolutions, message):
+    with pytest.raises(ConfigError, match="^" + RES_384.replace(".", r"\.") + message):
+        PRESETS["tiny"].check_candidate_resolutions(resolutions, RES_384)
+
+
+def test_candidate_resolutions_that_fit_are_returned_as_int_pairs():
+    assert PRESETS["tiny"].check_candidate_resolutions(_RES) == tuple(map(tuple, _RES))
+    assert PRESETS["test"].check_candidate_resolutions([[56, 56], [112.0, 56]]) == ((56, 56), (112, 56))
+    with pytest.raises(ConfigError, match=r"^candidate_resolutions: 384x384 does not fit the vision tower's image size 56"):
+        PRESETS["test"].check_candidate_resolutions(_RES)
 
 
 def test_moe_layer_rule():

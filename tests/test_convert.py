@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -153,17 +154,38 @@ def test_missing_inputs_fail_cleanly(tmp_path, capsys):
     src = copy_ckpt("mla", tmp_path / "src")
     (src / "config.json").unlink()
     assert "config.json" in convert_error(capsys, src, tmp_path / "dst")
-    (src / "config.json").write_text('{"model_type": "deepseek_vl_v2", "tile_tag": "2D", "flavour": 1}')
-    assert "flavour" in convert_error(capsys, src, tmp_path / "dst")
+    (src / "config.json").write_text('{"model_type": "deepseek_vl_v2", "tile_tag": "2D", "aligner": {}}')
+    assert "config.json: key(s) aligner change how the official" in convert_error(capsys, src, tmp_path / "dst")
     assert not list(tmp_path.glob("dst*"))
+
+
+def test_unknown_config_keys_warn_in_one_line_each_and_convert(tmp_path, capsys):
+    """A key the official code does not read stops nobody: one `warning:` line per section, then the run goes on."""
+    src = copy_ckpt("mla", tmp_path / "src")
+    raw = json.loads((src / "config.json").read_text())
+    raw["flavour"] = 1
+    raw["language_config"]["mystery_knob"] = {"a": [1, 2]}
+    (src / "config.json").write_text(json.dumps(raw))
+    assert convert_main([str(src), str(tmp_path / "dst")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "warn" in line.lower()] == [
+        "warning: config.json: unknown key(s) flavour; ignored (the official DeepSeek-VL2 code does not read them "
+        "either).",
+        "warning: language_config: unknown key(s) mystery_knob; ignored (the official DeepSeek-VL2 code does not "
+        "read them either).",
+    ]
+    assert orbax_io.is_converted(tmp_path / "dst")
 
 
 def test_existing_destination_needs_force(tmp_path, capsys, root):
     dst = tmp_path / "dst"
     dst.mkdir()
     (dst / "notes.txt").write_text("mine")
-    assert "already exists; pass --force" in convert_error(capsys, ckpt_dir("mha"), dst)
-    assert "not a vl2_jax checkpoint" in convert_error(capsys, ckpt_dir("mha"), dst, "--force")
+    # An unrelated folder: the first message already says that --force would not help either.
+    unrelated = (f"error: {dst} already exists and is not a vl2_jax checkpoint, so it will not be replaced, even with "
+                 "--force; choose another destination.")
+    assert convert_error(capsys, ckpt_dir("mha"), dst) == unrelated
+    assert convert_error(capsys, ckpt_dir("mha"), dst, "--force") == unrelated
     assert (dst / "notes.txt").read_text() == "mine"
     shutil.rmtree(dst)
     shutil.copytree(converted("mla", root), dst)
@@ -171,6 +193,27 @@ def test_existing_destination_needs_force(tmp_path, capsys, root):
     assert convert_main([str(ckpt_dir("mha")), str(dst), "--force"]) == 0
     assert json.loads((dst / "config.json").read_text()) == json.loads((ckpt_dir("mha") / "config.json").read_text())
     assert orbax_io.is_converted(dst) and [p.name for p in tmp_path.iterdir()] == ["dst"]
+
+
+def test_unwritable_destination_fails_first_naming_it(tmp_path, capsys):
+    """The destination is checked before the source is read: here the source's config.json is broken, yet
+    the one error line is about the destination, naming it and why it cannot be written."""
+    src = copy_ckpt("mla", tmp_path / "src")
+    (src / "config.json").write_text("{")
+    (tmp_path / "file.txt").write_text("")
+    missing, under_file = tmp_path / "missing" / "dst", tmp_path / "file.txt" / "dst"
+    assert convert_error(capsys, src, missing) == (
+        f"error: cannot write {missing}: its parent folder {missing.parent} does not exist; create it or choose "
+        "another destination.")
+    assert not missing.parent.exists()
+    assert convert_error(capsys, src, under_file) == (
+        f"error: cannot write {under_file}: its parent folder {under_file.parent} is not a folder; create it or "
+        "choose another destination.")
+    if Path("/proc/self").is_dir():  # a folder that exists but takes no new entries (the issue's example)
+        line = convert_error(capsys, src, "/proc/forbidden")
+        assert re.fullmatch(r"error: cannot write /proc/forbidden: (/proc does not allow creating folders in it|"
+                            r"no permission to create a folder in /proc); choose another destination\.", line), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "src"]
 
 
 # ------------------------------------------------------------------------------- interrupted runs
@@ -213,8 +256,11 @@ def test_bfloat16_conversion_and_random_sharded_checkpoint(tmp_path):
     cfg = PRESETS["test"]
     src = write_random_hf_checkpoint(cfg, tmp_path / "src", dtype="float32", shards=3)
     assert len(list(src.glob("model-0000?-of-00003.safetensors"))) == 3
-    for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(ckpt_dir("mla") / name, src / name)
+    processor = json.loads((ckpt_dir("mla") / "processor_config.json").read_text())  # 70-px tiles: the test's are 56
+    processor["candidate_resolutions"] = [list(r) for r in cfg.candidate_resolutions]
+    (src / "processor_config.json").write_text(json.dumps(processor))
     run = run_convert(src, tmp_path / "dst", "--dtype", "bfloat16")
     assert run.returncode == 0, run.stderr
     params, saved = orbax_io.restore(tmp_path / "dst", cfg)

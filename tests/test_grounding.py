@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import re
 import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
+from vl2_jax.errors import InputError
 from vl2_jax.grounding import COLORS, Detection, draw_boxes, parse_boxes
 
 SIZE = (999, 1998)  # x in pixels == grid, y in pixels == 2 * grid
@@ -85,6 +88,41 @@ def test_malformed_boxes_are_skipped_with_a_warning(junk):
 
 def test_plain_text_has_no_boxes():
     assert parse_quiet("A cat on a sofa.") == []
+
+
+@pytest.mark.parametrize("as_path", [str, Path])
+def test_image_as_a_file_path_reads_only_its_size(tmp_path, as_path):
+    """A path works as in draw_boxes; only the header is read, so a file cut after it still gives its size."""
+    text = "<|ref|>x<|/ref|><|det|>[[0, 0, 999, 999]]<|/det|>"
+    whole, cut = tmp_path / "photo.png", tmp_path / "cut.png"
+    Image.effect_noise((640, 480), 64).convert("RGB").save(whole)
+    cut.write_bytes(whole.read_bytes()[:100])
+    for path in (whole, cut):
+        assert parse_quiet(text, as_path(path)) == parse_quiet(text, (640, 480))
+    (d,) = parse_quiet(text, np.array([640, 480]))
+    assert d.box == (0.0, 0.0, 640.0, 480.0)
+
+
+@pytest.mark.parametrize("image,message", [
+    ("missing.jpg", r"^image file .*missing\.jpg does not exist; check the path\.$"),
+    ("", r"^.* is a folder, not an image file; pass the image the answer is about\.$"),
+    ("notes.txt", r"^.*notes\.txt is not an image file that PIL can read; pass the image the answer is about\.$"),
+    (3, r"^parse_boxes needs the image as a PIL image, a file path or \(width, height\), not int 3\.$"),
+    (None, r"^parse_boxes needs the image as a PIL image, a file path or \(width, height\), not NoneType None\.$"),
+    ((640, 480, 3), r"not tuple \(640, 480, 3\)\.$"),
+    ((0, 480), r"^parse_boxes needs an image size of two positive numbers \(width, height\), not \(0, 480\)\.$"),
+    (("640", "480"), r"two positive numbers \(width, height\), not \('640', '480'\)\.$"),
+    ((float("nan"), 480), r"two positive numbers"),
+    (Image.new("RGB", (0, 0)), r"two positive numbers \(width, height\), not \(0, 0\)\.$"),
+], ids=["missing", "folder", "not-an-image", "int", "none", "triple", "zero-width", "strings", "nan", "empty-pil"])
+def test_a_bad_image_argument_is_one_clear_input_error(tmp_path, image, message):
+    """Never a bare ValueError from unpacking: the error names what was passed, in one sentence."""
+    (tmp_path / "notes.txt").write_text("not a picture")
+    if isinstance(image, str):
+        image = tmp_path / image if image else tmp_path
+    with pytest.raises(InputError, match=message) as e:
+        parse_boxes("<|det|>[[1, 2, 3, 4]]<|/det|>", image)
+    assert "\n" not in str(e.value)
 
 
 def test_draw_boxes_outlines_in_colour_and_leaves_the_inside():

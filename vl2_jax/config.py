@@ -2,9 +2,12 @@
 
 `VL2Config.from_hf_dict` is the one place that translates the checkpoint's JSON. Absent keys take the
 reference's defaults (`VisionEncoderConfig`, `MlpProjectorConfig` and `DeepseekV2Config` of the official
-code); keys we do not know, and values we do not implement, are refused with a `ConfigError` that names
-the key. Presets: `PRESETS["tiny" | "small" | "base"]` are the released models, `PRESETS["test"]` is a
-small model with distinct sizes for tests and offline runs.
+code). Values we do not implement, and keys the official code reads that we do not implement
+(`_STRUCTURAL`), are refused with a `ConfigError` that names the key; any other key we do not know is
+ignored with one `warnings.warn` per section naming it, since the official code does not read it either.
+`VL2Config.check_candidate_resolutions` checks a processor's tile canvases against the vision tower.
+Presets: `PRESETS["tiny" | "small" | "base"]` are the released models, `PRESETS["test"]` is a small model
+with distinct sizes for tests and offline runs.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -93,13 +98,41 @@ _HF_GENERIC_KEYS = frozenset(
 )
 
 
+# Structural keys this port does not implement, per section: keys that the official code reads to build
+# the model (deepseek-ai/DeepSeek-VL2 `deepseek_vl2/models/`: the config classes and `DeepseekVLV2ForCausalLM`
+# in modeling_deepseek_vl_v2.py, modeling_deepseek.py with transformers 4.38's LlamaAttention for MHA, the
+# `VisionTransformer` arguments of siglip_vit.py; processing_deepseek_vl_v2.py reads processor_config.json,
+# not this file). Ignoring one could silently change the model, so `_take` refuses them. Every other key
+# those files read is known or deliberately ignored by the `from_hf_dict`s below, hence the empty sets.
+# A key they do not read (also `num_labels`: only a classification head that VL2 never builds reads it)
+# is warned about and ignored, as the official code ignores it.
+_STRUCTURAL = {
+    "config.json": frozenset({
+        "aligner",  # the tile-indicator embeddings' width (`aligner.params.n_embed`) of the 1D tile tag
+        "quantization_config",  # quantized weights: transformers' loader, which the official classes use
+    }),
+    "vision_config": frozenset(),
+    "projector_config": frozenset(),
+    "language_config": frozenset(),
+}
+
+
 def _take(section: str, raw: dict, known: dict[str, Any], ignored: frozenset[str]) -> dict[str, Any]:
-    """Returns `known` updated with `raw`; refuses keys that are neither known nor ignored."""
+    """Returns `known` updated with `raw`. A key that is neither known, nor ignored, nor generic HF
+    bookkeeping is refused (ConfigError) if the official code reads it (`_STRUCTURAL`), else ignored with
+    one warning naming the section and the key(s)."""
     unknown = sorted(set(raw) - set(known) - ignored - _HF_GENERIC_KEYS)
-    if unknown:
+    structural = [k for k in unknown if k in _STRUCTURAL[section]]
+    if structural:
         raise ConfigError(
-            f"{section}: unknown key(s) {', '.join(unknown)}; this DeepSeek-VL2 port does not know them, "
-            "so it refuses to guess what they mean."
+            f"{section}: key(s) {', '.join(structural)} change how the official DeepSeek-VL2 code builds the model, "
+            "and this port does not implement them, so it refuses to guess."
+        )
+    if unknown:
+        warnings.warn(
+            f"{section}: unknown key(s) {', '.join(unknown)}; ignored (the official DeepSeek-VL2 code does not "
+            "read them either).",
+            stacklevel=3,
         )
     return {**known, **{k: v for k, v in raw.items() if k in known}}
 
@@ -308,10 +341,47 @@ class VL2Config:
             vision=VisionConfig.from_hf_dict(values["vision_config"]),
             projector=ProjectorConfig.from_hf_dict(values["projector_config"]),
             language=LanguageConfig.from_hf_dict(values["language_config"]),
-            candidate_resolutions=tuple((int(w), int(h)) for w, h in values["candidate_resolutions"]),
         )
+        resolutions = cfg.check_candidate_resolutions(values["candidate_resolutions"])
+        cfg = dataclasses.replace(cfg, candidate_resolutions=resolutions)
         cfg.validate()
         return cfg
+
+    def check_candidate_resolutions(self, resolutions, where: str = "candidate_resolutions") -> tuple[tuple[int, int], ...]:
+        """Checks a processor's candidate canvases [[width, height], ...] against this model's vision tower;
+        returns them as a tuple of (width, height) int pairs.
+
+        The official processor takes its tile size from the first canvas's width, cuts the chosen canvas
+        into `width // tile` x `height // tile` square tiles and sends each to the vision tower, whose
+        patch embedding takes exactly `vision.image_size` pixels. So the list must be non-empty, every
+        width and height a positive multiple of `vision.image_size`, and the first width that size itself.
+        Raises ConfigError naming `where` (e.g. "processor_config.json candidate_resolutions"), the
+        offending resolution and the vision tower's image size.
+        """
+        size = self.vision.image_size
+        try:
+            pairs = [tuple(r) for r in resolutions]
+        except TypeError:
+            raise ConfigError(f"{where} must be a list of [width, height] pairs, not {resolutions!r}.") from None
+        if not pairs:
+            raise ConfigError(f"{where} is empty; it needs at least [{size}, {size}], the vision tower's image size.")
+        for pair in pairs:
+            whole = all(isinstance(v, numbers.Real) and not isinstance(v, bool) and float(v).is_integer() for v in pair)
+            if len(pair) != 2 or not whole:
+                raise ConfigError(f"{where} must be [width, height] pairs of whole numbers, not {list(pair)!r}.")
+            width, height = (int(v) for v in pair)
+            if width < size or height < size or width % size or height % size:
+                raise ConfigError(
+                    f"{where}: {width}x{height} does not fit the vision tower's image size {size} (each width and "
+                    f"height must be a positive multiple of {size})."
+                )
+        first = int(pairs[0][0])
+        if first != size:
+            raise ConfigError(
+                f"{where}: the first resolution's width {first} sets the tile size, but the vision tower's image "
+                f"size is {size}; put [{size}, {size}] first."
+            )
+        return tuple((int(w), int(h)) for w, h in pairs)
 
     def validate(self) -> None:
         _require(
@@ -322,11 +392,7 @@ class VL2Config:
             self.projector.n_embed == self.language.hidden_size, "projector_config.n_embed", self.projector.n_embed,
             f"must equal the language hidden_size {self.language.hidden_size}",
         )
-        tile = self.candidate_resolutions[0][0]
-        _require(
-            tile == self.vision.image_size, "candidate_resolutions", self.candidate_resolutions[0],
-            f"the tile size must equal vision_config.image_size {self.vision.image_size}",
-        )
+        self.check_candidate_resolutions(self.candidate_resolutions)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> VL2Config:

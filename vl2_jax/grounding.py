@@ -1,6 +1,6 @@
 """Boxes in grounding answers: parse `<|ref|>LABEL<|/ref|><|det|>[[x1,y1,x2,y2], ...]<|/det|>`, draw them.
 
-    detections = parse_boxes(answer, image)          # or image=(width, height)
+    detections = parse_boxes(answer, image)          # image: a PIL image, a file path or (width, height)
     draw_boxes(image, detections, "boxes.png")       # a new PIL image with outlines and labels
 
 The model writes boxes on a 0-999 grid relative to the ORIGINAL image; a box becomes pixels as
@@ -21,10 +21,14 @@ skips what it cannot use with a `warnings.warn` and keeps the rest:
 from __future__ import annotations
 
 import math
+import numbers
+import os
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+from vl2_jax.errors import InputError
 
 GRID = 999
 DEFAULT_LABEL = "object"
@@ -53,10 +57,48 @@ class Detection:
 
 
 def _image_size(image) -> tuple[int, int]:
-    """(width, height) of a PIL image or of a (width, height) pair."""
-    size = getattr(image, "size", image)
-    width, height = size
+    """(width, height) of a PIL image, of an image file (only its header is read) or of a (width, height)
+    pair of positive numbers; an InputError (one sentence) for anything else."""
+    if isinstance(image, (str, os.PathLike)):
+        return _file_size(os.fspath(image))
+    size = getattr(image, "size", None)  # a PIL image's is a tuple; a numpy array's is a count
+    size = size if isinstance(size, tuple) else image
+    try:
+        width, height = size
+    except (TypeError, ValueError):
+        raise InputError(
+            f"parse_boxes needs the image as a PIL image, a file path or (width, height), not {_describe(image)}."
+        ) from None
+    pair = (width, height)
+    numeric = all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in pair)
+    if not numeric or int(width) < 1 or int(height) < 1:
+        raise InputError(f"parse_boxes needs an image size of two positive numbers (width, height), not {pair!r}.")
     return int(width), int(height)
+
+
+def _describe(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _file_size(path: str) -> tuple[int, int]:
+    """(width, height) from an image file's header: PIL opens lazily and decodes no pixels here."""
+    from PIL import Image, UnidentifiedImageError
+
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a folder, not an image file; pass the image the answer is about.")
+    try:
+        with Image.open(path) as opened:
+            width, height = opened.size
+    except FileNotFoundError:
+        raise InputError(f"image file {path} does not exist; check the path.") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{path} is not an image file that PIL can read; pass the image the answer is about.") from None
+    except OSError as e:
+        raise InputError(f"cannot read image file {path} ({e.strerror or e}); check the file and its permissions.") from None
+    if width < 1 or height < 1:
+        raise InputError(f"image file {path} is {width}x{height} pixels; a box needs an image with an area.")
+    return width, height
 
 
 def _grid_box(raw: str, notes: list[str]) -> tuple[float, float, float, float] | None:
@@ -97,10 +139,13 @@ def _boxes_in(det: str, terminated: bool, notes: list[str]) -> list[tuple[float,
 
 
 def parse_boxes(text: str, image) -> list[Detection]:
-    """The boxes of a grounding answer, in pixels of `image` (a PIL image or (width, height)), in order.
+    """The boxes of a grounding answer, in pixels of `image`, in order.
 
-    Each `<|det|>` takes the label of the `<|ref|>` just before it (since the previous `<|det|>`), else
-    "object". Malformed boxes are skipped with a warning (see the module docstring); never raises on text.
+    `image` is the picture the answer is about: a PIL image, an image file path (str or Path; only its
+    size is read, no pixels are decoded) or (width, height). Each `<|det|>` takes the label of the
+    `<|ref|>` just before it (since the previous `<|det|>`), else "object". Malformed boxes are skipped
+    with a warning (see the module docstring); never raises on text. Raises InputError (one sentence) for
+    an `image` that is none of the above, a missing file, or a file that is not an image.
     """
     width, height = _image_size(image)
     found: list[Detection] = []

@@ -19,6 +19,7 @@ leaves a folder that `is_converted` accepts.
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import os
 import re
@@ -247,15 +248,58 @@ def glob_escape(name: str) -> str:
 
 
 def _check_destination(src: Path, dst: Path, force: bool) -> None:
+    """Refuses, before anything is read, a destination that this run must not replace or cannot write.
+
+    DST must neither be nor contain SRC. An existing DST is replaced only with `force` and only if it is
+    what a conversion made (or an empty folder); an unrelated one is refused at once, with or without
+    `force`. DST's parent must be an existing folder in which this process can create a folder: tried with
+    the `DST.partial-<pid>` folder the run will write into, removed again at once. Raises CheckpointError
+    (one sentence naming DST and the reason).
+    """
     if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
         raise CheckpointError(f"the destination {dst} would contain or replace the source {src}; choose another folder.")
-    if not dst.exists():
-        return
-    if not force:
-        raise CheckpointError(f"{dst} already exists; pass --force to replace it.")
-    # --force replaces only what a conversion made (or an empty folder), never an arbitrary folder.
-    if not dst.is_dir() or not (is_converted(dst) or (dst / MANIFEST).exists() or not any(dst.iterdir())):
-        raise CheckpointError(f"{dst} exists and is not a vl2_jax checkpoint; refusing to replace it, even with --force.")
+    if dst.exists() or dst.is_symlink():
+        # --force replaces only what a conversion made (or an empty folder), never an arbitrary folder.
+        if not _replaceable(dst):
+            raise CheckpointError(
+                f"{dst} already exists and is not a vl2_jax checkpoint, so it will not be replaced, even with "
+                "--force; choose another destination."
+            )
+        if not force:
+            raise CheckpointError(f"{dst} already exists; pass --force to replace it.")
+    parent = dst.absolute().parent
+    if not parent.is_dir():
+        what = "is not a folder" if parent.exists() else "does not exist"
+        raise CheckpointError(f"cannot write {dst}: its parent folder {parent} {what}; create it or choose another destination.")
+    probe = dst.with_name(f"{dst.name}.partial-{os.getpid()}")
+    try:
+        probe.mkdir()
+    except FileExistsError:
+        return  # a leftover of an earlier process with our pid: the folder can be written, leave it alone
+    except OSError as e:
+        raise CheckpointError(f"cannot write {dst}: {_not_writable_because(e, parent)}; choose another destination.") from None
+    probe.rmdir()
+
+
+def _replaceable(dst: Path) -> bool:
+    """True iff `dst` is a folder that a conversion made (finished or not) or an empty folder."""
+    try:
+        return dst.is_dir() and (is_converted(dst) or (dst / MANIFEST).exists() or not any(dst.iterdir()))
+    except OSError:  # unreadable: not something we can tell is ours
+        return False
+
+
+def _not_writable_because(error: OSError, parent: Path) -> str:
+    """Why a folder could not be created in `parent`, in words (the errno's text names the wrong path)."""
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return f"no permission to create a folder in {parent}"
+    if error.errno == errno.EROFS:
+        return f"{parent} is on a read-only file system"
+    if error.errno == errno.ENOSPC:
+        return f"no space left on the device of {parent}"
+    if error.errno == errno.ENOENT:  # the parent exists, yet refuses new entries (e.g. /proc)
+        return f"{parent} does not allow creating folders in it"
+    return f"creating a folder in {parent} failed ({error.strerror or error})"
 
 
 def _copy_side_files(src: Path, tmp: Path) -> list[str]:
@@ -276,17 +320,18 @@ def convert_checkpoint(
 ) -> dict:
     """Converts a Hugging Face DeepSeek-VL2 folder `src` into an Orbax checkpoint folder `dst`.
 
-    Every tensor is checked (names, shapes) before anything is written. `dtype` ("bfloat16", "float32",
-    a dtype, or None for the source's) is the saved dtype. `progress(line)` gets one line per step.
-    Returns the manifest (plus "seconds" and "bytes"). Raises CheckpointError / ConfigError.
+    The destination is checked first (see `_check_destination`: writable, not an unrelated folder), then
+    every tensor (names, shapes) before anything is written. `dtype` ("bfloat16", "float32", a dtype, or
+    None for the source's) is the saved dtype. `progress(line)` gets one line per step. Returns the
+    manifest (plus "seconds" and "bytes"). Raises CheckpointError / ConfigError.
     """
     progress = progress or (lambda line: None)
     start = time.time()
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise CheckpointError(f"{src} is not a folder; pass a Hugging Face DeepSeek-VL2 checkpoint folder.")
+    _check_destination(src, dst, force)  # before anything is read: a bad destination fails in a moment
     cfg = VL2Config.from_pretrained(src)
-    _check_destination(src, dst, force)
     folder = SafetensorsFolder(src)
     plan = conversion_plan(cfg)
     dropped = check_accounts(plan, folder.names(), src)
