@@ -93,8 +93,8 @@ def routed(fn, forced=None):
 
 def run_jax(model: str, layers: int, tokens: int, same_weights: bool = False, attention: str = "plain") -> list[dict]:
     """vl2-jax alone: float32, bf16 and bf16 with float32's routing, one layer at a time (`jax` above)."""
-    from vl2_jax.modules.language import DecoderLayer, LanguageModel, causal_mask
     from vl2_jax.load import draw_like
+    from vl2_jax.modules.language import DecoderLayer, LanguageModel, causal_mask
 
     lc = PRESETS[model].language
     layers = layers or lc.num_hidden_layers  # (main checks it is at most the model's depth)

@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
-from vl2_jax.load import init_params, write_assets
 
 from vl2_jax.checkpoint import param_shapes
 from vl2_jax.config import PRESETS
+from vl2_jax.load import init_params, write_assets
 from vl2_jax.model import VL2Model
 from vl2_jax.processor import Processor
 from vl2_jax.sharding import Layout, make_mesh

@@ -149,7 +149,6 @@ def cosine(spec: str, same_weights: bool = False, forced_routing: bool = False) 
     import bf16_drift  # this script's folder is on the path when it runs
 
     from vl2_jax.load import load_model
-
     from vl2_jax.model import VL2Model
 
     f32 = load_model(spec, "float32")

@@ -194,3 +194,22 @@ def test_moe_layer_rule():
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="no config.json"):
         VL2Config.from_pretrained(tmp_path)
+
+
+def test_loading_refuses_processor_resolutions_that_do_not_fit_the_vision_tower(tmp_path):
+    """A processor_config.json whose canvases are not multiples of the vision tower's image size is refused
+    at load, naming both sizes (not at generate time)."""
+    import json
+    import shutil
+
+    import vl2_jax
+    from tests.conftest import ckpt_dir
+
+    src = ckpt_dir("mha")
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "processor_config.json").read_text())
+    cfg["candidate_resolutions"] = [[384, 384], [768, 384]]  # the fixture's tower takes 70 px tiles
+    (dst / "processor_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"processor_config.json candidate_resolutions.*384.*image size 70"):
+        vl2_jax.load_pretrained(dst)

@@ -105,6 +105,8 @@ def load_folder(path: str | Path, dtype=None, runtime: Runtime = Runtime(), mesh
         raise CheckpointError(f"{path} is not a folder; pass a DeepSeek-VL2 checkpoint folder.")
     cfg = VL2Config.from_pretrained(path)
     processor = Processor.from_pretrained(path)  # before the weights: a bad tokenizer fails in a second
+    cfg.check_candidate_resolutions(processor.candidate_resolutions,
+                                    f"{path / 'processor_config.json'} candidate_resolutions")
     want = resolve_dtype(dtype)
     mesh = make_mesh(mesh, cfg)
     converted = orbax_io.is_converted(path)
