@@ -47,7 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help='stop when the answer contains TEXT; repeatable (default: "User:", the chat template\'s)')
     p.add_argument("--prefill-chunk", type=_positive_int, default=None,
-                   help="process the prompt this many tokens at a time (same answer, less memory)")
+                   help="write the prompt into the cache this many tokens at a time (same answer, less memory; "
+                        "default: one chunk, the smallest of 128, 256, ..., 4096 that holds the prompt)")
+    p.add_argument("--max-seq-len", type=_positive_int, default=None,
+                   help="tokens the answer's slot holds, prompt included (default: the model's context)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="default: bfloat16 on GPU/TPU, float32 on CPU")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin (images go to turn 1)")

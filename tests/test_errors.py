@@ -338,9 +338,10 @@ def test_api_refuses_bad_sampling_arguments(fixture_model):
         ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0"),
         ({"top_k": -2}, "top_k must be >= 0"),
         ({"max_new_tokens": 0}, "max_new_tokens must be"),
-        ({"prefill_chunk": 0}, "prefill_chunk must be at least 1"),
     ]:
         assert words in api_error(InputError, functools.partial(fixture_model.generate, batch, **kwargs))
+    assert "prefill_chunks must be whole numbers of at least 1" in api_error(
+        ConfigError, functools.partial(vl2_jax.Runtime, prefill_chunks=(0,)))
 
 
 # -------------------------------------------------------------------------------------- checkpoints

@@ -13,13 +13,18 @@ import pytest
 
 import vl2_jax
 from tests.conftest import VARIANTS, all_cases, ckpt_dir, load_case, open_images
+from vl2_jax import Runtime
 from vl2_jax.errors import ConfigError, InputError
-from vl2_jax.sampling import SamplingParams, filter_top_k_top_p, penalize, sample
+from vl2_jax.sampling import RowSampling, filter_top_k_top_p, penalize, sample_rows
 
 
 @functools.cache
-def model(variant: str) -> vl2_jax.VL2Model:
-    return vl2_jax.load_pretrained(ckpt_dir(variant), dtype="float32")
+def model(variant: str, chunks: tuple[int, ...] | None = None) -> vl2_jax.VL2Model:
+    """The fixture checkpoint; with `chunks`, the same weights with prompts written in those chunks."""
+    if chunks is None:
+        return vl2_jax.load_pretrained(ckpt_dir(variant), dtype="float32")
+    m = model(variant)
+    return vl2_jax.VL2Model(m.cfg, m.params, m.processor, m.dtype, Runtime(prefill_chunks=chunks))
 
 
 def one(m, variant, name):
@@ -35,7 +40,7 @@ def test_greedy_matches_reference_whole_and_chunked_prefill(variant, name):
     r = m.generate(batch, max_new_tokens=len(greedy))
     assert r.token_ids[0] == greedy
     assert r.finish_reason[0] == ("stop" if greedy[-1] == m.cfg.language.eos_token_id else "length")
-    assert m.generate(batch, max_new_tokens=len(greedy), prefill_chunk=7).token_ids[0] == greedy
+    assert model(variant, (7,)).generate(batch, max_new_tokens=len(greedy)).token_ids[0] == greedy
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -58,8 +63,8 @@ def test_fused_attention_gives_the_reference_answers(variant):
     names = ("three_images_no_crop", "text_only", "one_wide")
     outs, greedys = zip(*(one(m, variant, n) for n in names))
     batch = m.processor.batchify(list(outs))
-    for chunk in (None, 7):
-        r = m.generate(batch, max_new_tokens=max(map(len, greedys)), prefill_chunk=chunk)
+    for chunks in (None, (7,)):
+        r = model(variant, chunks).generate(batch, max_new_tokens=max(map(len, greedys)))
         for got, want in zip(r.token_ids, greedys):
             assert got[: len(want)] == want
 
@@ -129,27 +134,16 @@ def test_filters_and_penalty_semantics():
     pen = penalize(jnp.asarray([[2.0, -2.0, 2.0]]), jnp.asarray([[True, True, False]]), jnp.float32(2.0))
     np.testing.assert_allclose(np.asarray(pen), [[1.0, -4.0, 2.0]])
     # Sampled tokens stay inside the top-k set.
-    params = SamplingParams.make(temperature=1.0, top_k=2)
-    keys = jax.random.split(jax.random.key(0), 50)
-    draws = jax.vmap(lambda k: sample(logits, jnp.zeros_like(logits, bool), params, k))(keys)
-    draws = set(np.asarray(draws).ravel().tolist())
-    assert draws == {0, 1}
+    rows = lambda settings: jax.tree.map(lambda a: jnp.asarray(a)[None], settings)
+    params = rows(RowSampling.make(temperature=1.0, top_k=2))
+    unseen = jnp.zeros_like(logits, bool)
+    draws = jax.vmap(lambda step: sample_rows(logits, unseen, params, step[None], False))(jnp.arange(50))
+    assert set(np.asarray(draws).ravel().tolist()) == {0, 1}
     # Greedy exactly when the device's float32 temperature is 0: 1e-46 rounds to 0 and must not divide by it.
-    tiny_t = SamplingParams.make(temperature=1e-46)
-    assert tiny_t.greedy and not SamplingParams.make(temperature=1e-30).greedy
-    assert np.asarray(sample(logits[:, ::-1], jnp.zeros_like(logits, bool), tiny_t, jax.random.key(1))).tolist() == [4]
-
-
-def test_no_retrace_within_a_bucket():
-    m = model("mha")
-    conv = lambda text: [{"role": "user", "content": text}]
-    short = m.processor.batchify([m.processor(conv("Hi."))])
-    long = m.processor.batchify([m.processor(conv("Describe a very small grey cat, please."))])
-    assert short.input_ids.shape[1] != long.input_ids.shape[1]
-    m.generate(short, max_new_tokens=5)
-    before = m._generator.traces, m._embed._cache_size()
-    m.generate(long, max_new_tokens=5)
-    assert (m._generator.traces, m._embed._cache_size()) == before
+    tiny_t = RowSampling.make(temperature=1e-46)
+    assert tiny_t.temperature == 0 and RowSampling.make(temperature=1e-30).temperature > 0
+    got = sample_rows(logits[:, ::-1], unseen, rows(tiny_t), jnp.zeros((1,), jnp.int32), False)
+    assert np.asarray(got).tolist() == [4]
 
 
 def test_stop_strings_and_streaming():
@@ -189,8 +183,8 @@ def test_bad_arguments(kwargs, words):
 
 
 def test_device_out_of_memory_becomes_one_clear_error(monkeypatch):
+    from vl2_jax import generation
     from vl2_jax.errors import DeviceMemoryError
-    from vl2_jax.generation import Generator
 
     m = model("mha")
     batch = m.processor.batchify([one(m, "mha", "text_only")[0]])
@@ -198,29 +192,24 @@ def test_device_out_of_memory_becomes_one_clear_error(monkeypatch):
     def exhausted(*args, **kwargs):
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.9GiB.")
 
-    monkeypatch.setattr(Generator, "_generate", exhausted)
+    monkeypatch.setattr(generation, "run", exhausted)
     with pytest.raises(DeviceMemoryError, match="ran out of memory while generating.*prefill_chunk"):
         m.generate(batch, max_new_tokens=4)
 
 
 def test_decode_and_prefill_update_the_cache_in_place():
-    """The compiled decode loop and prefill alias the donated cache (no second copy of it in memory)."""
-    from vl2_jax.cache import KVCache
-    from vl2_jax.generation import DecodeState, Generator
-
-    m = model("mla")
-    cfg = m.cfg.language
-    b, slots, n = 2, 256, 16
-    cache = KVCache.zeros(cfg, b, slots, m.dtype)
-    cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
-    state = DecodeState(cache, jnp.zeros((b, n), jnp.int32), jnp.zeros((b,), bool), jnp.ones((b,), jnp.int32),
-                        jnp.zeros((b,), jnp.int32), jnp.zeros((b, cfg.vocab_size), bool), jnp.int32(1),
-                        jax.random.key(0))
-    gen = Generator(m)
-    decode = gen.decode.lower(gen.language_params, state, jnp.int32(n), SamplingParams.make(), jnp.int32(1), jnp.int32(2))
+    """The engine's compiled decode loop, prefill and insert alias the donated state (no second copy of
+    the cache in memory)."""
+    m = vl2_jax.VL2Model(model("mla").cfg, model("mla").params, model("mla").processor, jnp.float32,
+                         Runtime(max_batch=2, max_seq_len=256, prefill_chunks=(8,)))
+    engine = m.engine
+    state = engine.new_state()
+    cache_bytes = sum(x.nbytes for x in jax.tree.leaves(state.cache))
+    lm = engine.language_params(m.params)
+    stop = np.zeros((2,), bool)
+    decode = engine._decode.lower(lm, state, stop, 2, 256, True)
     assert decode.compile().memory_analysis().alias_size_in_bytes >= cache_bytes
-    x = jnp.zeros((b, 8, cfg.hidden_size), m.dtype)
-    pos, valid = jnp.zeros((b, 8), jnp.int32), jnp.ones((b, 8), bool)
-    for fresh in (True, False):  # a prompt's first chunk, a later one
-        prefill = gen.prefill_chunk.lower(gen.language_params, x, pos, valid, cache, fresh)
+    x = jnp.zeros((engine.capacity, m.cfg.language.hidden_size), m.dtype)
+    for keys, fresh in ((8, True), (256, False)):  # a prompt's first chunk, a later one
+        prefill = engine._prefill.lower(lm, state, x, np.int32(0), np.int32(8), np.int32(0), 8, keys, fresh)
         assert prefill.compile().memory_analysis().alias_size_in_bytes >= cache_bytes

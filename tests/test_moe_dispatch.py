@@ -516,3 +516,25 @@ def test_dense_matvec_only_below_the_size_xla_strength_reduces(monkeypatch):
     assert kernels.dense_matvec_usable(jnp.bfloat16, 2816, 2048)
     assert not kernels.dense_matvec_usable(jnp.bfloat16, 2048, 102400)
     assert not kernels.dense_matvec_usable(jnp.bfloat16, 2048, 100)
+
+
+@pytest.mark.parametrize("impl", ["dense", "gather", "grouped", "ragged"])
+def test_tokens_left_out_of_routing_change_nothing_else(impl):
+    """`MoE(x, token_valid)`: the valid tokens' outputs are those of the full layer (every dispatch); the
+    others get no routed experts (the grouped dispatch then reads none of their experts)."""
+    from vl2_jax.config import Runtime
+    from vl2_jax.modules.moe import MoE
+
+    cfg = vl2_jax.PRESETS["test"].language
+    x = jax.random.normal(jax.random.key(3), (4, 1, cfg.hidden_size))
+    module = MoE(cfg, jnp.float32, Runtime(moe=impl))
+    params = module.init(jax.random.key(4), x)
+    valid = jnp.asarray([[True], [False], [True], [False]])
+    with jax.default_matmul_precision("highest"):
+        full, masked = module.apply(params, x), module.apply(params, x, valid)
+        shared = MoE(cfg, jnp.float32, Runtime(moe="dense")).apply(
+            params, x, jnp.zeros_like(valid)) if impl != "gather" else None
+    np.testing.assert_allclose(np.asarray(masked)[valid[:, 0]], np.asarray(full)[valid[:, 0]], rtol=1e-5, atol=1e-6)
+    if shared is not None:  # left-out tokens keep only the shared experts
+        np.testing.assert_allclose(np.asarray(masked)[~valid[:, 0]], np.asarray(shared)[~valid[:, 0]],
+                                   rtol=1e-5, atol=1e-6)

@@ -1,14 +1,17 @@
-"""Benchmark: vision, prefill, time to first token, decode speed and memory on random weights.
+"""Benchmark: warmup, vision, time to first token of new prompts, decode speed and memory on the engine.
 
     python -m vl2_jax.bench --model random:tiny                    # on a GPU, bf16
     python -m vl2_jax.bench --model random:test --image-size 112 --new-tokens 4 --batches 1,2   # CPU smoke
 
-The image prompt is one square image (768 px: a global view plus 2x2 tiles, 1042 tokens at the real
-sizes) and one sentence; the text prompt is the sentence alone. Every measurement is the median of
-`--repeats` timed runs after a warm-up, blocked on the result, and printed as one JSON line; a table
-follows. `decode_floor_fraction` is the time to read the weights a batch-1 token activates (embedding
-row, attention, dense MLP, shared + top-k experts, LM head; plus its KV cache) at `--hbm-gbps`, divided
-by the measured time per token.
+The model is loaded with `max_batch` = the largest of `--batches` and warmed up (every engine program
+compiled, timed as `warmup_s`). The image prompt is one square image (768 px: a global view plus 2x2
+tiles, 1042 tokens at the real sizes) and one sentence; the text prompt is the sentence alone; then
+prompts never seen before (other image sizes and sentence lengths) are each answered once, and their
+first tokens' p50 and p90 reported with the number of compilations and traces while they ran (0 when
+the engine works as designed). Decode speed is the median of `--repeats` runs. Every measurement is
+printed as one JSON line; a table follows. `decode_floor_fraction` is the time to read the weights a
+batch-1 token activates (embedding row, attention, dense MLP, shared + top-k experts, LM head; plus its
+KV cache) at `--hbm-gbps`, divided by the measured time per token (GPUs only).
 """
 
 from __future__ import annotations
@@ -21,17 +24,14 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
 from vl2_jax import kernels, load
 from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, Runtime
-from vl2_jax.generation import Generator, bucket
-from vl2_jax.modules.moe import choose_dispatch, grouped_capacity, mlp_kernel_fits
+from vl2_jax.modules.moe import mlp_kernel_fits
 from vl2_jax.modules.vision import normalize_pixels
 from vl2_jax.modules.vl2 import VL2
-from vl2_jax.processor import left_pad_positions
 
 SENTENCE = "Describe this image in detail."
 
@@ -66,13 +66,6 @@ def active_kernels(lc, dtype, runtime: Runtime) -> list[str]:
     return [name for name, used in on.items() if used]
 
 
-def prefill_dispatch(model, impl: str, tokens: int) -> str:
-    """The routed-expert dispatch that `impl` resolves to for a prefill of `tokens` tokens."""
-    c = model.cfg.language
-    experts = jax.ShapeDtypeStruct((c.n_routed_experts, c.hidden_size, 2, c.moe_intermediate_size), model.dtype)
-    return choose_dispatch(impl, tokens, c.num_experts_per_tok, experts, model.runtime.kernels)
-
-
 def median_time(fn, repeats: int) -> float:
     jax.block_until_ready(fn())
     times = []
@@ -97,20 +90,56 @@ def pipelined_time(fn, calls: int = 20, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+class CompileCounter:
+    """Counts JAX's compilations and traces (its monitoring events) while `counting` is set."""
+
+    EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/core/compile/jaxpr_trace_duration")
+
+    def __init__(self):
+        self.counting, self.counts = False, dict.fromkeys(self.EVENTS, 0)
+        jax.monitoring.register_event_duration_secs_listener(self._event)
+
+    def _event(self, event: str, duration: float, **kwargs) -> None:
+        if self.counting and event in self.counts:
+            self.counts[event] += 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def prompts(proc, image_sizes: list[tuple[int, int]], rng: np.random.Generator) -> list:
+    """Different conversations: one per image size (random pixels, a sentence of random length) and two
+    text-only ones."""
+    words = "describe this image in detail with every object its colour and where it is".split()
+    out = []
+    for i, size in enumerate([*image_sizes, None, None]):
+        sentence = " ".join(rng.choice(words, int(rng.integers(4, 40)))) + "."
+        if size is None:
+            out.append(proc([{"role": "user", "content": sentence * (1 + 8 * i % 5)}]))
+        else:
+            image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+            out.append(proc([{"role": "user", "content": "<image>\n" + sentence}], [image]))
+    return out
+
+
 def run(args) -> list[dict]:
-    runtime = Runtime(moe=args.moe, attention=args.attention, kernels=args.kernels == "on")
+    counter = CompileCounter()
+    runtime = Runtime(moe=args.moe, attention=args.attention, kernels=args.kernels == "on",
+                      max_batch=max([*args.batches, 1]), max_seq_len=args.max_seq_len)
     model = load.load_model(args.model, args.dtype, runtime=runtime,
                             progress=lambda s: print(s, file=sys.stderr, flush=True))
-    proc, gen = model.processor, Generator(model)
+    proc = model.processor
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (args.image_size, args.image_size, 3), dtype=np.uint8))
-    prompts = {
+    fixed = {
         "image": proc([{"role": "user", "content": "<image>\n" + SENTENCE}], [image]),
         "text": proc([{"role": "user", "content": SENTENCE}]),
     }
     common = {"model": args.model, "dtype": str(model.dtype), "moe": args.moe, "attention": args.attention,
               "device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": datetime.date.today().isoformat(),
-              "kernels": active_kernels(model.cfg.language, model.dtype, runtime)}
+              "kernels": active_kernels(model.cfg.language, model.dtype, runtime),
+              "max_batch": model.engine.max_batch, "max_seq_len": model.engine.max_seq_len}
     rows = []
 
     def emit(**row):
@@ -118,55 +147,60 @@ def run(args) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    # Vision tower + projector on the image prompt's tiles.
-    batch = proc.batchify([prompts["image"]])
+    start = time.perf_counter()
+    last = [start]
+
+    def progress(done, total, name):  # one line per program, with its seconds
+        now = time.perf_counter()
+        print(f"warmup {done}/{total} {name} {now - last[0]:.1f} s", file=sys.stderr, flush=True)
+        last[0] = now
+
+    report = model.warmup(progress)
+    emit(metric="warmup_s", programs=report["programs"], value=time.perf_counter() - start)
+    emit(metric="kv_cache_gb", value=model.engine.cache_bytes() / 1e9)
+
+    # Vision tower + projector on the image prompt's tiles (its own program, compiled here).
+    batch = proc.batchify([fixed["image"]])
     tiles, norm = model.put(batch.used_tiles(), (None, None, None, None)), batch.pixel_norm
     features = jax.jit(lambda p, t: model.module.apply(p, normalize_pixels(t, norm), method=VL2.image_features))
     emit(metric="vision_ms", prompt="image", tiles=int(tiles.shape[0]),  # (the normalisation included)
          value=1e3 * median_time(lambda: features(model.params, tiles), args.repeats))
-
-    for name, one in prompts.items():
-        batch = proc.batchify([one])
-        t = batch.input_ids.shape[1]
-        # Prefill alone: the language model writes the (bucketed) prompt into an empty cache.
-        length = bucket(t)
-        # Embedding: host padding and transfer, vision tower and projector (image prompt), token embedding.
-        emit(metric="embed_ms", prompt=name, prompt_tokens=t,
-             value=1e3 * median_time(lambda b=batch, n=length: gen.embed_prompt(b, n)[0], args.repeats))
-        x, _, attention = gen.embed_prompt(batch, length)
-        pos, valid = jnp.asarray(left_pad_positions(attention)), jnp.asarray(attention)
-        slots = bucket(length + args.new_tokens)
-
-        def prefill(x=x, pos=pos, valid=valid, slots=slots):
-            return gen.prefill_chunk(gen.language_params, x, pos, valid, gen.empty_cache(1, slots), True)[0]
-
-        dispatch = prefill_dispatch(model, args.moe, length)
-        emit(metric="prefill_ms", prompt=name, prompt_tokens=t, dispatch=dispatch,
-             value=1e3 * median_time(prefill, args.repeats))
-        busiest = [int(n) for n in model.expert_load(batch, length).max(axis=-1)]
-        if busiest:  # the routing balance: each MoE layer's busiest expert, of `bucket_tokens` tokens
-            emit(metric="moe_busiest_expert_tokens", prompt=name, prompt_tokens=t, bucket_tokens=length,
+    for name, one in fixed.items():  # the routing balance: each MoE layer's busiest expert
+        busiest = [int(n) for n in model.expert_load(proc.batchify([one])).max(axis=-1)]
+        if busiest:
+            emit(metric="moe_busiest_expert_tokens", prompt=name, prompt_tokens=len(one.input_ids),
                  per_layer=busiest, value=max(busiest))
-        if busiest and dispatch == "grouped":  # how often the grouped dispatch falls back to the dense path
-            cap = grouped_capacity(length, model.cfg.language.num_experts_per_tok, model.cfg.language.n_routed_experts)
-            emit(metric="moe_layers_over_capacity", prompt=name, prompt_tokens=t, bucket_tokens=length, capacity=cap,
-                 busiest_expert_tokens=busiest, value=sum(n > cap for n in busiest))
-        # Time to first token: embedding (vision included), prefill, first sample; the processor excluded.
-        model.generate(batch, max_new_tokens=1)
-        ttft = statistics.median(model.generate(batch, max_new_tokens=1).ttft_s for _ in range(args.repeats))
-        emit(metric="ttft_ms", prompt=name, prompt_tokens=t, value=1e3 * ttft)
 
-    floor_s = activated_bytes(model, t + args.new_tokens) / (args.hbm_gbps * 1e9)
+    # New prompts, each answered once: the time to first token a user meets (no compilation allowed).
+    sizes = [(s, s) for s in (384, 768, 1024)] + [(1152, 384), (384, 896), (640, 480)]
+    sizes = [(int(w * args.image_size / 768), int(h * args.image_size / 768)) for w, h in sizes]
+    counter.counting = True
+    ttfts = {}
+    for name, one in [*fixed.items(), *((f"new_{i}", p) for i, p in enumerate(prompts(proc, sizes, rng)))]:
+        ttfts[name] = (model.generate(one, max_new_tokens=1).ttft_s, len(one.input_ids))
+    counter.counting = False
+    emit(metric="ttft_ms", prompt="image", prompt_tokens=ttfts["image"][1], value=1e3 * ttfts["image"][0])
+    emit(metric="ttft_ms", prompt="text", prompt_tokens=ttfts["text"][1], value=1e3 * ttfts["text"][0])
+    new = sorted(1e3 * t for name, (t, _) in ttfts.items() if name.startswith("new_"))
+    emit(metric="ttft_new_prompts_ms", prompts=len(new), p50=float(np.percentile(new, 50)),
+         p90=float(np.percentile(new, 90)), prompt_tokens=sorted(n for k, (_, n) in ttfts.items() if k.startswith("new_")),
+         value=float(np.percentile(new, 50)), compilations=counter.total)
+
+    t = len(fixed["image"].input_ids)
+    floor_s = activated_bytes(model, t + args.new_tokens) / (args.hbm_gbps * 1e9) if args.hbm_gbps else None
     for b in args.batches:
-        batch = proc.batchify([prompts["image"]] * b)
+        batch = proc.batchify([fixed["image"]] * b)
         run_once = lambda batch=batch: model.generate(batch, max_new_tokens=args.new_tokens, ignore_eos=True)
         run_once()
+        counter.counting = True
+        before = counter.total
         results = [run_once() for _ in range(args.repeats)]
-        step_s = statistics.median(r.decode_s / (args.new_tokens - 1) for r in results)
+        counter.counting = False
+        rate = statistics.median(r.decode_tokens_per_s for r in results)
         row = dict(metric="decode_tokens_per_s", prompt="image", batch=b, new_tokens=args.new_tokens,
-                   value=b / step_s, ms_per_step=1e3 * step_s)
-        if b == 1:
-            row["decode_floor_fraction"] = floor_s / step_s
+                   value=rate, ms_per_step=1e3 * b / rate if rate else None, compilations=counter.total - before)
+        if b == 1 and floor_s and rate:
+            row["decode_floor_fraction"] = floor_s * rate
             row["floor_ms"] = 1e3 * floor_s
         emit(**row)
     stats = jax.devices()[0].memory_stats() or {}
@@ -179,6 +213,8 @@ def table(rows: list[dict]) -> str:
     lines = ["| model | metric | prompt | batch | value |", "|---|---|---|---|---|"]
     for r in rows:
         extra = f" (floor {r['floor_ms']:.2f} ms/token, {100 * r['decode_floor_fraction']:.0f}% of it)" if "floor_ms" in r else ""
+        if "p90" in r:
+            extra = f" (p90 {r['p90']:.2f}; {r['prompts']} prompts, {r['compilations']} compilations)"
         lines.append(f"| {r['model']} | {r['metric']} | {r.get('prompt', '')} | {r.get('batch', '')} | {r['value']:.2f}{extra} |")
     return "\n".join(lines)
 
@@ -195,10 +231,14 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batches", default="1,8,32", help="decode batch sizes, comma separated ('' for none)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--hbm-gbps", type=float, default=4300.0, help="HBM bandwidth for the floor (H200 copy: ~4300)")
+    p.add_argument("--hbm-gbps", type=float, default=None,
+                   help="HBM bandwidth for the decode floor (default: 4300, an H200's copy bandwidth, on GPUs; none on CPU)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="tokens per slot (default: the model's context)")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",") if b]
     args.dtype = args.dtype or load.default_dtype()
+    if args.hbm_gbps is None and jax.default_backend() == "gpu":
+        args.hbm_gbps = 4300.0
     rows = run(args)
     print(table(rows))
     return 0

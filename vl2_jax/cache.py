@@ -1,13 +1,16 @@
-"""The static, preallocated KV cache of the language model.
+"""The static, preallocated KV cache of the language model: one row per engine slot.
 
-One `KVCache` holds, per layer, the key entries of every slot `[B, S, ...]` (see `modules/attention.py`:
-MHA caches rotated k and v, MLA only the normed latent and the rotated shared rope key), plus which slots
-hold real tokens. Its shape never changes during generation; jitted steps take it donated and write the
-new tokens' entries in place with `dynamic_update_slice`. All rows share the write position `length`
-(prompts are left padded to a common length), while each row keeps its own RoPE positions.
+`KVCache.layers` holds, per layer, the key entries of every slot `[B, S, ...]` (see `modules/attention.py`:
+MHA caches rotated k and v, MLA only the normed latent and the rotated shared rope key). Its shape
+never changes: the engine's jitted programs take it donated and write new entries in place, a prompt
+chunk into one slot (`write_chunk`) or one token into each decoding slot at its own length
+(`write_rows`). Which entries are real is the engine's business (each slot's length); unwritten entries
+are zeros, never garbage, and are always masked.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -16,43 +19,46 @@ from flax import struct
 from vl2_jax.config import LanguageConfig
 
 
+def entry_shapes(cfg: LanguageConfig) -> dict[str, tuple[int, ...]]:
+    """Per-token cache entry shapes of one layer, by name."""
+    if cfg.use_mla:
+        return {"latent": (cfg.kv_lora_rank,), "k_rope": (cfg.qk_rope_head_dim,)}
+    kv = (cfg.num_key_value_heads, cfg.head_dim)
+    return {"k": kv, "v": kv}
+
+
 @struct.dataclass
 class KVCache:
-    """layers: per layer a dict of [B, S, ...] arrays; valid: [B, S] bool (slot holds a real token);
-    length: [] int32, slots written so far."""
+    """layers: per layer a dict of [B, S, ...] arrays (B slots, S tokens of capacity each)."""
 
     layers: tuple[dict[str, jax.Array], ...]
-    valid: jax.Array
-    length: jax.Array
 
     @classmethod
     def zeros(cls, cfg: LanguageConfig, batch: int, slots: int, dtype) -> KVCache:
-        """An empty cache. Zero-filled (not `jnp.empty`): unwritten slots are masked, but never garbage."""
-        if cfg.use_mla:
-            shapes = {"latent": (cfg.kv_lora_rank,), "k_rope": (cfg.qk_rope_head_dim,)}
-        else:
-            kv = (cfg.num_key_value_heads, cfg.head_dim)
-            shapes = {"k": kv, "v": kv}
-        layers = tuple(
-            {k: jnp.zeros((batch, slots, *s), dtype) for k, s in shapes.items()} for _ in range(cfg.num_hidden_layers)
-        )
-        return cls(layers, jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
+        """An empty cache of `batch` rows of `slots` tokens. Zero-filled (not `jnp.empty`)."""
+        shapes = entry_shapes(cfg)
+        return cls(tuple({k: jnp.zeros((batch, slots, *s), dtype) for k, s in shapes.items()}
+                         for _ in range(cfg.num_hidden_layers)))
+
+    @staticmethod
+    def bytes_per_token(cfg: LanguageConfig, dtype) -> int:
+        """Cache bytes one token takes in one row, all layers together."""
+        per_layer = sum(math.prod(s) for s in entry_shapes(cfg).values())
+        return per_layer * cfg.num_hidden_layers * jnp.dtype(dtype).itemsize
 
     @property
     def slots(self) -> int:
-        return self.valid.shape[1]
-
-    def mask(self, queries: int) -> jax.Array:
-        """[B, T, S] attention mask for `queries` new tokens written at `length`: valid and causal."""
-        q_slot = self.length + jnp.arange(queries)
-        causal = jnp.arange(self.slots)[None, :] <= q_slot[:, None]
-        return self.valid[:, None, :] & causal[None]
+        return next(iter(self.layers[0].values())).shape[1]
 
 
-def write(entries: dict[str, jax.Array], new: dict[str, jax.Array], start: jax.Array) -> dict[str, jax.Array]:
-    """Writes new entries [B, T, ...] into the cache arrays [B, S, ...] at slot `start`."""
-    out = {}
-    for k, cached in entries.items():
-        index = (0, start) + (0,) * (cached.ndim - 2)
-        out[k] = jax.lax.dynamic_update_slice(cached, new[k].astype(cached.dtype), index)
-    return out
+def write_chunk(entries: dict[str, jax.Array], new: dict[str, jax.Array], row: jax.Array, start: jax.Array):
+    """New entries [1, T, ...] of one row written into the cache arrays [B, S, ...] at (row, start)."""
+    return {k: jax.lax.dynamic_update_slice(c, new[k].astype(c.dtype), (row, start) + (0,) * (c.ndim - 2))
+            for k, c in entries.items()}
+
+
+def write_rows(entries: dict[str, jax.Array], new: dict[str, jax.Array], positions_N: jax.Array):
+    """One new entry per row, [N, 1, ...], written into rows 0..N-1 of the cache arrays [B, S, ...] at
+    each row's own position (positions [N]); positions past the capacity are dropped."""
+    rows = jnp.arange(positions_N.shape[0])
+    return {k: c.at[rows, positions_N].set(new[k][:, 0].astype(c.dtype), mode="drop") for k, c in entries.items()}

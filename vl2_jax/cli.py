@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 
 from vl2_jax.chat import ChatSession, user_turn
@@ -22,7 +23,7 @@ def explain(error: BaseException) -> str:
     if isinstance(error, VL2Error):
         return text
     if is_out_of_memory(error):
-        return ("the accelerator ran out of memory; try a smaller batch or --max-new-tokens, --prefill-chunk 512, "
+        return ("the accelerator ran out of memory; try a smaller --max-seq-len, --prefill-chunk 512, "
                 "--dtype bfloat16, or more devices.")
     if isinstance(error, MemoryError):
         return "the host ran out of memory (MemoryError); close other programs, or try --dtype bfloat16 or a smaller model."
@@ -70,6 +71,9 @@ def _use_compile_cache(path: str, log: Callable[[str], None]) -> None:
         log(f"compiled programs not cached: cannot use {path} ({e.strerror or e}); see --compile-cache")
         return
     jax.config.update("jax_compilation_cache_dir", path)
+    # Keep every program, not only those slower than a second to compile (JAX's default): a fresh
+    # process then compiles nothing that an earlier one did.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     log(f"compiled programs cached in {path}")
 
 
@@ -92,18 +96,23 @@ def run(args, log: Callable[[str], None]) -> int:
     if not args.chat:
         user_turn(args.prompt, len(images))
     _use_compile_cache(compile_cache_dir(getattr(args, "compile_cache", None)), log)
-    runtime = Runtime(moe=args.moe, attention=args.attention, kernels=args.kernels == "on")
+    chunks = {} if args.prefill_chunk is None else {"prefill_chunks": (args.prefill_chunk,)}
+    runtime = Runtime(moe=args.moe, attention=args.attention, kernels=args.kernels == "on", max_batch=1,
+                      max_seq_len=args.max_seq_len, **chunks)
+    start = time.perf_counter()
     model = load.load_model(args.model, args.dtype, runtime=runtime, mesh=args.mesh, progress=log)
+    options_timing = {"load_s": time.perf_counter() - start}
     if model.layout is not None:
         log(f"mesh {dict(model.mesh.shape)}" + "".join(f"; {n}" for n in sorted(model.layout.notes)[:8]))
     options = dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         repetition_penalty=args.repetition_penalty, seed=args.seed,
-        stop=TEMPLATE_STOP if args.stop is None else tuple(args.stop), prefill_chunk=args.prefill_chunk,
+        stop=TEMPLATE_STOP if args.stop is None else tuple(args.stop),
     )
     session = ChatSession()
     if not args.chat:
-        text = _answer(model, session.ask(args.prompt, images), images, options, args.json, log, text_only=True)
+        text = _answer(model, session.ask(args.prompt, images), images, options, args.json, log, text_only=True,
+                       timing=options_timing)
         _draw_boxes(getattr(args, "draw_boxes", None), images, text, log)
         return 0
     log("chat: type a message and press Enter; an empty line or Ctrl-D ends the session.")
@@ -146,19 +155,48 @@ def _draw_boxes(out_path, images, text, log) -> None:
     log(f"drew {len(boxes)} box{'es' if len(boxes) != 1 else ''} on the first image -> {out_path}")
 
 
-def _answer(model, conversation, images, options, as_json, log, text_only=False):
+class CompileTimer:
+    """Seconds JAX spent tracing and compiling while `on` (its monitoring events): the one-time cost of
+    the first request of each shape, reported apart from the answer's own timings."""
+
+    EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/core/compile/jaxpr_trace_duration",
+              "/jax/core/compile/jaxpr_to_mlir_module_duration")
+    seconds, on = 0.0, False
+    _registered = False
+
+    @classmethod
+    def start(cls) -> None:
+        import jax
+
+        if not cls._registered:
+            jax.monitoring.register_event_duration_secs_listener(cls._event)
+            cls._registered = True
+        cls.seconds, cls.on = 0.0, True
+
+    @classmethod
+    def _event(cls, event: str, duration: float, **kwargs) -> None:
+        if cls.on and event in cls.EVENTS:
+            cls.seconds += duration
+
+
+def _answer(model, conversation, images, options, as_json, log, text_only=False, timing=None):
     batch = model.processor.batchify([model.processor(conversation, images)])
     stream = None if as_json else (lambda row, text: print(text, end="", flush=True))
+    CompileTimer.start()
     result = model.generate(batch, on_text=stream, **options)
+    CompileTimer.on = False
+    compile_s = CompileTimer.seconds
     if as_json:
         print(json.dumps({
             "text": result.text[0], "token_ids": result.token_ids[0], "finish_reason": result.finish_reason[0],
             "prompt_tokens": result.prompt_tokens[0], "generated_tokens": result.generated_tokens[0],
+            **{k: round(v, 4) for k, v in (timing or {}).items()}, "compile_s": round(compile_s, 4),
             "ttft_s": round(result.ttft_s, 4), "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
         }, ensure_ascii=False), flush=True)
     else:
         print(flush=True)
+        compiled = f"; compiling, one time: {compile_s:.1f} s" if compile_s >= 0.5 else ""
         log(f"[{result.prompt_tokens[0]} prompt tokens, {result.generated_tokens[0]} generated "
-            f"({result.finish_reason[0]}); first token {result.ttft_s * 1000:.0f} ms, "
+            f"({result.finish_reason[0]}); first token {result.ttft_s * 1000:.0f} ms{compiled}, "
             f"{result.decode_tokens_per_s:.1f} tokens/s]")
     return result.text[0] if text_only else 0

@@ -59,6 +59,11 @@ class Runtime:
       NVIDIA GPUs in bf16/f16, "plain" the reference's arithmetic everywhere.
     kernels: whether accelerator kernels (`vl2_jax.kernels`: Pallas grouped matmul and matrix-vector
       kernels, cuDNN attention under "auto") may run where they apply; False runs the portable paths.
+    max_batch: the engine's decode slots (requests decoded together; a larger batch runs in waves).
+    max_seq_len: tokens per slot, prompt and answer together (None: the model's context).
+    prefill_chunks: the lengths a prompt is written into the cache in, each a compiled program: a prompt
+      runs as one chunk, the smallest that holds it, or, longer than the largest, in chunks of the
+      largest and then the smallest that covers the rest (less memory for activations).
 
     `Runtime.plain()` is the reference path the fast paths are tested against.
     """
@@ -66,8 +71,20 @@ class Runtime:
     moe: str = "auto"
     attention: str = "auto"
     kernels: bool = True
+    max_batch: int = 8
+    max_seq_len: int | None = None
+    prefill_chunks: tuple[int, ...] = (128, 256, 512, 1024, 1536, 2048, 3072, 4096)
 
     def __post_init__(self):
+        whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        if not whole(self.max_batch):
+            raise ConfigError(f"max_batch must be a whole number of at least 1 (got {self.max_batch!r}).")
+        if self.max_seq_len is not None and not (whole(self.max_seq_len) and self.max_seq_len >= 2):
+            raise ConfigError(f"max_seq_len must be a whole number of at least 2 (got {self.max_seq_len!r}).")
+        chunks = tuple(self.prefill_chunks)
+        if not chunks or not all(whole(c) for c in chunks):
+            raise ConfigError(f"prefill_chunks must be whole numbers of at least 1 (got {self.prefill_chunks!r}).")
+        object.__setattr__(self, "prefill_chunks", tuple(sorted(set(chunks))))
         if self.moe not in MOE_IMPLS:
             raise ConfigError(f"unknown MoE dispatch {self.moe!r}; use one of {', '.join(MOE_IMPLS)}.")
         if self.attention not in ATTENTION_IMPLS:

@@ -37,7 +37,8 @@ def is_out_of_memory(error: BaseException) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
-OUT_OF_MEMORY_ADVICE = "try a smaller batch or max_new_tokens, prefill_chunk=512, dtype='bfloat16', or more devices (mesh='auto')"
+OUT_OF_MEMORY_ADVICE = ("try a smaller Runtime(max_batch=..., max_seq_len=...), prefill_chunks=(512,), dtype='bfloat16', "
+                        "or more devices (mesh='auto')")
 
 
 @contextlib.contextmanager

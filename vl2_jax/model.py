@@ -15,15 +15,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vl2_jax import generation
 from vl2_jax.checkpoint import param_shapes
 from vl2_jax.config import Runtime, VL2Config
+from vl2_jax.engine import Engine, Request, Slots
 from vl2_jax.errors import InputError, out_of_memory_as
-from vl2_jax.generation import Generator, stream_text
+from vl2_jax.generation import GenerationResult, stream_text
 from vl2_jax.modules.language import LanguageModel
 from vl2_jax.modules.vision import normalize_pixels
 from vl2_jax.modules.vl2 import VL2
-from vl2_jax.processor import canonical_pixel_norm, left_pad, left_pad_positions
-from vl2_jax.sampling import SamplingParams, check_sampling
+from vl2_jax.processor import ProcessorOutput, canonical_pixel_norm, left_pad, left_pad_positions
+from vl2_jax.sampling import RowSampling, check_sampling
 from vl2_jax.sharding import Layout
 
 
@@ -47,7 +49,7 @@ class VL2Model:
         self.layout = Layout(mesh) if mesh is not None else None
         if self.layout is not None:
             self.layout.param_specs(param_shapes(cfg, self.dtype))  # records what had to stay replicated
-        self._generator = None
+        self._state = None  # the engine's slots and cache, between calls
 
     # -- placement ------------------------------------------------------------------------------------
     def mesh_context(self):
@@ -168,6 +170,38 @@ class VL2Model:
         return jax.jit(lambda p, *a: language.apply({"params": p["params"]["language"]}, *a,
                                                     method=LanguageModel.expert_load))
 
+    # -- the engine -----------------------------------------------------------------------------------
+    @functools.cached_property
+    def engine(self) -> Engine:
+        """The fixed-shape programs over `runtime.max_batch` slots of `runtime.max_seq_len` tokens."""
+        pad_id = self.processor.pad_id if self.processor is not None else 0
+        norm = self.processor.pixel_norm if self.processor is not None else None
+        return Engine(self.cfg, self.dtype, self.runtime, norm, pad_id, self.mesh)
+
+    def warmup(self, progress: Callable[[int, int, str], None] | None = None) -> dict:
+        """Compiles every program the engine can run (`Engine.warmup`), so that no request compiles or
+        traces afterwards. `progress(done, total, program)` after each. Returns {"programs", "seconds"}."""
+        with self.mesh_context(), out_of_memory_as("while compiling the engine's programs"):
+            self._state, report = self.engine.warmup(self.params, progress, self._take_state())
+        return report
+
+    def _take_state(self) -> Slots:
+        """The engine's state (slots and cache), made on first use; the caller donates it to the engine
+        and must hand the new one back (`self._state = ...`)."""
+        state, self._state = self._state, None
+        return state if state is not None else self.engine.new_state()
+
+    def requests(self, batch) -> list[Request]:
+        """A processor batch (or one processor output) -> the engine's requests, one per row."""
+        if isinstance(batch, ProcessorOutput):
+            outputs = [batch]
+        else:
+            self.check_batch(batch)
+            outputs = list(batch.rows)
+            if len(outputs) != np.shape(batch.input_ids)[0]:
+                raise InputError("the batch has no processor outputs; make it with model.processor.batchify.")
+        return [Request.from_output(o, self.cfg.tokens_per_tile_side) for o in outputs]
+
     def generate(
         self,
         batch,
@@ -178,27 +212,33 @@ class VL2Model:
         repetition_penalty: float = 1.0,
         seed: int = 0,
         stop: Sequence[str] = (),
-        prefill_chunk: int | None = None,
         on_text: Callable[[int, str], None] | None = None,
         ignore_eos: bool = False,
-    ):
-        """Generates answers for a processor batch -> `vl2_jax.generation.GenerationResult`.
+    ) -> GenerationResult:
+        """Generates answers for a processor batch (or one processor output) -> `GenerationResult`.
 
         Greedy when `temperature == 0` (the default); otherwise samples with temperature, `top_k` (0 = off)
-        and `top_p` (1.0 = off), reproducibly for a `seed`. `repetition_penalty` > 1 discourages tokens
-        already in the prompt or answer. A row stops at EOS, at one of the `stop` strings (e.g. "User:",
-        the chat template's), after `max_new_tokens`, or at the model's context limit. `prefill_chunk=N`
-        writes the prompt into the cache N tokens at a time (same answers, less activation memory).
-        `on_text(row, new_text)` is called with text as it is produced. `ignore_eos=True` generates
-        exactly `max_new_tokens` (for benchmarks).
+        and `top_p` (1.0 = off), reproducibly for a `seed`: each row draws from its own key, so a seeded
+        answer is the same alone and in a batch. `repetition_penalty` > 1 discourages tokens already in
+        the prompt or answer. A row stops at EOS, at one of the `stop` strings (e.g. "User:", the chat
+        template's), after `max_new_tokens`, or when its slot is full (`runtime.max_seq_len`). Rows beyond
+        `runtime.max_batch` run as slots free up. `on_text(row, new_text)` is called with text as it is
+        produced. `ignore_eos=True` generates exactly `max_new_tokens` (for benchmarks).
         """
         check_sampling(temperature, top_p, top_k, repetition_penalty)
-        if self._generator is None:
-            self._generator = Generator(self)
-        sampling = SamplingParams.make(temperature, top_k, top_p, repetition_penalty)
-        return self._generator.run(
-            batch, max_new_tokens, sampling, seed, stop, prefill_chunk, on_text, ignore_eos=ignore_eos
-        )
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1 (got {max_new_tokens}).")
+        requests = self.requests(batch)
+        for request in requests:
+            self.engine.check(request)
+        settings = RowSampling.make(temperature, top_k, top_p, repetition_penalty, seed)
+        eos = -1 if ignore_eos else self.cfg.language.eos_token_id
+        shape = f"{len(requests)} prompt(s) of up to {max(len(r.ids) for r in requests)} tokens + {max_new_tokens} new"
+        with self.mesh_context(), out_of_memory_as(f"while generating ({shape})"):
+            result, self._state = generation.run(
+                self.engine, self.params, self._take_state(), requests, self.processor.decode, max_new_tokens,
+                settings, stop, eos, on_text)
+        return result
 
     def stream(self, batch, **kwargs) -> Iterator[str]:
         """Like `generate` for a one-conversation batch, yielding the answer's text as it is produced."""

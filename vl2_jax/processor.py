@@ -96,6 +96,9 @@ def _reference_images(pixels_TSS3, crop_N2, norm) -> np.ndarray:
     return out
 
 
+NEWLINE_SOURCE, SEPARATOR_SOURCE, TILE_SOURCES = 0, 1, 2  # rows of the image-token table (image_token_sources)
+
+
 def image_token_sources(
     images_spatial_crop: np.ndarray, images_seq_mask: np.ndarray, side: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -112,8 +115,9 @@ def image_token_sources(
 
     Returns:
       tiles: [I, 2] (batch row, tile within the row) of the tiles actually used, in feature order.
-      src: [B, T] int32 indices into ``[I * side * side tile tokens, image_newline, view_separator]``
-        (0 where ``images_seq_mask`` is False).
+      src: [B, T] int32 indices into ``[image_newline, view_separator, I * side * side tile tokens]``
+        (0 where ``images_seq_mask`` is False). The newline and separator come first, so that tiles
+        appended past the I used (a padded tile bucket) change no index.
     """
     b = images_spatial_crop.shape[0]
     hw = side * side
@@ -140,7 +144,6 @@ def image_token_sources(
                         stream.extend(((base + 1 + th * nw + tw) * hw + grid[r]).tolist())
                     stream.append(-1)
         streams.append(stream)
-    newline, separator = len(tiles) * hw, len(tiles) * hw + 1
     src = np.zeros(images_seq_mask.shape, np.int32)
     for row, stream in enumerate(streams):
         positions = np.flatnonzero(images_seq_mask[row])
@@ -150,8 +153,7 @@ def image_token_sources(
                 f"gives {len(stream)} image tokens; the batch was not made by this model's processor."
             )
         s = np.asarray(stream, np.int64)
-        s = np.where(s == -1, newline, np.where(s == -2, separator, s))
-        src[row, positions] = s
+        src[row, positions] = np.where(s == -1, NEWLINE_SOURCE, np.where(s == -2, SEPARATOR_SOURCE, s + TILE_SOURCES))
     return np.asarray(tiles, np.int32).reshape(-1, 2), src
 
 
@@ -205,8 +207,8 @@ class Batch:
     images_spatial_crop: [B, max_images, 2] int32, zero rows appended. pixel_norm: as in
     ProcessorOutput. image_tiles [I, 2] and image_src [B, T]: the image-token layout
     (``image_token_sources``): which tiles the image tokens use, and where each position's embedding
-    comes from. ``images``: the reference's [B, max_tiles, 3, S, S] float32, zero tiles appended
-    (made on first access, read-only).
+    comes from. rows: the ProcessorOutputs batched (what the engine runs, unpadded). ``images``: the
+    reference's [B, max_tiles, 3, S, S] float32, zero tiles appended (made on first access, read-only).
     """
 
     input_ids: np.ndarray
@@ -217,6 +219,7 @@ class Batch:
     pixel_norm: PixelNorm
     image_tiles: np.ndarray
     image_src: np.ndarray
+    rows: tuple = ()  # the ProcessorOutputs batched, one per row
 
     def used_tiles(self) -> np.ndarray | None:
         """The pixels of the tiles the image tokens use, in feature order: [I, S, S, 3] uint8, or None
@@ -614,4 +617,4 @@ class Processor:
         if len(norms) > 1:
             raise InputError("batchify got outputs of processors that normalise images differently.")
         tiles, src = image_token_sources(crops, seq_mask, self._tokens_per_side)
-        return Batch(input_ids, attention_mask, pixels, seq_mask, crops, norms.pop(), tiles, src)
+        return Batch(input_ids, attention_mask, pixels, seq_mask, crops, norms.pop(), tiles, src, tuple(outputs))

@@ -1,9 +1,8 @@
 """Next-token selection on the device: greedy, temperature, top-k, top-p and repetition penalty.
 
-The settings are traced scalars, so changing them never recompiles; only greedy (temperature 0)
-against sampling is static, so that greedy decoding carries no sampling code and no on-device branch
-(one compilation each). Semantics follow Hugging Face's
-logits processors, which the official code's `generate` uses:
+Every setting is a per-row array (`RowSampling`), so changing one never recompiles; only "every row
+greedy" is static (`sample_rows(greedy_only=True)` carries no sort and no draws). Semantics follow
+Hugging Face's logits processors, which the official code's `generate` uses:
 - repetition penalty: for tokens already in the prompt or the answer, a positive logit is divided by
   the penalty and a negative one multiplied by it;
 - temperature 0 means greedy (argmax, first index on ties); otherwise logits are divided by it;
@@ -38,24 +37,6 @@ def check_sampling(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, 
             raise InputError(f"{label} must be {rule} (got {value}{hint}).")
 
 
-@struct.dataclass
-class SamplingParams:
-    """Scalars (numpy or on the device): temperature [] f32, top_k [] i32, top_p [] f32,
-    repetition_penalty [] f32; `greedy` is static (part of the jit cache key)."""
-
-    temperature: jax.Array
-    top_k: jax.Array
-    top_p: jax.Array
-    repetition_penalty: jax.Array
-    greedy: bool = struct.field(pytree_node=False)
-
-    @classmethod
-    def make(cls, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0) -> SamplingParams:
-        t = np.float32(temperature)  # greedy exactly when the device value is 0 (1e-46 rounds to it)
-        # numpy scalars: they travel with the jitted call that reads them, with no transfer of their own
-        return cls(t, np.int32(top_k), np.float32(top_p), np.float32(repetition_penalty), greedy=bool(t == 0))
-
-
 def penalize(logits_BV: jax.Array, seen_BV: jax.Array, penalty: jax.Array) -> jax.Array:
     penalized = jnp.where(logits_BV > 0, logits_BV / penalty, logits_BV * penalty)
     return jnp.where(seen_BV, penalized, logits_BV)
@@ -77,10 +58,37 @@ def filter_top_k_top_p(logits_BV: jax.Array, top_k: jax.Array, top_p: jax.Array)
     return jnp.where(logits_BV < threshold, -jnp.inf, logits_BV)
 
 
-def sample(logits_BV: jax.Array, seen_BV: jax.Array, params: SamplingParams, key: jax.Array) -> jax.Array:
-    """float32 logits [B, V] -> token ids [B] int32."""
-    logits_BV = penalize(logits_BV, seen_BV, params.repetition_penalty)
-    if params.greedy:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    scaled = logits_BV / params.temperature
-    return jax.random.categorical(key, filter_top_k_top_p(scaled, params.top_k, params.top_p), axis=-1).astype(jnp.int32)
+@struct.dataclass
+class RowSampling:
+    """Per-row settings [B] as device arrays, so that no setting changes a compiled program: temperature
+    f32 (0 = greedy for that row), top_k i32 (0 = off), top_p f32 (1 = off), repetition_penalty f32
+    (1 = off), seed u32 (each row draws from its own key: the seed folded with the row's step)."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    repetition_penalty: jax.Array
+    seed: jax.Array
+
+    @classmethod
+    def make(cls, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0) -> RowSampling:
+        """One row's settings as numpy scalars (host side; the engine writes them into a slot)."""
+        return cls(np.float32(temperature), np.int32(top_k), np.float32(top_p), np.float32(repetition_penalty),
+                   np.uint32(int(seed) % 2**32))
+
+
+def sample_rows(logits_BV: jax.Array, seen_BV: jax.Array, params: RowSampling, steps_B: jax.Array,
+                greedy_only: bool) -> jax.Array:
+    """float32 logits [B, V] -> token ids [B] int32, each row by its own settings and its own key,
+    `fold_in(key(seed), step)`: a seeded row draws the same tokens whatever row it sits in. Rows with
+    temperature 0 take the argmax (first index on ties). `greedy_only` (static, every row greedy)
+    skips the sort and the draws."""
+    logits_BV = penalize(logits_BV, seen_BV, params.repetition_penalty[:, None])
+    greedy = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    if greedy_only:
+        return greedy
+    temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)[:, None]
+    filtered = filter_top_k_top_p(logits_BV / temperature, params.top_k, params.top_p[:, None])
+    keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(params.seed, steps_B)
+    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, filtered).astype(jnp.int32)
+    return jnp.where(params.temperature > 0, drawn, greedy)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from vl2_jax.cache import KVCache, write
+from vl2_jax.cache import KVCache, write_chunk, write_rows
 from vl2_jax.config import LanguageConfig, Runtime
 from vl2_jax.modules.attention import MHAttention, MLAttention
 from vl2_jax.modules.layers import RMSNorm, einsum, normal_init
@@ -46,10 +46,13 @@ class DecoderLayer(nn.Module):
         """Key entries [B, T, ...] of these tokens for this layer (see `attention`)."""
         return self.attn.new_kv(self.attn_norm(x_BTD), positions_BT)
 
-    def __call__(self, x_BTD, positions_BT, kv, mask_BTS, key_valid_BS=None) -> jax.Array:
-        """See `modules/attention.py` for kv, the mask and `key_valid`."""
+    def __call__(self, x_BTD, positions_BT, kv, mask_BTS, key_valid_BS=None, token_valid_BT=None) -> jax.Array:
+        """See `modules/attention.py` for kv, the mask and `key_valid`. `token_valid` [B, T]: tokens that
+        take part in expert routing (None: all); the others' MLP output is unspecified."""
         x_BTD = self.attend(x_BTD, positions_BT, kv, mask_BTS, key_valid_BS)
-        return constrain(x_BTD + self.mlp(self.mlp_norm(x_BTD)), ("batch", None, None))
+        h = self.mlp_norm(x_BTD)
+        h = self.mlp(h, token_valid_BT) if isinstance(self.mlp, MoE) else self.mlp(h)
+        return constrain(x_BTD + h, ("batch", None, None))
 
     def attend(self, x_BTD, positions_BT, kv, mask_BTS, key_valid_BS=None) -> jax.Array:
         """The residual stream after this layer's attention: [B, T, D]."""
@@ -99,29 +102,50 @@ class LanguageModel(nn.Module):
             x_BTD = layer(x_BTD, positions_BT, kv, mask_BTS, valid_BT)
         return jnp.stack(counts).astype(jnp.int32) if counts else jnp.zeros((0, 0), jnp.int32)
 
-    def forward_cached(
-        self, x_BTD: jax.Array, positions_BT: jax.Array, valid_BT: jax.Array, cache: KVCache, fresh: bool = False
-    ) -> tuple[jax.Array, KVCache]:
-        """T new tokens written into the cache at `cache.length` -> (float32 logits [B, V] of the last
-        token, cache).
+    def prefill(self, x_1TD: jax.Array, start: jax.Array, last: jax.Array, cache: KVCache, slot: jax.Array,
+                keys: int, fresh: bool) -> tuple[jax.Array, KVCache]:
+        """T tokens of one slot's prompt at positions start..start+T-1 -> (float32 logits [V] of the token
+        at index `last` of the chunk, the cache with their entries written into row `slot`).
 
-        `valid_BT` marks real tokens among the new ones (False on left padding). Used for prefill (whole
-        prompt or chunks of it) and decode (T = 1); the cache comes back with the entries written.
-        `fresh` (static) says the cache holds nothing yet (the first chunk of a prompt): the tokens then
-        attend among themselves, causally, not over the cache's S slots.
+        `fresh` (static) says the chunk is the prompt's first (start 0): its tokens attend causally among
+        themselves (fused attention runs causal with no mask tensor). Otherwise they attend to the
+        first `keys` (static) entries of the slot, the chunk's own included: key s is visible to query t
+        where s <= start + t. Tokens past the prompt's end (padding the chunk) come after every real
+        token, so causality alone keeps them out of the real tokens' attention; their entries, written
+        past the prompt, are overwritten by decoding and never read before.
         """
-        t = x_BTD.shape[1]
-        start = cache.length
-        valid = jax.lax.dynamic_update_slice(cache.valid, valid_BT, (0, start))
-        cache = cache.replace(valid=valid)
+        t = x_1TD.shape[1]
+        positions_1T = (start + jnp.arange(t, dtype=jnp.int32))[None]
         if fresh:
-            mask_BTS, key_valid = causal_mask(valid_BT), valid_BT
+            mask_1TS, key_valid = causal_mask(jnp.ones((1, t), bool)), jnp.ones((1, t), bool)
         else:
-            mask_BTS, key_valid = cache.mask(t), None
+            mask_1TS, key_valid = (jnp.arange(keys)[None, :] <= positions_1T[0][:, None])[None], None
         layers = []
         for layer, entries in zip(self.layers, cache.layers):
-            new = layer.new_kv(x_BTD, positions_BT)
-            entries = write(entries, new, start)
-            x_BTD = layer(x_BTD, positions_BT, new if fresh else entries, mask_BTS, key_valid)
+            new = layer.new_kv(x_1TD, positions_1T)
+            entries = write_chunk(entries, new, slot, start)
+            kv = new if fresh else {k: jax.lax.dynamic_slice_in_dim(v, slot, 1, 0)[:, :keys] for k, v in entries.items()}
+            x_1TD = layer(x_1TD, positions_1T, kv, mask_1TS, key_valid)
             layers.append(entries)
-        return self.head(x_BTD[:, -1:])[:, 0], cache.replace(layers=tuple(layers), length=start + t)
+        last_1D = jax.lax.dynamic_slice_in_dim(x_1TD, last, 1, 1)
+        return self.head(last_1D)[0, 0], cache.replace(layers=tuple(layers))
+
+    def decode(self, x_N1D: jax.Array, lengths_N: jax.Array, cache: KVCache, keys: int,
+               live_N: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+        """One token for each of the first N slots, fed at its slot's length (the tokens already cached)
+        -> (float32 logits [N, V], the cache with each token's entries written at its position).
+
+        Attention reads the first `keys` (static) entries of each slot, up to and including the new one.
+        `live` [N]: slots whose tokens take part in expert routing (the others' logits are unspecified),
+        so that an empty slot makes no expert's weights be read.
+        """
+        positions_N1 = lengths_N[:, None]
+        mask_N1S = (jnp.arange(keys)[None, :] <= lengths_N[:, None])[:, None, :]
+        n = x_N1D.shape[0]
+        layers = []
+        for layer, entries in zip(self.layers, cache.layers):
+            entries = write_rows(entries, layer.new_kv(x_N1D, positions_N1), lengths_N)
+            kv = {k: v[:n, :keys] for k, v in entries.items()}
+            x_N1D = layer(x_N1D, positions_N1, kv, mask_N1S, None, None if live_N is None else live_N[:, None])
+            layers.append(entries)
+        return self.head(x_N1D)[:, 0], cache.replace(layers=tuple(layers))

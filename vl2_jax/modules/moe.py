@@ -370,14 +370,23 @@ class MoE(nn.Module):
                         self.router_w.astype(jnp.float32))
         return route(logits, self.cfg, self.router_bias if self.cfg.topk_method == "noaux_tc" else None)
 
-    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    def __call__(self, x_BTD: jax.Array, token_valid_BT: jax.Array | None = None) -> jax.Array:
+        """`token_valid` [B, T]: tokens routed to no expert when False (their routed output is zero), so
+        that padding rows make no expert's weights be read; None routes every token."""
         c, kernels = self.cfg, self.runtime.kernels
         b, t, d = x_BTD.shape
         x_ND = x_BTD.reshape(b * t, d)
         weights, idx = self.choices(x_BTD)
         impl = choose_dispatch(self.runtime.moe, b * t, c.num_experts_per_tok, self.gate_up_w, kernels)
+        # An id past the experts counts for nothing in every dispatch. Not for "gather" (1-2 tokens):
+        # it reads the chosen experts of each token anyway, and out-of-range ids would cost it a select
+        # after the down projection (see `outputs_gather`).
+        masked = token_valid_BT is not None and impl != "gather"
+        if masked:
+            idx = jnp.where(token_valid_BT.reshape(-1, 1), idx, c.n_routed_experts)
         if jax.sharding.get_abstract_mesh().empty:
-            y = run_experts(impl, x_ND, self.gate_up_w, self.down_w, weights, idx, ids_in_range=True, use_kernel=kernels)
+            y = run_experts(impl, x_ND, self.gate_up_w, self.down_w, weights, idx,
+                            ids_in_range=not masked, use_kernel=kernels)
         else:
             y = experts_sharded(impl, x_ND, self.gate_up_w, self.down_w, weights, idx, kernels)
         y = y.reshape(b, t, d)

@@ -2,7 +2,7 @@
 
 Image features are written into the text embeddings by one gather: the processor's image-token layout
 (`processor.image_token_sources`) gives, for every position of the sequence, an index into the table
-`[projected tile tokens..., image_newline, view_separator]`; positions outside `images_seq_mask` keep
+`[image_newline, view_separator, projected tile tokens...]`; positions outside `images_seq_mask` keep
 their token embedding.
 
 Parameter layout: vision/..., projector/..., image_newline [D], view_separator [D], language/...
@@ -45,8 +45,8 @@ class VL2(nn.Module):
         if tiles_I3SS is None:
             return x_BTD
         feats = self.image_features(tiles_I3SS)
-        table = jnp.concatenate(
-            [feats.reshape(-1, feats.shape[-1]), self.image_newline[None], self.view_separator[None]]
+        table = jnp.concatenate(  # the rows `processor.image_token_sources` indexes
+            [self.image_newline[None], self.view_separator[None], feats.reshape(-1, feats.shape[-1])]
         ).astype(x_BTD.dtype)
         return jnp.where(images_seq_mask_BT[..., None], table[src_BT], x_BTD)
 

@@ -61,8 +61,6 @@ CACHE_RULES = {
     "v": ("batch", None, "kv_heads", None),
     "latent": ("batch", None, None),
     "k_rope": ("batch", None, None),
-    "valid": ("batch", None),
-    "length": (),
 }
 
 

@@ -1,0 +1,158 @@
+"""The fixed-shape engine: after warmup nothing compiles, whatever the requests; seeded answers do not
+depend on their neighbours; batches beyond the slots run in waves; streams carry the whole answer."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import vl2_jax
+from tests.conftest import ckpt_dir, load_case, open_images
+from vl2_jax import Runtime
+from vl2_jax.errors import InputError
+
+EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/core/compile/jaxpr_trace_duration")
+_counts = {"on": False, **dict.fromkeys(EVENTS, 0)}
+
+
+def _listen(event, duration, **kwargs):
+    if _counts["on"] and event in EVENTS:
+        _counts[event] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_listen)
+
+
+def count_compiles(fn):
+    """(fn's result, {event: count}) for the compilations and traces while fn runs."""
+    for e in EVENTS:
+        _counts[e] = 0
+    _counts["on"] = True
+    try:
+        return fn(), {e: _counts[e] for e in EVENTS}
+    finally:
+        _counts["on"] = False
+
+
+@functools.cache
+def warm_model():
+    m = vl2_jax.load_model("random:test", "float32", runtime=Runtime(max_batch=4))
+    start = time.perf_counter()
+    report = m.warmup()
+    return m, report, time.perf_counter() - start
+
+
+def image(seed: int, width: int, height: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_nothing_compiles_after_warmup():
+    """Requests that differ in prompt length (up to near the context), number of images (0-3) and their
+    sizes, batch size (<= max_batch), max_new_tokens, sampling settings and stop strings: zero
+    compilations and zero traces once the model is warm. Warmup itself takes under two minutes."""
+    m, report, seconds = warm_model()
+    assert seconds < 120, f"warmup took {seconds:.0f} s ({report['programs']} programs)"
+    p = m.processor
+    user = lambda text, n=0: [{"role": "user", "content": "<image>\n" * n + text}]
+    long_text = "word " * 190  # ~960 byte-level tokens: near the 1024-token context
+    conversations = [
+        p(user("Hi.")),
+        p(user(long_text)),
+        p(user("What is this?", 1), [image(1, 56, 56)]),
+        p(user("Compare them.", 2), [image(2, 200, 90), image(3, 60, 170)]),
+        p(user("Three of them.", 3), [image(4, 56, 56), image(5, 300, 120), image(6, 90, 90)]),
+        p([*user("First.", 1), {"role": "assistant", "content": "An answer."}, *user("And then?")], [image(7, 120, 120)]),
+    ]
+    assert max(len(c.input_ids) for c in conversations) > 900
+    calls = [
+        dict(batch=[0], max_new_tokens=5),
+        dict(batch=[1], max_new_tokens=3, temperature=0.7, top_p=0.9, seed=1),
+        dict(batch=[2, 3], max_new_tokens=9, top_k=5, temperature=1.3, seed=2),
+        dict(batch=[4, 5, 0], max_new_tokens=17, repetition_penalty=1.3, stop=["a", "</s>"]),
+        dict(batch=[3, 2, 1, 0], max_new_tokens=40, temperature=0.5, stop=["\n"]),
+        dict(batch=[5, 4, 3, 2, 1, 0], max_new_tokens=20),  # more rows than slots: two waves
+    ]
+
+    def run_all():
+        results = []
+        for call in calls:
+            call = dict(call)
+            rows = call.pop("batch")
+            results.append(m.generate(p.batchify([conversations[i] for i in rows]), **call))
+            results.append(list(m.stream(p.batchify([conversations[rows[0]]]), **call)))
+        return results
+
+    results, counts = count_compiles(run_all)
+    assert counts == dict.fromkeys(EVENTS, 0), counts
+    assert all(len(r.token_ids) >= 1 for r in results[::2])
+
+
+def test_seeded_answer_is_the_same_alone_and_in_a_batch():
+    """Each row samples from its own key (the seed folded with its step): the same seeded answer in any
+    slot, beside any other request; greedy rows likewise."""
+    m, _, _ = warm_model()
+    p = m.processor
+    a = p([{"role": "user", "content": "Tell me a story."}])
+    b = p([{"role": "user", "content": "<image>\nWhat is it?"}], [image(8, 80, 56)])
+    kw = dict(max_new_tokens=12, temperature=1.1, top_k=50, seed=9)
+    alone = m.generate(p.batchify([a]), **kw).token_ids[0]
+    for rows in ([b, a], [b, b, b, a], [a, b]):
+        got = m.generate(p.batchify(rows), **kw).token_ids
+        assert got[[i for i, r in enumerate(rows) if r is a][0]] == alone
+    assert len(set(map(tuple, m.generate(p.batchify([a, a]), **{**kw, "seed": 10}).token_ids))) == 1
+
+
+def test_batch_larger_than_the_slots_runs_in_waves_with_the_same_answers():
+    variant = "mla"
+    m = vl2_jax.load_pretrained(ckpt_dir(variant), runtime=Runtime(max_batch=2))
+    names = ("text_only", "one_wide", "two_images", "history", "three_images_no_crop")
+    cases = [load_case(variant, n) for n in names]
+    outs = [m.processor(c["conversation"], open_images(c)) for c in cases]
+    r = m.generate(m.processor.batchify(outs), max_new_tokens=max(len(c["arrays"]["greedy"]) for c in cases))
+    for got, case in zip(r.token_ids, cases):
+        want = case["arrays"]["greedy"].tolist()
+        assert got[: len(want)] == want
+
+
+def test_prompt_longer_than_a_slot_names_both_lengths():
+    m = vl2_jax.load_pretrained(ckpt_dir("mha"), runtime=Runtime(max_seq_len=64))
+    case = load_case("mha", "one_photo")
+    batch = m.processor.batchify([m.processor(case["conversation"], open_images(case))])
+    with pytest.raises(InputError, match=r"the prompt has 98 tokens but a slot holds 64 tokens \(max_seq_len\)"):
+        m.generate(batch, max_new_tokens=4)
+    with pytest.raises(vl2_jax.ConfigError, match="max_batch"):
+        Runtime(max_batch=0)
+
+
+@pytest.mark.parametrize("ending", ["length", "stop_string", "context", "eos"])
+def test_stream_carries_the_whole_answer(ending):
+    """The streamed pieces add up to `generate`'s text for every way an answer ends (the last characters
+    were once held back for a stop string and never sent)."""
+    m = vl2_jax.load_pretrained(ckpt_dir("mha"), runtime=Runtime(max_seq_len=40 if ending == "context" else None))
+    case = load_case("mha", "text_only")
+    batch = m.processor.batchify([m.processor(case["conversation"], open_images(case))])
+    kw = dict(max_new_tokens=32, stop=["User:"])
+    if ending == "stop_string":
+        full = m.generate(batch, max_new_tokens=32).text[0]
+        kw["stop"] = [full[5:8]]  # three characters that usually span tokens
+    if ending == "eos":  # the fixture's greedy answer never ends: make EOS outscore its second token
+        second = m.generate(batch, max_new_tokens=2).token_ids[0][1]
+        language = dict(m.params["params"]["language"])
+        eos = m.cfg.language.eos_token_id
+        language["lm_head"] = language["lm_head"].at[:, eos].set(language["lm_head"][:, second] * 1.01)
+        params = {"params": {**m.params["params"], "language": language}}
+        m = vl2_jax.VL2Model(m.cfg, params, m.processor, m.dtype, m.runtime)
+    result = m.generate(batch, **kw)
+    streamed = "".join(m.stream(batch, **kw))
+    assert streamed == result.text[0]
+    want = {"length": "length", "stop_string": "stop", "context": "length", "eos": "stop"}[ending]
+    assert result.finish_reason[0] == want
+    if ending == "context":
+        assert len(result.token_ids[0]) == 40 - 15
+    if ending == "eos":
+        assert result.token_ids[0][-1] == m.cfg.language.eos_token_id

@@ -1,0 +1,424 @@
+"""The engine: every device program of the model at fixed shapes, over `max_batch` slots.
+
+After the manner of JetStream's engine API, a request is prefilled into a free slot, inserted (its first
+token sampled and the slot's state set), and then decoded together with every other live slot; slots
+join and leave between decode calls. Every shape comes from a small set chosen when the engine is built,
+so that after `warmup()` no request compiles or traces anything:
+
+- encode: the vision tower and projector over a chunk of a prompt's tiles (`TILE_CHUNKS` tiles; a
+  partial chunk is padded), writing their tokens into a feature table of fixed size;
+- embed: the prompt's token embeddings with the image features gathered from that table, into a buffer
+  of `capacity` rows;
+- prefill: one chunk of a prompt (a length from `Runtime.prefill_chunks`) into a slot, attending to the
+  slot's first `keys` cache entries (a key-length bucket: `key_buckets`), or, for a prompt's first
+  chunk, causally among its own tokens;
+- insert: the first token sampled from the prefill's logits, the slot's state set;
+- decode: up to `STEPS` tokens for the first `n` slots (a live-slot bucket: `slot_buckets`) in one
+  on-device loop, attention reading `keys` entries, with an all-greedy variant that skips the sort.
+
+Sampling settings, lengths, limits and done flags are per-slot arrays of the state, so no setting
+changes a shape. The state is donated to every program and comes back updated.
+
+Dimension letters as in `vl2_jax.modules`: B slots (`max_batch`), L cache capacity (`capacity`: the
+slot's `max_seq_len` rounded up to a multiple of the largest prefill chunk), R feature-table rows,
+N live-slot bucket, C prefill chunk, S key-length bucket, I tile chunk, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.sharding import NamedSharding
+
+from vl2_jax.cache import KVCache
+from vl2_jax.config import Runtime, VL2Config
+from vl2_jax.errors import InputError
+from vl2_jax.modules.language import LanguageModel
+from vl2_jax.modules.vision import normalize_pixels
+from vl2_jax.modules.vl2 import VL2
+from vl2_jax.processor import NEWLINE_SOURCE, SEPARATOR_SOURCE, TILE_SOURCES, PixelNorm, image_token_sources
+from vl2_jax.sampling import RowSampling, sample_rows
+from vl2_jax.sharding import Layout
+
+STEPS = 16  # tokens per decode call: the host reads tokens (streaming, stop strings) between calls
+TILE_CHUNKS = (2, 5)  # tiles per vision-tower call: 5 is a 768 px image's global view and 2x2 tiles
+NO_TOKEN = -1  # in decode outputs: the slot produced nothing at that step
+
+
+def powers_of_two(low: int, high: int) -> tuple[int, ...]:
+    """low, 2*low, ... up to and including `high` (which ends the list even if not a power of two)."""
+    out, n = [], low
+    while n < high:
+        out.append(n)
+        n *= 2
+    return (*out, high)
+
+
+def smallest_at_least(n: int, buckets: tuple[int, ...]) -> int:
+    return next(b for b in buckets if b >= n)
+
+
+@struct.dataclass
+class Slots:
+    """The engine's state, per slot [B]: cache rows [B, L, ...]; lengths (tokens in the cache); token
+    (the last sampled, fed next); done; remaining (tokens still allowed); generated (tokens produced,
+    also each row's sampling step); seen [B, V] (prompt and answer tokens, for the repetition penalty);
+    eos (-1: never stop at EOS); sampling (per-row settings)."""
+
+    cache: KVCache
+    lengths: jax.Array
+    token: jax.Array
+    done: jax.Array
+    remaining: jax.Array
+    generated: jax.Array
+    seen: jax.Array
+    eos: jax.Array
+    sampling: RowSampling
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One conversation, ready for the device (host numpy): ids [P] int32, src [P] int32 and image_mask
+    [P] bool (the image-token layout, row-local), tiles [I, S, S, 3] uint8 or None."""
+
+    ids: np.ndarray
+    src: np.ndarray
+    image_mask: np.ndarray
+    tiles: np.ndarray | None
+
+    @classmethod
+    def from_output(cls, output, side: int) -> Request:
+        """A `processor.ProcessorOutput` -> Request (`side`: image tokens per tile side)."""
+        ids = np.asarray(output.input_ids, np.int32)
+        mask = np.asarray(output.images_seq_mask, bool)
+        tiles, src = image_token_sources(np.asarray(output.images_spatial_crop)[None], mask[None], side)
+        used = output.pixels[tiles[:, 1]] if len(tiles) else None
+        return cls(ids, src[0], mask, used)
+
+
+class Engine:
+    """Fixed-shape programs of one model; see the module docstring. `params` are passed to each call."""
+
+    def __init__(self, cfg: VL2Config, dtype, runtime: Runtime, pixel_norm: PixelNorm, pad_id: int, mesh=None):
+        lc = cfg.language
+        self.cfg, self.dtype, self.runtime, self.mesh = cfg, jnp.dtype(dtype), runtime, mesh
+        self.layout = Layout(mesh) if mesh is not None else None
+        self.pad_id, self.pixel_norm = pad_id, pixel_norm
+        self.max_batch = runtime.max_batch
+        self.max_seq_len = runtime.max_seq_len or lc.max_position_embeddings
+        if self.max_seq_len > lc.max_position_embeddings:
+            raise InputError(f"max_seq_len {self.max_seq_len} is longer than the model's context "
+                             f"({lc.max_position_embeddings} tokens, max_position_embeddings).")
+        self.chunks = tuple(sorted(c for c in runtime.prefill_chunks if c <= self.max_seq_len)) or (self.max_seq_len,)
+        # Room for the last chunk's padding past max_seq_len: the cache rows and the embedding buffer.
+        self.capacity = -(-self.max_seq_len // self.chunks[-1]) * self.chunks[-1]
+        self.key_buckets = powers_of_two(min(256, self.capacity), self.capacity)
+        # decode reads every live slot's keys at each step: lengths at most 1.5x apart, from 512
+        ladder = sorted({b << i for b in (512, 768) for i in range(16) if b << i < self.capacity})
+        self.decode_key_buckets = (*ladder, self.capacity)
+        self.slot_buckets = powers_of_two(1, self.max_batch)
+        self.side = cfg.tokens_per_tile_side
+        # the most tiles a slot's image tokens can use (each tile brings at least side * (side + 1))
+        self.max_tiles = max(1, self.max_seq_len // (self.side * (self.side + 1)))
+        self.table_rows = TILE_SOURCES + (self.max_tiles + TILE_CHUNKS[-1]) * self.side**2
+        self.language = LanguageModel(lc, self.dtype.type, runtime)
+        self.vl2 = VL2(cfg, self.dtype.type, runtime)
+
+    # -- memory ---------------------------------------------------------------------------------------
+    def cache_bytes(self) -> int:
+        """Bytes of the KV cache: max_batch x capacity tokens."""
+        return KVCache.bytes_per_token(self.cfg.language, self.dtype) * self.max_batch * self.capacity
+
+    # -- placement ------------------------------------------------------------------------------------
+    def _context(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def _put(self, *arrays: np.ndarray) -> list[jax.Array]:
+        """Host arrays -> device arrays, replicated under a mesh, in one transfer call without one."""
+        if self.mesh is None:
+            return jax.device_put(list(arrays))
+        replicated = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        return [jax.device_put(a, replicated) for a in arrays]
+
+    # -- programs -------------------------------------------------------------------------------------
+    @functools.cached_property
+    def _new_state(self):
+        lc, b, length = self.cfg.language, self.max_batch, self.capacity
+
+        def make():
+            zeros = lambda dtype: jnp.zeros((b,), dtype)
+            return Slots(
+                KVCache.zeros(lc, b, length, self.dtype), zeros(jnp.int32), zeros(jnp.int32), jnp.ones((b,), bool),
+                zeros(jnp.int32), zeros(jnp.int32), jnp.zeros((b, lc.vocab_size), bool), jnp.full((b,), -1, jnp.int32),
+                RowSampling(zeros(jnp.float32), zeros(jnp.int32), jnp.ones((b,), jnp.float32),
+                            jnp.ones((b,), jnp.float32), zeros(jnp.uint32)))
+
+        shardings = None
+        if self.layout is not None:
+            shapes = jax.eval_shape(make)
+            cache_specs = self.layout.cache_specs(shapes.cache)
+            replicated = jax.sharding.PartitionSpec()
+            specs = jax.tree.map(lambda _: replicated, shapes).replace(cache=cache_specs)
+            shardings = jax.tree.map(lambda p: NamedSharding(self.mesh, p), specs)
+        return jax.jit(make, out_shardings=shardings)
+
+    def new_state(self) -> Slots:
+        """Every slot free (done), the cache zeroed."""
+        with self._context():
+            return self._new_state()
+
+    @functools.cached_property
+    def _new_table(self):
+        """() -> an empty feature table [R, D] (rows: newline, separator, then tile tokens)."""
+        return jax.jit(lambda: jnp.zeros((self.table_rows, self.cfg.language.hidden_size), self.dtype))
+
+    @functools.cached_property
+    def _encode(self):
+        """(params, table [R, D] (donated), tiles [I, S, S, 3] uint8, first tile) -> the table with the
+        newline and separator rows and these tiles' projected tokens written in."""
+        norm, hw = self.pixel_norm, self.side**2
+
+        def encode(params, table, tiles, first):
+            p = params["params"]
+            feats = self.vl2.apply(params, normalize_pixels(tiles, norm), method=VL2.image_features)
+            table = table.at[NEWLINE_SOURCE].set(p["image_newline"]).at[SEPARATOR_SOURCE].set(p["view_separator"])
+            rows = feats.reshape(-1, feats.shape[-1]).astype(table.dtype)
+            return jax.lax.dynamic_update_slice_in_dim(table, rows, TILE_SOURCES + first * hw, 0)
+
+        return jax.jit(encode, donate_argnums=(1,))
+
+    @functools.cached_property
+    def _embed(self):
+        """(params, ids [L], src [L], image mask [L], table [R, D]) -> x [L, D]: token embeddings, image
+        positions taken from the table."""
+
+        def embed(params, ids, src, mask, table):
+            x = self.language.apply({"params": params["params"]["language"]}, ids[None],
+                                    method=LanguageModel.embed)[0]
+            return jnp.where(mask[:, None], table[src].astype(x.dtype), x)
+
+        return jax.jit(embed)
+
+    @functools.cached_property
+    def _prefill(self):
+        """(language params, state (donated), x [L, D], slot, start, last, C, S, fresh) -> (state, logits [V])."""
+
+        def prefill(params, state: Slots, x_LD, slot, start, last, chunk, keys, fresh):
+            x = jax.lax.dynamic_slice_in_dim(x_LD, start, chunk, 0)[None]
+            logits, cache = self.language.apply(params, x, start, last, state.cache, slot, keys, fresh,
+                                                method=LanguageModel.prefill)
+            return state.replace(cache=cache), logits
+
+        return jax.jit(prefill, donate_argnums=(1,), static_argnums=(6, 7, 8))
+
+    @functools.cached_property
+    def _insert(self):
+        """(state (donated), logits [V], ids [L], length, slot, max_new, eos, settings, greedy) -> state:
+        the first token sampled into the slot, the slot live."""
+
+        def insert(state: Slots, logits_V, ids_L, length, slot, max_new, eos, settings: RowSampling, greedy):
+            v = logits_V.shape[-1]
+            seen = jnp.zeros((v,), bool).at[ids_L].max(jnp.arange(ids_L.shape[0]) < length)
+            one = jax.tree.map(lambda a: jnp.asarray(a)[None], settings)
+            first = sample_rows(logits_V[None], seen[None], one, jnp.zeros((1,), jnp.int32), greedy)[0]
+            remaining = jnp.minimum(max_new, self.max_seq_len - length) - 1
+            sampling = jax.tree.map(lambda rows, new: rows.at[slot].set(new), state.sampling, settings)
+            return state.replace(
+                lengths=state.lengths.at[slot].set(length), token=state.token.at[slot].set(first),
+                done=state.done.at[slot].set((first == eos) | (remaining <= 0)),
+                remaining=state.remaining.at[slot].set(remaining), generated=state.generated.at[slot].set(1),
+                seen=state.seen.at[slot].set(seen.at[first].set(True)), eos=state.eos.at[slot].set(eos),
+                sampling=sampling)
+
+        return jax.jit(insert, donate_argnums=(0,), static_argnums=(8,))
+
+    @functools.cached_property
+    def _decode(self):
+        """(language params, state (donated), stop [B] bool, N, S, greedy) -> (state, tokens [N, STEPS]):
+        up to STEPS tokens for slots 0..N-1 (NO_TOKEN where a slot produced none); `stop` ends slots
+        before the first step (stop strings found by the host)."""
+        language = self.language
+
+        def decode(params, state: Slots, stop_B, n, keys, greedy):
+            state = state.replace(done=state.done | stop_B)
+            out = jnp.full((n, STEPS), NO_TOKEN, jnp.int32)
+
+            def cond(carry):
+                i, s, _ = carry
+                return (i < STEPS) & ~jnp.all(s.done[:n])
+
+            def body(carry):
+                i, s, out = carry
+                live = ~s.done[:n]
+                x = language.apply(params, s.token[:n, None], method=LanguageModel.embed)
+                logits, cache = language.apply(params, x, s.lengths[:n], s.cache, keys, live,
+                                               method=LanguageModel.decode)
+                rows = jax.tree.map(lambda a: a[:n], s.sampling)
+                tok = sample_rows(logits, s.seen[:n], rows, s.generated[:n], greedy)
+                step = live.astype(jnp.int32)
+                remaining = s.remaining[:n] - step
+                done = s.done[:n] | (live & ((tok == s.eos[:n]) | (remaining <= 0)))
+                idx = jnp.arange(n)
+                s = s.replace(
+                    cache=cache, lengths=s.lengths.at[:n].add(step), token=s.token.at[:n].set(jnp.where(live, tok, s.token[:n])),
+                    done=s.done.at[:n].set(done), remaining=s.remaining.at[:n].set(remaining),
+                    generated=s.generated.at[:n].add(step), seen=s.seen.at[idx, tok].max(live))
+                return i + 1, s, out.at[:, i].set(jnp.where(live, tok, NO_TOKEN))
+
+            _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
+            return state, out
+
+        return jax.jit(decode, donate_argnums=(1,), static_argnums=(3, 4, 5))
+
+    # -- host side ------------------------------------------------------------------------------------
+    @staticmethod
+    def embed_params(params) -> dict:
+        """What embedding reads (each leaf passed to a jitted call costs host time): the token embedding
+        table, and the LM head, which the language model's setup declares."""
+        language = params["params"]["language"]
+        return {"params": {"language": {k: language[k] for k in ("embed", "lm_head")}}}
+
+    @staticmethod
+    def vision_params(params) -> dict:
+        """What encoding tiles reads: the vision tower, the projector and the two layout rows."""
+        p = params["params"]
+        return {"params": {k: p[k] for k in ("vision", "projector", "image_newline", "view_separator")}}
+
+    @staticmethod
+    def language_params(params) -> dict:
+        return {"params": params["params"]["language"]}
+
+    def check(self, request: Request) -> None:
+        """Refuses a request that cannot fit: a prompt that leaves no room for an answer in a slot."""
+        p, context = len(request.ids), self.cfg.language.max_position_embeddings
+        if p > self.max_seq_len - 1:
+            holds = (f"the model's context is {context} tokens (max_position_embeddings)" if self.max_seq_len == context
+                     else f"a slot holds {self.max_seq_len} tokens (max_seq_len)")
+            raise InputError(f"the prompt has {p} tokens but {holds}, leaving no room for an answer; shorten the "
+                             "prompt or use fewer images" + ("." if self.max_seq_len == context else
+                                                             ", or load the model with a larger max_seq_len."))
+        tiles = 0 if request.tiles is None else len(request.tiles)
+        if tiles > self.max_tiles:
+            raise InputError(f"the prompt has {tiles} image tiles, more than the {self.max_tiles} a "
+                             f"{self.max_seq_len}-token slot can hold; use fewer images.")
+
+    @staticmethod
+    def tile_plan(tiles: np.ndarray | None) -> list[tuple[int, np.ndarray]]:
+        """(first tile, tiles [I, S, S, 3]) of each vision-tower call: chunks of TILE_CHUNKS[-1] tiles,
+        then the smallest chunk that holds the rest (zero tiles pad it; their tokens are never read)."""
+        out, first, n = [], 0, 0 if tiles is None else len(tiles)
+        while first < n:
+            size = next((c for c in TILE_CHUNKS if c >= n - first), TILE_CHUNKS[-1])
+            chunk = np.zeros((size, *tiles.shape[1:]), np.uint8)
+            chunk[: min(size, n - first)] = tiles[first:first + size]
+            out.append((first, chunk))
+            first += size
+        return out
+
+    def chunk_plan(self, length: int) -> list[tuple[int, int, int, bool]]:
+        """(start, chunk, keys, fresh) of each prefill program a prompt of `length` tokens runs."""
+        plan, start = [], 0
+        while start < length:
+            rest = length - start
+            chunk = next((c for c in self.chunks if c >= rest), self.chunks[-1])
+            fresh = start == 0
+            plan.append((start, chunk, chunk if fresh else smallest_at_least(start + chunk, self.key_buckets), fresh))
+            start += chunk
+        return plan
+
+    def prefill(self, params, state: Slots, slot: int, request: Request, max_new: int, settings: RowSampling,
+                eos: int) -> Slots:
+        """Embeds `request`, writes its prompt into `slot` chunk by chunk and inserts its first token.
+        Every program is dispatched without waiting for the device."""
+        self.check(request)
+        p, length = len(request.ids), self.capacity
+        pad = lambda a, value: np.pad(a, (0, length - p), constant_values=value)
+        ids = pad(request.ids, self.pad_id).astype(np.int32)
+        chunks = self.tile_plan(request.tiles)
+        host = [ids, pad(request.src, 0).astype(np.int32), pad(request.image_mask, False), *(c for _, c in chunks)]
+        with self._context():
+            ids_d, src, mask, *tiles = self._put(*host)
+            table = self._new_table()
+            for (first, _), chunk in zip(chunks, tiles):
+                table = self._encode(self.vision_params(params), table, chunk, np.int32(first))
+            x = self._embed(self.embed_params(params), ids_d, src, mask, table)
+            lm = self.language_params(params)
+            for start, chunk, keys, fresh in self.chunk_plan(p):
+                last = np.int32(min(p - 1 - start, chunk - 1))
+                state, logits = self._prefill(lm, state, x, np.int32(slot), np.int32(start), last, chunk, keys, fresh)
+            greedy = bool(settings.temperature == 0)
+            return self._insert(state, logits, ids_d, np.int32(p), np.int32(slot), np.int32(max_new), np.int32(eos),
+                                settings, greedy)
+
+    def decode(self, params, state: Slots, live: int, longest: int, greedy: bool, stop: np.ndarray | None = None):
+        """Up to STEPS tokens for slots 0..live-1 -> (state, tokens [N, STEPS] on the device, N the bucket
+        of `live`). `longest`: an upper bound of the live slots' cached lengths (picks the key bucket)."""
+        n = smallest_at_least(live, self.slot_buckets)
+        keys = smallest_at_least(min(longest + STEPS, self.capacity), self.decode_key_buckets)
+        stop = np.zeros((self.max_batch,), bool) if stop is None else stop
+        with self._context():
+            return self._decode(self.language_params(params), state, stop, n, keys, greedy)
+
+    # -- warmup ---------------------------------------------------------------------------------------
+    def programs(self) -> list[tuple[str, tuple]]:
+        """Every program variant the engine can run, as (kind, static arguments)."""
+        out = [("table", ()), *(("encode", (c,)) for c in TILE_CHUNKS), ("embed", ())]
+        for chunk in self.chunks:
+            out.append(("prefill", (chunk, chunk, True)))
+            # a later chunk starts after a first chunk of the largest size (chunk_plan)
+            out += [("prefill", (chunk, k, False)) for k in self.key_buckets if k >= chunk + self.chunks[-1]]
+        out += [("insert", (g,)) for g in (True, False)]
+        out += [("decode", (n, k, g)) for n in self.slot_buckets for k in self.decode_key_buckets for g in (True, False)]
+        return out
+
+    def warmup(self, params, progress: Callable[[int, int, str], None] | None = None,
+               state: Slots | None = None) -> dict:
+        """Compiles (runs once) every program in `programs()`, so that no request compiles or traces later.
+        `progress(done, total, name)` after each. `state` (donated) is used as scratch and freed: every
+        slot is done afterwards. Returns (the state, {"programs": n, "seconds": s})."""
+        t0 = time.perf_counter()
+        programs = self.programs()
+        state = self.new_state() if state is None else state
+        lc, s = self.cfg.language, self.cfg.vision.image_size
+        length = self.capacity
+        host_ids = np.full((length,), self.pad_id, np.int32)
+        settings = RowSampling.make()
+        with self._context():
+            ids, src, mask = self._put(host_ids, np.zeros((length,), np.int32), np.zeros((length,), bool))
+            x = table = logits = None
+            lm = self.language_params(params)
+            for i, (kind, static) in enumerate(programs):
+                if kind == "table":
+                    table = self._new_table()
+                elif kind == "encode":
+                    tiles = self._put(np.zeros((static[0], s, s, 3), np.uint8))[0]
+                    table = self._encode(self.vision_params(params), table, tiles, np.int32(0))
+                elif kind == "embed":
+                    x = self._embed(self.embed_params(params), ids, src, mask, table)
+                elif kind == "prefill":
+                    chunk, keys, fresh = static
+                    start = 0 if fresh else keys - chunk
+                    state, logits = self._prefill(lm, state, x, np.int32(0), np.int32(start), np.int32(0), chunk, keys,
+                                                  fresh)
+                elif kind == "insert":
+                    state = self._insert(state, logits, ids, np.int32(1), np.int32(0), np.int32(2),
+                                         np.int32(lc.eos_token_id), settings, static[0])
+                else:
+                    state, _ = self._decode(lm, state, np.zeros((self.max_batch,), bool), *static)
+                if progress:
+                    progress(i + 1, len(programs), f"{kind}{static}")
+            state = self.release(params, state, np.ones((self.max_batch,), bool))
+        jax.block_until_ready(state)
+        return state, {"programs": len(programs), "seconds": time.perf_counter() - t0}
+
+    def release(self, params, state: Slots, slots: np.ndarray) -> Slots:
+        """Marks `slots` ([B] bool) done, with no decoding (slots freed by the host, e.g. at a stop string)."""
+        return self.decode(params, state, 1, 0, True, slots)[0]
