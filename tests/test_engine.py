@@ -156,3 +156,24 @@ def test_stream_carries_the_whole_answer(ending):
         assert len(result.token_ids[0]) == 40 - 15
     if ending == "eos":
         assert result.token_ids[0][-1] == m.cfg.language.eos_token_id
+
+
+def test_a_cache_the_device_cannot_hold_is_refused_before_compiling(monkeypatch):
+    """max_batch x max_seq_len beyond the device's free memory: one ConfigError naming both and the
+    memory it needs (the device's memory report faked: the CPU reports none)."""
+    m = vl2_jax.load_model("random:test", "float32", runtime=Runtime(max_batch=64, max_seq_len=1024))
+    device = type(jax.local_devices()[0])
+    monkeypatch.setattr(device, "memory_stats", lambda self: {"bytes_limit": 10_000_000, "bytes_in_use": 2_000_000})
+    need = m.engine.cache_bytes() / 1e9
+    (result, counts) = count_compiles(lambda: pytest.raises(vl2_jax.ConfigError, m.engine.new_state))
+    assert counts == dict.fromkeys(EVENTS, 0)
+    message = str(result.value)
+    assert "max_batch=64 x max_seq_len=1024" in message and f"{need:.2f} GB" in message and "0.01 GB is free" in message
+
+
+def test_the_python_api_takes_what_the_cli_takes():
+    """`load_pretrained` takes every spec `load_model` does (here random:test), and `generate` takes one
+    processor output as well as a batch, with the same answer."""
+    m = vl2_jax.load_pretrained("random:test")
+    one = m.processor([{"role": "user", "content": "Hi."}])
+    assert m.generate(one, max_new_tokens=4).token_ids == m.generate(m.processor.batchify([one]), max_new_tokens=4).token_ids

@@ -40,7 +40,7 @@ from jax.sharding import NamedSharding
 
 from vl2_jax.cache import KVCache
 from vl2_jax.config import Runtime, VL2Config
-from vl2_jax.errors import InputError
+from vl2_jax.errors import ConfigError, InputError
 from vl2_jax.modules.language import LanguageModel
 from vl2_jax.modules.vision import normalize_pixels
 from vl2_jax.modules.vl2 import VL2
@@ -171,9 +171,23 @@ class Engine:
         return jax.jit(make, out_shardings=shardings)
 
     def new_state(self) -> Slots:
-        """Every slot free (done), the cache zeroed."""
+        """Every slot free (done), the cache zeroed. Refuses, before compiling anything, a cache that the
+        device's free memory cannot hold (where the device reports its memory)."""
+        self.check_memory()
         with self._context():
             return self._new_state()
+
+    def check_memory(self) -> None:
+        need = self.cache_bytes() // (self.mesh.shape.get("data", 1) if self.mesh is not None else 1)
+        stats = (self.mesh.devices.flat[0] if self.mesh is not None else jax.local_devices()[0]).memory_stats() or {}
+        if "bytes_limit" not in stats:
+            return
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        if need > free:
+            raise ConfigError(
+                f"the KV cache of max_batch={self.max_batch} x max_seq_len={self.max_seq_len} needs "
+                f"{need / 1e9:.2f} GB per device but {free / 1e9:.2f} GB is free; load the model with a smaller "
+                "Runtime(max_batch=..., max_seq_len=...), or --max-seq-len on the command line.")
 
     @functools.cached_property
     def _new_table(self):
