@@ -46,3 +46,29 @@ def test_every_line_names_the_kernels_in_use(monkeypatch):
     assert active_kernels(lc, jnp.bfloat16, Runtime()) == ["prefill: grouped matmul (Mosaic)", "decode: gathered matvec",
                                                            "decode batches: expert matmul"]
     assert active_kernels(lc, jnp.bfloat16, Runtime(kernels=False)) == []
+
+
+def test_missing_model_is_one_error_line(capsys):
+    assert main(["--model", "/nonexistent", "--batches", "1"]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "/nonexistent" in errors[0] and "Traceback" not in err
+
+
+def test_one_new_token_is_refused_by_the_parser(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", "random:test", "--new-tokens", "1"])
+    assert exit_.value.code == 2 and "--new-tokens" in capsys.readouterr().err
+
+
+def test_table_values_have_units():
+    from vl2_jax.bench import table
+
+    rows = [{"model": "m", "metric": m, "value": 1.0} for m in
+            ("warmup_s", "kv_cache_gb", "vision_ms", "ttft_ms", "decode_tokens_per_s", "moe_busiest_expert_tokens",
+             "peak_memory_gb")]
+    lines = table(rows).splitlines()
+    assert lines[0].split("|")[5].strip() == "unit"
+    assert [line.split("|")[5].strip() for line in lines[2:]] == ["s", "GB", "ms", "ms", "tok/s", "tokens", "GB"]

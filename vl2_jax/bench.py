@@ -9,7 +9,7 @@ tiles, 1042 tokens at the real sizes) and one sentence; the text prompt is the s
 prompts never seen before (other image sizes and sentence lengths) are each answered once, and their
 first tokens' p50 and p90 reported with the number of compilations and traces while they ran (0 when
 the engine works as designed). Decode speed is the median of `--repeats` runs. Every measurement is
-printed as one JSON line; a table follows. `decode_floor_fraction` is the time to read the weights a
+printed as one JSON line; a table follows, each value with its unit. `decode_floor_fraction` is the time to read the weights a
 batch-1 token activates (embedding row, attention, dense MLP, shared + top-k experts, LM head; plus its
 KV cache) at `--hbm-gbps`, divided by the measured time per token (GPUs only).
 """
@@ -29,6 +29,7 @@ from PIL import Image
 
 from vl2_jax import kernels, load
 from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, Runtime
+from vl2_jax.errors import explain
 from vl2_jax.modules.moe import mlp_kernel_fits
 from vl2_jax.modules.vision import normalize_pixels
 from vl2_jax.modules.vl2 import VL2
@@ -209,14 +210,38 @@ def run(args) -> list[dict]:
     return rows
 
 
+UNITS = {"_s": "s", "_ms": "ms", "_gb": "GB", "_tokens_per_s": "tok/s", "_tokens": "tokens"}
+
+
+def unit(metric: str) -> str:
+    """The unit of a metric's value, from its name's ending (`ttft_ms` -> ms); '' for none."""
+    return next((u for end, u in sorted(UNITS.items(), key=lambda e: -len(e[0])) if metric.endswith(end)), "")
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| model | metric | prompt | batch | value |", "|---|---|---|---|---|"]
+    """The JSON lines as a Markdown table, each value with its unit."""
+    lines = ["| model | metric | prompt | batch | unit | value |", "|---|---|---|---|---|---|"]
     for r in rows:
         extra = f" (floor {r['floor_ms']:.2f} ms/token, {100 * r['decode_floor_fraction']:.0f}% of it)" if "floor_ms" in r else ""
         if "p90" in r:
             extra = f" (p90 {r['p90']:.2f}; {r['prompts']} prompts, {r['compilations']} compilations)"
-        lines.append(f"| {r['model']} | {r['metric']} | {r.get('prompt', '')} | {r.get('batch', '')} | {r['value']:.2f}{extra} |")
+        lines.append(f"| {r['model']} | {r['metric']} | {r.get('prompt', '')} | {r.get('batch', '')} | {unit(r['metric'])} | {r['value']:.2f}{extra} |")
     return "\n".join(lines)
+
+
+def _at_least(low: int):
+    """An argparse type: a whole number of at least `low`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number of at least {low} (got {text!r})") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low} (got {value})")
+        return value
+
+    return parse
 
 
 def main(argv=None) -> int:
@@ -228,9 +253,10 @@ def main(argv=None) -> int:
                    help="attention (plain: the reference's arithmetic; auto: cuDNN flash attention where it applies)")
     p.add_argument("--kernels", default="on", choices=["on", "off"], help="accelerator kernels where they apply")
     p.add_argument("--image-size", type=int, default=768)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=_at_least(2), default=128,
+                   help="tokens per decode run, at least 2: the first token is prefill's, the rest are timed (default: 128)")
     p.add_argument("--batches", default="1,8,32", help="decode batch sizes, comma separated ('' for none)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=_at_least(1), default=3)
     p.add_argument("--hbm-gbps", type=float, default=None,
                    help="HBM bandwidth for the decode floor (default: 4300, an H200's copy bandwidth, on GPUs; none on CPU)")
     p.add_argument("--max-seq-len", type=int, default=None, help="tokens per slot (default: the model's context)")
@@ -239,7 +265,14 @@ def main(argv=None) -> int:
     args.dtype = args.dtype or load.default_dtype()
     if args.hbm_gbps is None and jax.default_backend() == "gpu":
         args.hbm_gbps = 4300.0
-    rows = run(args)
+    try:
+        rows = run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - last line of defence: one sentence, no traceback
+        print("error: " + explain(e), file=sys.stderr, flush=True)
+        return 1
     print(table(rows))
     return 0
 

@@ -53,3 +53,19 @@ def out_of_memory_as(what: str):
         if not is_out_of_memory(e):
             raise
         raise DeviceMemoryError(f"the accelerator ran out of memory {what}; {OUT_OF_MEMORY_ADVICE}.") from e
+
+
+def explain(error: BaseException) -> str:
+    """One line for any error, as the command lines print it after `error: `: ours as they are,
+    out-of-memory with the likely fixes, others by type."""
+    text = " ".join(str(error).split())
+    if isinstance(error, VL2Error):
+        return text
+    if is_out_of_memory(error):
+        return ("the accelerator ran out of memory; try a smaller --max-seq-len, --prefill-chunk 512, "
+                "--dtype bfloat16, or more devices.")
+    if isinstance(error, MemoryError):
+        return "the host ran out of memory (MemoryError); close other programs, or try --dtype bfloat16 or a smaller model."
+    if isinstance(error, OSError):
+        return text
+    return f"{type(error).__name__}: {text}"
