@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vl2_jax.cli import package_version
 from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS
 
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl2-tiny"
@@ -38,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="an image file; repeat for several images")
     p.add_argument("--prompt", default=None,
                    help="the question; use <image> placeholders to place images, or none to put them first")
+    p.add_argument("--system", default=None, metavar="TEXT",
+                   help="a system prompt, placed before the conversation (default: none)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=512)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1 = off)")
@@ -53,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="tokens the answer's slot holds, prompt included (default: the model's context)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="default: bfloat16 on GPU/TPU, float32 on CPU")
-    p.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin (images go to turn 1)")
+    p.add_argument("--chat", action="store_true",
+                   help="interactive multi-turn chat on stdin: --prompt, if given, is the first turn; --image files "
+                        "go with the first turn, '/image PATH' on its own line with the next")
     p.add_argument("--json", action="store_true", help="print one JSON object with the answer and timings")
     p.add_argument("--mesh", default=None, metavar="SPEC",
                    help="shard over devices: 'auto' (all visible devices) or sizes such as expert=4,tensor=2 "
@@ -76,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="keep compiled programs in DIR between runs (default: $VL2_JAX_COMPILE_CACHE, else "
                         "~/.cache/vl2_jax/xla; '' turns it off; JAX_COMPILATION_CACHE_DIR, if set, wins)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     return p
 
 

@@ -126,3 +126,127 @@ def test_unusable_compile_cache_is_one_note_not_a_failure(tmp_path):
     r = _cli("--model", "random:test", "--prompt", "hi", "--max-new-tokens", "2", "--compile-cache", str(blocker / "xla"))
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("not cached") == 1 and "Warning" not in r.stderr
+
+
+def test_chat_survives_bad_turns_and_attaches_images():
+    """--prompt is the first turn; a turn with <image> but no image and an image that cannot be opened
+    each print one error line and leave the history as it was; /image PATH attaches to the next turn."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    image = FIXTURES / "images" / "noise_tiny.png"
+    stdin = f"<image> What is this?\n/image /no/such/image.png\nSecond.\n/image {image}\nWhat is in it?\nAnd?\n"
+    r = subprocess.run([sys.executable, "-m", "generate", "--model", "random:test", "--chat", "--json",
+                        "--max-new-tokens", "2", "--prompt", "First."], capture_output=True, text=True, env=env,
+                       cwd=ROOT, input=stdin, timeout=300)
+    assert r.returncode == 0, r.stderr
+    answers = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(answers) == 4  # First., Second., What is in it?, And?
+    tokens = [a["prompt_tokens"] for a in answers]
+    assert tokens[0] < tokens[1] < tokens[2] < tokens[3]  # each turn's history holds the turns before
+    assert tokens[2] - tokens[1] > tokens[3] - tokens[2] + 10  # the image's tokens are in turn 3
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and "placeholder" in errors[0] and "/no/such/image.png" in errors[1]
+    assert "Traceback" not in r.stderr
+    assert not any(line.startswith("> ") for line in r.stderr.splitlines())  # no prompt marker on piped stdin
+
+
+def test_chat_on_a_terminal_shows_a_marker_and_reads_through_input(monkeypatch, capsys):
+    from vl2_jax import cli
+
+    typed = iter(["hello ", "/image x.png"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(typed)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert list(cli.chat_lines("first", print)) == ["first", "hello", "/image x.png"]
+    assert capsys.readouterr().err.count("> ") == 3  # one marker per turn read, the last one met EOF
+
+
+@pytest.mark.parametrize("target,words", [
+    ("missing/out.png", "does not exist"),
+    ("out.xyz", "cannot write"),
+    ("input.png", "is an input image"),
+    ("link.png", "is an input image"),
+])
+def test_draw_boxes_target_is_checked_before_the_model_loads(tmp_path, monkeypatch, capsys, target, words):
+    from vl2_jax import load
+
+    image = tmp_path / "input.png"
+    image.write_bytes((FIXTURES / "images" / "noise_tiny.png").read_bytes())
+    (tmp_path / "link.png").symlink_to(image)
+    monkeypatch.setattr(load, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--model", "random:test", "--image", str(image), "--prompt", "hi", "--draw-boxes", target]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0] and "--draw-boxes" in err[0]
+    assert image.read_bytes() == (FIXTURES / "images" / "noise_tiny.png").read_bytes()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_draw_boxes_into_an_unwritable_folder_fails_before_loading(tmp_path, monkeypatch, capsys):
+    from vl2_jax import load
+
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    monkeypatch.setattr(load, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    assert main(["--model", "random:test", "--image", str(FIXTURES / "images" / "noise_tiny.png"), "--prompt", "hi",
+                 "--draw-boxes", str(locked / "out.png")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not writable" in err[0]
+
+
+def _pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_version_is_the_package_version(capsys, monkeypatch):
+    import importlib.metadata
+
+    version = _pyproject()["project"]["version"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"python -m generate {version}"
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)  # a plain checkout: read pyproject.toml
+    from vl2_jax.cli import package_version
+
+    assert package_version() == version
+
+
+def test_system_prompt_comes_first(capsys):
+    base = ["--model", "random:test", "--prompt", "hi", "--max-new-tokens", "1", "--json"]
+    plain = run_json(capsys, base)
+    system = run_json(capsys, [*base, "--system", "You answer in one short sentence."])
+    assert system["prompt_tokens"] > plain["prompt_tokens"] + 4
+    assert main([*base, "--system", "<image> first"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "--system" in err[0]
+
+
+def test_console_scripts_point_at_the_mains(capsys):
+    """pyproject.toml declares vl2-generate and vl2-convert; each resolves to its `main`, which returns
+    the exit status (console-script wrappers pass it to sys.exit). An installed checkout lists them too."""
+    import importlib.metadata
+
+    import convert.__main__
+    import generate.__main__
+
+    scripts = _pyproject()["project"]["scripts"]
+    assert scripts == {"vl2-generate": "generate.__main__:main", "vl2-convert": "convert.__main__:main"}
+    for name, value in scripts.items():
+        point = importlib.metadata.EntryPoint(name=name, value=value, group="console_scripts")
+        assert point.load() is {"vl2-generate": generate.__main__.main, "vl2-convert": convert.__main__.main}[name]
+    installed = {p.name: p.value for p in importlib.metadata.entry_points(group="console_scripts")
+                 if p.name in scripts}
+    assert all(installed[n] == scripts[n] for n in installed)  # this checkout installed: they are there
+    assert generate.__main__.main(["--model", "/no/such/folder", "--prompt", "hi"]) == 1
+    assert convert.__main__.main(["/no/such/folder", "/tmp/never-written"]) == 1

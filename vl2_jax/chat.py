@@ -29,15 +29,30 @@ def user_turn(prompt: str, num_images: int) -> dict:
 
 @dataclasses.dataclass
 class ChatSession:
-    """Multi-turn history. Images belong to the turn that introduced them."""
+    """Multi-turn history, after an optional system prompt. Images belong to the turn that introduced them.
+
+    `ask` returns the conversation with the new turn without keeping it; `answer` keeps the turn and its
+    answer together, so a turn that fails (a bad prompt, an image that does not open) leaves the history
+    as it was.
+    """
 
     turns: list[dict] = dataclasses.field(default_factory=list)
     images: list = dataclasses.field(default_factory=list)
+    system: str | None = None
+    _asked: tuple = ()
 
-    def ask(self, prompt: str, images=()) -> list[dict]:
-        self.turns.append(user_turn(prompt, len(images)))
-        self.images.extend(images)
-        return list(self.turns)
+    def ask(self, prompt: str, images=()) -> tuple[list[dict], list]:
+        """(conversation, every image) for the history plus `prompt` with `images`; kept by `answer`."""
+        turn, images = user_turn(prompt, len(images)), list(images)
+        self._asked = (turn, images)
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return [*head, *self.turns, turn], [*self.images, *images]
 
     def answer(self, text: str) -> None:
-        self.turns.append({"role": "assistant", "content": text})
+        """Keeps the last asked turn, its images and `text`, the answer to it."""
+        if not self._asked:
+            raise InputError("answer() needs a turn asked first.")
+        turn, images = self._asked
+        self.turns += [turn, {"role": "assistant", "content": text}]
+        self.images += images
+        self._asked = ()

@@ -10,26 +10,11 @@ from collections.abc import Callable
 
 from vl2_jax.chat import ChatSession, user_turn
 from vl2_jax.config import Runtime
-from vl2_jax.errors import InputError, VL2Error, is_out_of_memory
+from vl2_jax.errors import InputError, explain
 from vl2_jax.processor import open_image
 from vl2_jax.sampling import check_sampling
 
 TEMPLATE_STOP = ("User:",)
-
-
-def explain(error: BaseException) -> str:
-    """One line for any error: ours as they are, out-of-memory with the likely fixes, others by type."""
-    text = " ".join(str(error).split())
-    if isinstance(error, VL2Error):
-        return text
-    if is_out_of_memory(error):
-        return ("the accelerator ran out of memory; try a smaller --max-seq-len, --prefill-chunk 512, "
-                "--dtype bfloat16, or more devices.")
-    if isinstance(error, MemoryError):
-        return "the host ran out of memory (MemoryError); close other programs, or try --dtype bfloat16 or a smaller model."
-    if isinstance(error, OSError):
-        return text
-    return f"{type(error).__name__}: {text}"
 
 
 def _start_distributed(args) -> bool:
@@ -91,10 +76,16 @@ def run(args, log: Callable[[str], None]) -> int:
         raise InputError("give --prompt TEXT (or --chat for an interactive session).")
     if getattr(args, "draw_boxes", None) and not args.image:
         raise InputError("--draw-boxes needs an --image (the boxes are drawn on the first image).")
-    # Images and the prompt are checked before the model loads, so a typo fails in a second, not minutes.
+    # Images, the prompts and --draw-boxes are checked before the model loads, so a typo fails in a
+    # second, not minutes.
     images = [open_image(p) for p in args.image]
-    if not args.chat:
+    if args.prompt is not None:
         user_turn(args.prompt, len(images))
+    system = getattr(args, "system", None)
+    if system is not None and (not system.strip() or "<image>" in system):
+        raise InputError("--system needs some text and no <image> placeholder (images go in the user's turns).")
+    if getattr(args, "draw_boxes", None):
+        check_draw_boxes(args.draw_boxes, args.image)
     _use_compile_cache(compile_cache_dir(getattr(args, "compile_cache", None)), log)
     chunks = {} if args.prefill_chunk is None else {"prefill_chunks": (args.prefill_chunk,)}
     runtime = Runtime(moe=args.moe, attention=args.attention, kernels=args.kernels == "on", max_batch=1,
@@ -109,27 +100,105 @@ def run(args, log: Callable[[str], None]) -> int:
         repetition_penalty=args.repetition_penalty, seed=args.seed,
         stop=TEMPLATE_STOP if args.stop is None else tuple(args.stop),
     )
-    session = ChatSession()
+    session = ChatSession(system=system)
     if not args.chat:
-        text = _answer(model, session.ask(args.prompt, images), images, options, args.json, log, text_only=True,
-                       timing=options_timing)
+        conversation, _ = session.ask(args.prompt, images)
+        text = _answer(model, conversation, images, options, args.json, log, text_only=True, timing=options_timing)
         _draw_boxes(getattr(args, "draw_boxes", None), images, text, log)
         return 0
-    log("chat: type a message and press Enter; an empty line or Ctrl-D ends the session.")
+    log("chat: type a message and press Enter; /image PATH attaches an image to your next message; "
+        "an empty line or Ctrl-D ends the session.")
     pending = images
-    for raw in sys.stdin.buffer:
-        try:
-            line = raw.decode("utf-8").strip()
-        except UnicodeDecodeError as e:
-            log(f"error: that line is not valid UTF-8 ({e.reason} at byte {e.start}); please type it again.")
-            continue
+    for line in chat_lines(args.prompt, log):
         if not line:
             break
-        answer = _answer(model, session.ask(line, pending), session.images, options, args.json, log, text_only=True)
-        _draw_boxes(getattr(args, "draw_boxes", None), session.images, answer, log)
+        try:
+            if line.split(maxsplit=1)[0] == "/image":
+                path = line[len("/image"):].strip()
+                if not path:
+                    raise InputError("/image needs a path, e.g. /image photo.jpg.")
+                pending = [*pending, open_image(path)]
+                log(f"{path} goes with your next message")
+                continue
+            conversation, every_image = session.ask(line, pending)
+            answer = _answer(model, conversation, every_image, options, args.json, log, text_only=True)
+        except Exception as e:  # noqa: BLE001 - one bad turn is one error line; the session goes on
+            log("error: " + explain(e))
+            continue
         session.answer(answer)
         pending = []
+        try:
+            _draw_boxes(getattr(args, "draw_boxes", None), session.images, answer, log)
+        except Exception as e:  # noqa: BLE001 - the answer stands; only its drawing failed
+            log("error: " + explain(e))
     return 0
+
+
+def chat_lines(first: str | None, log: Callable[[str], None]):
+    """The chat's lines, stripped: `first` (--prompt) if given, then stdin's until its end. On a terminal
+    a `> ` marker on stderr precedes each line and `readline` (where Python has it) gives line editing
+    and history; piped stdin is read as bytes, a line that is not UTF-8 reported and skipped."""
+    if first is not None:
+        yield first.strip()
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401 - importing it gives input() line editing and history
+        except ImportError:
+            pass
+        while True:
+            print("> ", end="", file=sys.stderr, flush=True)
+            try:
+                line = input()
+            except EOFError:
+                print(file=sys.stderr, flush=True)
+                return
+            yield line.strip()
+    for raw in sys.stdin.buffer:
+        try:
+            yield raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            log(f"error: that line is not valid UTF-8 ({e.reason} at byte {e.start}); please type it again.")
+
+
+def check_draw_boxes(out_path: str, image_paths: list[str]) -> None:
+    """Refuses a --draw-boxes target before anything loads: its folder must exist and be writable, its
+    extension one PIL writes, and it must not be one of the input images (compared after resolving links).
+
+    Raises:
+      InputError: one sentence naming the target and what is wrong with it.
+    """
+    from PIL import Image
+
+    folder = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(folder):
+        raise InputError(f"--draw-boxes {out_path}: the folder {folder} does not exist; create it or pick another path.")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"--draw-boxes {out_path}: the folder {folder} is not writable; pick another path.")
+    if os.path.isdir(out_path):
+        raise InputError(f"--draw-boxes {out_path} is a folder; give a file name such as boxes.png.")
+    extension = os.path.splitext(out_path)[1].lower()
+    if Image.registered_extensions().get(extension) not in Image.SAVE:
+        raise InputError(f"--draw-boxes {out_path}: PIL cannot write {extension or 'files without an extension'}; "
+                         f"use .png or .jpg.")
+    target = os.path.realpath(out_path)
+    for image in image_paths:
+        if os.path.realpath(image) == target or (os.path.exists(out_path) and os.path.samefile(image, out_path)):
+            raise InputError(f"--draw-boxes {out_path} is an input image ({image}); pick another path, the input "
+                             f"is kept as it is.")
+
+
+def package_version() -> str:
+    """vl2-jax's version: the installed distribution's, else (a plain checkout) pyproject.toml's."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("vl2-jax")
+    except importlib.metadata.PackageNotFoundError:
+        import re
+
+        pyproject = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
+        with open(pyproject, encoding="utf-8") as f:
+            return re.search(r'^version\s*=\s*"([^"]+)"', f.read(), re.M).group(1)
 
 
 def _draw_boxes(out_path, images, text, log) -> None:
