@@ -177,3 +177,34 @@ def test_the_python_api_takes_what_the_cli_takes():
     m = vl2_jax.load_pretrained("random:test")
     one = m.processor([{"role": "user", "content": "Hi."}])
     assert m.generate(one, max_new_tokens=4).token_ids == m.generate(m.processor.batchify([one]), max_new_tokens=4).token_ids
+
+
+@pytest.mark.parametrize("layout", ["data=2,expert=2,tensor=2"])
+def test_nothing_compiles_after_warmup_under_a_mesh(layout):
+    """Every program pins the state's shardings, so the calls after warmup see what warmup compiled for;
+    the answers equal one device's."""
+    runtime = Runtime(max_batch=2, max_seq_len=256, prefill_chunks=(64, 256))
+    single = vl2_jax.load_pretrained(ckpt_dir("mla"), runtime=runtime)
+    m = vl2_jax.load_pretrained(ckpt_dir("mla"), runtime=runtime, mesh=layout)
+    m.warmup()
+    cases = [load_case("mla", n) for n in ("text_only", "one_wide", "two_images")]
+    outs = [m.processor(c["conversation"], open_images(c)) for c in cases]
+
+    def run():
+        return [m.generate(m.processor.batchify(outs[i:i + 2]), max_new_tokens=6).token_ids for i in range(2)]
+
+    got, counts = count_compiles(run)
+    assert counts == dict.fromkeys(EVENTS, 0), counts
+    assert got == [single.generate(single.processor.batchify(outs[i:i + 2]), max_new_tokens=6).token_ids
+                   for i in range(2)]
+
+
+def test_a_prompt_whose_tiles_fit_the_slot_is_accepted():
+    """Local tiles bring side * side tokens each (plus a newline per row): two wide images of 20 tiles in
+    103 tokens fit a 110-token slot, and answer as they do in a roomier one."""
+    roomy = vl2_jax.load_model("random:test", "float32", runtime=Runtime(max_batch=1))
+    tight = vl2_jax.VL2Model(roomy.cfg, roomy.params, roomy.processor, roomy.dtype,
+                             Runtime(max_batch=1, max_seq_len=110, prefill_chunks=(64, 128)))
+    one = roomy.processor([{"role": "user", "content": "<image>\n<image>\n"}], [image(11, 504, 56), image(12, 504, 56)])
+    assert len(one.input_ids) <= 104 and len(one.pixels) == 20
+    assert tight.generate(one, max_new_tokens=5).token_ids == roomy.generate(one, max_new_tokens=5).token_ids

@@ -118,16 +118,19 @@ class Engine:
             raise InputError(f"max_seq_len {self.max_seq_len} is longer than the model's context "
                              f"({lc.max_position_embeddings} tokens, max_position_embeddings).")
         self.chunks = tuple(sorted(c for c in runtime.prefill_chunks if c <= self.max_seq_len)) or (self.max_seq_len,)
-        # Room for the last chunk's padding past max_seq_len: the cache rows and the embedding buffer.
-        self.capacity = -(-self.max_seq_len // self.chunks[-1]) * self.chunks[-1]
+        if any(c % self.chunks[0] for c in self.chunks):
+            raise ConfigError(f"prefill_chunks {self.chunks} must all be multiples of the smallest, {self.chunks[0]}.")
+        # Room for the last chunk's padding past max_seq_len (the cache rows and the embedding buffer):
+        # chunks start at multiples of the smallest, and each fits below the capacity (chunk_plan).
+        self.capacity = -(-self.max_seq_len // self.chunks[0]) * self.chunks[0]
         self.key_buckets = powers_of_two(min(256, self.capacity), self.capacity)
         # decode reads every live slot's keys at each step: lengths at most 1.5x apart, from 512
         ladder = sorted({b << i for b in (512, 768) for i in range(16) if b << i < self.capacity})
         self.decode_key_buckets = (*ladder, self.capacity)
         self.slot_buckets = powers_of_two(1, self.max_batch)
         self.side = cfg.tokens_per_tile_side
-        # the most tiles a slot's image tokens can use (each tile brings at least side * (side + 1))
-        self.max_tiles = max(1, self.max_seq_len // (self.side * (self.side + 1)))
+        # the most tiles a slot's image tokens can use (each tile brings at least side * side tokens)
+        self.max_tiles = max(1, self.max_seq_len // self.side**2)
         self.table_rows = TILE_SOURCES + (self.max_tiles + TILE_CHUNKS[-1]) * self.side**2
         self.language = LanguageModel(lc, self.dtype.type, runtime)
         self.vl2 = VL2(cfg, self.dtype.type, runtime)
@@ -149,26 +152,48 @@ class Engine:
         return [jax.device_put(a, replicated) for a in arrays]
 
     # -- programs -------------------------------------------------------------------------------------
+    def _make_state(self) -> Slots:
+        """Every slot free (done), the cache zeroed (traced: the body of `_new_state`)."""
+        lc, b = self.cfg.language, self.max_batch
+        zeros = lambda dtype: jnp.zeros((b,), dtype)
+        return Slots(
+            KVCache.zeros(lc, b, self.capacity, self.dtype), zeros(jnp.int32), zeros(jnp.int32), jnp.ones((b,), bool),
+            zeros(jnp.int32), zeros(jnp.int32), jnp.zeros((b, lc.vocab_size), bool), jnp.full((b,), -1, jnp.int32),
+            RowSampling(zeros(jnp.float32), zeros(jnp.int32), jnp.ones((b,), jnp.float32),
+                        jnp.ones((b,), jnp.float32), zeros(jnp.uint32)))
+
+    @functools.cached_property
+    def state_shardings(self) -> Slots | None:
+        """Under a mesh: the cache by the partition rules, everything else replicated. Every program that
+        returns the state pins it to these, so that its next call sees the shardings warmup compiled for."""
+        if self.layout is None:
+            return None
+        shapes = jax.eval_shape(self._make_state)
+        specs = jax.tree.map(lambda _: jax.sharding.PartitionSpec(), shapes).replace(
+            cache=self.layout.cache_specs(shapes.cache))
+        return jax.tree.map(lambda p: NamedSharding(self.mesh, p), specs)
+
+    @functools.cached_property
+    def _replicated(self):
+        return None if self.mesh is None else NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+    def _jit(self, fn, outputs, **kwargs):
+        """jax.jit with the outputs' shardings pinned under a mesh (`outputs`: "state" alone, "first" of a
+        (state, array) pair, or one replicated "array"), so that every call sees the inputs warmup saw."""
+        if self.mesh is None:
+            return jax.jit(fn, **kwargs)
+        out = {"state": self.state_shardings, "first": (self.state_shardings, self._replicated),
+               "array": self._replicated}[outputs]
+        return jax.jit(fn, out_shardings=out, **kwargs)
+
     @functools.cached_property
     def _new_state(self):
-        lc, b, length = self.cfg.language, self.max_batch, self.capacity
+        return self._jit(self._make_state, "state")
 
-        def make():
-            zeros = lambda dtype: jnp.zeros((b,), dtype)
-            return Slots(
-                KVCache.zeros(lc, b, length, self.dtype), zeros(jnp.int32), zeros(jnp.int32), jnp.ones((b,), bool),
-                zeros(jnp.int32), zeros(jnp.int32), jnp.zeros((b, lc.vocab_size), bool), jnp.full((b,), -1, jnp.int32),
-                RowSampling(zeros(jnp.float32), zeros(jnp.int32), jnp.ones((b,), jnp.float32),
-                            jnp.ones((b,), jnp.float32), zeros(jnp.uint32)))
-
-        shardings = None
-        if self.layout is not None:
-            shapes = jax.eval_shape(make)
-            cache_specs = self.layout.cache_specs(shapes.cache)
-            replicated = jax.sharding.PartitionSpec()
-            specs = jax.tree.map(lambda _: replicated, shapes).replace(cache=cache_specs)
-            shardings = jax.tree.map(lambda p: NamedSharding(self.mesh, p), specs)
-        return jax.jit(make, out_shardings=shardings)
+    @functools.cached_property
+    def _release(self):
+        """(state (donated), slots [B] bool) -> the state with those slots done; nothing decoded."""
+        return self._jit(lambda state, slots: state.replace(done=state.done | slots), "state", donate_argnums=(0,))
 
     def new_state(self) -> Slots:
         """Every slot free (done), the cache zeroed. Refuses, before compiling anything, a cache that the
@@ -192,7 +217,7 @@ class Engine:
     @functools.cached_property
     def _new_table(self):
         """() -> an empty feature table [R, D] (rows: newline, separator, then tile tokens)."""
-        return jax.jit(lambda: jnp.zeros((self.table_rows, self.cfg.language.hidden_size), self.dtype))
+        return self._jit(lambda: jnp.zeros((self.table_rows, self.cfg.language.hidden_size), self.dtype), "array")
 
     @functools.cached_property
     def _encode(self):
@@ -207,7 +232,7 @@ class Engine:
             rows = feats.reshape(-1, feats.shape[-1]).astype(table.dtype)
             return jax.lax.dynamic_update_slice_in_dim(table, rows, TILE_SOURCES + first * hw, 0)
 
-        return jax.jit(encode, donate_argnums=(1,))
+        return self._jit(encode, "array", donate_argnums=(1,))
 
     @functools.cached_property
     def _embed(self):
@@ -219,7 +244,7 @@ class Engine:
                                     method=LanguageModel.embed)[0]
             return jnp.where(mask[:, None], table[src].astype(x.dtype), x)
 
-        return jax.jit(embed)
+        return self._jit(embed, "array")
 
     @functools.cached_property
     def _prefill(self):
@@ -231,7 +256,7 @@ class Engine:
                                                 method=LanguageModel.prefill)
             return state.replace(cache=cache), logits
 
-        return jax.jit(prefill, donate_argnums=(1,), static_argnums=(6, 7, 8))
+        return self._jit(prefill, "first", donate_argnums=(1,), static_argnums=(6, 7, 8))
 
     @functools.cached_property
     def _insert(self):
@@ -252,7 +277,7 @@ class Engine:
                 seen=state.seen.at[slot].set(seen.at[first].set(True)), eos=state.eos.at[slot].set(eos),
                 sampling=sampling)
 
-        return jax.jit(insert, donate_argnums=(0,), static_argnums=(8,))
+        return self._jit(insert, "state", donate_argnums=(0,), static_argnums=(8,))
 
     @functools.cached_property
     def _decode(self):
@@ -290,7 +315,7 @@ class Engine:
             _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
             return state, out
 
-        return jax.jit(decode, donate_argnums=(1,), static_argnums=(3, 4, 5))
+        return self._jit(decode, "first", donate_argnums=(1,), static_argnums=(3, 4, 5))
 
     # -- host side ------------------------------------------------------------------------------------
     @staticmethod
@@ -338,11 +363,13 @@ class Engine:
         return out
 
     def chunk_plan(self, length: int) -> list[tuple[int, int, int, bool]]:
-        """(start, chunk, keys, fresh) of each prefill program a prompt of `length` tokens runs."""
+        """(start, chunk, keys, fresh) of each prefill program a prompt of `length` tokens runs: the
+        smallest chunk that holds the rest, else the largest, of those that end within the capacity."""
         plan, start = [], 0
         while start < length:
             rest = length - start
-            chunk = next((c for c in self.chunks if c >= rest), self.chunks[-1])
+            fits = [c for c in self.chunks if start + c <= self.capacity]
+            chunk = next((c for c in fits if c >= rest), fits[-1])
             fresh = start == 0
             plan.append((start, chunk, chunk if fresh else smallest_at_least(start + chunk, self.key_buckets), fresh))
             start += chunk
@@ -385,11 +412,10 @@ class Engine:
     def programs(self) -> list[tuple[str, tuple]]:
         """Every program variant the engine can run, as (kind, static arguments)."""
         out = [("table", ()), *(("encode", (c,)) for c in TILE_CHUNKS), ("embed", ())]
-        for chunk in self.chunks:
-            out.append(("prefill", (chunk, chunk, True)))
-            # a later chunk starts after a first chunk of the largest size (chunk_plan)
-            out += [("prefill", (chunk, k, False)) for k in self.key_buckets if k >= chunk + self.chunks[-1]]
-        out += [("insert", (g,)) for g in (True, False)]
+        # every (chunk, keys, fresh) that some prompt length's plan runs
+        plans = {step[1:] for length in range(1, self.max_seq_len) for step in self.chunk_plan(length)}
+        out += [("prefill", plan) for plan in sorted(plans, key=lambda p: (not p[2], p))]
+        out += [("insert", (g,)) for g in (True, False)] + [("release", ())]
         out += [("decode", (n, k, g)) for n in self.slot_buckets for k in self.decode_key_buckets for g in (True, False)]
         return out
 
@@ -422,6 +448,8 @@ class Engine:
                     start = 0 if fresh else keys - chunk
                     state, logits = self._prefill(lm, state, x, np.int32(0), np.int32(start), np.int32(0), chunk, keys,
                                                   fresh)
+                elif kind == "release":
+                    state = self._release(state, np.zeros((self.max_batch,), bool))
                 elif kind == "insert":
                     state = self._insert(state, logits, ids, np.int32(1), np.int32(0), np.int32(2),
                                          np.int32(lc.eos_token_id), settings, static[0])
@@ -429,10 +457,11 @@ class Engine:
                     state, _ = self._decode(lm, state, np.zeros((self.max_batch,), bool), *static)
                 if progress:
                     progress(i + 1, len(programs), f"{kind}{static}")
-            state = self.release(params, state, np.ones((self.max_batch,), bool))
+            state = self._release(state, np.ones((self.max_batch,), bool))
         jax.block_until_ready(state)
         return state, {"programs": len(programs), "seconds": time.perf_counter() - t0}
 
     def release(self, params, state: Slots, slots: np.ndarray) -> Slots:
         """Marks `slots` ([B] bool) done, with no decoding (slots freed by the host, e.g. at a stop string)."""
-        return self.decode(params, state, 1, 0, True, slots)[0]
+        with self._context():
+            return self._release(state, np.asarray(slots, bool))

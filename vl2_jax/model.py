@@ -223,11 +223,13 @@ class VL2Model:
         the prompt or answer. A row stops at EOS, at one of the `stop` strings (e.g. "User:", the chat
         template's), after `max_new_tokens`, or when its slot is full (`runtime.max_seq_len`). Rows beyond
         `runtime.max_batch` run as slots free up. `on_text(row, new_text)` is called with text as it is
-        produced. `ignore_eos=True` generates exactly `max_new_tokens` (for benchmarks).
+        produced. `ignore_eos=True` generates exactly `max_new_tokens` (for benchmarks). One call at a time
+        per model: the engine's state (slots and cache) passes from call to call.
         """
         check_sampling(temperature, top_p, top_k, repetition_penalty)
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1 (got {max_new_tokens}).")
+        max_new_tokens = min(int(max_new_tokens), self.engine.max_seq_len)  # a slot holds no more
         requests = self.requests(batch)
         for request in requests:
             self.engine.check(request)

@@ -112,10 +112,11 @@ class LanguageModel(nn.Module):
         first `keys` (static) entries of the slot, the chunk's own included: key s is visible to query t
         where s <= start + t. Tokens past the prompt's end (padding the chunk) come after every real
         token, so causality alone keeps them out of the real tokens' attention; their entries, written
-        past the prompt, are overwritten by decoding and never read before.
+        past the prompt, are overwritten by decoding and never read before; they are routed to no expert.
         """
         t = x_1TD.shape[1]
         positions_1T = (start + jnp.arange(t, dtype=jnp.int32))[None]
+        routed = (jnp.arange(t) <= last)[None]  # tokens past the prompt's last take no expert's time
         if fresh:
             mask_1TS, key_valid = causal_mask(jnp.ones((1, t), bool)), jnp.ones((1, t), bool)
         else:
@@ -125,7 +126,7 @@ class LanguageModel(nn.Module):
             new = layer.new_kv(x_1TD, positions_1T)
             entries = write_chunk(entries, new, slot, start)
             kv = new if fresh else {k: jax.lax.dynamic_slice_in_dim(v, slot, 1, 0)[:, :keys] for k, v in entries.items()}
-            x_1TD = layer(x_1TD, positions_1T, kv, mask_1TS, key_valid)
+            x_1TD = layer(x_1TD, positions_1T, kv, mask_1TS, key_valid, routed)
             layers.append(entries)
         last_1D = jax.lax.dynamic_slice_in_dim(x_1TD, last, 1, 1)
         return self.head(last_1D)[0, 0], cache.replace(layers=tuple(layers))
