@@ -204,7 +204,7 @@ class Engine:
 
     def check_memory(self) -> None:
         need = self.cache_bytes() // (self.mesh.shape.get("data", 1) if self.mesh is not None else 1)
-        stats = (self.mesh.devices.flat[0] if self.mesh is not None else jax.local_devices()[0]).memory_stats() or {}
+        stats = jax.local_devices()[0].memory_stats() or {}  # (a device of this process: others' can't be asked)
         if "bytes_limit" not in stats:
             return
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
