@@ -29,6 +29,7 @@ from PIL import Image
 
 from vl2_jax import kernels, load
 from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, Runtime
+from vl2_jax.engine import CompileWatch
 from vl2_jax.errors import explain
 from vl2_jax.modules.moe import mlp_kernel_fits
 from vl2_jax.modules.vision import normalize_pixels
@@ -91,24 +92,6 @@ def pipelined_time(fn, calls: int = 20, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-class CompileCounter:
-    """Counts JAX's compilations and traces (its monitoring events) while `counting` is set."""
-
-    EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/core/compile/jaxpr_trace_duration")
-
-    def __init__(self):
-        self.counting, self.counts = False, dict.fromkeys(self.EVENTS, 0)
-        jax.monitoring.register_event_duration_secs_listener(self._event)
-
-    def _event(self, event: str, duration: float, **kwargs) -> None:
-        if self.counting and event in self.counts:
-            self.counts[event] += 1
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-
 def prompts(proc, image_sizes: list[tuple[int, int]], rng: np.random.Generator) -> list:
     """Different conversations: one per image size (random pixels, a sentence of random length) and two
     text-only ones."""
@@ -125,7 +108,6 @@ def prompts(proc, image_sizes: list[tuple[int, int]], rng: np.random.Generator) 
 
 
 def run(args) -> list[dict]:
-    counter = CompileCounter()
     runtime = Runtime(moe=args.moe, attention=args.attention, kernels=args.kernels == "on",
                       max_batch=max([*args.batches, 1]), max_seq_len=args.max_seq_len)
     model = load.load_model(args.model, args.dtype, runtime=runtime,
@@ -175,17 +157,16 @@ def run(args) -> list[dict]:
     # New prompts, each answered once: the time to first token a user meets (no compilation allowed).
     sizes = [(s, s) for s in (384, 768, 1024)] + [(1152, 384), (384, 896), (640, 480)]
     sizes = [(int(w * args.image_size / 768), int(h * args.image_size / 768)) for w, h in sizes]
-    counter.counting = True
     ttfts = {}
-    for name, one in [*fixed.items(), *((f"new_{i}", p) for i, p in enumerate(prompts(proc, sizes, rng)))]:
-        ttfts[name] = (model.generate(one, max_new_tokens=1).ttft_s, len(one.input_ids))
-    counter.counting = False
+    with CompileWatch() as compiling:
+        for name, one in [*fixed.items(), *((f"new_{i}", p) for i, p in enumerate(prompts(proc, sizes, rng)))]:
+            ttfts[name] = (model.generate(one, max_new_tokens=1).ttft_s, len(one.input_ids))
     emit(metric="ttft_ms", prompt="image", prompt_tokens=ttfts["image"][1], value=1e3 * ttfts["image"][0])
     emit(metric="ttft_ms", prompt="text", prompt_tokens=ttfts["text"][1], value=1e3 * ttfts["text"][0])
     new = sorted(1e3 * t for name, (t, _) in ttfts.items() if name.startswith("new_"))
     emit(metric="ttft_new_prompts_ms", prompts=len(new), p50=float(np.percentile(new, 50)),
          p90=float(np.percentile(new, 90)), prompt_tokens=sorted(n for k, (_, n) in ttfts.items() if k.startswith("new_")),
-         value=float(np.percentile(new, 50)), compilations=counter.total)
+         value=float(np.percentile(new, 50)), compilations=compiling.count)
 
     t = len(fixed["image"].input_ids)
     floor_s = activated_bytes(model, t + args.new_tokens) / (args.hbm_gbps * 1e9) if args.hbm_gbps else None
@@ -193,13 +174,11 @@ def run(args) -> list[dict]:
         batch = proc.batchify([fixed["image"]] * b)
         run_once = lambda batch=batch: model.generate(batch, max_new_tokens=args.new_tokens, ignore_eos=True)
         run_once()
-        counter.counting = True
-        before = counter.total
-        results = [run_once() for _ in range(args.repeats)]
-        counter.counting = False
+        with CompileWatch() as compiling:
+            results = [run_once() for _ in range(args.repeats)]
         rate = statistics.median(r.decode_tokens_per_s for r in results)
         row = dict(metric="decode_tokens_per_s", prompt="image", batch=b, new_tokens=args.new_tokens,
-                   value=rate, ms_per_step=1e3 * b / rate if rate else None, compilations=counter.total - before)
+                   value=rate, ms_per_step=1e3 * b / rate if rate else None, compilations=compiling.count)
         if b == 1 and floor_s and rate:
             row["decode_floor_fraction"] = floor_s * rate
             row["floor_ms"] = 1e3 * floor_s

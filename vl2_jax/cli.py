@@ -224,37 +224,14 @@ def _draw_boxes(out_path, images, text, log) -> None:
     log(f"drew {len(boxes)} box{'es' if len(boxes) != 1 else ''} on the first image -> {out_path}")
 
 
-class CompileTimer:
-    """Seconds JAX spent tracing and compiling while `on` (its monitoring events): the one-time cost of
-    the first request of each shape, reported apart from the answer's own timings."""
-
-    EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/core/compile/jaxpr_trace_duration",
-              "/jax/core/compile/jaxpr_to_mlir_module_duration")
-    seconds, on = 0.0, False
-    _registered = False
-
-    @classmethod
-    def start(cls) -> None:
-        import jax
-
-        if not cls._registered:
-            jax.monitoring.register_event_duration_secs_listener(cls._event)
-            cls._registered = True
-        cls.seconds, cls.on = 0.0, True
-
-    @classmethod
-    def _event(cls, event: str, duration: float, **kwargs) -> None:
-        if cls.on and event in cls.EVENTS:
-            cls.seconds += duration
-
-
 def _answer(model, conversation, images, options, as_json, log, text_only=False, timing=None):
     batch = model.processor.batchify([model.processor(conversation, images)])
     stream = None if as_json else (lambda row, text: print(text, end="", flush=True))
-    CompileTimer.start()
-    result = model.generate(batch, on_text=stream, **options)
-    CompileTimer.on = False
-    compile_s = CompileTimer.seconds
+    from vl2_jax.engine import CompileWatch
+
+    with CompileWatch() as compiling:  # the one-time cost of programs of new shapes, reported apart
+        result = model.generate(batch, on_text=stream, **options)
+    compile_s = compiling.seconds
     if as_json:
         print(json.dumps({
             "text": result.text[0], "token_ids": result.token_ids[0], "finish_reason": result.finish_reason[0],

@@ -66,6 +66,37 @@ def smallest_at_least(n: int, buckets: tuple[int, ...]) -> int:
     return next(b for b in buckets if b >= n)
 
 
+class CompileWatch:
+    """Counts and times JAX's tracing, lowering and compiling (its monitoring events) while a `with`
+    block runs: how the benchmark shows that a warm engine compiles nothing, and how the command line
+    reports the one-time cost of programs of new shapes. One listener serves every watch."""
+
+    EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/core/compile/jaxpr_trace_duration",
+              "/jax/core/compile/jaxpr_to_mlir_module_duration")
+    _open: list[CompileWatch] = []
+    _listening = False
+
+    def __init__(self):
+        self.count, self.seconds = 0, 0.0
+
+    def __enter__(self) -> CompileWatch:
+        if not CompileWatch._listening:
+            jax.monitoring.register_event_duration_secs_listener(CompileWatch._event)
+            CompileWatch._listening = True
+        CompileWatch._open.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        CompileWatch._open.remove(self)
+
+    @staticmethod
+    def _event(event: str, duration: float, **kwargs) -> None:
+        if event in CompileWatch.EVENTS:
+            for watch in CompileWatch._open:
+                watch.count += 1
+                watch.seconds += duration
+
+
 @struct.dataclass
 class Slots:
     """The engine's state, per slot [B]: cache rows [B, L, ...]; lengths (tokens in the cache); token
@@ -461,7 +492,7 @@ class Engine:
         jax.block_until_ready(state)
         return state, {"programs": len(programs), "seconds": time.perf_counter() - t0}
 
-    def release(self, params, state: Slots, slots: np.ndarray) -> Slots:
+    def release(self, state: Slots, slots: np.ndarray) -> Slots:
         """Marks `slots` ([B] bool) done, with no decoding (slots freed by the host, e.g. at a stop string)."""
         with self._context():
             return self._release(state, np.asarray(slots, bool))

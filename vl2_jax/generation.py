@@ -93,7 +93,6 @@ class _Live:
     row: int
     text: RowText
     length: int  # an upper bound of the slot's cached tokens
-    greedy: bool
 
 
 def run(engine: Engine, params, state: Slots, requests: Sequence[Request], decode: Callable[[list[int]], str],
@@ -125,7 +124,7 @@ def run(engine: Engine, params, state: Slots, requests: Sequence[Request], decod
             stop_mask[slot] = False  # (a stop string of the slot's last answer)
             state = engine.prefill(params, state, slot, request, max_new_tokens, sampling, eos)
             texts[row] = RowText(decode, stop, eos)
-            live[slot] = _Live(row, texts[row], len(request.ids) + 1, greedy)
+            live[slot] = _Live(row, texts[row], len(request.ids) + 1)
             admitted.append(slot)
         if admitted:  # the first tokens: shown at once (time to first token), and some answers end here
             first, done = np.asarray(state.token), np.asarray(state.done)
@@ -139,8 +138,8 @@ def run(engine: Engine, params, state: Slots, requests: Sequence[Request], decod
             if not live:
                 continue
         highest = max(live) + 1
-        state, tokens = engine.decode(params, state, highest, max(item.length for item in live.values()),
-                                      all(item.greedy for item in live.values()), stop_mask)
+        state, tokens = engine.decode(params, state, highest, max(item.length for item in live.values()), greedy,
+                                      stop_mask)
         stop_mask = np.zeros_like(stop_mask)
         tokens, done = np.asarray(tokens), np.asarray(state.done)
         for slot in list(live):
@@ -152,7 +151,7 @@ def run(engine: Engine, params, state: Slots, requests: Sequence[Request], decod
                 stop_mask[slot] = not done[slot]  # a stop string: the slot ends before the next step
                 _finish(live, free, slot)
     if stop_mask.any():  # answers cut by a stop string in the last call: their slots end now
-        state = engine.release(params, state, stop_mask)
+        state = engine.release(state, stop_mask)
     decode_s = time.perf_counter() - t0 - (ttft or 0.0)
     rows = [texts[i] for i in range(len(requests))]
     result = GenerationResult(

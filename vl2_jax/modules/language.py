@@ -50,9 +50,7 @@ class DecoderLayer(nn.Module):
         """See `modules/attention.py` for kv, the mask and `key_valid`. `token_valid` [B, T]: tokens that
         take part in expert routing (None: all); the others' MLP output is unspecified."""
         x_BTD = self.attend(x_BTD, positions_BT, kv, mask_BTS, key_valid_BS)
-        h = self.mlp_norm(x_BTD)
-        h = self.mlp(h, token_valid_BT) if isinstance(self.mlp, MoE) else self.mlp(h)
-        return constrain(x_BTD + h, ("batch", None, None))
+        return constrain(x_BTD + self.mlp(self.mlp_norm(x_BTD), token_valid_BT), ("batch", None, None))
 
     def attend(self, x_BTD, positions_BT, kv, mask_BTS, key_valid_BS=None) -> jax.Array:
         """The residual stream after this layer's attention: [B, T, D]."""

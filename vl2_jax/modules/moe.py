@@ -57,7 +57,8 @@ class MLP(nn.Module):
     use_kernel: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, token_valid=None) -> jax.Array:
+        """`token_valid` is accepted for the MoE's interface and ignored: a dense MLP routes nothing."""
         init = normal_init()
         gate_up_w = self.param("gate_up_w", init, (self.dim, 2, self.hidden), self.dtype)
         down_w = self.param("down_w", init, (self.hidden, self.dim), self.dtype)
