@@ -135,6 +135,27 @@ class Request:
         return cls(ids, src[0], mask, used)
 
 
+@dataclasses.dataclass
+class Prefill:
+    """A prompt on its way into a slot: its length, ids [L] and embeddings [L, D] on the device, the
+    chunk plan (`Engine.chunk_plan`), the next chunk to run and the last chunk's logits [V]."""
+
+    length: int
+    ids: jax.Array
+    x: jax.Array
+    plan: list[tuple[int, int, int, bool]]
+    next: int = 0
+    logits: jax.Array | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.next == len(self.plan)
+
+    def next_chunk(self) -> int:
+        """Tokens of the next chunk (its padded size)."""
+        return self.plan[self.next][1]
+
+
 class Engine:
     """Fixed-shape programs of one model; see the module docstring. `params` are passed to each call."""
 
@@ -291,8 +312,8 @@ class Engine:
 
     @functools.cached_property
     def _insert(self):
-        """(state (donated), logits [V], ids [L], length, slot, max_new, eos, settings, greedy) -> state:
-        the first token sampled into the slot, the slot live."""
+        """(state (donated), logits [V], ids [L], length, slot, max_new, eos, settings, greedy) -> (state,
+        first [2] int32: the first token sampled, 1 if the slot is already done): the slot live."""
 
         def insert(state: Slots, logits_V, ids_L, length, slot, max_new, eos, settings: RowSampling, greedy):
             v = logits_V.shape[-1]
@@ -301,20 +322,21 @@ class Engine:
             first = sample_rows(logits_V[None], seen[None], one, jnp.zeros((1,), jnp.int32), greedy)[0]
             remaining = jnp.minimum(max_new, self.max_seq_len - length) - 1
             sampling = jax.tree.map(lambda rows, new: rows.at[slot].set(new), state.sampling, settings)
-            return state.replace(
+            done = (first == eos) | (remaining <= 0)
+            state = state.replace(
                 lengths=state.lengths.at[slot].set(length), token=state.token.at[slot].set(first),
-                done=state.done.at[slot].set((first == eos) | (remaining <= 0)),
-                remaining=state.remaining.at[slot].set(remaining), generated=state.generated.at[slot].set(1),
-                seen=state.seen.at[slot].set(seen.at[first].set(True)), eos=state.eos.at[slot].set(eos),
-                sampling=sampling)
+                done=state.done.at[slot].set(done), remaining=state.remaining.at[slot].set(remaining),
+                generated=state.generated.at[slot].set(1), seen=state.seen.at[slot].set(seen.at[first].set(True)),
+                eos=state.eos.at[slot].set(eos), sampling=sampling)
+            return state, jnp.stack([first, done.astype(jnp.int32)])
 
-        return self._jit(insert, "state", donate_argnums=(0,), static_argnums=(8,))
+        return self._jit(insert, "first", donate_argnums=(0,), static_argnums=(8,))
 
     @functools.cached_property
     def _decode(self):
-        """(language params, state (donated), stop [B] bool, N, S, greedy) -> (state, tokens [N, STEPS]):
-        up to STEPS tokens for slots 0..N-1 (NO_TOKEN where a slot produced none); `stop` ends slots
-        before the first step (stop strings found by the host)."""
+        """(language params, state (donated), stop [B] bool, N, S, greedy) -> (state, out [N, STEPS + 1]):
+        up to STEPS tokens for slots 0..N-1 (NO_TOKEN where a slot produced none), then 1 where the slot
+        is done; `stop` ends slots before the first step (stop strings found by the host)."""
         language = self.language
 
         def decode(params, state: Slots, stop_B, n, keys, greedy):
@@ -344,7 +366,7 @@ class Engine:
                 return i + 1, s, out.at[:, i].set(jnp.where(live, tok, NO_TOKEN))
 
             _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
-            return state, out
+            return state, jnp.concatenate([out, state.done[:n, None].astype(jnp.int32)], axis=1)
 
         return self._jit(decode, "first", donate_argnums=(1,), static_argnums=(3, 4, 5))
 
@@ -406,33 +428,57 @@ class Engine:
             start += chunk
         return plan
 
-    def prefill(self, params, state: Slots, slot: int, request: Request, max_new: int, settings: RowSampling,
-                eos: int) -> Slots:
-        """Embeds `request`, writes its prompt into `slot` chunk by chunk and inserts its first token.
-        Every program is dispatched without waiting for the device."""
+    def begin(self, params, request: Request) -> Prefill:
+        """Checks `request`, puts it on the device and dispatches its tile encoding and embedding ->
+        the `Prefill` whose chunks `prefill_chunk` writes into a slot."""
         self.check(request)
         p, length = len(request.ids), self.capacity
         pad = lambda a, value: np.pad(a, (0, length - p), constant_values=value)
-        ids = pad(request.ids, self.pad_id).astype(np.int32)
         chunks = self.tile_plan(request.tiles)
-        host = [ids, pad(request.src, 0).astype(np.int32), pad(request.image_mask, False), *(c for _, c in chunks)]
+        host = [pad(request.ids, self.pad_id).astype(np.int32), pad(request.src, 0).astype(np.int32),
+                pad(request.image_mask, False), *(c for _, c in chunks)]
         with self._context():
-            ids_d, src, mask, *tiles = self._put(*host)
+            ids, src, mask, *tiles = self._put(*host)
             table = self._new_table()
             for (first, _), chunk in zip(chunks, tiles):
                 table = self._encode(self.vision_params(params), table, chunk, np.int32(first))
-            x = self._embed(self.embed_params(params), ids_d, src, mask, table)
-            lm = self.language_params(params)
-            for start, chunk, keys, fresh in self.chunk_plan(p):
-                last = np.int32(min(p - 1 - start, chunk - 1))
-                state, logits = self._prefill(lm, state, x, np.int32(slot), np.int32(start), last, chunk, keys, fresh)
-            greedy = bool(settings.temperature == 0)
-            return self._insert(state, logits, ids_d, np.int32(p), np.int32(slot), np.int32(max_new), np.int32(eos),
-                                settings, greedy)
+            x = self._embed(self.embed_params(params), ids, src, mask, table)
+        return Prefill(p, ids, x, self.chunk_plan(p))
+
+    def prefill_chunk(self, params, state: Slots, slot: int, prefill: Prefill) -> Slots:
+        """Writes the next chunk of `prefill`'s prompt into `slot` (dispatched, not awaited)."""
+        start, chunk, keys, fresh = prefill.plan[prefill.next]
+        last = np.int32(min(prefill.length - 1 - start, chunk - 1))
+        with self._context():
+            state, prefill.logits = self._prefill(self.language_params(params), state, prefill.x, np.int32(slot),
+                                                  np.int32(start), last, chunk, keys, fresh)
+        prefill.next += 1
+        return state
+
+    def insert(self, state: Slots, slot: int, prefill: Prefill, max_new: int, settings: RowSampling,
+               eos: int) -> tuple[Slots, jax.Array]:
+        """After the last chunk: samples the first token into `slot` and makes it live -> (state, first [2]
+        int32 on the device: the token, 1 if the answer already ended)."""
+        if not prefill.finished:
+            raise ValueError(f"insert needs every chunk prefilled ({prefill.next} of {len(prefill.plan)} done)")
+        greedy = bool(settings.temperature == 0)
+        with self._context():
+            return self._insert(state, prefill.logits, prefill.ids, np.int32(prefill.length), np.int32(slot),
+                                np.int32(max_new), np.int32(eos), settings, greedy)
+
+    def prefill(self, params, state: Slots, slot: int, request: Request, max_new: int, settings: RowSampling,
+                eos: int) -> tuple[Slots, jax.Array]:
+        """`begin`, every chunk and `insert` in one go -> (state, first [2] on the device). Nothing waits
+        for the device."""
+        prefill = self.begin(params, request)
+        while not prefill.finished:
+            state = self.prefill_chunk(params, state, slot, prefill)
+        return self.insert(state, slot, prefill, max_new, settings, eos)
 
     def decode(self, params, state: Slots, live: int, longest: int, greedy: bool, stop: np.ndarray | None = None):
-        """Up to STEPS tokens for slots 0..live-1 -> (state, tokens [N, STEPS] on the device, N the bucket
-        of `live`). `longest`: an upper bound of the live slots' cached lengths (picks the key bucket)."""
+        """Up to STEPS tokens for slots 0..live-1 -> (state, out [N, STEPS + 1] on the device, N the bucket
+        of `live`: each slot's tokens, NO_TOKEN where it produced none, then 1 if it is done). `longest`:
+        an upper bound of the live slots' cached lengths (picks the key bucket)."""
         n = smallest_at_least(live, self.slot_buckets)
         keys = smallest_at_least(min(longest + STEPS, self.capacity), self.decode_key_buckets)
         stop = np.zeros((self.max_batch,), bool) if stop is None else stop
@@ -482,8 +528,8 @@ class Engine:
                 elif kind == "release":
                     state = self._release(state, np.zeros((self.max_batch,), bool))
                 elif kind == "insert":
-                    state = self._insert(state, logits, ids, np.int32(1), np.int32(0), np.int32(2),
-                                         np.int32(lc.eos_token_id), settings, static[0])
+                    state, _ = self._insert(state, logits, ids, np.int32(1), np.int32(0), np.int32(2),
+                                            np.int32(lc.eos_token_id), settings, static[0])
                 else:
                     state, _ = self._decode(lm, state, np.zeros((self.max_batch,), bool), *static)
                 if progress:

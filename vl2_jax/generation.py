@@ -1,10 +1,11 @@
-"""One-shot generation on the engine: a list of conversations in, their answers out (and streamed).
+"""Generation on the engine: the host side of continuous batching (`Batcher`), and one-shot batches
+on it (`run`: a list of conversations in, their answers out, streamed as they come).
 
-The host loop admits requests into free slots (prefill + insert), runs the engine's decode calls over
-the live slots, turns each call's tokens into text, applies stop strings, and frees a slot as soon as
-its answer ends, admitting the next request there: a batch larger than `max_batch` runs through the
-slots as they free up, with the same answers. Nothing here compiles: the engine's programs have fixed
-shapes.
+The batcher admits jobs into free slots (prefill + insert), runs the engine's decode calls over the
+live slots, turns each call's tokens into text, applies stop strings, and frees a slot as soon as its
+answer ends, admitting the next job there: a batch larger than `max_batch` runs through the slots as
+they free up, with the same answers. Nothing here compiles: the engine's programs have fixed shapes.
+The server's scheduler drives the same batcher from its own thread.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from vl2_jax.engine import NO_TOKEN, Engine, Request, Slots
+from vl2_jax.engine import NO_TOKEN, STEPS, Engine, Prefill, Request, Slots
+from vl2_jax.errors import InputError
 from vl2_jax.sampling import RowSampling
 
 
@@ -88,11 +90,190 @@ class RowText:
         return piece
 
 
-@dataclasses.dataclass
-class _Live:
-    row: int
-    text: RowText
-    length: int  # an upper bound of the slot's cached tokens
+@dataclasses.dataclass(eq=False)
+class Job:
+    """One request for the `Batcher`: a prompt, how long an answer may be, its per-row sampling settings,
+    stop strings and EOS id (-1: never stop at EOS). `on_update(job, text, token_ids)` is called (on the
+    batcher's thread) with each piece of newly showable text and the new token ids, and once more, maybe
+    with nothing new, when the job finishes.
+
+    Filled by the batcher: `text` (a `RowText`), `finish_reason` ("stop": EOS or a stop string,
+    "length": max_new_tokens or the slot is full, "abort": cancelled, "error": `error` says why),
+    `submitted` and `first_token_at` (perf_counter seconds)."""
+
+    request: Request
+    max_new_tokens: int
+    sampling: RowSampling
+    stop: tuple[str, ...] = ()
+    eos: int = -1
+    on_update: Callable[[Job, str, list[int]], None] | None = None
+    text: RowText | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+    submitted: float = 0.0
+    first_token_at: float | None = None
+    reported: int = 0  # token ids handed to on_update so far
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def greedy(self) -> bool:
+        return bool(self.sampling.temperature == 0)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The answer's token ids (EOS included when produced; cut at a stop string)."""
+        t = self.text
+        return t.tokens[: t.cut[0]] if t.cut else list(t.tokens)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.request.ids)
+
+
+class Batcher:
+    """Continuous batching on the engine, on the host: jobs join free slots and leave as they end.
+
+    Each `step()` admits waiting jobs into free slots (tile encoding and embedding dispatched at once),
+    runs prefill chunks of the admitted prompts up to `prefill_budget` tokens (None: all of them;
+    otherwise at least one chunk, so a long prompt's prefill is spread over several steps while the
+    running answers go on decoding), inserts the first token of each finished prefill, dispatches one
+    decode call over the live slots, and then reads the previous call's tokens while that one runs on
+    the device (a step that inserted first tokens reads them before dispatching, for the time to first
+    token). A job's tokens become text (`RowText`: UTF-8 safe, stop strings cut exactly) and go to its
+    `on_update`. The engine state lives in `state` (donated to every program). Not thread-safe: one
+    thread drives a batcher (the server's scheduler thread, or `run`).
+    """
+
+    def __init__(self, engine: Engine, params, state: Slots, decode: Callable[[list[int]], str],
+                 prefill_budget: int | None = None):
+        self.engine, self.params, self.state, self.decode = engine, params, state, decode
+        self.prefill_budget = prefill_budget
+        self.pending: collections.deque[Job] = collections.deque()
+        self.free = list(range(engine.max_batch))
+        self.prefilling: list[tuple[int, Job, Prefill]] = []  # admitted, chunks under way, in order
+        self.live: dict[int, Job] = {}  # slot -> a job decoding there (as far as the host has read)
+        self.bound = np.zeros((engine.max_batch,), np.int64)  # upper bounds of the slots' cached lengths
+        self.unread: collections.deque = collections.deque()  # device outputs not read yet, in order
+        self.stop_mask = np.zeros((engine.max_batch,), bool)  # slots to end before the next decode call
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.pending or self.prefilling or self.live or self.unread)
+
+    @property
+    def running(self) -> int:
+        """Jobs holding a slot (prefilling or decoding)."""
+        return len(self.prefilling) + len(self.live)
+
+    def submit(self, job: Job) -> Job:
+        job.text = RowText(self.decode, job.stop, job.eos)
+        job.submitted = job.submitted or time.perf_counter()
+        self.pending.append(job)
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Ends `job` now ("abort"), freeing its slot; its remaining tokens are never read."""
+        if job.finished:
+            return
+        if job in self.pending:
+            self.pending.remove(job)
+        for entry in self.prefilling:
+            if entry[1] is job:
+                self.prefilling.remove(entry)
+                self._free(entry[0])
+        for slot, other in list(self.live.items()):
+            if other is job:
+                self.stop_mask[slot] = True
+                del self.live[slot]
+                self._free(slot)
+        self._end(job, "abort")
+
+    def step(self) -> bool:
+        """One round (see the class docstring). Returns whether any work is left."""
+        engine = self.engine
+        while self.pending and self.free:
+            job, slot = self.pending.popleft(), self.free.pop(0)
+            try:
+                self.prefilling.append((slot, job, engine.begin(self.params, job.request)))
+            except InputError as e:
+                self._free(slot)
+                job.error = str(e)
+                self._end(job, "error")
+        self._prefill()
+        if any(item[0] == "first" for item in self.unread):
+            self._read(keep=0)
+        dispatched = False
+        if self.live:
+            live = self.live
+            longest = int(max(self.bound[s] for s in live))
+            greedy = all(job.greedy for job in live.values())
+            self.state, out = engine.decode(self.params, self.state, max(live) + 1, longest, greedy, self.stop_mask)
+            self.stop_mask[:] = False
+            for slot in live:
+                self.bound[slot] += STEPS
+            self.unread.append(("decode", out, dict(live)))
+            dispatched = True
+        elif self.stop_mask.any() and not self.prefilling:
+            self.state = engine.release(self.state, self.stop_mask)
+            self.stop_mask[:] = False
+        self._read(keep=1 if dispatched else 0)
+        return self.busy
+
+    def _prefill(self) -> None:
+        used, budget = 0, self.prefill_budget
+        while self.prefilling:
+            slot, job, prefill = self.prefilling[0]
+            while not prefill.finished:
+                if budget is not None and used and used + prefill.next_chunk() > budget:
+                    return
+                used += prefill.next_chunk()
+                self.state = self.engine.prefill_chunk(self.params, self.state, slot, prefill)
+            self.state, first = self.engine.insert(self.state, slot, prefill, job.max_new_tokens, job.sampling, job.eos)
+            self.stop_mask[slot] = False  # (the slot's previous answer, if a stop string ended it)
+            self.prefilling.pop(0)
+            self.live[slot] = job
+            self.bound[slot] = prefill.length + 1
+            self.unread.append(("first", first, {slot: job}))
+
+    def _read(self, keep: int) -> None:
+        """Reads device outputs in order until `keep` are left, handing each job its new tokens."""
+        while len(self.unread) > keep:
+            kind, out, jobs = self.unread.popleft()
+            out = np.asarray(out)
+            now = time.perf_counter()
+            for slot, job in jobs.items():
+                if job.finished:  # (cancelled, or ended by an earlier read: these tokens are past its end)
+                    continue
+                if kind == "first":
+                    new, done = [int(out[0])], bool(out[1])
+                    job.first_token_at = now
+                else:
+                    new, done = [int(t) for t in out[slot, :STEPS] if t != NO_TOKEN], bool(out[slot, STEPS])
+                piece = job.text.add(new, done)
+                if done or job.text.cut:
+                    self.stop_mask[slot] = not done  # a stop string: the slot ends before the next call
+                    del self.live[slot]
+                    self._free(slot)
+                    self._end(job, "stop" if job.text.cut or job.text.ended_by_eos else "length", piece)
+                else:
+                    self._report(job, piece)
+
+    def _free(self, slot: int) -> None:
+        self.free.append(slot)
+        self.free.sort()
+
+    def _report(self, job: Job, piece: str) -> None:
+        ids = job.token_ids
+        new, job.reported = ids[job.reported:], len(ids)
+        if job.on_update and (piece or new or job.finished):
+            job.on_update(job, piece, new)
+
+    def _end(self, job: Job, reason: str, piece: str = "") -> None:
+        job.finish_reason = reason
+        self._report(job, piece)
 
 
 def run(engine: Engine, params, state: Slots, requests: Sequence[Request], decode: Callable[[list[int]], str],
@@ -101,71 +282,33 @@ def run(engine: Engine, params, state: Slots, requests: Sequence[Request], decod
     """Generates an answer for every request; returns the result and the engine state (donated in).
 
     `eos`: the EOS token id (-1: generate max_new_tokens). `on_text(row, text)` receives each row's
-    text as it becomes showable.
+    text as it becomes showable. Rows beyond the slots wait for one to free up.
     """
-    pending = collections.deque(enumerate(requests))
-    free = list(range(engine.max_batch))
-    live: dict[int, _Live] = {}
-    texts: dict[int, RowText] = {}
-    stop_mask = np.zeros((engine.max_batch,), bool)
-    greedy = bool(sampling.temperature == 0)
-    t0 = time.perf_counter()
-    ttft = None
+    rows: dict[int, int] = {}
 
-    def emit(row: int, piece: str) -> None:
+    def update(job: Job, piece: str, ids: list[int]) -> None:
         if piece and on_text:
-            on_text(row, piece)
+            on_text(rows[id(job)], piece)
 
-    while pending or live:
-        admitted = []
-        while pending and free:
-            row, request = pending.popleft()
-            slot = free.pop(0)
-            stop_mask[slot] = False  # (a stop string of the slot's last answer)
-            state = engine.prefill(params, state, slot, request, max_new_tokens, sampling, eos)
-            texts[row] = RowText(decode, stop, eos)
-            live[slot] = _Live(row, texts[row], len(request.ids) + 1)
-            admitted.append(slot)
-        if admitted:  # the first tokens: shown at once (time to first token), and some answers end here
-            first, done = np.asarray(state.token), np.asarray(state.done)
-            ttft = time.perf_counter() - t0 if ttft is None else ttft
-            for slot in admitted:
-                item = live[slot]
-                emit(item.row, item.text.add([int(first[slot])], bool(done[slot])))
-                if done[slot] or item.text.cut:
-                    stop_mask[slot] = not done[slot]
-                    _finish(live, free, slot)
-            if not live:
-                continue
-        highest = max(live) + 1
-        state, tokens = engine.decode(params, state, highest, max(item.length for item in live.values()), greedy,
-                                      stop_mask)
-        stop_mask = np.zeros_like(stop_mask)
-        tokens, done = np.asarray(tokens), np.asarray(state.done)
-        for slot in list(live):
-            item = live[slot]
-            new = [int(t) for t in tokens[slot] if t != NO_TOKEN]
-            item.length += len(new)
-            emit(item.row, item.text.add(new, bool(done[slot])))
-            if done[slot] or item.text.cut:
-                stop_mask[slot] = not done[slot]  # a stop string: the slot ends before the next step
-                _finish(live, free, slot)
-    if stop_mask.any():  # answers cut by a stop string in the last call: their slots end now
-        state = engine.release(state, stop_mask)
-    decode_s = time.perf_counter() - t0 - (ttft or 0.0)
-    rows = [texts[i] for i in range(len(requests))]
+    batcher = Batcher(engine, params, state, decode)
+    t0 = time.perf_counter()
+    jobs = []
+    for row, request in enumerate(requests):
+        job = Job(request, max_new_tokens, sampling, tuple(stop), eos, update, submitted=t0)
+        rows[id(job)] = row
+        jobs.append(batcher.submit(job))
+    while batcher.step():
+        pass
+    errors = [job.error for job in jobs if job.finish_reason == "error"]
+    if errors:
+        raise InputError(errors[0])
+    ttft = min(job.first_token_at for job in jobs) - t0
+    decode_s = time.perf_counter() - t0 - ttft
     result = GenerationResult(
-        token_ids=[t.tokens[: t.cut[0]] if t.cut else list(t.tokens) for t in rows],
-        text=[t.text() for t in rows],
-        finish_reason=["stop" if t.cut or t.ended_by_eos else "length" for t in rows],
-        prompt_tokens=[len(r.ids) for r in requests], ttft_s=ttft or 0.0, decode_s=decode_s)
-    return result, state
-
-
-def _finish(live: dict[int, _Live], free: list[int], slot: int) -> None:
-    del live[slot]
-    free.append(slot)
-    free.sort()
+        token_ids=[job.token_ids for job in jobs], text=[job.text.text() for job in jobs],
+        finish_reason=[job.finish_reason for job in jobs], prompt_tokens=[job.prompt_tokens for job in jobs],
+        ttft_s=ttft, decode_s=decode_s)
+    return result, batcher.state
 
 
 def stream_text(model, batch, **kwargs) -> Iterator[str]:

@@ -135,15 +135,18 @@ class LanguageModel(nn.Module):
         -> (float32 logits [N, V], the cache with each token's entries written at its position).
 
         Attention reads the first `keys` (static) entries of each slot, up to and including the new one.
-        `live` [N]: slots whose tokens take part in expert routing (the others' logits are unspecified),
-        so that an empty slot makes no expert's weights be read.
+        `live` [N]: slots whose tokens take part in expert routing and are written to the cache (the
+        others' logits are unspecified), so that an empty slot makes no expert's weights be read.
         """
         positions_N1 = lengths_N[:, None]
         mask_N1S = (jnp.arange(keys)[None, :] <= lengths_N[:, None])[:, None, :]
         n = x_N1D.shape[0]
+        # a slot that is not live writes nothing (past the capacity: dropped), since its rows may be
+        # taking a new prompt's chunks between decode calls
+        write_at = lengths_N if live_N is None else jnp.where(live_N, lengths_N, cache.slots)
         layers = []
         for layer, entries in zip(self.layers, cache.layers):
-            entries = write_rows(entries, layer.new_kv(x_N1D, positions_N1), lengths_N)
+            entries = write_rows(entries, layer.new_kv(x_N1D, positions_N1), write_at)
             kv = {k: v[:n, :keys] for k, v in entries.items()}
             x_N1D = layer(x_N1D, positions_N1, kv, mask_N1S, None, None if live_N is None else live_N[:, None])
             layers.append(entries)

@@ -1,0 +1,131 @@
+"""Continuous batching (`generation.Batcher`): jobs join slots while others decode, a long prompt's
+prefill is spread over decode calls, a cancelled job frees its slot, and every answer is the one the
+request gets alone (the official greedy continuations of the fixtures)."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+import vl2_jax
+from tests.conftest import ckpt_dir, load_case, open_images
+from vl2_jax import Runtime
+from vl2_jax.engine import Request
+from vl2_jax.generation import Batcher, Job
+from vl2_jax.sampling import RowSampling
+
+VARIANT = "mla"
+
+
+@functools.cache
+def model():
+    # chunks of at most 32 tokens: the fixtures' prompts (15-130 tokens) take up to 5 prefill chunks
+    return vl2_jax.load_pretrained(ckpt_dir(VARIANT), runtime=Runtime(max_batch=2, max_seq_len=256,
+                                                                      prefill_chunks=(16, 32)))
+
+
+def job(name: str, max_new: int | None = None, **kw) -> tuple[Job, list[int]]:
+    """A greedy job for a fixture case, and the official greedy continuation it must produce."""
+    m, case = model(), load_case(VARIANT, name)
+    out = m.processor(case["conversation"], open_images(case))
+    want = case["arrays"]["greedy"].tolist()
+    request = Request.from_output(out, m.cfg.tokens_per_tile_side)
+    return Job(request, max_new or len(want), RowSampling.make(), **kw), want[: max_new or len(want)]
+
+
+def batcher(budget: int | None) -> Batcher:
+    m = model()
+    return Batcher(m.engine, m.params, m._take_state(), m.processor.decode, prefill_budget=budget)
+
+
+def test_a_prompt_prefilled_between_decode_calls_into_a_reused_slot_gets_its_own_answer():
+    """Slot 0 frees after two tokens; a 130-token prompt then takes it, one chunk per step,
+    while slot 1 keeps decoding (its writes must not touch the new prompt's rows, nor the new prompt's
+    its answer)."""
+    b = batcher(budget=32)
+    short, short_want = job("text_only", max_new=2)
+    long_, long_want = job("one_wide")
+    long_.max_new_tokens = 80  # decoding all through `late`'s prefill (the official continuation: 12 tokens)
+    late, late_want = job("two_images")
+    b.submit(short), b.submit(long_)
+    rows = None
+    while b.busy:
+        b.step()
+        if short.finished and late.text is None:
+            b.submit(late)
+        if late.first_token_at is not None and rows is None:
+            rows = prompt_rows(b, late)
+    assert short.finish_reason == "length" and short.token_ids == short_want
+    assert long_.token_ids[:12] == long_want
+    assert late.token_ids == late_want
+    assert late.first_token_at > long_.first_token_at
+    model()._state = b.state
+    # the prompt's cache rows are exactly those it gets alone
+    alone = batcher(budget=None)
+    solo, _ = job("two_images")
+    alone.submit(solo)
+    while solo.first_token_at is None:
+        alone.step()
+    for got, want in zip(rows, prompt_rows(alone, solo)):
+        np.testing.assert_array_equal(got, want)
+    alone.cancel(solo)
+    while alone.step():
+        pass
+    model()._state = alone.state
+
+
+def prompt_rows(b: Batcher, j: Job) -> list[np.ndarray]:
+    """The cache entries of `j`'s prompt in its slot, every layer."""
+    slot = next(s for s, other in b.live.items() if other is j)
+    n = j.prompt_tokens
+    return [np.asarray(layer[k][slot, :n]) for layer in b.state.cache.layers for k in sorted(layer)]
+
+
+def test_prefill_budget_spreads_a_prompt_over_steps():
+    """With a budget of 32 tokens, a 130-token prompt (chunks 32, 32, 32, 32, 16) needs 5 steps to its
+    first token; with no budget, one."""
+    assert [c[1] for c in model().engine.chunk_plan(130)] == [32, 32, 32, 32, 16]
+    for budget, want_steps in ((32, 5), (None, 1)):
+        b = batcher(budget)
+        j, _ = job("two_images", max_new=1)
+        b.submit(j)
+        steps = 0
+        while j.first_token_at is None:
+            b.step()
+            steps += 1
+        while b.step():
+            pass
+        assert steps == want_steps, budget
+        model()._state = b.state
+
+
+@pytest.mark.parametrize("when", ["waiting", "prefilling", "decoding"])
+def test_a_cancelled_job_ends_at_once_and_frees_its_slot(when):
+    b = batcher(budget=32)
+    updates = []
+    first, _ = job("one_wide", max_new=200, on_update=lambda j, text, ids: updates.append((text, ids, j.finished)))
+    blocker, _ = job("history", max_new=200)
+    after, want = job("text_only")
+    if when == "waiting":  # both slots busy: `first` waits
+        b.submit(blocker), b.submit(job("history", max_new=200)[0])
+    b.submit(first)
+    if when == "decoding":
+        while first.first_token_at is None:
+            b.step()
+    elif when == "prefilling":
+        b.step()
+        assert any(entry[1] is first for entry in b.prefilling)
+    b.cancel(first)
+    assert first.finish_reason == "abort" and updates[-1][2]
+    b.submit(after)
+    while not after.finished:
+        b.step()
+    assert after.token_ids == want
+    for j in list(b.live.values()) + [e[1] for e in b.prefilling] + list(b.pending):
+        b.cancel(j)
+    while b.step():
+        pass
+    assert not b.live and sorted(b.free) == [0, 1]
+    model()._state = b.state
