@@ -37,7 +37,7 @@ def job(name: str, max_new: int | None = None, **kw) -> tuple[Job, list[int]]:
 
 def batcher(budget: int | None) -> Batcher:
     m = model()
-    return Batcher(m.engine, m.params, m._take_state(), m.processor.decode, prefill_budget=budget)
+    return Batcher(m.engine, m.params, m.take_state(), m.processor.decode, prefill_budget=budget)
 
 
 def test_a_prompt_prefilled_between_decode_calls_into_a_reused_slot_gets_its_own_answer():
@@ -61,7 +61,7 @@ def test_a_prompt_prefilled_between_decode_calls_into_a_reused_slot_gets_its_own
     assert long_.token_ids[:12] == long_want
     assert late.token_ids == late_want
     assert late.first_token_at > long_.first_token_at
-    model()._state = b.state
+    model().give_state(b.state)
     # the prompt's cache rows are exactly those it gets alone
     alone = batcher(budget=None)
     solo, _ = job("two_images")
@@ -73,7 +73,7 @@ def test_a_prompt_prefilled_between_decode_calls_into_a_reused_slot_gets_its_own
     alone.cancel(solo)
     while alone.step():
         pass
-    model()._state = alone.state
+    model().give_state(alone.state)
 
 
 def prompt_rows(b: Batcher, j: Job) -> list[np.ndarray]:
@@ -98,7 +98,7 @@ def test_prefill_budget_spreads_a_prompt_over_steps():
         while b.step():
             pass
         assert steps == want_steps, budget
-        model()._state = b.state
+        model().give_state(b.state)
 
 
 @pytest.mark.parametrize("when", ["waiting", "prefilling", "decoding"])
@@ -128,4 +128,4 @@ def test_a_cancelled_job_ends_at_once_and_frees_its_slot(when):
     while b.step():
         pass
     assert not b.live and sorted(b.free) == [0, 1]
-    model()._state = b.state
+    model().give_state(b.state)

@@ -191,6 +191,18 @@ class Batcher:
                 self._free(slot)
         self._end(job, "abort")
 
+    def jobs(self) -> list[Job]:
+        """Every job it holds: waiting, prefilling, decoding."""
+        return [*self.pending, *(entry[1] for entry in self.prefilling), *self.live.values()]
+
+    def fail_all(self, message: str) -> None:
+        """Ends every job it holds with "error" (`message`): after a device program failed, when the
+        state is no longer usable."""
+        for job in self.jobs():
+            job.error = message
+            self._end(job, "error")
+        self.pending.clear(), self.prefilling.clear(), self.live.clear(), self.unread.clear()
+
     def step(self) -> bool:
         """One round (see the class docstring). Returns whether any work is left."""
         engine = self.engine

@@ -182,14 +182,19 @@ class VL2Model:
         """Compiles every program the engine can run (`Engine.warmup`), so that no request compiles or
         traces afterwards. `progress(done, total, program)` after each. Returns {"programs", "seconds"}."""
         with self.mesh_context(), out_of_memory_as("while compiling the engine's programs"):
-            self._state, report = self.engine.warmup(self.params, progress, self._take_state())
+            self._state, report = self.engine.warmup(self.params, progress, self.take_state())
         return report
 
-    def _take_state(self) -> Slots:
-        """The engine's state (slots and cache), made on first use; the caller donates it to the engine
-        and must hand the new one back (`self._state = ...`)."""
+    def take_state(self) -> Slots:
+        """The engine's state (slots and cache), made on first use. The caller (generate, a server's
+        scheduler) donates it to the engine's programs and hands the last one back with `give_state`;
+        while it is out, the model holds none (a second user makes a new one, if memory allows)."""
         state, self._state = self._state, None
         return state if state is not None else self.engine.new_state()
+
+    def give_state(self, state: Slots | None) -> None:
+        """Hands back the state `take_state` lent (None: it was lost, e.g. to a failed program)."""
+        self._state = state
 
     def requests(self, batch) -> list[Request]:
         """A processor batch (or one processor output) -> the engine's requests, one per row."""
@@ -238,7 +243,7 @@ class VL2Model:
         shape = f"{len(requests)} prompt(s) of up to {max(len(r.ids) for r in requests)} tokens + {max_new_tokens} new"
         with self.mesh_context(), out_of_memory_as(f"while generating ({shape})"):
             result, self._state = generation.run(
-                self.engine, self.params, self._take_state(), requests, self.processor.decode, max_new_tokens,
+                self.engine, self.params, self.take_state(), requests, self.processor.decode, max_new_tokens,
                 settings, stop, eos, on_text)
         return result
 

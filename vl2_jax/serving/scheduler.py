@@ -1,0 +1,222 @@
+"""The server's scheduler: one thread that owns the engine and runs continuous batching for everyone.
+
+Requests arrive from the HTTP layer's event loop as `Job`s (prompt ready for the device, its own
+sampling settings, stop strings, limits); `submit` queues one and returns a `Handle` whose `events()`
+yields the answer's text as it is produced. The device thread drives a `generation.Batcher`: between
+decode calls it takes new jobs into free slots (a long prompt's prefill spread over several calls, so
+running answers keep streaming) and applies cancellations (a client that went away frees its slot at
+once). Events cross back to the event loop with `call_soon_threadsafe`; nothing on the event loop
+waits for the device.
+
+The queue is bounded (`max_queue` jobs waiting for a slot beyond the free ones): `submit` raises `QueueFull` beyond it, which
+the API turns into 429. A failure of a device program ends every job in flight with an "error" event
+and starts from a fresh engine state; the scheduler keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+
+from vl2_jax.generation import Batcher, Job
+
+__all__ = ["Event", "Handle", "Job", "QueueFull", "Scheduler"]
+
+
+class QueueFull(Exception):
+    """More jobs wait for a slot than the scheduler's `max_queue`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """A piece of one answer: newly showable `text` and the new `token_ids`; `finish_reason` is None
+    until the last event ("stop", "length", "abort" or "error", then `error` says why). Counts so far:
+    the prompt's tokens, the answer's tokens, and prompt tokens served from the prefix cache."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    error: str | None = None
+
+
+class Handle:
+    """One submitted job: its events, in order, and `cancel()`. Made by `Scheduler.submit`; events go to
+    the event loop that submitted it (`events()`), or, submitted outside one, to `iter_events()`."""
+
+    def __init__(self, job: Job, scheduler: Scheduler):
+        self.job, self._scheduler = job, scheduler
+        try:
+            self._loop = asyncio.get_running_loop()
+            self._queue: asyncio.Queue | queue.Queue = asyncio.Queue()
+        except RuntimeError:
+            self._loop, self._queue = None, queue.Queue()
+
+    def _push(self, event: Event) -> None:  # (the device thread)
+        if self._loop is None:
+            self._queue.put(event)
+        else:
+            try:
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+            except RuntimeError:  # the loop has closed: nobody is listening
+                pass
+
+    async def events(self) -> AsyncIterator[Event]:
+        """The answer's events, the last one with a finish_reason."""
+        while True:
+            event = await self._queue.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def iter_events(self, timeout: float | None = None) -> Iterator[Event]:
+        """`events()` for a job submitted outside an event loop (blocking)."""
+        while True:
+            event = self._queue.get(timeout=timeout)
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def cancel(self) -> None:
+        """Ends the job now ("abort"): the device thread frees its slot before its next step."""
+        self._scheduler._cancel(self.job)
+
+
+class Scheduler:
+    """Continuous batching over `model`'s engine on a thread of its own (see the module docstring).
+
+    `metrics`, if given, receives: observe_ttft(seconds from submit to first token), observe_itl(seconds
+    per token between a job's updates), add_tokens(n), set_queue(n), set_running(n) and
+    cache_lookup(hit_tokens, prompt_tokens). `prefill_budget`: prompt tokens prefilled between two
+    decode calls (at least one chunk).
+    """
+
+    def __init__(self, model, max_queue: int = 256, metrics=None, prefill_budget: int | None = 1024):
+        self.model, self.max_queue, self.metrics = model, max_queue, metrics
+        self.prefill_budget = prefill_budget
+        self._cv = threading.Condition()
+        self._inbox: list[tuple[Job, Handle]] = []
+        self._cancels: list[Job] = []
+        self._handles: dict[int, Handle] = {}
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._batcher: Batcher | None = None
+        self._waiting = 0  # jobs submitted and not yet in a slot
+        self._free = model.engine.max_batch  # free slots, as of the last step
+        self._last_update: dict[int, float] = {}
+
+    # -- the event loop's side ------------------------------------------------------------------------
+    def submit(self, job: Job) -> Handle:
+        """Queues `job` (thread-safe) -> its Handle. Raises QueueFull when `max_queue` jobs already wait."""
+        handle = Handle(job, self)
+        with self._cv:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if self._waiting >= self.max_queue + self._free:  # (jobs a free slot takes at once do not wait)
+                raise QueueFull(f"{self._waiting} requests are waiting for a slot (the queue holds {self.max_queue})")
+            job.submitted = time.perf_counter()
+            job.on_update = self._on_update
+            self._handles[id(job)] = handle
+            self._inbox.append((job, handle))
+            self._waiting += 1
+            self._cv.notify()
+        return handle
+
+    def _cancel(self, job: Job) -> None:
+        with self._cv:
+            self._cancels.append(job)
+            self._cv.notify()
+
+    def stats(self) -> dict:
+        b = self._batcher
+        return {"queued": self._waiting, "running": b.running if b else 0, "max_batch": self.model.engine.max_batch,
+                "max_seq_len": self.model.engine.max_seq_len, "alive": bool(self._thread and self._thread.is_alive())}
+
+    def flush_cache(self) -> None:
+        """Empties the caches of earlier requests (none are kept yet beyond the slots themselves)."""
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def start(self) -> Scheduler:
+        self._batcher = Batcher(self.model.engine, self.model.params, self.model.take_state(),
+                                self.model.processor.decode, self.prefill_budget)
+        self._thread = threading.Thread(target=self._run, name="vl2-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Refuses new jobs, lets running ones finish for up to `timeout` seconds, cancels the rest, and
+        hands the engine state back to the model."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        deadline = time.monotonic() + timeout
+        while self._thread and self._thread.is_alive() and time.monotonic() < deadline:
+            self._thread.join(0.05)
+        if self._thread and self._thread.is_alive():
+            with self._cv:
+                self._cancels.extend(job for job, _ in self._inbox)
+                self._cancels.extend(self._batcher.jobs())
+                self._cv.notify()
+            self._thread.join(5.0)
+
+    # -- the device thread ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            b = self._batcher
+            with self._cv:
+                while not (self._inbox or self._cancels or b.busy or self._stopping):
+                    self._cv.wait()
+                if self._stopping and not (self._inbox or b.busy):
+                    break
+                inbox, self._inbox = self._inbox, []
+                cancels, self._cancels = self._cancels, []
+            for job, _ in inbox:
+                b.submit(job)
+                if self.metrics:
+                    self.metrics.cache_lookup(0, job.prompt_tokens)
+            for job in cancels:
+                b.cancel(job)
+            try:
+                b.step()
+            except Exception as e:  # a device program failed: end everyone in flight, start afresh
+                self._fail_all(f"{type(e).__name__}: {e}")
+            with self._cv:
+                self._waiting = len(self._inbox) + len(self._batcher.pending)
+                self._free = len(self._batcher.free)
+            if self.metrics:
+                self.metrics.set_queue(self._waiting)
+                self.metrics.set_running(b.running)
+        self.model.give_state(self._batcher.state)
+
+    def _fail_all(self, message: str) -> None:
+        self._batcher.fail_all(message)
+        self.model.give_state(None)  # (donated to the program that failed)
+        self._batcher = Batcher(self.model.engine, self.model.params, self.model.take_state(),
+                                self.model.processor.decode, self.prefill_budget)
+
+    def _on_update(self, job: Job, text: str, ids: list[int]) -> None:
+        """The batcher's callback (device thread): one event to the job's handle, and the metrics."""
+        handle = self._handles.get(id(job))
+        now = time.perf_counter()
+        if self.metrics and ids:
+            last = self._last_update.get(id(job))
+            if last is None:
+                self.metrics.observe_ttft(now - job.submitted)
+                rest = len(ids) - 1
+            else:
+                rest = len(ids)
+                for _ in range(rest):
+                    self.metrics.observe_itl((now - last) / rest)
+            self.metrics.add_tokens(len(ids))
+        self._last_update[id(job)] = now
+        if job.finished:
+            self._handles.pop(id(job), None)
+            self._last_update.pop(id(job), None)
+        if handle is not None:
+            handle._push(Event(text, ids, job.finish_reason, job.prompt_tokens, len(job.token_ids), 0, job.error))
