@@ -335,14 +335,18 @@ class Unreachable(VL2Error):
     """The server did not answer the first request; the message is the one line to print."""
 
 
-async def preflight(client: openai.AsyncOpenAI, url: str) -> str | None:
-    """Checks that a server answers at `url` (GET /models); returns the first model it serves, if any."""
+async def preflight(client: openai.AsyncOpenAI, url: str, timeout: float = 30.0) -> str | None:
+    """Checks that a server answers at `url` (GET /models, within `timeout` seconds whatever --timeout
+    says); returns the first model it serves, if any."""
     try:
-        models = await client.models.list()
+        models = await client.with_options(timeout=timeout).models.list()
     except openai.AuthenticationError as e:
         raise Unreachable(f"the server at {url} refused the API key (HTTP {e.status_code}); pass --api-key") from e
     except openai.APIStatusError:
         return None  # a server that answers, without a model list
+    except openai.APITimeoutError as e:
+        raise Unreachable(f"the server at {url} accepted a connection but did not answer GET /models "
+                          f"within {timeout:g} s") from e
     except openai.APIConnectionError as e:
         raise Unreachable(f"no server answers at {url}; start one with `python -m vl2_jax.serve --model MODEL` "
                           "where --url points, or pass the --url of a running one") from e
