@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -347,6 +347,31 @@ def run(engine: Engine, params, state: Slots, requests: Sequence[Request], decod
         finish_reason=[job.finish_reason for job in jobs], prompt_tokens=[job.prompt_tokens for job in jobs],
         ttft_s=ttft, decode_s=decode_s)
     return result, batcher.state
+
+
+def run_jobs(engine: Engine, params, state: Slots, jobs: Iterable[Job], decode: Callable[[list[int]], str],
+             on_done: Callable[[Job], None]) -> Slots:
+    """Runs `jobs` (each with its own settings) through a Batcher, drawing the next from the iterable only
+    when a slot is about to free up, and calls `on_done(job)` as each finishes (in finishing order).
+    Returns the engine state (donated in)."""
+    batcher = Batcher(engine, params, state, decode)
+    source, running, exhausted = iter(jobs), [], False
+    while True:
+        while not exhausted and len(running) < engine.max_batch:
+            job = next(source, None)
+            if job is None:
+                exhausted = True
+            else:
+                running.append(batcher.submit(job))
+        if not batcher.busy and exhausted:
+            break
+        batcher.step()
+        for job in [j for j in running if j.finished]:
+            running.remove(job)
+            on_done(job)
+    for job in running:
+        on_done(job)
+    return batcher.state
 
 
 def stream_text(model, batch, **kwargs) -> Iterator[str]:
