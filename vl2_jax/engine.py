@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import threading
 import time
 from collections.abc import Callable
 
@@ -516,44 +517,82 @@ class Engine:
         out += [("decode", (n, k, g)) for n in self.slot_buckets for k in self.decode_key_buckets for g in (True, False)]
         return out
 
+    def _warmup_call(self, kind: str, static: tuple, params, state: Slots, host: tuple, made: dict):
+        """(jitted program, its arguments) for one entry of `programs()`; `host`: ids, src, mask on the
+        device; `made`: the feature table, embeddings and logits that earlier programs made (or arrays of
+        their shape and placement)."""
+        lc, s, lm = self.cfg.language, self.cfg.vision.image_size, self.language_params(params)
+        ids, src, mask = host
+        if kind == "table":
+            return self._new_table, ()
+        if kind == "encode":
+            tiles = self._put(np.zeros((static[0], s, s, 3), np.uint8))[0]
+            return self._encode, (self.vision_params(params), made["table"], tiles, np.int32(0))
+        if kind == "embed":
+            return self._embed, (self.embed_params(params), ids, src, mask, made["table"])
+        if kind == "prefill":
+            chunk, keys, fresh = static
+            start = 0 if fresh else keys - chunk
+            return self._prefill, (lm, state, made["x"], np.int32(0), np.int32(start), np.int32(0), chunk, keys, fresh)
+        if kind == "release":
+            return self._release, (state, np.zeros((self.max_batch,), bool))
+        if kind == "insert":
+            return self._insert, (state, made["logits"], ids, np.int32(1), np.int32(0), np.int32(2),
+                                  np.int32(lc.eos_token_id), RowSampling.make(), static[0])
+        return self._decode, (lm, state, np.zeros((self.max_batch,), bool), *static)
+
     def warmup(self, params, progress: Callable[[int, int, str], None] | None = None,
-               state: Slots | None = None) -> dict:
-        """Compiles (runs once) every program in `programs()`, so that no request compiles or traces later.
-        `progress(done, total, name)` after each. `state` (donated) is used as scratch and freed: every
-        slot is done afterwards. Returns (the state, {"programs": n, "seconds": s})."""
+               state: Slots | None = None, threads: int | None = None) -> dict:
+        """Compiles every program in `programs()`, so that no request compiles or traces later: first all
+        of them ahead of time on `threads` threads (default: one per CPU core, up to 16; XLA compiles in
+        parallel), then runs each once. `progress(done, total, name)` after each compile. `state`
+        (donated) is used as scratch and freed: every slot is done afterwards. Returns (the state,
+        {"programs": n, "seconds": s})."""
+        import concurrent.futures
+        import os
+
         t0 = time.perf_counter()
         programs = self.programs()
         state = self.new_state() if state is None else state
-        lc, s = self.cfg.language, self.cfg.vision.image_size
-        length = self.capacity
-        host_ids = np.full((length,), self.pad_id, np.int32)
-        settings = RowSampling.make()
+        length, d = self.capacity, self.cfg.language.hidden_size
         with self._context():
-            ids, src, mask = self._put(host_ids, np.zeros((length,), np.int32), np.zeros((length,), bool))
-            x = table = logits = None
-            lm = self.language_params(params)
-            for i, (kind, static) in enumerate(programs):
-                if kind == "table":
-                    table = self._new_table()
-                elif kind == "encode":
-                    tiles = self._put(np.zeros((static[0], s, s, 3), np.uint8))[0]
-                    table = self._encode(self.vision_params(params), table, tiles, np.int32(0))
-                elif kind == "embed":
-                    x = self._embed(self.embed_params(params), ids, src, mask, table)
-                elif kind == "prefill":
-                    chunk, keys, fresh = static
-                    start = 0 if fresh else keys - chunk
-                    state, logits = self._prefill(lm, state, x, np.int32(0), np.int32(start), np.int32(0), chunk, keys,
-                                                  fresh)
-                elif kind == "release":
-                    state = self._release(state, np.zeros((self.max_batch,), bool))
-                elif kind == "insert":
-                    state, _ = self._insert(state, logits, ids, np.int32(1), np.int32(0), np.int32(2),
-                                            np.int32(lc.eos_token_id), settings, static[0])
-                else:
-                    state, _ = self._decode(lm, state, np.zeros((self.max_batch,), bool), *static)
+            host = tuple(self._put(np.full((length,), self.pad_id, np.int32), np.zeros((length,), np.int32),
+                                   np.zeros((length,), bool)))
+            # stand-ins for what earlier programs make, placed as program outputs are (a different
+            # placement would be a different program for the calls below)
+            zeros = lambda shape, dtype: self._jit(lambda: jnp.zeros(shape, dtype), "array")()
+            stand_ins = {"table": zeros((self.table_rows, d), self.dtype), "x": zeros((length, d), self.dtype),
+                         "logits": zeros((self.cfg.language.vocab_size,), jnp.float32)}
+            calls = [self._warmup_call(kind, static, params, state, host, stand_ins) for kind, static in programs]
+        lock, done = threading.Lock(), [0]
+
+        def compile_one(i: int) -> None:
+            fn, args = calls[i]
+            with self._context():
+                fn.lower(*args).compile()
+            with lock:
+                done[0] += 1
                 if progress:
-                    progress(i + 1, len(programs), f"{kind}{static}")
+                    progress(done[0], len(programs), "{}{}".format(*programs[i]))
+
+        workers = threads or min(16, os.cpu_count() or 1)
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            list(pool.map(compile_one, range(len(programs))))
+        made: dict = {}
+        with self._context():  # each program once (compiled above: no tracing or compiling here)
+            for kind, static in programs:
+                fn, args = self._warmup_call(kind, static, params, state, host, made)
+                out = fn(*args)
+                if kind in ("table", "encode"):
+                    made["table"] = out
+                elif kind == "embed":
+                    made["x"] = out
+                elif kind == "prefill":
+                    state, made["logits"] = out
+                elif kind == "release":
+                    state = out
+                else:
+                    state = out[0]
             state = self._release(state, np.ones((self.max_batch,), bool))
         jax.block_until_ready(state)
         return state, {"programs": len(programs), "seconds": time.perf_counter() - t0}
