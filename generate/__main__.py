@@ -35,8 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="local checkpoint folder (Hugging Face or converted), a hub id (downloaded and converted "
                         f"once), or random:tiny|small|base|test for random weights offline (default: {DEFAULT_MODEL})")
-    p.add_argument("--image", action="append", default=[], metavar="PATH",
-                   help="an image file; repeat for several images")
+    p.add_argument("--image", action="append", default=[], metavar="PATH|URL",
+                   help="an image: a file path, an http(s) URL (fetched, 30 s at most), a data:image/...;base64 "
+                        "URL or raw base64; repeat for several images")
     p.add_argument("--prompt", default=None,
                    help="the question; use <image> placeholders to place images, or none to put them first")
     p.add_argument("--system", default=None, metavar="TEXT",
@@ -58,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="default: bfloat16 on GPU/TPU, float32 on CPU")
     p.add_argument("--chat", action="store_true",
                    help="interactive multi-turn chat on stdin: --prompt, if given, is the first turn; --image files "
-                        "go with the first turn, '/image PATH' on its own line with the next")
+                        "go with the first turn, '/image PATH' (or URL) on its own line with the next")
     p.add_argument("--json", action="store_true", help="print one JSON object with the answer and timings")
     p.add_argument("--mesh", default=None, metavar="SPEC",
                    help="shard over devices: 'auto' (all visible devices) or sizes such as expert=4,tensor=2 "

@@ -199,6 +199,38 @@ def test_draw_boxes_into_an_unwritable_folder_fails_before_loading(tmp_path, mon
     assert len(err) == 1 and "not writable" in err[0]
 
 
+def test_image_as_a_data_url_answers_as_the_file(capsys):
+    """--image takes data: URLs (and http(s) URLs, raw base64) through vl2_jax.images; the same image as a
+    file and as a data URL gives the same answer."""
+    import base64
+
+    path = FIXTURES / "images" / "noise_tiny.png"
+    url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    base = ["--model", "random:test", "--prompt", "What is in the picture?", "--max-new-tokens", "3", "--json"]
+    timings = ("load_s", "compile_s", "ttft_s", "decode_tokens_per_s")
+    answer = lambda image: {k: v for k, v in run_json(capsys, [*base, "--image", image]).items() if k not in timings}
+    assert answer(url) == answer(str(path))
+
+
+@pytest.mark.parametrize("image,words", [
+    ("data:image/png;base64,iVBORw0K!!!", "not valid base64"),
+    ("gopher://example.com/cat.png", "scheme 'gopher'"),
+])
+def test_bad_image_reference_fails_before_loading(monkeypatch, capsys, image, words):
+    from vl2_jax import load
+
+    monkeypatch.setattr(load, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    assert main(["--model", "random:test", "--image", image, "--prompt", "hi"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0] and image in err[0]
+
+
+def test_draw_boxes_check_skips_urls(tmp_path):
+    from vl2_jax.cli import check_draw_boxes
+
+    check_draw_boxes(str(tmp_path / "out.png"), ["data:image/png;base64,AAAA", "https://example.com/out.png"])
+
+
 def _pyproject() -> dict:
     import tomllib
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from vl2_jax.chat import ChatSession, user_turn
 from vl2_jax.config import Runtime
 from vl2_jax.errors import InputError, explain
-from vl2_jax.processor import open_image
+from vl2_jax.images import ImageLimits, describe, load_image, local_path
 from vl2_jax.sampling import check_sampling
 
 TEMPLATE_STOP = ("User:",)
@@ -78,7 +78,8 @@ def run(args, log: Callable[[str], None]) -> int:
         raise InputError("--draw-boxes needs an --image (the boxes are drawn on the first image).")
     # Images, the prompts and --draw-boxes are checked before the model loads, so a typo fails in a
     # second, not minutes.
-    images = [open_image(p) for p in args.image]
+    limits = ImageLimits.cli()
+    images = [load_image(ref, limits) for ref in args.image]
     if args.prompt is not None:
         user_turn(args.prompt, len(images))
     system = getattr(args, "system", None)
@@ -106,19 +107,19 @@ def run(args, log: Callable[[str], None]) -> int:
         text = _answer(model, conversation, images, options, args.json, log, text_only=True, timing=options_timing)
         _draw_boxes(getattr(args, "draw_boxes", None), images, text, log)
         return 0
-    log("chat: type a message and press Enter; /image PATH attaches an image to your next message; "
-        "an empty line or Ctrl-D ends the session.")
+    log("chat: type a message and press Enter; /image PATH (or an http(s) or data: URL) attaches an image to "
+        "your next message; an empty line or Ctrl-D ends the session.")
     pending = images
     for line in chat_lines(args.prompt, log):
         if not line:
             break
         try:
             if line.split(maxsplit=1)[0] == "/image":
-                path = line[len("/image"):].strip()
-                if not path:
-                    raise InputError("/image needs a path, e.g. /image photo.jpg.")
-                pending = [*pending, open_image(path)]
-                log(f"{path} goes with your next message")
+                ref = line[len("/image"):].strip()
+                if not ref:
+                    raise InputError("/image needs a path or URL, e.g. /image photo.jpg.")
+                pending = [*pending, load_image(ref, limits)]
+                log(f"{describe(ref)} goes with your next message")
                 continue
             conversation, every_image = session.ask(line, pending)
             answer = _answer(model, conversation, every_image, options, args.json, log, text_only=True)
@@ -160,9 +161,10 @@ def chat_lines(first: str | None, log: Callable[[str], None]):
             log(f"error: that line is not valid UTF-8 ({e.reason} at byte {e.start}); please type it again.")
 
 
-def check_draw_boxes(out_path: str, image_paths: list[str]) -> None:
+def check_draw_boxes(out_path: str, image_refs: list[str]) -> None:
     """Refuses a --draw-boxes target before anything loads: its folder must exist and be writable, its
-    extension one PIL writes, and it must not be one of the input images (compared after resolving links).
+    extension one PIL writes, and it must not be one of the input image files (compared after resolving
+    links; URLs and base64 name no file).
 
     Raises:
       InputError: one sentence naming the target and what is wrong with it.
@@ -181,9 +183,12 @@ def check_draw_boxes(out_path: str, image_paths: list[str]) -> None:
         raise InputError(f"--draw-boxes {out_path}: PIL cannot write {extension or 'files without an extension'}; "
                          f"use .png or .jpg.")
     target = os.path.realpath(out_path)
-    for image in image_paths:
+    for ref in image_refs:
+        image = local_path(ref)
+        if image is None:
+            continue
         if os.path.realpath(image) == target or (os.path.exists(out_path) and os.path.samefile(image, out_path)):
-            raise InputError(f"--draw-boxes {out_path} is an input image ({image}); pick another path, the input "
+            raise InputError(f"--draw-boxes {out_path} is an input image ({ref}); pick another path, the input "
                              f"is kept as it is.")
 
 

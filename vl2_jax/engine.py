@@ -13,8 +13,8 @@ so that after `warmup()` no request compiles or traces anything:
   slot's first `keys` cache entries (a key-length bucket: `key_buckets`), or, for a prompt's first
   chunk, causally among its own tokens;
 - insert: the first token sampled from the prefill's logits, the slot's state set;
-- decode: up to `STEPS` tokens for the first `n` slots (a live-slot bucket: `slot_buckets`) in one
-  on-device loop, attention reading `keys` entries, with an all-greedy variant that skips the sort.
+- decode: `STEPS` steps for the first `n` slots (a live-slot bucket: `slot_buckets`) in one on-device
+  loop of a fixed trip count, attention reading `keys` entries, with an all-greedy variant that skips the sort.
 
 Sampling settings, lengths, limits and done flags are per-slot arrays of the state, so no setting
 changes a shape. The state is donated to every program and comes back updated.
@@ -343,12 +343,8 @@ class Engine:
             state = state.replace(done=state.done | stop_B)
             out = jnp.full((n, STEPS), NO_TOKEN, jnp.int32)
 
-            def cond(carry):
-                i, s, _ = carry
-                return (i < STEPS) & ~jnp.all(s.done[:n])
-
-            def body(carry):
-                i, s, out = carry
+            def body(i, carry):
+                s, out = carry
                 live = ~s.done[:n]
                 x = language.apply(params, s.token[:n, None], method=LanguageModel.embed)
                 logits, cache = language.apply(params, x, s.lengths[:n], s.cache, keys, live,
@@ -363,9 +359,12 @@ class Engine:
                     cache=cache, lengths=s.lengths.at[:n].add(step), token=s.token.at[:n].set(jnp.where(live, tok, s.token[:n])),
                     done=s.done.at[:n].set(done), remaining=s.remaining.at[:n].set(remaining),
                     generated=s.generated.at[:n].add(step), seen=s.seen.at[idx, tok].max(live))
-                return i + 1, s, out.at[:, i].set(jnp.where(live, tok, NO_TOKEN))
+                return s, out.at[:, i].set(jnp.where(live, tok, NO_TOKEN))
 
-            _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
+            # A fixed trip count, with no early exit when every slot is done: a data-dependent loop
+            # condition makes the GPU runtime read it back to the host at each step, which blocks the
+            # host's dispatch until the loop ends (no overlap of host work with the next call).
+            state, out = jax.lax.fori_loop(0, STEPS, body, (state, out))
             return state, jnp.concatenate([out, state.done[:n, None].astype(jnp.int32)], axis=1)
 
         return self._jit(decode, "first", donate_argnums=(1,), static_argnums=(3, 4, 5))

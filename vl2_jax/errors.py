@@ -20,8 +20,8 @@ class CheckpointError(VL2Error):
 
 
 class InputError(VL2Error):
-    """An image (see `processor.open_image`), a conversation, a prompt over the context limit or a
-    generation argument that cannot be processed."""
+    """An image (see `processor.open_image` and `images.load_image`), a conversation, a prompt over the
+    context limit or a generation argument that cannot be processed."""
 
 
 class DeviceMemoryError(VL2Error, MemoryError):

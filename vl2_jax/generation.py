@@ -222,14 +222,15 @@ class Batcher:
             live = self.live
             longest = int(max(self.bound[s] for s in live))
             greedy = all(job.greedy for job in live.values())
-            self.state, out = engine.decode(self.params, self.state, max(live) + 1, longest, greedy, self.stop_mask)
+            self.state, out = engine.decode(self.params, self.state, max(live) + 1, longest, greedy,
+                                            self.stop_mask.copy())  # (the host's mask changes before the copy is done)
             self.stop_mask[:] = False
             for slot in live:
                 self.bound[slot] += STEPS
             self.unread.append(("decode", out, dict(live)))
             dispatched = True
         elif self.stop_mask.any() and not self.prefilling:
-            self.state = engine.release(self.state, self.stop_mask)
+            self.state = engine.release(self.state, self.stop_mask.copy())
             self.stop_mask[:] = False
         self._read(keep=1 if dispatched else 0)
         return self.busy
