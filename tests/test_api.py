@@ -366,3 +366,14 @@ def test_api_key(sched):
         assert client(url, api_key="s3cret").chat.completions.create(**CHAT).choices[0].message.content == "Hello, world"
         assert httpx2.get(url + "/health").status_code == 200
         assert httpx2.get(url + "/metrics").status_code == 200
+
+
+def test_draining_refuses_new_work_with_503(server, sched):
+    url, app = server[1], server[2]
+    app.state.server.draining = True
+    try:
+        assert error_of(httpx2.post(url + "/v1/chat/completions", json=CHAT), 503)["type"] == "service_unavailable"
+        error_of(httpx2.get(url + "/health"), 503)
+    finally:
+        app.state.server.draining = False
+    assert not sched.jobs

@@ -166,7 +166,7 @@ def test_python_m_vl2_jax_serve_starts_and_stops_on_sigterm():
         assert models["data"][0]["id"] == MODEL
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        assert proc.wait(30) == 0
         assert time.monotonic() - start < 30
         assert "stopped" in proc.stderr.read()
     finally:

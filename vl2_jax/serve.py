@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import socket
 import sys
 import time
@@ -145,7 +146,14 @@ def run(args, log) -> int:
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level in ("debug", "info"),
                             timeout_graceful_shutdown=args.drain_seconds, lifespan="off")
     server = _Server(config, app.state.server, scheduler, log)
-    server.run(sockets=[sock])
+    # uvicorn raises the signal that stopped it again once it has shut down: after a clean stop that
+    # ends this process with status 0, not as killed.
+    signal.signal(signal.SIGTERM, lambda sig, frame: None)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        if not server.stopped:
+            raise
     return 0
 
 
@@ -156,6 +164,7 @@ class _Server(uvicorn.Server):
     def __init__(self, config, api, scheduler, log):
         super().__init__(config)
         self.api, self.scheduler, self.log = api, scheduler, log
+        self.stopped = False
 
     async def startup(self, sockets=None):
         await super().startup(sockets)
@@ -177,6 +186,7 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
         # On a thread, so that cancelled requests can still reach the scheduler through this loop.
         await asyncio.to_thread(self.scheduler.stop, 5.0)
+        self.stopped = True
         self.log("stopped")
 
 
