@@ -377,3 +377,16 @@ def test_draining_refuses_new_work_with_503(server, sched):
     finally:
         app.state.server.draining = False
     assert not sched.jobs
+
+
+def test_image_limits_are_the_settings():
+    from vl2_jax.images import ImageLimits
+
+    settings = ServerSettings(image_limits=ImageLimits(max_pixels=1000, allow_fetch=False))
+    with running(create_app(FakeScheduler(), MODEL, processor(), settings)) as url:
+        part = {"type": "image_url", "image_url": {"url": png_data_url(size=(60, 40))}}
+        body = {**CHAT, "messages": [{"role": "user", "content": [part]}]}
+        assert "pixels" in error_of(httpx2.post(url + "/v1/chat/completions", json=body), 400)["message"]
+        small = {"type": "image_url", "image_url": {"url": png_data_url(size=(30, 30))}}
+        body = {**CHAT, "messages": [{"role": "user", "content": [small, small, small]}]}
+        assert httpx2.post(url + "/v1/chat/completions", json=body).status_code == 200  # default max_images: 8

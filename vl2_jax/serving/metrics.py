@@ -7,7 +7,7 @@
     vl2_inter_token_latency_seconds      histogram: between a request's tokens
     vl2_e2e_request_latency_seconds      histogram: from arrival to the last token
     vl2_generated_tokens_total           counter: answer tokens (its rate is the tokens per second)
-    vl2_prompt_tokens_total              counter: prompt tokens of the requests admitted
+    vl2_prompt_tokens_total              counter: prompt tokens of the requests that began answering
     vl2_prefix_cache_hits_total          counter: prompt tokens served from the prefix cache
     vl2_prefix_cache_queries_total       counter: prompt tokens looked up in the prefix cache (the hit
                                          rate is hits / queries)
@@ -39,7 +39,7 @@ class Metrics:
         self.e2e = Histogram("vl2_e2e_request_latency_seconds", "From a request's arrival to its last token.",
                              buckets=LATENCY_BUCKETS, registry=r)
         self.generated = Counter("vl2_generated_tokens", "Answer tokens generated.", registry=r)
-        self.prompt = Counter("vl2_prompt_tokens", "Prompt tokens of the requests admitted.", registry=r)
+        self.prompt = Counter("vl2_prompt_tokens", "Prompt tokens of the requests that began answering.", registry=r)
         self.cache_hits = Counter("vl2_prefix_cache_hits", "Prompt tokens served from the prefix cache.", registry=r)
         self.cache_queries = Counter("vl2_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
                                      registry=r)
