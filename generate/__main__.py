@@ -2,6 +2,7 @@
 
     python -m generate --image cat.jpg --prompt "Describe the image."
     python -m generate --model random:test --image cat.jpg --prompt "<image> What is this?" --json
+    python -m generate --input requests.jsonl --output answers.jsonl
 
 The answer streams to stdout; loading, compile and speed notes go to stderr. `--json` prints one JSON
 object instead. A bad argument, image, prompt or checkpoint prints one `error: ...` line, exit status 1
@@ -61,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="interactive multi-turn chat on stdin: --prompt, if given, is the first turn; --image files "
                         "go with the first turn, '/image PATH' (or URL) on its own line with the next")
     p.add_argument("--json", action="store_true", help="print one JSON object with the answer and timings")
+    p.add_argument("--input", default=None, metavar="FILE.jsonl",
+                   help="a batch job: one request per line ({\"prompt\": ..., \"images\": [...], and optionally "
+                        "\"id\", \"system\", \"max_new_tokens\", \"temperature\", \"top_p\", \"top_k\", "
+                        "\"repetition_penalty\", \"seed\", \"stop\"; the flags give the defaults); '-' reads stdin. "
+                        "One JSON answer per line, in input order, to stdout or --output")
+    p.add_argument("--output", default=None, metavar="FILE.jsonl", help="with --input: write the answers there")
+    p.add_argument("--max-batch", type=_positive_int, default=None,
+                   help="requests decoded together (default: 8 with --input, else 1)")
     p.add_argument("--mesh", default=None, metavar="SPEC",
                    help="shard over devices: 'auto' (all visible devices) or sizes such as expert=4,tensor=2 "
                         "(axes data, expert, tensor; they must multiply to the device count)")

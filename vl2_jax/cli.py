@@ -72,8 +72,13 @@ def run(args, log: Callable[[str], None]) -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
 
     check_sampling(args.temperature, args.top_p, args.top_k, args.repetition_penalty, flags=True)
-    if not args.chat and args.prompt is None:
-        raise InputError("give --prompt TEXT (or --chat for an interactive session).")
+    batch_file = getattr(args, "input", None)
+    if batch_file is not None and (args.chat or args.prompt is not None or args.image):
+        raise InputError("--input takes its prompts and images from the file; leave out --prompt, --image and --chat.")
+    if batch_file is None and getattr(args, "output", None):
+        raise InputError("--output goes with --input FILE.jsonl.")
+    if not args.chat and args.prompt is None and batch_file is None:
+        raise InputError("give --prompt TEXT (or --chat for an interactive session, or --input FILE.jsonl).")
     if getattr(args, "draw_boxes", None) and not args.image:
         raise InputError("--draw-boxes needs an --image (the boxes are drawn on the first image).")
     # Images, the prompts and --draw-boxes are checked before the model loads, so a typo fails in a
@@ -89,7 +94,9 @@ def run(args, log: Callable[[str], None]) -> int:
         check_draw_boxes(args.draw_boxes, args.image)
     _use_compile_cache(compile_cache_dir(getattr(args, "compile_cache", None)), log)
     chunks = {} if args.prefill_chunk is None else {"prefill_chunks": (args.prefill_chunk,)}
-    runtime = Runtime(moe=args.moe, attention=args.attention, kernels=args.kernels == "on", max_batch=1,
+    lines = read_requests(batch_file) if batch_file is not None else None
+    max_batch = getattr(args, "max_batch", None) or (8 if batch_file is not None else 1)
+    runtime = Runtime(moe=args.moe, attention=args.attention, kernels=args.kernels == "on", max_batch=max_batch,
                       max_seq_len=args.max_seq_len, **chunks)
     start = time.perf_counter()
     model = load.load_model(args.model, args.dtype, runtime=runtime, mesh=args.mesh, progress=log)
@@ -101,6 +108,8 @@ def run(args, log: Callable[[str], None]) -> int:
         repetition_penalty=args.repetition_penalty, seed=args.seed,
         stop=TEMPLATE_STOP if args.stop is None else tuple(args.stop),
     )
+    if lines is not None:
+        return answer_file(model, lines, args, options, limits, log)
     session = ChatSession(system=system)
     if not args.chat:
         conversation, _ = session.ask(args.prompt, images)
@@ -133,6 +142,102 @@ def run(args, log: Callable[[str], None]) -> int:
         except Exception as e:  # noqa: BLE001 - the answer stands; only its drawing failed
             log("error: " + explain(e))
     return 0
+
+
+REQUEST_KEYS = {"id", "prompt", "images", "system", "max_new_tokens", "temperature", "top_p", "top_k",
+                "repetition_penalty", "seed", "stop"}
+
+
+def read_requests(path: str) -> list[str]:
+    """The lines of a --input file ('-': stdin), read before the model loads (a missing file fails at once)."""
+    if path == "-":
+        return sys.stdin.read().splitlines()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except OSError as e:
+        raise InputError(f"cannot read --input {path}: {e.strerror or e}") from None
+
+
+def answer_file(model, lines: list[str], args, options: dict, limits: ImageLimits, log) -> int:
+    """--input: every non-blank line a request, answered in batches on the engine; one JSON line per
+    request, in input order, to --output or stdout. A bad line gets {"line", "error"} and the rest go on."""
+    from tqdm import tqdm
+
+    from vl2_jax.engine import Request
+    from vl2_jax.generation import Job
+    from vl2_jax.sampling import RowSampling
+
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115 - closed below
+    todo = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    done: dict[int, dict] = {}
+    written, failed = [0], [0]  # index into todo of the next record to write; error records
+    where: dict[int, tuple[int, object]] = {}  # id(job) -> (line number, the request's "id")
+    bar = tqdm(total=len(todo), desc="requests", unit="req", file=sys.stderr, disable=not todo)
+    eos = model.cfg.language.eos_token_id
+
+    def finish(number: int, record: dict) -> None:
+        done[number] = record
+        failed[0] += "error" in record
+        bar.update(1)
+        while written[0] < len(todo) and todo[written[0]][0] in done:
+            print(json.dumps(done.pop(todo[written[0]][0]), ensure_ascii=False), file=out, flush=True)
+            written[0] += 1
+
+    def jobs():
+        for number, line in todo:
+            ident = None
+            try:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"not JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                    raise InputError('each line needs an object with a "prompt" string')
+                ident = rec.get("id")
+                unknown = sorted(set(rec) - REQUEST_KEYS)
+                if unknown:
+                    raise InputError(f"unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(REQUEST_KEYS))}")
+                settings = {k: rec.get(k, options[k]) for k in ("temperature", "top_p", "top_k", "repetition_penalty")}
+                check_sampling(**settings)
+                max_new = rec.get("max_new_tokens", options["max_new_tokens"])
+                if not isinstance(max_new, int) or max_new < 1:
+                    raise InputError(f"max_new_tokens must be a whole number of at least 1 (got {max_new!r})")
+                stop = rec.get("stop", options["stop"])
+                stop = (stop,) if isinstance(stop, str) else tuple(stop)
+                refs = rec.get("images", [])
+                if not isinstance(refs, list):
+                    raise InputError('"images" must be a list of paths or URLs')
+                session = ChatSession(system=rec.get("system", getattr(args, "system", None)))
+                images = [load_image(ref, limits) for ref in refs]
+                conversation, images = session.ask(rec["prompt"], images)
+                request = Request.from_output(model.processor(conversation, images), model.cfg.tokens_per_tile_side)
+                model.engine.check(request)
+                job = Job(request, min(max_new, model.engine.max_seq_len),
+                          RowSampling.make(seed=rec.get("seed", options["seed"]), **settings), stop, eos)
+            except Exception as e:  # noqa: BLE001 - one bad line is one error record
+                finish(number, {"line": number, "id": ident, "error": explain(e)})
+                continue
+            where[id(job)] = (number, ident)
+            yield job
+
+    def on_done(job) -> None:
+        number, ident = where.pop(id(job))
+        if job.finish_reason == "error":
+            finish(number, {"line": number, "id": ident, "error": job.error})
+            return
+        finish(number, {"line": number, "id": ident, "text": job.text.text(), "token_ids": job.token_ids,
+                        "finish_reason": job.finish_reason, "prompt_tokens": job.prompt_tokens,
+                        "generated_tokens": len(job.token_ids)})
+
+    try:
+        model.run_jobs(jobs(), on_done)
+    finally:
+        bar.close()
+        if out is not sys.stdout:
+            out.close()
+    log(f"answered {len(todo) - failed[0]} of {len(todo)} request(s)" + (f" -> {args.output}" if args.output else ""))
+    return 1 if failed[0] else 0
 
 
 def chat_lines(first: str | None, log: Callable[[str], None]):

@@ -64,6 +64,9 @@ class Runtime:
     prefill_chunks: the lengths a prompt is written into the cache in, each a compiled program: a prompt
       runs as one chunk, the smallest that holds it, or, longer than the largest, in chunks of the
       largest and then the smallest that covers the rest (less memory for activations).
+    prefix_cache: whether a prompt may continue from the cache entries a slot kept of an earlier one
+      (the server's prefix cache): the engine then also compiles prefill chunks that start past a
+      cached prefix (chunks of up to `CONTINUED_CHUNK_MAX` tokens).
 
     `Runtime.plain()` is the reference path the fast paths are tested against.
     """
@@ -74,6 +77,7 @@ class Runtime:
     max_batch: int = 8
     max_seq_len: int | None = None
     prefill_chunks: tuple[int, ...] = (128, 256, 512, 1024, 1536, 2048, 3072, 4096)
+    prefix_cache: bool = False
 
     def __post_init__(self):
         whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1
@@ -89,8 +93,9 @@ class Runtime:
             raise ConfigError(f"unknown MoE dispatch {self.moe!r}; use one of {', '.join(MOE_IMPLS)}.")
         if self.attention not in ATTENTION_IMPLS:
             raise ConfigError(f"unknown attention {self.attention!r}; use one of {', '.join(ATTENTION_IMPLS)}.")
-        if not isinstance(self.kernels, bool):
-            raise ConfigError(f"Runtime.kernels must be True or False (got {self.kernels!r}).")
+        for name in ("kernels", "prefix_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"Runtime.{name} must be True or False (got {getattr(self, name)!r}).")
 
     @classmethod
     def plain(cls) -> Runtime:

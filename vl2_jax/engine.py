@@ -49,6 +49,7 @@ from vl2_jax.sampling import RowSampling, sample_rows
 from vl2_jax.sharding import Layout
 
 STEPS = 16  # tokens per decode call: the host reads tokens (streaming, stop strings) between calls
+CONTINUED_CHUNK_MAX = 1024  # the longest chunk of a prompt continued past a cached prefix
 TILE_CHUNKS = (2, 5)  # tiles per vision-tower call: 5 is a 768 px image's global view and 2x2 tiles
 NO_TOKEN = -1  # in decode outputs: the slot produced nothing at that step
 
@@ -402,10 +403,11 @@ class Engine:
                              f"{self.max_seq_len}-token slot can hold; use fewer images.")
 
     @staticmethod
-    def tile_plan(tiles: np.ndarray | None) -> list[tuple[int, np.ndarray]]:
+    def tile_plan(tiles: np.ndarray | None, skip: int = 0) -> list[tuple[int, np.ndarray]]:
         """(first tile, tiles [I, S, S, 3]) of each vision-tower call: chunks of TILE_CHUNKS[-1] tiles,
-        then the smallest chunk that holds the rest (zero tiles pad it; their tokens are never read)."""
-        out, first, n = [], 0, 0 if tiles is None else len(tiles)
+        then the smallest chunk that holds the rest (zero tiles pad it; their tokens are never read).
+        The first `skip` tiles are left out (their tokens are in a cached prefix)."""
+        out, first, n = [], skip, 0 if tiles is None else len(tiles)
         while first < n:
             size = next((c for c in TILE_CHUNKS if c >= n - first), TILE_CHUNKS[-1])
             chunk = np.zeros((size, *tiles.shape[1:]), np.uint8)
@@ -414,26 +416,35 @@ class Engine:
             first += size
         return out
 
-    def chunk_plan(self, length: int) -> list[tuple[int, int, int, bool]]:
-        """(start, chunk, keys, fresh) of each prefill program a prompt of `length` tokens runs: the
-        smallest chunk that holds the rest, else the largest, of those that end within the capacity."""
-        plan, start = [], 0
+    def chunk_plan(self, length: int, start: int = 0) -> list[tuple[int, int, int, bool]]:
+        """(start, chunk, keys, fresh) of each prefill program a prompt of `length` tokens runs from
+        `start` (0, or past a cached prefix: a multiple of the smallest chunk): the smallest chunk that
+        holds the rest, else the largest, of those that end within the capacity (past a prefix, of those
+        up to CONTINUED_CHUNK_MAX)."""
+        plan, continued = [], start > 0
+        if start % self.chunks[0] or not 0 <= start < length:
+            raise ValueError(f"a plan starts at a multiple of {self.chunks[0]} before the prompt's end (got {start})")
         while start < length:
             rest = length - start
-            fits = [c for c in self.chunks if start + c <= self.capacity]
+            fits = [c for c in self.chunks if start + c <= self.capacity
+                    and not (continued and c > max(self.chunks[0], CONTINUED_CHUNK_MAX))]
             chunk = next((c for c in fits if c >= rest), fits[-1])
             fresh = start == 0
             plan.append((start, chunk, chunk if fresh else smallest_at_least(start + chunk, self.key_buckets), fresh))
             start += chunk
         return plan
 
-    def begin(self, params, request: Request) -> Prefill:
+    def begin(self, params, request: Request, start: int = 0) -> Prefill:
         """Checks `request`, puts it on the device and dispatches its tile encoding and embedding ->
-        the `Prefill` whose chunks `prefill_chunk` writes into a slot."""
+        the `Prefill` whose chunks `prefill_chunk` writes into a slot. `start` > 0 (a multiple of the
+        smallest chunk; `runtime.prefix_cache`): the slot already holds the prompt's first `start`
+        tokens, and tiles whose tokens all lie before it are not encoded."""
         self.check(request)
+        if start and not self.runtime.prefix_cache:
+            raise ValueError("continuing past a cached prefix needs Runtime(prefix_cache=True)")
         p, length = len(request.ids), self.capacity
         pad = lambda a, value: np.pad(a, (0, length - p), constant_values=value)
-        chunks = self.tile_plan(request.tiles)
+        chunks = self.tile_plan(request.tiles, self.tiles_before(request, start))
         host = [pad(request.ids, self.pad_id).astype(np.int32), pad(request.src, 0).astype(np.int32),
                 pad(request.image_mask, False), *(c for _, c in chunks)]
         with self._context():
@@ -442,7 +453,13 @@ class Engine:
             for (first, _), chunk in zip(chunks, tiles):
                 table = self._encode(self.vision_params(params), table, chunk, np.int32(first))
             x = self._embed(self.embed_params(params), ids, src, mask, table)
-        return Prefill(p, ids, x, self.chunk_plan(p))
+        return Prefill(p, ids, x, self.chunk_plan(p, start))
+
+    def tiles_before(self, request: Request, start: int) -> int:
+        """How many of the request's tiles have no token at or after position `start`."""
+        later = request.src[start:][request.image_mask[start:]] - TILE_SOURCES
+        later = later[later >= 0] // self.side**2
+        return int(later.min()) if len(later) else (0 if request.tiles is None else len(request.tiles))
 
     def prefill_chunk(self, params, state: Slots, slot: int, prefill: Prefill) -> Slots:
         """Writes the next chunk of `prefill`'s prompt into `slot` (dispatched, not awaited)."""
@@ -488,8 +505,12 @@ class Engine:
     def programs(self) -> list[tuple[str, tuple]]:
         """Every program variant the engine can run, as (kind, static arguments)."""
         out = [("table", ()), *(("encode", (c,)) for c in TILE_CHUNKS), ("embed", ())]
-        # every (chunk, keys, fresh) that some prompt length's plan runs
-        plans = {step[1:] for length in range(1, self.max_seq_len) for step in self.chunk_plan(length)}
+        # every (chunk, keys, fresh) that some prompt length's plan runs (and, with the prefix cache, from
+        # every start past a prefix)
+        c0 = self.chunks[0]
+        starts = range(0, self.max_seq_len - 1, c0) if self.runtime.prefix_cache else (0,)
+        plans = {step[1:] for start in starts for length in range(start + 1, self.max_seq_len)
+                 for step in self.chunk_plan(length, start)}
         out += [("prefill", plan) for plan in sorted(plans, key=lambda p: (not p[2], p))]
         out += [("insert", (g,)) for g in (True, False)] + [("release", ())]
         out += [("decode", (n, k, g)) for n in self.slot_buckets for k in self.decode_key_buckets for g in (True, False)]

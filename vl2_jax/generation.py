@@ -13,12 +13,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from vl2_jax.engine import NO_TOKEN, STEPS, Engine, Prefill, Request, Slots
 from vl2_jax.errors import InputError
+from vl2_jax.prefix_cache import SlotPrefixes, signature
 from vl2_jax.sampling import RowSampling
 
 
@@ -112,7 +113,9 @@ class Job:
     error: str | None = None
     submitted: float = 0.0
     first_token_at: float | None = None
+    cached_tokens: int = 0  # prompt tokens a slot already held (the prefix cache)
     reported: int = 0  # token ids handed to on_update so far
+    signature: np.ndarray | None = None  # (prefix_cache.signature, with the prefix cache on)
 
     @property
     def finished(self) -> bool:
@@ -148,9 +151,12 @@ class Batcher:
     """
 
     def __init__(self, engine: Engine, params, state: Slots, decode: Callable[[list[int]], str],
-                 prefill_budget: int | None = None):
+                 prefill_budget: int | None = None, prefixes: SlotPrefixes | None = None):
         self.engine, self.params, self.state, self.decode = engine, params, state, decode
         self.prefill_budget = prefill_budget
+        if prefixes is None and engine.runtime.prefix_cache:
+            prefixes = SlotPrefixes(engine.max_batch, engine.chunks[0])
+        self.prefixes = prefixes  # what free slots still hold (None: no prefix cache)
         self.pending: collections.deque[Job] = collections.deque()
         self.free = list(range(engine.max_batch))
         self.prefilling: list[tuple[int, Job, Prefill]] = []  # admitted, chunks under way, in order
@@ -183,12 +189,12 @@ class Batcher:
         for entry in self.prefilling:
             if entry[1] is job:
                 self.prefilling.remove(entry)
-                self._free(entry[0])
+                self._free(entry[0], forget=True)
         for slot, other in list(self.live.items()):
             if other is job:
                 self.stop_mask[slot] = True
                 del self.live[slot]
-                self._free(slot)
+                self._free(slot, job)
         self._end(job, "abort")
 
     def jobs(self) -> list[Job]:
@@ -207,11 +213,13 @@ class Batcher:
         """One round (see the class docstring). Returns whether any work is left."""
         engine = self.engine
         while self.pending and self.free:
-            job, slot = self.pending.popleft(), self.free.pop(0)
+            job = self.pending.popleft()
+            slot, start = self._choose_slot(job)
             try:
-                self.prefilling.append((slot, job, engine.begin(self.params, job.request)))
+                self.prefilling.append((slot, job, engine.begin(self.params, job.request, start)))
+                job.cached_tokens = start
             except InputError as e:
-                self._free(slot)
+                self._free(slot, forget=True)
                 job.error = str(e)
                 self._end(job, "error")
         self._prefill()
@@ -234,6 +242,16 @@ class Batcher:
             self.stop_mask[:] = False
         self._read(keep=1 if dispatched else 0)
         return self.busy
+
+    def _choose_slot(self, job: Job) -> tuple[int, int]:
+        """(slot, cached prompt tokens) for a job about to be admitted; the slot leaves the free list."""
+        if self.prefixes is None:
+            return self.free.pop(0), 0
+        r = job.request
+        job.signature = signature(r.ids, r.src, r.image_mask, r.tiles, self.engine.side)
+        slot, start = self.prefixes.choose(self.free, job.signature)
+        self.free.remove(slot)
+        return slot, start
 
     def _prefill(self) -> None:
         used, budget = 0, self.prefill_budget
@@ -269,14 +287,21 @@ class Batcher:
                 if done or job.text.cut:
                     self.stop_mask[slot] = not done  # a stop string: the slot ends before the next call
                     del self.live[slot]
-                    self._free(slot)
+                    self._free(slot, job)
                     self._end(job, "stop" if job.text.cut or job.text.ended_by_eos else "length", piece)
                 else:
                     self._report(job, piece)
 
-    def _free(self, slot: int) -> None:
+    def _free(self, slot: int, ended: Job | None = None, forget: bool = False) -> None:
+        """Returns `slot` to the free list; with the prefix cache, it keeps what `ended` (the job that
+        decoded there) left in it, or nothing (`forget`: a prefill cut short)."""
         self.free.append(slot)
         self.free.sort()
+        if self.prefixes is not None:
+            if ended is not None and ended.signature is not None:
+                self.prefixes.keep(slot, ended.signature, ended.token_ids)
+            elif forget:
+                self.prefixes.forget(slot)
 
     def _report(self, job: Job, piece: str) -> None:
         ids = job.token_ids
@@ -322,6 +347,31 @@ def run(engine: Engine, params, state: Slots, requests: Sequence[Request], decod
         finish_reason=[job.finish_reason for job in jobs], prompt_tokens=[job.prompt_tokens for job in jobs],
         ttft_s=ttft, decode_s=decode_s)
     return result, batcher.state
+
+
+def run_jobs(engine: Engine, params, state: Slots, jobs: Iterable[Job], decode: Callable[[list[int]], str],
+             on_done: Callable[[Job], None]) -> Slots:
+    """Runs `jobs` (each with its own settings) through a Batcher, drawing the next from the iterable only
+    when a slot is about to free up, and calls `on_done(job)` as each finishes (in finishing order).
+    Returns the engine state (donated in)."""
+    batcher = Batcher(engine, params, state, decode)
+    source, running, exhausted = iter(jobs), [], False
+    while True:
+        while not exhausted and len(running) < engine.max_batch:
+            job = next(source, None)
+            if job is None:
+                exhausted = True
+            else:
+                running.append(batcher.submit(job))
+        if not batcher.busy and exhausted:
+            break
+        batcher.step()
+        for job in [j for j in running if j.finished]:
+            running.remove(job)
+            on_done(job)
+    for job in running:
+        on_done(job)
+    return batcher.state
 
 
 def stream_text(model, batch, **kwargs) -> Iterator[str]:

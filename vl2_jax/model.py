@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -246,6 +246,13 @@ class VL2Model:
                 self.engine, self.params, self.take_state(), requests, self.processor.decode, max_new_tokens,
                 settings, stop, eos, on_text)
         return result
+
+    def run_jobs(self, jobs: Iterable[generation.Job], on_done: Callable[[generation.Job], None]) -> None:
+        """Answers `generation.Job`s, each with its own settings (prompt, limits, sampling, stop strings),
+        drawn from `jobs` as slots free up; `on_done(job)` as each finishes. One call at a time per model."""
+        with self.mesh_context(), out_of_memory_as("while generating"):
+            self.give_state(generation.run_jobs(self.engine, self.params, self.take_state(), jobs,
+                                                self.processor.decode, on_done))
 
     def stream(self, batch, **kwargs) -> Iterator[str]:
         """Like `generate` for a one-conversation batch, yielding the answer's text as it is produced."""

@@ -110,6 +110,7 @@ class Scheduler:
         self._waiting = 0  # jobs submitted and not yet in a slot
         self._free = model.engine.max_batch  # free slots, as of the last step
         self._last_update: dict[int, float] = {}
+        self._flush = False
 
     # -- the event loop's side ------------------------------------------------------------------------
     def submit(self, job: Job) -> Handle:
@@ -139,7 +140,11 @@ class Scheduler:
                 "max_seq_len": self.model.engine.max_seq_len, "alive": bool(self._thread and self._thread.is_alive())}
 
     def flush_cache(self) -> None:
-        """Empties the caches of earlier requests (none are kept yet beyond the slots themselves)."""
+        """Forgets every prefix the free slots hold (the prefix cache; the device thread applies it
+        before its next step). Running jobs are not affected."""
+        with self._cv:
+            self._flush = True
+            self._cv.notify()
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> Scheduler:
@@ -176,10 +181,11 @@ class Scheduler:
                     break
                 inbox, self._inbox = self._inbox, []
                 cancels, self._cancels = self._cancels, []
+                flush, self._flush = self._flush, False
+            if flush and b.prefixes is not None:
+                b.prefixes.clear()
             for job, _ in inbox:
                 b.submit(job)
-                if self.metrics:
-                    self.metrics.cache_lookup(0, job.prompt_tokens)
             for job in cancels:
                 b.cancel(job)
             try:
@@ -198,7 +204,7 @@ class Scheduler:
         self._batcher.fail_all(message)
         self.model.give_state(None)  # (donated to the program that failed)
         self._batcher = Batcher(self.model.engine, self.model.params, self.model.take_state(),
-                                self.model.processor.decode, self.prefill_budget)
+                                self.model.processor.decode, self.prefill_budget)  # (and no prefixes: a new cache)
 
     def _on_update(self, job: Job, text: str, ids: list[int]) -> None:
         """The batcher's callback (device thread): one event to the job's handle, and the metrics."""
@@ -208,6 +214,7 @@ class Scheduler:
             last = self._last_update.get(id(job))
             if last is None:
                 self.metrics.observe_ttft(now - job.submitted)
+                self.metrics.cache_lookup(job.cached_tokens, job.prompt_tokens)
                 rest = len(ids) - 1
             else:
                 rest = len(ids)
@@ -219,4 +226,5 @@ class Scheduler:
             self._handles.pop(id(job), None)
             self._last_update.pop(id(job), None)
         if handle is not None:
-            handle._push(Event(text, ids, job.finish_reason, job.prompt_tokens, len(job.token_ids), 0, job.error))
+            handle._push(Event(text, ids, job.finish_reason, job.prompt_tokens, len(job.token_ids), job.cached_tokens,
+                               job.error))

@@ -1,0 +1,146 @@
+"""The prefix cache kept in the slots: a prompt that starts like an earlier one continues from its cache
+entries and gets the answer it gets fresh; images match by their tiles, not their placeholder ids."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from PIL import Image
+
+import vl2_jax
+from tests.conftest import ckpt_dir, load_case, open_images
+from vl2_jax import Runtime
+from vl2_jax.engine import CompileWatch, Request
+from vl2_jax.generation import Batcher, Job
+from vl2_jax.prefix_cache import SlotPrefixes, signature
+from vl2_jax.sampling import RowSampling
+
+VARIANT = "mla"
+
+
+@functools.cache
+def model():
+    return vl2_jax.load_pretrained(ckpt_dir(VARIANT), runtime=Runtime(
+        max_batch=2, max_seq_len=512, prefill_chunks=(16, 512), prefix_cache=True))
+    # (a fresh prompt runs as one chunk; only prompts continued past a prefix run chunks of 16 tokens,
+    # programs that warmup compiles only with the prefix cache on)
+
+
+def image(seed: int, w: int, h: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def request(conversation, images=()) -> Request:
+    m = model()
+    return Request.from_output(m.processor(conversation, list(images)), m.cfg.tokens_per_tile_side)
+
+
+def answer(b: Batcher, req: Request, max_new: int = 10) -> Job:
+    job = b.submit(Job(req, max_new, RowSampling.make()))
+    while not job.finished:
+        b.step()
+    return job
+
+
+def fresh_and_cached(b: Batcher, first: Request, second: Request) -> tuple[Job, Job]:
+    """`second` answered with nothing cached, then again after `first` left its entries in a slot."""
+    b.prefixes.clear()
+    fresh = answer(b, second)
+    b.prefixes.clear()
+    answer(b, first)
+    return fresh, answer(b, second)
+
+
+def batcher() -> Batcher:
+    m = model()
+    return Batcher(m.engine, m.params, m.take_state(), m.processor.decode)
+
+
+def test_the_same_prompt_again_continues_from_the_cache_with_the_same_answer():
+    b = batcher()
+    case = load_case(VARIANT, "history")
+    req = request(case["conversation"], open_images(case))
+    first = answer(b, req, 12)
+    again = answer(b, req, 12)
+    want = case["arrays"]["greedy"].tolist()
+    assert first.cached_tokens == 0 and first.token_ids == want
+    assert again.cached_tokens == (len(req.ids) - 1) // 16 * 16 > 0
+    assert again.token_ids == want
+    model().give_state(b.state)
+
+
+def test_a_next_chat_turn_reuses_the_history_and_answers_as_fresh():
+    b = batcher()
+    turn1 = [{"role": "user", "content": "<image>\nWhat is in the picture?"}]
+    images = [image(1, 64, 48)]
+    first = answer(b, request(turn1, images))
+    turn2 = [*turn1, {"role": "assistant", "content": first.text.text()},
+             {"role": "user", "content": "<image>\nAnd in this one?"}]
+    images2 = [*images, image(2, 40, 72)]
+    fresh, cached = fresh_and_cached(b, request(turn1, images), request(turn2, images2))
+    assert cached.cached_tokens >= len(request(turn1, images).ids) // 16 * 16 - 16 > 0
+    assert cached.token_ids == fresh.token_ids
+    model().give_state(b.state)
+
+
+def test_a_third_image_retiles_the_first_two_and_the_answer_equals_a_fresh_one():
+    """Up to two images are cropped into tiles; with a third, none is: the first image's tokens change
+    within it (its global view, the same tile, may still match), so the cache is used only up to there."""
+    b = batcher()
+    two = [{"role": "user", "content": "<image>\n<image>\nCompare them."}]
+    imgs = [image(3, 96, 64), image(4, 64, 96)]
+    three = [*two, {"role": "assistant", "content": "They differ."},
+             {"role": "user", "content": "<image>\nAnd now?"}]
+    req2, req3 = request(two, imgs), request(three, [*imgs, image(5, 50, 50)])
+    side = model().cfg.tokens_per_tile_side
+    s2, s3 = (signature(r.ids, r.src, r.image_mask, r.tiles, side) for r in (req2, req3))
+    differ = int(np.flatnonzero(s2[: len(s3)] != s3[: len(s2)])[0])
+    image_at = np.flatnonzero(req3.image_mask)
+    first_end = image_at[np.flatnonzero(np.diff(image_at) > 1)[0]]  # the first image's tokens: a run
+    assert image_at[0] < differ <= first_end
+    fresh, cached = fresh_and_cached(b, req2, req3)
+    assert 0 < cached.cached_tokens <= differ
+    assert cached.token_ids == fresh.token_ids
+    model().give_state(b.state)
+
+
+def test_signatures_tell_images_apart_behind_the_same_ids():
+    side = model().cfg.tokens_per_tile_side
+    q = [{"role": "user", "content": "<image>\nWhat is it?"}]
+    a, b = request(q, [image(6, 64, 64)]), request(q, [image(7, 64, 64)])
+    assert np.array_equal(a.ids, b.ids)
+    sa = signature(a.ids, a.src, a.image_mask, a.tiles, side)
+    sb = signature(b.ids, b.src, b.image_mask, b.tiles, side)
+    first = int(np.argmax(a.image_mask))
+    assert np.array_equal(sa[:first], sb[:first]) and sa[first] != sb[first]
+    assert np.array_equal(sa, signature(a.ids, a.src, a.image_mask, a.tiles, side))
+    assert (sa[a.image_mask] < 0).all() and (sa[~a.image_mask] >= 0).all()
+
+
+def test_slots_are_chosen_hits_first_then_empty_then_least_recently_used():
+    p = SlotPrefixes(3, granularity=4)
+    sig = np.arange(20, dtype=np.int64)
+    assert p.choose([0, 1, 2], sig) == (0, 0)  # all empty: the lowest
+    p.keep(1, sig[:10], [100, 101, 102])  # holds 12 entries
+    p.keep(2, np.arange(50, 60, dtype=np.int64), [1])
+    assert p.choose([0, 1, 2], sig) == (1, 8)  # 10 common, rounded down to 8
+    assert p.choose([1, 2], np.arange(200, 210, dtype=np.int64))[0] == 1  # the least recently used
+    assert p.choose([2], sig[:4]) == (2, 0)  # at least one prompt token is prefilled
+    assert p.lookups == 4 and p.hits == 8
+
+
+def test_nothing_compiles_after_warmup_when_prompts_continue_from_the_cache():
+    m = model()
+    m.warmup()
+    b = batcher()
+    case = load_case(VARIANT, "two_images")
+    conv, imgs = case["conversation"], open_images(case)
+    with CompileWatch() as compiling:
+        first = answer(b, request(conv, imgs), 5)
+        longer = [*conv, {"role": "assistant", "content": first.text.text()},
+                  {"role": "user", "content": "Say more. " * 20}]
+        assert answer(b, request(longer, imgs), 5).cached_tokens > 0
+        assert answer(b, request(longer, imgs), 5).cached_tokens > 0
+    assert compiling.count == 0
+    m.give_state(b.state)

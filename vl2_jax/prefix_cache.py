@@ -1,0 +1,86 @@
+"""The prefix cache, kept in the slots themselves: what each free slot's cache still holds of its last
+answer, so that a new prompt that starts the same way (a shared system prompt, the same image, the
+earlier turns of a chat) continues from there instead of prefilling it again.
+
+A prompt is compared position by position through its signature (`signature`): token ids for text,
+and for image tokens a digest of the tile they come from with their place in it, so that two
+different images behind the same placeholder ids never match, and a re-tiled image (the cropping rule
+re-tiles the first two images when a third arrives) matches only where its tiles are the same. Reuse
+starts at the longest common prefix rounded down to the smallest prefill chunk, and always leaves at
+least one prompt token to prefill (its logits give the first answer token). A slot keeps its entries
+until a job that does not share them takes it: free slots are handed out hits first, then empty or
+least recently used ones (eviction). The memory is the slots' own cache; nothing is copied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import numpy as np
+
+from vl2_jax.processor import TILE_SOURCES
+
+_MASK = np.uint64((1 << 62) - 1)
+
+
+def signature(ids: np.ndarray, src: np.ndarray, image_mask: np.ndarray, tiles: np.ndarray | None,
+              side: int) -> np.ndarray:
+    """int64 [P]: a prompt's token ids (>= 0), with each image token replaced by a negative value
+    derived from the digest of its tile's pixels and its row in the tile (or from the newline or
+    separator row it uses). Arguments as `engine.Request`'s: ids, src, image_mask [P], tiles [I, S, S, 3]."""
+    sig = ids.astype(np.int64).copy()
+    if not image_mask.any():
+        return sig
+    hw = np.uint64(side * side)
+    tiles = tiles if tiles is not None else np.zeros((0,), np.uint8)
+    digests = np.array([int.from_bytes(hashlib.blake2b(t.tobytes(), digest_size=7).digest(), "little")
+                        for t in tiles] or [0], np.uint64)
+    src = src[image_mask].astype(np.int64)
+    in_tile = np.maximum(src - TILE_SOURCES, 0).astype(np.uint64)
+    tile_value = (digests[np.minimum(in_tile // hw, len(digests) - 1).astype(np.int64)] * hw + in_tile % hw
+                  + np.uint64(TILE_SOURCES)) & _MASK
+    value = np.where(src >= TILE_SOURCES, tile_value, src.astype(np.uint64)).astype(np.int64)
+    sig[image_mask] = -1 - value
+    return sig
+
+
+class SlotPrefixes:
+    """Per slot: the signatures of the cache entries its last job left (prompt and answer but the last
+    token, which was never fed), and when that job ended."""
+
+    def __init__(self, slots: int, granularity: int):
+        self.granularity = granularity
+        self.held = [np.zeros((0,), np.int64) for _ in range(slots)]
+        self.used = [0.0] * slots
+        self.lookups = self.hits = 0  # prompts looked up; prompt tokens served from a cache
+
+    def choose(self, free: list[int], sig: np.ndarray) -> tuple[int, int]:
+        """(slot, start): the free slot to take for a prompt of signature `sig`, and the number of its
+        tokens that slot already holds (0: none; a multiple of `granularity`, below len(sig))."""
+        best, start = None, 0
+        for slot in free:
+            held = self.held[slot]
+            n = min(len(held), len(sig) - 1)
+            same = np.flatnonzero(held[:n] != sig[:n])
+            common = (int(same[0]) if len(same) else n) // self.granularity * self.granularity
+            if common > start:
+                best, start = slot, common
+        if best is None:  # an empty slot, else the one unused longest
+            best = min(free, key=lambda s: (len(self.held[s]) > 0, self.used[s], s))
+        self.lookups += 1
+        self.hits += start
+        return best, start
+
+    def keep(self, slot: int, sig: np.ndarray, answer: list[int]) -> None:
+        """The slot's job ended: it holds the prompt (`sig`) and the answer's tokens but the last."""
+        self.held[slot] = np.concatenate([sig, np.asarray(answer[:-1], np.int64)])
+        self.used[slot] = time.monotonic()
+
+    def forget(self, slot: int) -> None:
+        """The slot's entries are not a prompt's (e.g. a prefill cut short)."""
+        self.held[slot] = np.zeros((0,), np.int64)
+
+    def clear(self) -> None:
+        for slot in range(len(self.held)):
+            self.forget(slot)
