@@ -43,20 +43,21 @@ def png(seed=0, size=(70, 50)) -> bytes:
 
 IMAGE = png()
 DATA_URL = "data:image/png;base64," + base64.b64encode(IMAGE).decode()
+TEXT = "What is in it? " + "Look closely. " * 9  # ~170 prompt tokens: a repeat can reuse its first 128
 QUESTION = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": DATA_URL}},
-                                         {"type": "text", "text": "What is in it?"}]}]
+                                         {"type": "text", "text": TEXT}]}]
 
 
 @functools.cache
 def model():
-    return vl2_jax.load_model(MODEL, "float32", runtime=Runtime(max_batch=8, max_seq_len=256))
+    return vl2_jax.load_model(MODEL, "float32", runtime=Runtime(max_batch=8, max_seq_len=256, prefix_cache=True))
 
 
 @functools.cache
 def alone() -> str:
     """The answer to QUESTION from model.generate (40 greedy tokens), before any server holds the state."""
     m = model()
-    out = m.processor([{"role": "user", "content": "<image>\nWhat is in it?"}],
+    out = m.processor([{"role": "user", "content": "<image>\n" + TEXT}],
                       [Image.open(io.BytesIO(IMAGE)).convert("RGB")])
     return m.generate(m.processor.batchify([out]), max_new_tokens=40).text[0]
 
@@ -83,6 +84,9 @@ def test_chat_with_an_image_streamed_or_not_is_the_model_s_answer(served):
         model=MODEL, messages=QUESTION, max_tokens=40, temperature=0, stream=True) if ch.choices[0].delta.content]
     assert "".join(chunks) == alone()
     assert out.choices[0].finish_reason == "length" and len(chunks) >= 2  # 40 tokens: three decode calls
+    again = c.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=40, temperature=0)
+    assert again.choices[0].message.content == alone()  # from the prefix cache: the same answer
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
     sampled = [c.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=20, temperature=1.0, seed=7)
                .choices[0].message.content for _ in range(2)]
     assert sampled[0] == sampled[1]  # a seed gives the same draws
@@ -90,7 +94,7 @@ def test_chat_with_an_image_streamed_or_not_is_the_model_s_answer(served):
 
 def test_generate_streamed_and_not(served):
     sched, url = served
-    body = {"text": "<|User|>: <image>\nWhat is in it?\n\n<|Assistant|>:", "image_data": base64.b64encode(IMAGE).decode(),
+    body = {"text": f"<|User|>: <image>\n{TEXT.strip()}\n\n<|Assistant|>:", "image_data": base64.b64encode(IMAGE).decode(),
             "sampling_params": {"max_new_tokens": 40, "temperature": 0}}
     out = httpx2.post(url + "/generate", json=body, timeout=120).json()
     assert out["text"] == alone()
@@ -134,9 +138,9 @@ def test_a_client_that_leaves_frees_its_slot(served):
                 break
     assert wait_for(lambda: sched.stats()["running"] == 0, 10)
     text = httpx2.get(url + "/metrics").text
-    assert "vl2_generated_tokens_total" in text
-    generated = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("vl2_generated_tokens_total")]
-    assert generated[0] > 0
+    value = lambda name: float(next(line for line in text.splitlines() if line.startswith(name)).split()[-1])
+    assert value("vl2_generated_tokens_total") > 0 and value("vl2_time_to_first_token_seconds_count") > 0
+    assert 0 < value("vl2_prefix_cache_hits_total") < value("vl2_prefix_cache_queries_total")
 
 
 def test_a_full_queue_is_429():

@@ -64,6 +64,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="keep compiled programs in DIR between runs (default: $VL2_JAX_COMPILE_CACHE, else "
                         "~/.cache/vl2_jax/xla; '' turns it off)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="prefill every prompt from its start (default: a prompt continues from the longest prefix a "
+                        "free slot still holds of an earlier one, e.g. the same images or the chat so far)")
     p.add_argument("--no-warmup", action="store_true",
                    help="serve at once and compile each program on first use (the first requests are slow)")
     p.add_argument("--api-key", default=None, metavar="KEY",
@@ -134,7 +137,7 @@ def run(args, log) -> int:
     _use_compile_cache(compile_cache_dir(args.compile_cache), log)
     chunks = {} if args.prefill_chunk is None else {"prefill_chunks": (args.prefill_chunk,)}
     runtime = Runtime(moe=args.moe, attention=args.attention, kernels=args.kernels == "on", max_batch=args.max_batch,
-                      max_seq_len=args.max_seq_len, **chunks)
+                      max_seq_len=args.max_seq_len, prefix_cache=not args.no_prefix_cache, **chunks)
     model = load.load_model(args.model, args.dtype, runtime=runtime, mesh=args.mesh, progress=log)
     if not args.no_warmup:
         report = model.warmup(_warmup_progress(log))
