@@ -558,40 +558,38 @@ class Processor:
         images = [self.load_image(im, f"image {i + 1} of {len(images)}") for i, im in enumerate(images)]
         cropping = len(images) <= 2  # the reference tiles only when the whole conversation has <= 2
 
-        ids, seq_mask, tiles, crops = [self.bos_id], [False], [], []
-        next_image = iter(images)
+        parts = _Parts(self, images, cropping)
+        parts.add_ids([self.bos_id])
         for role, content in turns:
             if role == USER_ROLE:
                 # Each user turn is formatted on its own, as if followed by an empty assistant turn.
-                text = f"{USER_ROLE}: {content}{_SEP}{ASSISTANT_ROLE}:" if content else \
-                    f"{USER_ROLE}:{ASSISTANT_ROLE}:"
-                pieces = text.split(self.image_token)
-                for k, piece in enumerate(pieces):
-                    piece_ids = self._encode(piece)
-                    ids += piece_ids
-                    seq_mask += [False] * len(piece_ids)
-                    if k + 1 < len(pieces):
-                        image_tiles, (nw, nh) = self._tile(next(next_image), cropping)
-                        tiles += image_tiles
-                        crops.append((nw, nh))
-                        n = self.num_image_tokens(nw, nh)
-                        ids += [self.image_token_id] * n
-                        seq_mask += [True] * n
+                parts.add_text(f"{USER_ROLE}: {content}{_SEP}{ASSISTANT_ROLE}:" if content else
+                               f"{USER_ROLE}:{ASSISTANT_ROLE}:")
             else:
                 # Assistant: text + eos. System (first message only): text, no separator.
-                turn_ids = self._encode(content) + ([self.eos_id] if role == ASSISTANT_ROLE else [])
-                ids += turn_ids
-                seq_mask += [False] * len(turn_ids)
+                parts.add_ids(self._encode(content) + ([self.eos_id] if role == ASSISTANT_ROLE else []))
         # Inference mode: drop the closing eos of the last (assistant) turn.
-        ids, seq_mask = ids[:-1], seq_mask[:-1]
+        parts.ids, parts.seq_mask = parts.ids[:-1], parts.seq_mask[:-1]
+        return parts.output(self._format_prompt(turns))
 
-        size = self.image_size
-        return ProcessorOutput(
-            input_ids=np.asarray(ids, dtype=np.int32),
-            pixels=np.stack(tiles) if tiles else np.zeros((1, size, size, 3), np.uint8),
-            images_seq_mask=np.asarray(seq_mask, dtype=bool),
-            images_spatial_crop=np.asarray(crops if crops else [(0, 0)], dtype=np.int32).reshape(-1, 2),
-            prompt=self._format_prompt(turns), pixel_norm=self.pixel_norm)
+    def raw(self, prompt: str, images=()) -> ProcessorOutput:
+        """A prompt already in the chat template's format (an OpenAI completions ``prompt``, SGLang's
+        ``/generate`` ``text``: the role markers are the caller's) with its images (PIL or paths), one per
+        ``<image>`` placeholder, in order -> :class:`ProcessorOutput`. ``bos`` comes first unless the
+        prompt starts with it; nothing else is added."""
+        if not isinstance(prompt, str) or not prompt:
+            raise InputError("the prompt must be a non-empty str.")
+        images = list(images) if images is not None else []
+        n_placeholders = prompt.count(self.image_token)
+        if n_placeholders != len(images):
+            raise InputError(f"the prompt has {n_placeholders} {self.image_token} placeholder(s) "
+                             f"but {len(images)} image(s) were given; pass one image per placeholder.")
+        images = [self.load_image(im, f"image {i + 1} of {len(images)}") for i, im in enumerate(images)]
+        parts = _Parts(self, images, len(images) <= 2)
+        if not prompt.startswith(self.tokenizer.bos_token):
+            parts.add_ids([self.bos_id])
+        parts.add_text(prompt)
+        return parts.output(prompt)
 
     def batchify(self, outputs) -> Batch:
         """Stack outputs into one :class:`Batch`, padding tokens on the left (see Batch for shapes)."""
@@ -618,3 +616,38 @@ class Processor:
             raise InputError("batchify got outputs of processors that normalise images differently.")
         tiles, src = image_token_sources(crops, seq_mask, self._tokens_per_side)
         return Batch(input_ids, attention_mask, pixels, seq_mask, crops, norms.pop(), tiles, src, tuple(outputs))
+
+
+class _Parts:
+    """A prompt's token ids, image-token mask, tiles and crops as they are built, text and images in order."""
+
+    def __init__(self, processor: Processor, images, cropping: bool):
+        self.processor, self.images, self.cropping = processor, iter(images), cropping
+        self.ids, self.seq_mask, self.tiles, self.crops = [], [], [], []
+
+    def add_ids(self, ids) -> None:
+        self.ids += ids
+        self.seq_mask += [False] * len(ids)
+
+    def add_text(self, text: str) -> None:
+        """Text whose `<image>` placeholders each take the next image's run of image tokens."""
+        p = self.processor
+        pieces = text.split(p.image_token)
+        for k, piece in enumerate(pieces):
+            self.add_ids(p._encode(piece))
+            if k + 1 < len(pieces):
+                image_tiles, (nw, nh) = p._tile(next(self.images), self.cropping)
+                self.tiles += image_tiles
+                self.crops.append((nw, nh))
+                n = p.num_image_tokens(nw, nh)
+                self.ids += [p.image_token_id] * n
+                self.seq_mask += [True] * n
+
+    def output(self, prompt: str) -> ProcessorOutput:
+        size = self.processor.image_size
+        return ProcessorOutput(
+            input_ids=np.asarray(self.ids, dtype=np.int32),
+            pixels=np.stack(self.tiles) if self.tiles else np.zeros((1, size, size, 3), np.uint8),
+            images_seq_mask=np.asarray(self.seq_mask, dtype=bool),
+            images_spatial_crop=np.asarray(self.crops if self.crops else [(0, 0)], dtype=np.int32).reshape(-1, 2),
+            prompt=prompt, pixel_norm=self.processor.pixel_norm)

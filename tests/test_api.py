@@ -1,0 +1,392 @@
+"""The HTTP layer over a scripted scheduler (no model runs): OpenAI's client and SGLang's /generate
+shapes, streaming, errors in OpenAI's shape with their status codes, the API key, cancellation when a
+client leaves, 429 on a full queue, metrics. tests/test_serve.py runs the same routes on a real model."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import functools
+import io
+import socket
+import tempfile
+import threading
+import time
+
+import httpx2
+import jax.numpy as jnp
+import numpy as np
+import openai
+import pytest
+import uvicorn
+from PIL import Image
+
+from vl2_jax.config import PRESETS, Runtime
+from vl2_jax.engine import Engine
+from vl2_jax.load import write_assets
+from vl2_jax.processor import Processor
+from vl2_jax.serving.api import ServerSettings, create_app
+from vl2_jax.serving.metrics import Metrics
+from vl2_jax.serving.scheduler import Event, QueueFull
+
+MODEL = "vl2-test"
+PIECES = ["Hel", "lo", ", wor", "ld"]
+
+
+@functools.cache
+def processor() -> Processor:
+    return Processor.from_pretrained(write_assets(tempfile.mkdtemp(prefix="vl2-api-"), PRESETS["test"]))
+
+
+class FakeModel:
+    def __init__(self):
+        self.cfg = PRESETS["test"]
+        p = processor()
+        self.engine = Engine(self.cfg, jnp.float32, Runtime(max_batch=4, max_seq_len=256), p.pixel_norm, p.pad_id)
+
+
+class FakeHandle:
+    def __init__(self, job, script, scheduler):
+        self.job, self.script, self.scheduler = job, script, scheduler
+        self.cancelled = False
+
+    async def events(self):
+        for delay, event in self.script(self.job):
+            await asyncio.sleep(delay)
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def cancel(self):
+        if not self.cancelled:
+            self.scheduler.cancelled.append(self)
+        self.cancelled = True
+
+
+def answer(job, pieces=PIECES, reason="stop", delay=0.0):
+    """Events of an answer of `pieces`, one token each, the last with `reason`."""
+    p = len(job.request.ids)
+    out = []
+    for i, piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        out.append((delay, Event(piece, [10 + i], reason if last else None, p, i + 1, 0)))
+    return out
+
+
+class FakeScheduler:
+    """Scripted events per job (`script(job) -> [(delay, Event)]`), the jobs it got and the handles
+    cancelled; `full` makes submit raise QueueFull."""
+
+    def __init__(self):
+        self.model = FakeModel()
+        self.script = answer
+        self.jobs, self.cancelled, self.full = [], [], False
+        self.max_queue = 3
+
+    def submit(self, job):
+        if self.full:
+            raise QueueFull("3 requests are waiting for a slot (the queue holds 3)")
+        self.jobs.append(job)
+        return FakeHandle(job, self.script, self)
+
+    def stats(self):
+        return {"queued": 0, "running": 0, "max_batch": 4, "max_seq_len": 256, "alive": True}
+
+    def flush_cache(self):
+        pass
+
+
+@contextlib.contextmanager
+def running(app):
+    """The app on a free local port, served by uvicorn on a thread -> its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    sched = FakeScheduler()
+    metrics = Metrics()
+    app = create_app(sched, MODEL, processor(), ServerSettings(max_body_bytes=200_000, max_images=2), metrics)
+    with running(app) as url:
+        yield sched, url, app
+
+
+@pytest.fixture
+def sched(server):
+    s = server[0]
+    s.script, s.full = answer, False
+    s.jobs.clear(), s.cancelled.clear()
+    return s
+
+
+@pytest.fixture
+def url(server):
+    return server[1]
+
+
+def client(url, **kwargs) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=kwargs.pop("api_key", "none"), max_retries=0, **kwargs)
+
+
+def png_data_url(seed=0, size=(60, 40)) -> str:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def image_of(data_url: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("RGB")
+
+
+# -- OpenAI -----------------------------------------------------------------------------------------------
+def test_chat_with_an_image_part_becomes_the_official_prompt(sched, url):
+    image = png_data_url()
+    out = client(url).chat.completions.create(model=MODEL, max_tokens=7, temperature=0, messages=[
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                     {"type": "text", "text": "Describe it."}]}])
+    assert out.choices[0].message.content == "Hello, world"
+    assert out.choices[0].finish_reason == "stop" and out.model == MODEL
+    job = sched.jobs[-1]
+    want = processor()([{"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": "<image>\nDescribe it."}], [image_of(image)])
+    assert np.array_equal(job.request.ids, want.input_ids)
+    assert job.request.tiles is not None and job.request.image_mask.sum() > 0
+    assert job.max_new_tokens == 7 and float(job.sampling.temperature) == 0
+    assert job.eos == PRESETS["test"].language.eos_token_id
+    assert out.usage.prompt_tokens == len(want.input_ids) and out.usage.completion_tokens == 4
+
+
+def test_chat_stream_is_the_same_text_in_chunks_with_usage(sched, url):
+    stream = client(url).chat.completions.create(model=MODEL, stream=True, stream_options={"include_usage": True},
+                                                 messages=[{"role": "user", "content": "Hi"}], seed=3, stop=["x"])
+    chunks = list(stream)
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert pieces == PIECES
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == 4 and chunks[-1].choices == []
+    job = sched.jobs[-1]
+    assert job.stop == ("x",) and int(job.sampling.seed) == 3
+    assert job.max_new_tokens == 256 - len(job.request.ids)  # no limit given: until the slot is full
+
+
+def test_completions_text_ids_and_stream(sched, url):
+    c = client(url)
+    out = c.completions.create(model=MODEL, prompt="<|User|>: Hi\n\n<|Assistant|>:", max_tokens=5)
+    assert out.choices[0].text == "Hello, world" and out.usage.total_tokens == out.usage.prompt_tokens + 4
+    ids = processor().raw("<|User|>: Hi\n\n<|Assistant|>:").input_ids
+    assert np.array_equal(sched.jobs[-1].request.ids, ids)
+    c.completions.create(model=MODEL, prompt=[0, 5, 6, 7], max_tokens=5)
+    assert sched.jobs[-1].request.ids.tolist() == [0, 5, 6, 7]
+    text = "".join(ch.choices[0].text for ch in c.completions.create(model=MODEL, prompt="Hi", stream=True))
+    assert text == "Hello, world"
+
+
+# -- SGLang -----------------------------------------------------------------------------------------------
+def test_generate_plain_and_streamed(sched, url):
+    image = png_data_url(1)
+    raw = image.split(",", 1)[1]
+    body = {"text": "<|User|>: <image>\nWhat? <image>\n\n<|Assistant|>:", "image_data": [image, raw],
+            "sampling_params": {"max_new_tokens": 9, "temperature": 0, "top_k": -1, "stop": "User"}, "rid": "r1"}
+    out = httpx2.post(url + "/generate", json=body).json()
+    assert out["text"] == "Hello, world" and out["output_ids"] == [10, 11, 12, 13]
+    meta = out["meta_info"]
+    assert meta["id"] == "r1" and meta["finish_reason"]["type"] == "stop" and meta["completion_tokens"] == 4
+    job = sched.jobs[-1]
+    assert job.max_new_tokens == 9 and job.stop == ("User",) and int(job.sampling.top_k) == 0
+    assert job.request.tiles is not None and len(job.request.tiles) >= 2
+    with httpx2.stream("POST", url + "/generate", json={**body, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    import json
+
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert [c["text"] for c in chunks] == ["Hel", "Hello", "Hello, wor", "Hello, world"]  # cumulative, as SGLang's
+    assert chunks[-1]["meta_info"]["finish_reason"]["type"] == "stop" and chunks[0]["meta_info"]["finish_reason"] is None
+    sched.script = functools.partial(answer, reason="length")
+    out = httpx2.post(url + "/generate", json={"input_ids": [0, 9, 9], "sampling_params": {"max_new_tokens": 4}}).json()
+    assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 4}
+    assert sched.jobs[-1].request.ids.tolist() == [0, 9, 9]
+
+
+# -- errors -----------------------------------------------------------------------------------------------
+def error_of(response, status):
+    assert response.status_code == status, response.text
+    body = response.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"} and body["message"]
+    return body
+
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({**CHAT, "n": 2}, 400, "n"),
+    ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ({**CHAT, "logprobs": True}, 400, "logprobs"),
+    ({**CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({**CHAT, "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ({**CHAT, "temperature": -1}, 400, None),
+    ({**CHAT, "max_tokens": 0}, 400, "max_tokens"),
+    ({**CHAT, "model": "gpt-4"}, 404, "model"),
+    ({"model": MODEL}, 400, "messages"),
+    ({**CHAT, "messages": []}, 400, "messages"),
+    ({**CHAT, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.role"),
+    ({**CHAT, "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}, 400,
+     "messages.0.content"),
+    ({**CHAT, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}}]}]}, 400, None),
+    ({**CHAT, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]}, 400, None),
+    ({**CHAT, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]}, 400, None),
+    ({**CHAT, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": png_data_url(i)}} for i in range(3)]}]}, 400, None),
+    ({**CHAT, "messages": [{"role": "user", "content": "Look: <image>"}]}, 400, None),
+    ({**CHAT, "messages": [{"role": "user", "content": "word " * 300}]}, 400, None),
+    ({**CHAT, "messages": [{"role": "user", "content": "x" * 300_000}]}, 413, None),
+])
+def test_bad_chat_requests_get_openai_errors(sched, url, body, status, param):
+    error = error_of(httpx2.post(url + "/v1/chat/completions", json=body), status)
+    if param is not None:
+        assert (error["param"] or "").startswith(param), error
+    assert not sched.jobs
+    assert httpx2.get(url + "/health").status_code == 200
+
+
+def test_other_bad_requests(sched, url):
+    error_of(httpx2.post(url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}), 400)
+    error_of(httpx2.post(url + "/v1/chat/completions", json=[1, 2]), 400)
+    assert error_of(httpx2.get(url + "/v1/nothing"), 404)["type"] == "not_found_error"
+    error_of(httpx2.get(url + "/v1/chat/completions"), 405)
+    error_of(httpx2.get(url + "/v1/models/gpt-4"), 404)
+    error_of(httpx2.post(url + "/v1/completions", json={"prompt": ["a", "b"]}), 400)
+    error_of(httpx2.post(url + "/v1/completions", json={"prompt": "a", "echo": True}), 400)
+    error_of(httpx2.post(url + "/v1/completions", json={"prompt": [1, 99999]}), 400)
+    error_of(httpx2.post(url + "/generate", json={"text": "a", "input_ids": [1]}), 400)
+    error_of(httpx2.post(url + "/generate", json={"text": "a", "sampling_params": {"n": 2}}), 400)
+    error_of(httpx2.post(url + "/generate", json={"text": "a", "sampling_params": {"regex": "a+"}}), 400)
+    error_of(httpx2.post(url + "/generate", json={"text": "<image>", "image_data": "A" * 80}), 400)  # bad base64 image
+    error_of(httpx2.post(url + "/generate", json={"input_ids": [1], "image_data": png_data_url()}), 400)
+    with pytest.raises(openai.NotFoundError):
+        client(url).chat.completions.create(model="nope", messages=[{"role": "user", "content": "Hi"}])
+    with pytest.raises(openai.BadRequestError, match="n=2"):
+        client(url).chat.completions.create(model=MODEL, n=2, messages=[{"role": "user", "content": "Hi"}])
+    assert not sched.jobs
+    assert httpx2.get(url + "/health").json() == {"status": "ok"}
+
+
+def test_a_full_queue_is_429_with_retry_after(sched, url):
+    sched.full = True
+    r = httpx2.post(url + "/v1/chat/completions", json=CHAT)
+    assert error_of(r, 429)["code"] == "queue_full" and r.headers["retry-after"] == "1"
+    with pytest.raises(openai.RateLimitError):
+        client(url).chat.completions.create(**CHAT)
+    assert error_of(httpx2.get(url + "/health_generate"), 503)
+
+
+def test_a_failure_mid_stream_ends_the_stream_with_an_error(sched, url):
+    def failing(job):
+        return [*answer(job, ["Hel", "lo"])[:1], (0, Event("", [], "error", 3, 1, 0, "RuntimeError: device lost"))]
+
+    sched.script = failing
+    with pytest.raises(openai.APIError, match="device lost"):
+        list(client(url).chat.completions.create(**CHAT, stream=True))
+    with httpx2.stream("POST", url + "/generate", json={"text": "a", "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert '"error"' in lines[-2] and lines[-1] == "data: [DONE]"
+    assert error_of(httpx2.post(url + "/v1/chat/completions", json=CHAT), 500)["type"] == "server_error"
+
+
+def wait_for(predicate, seconds=5.0):
+    deadline = time.monotonic() + seconds
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_a_client_that_leaves_cancels_its_job(sched, url):
+    sched.script = lambda job: answer(job, ["tick"] * 1000, delay=0.05)
+    with httpx2.stream("POST", url + "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+        for line in r.iter_lines():
+            if "tick" in line:
+                break
+    assert wait_for(lambda: len(sched.cancelled) == 1), "a stream's job not cancelled"
+    with pytest.raises(httpx2.TimeoutException):
+        httpx2.post(url + "/generate", json={"text": "a"}, timeout=0.5)
+    assert wait_for(lambda: len(sched.cancelled) == 2), "a waiting request's job not cancelled"
+    assert httpx2.get(url + "/health").status_code == 200
+
+
+def test_models_info_health_generate_flush_and_metrics(sched, url):
+    assert [m.id for m in client(url).models.list()] == [MODEL]
+    assert httpx2.get(url + f"/v1/models/{MODEL}").json()["max_model_len"] == 256
+    assert httpx2.get(url + "/get_model_info").json()["model_path"] == MODEL
+    info = httpx2.get(url + "/get_server_info").json()
+    assert info["max_batch"] == 4 and info["internal_states"][0]["alive"] and not info["api_key_required"]
+    assert httpx2.get(url + "/health_generate").json() == {"status": "ok"}
+    assert sched.jobs[-1].max_new_tokens == 1
+    assert httpx2.post(url + "/flush_cache").status_code == 200
+    client(url).chat.completions.create(**CHAT)
+    text = httpx2.get(url + "/metrics").text
+    assert 'vl2_requests_total{route="/v1/chat/completions",status="200"}' in text
+    for name in ("vl2_queue_length", "vl2_running_requests", "vl2_time_to_first_token_seconds_count",
+                 "vl2_inter_token_latency_seconds", "vl2_generated_tokens_total", "vl2_prefix_cache_hits_total",
+                 "vl2_prefix_cache_queries_total", "vl2_e2e_request_latency_seconds_count"):
+        assert name in text, name
+    ttft = [line for line in text.splitlines() if line.startswith("vl2_time_to_first_token_seconds_count")]
+    assert float(ttft[0].split()[-1]) >= 1
+
+
+def test_api_key(sched):
+    app = create_app(FakeScheduler(), MODEL, processor(), ServerSettings(api_key="s3cret"))
+    create_app(FakeScheduler(), MODEL, processor())  # a second app: metrics of its own, no clash
+    with running(app) as url:
+        error = error_of(httpx2.post(url + "/v1/chat/completions", json=CHAT), 401)
+        assert error["code"] == "invalid_api_key"
+        error_of(httpx2.post(url + "/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer nope"}), 401)
+        error_of(httpx2.get(url + "/v1/models"), 401)
+        with pytest.raises(openai.AuthenticationError):
+            client(url, api_key="wrong").chat.completions.create(**CHAT)
+        assert client(url, api_key="s3cret").chat.completions.create(**CHAT).choices[0].message.content == "Hello, world"
+        assert httpx2.get(url + "/health").status_code == 200
+        assert httpx2.get(url + "/metrics").status_code == 200
+
+
+def test_draining_refuses_new_work_with_503(server, sched):
+    url, app = server[1], server[2]
+    app.state.server.draining = True
+    try:
+        assert error_of(httpx2.post(url + "/v1/chat/completions", json=CHAT), 503)["type"] == "service_unavailable"
+        error_of(httpx2.get(url + "/health"), 503)
+    finally:
+        app.state.server.draining = False
+    assert not sched.jobs
+
+
+def test_image_limits_are_the_settings():
+    from vl2_jax.images import ImageLimits
+
+    settings = ServerSettings(image_limits=ImageLimits(max_pixels=1000, allow_fetch=False))
+    with running(create_app(FakeScheduler(), MODEL, processor(), settings)) as url:
+        part = {"type": "image_url", "image_url": {"url": png_data_url(size=(60, 40))}}
+        body = {**CHAT, "messages": [{"role": "user", "content": [part]}]}
+        assert "pixels" in error_of(httpx2.post(url + "/v1/chat/completions", json=body), 400)["message"]
+        small = {"type": "image_url", "image_url": {"url": png_data_url(size=(30, 30))}}
+        body = {**CHAT, "messages": [{"role": "user", "content": [small, small, small]}]}
+        assert httpx2.post(url + "/v1/chat/completions", json=body).status_code == 200  # default max_images: 8

@@ -1,0 +1,188 @@
+"""The server end to end on a real (random, tiny) model: the unmodified openai client and SGLang's
+/generate get the answer the model gives alone, streamed or not; bad requests get 4xx and the server
+goes on; a client that leaves frees its slot; a full queue is 429; `python -m vl2_jax.serve` starts,
+prints its URL and stops on SIGTERM."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import functools
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx2
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+import vl2_jax
+from tests.test_api import client, error_of, running, wait_for
+from vl2_jax import Runtime
+from vl2_jax.serving.api import create_app
+from vl2_jax.serving.metrics import Metrics
+from vl2_jax.serving.scheduler import Scheduler
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "random:test"
+
+
+def png(seed=0, size=(70, 50)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+IMAGE = png()
+DATA_URL = "data:image/png;base64," + base64.b64encode(IMAGE).decode()
+TEXT = "What is in it? " + "Look closely. " * 9  # ~170 prompt tokens: a repeat can reuse its first 128
+QUESTION = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": DATA_URL}},
+                                         {"type": "text", "text": TEXT}]}]
+
+
+@functools.cache
+def model():
+    return vl2_jax.load_model(MODEL, "float32", runtime=Runtime(max_batch=8, max_seq_len=256, prefix_cache=True))
+
+
+@functools.cache
+def alone() -> str:
+    """The answer to QUESTION from model.generate (40 greedy tokens), before any server holds the state."""
+    m = model()
+    out = m.processor([{"role": "user", "content": "<image>\n" + TEXT}],
+                      [Image.open(io.BytesIO(IMAGE)).convert("RGB")])
+    return m.generate(m.processor.batchify([out]), max_new_tokens=40).text[0]
+
+
+@pytest.fixture(scope="module")
+def served():
+    alone()
+    metrics = Metrics()
+    sched = Scheduler(model(), metrics=metrics.scheduler_hooks()).start()
+    try:
+        with running(create_app(sched, MODEL, model().processor, metrics=metrics)) as url:
+            yield sched, url
+    finally:
+        sched.stop()
+
+
+def test_chat_with_an_image_streamed_or_not_is_the_model_s_answer(served):
+    sched, url = served
+    c = client(url)
+    out = c.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=40, temperature=0)
+    assert out.choices[0].message.content == alone()
+    assert out.usage.completion_tokens <= 40
+    chunks = [ch.choices[0].delta.content for ch in c.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=40, temperature=0, stream=True) if ch.choices[0].delta.content]
+    assert "".join(chunks) == alone()
+    assert out.choices[0].finish_reason == "length" and len(chunks) >= 2  # 40 tokens: three decode calls
+    again = c.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=40, temperature=0)
+    assert again.choices[0].message.content == alone()  # from the prefix cache: the same answer
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
+    sampled = [c.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=20, temperature=1.0, seed=7)
+               .choices[0].message.content for _ in range(2)]
+    assert sampled[0] == sampled[1]  # a seed gives the same draws
+
+
+def test_generate_streamed_and_not(served):
+    sched, url = served
+    body = {"text": f"<|User|>: <image>\n{TEXT.strip()}\n\n<|Assistant|>:", "image_data": base64.b64encode(IMAGE).decode(),
+            "sampling_params": {"max_new_tokens": 40, "temperature": 0}}
+    out = httpx2.post(url + "/generate", json=body, timeout=120).json()
+    assert out["text"] == alone()
+    assert out["meta_info"]["completion_tokens"] == len(out["output_ids"])
+    with httpx2.stream("POST", url + "/generate", json={**body, "stream": True}, timeout=120) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    last = json.loads(lines[-2][6:])
+    assert last["text"] == out["text"] and last["output_ids"] == out["output_ids"]
+    assert last["meta_info"]["finish_reason"] == out["meta_info"]["finish_reason"]
+
+
+def test_bad_requests_get_4xx_and_the_server_goes_on(served):
+    sched, url = served
+    chat = url + "/v1/chat/completions"
+    error_of(httpx2.post(chat, content=b'{"messages": [', headers={"content-type": "application/json"}), 400)
+    bad_image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}]}]
+    error_of(httpx2.post(chat, json={"model": MODEL, "messages": bad_image}), 400)
+    c = client(url)
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model=MODEL, messages=QUESTION, n=2)
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model=MODEL, messages=QUESTION, tools=[
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="gpt-4o", messages=QUESTION)
+    error_of(httpx2.post(url + "/generate", json={"text": "word " * 100}), 400)  # over the 256-token slot
+    assert httpx2.get(url + "/health").status_code == 200
+    assert httpx2.get(url + "/health_generate", timeout=60).status_code == 200
+    assert sched.stats()["running"] == 0 and sched.stats()["queued"] == 0
+    assert c.completions.create(model=MODEL, prompt="Hi", max_tokens=3).usage.completion_tokens <= 3
+
+
+def test_a_client_that_leaves_frees_its_slot(served):
+    sched, url = served
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with httpx2.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+        for line in r.iter_lines():
+            if '"content"' in line and '"content":""' not in line:
+                assert sched.stats()["running"] == 1
+                break
+    assert wait_for(lambda: sched.stats()["running"] == 0, 10)
+    text = httpx2.get(url + "/metrics").text
+    value = lambda name: float(next(line for line in text.splitlines() if line.startswith(name)).split()[-1])
+    assert value("vl2_generated_tokens_total") > 0 and value("vl2_time_to_first_token_seconds_count") > 0
+    assert 0 < value("vl2_prefix_cache_hits_total") < value("vl2_prefix_cache_queries_total")
+
+
+def test_a_full_queue_is_429():
+    """A scheduler that has not started takes max_batch + max_queue jobs and refuses the next."""
+    sched = Scheduler(model(), max_queue=1)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "stream": True}
+    with running(create_app(sched, MODEL, model().processor)) as url, contextlib.ExitStack() as streams:
+        for _ in range(9):
+            r = streams.enter_context(httpx2.stream("POST", url + "/v1/chat/completions", json=body, timeout=30))
+            assert r.status_code == 200
+        r = httpx2.post(url + "/v1/chat/completions", json=body)
+        assert error_of(r, 429)["code"] == "queue_full" and int(r.headers["retry-after"]) >= 1
+        assert sched.stats()["queued"] == 9
+
+
+def test_python_m_vl2_jax_serve_starts_and_stops_on_sigterm():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "vl2_jax.serve", "--model", MODEL, "--port", "0", "--no-warmup",
+                             "--max-seq-len", "256", "--compile-cache", "", "--api-key", "k"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), proc.stderr.read()
+        assert httpx2.get(url + "/health").status_code == 200
+        assert httpx2.get(url + "/v1/models").status_code == 401
+        models = httpx2.get(url + "/v1/models", headers={"Authorization": "Bearer k"}).json()
+        assert models["data"][0]["id"] == MODEL
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert time.monotonic() - start < 30
+        assert "stopped" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_python_m_vl2_jax_serve_refuses_bad_arguments_in_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    run = lambda *args: subprocess.run([sys.executable, "-m", "vl2_jax.serve", "--model", MODEL, *args],
+                                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    out = run("--image-dir", str(tmp_path / "missing"))
+    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1].startswith("error: --image-dir")
+    assert run("--max-batch", "0").returncode == 2

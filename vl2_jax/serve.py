@@ -1,0 +1,212 @@
+"""Serve DeepSeek-VL2 over HTTP, OpenAI- and SGLang-compatible.
+
+    python -m vl2_jax.serve --model deepseek-ai/deepseek-vl2-tiny --port 30000 --max-batch 8
+    python -m vl2_jax.serve --model random:test --no-warmup            # offline, for trying the API
+
+Loads the model, compiles every program (progress on stderr; --no-warmup compiles on first use
+instead), starts the scheduler and serves `vl2_jax.serving.api`'s routes; prints the URL on stdout when
+it accepts requests. SIGTERM or Ctrl-C: no new requests (503), those in flight get up to --drain-seconds
+to finish (then they are cancelled), the scheduler stops, the process exits. A bad argument or a model
+that does not load prints one `error: ...` line, exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+
+import uvicorn
+
+from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS
+
+DEFAULT_PORT = 30000  # SGLang's
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1 (got {text!r})") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    from vl2_jax.cli import package_version
+
+    p = argparse.ArgumentParser(prog="python -m vl2_jax.serve", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True,
+                   help="a local checkpoint folder (Hugging Face or converted), a hub id, or random:tiny|small|base|test")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model's name in the API (`model` of requests, /v1/models; default: --model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 picks a free one")
+    p.add_argument("--max-batch", type=_positive_int, default=8, help="answers decoded together: slots (default 8)")
+    p.add_argument("--max-seq-len", type=_positive_int, default=None,
+                   help="tokens a slot holds, prompt included (default: the model's context)")
+    p.add_argument("--max-queue", type=_positive_int, default=256,
+                   help="requests waiting for a slot before new ones get 429 (default 256)")
+    p.add_argument("--prefill-chunk", type=_positive_int, default=None,
+                   help="write prompts into the cache this many tokens at a time (default: the runtime's chunks)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="default: bfloat16 on GPU/TPU, float32 on CPU")
+    p.add_argument("--mesh", default=None, metavar="SPEC",
+                   help="shard over devices: 'auto' or sizes such as expert=4,tensor=2 (axes data, expert, tensor)")
+    p.add_argument("--moe", default="auto", choices=MOE_IMPLS, help="routed-expert dispatch (default auto)")
+    p.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS, help="attention form (default auto)")
+    p.add_argument("--kernels", default="on", choices=["on", "off"], help="accelerator kernels (default on)")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="keep compiled programs in DIR between runs (default: $VL2_JAX_COMPILE_CACHE, else "
+                        "~/.cache/vl2_jax/xla; '' turns it off)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="prefill every prompt from its start (default: a prompt continues from the longest prefix a "
+                        "free slot still holds of an earlier one, e.g. the same images or the chat so far)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="serve at once and compile each program on first use (the first requests are slow)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every route but /health, /health_generate and "
+                        "/metrics (default: $VL2_API_KEY; none: no key needed)")
+    p.add_argument("--image-dir", default=None, metavar="DIR",
+                   help="image references may name local files inside DIR (default: no local files)")
+    p.add_argument("--allow-fetch", action="store_true",
+                   help="fetch http(s) image URLs (public addresses only; default: data URLs and base64 only)")
+    p.add_argument("--max-images", type=_positive_int, default=8, help="images per request (default 8)")
+    p.add_argument("--max-image-pixels", type=_positive_int, default=40_000_000,
+                   help="pixels (width x height) an image may have (default 40,000,000)")
+    p.add_argument("--max-body-mb", type=_positive_int, default=64, help="request body size limit (default 64 MB)")
+    p.add_argument("--drain-seconds", type=float, default=20.0,
+                   help="on SIGTERM, how long requests in flight may take to finish (default 20)")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                   help="uvicorn's log level; info adds one line per request (default warning)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    return p
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads: a port in use fails in a second, not after."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        from vl2_jax.errors import InputError
+
+        raise InputError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or --host.") from None
+    return sock
+
+
+def _warmup_progress(log):
+    """model.warmup's progress callback: a line at each tenth of the programs, and the last."""
+    start, shown = time.perf_counter(), [-1]
+
+    def progress(done: int, total: int, name) -> None:
+        tenth = done * 10 // max(total, 1)
+        if tenth > shown[0] or done == total:
+            shown[0] = tenth
+            log(f"warming up: {done}/{total} programs compiled ({time.perf_counter() - start:.0f} s)")
+
+    return progress
+
+
+def run(args, log) -> int:
+    from vl2_jax import load
+    from vl2_jax.cli import _use_compile_cache, compile_cache_dir
+    from vl2_jax.config import Runtime
+    from vl2_jax.errors import InputError
+    from vl2_jax.images import ImageLimits
+    from vl2_jax.serving.api import ServerSettings, create_app
+    from vl2_jax.serving.metrics import Metrics
+    from vl2_jax.serving.scheduler import Scheduler
+
+    if args.image_dir is not None and not os.path.isdir(args.image_dir):
+        raise InputError(f"--image-dir {args.image_dir} is not a folder.")
+    settings = ServerSettings(
+        api_key=args.api_key if args.api_key is not None else os.environ.get("VL2_API_KEY") or None,
+        max_body_bytes=args.max_body_mb << 20, max_images=args.max_images,
+        image_limits=ImageLimits(max_pixels=args.max_image_pixels, allow_fetch=args.allow_fetch,
+                                 local_dir=args.image_dir))
+    sock = _listen(args.host, args.port)
+    _use_compile_cache(compile_cache_dir(args.compile_cache), log)
+    chunks = {} if args.prefill_chunk is None else {"prefill_chunks": (args.prefill_chunk,)}
+    runtime = Runtime(moe=args.moe, attention=args.attention, kernels=args.kernels == "on", max_batch=args.max_batch,
+                      max_seq_len=args.max_seq_len, prefix_cache=not args.no_prefix_cache, **chunks)
+    model = load.load_model(args.model, args.dtype, runtime=runtime, mesh=args.mesh, progress=log)
+    if not args.no_warmup:
+        report = model.warmup(_warmup_progress(log))
+        log(f"warm: {report['programs']} programs in {report['seconds']:.0f} s")
+    metrics = Metrics()
+    scheduler = Scheduler(model, max_queue=args.max_queue, metrics=metrics.scheduler_hooks()).start()
+    name = args.served_model_name or args.model
+    app = create_app(scheduler, name, model.processor, settings, metrics)
+    config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level in ("debug", "info"),
+                            timeout_graceful_shutdown=args.drain_seconds, lifespan="off")
+    server = _Server(config, app.state.server, scheduler, log)
+    # uvicorn raises the signal that stopped it again once it has shut down: after a clean stop that
+    # ends this process with status 0, not as killed.
+    signal.signal(signal.SIGTERM, lambda sig, frame: None)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        if not server.stopped:
+            raise
+    return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server that prints the URL once it listens, answers 503 from the first signal on, and
+    stops the scheduler after the requests in flight have finished or been cancelled."""
+
+    def __init__(self, config, api, scheduler, log):
+        super().__init__(config)
+        self.api, self.scheduler, self.log = api, scheduler, log
+        self.stopped = False
+
+    async def startup(self, sockets=None):
+        await super().startup(sockets)
+        if self.should_exit:
+            return
+        host, port = self.servers[0].sockets[0].getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        print(f"http://{shown}:{port}", flush=True)
+        self.log(f"serving {self.api.name} at http://{shown}:{port} (OpenAI: /v1, SGLang: /generate; "
+                 f"SIGTERM or Ctrl-C stops)")
+
+    def handle_exit(self, sig, frame):
+        self.api.draining = True  # new requests get 503 while those in flight finish
+        super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets=None):
+        self.log(f"stopping: requests in flight get {self.config.timeout_graceful_shutdown:.0f} s to finish")
+        self.api.draining = True
+        await super().shutdown(sockets)
+        # On a thread, so that cancelled requests can still reach the scheduler through this loop.
+        await asyncio.to_thread(self.scheduler.stop, 5.0)
+        self.stopped = True
+        self.log("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    log = lambda line: print(line, file=sys.stderr, flush=True)
+    try:
+        return run(args, log)
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    except Exception as e:  # noqa: BLE001 - last line of defence: one sentence, no traceback
+        from vl2_jax.errors import explain
+
+        log("error: " + explain(e))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,534 @@
+"""The HTTP layer: OpenAI- and SGLang-compatible routes over a `Scheduler`, with no model logic.
+
+    app = create_app(scheduler, "deepseek-vl2-tiny", model.processor, ServerSettings(api_key="..."))
+
+Routes:
+    GET  /health                  200 while the scheduler runs, 503 when it is down or draining
+    GET  /health_generate         200 when a one-token generation completes within `health_timeout_s`
+    GET  /v1/models, /v1/models/{id}
+    POST /v1/chat/completions     OpenAI chat: text and image_url parts, streaming (SSE), usage
+    POST /v1/completions          OpenAI completions: a raw prompt (text or token ids)
+    POST /generate                SGLang: text with <image> placeholders + image_data, or input_ids
+    GET  /get_model_info, /get_server_info (and /model_info, /server_info, as SGLang's router asks)
+    GET|POST /flush_cache
+    GET  /metrics                 Prometheus text format (`metrics.Metrics`)
+
+A request's path: the body is read within `max_body_bytes` (413), parsed (`protocol`; 400 names the
+field), and the host work (image references -> images with `images.load_image` within
+`image_limits`, the processor, the engine's size check) runs on worker threads, off the event loop;
+then the job goes to the scheduler (429 with Retry-After when its queue is full). Streams are SSE
+`data: {...}` lines ending with `data: [DONE]`; an error after the stream began ends it with a `data:
+{"error": {...}}` line. A client that goes away cancels its job at once (a stream's task is cancelled by
+the server; a plain request watches for the disconnect while it waits).
+
+Authentication: with `api_key` set, every route but /health, /health_generate and /metrics needs
+`Authorization: Bearer <key>` (401 otherwise), as SGLang's server does: load balancers and Prometheus
+probe those without the key, and they reveal no prompts.
+
+Errors are OpenAI's JSON shape (`protocol.APIError`) on every route, unknown routes (404) included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import importlib.metadata
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import anyio
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from vl2_jax.engine import Request as EngineRequest
+from vl2_jax.errors import InputError
+from vl2_jax.generation import Job
+from vl2_jax.images import ImageLimits, load_image
+from vl2_jax.sampling import RowSampling
+from vl2_jax.serving.metrics import Metrics
+from vl2_jax.serving.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    Sampling,
+    bad_request,
+    parse,
+)
+from vl2_jax.serving.scheduler import Event, Handle, QueueFull
+
+OPEN_ROUTES = frozenset({"/health", "/health_generate", "/metrics"})
+ROUTES = frozenset({*OPEN_ROUTES, "/v1/models", "/v1/chat/completions", "/v1/completions", "/generate",
+                    "/get_model_info", "/get_server_info", "/model_info", "/server_info", "/flush_cache"})
+DONE = b"data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    """What the HTTP layer allows. api_key: None = no authentication. max_images: per request.
+    image_limits: what an image reference may be (`images.ImageLimits`; by default no fetching and no
+    local files: data URLs and base64 only). default_max_tokens: an answer's limit when the request sets
+    none (None: until the slot is full). host_threads: requests whose images and prompt are processed at
+    once. retry_after_s: the Retry-After of a 429."""
+
+    api_key: str | None = None
+    max_body_bytes: int = 64 << 20
+    max_images: int = 8
+    image_limits: ImageLimits = dataclasses.field(default_factory=lambda: ImageLimits(allow_fetch=False))
+    default_max_tokens: int | None = None
+    health_timeout_s: float = 20.0
+    host_threads: int = 4
+    retry_after_s: int = 1
+
+
+def create_app(scheduler, model_name: str, processor, settings: ServerSettings | None = None,
+               metrics: Metrics | None = None) -> FastAPI:
+    """The FastAPI app over a started `Scheduler` (its `model` gives the engine's limits and the EOS id;
+    `processor` turns conversations into ids). `metrics`: the one the scheduler reports to
+    (`Metrics.scheduler_hooks()`), else a new one with the API's metrics alone. The caller starts and
+    stops the scheduler; `app.state.server.draining = True` refuses new work (503) during a shutdown."""
+    server = _Server(scheduler, model_name, processor, settings or ServerSettings(), metrics or Metrics())
+    app = FastAPI(title="vl2-jax", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+    app.add_middleware(_Gate, server=server)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return _error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(e.status_code, "invalid_request_error")
+        detail = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
+        return _error_response(APIError(e.status_code, detail, kind))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        return _error_response(bad_request(str(e)))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception):
+        return _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
+
+    @app.get("/health")
+    async def health():
+        if server.draining or not server.scheduler.stats().get("alive", True):
+            raise APIError(503, "the server is not serving (starting, stopping or its scheduler is down).",
+                           "service_unavailable")
+        return {"status": "ok"}
+
+    @app.get("/health_generate")
+    async def health_generate():
+        return await server.health_generate()
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [server.model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        server.check_model(model)
+        return server.model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await server.chat(request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await server.completions(request)
+
+    @app.api_route("/generate", methods=["POST", "PUT"])
+    async def generate(request: Request):
+        return await server.generate(request)
+
+    @app.get("/get_model_info")
+    @app.get("/model_info")
+    async def model_info():
+        return server.model_info()
+
+    @app.get("/get_server_info")
+    @app.get("/server_info")
+    async def server_info():
+        return server.server_info()
+
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache():
+        await anyio.to_thread.run_sync(server.scheduler.flush_cache)
+        return PlainTextResponse("Cache flushed.\n")
+
+    @app.get("/metrics")
+    async def metrics_text():
+        body, content_type = server.metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    return app
+
+
+# -- responses ---------------------------------------------------------------------------------------------
+def _error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def _sse(obj) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _usage(event: Event) -> dict:
+    p, c = event.prompt_tokens, event.completion_tokens
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": event.cached_tokens}}
+
+
+def _failure(event: Event) -> APIError | None:
+    """The error an answer's last event means, if it ended otherwise than by "stop" or "length"."""
+    if event.finish_reason == "error":
+        return APIError(500, f"the generation failed: {event.error}", "server_error")
+    if event.finish_reason == "abort":
+        return APIError(503, "the request was cancelled: the server is shutting down.", "service_unavailable")
+    return None
+
+
+class _Gate:
+    """ASGI middleware: the bearer key (all routes but OPEN_ROUTES) and the request counts by route and
+    HTTP status (499: the client left before an answer began)."""
+
+    def __init__(self, app, server: _Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        route = path if path in ROUTES else "/v1/models" if path.startswith("/v1/models/") else "other"
+        status = {"code": 499}
+
+        async def tracked_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            key = self.server.settings.api_key
+            if key and path not in OPEN_ROUTES and not _authorized(scope, key):
+                error = APIError(401, "a valid API key is needed: send 'Authorization: Bearer <key>'.",
+                                 "authentication_error", code="invalid_api_key")
+                return await _error_response(error)(scope, receive, tracked_send)
+            await self.app(scope, receive, tracked_send)
+        finally:
+            self.server.metrics.answered(route, status["code"])
+
+
+def _authorized(scope, key: str) -> bool:
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+    return False
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body must have been read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+# -- the server ----------------------------------------------------------------------------------------
+class _Server:
+    def __init__(self, scheduler, model_name: str, processor, settings: ServerSettings, metrics: Metrics):
+        self.scheduler, self.name, self.processor = scheduler, model_name, processor
+        self.settings, self.metrics = settings, metrics
+        model = scheduler.model
+        self.engine, self.cfg = model.engine, model.cfg
+        self.side, self.eos = model.cfg.tokens_per_tile_side, model.cfg.language.eos_token_id
+        self.created = int(time.time())
+        self.draining = False
+        self._limiter: anyio.CapacityLimiter | None = None
+
+    # -- input ---------------------------------------------------------------------------------------
+    async def read_json(self, request: Request):
+        limit = self.settings.max_body_bytes
+        too_big = APIError(413, f"the request body is over {limit:,} bytes; send smaller or fewer images.",
+                           "invalid_request_error", code="request_too_large")
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise too_big
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_big
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise APIError(499, "the client disconnected while sending the request.") from None
+        try:
+            return json.loads(b"".join(chunks))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise bad_request(f"the request body is not valid JSON ({e}).") from None
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.name!r}.",
+                           "invalid_request_error", "model", "model_not_found")
+
+    async def host(self, fn: Callable, *args):
+        """`fn(*args)` on a worker thread (images, the processor: CPU work off the event loop); an
+        `InputError` becomes a 400."""
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(self.settings.host_threads)
+        try:
+            return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        except InputError as e:
+            raise bad_request(str(e)) from None
+
+    def images(self, refs: list[str]) -> list:
+        if len(refs) > self.settings.max_images:
+            raise InputError(f"the request has {len(refs)} images; at most {self.settings.max_images} are allowed.")
+        return [load_image(ref, self.settings.image_limits) for ref in refs]
+
+    def conversation_job(self, conversation: list[dict], refs: list[str], sampling: Sampling) -> Job:
+        return self.job(EngineRequest.from_output(self.processor(conversation, self.images(refs)), self.side), sampling)
+
+    def prompt_job(self, prompt: str | list[int], refs: list[str], sampling: Sampling) -> Job:
+        if isinstance(prompt, str):
+            return self.job(EngineRequest.from_output(self.processor.raw(prompt, self.images(refs)), self.side), sampling)
+        vocab = self.cfg.language.vocab_size
+        outside = [i for i in prompt if not 0 <= i < vocab]
+        if outside:
+            raise InputError(f"the prompt's token ids must be in [0, {vocab}); got {outside[:5]}.")
+        ids = np.asarray(prompt, np.int32)
+        return self.job(EngineRequest(ids, np.zeros(ids.shape, np.int32), np.zeros(ids.shape, bool), None), sampling)
+
+    def job(self, request: EngineRequest, sampling: Sampling) -> Job:
+        self.engine.check(request)
+        room = self.engine.max_seq_len - len(request.ids)
+        limit = sampling.max_tokens or self.settings.default_max_tokens or room
+        seed = sampling.seed if sampling.seed is not None else secrets.randbits(32)
+        row = RowSampling.make(sampling.temperature, sampling.top_k, sampling.top_p, sampling.repetition_penalty, seed)
+        return Job(request, max(1, min(limit, room)), row, sampling.stop, -1 if sampling.ignore_eos else self.eos)
+
+    def submit(self, job: Job) -> Handle:
+        if self.draining:
+            raise APIError(503, "the server is shutting down; send the request elsewhere.", "service_unavailable")
+        try:
+            return self.scheduler.submit(job)
+        except QueueFull as e:
+            raise APIError(429, f"the server is busy ({e}); retry later.", "rate_limit_exceeded", code="queue_full",
+                           headers={"Retry-After": str(self.settings.retry_after_s)}) from None
+
+    # -- output --------------------------------------------------------------------------------------
+    async def events(self, handle: Handle, t0: float) -> AsyncIterator[Event]:
+        """The job's events, observed for the metrics; the job is cancelled if the consumer stops early
+        (a client that went away cancels the task that iterates)."""
+        first, finished = True, False
+        try:
+            async for event in handle.events():
+                if first and event.token_ids:
+                    self.metrics.first_token(time.perf_counter() - t0, event.prompt_tokens)
+                    first = False
+                if event.finish_reason is not None:
+                    finished = True
+                    self.metrics.finished(time.perf_counter() - t0)
+                yield event
+        finally:
+            if not finished:
+                handle.cancel()
+
+    async def collect(self, handle: Handle, t0: float, request: Request) -> tuple[str, list[int], Event]:
+        """(text, token ids, last event) of a whole answer; cancels the job if the client leaves first."""
+
+        async def gather():
+            text, ids, last = [], [], None
+            async for event in self.events(handle, t0):
+                text.append(event.text)
+                ids += event.token_ids
+                last = event
+            return "".join(text), ids, last
+
+        answer, gone = asyncio.ensure_future(gather()), asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not answer.done():
+                answer.cancel()
+                handle.cancel()
+        if not answer.done() or answer.cancelled():
+            raise APIError(499, "the client disconnected.")
+        text, ids, last = answer.result()
+        error = _failure(last)
+        if error:
+            raise error
+        return text, ids, last
+
+    def stream(self, chunks: AsyncIterator[bytes]) -> StreamingResponse:
+        return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
+
+    # -- OpenAI --------------------------------------------------------------------------------------
+    async def chat(self, request: Request):
+        t0 = time.perf_counter()
+        body = parse(ChatCompletionRequest, await self.read_json(request))
+        self.check_model(body.model)
+        sampling = body.sampling()
+        conversation, refs = body.conversation()
+        handle = self.submit(await self.host(self.conversation_job, conversation, refs, sampling))
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "chat.completion", "created": created, "model": self.name}
+        if not body.stream:
+            text, _, last = await self.collect(handle, t0, request)
+            return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                         "logprobs": None, "finish_reason": last.finish_reason}],
+                    "usage": _usage(last)}
+        head["object"] = "chat.completion.chunk"
+        usage = body.include_usage
+
+        def chunk(delta: dict, finish: str | None = None) -> bytes:
+            out = {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            return _sse({**out, "usage": None} if usage else out)
+
+        async def chunks():
+            yield chunk({"role": "assistant", "content": ""})
+            async for event in self.events(handle, t0):
+                if (error := _failure(event)) is not None:
+                    yield _sse(error.body())
+                    break
+                if event.text:
+                    yield chunk({"content": event.text})
+                if event.finish_reason is not None:
+                    yield chunk({}, event.finish_reason)
+                    if usage:
+                        yield _sse({**head, "choices": [], "usage": _usage(event)})
+            yield DONE
+
+        return self.stream(chunks())
+
+    async def completions(self, request: Request):
+        t0 = time.perf_counter()
+        body = parse(CompletionRequest, await self.read_json(request))
+        self.check_model(body.model)
+        sampling = body.sampling()
+        handle = self.submit(await self.host(self.prompt_job, body.single_prompt(), [], sampling))
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": self.name}
+        if not body.stream:
+            text, _, last = await self.collect(handle, t0, request)
+            return {**head, "choices": [{"index": 0, "text": text, "logprobs": None,
+                                         "finish_reason": last.finish_reason}], "usage": _usage(last)}
+        usage = body.include_usage
+
+        def chunk(text: str, finish: str | None = None) -> bytes:
+            out = {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+            return _sse({**out, "usage": None} if usage else out)
+
+        async def chunks():
+            async for event in self.events(handle, t0):
+                if (error := _failure(event)) is not None:
+                    yield _sse(error.body())
+                    break
+                if event.text or event.finish_reason is not None:
+                    yield chunk(event.text, event.finish_reason)
+                if event.finish_reason is not None and usage:
+                    yield _sse({**head, "choices": [], "usage": _usage(event)})
+            yield DONE
+
+        return self.stream(chunks())
+
+    # -- SGLang --------------------------------------------------------------------------------------
+    async def generate(self, request: Request):
+        t0 = time.perf_counter()
+        body = parse(GenerateRequest, await self.read_json(request))
+        sampling = body.sampling()
+        prompt, refs = body.single_prompt()
+        handle = self.submit(await self.host(self.prompt_job, prompt, refs, sampling))
+        rid = body.request_id or uuid.uuid4().hex
+
+        def meta(event: Event, ids: list[int]) -> dict:
+            reason = event.finish_reason
+            finish = None if reason is None else (
+                {"type": "stop", "matched": ids[-1] if ids and ids[-1] == self.eos else None} if reason == "stop" else
+                {"type": "length", "length": event.completion_tokens} if reason == "length" else
+                {"type": "abort", "message": event.error or "cancelled"})
+            out = {"id": rid, "finish_reason": finish, "prompt_tokens": event.prompt_tokens,
+                   "completion_tokens": event.completion_tokens, "cached_tokens": event.cached_tokens}
+            return {**out, "e2e_latency": time.perf_counter() - t0} if reason is not None else out
+
+        if not body.stream:
+            text, ids, last = await self.collect(handle, t0, request)
+            return {"text": text, "output_ids": ids, "meta_info": meta(last, ids)}
+
+        async def chunks():
+            text, ids = "", []
+            async for event in self.events(handle, t0):
+                if (error := _failure(event)) is not None:
+                    yield _sse(error.body())
+                    break
+                text, ids = text + event.text, ids + event.token_ids
+                if event.text or event.token_ids or event.finish_reason is not None:
+                    yield _sse({"text": text, "output_ids": ids, "meta_info": meta(event, ids)})
+            yield DONE
+
+        return self.stream(chunks())
+
+    # -- the rest ------------------------------------------------------------------------------------
+    async def health_generate(self):
+        job = Job(EngineRequest(np.asarray([self.processor.bos_id], np.int32), np.zeros(1, np.int32),
+                                np.zeros(1, bool), None), 1, RowSampling.make(), (), -1)
+        try:
+            handle = self.submit(job)
+        except APIError as e:
+            raise APIError(503, f"the health check could not run: {e.message}", "service_unavailable") from None
+        last = None
+
+        async def run():
+            nonlocal last
+            async for event in self.events(handle, time.perf_counter()):
+                last = event
+
+        try:
+            await asyncio.wait_for(run(), self.settings.health_timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(503, f"a one-token generation did not finish within {self.settings.health_timeout_s} s.",
+                           "service_unavailable") from None
+        if last is None or last.finish_reason not in ("stop", "length"):
+            raise APIError(503, f"the health check's generation ended with {last and last.finish_reason!r} "
+                                f"({last and last.error}).", "service_unavailable")
+        return {"status": "ok"}
+
+    def model_card(self) -> dict:
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "vl2-jax",
+                "root": self.name, "max_model_len": self.engine.max_seq_len}
+
+    def model_info(self) -> dict:
+        return {"model_path": self.name, "tokenizer_path": self.name, "is_generation": True,
+                "has_image_understanding": True, "max_seq_len": self.engine.max_seq_len,
+                "max_batch": self.engine.max_batch, "eos_token_id": self.eos}
+
+    def server_info(self) -> dict:
+        s = self.settings
+        stats = self.scheduler.stats()
+        return {"model_path": self.name, "served_model_name": self.name, "tp_size": 1, "dp_size": 1,
+                "max_batch": self.engine.max_batch, "max_seq_len": self.engine.max_seq_len,
+                "max_queue": getattr(self.scheduler, "max_queue", None), "api_key_required": bool(s.api_key),
+                "max_body_bytes": s.max_body_bytes, "max_images": s.max_images,
+                "image_limits": {k: str(v) if k == "local_dir" and v is not None else v
+                                 for k, v in dataclasses.asdict(s.image_limits).items()},
+                "default_max_tokens": s.default_max_tokens, "internal_states": [stats], "version": _version()}
+
+
+def _version() -> str | None:
+    try:
+        return importlib.metadata.version("vl2-jax")
+    except importlib.metadata.PackageNotFoundError:
+        return None
