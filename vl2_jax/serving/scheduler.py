@@ -121,7 +121,7 @@ class Scheduler:
                 raise QueueFull("the server is shutting down")
             if self._waiting >= self.max_queue + self._free:  # (jobs a free slot takes at once do not wait)
                 raise QueueFull(f"{self._waiting} requests are waiting for a slot (the queue holds {self.max_queue})")
-            job.submitted = time.perf_counter()
+            job.submitted = job.submitted or time.perf_counter()  # (the API may set it at the request's arrival)
             job.on_update = self._on_update
             self._handles[id(job)] = handle
             self._inbox.append((job, handle))
@@ -136,7 +136,9 @@ class Scheduler:
 
     def stats(self) -> dict:
         b = self._batcher
-        return {"queued": self._waiting, "running": b.running if b else 0, "max_batch": self.model.engine.max_batch,
+        with self._cv:
+            queued = len(self._inbox) + (len(b.pending) if b else 0)
+        return {"queued": queued, "running": b.running if b else 0, "max_batch": self.model.engine.max_batch,
                 "max_seq_len": self.model.engine.max_seq_len, "alive": bool(self._thread and self._thread.is_alive())}
 
     def flush_cache(self) -> None:
