@@ -135,7 +135,7 @@ def test_counts_concurrency_and_request_contents(capsys):
         assert r["itl_per"] == "chunk" and r["cache_hit_rate"] is None  # no per-chunk usage, no /metrics
     assert sum(r["output_tokens"] for r in rows) == sum(b["max_tokens"] for b in timed) == stub.tokens_sent - 5
     assert all(5 <= b["max_tokens"] <= 9 for b in timed) and len({b["max_tokens"] for b in timed}) > 1
-    assert all(b["stream"] and b["stream_options"] == {"include_usage": True} and b["ignore_eos"] is True
+    assert all(b["stream"] and b["stream_options"] == {"include_usage": True, "continuous_usage_stats": True} and b["ignore_eos"] is True
                and b["temperature"] == 0 and b["model"] == "stub-model" for b in timed)
     parts = [b["messages"][0]["content"] for b in timed]
     texts = [p[-1]["text"] for p in parts]

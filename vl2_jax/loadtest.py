@@ -182,14 +182,19 @@ async def send(client: openai.AsyncOpenAI, model: str, job: Job, timeout: float)
         seen = 0  # completion tokens up to the previous content chunk, while every chunk carries usage
         stream = await client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": list(job.content)}], max_tokens=job.max_tokens,
-            temperature=0, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            temperature=0, stream=True, extra_body={"ignore_eos": True},
+            # usage in every chunk, and a chunk for every step that made tokens (vLLM's extension, which
+            # vl2_jax.serve has): tokens are timed even while their text is held back (a partial UTF-8
+            # character, random weights' byte soup)
+            stream_options={"include_usage": True, "continuous_usage_stats": True})
         async with stream:  # closes the connection on every exit, a timeout's cancellation included
             async for chunk in stream:
                 now = time.perf_counter()
                 usage = chunk.usage.completion_tokens if chunk.usage is not None else None
                 if usage is not None:
                     r.usage_tokens = usage
-                if not "".join(c.delta.content or "" for c in chunk.choices if c.delta is not None):
+                text = "".join(c.delta.content or "" for c in chunk.choices if c.delta is not None)
+                if not (text or (chunk.choices and usage is not None and usage > seen)):
                     continue
                 r.chunks += 1
                 if r.first is None:

@@ -392,11 +392,11 @@ class _Server:
                                          "logprobs": None, "finish_reason": last.finish_reason}],
                     "usage": _usage(last)}
         head["object"] = "chat.completion.chunk"
-        usage = body.include_usage
+        usage, continuous = body.include_usage, body.continuous_usage
 
-        def chunk(delta: dict, finish: str | None = None) -> bytes:
+        def chunk(delta: dict, finish: str | None = None, event: Event | None = None) -> bytes:
             out = {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-            return _sse({**out, "usage": None} if usage else out)
+            return _sse({**out, "usage": _usage(event) if continuous and event else None} if usage or continuous else out)
 
         async def chunks():
             yield chunk({"role": "assistant", "content": ""})
@@ -404,10 +404,10 @@ class _Server:
                 if (error := _failure(event)) is not None:
                     yield _sse(error.body())
                     break
-                if event.text:
-                    yield chunk({"content": event.text})
+                if event.text or (continuous and event.token_ids):
+                    yield chunk({"content": event.text}, event=event)
                 if event.finish_reason is not None:
-                    yield chunk({}, event.finish_reason)
+                    yield chunk({}, event.finish_reason, event)
                     if usage:
                         yield _sse({**head, "choices": [], "usage": _usage(event)})
             yield DONE
@@ -426,19 +426,19 @@ class _Server:
             text, _, last = await self.collect(handle, t0, request)
             return {**head, "choices": [{"index": 0, "text": text, "logprobs": None,
                                          "finish_reason": last.finish_reason}], "usage": _usage(last)}
-        usage = body.include_usage
+        usage, continuous = body.include_usage, body.continuous_usage
 
-        def chunk(text: str, finish: str | None = None) -> bytes:
+        def chunk(text: str, finish: str | None = None, event: Event | None = None) -> bytes:
             out = {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
-            return _sse({**out, "usage": None} if usage else out)
+            return _sse({**out, "usage": _usage(event) if continuous and event else None} if usage or continuous else out)
 
         async def chunks():
             async for event in self.events(handle, t0):
                 if (error := _failure(event)) is not None:
                     yield _sse(error.body())
                     break
-                if event.text or event.finish_reason is not None:
-                    yield chunk(event.text, event.finish_reason)
+                if event.text or event.finish_reason is not None or (continuous and event.token_ids):
+                    yield chunk(event.text, event.finish_reason, event)
                 if event.finish_reason is not None and usage:
                     yield _sse({**head, "choices": [], "usage": _usage(event)})
             yield DONE

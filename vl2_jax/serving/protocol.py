@@ -109,7 +109,11 @@ class _Body(BaseModel):
 
 # -- OpenAI ---------------------------------------------------------------------------------------------
 class StreamOptions(_Body):
+    """OpenAI's `include_usage`, and vLLM's `continuous_usage_stats` (usage in every chunk, and a chunk
+    for every step that produced tokens, text or not: how a load generator times tokens)."""
+
     include_usage: bool = False
+    continuous_usage_stats: bool = False
 
 
 class _OpenAIBody(_Body):
@@ -157,6 +161,10 @@ class _OpenAIBody(_Body):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
 class ImageURL(_Body):
