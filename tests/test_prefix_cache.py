@@ -127,7 +127,9 @@ def test_slots_are_chosen_hits_first_then_empty_then_least_recently_used():
     assert p.choose([0, 1, 2], sig) == (1, 8)  # 10 common, rounded down to 8
     assert p.choose([1, 2], np.arange(200, 210, dtype=np.int64))[0] == 1  # the least recently used
     assert p.choose([2], sig[:4]) == (2, 0)  # at least one prompt token is prefilled
-    assert p.lookups == 4 and p.hits == 8
+    assert p.choose([0, 1, 2], sig, below=1) == (0, 0)  # a hit in slot 1 would enlarge the decode program
+    assert p.choose([1, 2], sig, below=1) == (1, 8)  # nothing below: any slot
+    assert p.lookups == 6 and p.hits == 16
 
 
 def test_nothing_compiles_after_warmup_when_prompts_continue_from_the_cache():
@@ -144,3 +146,15 @@ def test_nothing_compiles_after_warmup_when_prompts_continue_from_the_cache():
         assert answer(b, request(longer, imgs), 5).cached_tokens > 0
     assert compiling.count == 0
     m.give_state(b.state)
+
+
+def test_requests_one_at_a_time_stay_in_slot_zero():
+    """A decode call runs every slot up to the highest live one: a lone request in slot 1 would run the
+    two-slot program, so one at a time they all take slot 0 (evicting its prefix) rather than the empty
+    slot 1."""
+    b = batcher()
+    b.prefixes.clear()
+    for prompt in ("One.", "Two, different.", "Three, different again."):
+        answer(b, request([{"role": "user", "content": prompt}]), 3)
+    assert [len(held) > 0 for held in b.prefixes.held] == [True, False]
+    model().give_state(b.state)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from vl2_jax.engine import NO_TOKEN, STEPS, Engine, Prefill, Request, Slots
+from vl2_jax.engine import NO_TOKEN, STEPS, Engine, Prefill, Request, Slots, smallest_at_least
 from vl2_jax.errors import InputError
 from vl2_jax.prefix_cache import SlotPrefixes, signature
 from vl2_jax.sampling import RowSampling
@@ -249,7 +249,9 @@ class Batcher:
             return self.free.pop(0), 0
         r = job.request
         job.signature = signature(r.ids, r.src, r.image_mask, r.tiles, self.engine.side)
-        slot, start = self.prefixes.choose(self.free, job.signature)
+        in_use = self.engine.max_batch - len(self.free)
+        below = smallest_at_least(in_use + 1, self.engine.slot_buckets)  # (the bucket one more job needs)
+        slot, start = self.prefixes.choose(self.free, job.signature, below)
         self.free.remove(slot)
         return slot, start
 

@@ -9,7 +9,8 @@ re-tiles the first two images when a third arrives) matches only where its tiles
 starts at the longest common prefix rounded down to the smallest prefill chunk, and always leaves at
 least one prompt token to prefill (its logits give the first answer token). A slot keeps its entries
 until a job that does not share them takes it: free slots are handed out hits first, then empty or
-least recently used ones (eviction). The memory is the slots' own cache; nothing is copied.
+least recently used ones (eviction), among the slots that keep the decode program no larger than the
+number of running jobs needs. The memory is the slots' own cache; nothing is copied.
 """
 
 from __future__ import annotations
@@ -55,9 +56,13 @@ class SlotPrefixes:
         self.used = [0.0] * slots
         self.lookups = self.hits = 0  # prompts looked up; prompt tokens served from a cache
 
-    def choose(self, free: list[int], sig: np.ndarray) -> tuple[int, int]:
+    def choose(self, free: list[int], sig: np.ndarray, below: int | None = None) -> tuple[int, int]:
         """(slot, start): the free slot to take for a prompt of signature `sig`, and the number of its
-        tokens that slot already holds (0: none; a multiple of `granularity`, below len(sig))."""
+        tokens that slot already holds (0: none; a multiple of `granularity`, below len(sig)). Only
+        slots under `below` are considered where there are any: a decode call runs every slot up to the
+        highest live one, so a slot further up would slow every answer more than a prefill costs."""
+        if below is not None and any(slot < below for slot in free):
+            free = [slot for slot in free if slot < below]
         best, start = None, 0
         for slot in free:
             held = self.held[slot]
