@@ -353,6 +353,22 @@ def test_models_info_health_generate_flush_and_metrics(sched, url):
     assert float(ttft[0].split()[-1]) >= 1
 
 
+def test_get_load_counts_the_answers_in_progress(sched, url):
+    """SGLang's /get_load, as its router's power-of-two policy reads it: one entry per data-parallel rank."""
+    assert httpx2.get(url + "/get_load").json() == [{"dp_rank": 0, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": 0}]
+    sched.script = lambda job: answer(job, ["tick"] * 1000, delay=0.05)
+    with httpx2.stream("POST", url + "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+        lines, ticks = r.iter_lines(), 0  # (held: a dropped iterator closes the stream)
+        for line in lines:
+            ticks += "tick" in line
+            if ticks == 3:
+                break
+        load = httpx2.get(url + "/get_load").json()
+    prompt = len(sched.jobs[-1].request.ids)
+    assert len(load) == 1 and load[0]["num_reqs"] == 1 and prompt + 3 <= load[0]["num_tokens"] <= prompt + 20
+    assert wait_for(lambda: httpx2.get(url + "/get_load").json()[0]["num_reqs"] == 0)
+
+
 def test_api_key(sched):
     app = create_app(FakeScheduler(), MODEL, processor(), ServerSettings(api_key="s3cret"))
     create_app(FakeScheduler(), MODEL, processor())  # a second app: metrics of its own, no clash

@@ -10,6 +10,8 @@ Routes:
     POST /v1/completions          OpenAI completions: a raw prompt (text or token ids)
     POST /generate                SGLang: text with <image> placeholders + image_data, or input_ids
     GET  /get_model_info, /get_server_info (and /model_info, /server_info, as SGLang's router asks)
+    GET  /get_load                SGLang's load report, one entry per data-parallel rank (here one):
+                                  [{"dp_rank", "num_reqs", "num_waiting_reqs", "num_tokens"}]
     GET|POST /flush_cache
     GET  /metrics                 Prometheus text format (`metrics.Metrics`)
 
@@ -67,7 +69,8 @@ from vl2_jax.serving.scheduler import Event, Handle, QueueFull
 
 OPEN_ROUTES = frozenset({"/health", "/health_generate", "/metrics"})
 ROUTES = frozenset({*OPEN_ROUTES, "/v1/models", "/v1/chat/completions", "/v1/completions", "/generate",
-                    "/get_model_info", "/get_server_info", "/model_info", "/server_info", "/flush_cache"})
+                    "/get_model_info", "/get_server_info", "/model_info", "/server_info", "/get_load",
+                    "/flush_cache"})
 DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -160,6 +163,10 @@ def create_app(scheduler, model_name: str, processor, settings: ServerSettings |
     @app.get("/server_info")
     async def server_info():
         return server.server_info()
+
+    @app.get("/get_load")
+    async def get_load():
+        return [server.load()]
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache():
@@ -255,6 +262,7 @@ class _Server:
         self.created = int(time.time())
         self.draining = False
         self._limiter: anyio.CapacityLimiter | None = None
+        self._tokens: dict[int, int] = {}  # id(handle) -> tokens an answer in progress holds (prompt + answer)
 
     # -- input ---------------------------------------------------------------------------------------
     async def read_json(self, request: Request):
@@ -333,8 +341,11 @@ class _Server:
         """The job's events, observed for the metrics; the job is cancelled if the consumer stops early
         (a client that went away cancels the task that iterates)."""
         first, finished = True, False
+        key = id(handle)
+        self._tokens[key] = len(handle.job.request.ids)
         try:
             async for event in handle.events():
+                self._tokens[key] = event.prompt_tokens + event.completion_tokens
                 if first and event.token_ids:
                     self.metrics.first_token(time.perf_counter() - t0, event.prompt_tokens)
                     first = False
@@ -343,6 +354,7 @@ class _Server:
                     self.metrics.finished(time.perf_counter() - t0)
                 yield event
         finally:
+            self._tokens.pop(key, None)
             if not finished:
                 handle.cancel()
 
@@ -505,6 +517,13 @@ class _Server:
             raise APIError(503, f"the health check's generation ended with {last and last.finish_reason!r} "
                                 f"({last and last.error}).", "service_unavailable")
         return {"status": "ok"}
+
+    def load(self) -> dict:
+        """SGLang's load entry, which its router's power-of-two policy compares (`num_tokens`): answers in
+        progress, those still waiting for a slot, and the tokens the answers in progress hold (prompt and
+        answer so far, waiting prompts included)."""
+        return {"dp_rank": 0, "num_reqs": len(self._tokens), "num_waiting_reqs": self.scheduler.stats()["queued"],
+                "num_tokens": sum(self._tokens.values())}
 
     def model_card(self) -> dict:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "vl2-jax",
