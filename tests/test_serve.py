@@ -26,6 +26,7 @@ from PIL import Image
 import vl2_jax
 from tests.test_api import client, error_of, running, wait_for
 from vl2_jax import Runtime
+from vl2_jax.engine import CompileWatch
 from vl2_jax.serving.api import create_app
 from vl2_jax.serving.metrics import Metrics
 from vl2_jax.serving.scheduler import Scheduler
@@ -141,6 +142,61 @@ def test_a_client_that_leaves_frees_its_slot(served):
     value = lambda name: float(next(line for line in text.splitlines() if line.startswith(name)).split()[-1])
     assert value("vl2_generated_tokens_total") > 0 and value("vl2_time_to_first_token_seconds_count") > 0
     assert 0 < value("vl2_prefix_cache_hits_total") < value("vl2_prefix_cache_queries_total")
+
+
+def test_sixteen_concurrent_requests_run_together_and_each_gets_its_alone_answer(served):
+    """16 different requests at once over 8 slots (64 tokens each): the scheduler runs 8 at once,
+    they finish in less than 4x the time of one, and each answer is what model.generate gives that
+    request alone."""
+    import concurrent.futures
+    import re
+
+    sched, url = served
+    m = model()
+    prompts = [f"Question {i}: " + "what now? " * (1 + i % 5) for i in range(16)]
+    images = [png(seed=10 + i, size=(40 + 8 * i, 60)) if i % 2 else None for i in range(16)]
+    want = []
+    for prompt, image in zip(prompts, images):  # each alone (a state of its own beside the server's)
+        imgs = [Image.open(io.BytesIO(image)).convert("RGB")] if image else []
+        out = m.processor([{"role": "user", "content": "<image>\n" * len(imgs) + prompt}], imgs)
+        want.append(m.generate(out, max_new_tokens=64, ignore_eos=True).text[0])
+
+    def ask(i: int) -> str:
+        parts = [{"type": "text", "text": prompts[i]}]
+        if images[i]:
+            parts.insert(0, {"type": "image_url",
+                             "image_url": {"url": "data:image/png;base64," + base64.b64encode(images[i]).decode()}})
+        out = client(url).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": parts}],
+                                                  max_tokens=64, temperature=0, extra_body={"ignore_eos": True})
+        return out.choices[0].message.content
+
+    m.warmup()  # (the fixture's server started cold; the programs are shared, the state is a new one)
+    singles = []
+    for _ in range(3):  # (an image and the longest text: the slowest of them; the median of three)
+        start = time.perf_counter()
+        ask(15)
+        singles.append(time.perf_counter() - start)
+    one = sorted(singles)[1]
+    peak, done = [0], [False]
+
+    def watch():  # (the scheduler's count, which /metrics' vl2_running_requests shows after each step)
+        while not done[0]:
+            peak[0] = max(peak[0], sched.stats()["running"])
+            time.sleep(0.001)
+
+    with concurrent.futures.ThreadPoolExecutor(17) as pool:
+        watcher = pool.submit(watch)
+        start = time.perf_counter()
+        with CompileWatch() as compiling:
+            got = list(pool.map(ask, range(16)))
+        together = time.perf_counter() - start
+        done[0] = True
+        watcher.result()
+    assert got == want
+    assert compiling.count == 0
+    assert peak[0] >= 8
+    assert together < 4 * one, (together, one)
+    assert re.search(r"^vl2_running_requests \S+$", httpx2.get(url + "/metrics").text, re.M)
 
 
 def test_a_full_queue_is_429():
