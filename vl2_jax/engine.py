@@ -397,7 +397,7 @@ class Engine:
                      else f"a slot holds {self.max_seq_len} tokens (max_seq_len)")
             raise InputError(f"the prompt has {p} tokens but {holds}, leaving no room for an answer; shorten the "
                              "prompt or use fewer images" + ("." if self.max_seq_len == context else
-                                                             ", or load the model with a larger max_seq_len."))
+                                                             ", or load the model with a larger max_seq_len (--max-seq-len on the command line)."))
         tiles = 0 if request.tiles is None else len(request.tiles)
         if tiles > self.max_tiles:
             raise InputError(f"the prompt has {tiles} image tiles, more than the {self.max_tiles} a "
