@@ -129,3 +129,22 @@ def test_a_cancelled_job_ends_at_once_and_frees_its_slot(when):
         pass
     assert not b.live and sorted(b.free) == [0, 1]
     model().give_state(b.state)
+
+
+def test_eos_ends_one_row_with_stop_while_its_neighbour_goes_on():
+    """The EOS id is made a token the first answer produces at its 4th step: that row ends there with
+    "stop" (EOS kept in its ids, not in its text), its neighbour's answer is untouched."""
+    m = model()
+    a, a_want = job("one_wide")
+    b_, b_want = job("history")
+    eos = a_want[3]
+    assert eos not in b_want and eos not in a_want[:3]
+    b = batcher(budget=None)
+    a.eos = b_.eos = eos
+    b.submit(a), b.submit(b_)
+    while b.step():
+        pass
+    assert a.finish_reason == "stop" and a.token_ids == a_want[:4]
+    assert a.text.text() == m.processor.decode(a_want[:3])
+    assert b_.finish_reason == "length" and b_.token_ids == b_want
+    m.give_state(b.state)
