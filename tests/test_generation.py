@@ -213,3 +213,28 @@ def test_decode_and_prefill_update_the_cache_in_place():
     for keys, fresh in ((8, True), (256, False)):  # a prompt's first chunk, a later one
         prefill = engine._prefill.lower(lm, state, x, np.int32(0), np.int32(8), np.int32(0), 8, keys, fresh)
         assert prefill.compile().memory_analysis().alias_size_in_bytes >= cache_bytes
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7])
+def test_repetition_penalty_matches_a_plain_loop_over_full_forwards(penalty):
+    """Greedy with a repetition penalty through the engine equals a plain loop: the whole sequence's
+    logits from a full forward (no cache), Hugging Face's penalty on every token of the prompt and the
+    answer so far (positive logits divided, negative multiplied), argmax."""
+    variant = "mla"
+    m = vl2_jax.load_pretrained(ckpt_dir(variant))
+    case = load_case(variant, "one_wide")
+    out = m.processor(case["conversation"], open_images(case))
+    steps = 8
+    got = m.generate(m.processor.batchify([out]), max_new_tokens=steps, repetition_penalty=penalty,
+                     ignore_eos=True).token_ids[0]
+    ids, mask, want = list(out.input_ids), list(out.images_seq_mask), []
+    for _ in range(steps):
+        seq = dataclasses.replace(out, input_ids=np.asarray(ids, np.int32), images_seq_mask=np.asarray(mask))
+        logits = np.asarray(m.logits(m.processor.batchify([seq])))[0, -1].astype(np.float64)
+        seen = np.unique(ids)
+        logits[seen] = np.where(logits[seen] > 0, logits[seen] / penalty, logits[seen] * penalty)
+        token = int(np.argmax(logits))
+        want.append(token)
+        ids.append(token)
+        mask.append(False)
+    assert got == want
