@@ -29,11 +29,7 @@ def dataset(processor):
         {"messages": [{"role": "user", "content": "Colour of the sky?"}, {"role": "assistant", "content": "Blue."},
                       {"role": "user", "content": "And grass?"}, {"role": "assistant", "content": "Green."}]},
     ]
-    examples = []
-    for r in records:  # images given as PIL: the Record's references are paths or URLs
-        output, labels = processor.supervised(r["messages"], r.get("images", ()))
-        examples.append(data.Example(output, labels))
-    return examples
+    return [data.example(processor, r) for r in records]
 
 
 def test_loss_falls_and_frozen_leaves_stay_bit_identical():

@@ -9,7 +9,7 @@ placeholder of its user turns. Roles are `user`/`assistant`/`system` or the offi
      "images": ["cat.png"]}
 
 Images are paths (relative ones to the JSONL file's folder), file://, http(s) or data: URLs, or
-`{"path": ...}` objects. Ids and labels are the official processor's in training mode
+`{"path": ...}` objects (in memory, PIL images too). Ids and labels are the official processor's in training mode
 (`Processor.supervised`): the loss covers the assistants' tokens and their closing eos only.
 """
 
@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from vl2_jax.errors import InputError
 from vl2_jax.images import ImageLimits, load_image, local_path
@@ -28,10 +29,11 @@ from vl2_jax.processor import IGNORE_ID, Batch, Processor, ProcessorOutput, left
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-    """A conversation as read: messages ({'role', 'content'} dicts) and image references, in order."""
+    """A conversation as read: messages ({'role', 'content'} dicts) and its images (references or PIL
+    images), in order."""
 
     messages: tuple[dict, ...]
-    images: tuple[str, ...] = ()
+    images: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +59,14 @@ class LabelledBatch:
     labels: np.ndarray
 
 
-def _image_ref(ref, folder: Path | None, where: str) -> str:
+def _image_ref(ref, folder: Path | None, where: str):
+    if isinstance(ref, Image.Image):
+        return ref
     if isinstance(ref, dict) and isinstance(ref.get("path"), str):
         ref = ref["path"]
     if not isinstance(ref, str) or not ref.strip():
-        raise InputError(f"{where}: an image must be a path or URL string (or {{'path': ...}}), got {ref!r}.")
+        raise InputError(f"{where}: an image must be a path or URL string, {{'path': ...}} or a PIL image, "
+                         f"got {ref!r}.")
     path = local_path(ref)
     if path is not None and folder is not None and not Path(path).is_absolute():
         return str(folder / path)
@@ -103,9 +108,11 @@ def read_jsonl(path: str | Path) -> list[Record]:
     return out
 
 
-def open_image(processor: Processor, ref: str):
-    """An image reference -> an RGB PIL image (local files as `Processor.load_image`; URLs as
-    `images.load_image` with the CLI's limits)."""
+def open_image(processor: Processor, ref):
+    """An image reference (or a PIL image) -> an RGB PIL image (local files and PIL images as
+    `Processor.load_image`; URLs as `images.load_image` with the CLI's limits)."""
+    if isinstance(ref, Image.Image):
+        return processor.load_image(ref)
     path = local_path(ref)
     if path is not None:
         return processor.load_image(path)
