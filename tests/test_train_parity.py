@@ -154,3 +154,23 @@ def test_refusals():
     cfg = vl2_jax.load_pretrained(ckpt_dir("mha"), dtype="float32").cfg
     with pytest.raises(ConfigError, match="Runtime.plain"):
         training_module(cfg, runtime=vl2_jax.Runtime())
+
+
+def test_batch_loss_and_gradient_weigh_every_target_token_equally():
+    """The three cases in one left-padded batch: the loss is the official losses' mean weighted by their
+    target counts, and so is each gradient (the official batch loss is one mean over all targets)."""
+    variant = "mla_noaux"
+    cases, arrays = train_fixture(variant)
+    model = vl2_jax.load_pretrained(ckpt_dir(variant), dtype="float32")
+    examples = [data.example(model.processor, record(variant, name)) for name in CASES]
+    batch = data.collate(model.processor, examples)
+    loss, grads = loss_and_grad_fn(training_module(model.cfg))(model.params, LossInputs.from_batch(batch))
+    weights = np.array([cases[name]["target_tokens"] for name in CASES], np.float64)
+    weights /= weights.sum()
+    want = sum(w * float(arrays[f"{name}/loss"]) for w, name in zip(weights, CASES))
+    assert abs(float(loss) - want) < LOSS_TOL
+    names = cases[CASES[0]]["grads"]
+    ours = to_hf(model.cfg, grads, names)
+    for n in names:
+        expected = sum(w * arrays[f"{name}/grad/{n}"].astype(np.float64) for w, name in zip(weights, CASES))
+        assert rel_err(ours[n], expected) < GRAD_TOL, n
