@@ -192,7 +192,9 @@ def element_map(rule: Rule) -> np.ndarray:
     starts = np.cumsum([0, *sizes[:-1]])
     outs = rule.build(*(index[a:a + n].reshape(shape) for a, n, (_, shape) in zip(starts, sizes, rule.sources)))
     flat = np.concatenate([np.asarray(o).reshape(-1) for o in outs])
-    if flat.shape != (total,) or not np.array_equal(np.sort(flat), index):
+    seen = np.zeros(total, bool)
+    seen[flat] = True
+    if flat.shape != (total,) or not seen.all():  # as many elements as the sources, each of them: a permutation
         raise CheckpointError(f"the rule for {', '.join(rule.source_names[:2])} does not only move elements; "
                               f"it cannot be inverted.")
     return flat
