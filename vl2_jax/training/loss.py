@@ -52,14 +52,16 @@ class LossInputs:
 
     @classmethod
     def from_batch(cls, labelled: LabelledBatch, tiles: int | None = None) -> LossInputs:
-        """Host arrays of a LabelledBatch. `tiles`: pad the used tiles with zero tiles to this many (a
-        fixed shape for a compiled step); None keeps the used ones."""
+        """Host arrays of a LabelledBatch. `tiles`: pad the used tiles with zero tiles to this many, also
+        for a batch without images (a fixed shape for a compiled step); None keeps the used ones."""
         batch = labelled.batch
         pixels = batch.used_tiles()
-        if tiles is not None and pixels is not None:
-            if len(pixels) > tiles:
-                raise InputError(f"the batch uses {len(pixels)} image tiles, more than the {tiles} allowed.")
-            pixels = np.concatenate([pixels, np.zeros((tiles - len(pixels), *pixels.shape[1:]), np.uint8)])
+        if tiles is not None:
+            used = 0 if pixels is None else len(pixels)
+            if used > tiles:
+                raise InputError(f"the batch uses {used} image tiles, more than the {tiles} allowed.")
+            zeros = np.zeros((tiles - used, *np.shape(batch.pixels)[2:]), np.uint8)
+            pixels = zeros if pixels is None else np.concatenate([pixels, zeros])
         mask = np.asarray(batch.attention_mask, bool)
         return cls(np.asarray(batch.input_ids, np.int32), np.asarray(labelled.labels, np.int32),
                    left_pad_positions(mask), mask, np.asarray(batch.images_seq_mask, bool),
