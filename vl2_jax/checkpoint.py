@@ -179,6 +179,57 @@ def conversion_plan(cfg: VL2Config) -> list[Rule]:
     return [*_vision_rules(cfg), *_projector_rules(cfg), *_language_rules(cfg)]
 
 
+def element_map(rule: Rule) -> np.ndarray:
+    """Where each target element of `rule` comes from: int [total elements], for every target element
+    (targets raveled and concatenated in order) its index into the sources raveled and concatenated.
+
+    Every rule of the plan only moves elements (transposes, reshapes, stacks, splits), so running it on
+    the sources' element indices gives this map, and the map is a permutation: `to_hf` inverts it.
+    """
+    sizes = [int(np.prod(shape)) for _, shape in rule.sources]
+    total = sum(sizes)
+    index = np.arange(total, dtype=np.int32 if total < 2**31 else np.int64)
+    starts = np.cumsum([0, *sizes[:-1]])
+    outs = rule.build(*(index[a:a + n].reshape(shape) for a, n, (_, shape) in zip(starts, sizes, rule.sources)))
+    flat = np.concatenate([np.asarray(o).reshape(-1) for o in outs])
+    seen = np.zeros(total, bool)
+    seen[flat] = True
+    if flat.shape != (total,) or not seen.all():  # as many elements as the sources, each of them: a permutation
+        raise CheckpointError(f"the rule for {', '.join(rule.source_names[:2])} does not only move elements; "
+                              f"it cannot be inverted.")
+    return flat
+
+
+def get_path(tree: dict, path: Path_):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def to_hf(cfg: VL2Config, tree: dict, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Our tree (`{"params": ...}` or its inner dict) of parameters, or of anything laid out like them
+    (gradients, optimizer moments) -> {checkpoint name: host array in the PyTorch name's layout}, by
+    inverting the conversion plan. `names`: only these tensors (default: every one the plan reads)."""
+    inner = tree.get("params", tree)
+    wanted = None if names is None else set(names)
+    out = {}
+    for rule in conversion_plan(cfg):
+        if wanted is not None and not wanted & set(rule.source_names):
+            continue
+        leaves = [np.asarray(get_path(inner, path)) for path, _ in rule.targets]
+        flat = np.empty(sum(a.size for a in leaves), leaves[0].dtype)
+        flat[element_map(rule)] = np.concatenate([a.reshape(-1) for a in leaves])
+        start = 0
+        for name, shape in rule.sources:
+            n = int(np.prod(shape))
+            if wanted is None or name in wanted:
+                out[name] = flat[start:start + n].reshape(shape)
+            start += n
+    if wanted is not None and wanted - set(out):
+        raise CheckpointError(f"no rule of the conversion plan reads {_some(sorted(wanted - set(out)))}.")
+    return out
+
+
 class SafetensorsFolder:
     """Read-only view of a Hugging Face checkpoint folder's tensors, one tensor at a time.
 

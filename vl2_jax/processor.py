@@ -1,7 +1,9 @@
 """Turn a chat conversation plus images into DeepSeek-VL2 model inputs (numpy, PIL, HF tokenizers).
 
-This re-implements the official ``DeepseekVLV2Processor`` (``deepseek`` chat template, inference mode)
-without torch: the token ids, image tiles and masks it returns are the ones the official code returns.
+This re-implements the official ``DeepseekVLV2Processor`` (``deepseek`` chat template) without torch: the
+token ids, image tiles and masks it returns are the ones the official code returns, in inference mode
+(``Processor.__call__``) and in training mode with labels (``Processor.supervised``: ``inference_mode=False``,
+``mask_prompt``).
 
 Prompt layout, per turn of the conversation (``S`` is the tile size, e.g. 384):
 
@@ -11,7 +13,8 @@ Prompt layout, per turn of the conversation (``S`` is the tile size, e.g. 384):
   replaced by that image's run of image tokens;
 * an assistant turn is ``content.strip()`` followed by ``eos``;
 * the final ``eos`` is dropped, so the model continues the last assistant turn. A conversation that
-  ends with a user turn is treated as if an empty assistant turn followed it.
+  ends with a user turn is treated as if an empty assistant turn followed it. (Training mode keeps it:
+  the model learns to stop.)
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ _ROLES = {USER_ROLE: USER_ROLE, "user": USER_ROLE, ASSISTANT_ROLE: ASSISTANT_ROL
           "assistant": ASSISTANT_ROLE, SYSTEM_ROLE: SYSTEM_ROLE}
 _SEP = "\n\n"  # the "deepseek" template's separator after a user message
 IMAGE_TOKEN = "<image>"
+IGNORE_ID = -100  # the label of a token the loss skips (the official processor's `ignore_id`)
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
 # Special tokens the official processor makes sure of, in the order it adds any that are missing.
 EXTRA_SPECIAL_TOKENS = ("<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>", USER_ROLE, ASSISTANT_ROLE)
@@ -424,7 +428,8 @@ def open_image(image, name: str | None = None) -> Image.Image:
 
 
 class Processor:
-    """DeepSeek-VL2 processor: conversation + images -> :class:`ProcessorOutput` (inference mode)."""
+    """DeepSeek-VL2 processor: conversation + images -> :class:`ProcessorOutput` (inference mode), or
+    with training labels (`supervised`)."""
 
     def __init__(self, tokenizer, candidate_resolutions, patch_size, downsample_ratio,
                  image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), normalize=True,
@@ -550,6 +555,26 @@ class Processor:
         exactly one per placeholder.
         """
         turns = self._normalize_conversation(conversation)
+        parts = self._parts(turns, images)
+        # Inference mode: drop the closing eos of the last (assistant) turn.
+        parts.ids, parts.seq_mask, parts.labels = parts.ids[:-1], parts.seq_mask[:-1], parts.labels[:-1]
+        return parts.output(self._format_prompt(turns))
+
+    def supervised(self, conversation, images=(), mask_prompt: bool = True) -> tuple[ProcessorOutput, np.ndarray]:
+        """A conversation that ends with an assistant answer -> (its :class:`ProcessorOutput`, labels [T]
+        int32), as the official processor gives them with ``inference_mode=False``: every answer ends with
+        ``eos`` (kept), and the labels are the token ids, with ``IGNORE_ID`` at image tokens and, when
+        ``mask_prompt``, at user and system turns. ``bos`` is its own label (a shifted loss never reads
+        the first label)."""
+        turns = self._normalize_conversation(conversation)
+        if _ROLES.get(conversation[-1].get("role")) != ASSISTANT_ROLE:
+            raise InputError(f"a training conversation must end with an assistant answer; message "
+                             f"{len(conversation) - 1} is a {conversation[-1]['role']!r} turn.")
+        parts = self._parts(turns, images, mask_prompt)
+        return parts.output(self._format_prompt(turns)), np.asarray(parts.labels, np.int32)
+
+    def _parts(self, turns, images, mask_prompt: bool = True) -> _Parts:
+        """Every turn's ids, image tokens, tiles and labels; each assistant turn ends with eos."""
         images = list(images) if images is not None else []
         n_placeholders = sum(c.count(self.image_token) for r, c in turns if r == USER_ROLE)
         if n_placeholders != len(images):
@@ -559,18 +584,17 @@ class Processor:
         cropping = len(images) <= 2  # the reference tiles only when the whole conversation has <= 2
 
         parts = _Parts(self, images, cropping)
-        parts.add_ids([self.bos_id])
+        parts.add_ids([self.bos_id], target=True)
         for role, content in turns:
             if role == USER_ROLE:
                 # Each user turn is formatted on its own, as if followed by an empty assistant turn.
                 parts.add_text(f"{USER_ROLE}: {content}{_SEP}{ASSISTANT_ROLE}:" if content else
-                               f"{USER_ROLE}:{ASSISTANT_ROLE}:")
-            else:
-                # Assistant: text + eos. System (first message only): text, no separator.
-                parts.add_ids(self._encode(content) + ([self.eos_id] if role == ASSISTANT_ROLE else []))
-        # Inference mode: drop the closing eos of the last (assistant) turn.
-        parts.ids, parts.seq_mask = parts.ids[:-1], parts.seq_mask[:-1]
-        return parts.output(self._format_prompt(turns))
+                               f"{USER_ROLE}:{ASSISTANT_ROLE}:", target=not mask_prompt)
+            elif role == ASSISTANT_ROLE:
+                parts.add_ids(self._encode(content) + [self.eos_id], target=True)
+            else:  # system (first message only): text, no separator
+                parts.add_ids(self._encode(content), target=not mask_prompt)
+        return parts
 
     def raw(self, prompt: str, images=()) -> ProcessorOutput:
         """A prompt already in the chat template's format (an OpenAI completions ``prompt``, SGLang's
@@ -623,18 +647,21 @@ class _Parts:
 
     def __init__(self, processor: Processor, images, cropping: bool):
         self.processor, self.images, self.cropping = processor, iter(images), cropping
-        self.ids, self.seq_mask, self.tiles, self.crops = [], [], [], []
+        self.ids, self.seq_mask, self.tiles, self.crops, self.labels = [], [], [], [], []
 
-    def add_ids(self, ids) -> None:
+    def add_ids(self, ids, target: bool = False) -> None:
+        """Text tokens; their labels are themselves when `target`, else IGNORE_ID."""
         self.ids += ids
         self.seq_mask += [False] * len(ids)
+        self.labels += ids if target else [IGNORE_ID] * len(ids)
 
-    def add_text(self, text: str) -> None:
-        """Text whose `<image>` placeholders each take the next image's run of image tokens."""
+    def add_text(self, text: str, target: bool = False) -> None:
+        """Text whose `<image>` placeholders each take the next image's run of image tokens (labels
+        IGNORE_ID); the text's own labels as in `add_ids`."""
         p = self.processor
         pieces = text.split(p.image_token)
         for k, piece in enumerate(pieces):
-            self.add_ids(p._encode(piece))
+            self.add_ids(p._encode(piece), target)
             if k + 1 < len(pieces):
                 image_tiles, (nw, nh) = p._tile(next(self.images), self.cropping)
                 self.tiles += image_tiles
@@ -642,6 +669,7 @@ class _Parts:
                 n = p.num_image_tokens(nw, nh)
                 self.ids += [p.image_token_id] * n
                 self.seq_mask += [True] * n
+                self.labels += [IGNORE_ID] * n
 
     def output(self, prompt: str) -> ProcessorOutput:
         size = self.processor.image_size
