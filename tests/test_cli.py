@@ -265,18 +265,22 @@ def test_system_prompt_comes_first(capsys):
 
 
 def test_console_scripts_point_at_the_mains(capsys):
-    """pyproject.toml declares vl2-generate and vl2-convert; each resolves to its `main`, which returns
+    """pyproject.toml declares vl2-generate, vl2-convert and vl2-serve; each resolves to its `main`, which returns
     the exit status (console-script wrappers pass it to sys.exit). An installed checkout lists them too."""
     import importlib.metadata
 
     import convert.__main__
     import generate.__main__
+    import vl2_jax.serve
 
     scripts = _pyproject()["project"]["scripts"]
-    assert scripts == {"vl2-generate": "generate.__main__:main", "vl2-convert": "convert.__main__:main"}
+    assert scripts == {"vl2-generate": "generate.__main__:main", "vl2-convert": "convert.__main__:main",
+                       "vl2-serve": "vl2_jax.serve:main"}
+    mains = {"vl2-generate": generate.__main__.main, "vl2-convert": convert.__main__.main,
+             "vl2-serve": vl2_jax.serve.main}
     for name, value in scripts.items():
         point = importlib.metadata.EntryPoint(name=name, value=value, group="console_scripts")
-        assert point.load() is {"vl2-generate": generate.__main__.main, "vl2-convert": convert.__main__.main}[name]
+        assert point.load() is mains[name]
     installed = {p.name: p.value for p in importlib.metadata.entry_points(group="console_scripts")
                  if p.name in scripts}
     assert all(installed[n] == scripts[n] for n in installed)  # this checkout installed: they are there

@@ -111,7 +111,7 @@ def test_pixel_limit():
 
 def test_pils_decompression_bomb_guard_is_an_input_error():
     bomb = data_url(png_header_only(30_000, 30_000))  # over twice PIL.Image.MAX_IMAGE_PIXELS: PIL raises at open
-    with pytest.raises(InputError, match="900,000,000 pixels, over the limit of"):
+    with pytest.raises(InputError, match="900,000,000 pixels, over PIL's decompression-bomb limit of"):
         load_image(bomb, ImageLimits(max_pixels=10**12))
 
 

@@ -121,15 +121,16 @@ def test_signatures_tell_images_apart_behind_the_same_ids():
 def test_slots_are_chosen_hits_first_then_empty_then_least_recently_used():
     p = SlotPrefixes(3, granularity=4)
     sig = np.arange(20, dtype=np.int64)
-    assert p.choose([0, 1, 2], sig) == (0, 0)  # all empty: the lowest
+    assert p.choose([0, 1, 2], sig) == (0, 0, None)  # all empty: the lowest
     p.keep(1, sig[:10], [100, 101, 102])  # holds 12 entries
     p.keep(2, np.arange(50, 60, dtype=np.int64), [1])
-    assert p.choose([0, 1, 2], sig) == (1, 8)  # 10 common, rounded down to 8
+    assert p.choose([0, 1, 2], sig) == (1, 8, None)  # 10 common, rounded down to 8
     assert p.choose([1, 2], np.arange(200, 210, dtype=np.int64))[0] == 1  # the least recently used
-    assert p.choose([2], sig[:4]) == (2, 0)  # at least one prompt token is prefilled
-    assert p.choose([0, 1, 2], sig, below=1) == (0, 0)  # a hit in slot 1 would enlarge the decode program
-    assert p.choose([1, 2], sig, below=1) == (1, 8)  # nothing below: any slot
-    assert p.lookups == 6 and p.hits == 16
+    assert p.choose([2], sig[:4]) == (2, 0, None)  # at least one prompt token is prefilled
+    # slot 1 would enlarge the decode program: its prefix is copied into slot 0, which then holds it
+    assert p.choose([0, 1, 2], sig, below=1) == (0, 8, 1) and np.array_equal(p.held[0], sig[:8])
+    assert p.choose([1, 2], sig, below=1) == (1, 8, None)  # nothing below: any slot
+    assert p.lookups == 6 and p.hits == 24
 
 
 def test_nothing_compiles_after_warmup_when_prompts_continue_from_the_cache():
@@ -157,4 +158,22 @@ def test_requests_one_at_a_time_stay_in_slot_zero():
     for prompt in ("One.", "Two, different.", "Three, different again."):
         answer(b, request([{"role": "user", "content": prompt}]), 3)
     assert [len(held) > 0 for held in b.prefixes.held] == [True, False]
+    model().give_state(b.state)
+
+
+def test_a_prefix_cached_in_a_higher_slot_is_copied_down_and_answers_the_same():
+    b = batcher()
+    b.prefixes.clear()
+    case = load_case(VARIANT, "history")
+    req = request(case["conversation"], open_images(case))
+    other = b.submit(Job(request([{"role": "user", "content": "Something else entirely."}]), 3, RowSampling.make()))
+    first = b.submit(Job(req, 12, RowSampling.make()))  # slot 1, beside `other` in slot 0
+    while not (first.finished and other.finished):
+        b.step()
+    assert len(b.prefixes.held[1]) > len(b.prefixes.held[0])
+    again = answer(b, req, 12)  # alone: slot 0, with slot 1's prefix copied there
+    assert again.cached_tokens == (len(req.ids) - 1) // 16 * 16 > 0
+    assert again.token_ids == first.token_ids == case["arrays"]["greedy"].tolist()
+    assert np.array_equal(b.prefixes.held[0][: again.prompt_tokens], signature(
+        req.ids, req.src, req.image_mask, req.tiles, model().cfg.tokens_per_tile_side))
     model().give_state(b.state)

@@ -249,6 +249,23 @@ class Engine:
         """(state (donated), slots [B] bool) -> the state with those slots done; nothing decoded."""
         return self._jit(lambda state, slots: state.replace(done=state.done | slots), "state", donate_argnums=(0,))
 
+    @functools.cached_property
+    def _copy_slot(self):
+        """(state (donated), src, dst) -> the state with slot dst's cache rows a copy of slot src's (the
+        prefix cache moves a prefix to a slot that keeps the decode program small)."""
+
+        def copy(state: Slots, src, dst):
+            row = lambda v: jax.lax.dynamic_update_slice_in_dim(v, jax.lax.dynamic_slice_in_dim(v, src, 1, 0), dst, 0)
+            layers = tuple({k: row(v) for k, v in layer.items()} for layer in state.cache.layers)
+            return state.replace(cache=state.cache.replace(layers=layers))
+
+        return self._jit(copy, "state", donate_argnums=(0,))
+
+    def copy_slot(self, state: Slots, src: int, dst: int) -> Slots:
+        """Slot `dst`'s cache rows become a copy of slot `src`'s (both free; dispatched, not awaited)."""
+        with self._context():
+            return self._copy_slot(state, np.int32(src), np.int32(dst))
+
     def new_state(self) -> Slots:
         """Every slot free (done), the cache zeroed. Refuses, before compiling anything, a cache that the
         device's free memory cannot hold (where the device reports its memory)."""
@@ -514,6 +531,7 @@ class Engine:
                  for step in self.chunk_plan(length, start)}
         out += [("prefill", plan) for plan in sorted(plans, key=lambda p: (not p[2], p))]
         out += [("insert", (g,)) for g in (True, False)] + [("release", ())]
+        out += [("copy", ())] if self.runtime.prefix_cache else []
         out += [("decode", (n, k, g)) for n in self.slot_buckets for k in self.decode_key_buckets for g in (True, False)]
         return out
 
@@ -536,6 +554,8 @@ class Engine:
             return self._prefill, (lm, state, made["x"], np.int32(0), np.int32(start), np.int32(0), chunk, keys, fresh)
         if kind == "release":
             return self._release, (state, np.zeros((self.max_batch,), bool))
+        if kind == "copy":
+            return self._copy_slot, (state, np.int32(0), np.int32(0))
         if kind == "insert":
             return self._insert, (state, made["logits"], ids, np.int32(1), np.int32(0), np.int32(2),
                                   np.int32(lc.eos_token_id), RowSampling.make(), static[0])
@@ -589,7 +609,7 @@ class Engine:
                     made["x"] = out
                 elif kind == "prefill":
                     state, made["logits"] = out
-                elif kind == "release":
+                elif kind in ("release", "copy"):
                     state = out
                 else:
                     state = out[0]

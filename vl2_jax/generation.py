@@ -251,7 +251,9 @@ class Batcher:
         job.signature = signature(r.ids, r.src, r.image_mask, r.tiles, self.engine.side)
         in_use = self.engine.max_batch - len(self.free)
         below = smallest_at_least(in_use + 1, self.engine.slot_buckets)  # (the bucket one more job needs)
-        slot, start = self.prefixes.choose(self.free, job.signature, below)
+        slot, start, source = self.prefixes.choose(self.free, job.signature, below)
+        if source is not None:
+            self.state = self.engine.copy_slot(self.state, source, slot)
         self.free.remove(slot)
         return slot, start
 

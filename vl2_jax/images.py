@@ -174,15 +174,21 @@ def load_image(ref: str, limits: ImageLimits = ImageLimits()) -> Image.Image:
         return _decode(_data_url(ref, label, limits), f"data URL {label}", limits)
     if scheme in ("http", "https"):
         return _decode(_fetch(ref, label, limits), f"from {label}", limits)
-    if scheme is None and _looks_like_base64(ref):
-        data = _b64decode(ref, limits, lambda why: (
-            f"image {label} was read as raw base64 (no scheme, only base64 characters) but {why}; a file path "
-            f"that looks like base64 can be written ./PATH or file:///absolute/path."))
-        return _decode(data, f"(base64) {label}", limits)
+    if scheme is None and _looks_like_base64(ref) and not os.path.lexists(ref):
+        try:
+            data = _b64decode(ref, limits, lambda why: (
+                f"image {label} was read as raw base64 (no scheme, only base64 characters) but {why}; a file "
+                f"path that looks like base64 can be written ./PATH or file:///absolute/path."))
+        except InputError:
+            if "/" not in ref:
+                raise
+            data = None  # not base64 after all: a path that does not exist, said as such below
+        if data is not None:
+            return _decode(data, f"(base64) {label}", limits)
     if scheme is not None and scheme != "file":
         raise InputError(f"image reference {label} has the scheme {scheme!r}, which is not supported; use "
                          f"http(s)://, data:, file:// or a plain path.")
-    path = local_path(ref)
+    path = local_path(ref) or ref  # (None for a base64-looking path that does not exist)
     return _decode(_read_file(path, label, limits), label, limits)
 
 
@@ -471,7 +477,8 @@ def _too_many_pixels(label: str, exc: Exception, limits: ImageLimits) -> str:
     pixels = re.search(r"\((\d+) pixels\)", str(exc))
     count = f"{int(pixels.group(1)):,} pixels" if pixels else "too many pixels"
     limit = min(limits.max_pixels, Image.MAX_IMAGE_PIXELS or limits.max_pixels)
-    return f"image {label} has {count}, over the limit of {limit:,}; downscale it first."
+    which = "PIL's decompression-bomb limit" if limit == Image.MAX_IMAGE_PIXELS else "the limit"
+    return f"image {label} has {count}, over {which} of {limit:,}; downscale it first."
 
 
 def _one_line(error: BaseException) -> str:

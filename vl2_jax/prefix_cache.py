@@ -10,7 +10,8 @@ starts at the longest common prefix rounded down to the smallest prefill chunk, 
 least one prompt token to prefill (its logits give the first answer token). A slot keeps its entries
 until a job that does not share them takes it: free slots are handed out hits first, then empty or
 least recently used ones (eviction), among the slots that keep the decode program no larger than the
-number of running jobs needs. The memory is the slots' own cache; nothing is copied.
+number of running jobs needs; a prefix cached in a slot further up is copied into the slot taken
+(one device copy of the slot's rows). The memory is the slots' own cache.
 """
 
 from __future__ import annotations
@@ -56,26 +57,32 @@ class SlotPrefixes:
         self.used = [0.0] * slots
         self.lookups = self.hits = 0  # prompts looked up; prompt tokens served from a cache
 
-    def choose(self, free: list[int], sig: np.ndarray, below: int | None = None) -> tuple[int, int]:
-        """(slot, start): the free slot to take for a prompt of signature `sig`, and the number of its
-        tokens that slot already holds (0: none; a multiple of `granularity`, below len(sig)). Only
-        slots under `below` are considered where there are any: a decode call runs every slot up to the
-        highest live one, so a slot further up would slow every answer more than a prefill costs."""
-        if below is not None and any(slot < below for slot in free):
-            free = [slot for slot in free if slot < below]
-        best, start = None, 0
+    def choose(self, free: list[int], sig: np.ndarray, below: int | None = None) -> tuple[int, int, int | None]:
+        """(slot, start, source) for a prompt of signature `sig`: the free slot to take, the number of its
+        tokens that are cached (0: none; a multiple of `granularity`, below len(sig)), and the free slot
+        that holds them when it is not `slot` (the caller copies it over), else None. The slot is one
+        under `below` where there is any: a decode call runs every slot up to the highest live one, so a
+        slot further up would slow every answer; a prefix cached further up is copied down instead."""
+        source, start = None, 0
         for slot in free:
             held = self.held[slot]
             n = min(len(held), len(sig) - 1)
             same = np.flatnonzero(held[:n] != sig[:n])
             common = (int(same[0]) if len(same) else n) // self.granularity * self.granularity
-            if common > start:
-                best, start = slot, common
-        if best is None:  # an empty slot, else the one unused longest
-            best = min(free, key=lambda s: (len(self.held[s]) > 0, self.used[s], s))
+            if common > start:  # (free is in order: on a tie the lower slot stays)
+                source, start = slot, common
+        near = [slot for slot in free if below is None or slot < below] or free
+        if source is not None and source in near:
+            slot = source
+        else:  # an empty slot, else the one unused longest (never the source: it is copied from)
+            slot = min((s for s in near if s != source or len(near) == 1),
+                       key=lambda s: (len(self.held[s]) > 0, self.used[s], s))
         self.lookups += 1
         self.hits += start
-        return best, start
+        if source is not None and source != slot:
+            self.held[slot] = self.held[source][:start].copy()
+            return slot, start, source
+        return slot, start, None
 
     def keep(self, slot: int, sig: np.ndarray, answer: list[int]) -> None:
         """The slot's job ended: it holds the prompt (`sig`) and the answer's tokens but the last."""
