@@ -27,6 +27,20 @@ def test_script_answers_help(script):
     assert "usage:" in r.stdout
 
 
+def test_load_speed_measures_a_converted_fixture(tmp_path):
+    fixture = ROOT.parent / "shared" / "fixtures" / "mla" / "ckpt"
+    r = _run("-m", "convert", str(fixture), str(tmp_path / "ckpt"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _run("benchmarks/load_speed.py", str(tmp_path / "ckpt"), "--repeats", "1", "--evict", "fadvise",
+             "--readers", "orbax")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {row["metric"]: row for row in map(json.loads, r.stdout.splitlines())}
+    assert set(rows) == {"plain_read", "plain_read_parallel", "load_model", "restore_orbax", "summary"}
+    assert rows["load_model"]["cache"] == "fadvise_dontneed" and rows["load_model"]["gb_per_s"] > 0
+    assert rows["load_model"]["weights_gb"] == rows["restore_orbax"]["weights_gb"] > 0
+    assert rows["plain_read"]["file_gb"] == rows["load_model"]["file_gb"] > 0
+
+
 def test_moe_dispatch_benchmark_runs_on_cpu():
     r = _run("benchmarks/moe_dispatch.py", "--models", "test", "--tokens", "1,8")
     assert r.returncode == 0, r.stderr[-2000:]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 
 from generate.__main__ import main
 from tests.conftest import FIXTURES, VARIANTS, ckpt_dir, load_case
+from vl2_jax import load
 
 ROOT = Path(__file__).resolve().parents[1]
 SINGLE_TURN = ("text_only", "one_photo", "one_wide", "two_images", "three_images_no_crop")
@@ -44,7 +47,27 @@ def test_forced_plain_moe_dispatch_gives_the_same_answer(capsys):
             "--prompt", case["conversation"][0]["content"], "--moe", "dense"]
     for path in case["image_paths"]:
         argv += ["--image", str(path)]
-    assert run_json(capsys, argv)["token_ids"] == greedy
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["token_ids"] == greedy
+    # stderr is no terminal here: the load reports its speed in a line, and draws no bar
+    assert re.search(r"^model ready in [\d.]+ s \([\d.]+ GB of weights, [\d.]+ GB/s\)$", err, re.M) and "\r" not in err
+
+
+def test_progress_bar_draws_on_a_terminal_only():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    outputs = {"terminal": Terminal(), "pipe": io.StringIO(), "disabled": Terminal()}
+    for name, file in outputs.items():
+        with load.progress_bar(enabled=name != "disabled", file=file) as bar:
+            for done in (0, 10**9 // 2, 10**9):
+                bar(done, 10**9)
+            drawn = file.getvalue()
+            assert drawn.endswith("\n") or not drawn  # the bar's line ends once all bytes are in
+    assert "weights: 100%" in outputs["terminal"].getvalue() and "1.00G/1.00G" in outputs["terminal"].getvalue()
+    assert outputs["pipe"].getvalue() == outputs["disabled"].getvalue() == ""
 
 
 def _cli(*args, stdin=None):

@@ -24,9 +24,10 @@ from safetensors.numpy import load_file, save_file
 import vl2_jax.model
 from convert.__main__ import main as convert_main
 from vl2_jax import orbax_io
-from vl2_jax.checkpoint import load_hf
+from vl2_jax.checkpoint import load_hf, param_shapes
 from vl2_jax.config import PRESETS, VL2Config
 from vl2_jax.errors import CheckpointError
+from vl2_jax.sharding import Layout, make_mesh
 from vl2_jax.testing import write_random_hf_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,6 +108,56 @@ def test_restore_checks_shapes_and_casts(root):
     wider = dataclasses.replace(cfg, language=dataclasses.replace(cfg.language, vocab_size=414))
     with pytest.raises(CheckpointError, match="language/embed has shape"):
         orbax_io.restore(dst, wider)
+
+
+@pytest.mark.parametrize("mesh", [None, "expert=2,tensor=4"])
+def test_direct_reader_equals_orbax_and_reports_bytes(root, mesh):
+    """The concurrent tensorstore reader gives Orbax's own restore bit for bit, cast and in the same
+    shardings (one device, and 8 fake CPU devices), and reports every byte once, in order."""
+    dst = converted("mla", root)
+    cfg = VL2Config.from_pretrained(dst)
+    shardings = None
+    if mesh is not None:
+        shardings = Layout(make_mesh(mesh, cfg)).param_shardings(param_shapes(cfg, jax.numpy.bfloat16))
+    calls = []
+    fast, _ = orbax_io.restore(dst, cfg, "bfloat16", shardings, bytes_progress=lambda *a: calls.append(a))
+    plain, _ = orbax_io.restore(dst, cfg, "bfloat16", shardings, reader="orbax")
+    assert jax.tree.structure(fast) == jax.tree.structure(plain)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(plain), jax.tree.leaves(fast), strict=True):
+        assert a.dtype == b.dtype == jax.numpy.bfloat16 and a.sharding == b.sharding, jax.tree_util.keystr(path)
+        assert np.array_equal(np.asarray(a), np.asarray(b)), jax.tree_util.keystr(path)
+    total = sum(x.nbytes for x in jax.tree.leaves(fast))
+    done = [d for d, _ in calls]
+    assert len(calls) == len(jax.tree.leaves(fast)) and {t for _, t in calls} == {total}
+    assert done == sorted(done) and done[-1] == total
+
+
+def test_a_group_orbax_stored_otherwise_still_restores(tmp_path, root):
+    """A group not in the OCDBT layout the direct reader knows (here: saved without OCDBT) is read by Orbax."""
+    import orbax.checkpoint as ocp
+
+    dst = tmp_path / "ckpt"
+    shutil.copytree(converted("mla", root), dst)
+    cfg = VL2Config.from_pretrained(dst)
+    want = orbax_io.restore(dst, cfg)[0]
+    group = {"params": {"language": {"layers_1": want["params"]["language"]["layers_1"]}}}
+    shutil.rmtree(dst / "params" / "layers_1")
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False))
+    checkpointer.save((dst / "params" / "layers_1").absolute(), jax.tree.map(np.asarray, group["params"]))
+    assert not (dst / "params" / "layers_1" / "manifest.ocdbt").exists()
+    got = orbax_io.restore(dst, cfg)[0]
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_damaged_weights_fail_in_one_sentence(tmp_path, root):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(converted("mla", root), dst)
+    data = max((dst / "params" / "layers_1").rglob("d/*"), key=lambda f: f.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"params/layers_1 failed .*the checkpoint is damaged") as error:
+        orbax_io.restore(dst, VL2Config.from_pretrained(dst))
+    assert "\n" not in str(error.value)
 
 
 # ------------------------------------------------------------------------------------------ errors

@@ -3,9 +3,9 @@
     python -m vl2_jax.bench --model random:tiny                    # on a GPU, bf16
     python -m vl2_jax.bench --model random:test --image-size 112 --new-tokens 4 --batches 1,2   # CPU smoke
 
-The model is loaded with `max_batch` = the largest of `--batches` and warmed up (every engine program
-compiled, timed as `warmup_s`). The image prompt is one square image (768 px: a global view plus 2x2
-tiles, 1042 tokens at the real sizes) and one sentence; the text prompt is the sentence alone; then
+The model is loaded with `max_batch` = the largest of `--batches` (timed as `load_s`) and warmed up
+(every engine program compiled, timed as `warmup_s`). The image prompt is one square image (768 px: a
+global view plus 2x2 tiles, 1042 tokens at the real sizes) and one sentence; the text prompt is the sentence alone; then
 prompts never seen before (other image sizes and sentence lengths) are each answered once, and their
 first tokens' p50 and p90 reported with the number of compilations and traces while they ran (0 when
 the engine works as designed). Decode speed is the median of `--repeats` runs. Every measurement is
@@ -110,8 +110,12 @@ def prompts(proc, image_sizes: list[tuple[int, int]], rng: np.random.Generator) 
 def run(args) -> list[dict]:
     runtime = Runtime(moe=args.moe, attention=args.attention, kernels=args.kernels == "on",
                       max_batch=max([*args.batches, 1]), max_seq_len=args.max_seq_len)
-    model = load.load_model(args.model, args.dtype, runtime=runtime,
-                            progress=lambda s: print(s, file=sys.stderr, flush=True))
+    start = time.perf_counter()
+    with load.progress_bar() as bar:  # drawn only where stderr is a terminal
+        model = load.load_model(args.model, args.dtype, runtime=runtime,
+                                progress=lambda s: print(s, file=sys.stderr, flush=True), bytes_progress=bar)
+        jax.block_until_ready(model.params)  # random weights are drawn asynchronously
+    load_s = time.perf_counter() - start
     proc = model.processor
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (args.image_size, args.image_size, 3), dtype=np.uint8))
@@ -130,6 +134,7 @@ def run(args) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
+    emit(metric="load_s", value=load_s)
     start = time.perf_counter()
     last = [start]
 

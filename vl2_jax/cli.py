@@ -65,7 +65,8 @@ def _use_compile_cache(path: str, log: Callable[[str], None]) -> None:
 def run(args, log: Callable[[str], None]) -> int:
     from vl2_jax import load
 
-    if not _start_distributed(args):
+    speaks = _start_distributed(args)
+    if not speaks:
         # Only process 0 speaks; the others run exactly the same steps (streaming included, so every
         # process issues the same device programs) with their output discarded.
         log = lambda line: None
@@ -99,7 +100,9 @@ def run(args, log: Callable[[str], None]) -> int:
     runtime = Runtime(moe=args.moe, attention=args.attention, kernels=args.kernels == "on", max_batch=max_batch,
                       max_seq_len=args.max_seq_len, **chunks)
     start = time.perf_counter()
-    model = load.load_model(args.model, args.dtype, runtime=runtime, mesh=args.mesh, progress=log)
+    with load.progress_bar(enabled=speaks) as bar:  # drawn only where stderr is a terminal
+        model = load.load_model(args.model, args.dtype, runtime=runtime, mesh=args.mesh, progress=log,
+                                bytes_progress=bar)
     options_timing = {"load_s": time.perf_counter() - start}
     if model.layout is not None:
         log(f"mesh {dict(model.mesh.shape)}" + "".join(f"; {n}" for n in sorted(model.layout.notes)[:8]))

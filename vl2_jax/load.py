@@ -10,17 +10,23 @@ A spec is what a user types as a model:
 
 Every leaf goes straight to its device (or, under a mesh, into its shards); no host holds the whole
 model. The formats themselves are read by `vl2_jax.checkpoint` (safetensors) and `vl2_jax.orbax_io`.
+
+Progress comes two ways: `progress(line)` gets a line of text at each stage, and
+`bytes_progress(done, total)` the bytes of weights on their devices so far, for a bar
+(`progress_bar()` draws one with tqdm on stderr).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import re
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
@@ -55,9 +61,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VL2_JAX_CACHE", Path.home() / ".cache" / "vl2_jax"))
 
 
+BytesProgress = Callable[[int, int], None]
+
+
 def load_model(
     spec: str, dtype=None, *, runtime: Runtime = Runtime(), mesh=None, seed: int = 0,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None, bytes_progress: BytesProgress | None = None,
 ) -> VL2Model:
     """Any spec (see the module docstring) -> a `VL2Model`.
 
@@ -69,8 +78,10 @@ def load_model(
         "expert=4,tensor=2" (axes data, expert, tensor), or a `jax.sharding.Mesh` with those axis names.
       seed: the random weights' seed (`random:*` only).
       progress: called with a line of text at each stage (default: silent).
+      bytes_progress: called as `bytes_progress(done, total)` with the bytes of weights on their devices
+        so far each time some land, while a checkpoint is read (e.g. `progress_bar()`'s callback).
     """
-    return _load(spec, dtype or default_dtype(), runtime, mesh, seed, progress or (lambda line: None))
+    return _load(spec, dtype or default_dtype(), runtime, mesh, seed, progress or (lambda line: None), bytes_progress)
 
 
 def load_pretrained(spec, dtype="float32", runtime: Runtime = Runtime(), mesh=None) -> VL2Model:
@@ -78,25 +89,64 @@ def load_pretrained(spec, dtype="float32", runtime: Runtime = Runtime(), mesh=No
     return _load(str(spec), dtype, runtime, mesh, 0, lambda line: None)
 
 
-def _load(spec: str, dtype, runtime: Runtime, mesh, seed: int, progress: Callable[[str], None]) -> VL2Model:
+def _load(spec: str, dtype, runtime: Runtime, mesh, seed: int, progress: Callable[[str], None],
+          bytes_progress: BytesProgress | None = None) -> VL2Model:
     start = time.perf_counter()
+    read = [0]
+
+    def count(done: int, total: int) -> None:
+        read[0] = done
+        if bytes_progress is not None:
+            bytes_progress(done, total)
+
     if spec.startswith("random:"):
         progress(f"initialising random {spec[7:]} weights ...")
         model = random_model(spec[7:], dtype or "float32", seed, runtime, mesh)
     elif Path(spec).exists() or not HUB_ID.match(spec):
         progress(f"loading {spec} ...")
-        model = load_folder(spec, dtype, runtime, mesh)
+        model = load_folder(spec, dtype, runtime, mesh, bytes_progress=count)
     else:
-        model = load_folder(_converted_from_hub(spec, progress), dtype, runtime, mesh)
-    progress(f"model ready in {time.perf_counter() - start:.1f} s")
+        model = load_folder(_converted_from_hub(spec, progress), dtype, runtime, mesh, bytes_progress=count)
+    seconds = time.perf_counter() - start
+    rate = f" ({read[0] / 1e9:.2f} GB of weights, {read[0] / 1e9 / seconds:.2f} GB/s)" if read[0] else ""
+    progress(f"model ready in {seconds:.1f} s{rate}")
     return model
 
 
-def load_folder(path: str | Path, dtype=None, runtime: Runtime = Runtime(), mesh=None) -> VL2Model:
+@contextlib.contextmanager
+def progress_bar(enabled: bool = True, file=None) -> Iterator[BytesProgress]:
+    """A `bytes_progress` callback that draws a tqdm bar of the weights read (bytes, rate, time left) on
+    `file` (default: stderr), from the first bytes reported until the last (or the `with` block's end).
+
+    The bar shows only where `file` is a terminal (and `enabled`), so piped output keeps its lines.
+    """
+    from tqdm import tqdm
+
+    file = sys.stderr if file is None else file
+    bars = []
+
+    def update(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="weights", file=file,
+                             disable=None if enabled else True, dynamic_ncols=True))
+        bars[0].update(done - bars[0].n)
+        if done >= total:  # ends the line before the loader's next line of text
+            bars[0].close()
+
+    try:
+        yield update
+    finally:
+        for bar in bars:
+            bar.close()
+
+
+def load_folder(path: str | Path, dtype=None, runtime: Runtime = Runtime(), mesh=None, *,
+                bytes_progress: BytesProgress | None = None) -> VL2Model:
     """A Hugging Face DeepSeek-VL2 folder or a `python -m convert` output -> a `VL2Model`.
 
     The folder holds config.json, the tokenizer and processor files, and either safetensors weights or
     an Orbax checkpoint written by `python -m convert`. `dtype=None` keeps the checkpoint's dtype.
+    `bytes_progress(done, total)` is called as the weights land (see `load_model`).
     """
     from vl2_jax import orbax_io
 
@@ -113,23 +163,34 @@ def load_folder(path: str | Path, dtype=None, runtime: Runtime = Runtime(), mesh
     if not converted:
         folder = SafetensorsFolder(path)
     dtype_ = want or (orbax_io.saved_dtype(path) if converted else source_dtype(folder))
-    shardings = Layout(mesh).param_shardings(param_shapes(cfg, dtype_)) if mesh is not None else None
+    shapes = param_shapes(cfg, dtype_)
+    shardings = Layout(mesh).param_shardings(shapes) if mesh is not None else None
     with out_of_memory_as(f"while loading the {jnp.dtype(dtype_).name} weights"):
         if converted:
-            params, _ = orbax_io.restore(path, cfg, dtype_, shardings)
+            params, _ = orbax_io.restore(path, cfg, dtype_, shardings, bytes_progress=bytes_progress)
         else:
-            params = load_hf(folder, cfg, dtype_, place=_placer(shardings))
+            total = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes))
+            params = load_hf(folder, cfg, dtype_, place=_placer(shardings, bytes_progress, total))
     return VL2Model(cfg, params, processor, dtype_, runtime, mesh)
 
 
-def _placer(shardings):
-    """`place(path, host_array)` for `load_hf`: straight into the leaf's shards, or the default device."""
-    if shardings is None:
+def _placer(shardings, bytes_progress: BytesProgress | None = None, total: int = 0):
+    """`place(path, host_array)` for `load_hf`: straight into the leaf's shards, or the default device;
+    each leaf's bytes reported to `bytes_progress` once it is there."""
+    if shardings is None and bytes_progress is None:
         return None
+    done = [0]
 
     def place(path, array):
-        sharding = functools.reduce(lambda tree, key: tree[key], ("params", *path), shardings)
-        return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+        if shardings is None:
+            placed = jax.device_put(array)
+        else:
+            sharding = functools.reduce(lambda tree, key: tree[key], ("params", *path), shardings)
+            placed = jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+        if bytes_progress is not None:
+            done[0] += placed.nbytes
+            bytes_progress(done[0], total)
+        return placed
 
     return place
 

@@ -14,16 +14,24 @@ Host memory stays near one group (the largest is one MoE layer: ~1.1 GB for -sma
 in bf16), because each group is read, converted, written and freed before the next. The output is
 written into `DST.partial-<pid>` and renamed to DST only when complete, so an interrupted run never
 leaves a folder that `is_converted` accepts.
+
+`restore` reads it back: every leaf of every group at once through tensorstore (largest first, a few
+GB in flight at most), each put on its devices as soon as it is read; Orbax's own restore stays as
+the plain path (`reader="orbax"`).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import errno
 import json
+import math
+import mmap
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -136,6 +144,223 @@ def saved_dtype(path: str | Path):
 
 
 # ----------------------------------------------------------------------------------------- restore
+# Bytes of weights read but not yet on their devices, at most (tensorstore's compressed and decoded
+# copies come on top): bounds the host memory a load needs beside the model.
+READ_BUDGET = 4 << 30
+READ_THREADS = 16  # leaves in flight; zstd decoding and file reads run on tensorstore's own thread pools
+# The file kvstore's default mode reads through the page cache (a second load of the same checkpoint is
+# served from memory); {"file_io_mode": {"mode": "direct"}} would bypass it (O_DIRECT).
+READ_CONTEXT = {"file_io_concurrency": {"limit": 64}}
+
+BytesProgress = Callable[[int, int], None]
+
+
+def restore(
+    path: str | Path, cfg: VL2Config, dtype=None, shardings=None, bytes_progress: BytesProgress | None = None,
+    reader: str = "tensorstore",
+) -> tuple[dict, type]:
+    """Restores a converted checkpoint into the tree `load_hf` gives: `{"params": {...}}` of jax arrays.
+
+    Args:
+      path: a `python -m convert` output folder.
+      cfg: the model config; every leaf's shape is checked against `conversion_plan(cfg)`, for all
+        groups, before any weight is read.
+      dtype: cast every leaf to this dtype while reading (None keeps the saved dtype).
+      shardings: None (every leaf on the default device, as `load_hf`), or a pytree like the params
+        (`{"params": {...}}`) whose leaves are `jax.sharding.Sharding` (None or absent: the default
+        device; a Sharding in place of a subtree covers all of it); each leaf is then read once and
+        placed straight into its shards.
+      bytes_progress: called as `bytes_progress(done, total)` (bytes of weights in `dtype` on their
+        devices, out of all) each time a leaf (the direct reader) or a group (Orbax) lands, from the
+        calling thread.
+      reader: "tensorstore" (default): every leaf of every group read concurrently, largest first,
+        straight from the Orbax files (OCDBT + zarr) through tensorstore; "orbax": one group at a time
+        through Orbax's PyTreeCheckpointer, the plain path the tests compare against (also taken when
+        some group is stored in a layout the direct reader does not know).
+
+    Returns:
+      (params, saved dtype as a jnp scalar type such as jnp.bfloat16).
+
+    Raises CheckpointError naming the group or leaf that is missing, unexpected, mis-shaped or unreadable.
+    """
+    if reader not in ("tensorstore", "orbax"):
+        raise ValueError(f"reader must be 'tensorstore' or 'orbax', not {reader!r}")
+    path = Path(path)
+    manifest = _read_manifest(path)
+    saved = dtype_of(manifest["dtype"])
+    want = jnp.dtype(saved if dtype is None else dtype)
+    expected = expected_shapes(cfg)
+    missing = [g for g in expected if g not in manifest["groups"]]
+    extra = [g for g in manifest["groups"] if g not in expected]
+    if missing or extra:
+        raise CheckpointError(
+            f"{path} does not match its config.json: missing group(s) {missing}, unexpected group(s) {extra}."
+        )
+    bytes_progress = bytes_progress or (lambda done, total: None)
+    stores = _open_stores(path, expected) if reader == "tensorstore" else None
+    if stores is None:
+        return _restore_with_orbax(path, expected, want, shardings, bytes_progress), saved
+    return _read_concurrently(path, stores, want, shardings, bytes_progress), saved
+
+
+def _check_leaves(path: Path, group: str, shapes: dict[Path_, tuple[int, ...]], saved: dict[Path_, tuple[int, ...]]):
+    """Raises CheckpointError where the saved leaves {path: shape} of `group` differ from `shapes`."""
+    for p, shape in shapes.items():
+        if p not in saved:
+            raise CheckpointError(f"{path}: parameter {'/'.join(p)} is missing from params/{group}.")
+        if tuple(saved[p]) != shape:
+            raise CheckpointError(
+                f"{path}: parameter {'/'.join(p)} has shape {list(saved[p])}, but config.json implies {list(shape)}."
+            )
+    unexpected = sorted("/".join(p) for p in set(saved) - set(shapes))
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected parameter(s) in params/{group}: {', '.join(unexpected[:5])}.")
+
+
+def _lookup(tree, path: tuple[str, ...]):
+    """tree[path[0]][path[1]]...; None where absent. A Sharding met on the way applies to its subtree."""
+    for key in path:
+        if isinstance(tree, jax.sharding.Sharding):
+            return tree
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+# The direct reader. Orbax writes each group as one OCDBT database (`params/<group>/manifest.ocdbt`)
+# holding one zarr array per leaf under the key `language.layers_3.attn.q_w/` (the path joined by
+# dots), with its metadata at `<key>/.zarray` (zarr v2, what `convert` writes) or `<key>/zarr.json` (v3).
+_ARRAY_METADATA = {".zarray": "zarr", "zarr.json": "zarr3"}
+
+
+def _open_stores(path: Path, expected: dict[str, dict[Path_, tuple[int, ...]]]):
+    """{group: {param path: open tensorstore}} of every group, shapes checked; None if some group is not
+    stored as the direct reader expects (then Orbax reads the checkpoint)."""
+    import tensorstore as ts
+
+    context = ts.Context(READ_CONTEXT)
+    kvstores = {}
+    for group in expected:
+        directory = (path / "params" / group).absolute()
+        if not (directory / "manifest.ocdbt").is_file():
+            return None
+        kvstores[group] = {"driver": "ocdbt", "base": {"driver": "file", "path": f"{directory}/"}}
+    try:
+        opened = {g: ts.KvStore.open(spec, context=context) for g, spec in kvstores.items()}
+        listings = {g: kv.result().list() for g, kv in opened.items()}
+        arrays: dict[str, dict[Path_, object]] = {}
+        for group, listing in listings.items():
+            arrays[group] = {}
+            for key in listing.result():
+                name, _, leaf = key.decode().rpartition("/")
+                if leaf in _ARRAY_METADATA:
+                    spec = {"driver": _ARRAY_METADATA[leaf], "kvstore": {**kvstores[group], "path": name + "/"}}
+                    arrays[group][tuple(name.split("."))] = ts.open(spec, context=context, open=True, read=True)
+        stores = {g: {p: future.result() for p, future in leaves.items()} for g, leaves in arrays.items()}
+    except ValueError as e:  # tensorstore's error for unreadable files and metadata
+        raise CheckpointError(f"{path}: the checkpoint's metadata is unreadable ({_first_line(e)}).") from None
+    for group, shapes in expected.items():
+        _check_leaves(path, group, shapes, {p: tuple(s.shape) for p, s in stores[group].items()})
+    return stores
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
+class _Budget:
+    """Blocks `take(n)` until fewer than `limit` bytes are taken (one request may exceed it alone)."""
+
+    def __init__(self, limit: int):
+        self.left, self.limit = limit, limit
+        self.cond = threading.Condition()
+
+    def take(self, n: int) -> int:
+        n = min(n, self.limit)
+        with self.cond:
+            self.cond.wait_for(lambda: self.left >= n)
+            self.left -= n
+        return n
+
+    def give(self, n: int) -> None:
+        with self.cond:
+            self.left += n
+            self.cond.notify_all()
+
+
+def _host_buffer(shape, dtype) -> np.ndarray:
+    """An uninitialised array in memory of its own, page aligned, which the CPU backend adopts as a device
+    buffer instead of copying it. Anonymous mmap memory rather than numpy's: numpy asks for transparent
+    huge pages for large arrays, and zeroing those made loads slower in a VM."""
+    n = math.prod(shape) * dtype.itemsize
+    return np.frombuffer(mmap.mmap(-1, max(n, 1)), np.uint8)[:n].view(dtype).reshape(shape)
+
+
+def _read_leaf(path: Path, group: str, p: Path_, store, sharding) -> jax.Array:
+    """One leaf from its tensorstore (cast on the way if `store` is a cast view) onto its devices."""
+    import tensorstore as ts
+
+    one_device = isinstance(sharding, jax.sharding.SingleDeviceSharding)
+    try:
+        if one_device and next(iter(sharding.device_set)).platform == "cpu":
+            # Read into the very buffer the CPU device will use: one host copy fewer.
+            host = _host_buffer(store.shape, store.dtype.numpy_dtype)
+            ts.array(host, copy=False, write=True).write(store).result()
+        else:
+            host = store.read().result()
+    except ValueError as e:  # tensorstore's error for unreadable or truncated data
+        raise CheckpointError(
+            f"{path}: reading parameter {'/'.join(p)} from params/{group} failed ({_first_line(e)}); "
+            "the checkpoint is damaged, so convert it again."
+        ) from None
+    if one_device:
+        array = jax.device_put(host, sharding)
+    else:  # each addressable device gets its slice; other processes' devices are theirs to fill
+        array = jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return array.block_until_ready()  # the host copy may go only once the devices hold the leaf
+
+
+def _read_concurrently(path: Path, stores: dict, want, shardings, bytes_progress: BytesProgress) -> dict:
+    """Reads every leaf, READ_THREADS at a time with at most READ_BUDGET bytes in flight, and puts each on
+    its devices as soon as it is read: one read per leaf (all of its shards come from that one host copy),
+    cast by tensorstore as it copies out of the decoded chunk. The largest leaves start first: each is one
+    zstd chunk, decoded by one thread, so started last it would be the whole load's tail."""
+    import tensorstore as ts
+
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    leaves = [(g, p, s if s.dtype.numpy_dtype == want else ts.cast(s, want)) for g, ls in stores.items() for p, s in ls.items()]
+    size = lambda leaf: math.prod(leaf[2].shape) * want.itemsize
+    leaves.sort(key=size, reverse=True)
+    total = sum(map(size, leaves))
+    budget = _Budget(READ_BUDGET)
+
+    def read(leaf):
+        group, p, store = leaf
+        taken = budget.take(size(leaf))
+        try:
+            return _read_leaf(path, group, p, store, _lookup(shardings, ("params", *p)) or default)
+        finally:
+            budget.give(taken)
+
+    params: dict = {}
+    done = 0
+    with concurrent.futures.ThreadPoolExecutor(READ_THREADS, thread_name_prefix="vl2-restore") as pool:
+        futures = {pool.submit(read, leaf): leaf for leaf in leaves}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                leaf = futures[future]
+                set_path(params, leaf[1], future.result())
+                done += size(leaf)
+                bytes_progress(done, total)
+        except BaseException:  # the first failure (or Ctrl-C) ends the load; leaves not started never start
+            for future in futures:
+                future.cancel()
+            raise
+    return {"params": params}
+
+
+# The plain reader: Orbax's own restore, one group at a time.
 def _checkpointer():
     import orbax.checkpoint as ocp
 
@@ -150,75 +375,30 @@ def _saved_leaves(checkpointer, directory: Path) -> dict[Path_, tuple[tuple[int,
     return {tuple(k.key for k in kp): (tuple(m.shape), str(m.dtype)) for kp, m in leaves}
 
 
-def _lookup(tree, path: tuple[str, ...]):
-    """tree[path[0]][path[1]]...; None where absent. A Sharding met on the way applies to its subtree."""
-    for key in path:
-        if isinstance(tree, jax.sharding.Sharding):
-            return tree
-        if not isinstance(tree, dict) or key not in tree:
-            return None
-        tree = tree[key]
-    return tree
-
-
-def restore(path: str | Path, cfg: VL2Config, dtype=None, shardings=None) -> tuple[dict, type]:
-    """Restores a converted checkpoint into the tree `load_hf` gives: `{"params": {...}}` of jax arrays.
-
-    Args:
-      path: a `python -m convert` output folder.
-      cfg: the model config; every leaf's shape is checked against `conversion_plan(cfg)`.
-      dtype: cast every leaf to this dtype while reading (None keeps the saved dtype).
-      shardings: None (every leaf on the default device, as `load_hf`), or a pytree like the params
-        (`{"params": {...}}`) whose leaves are `jax.sharding.Sharding` (None or absent: the default
-        device; a Sharding in place of a subtree covers all of it); each leaf is then read straight
-        into its shards.
-
-    Returns:
-      (params, saved dtype as a jnp scalar type such as jnp.bfloat16).
-
-    Raises CheckpointError naming the group or leaf that is missing, unexpected or mis-shaped.
-    """
+def _restore_with_orbax(path: Path, expected: dict, want, shardings, bytes_progress: BytesProgress) -> dict:
     import orbax.checkpoint as ocp
 
-    path = Path(path)
-    manifest = _read_manifest(path)
-    saved = dtype_of(manifest["dtype"])
-    want = jnp.dtype(saved if dtype is None else dtype)
-    expected = expected_shapes(cfg)
-    missing = [g for g in expected if g not in manifest["groups"]]
-    extra = [g for g in manifest["groups"] if g not in expected]
-    if missing or extra:
-        raise CheckpointError(
-            f"{path} does not match its config.json: missing group(s) {missing}, unexpected group(s) {extra}."
-        )
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     checkpointer = _checkpointer()
+    total = sum(math.prod(s) for shapes in expected.values() for s in shapes.values()) * want.itemsize
     params: dict = {}
+    done = 0
     for group, shapes in expected.items():
         directory = (path / "params" / group).absolute()
-        leaves = _saved_leaves(checkpointer, directory)
-        for p, shape in shapes.items():
-            if p not in leaves:
-                raise CheckpointError(f"{path}: parameter {'/'.join(p)} is missing from params/{group}.")
-            if leaves[p][0] != shape:
-                raise CheckpointError(
-                    f"{path}: parameter {'/'.join(p)} has shape {list(leaves[p][0])}, but config.json implies {list(shape)}."
-                )
-        unexpected = sorted("/".join(p) for p in set(leaves) - set(shapes))
-        if unexpected:
-            raise CheckpointError(f"{path}: unexpected parameter(s) in params/{group}: {', '.join(unexpected[:5])}.")
+        _check_leaves(path, group, shapes, {p: s for p, (s, _) in _saved_leaves(checkpointer, directory).items()})
         abstract: dict = {}
         for p, shape in shapes.items():
-            sharding = _lookup(shardings, ("params", *p))
-            sharding = default if sharding is None else sharding
+            sharding = _lookup(shardings, ("params", *p)) or default
             set_path(abstract, p, jax.ShapeDtypeStruct(shape, want, sharding=sharding))
         tree = checkpointer.restore(
             directory,
             args=ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)),
         )
-        for p in shapes:
+        for p, shape in shapes.items():
             set_path(params, p, _lookup(tree, p))
-    return {"params": params}, saved
+            done += math.prod(shape) * want.itemsize
+        bytes_progress(done, total)
+    return {"params": params}
 
 
 # ----------------------------------------------------------------------------------------- convert
