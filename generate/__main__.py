@@ -99,17 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     log = lambda line: print(line, file=sys.stderr, flush=True)
     from vl2_jax.cli import run
+    from vl2_jax.errors import guarded
 
-    try:
-        return run(args, log)
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    except Exception as e:  # noqa: BLE001 - last line of defence: one sentence, no traceback
-        from vl2_jax.cli import explain
-
-        log("error: " + explain(e))
-        return 1
+    return guarded(lambda: run(args, log), log)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from PIL import Image
 from vl2_jax import kernels, load
 from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, Runtime
 from vl2_jax.engine import CompileWatch
-from vl2_jax.errors import explain
+from vl2_jax.errors import guarded
 from vl2_jax.modules.moe import mlp_kernel_fits
 from vl2_jax.modules.vision import normalize_pixels
 from vl2_jax.modules.vl2 import VL2
@@ -249,16 +249,11 @@ def main(argv=None) -> int:
     args.dtype = args.dtype or load.default_dtype()
     if args.hbm_gbps is None and jax.default_backend() == "gpu":
         args.hbm_gbps = 4300.0
-    try:
-        rows = run(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - last line of defence: one sentence, no traceback
-        print("error: " + explain(e), file=sys.stderr, flush=True)
-        return 1
-    print(table(rows))
-    return 0
+    def body() -> int:
+        print(table(run(args)))
+        return 0
+
+    return guarded(body, lambda line: print(line, file=sys.stderr, flush=True))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 
 class VL2Error(Exception):
@@ -69,3 +70,16 @@ def explain(error: BaseException) -> str:
     if isinstance(error, OSError):
         return text
     return f"{type(error).__name__}: {text}"
+
+
+def guarded(body: Callable[[], int], log: Callable[[str], None]) -> int:
+    """An entry point's last line of defence: `body()`'s exit status; on Ctrl-C "interrupted" and 130;
+    on any other exception one `error: ...` line (`explain`) and 1, never a traceback."""
+    try:
+        return body()
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    except Exception as e:  # noqa: BLE001 - one sentence, no traceback
+        log("error: " + explain(e))
+        return 1

@@ -66,7 +66,7 @@ import openai
 from PIL import Image
 from tqdm import tqdm
 
-from vl2_jax.errors import VL2Error, explain
+from vl2_jax.errors import VL2Error, guarded
 
 WORDS = ("image picture scene colour shape light shadow edge corner texture pattern object person animal "
          "building sky water tree road window door table chair left right top bottom centre small large "
@@ -467,16 +467,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        rows = asyncio.run(run(args))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - last line of defence: one sentence, no traceback
-        print("error: " + explain(e), file=sys.stderr, flush=True)
-        return 1
-    print(table(rows), file=sys.stderr, flush=True)
-    return 0
+    def body() -> int:
+        print(table(asyncio.run(run(args))), file=sys.stderr, flush=True)
+        return 0
+
+    return guarded(body, lambda line: print(line, file=sys.stderr, flush=True))
 
 
 if __name__ == "__main__":

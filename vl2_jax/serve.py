@@ -196,16 +196,9 @@ class _Server(uvicorn.Server):
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     log = lambda line: print(line, file=sys.stderr, flush=True)
-    try:
-        return run(args, log)
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    except Exception as e:  # noqa: BLE001 - last line of defence: one sentence, no traceback
-        from vl2_jax.errors import explain
+    from vl2_jax.errors import guarded
 
-        log("error: " + explain(e))
-        return 1
+    return guarded(lambda: run(args, log), log)
 
 
 if __name__ == "__main__":
