@@ -17,18 +17,9 @@ import sys
 
 from vl2_jax.cli import package_version
 from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS
+from vl2_jax.errors import number
 
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl2-tiny"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1 (got {text!r})") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
-    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="the question; use <image> placeholders to place images, or none to put them first")
     p.add_argument("--system", default=None, metavar="TEXT",
                    help="a system prompt, placed before the conversation (default: none)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=512)
+    p.add_argument("--max-new-tokens", type=number(int, 1), default=512)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1 = off)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0 = off)")
@@ -51,10 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help='stop when the answer contains TEXT; repeatable (default: "User:", the chat template\'s)')
-    p.add_argument("--prefill-chunk", type=_positive_int, default=None,
+    p.add_argument("--prefill-chunk", type=number(int, 1), default=None,
                    help="write the prompt into the cache this many tokens at a time (same answer, less memory; "
                         "default: one chunk, the smallest of 128, 256, ..., 4096 that holds the prompt)")
-    p.add_argument("--max-seq-len", type=_positive_int, default=None,
+    p.add_argument("--max-seq-len", type=number(int, 1), default=None,
                    help="tokens the answer's slot holds, prompt included (default: the model's context)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="default: bfloat16 on GPU/TPU, float32 on CPU")
@@ -68,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                         "\"repetition_penalty\", \"seed\", \"stop\"; the flags give the defaults); '-' reads stdin. "
                         "One JSON answer per line, in input order, to stdout or --output")
     p.add_argument("--output", default=None, metavar="FILE.jsonl", help="with --input: write the answers there")
-    p.add_argument("--max-batch", type=_positive_int, default=None,
+    p.add_argument("--max-batch", type=number(int, 1), default=None,
                    help="requests decoded together (default: 8 with --input, else 1)")
     p.add_argument("--mesh", default=None, metavar="SPEC",
                    help="shard over devices: 'auto' (all visible devices) or sizes such as expert=4,tensor=2 "

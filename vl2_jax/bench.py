@@ -30,7 +30,7 @@ from PIL import Image
 from vl2_jax import kernels, load
 from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, Runtime
 from vl2_jax.engine import CompileWatch
-from vl2_jax.errors import guarded
+from vl2_jax.errors import guarded, number
 from vl2_jax.modules.moe import mlp_kernel_fits
 from vl2_jax.modules.vision import normalize_pixels
 from vl2_jax.modules.vl2 import VL2
@@ -213,21 +213,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _at_least(low: int):
-    """An argparse type: a whole number of at least `low`."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a whole number of at least {low} (got {text!r})") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low} (got {value})")
-        return value
-
-    return parse
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m vl2_jax.bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="random:tiny", help="random:tiny|small|base|test or a checkpoint folder")
@@ -237,10 +222,10 @@ def main(argv=None) -> int:
                    help="attention (plain: the reference's arithmetic; auto: cuDNN flash attention where it applies)")
     p.add_argument("--kernels", default="on", choices=["on", "off"], help="accelerator kernels where they apply")
     p.add_argument("--image-size", type=int, default=768)
-    p.add_argument("--new-tokens", type=_at_least(2), default=128,
+    p.add_argument("--new-tokens", type=number(int, 2), default=128,
                    help="tokens per decode run, at least 2: the first token is prefill's, the rest are timed (default: 128)")
     p.add_argument("--batches", default="1,8,32", help="decode batch sizes, comma separated ('' for none)")
-    p.add_argument("--repeats", type=_at_least(1), default=3)
+    p.add_argument("--repeats", type=number(int, 1), default=3)
     p.add_argument("--hbm-gbps", type=float, default=None,
                    help="HBM bandwidth for the decode floor (default: 4300, an H200's copy bandwidth, on GPUs; none on CPU)")
     p.add_argument("--max-seq-len", type=int, default=None, help="tokens per slot (default: the model's context)")

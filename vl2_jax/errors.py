@@ -72,6 +72,27 @@ def explain(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"
 
 
+def number(kind=int, low=1, high=None, what: str | None = None):
+    """An argparse type: `kind(text)` within [low, high] (`what` names it in the message; default "a whole
+    number of at least LOW" for int, "a number" otherwise). A refusal is argparse's one error line."""
+    import argparse
+
+    what = what or (f"a whole number of at least {low}" if kind is int and high is None else
+                    "a whole number" if kind is int else "a number")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what} (got {text!r})") from None
+        if value < low or (high is not None and value > high) or value != value:  # (value != value: nan)
+            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {bounds} (got {text})")
+        return value
+
+    return parse
+
+
 def guarded(body: Callable[[], int], log: Callable[[str], None]) -> int:
     """An entry point's last line of defence: `body()`'s exit status; on Ctrl-C "interrupted" and 130;
     on any other exception one `error: ...` line (`explain`) and 1, never a traceback."""

@@ -66,7 +66,7 @@ import openai
 from PIL import Image
 from tqdm import tqdm
 
-from vl2_jax.errors import VL2Error, guarded
+from vl2_jax.errors import VL2Error, guarded, number
 
 WORDS = ("image picture scene colour shape light shadow edge corner texture pattern object person animal "
          "building sky water tree road window door table chair left right top bottom centre small large "
@@ -407,25 +407,9 @@ def table(rows: list[dict]) -> str:
 
 # -- command line -------------------------------------------------------------------------------------
 
-def _number(kind, low, high=None, what="a whole number"):
-    """An argparse type: `kind(text)` within [low, high]."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what} (got {text!r})") from None
-        if value < low or (high is not None and value > high) or value != value:
-            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
-            raise argparse.ArgumentTypeError(f"must be {bounds} (got {text})")
-        return value
-
-    return parse
-
-
 def _levels(text: str) -> list[int]:
     """An argparse type: comma-separated concurrency levels, each a whole number of at least 1."""
-    parse = _number(int, 1)
+    parse = number(int, 1)
     try:
         levels = [parse(t.strip()) for t in text.split(",") if t.strip()]
     except argparse.ArgumentTypeError as e:
@@ -440,19 +424,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--url", default="http://127.0.0.1:30000/v1", help="the server's OpenAI base URL (default: %(default)s)")
     p.add_argument("--concurrency", type=_levels, default=[1, 8, 32, 64],
                    help="requests in flight, one level per comma-separated value (default: 1,8,32,64)")
-    p.add_argument("--requests", type=_number(int, 1), default=128, help="requests per level (default: %(default)s)")
+    p.add_argument("--requests", type=number(int, 1), default=128, help="requests per level (default: %(default)s)")
     p.add_argument("--model", default=None, help="model name to send (default: the first of GET /models, else 'default')")
     p.add_argument("--api-key", default="none", help="sent as the bearer token (default: %(default)s)")
     p.add_argument("--scenario", choices=["unique", "repeat"], default="unique",
                    help="unique: every prompt and image new; repeat: --distinct conversations in turn (default: unique)")
-    p.add_argument("--distinct", type=_number(int, 1), default=4, help="conversations of the repeat scenario (default: 4)")
-    p.add_argument("--image-share", type=_number(float, 0.0, 1.0, "a number"), default=0.5,
+    p.add_argument("--distinct", type=number(int, 1), default=4, help="conversations of the repeat scenario (default: 4)")
+    p.add_argument("--image-share", type=number(float, 0.0, 1.0, "a number"), default=0.5,
                    help="fraction of requests with an image, 0 to 1 (default: 0.5)")
     p.add_argument("--image-format", choices=["jpeg", "png"], default="jpeg", help="how images are encoded (default: jpeg)")
-    p.add_argument("--min-tokens", type=_number(int, 1), default=64, help="fewest new tokens asked for (default: 64)")
-    p.add_argument("--max-tokens", type=_number(int, 1), default=256, help="most new tokens asked for (default: 256)")
-    p.add_argument("--seed", type=_number(int, 0), default=0, help="seeds prompts, images and token counts (default: 0)")
-    p.add_argument("--timeout", type=_number(float, 0.001, what="a number of seconds"), default=600.0,
+    p.add_argument("--min-tokens", type=number(int, 1), default=64, help="fewest new tokens asked for (default: 64)")
+    p.add_argument("--max-tokens", type=number(int, 1), default=256, help="most new tokens asked for (default: 256)")
+    p.add_argument("--seed", type=number(int, 0), default=0, help="seeds prompts, images and token counts (default: 0)")
+    p.add_argument("--timeout", type=number(float, 0.001, what="a number of seconds"), default=600.0,
                    help="seconds a request may take, and may wait between chunks (default: 600)")
     p.add_argument("--warmup", choices=["first", "each", "none"], default="first",
                    help="one untimed request before the first level, before each, or none (default: first)")

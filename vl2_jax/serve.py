@@ -23,18 +23,9 @@ import time
 import uvicorn
 
 from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS
+from vl2_jax.errors import number
 
 DEFAULT_PORT = 30000  # SGLang's
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1 (got {text!r})") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
-    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,12 +38,12 @@ def parser() -> argparse.ArgumentParser:
                    help="the model's name in the API (`model` of requests, /v1/models; default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 picks a free one")
-    p.add_argument("--max-batch", type=_positive_int, default=8, help="answers decoded together: slots (default 8)")
-    p.add_argument("--max-seq-len", type=_positive_int, default=None,
+    p.add_argument("--max-batch", type=number(int, 1), default=8, help="answers decoded together: slots (default 8)")
+    p.add_argument("--max-seq-len", type=number(int, 1), default=None,
                    help="tokens a slot holds, prompt included (default: the model's context)")
-    p.add_argument("--max-queue", type=_positive_int, default=256,
+    p.add_argument("--max-queue", type=number(int, 1), default=256,
                    help="requests waiting for a slot before new ones get 429 (default 256)")
-    p.add_argument("--prefill-chunk", type=_positive_int, default=None,
+    p.add_argument("--prefill-chunk", type=number(int, 1), default=None,
                    help="write prompts into the cache this many tokens at a time (default: the runtime's chunks)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="default: bfloat16 on GPU/TPU, float32 on CPU")
@@ -76,10 +67,10 @@ def parser() -> argparse.ArgumentParser:
                    help="image references may name local files inside DIR (default: no local files)")
     p.add_argument("--allow-fetch", action="store_true",
                    help="fetch http(s) image URLs (public addresses only; default: data URLs and base64 only)")
-    p.add_argument("--max-images", type=_positive_int, default=8, help="images per request (default 8)")
-    p.add_argument("--max-image-pixels", type=_positive_int, default=40_000_000,
+    p.add_argument("--max-images", type=number(int, 1), default=8, help="images per request (default 8)")
+    p.add_argument("--max-image-pixels", type=number(int, 1), default=40_000_000,
                    help="pixels (width x height) an image may have (default 40,000,000)")
-    p.add_argument("--max-body-mb", type=_positive_int, default=64, help="request body size limit (default 64 MB)")
+    p.add_argument("--max-body-mb", type=number(int, 1), default=64, help="request body size limit (default 64 MB)")
     p.add_argument("--drain-seconds", type=float, default=20.0,
                    help="on SIGTERM, how long requests in flight may take to finish (default 20)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],

@@ -107,8 +107,6 @@ class Scheduler:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._batcher: Batcher | None = None
-        self._waiting = 0  # jobs submitted and not yet in a slot
-        self._free = model.engine.max_batch  # free slots, as of the last step
         self._last_update: dict[int, float] = {}
         self._flush = False
 
@@ -119,13 +117,14 @@ class Scheduler:
         with self._cv:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
-            if self._waiting >= self.max_queue + self._free:  # (jobs a free slot takes at once do not wait)
-                raise QueueFull(f"{self._waiting} requests are waiting for a slot (the queue holds {self.max_queue})")
+            waiting = self._queued()
+            free = len(self._batcher.free) if self._batcher else self.model.engine.max_batch
+            if waiting >= self.max_queue + free:  # (jobs a free slot takes at once do not wait)
+                raise QueueFull(f"{waiting} requests are waiting for a slot (the queue holds {self.max_queue})")
             job.submitted = job.submitted or time.perf_counter()  # (the API may set it at the request's arrival)
             job.on_update = self._on_update
             self._handles[id(job)] = handle
             self._inbox.append((job, handle))
-            self._waiting += 1
             self._cv.notify()
         return handle
 
@@ -134,10 +133,14 @@ class Scheduler:
             self._cancels.append(job)
             self._cv.notify()
 
+    def _queued(self) -> int:
+        """Jobs submitted and not yet in a slot (read under the lock, for the inbox)."""
+        return len(self._inbox) + (len(self._batcher.pending) if self._batcher else 0)
+
     def stats(self) -> dict:
         b = self._batcher
         with self._cv:
-            queued = len(self._inbox) + (len(b.pending) if b else 0)
+            queued = self._queued()
         return {"queued": queued, "running": b.running if b else 0, "max_batch": self.model.engine.max_batch,
                 "max_seq_len": self.model.engine.max_seq_len, "alive": bool(self._thread and self._thread.is_alive())}
 
@@ -194,12 +197,11 @@ class Scheduler:
                 b.step()
             except Exception as e:  # a device program failed: end everyone in flight, start afresh
                 self._fail_all(f"{type(e).__name__}: {e}")
-            with self._cv:
-                self._waiting = len(self._inbox) + len(self._batcher.pending)
-                self._free = len(self._batcher.free)
             if self.metrics:
-                self.metrics.set_queue(self._waiting)
-                self.metrics.set_running(b.running)
+                with self._cv:
+                    queued = self._queued()
+                self.metrics.set_queue(queued)
+                self.metrics.set_running(self._batcher.running)
         self.model.give_state(self._batcher.state)
 
     def _fail_all(self, message: str) -> None:
