@@ -500,15 +500,6 @@ class Engine:
             return self._insert(state, prefill.logits, prefill.ids, np.int32(prefill.length), np.int32(slot),
                                 np.int32(max_new), np.int32(eos), settings, greedy)
 
-    def prefill(self, params, state: Slots, slot: int, request: Request, max_new: int, settings: RowSampling,
-                eos: int) -> tuple[Slots, jax.Array]:
-        """`begin`, every chunk and `insert` in one go -> (state, first [2] on the device). Nothing waits
-        for the device."""
-        prefill = self.begin(params, request)
-        while not prefill.finished:
-            state = self.prefill_chunk(params, state, slot, prefill)
-        return self.insert(state, slot, prefill, max_new, settings, eos)
-
     def decode(self, params, state: Slots, live: int, longest: int, greedy: bool, stop: np.ndarray | None = None):
         """Up to STEPS tokens for slots 0..live-1 -> (state, out [N, STEPS + 1] on the device, N the bucket
         of `live`: each slot's tokens, NO_TOKEN where it produced none, then 1 if it is done). `longest`:
