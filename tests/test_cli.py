@@ -85,9 +85,8 @@ def test_random_test_model_runs_offline_and_streams():
 
 
 def test_compile_cache_keeps_programs_between_runs(tmp_path, monkeypatch):
-    """--compile-cache DIR: the first run writes its compiled programs there, the second reads them back
-    and answers the same. (Every compile is cached here: CPU compiles of the test model are too quick
-    for JAX's default one-second threshold.)"""
+    """--compile-cache DIR: the first run writes its compiled programs there, the second (a fresh
+    process) loads them back, traces and compiles nothing, and answers the same."""
     cache = tmp_path / "xla"
     args = ("--model", "random:test", "--image", str(FIXTURES / "images" / "noise_tiny.png"), "--prompt",
             "What is in the picture?", "--max-new-tokens", "4", "--json", "--compile-cache", str(cache))
@@ -98,7 +97,11 @@ def test_compile_cache_keeps_programs_between_runs(tmp_path, monkeypatch):
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert f"cached in {cache}" in first.stderr
     assert len(written) >= 3  # at least embedding, prefill and decode
-    assert json.loads(second.stdout)["token_ids"] == json.loads(first.stdout)["token_ids"]
+    first, second = json.loads(first.stdout), json.loads(second.stdout)
+    assert second["token_ids"] == first["token_ids"]
+    assert first["programs_compiled"] >= 5 and first["programs_loaded"] == 0 and first["compile_s"] > 0
+    assert second["programs_loaded"] == first["programs_compiled"] and second["programs_compiled"] == 0
+    assert second["compile_s"] == 0  # no tracing, lowering or compiling at all
 
 
 @pytest.mark.parametrize(

@@ -32,38 +32,8 @@ def _start_distributed(args) -> bool:
     return jax.process_index() == 0
 
 
-def compile_cache_dir(flag: str | None) -> str:
-    """Where compiled programs persist between runs: the flag, else $VL2_JAX_COMPILE_CACHE, else
-    ~/.cache/vl2_jax/xla ("" = nowhere)."""
-    if flag is not None:
-        return flag
-    default = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vl2_jax", "xla")
-    return os.environ.get("VL2_JAX_COMPILE_CACHE", default)
-
-
-def _use_compile_cache(path: str, log: Callable[[str], None]) -> None:
-    """JAX's persistent compilation cache: a second run with the same shapes loads its programs instead
-    of compiling them again (seconds per prompt length on a GPU). JAX_COMPILATION_CACHE_DIR wins."""
-    import jax
-
-    if not path or jax.config.jax_compilation_cache_dir:
-        return
-    try:
-        os.makedirs(path, exist_ok=True)
-        if not os.access(path, os.W_OK):
-            raise PermissionError("not writable")
-    except OSError as e:
-        log(f"compiled programs not cached: cannot use {path} ({e.strerror or e}); see --compile-cache")
-        return
-    jax.config.update("jax_compilation_cache_dir", path)
-    # Keep every program, not only those slower than a second to compile (JAX's default): a fresh
-    # process then compiles nothing that an earlier one did.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    log(f"compiled programs cached in {path}")
-
-
 def run(args, log: Callable[[str], None]) -> int:
-    from vl2_jax import load
+    from vl2_jax import executables, load
 
     speaks = _start_distributed(args)
     if not speaks:
@@ -93,7 +63,7 @@ def run(args, log: Callable[[str], None]) -> int:
         raise InputError("--system needs some text and no <image> placeholder (images go in the user's turns).")
     if getattr(args, "draw_boxes", None):
         check_draw_boxes(args.draw_boxes, args.image)
-    _use_compile_cache(compile_cache_dir(getattr(args, "compile_cache", None)), log)
+    cache_dir = executables.use_compile_cache(executables.cache_dir(getattr(args, "compile_cache", None)), log)
     chunks = {} if args.prefill_chunk is None else {"prefill_chunks": (args.prefill_chunk,)}
     lines = read_requests(batch_file) if batch_file is not None else None
     max_batch = getattr(args, "max_batch", None) or (8 if batch_file is not None else 1)
@@ -104,6 +74,7 @@ def run(args, log: Callable[[str], None]) -> int:
         model = load.load_model(args.model, args.dtype, runtime=runtime, mesh=args.mesh, progress=log,
                                 bytes_progress=bar)
     options_timing = {"load_s": time.perf_counter() - start}
+    executables.keep(model, cache_dir, log)
     if model.layout is not None:
         log(f"mesh {dict(model.mesh.shape)}" + "".join(f"; {n}" for n in sorted(model.layout.notes)[:8]))
     options = dict(
@@ -342,19 +313,25 @@ def _answer(model, conversation, images, options, as_json, log, text_only=False,
     stream = None if as_json else (lambda row, text: print(text, end="", flush=True))
     from vl2_jax.engine import CompileWatch
 
+    store = model.engine.executables
+    before = store.report() if store is not None else None
     with CompileWatch() as compiling:  # the one-time cost of programs of new shapes, reported apart
         result = model.generate(batch, on_text=stream, **options)
     compile_s = compiling.seconds
+    programs = {} if store is None else {  # this answer's programs: loaded from the cache / compiled
+        f"programs_{k}": v - before[k] for k, v in store.report().items() if k in ("loaded", "compiled")}
     if as_json:
         print(json.dumps({
             "text": result.text[0], "token_ids": result.token_ids[0], "finish_reason": result.finish_reason[0],
             "prompt_tokens": result.prompt_tokens[0], "generated_tokens": result.generated_tokens[0],
-            **{k: round(v, 4) for k, v in (timing or {}).items()}, "compile_s": round(compile_s, 4),
+            **{k: round(v, 4) for k, v in (timing or {}).items()}, "compile_s": round(compile_s, 4), **programs,
             "ttft_s": round(result.ttft_s, 4), "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
         }, ensure_ascii=False), flush=True)
     else:
         print(flush=True)
         compiled = f"; compiling, one time: {compile_s:.1f} s" if compile_s >= 0.5 else ""
+        if programs.get("programs_loaded"):
+            compiled += f"; {programs['programs_loaded']} compiled programs loaded from the cache"
         log(f"[{result.prompt_tokens[0]} prompt tokens, {result.generated_tokens[0]} generated "
             f"({result.finish_reason[0]}); first token {result.ttft_s * 1000:.0f} ms{compiled}, "
             f"{result.decode_tokens_per_s:.1f} tokens/s]")

@@ -42,6 +42,7 @@ from jax.sharding import NamedSharding
 from vl2_jax.cache import KVCache
 from vl2_jax.config import Runtime, VL2Config
 from vl2_jax.errors import ConfigError, InputError
+from vl2_jax.executables import ExecutableStore, fingerprint
 from vl2_jax.modules.language import LanguageModel
 from vl2_jax.modules.vision import normalize_pixels
 from vl2_jax.modules.vl2 import VL2
@@ -188,6 +189,28 @@ class Engine:
         self.table_rows = TILE_SOURCES + (self.max_tiles + TILE_CHUNKS[-1]) * self.side**2
         self.language = LanguageModel(lc, self.dtype.type, runtime)
         self.vl2 = VL2(cfg, self.dtype.type, runtime)
+        self.executables: ExecutableStore | None = None  # see keep_executables
+        self._loaded: dict[str, jax.stages.Compiled] = {}
+
+    def keep_executables(self, directory) -> ExecutableStore:
+        """Keeps every program this engine compiles under `directory` and loads it from there in later
+        processes, which then neither trace nor compile it (`vl2_jax.executables`). One device only:
+        under a mesh, programs are compiled in each process (JAX's compilation cache still applies)."""
+        if self.mesh is not None:
+            raise ConfigError("compiled programs are kept on disk for one device only, not under a mesh.")
+        self.executables = ExecutableStore(directory, fingerprint(self.cfg, self.dtype, self.runtime,
+                                                                  self.pixel_norm, self.pad_id))
+        return self.executables
+
+    def _call(self, name: str, jitted, args: tuple, static: tuple = ()):
+        """`jitted(*args, *static)`; with `keep_executables`, through the program compiled (or loaded)
+        once for `name`, the program's variant (its static arguments, and any shape they do not fix)."""
+        if self.executables is None:
+            return jitted(*args, *static)
+        compiled = self._loaded.get(name)
+        if compiled is None:
+            compiled = self._loaded.setdefault(name, self.executables.load_or_compile(name, jitted, args, static))
+        return compiled(*args)
 
     # -- memory ---------------------------------------------------------------------------------------
     def cache_bytes(self) -> int:
@@ -264,14 +287,14 @@ class Engine:
     def copy_slot(self, state: Slots, src: int, dst: int) -> Slots:
         """Slot `dst`'s cache rows become a copy of slot `src`'s (both free; dispatched, not awaited)."""
         with self._context():
-            return self._copy_slot(state, np.int32(src), np.int32(dst))
+            return self._call("copy()", self._copy_slot, (state, np.int32(src), np.int32(dst)))
 
     def new_state(self) -> Slots:
         """Every slot free (done), the cache zeroed. Refuses, before compiling anything, a cache that the
         device's free memory cannot hold (where the device reports its memory)."""
         self.check_memory()
         with self._context():
-            return self._new_state()
+            return self._call("state()", self._new_state, ())
 
     def check_memory(self) -> None:
         need = self.cache_bytes() // (self.mesh.shape.get("data", 1) if self.mesh is not None else 1)
@@ -467,10 +490,11 @@ class Engine:
                 pad(request.image_mask, False), *(c for _, c in chunks)]
         with self._context():
             ids, src, mask, *tiles = self._put(*host)
-            table = self._new_table()
+            table = self._call("table()", self._new_table, ())
             for (first, _), chunk in zip(chunks, tiles):
-                table = self._encode(self.vision_params(params), table, chunk, np.int32(first))
-            x = self._embed(self.embed_params(params), ids, src, mask, table)
+                table = self._call(f"encode({len(chunk)},)", self._encode,
+                                   (self.vision_params(params), table, chunk, np.int32(first)))
+            x = self._call("embed()", self._embed, (self.embed_params(params), ids, src, mask, table))
         return Prefill(p, ids, x, self.chunk_plan(p, start))
 
     def tiles_before(self, request: Request, start: int) -> int:
@@ -484,8 +508,10 @@ class Engine:
         start, chunk, keys, fresh = prefill.plan[prefill.next]
         last = np.int32(min(prefill.length - 1 - start, chunk - 1))
         with self._context():
-            state, prefill.logits = self._prefill(self.language_params(params), state, prefill.x, np.int32(slot),
-                                                  np.int32(start), last, chunk, keys, fresh)
+            state, prefill.logits = self._call(
+                f"prefill{(chunk, keys, fresh)}", self._prefill,
+                (self.language_params(params), state, prefill.x, np.int32(slot), np.int32(start), last),
+                (chunk, keys, fresh))
         prefill.next += 1
         return state
 
@@ -497,8 +523,9 @@ class Engine:
             raise ValueError(f"insert needs every chunk prefilled ({prefill.next} of {len(prefill.plan)} done)")
         greedy = bool(settings.temperature == 0)
         with self._context():
-            return self._insert(state, prefill.logits, prefill.ids, np.int32(prefill.length), np.int32(slot),
-                                np.int32(max_new), np.int32(eos), settings, greedy)
+            return self._call(f"insert{(greedy,)}", self._insert, (
+                state, prefill.logits, prefill.ids, np.int32(prefill.length), np.int32(slot), np.int32(max_new),
+                np.int32(eos), settings), (greedy,))
 
     def decode(self, params, state: Slots, live: int, longest: int, greedy: bool, stop: np.ndarray | None = None):
         """Up to STEPS tokens for slots 0..live-1 -> (state, out [N, STEPS + 1] on the device, N the bucket
@@ -508,7 +535,8 @@ class Engine:
         keys = smallest_at_least(min(longest + STEPS, self.capacity), self.decode_key_buckets)
         stop = np.zeros((self.max_batch,), bool) if stop is None else stop
         with self._context():
-            return self._decode(self.language_params(params), state, stop, n, keys, greedy)
+            return self._call(f"decode{(n, keys, greedy)}", self._decode, (self.language_params(params), state, stop),
+                              (n, keys, greedy))
 
     # -- warmup ---------------------------------------------------------------------------------------
     def programs(self) -> list[tuple[str, tuple]]:
@@ -527,30 +555,30 @@ class Engine:
         return out
 
     def _warmup_call(self, kind: str, static: tuple, params, state: Slots, host: tuple, made: dict):
-        """(jitted program, its arguments) for one entry of `programs()`; `host`: ids, src, mask on the
+        """(jitted program, its dynamic arguments, its static ones) for one entry of `programs()`; `host`: ids, src, mask on the
         device; `made`: the feature table, embeddings and logits that earlier programs made (or arrays of
         their shape and placement)."""
         lc, s, lm = self.cfg.language, self.cfg.vision.image_size, self.language_params(params)
         ids, src, mask = host
         if kind == "table":
-            return self._new_table, ()
-        if kind == "encode":
+            return self._new_table, (), ()
+        if kind == "encode":  # (the tile count is a shape, not a static argument)
             tiles = self._put(np.zeros((static[0], s, s, 3), np.uint8))[0]
-            return self._encode, (self.vision_params(params), made["table"], tiles, np.int32(0))
+            return self._encode, (self.vision_params(params), made["table"], tiles, np.int32(0)), ()
         if kind == "embed":
-            return self._embed, (self.embed_params(params), ids, src, mask, made["table"])
+            return self._embed, (self.embed_params(params), ids, src, mask, made["table"]), ()
         if kind == "prefill":
             chunk, keys, fresh = static
             start = 0 if fresh else keys - chunk
-            return self._prefill, (lm, state, made["x"], np.int32(0), np.int32(start), np.int32(0), chunk, keys, fresh)
+            return self._prefill, (lm, state, made["x"], np.int32(0), np.int32(start), np.int32(0)), static
         if kind == "release":
-            return self._release, (state, np.zeros((self.max_batch,), bool))
+            return self._release, (state, np.zeros((self.max_batch,), bool)), ()
         if kind == "copy":
-            return self._copy_slot, (state, np.int32(0), np.int32(0))
+            return self._copy_slot, (state, np.int32(0), np.int32(0)), ()
         if kind == "insert":
             return self._insert, (state, made["logits"], ids, np.int32(1), np.int32(0), np.int32(2),
-                                  np.int32(lc.eos_token_id), RowSampling.make(), static[0])
-        return self._decode, (lm, state, np.zeros((self.max_batch,), bool), *static)
+                                  np.int32(lc.eos_token_id), RowSampling.make()), static
+        return self._decode, (lm, state, np.zeros((self.max_batch,), bool)), static
 
     def warmup(self, params, progress: Callable[[int, int, str], None] | None = None,
                state: Slots | None = None, threads: int | None = None) -> dict:
@@ -578,9 +606,13 @@ class Engine:
         lock, done = threading.Lock(), [0]
 
         def compile_one(i: int) -> None:
-            fn, args = calls[i]
+            fn, args, static = calls[i]
+            name = "{}{}".format(*programs[i])
             with self._context():
-                fn.lower(*args).compile()
+                if self.executables is None:
+                    fn.lower(*args, *static).compile()
+                else:
+                    self._loaded[name] = self.executables.load_or_compile(name, fn, args, static)
             with lock:
                 done[0] += 1
                 if progress:
@@ -592,8 +624,8 @@ class Engine:
         made: dict = {}
         with self._context():  # each program once (compiled above: no tracing or compiling here)
             for kind, static in programs:
-                fn, args = self._warmup_call(kind, static, params, state, host, made)
-                out = fn(*args)
+                fn, args, static_args = self._warmup_call(kind, static, params, state, host, made)
+                out = self._call(f"{kind}{static}", fn, args, static_args)
                 if kind in ("table", "encode"):
                     made["table"] = out
                 elif kind == "embed":
@@ -604,11 +636,11 @@ class Engine:
                     state = out
                 else:
                     state = out[0]
-            state = self._release(state, np.ones((self.max_batch,), bool))
+            state = self._call("release()", self._release, (state, np.ones((self.max_batch,), bool)))
         jax.block_until_ready(state)
         return state, {"programs": len(programs), "seconds": time.perf_counter() - t0}
 
     def release(self, state: Slots, slots: np.ndarray) -> Slots:
         """Marks `slots` ([B] bool) done, with no decoding (slots freed by the host, e.g. at a stop string)."""
         with self._context():
-            return self._release(state, np.asarray(slots, bool))
+            return self._call("release()", self._release, (state, np.asarray(slots, bool)))

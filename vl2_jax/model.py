@@ -178,6 +178,12 @@ class VL2Model:
         norm = self.processor.pixel_norm if self.processor is not None else None
         return Engine(self.cfg, self.dtype, self.runtime, norm, pad_id, self.mesh)
 
+    def keep_executables(self, directory):
+        """Keeps the engine's compiled programs under `directory` (`Engine.keep_executables`): a later
+        process with the same model, runtime and code loads them instead of tracing and compiling.
+        Returns the `vl2_jax.executables.ExecutableStore` (its `report()`: programs loaded and compiled)."""
+        return self.engine.keep_executables(directory)
+
     def warmup(self, progress: Callable[[int, int, str], None] | None = None) -> dict:
         """Compiles every program the engine can run (`Engine.warmup`), so that no request compiles or
         traces afterwards. `progress(done, total, program)` after each. Returns {"programs", "seconds"}."""

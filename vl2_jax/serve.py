@@ -102,14 +102,13 @@ def _warmup_progress(log):
         tenth = done * 10 // max(total, 1)
         if tenth > shown[0] or done == total:
             shown[0] = tenth
-            log(f"warming up: {done}/{total} programs compiled ({time.perf_counter() - start:.0f} s)")
+            log(f"warming up: {done}/{total} programs ready ({time.perf_counter() - start:.0f} s)")
 
     return progress
 
 
 def run(args, log) -> int:
-    from vl2_jax import load
-    from vl2_jax.cli import _use_compile_cache, compile_cache_dir
+    from vl2_jax import executables, load
     from vl2_jax.config import Runtime
     from vl2_jax.errors import InputError
     from vl2_jax.images import ImageLimits
@@ -125,14 +124,16 @@ def run(args, log) -> int:
         image_limits=ImageLimits(max_pixels=args.max_image_pixels, allow_fetch=args.allow_fetch,
                                  local_dir=args.image_dir))
     sock = _listen(args.host, args.port)
-    _use_compile_cache(compile_cache_dir(args.compile_cache), log)
+    cache_dir = executables.use_compile_cache(executables.cache_dir(args.compile_cache), log)
     chunks = {} if args.prefill_chunk is None else {"prefill_chunks": (args.prefill_chunk,)}
     runtime = Runtime(moe=args.moe, attention=args.attention, kernels=args.kernels == "on", max_batch=args.max_batch,
                       max_seq_len=args.max_seq_len, prefix_cache=not args.no_prefix_cache, **chunks)
     model = load.load_model(args.model, args.dtype, runtime=runtime, mesh=args.mesh, progress=log)
+    store = executables.keep(model, cache_dir, log)
     if not args.no_warmup:
         report = model.warmup(_warmup_progress(log))
-        log(f"warm: {report['programs']} programs in {report['seconds']:.0f} s")
+        kept = "" if store is None else " ({loaded} loaded from the cache, {compiled} compiled)".format(**store.report())
+        log(f"warm: {report['programs']} programs in {report['seconds']:.0f} s{kept}")
     metrics = Metrics()
     scheduler = Scheduler(model, max_queue=args.max_queue, metrics=metrics.scheduler_hooks()).start()
     name = args.served_model_name or args.model

@@ -1,0 +1,92 @@
+"""Compiled programs kept on disk: a fresh model (as in a fresh process) loads them and then neither
+traces nor compiles; a file that does not load is compiled again; the key changes with what the
+programs depend on; old folders are pruned."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import vl2_jax
+from tests.test_engine import EVENTS, count_compiles, image
+from vl2_jax import Runtime
+from vl2_jax.errors import ConfigError
+from vl2_jax.executables import ExecutableStore, fingerprint
+
+# One slot of 128 tokens, one prefill chunk: a dozen programs, quick to compile on a CPU.
+SMALL = Runtime(max_batch=1, max_seq_len=128, prefill_chunks=(128,))
+
+
+def _model(runtime=SMALL):
+    return vl2_jax.load_model("random:test", "float32", runtime=runtime)
+
+
+def _ask(model):
+    p = model.processor
+    batch = p.batchify([p([{"role": "user", "content": "<image>\nWhat is this?"}], [image(3, 70, 50)])])
+    assert batch.input_ids.shape[1] < 100
+    return model.generate(batch, max_new_tokens=12).token_ids[0]
+
+
+def test_a_fresh_model_loads_every_program_and_traces_nothing(tmp_path):
+    first = _model()
+    store = first.keep_executables(tmp_path)
+    report = first.warmup()
+    made = report["programs"] + 1  # and the program that makes the empty state
+    assert store.report() == {"loaded": 0, "compiled": made, "failures": 0}
+    expected = _ask(first)
+
+    second = _model()  # new programs (new functions): without the store they would be traced again
+    again = second.keep_executables(tmp_path)
+    assert second.warmup()["programs"] == report["programs"]
+    assert again.report() == {"loaded": made, "compiled": 0, "failures": 0}
+    tokens, counts = count_compiles(lambda: _ask(second))
+    assert counts == dict.fromkeys(EVENTS, 0), counts
+    assert tokens == expected
+
+    # the control: the same questions with no store trace and compile
+    _, counts = count_compiles(lambda: _ask(_model()))
+    assert all(counts[e] > 0 for e in EVENTS), counts
+
+
+def test_a_file_that_does_not_load_is_compiled_again(tmp_path):
+    first = _model()
+    first.keep_executables(tmp_path)
+    expected = _ask(first)
+    files = sorted(p for p in tmp_path.rglob("decode*.bin"))
+    assert files
+    files[0].write_bytes(b"not an executable")
+
+    second = _model()
+    store = second.keep_executables(tmp_path)
+    assert _ask(second) == expected
+    assert store.report()["failures"] == 1 and store.report()["compiled"] == 1
+    third = _model()
+    store = third.keep_executables(tmp_path)
+    assert _ask(third) == expected
+    assert store.report()["compiled"] == 0 and store.report()["failures"] == 0  # it was written whole again
+
+
+def test_the_key_follows_what_the_programs_depend_on():
+    cfg = vl2_jax.load_model("random:test", "float32").cfg
+    same = fingerprint(cfg, np.dtype("float32"), SMALL)
+    assert fingerprint(cfg, np.dtype("float32"), SMALL) == same
+    assert fingerprint(cfg, np.dtype("bfloat16"), SMALL) != same
+    assert fingerprint(cfg, np.dtype("float32"), Runtime(max_batch=2, max_seq_len=128, prefill_chunks=(128,))) != same
+
+
+def test_old_folders_are_pruned(tmp_path):
+    import os
+    import time
+
+    for i in range(6):
+        (tmp_path / f"old{i}").mkdir()
+        os.utime(tmp_path / f"old{i}", (time.time() - 100 + i, time.time() - 100 + i))
+    ExecutableStore(tmp_path, "current", keep=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "old4", "old5"]
+
+
+def test_under_a_mesh_programs_are_not_kept(tmp_path):
+    model = vl2_jax.load_model("random:test", "float32", runtime=SMALL, mesh="auto")
+    with pytest.raises(ConfigError, match="mesh"):
+        model.keep_executables(tmp_path)

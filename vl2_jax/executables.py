@@ -1,0 +1,186 @@
+"""Compiled programs kept on disk, so that a fresh process neither traces nor compiles them again.
+
+JAX's persistent compilation cache keeps compiled XLA programs, but it finds one by its lowered
+module: every fresh process still traces and lowers each Python function first (on an H200 that was
+6.3 s of a command-line answer's first token, with every program in the cache). This store keys each
+program by what determines it without tracing it: the model's config and runtime (in `fingerprint`),
+the program's name and static arguments, and the shapes, dtypes and placements of its inputs. A hit is
+the serialized executable (`jax.experimental.serialize_executable`), loaded in milliseconds.
+
+    store = ExecutableStore("~/.cache/vl2_jax/xla/executables", fingerprint(cfg, dtype, runtime))
+    compiled = store.load_or_compile("decode(1, 512, True)", jitted, dynamic_args, static_args)
+    out = compiled(*dynamic_args)
+
+The fingerprint also covers the package's source, JAX's and jaxlib's versions, the device kind and
+the XLA flags, so that a change to any of them compiles afresh (into a new folder; the oldest folders
+beyond `keep` are removed). A file that does not load (truncated, from another build) is compiled
+and written again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+
+FORMAT = 1  # bump when the file layout below changes
+
+
+def _source_digest() -> str:
+    """The package's Python source, hashed: any edit to the model code is a different program."""
+    digest = hashlib.sha256()
+    root = Path(__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def fingerprint(*parts: object) -> str:
+    """A digest of `parts` (e.g. the config, dtype and runtime: their reprs) and of everything else a
+    compiled program depends on: this package's source, JAX and jaxlib, the devices, the XLA flags."""
+    import jaxlib
+
+    device = jax.devices()[0]
+    context = (FORMAT, _source_digest(), jax.__version__, jaxlib.__version__, device.platform,
+               device.device_kind, jax.device_count(), getattr(device.client, "platform_version", ""),
+               os.environ.get("XLA_FLAGS", ""), jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision)
+    return hashlib.sha256(repr((context, parts)).encode()).hexdigest()[:24]
+
+
+def describe(args: Sequence) -> str:
+    """The shapes, dtypes and placements of a call's arguments (a pytree), as text."""
+
+    def leaf(x):
+        if isinstance(x, jax.Array):
+            return f"{x.dtype}{list(x.shape)}@{x.sharding}"
+        return f"{type(x).__name__}:{getattr(x, 'dtype', '')}{list(getattr(x, 'shape', ()))}"
+
+    leaves, tree = jax.tree.flatten(args)
+    return f"{tree}|{'|'.join(leaf(x) for x in leaves)}"
+
+
+def _device(args: Sequence):
+    """The one device a call of `args` runs on: its arrays', else JAX's default device."""
+    for x in jax.tree.leaves(args):
+        if isinstance(x, jax.Array):
+            (device,) = x.sharding.device_set
+            return device
+    return jax.config.jax_default_device or jax.devices()[0]
+
+
+class ExecutableStore:
+    """Serialized executables under `directory/<fingerprint>/`, one file per program variant.
+
+    Counts programs `loaded` (from disk), `compiled` (then written) and `failures` (files that
+    would not load or could not be written: compiled as if missing). Safe to use from several threads
+    (warmup compiles in parallel); files are written whole or not at all.
+    """
+
+    def __init__(self, directory: str | os.PathLike, fingerprint: str, keep: int = 4):
+        self.root = Path(directory).expanduser()
+        self.directory = self.root / fingerprint
+        self.loaded = self.compiled = self.failures = 0
+        self._lock = threading.Lock()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        os.utime(self.directory)  # most recently used: kept by the pruning below
+        self._prune(keep)
+
+    def _prune(self, keep: int) -> None:
+        """Removes all but the `keep` most recently used fingerprint folders (older code or settings)."""
+        folders = sorted((p for p in self.root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in folders[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def path(self, name: str, args: Sequence, static: tuple = ()) -> Path:
+        """The file of program `name` called with `args` (dynamic) and `static`."""
+        key = hashlib.sha256(f"{name}|{static!r}|{describe(args)}".encode()).hexdigest()[:16]
+        return self.directory / f"{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-')}-{key}.bin"
+
+    def load_or_compile(self, name: str, jitted, args: Sequence, static: tuple = ()):
+        """The compiled program `jitted(*args, *static)` (a `jax.stages.Compiled`, called with `args`
+        only): loaded from its file, else traced, compiled and written there."""
+        from jax.experimental import serialize_executable
+
+        path = self.path(name, args, static)
+        if path.exists():
+            try:
+                payload, in_tree, out_tree = pickle.loads(path.read_bytes())
+                compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
+                                                                     execution_devices=[_device(args)])
+                self._count("loaded")
+                return compiled
+            except Exception:  # noqa: BLE001 - any file that does not load is compiled again
+                self._count("failures")
+        compiled = jitted.lower(*args, *static).compile()
+        self._count("compiled")
+        try:
+            data = pickle.dumps(serialize_executable.serialize(compiled))
+            with tempfile.NamedTemporaryFile(dir=self.directory, suffix=".partial", delete=False) as f:
+                f.write(data)
+            os.replace(f.name, path)
+        except Exception:  # noqa: BLE001 - a program that cannot be kept still runs
+            self._count("failures")
+        return compiled
+
+    def _count(self, what: str) -> None:
+        with self._lock:
+            setattr(self, what, getattr(self, what) + 1)
+
+    def report(self) -> dict:
+        """{"loaded", "compiled", "failures"}: the counts so far."""
+        return {"loaded": self.loaded, "compiled": self.compiled, "failures": self.failures}
+
+
+# -- the entry points' --compile-cache ----------------------------------------------------------------
+def cache_dir(flag: str | None) -> str:
+    """Where compiled programs persist between runs: the flag, else $VL2_JAX_COMPILE_CACHE, else
+    ~/.cache/vl2_jax/xla ("" = nowhere)."""
+    if flag is not None:
+        return flag
+    default = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vl2_jax", "xla")
+    return os.environ.get("VL2_JAX_COMPILE_CACHE", default)
+
+
+def use_compile_cache(path: str, log: Callable[[str], None]) -> str:
+    """JAX's persistent compilation cache: a second run with the same shapes loads its programs instead
+    of compiling them again (seconds per prompt length on a GPU). JAX_COMPILATION_CACHE_DIR wins for
+    JAX's cache. Returns `path` if it is a usable folder (then also for `keep`), else ""."""
+    if not path:
+        return ""
+    try:
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK):
+            raise PermissionError("not writable")
+    except OSError as e:
+        log(f"compiled programs not cached: cannot use {path} ({e.strerror or e}); see --compile-cache")
+        return ""
+    if jax.config.jax_compilation_cache_dir:
+        return path
+    jax.config.update("jax_compilation_cache_dir", path)
+    # Keep every program, not only those slower than a second to compile (JAX's default): a fresh
+    # process then compiles nothing that an earlier one did.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    log(f"compiled programs cached in {path}")
+    return path
+
+
+def keep(model, directory: str, log: Callable[[str], None]) -> ExecutableStore | None:
+    """The model's engine programs kept as executables in `directory`/executables (`use_compile_cache`'s
+    folder), so that a fresh process loads them without tracing -> the store, or None (no folder, or a
+    mesh)."""
+    if not directory or model.mesh is not None:
+        return None
+    try:
+        return model.keep_executables(os.path.join(directory, "executables"))
+    except OSError as e:
+        log(f"compiled programs not kept: cannot use {directory} ({e.strerror or e}); see --compile-cache")
+        return None
