@@ -121,16 +121,33 @@ def test_signatures_tell_images_apart_behind_the_same_ids():
 def test_slots_are_chosen_hits_first_then_empty_then_least_recently_used():
     p = SlotPrefixes(3, granularity=4)
     sig = np.arange(20, dtype=np.int64)
-    assert p.choose([0, 1, 2], sig) == (0, 0, None)  # all empty: the lowest
+    assert p.choose([0, 1, 2], sig) == (0, 0, None, None)  # all empty: the lowest
     p.keep(1, sig[:10], [100, 101, 102])  # holds 12 entries
     p.keep(2, np.arange(50, 60, dtype=np.int64), [1])
-    assert p.choose([0, 1, 2], sig) == (1, 8, None)  # 10 common, rounded down to 8
+    assert p.choose([0, 1, 2], sig) == (1, 8, None, None)  # 10 common, rounded down to 8
     assert p.choose([1, 2], np.arange(200, 210, dtype=np.int64))[0] == 1  # the least recently used
-    assert p.choose([2], sig[:4]) == (2, 0, None)  # at least one prompt token is prefilled
+    assert p.choose([2], sig[:4]) == (2, 0, None, None)  # at least one prompt token is prefilled
     # slot 1 would enlarge the decode program: its prefix is copied into slot 0, which then holds it
-    assert p.choose([0, 1, 2], sig, below=1) == (0, 8, 1) and np.array_equal(p.held[0], sig[:8])
-    assert p.choose([1, 2], sig, below=1) == (1, 8, None)  # nothing below: any slot
+    assert p.choose([0, 1, 2], sig, below=1) == (0, 8, 1, None) and np.array_equal(p.held[0], sig[:8])
+    assert p.choose([1, 2], sig, below=1) == (1, 8, None, None)  # nothing below: any slot
     assert p.lookups == 6 and p.hits == 24
+
+
+def test_entries_about_to_be_overwritten_move_up_into_an_idle_slot():
+    p = SlotPrefixes(3, granularity=4)
+    a, b = np.arange(20, dtype=np.int64), np.arange(100, 120, dtype=np.int64)
+    p.keep(0, a, [7])
+    assert p.choose([0, 1, 2], b, below=1) == (0, 0, None, 1)  # slot 0 taken; its entries go to empty slot 1
+    assert np.array_equal(p.held[1], p.held[0]) and np.array_equal(p.held[1][:20], a)
+    p.keep(0, b, [8])
+    # `a` again: cached in slot 1, copied down into slot 0, whose `b` goes up to the empty slot 2
+    assert p.choose([0, 1, 2], a, below=1) == (0, 16, 1, 2)
+    assert np.array_equal(p.held[2][:20], b) and np.array_equal(p.held[0], a[:16])
+    p.keep(0, np.arange(300, 320, dtype=np.int64), [9])
+    p.keep(1, np.arange(400, 420, dtype=np.int64), [9])  # now the most recent of the idle slots
+    # a miss evicts into the idle slot that holds the oldest entries (slot 2), never a newer one
+    assert p.choose([0, 1, 2], np.arange(500, 520, dtype=np.int64), below=1) == (0, 0, None, 2)
+    assert p.held[2][0] == 300 and p.held[1][0] == 400
 
 
 def test_nothing_compiles_after_warmup_when_prompts_continue_from_the_cache():
@@ -149,15 +166,21 @@ def test_nothing_compiles_after_warmup_when_prompts_continue_from_the_cache():
     m.give_state(b.state)
 
 
-def test_requests_one_at_a_time_stay_in_slot_zero():
+def test_requests_one_at_a_time_stay_in_slot_zero_and_keep_the_last_prefixes_above():
     """A decode call runs every slot up to the highest live one: a lone request in slot 1 would run the
-    two-slot program, so one at a time they all take slot 0 (evicting its prefix) rather than the empty
-    slot 1."""
+    two-slot program, so one at a time they all take slot 0, and the entries each one overwrites move
+    up to slot 1: asking the one before last again continues from the cache, with the same answer."""
     b = batcher()
     b.prefixes.clear()
-    for prompt in ("One.", "Two, different.", "Three, different again."):
-        answer(b, request([{"role": "user", "content": prompt}]), 3)
-    assert [len(held) > 0 for held in b.prefixes.held] == [True, False]
+    taken = []
+    jobs = []
+    for prompt in ("One.", "Two, a different question.", "Three, different again."):
+        jobs.append(answer(b, request([{"role": "user", "content": prompt}]), 3))
+        taken.append(jobs[-1].slot)
+    assert taken == [0, 0, 0]
+    assert all(len(held) > 0 for held in b.prefixes.held)
+    again = answer(b, request([{"role": "user", "content": "Two, a different question."}]), 3)
+    assert again.slot == 0 and again.cached_tokens > 0 and again.token_ids == jobs[1].token_ids
     model().give_state(b.state)
 
 

@@ -114,6 +114,7 @@ class Job:
     submitted: float = 0.0
     first_token_at: float | None = None
     cached_tokens: int = 0  # prompt tokens a slot already held (the prefix cache)
+    slot: int = -1  # the engine slot it was given (-1: none yet)
     reported: int = 0  # token ids handed to on_update so far
     signature: np.ndarray | None = None  # (prefix_cache.signature, with the prefix cache on)
 
@@ -215,6 +216,7 @@ class Batcher:
         while self.pending and self.free:
             job = self.pending.popleft()
             slot, start = self._choose_slot(job)
+            job.slot = slot
             try:
                 self.prefilling.append((slot, job, engine.begin(self.params, job.request, start)))
                 job.cached_tokens = start
@@ -251,7 +253,9 @@ class Batcher:
         job.signature = signature(r.ids, r.src, r.image_mask, r.tiles, self.engine.side)
         in_use = self.engine.max_batch - len(self.free)
         below = smallest_at_least(in_use + 1, self.engine.slot_buckets)  # (the bucket one more job needs)
-        slot, start, source = self.prefixes.choose(self.free, job.signature, below)
+        slot, start, source, save = self.prefixes.choose(self.free, job.signature, below)
+        if save is not None:  # (the entries the job will overwrite, kept further up)
+            self.state = self.engine.copy_slot(self.state, slot, save)
         if source is not None:
             self.state = self.engine.copy_slot(self.state, source, slot)
         self.free.remove(slot)

@@ -11,7 +11,9 @@ least one prompt token to prefill (its logits give the first answer token). A sl
 until a job that does not share them takes it: free slots are handed out hits first, then empty or
 least recently used ones (eviction), among the slots that keep the decode program no larger than the
 number of running jobs needs; a prefix cached in a slot further up is copied into the slot taken
-(one device copy of the slot's rows). The memory is the slots' own cache.
+(one device copy of the slot's rows), and the entries a job is about to overwrite move up into a free
+slot beyond those (empty, else holding older entries), so the slots that a small decode program leaves
+idle keep the most recent prefixes. The memory is the slots' own cache.
 """
 
 from __future__ import annotations
@@ -57,12 +59,15 @@ class SlotPrefixes:
         self.used = [0.0] * slots
         self.lookups = self.hits = 0  # prompts looked up; prompt tokens served from a cache
 
-    def choose(self, free: list[int], sig: np.ndarray, below: int | None = None) -> tuple[int, int, int | None]:
-        """(slot, start, source) for a prompt of signature `sig`: the free slot to take, the number of its
-        tokens that are cached (0: none; a multiple of `granularity`, below len(sig)), and the free slot
-        that holds them when it is not `slot` (the caller copies it over), else None. The slot is one
-        under `below` where there is any: a decode call runs every slot up to the highest live one, so a
-        slot further up would slow every answer; a prefix cached further up is copied down instead."""
+    def choose(self, free: list[int], sig: np.ndarray, below: int | None = None
+               ) -> tuple[int, int, int | None, int | None]:
+        """(slot, start, source, save) for a prompt of signature `sig`: the free slot to take, the number
+        of its tokens that are cached (0: none; a multiple of `granularity`, below len(sig)), the free slot
+        that holds them when it is not `slot` (else None), and a free slot that `slot`'s present entries
+        move to before they are overwritten (else None). The caller copies `slot` to `save` first, then
+        `source` to `slot`. The slot is one under `below` where there is any: a decode call runs every
+        slot up to the highest live one, so a slot further up would slow every answer; a prefix cached
+        further up is copied down instead, and one about to be evicted is copied up."""
         source, start = None, 0
         for slot in free:
             held = self.held[slot]
@@ -79,10 +84,17 @@ class SlotPrefixes:
                        key=lambda s: (len(self.held[s]) > 0, self.used[s], s))
         self.lookups += 1
         self.hits += start
+        save = None
+        if len(self.held[slot]) and source != slot:
+            far = [s for s in free if s not in near and s != source]
+            oldest = min(far, key=lambda s: (len(self.held[s]) > 0, self.used[s], s), default=None)
+            if oldest is not None and (not len(self.held[oldest]) or self.used[oldest] < self.used[slot]):
+                save = oldest
+                self.held[save], self.used[save] = self.held[slot], self.used[slot]
         if source is not None and source != slot:
             self.held[slot] = self.held[source][:start].copy()
-            return slot, start, source
-        return slot, start, None
+            return slot, start, source, save
+        return slot, start, None, save
 
     def keep(self, slot: int, sig: np.ndarray, answer: list[int]) -> None:
         """The slot's job ended: it holds the prompt (`sig`) and the answer's tokens but the last."""
