@@ -172,6 +172,25 @@ def test_chat_with_an_image_part_becomes_the_official_prompt(sched, url):
     assert out.usage.prompt_tokens == len(want.input_ids) and out.usage.completion_tokens == 4
 
 
+def test_with_the_prefix_cache_jobs_are_signed_before_the_scheduler_gets_them():
+    """The prefix cache's key hashes every tile: the API computes it on its host threads, so the
+    scheduler's device thread does not."""
+    from vl2_jax.prefix_cache import signature
+
+    sched = FakeScheduler()
+    p = processor()
+    sched.model.engine = Engine(PRESETS["test"], jnp.float32, Runtime(max_batch=4, max_seq_len=256, prefix_cache=True),
+                                p.pixel_norm, p.pad_id)
+    app = create_app(sched, MODEL, p, ServerSettings(max_images=2), Metrics())
+    with running(app) as url:
+        client(url).chat.completions.create(model=MODEL, max_tokens=3, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": png_data_url(5)}}, {"type": "text", "text": "What?"}]}])
+    r = sched.jobs[-1].request
+    assert r.tiles is not None and sched.jobs[-1].signature is not None
+    want = signature(r.ids, r.src, r.image_mask, r.tiles, PRESETS["test"].tokens_per_tile_side)
+    assert np.array_equal(sched.jobs[-1].signature, want) and (want < 0).any()  # image tokens by digest
+
+
 def test_chat_stream_is_the_same_text_in_chunks_with_usage(sched, url):
     stream = client(url).chat.completions.create(model=MODEL, stream=True, stream_options={"include_usage": True},
                                                  messages=[{"role": "user", "content": "Hi"}], seed=3, stop=["x"])

@@ -137,6 +137,13 @@ class Job:
         return len(self.request.ids)
 
 
+def sign(job: Job, side: int) -> None:
+    """Computes `job.signature` (the prefix cache's key: token ids, image tokens by their tile's pixel
+    digest) ahead of admission, off the thread that drives the device."""
+    r = job.request
+    job.signature = signature(r.ids, r.src, r.image_mask, r.tiles, side)
+
+
 class Batcher:
     """Continuous batching on the engine, on the host: jobs join free slots and leave as they end.
 
@@ -249,8 +256,8 @@ class Batcher:
         """(slot, cached prompt tokens) for a job about to be admitted; the slot leaves the free list."""
         if self.prefixes is None:
             return self.free.pop(0), 0
-        r = job.request
-        job.signature = signature(r.ids, r.src, r.image_mask, r.tiles, self.engine.side)
+        if job.signature is None:  # (a server signs its jobs on its host threads: `sign`)
+            sign(job, self.engine.side)
         in_use = self.engine.max_batch - len(self.free)
         below = smallest_at_least(in_use + 1, self.engine.slot_buckets)  # (the bucket one more job needs)
         slot, start, source, save = self.prefixes.choose(self.free, job.signature, below)

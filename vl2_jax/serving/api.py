@@ -52,7 +52,7 @@ from starlette.requests import ClientDisconnect
 
 from vl2_jax.engine import Request as EngineRequest
 from vl2_jax.errors import InputError
-from vl2_jax.generation import Job
+from vl2_jax.generation import Job, sign
 from vl2_jax.images import ImageLimits, load_image
 from vl2_jax.sampling import RowSampling
 from vl2_jax.serving.metrics import Metrics
@@ -325,7 +325,10 @@ class _Server:
         limit = sampling.max_tokens or self.settings.default_max_tokens or room
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(32)
         row = RowSampling.make(sampling.temperature, sampling.top_k, sampling.top_p, sampling.repetition_penalty, seed)
-        return Job(request, max(1, min(limit, room)), row, sampling.stop, -1 if sampling.ignore_eos else self.eos)
+        job = Job(request, max(1, min(limit, room)), row, sampling.stop, -1 if sampling.ignore_eos else self.eos)
+        if self.engine.runtime.prefix_cache:
+            sign(job, self.side)  # (hashing the tiles here, on a host thread, not on the device's)
+        return job
 
     def submit(self, job: Job) -> Handle:
         if self.draining:
