@@ -144,3 +144,12 @@ def test_idle_gaps_of_a_kernel_timeline():
     got = module.idle_gaps(timeline, top=1)
     assert got["span_ms"] == 0.5 and abs(got["idle_ms"] - 0.29) < 1e-9
     assert got["largest_gaps"] == [{"ms": 0.28, "after": "b", "before": "c"}]
+
+
+def test_alone_vs_together_finds_float32_answers_identical():
+    r = _run("benchmarks/alone_vs_together.py", "--model", "random:test", "--dtype", "float32", "--requests", "4",
+             "--new-tokens", "6", "--max-batch", "2", "--max-seq-len", "512")
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads(r.stdout.splitlines()[-1])
+    assert row["identical"] == 4 and row["first_difference"] == [None] * 4
+
