@@ -146,6 +146,17 @@ def test_idle_gaps_of_a_kernel_timeline():
     assert got["largest_gaps"] == [{"ms": 0.28, "after": "b", "before": "c"}]
 
 
+@pytest.mark.parametrize("mode", ["default", "readonly"])
+def test_load_profile_times_every_leaf(tmp_path, mode):
+    fixture = ROOT.parent / "shared" / "fixtures" / "mla" / "ckpt"
+    assert _run("-m", "convert", str(fixture), str(tmp_path / "ckpt")).returncode == 0
+    r = _run("benchmarks/load_profile.py", str(tmp_path / "ckpt"), "--mode", mode)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads(r.stdout.splitlines()[-1])
+    assert row["leaves"] > 10 and row["weights_gb"] >= 0 and row["wall_s"] > 0
+    assert (row["device_put_s_summed"] > 0) == (mode == "default")
+
+
 def test_alone_vs_together_finds_float32_answers_identical():
     r = _run("benchmarks/alone_vs_together.py", "--model", "random:test", "--dtype", "float32", "--requests", "4",
              "--new-tokens", "6", "--max-batch", "2", "--max-seq-len", "512")
