@@ -172,6 +172,29 @@ def test_chat_with_an_image_part_becomes_the_official_prompt(sched, url):
     assert out.usage.prompt_tokens == len(want.input_ids) and out.usage.completion_tokens == 4
 
 
+def test_a_request_past_the_timeout_is_cancelled_with_a_504():
+    """request_timeout_s: an answer still running after it gets 504 (a stream: an error event, then
+    [DONE]), and its job is cancelled, freeing its slot."""
+    sched = FakeScheduler()
+    sched.script = lambda job: answer(job, delay=0.4)  # 1.6 s in all
+    app = create_app(sched, MODEL, processor(), ServerSettings(request_timeout_s=0.5), Metrics())
+    body = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
+    with running(app) as url:
+        start = time.monotonic()
+        r = httpx2.post(url + "/v1/chat/completions", json=body, timeout=10)
+        assert r.status_code == 504 and time.monotonic() - start < 1.4
+        assert r.json()["error"]["type"] == "timeout" and "--request-timeout" in r.json()["error"]["message"]
+        assert len(sched.cancelled) == 1
+        lines = [x for x in httpx2.post(url + "/v1/chat/completions", json={**body, "stream": True}, timeout=10)
+                 .text.splitlines() if x.startswith("data: ")]
+        assert '"timeout"' in lines[-2] and lines[-1] == "data: [DONE]"
+        assert "Hel" in "".join(lines)  # what came before the limit was sent
+        assert len(sched.cancelled) == 2
+        sched.script = answer  # a quick answer is untouched
+        assert httpx2.post(url + "/v1/chat/completions", json=body, timeout=10).json()["choices"][0]["message"][
+            "content"] == "Hello, world"
+
+
 def test_with_the_prefix_cache_jobs_are_signed_before_the_scheduler_gets_them():
     """The prefix cache's key hashes every tile: the API computes it on its host threads, so the
     scheduler's device thread does not."""

@@ -71,6 +71,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-pixels", type=number(int, 1), default=40_000_000,
                    help="pixels (width x height) an image may have (default 40,000,000)")
     p.add_argument("--max-body-mb", type=number(int, 1), default=64, help="request body size limit (default 64 MB)")
+    p.add_argument("--request-timeout", type=number(float, 0), default=600.0, metavar="S",
+                   help="cancel a request still running S seconds after it arrived, answering 504 (default 600; "
+                        "0: no limit)")
     p.add_argument("--drain-seconds", type=float, default=20.0,
                    help="on SIGTERM, how long requests in flight may take to finish (default 20)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
@@ -121,6 +124,7 @@ def run(args, log) -> int:
     settings = ServerSettings(
         api_key=args.api_key if args.api_key is not None else os.environ.get("VL2_API_KEY") or None,
         max_body_bytes=args.max_body_mb << 20, max_images=args.max_images,
+        request_timeout_s=args.request_timeout or None,
         image_limits=ImageLimits(max_pixels=args.max_image_pixels, allow_fetch=args.allow_fetch,
                                  local_dir=args.image_dir))
     sock = _listen(args.host, args.port)

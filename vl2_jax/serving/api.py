@@ -81,7 +81,9 @@ class ServerSettings:
     image_limits: what an image reference may be (`images.ImageLimits`; by default no fetching and no
     local files: data URLs and base64 only). default_max_tokens: an answer's limit when the request sets
     none (None: until the slot is full). host_threads: requests whose images and prompt are processed at
-    once. retry_after_s: the Retry-After of a 429."""
+    once. retry_after_s: the Retry-After of a 429. request_timeout_s: how long a request may take from
+    its arrival to its answer's end (None: no limit); one that runs longer is cancelled and answered
+    with a 504 (mid-stream: an error event)."""
 
     api_key: str | None = None
     max_body_bytes: int = 64 << 20
@@ -91,6 +93,7 @@ class ServerSettings:
     health_timeout_s: float = 20.0
     host_threads: int = 4
     retry_after_s: int = 1
+    request_timeout_s: float | None = 600.0
 
 
 def create_app(scheduler, model_name: str, processor, settings: ServerSettings | None = None,
@@ -202,6 +205,8 @@ def _failure(event: Event) -> APIError | None:
         return APIError(500, f"the generation failed: {event.error}", "server_error")
     if event.finish_reason == "abort":
         return APIError(503, "the request was cancelled: the server is shutting down.", "service_unavailable")
+    if event.finish_reason == "timeout":
+        return APIError(504, f"the request was cancelled: {event.error}", "timeout")
     return None
 
 
@@ -347,12 +352,12 @@ class _Server:
         key = id(handle)
         self._tokens[key] = len(handle.job.request.ids)
         try:
-            async for event in handle.events():
+            async for event in self._until(handle, t0):
                 self._tokens[key] = event.prompt_tokens + event.completion_tokens
                 if first and event.token_ids:
                     self.metrics.first_token(time.perf_counter() - t0, event.prompt_tokens)
                     first = False
-                if event.finish_reason is not None:
+                if event.finish_reason not in (None, "timeout"):  # (a timed-out job is cancelled below)
                     finished = True
                     self.metrics.finished(time.perf_counter() - t0)
                 yield event
@@ -360,6 +365,25 @@ class _Server:
             self._tokens.pop(key, None)
             if not finished:
                 handle.cancel()
+
+    async def _until(self, handle: Handle, t0: float) -> AsyncIterator[Event]:
+        """The job's events up to `request_timeout_s` after `t0`; then a last event "timeout" (the
+        caller's `events` cancels the job)."""
+        limit = self.settings.request_timeout_s
+        events = handle.events()
+        tokens = [len(handle.job.request.ids), 0]
+        while True:
+            left = None if limit is None else t0 + limit - time.perf_counter()
+            try:
+                event = await asyncio.wait_for(anext(events), left)
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                yield Event("", [], "timeout", *tokens, error=f"it ran longer than the server's limit of {limit:g} s "
+                            "(--request-timeout); ask for fewer tokens or raise the limit.")
+                return
+            tokens = [event.prompt_tokens, event.completion_tokens]
+            yield event
 
     async def collect(self, handle: Handle, t0: float, request: Request) -> tuple[str, list[int], Event]:
         """(text, token ids, last event) of a whole answer; cancels the job if the client leaves first."""
