@@ -13,7 +13,7 @@ from tests.conftest import ckpt_dir, load_case, open_images
 from vl2_jax import Runtime
 from vl2_jax.engine import CompileWatch, Request
 from vl2_jax.generation import Batcher, Job
-from vl2_jax.prefix_cache import SlotPrefixes, signature
+from vl2_jax.prefix_cache import SlotPrefixes, TileFeatures, signature, tile_digests
 from vl2_jax.sampling import RowSampling
 
 VARIANT = "mla"
@@ -200,3 +200,44 @@ def test_a_prefix_cached_in_a_higher_slot_is_copied_down_and_answers_the_same():
     assert np.array_equal(b.prefixes.held[0][: again.prompt_tokens], signature(
         req.ids, req.src, req.image_mask, req.tiles, model().cfg.tokens_per_tile_side))
     model().give_state(b.state)
+
+
+def test_an_image_seen_behind_another_prefix_is_not_encoded_again_and_answers_the_same(monkeypatch):
+    """The tile-feature cache: the same image after a different system prompt shares no prefix with
+    the earlier prompt, but its tiles' features are kept, so the vision tower does not run again."""
+    m = model()
+    img = image(8, 90, 60)
+    first = request([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image>\nWhat?"}], [img])
+    second = request([{"role": "system", "content": "Answer at length, please."},
+                      {"role": "user", "content": "<image>\nWhat?"}], [img])
+    b = batcher()
+    b.features = TileFeatures(1 << 30)
+    b.prefixes.clear()
+    fresh = answer(b, second, 8)
+    assert b.features.hits == 0 and len(b.features.entries) == len(second.tiles)
+    b.features.clear()
+    b.prefixes.clear()
+    answer(b, first, 8)
+    calls, call = [], b.engine._call
+    monkeypatch.setattr(b.engine, "_call", lambda name, *args: (calls.append(name), call(name, *args))[1])
+    again = answer(b, second, 8)
+    assert not [c for c in calls if c.startswith("encode")] and calls.count("put()") == len(second.tiles)
+    assert again.cached_tokens == 0  # (the prompts part before the image)
+    assert b.features.hits == len(second.tiles) and b.features.lookups == 3 * len(second.tiles)
+    assert again.token_ids == fresh.token_ids
+    m.give_state(b.state)
+
+
+def test_tile_features_drop_the_least_recently_used_beyond_the_budget():
+    f = TileFeatures(budget=3 * 400)
+    arrays = {d: np.zeros((10, 10), np.float32) for d in range(5)}  # 400 bytes each
+    for d in (0, 1, 2):
+        f.put(d, arrays[d])
+    assert f.get(0) is arrays[0]  # 0 is now the most recently used
+    f.put(3, arrays[3])  # drops 1, the least recently used
+    assert f.get(1) is None and f.get(2) is arrays[2] and f.get(3) is arrays[3]
+    assert f.bytes == 1200 and (f.hits, f.lookups) == (3, 4)
+    f.put(4, np.zeros((20, 20), np.float32))  # larger than the whole budget: not kept
+    assert 4 not in f.entries
+    assert tile_digests(np.zeros((2, 4, 4, 3), np.uint8))[0] == tile_digests(np.zeros((1, 4, 4, 3), np.uint8))[0]
+

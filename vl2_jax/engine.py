@@ -6,7 +6,9 @@ join and leave between decode calls. Every shape comes from a small set chosen w
 so that after `warmup()` no request compiles or traces anything:
 
 - encode: the vision tower and projector over a chunk of a prompt's tiles (`TILE_CHUNKS` tiles; a
-  partial chunk is padded), writing their tokens into a feature table of fixed size;
+  partial chunk is padded), writing their tokens into a feature table of fixed size; a tile whose
+  tokens are kept from before (`prefix_cache.TileFeatures`) is written in from there instead (put),
+  and a newly encoded one is taken out to be kept (take);
 - embed: the prompt's token embeddings with the image features gathered from that table, into a buffer
   of `capacity` rows;
 - prefill: one chunk of a prompt (a length from `Runtime.prefill_chunks`) into a slot, attending to the
@@ -46,6 +48,7 @@ from vl2_jax.executables import ExecutableStore, fingerprint
 from vl2_jax.modules.language import LanguageModel
 from vl2_jax.modules.vision import normalize_pixels
 from vl2_jax.modules.vl2 import VL2
+from vl2_jax.prefix_cache import TileFeatures
 from vl2_jax.processor import NEWLINE_SOURCE, SEPARATOR_SOURCE, TILE_SOURCES, PixelNorm, image_token_sources
 from vl2_jax.sampling import RowSampling, sample_rows
 from vl2_jax.sharding import Layout
@@ -310,23 +313,44 @@ class Engine:
 
     @functools.cached_property
     def _new_table(self):
-        """() -> an empty feature table [R, D] (rows: newline, separator, then tile tokens)."""
-        return self._jit(lambda: jnp.zeros((self.table_rows, self.cfg.language.hidden_size), self.dtype), "array")
+        """(newline [D], separator [D]) -> a feature table [R, D]: the two layout rows, then zeros where
+        the tiles' tokens go."""
+
+        def table(newline, separator):
+            out = jnp.zeros((self.table_rows, self.cfg.language.hidden_size), self.dtype)
+            return out.at[NEWLINE_SOURCE].set(newline.astype(self.dtype)).at[SEPARATOR_SOURCE].set(separator.astype(self.dtype))
+
+        return self._jit(table, "array")
 
     @functools.cached_property
     def _encode(self):
-        """(params, table [R, D] (donated), tiles [I, S, S, 3] uint8, first tile) -> the table with the
-        newline and separator rows and these tiles' projected tokens written in."""
+        """(params, table [R, D] (donated), tiles [I, S, S, 3] uint8, places [I] int32) -> the table with
+        each tile's projected tokens written at its place (the tile's index in the prompt; padding tiles
+        at `max_tiles` and after, rows never read)."""
         norm, hw = self.pixel_norm, self.side**2
 
-        def encode(params, table, tiles, first):
-            p = params["params"]
+        def encode(params, table, tiles, places):
             feats = self.vl2.apply(params, normalize_pixels(tiles, norm), method=VL2.image_features)
-            table = table.at[NEWLINE_SOURCE].set(p["image_newline"]).at[SEPARATOR_SOURCE].set(p["view_separator"])
-            rows = feats.reshape(-1, feats.shape[-1]).astype(table.dtype)
-            return jax.lax.dynamic_update_slice_in_dim(table, rows, TILE_SOURCES + first * hw, 0)
+            rows = feats.reshape(tiles.shape[0], hw, feats.shape[-1]).astype(table.dtype)
+            for i in range(tiles.shape[0]):
+                table = jax.lax.dynamic_update_slice_in_dim(table, rows[i], TILE_SOURCES + places[i] * hw, 0)
+            return table
 
         return self._jit(encode, "array", donate_argnums=(1,))
+
+    @functools.cached_property
+    def _take_tile(self):
+        """(table [R, D], place) -> the tile's tokens [side * side, D] (a copy, to keep)."""
+        hw = self.side**2
+        return self._jit(lambda table, place: jax.lax.dynamic_slice_in_dim(table, TILE_SOURCES + place * hw, hw, 0),
+                         "array")
+
+    @functools.cached_property
+    def _put_tile(self):
+        """(table [R, D] (donated), tokens [side * side, D], place) -> the table with them at the place."""
+        hw = self.side**2
+        return self._jit(lambda table, rows, place: jax.lax.dynamic_update_slice_in_dim(
+            table, rows, TILE_SOURCES + place * hw, 0), "array", donate_argnums=(0,))
 
     @functools.cached_property
     def _embed(self):
@@ -421,9 +445,15 @@ class Engine:
 
     @staticmethod
     def vision_params(params) -> dict:
-        """What encoding tiles reads: the vision tower, the projector and the two layout rows."""
+        """What encoding tiles reads: the vision tower and the projector (and the two layout rows, which
+        the model's setup declares)."""
         p = params["params"]
         return {"params": {k: p[k] for k in ("vision", "projector", "image_newline", "view_separator")}}
+
+    @staticmethod
+    def layout_rows(params) -> tuple:
+        """The image newline and view separator embeddings [D], the feature table's first rows."""
+        return params["params"]["image_newline"], params["params"]["view_separator"]
 
     @staticmethod
     def language_params(params) -> dict:
@@ -443,18 +473,18 @@ class Engine:
             raise InputError(f"the prompt has {tiles} image tiles, more than the {self.max_tiles} a "
                              f"{self.max_seq_len}-token slot can hold; use fewer images.")
 
-    @staticmethod
-    def tile_plan(tiles: np.ndarray | None, skip: int = 0) -> list[tuple[int, np.ndarray]]:
-        """(first tile, tiles [I, S, S, 3]) of each vision-tower call: chunks of TILE_CHUNKS[-1] tiles,
-        then the smallest chunk that holds the rest (zero tiles pad it; their tokens are never read).
-        The first `skip` tiles are left out (their tokens are in a cached prefix)."""
-        out, first, n = [], skip, 0 if tiles is None else len(tiles)
-        while first < n:
-            size = next((c for c in TILE_CHUNKS if c >= n - first), TILE_CHUNKS[-1])
+    def tile_plan(self, tiles: np.ndarray | None, todo: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(places [I] int32, tiles [I, S, S, 3]) of each vision-tower call over the tiles numbered in
+        `todo`: chunks of TILE_CHUNKS[-1] tiles, then the smallest chunk that holds the rest (zero tiles
+        pad it, placed at `max_tiles` and after: their tokens are never read)."""
+        out = []
+        for at in range(0, len(todo), TILE_CHUNKS[-1]):
+            part = todo[at:at + TILE_CHUNKS[-1]]
+            size = next(c for c in TILE_CHUNKS if c >= len(part))
             chunk = np.zeros((size, *tiles.shape[1:]), np.uint8)
-            chunk[: min(size, n - first)] = tiles[first:first + size]
-            out.append((first, chunk))
-            first += size
+            chunk[: len(part)] = tiles[part]
+            places = np.array([*part, *range(self.max_tiles, self.max_tiles + size - len(part))], np.int32)
+            out.append((places, chunk))
         return out
 
     def chunk_plan(self, length: int, start: int = 0) -> list[tuple[int, int, int, bool]]:
@@ -475,25 +505,39 @@ class Engine:
             start += chunk
         return plan
 
-    def begin(self, params, request: Request, start: int = 0) -> Prefill:
+    def begin(self, params, request: Request, start: int = 0, features: TileFeatures | None = None,
+              digests: list[int] | None = None) -> Prefill:
         """Checks `request`, puts it on the device and dispatches its tile encoding and embedding ->
         the `Prefill` whose chunks `prefill_chunk` writes into a slot. `start` > 0 (a multiple of the
         smallest chunk; `runtime.prefix_cache`): the slot already holds the prompt's first `start`
-        tokens, and tiles whose tokens all lie before it are not encoded."""
+        tokens, and tiles whose tokens all lie before it are not encoded. `features` (with the tiles'
+        `digests`, `prefix_cache.tile_digests`): tiles found there are not encoded either, and those
+        encoded are kept there."""
         self.check(request)
         if start and not self.runtime.prefix_cache:
             raise ValueError("continuing past a cached prefix needs Runtime(prefix_cache=True)")
         p, length = len(request.ids), self.capacity
         pad = lambda a, value: np.pad(a, (0, length - p), constant_values=value)
-        chunks = self.tile_plan(request.tiles, self.tiles_before(request, start))
+        n = 0 if request.tiles is None else len(request.tiles)
+        todo = list(range(self.tiles_before(request, start), n))
+        kept = {}
+        if features is not None:
+            kept = {i: found for i in todo if (found := features.get(digests[i])) is not None}
+            todo = [i for i in todo if i not in kept]
+        chunks = self.tile_plan(request.tiles, todo)
         host = [pad(request.ids, self.pad_id).astype(np.int32), pad(request.src, 0).astype(np.int32),
                 pad(request.image_mask, False), *(c for _, c in chunks)]
         with self._context():
             ids, src, mask, *tiles = self._put(*host)
-            table = self._call("table()", self._new_table, ())
-            for (first, _), chunk in zip(chunks, tiles):
+            table = self._call("table()", self._new_table, self.layout_rows(params))
+            for (places, _), chunk in zip(chunks, tiles):
                 table = self._call(f"encode({len(chunk)},)", self._encode,
-                                   (self.vision_params(params), table, chunk, np.int32(first)))
+                                   (self.vision_params(params), table, chunk, places))
+            for i, rows in kept.items():
+                table = self._call("put()", self._put_tile, (table, rows, np.int32(i)))
+            if features is not None:
+                for i in todo:
+                    features.put(digests[i], self._call("take()", self._take_tile, (table, np.int32(i))))
             x = self._call("embed()", self._embed, (self.embed_params(params), ids, src, mask, table))
         return Prefill(p, ids, x, self.chunk_plan(p, start))
 
@@ -541,7 +585,7 @@ class Engine:
     # -- warmup ---------------------------------------------------------------------------------------
     def programs(self) -> list[tuple[str, tuple]]:
         """Every program variant the engine can run, as (kind, static arguments)."""
-        out = [("table", ()), *(("encode", (c,)) for c in TILE_CHUNKS), ("embed", ())]
+        out = [("table", ()), *(("encode", (c,)) for c in TILE_CHUNKS), ("take", ()), ("put", ()), ("embed", ())]
         # every (chunk, keys, fresh) that some prompt length's plan runs (and, with the prefix cache, from
         # every start past a prefix)
         c0 = self.chunks[0]
@@ -561,10 +605,14 @@ class Engine:
         lc, s, lm = self.cfg.language, self.cfg.vision.image_size, self.language_params(params)
         ids, src, mask = host
         if kind == "table":
-            return self._new_table, (), ()
+            return self._new_table, self.layout_rows(params), ()
         if kind == "encode":  # (the tile count is a shape, not a static argument)
             tiles = self._put(np.zeros((static[0], s, s, 3), np.uint8))[0]
-            return self._encode, (self.vision_params(params), made["table"], tiles, np.int32(0)), ()
+            return self._encode, (self.vision_params(params), made["table"], tiles, np.arange(static[0], dtype=np.int32)), ()
+        if kind == "take":
+            return self._take_tile, (made["table"], np.int32(0)), ()
+        if kind == "put":
+            return self._put_tile, (made["table"], made["tile"], np.int32(0)), ()
         if kind == "embed":
             return self._embed, (self.embed_params(params), ids, src, mask, made["table"]), ()
         if kind == "prefill":
@@ -601,7 +649,8 @@ class Engine:
             # placement would be a different program for the calls below)
             zeros = lambda shape, dtype: self._jit(lambda: jnp.zeros(shape, dtype), "array")()
             stand_ins = {"table": zeros((self.table_rows, d), self.dtype), "x": zeros((length, d), self.dtype),
-                         "logits": zeros((self.cfg.language.vocab_size,), jnp.float32)}
+                         "logits": zeros((self.cfg.language.vocab_size,), jnp.float32),
+                         "tile": zeros((self.side**2, d), self.dtype)}
             calls = [self._warmup_call(kind, static, params, state, host, stand_ins) for kind, static in programs]
         lock, done = threading.Lock(), [0]
 
@@ -626,8 +675,10 @@ class Engine:
             for kind, static in programs:
                 fn, args, static_args = self._warmup_call(kind, static, params, state, host, made)
                 out = self._call(f"{kind}{static}", fn, args, static_args)
-                if kind in ("table", "encode"):
+                if kind in ("table", "encode", "put"):
                     made["table"] = out
+                elif kind == "take":
+                    made["tile"] = out
                 elif kind == "embed":
                     made["x"] = out
                 elif kind == "prefill":

@@ -19,7 +19,7 @@ import numpy as np
 
 from vl2_jax.engine import NO_TOKEN, STEPS, Engine, Prefill, Request, Slots, smallest_at_least
 from vl2_jax.errors import InputError
-from vl2_jax.prefix_cache import SlotPrefixes, signature
+from vl2_jax.prefix_cache import SlotPrefixes, TileFeatures, signature, tile_digests
 from vl2_jax.sampling import RowSampling
 
 
@@ -117,6 +117,7 @@ class Job:
     slot: int = -1  # the engine slot it was given (-1: none yet)
     reported: int = 0  # token ids handed to on_update so far
     signature: np.ndarray | None = None  # (prefix_cache.signature, with the prefix cache on)
+    digests: list[int] | None = None  # (prefix_cache.tile_digests of its tiles, likewise)
 
     @property
     def finished(self) -> bool:
@@ -141,7 +142,8 @@ def sign(job: Job, side: int) -> None:
     """Computes `job.signature` (the prefix cache's key: token ids, image tokens by their tile's pixel
     digest) ahead of admission, off the thread that drives the device."""
     r = job.request
-    job.signature = signature(r.ids, r.src, r.image_mask, r.tiles, side)
+    job.digests = tile_digests(r.tiles)
+    job.signature = signature(r.ids, r.src, r.image_mask, r.tiles, side, job.digests)
 
 
 class Batcher:
@@ -159,12 +161,14 @@ class Batcher:
     """
 
     def __init__(self, engine: Engine, params, state: Slots, decode: Callable[[list[int]], str],
-                 prefill_budget: int | None = None, prefixes: SlotPrefixes | None = None):
+                 prefill_budget: int | None = None, prefixes: SlotPrefixes | None = None,
+                 features: TileFeatures | None = None):
         self.engine, self.params, self.state, self.decode = engine, params, state, decode
         self.prefill_budget = prefill_budget
         if prefixes is None and engine.runtime.prefix_cache:
             prefixes = SlotPrefixes(engine.max_batch, engine.chunks[0])
         self.prefixes = prefixes  # what free slots still hold (None: no prefix cache)
+        self.features = features  # tiles encoded lately (None: no feature cache)
         self.pending: collections.deque[Job] = collections.deque()
         self.free = list(range(engine.max_batch))
         self.prefilling: list[tuple[int, Job, Prefill]] = []  # admitted, chunks under way, in order
@@ -225,7 +229,10 @@ class Batcher:
             slot, start = self._choose_slot(job)
             job.slot = slot
             try:
-                self.prefilling.append((slot, job, engine.begin(self.params, job.request, start)))
+                if self.features is not None and job.digests is None:
+                    job.digests = tile_digests(job.request.tiles)
+                prefill = engine.begin(self.params, job.request, start, self.features, job.digests)
+                self.prefilling.append((slot, job, prefill))
                 job.cached_tokens = start
             except InputError as e:
                 self._free(slot, forget=True)

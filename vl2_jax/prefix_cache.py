@@ -14,10 +14,14 @@ number of running jobs needs; a prefix cached in a slot further up is copied int
 (one device copy of the slot's rows), and the entries a job is about to overwrite move up into a free
 slot beyond those (empty, else holding older entries), so the slots that a small decode program leaves
 idle keep the most recent prefixes. The memory is the slots' own cache.
+
+Beside it, `TileFeatures` keeps the vision tower's output for recently seen tiles (by the same pixel
+digest), so an image already seen behind a different prefix is not encoded again.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import time
 
@@ -29,17 +33,16 @@ _MASK = np.uint64((1 << 62) - 1)
 
 
 def signature(ids: np.ndarray, src: np.ndarray, image_mask: np.ndarray, tiles: np.ndarray | None,
-              side: int) -> np.ndarray:
+              side: int, digests: list[int] | None = None) -> np.ndarray:
     """int64 [P]: a prompt's token ids (>= 0), with each image token replaced by a negative value
     derived from the digest of its tile's pixels and its row in the tile (or from the newline or
-    separator row it uses). Arguments as `engine.Request`'s: ids, src, image_mask [P], tiles [I, S, S, 3]."""
+    separator row it uses). Arguments as `engine.Request`'s: ids, src, image_mask [P], tiles [I, S, S, 3];
+    `digests`: `tile_digests(tiles)`, if already computed."""
     sig = ids.astype(np.int64).copy()
     if not image_mask.any():
         return sig
     hw = np.uint64(side * side)
-    tiles = tiles if tiles is not None else np.zeros((0,), np.uint8)
-    digests = np.array([int.from_bytes(hashlib.blake2b(t.tobytes(), digest_size=7).digest(), "little")
-                        for t in tiles] or [0], np.uint64)
+    digests = np.array((tile_digests(tiles) if digests is None else digests) or [0], np.uint64)
     src = src[image_mask].astype(np.int64)
     in_tile = np.maximum(src - TILE_SOURCES, 0).astype(np.uint64)
     tile_value = (digests[np.minimum(in_tile // hw, len(digests) - 1).astype(np.int64)] * hw + in_tile % hw
@@ -47,6 +50,45 @@ def signature(ids: np.ndarray, src: np.ndarray, image_mask: np.ndarray, tiles: n
     value = np.where(src >= TILE_SOURCES, tile_value, src.astype(np.uint64)).astype(np.int64)
     sig[image_mask] = -1 - value
     return sig
+
+
+def tile_digests(tiles: np.ndarray | None) -> list[int]:
+    """A 56-bit digest of each tile's pixels ([I, S, S, 3] uint8; None: no tiles)."""
+    if tiles is None:
+        return []
+    return [int.from_bytes(hashlib.blake2b(t.tobytes(), digest_size=7).digest(), "little") for t in tiles]
+
+
+class TileFeatures:
+    """The vision tower's projected tokens of recently encoded tiles ([side * side, D] device arrays),
+    by tile digest, least recently used dropped first beyond `budget` bytes. Counts tiles looked up and
+    found."""
+
+    def __init__(self, budget: int):
+        self.budget, self.bytes = budget, 0
+        self.entries: collections.OrderedDict[int, object] = collections.OrderedDict()
+        self.lookups = self.hits = 0
+
+    def get(self, digest: int):
+        """The features of the tile with this digest, or None."""
+        self.lookups += 1
+        found = self.entries.get(digest)
+        if found is not None:
+            self.entries.move_to_end(digest)
+            self.hits += 1
+        return found
+
+    def put(self, digest: int, features) -> None:
+        if digest in self.entries or features.nbytes > self.budget:
+            return
+        self.entries[digest] = features
+        self.bytes += features.nbytes
+        while self.bytes > self.budget:
+            self.bytes -= self.entries.popitem(last=False)[1].nbytes
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
 
 
 class SlotPrefixes:

@@ -58,6 +58,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="prefill every prompt from its start (default: a prompt continues from the longest prefix a "
                         "free slot still holds of an earlier one, e.g. the same images or the chat so far)")
+    p.add_argument("--feature-cache-mb", type=number(int, 0), default=1024, metavar="MB",
+                   help="with the prefix cache: device memory for the vision tower's output of recently seen image "
+                        "tiles, so an image seen before is not encoded again (default 1024; 0: off)")
     p.add_argument("--no-warmup", action="store_true",
                    help="serve at once and compile each program on first use (the first requests are slow)")
     p.add_argument("--api-key", default=None, metavar="KEY",
@@ -139,7 +142,8 @@ def run(args, log) -> int:
         kept = "" if store is None else " ({loaded} loaded from the cache, {compiled} compiled)".format(**store.report())
         log(f"warm: {report['programs']} programs in {report['seconds']:.0f} s{kept}")
     metrics = Metrics()
-    scheduler = Scheduler(model, max_queue=args.max_queue, metrics=metrics.scheduler_hooks()).start()
+    scheduler = Scheduler(model, max_queue=args.max_queue, metrics=metrics.scheduler_hooks(),
+                          feature_cache_bytes=args.feature_cache_mb << 20).start()
     name = args.served_model_name or args.model
     app = create_app(scheduler, name, model.processor, settings, metrics)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level in ("debug", "info"),

@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 from vl2_jax.generation import Batcher, Job
+from vl2_jax.prefix_cache import TileFeatures
 
 __all__ = ["Event", "Handle", "Job", "QueueFull", "Scheduler"]
 
@@ -97,9 +98,11 @@ class Scheduler:
     decode calls (at least one chunk).
     """
 
-    def __init__(self, model, max_queue: int = 256, metrics=None, prefill_budget: int | None = 1024):
+    def __init__(self, model, max_queue: int = 256, metrics=None, prefill_budget: int | None = 1024,
+                 feature_cache_bytes: int = 1 << 30):
         self.model, self.max_queue, self.metrics = model, max_queue, metrics
         self.prefill_budget = prefill_budget
+        self.feature_cache_bytes = feature_cache_bytes
         self._cv = threading.Condition()
         self._inbox: list[tuple[Job, Handle]] = []
         self._cancels: list[Job] = []
@@ -145,19 +148,24 @@ class Scheduler:
                 "max_seq_len": self.model.engine.max_seq_len, "alive": bool(self._thread and self._thread.is_alive())}
 
     def flush_cache(self) -> None:
-        """Forgets every prefix the free slots hold (the prefix cache; the device thread applies it
-        before its next step). Running jobs are not affected."""
+        """Forgets every prefix the free slots hold and every tile's kept features (the prefix and
+        feature caches; the device thread applies it before its next step). Running jobs are not affected."""
         with self._cv:
             self._flush = True
             self._cv.notify()
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> Scheduler:
-        self._batcher = Batcher(self.model.engine, self.model.params, self.model.take_state(),
-                                self.model.processor.decode, self.prefill_budget)
+        self._batcher = self._new_batcher(self.model.take_state())
         self._thread = threading.Thread(target=self._run, name="vl2-scheduler", daemon=True)
         self._thread.start()
         return self
+
+    def _new_batcher(self, state) -> Batcher:
+        """A batcher over the model's engine, with a feature cache where the prefix cache is on."""
+        keep = self.model.engine.runtime.prefix_cache and self.feature_cache_bytes > 0
+        return Batcher(self.model.engine, self.model.params, state, self.model.processor.decode, self.prefill_budget,
+                       features=TileFeatures(self.feature_cache_bytes) if keep else None)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Refuses new jobs, lets running ones finish for up to `timeout` seconds, cancels the rest, and
@@ -189,6 +197,8 @@ class Scheduler:
                 flush, self._flush = self._flush, False
             if flush and b.prefixes is not None:
                 b.prefixes.clear()
+            if flush and b.features is not None:
+                b.features.clear()
             for job, _ in inbox:
                 b.submit(job)
             for job in cancels:
@@ -207,8 +217,7 @@ class Scheduler:
     def _fail_all(self, message: str) -> None:
         self._batcher.fail_all(message)
         self.model.give_state(None)  # (donated to the program that failed)
-        self._batcher = Batcher(self.model.engine, self.model.params, self.model.take_state(),
-                                self.model.processor.decode, self.prefill_budget)  # (and no prefixes: a new cache)
+        self._batcher = self._new_batcher(self.model.take_state())  # (with empty caches: a new state)
 
     def _on_update(self, job: Job, text: str, ids: list[int]) -> None:
         """The batcher's callback (device thread): one event to the job's handle, and the metrics."""
