@@ -350,15 +350,10 @@ def run(engine: Engine, params, state: Slots, requests: Sequence[Request], decod
         if piece and on_text:
             on_text(rows[id(job)], piece)
 
-    batcher = Batcher(engine, params, state, decode)
     t0 = time.perf_counter()
-    jobs = []
-    for row, request in enumerate(requests):
-        job = Job(request, max_new_tokens, sampling, tuple(stop), eos, update, submitted=t0)
-        rows[id(job)] = row
-        jobs.append(batcher.submit(job))
-    while batcher.step():
-        pass
+    jobs = [Job(request, max_new_tokens, sampling, tuple(stop), eos, update, submitted=t0) for request in requests]
+    rows.update((id(job), row) for row, job in enumerate(jobs))
+    state = run_jobs(engine, params, state, jobs, decode, on_done=lambda job: None)
     errors = [job.error for job in jobs if job.finish_reason == "error"]
     if errors:
         raise InputError(errors[0])
@@ -368,7 +363,7 @@ def run(engine: Engine, params, state: Slots, requests: Sequence[Request], decod
         token_ids=[job.token_ids for job in jobs], text=[job.text.text() for job in jobs],
         finish_reason=[job.finish_reason for job in jobs], prompt_tokens=[job.prompt_tokens for job in jobs],
         ttft_s=ttft, decode_s=decode_s)
-    return result, batcher.state
+    return result, state
 
 
 def run_jobs(engine: Engine, params, state: Slots, jobs: Iterable[Job], decode: Callable[[list[int]], str],
