@@ -17,6 +17,7 @@ the loss would need, so the loss is the cross-entropy alone (the official loss a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -76,8 +77,9 @@ class Settings:
         return self.lora_alpha / self.lora_rank if self.lora_rank else None
 
     def resumable(self) -> dict:
-        """The settings a resumed run must share (the rest, e.g. steps, may change)."""
-        keys = ("batch", "grad_accum", "lr", "warmup", "weight_decay", "clip", "max_seq_len", "seed",
+        """The settings a resumed run must share (all that shape the data order, the schedule and the
+        state; the save and eval intervals may change)."""
+        keys = ("steps", "batch", "grad_accum", "lr", "warmup", "weight_decay", "clip", "max_seq_len", "seed",
                 "lora_rank", "lora_alpha", "parts")
         return {k: list(v) if isinstance(v := getattr(self, k), tuple) else v for k in keys}
 
@@ -133,11 +135,19 @@ def step_fn(module: VL2, tx: optax.GradientTransformation, scale: float | None):
         grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grads, state.trainable)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         new = TrainState(state.step + 1, optax.apply_updates(state.trainable, updates), state.frozen, opt_state)
-        return new, {"loss": total / n, "targets": count, "grad_norm": optax.global_norm(grads)}
+        return new, {"loss": total / n, "targets": count, "grad_norm": optax.tree.norm(grads)}
 
     return jax.jit(step, donate_argnums=0)
 
 
+@functools.lru_cache(maxsize=8)
+def compiled_step(module: VL2, s: Settings):
+    """`step_fn` under `s`' optimizer, one per (module, settings) in a process, so that a second run at
+    the same settings (a resumed one, an eval) compiles nothing again. Intervals do not count."""
+    return step_fn(module, optimizer(s), s.lora_scale)
+
+
+@functools.lru_cache(maxsize=8)
 def eval_fn(module: VL2, scale: float | None):
     """A jitted (trainable, frozen, inputs [1, ...]) -> (summed cross-entropy, target count)."""
 
@@ -224,7 +234,7 @@ def fit(module: VL2, processor: Processor, params: dict, train: list, s: Setting
     if resume:
         state = restore_state(state_dir, state, s)
         log(f"resumed at step {int(state.step)} from {state_dir}")
-    step = step_fn(module, tx, s.lora_scale)
+    step = compiled_step(module, dataclasses.replace(s, save_every=0, eval_every=0))
     order = batches.Order(len(train), s.batch, s.grad_accum, s.seed)
     run_eval = eval_fn(module, s.lora_scale) if eval_examples else None
     eval_inputs = list(batches.eval_batches(processor, eval_examples, s.batch, s.max_seq_len)) if eval_examples else []

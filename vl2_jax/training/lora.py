@@ -1,17 +1,21 @@
 """Low-rank adapters (LoRA) over the parameter pytree, outside the modules.
 
 An adapted weight W [L.., I.., O..] (L: leading axes that each hold a weight of their own, the routed
-experts' E; I: the axes its einsum contracts with the activations; O: the output axes) gets
+experts' E; I: the axes its einsum contracts with the activations; O: the output axes) gets two factors
 A [L.., prod(I), r] and B [L.., r, prod(O)], and the forward uses
 
     W' = W + (alpha / r) * (A @ B).reshape(W.shape)
 
-computed in float32 and cast to W's dtype. B starts at zero (W' = W at step 0) and A uniform in
-±1/sqrt(prod(I)), as PEFT does. Stacked projections share one A: `gate_up_w` [D, W=2, F] has one A
-[D, r] and B [r, 2F] (PEFT's separate gate and up adapters would be two rank-r adapters); the
-absorbed MLA projections `wk_b`/`wv_b` (the reference's `kv_b_proj`) take none. The LM head is a
-target too (PEFT can target it): with the final norm and the head frozen, a checkpoint whose head
-cannot reach a confident token (the random test model's) cannot learn an answer at all.
+computed in float32 and cast to W's dtype. The output side starts at zero (W' = W at step 0) and the
+input side uniform in +-1/sqrt(prod(I)), as PEFT does. The absorbed MLA projections `wk_b` [H, K, R]
+and `wv_b` [H, U, R] (the reference's `kv_b_proj`, which maps the latent R to each head) hold their
+input axis last: their A [H*K, r] is the output side (zeros) and B [r, R] the input side, so that
+A @ B still reshapes to W. Stacked projections share one input factor: `gate_up_w` [D, W=2, F] has
+A [D, r] and B [r, 2F] (PEFT's separate gate and up adapters would be two rank-r adapters), and
+`wk_b`/`wv_b` have one each where PEFT's `kv_b_proj` has one for both. Without `wk_b`/`wv_b` the
+random test model cannot learn to tell its prompts apart (LoRA on every other projection plateaus).
+The LM head is a target too (PEFT can target it): with the final norm and the head frozen, a
+checkpoint whose head cannot reach a confident token (the random test model's) cannot learn at all.
 
 Why explicit, not qwix: qwix's LoRA wraps the einsums and dot_generals that a module calls at trace
 time. Our modules call one `layers.einsum` (and kernel paths beside it) for weight products and for
@@ -39,43 +43,43 @@ from vl2_jax.errors import ConfigError
 
 A, B = ":lora_a", ":lora_b"
 
-# (path pattern, input axes, output axes) per part; leading (expert) axes are the rest, in front.
-# The router's gate and its correction bias match none: they stay frozen.
+# (path pattern, input axes, output axes, input axes last) per part; leading (expert) axes are the
+# rest, in front. The router's gate and its correction bias match none: they stay frozen.
 TARGETS: dict[str, tuple[tuple[str, int, int], ...]] = {
     "language": (
-        (r"language/layers_\d+/attn/(q_w|q_a_w|kv_a_w)$", 1, None),
-        (r"language/layers_\d+/attn/q_b_w$", 1, None),
-        (r"language/layers_\d+/attn/kv_w$", 1, None),
-        (r"language/layers_\d+/attn/o_w$", 2, 1),
-        (r"language/layers_\d+/mlp/(shared/)?gate_up_w$", 1, 2),
-        (r"language/layers_\d+/mlp/(shared/)?down_w$", 1, 1),
-        (r"language/lm_head$", 1, 1),
+        (r"language/layers_\d+/attn/(q_w|q_a_w|q_b_w|kv_a_w|kv_w)$", 1, None, False),
+        (r"language/layers_\d+/attn/(wk_b|wv_b)$", 1, 2, True),
+        (r"language/layers_\d+/attn/o_w$", 2, 1, False),
+        (r"language/layers_\d+/mlp/(shared/)?gate_up_w$", 1, 2, False),
+        (r"language/layers_\d+/mlp/(shared/)?down_w$", 1, 1, False),
+        (r"language/lm_head$", 1, 1, False),
     ),
     "vision": (
-        (r"vision/block_\d+/(qkv_w|fc1_w|fc2_w)$", 1, None),
-        (r"vision/block_\d+/out_w$", 2, 1),
+        (r"vision/block_\d+/(qkv_w|fc1_w|fc2_w)$", 1, None, False),
+        (r"vision/block_\d+/out_w$", 2, 1, False),
     ),
-    "projector": ((r"projector/w\d+$", 1, None),),
+    "projector": ((r"projector/w\d+$", 1, None, False),),
 }
 
 
-def adapted(path: str, shape: Sequence[int], parts: Sequence[str]) -> tuple[int, int, int] | None:
-    """(leading axes, input axes, output axes) of the weight at `path` if one of `parts`' targets
-    matches it, else None. An output count of None means "all axes after the inputs"."""
+def adapted(path: str, shape: Sequence[int], parts: Sequence[str]) -> tuple[int, int, int, bool] | None:
+    """(leading axes, input axes, output axes, inputs last) of the weight at `path` if one of `parts`'
+    targets matches it, else None. An output count of None means "all axes after the inputs"."""
     for part in parts:
-        for pattern, n_in, n_out in TARGETS[part]:
+        for pattern, n_in, n_out, in_last in TARGETS[part]:
             if re.match(pattern, path):
                 n_out = len(shape) - n_in if n_out is None else n_out
                 lead = len(shape) - n_in - n_out
                 if lead < 0:
                     raise ConfigError(f"{path} {tuple(shape)} has fewer axes than its LoRA rule ({n_in} in, {n_out} out).")
-                return lead, n_in, n_out
+                return lead, n_in, n_out, in_last
     return None
 
 
 def init_adapters(weights: dict[str, jax.Array], parts: Sequence[str], rank: int, seed: int = 0) -> dict[str, jax.Array]:
-    """{path: weight} -> {path:lora_a: A [L.., I, r] float32, path:lora_b: B [L.., r, O] zeros} for every
-    target weight of `parts` ("language", "vision", "projector")."""
+    """{path: weight} -> {path:lora_a: A, path:lora_b: B} (float32) for every target weight of `parts`
+    ("language", "vision", "projector"): A [L.., I, r] random and B [L.., r, O] zeros, or for weights
+    with their inputs last A [L.., O, r] zeros and B [L.., r, I] random."""
     unknown = set(parts) - set(TARGETS)
     if unknown:
         raise ConfigError(f"unknown LoRA part(s) {sorted(unknown)}; use {', '.join(TARGETS)}.")
@@ -88,13 +92,19 @@ def init_adapters(weights: dict[str, jax.Array], parts: Sequence[str], rank: int
         axes = adapted(path, shape, parts)
         if axes is None:
             continue
-        lead, n_in, _ = axes
-        fan_in = math.prod(shape[lead:lead + n_in])
-        fan_out = math.prod(shape[lead + n_in:])
+        lead, n_in, n_out, in_last = axes
+        first = math.prod(shape[lead:len(shape) - (n_in if in_last else n_out)])
+        fan_in = math.prod(shape[len(shape) - n_in:] if in_last else shape[lead:lead + n_in])
+        last = math.prod(shape[lead:]) // first
         bound = 1.0 / math.sqrt(fan_in)
-        a = rng.uniform(-bound, bound, (*shape[:lead], fan_in, rank)).astype(np.float32)
-        out[path + A] = jnp.asarray(a)
-        out[path + B] = jnp.zeros((*shape[:lead], rank, fan_out), jnp.float32)
+        lead_shape = shape[:lead]
+        if in_last:
+            a = np.zeros((*lead_shape, first, rank), np.float32)
+            b = rng.uniform(-bound, bound, (*lead_shape, rank, last)).astype(np.float32)
+        else:
+            a = rng.uniform(-bound, bound, (*lead_shape, first, rank)).astype(np.float32)
+            b = np.zeros((*lead_shape, rank, last), np.float32)
+        out[path + A], out[path + B] = jnp.asarray(a), jnp.asarray(b)
     if not out:
         raise ConfigError(f"no weight of {', '.join(parts)} is a LoRA target.")
     return out
