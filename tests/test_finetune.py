@@ -21,7 +21,7 @@ from vl2_jax.errors import ConfigError, InputError
 from vl2_jax.finetune import main
 from vl2_jax.model import VL2Model
 from vl2_jax.training import batches, data, export, loop, lora
-from vl2_jax.training.loss import forward, training_module
+from vl2_jax.training.loss import cross_entropy, forward, training_module
 
 PICTURE = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 70, 3), np.uint8))
 RECORDS = [
@@ -175,3 +175,30 @@ def test_lora_adapters_cover_the_projections_and_not_the_router():
     assert not any("router" in k or "norm" in k or k.startswith("vision/") for k in adapters)
     effective = lora.effective_params(flat, adapters, 2.0)  # B starts at zero: the model is unchanged
     assert all(np.array_equal(effective[k], flat[k]) for k in flat)
+
+
+def test_remat_model_has_the_same_parameters():
+    model = vl2_jax.load_pretrained("random:test")
+    s, t = model.cfg.vision.image_size, 5
+    args = (jnp.zeros((1, t), jnp.int32), jnp.zeros((1, 3, s, s)), jnp.zeros((1, t), jnp.int32), jnp.zeros((1, t), bool),
+            jnp.zeros((1, t), jnp.int32), jnp.ones((1, t), bool))
+    shapes = jax.eval_shape(training_module(model.cfg, remat=True).init, jax.random.key(0), *args)
+    assert jax.tree.map(lambda x: x.shape, shapes) == jax.tree.map(lambda x: x.shape, model.params)
+
+
+@pytest.mark.slow
+def test_remat_model_has_the_same_loss_and_gradient():
+    model, examples = setup()
+    inputs = jax.tree.map(lambda x: x[0], batches.stack(model.processor, [examples], 128))
+
+    def loss_and_grad(module):
+        def f(params):
+            total, count = cross_entropy(forward(module, params, inputs), inputs.labels, inputs.valid)
+            return total / count
+        return jax.jit(jax.value_and_grad(f))(model.params)
+
+    (want, want_g), (got, got_g) = loss_and_grad(training_module(model.cfg)), loss_and_grad(
+        training_module(model.cfg, remat=True))
+    assert abs(float(got) - float(want)) <= 1e-6 * float(want)
+    for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5 * max(np.abs(np.asarray(b)).max(), 1e-30)

@@ -41,6 +41,7 @@ class Job:
     dtype: str = "float32"
     mesh: str | None = None
     resume: bool = False
+    remat: bool = True
 
 
 def merged_params(result: Result, s: Settings) -> dict:
@@ -70,7 +71,7 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
     what = f"LoRA rank {s.lora_rank} on {','.join(s.parts)}" if s.lora_rank else f"full fine-tuning of {','.join(s.parts)}"
     log(f"training: {what}; {s.steps} steps of {s.batch} x {s.grad_accum} conversations")
     with model.mesh_context():
-        result = fit(training_module(model.cfg, model.dtype), model.processor, model.params, train, s,
+        result = fit(training_module(model.cfg, model.dtype, remat=job.remat), model.processor, model.params, train, s,
                      state_dir=out / "train_state", eval_examples=evals, resume=job.resume, log=log, bar=bar)
         params = merged_params(result, s)
     dtype = jnp.dtype(model.dtype).name
