@@ -162,6 +162,8 @@ def test_bad_lines_are_refused_with_their_line_and_short_or_unanswered_ones_skip
     assert err[-1].startswith("error: ") and "no usable conversation" in err[-1]
     assert main(["--model", "random:test", "--data", path, "--out", str(tmp_path / "o"), "--train", "lm"]) == 1
     assert "--train takes" in capsys.readouterr().err
+    assert main(["--model", "random:test", "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")]) == 1
+    assert "error: --data" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_lora_adapters_cover_the_projections_and_not_the_router():

@@ -7,7 +7,7 @@ The output folder `out` holds, when training ends:
                       `load_model(out)` and `python -m generate --model out` read it
     adapters/         LoRA only: adapters.safetensors (`lora`'s keys) and adapter_config.json
     train_state/      the Orbax checkpoints of the whole train state (`--resume` reads the latest)
-    metrics.json      the loss of every step and the eval losses
+    metrics.json      the loss of every step this run took (from first_step) and the eval losses
 """
 
 from __future__ import annotations
@@ -59,6 +59,9 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
     s, out = job.settings, Path(job.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a folder.")
+    for name, file in (("--data", job.data), ("--eval", job.eval)):
+        if file is not None and not Path(file).is_file():
+            raise InputError(f"{name} {file} is not a file.")
     if job.resume and not (out / "train_state").is_dir():
         raise InputError(f"--resume: {out / 'train_state'} does not exist; run without --resume first.")
     model = load_model(job.model, job.dtype, runtime=Runtime.plain(), mesh=job.mesh, seed=s.seed, progress=log)
@@ -81,7 +84,10 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
         adapters = {k: v for k, v in result.state.trainable.items() if lora.is_adapter(k)}
         export.save_adapters(adapters, out / "adapters",
                              {"rank": s.lora_rank, "alpha": s.lora_alpha, "parts": list(s.parts), "base_model": job.model})
-    (out / "metrics.json").write_text(json.dumps({"losses": result.losses, "evals": result.evals}, indent=1) + "\n")
+    if result.losses:  # a resumed run that had nothing left to do keeps the last run's
+        metrics = {"first_step": int(result.state.step) - len(result.losses) + 1, "losses": result.losses,
+                   "evals": result.evals}
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     log(f"saved the trained model to {out}")
     if job.export_hf:
         export.write_hf(model.cfg, params, job.export_hf, source, dtype)
