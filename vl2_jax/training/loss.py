@@ -28,6 +28,7 @@ from vl2_jax.modules.vision import normalize_pixels
 from vl2_jax.modules.vl2 import VL2
 from vl2_jax.processor import IGNORE_ID, canonical_pixel_norm, left_pad_positions
 from vl2_jax.training.data import LabelledBatch
+from vl2_jax.training.remat import RematVL2
 
 DIFFERENTIABLE_MOE = ("dense",)  # the MoE dispatches whose gradients are tested against the official code
 
@@ -75,15 +76,16 @@ jax.tree_util.register_dataclass(
 )
 
 
-def training_module(cfg: VL2Config, dtype=jnp.float32, runtime: Runtime | None = None) -> VL2:
+def training_module(cfg: VL2Config, dtype=jnp.float32, runtime: Runtime | None = None, remat: bool = False) -> VL2:
     """The model for training: `runtime` defaults to `Runtime.plain()`; one that runs kernels or an MoE
-    dispatch other than DIFFERENTIABLE_MOE is refused."""
+    dispatch other than DIFFERENTIABLE_MOE is refused. `remat`: each decoder layer under
+    `jax.checkpoint` (`training.remat`; same parameters, same values)."""
     runtime = Runtime.plain() if runtime is None else runtime
     if runtime.kernels or runtime.moe not in DIFFERENTIABLE_MOE:
         raise ConfigError(f"training needs Runtime(kernels=False, moe in {DIFFERENTIABLE_MOE}) (the kernels and "
                           f"the other dispatches have no tested gradients); got kernels={runtime.kernels}, "
                           f"moe={runtime.moe!r}. Use Runtime.plain().")
-    return VL2(cfg, jnp.dtype(dtype).type, runtime)
+    return (RematVL2 if remat else VL2)(cfg, jnp.dtype(dtype).type, runtime)
 
 
 def cross_entropy(logits_BTV: jax.Array, labels_BT: jax.Array,

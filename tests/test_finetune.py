@@ -1,0 +1,224 @@
+"""Fine-tuning on the random test model: LoRA learns a small dataset, gradient accumulation equals the
+big batch, a resumed run continues bit for bit, the CLI writes a folder that loads and matches the
+unmerged adapters, and bad input is refused or skipped as documented."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+from PIL import Image
+
+import vl2_jax
+from vl2_jax.config import Runtime
+from vl2_jax.errors import ConfigError, InputError
+from vl2_jax.finetune import main
+from vl2_jax.model import VL2Model
+from vl2_jax.training import batches, data, export, loop, lora
+from vl2_jax.training.loss import cross_entropy, forward, training_module
+
+PICTURE = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 70, 3), np.uint8))
+RECORDS = [
+    {"messages": [{"role": "user", "content": "<image>\nWhat is this?"},
+                  {"role": "assistant", "content": "Noise."}], "images": [PICTURE]},
+    {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]},
+    {"messages": [{"role": "system", "content": "Count."}, {"role": "user", "content": "1 2"},
+                  {"role": "assistant", "content": "3 4 5"}]},
+    {"messages": [{"role": "user", "content": "Colour of the sky?"}, {"role": "assistant", "content": "Blue."}]},
+]
+
+
+def setup(records=RECORDS):
+    model = vl2_jax.load_pretrained("random:test")
+    return model, [data.example(model.processor, r) for r in records]
+
+
+def host(tree):
+    return jax.tree.map(np.array, tree)
+
+
+def test_lora_learns_four_examples_and_answers_the_training_prompts():
+    model, examples = setup()
+    s = loop.Settings(steps=80, batch=4, lr=1e-2, warmup=3, max_seq_len=128, lora_rank=16, lora_alpha=32.0)
+    result = loop.fit(training_module(model.cfg), model.processor, model.params, examples, s, bar=False)
+    assert result.losses[-1] <= 0.1 * result.losses[0], result.losses
+    params = loop.params_of(result.state.trainable, result.state.frozen, s.lora_scale)
+    tuned = VL2Model(model.cfg, params, model.processor, jnp.float32, Runtime.plain())
+    for r in RECORDS:  # the first through its image
+        prompt = model.processor(r["messages"][:-1], r.get("images", []))
+        assert tuned.generate(prompt, max_new_tokens=8).text[0] == r["messages"][-1]["content"]
+
+
+# An "optimizer" that keeps the gradient as its state and updates nothing: the step's gradient, exactly.
+KEEP_GRADIENT = optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_like, p),
+                                             lambda g, state, params=None: (jax.tree.map(jnp.zeros_like, g), g))
+
+
+def gradient_of_one_step(model, examples, s):
+    """(loss, gradient {path: array}) of step 0 under `s`."""
+    state = loop.init_state(jax.tree.map(jnp.copy, model.params), s, KEEP_GRADIENT)
+    order = batches.Order(len(examples), s.batch, s.grad_accum, s.seed)
+    inputs = batches.stack(model.processor, [[examples[j] for j in mb] for mb in order.step(0)], s.max_seq_len)
+    state, metrics = loop.step_fn(training_module(model.cfg), KEEP_GRADIENT, s.lora_scale)(state, inputs)
+    return float(metrics["loss"]), host(state.opt_state)
+
+
+def test_batch_8_equals_batch_2_with_4_accumulated():
+    model, examples = setup()
+    examples = examples + examples[::-1]  # 8 conversations of different lengths, one with an image
+    common = dict(steps=10, warmup=1, max_seq_len=128, lora_rank=0, parts=("language", "projector"))
+    big_loss, big = gradient_of_one_step(model, examples, loop.Settings(batch=8, **common))
+    acc_loss, acc = gradient_of_one_step(model, examples, loop.Settings(batch=2, grad_accum=4, **common))
+    assert abs(acc_loss - big_loss) <= 1e-6 * big_loss
+    assert big.keys() == acc.keys() and len(big) > 20
+    for k in big:  # float32 sums in another order: relative to the gradient's largest entry
+        assert np.abs(acc[k] - big[k]).max() <= 1e-5 * np.abs(big[k]).max(), k
+
+
+def test_resume_gives_the_same_next_step_loss_bit_for_bit(tmp_path):
+    model, examples = setup()
+    s = loop.Settings(steps=5, batch=2, lr=1e-2, warmup=1, max_seq_len=128, lora_rank=4, lora_alpha=8.0, save_every=3)
+    params = host(model.params)
+    whole = loop.fit(training_module(model.cfg), model.processor, model.params, examples, s, state_dir=tmp_path)
+    shutil.rmtree(tmp_path / "5")  # as if the run had stopped after the save at step 3
+    resumed = loop.fit(training_module(model.cfg), model.processor, jax.tree.map(jnp.asarray, params), examples, s,
+                       state_dir=tmp_path, resume=True)
+    assert len(resumed.losses) == 2
+    assert resumed.losses == whole.losses[3:]  # exact float equality
+    with pytest.raises(ConfigError, match="other settings"):
+        loop.fit(training_module(model.cfg), model.processor, jax.tree.map(jnp.asarray, params), examples,
+                 loop.Settings(**{**s.__dict__, "lr": 2e-2}), state_dir=tmp_path, resume=True)
+
+
+def write_dataset(folder, records):
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(folder / "train.jsonl")
+
+
+def jsonl_records(folder):
+    PICTURE.save(folder / "a.png")
+    first = {**RECORDS[0], "images": ["a.png"]}
+    return [first, *RECORDS[1:]]
+
+
+def test_cli_writes_a_model_that_loads_and_matches_the_unmerged_adapters(tmp_path, capsys):
+    path = write_dataset(tmp_path, jsonl_records(tmp_path))
+    out, hf = tmp_path / "out", tmp_path / "hf"
+    rc = main(["--model", "random:test", "--data", path, "--eval", path, "--out", str(out), "--steps", "10",
+               "--warmup", "2", "--lr", "1e-2", "--batch", "2", "--lora-rank", "4", "--export-hf", str(hf)])
+    assert rc == 0, capsys.readouterr().err
+    assert "trained 10 steps" in capsys.readouterr().out
+    base = vl2_jax.load_pretrained("random:test")
+    tuned = vl2_jax.load_model(str(out), "float32")
+    adapters, config = export.load_adapters(out / "adapters")
+    assert config["rank"] == 4 and len(adapters) > 0
+    flat_base = traverse_util.flatten_dict(base.params["params"], sep="/")
+    flat_tuned = traverse_util.flatten_dict(tuned.params["params"], sep="/")
+    for k, v in flat_base.items():  # the frozen weights (router, norms, embedding, vision) are unchanged
+        if k + lora.A not in adapters:
+            assert np.asarray(flat_tuned[k]).tobytes() == np.asarray(v).tobytes(), k
+        else:
+            assert not np.array_equal(flat_tuned[k], v), k
+    assert "language/layers_1/mlp/router_w" in flat_base and "language/layers_1/mlp/router_w" + lora.A not in adapters
+    unmerged = loop.params_of({k: jnp.asarray(v) for k, v in adapters.items()}, flat_base, config["alpha"] / config["rank"])
+    ex = [data.example(base.processor, r) for r in data.read_jsonl(path)]
+    inputs = jax.tree.map(lambda x: x[0], batches.stack(base.processor, [ex], 128))
+    want = forward(training_module(base.cfg), unmerged, inputs)
+    batch = data.collate(base.processor, ex, inputs.ids.shape[1]).batch
+    np.testing.assert_allclose(np.asarray(tuned.logits(batch)), np.asarray(want), rtol=0, atol=1e-5)
+    back = vl2_jax.load_model(str(hf), "float32")  # the Hugging Face export converts back to the same weights
+    for a, b in zip(jax.tree.leaves(back.params), jax.tree.leaves(tuned.params)):
+        np.testing.assert_array_equal(a, b)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["losses"]) == 10 and list(metrics["evals"]) == ["10"]
+
+
+def test_bad_lines_are_refused_with_their_line_and_short_or_unanswered_ones_skipped(tmp_path, capsys):
+    processor = vl2_jax.load_pretrained("random:test").processor
+    good = jsonl_records(tmp_path)
+    path = write_dataset(tmp_path, [good[1], "", "{not json"])
+    with pytest.raises(InputError, match=r"train.jsonl:3 is not valid JSON"):
+        batches.read_examples(processor, path, 128)
+    path = write_dataset(tmp_path, [good[1], {**good[0], "images": ["gone.png"]}])
+    with pytest.raises(InputError, match=r"train.jsonl:2: image .*gone.png does not exist"):
+        batches.read_examples(processor, path, 128)
+    unanswered = {"messages": [{"role": "user", "content": "Hi"}]}
+    long = {"messages": [{"role": "user", "content": "x " * 200}, {"role": "assistant", "content": "y"}]}
+    path = write_dataset(tmp_path, [good[1], unanswered, long, good[2]])
+    examples, skipped = batches.read_examples(processor, path, 128)
+    assert len(examples) == 2 and (skipped.no_answer, skipped.too_long) == (1, 1)
+    path = write_dataset(tmp_path, [unanswered, long])
+    with pytest.raises(InputError, match="no usable conversation"):
+        batches.read_examples(processor, path, 128)
+    assert main(["--model", "random:test", "--data", path, "--out", str(tmp_path / "o"), "--max-seq-len", "128"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "no usable conversation" in err[-1]
+    assert main(["--model", "random:test", "--data", path, "--out", str(tmp_path / "o"), "--train", "lm"]) == 1
+    assert "--train takes" in capsys.readouterr().err
+    assert main(["--model", "random:test", "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")]) == 1
+    assert "error: --data" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_lora_adapters_cover_the_projections_and_not_the_router():
+    model = vl2_jax.load_pretrained("random:test")
+    flat = traverse_util.flatten_dict(model.params["params"], sep="/")
+    adapters = lora.init_adapters(flat, ["language"], 3)
+    assert adapters["language/layers_1/mlp/gate_up_w" + lora.A].shape == (12, 48, 3)  # one per routed expert
+    assert adapters["language/layers_1/mlp/gate_up_w" + lora.B].shape == (12, 3, 48)
+    assert adapters["language/layers_1/attn/o_w" + lora.A].shape == (60, 3)  # [H*U, r]
+    assert adapters["language/layers_1/attn/wk_b" + lora.A].shape == (72, 3)  # inputs (R) last: A is [H*K, r]
+    assert not adapters["language/layers_1/attn/wk_b" + lora.A].any()  # the output side starts at zero
+    assert adapters["language/layers_1/attn/wk_b" + lora.B].shape == (3, 20)
+    assert not any("router" in k or "norm" in k or k.startswith("vision/") for k in adapters)
+    effective = lora.effective_params(flat, adapters, 2.0)  # B starts at zero: the model is unchanged
+    assert all(np.array_equal(effective[k], flat[k]) for k in flat)
+
+
+def test_remat_model_has_the_same_parameters():
+    model = vl2_jax.load_pretrained("random:test")
+    s, t = model.cfg.vision.image_size, 5
+    args = (jnp.zeros((1, t), jnp.int32), jnp.zeros((1, 3, s, s)), jnp.zeros((1, t), jnp.int32), jnp.zeros((1, t), bool),
+            jnp.zeros((1, t), jnp.int32), jnp.ones((1, t), bool))
+    shapes = jax.eval_shape(training_module(model.cfg, remat=True).init, jax.random.key(0), *args)
+    assert jax.tree.map(lambda x: x.shape, shapes) == jax.tree.map(lambda x: x.shape, model.params)
+
+
+@pytest.mark.slow
+def test_remat_model_has_the_same_loss_and_gradient():
+    model, examples = setup()
+    inputs = jax.tree.map(lambda x: x[0], batches.stack(model.processor, [examples], 128))
+
+    def loss_and_grad(module):
+        def f(params):
+            total, count = cross_entropy(forward(module, params, inputs), inputs.labels, inputs.valid)
+            return total / count
+        return jax.jit(jax.value_and_grad(f))(model.params)
+
+    (want, want_g), (got, got_g) = loss_and_grad(training_module(model.cfg)), loss_and_grad(
+        training_module(model.cfg, remat=True))
+    assert abs(float(got) - float(want)) <= 1e-6 * float(want)
+    for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5 * max(np.abs(np.asarray(b)).max(), 1e-30)
+
+
+@pytest.mark.slow  # two compilations of the whole step: about 30 s on two cores
+def test_sharded_step_on_eight_devices_equals_the_unsharded_one():
+    """Full fine-tuning of the language model and projector on data=2, expert=2, tensor=2 (the
+    inference partition rules; the batch split over data): the loss and gradient of one step."""
+    s = loop.Settings(steps=10, batch=4, warmup=1, max_seq_len=128, lora_rank=0, parts=("language", "projector"))
+    got = []
+    for mesh in (None, "data=2,expert=2,tensor=2"):
+        model = vl2_jax.load_pretrained("random:test", mesh=mesh)
+        with model.mesh_context():
+            got.append(gradient_of_one_step(model, [data.example(model.processor, r) for r in RECORDS], s))
+    (loss, grads), (sharded_loss, sharded) = got
+    assert abs(sharded_loss - loss) <= 1e-6 * loss
+    for k in grads:  # float32 sums split over devices: relative to the gradient's largest entry
+        assert np.abs(sharded[k] - grads[k]).max() <= 1e-5 * np.abs(grads[k]).max(), k

@@ -1,0 +1,81 @@
+"""Fine-tune DeepSeek-VL2 on conversations with images (LoRA or full), then save a loadable model.
+
+    python -m vl2_jax.finetune --model random:test --data train.jsonl --out tuned/ --steps 50
+    python -m generate --model tuned/ --prompt "..."
+
+The data is JSON lines, one conversation a line (ms-swift's format, the official roles too):
+    {"messages": [{"role": "user", "content": "<image>\\nWhat is it?"},
+                  {"role": "assistant", "content": "A cat."}], "images": ["cat.jpg"]}
+A malformed line, or a missing image, is an error naming the file and line; a conversation that does
+not end with an assistant answer, or is longer than --max-seq-len, is skipped and counted.
+This module only parses arguments; the work is `vl2_jax.training.run.finetune`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vl2_jax.errors import guarded, number
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vl2_jax.finetune", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="random:test|tiny|small|base, a checkpoint folder, or a hub id")
+    p.add_argument("--data", required=True, help="training conversations, JSON lines")
+    p.add_argument("--eval", default=None, help="eval conversations, JSON lines (loss at --eval-every and at the end)")
+    p.add_argument("--out", required=True, help="output folder: the trained model, adapters, train state")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--lora-rank", type=number(int, 1), default=16, help="LoRA adapters of this rank (default 16)")
+    kind.add_argument("--full", action="store_true", help="train the chosen parts' weights themselves, not adapters")
+    p.add_argument("--lora-alpha", type=number(float, 0), default=None, help="LoRA scale numerator (default 2 x rank)")
+    p.add_argument("--train", default="language", help="parts that learn, comma separated: language,projector,vision")
+    p.add_argument("--steps", type=number(int, 1), default=100, help="optimizer steps (default 100)")
+    p.add_argument("--batch", type=number(int, 1), default=1, help="conversations per microbatch (default 1)")
+    p.add_argument("--grad-accum", type=number(int, 1), default=1, help="microbatches per optimizer step (default 1)")
+    p.add_argument("--lr", type=number(float, 0), default=1e-4, help="peak learning rate (default 1e-4)")
+    p.add_argument("--warmup", type=number(int, 0), default=10, help="linear warmup steps, then cosine decay (default 10)")
+    p.add_argument("--weight-decay", type=number(float, 0), default=0.01, help="AdamW weight decay (default 0.01)")
+    p.add_argument("--clip", type=number(float, 0), default=1.0, help="gradient global-norm clip (default 1.0)")
+    p.add_argument("--max-seq-len", type=number(int, 8), default=1024,
+                   help="longest conversation in tokens, image tokens included; longer ones are skipped (default 1024)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute (default float32)")
+    p.add_argument("--no-remat", action="store_true",
+                   help="keep every layer's activations for the backward pass instead of recomputing them (faster, more memory)")
+    p.add_argument("--mesh", default=None, metavar="SPEC", help="shard over devices: 'auto' or sizes such as data=8")
+    p.add_argument("--seed", type=number(int, 0), default=0, help="data order and adapter initialisation (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest train state in --out")
+    p.add_argument("--save-every", type=number(int, 0), default=0, help="save the train state every K steps (0: at the end)")
+    p.add_argument("--eval-every", type=number(int, 0), default=0, help="eval loss every K steps (0: at the end)")
+    p.add_argument("--export-hf", default=None, metavar="DIR", help="also write the Hugging Face safetensors layout here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+
+    def body() -> int:
+        from vl2_jax.training.loop import Settings
+        from vl2_jax.training.run import Job, finetune
+
+        rank = 0 if args.full else args.lora_rank
+        settings = Settings(
+            steps=args.steps, batch=args.batch, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
+            weight_decay=args.weight_decay, clip=args.clip, max_seq_len=args.max_seq_len, seed=args.seed,
+            lora_rank=rank, lora_alpha=(args.lora_alpha if args.lora_alpha is not None else 2.0 * rank),
+            parts=tuple(p.strip() for p in args.train.split(",") if p.strip()),
+            save_every=args.save_every, eval_every=args.eval_every)
+        job = Job(args.model, args.data, args.out, settings, args.eval, args.export_hf, args.dtype, args.mesh, args.resume,
+                  not args.no_remat)
+        result = finetune(job, log)
+        last = f", eval loss {result.evals[max(result.evals)]:.4f}" if result.evals else ""
+        print(f"trained {len(result.losses)} steps: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}{last}; "
+              f"model in {args.out}" if result.losses else f"nothing to train: {args.out} is at step {args.steps}")
+        return 0
+
+    return guarded(body, log)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

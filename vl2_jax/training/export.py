@@ -1,0 +1,114 @@
+"""Trained parameters -> a model folder that `load_model` and `python -m generate --model` read, and
+the Hugging Face safetensors layout that the official PyTorch code loads.
+
+`write_hf` inverts the conversion (`checkpoint.to_hf`) into `model.safetensors`, with config.json and
+the tokenizer and processor files, and restores what conversion drops: the vision tower's unused
+`attn_pool` head, copied from the source checkpoint where it has one, else zeros (the official model
+builds it, never calls it). `save_model` converts that folder (`orbax_io.convert_checkpoint`) and moves
+the result into the output folder, beside whatever else the folder holds (the train state, the
+adapters): the manifest goes in last, so an interrupted save never leaves a folder `load_model` takes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from vl2_jax.checkpoint import SafetensorsFolder, to_hf
+from vl2_jax.config import VL2Config
+from vl2_jax.errors import CheckpointError
+from vl2_jax.load import HUB_ID, cache_dir, write_assets
+from vl2_jax.orbax_io import COPIED_FILES, MANIFEST, convert_checkpoint
+from vl2_jax.testing import hf_tensor_shapes
+
+ATTN_POOL = "vision.attn_pool."
+
+
+def asset_folder(spec: str) -> Path | None:
+    """Where a model spec's config, tokenizer and processor files are: the folder itself, the converted
+    copy of a hub id, or None for `random:*` (written afresh by `write_assets`)."""
+    if spec.startswith("random:"):
+        return None
+    if Path(spec).is_dir() or not HUB_ID.match(spec):
+        return Path(spec)
+    return cache_dir() / spec.replace("/", "--")
+
+
+def _attn_pool(cfg: VL2Config, source: Path | None) -> dict[str, np.ndarray]:
+    shapes = {n: s for n, s in hf_tensor_shapes(cfg).items() if n.startswith(ATTN_POOL)}
+    try:
+        folder = SafetensorsFolder(source) if source is not None else None
+    except CheckpointError:  # a converted folder: no safetensors, the head was dropped
+        folder = None
+    have = set(folder.names()) if folder is not None else set()
+    return {n: (folder.get(n) if n in have else np.zeros(s, np.float32)) for n, s in shapes.items()}
+
+
+def write_hf(cfg: VL2Config, params: dict, dst: str | Path, source: Path | None, dtype=None) -> Path:
+    """`params` ({"params": tree}) as a Hugging Face DeepSeek-VL2 folder `dst` (created; must not hold
+    weights yet): model.safetensors in `dtype` (default: the parameters'), config and tokenizer files
+    from `source` (a folder; None: a random model's, `write_assets`)."""
+    from safetensors.numpy import save_file
+
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    if source is None:
+        write_assets(dst, cfg)
+    else:
+        for name in COPIED_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, dst / name)
+    host = jax.device_get(params)
+    tensors = {**to_hf(cfg, host), **_attn_pool(cfg, source)}
+    want = np.dtype(dtype) if dtype is not None else np.asarray(jax.tree.leaves(host)[0]).dtype
+    save_file({n: np.ascontiguousarray(a.astype(want)) for n, a in tensors.items()}, str(dst / "model.safetensors"),
+              metadata={"format": "pt"})
+    return dst
+
+
+def save_model(cfg: VL2Config, params: dict, out: str | Path, source: Path | None, dtype=None) -> Path:
+    """`params` as a converted checkpoint in the folder `out` (kept: files the checkpoint does not
+    write stay), loadable by `load_model(out)`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=out) as tmp:
+        hf = write_hf(cfg, params, Path(tmp) / "hf", source, dtype)
+        converted = Path(tmp) / "converted"
+        convert_checkpoint(hf, converted, dtype)
+        (out / MANIFEST).unlink(missing_ok=True)
+        for entry in converted.iterdir():
+            if entry.name == MANIFEST:
+                continue
+            target = out / entry.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+        os.replace(converted / MANIFEST, out / MANIFEST)
+    return out
+
+
+def save_adapters(adapters: dict, folder: str | Path, config: dict) -> Path:
+    """LoRA adapters ({key: array}, `lora`'s keys) as `adapters.safetensors` and `adapter_config.json`
+    (rank, alpha, parts) in `folder`."""
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.ascontiguousarray(np.asarray(v)) for k, v in jax.device_get(adapters).items()},
+              str(folder / "adapters.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=1) + "\n")
+    return folder
+
+
+def load_adapters(folder: str | Path) -> tuple[dict[str, np.ndarray], dict]:
+    """(adapters, config) as `save_adapters` wrote them."""
+    from safetensors.numpy import load_file
+
+    folder = Path(folder)
+    return load_file(str(folder / "adapters.safetensors")), json.loads((folder / "adapter_config.json").read_text())

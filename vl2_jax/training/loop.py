@@ -1,0 +1,268 @@
+"""The fine-tuning loop: what learns (LoRA or full), the optimizer, the accumulating step, Orbax
+checkpoints of the whole train state, eval, and the progress bar.
+
+One optimizer step reads `grad_accum` microbatches of `batch` rows ([A, B, T] inputs, `batches.stack`)
+and scans over them, summing the cross-entropy and the target count and the gradient of the sum; the
+loss and gradient are divided once by the step's target count. So the step's loss is the mean over
+every target token of the step, and `batch 8` equals `batch 2, grad_accum 4` up to float rounding.
+
+The optimizer is optax AdamW under a linear warmup then cosine decay to zero
+(`optax.warmup_cosine_decay_schedule`), after clipping the gradient's global norm.
+
+There is no auxiliary load-balancing loss: `LanguageConfig` does not keep the checkpoints'
+`aux_loss_alpha` (it is one of the keys it ignores), and the modules do not return the router scores
+the loss would need, so the loss is the cross-entropy alone (the official loss at alpha = 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+from vl2_jax.errors import ConfigError
+from vl2_jax.modules.vl2 import VL2
+from vl2_jax.processor import Processor
+from vl2_jax.training import batches, lora
+from vl2_jax.training.loss import LossInputs, cross_entropy, forward
+from vl2_jax.training.train import TrainState
+
+PARTS = ("language", "projector", "vision")
+# Full fine-tuning's parameters per part; the router's correction bias (noaux_tc) is never trained.
+FULL_PREFIXES = {"language": ("language/",), "projector": ("projector/", "image_newline", "view_separator"),
+                 "vision": ("vision/",)}
+FROZEN_ALWAYS = ("router_bias",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What a run does. lora_rank 0 means full fine-tuning of `parts`; else LoRA adapters of that rank
+    on `parts`' targets (`lora.TARGETS`), scaled by lora_alpha / lora_rank."""
+
+    steps: int = 100
+    batch: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup: int = 10
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    max_seq_len: int = 1024
+    seed: int = 0
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    parts: tuple[str, ...] = ("language",)
+    save_every: int = 0  # 0: only at the end
+    eval_every: int = 0  # 0: only at the end (when there is an eval set)
+
+    def __post_init__(self):
+        unknown = set(self.parts) - set(PARTS)
+        if unknown or not self.parts:
+            raise ConfigError(f"--train takes a comma-separated subset of {','.join(PARTS)} (got {','.join(self.parts)}).")
+        if self.warmup >= self.steps:
+            raise ConfigError(f"--warmup ({self.warmup}) must be below --steps ({self.steps}).")
+
+    @property
+    def lora_scale(self) -> float | None:
+        return self.lora_alpha / self.lora_rank if self.lora_rank else None
+
+    def resumable(self) -> dict:
+        """The settings a resumed run must share (all that shape the data order, the schedule and the
+        state; the save and eval intervals may change)."""
+        keys = ("steps", "batch", "grad_accum", "lr", "warmup", "weight_decay", "clip", "max_seq_len", "seed",
+                "lora_rank", "lora_alpha", "parts")
+        return {k: list(v) if isinstance(v := getattr(self, k), tuple) else v for k in keys}
+
+
+def optimizer(s: Settings) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW under warmup + cosine decay."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, s.lr, s.warmup, s.steps, end_value=0.0)
+    return optax.chain(optax.clip_by_global_norm(s.clip), optax.adamw(schedule, weight_decay=s.weight_decay))
+
+
+def full_trainable(parts) -> Callable[[str], bool]:
+    prefixes = tuple(p for part in parts for p in FULL_PREFIXES[part])
+    return lambda path: path.startswith(prefixes) and not path.endswith(FROZEN_ALWAYS)
+
+
+def init_state(params: dict, s: Settings, tx: optax.GradientTransformation) -> TrainState:
+    """The step-0 state over `params` ({"params": tree}): adapters as the trainable leaves (LoRA) or the
+    chosen parts' weights (full); everything else frozen."""
+    flat = traverse_util.flatten_dict(params.get("params", params), sep="/")
+    if s.lora_rank:
+        trainable, frozen = lora.init_adapters(flat, s.parts, s.lora_rank, s.seed), flat
+    else:
+        chosen = full_trainable(s.parts)
+        trainable = {k: v for k, v in flat.items() if chosen(k)}
+        frozen = {k: v for k, v in flat.items() if not chosen(k)}
+    return TrainState(jnp.zeros((), jnp.int32), trainable, frozen, tx.init(trainable))
+
+
+def params_of(trainable: dict, frozen: dict, scale: float | None) -> dict:
+    """The model's parameters `{"params": tree}` from a state's leaves (adapters applied, not merged)."""
+    weights = {**frozen, **{k: v for k, v in trainable.items() if not lora.is_adapter(k)}}
+    if scale is not None:
+        weights = lora.effective_params(weights, {k: v for k, v in trainable.items() if lora.is_adapter(k)}, scale)
+    return {"params": traverse_util.unflatten_dict(weights, sep="/")}
+
+
+def step_fn(module: VL2, tx: optax.GradientTransformation, scale: float | None):
+    """A jitted (state, inputs with leaves [A, ...]) -> (new state, metrics) that donates `state`.
+    Metrics: loss (mean over the step's targets), targets, grad_norm (before clipping)."""
+
+    def sums(trainable, frozen, inputs: LossInputs):
+        return cross_entropy(forward(module, params_of(trainable, frozen, scale), inputs), inputs.labels, inputs.valid)
+
+    def step(state: TrainState, inputs: LossInputs):
+        def micro(carry, mb):
+            grads, total, count = carry
+            (t, c), g = jax.value_and_grad(sums, has_aux=True)(state.trainable, state.frozen, mb)
+            return (jax.tree.map(jnp.add, grads, g), total + t, count + c), None
+
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), state.trainable)
+        (grads, total, count), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.int32(0)), inputs)
+        n = jnp.maximum(count, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grads, state.trainable)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        new = TrainState(state.step + 1, optax.apply_updates(state.trainable, updates), state.frozen, opt_state)
+        return new, {"loss": total / n, "targets": count, "grad_norm": optax.tree.norm(grads)}
+
+    return jax.jit(step, donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_step(module: VL2, s: Settings):
+    """`step_fn` under `s`' optimizer, one per (module, settings) in a process, so that a second run at
+    the same settings (a resumed one, an eval) compiles nothing again. Intervals do not count."""
+    return step_fn(module, optimizer(s), s.lora_scale)
+
+
+@functools.lru_cache(maxsize=8)
+def eval_fn(module: VL2, scale: float | None):
+    """A jitted (trainable, frozen, inputs [1, ...]) -> (summed cross-entropy, target count)."""
+
+    def run(trainable, frozen, inputs: LossInputs):
+        mb = jax.tree.map(lambda x: x[0], inputs)
+        return cross_entropy(forward(module, params_of(trainable, frozen, scale), mb), mb.labels, mb.valid)
+
+    return jax.jit(run)
+
+
+def evaluate(run, state: TrainState, eval_inputs) -> float:
+    """Mean cross-entropy over every target of the eval set."""
+    total, count = 0.0, 0
+    for inputs in eval_inputs:
+        t, c = run(state.trainable, state.frozen, inputs)
+        total, count = total + float(t), count + int(c)
+    return total / max(count, 1)
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+def _manager(directory: Path):
+    import orbax.checkpoint as ocp
+
+    # Synchronous saves: the step donates the state's buffers, so they must be written before the next.
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+def save_state(directory: Path, state: TrainState, s: Settings) -> None:
+    """The whole train state (step, adapters or weights, frozen weights, optimizer moments) as the Orbax
+    checkpoint `directory/<step>`, and the settings beside it (`settings.json`)."""
+    import orbax.checkpoint as ocp
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "settings.json").write_text(json.dumps(s.resumable(), indent=1) + "\n")
+    with _manager(directory) as mgr:
+        mgr.save(int(state.step), args=ocp.args.StandardSave(state), force=True)
+
+
+def restore_state(directory: Path, like: TrainState, s: Settings) -> TrainState:
+    """The latest state saved in `directory`, restored into `like`'s shapes, dtypes and shardings.
+    Refused (ConfigError) where there is none or its settings differ from `s`'."""
+    import orbax.checkpoint as ocp
+
+    settings = directory / "settings.json"
+    if not settings.is_file():
+        raise ConfigError(f"--resume: {directory} holds no train state; run without --resume first.")
+    saved = json.loads(settings.read_text())
+    differ = {k: (saved.get(k), v) for k, v in s.resumable().items() if saved.get(k) != v}
+    if differ:
+        text = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in differ.items())
+        raise ConfigError(f"--resume: the saved run in {directory} used other settings ({text}); use the same ones.")
+    with _manager(directory) as mgr:
+        step = mgr.latest_step()
+        if step is None:
+            raise ConfigError(f"--resume: {directory} holds no train state; run without --resume first.")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        return mgr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+# --------------------------------------------------------------------------------------------- run
+@dataclasses.dataclass
+class Result:
+    """What `fit` did: the final state, the loss of every step it ran (before that step's update),
+    and the eval losses by step."""
+
+    state: TrainState
+    losses: list[float]
+    evals: dict[int, float]
+
+
+def fit(module: VL2, processor: Processor, params: dict, train: list, s: Settings, *, state_dir: Path | None = None,
+        eval_examples: list | None = None, resume: bool = False, log: Callable[[str], None] | None = None,
+        bar: bool | None = None) -> Result:
+    """Trains for `s.steps` optimizer steps (a resumed state counts the ones it took) on the examples
+    `train` (`batches.read_examples`). Saves the train state to `state_dir` every `s.save_every` steps and
+    at the end (when given); `resume` starts from its latest. `bar`: tqdm on stderr (None: where stderr
+    is a terminal). `params` is consumed (the step donates it)."""
+    from tqdm import tqdm
+
+    log = log or (lambda line: None)
+    tx = optimizer(s)
+    state = init_state(params, s, tx)
+    if resume:
+        state = restore_state(state_dir, state, s)
+        log(f"resumed at step {int(state.step)} from {state_dir}")
+    step = compiled_step(module, dataclasses.replace(s, save_every=0, eval_every=0))
+    order = batches.Order(len(train), s.batch, s.grad_accum, s.seed)
+    run_eval = eval_fn(module, s.lora_scale) if eval_examples else None
+    eval_inputs = list(batches.eval_batches(processor, eval_examples, s.batch, s.max_seq_len)) if eval_examples else []
+    losses, evals = [], {}
+    start = int(state.step)
+    progress = tqdm(total=s.steps, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
+                    disable=None if bar is None else not bar)
+    try:
+        for i in range(start, s.steps):
+            inputs = batches.stack(processor, [[train[j] for j in mb] for mb in order.step(i)], s.max_seq_len)
+            tokens = int(np.sum(inputs.valid))
+            t0 = time.perf_counter()
+            state, metrics = step(state, inputs)
+            loss = float(metrics["loss"])
+            seconds = time.perf_counter() - t0
+            losses.append(loss)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"the loss is {loss} at step {i + 1}; try a smaller --lr.")
+            progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / seconds:,.0f}", refresh=False)
+            progress.update(1)
+            done = i + 1
+            if progress.disable and (done % max(1, s.steps // 20) == 0 or done == s.steps):
+                log(f"step {done}/{s.steps}: loss {loss:.4f}, {tokens / seconds:,.0f} tokens/s")
+            if run_eval is not None and ((s.eval_every and done % s.eval_every == 0) or done == s.steps):
+                evals[done] = evaluate(run_eval, state, eval_inputs)
+                log(f"step {done}: eval loss {evals[done]:.4f}")
+            if state_dir is not None and ((s.save_every and done % s.save_every == 0) or done == s.steps):
+                save_state(state_dir, state, s)
+    finally:
+        progress.close()
+    return Result(state, losses, evals)

@@ -1,0 +1,95 @@
+"""What `python -m vl2_jax.finetune` does once its arguments are parsed: load the model and the data,
+train (`loop.fit`), and write the output folder.
+
+The output folder `out` holds, when training ends:
+    config.json, tokenizer and processor files, params/, vl2_jax_checkpoint.json
+                      the trained model as a converted checkpoint (LoRA merged in float32):
+                      `load_model(out)` and `python -m generate --model out` read it
+    adapters/         LoRA only: adapters.safetensors (`lora`'s keys) and adapter_config.json
+    train_state/      the Orbax checkpoints of the whole train state (`--resume` reads the latest)
+    metrics.json      the loss of every step this run took (from first_step) and the eval losses
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import jax.numpy as jnp
+from flax import traverse_util
+
+from vl2_jax.config import Runtime
+from vl2_jax.errors import InputError
+from vl2_jax.load import load_model
+from vl2_jax.training import batches, export, lora
+from vl2_jax.training.loop import Result, Settings, fit
+from vl2_jax.training.loss import training_module
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A fine-tuning run: the model spec, data files, output folders and `Settings`."""
+
+    model: str
+    data: str
+    out: str
+    settings: Settings
+    eval: str | None = None
+    export_hf: str | None = None
+    dtype: str = "float32"
+    mesh: str | None = None
+    resume: bool = False
+    remat: bool = True
+
+
+def merged_params(result: Result, s: Settings) -> dict:
+    """The trained model's parameters `{"params": tree}`: adapters folded in (float32) for LoRA."""
+    st = result.state
+    weights = {**st.frozen, **{k: v for k, v in st.trainable.items() if not lora.is_adapter(k)}}
+    if s.lora_rank:
+        weights = lora.merge(weights, {k: v for k, v in st.trainable.items() if lora.is_adapter(k)}, s.lora_scale)
+    return {"params": traverse_util.unflatten_dict(weights, sep="/")}
+
+
+def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> Result:
+    """Runs `job`; returns `fit`'s Result. Raises InputError / ConfigError / CheckpointError on bad
+    input (see `batches` for what is refused and what skipped)."""
+    s, out = job.settings, Path(job.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a folder.")
+    for name, file in (("--data", job.data), ("--eval", job.eval)):
+        if file is not None and not Path(file).is_file():
+            raise InputError(f"{name} {file} is not a file.")
+    if job.resume and not (out / "train_state").is_dir():
+        raise InputError(f"--resume: {out / 'train_state'} does not exist; run without --resume first.")
+    model = load_model(job.model, job.dtype, runtime=Runtime.plain(), mesh=job.mesh, seed=s.seed, progress=log)
+    train, skipped = batches.read_examples(model.processor, job.data, s.max_seq_len)
+    log(f"{job.data}: {len(train)} conversations" + (f", {skipped.total} skipped ({skipped})" if skipped.total else ""))
+    evals = None
+    if job.eval:
+        evals, skipped = batches.read_examples(model.processor, job.eval, s.max_seq_len)
+        log(f"{job.eval}: {len(evals)} conversations" + (f", {skipped.total} skipped ({skipped})" if skipped.total else ""))
+    what = f"LoRA rank {s.lora_rank} on {','.join(s.parts)}" if s.lora_rank else f"full fine-tuning of {','.join(s.parts)}"
+    log(f"training: {what}; {s.steps} steps of {s.batch} x {s.grad_accum} conversations")
+    with model.mesh_context():
+        result = fit(training_module(model.cfg, model.dtype, remat=job.remat), model.processor, model.params, train, s,
+                     state_dir=out / "train_state", eval_examples=evals, resume=job.resume, log=log, bar=bar)
+        params = merged_params(result, s)
+    dtype = jnp.dtype(model.dtype).name
+    source = export.asset_folder(job.model)
+    export.save_model(model.cfg, params, out, source, dtype)
+    if s.lora_rank:
+        adapters = {k: v for k, v in result.state.trainable.items() if lora.is_adapter(k)}
+        export.save_adapters(adapters, out / "adapters",
+                             {"rank": s.lora_rank, "alpha": s.lora_alpha, "parts": list(s.parts), "base_model": job.model})
+    if result.losses:  # a resumed run that had nothing left to do keeps the last run's
+        metrics = {"first_step": int(result.state.step) - len(result.losses) + 1, "losses": result.losses,
+                   "evals": result.evals}
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    log(f"saved the trained model to {out}")
+    if job.export_hf:
+        export.write_hf(model.cfg, params, job.export_hf, source, dtype)
+        log(f"wrote the Hugging Face layout to {job.export_hf}")
+    return result
