@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -272,9 +273,39 @@ def test_version_is_the_package_version(capsys, monkeypatch):
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "version", missing)  # a plain checkout: read pyproject.toml
-    from vl2_jax.cli import package_version
+    from vl2_jax.errors import package_version
 
     assert package_version() == version
+
+
+def test_every_entry_point_helps_with_defaults_an_example_and_its_version(capsys):
+    """--help of generate, convert, serve, bench and loadtest: each option's default in its text, examples
+    after the options (each one parses), and --version."""
+    import argparse
+
+    import convert.__main__
+    import generate.__main__
+    from vl2_jax import bench, loadtest, serve
+
+    version = _pyproject()["project"]["version"]
+    parsers = {"generate": generate.__main__._parser, "convert": convert.__main__._parser, "vl2_jax.serve": serve.parser,
+               "vl2_jax.bench": bench.parser, "vl2_jax.loadtest": loadtest.parser}
+    for module, make in parsers.items():
+        p = make()
+        text = p.format_help()
+        examples = text.split("\nexamples:\n")[1].splitlines()
+        assert examples and all(line.startswith(f"  python -m {module} ") for line in examples), module
+        for line in examples:
+            p.parse_args(shlex.split(line.split("#")[0])[3:])
+        formatter = p._get_formatter()
+        for action in p._actions:
+            shown = action.default not in (None, False, [], argparse.SUPPRESS)
+            if action.option_strings and shown:
+                assert "default" in formatter._get_help_string(action), f"{module} {action.option_strings[0]}"
+        with pytest.raises(SystemExit) as exit_:
+            p.parse_args(["--version"])
+        assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"python -m {module} {version}"
+    assert "the answer's length limit (default: 512)" in " ".join(parsers["generate"]().format_help().split())
 
 
 def test_system_prompt_comes_first(capsys):
