@@ -1,6 +1,6 @@
 """Command line: convert a Hugging Face DeepSeek-VL2 checkpoint folder into a vl2_jax Orbax folder.
 
-    python -m convert deepseek-vl2-small/ vl2-small-orbax/ [--dtype bfloat16|float32] [--force]
+    python -m convert deepseek-vl2-small/ vl2-small-orbax/ --dtype bfloat16
 
 Progress goes to stderr, the one-line summary to stdout. The destination is checked before anything is
 read: a folder that cannot be written, or an existing one that is not a vl2_jax checkpoint (never replaced,
@@ -11,14 +11,15 @@ a warning (e.g. an unknown, ignored key in config.json) prints one `warning: ...
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import warnings
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m convert", description=__doc__.splitlines()[0])
+def _parser():
+    from vl2_jax.errors import command_parser
+
+    p = command_parser("python -m convert", __doc__)
     p.add_argument("src", help="Hugging Face folder: config.json, safetensors weights, tokenizer and processor files")
     p.add_argument("dst", help="output folder (created inside an existing folder; must not exist unless --force)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="saved dtype (default: the source's)")

@@ -15,15 +15,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vl2_jax.cli import package_version
 from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS
-from vl2_jax.errors import number
+from vl2_jax.errors import command_parser, number
 
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl2-tiny"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m generate", description=__doc__.splitlines()[0])
+    p = command_parser("python -m generate", __doc__)
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="local checkpoint folder (Hugging Face or converted), a hub id (downloaded and converted "
                         f"once), or random:tiny|small|base|test for random weights offline (default: {DEFAULT_MODEL})")
@@ -34,12 +33,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="the question; use <image> placeholders to place images, or none to put them first")
     p.add_argument("--system", default=None, metavar="TEXT",
                    help="a system prompt, placed before the conversation (default: none)")
-    p.add_argument("--max-new-tokens", type=number(int, 1), default=512)
+    p.add_argument("--max-new-tokens", type=number(int, 1), default=512, help="the answer's length limit")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1 = off)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0 = off)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide seen tokens' positive logits by it, multiply their negative ones (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="the sampling seed (temperature > 0)")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help='stop when the answer contains TEXT; repeatable (default: "User:", the chat template\'s)')
     p.add_argument("--prefill-chunk", type=number(int, 1), default=None,
@@ -82,7 +82,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="keep compiled programs in DIR between runs (default: $VL2_JAX_COMPILE_CACHE, else "
                         "~/.cache/vl2_jax/xla; '' turns it off; JAX_COMPILATION_CACHE_DIR, if set, wins)")
-    p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     return p
 
 

@@ -148,3 +148,29 @@ def test_eos_ends_one_row_with_stop_while_its_neighbour_goes_on():
     assert a.text.text() == m.processor.decode(a_want[:3])
     assert b_.finish_reason == "length" and b_.token_ids == b_want
     m.give_state(b.state)
+
+
+def test_run_jobs_fills_a_slot_as_soon_as_an_answer_finishes():
+    """`generate --input`'s loop (model.run_jobs) with 2 slots: one long answer and four short ones. Each
+    short job after the first is drawn when a slot frees, while the long answer still runs in the other
+    slot, and every answer is its official greedy continuation."""
+    from vl2_jax.generation import run_jobs
+
+    m = model()
+    long_, long_want = job("text_only")
+    long_.max_new_tokens = 200  # 13 decode calls: longer than the four short ones' prefills and answers
+    shorts = [job(name, max_new=2) for name in ("one_wide", "two_images", "history", "text_only")]
+    drawn, done = [], []
+
+    def source():
+        for j in [long_, *(s for s, _ in shorts)]:
+            drawn.append((id(j), long_.finished))
+            yield j
+
+    state = run_jobs(m.engine, m.params, m.take_state(), source(), m.processor.decode, done.append)
+    m.give_state(state)
+    assert [id(j) for j in done] == [id(s) for s, _ in shorts] + [id(long_)]  # finishing order
+    assert all(not long_done for _, long_done in drawn)  # all four short ones ran beside the long one
+    for s, want in shorts:
+        assert s.token_ids == want and s.finish_reason == "length"
+    assert long_.token_ids[: len(long_want)] == long_want

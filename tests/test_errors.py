@@ -448,6 +448,36 @@ def test_nonexistent_relative_folder_tries_the_hub_and_says_both(tmp_path, capsy
     line = cli_error(capsys, ["--model", "my-models/vl2-tiny", "--prompt", "hi"])
     assert line.startswith("error: my-models/vl2-tiny is not a local folder, and downloading it from the Hugging")
     assert "couldn't connect" in line and not (tmp_path / "cache").exists()
+    # the offline suggestion is the small test model, not random:tiny (13.5 GB of float32 weights)
+    assert line.endswith("or try random:test (small random weights, no download) offline.")
+
+
+def test_a_hub_download_is_converted_once_and_its_cost_on_disk_named(tmp_path, monkeypatch):
+    """A hub id: downloaded (here a fake huggingface_hub cache: snapshot links into blobs), converted into
+    $VL2_JAX_CACHE, and one line says what the download still takes on disk and how to delete it."""
+    import huggingface_hub
+
+    from vl2_jax import load
+    from vl2_jax.orbax_io import format_bytes
+
+    repo = tmp_path / "hub" / "models--me--vl2"
+    snapshot, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snapshot.mkdir(parents=True), blobs.mkdir()
+    size = 0
+    for f in ckpt_dir("mha").iterdir():
+        (blobs / f.name).write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(blobs / f.name)
+        size += f.stat().st_size
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: calls.append(repo_id) or str(snapshot))
+    monkeypatch.setenv("VL2_JAX_CACHE", str(tmp_path / "cache"))
+    lines = []
+    load.load_model("me/vl2", "float32", progress=lines.append)
+    note = next(line for line in lines if line.startswith("the download of me/vl2"))
+    assert f"({format_bytes(size)} in {repo})" in note and "`hf cache rm model/me/vl2` (or rm -r" in note
+    assert (tmp_path / "cache" / "me--vl2").is_dir()
+    load.load_model("me/vl2", "float32")  # the converted copy: no second download
+    assert calls == ["me/vl2"]
 
 
 # ------------------------------------------------------------------------------------ out of memory

@@ -158,6 +158,44 @@ def test_stop_strings_and_streaming():
     assert r.token_ids[0] == full.token_ids[0][: len(r.token_ids[0])]
 
 
+EOS = 256  # a byte-level vocabulary: tokens 0-255 are bytes
+
+
+def _stream_pieces(data: bytes, stop=(), eos_at=None, steps=2):
+    """RowText fed `data` a few bytes (tokens) at a time, `finished` with the last call, as the batcher
+    does; (pieces, final text). An EOS token follows the bytes when `eos_at` says so."""
+    from vl2_jax.generation import RowText
+
+    decode = lambda ids: bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+    tokens = list(data) + ([EOS] if eos_at else [])
+    row = RowText(decode, stop, EOS)
+    pieces = []
+    for start in range(0, len(tokens), steps):
+        new = tokens[start:start + steps]
+        pieces.append(row.add(new, start + steps >= len(tokens)))
+        if row.cut:
+            break
+    return pieces, row.text()
+
+
+@pytest.mark.parametrize("ending", ["length", "length mid-character", "stop string", "eos"])
+def test_streamed_multibyte_text_is_the_whole_answer(ending):
+    """Characters of 2-4 bytes split over tokens: no piece shows a half character (U+FFFD) while the
+    answer goes on, and the pieces add up to the final text for each way it ends (at the length limit,
+    the held-back start of a stop string, "Use", and a half character are released)."""
+    text = "aé日本🙂 ok\nUser: more"
+    data = {"length": "aé日本🙂 ok\nUse".encode(), "length mid-character": "aé日本🙂".encode()[:-2],
+            "stop string": text.encode(), "eos": "é日🙂".encode()}[ending]
+    want = {"length": "aé日本🙂 ok\nUse", "length mid-character": "aé日本\ufffd", "stop string": "aé日本🙂 ok\n",
+            "eos": "é日🙂"}[ending]
+    for stop, steps in ((("User:",), 3), (("User:",), 1), ((), 1)):
+        if ending == "stop string" and not stop:
+            continue
+        pieces, final = _stream_pieces(data, stop=stop, eos_at=ending == "eos", steps=steps)
+        assert "".join(pieces) == final == want, (stop, steps)
+        assert all("\ufffd" not in p for p in pieces[:-1]), (stop, steps)
+
+
 def test_context_limit():
     m = model("mha")
     tight = dataclasses.replace(m.cfg.language, max_position_embeddings=20)

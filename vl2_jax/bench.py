@@ -30,7 +30,7 @@ from PIL import Image
 from vl2_jax import kernels, load
 from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, Runtime
 from vl2_jax.engine import CompileWatch
-from vl2_jax.errors import guarded, number
+from vl2_jax.errors import command_parser, guarded, number
 from vl2_jax.modules.moe import mlp_kernel_fits
 from vl2_jax.modules.vision import normalize_pixels
 from vl2_jax.modules.vl2 import VL2
@@ -220,26 +220,30 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vl2_jax.bench", description=__doc__.splitlines()[0])
+def parser() -> argparse.ArgumentParser:
+    p = command_parser("python -m vl2_jax.bench", __doc__)
     p.add_argument("--model", default="random:tiny", help="random:tiny|small|base|test or a checkpoint folder")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU/TPU, float32 on CPU")
     p.add_argument("--moe", default="auto", choices=list(MOE_IMPLS), help="expert dispatch")
     p.add_argument("--attention", default="auto", choices=list(ATTENTION_IMPLS),
                    help="attention (plain: the reference's arithmetic; auto: cuDNN flash attention where it applies)")
     p.add_argument("--kernels", default="on", choices=["on", "off"], help="accelerator kernels where they apply")
-    p.add_argument("--image-size", type=int, default=768)
+    p.add_argument("--image-size", type=int, default=768, help="the image prompt's side in pixels")
     p.add_argument("--new-tokens", type=number(int, 2), default=128,
                    help="tokens per decode run, at least 2: the first token is prefill's, the rest are timed (default: 128)")
     p.add_argument("--batches", default="1,8,32", help="decode batch sizes, comma separated ('' for none)")
-    p.add_argument("--repeats", type=number(int, 1), default=3)
+    p.add_argument("--repeats", type=number(int, 1), default=3, help="decode runs per batch size (the median counts)")
     p.add_argument("--hbm-gbps", type=float, default=None,
                    help="HBM bandwidth for the decode floor (default: 4300, an H200's copy bandwidth, on GPUs; none on CPU)")
     p.add_argument("--max-seq-len", type=int, default=None, help="tokens per slot (default: the model's context)")
     p.add_argument("--compile-cache", default="", metavar="DIR",
                    help="keep compiled programs in DIR and load them from there (default: none, so warmup_s is "
                         "the first-ever cost; run twice with one DIR for the cached cost)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",") if b]
     args.dtype = args.dtype or load.default_dtype()
     if args.hbm_gbps is None and jax.default_backend() == "gpu":

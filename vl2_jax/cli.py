@@ -271,20 +271,6 @@ def check_draw_boxes(out_path: str, image_refs: list[str]) -> None:
                              f"is kept as it is.")
 
 
-def package_version() -> str:
-    """vl2-jax's version: the installed distribution's, else (a plain checkout) pyproject.toml's."""
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("vl2-jax")
-    except importlib.metadata.PackageNotFoundError:
-        import re
-
-        pyproject = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
-        with open(pyproject, encoding="utf-8") as f:
-            return re.search(r'^version\s*=\s*"([^"]+)"', f.read(), re.M).group(1)
-
-
 def _draw_boxes(out_path, images, text, log) -> None:
     """--draw-boxes: the answer's boxes, relative to the first image, drawn on it and saved to `out_path`
     (by process 0 only when several processes share the work)."""

@@ -1,8 +1,12 @@
-"""Exceptions that users see: each carries one sentence saying what is wrong, where, and what to do."""
+"""Exceptions that users see: each carries one sentence saying what is wrong, where, and what to do.
+Also what every entry point shares around them: its argparse parser (`command_parser`, `number`), the
+package version, and its last line of defence (`guarded`)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import os
 from collections.abc import Callable
 
 
@@ -72,11 +76,48 @@ def explain(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"
 
 
+def package_version() -> str:
+    """vl2-jax's version: the installed distribution's, else (a plain checkout) pyproject.toml's."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("vl2-jax")
+    except importlib.metadata.PackageNotFoundError:
+        import re
+
+        pyproject = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
+        with open(pyproject, encoding="utf-8") as f:
+            return re.search(r'^version\s*=\s*"([^"]+)"', f.read(), re.M).group(1)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's examples as written and ends each option's help with its default, unless the
+    help already names it (or there is none to name: None, False, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == [] or \
+            action.default is argparse.SUPPRESS
+        if not action.option_strings or unset or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+def command_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """An entry point's parser: `doc`'s first line as the description, its indented `python -m ...` lines
+    as the examples after the options, every option's default in its help, and `--version`."""
+    examples = [line for line in doc.splitlines() if line.startswith("    python -m ")]
+    epilog = "examples:\n" + "\n".join(line[2:] for line in examples) if examples else None
+    p = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0], epilog=epilog,
+                                formatter_class=_HelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}",
+                   help="print the package version and exit")
+    return p
+
+
 def number(kind=int, low=1, high=None, what: str | None = None):
     """An argparse type: `kind(text)` within [low, high] (`what` names it in the message; default "a whole
     number of at least LOW" for int, "a number" otherwise). A refusal is argparse's one error line."""
-    import argparse
-
     what = what or (f"a whole number of at least {low}" if kind is int and high is None else
                     "a whole number" if kind is int else "a number")
 

@@ -210,11 +210,26 @@ def _converted_from_hub(repo_id: str, progress) -> Path:
         raise CheckpointError(
             f"{repo_id} is not a local folder, and downloading it from the Hugging Face hub failed "
             f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); check the path or the hub id and your "
-            "connection, or pass random:tiny."
+            "connection, or try random:test (small random weights, no download) offline."
         ) from None
     progress(f"converting {repo_id} to {target} (once) ...")
+    target.parent.mkdir(parents=True, exist_ok=True)  # the first hub model of this machine
     convert_checkpoint(source, target, None, force=True, progress=progress)
+    progress(download_note(repo_id, Path(source)))
     return target
+
+
+def download_note(repo_id: str, snapshot: Path) -> str:
+    """What the hub download still takes on disk once converted, and how to free it: the files of the
+    `snapshot` folder (huggingface_hub's links into its blobs, counted once each)."""
+    from vl2_jax.orbax_io import format_bytes
+
+    files = {f.resolve() for f in snapshot.rglob("*") if f.is_file()}
+    size = sum(f.stat().st_size for f in files)
+    # huggingface_hub's layout: <cache>/models--owner--name/snapshots/<revision>
+    repo = snapshot.parents[1] if snapshot.parent.name == "snapshots" else snapshot
+    return (f"the download of {repo_id} ({format_bytes(size)} in {repo}) is no longer needed: the converted copy "
+            f"is what loads; `hf cache rm model/{repo_id}` (or rm -r {repo}) frees the space")
 
 
 # ------------------------------------------------------------------------------------ random models

@@ -66,7 +66,7 @@ import openai
 from PIL import Image
 from tqdm import tqdm
 
-from vl2_jax.errors import VL2Error, guarded, number
+from vl2_jax.errors import VL2Error, command_parser, guarded, number
 
 WORDS = ("image picture scene colour shape light shadow edge corner texture pattern object person animal "
          "building sky water tree road window door table chair left right top bottom centre small large "
@@ -419,8 +419,8 @@ def _levels(text: str) -> list[int]:
     return levels
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m vl2_jax.loadtest", description=__doc__.splitlines()[0])
+def parser() -> argparse.ArgumentParser:
+    p = command_parser("python -m vl2_jax.loadtest", __doc__)
     p.add_argument("--url", default="http://127.0.0.1:30000/v1", help="the server's OpenAI base URL (default: %(default)s)")
     p.add_argument("--concurrency", type=_levels, default=[1, 8, 32, 64],
                    help="requests in flight, one level per comma-separated value (default: 1,8,32,64)")
@@ -441,6 +441,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", choices=["first", "each", "none"], default="first",
                    help="one untimed request before the first level, before each, or none (default: first)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = parser()
     args = p.parse_args(argv)
     if args.max_tokens < args.min_tokens:
         p.error(f"--max-tokens ({args.max_tokens}) must be at least --min-tokens ({args.min_tokens})")

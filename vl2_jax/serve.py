@@ -23,15 +23,13 @@ import time
 import uvicorn
 
 from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS
-from vl2_jax.errors import number
+from vl2_jax.errors import command_parser, number
 
 DEFAULT_PORT = 30000  # SGLang's
 
 
 def parser() -> argparse.ArgumentParser:
-    from vl2_jax.cli import package_version
-
-    p = argparse.ArgumentParser(prog="python -m vl2_jax.serve", description=__doc__.splitlines()[0])
+    p = command_parser("python -m vl2_jax.serve", __doc__)
     p.add_argument("--model", required=True,
                    help="a local checkpoint folder (Hugging Face or converted), a hub id, or random:tiny|small|base|test")
     p.add_argument("--served-model-name", default=None, metavar="NAME",
@@ -81,7 +79,6 @@ def parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, how long requests in flight may take to finish (default 20)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="uvicorn's log level; info adds one line per request (default warning)")
-    p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     return p
 
 
