@@ -296,17 +296,17 @@ def test_version_is_the_package_version(capsys, monkeypatch):
 
 
 def test_every_entry_point_helps_with_defaults_an_example_and_its_version(capsys):
-    """--help of generate, convert, serve, bench and loadtest: each option's default in its text, examples
+    """--help of generate, convert, serve, bench, loadtest and finetune: each option's default in its text, examples
     after the options (each one parses), and --version."""
     import argparse
 
     import convert.__main__
     import generate.__main__
-    from vl2_jax import bench, loadtest, serve
+    from vl2_jax import bench, finetune, loadtest, serve
 
     version = _pyproject()["project"]["version"]
     parsers = {"generate": generate.__main__._parser, "convert": convert.__main__._parser, "vl2_jax.serve": serve.parser,
-               "vl2_jax.bench": bench.parser, "vl2_jax.loadtest": loadtest.parser}
+               "vl2_jax.bench": bench.parser, "vl2_jax.loadtest": loadtest.parser, "vl2_jax.finetune": finetune.parser}
     for module, make in parsers.items():
         p = make()
         text = p.format_help()

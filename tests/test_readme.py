@@ -10,11 +10,12 @@ from pathlib import Path
 import convert.__main__
 import generate.__main__
 from tests.conftest import FIXTURES, ckpt_dir
-from vl2_jax import bench, loadtest, serve
+from vl2_jax import bench, finetune, loadtest, serve
 
 ROOT = Path(__file__).resolve().parents[1]
 PARSERS = {"generate": generate.__main__._parser, "convert": convert.__main__._parser,
-           "vl2_jax.serve": serve.parser, "vl2_jax.bench": bench.parser, "vl2_jax.loadtest": loadtest.parser}
+           "vl2_jax.serve": serve.parser, "vl2_jax.bench": bench.parser, "vl2_jax.loadtest": loadtest.parser,
+           "vl2_jax.finetune": finetune.parser}
 MAINS = {"generate": generate.__main__.main, "convert": convert.__main__.main}
 NOT_OURS = {"pytest", "sglang_router.launch_router"}  # the test command itself; SGLang's router (test_router.py)
 
@@ -48,7 +49,9 @@ def test_every_readme_command_runs_or_parses(tmp_path, capsys):
     names = {"deepseek-ai/deepseek-vl2-tiny": "random:test", "photo.jpg": cat, "a.jpg": cat,
              "b.jpg": str(FIXTURES / "images" / "noise_wide.png"), "deepseek-vl2-small/": str(ckpt_dir("mla")),
              "vl2-small-orbax/": str(tmp_path / "orbax"), "vl2-base-orbax/": str(tmp_path / "orbax"),
-             "boxes.png": str(tmp_path / "boxes.png")}
+             "boxes.png": str(tmp_path / "boxes.png"),
+             # the fine-tuning example's output: its training runs in tests/test_finetune.py
+             "demo/tuned": str(ckpt_dir("mha")), "demo/red.png": cat}
     ran = []
     for module, *args in readme_commands():
         if module in NOT_OURS:

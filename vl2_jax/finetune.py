@@ -1,7 +1,9 @@
 """Fine-tune DeepSeek-VL2 on conversations with images (LoRA or full), then save a loadable model.
 
     python -m vl2_jax.finetune --model random:test --data train.jsonl --out tuned/ --steps 50
-    python -m generate --model tuned/ --prompt "..."
+    python -m vl2_jax.finetune --model deepseek-ai/deepseek-vl2-tiny --data train.jsonl --eval eval.jsonl --out tuned/ --batch 2 --grad-accum 4
+
+`python -m generate --model tuned/` then answers with the trained weights.
 
 The data is JSON lines, one conversation a line (ms-swift's format, the official roles too):
     {"messages": [{"role": "user", "content": "<image>\\nWhat is it?"},
@@ -16,11 +18,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vl2_jax.errors import guarded, number
+from vl2_jax.errors import command_parser, guarded, number
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vl2_jax.finetune", description=__doc__.splitlines()[0])
+def parser() -> argparse.ArgumentParser:
+    p = command_parser("python -m vl2_jax.finetune", __doc__)
     p.add_argument("--model", required=True, help="random:test|tiny|small|base, a checkpoint folder, or a hub id")
     p.add_argument("--data", required=True, help="training conversations, JSON lines")
     p.add_argument("--eval", default=None, help="eval conversations, JSON lines (loss at --eval-every and at the end)")
@@ -52,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
 
     def body() -> int:
