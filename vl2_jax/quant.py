@@ -131,3 +131,18 @@ def dequantize_params(params: dict, dtype=jnp.float32) -> dict:
 def weight_bytes(params: dict) -> int:
     """Bytes of every array in the tree (values and scales included)."""
     return sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(params))
+
+
+def quantized_shapes(shapes: dict, quant: str, lm_head: bool = False) -> dict:
+    """The tree of `jax.ShapeDtypeStruct`s that `quantize_params` makes of a float tree `shapes`."""
+    if check_quant(quant) == "none":
+        return shapes
+
+    def one(path, leaf):
+        axes = quantized_axes(jax.tree_util.keystr(path, simple=True, separator="/"), len(leaf.shape), lm_head)
+        if axes is None:
+            return leaf
+        scale = tuple(1 if a in axes else n for a, n in enumerate(leaf.shape))
+        return {VALUES: jax.ShapeDtypeStruct(leaf.shape, QTYPES[quant]), SCALES: jax.ShapeDtypeStruct(scale, jnp.float32)}
+
+    return jax.tree_util.tree_map_with_path(one, shapes)
