@@ -102,7 +102,7 @@ def run(args, log: Callable[[str], None]) -> int:
     start = time.perf_counter()
     with load.progress_bar(enabled=speaks) as bar:  # drawn only where stderr is a terminal
         model = load.load_model(args.model, args.dtype, runtime=runtime, mesh=args.mesh, progress=log,
-                                bytes_progress=bar)
+                                bytes_progress=bar, quant=args.quant)
     options_timing = {"load_s": time.perf_counter() - start}
     if model.layout is not None:
         log(f"mesh {dict(model.mesh.shape)}" + "".join(f"; {n}" for n in sorted(model.layout.notes)[:8]))

@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 import qwix
 
+from vl2_jax.config import QUANTS
 from vl2_jax.errors import ConfigError
 
-QUANTS = ("none", "int8", "fp8")
 QTYPES = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
 VALUES, SCALES = "qvalue", "scale"
 
@@ -66,7 +66,7 @@ def quantized_axes(path: str, ndim: int, lm_head: bool = False) -> tuple[int, ..
     path = path.removeprefix("params/")
     for pattern, by_rank in (*QUANTIZED_RULES, *((LM_HEAD_RULE,) if lm_head else ())):
         if re.search(pattern, path):
-            return by_rank[ndim]
+            return by_rank.get(ndim)
     return None
 
 

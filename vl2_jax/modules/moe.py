@@ -19,6 +19,7 @@ registers, and the ragged path scales each sorted row by its expert's scales aft
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -355,8 +356,8 @@ def experts_sharded(impl: str, x_ND, gate_up_w, down_w, weights_NX, idx_NX, use_
     P = jax.sharding.PartitionSpec
     up_spec, down_spec = P(expert_axis, None, None, width_axis), P(expert_axis, width_axis, None)
     if is_quantized(down_w):  # scales [E, 1, D]: the contracted width is not split in them
-        up_spec = type(gate_up_w)(qvalue=up_spec, scale=up_spec)
-        down_spec = type(down_w)(qvalue=down_spec, scale=P(expert_axis, None, None))
+        up_spec = dataclasses.replace(gate_up_w, qvalue=up_spec, scale=up_spec)
+        down_spec = dataclasses.replace(down_w, qvalue=down_spec, scale=P(expert_axis, None, None))
     n, x = idx_NX.shape
     e = gate_up_w.shape[0]
     capacity = grouped_capacity(n, x, e)  # the one-device value: same rows per expert
