@@ -30,10 +30,14 @@ import re
 
 import jax
 import jax.numpy as jnp
-import qwix
 
 from vl2_jax.config import QUANTS
 from vl2_jax.errors import ConfigError
+
+try:  # float models run without qwix (e.g. on a machine that has no wheel of it); quantizing needs it
+    import qwix
+except ImportError:  # pragma: no cover - qwix is a dependency of the package
+    qwix = None
 
 QTYPES = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
 VALUES, SCALES = "qvalue", "scale"
@@ -57,6 +61,8 @@ def check_quant(quant: str) -> str:
     """`quant` if it names a format ("none", "int8", "fp8"); else one ConfigError."""
     if quant not in QUANTS:
         raise ConfigError(f"unknown quantization {quant!r}; use one of {', '.join(QUANTS)}.")
+    if quant != "none" and qwix is None:
+        raise ConfigError(f"quantizing to {quant} needs Google's qwix (pip install qwix), which is not installed.")
     return quant
 
 
@@ -72,12 +78,15 @@ def quantized_axes(path: str, ndim: int, lm_head: bool = False) -> tuple[int, ..
 
 def is_quantized(leaf) -> bool:
     """Whether a parameter-tree node is a quantized weight (`{"qvalue", "scale"}`) or a `qwix.QArray`."""
-    return isinstance(leaf, qwix.QArray) or (isinstance(leaf, dict) and set(leaf) == {VALUES, SCALES})
+    if qwix is not None and isinstance(leaf, qwix.QArray):
+        return True
+    return isinstance(leaf, dict) and set(leaf) == {VALUES, SCALES}
 
 
 def quantize(w: jax.Array, quant: str, contracted: tuple[int, ...]) -> dict[str, jax.Array]:
     """A float weight -> `{"qvalue", "scale"}` with one float32 scale per index of the axes not in
     `contracted` (computed in float32 by `qwix.quantize`, absmax)."""
+    check_quant(quant)
     keep = tuple(a for a in range(w.ndim) if a not in contracted)
     q = qwix.quantize(w.astype(jnp.float32), QTYPES[quant], channelwise_axes=keep, scale_dtype=jnp.float32)
     return {VALUES: q.qvalue, SCALES: q.scale}
@@ -85,6 +94,7 @@ def quantize(w: jax.Array, quant: str, contracted: tuple[int, ...]) -> dict[str,
 
 def as_qarray(leaf) -> qwix.QArray:
     """A quantized weight node as a `qwix.QArray` (a pytree; it reshapes and indexes like an array)."""
+    check_quant("int8")  # any format: qwix must be there
     return leaf if isinstance(leaf, qwix.QArray) else qwix.QArray(qvalue=leaf[VALUES], scale=leaf[SCALES])
 
 
