@@ -125,7 +125,7 @@ def test_gather_kernel_reads_quantized_experts(monkeypatch, quant):
     from vl2_jax.modules import moe
 
     calls = []
-    monkeypatch.setattr(moe, "gathered_matvec_usable", lambda *a: True)
+    monkeypatch.setattr(moe, "gathered_matvec_usable", lambda *a, **k: bool(k))  # only quantized calls here
     monkeypatch.setattr(moe, "gathered_matvec", lambda *a, **k: calls.append(k) or gathered_matvec(*a, **k, interpret=True))
     xs, gate_up, down, weights, idx = moe_problem(e=6, d=128, f=128, x=2, n=1)
     gu, dw = quantized_experts(gate_up, down, quant)
@@ -142,7 +142,7 @@ def test_expert_kernel_reads_quantized_experts(monkeypatch, quant):
     from vl2_jax.modules import moe
 
     calls = []
-    monkeypatch.setattr(moe, "expert_matmul_usable", lambda *a, **k: True)
+    monkeypatch.setattr(moe, "expert_matmul_usable", lambda *a, **k: "weight_dtype" in k)
     monkeypatch.setattr(moe, "expert_matmul", lambda *a, **k: calls.append(k) or expert_matmul(*a, **k, interpret=True))
     xs, gate_up, down, weights, idx = moe_problem(e=5, d=128, f=128, x=2, n=2)
     gu, dw = quantized_experts(gate_up, down, quant)
@@ -166,7 +166,7 @@ def test_one_row_projection_kernel_reads_quantized_weights(monkeypatch, spec, x_
         calls.append(scales_N is not None)
         return kernels.dense_matvec(x, w, interpret=True, scales_N=scales_N)
 
-    monkeypatch.setattr(layers, "dense_matvec_usable", lambda *a: True)
+    monkeypatch.setattr(layers, "dense_matvec_usable", lambda *a, **k: "weight_dtype" in k)
     monkeypatch.setattr(layers, "dense_matvec", interpreted)
     k = jax.random.split(jax.random.key(3), 2)
     x, w = jax.random.normal(k[0], x_shape), jax.random.normal(k[1], w_shape)
@@ -248,3 +248,21 @@ def test_convert_quant_round_trips(tmp_path, capsys):
         vl2_jax.load_model(str(dst), "float32", quant="fp8")
     with pytest.raises(ConfigError, match="unknown quantization"):
         vl2_jax.load_model("random:test", quant="int4")
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the failure path where the kernels cannot build")
+def test_quantized_kernel_self_checks(monkeypatch):
+    """The kernels' self-checks on int8 and fp8 weights: where Triton cannot lower (the CPU) they warn
+    and say no, so quantized weights take XLA's path; with the kernels' semantics (interpreted) yes."""
+    from vl2_jax import kernels
+
+    kernels._quantized_self_check.cache_clear()
+    with pytest.warns(UserWarning, match="on int8 weights failed its self-check"):
+        assert not kernels._quantized_self_check("gathered_matvec", "int8")
+    for name in ("gathered_matvec", "expert_matmul"):
+        monkeypatch.setattr(kernels, name, jax.jit(functools.partial(getattr(kernels, name), interpret=True),
+                                                   static_argnums=(3,) if name == "gathered_matvec" else ()))
+    kernels._quantized_self_check.cache_clear()
+    assert kernels._quantized_self_check("gathered_matvec", "float8_e4m3fn")
+    assert kernels._quantized_self_check("expert_matmul", "int8")
+    kernels._quantized_self_check.cache_clear()

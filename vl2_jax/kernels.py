@@ -195,10 +195,17 @@ def _triton_usable(dtype, k: int, n: int, self_check) -> bool:
     )
 
 
-def gathered_matvec_usable(dtype, k: int, n: int) -> bool:
+def gathered_matvec_usable(dtype, k: int, n: int, weight_dtype=None) -> bool:
     """Whether `gathered_matvec` of rows [., k] against experts [E, k, n] in `dtype` runs its kernel here
-    (`_triton_usable`)."""
-    return _triton_usable(dtype, k, n, _matvec_self_check)
+    (`_triton_usable`); `weight_dtype`: quantized values (int8, fp8) with scales, checked once too."""
+    return _triton_usable(dtype, k, n, _checks(_matvec_self_check, "gathered_matvec", weight_dtype))
+
+
+def _checks(self_check, kernel: str, weight_dtype):
+    """The kernel's self-check, and for quantized weights its self-check on them (`_quantized_self_check`)."""
+    if weight_dtype is None:
+        return self_check
+    return lambda: self_check() and _quantized_self_check(kernel, jnp.dtype(weight_dtype).name)
 
 
 @functools.cache
@@ -306,9 +313,12 @@ def dense_matvec_tiles(k: int, n: int) -> tuple[int, int, int, int, int]:
     return MATVEC_BLOCK_K, MATVEC_BLOCK_N, MATVEC_WARPS, MATVEC_STAGES, split
 
 
-def dense_matvec_usable(dtype, k: int, n: int) -> bool:
-    """Whether `dense_matvec` of one row against a [k, n] weight in `dtype` runs its kernel here."""
-    return 0 < k * n < DENSE_MATVEC_MAX_WEIGHT and gathered_matvec_usable(dtype, k, n)
+def dense_matvec_usable(dtype, k: int, n: int, weight_dtype=None) -> bool:
+    """Whether `dense_matvec` of one row against a [k, n] weight in `dtype` (or of quantized values in
+    `weight_dtype`, with scales) runs its kernel here."""
+    if weight_dtype is None:
+        return 0 < k * n < DENSE_MATVEC_MAX_WEIGHT and gathered_matvec_usable(dtype, k, n)
+    return 0 < k * n < DENSE_MATVEC_MAX_WEIGHT and gathered_matvec_usable(dtype, k, n, weight_dtype)
 
 
 def dense_matvec(x_1K: jax.Array, w_KN: jax.Array, interpret: bool = False,
@@ -337,11 +347,38 @@ def expert_matmul_block_k(m: int, k: int, itemsize: int = 2) -> int:
     return 0
 
 
-def expert_matmul_usable(dtype, k: int, n: int, rows: int = EXPERT_ROWS_MULTIPLE) -> bool:
+def expert_matmul_usable(dtype, k: int, n: int, rows: int = EXPERT_ROWS_MULTIPLE, weight_dtype=None) -> bool:
     """Whether `expert_matmul` of [E, rows, k] against [E, k, n] runs its kernel here: `_triton_usable`,
-    and a K tile for `rows` that fits shared memory (`expert_matmul_block_k`)."""
+    and a K tile for `rows` that fits shared memory (`expert_matmul_block_k`); `weight_dtype` as for
+    `gathered_matvec_usable`."""
     return bool(expert_matmul_block_k(rows, k, jnp.dtype(dtype).itemsize)) and _triton_usable(
-        dtype, k, n, _expert_matmul_self_check)
+        dtype, k, n, _checks(_expert_matmul_self_check, "expert_matmul", weight_dtype))
+
+
+@functools.cache
+def _quantized_self_check(kernel: str, weight_dtype: str) -> bool:
+    """`kernel` ("gathered_matvec" or "expert_matmul") once on bf16 rows against quantized values and
+    scales: the float self-checks do not show that Triton lowers an int8 or fp8 load on this GPU. Not
+    yet run on a GPU (written on the CPU); a failure turns the kernel off for quantized weights."""
+
+    def compute():
+        rng = np.random.default_rng(0)
+        e, k, n = 4, 2 * MATVEC_BLOCK_K, 2 * MATVEC_BLOCK_N
+        values = np.clip(np.round(rng.standard_normal((e, k, n)) * 40), -127, 127).astype(jnp.dtype(weight_dtype))
+        scales = (rng.random((e, n)) + 0.5).astype(np.float32) / 64
+        w = values.astype(np.float32) * scales[:, None, :]
+        if kernel == "gathered_matvec":
+            x = rng.standard_normal((2, k)).astype(jnp.bfloat16)
+            ids = np.array([3, 0, 2, 2], np.int32)
+            got = gathered_matvec.lower(x, values, ids, 2, scales_EN=scales).compile()(x, values, ids, scales_EN=scales)
+            return got, np.einsum("ak,akn->an", x[np.arange(4) // 2].astype(np.float32), w[ids])
+        sizes = np.array([3, 0, 16, 1], np.int32)
+        xs = rng.standard_normal((e, EXPERT_ROWS_MULTIPLE, k)) * (np.arange(EXPERT_ROWS_MULTIPLE)[None, :, None] < sizes[:, None, None])
+        xs = xs.astype(jnp.bfloat16)
+        got = expert_matmul.lower(xs, values, sizes, scales_EN=scales).compile()(xs, values, sizes, scales_EN=scales)
+        return got, np.einsum("emk,ekn->emn", xs.astype(np.float32), w)
+
+    return _self_check(f"{kernel} kernel on {weight_dtype} weights", "XLA's path for quantized weights", 1e-2, compute)
 
 
 def _expert_matmul_kernel(sizes_ref, x_ref, w_ref, *refs, block_k: int):

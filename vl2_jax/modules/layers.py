@@ -105,7 +105,9 @@ def project(spec: str, x: jax.Array, w, use_kernel: bool = True) -> jax.Array:
     quantized = is_quantized(w)
     if use_kernel and local_arrays() and (quantized or x.dtype == w.dtype):
         product = one_row_product(spec, x, w)
-        if product is not None and dense_matvec_usable(x.dtype, *product[:2]):
+        usable = product is not None and (dense_matvec_usable(x.dtype, *product[:2]) if not quantized else
+                                          dense_matvec_usable(x.dtype, *product[:2], weight_dtype=w.qvalue.dtype))
+        if usable:
             k, n, shape = product
             if not quantized:
                 return dense_matvec(x.reshape(1, k), w.reshape(k, n)).astype(x.dtype).reshape(shape)

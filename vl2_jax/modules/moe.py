@@ -127,6 +127,11 @@ def _values_scales(w, n: int):
     return w.qvalue, w.scale.reshape(w.shape[0], n)
 
 
+def _weight_dtype_kw(w) -> dict:
+    """The kernels' `*_usable` argument for quantized weights (their values' dtype); none for float."""
+    return {"weight_dtype": w.qvalue.dtype} if is_quantized(w) else {}
+
+
 def weight_dtype(w, x_dtype):
     """The dtype the products run in: the weight's, or for a quantized weight the activations'."""
     return x_dtype if is_quantized(w) else w.dtype
@@ -155,7 +160,8 @@ def outputs_gather(x_ND, gate_up_w, down_w, idx_NX, ids_in_range: bool = False, 
     n, x = idx_NX.shape
     safe = idx_NX if ids_in_range else jnp.clip(idx_NX, 0, e - 1)
     dtype = weight_dtype(gate_up_w, x_ND.dtype)
-    if use_kernel and x_ND.dtype == dtype and local_arrays() and mlp_kernel_fits(gathered_matvec_usable, dtype, d, f):
+    if use_kernel and x_ND.dtype == dtype and local_arrays() and mlp_kernel_fits(
+            gathered_matvec_usable, dtype, d, f, **_weight_dtype_kw(gate_up_w)):
         ids = safe.reshape(-1)  # [N*X]: row a runs expert ids[a] on token a // X
         gu, gu_scales = _values_scales(gate_up_w.reshape(e, d, 2 * f), 2 * f)
         dw, dw_scales = _values_scales(down_w, d)
@@ -252,7 +258,7 @@ def outputs_grouped(x_ND, gate_up_w, down_w, idx_NX, capacity: int | None = None
     # (small, 8 tokens x 6 choices: 2.5x XLA's batch); at the 64-token bucket of a 38-token text prompt
     # nearly every expert is chosen and XLA's batched matmul was faster (small's prefill: 13.6 -> 15.5 ms).
     kernel = (use_kernel and cap >= n and n * x <= (total_experts or e) and x_ND.dtype == dtype and local_arrays()
-              and mlp_kernel_fits(expert_matmul_usable, dtype, d, f, rows=padded))
+              and mlp_kernel_fits(expert_matmul_usable, dtype, d, f, rows=padded, **_weight_dtype_kw(gate_up_w)))
     rows = padded if kernel else cap  # slots per expert
     order, rank, sizes = _group_by_expert(idx_NX, e)
     ids = idx_NX.reshape(-1)[order]
