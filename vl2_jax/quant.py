@@ -4,13 +4,15 @@ Format. A quantized weight is the parameter tree's dict `{"qvalue": values, "sca
 of the float array: `values` (int8 or float8_e4m3fn) keep the weight's shape and layout; `scales`
 (float32) have the same rank, 1 on the contracted (input) dimensions and full size on the others, i.e.
 one scale per output channel (for stacked experts [E, D, F]: per expert and output column). The weight
-is `values * scales` (symmetric absmax: int8 in [-127, 127], fp8 to +-448). The field names are those
+is `values * scales` (symmetric absmax: qwix maps a channel's largest magnitude to 127.5 for int8,
+rounded into [-128, 127], and to 448 for fp8). The field names are those
 of `qwix.QArray`, which the model wraps them in (`as_qarray`) and which computes them (`qwix.quantize`,
 `qwix.dequantize`): qwix owns the quantization arithmetic and the format.
 
 What is quantized (`quantized_axes`): the attention projections, the dense MLP, the routed and shared
-experts of the language model; optionally its LM head. The router gate and its correction bias, the
-norms, the embedding and the vision tower and projector stay float.
+experts of the language model; its LM head only where `quantize_params(..., lm_head=True)` is asked
+for in Python (no command-line flag; off by default). The router gate and its correction bias, the
+norms, the embedding and the vision tower and projector stay float (the vision tower has no option).
 
 Where qwix is not used, and why: the products. qwix rewrites a model by intercepting its
 `jnp.einsum`/`dot_general` calls (`qwix.quantize_model`) and its `dot_general`, for float activations
@@ -20,8 +22,9 @@ the product where that is the same arithmetic ((x @ values) * scales, `qeinsum`)
 reads the 1-byte values; these few lines are ours (`vl2_jax.modules.layers.qeinsum`, the dispatches in
 `vl2_jax.modules.moe`, the kernels' `scales_EN` arguments in `vl2_jax.kernels`).
 
-`Quant` ("none", "int8", "fp8") is the runtime choice, a value passed to `load_model`, `convert` and
-the entry points; "none" leaves every parameter as it is.
+The choice is a value, `quant` in `QUANTS` ("none", "int8", "fp8"), passed to `load_model`, `convert`
+and the entry points' `--quant`, never read from the environment; "none" leaves every parameter as it
+is and the float path unchanged.
 """
 
 from __future__ import annotations
