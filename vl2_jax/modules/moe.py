@@ -127,6 +127,11 @@ def _values_scales(w, n: int):
     return w.qvalue, w.scale.reshape(w.shape[0], n)
 
 
+def _scales_kw(scales) -> dict:
+    """The kernels' `scales_EN` argument: only for quantized weights (a float call stays as it was)."""
+    return {} if scales is None else {"scales_EN": scales}
+
+
 def _weight_dtype_kw(w) -> dict:
     """The kernels' `*_usable` argument for quantized weights (their values' dtype); none for float."""
     return {"weight_dtype": w.qvalue.dtype} if is_quantized(w) else {}
@@ -165,8 +170,8 @@ def outputs_gather(x_ND, gate_up_w, down_w, idx_NX, ids_in_range: bool = False, 
         ids = safe.reshape(-1)  # [N*X]: row a runs expert ids[a] on token a // X
         gu, gu_scales = _values_scales(gate_up_w.reshape(e, d, 2 * f), 2 * f)
         dw, dw_scales = _values_scales(down_w, d)
-        h = gathered_matvec(x_ND, gu, ids, rows_per_input=x, scales_EN=gu_scales).astype(dtype)
-        y_NXD = gathered_matvec(swiglu(h.reshape(-1, 2, f)), dw, ids, scales_EN=dw_scales).reshape(n, x, d)
+        h = gathered_matvec(x_ND, gu, ids, rows_per_input=x, **_scales_kw(gu_scales)).astype(dtype)
+        y_NXD = gathered_matvec(swiglu(h.reshape(-1, 2, f)), dw, ids, **_scales_kw(dw_scales)).reshape(n, x, d)
     else:
         h = swiglu(qeinsum("ND,NXDWF->NXWF", x_ND, gate_up_w[safe]))
         y_NXD = qeinsum("NXF,NXFD->NXD", h, down_w[safe], preferred_element_type=jnp.float32)
@@ -271,8 +276,8 @@ def outputs_grouped(x_ND, gate_up_w, down_w, idx_NX, capacity: int | None = None
         if kernel:
             gu, gu_scales = _values_scales(gate_up_w.reshape(e, d, 2 * f), 2 * f)
             dw, dw_scales = _values_scales(down_w, d)
-            h = expert_matmul(xs, gu, sizes, scales_EN=gu_scales).astype(dtype)
-            y = expert_matmul(swiglu(h.reshape(e, rows, 2, f)), dw, sizes, scales_EN=dw_scales)
+            h = expert_matmul(xs, gu, sizes, **_scales_kw(gu_scales)).astype(dtype)
+            y = expert_matmul(swiglu(h.reshape(e, rows, 2, f)), dw, sizes, **_scales_kw(dw_scales))
         else:
             h = swiglu(qeinsum("EMD,EDWF->EMWF", xs, gate_up_w))
             y = qeinsum("EMF,EFD->EMD", h, down_w)
