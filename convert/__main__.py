@@ -1,6 +1,7 @@
 """Command line: convert a Hugging Face DeepSeek-VL2 checkpoint folder into a vl2_jax Orbax folder.
 
     python -m convert deepseek-vl2-small/ vl2-small-orbax/ --dtype bfloat16
+    python -m convert deepseek-vl2-small/ vl2-small-int8/ --quant int8
 
 Progress goes to stderr, the one-line summary to stdout. The destination is checked before anything is
 read: a folder that cannot be written, or an existing one that is not a vl2_jax checkpoint (never replaced,
@@ -23,6 +24,9 @@ def _parser():
     p.add_argument("src", help="Hugging Face folder: config.json, safetensors weights, tokenizer and processor files")
     p.add_argument("dst", help="output folder (created inside an existing folder; must not exist unless --force)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="saved dtype (default: the source's)")
+    p.add_argument("--quant", choices=["none", "int8", "fp8"], default="none",
+                   help="save the language model's weights as int8 or fp8 (e4m3) values with per-output-channel "
+                        "float32 scales (default: none)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing converted checkpoint (or empty folder) at DST; never any other folder")
     return p
@@ -39,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():  # restores the default display afterwards
             warnings.showwarning = lambda message, *_, **__: log("warning: " + " ".join(str(message).split()))
-            result = convert_checkpoint(args.src, args.dst, args.dtype, args.force, progress=log)
+            result = convert_checkpoint(args.src, args.dst, args.dtype, args.force, progress=log, quant=args.quant)
     except (VL2Error, OSError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 1
@@ -53,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(
         f"converted {args.src} -> {args.dst}: {result['num_parameters']:,} parameters in {len(result['groups'])} "
-        f"groups, {result['dtype']}, {format_bytes(result['bytes'])}, {result['seconds']:.1f} s"
+        f"groups, {result['dtype']}{'' if result['quant'] == 'none' else ', ' + result['quant']}, "
+        f"{format_bytes(result['bytes'])}, {result['seconds']:.1f} s"
     )
     return 0
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS
+from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, QUANTS
 from vl2_jax.errors import command_parser, number
 
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl2-tiny"
@@ -77,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--kernels", default="on", choices=["on", "off"],
                    help="accelerator kernels (Pallas MoE and matrix-vector kernels, cuDNN attention under "
                         "--attention auto) where they apply (default: on); off runs the portable paths")
+    p.add_argument("--quant", default=None, choices=QUANTS,
+                   help="the language model's weights as int8 or fp8 (e4m3) values with per-output-channel float32 "
+                        "scales, quantized as they load (default: as the checkpoint holds them; a `convert --quant` "
+                        "output loads only as its own format)")
     p.add_argument("--draw-boxes", default=None, metavar="OUT.png",
                    help="draw the answer's grounding boxes on the first --image and save it to OUT.png")
     p.add_argument("--compile-cache", default=None, metavar="DIR",

@@ -21,6 +21,7 @@ from vl2_jax import Runtime
 from vl2_jax.cache import KVCache
 from vl2_jax.checkpoint import param_shapes
 from vl2_jax.errors import ConfigError
+from vl2_jax.quant import quantized_shapes
 from vl2_jax.sharding import Layout, auto_mesh_shape, make_mesh, param_logical_axes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +107,13 @@ def specs_text() -> str:
                         x, jax.sharding.PartitionSpec))[0]:
                     name = jax.tree_util.keystr(path, simple=True, separator="/")
                     lines.append(f"{preset} {layout} {prefix}{name} {tuple(spec)}")
+            # quantized weights (int8 and fp8 share the layout): values and scales, LM head included
+            shapes = quantized_shapes(param_shapes(cfg, np.float32), "int8", lm_head=True)
+            for path, spec in jax.tree_util.tree_flatten_with_path(lay.param_specs(shapes), is_leaf=lambda x: isinstance(
+                    x, jax.sharding.PartitionSpec))[0]:
+                name = jax.tree_util.keystr(path, simple=True, separator="/")
+                if name.endswith(("/qvalue", "/scale")) and not name.endswith("norm/scale"):
+                    lines.append(f"{preset} {layout} quantized/{name} {tuple(spec)}")
     return "\n".join(lines) + "\n"
 
 

@@ -28,12 +28,13 @@ import numpy as np
 from PIL import Image
 
 from vl2_jax import kernels, load
-from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, Runtime
+from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, QUANTS, Runtime
 from vl2_jax.engine import CompileWatch
 from vl2_jax.errors import command_parser, guarded, number
 from vl2_jax.modules.moe import mlp_kernel_fits
 from vl2_jax.modules.vision import normalize_pixels
 from vl2_jax.modules.vl2 import VL2
+from vl2_jax.quant import weight_bytes
 
 SENTENCE = "Describe this image in detail."
 
@@ -112,7 +113,7 @@ def run(args) -> list[dict]:
                       max_batch=max([*args.batches, 1]), max_seq_len=args.max_seq_len)
     start = time.perf_counter()
     with load.progress_bar() as bar:  # drawn only where stderr is a terminal
-        model = load.load_model(args.model, args.dtype, runtime=runtime,
+        model = load.load_model(args.model, args.dtype, runtime=runtime, quant=args.quant,
                                 progress=lambda s: print(s, file=sys.stderr, flush=True), bytes_progress=bar)
         jax.block_until_ready(model.params)  # random weights are drawn asynchronously
     load_s = time.perf_counter() - start
@@ -129,7 +130,8 @@ def run(args) -> list[dict]:
         "image": proc([{"role": "user", "content": "<image>\n" + SENTENCE}], [image]),
         "text": proc([{"role": "user", "content": SENTENCE}]),
     }
-    common = {"model": args.model, "dtype": str(model.dtype), "moe": args.moe, "attention": args.attention,
+    common = {"model": args.model, "dtype": str(model.dtype), "quant": model.quant, "weight_bytes": weight_bytes(model.params),
+              "moe": args.moe, "attention": args.attention,
               "device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": datetime.date.today().isoformat(),
               "kernels": active_kernels(model.cfg.language, model.dtype, runtime),
               "max_batch": model.engine.max_batch, "max_seq_len": model.engine.max_seq_len}
@@ -224,6 +226,8 @@ def parser() -> argparse.ArgumentParser:
     p = command_parser("python -m vl2_jax.bench", __doc__)
     p.add_argument("--model", default="random:tiny", help="random:tiny|small|base|test or a checkpoint folder")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU/TPU, float32 on CPU")
+    p.add_argument("--quant", default=None, choices=list(QUANTS),
+                   help="language-model weights as int8 or fp8 (e4m3) with float32 scales (default: as the checkpoint holds them)")
     p.add_argument("--moe", default="auto", choices=list(MOE_IMPLS), help="expert dispatch")
     p.add_argument("--attention", default="auto", choices=list(ATTENTION_IMPLS),
                    help="attention (plain: the reference's arithmetic; auto: cuDNN flash attention where it applies)")

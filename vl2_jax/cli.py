@@ -72,7 +72,7 @@ def run(args, log: Callable[[str], None]) -> int:
     start = time.perf_counter()
     with load.progress_bar(enabled=speaks) as bar:  # drawn only where stderr is a terminal
         model = load.load_model(args.model, args.dtype, runtime=runtime, mesh=args.mesh, progress=log,
-                                bytes_progress=bar)
+                                bytes_progress=bar, quant=args.quant)
     options_timing = {"load_s": time.perf_counter() - start}
     executables.keep(model, cache_dir, log)
     if model.layout is not None:

@@ -32,6 +32,8 @@ ATTENTION_IMPLS = ("auto", "plain", "cudnn", "xla")
 # The compute dtypes a model runs in, by name (values: numpy-compatible scalar types; jnp.bfloat16 is
 # ml_dtypes' bfloat16, which numpy understands too).
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+# Weight-only quantization of the language model (`vl2_jax.quant`); here for the command lines' --quant.
+QUANTS = ("none", "int8", "fp8")
 
 
 def dtype_of(name_or_dtype):

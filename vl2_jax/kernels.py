@@ -195,10 +195,17 @@ def _triton_usable(dtype, k: int, n: int, self_check) -> bool:
     )
 
 
-def gathered_matvec_usable(dtype, k: int, n: int) -> bool:
+def gathered_matvec_usable(dtype, k: int, n: int, weight_dtype=None) -> bool:
     """Whether `gathered_matvec` of rows [., k] against experts [E, k, n] in `dtype` runs its kernel here
-    (`_triton_usable`)."""
-    return _triton_usable(dtype, k, n, _matvec_self_check)
+    (`_triton_usable`); `weight_dtype`: quantized values (int8, fp8) with scales, checked once too."""
+    return _triton_usable(dtype, k, n, _checks(_matvec_self_check, "gathered_matvec", weight_dtype))
+
+
+def _checks(self_check, kernel: str, weight_dtype):
+    """The kernel's self-check, and for quantized weights its self-check on them (`_quantized_self_check`)."""
+    if weight_dtype is None:
+        return self_check
+    return lambda: self_check() and _quantized_self_check(kernel, jnp.dtype(weight_dtype).name)
 
 
 @functools.cache
@@ -206,9 +213,11 @@ def _cuda_gpu() -> bool:
     return jax.default_backend() == "gpu" and "NVIDIA" in jax.local_devices()[0].device_kind.upper()
 
 
-def _gathered_matvec_kernel(ids_ref, x_ref, w_ref, out_ref, *, block_k: int, k_steps: int):
+def _gathered_matvec_kernel(ids_ref, x_ref, w_ref, *refs, block_k: int, k_steps: int):
     # ids_ref [1]: this row's expert; x_ref [K]: its input; w_ref [E, K, N]: all experts, read in place;
-    # out_ref [block_n]: float32 sums for this program's columns over its k_steps blocks of K.
+    # refs: (scales [E, N] float32, for quantized weights,) out [block_n]: float32 sums for this
+    # program's columns over its k_steps blocks of K, times the expert's column scales.
+    out_ref = refs[-1]
     block_n = out_ref.shape[-1]
     expert = ids_ref[0]
     cols = pl.ds(pl.program_id(1) * block_n, block_n)
@@ -217,17 +226,21 @@ def _gathered_matvec_kernel(ids_ref, x_ref, w_ref, out_ref, *, block_k: int, k_s
     def step(i, acc):
         rows = pl.ds(pl.multiple_of((first + i) * block_k, block_k), block_k)
         x = x_ref[rows].astype(jnp.float32)
-        w = w_ref[expert, rows, cols].astype(jnp.float32)
+        w = w_ref[expert, rows, cols].astype(jnp.float32)  # int8/fp8 values dequantize here, in registers
         return acc + jnp.sum(x[:, None] * w, axis=0)
 
-    out_ref[...] = jax.lax.fori_loop(0, k_steps, step, jnp.zeros((block_n,), jnp.float32))
+    acc = jax.lax.fori_loop(0, k_steps, step, jnp.zeros((block_n,), jnp.float32))
+    out_ref[...] = acc * refs[0][expert, cols] if len(refs) == 2 else acc
 
 
 @functools.partial(jax.jit, static_argnames=("rows_per_input", "interpret", "tiles"))
 def gathered_matvec(x_RK: jax.Array, w_EKN: jax.Array, ids_A: jax.Array, rows_per_input: int = 1,
-                    interpret: bool = False, tiles: tuple[int, ...] | None = None) -> jax.Array:
+                    interpret: bool = False, tiles: tuple[int, ...] | None = None,
+                    scales_EN: jax.Array | None = None) -> jax.Array:
     """out[a] = x[a // rows_per_input] @ w[ids[a]]: inputs [R, K], experts [E, K, N], expert ids [A] in
     [0, E) -> [A, N] float32 (A = R * rows_per_input). Ids must be in range: nothing checks them.
+    With `scales_EN` [E, N] (float32), `w` holds quantized values (int8, fp8; `vl2_jax.quant`) and the
+    product is x @ (w * scales): the values are upcast in registers, the column scales multiply the sums.
 
     One program per (row a, block of N columns, slice of K); the expert's weights are read where they
     lie, once per row. `interpret=True` runs the kernel's semantics on any backend (the CPU tests).
@@ -243,6 +256,9 @@ def gathered_matvec(x_RK: jax.Array, w_EKN: jax.Array, ids_A: jax.Array, rows_pe
     if k % (block_k * k_split) or n % block_n:
         raise ValueError(f"gathered_matvec: K={k} must be a multiple of block_k*k_split={block_k * k_split} "
                          f"and N={n} of block_n={block_n}")
+    scaled = () if scales_EN is None else (scales_EN.astype(jnp.float32),)
+    if k_split > 1 and scaled:  # the scale distributes over the split's partial sums
+        return gathered_matvec(x_RK, w_EKN, ids_A, rows_per_input, interpret, tiles) * scales_EN[ids_A]
     partial_sums = pl.pallas_call(
         functools.partial(_gathered_matvec_kernel, block_k=block_k, k_steps=k // (block_k * k_split)),
         grid=(a, n // block_n, k_split),
@@ -250,13 +266,14 @@ def gathered_matvec(x_RK: jax.Array, w_EKN: jax.Array, ids_A: jax.Array, rows_pe
             pl.BlockSpec((1,), lambda i, j, s: (i,)),
             pl.BlockSpec((None, k), lambda i, j, s: (i // rows_per_input, 0)),
             pl.BlockSpec((e, k, n), lambda i, j, s: (0, 0, 0)),
+            *([pl.BlockSpec((e, n), lambda i, j, s: (0, 0))] if scaled else []),
         ],
         out_specs=pl.BlockSpec((None, None, block_n), lambda i, j, s: (s, i, j)),
         out_shape=jax.ShapeDtypeStruct((k_split, a, n), jnp.float32),
         compiler_params=pl_triton.CompilerParams(num_warps=warps, num_stages=stages) if pl_triton else None,
         interpret=interpret,
         name="gathered_matvec",
-    )(ids_A.astype(jnp.int32), x_RK, w_EKN)
+    )(ids_A.astype(jnp.int32), x_RK, w_EKN, *scaled)
     return partial_sums[0] if k_split == 1 else partial_sums.sum(0)
 
 
@@ -296,16 +313,21 @@ def dense_matvec_tiles(k: int, n: int) -> tuple[int, int, int, int, int]:
     return MATVEC_BLOCK_K, MATVEC_BLOCK_N, MATVEC_WARPS, MATVEC_STAGES, split
 
 
-def dense_matvec_usable(dtype, k: int, n: int) -> bool:
-    """Whether `dense_matvec` of one row against a [k, n] weight in `dtype` runs its kernel here."""
-    return 0 < k * n < DENSE_MATVEC_MAX_WEIGHT and gathered_matvec_usable(dtype, k, n)
+def dense_matvec_usable(dtype, k: int, n: int, weight_dtype=None) -> bool:
+    """Whether `dense_matvec` of one row against a [k, n] weight in `dtype` (or of quantized values in
+    `weight_dtype`, with scales) runs its kernel here."""
+    if weight_dtype is None:
+        return 0 < k * n < DENSE_MATVEC_MAX_WEIGHT and gathered_matvec_usable(dtype, k, n)
+    return 0 < k * n < DENSE_MATVEC_MAX_WEIGHT and gathered_matvec_usable(dtype, k, n, weight_dtype)
 
 
-def dense_matvec(x_1K: jax.Array, w_KN: jax.Array, interpret: bool = False) -> jax.Array:
-    """x [1, K] @ w [K, N] -> [1, N] float32 by the gathered matrix-vector kernel (`dense_matvec_tiles`)."""
+def dense_matvec(x_1K: jax.Array, w_KN: jax.Array, interpret: bool = False,
+                 scales_N: jax.Array | None = None) -> jax.Array:
+    """x [1, K] @ w [K, N] -> [1, N] float32 by the gathered matrix-vector kernel (`dense_matvec_tiles`);
+    with `scales_N`, `w` holds quantized values and the product is x @ (w * scales)."""
     k, n = w_KN.shape
     return gathered_matvec(x_1K, w_KN[None], jnp.zeros((1,), jnp.int32), interpret=interpret,
-                           tiles=dense_matvec_tiles(k, n))
+                           tiles=dense_matvec_tiles(k, n), scales_EN=None if scales_N is None else scales_N[None])
 
 
 # Expert matmul: one program per (expert, block of N columns) multiplies the expert's
@@ -325,16 +347,45 @@ def expert_matmul_block_k(m: int, k: int, itemsize: int = 2) -> int:
     return 0
 
 
-def expert_matmul_usable(dtype, k: int, n: int, rows: int = EXPERT_ROWS_MULTIPLE) -> bool:
+def expert_matmul_usable(dtype, k: int, n: int, rows: int = EXPERT_ROWS_MULTIPLE, weight_dtype=None) -> bool:
     """Whether `expert_matmul` of [E, rows, k] against [E, k, n] runs its kernel here: `_triton_usable`,
-    and a K tile for `rows` that fits shared memory (`expert_matmul_block_k`)."""
+    and a K tile for `rows` that fits shared memory (`expert_matmul_block_k`); `weight_dtype` as for
+    `gathered_matvec_usable`."""
     return bool(expert_matmul_block_k(rows, k, jnp.dtype(dtype).itemsize)) and _triton_usable(
-        dtype, k, n, _expert_matmul_self_check)
+        dtype, k, n, _checks(_expert_matmul_self_check, "expert_matmul", weight_dtype))
 
 
-def _expert_matmul_kernel(sizes_ref, x_ref, w_ref, out_ref, *, block_k: int):
+@functools.cache
+def _quantized_self_check(kernel: str, weight_dtype: str) -> bool:
+    """`kernel` ("gathered_matvec" or "expert_matmul") once on bf16 rows against quantized values and
+    scales: the float self-checks do not show that Triton lowers an int8 or fp8 load on this GPU. Not
+    yet run on a GPU (written on the CPU); a failure turns the kernel off for quantized weights."""
+
+    def compute():
+        rng = np.random.default_rng(0)
+        e, k, n = 4, 2 * MATVEC_BLOCK_K, 2 * MATVEC_BLOCK_N
+        values = np.clip(np.round(rng.standard_normal((e, k, n)) * 40), -127, 127).astype(jnp.dtype(weight_dtype))
+        scales = (rng.random((e, n)) + 0.5).astype(np.float32) / 64
+        w = values.astype(np.float32) * scales[:, None, :]
+        if kernel == "gathered_matvec":
+            x = rng.standard_normal((2, k)).astype(jnp.bfloat16)
+            ids = np.array([3, 0, 2, 2], np.int32)
+            got = gathered_matvec.lower(x, values, ids, 2, scales_EN=scales).compile()(x, values, ids, scales_EN=scales)
+            return got, np.einsum("ak,akn->an", x[np.arange(4) // 2].astype(np.float32), w[ids])
+        sizes = np.array([3, 0, 16, 1], np.int32)
+        xs = rng.standard_normal((e, EXPERT_ROWS_MULTIPLE, k)) * (np.arange(EXPERT_ROWS_MULTIPLE)[None, :, None] < sizes[:, None, None])
+        xs = xs.astype(jnp.bfloat16)
+        got = expert_matmul.lower(xs, values, sizes, scales_EN=scales).compile()(xs, values, sizes, scales_EN=scales)
+        return got, np.einsum("emk,ekn->emn", xs.astype(np.float32), w)
+
+    return _self_check(f"{kernel} kernel on {weight_dtype} weights", "XLA's path for quantized weights", 1e-2, compute)
+
+
+def _expert_matmul_kernel(sizes_ref, x_ref, w_ref, *refs, block_k: int):
     # sizes_ref [1]: rows routed to this expert; x_ref [E, M, K]: every expert's rows (zero past its
-    # size); w_ref [E, K, N]: the weights, read in place; out_ref [M, block_n]: float32.
+    # size); w_ref [E, K, N]: the weights, read in place; refs: (scales [E, N] float32 for quantized
+    # weights,) out [M, block_n]: float32.
+    out_ref = refs[-1]
     e = pl.program_id(0)
     m, block_n = out_ref.shape
     cols = pl.ds(pl.program_id(1) * block_n, block_n)
@@ -343,10 +394,13 @@ def _expert_matmul_kernel(sizes_ref, x_ref, w_ref, out_ref, *, block_k: int):
     def _():
         def step(i, acc):
             rows = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
-            return acc + jax.lax.dot(x_ref[e, :, rows], w_ref[e, rows, cols], preferred_element_type=jnp.float32)
+            x = x_ref[e, :, rows]
+            w = w_ref[e, rows, cols].astype(x.dtype)  # quantized values dequantize here, in registers
+            return acc + jax.lax.dot(x, w, preferred_element_type=jnp.float32)
 
         steps = w_ref.shape[1] // block_k
-        out_ref[...] = jax.lax.fori_loop(0, steps, step, jnp.zeros((m, block_n), jnp.float32))
+        acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((m, block_n), jnp.float32))
+        out_ref[...] = acc * refs[0][e, cols][None, :] if len(refs) == 2 else acc
 
     @pl.when(sizes_ref[0] == 0)
     def _():
@@ -354,9 +408,12 @@ def _expert_matmul_kernel(sizes_ref, x_ref, w_ref, out_ref, *, block_k: int):
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
-def expert_matmul(xs_EMK: jax.Array, w_EKN: jax.Array, sizes_E: jax.Array, interpret: bool = False) -> jax.Array:
+def expert_matmul(xs_EMK: jax.Array, w_EKN: jax.Array, sizes_E: jax.Array, interpret: bool = False,
+                  scales_EN: jax.Array | None = None) -> jax.Array:
     """out[e] = xs[e] @ w[e] for every expert with sizes[e] > 0, zeros for the others: rows [E, M, K]
     (M a multiple of `EXPERT_ROWS_MULTIPLE`), weights [E, K, N], row counts [E] -> [E, M, N] float32.
+    With `scales_EN` [E, N] (float32), `w` holds quantized values and the product is xs @ (w * scales):
+    the values are cast to the rows' dtype in registers, the column scales multiply the float32 sums.
 
     The weights of an expert no row chose are never read. `interpret=True` runs the kernel's
     semantics on any backend (the CPU tests).
@@ -368,6 +425,7 @@ def expert_matmul(xs_EMK: jax.Array, w_EKN: jax.Array, sizes_E: jax.Array, inter
     block_k = expert_matmul_block_k(m, k, xs_EMK.dtype.itemsize)
     if not block_k:
         raise ValueError(f"expert_matmul: {m} rows x K {k} do not fit a tile in shared memory")
+    scaled = () if scales_EN is None else (scales_EN.astype(jnp.float32),)
     return pl.pallas_call(
         functools.partial(_expert_matmul_kernel, block_k=block_k),
         grid=(e, n // MATVEC_BLOCK_N),
@@ -375,13 +433,14 @@ def expert_matmul(xs_EMK: jax.Array, w_EKN: jax.Array, sizes_E: jax.Array, inter
             pl.BlockSpec((1,), lambda i, j: (i,)),
             pl.BlockSpec((e, m, k), lambda i, j: (0, 0, 0)),
             pl.BlockSpec((e, k, n), lambda i, j: (0, 0, 0)),
+            *([pl.BlockSpec((e, n), lambda i, j: (0, 0))] if scaled else []),
         ],
         out_specs=pl.BlockSpec((None, m, MATVEC_BLOCK_N), lambda i, j: (i, 0, j)),
         out_shape=jax.ShapeDtypeStruct((e, m, n), jnp.float32),
         compiler_params=pl_triton.CompilerParams(num_warps=MATVEC_WARPS, num_stages=MATVEC_STAGES) if pl_triton else None,
         interpret=interpret,
         name="expert_matmul",
-    )(sizes_E.astype(jnp.int32), xs_EMK, w_EKN)
+    )(sizes_E.astype(jnp.int32), xs_EMK, w_EKN, *scaled)
 
 
 @functools.cache

@@ -32,12 +32,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from vl2_jax.checkpoint import SafetensorsFolder, load_hf, param_shapes, source_dtype
+from vl2_jax.checkpoint import SafetensorsFolder, load_hf, param_shapes, set_path, source_dtype
 from vl2_jax.config import PRESETS, Runtime, VL2Config, dtype_of
 from vl2_jax.errors import CheckpointError, ConfigError, out_of_memory_as
 from vl2_jax.model import VL2Model
 from vl2_jax.modules.vl2 import VL2
 from vl2_jax.processor import BOS_TOKEN, EOS_TOKEN, EXTRA_SPECIAL_TOKENS, IMAGE_TOKEN, PAD_TOKEN, Processor
+from vl2_jax.quant import check_quant, quantize_params, quantized_shapes
 from vl2_jax.sharding import Layout, make_mesh
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -67,6 +68,7 @@ BytesProgress = Callable[[int, int], None]
 def load_model(
     spec: str, dtype=None, *, runtime: Runtime = Runtime(), mesh=None, seed: int = 0,
     progress: Callable[[str], None] | None = None, bytes_progress: BytesProgress | None = None,
+    quant: str | None = None,
 ) -> VL2Model:
     """Any spec (see the module docstring) -> a `VL2Model`.
 
@@ -80,8 +82,12 @@ def load_model(
       progress: called with a line of text at each stage (default: silent).
       bytes_progress: called as `bytes_progress(done, total)` with the bytes of weights on their devices
         so far each time some land, while a checkpoint is read (e.g. `progress_bar()`'s callback).
+      quant: the language model's weights as "int8" or "fp8" values with float32 scales, quantized
+        here leaf by leaf as they load (`vl2_jax.quant`), or "none"; None: as the checkpoint holds them
+        (a `python -m convert --quant` output is quantized already; asking it for another is an error).
     """
-    return _load(spec, dtype or default_dtype(), runtime, mesh, seed, progress or (lambda line: None), bytes_progress)
+    return _load(spec, dtype or default_dtype(), runtime, mesh, seed, progress or (lambda line: None), bytes_progress,
+                 quant)
 
 
 def load_pretrained(spec, dtype="float32", runtime: Runtime = Runtime(), mesh=None) -> VL2Model:
@@ -90,7 +96,7 @@ def load_pretrained(spec, dtype="float32", runtime: Runtime = Runtime(), mesh=No
 
 
 def _load(spec: str, dtype, runtime: Runtime, mesh, seed: int, progress: Callable[[str], None],
-          bytes_progress: BytesProgress | None = None) -> VL2Model:
+          bytes_progress: BytesProgress | None = None, quant: str | None = None) -> VL2Model:
     start = time.perf_counter()
     read = [0]
 
@@ -101,12 +107,13 @@ def _load(spec: str, dtype, runtime: Runtime, mesh, seed: int, progress: Callabl
 
     if spec.startswith("random:"):
         progress(f"initialising random {spec[7:]} weights ...")
-        model = random_model(spec[7:], dtype or "float32", seed, runtime, mesh)
+        model = random_model(spec[7:], dtype or "float32", seed, runtime, mesh, quant=quant or "none")
     elif Path(spec).exists() or not HUB_ID.match(spec):
         progress(f"loading {spec} ...")
-        model = load_folder(spec, dtype, runtime, mesh, bytes_progress=count)
+        model = load_folder(spec, dtype, runtime, mesh, bytes_progress=count, quant=quant)
     else:
-        model = load_folder(_converted_from_hub(spec, progress), dtype, runtime, mesh, bytes_progress=count)
+        model = load_folder(_converted_from_hub(spec, progress), dtype, runtime, mesh, bytes_progress=count,
+                            quant=quant)
     seconds = time.perf_counter() - start
     rate = f" ({read[0] / 1e9:.2f} GB of weights, {read[0] / 1e9 / seconds:.2f} GB/s)" if read[0] else ""
     progress(f"model ready in {seconds:.1f} s{rate}")
@@ -141,12 +148,13 @@ def progress_bar(enabled: bool = True, file=None) -> Iterator[BytesProgress]:
 
 
 def load_folder(path: str | Path, dtype=None, runtime: Runtime = Runtime(), mesh=None, *,
-                bytes_progress: BytesProgress | None = None) -> VL2Model:
+                bytes_progress: BytesProgress | None = None, quant: str | None = None) -> VL2Model:
     """A Hugging Face DeepSeek-VL2 folder or a `python -m convert` output -> a `VL2Model`.
 
     The folder holds config.json, the tokenizer and processor files, and either safetensors weights or
     an Orbax checkpoint written by `python -m convert`. `dtype=None` keeps the checkpoint's dtype.
-    `bytes_progress(done, total)` is called as the weights land (see `load_model`).
+    `bytes_progress(done, total)` is called as the weights land (see `load_model`). `quant` (see
+    `load_model`): a float checkpoint is quantized as it loads; a quantized one loads only as itself.
     """
     from vl2_jax import orbax_io
 
@@ -162,22 +170,33 @@ def load_folder(path: str | Path, dtype=None, runtime: Runtime = Runtime(), mesh
     converted = orbax_io.is_converted(path)
     if not converted:
         folder = SafetensorsFolder(path)
+    saved_quant = orbax_io.saved_quant(path) if converted else "none"
+    quant = saved_quant if quant is None else check_quant(quant)
+    if saved_quant != "none" and quant != saved_quant:
+        raise ConfigError(f"{path} holds {saved_quant} weights; load it with quant={saved_quant!r} (--quant "
+                          f"{saved_quant}) or None, or convert the float checkpoint again for {quant}.")
     dtype_ = want or (orbax_io.saved_dtype(path) if converted else source_dtype(folder))
     shapes = param_shapes(cfg, dtype_)
-    shardings = Layout(mesh).param_shardings(shapes) if mesh is not None else None
+    # the shardings of what is read: a quantized checkpoint's leaves as saved, else the float leaves
+    read = quantized_shapes(shapes, saved_quant)
+    shardings = Layout(mesh).param_shardings(read) if mesh is not None else None
+    quantize = quant if saved_quant == "none" else "none"  # what to quantize while loading
     with out_of_memory_as(f"while loading the {jnp.dtype(dtype_).name} weights"):
         if converted:
-            params, _ = orbax_io.restore(path, cfg, dtype_, shardings, bytes_progress=bytes_progress)
+            after = (lambda p, leaf: _quantize_leaf(p, leaf, quantize, mesh)) if quantize != "none" else None
+            params, _ = orbax_io.restore(path, cfg, dtype_, shardings, bytes_progress=bytes_progress, after=after)
         else:
             total = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes))
-            params = load_hf(folder, cfg, dtype_, place=_placer(shardings, bytes_progress, total))
-    return VL2Model(cfg, params, processor, dtype_, runtime, mesh)
+            params = load_hf(folder, cfg, dtype_, place=_placer(shardings, bytes_progress, total, quant))
+    return VL2Model(cfg, params, processor, dtype_, runtime, mesh, quant=quant)
 
 
-def _placer(shardings, bytes_progress: BytesProgress | None = None, total: int = 0):
+def _placer(shardings, bytes_progress: BytesProgress | None = None, total: int = 0, quant: str = "none"):
     """`place(path, host_array)` for `load_hf`: straight into the leaf's shards, or the default device;
-    each leaf's bytes reported to `bytes_progress` once it is there."""
-    if shardings is None and bytes_progress is None:
+    each leaf's bytes reported to `bytes_progress` once it is there. With `quant`, each leaf that
+    `vl2_jax.quant` covers is quantized as soon as it is placed, so the float copy of one leaf at a time
+    is on the devices."""
+    if shardings is None and bytes_progress is None and quant == "none":
         return None
     done = [0]
 
@@ -190,7 +209,7 @@ def _placer(shardings, bytes_progress: BytesProgress | None = None, total: int =
         if bytes_progress is not None:
             done[0] += placed.nbytes
             bytes_progress(done[0], total)
-        return placed
+        return _quantize_leaf(path, placed, quant, None if shardings is None else sharding.mesh)
 
     return place
 
@@ -315,10 +334,35 @@ def _draw(kind: str, shape, dtype, sharding):
     return jax.jit(draw, out_shardings=sharding)
 
 
-def random_model(name: str, dtype="float32", seed: int = 0, runtime: Runtime = Runtime(), mesh=None) -> VL2Model:
+def _tree(path, leaf) -> dict:
+    """{path[0]: {path[1]: ... leaf}}."""
+    tree: dict = {}
+    set_path(tree, path, leaf)
+    return tree
+
+
+def _quantize_leaf(path, leaf, quant: str, mesh):
+    """One placed parameter, quantized if `vl2_jax.quant` covers it (values and scales then placed by
+    the partition rules on `mesh`); others unchanged."""
+    if quant == "none":
+        return leaf
+    out = functools.reduce(lambda tree, key: tree[key], ("params", *path), quantize_params({"params": _tree(path, leaf)}, quant))
+    return out if mesh is None or out is leaf else _reshard(out, path, mesh)
+
+
+def _reshard(leaf, path, mesh):
+    """A quantized leaf (values and scales) placed by the partition rules on `mesh`."""
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), {"params": _tree(path, leaf)})
+    shardings = Layout(mesh).param_shardings(shapes)
+    return jax.device_put(leaf, functools.reduce(lambda tree, key: tree[key], ("params", *path), shardings))
+
+
+def random_model(name: str, dtype="float32", seed: int = 0, runtime: Runtime = Runtime(), mesh=None,
+                 quant: str = "none") -> VL2Model:
     """A `VL2Model` with random weights at a preset size ("tiny", "small", "base", "test"), on one device
     or across `mesh` (see `load_model`); its tokenizer and processor files go to a temporary folder and
-    load through the same code as a real checkpoint's."""
+    load through the same code as a real checkpoint's. `quant`: the float weights drawn, then quantized
+    leaf by leaf (`vl2_jax.quant`)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown random model size {name!r}; use one of {', '.join(PRESETS)}.")
     cfg = PRESETS[name]
@@ -326,5 +370,7 @@ def random_model(name: str, dtype="float32", seed: int = 0, runtime: Runtime = R
     folder = write_assets(Path(tempfile.mkdtemp(prefix=f"vl2-random-{name}-")), cfg)
     mesh = make_mesh(mesh, cfg)
     shardings = Layout(mesh).param_shardings(param_shapes(cfg, dtype)) if mesh is not None else None
-    params = init_params(cfg, dtype, seed, shardings)
-    return VL2Model(cfg, params, Processor.from_pretrained(folder), dtype, runtime, mesh)
+    params = quantize_params(init_params(cfg, dtype, seed, shardings), check_quant(quant))
+    if mesh is not None and quant != "none":
+        params = jax.device_put(params, Layout(mesh).param_shardings(jax.eval_shape(lambda: params)))
+    return VL2Model(cfg, params, Processor.from_pretrained(folder), dtype, runtime, mesh, quant=quant)

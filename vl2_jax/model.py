@@ -33,10 +33,10 @@ class VL2Model:
     """DeepSeek-VL2 with its parameters and processor. All arrays in and out are batch-major."""
 
     def __init__(self, cfg: VL2Config, params: dict, processor=None, dtype=jnp.float32, runtime: Runtime = Runtime(),
-                 mesh=None):
+                 mesh=None, quant: str = "none"):
         """`params` must already be placed for `mesh` (None: one device); see `vl2_jax.load`. `runtime`:
         how the model runs (MoE dispatch, attention form, kernels; `Runtime.plain()` is the reference's
-        arithmetic)."""
+        arithmetic). `quant`: what `params` hold ("none", or "int8"/"fp8" weights; `vl2_jax.quant`)."""
         if not isinstance(runtime, Runtime):
             raise TypeError(f"runtime must be a vl2_jax.Runtime, not {type(runtime).__name__}")
         self.cfg = cfg
@@ -44,6 +44,7 @@ class VL2Model:
         self.processor = processor
         self.dtype = jnp.dtype(dtype)
         self.runtime = runtime
+        self.quant = quant
         self.module = VL2(cfg, self.dtype.type, runtime)
         self.mesh = mesh
         self.layout = Layout(mesh) if mesh is not None else None

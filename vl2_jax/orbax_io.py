@@ -8,7 +8,11 @@ Layout of a converted folder DST (what `python -m convert SRC DST` writes):
     DST/params/embed/           and view_separator, head holds language/norm and language/lm_head)
     DST/params/layers_{i}/
     DST/params/head/
-    DST/vl2_jax_checkpoint.json the manifest, written last: format, version, dtype, groups, counts
+    DST/vl2_jax_checkpoint.json the manifest, written last: format, version, dtype, quant, groups, counts
+
+With `--quant int8|fp8` (`vl2_jax.quant`), each quantized weight is saved as its two leaves,
+`.../gate_up_w/qvalue` (int8 or float8_e4m3fn) and `.../gate_up_w/scale` (float32), the manifest's
+"quant" names the format (absent: "none"), and `restore` reads those leaves in their saved dtypes.
 
 Host memory stays near one group (the largest is one MoE layer: ~1.1 GB for -small, ~1.7 GB for base
 in bf16), because each group is read, converted, written and freed before the next. The output is
@@ -54,6 +58,7 @@ from vl2_jax.checkpoint import (
 )
 from vl2_jax.config import DTYPE_NAMES, VL2Config, dtype_of
 from vl2_jax.errors import CheckpointError
+from vl2_jax.quant import QUANTS, SCALES, VALUES, check_quant, quantize_params, quantized_shapes
 
 MANIFEST = "vl2_jax_checkpoint.json"
 FORMAT = "vl2_jax-orbax-groups"
@@ -93,12 +98,24 @@ def grouped_plan(cfg: VL2Config) -> dict[str, list[Rule]]:
     return groups
 
 
-def expected_shapes(cfg: VL2Config) -> dict[str, dict[Path_, tuple[int, ...]]]:
-    """{group: {parameter path (without the leading "params"): shape}} implied by the config."""
-    return {
-        g: {path: tuple(shape) for rule in rules for path, shape in rule.targets}
-        for g, rules in grouped_plan(cfg).items()
-    }
+def expected_shapes(cfg: VL2Config, quant: str = "none") -> dict[str, dict[Path_, tuple[int, ...]]]:
+    """{group: {parameter path (without the leading "params"): shape}} implied by the config (and by
+    `quant`: a quantized weight is its values and scales)."""
+    out = {}
+    for g, rules in grouped_plan(cfg).items():
+        tree: dict = {}
+        for rule in rules:
+            for path, shape in rule.targets:
+                set_path(tree, path, jax.ShapeDtypeStruct(tuple(shape), jnp.float32))
+        leaves = jax.tree_util.tree_flatten_with_path(quantized_shapes(tree, quant))[0]
+        out[g] = {tuple(k.key for k in kp): tuple(leaf.shape) for kp, leaf in leaves}
+    return out
+
+
+def _keeps_saved_dtype(p: Path_, shapes: dict[Path_, tuple[int, ...]]) -> bool:
+    """Whether the leaf at `p` is a quantized weight's values or scales: read in its saved dtype, never
+    cast (a norm's `scale` has no `qvalue` beside it)."""
+    return p[-1] == VALUES or (p[-1] == SCALES and (*p[:-1], VALUES) in shapes)
 
 
 # ---------------------------------------------------------------------------------------- manifest
@@ -118,8 +135,8 @@ def _read_manifest(path: Path) -> dict:
             "Convert the Hugging Face checkpoint again with `python -m convert`."
         )
     groups = manifest.get("groups")
-    if not isinstance(groups, list) or manifest.get("dtype") not in DTYPE_NAMES:
-        raise CheckpointError(f"{file} is malformed (groups or dtype).")
+    if not isinstance(groups, list) or manifest.get("dtype") not in DTYPE_NAMES or manifest.get("quant", "none") not in QUANTS:
+        raise CheckpointError(f"{file} is malformed (groups, dtype or quant).")
     for g in groups:
         if not (path / "params" / str(g)).is_dir():
             raise CheckpointError(f"{path} lacks the parameter group params/{g} listed in its manifest.")
@@ -143,6 +160,11 @@ def saved_dtype(path: str | Path):
     return dtype_of(_read_manifest(Path(path))["dtype"])
 
 
+def saved_quant(path: str | Path) -> str:
+    """The weight format a converted checkpoint holds: "none", "int8" or "fp8" (`vl2_jax.quant`)."""
+    return _read_manifest(Path(path)).get("quant", "none")
+
+
 # ----------------------------------------------------------------------------------------- restore
 # Bytes of weights read but not yet on their devices, at most (tensorstore's compressed and decoded
 # copies come on top): bounds the host memory a load needs beside the model.
@@ -157,7 +179,7 @@ BytesProgress = Callable[[int, int], None]
 
 def restore(
     path: str | Path, cfg: VL2Config, dtype=None, shardings=None, bytes_progress: BytesProgress | None = None,
-    reader: str = "tensorstore",
+    reader: str = "tensorstore", after: Callable | None = None,
 ) -> tuple[dict, type]:
     """Restores a converted checkpoint into the tree `load_hf` gives: `{"params": {...}}` of jax arrays.
 
@@ -165,7 +187,8 @@ def restore(
       path: a `python -m convert` output folder.
       cfg: the model config; every leaf's shape is checked against `conversion_plan(cfg)`, for all
         groups, before any weight is read.
-      dtype: cast every leaf to this dtype while reading (None keeps the saved dtype).
+      dtype: cast every leaf to this dtype while reading (None keeps the saved dtype); a quantized
+        weight's values and scales keep theirs.
       shardings: None (every leaf on the default device, as `load_hf`), or a pytree like the params
         (`{"params": {...}}`) whose leaves are `jax.sharding.Sharding` (None or absent: the default
         device; a Sharding in place of a subtree covers all of it); each leaf is then read once and
@@ -177,6 +200,8 @@ def restore(
         straight from the Orbax files (OCDBT + zarr) through tensorstore; "orbax": one group at a time
         through Orbax's PyTreeCheckpointer, the plain path the tests compare against (also taken when
         some group is stored in a layout the direct reader does not know).
+      after: `after(param path, array) -> leaf`, applied to each leaf once it is on its devices (e.g. to
+        quantize it, so that one float leaf at a time is there); its result goes into the tree.
 
     Returns:
       (params, saved dtype as a jnp scalar type such as jnp.bfloat16).
@@ -189,7 +214,7 @@ def restore(
     manifest = _read_manifest(path)
     saved = dtype_of(manifest["dtype"])
     want = jnp.dtype(saved if dtype is None else dtype)
-    expected = expected_shapes(cfg)
+    expected = expected_shapes(cfg, manifest.get("quant", "none"))
     missing = [g for g in expected if g not in manifest["groups"]]
     extra = [g for g in manifest["groups"] if g not in expected]
     if missing or extra:
@@ -198,9 +223,10 @@ def restore(
         )
     bytes_progress = bytes_progress or (lambda done, total: None)
     stores = _open_stores(path, expected) if reader == "tensorstore" else None
+    after = after or (lambda p, array: array)
     if stores is None:
-        return _restore_with_orbax(path, expected, want, shardings, bytes_progress), saved
-    return _read_concurrently(path, stores, want, shardings, bytes_progress), saved
+        return _restore_with_orbax(path, expected, want, shardings, bytes_progress, after), saved
+    return _read_concurrently(path, stores, want, shardings, bytes_progress, after), saved
 
 
 def _check_leaves(path: Path, group: str, shapes: dict[Path_, tuple[int, ...]], saved: dict[Path_, tuple[int, ...]]):
@@ -321,7 +347,7 @@ def _read_leaf(path: Path, group: str, p: Path_, store, sharding) -> jax.Array:
     return array.block_until_ready()  # the host copy may go only once the devices hold the leaf
 
 
-def _read_concurrently(path: Path, stores: dict, want, shardings, bytes_progress: BytesProgress) -> dict:
+def _read_concurrently(path: Path, stores: dict, want, shardings, bytes_progress: BytesProgress, after) -> dict:
     """Reads every leaf, READ_THREADS at a time with at most READ_BUDGET bytes in flight, and puts each on
     its devices as soon as it is read: one read per leaf (all of its shards come from that one host copy),
     cast by tensorstore as it copies out of the decoded chunk. The largest leaves start first: each is one
@@ -329,8 +355,9 @@ def _read_concurrently(path: Path, stores: dict, want, shardings, bytes_progress
     import tensorstore as ts
 
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    leaves = [(g, p, s if s.dtype.numpy_dtype == want else ts.cast(s, want)) for g, ls in stores.items() for p, s in ls.items()]
-    size = lambda leaf: math.prod(leaf[2].shape) * want.itemsize
+    leaves = [(g, p, s if s.dtype.numpy_dtype == want or _keeps_saved_dtype(p, ls) else ts.cast(s, want))
+              for g, ls in stores.items() for p, s in ls.items()]
+    size = lambda leaf: math.prod(leaf[2].shape) * leaf[2].dtype.numpy_dtype.itemsize
     leaves.sort(key=size, reverse=True)
     total = sum(map(size, leaves))
     budget = _Budget(READ_BUDGET)
@@ -339,7 +366,7 @@ def _read_concurrently(path: Path, stores: dict, want, shardings, bytes_progress
         group, p, store = leaf
         taken = budget.take(size(leaf))
         try:
-            return _read_leaf(path, group, p, store, _lookup(shardings, ("params", *p)) or default)
+            return after(p, _read_leaf(path, group, p, store, _lookup(shardings, ("params", *p)) or default))
         finally:
             budget.give(taken)
 
@@ -375,7 +402,7 @@ def _saved_leaves(checkpointer, directory: Path) -> dict[Path_, tuple[tuple[int,
     return {tuple(k.key for k in kp): (tuple(m.shape), str(m.dtype)) for kp, m in leaves}
 
 
-def _restore_with_orbax(path: Path, expected: dict, want, shardings, bytes_progress: BytesProgress) -> dict:
+def _restore_with_orbax(path: Path, expected: dict, want, shardings, bytes_progress: BytesProgress, after) -> dict:
     import orbax.checkpoint as ocp
 
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -385,17 +412,19 @@ def _restore_with_orbax(path: Path, expected: dict, want, shardings, bytes_progr
     done = 0
     for group, shapes in expected.items():
         directory = (path / "params" / group).absolute()
-        _check_leaves(path, group, shapes, {p: s for p, (s, _) in _saved_leaves(checkpointer, directory).items()})
+        saved = _saved_leaves(checkpointer, directory)
+        _check_leaves(path, group, shapes, {p: s for p, (s, _) in saved.items()})
         abstract: dict = {}
         for p, shape in shapes.items():
             sharding = _lookup(shardings, ("params", *p)) or default
-            set_path(abstract, p, jax.ShapeDtypeStruct(shape, want, sharding=sharding))
+            dtype = jnp.dtype(saved[p][1]) if _keeps_saved_dtype(p, shapes) else want
+            set_path(abstract, p, jax.ShapeDtypeStruct(shape, dtype, sharding=sharding))
         tree = checkpointer.restore(
             directory,
             args=ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)),
         )
         for p, shape in shapes.items():
-            set_path(params, p, _lookup(tree, p))
+            set_path(params, p, after(p, _lookup(tree, p)))
             done += math.prod(shape) * want.itemsize
         bytes_progress(done, total)
     return {"params": params}
@@ -496,15 +525,19 @@ def format_bytes(n: int) -> str:
 
 
 def convert_checkpoint(
-    src: str | Path, dst: str | Path, dtype=None, force: bool = False, progress: Progress | None = None
+    src: str | Path, dst: str | Path, dtype=None, force: bool = False, progress: Progress | None = None,
+    quant: str = "none",
 ) -> dict:
     """Converts a Hugging Face DeepSeek-VL2 folder `src` into an Orbax checkpoint folder `dst`.
 
     The destination is checked first (see `_check_destination`: writable, not an unrelated folder), then
     every tensor (names, shapes) before anything is written. `dtype` ("bfloat16", "float32", a dtype, or
-    None for the source's) is the saved dtype. `progress(line)` gets one line per step. Returns the
-    manifest (plus "seconds" and "bytes"). Raises CheckpointError / ConfigError.
+    None for the source's) is the saved dtype of the float leaves. `quant` ("none", "int8", "fp8"):
+    the language model's weights saved quantized (`vl2_jax.quant`), one group at a time. `progress(line)`
+    gets one line per step. Returns the manifest (plus "seconds" and "bytes"). Raises CheckpointError /
+    ConfigError.
     """
+    check_quant(quant)
     progress = progress or (lambda line: None)
     start = time.time()
     src, dst = Path(src), Path(dst)
@@ -531,11 +564,12 @@ def convert_checkpoint(
     try:
         (tmp / "params").mkdir(parents=True)
         copied = _copy_side_files(src, tmp)
-        groups, n_params, n_bytes = _convert_groups(cfg, src, tmp, np_dtype, progress, start)
+        groups, n_params, n_bytes = _convert_groups(cfg, src, tmp, np_dtype, progress, start, quant)
         manifest = {
             "format": FORMAT,
             "version": VERSION,
             "dtype": np_dtype.name,
+            "quant": quant,
             "groups": groups,
             "num_parameters": n_params,
             "dropped": {"tensors": dropped, "parameters": dropped_params},
@@ -552,8 +586,9 @@ def convert_checkpoint(
     return manifest | {"seconds": time.time() - start, "bytes": n_bytes}
 
 
-def _convert_groups(cfg, src: Path, tmp: Path, np_dtype, progress: Progress, start: float):
-    """Converts and saves one group at a time; returns (group names, parameter count, bytes)."""
+def _convert_groups(cfg, src: Path, tmp: Path, np_dtype, progress: Progress, start: float, quant: str = "none"):
+    """Converts (and quantizes, see `convert_checkpoint`) and saves one group at a time; returns (group
+    names, parameter count, bytes). The parameter count counts a quantized weight's values only."""
     groups = grouped_plan(cfg)
     total = sum(int(np.prod(s)) for rules in groups.values() for r in rules for _, s in r.targets) * np_dtype.itemsize
     checkpointer = _checkpointer()
@@ -567,8 +602,10 @@ def _convert_groups(cfg, src: Path, tmp: Path, np_dtype, progress: Progress, sta
             for p, array in apply_rule(rule, [folder.get(s) for s in rule.source_names]):
                 set_path(tree, p, array.astype(np_dtype, copy=False))
         del folder
+        n_params += sum(a.size for a in jax.tree_util.tree_leaves(tree))
+        if quant != "none":
+            tree = jax.tree.map(np.asarray, quantize_params(tree, quant))
         leaves = jax.tree_util.tree_leaves(tree)
-        n_params += sum(a.size for a in leaves)
         n_bytes += sum(a.nbytes for a in leaves)
         _save_group(checkpointer, (tmp / "params" / name).absolute(), tree)
         del tree, leaves

@@ -22,7 +22,7 @@ import time
 
 import uvicorn
 
-from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS
+from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, QUANTS
 from vl2_jax.errors import command_parser, number
 
 DEFAULT_PORT = 30000  # SGLang's
@@ -47,6 +47,8 @@ def parser() -> argparse.ArgumentParser:
                    help="default: bfloat16 on GPU/TPU, float32 on CPU")
     p.add_argument("--mesh", default=None, metavar="SPEC",
                    help="shard over devices: 'auto' or sizes such as expert=4,tensor=2 (axes data, expert, tensor)")
+    p.add_argument("--quant", default=None, choices=QUANTS,
+                   help="language-model weights as int8 or fp8 (e4m3) with float32 scales (default: as the checkpoint holds them)")
     p.add_argument("--moe", default="auto", choices=MOE_IMPLS, help="routed-expert dispatch (default auto)")
     p.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS, help="attention form (default auto)")
     p.add_argument("--kernels", default="on", choices=["on", "off"], help="accelerator kernels (default on)")
@@ -132,7 +134,7 @@ def run(args, log) -> int:
     chunks = {} if args.prefill_chunk is None else {"prefill_chunks": (args.prefill_chunk,)}
     runtime = Runtime(moe=args.moe, attention=args.attention, kernels=args.kernels == "on", max_batch=args.max_batch,
                       max_seq_len=args.max_seq_len, prefix_cache=not args.no_prefix_cache, **chunks)
-    model = load.load_model(args.model, args.dtype, runtime=runtime, mesh=args.mesh, progress=log)
+    model = load.load_model(args.model, args.dtype, runtime=runtime, mesh=args.mesh, progress=log, quant=args.quant)
     store = executables.keep(model, cache_dir, log)
     if not args.no_warmup:
         report = model.warmup(_warmup_progress(log))

@@ -46,7 +46,9 @@ from vl2_jax.modules.layers import (
     einsum,
     normal_init,
     project,
+    qeinsum,
     rope_cos_sin,
+    weight,
 )
 
 # Fused causal attention marks invalid keys on extra head dims (a multiple of 8, cuDNN's unit): each
@@ -135,16 +137,16 @@ class MHAttention(nn.Module):
     def setup(self):
         c, init = self.cfg, normal_init()
         h, g, k, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
-        self.q_w = self.param("q_w", init, (d, h, k), self.dtype)
-        self.kv_w = self.param("kv_w", init, (d, 2, g, k), self.dtype)
-        self.o_w = self.param("o_w", init, (h, k, d), self.dtype)
+        self.q_w = weight(self, "q_w", init, (d, h, k), self.dtype)
+        self.kv_w = weight(self, "kv_w", init, (d, 2, g, k), self.dtype)
+        self.o_w = weight(self, "o_w", init, (h, k, d), self.dtype)
 
     def _rope(self, positions_BT, dtype):
         return rope_cos_sin(positions_BT, self.cfg.head_dim, self.cfg.rope_theta, dtype)
 
     def new_kv(self, x_BTD: jax.Array, positions_BT: jax.Array) -> dict[str, jax.Array]:
         cos, sin = self._rope(positions_BT, x_BTD.dtype)
-        kv = einsum("BTD,DWGK->WBTGK", x_BTD, self.kv_w)
+        kv = qeinsum("BTD,DWGK->WBTGK", x_BTD, self.kv_w)
         return {"k": apply_rope(kv[0], cos, sin), "v": kv[1]}
 
     def __call__(self, x_BTD, positions_BT, kv: dict[str, jax.Array], mask_BTS, key_valid_BS=None) -> jax.Array:
@@ -176,16 +178,16 @@ class MLAttention(nn.Module):
         c, init = self.cfg, normal_init()
         d, h, r = c.hidden_size, c.num_attention_heads, c.kv_lora_rank
         if c.q_lora_rank is None:
-            self.q_w = self.param("q_w", init, (d, h, c.q_head_dim), self.dtype)
+            self.q_w = weight(self, "q_w", init, (d, h, c.q_head_dim), self.dtype)
         else:
-            self.q_a_w = self.param("q_a_w", init, (d, c.q_lora_rank), self.dtype)
+            self.q_a_w = weight(self, "q_a_w", init, (d, c.q_lora_rank), self.dtype)
             self.q_a_norm = RMSNorm(c.q_lora_rank, LATENT_NORM_EPS, self.dtype)
-            self.q_b_w = self.param("q_b_w", init, (c.q_lora_rank, h, c.q_head_dim), self.dtype)
-        self.kv_a_w = self.param("kv_a_w", init, (d, r + c.qk_rope_head_dim), self.dtype)
+            self.q_b_w = weight(self, "q_b_w", init, (c.q_lora_rank, h, c.q_head_dim), self.dtype)
+        self.kv_a_w = weight(self, "kv_a_w", init, (d, r + c.qk_rope_head_dim), self.dtype)
         self.kv_a_norm = RMSNorm(r, LATENT_NORM_EPS, self.dtype)
-        self.wk_b = self.param("wk_b", init, (h, c.qk_nope_head_dim, r), self.dtype)
-        self.wv_b = self.param("wv_b", init, (h, c.v_head_dim, r), self.dtype)
-        self.o_w = self.param("o_w", init, (h, c.v_head_dim, d), self.dtype)
+        self.wk_b = weight(self, "wk_b", init, (h, c.qk_nope_head_dim, r), self.dtype)
+        self.wv_b = weight(self, "wv_b", init, (h, c.v_head_dim, r), self.dtype)
+        self.o_w = weight(self, "o_w", init, (h, c.v_head_dim, d), self.dtype)
 
     def _rope(self, positions_BT, dtype):
         return rope_cos_sin(positions_BT, self.cfg.qk_rope_head_dim, self.cfg.rope_theta, dtype)
@@ -202,9 +204,9 @@ class MLAttention(nn.Module):
         """The latent entries expanded per head: keys [B, S, H, K+J] (k_nope | the shared k_rope) and
         values [B, S, H, U], for the fused attention."""
         latent, k_rope = kv["latent"], kv["k_rope"]
-        k_nope = einsum("BSR,HKR->BSHK", latent, self.wk_b)
+        k_nope = qeinsum("BSR,HKR->BSHK", latent, self.wk_b)
         k_rope = jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:3], k_rope.shape[-1])).astype(k_nope.dtype)
-        return jnp.concatenate([k_nope, k_rope], -1), einsum("BSR,HUR->BSHU", latent, self.wv_b)
+        return jnp.concatenate([k_nope, k_rope], -1), qeinsum("BSR,HUR->BSHU", latent, self.wv_b)
 
     def __call__(self, x_BTD, positions_BT, kv: dict[str, jax.Array], mask_BTS, key_valid_BS=None) -> jax.Array:
         c, kernel = self.cfg, self.runtime.kernels
@@ -223,10 +225,10 @@ class MLAttention(nn.Module):
                                fused, key_valid_BS, self.runtime.attention == "auto")
             if out is not None:
                 return project("BTHU,HUD->BTD", out, self.o_w, kernel)
-        q_latent = einsum("BTHK,HKR->BTHR", q_nope, self.wk_b)
+        q_latent = qeinsum("BTHK,HKR->BTHR", q_nope, self.wk_b)
         scores = einsum("BTHJ,BSJ->BHTS", q_rope, kv["k_rope"]) + einsum("BTHR,BSR->BHTS", q_latent, kv["latent"])
         scores = scores * jnp.asarray(c.q_head_dim**-0.5, scores.dtype)
         probs = masked_softmax(scores, mask_BTS[:, None], q.dtype)
         out_latent = einsum("BHTS,BSR->BTHR", probs, kv["latent"])
-        out = einsum("BTHR,HUR->BTHU", out_latent, self.wv_b)
+        out = qeinsum("BTHR,HUR->BTHU", out_latent, self.wv_b)
         return project("BTHU,HUD->BTD", out, self.o_w, kernel)

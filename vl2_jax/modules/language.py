@@ -15,7 +15,7 @@ from flax import linen as nn
 from vl2_jax.cache import KVCache, write_chunk, write_rows
 from vl2_jax.config import LanguageConfig, Runtime
 from vl2_jax.modules.attention import MHAttention, MLAttention
-from vl2_jax.modules.layers import RMSNorm, einsum, normal_init
+from vl2_jax.modules.layers import RMSNorm, normal_init, qeinsum, weight
 from vl2_jax.modules.moe import MLP, MoE
 from vl2_jax.sharding import constrain
 
@@ -68,7 +68,7 @@ class LanguageModel(nn.Module):
         self.layers = [DecoderLayer(c, i, self.dtype, self.runtime)
                        for i in range(c.num_hidden_layers)]  # layers_{i}
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype)
-        self.lm_head = self.param("lm_head", normal_init(), (c.hidden_size, c.vocab_size), self.dtype)
+        self.lm_head = weight(self, "lm_head", normal_init(), (c.hidden_size, c.vocab_size), self.dtype)
 
     def embed(self, ids_BT: jax.Array) -> jax.Array:
         """Token ids [B, T] -> embeddings [B, T, D]."""
@@ -76,7 +76,7 @@ class LanguageModel(nn.Module):
 
     def head(self, x_BTD: jax.Array) -> jax.Array:
         """Final norm and LM head: [B, T, D] -> float32 logits [B, T, V] (computed in the model dtype)."""
-        return einsum("BTD,DV->BTV", self.norm(x_BTD), self.lm_head).astype(jnp.float32)
+        return qeinsum("BTD,DV->BTV", self.norm(x_BTD), self.lm_head).astype(jnp.float32)
 
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, valid_BT: jax.Array) -> jax.Array:
         """Full causal forward without a cache: embeddings [B, T, D] -> float32 logits [B, T, V].

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from vl2_jax.kernels import dense_matvec, dense_matvec_usable, local_arrays
+from vl2_jax.quant import as_qarray, is_quantized
 
 
 def one_row_product(spec: str, x: jax.Array, w: jax.Array) -> tuple[int, int, tuple[int, ...]] | None:
@@ -43,19 +44,77 @@ def einsum(spec: str, *operands: jax.Array, preferred_element_type=None) -> jax.
                       preferred_element_type=preferred_element_type)
 
 
-def project(spec: str, x: jax.Array, w: jax.Array, use_kernel: bool = True) -> jax.Array:
-    """Activations times a weight by `spec` (an einsum whose weight operand is second): `einsum`, or,
+def weight(module: nn.Module, name: str, init, shape, dtype):
+    """`module.param(name, ...)`, or, where the parameter tree holds a quantized weight under `name`
+    (`vl2_jax.quant`: `{"qvalue", "scale"}`), that weight as a `qwix.QArray` (checked against `shape`)."""
+    if module.has_variable("params", name):
+        value = module.get_variable("params", name)
+        if is_quantized(value):
+            q = as_qarray(value)
+            if tuple(q.shape) != tuple(shape):
+                raise ValueError(f"quantized parameter {name} has shape {q.shape}, expected {tuple(shape)}")
+            return q
+    return module.param(name, init, shape, dtype)
+
+
+def _scale_after(spec: str, w) -> tuple[str, str] | None:
+    """(the output's named letters, the scale's letters in output order) where `spec` keeps every
+    dimension on which the quantized weight `w`'s scales vary, so that (x @ values) * scales equals
+    x @ (values * scales); else None."""
+    ins, out = spec.replace(" ", "").split("->")
+    rhs = ins.split(",")[1]
+    if "." in rhs or not out.replace("...", "").isalpha() or "..." in out.replace("...", "", 1):
+        return None
+    varying = [letter for letter, n in zip(rhs, w.scale.shape) if n != 1]
+    if not all(letter in out for letter in varying):
+        return None
+    named = out.replace("...", "")
+    return named, "".join(letter for letter in named if letter in rhs)
+
+
+def qeinsum(spec: str, x: jax.Array, w, preferred_element_type=None) -> jax.Array:
+    """`einsum(spec, x, w)` where `w` may be a quantized weight (`qwix.QArray`, per-output-channel
+    scales): the values, cast to x's dtype, go into the product and the scales multiply its float32
+    result when `spec` keeps the scaled dimensions ((x @ values) * scales); otherwise (a product that
+    contracts a scaled dimension, e.g. MLA's `wk_b` expanded for fused attention) the weight is
+    dequantized to x's dtype first. The result has the dtype `einsum` would give with a float weight."""
+    if not is_quantized(w):
+        return einsum(spec, x, w, preferred_element_type=preferred_element_type)
+    w = as_qarray(w)
+    letters = _scale_after(spec, w)
+    if letters is None:
+        w_float = (w.qvalue.astype(jnp.float32) * w.scale).astype(x.dtype)
+        return einsum(spec, x, w_float, preferred_element_type=preferred_element_type)
+    named, kept = letters
+    y = einsum(spec, x, w.qvalue.astype(x.dtype), preferred_element_type=jnp.float32)
+    rhs = spec.replace(" ", "").split("->")[0].split(",")[1]
+    scale = jnp.squeeze(w.scale, tuple(i for i, letter in enumerate(rhs) if letter not in kept))
+    scale = jnp.transpose(scale, [[letter for letter in rhs if letter in kept].index(c) for c in kept])
+    scale = scale.reshape([scale.shape[kept.index(c)] if c in kept else 1 for c in named])
+    return (y * scale).astype(preferred_element_type or x.dtype)
+
+
+def project(spec: str, x: jax.Array, w, use_kernel: bool = True) -> jax.Array:
+    """Activations times a weight by `spec` (an einsum whose weight operand is second): `qeinsum`, or,
     with `use_kernel` where one row of 16-bit activations meets a weight (batch-1 decode),
     `kernels.dense_matvec` rounded to the activations' dtype. XLA's GPU compiler runs such a product
     as an elementwise multiply and a reduction with the weight-sized product written out in between;
-    the kernel reads the weight once.
+    the kernel reads the weight once. A quantized weight (`qwix.QArray`) goes into the kernel as its
+    values and per-output-channel scales, where its scales vary over the output only.
     """
-    if use_kernel and x.dtype == w.dtype and local_arrays():
+    quantized = is_quantized(w)
+    if use_kernel and local_arrays() and (quantized or x.dtype == w.dtype):
         product = one_row_product(spec, x, w)
-        if product is not None and dense_matvec_usable(x.dtype, *product[:2]):
+        usable = product is not None and (dense_matvec_usable(x.dtype, *product[:2]) if not quantized else
+                                          dense_matvec_usable(x.dtype, *product[:2], weight_dtype=w.qvalue.dtype))
+        if usable:
             k, n, shape = product
-            return dense_matvec(x.reshape(1, k), w.reshape(k, n)).astype(x.dtype).reshape(shape)
-    return einsum(spec, x, w)
+            if not quantized:
+                return dense_matvec(x.reshape(1, k), w.reshape(k, n)).astype(x.dtype).reshape(shape)
+            if _scale_after(spec, w) is not None and w.scale.size == n:
+                y = dense_matvec(x.reshape(1, k), w.qvalue.reshape(k, n), scales_N=w.scale.reshape(n))
+                return y.astype(x.dtype).reshape(shape)
+    return qeinsum(spec, x, w)
 
 
 def dot_product_attention(q, k, v, implementation: str, **kwargs) -> jax.Array:

@@ -10,10 +10,16 @@ Parameter layout (W = 2 stacks the gate and up projections, so that one matmul r
     mlp (dense):  gate_up_w [D, W, F], down_w [F, D]
     mlp (MoE):    router_w [D, E], router_bias [E] (noaux_tc only),
                   gate_up_w [E, D, W, F], down_w [E, F, D], shared/{gate_up_w, down_w}
+
+Quantized weights (`vl2_jax.quant`) arrive as `qwix.QArray`s (values, per-output-channel scales [E, 1,
+W, F] and [E, 1, D]). Every dispatch takes them: the XLA products multiply the values and scale the
+float32 result (`layers.qeinsum`), the Pallas kernels take the values and scales and dequantize in
+registers, and the ragged path scales each sorted row by its expert's scales after the grouped matmul.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -32,7 +38,8 @@ from vl2_jax.kernels import (
     mosaic_ragged_usable,
     ragged_dot,
 )
-from vl2_jax.modules.layers import einsum, normal_init, project
+from vl2_jax.modules.layers import einsum, normal_init, project, qeinsum, weight
+from vl2_jax.quant import is_quantized
 from vl2_jax.sharding import Layout
 
 
@@ -60,8 +67,8 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array, token_valid=None) -> jax.Array:
         """`token_valid` is accepted for the MoE's interface and ignored: a dense MLP routes nothing."""
         init = normal_init()
-        gate_up_w = self.param("gate_up_w", init, (self.dim, 2, self.hidden), self.dtype)
-        down_w = self.param("down_w", init, (self.hidden, self.dim), self.dtype)
+        gate_up_w = weight(self, "gate_up_w", init, (self.dim, 2, self.hidden), self.dtype)
+        down_w = weight(self, "down_w", init, (self.hidden, self.dim), self.dtype)
         h = swiglu(project("...D,DWF->...WF", x, gate_up_w, self.use_kernel))
         return project("...F,FD->...D", h, down_w, self.use_kernel)
 
@@ -112,10 +119,33 @@ def _in_range(idx_NX: jax.Array, num_experts: int) -> jax.Array:
     return (idx_NX >= 0) & (idx_NX < num_experts)
 
 
+def _values_scales(w, n: int):
+    """A weight [E, ..., N] as (the kernel's operand, its scales [E, N] or None): float weights pass
+    through, quantized ones give their values and per-output-channel scales."""
+    if not is_quantized(w):
+        return w, None
+    return w.qvalue, w.scale.reshape(w.shape[0], n)
+
+
+def _scales_kw(scales) -> dict:
+    """The kernels' `scales_EN` argument: only for quantized weights (a float call stays as it was)."""
+    return {} if scales is None else {"scales_EN": scales}
+
+
+def _weight_dtype_kw(w) -> dict:
+    """The kernels' `*_usable` argument for quantized weights (their values' dtype); none for float."""
+    return {"weight_dtype": w.qvalue.dtype} if is_quantized(w) else {}
+
+
+def weight_dtype(w, x_dtype):
+    """The dtype the products run in: the weight's, or for a quantized weight the activations'."""
+    return x_dtype if is_quantized(w) else w.dtype
+
+
 def outputs_dense(x_ND, gate_up_w, down_w, idx_NX) -> jax.Array:
     """Plain path: every expert on every token ([N, E, D]), then each token's chosen ones: [N, X, D]."""
     e = gate_up_w.shape[0]
-    y_NED = einsum("NEF,EFD->NED", swiglu(einsum("ND,EDWF->NEWF", x_ND, gate_up_w)), down_w)
+    y_NED = qeinsum("NEF,EFD->NED", swiglu(qeinsum("ND,EDWF->NEWF", x_ND, gate_up_w)), down_w)
     y_NXD = jnp.take_along_axis(y_NED, jnp.clip(idx_NX, 0, e - 1)[..., None], axis=1)
     return jnp.where(_in_range(idx_NX, e)[..., None], y_NXD, 0)
 
@@ -134,14 +164,17 @@ def outputs_gather(x_ND, gate_up_w, down_w, idx_NX, ids_in_range: bool = False, 
     e, d, _, f = gate_up_w.shape
     n, x = idx_NX.shape
     safe = idx_NX if ids_in_range else jnp.clip(idx_NX, 0, e - 1)
-    dtype = gate_up_w.dtype
-    if use_kernel and x_ND.dtype == dtype and local_arrays() and mlp_kernel_fits(gathered_matvec_usable, dtype, d, f):
+    dtype = weight_dtype(gate_up_w, x_ND.dtype)
+    if use_kernel and x_ND.dtype == dtype and local_arrays() and mlp_kernel_fits(
+            gathered_matvec_usable, dtype, d, f, **_weight_dtype_kw(gate_up_w)):
         ids = safe.reshape(-1)  # [N*X]: row a runs expert ids[a] on token a // X
-        h = gathered_matvec(x_ND, gate_up_w.reshape(e, d, 2 * f), ids, rows_per_input=x).astype(dtype)
-        y_NXD = gathered_matvec(swiglu(h.reshape(-1, 2, f)), down_w, ids).reshape(n, x, d)
+        gu, gu_scales = _values_scales(gate_up_w.reshape(e, d, 2 * f), 2 * f)
+        dw, dw_scales = _values_scales(down_w, d)
+        h = gathered_matvec(x_ND, gu, ids, rows_per_input=x, **_scales_kw(gu_scales)).astype(dtype)
+        y_NXD = gathered_matvec(swiglu(h.reshape(-1, 2, f)), dw, ids, **_scales_kw(dw_scales)).reshape(n, x, d)
     else:
-        h = swiglu(einsum("ND,NXDWF->NXWF", x_ND, gate_up_w[safe]))
-        y_NXD = einsum("NXF,NXFD->NXD", h, down_w[safe], preferred_element_type=jnp.float32)
+        h = swiglu(qeinsum("ND,NXDWF->NXWF", x_ND, gate_up_w[safe]))
+        y_NXD = qeinsum("NXF,NXFD->NXD", h, down_w[safe], preferred_element_type=jnp.float32)
     return y_NXD if ids_in_range else jnp.where(_in_range(idx_NX, e)[..., None], y_NXD, 0)
 
 
@@ -168,6 +201,8 @@ def outputs_ragged(x_ND, gate_up_w, down_w, idx_NX, use_kernel: bool = True) -> 
     Computes exactly the N*X chosen (token, expert) pairs, with no capacity and nothing dropped, so its
     cost does not depend on how evenly the tokens route. With `use_kernel`, on Hopper GPUs in bf16, it
     runs JAX's Pallas Mosaic GPU kernel; else `lax.ragged_dot` (fast on TPU, slow on NVIDIA GPUs).
+    Quantized experts: the grouped matmul (JAX's kernel, which takes one dtype) reads the values cast to
+    the activations' dtype, and each sorted row is then scaled by its expert's output-channel scales.
     """
     n, x = idx_NX.shape
     e, d, _, f = gate_up_w.shape
@@ -177,8 +212,18 @@ def outputs_ragged(x_ND, gate_up_w, down_w, idx_NX, use_kernel: bool = True) -> 
     rows = -(-a // ROW_MULTIPLE) * ROW_MULTIPLE  # padding rows belong to no group
     tokens = jnp.take(x_ND, order // x, axis=0)  # [A, D], grouped by expert
     tokens = jnp.pad(tokens, ((0, rows - a), (0, 0)))
-    h = swiglu(ragged_dot(tokens, gate_up_w.reshape(e, d, 2 * f), sizes, use_kernel).reshape(rows, 2, f))
-    y_sorted = ragged_dot(h, down_w, sizes, use_kernel)  # [rows, D]
+    # each sorted row's expert (rows past the groups: any; they are masked below)
+    row_expert = jnp.pad(jnp.clip(idx_NX.reshape(-1)[order], 0, e - 1), (0, rows - a))
+
+    def grouped_matmul(lhs, w, n_out):
+        values, scales = _values_scales(w, n_out)
+        if scales is None:
+            return ragged_dot(lhs, w, sizes, use_kernel)
+        y = ragged_dot(lhs, values.astype(lhs.dtype), sizes, use_kernel).astype(jnp.float32)
+        return (y * scales[row_expert]).astype(lhs.dtype)
+
+    h = swiglu(grouped_matmul(tokens, gate_up_w.reshape(e, d, 2 * f), 2 * f).reshape(rows, 2, f))
+    y_sorted = grouped_matmul(h, down_w, d)  # [rows, D]
     position = jnp.zeros_like(order).at[order].set(jnp.arange(a, dtype=order.dtype))  # sorted row of each
     y_NXD = jnp.take(y_sorted, position, axis=0).reshape(n, x, d)
     return jnp.where(_in_range(idx_NX, e)[..., None], y_NXD, 0)
@@ -212,13 +257,13 @@ def outputs_grouped(x_ND, gate_up_w, down_w, idx_NX, capacity: int | None = None
     n, x = idx_NX.shape
     e, d, _, f = gate_up_w.shape
     cap = capacity or grouped_capacity(n, x, e)
-    dtype = gate_up_w.dtype
+    dtype = weight_dtype(gate_up_w, x_ND.dtype)
     padded = -(-cap // EXPERT_ROWS_MULTIPLE) * EXPERT_ROWS_MULTIPLE
     # The kernel pays by skipping experts: with no more choices than experts some always go unread
     # (small, 8 tokens x 6 choices: 2.5x XLA's batch); at the 64-token bucket of a 38-token text prompt
     # nearly every expert is chosen and XLA's batched matmul was faster (small's prefill: 13.6 -> 15.5 ms).
     kernel = (use_kernel and cap >= n and n * x <= (total_experts or e) and x_ND.dtype == dtype and local_arrays()
-              and mlp_kernel_fits(expert_matmul_usable, dtype, d, f, rows=padded))
+              and mlp_kernel_fits(expert_matmul_usable, dtype, d, f, rows=padded, **_weight_dtype_kw(gate_up_w)))
     rows = padded if kernel else cap  # slots per expert
     order, rank, sizes = _group_by_expert(idx_NX, e)
     ids = idx_NX.reshape(-1)[order]
@@ -229,11 +274,13 @@ def outputs_grouped(x_ND, gate_up_w, down_w, idx_NX, capacity: int | None = None
         tokens = jnp.repeat(x_ND, x, axis=0)  # [A, D], assignment order
         xs = jnp.zeros((e * rows, d), x_ND.dtype).at[slot].set(tokens, mode="drop").reshape(e, rows, d)
         if kernel:
-            h = expert_matmul(xs, gate_up_w.reshape(e, d, 2 * f), sizes).astype(dtype)
-            y = expert_matmul(swiglu(h.reshape(e, rows, 2, f)), down_w, sizes)
+            gu, gu_scales = _values_scales(gate_up_w.reshape(e, d, 2 * f), 2 * f)
+            dw, dw_scales = _values_scales(down_w, d)
+            h = expert_matmul(xs, gu, sizes, **_scales_kw(gu_scales)).astype(dtype)
+            y = expert_matmul(swiglu(h.reshape(e, rows, 2, f)), dw, sizes, **_scales_kw(dw_scales))
         else:
-            h = swiglu(einsum("EMD,EDWF->EMWF", xs, gate_up_w))
-            y = einsum("EMF,EFD->EMD", h, down_w)
+            h = swiglu(qeinsum("EMD,EDWF->EMWF", xs, gate_up_w))
+            y = qeinsum("EMF,EFD->EMD", h, down_w)
         return jnp.take(y.reshape(e * rows, d), slot, axis=0, mode="fill", fill_value=0).reshape(n, x, d)
 
     if cap >= n:
@@ -278,11 +325,12 @@ def _expert_axes(gate_up_shape) -> tuple[str | None, str | None]:
     return spec[0], spec[3]
 
 
-def choose_dispatch(impl: str, num_tokens: int, top_k: int, gate_up_w: jax.Array, use_kernel: bool = True) -> str:
+def choose_dispatch(impl: str, num_tokens: int, top_k: int, gate_up_w: jax.Array, use_kernel: bool = True,
+                    dtype=None) -> str:
     """Resolves "auto" (static: shapes, dtype and platform only): "gather" while tokens * top-k <=
     experts / 4 (batch-1 and -2 decode); beyond 64 tokens (prefill) "ragged" where the Mosaic GPU
     grouped matmul runs (`use_kernel`, Hopper, bf16, the per-device width a multiple of its tiles);
-    "grouped" otherwise.
+    "grouped" otherwise. `dtype`: the activations' (default the weights'; quantized weights run in it).
     """
     if impl != "auto":
         return impl
@@ -291,7 +339,7 @@ def choose_dispatch(impl: str, num_tokens: int, top_k: int, gate_up_w: jax.Array
         return "gather"
     expert_axis, width_axis = _expert_axes(gate_up_w.shape)
     f_local = f // (jax.sharding.get_abstract_mesh().shape[width_axis] if width_axis else 1)
-    dtype = gate_up_w.dtype
+    dtype = weight_dtype(gate_up_w, dtype or gate_up_w.dtype)
     # The kernel runs on whole per-device arrays: one device, or `experts_sharded`'s shard_map (a mesh
     # that splits the experts or their width); a data-only mesh partitions the dispatch automatically.
     per_device = local_arrays() or expert_axis or width_axis
@@ -318,6 +366,9 @@ def experts_sharded(impl: str, x_ND, gate_up_w, down_w, weights_NX, idx_NX, use_
         return run_experts(impl, x_ND, gate_up_w, down_w, weights_NX, idx_NX, ids_in_range=True, use_kernel=use_kernel)
     P = jax.sharding.PartitionSpec
     up_spec, down_spec = P(expert_axis, None, None, width_axis), P(expert_axis, width_axis, None)
+    if is_quantized(down_w):  # scales [E, 1, D]: the contracted width is not split in them
+        up_spec = dataclasses.replace(gate_up_w, qvalue=up_spec, scale=up_spec)
+        down_spec = dataclasses.replace(down_w, qvalue=down_spec, scale=P(expert_axis, None, None))
     n, x = idx_NX.shape
     e = gate_up_w.shape[0]
     capacity = grouped_capacity(n, x, e)  # the one-device value: same rows per expert
@@ -360,8 +411,8 @@ class MoE(nn.Module):
         self.router_w = self.param("router_w", init, (d, e), self.dtype)
         if c.topk_method == "noaux_tc":
             self.router_bias = self.param("router_bias", nn.initializers.zeros, (e,), self.dtype)
-        self.gate_up_w = self.param("gate_up_w", init, (e, d, 2, f), self.dtype)
-        self.down_w = self.param("down_w", init, (e, f, d), self.dtype)
+        self.gate_up_w = weight(self, "gate_up_w", init, (e, d, 2, f), self.dtype)
+        self.down_w = weight(self, "down_w", init, (e, f, d), self.dtype)
         if c.n_shared_experts:
             self.shared = MLP(d, f * c.n_shared_experts, self.dtype, self.runtime.kernels)
 
@@ -378,7 +429,7 @@ class MoE(nn.Module):
         b, t, d = x_BTD.shape
         x_ND = x_BTD.reshape(b * t, d)
         weights, idx = self.choices(x_BTD)
-        impl = choose_dispatch(self.runtime.moe, b * t, c.num_experts_per_tok, self.gate_up_w, kernels)
+        impl = choose_dispatch(self.runtime.moe, b * t, c.num_experts_per_tok, self.gate_up_w, kernels, x_BTD.dtype)
         # An id past the experts counts for nothing in every dispatch. Not for "gather" (1-2 tokens):
         # it reads the chosen experts of each token anyway, and out-of-range ids would cost it a select
         # after the down projection (see `outputs_gather`).

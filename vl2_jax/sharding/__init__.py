@@ -10,7 +10,8 @@ logical axes from `PARAM_RULES`, ordered regular expressions over the parameter 
 (`language/layers_3/attn/q_w`); the first match wins and an unmatched parameter is an error. Where a
 dimension does not divide by its mesh axis (deepseek-vl2-tiny has 10 heads: on tensor=4 they cannot be
 split), that dimension is replicated instead and the choice is recorded in `Layout.notes`; the other
-dimensions stay split. The vision tower and projector (~0.4B parameters) are replicated.
+dimensions stay split. The vision tower and projector (~0.4B parameters) are replicated. Quantized
+weights' values and scales (`vl2_jax.quant`) follow their weight's rule (`param_logical_axes`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from vl2_jax.config import VL2Config
 from vl2_jax.errors import ConfigError
+from vl2_jax.quant import SCALES, VALUES, quantized_axes
 
 MESH_AXES = ("data", "expert", "tensor")
 
@@ -140,8 +142,17 @@ class Layout:
 
 
 def param_logical_axes(path: str, ndim: int) -> tuple:
-    """Logical axes of the parameter at `path` (e.g. "language/layers_1/mlp/gate_up_w"): first rule wins."""
+    """Logical axes of the parameter at `path` (e.g. "language/layers_1/mlp/gate_up_w"): first rule wins.
+
+    A quantized weight's values (`.../gate_up_w/qvalue`, `vl2_jax.quant`) take the weight's axes, its
+    scales (`.../gate_up_w/scale`) the same but unsplit on the contracted dimensions, where they are 1.
+    """
     path = path.removeprefix("params/")
+    weight, _, leaf = path.rpartition("/")
+    contracted = quantized_axes(weight, ndim, lm_head=True) if leaf in (VALUES, SCALES) else None
+    if contracted is not None:
+        axes = param_logical_axes(weight, ndim)
+        return axes if leaf == VALUES else tuple(None if i in contracted else a for i, a in enumerate(axes))
     for pattern, by_rank in PARAM_RULES:
         if re.search(pattern, path):
             if ndim not in by_rank:

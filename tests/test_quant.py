@@ -1,0 +1,268 @@
+"""Weight-only int8/fp8 quantization (`vl2_jax.quant`): a quantized model computes what a float model
+holding the dequantized weights computes (float32, logits within 1e-5 of the largest), through every MoE
+dispatch and, interpreted, every kernel that takes (values, scales); converted checkpoints round-trip;
+the loaded weights take the bytes the format says; the partition rules place values and scales."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ckpt_dir, load_case, open_images
+
+import vl2_jax
+from convert.__main__ import main as convert_main
+from vl2_jax import Runtime
+from vl2_jax.checkpoint import param_shapes
+from vl2_jax.errors import ConfigError
+from vl2_jax.model import VL2Model
+from vl2_jax.quant import (
+    as_qarray,
+    dequantize,
+    dequantize_params,
+    quantize,
+    quantize_params,
+    quantized_axes,
+    quantized_shapes,
+    weight_bytes,
+)
+from vl2_jax.sharding import param_logical_axes
+
+TOL = 1e-5  # float32, relative to the largest logit: only the order of the float32 sums differs
+
+
+def rel_err(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@functools.cache
+def float_model(variant: str) -> VL2Model:
+    return vl2_jax.load_pretrained(ckpt_dir(variant), dtype="float32")
+
+
+@functools.cache
+def batch(variant: str):
+    m, case = float_model(variant), load_case(variant, "text_only")
+    return m.processor.batchify([m.processor(case["conversation"], open_images(case))])
+
+
+@functools.cache
+def float_logits(variant: str) -> np.ndarray:
+    return np.asarray(float_model(variant).logits(batch(variant)))
+
+
+@functools.cache
+def dequantized_logits(variant: str, quant: str) -> np.ndarray:
+    """The plain path's logits of the float model whose weights are the quantized ones, dequantized."""
+    m = float_model(variant)
+    params = dequantize_params(quantize_params(m.params, quant))
+    return np.asarray(VL2Model(m.cfg, params, m.processor, jnp.float32, Runtime.plain()).logits(batch(variant)))
+
+
+# Each dispatch on each attention variant, int8 and fp8 in turn; MLA with "xla" attention also runs
+# the expanded keys (`wk_b` contracted on its scaled axis: dequantized first).
+MODEL_CASES = [
+    ("mha", "int8", "dense", "plain"), ("mha", "fp8", "gather", "plain"),
+    ("mha", "int8", "grouped", "plain"), ("mha", "fp8", "ragged", "plain"),
+    ("mla", "fp8", "dense", "plain"), ("mla", "int8", "gather", "plain"),
+    ("mla", "fp8", "grouped", "plain"), ("mla", "int8", "ragged", "xla"),
+]
+
+
+@pytest.mark.parametrize("variant,quant,moe,attention", MODEL_CASES)
+def test_quantized_model_equals_dequantized_float_model(variant, quant, moe, attention):
+    m = float_model(variant)
+    q = VL2Model(m.cfg, quantize_params(m.params, quant), m.processor, jnp.float32,
+                 Runtime(moe=moe, attention=attention, kernels=False), quant=quant)
+    want = dequantized_logits(variant, quant)
+    assert rel_err(q.logits(batch(variant)), want) < TOL
+    assert rel_err(want, float_logits(variant)) > 1e-4  # the quantization is really there
+
+
+def moe_problem(e, d, f, x, n, seed=5):
+    k = jax.random.split(jax.random.key(seed), 4)
+    xs = jax.random.normal(k[0], (n, d))
+    gate_up = jax.random.normal(k[1], (e, d, 2, f)) / d**0.5
+    down = jax.random.normal(k[2], (e, f, d)) / f**0.5
+    weights, idx = jax.lax.top_k(jax.nn.softmax(jax.random.normal(k[3], (n, e))), x)
+    return xs, gate_up, down, weights, idx.astype(jnp.int32)
+
+
+def quantized_experts(gate_up, down, quant):
+    return (as_qarray(quantize(gate_up, quant, (1,))), as_qarray(quantize(down, quant, (1,))))
+
+
+def dense_reference(xs, gate_up_q, down_q, weights, idx):
+    from vl2_jax.modules.moe import run_experts
+
+    return run_experts("dense", xs, dequantize(gate_up_q), dequantize(down_q), weights, idx)
+
+
+@pytest.mark.parametrize("impl,quant", [("dense", "int8"), ("gather", "fp8"), ("grouped", "int8"), ("ragged", "fp8")])
+def test_every_dispatch_takes_quantized_experts(impl, quant):
+    """Quantized experts through each XLA dispatch equal the dense path over their dequantized values,
+    ids of remote experts (out of range) included."""
+    from vl2_jax.modules.moe import run_experts
+
+    xs, gate_up, down, weights, idx = moe_problem(e=16, d=24, f=20, x=4, n=40)
+    idx = idx.at[:3, 0].set(-2).at[3:6, 1].add(16)
+    gu, dw = quantized_experts(gate_up, down, quant)
+    want = dense_reference(xs, gu, dw, weights, idx)
+    assert rel_err(run_experts(impl, xs, gu, dw, weights, idx), want) < TOL
+
+
+@pytest.mark.parametrize("quant", ["int8"])
+def test_gather_kernel_reads_quantized_experts(monkeypatch, quant):
+    """The decode kernel (interpreted) on int8/fp8 values and scales equals the dense path over the
+    dequantized weights, with the kernel really called."""
+    from vl2_jax.kernels import gathered_matvec
+    from vl2_jax.modules import moe
+
+    calls = []
+    monkeypatch.setattr(moe, "gathered_matvec_usable", lambda *a, **k: bool(k))  # only quantized calls here
+    monkeypatch.setattr(moe, "gathered_matvec", lambda *a, **k: calls.append(k) or gathered_matvec(*a, **k, interpret=True))
+    xs, gate_up, down, weights, idx = moe_problem(e=6, d=128, f=128, x=2, n=1)
+    gu, dw = quantized_experts(gate_up, down, quant)
+    got = moe.run_experts("gather", xs, gu, dw, weights, idx, ids_in_range=True)
+    assert len(calls) == 2 and all(k["scales_EN"] is not None for k in calls)
+    assert rel_err(got, dense_reference(xs, gu, dw, weights, idx)) < TOL
+
+
+@pytest.mark.parametrize("quant", ["fp8"])
+def test_expert_kernel_reads_quantized_experts(monkeypatch, quant):
+    """The decode-batch expert kernel (interpreted) on values and scales, experts no token chose
+    included, equals the dense path over the dequantized weights."""
+    from vl2_jax.kernels import expert_matmul
+    from vl2_jax.modules import moe
+
+    calls = []
+    monkeypatch.setattr(moe, "expert_matmul_usable", lambda *a, **k: "weight_dtype" in k)
+    monkeypatch.setattr(moe, "expert_matmul", lambda *a, **k: calls.append(k) or expert_matmul(*a, **k, interpret=True))
+    xs, gate_up, down, weights, idx = moe_problem(e=5, d=128, f=128, x=2, n=2)
+    gu, dw = quantized_experts(gate_up, down, quant)
+    got = moe.run_experts("grouped", xs, gu, dw, weights, idx)
+    assert len(calls) == 2 and all(k["scales_EN"] is not None for k in calls)
+    assert rel_err(got, dense_reference(xs, gu, dw, weights, idx)) < TOL
+
+
+@pytest.mark.parametrize("spec,x_shape,w_shape,contracted", [
+    ("BTHU,HUD->BTD", (1, 1, 2, 128), (2, 128, 192), (0, 1)),  # contracts two axes: o_w
+])
+def test_one_row_projection_kernel_reads_quantized_weights(monkeypatch, spec, x_shape, w_shape, contracted):
+    """`layers.project` hands one row times a quantized weight to the matrix-vector kernel (interpreted)
+    as values and per-output-channel scales; the result equals the einsum over the dequantized weight."""
+    from vl2_jax import kernels
+    from vl2_jax.modules import layers
+
+    calls = []
+
+    def interpreted(x, w, scales_N=None):
+        calls.append(scales_N is not None)
+        return kernels.dense_matvec(x, w, interpret=True, scales_N=scales_N)
+
+    monkeypatch.setattr(layers, "dense_matvec_usable", lambda *a, **k: "weight_dtype" in k)
+    monkeypatch.setattr(layers, "dense_matvec", interpreted)
+    k = jax.random.split(jax.random.key(3), 2)
+    x, w = jax.random.normal(k[0], x_shape), jax.random.normal(k[1], w_shape)
+    for quant in ("int8", "fp8"):
+        wq = as_qarray(quantize(w, quant, contracted))
+        got = layers.project(spec, x, wq, use_kernel=True)
+        want = jnp.einsum(spec, x, dequantize(wq), precision="highest")
+        assert rel_err(got, want) < TOL
+    assert calls == [True, True]
+
+
+def test_quantized_format_and_weight_bytes():
+    """A loaded quantized test model holds int8 (fp8) values where the rules say, float32 scales of one
+    per output channel, everything else float as loaded: its bytes are exactly those of the format."""
+    cfg = float_model("mla").cfg
+    floats = param_shapes(cfg, jnp.float32)
+    for quant, qdtype in (("int8", jnp.int8), ("fp8", jnp.float8_e4m3fn)):
+        m = vl2_jax.load_model(str(ckpt_dir("mla")), "float32", quant=quant)
+        assert m.quant == quant
+        want, quantized = 0, 0
+        for path, leaf in jax.tree_util.tree_flatten_with_path(floats)[0]:
+            name = jax.tree_util.keystr(path, simple=True, separator="/")
+            node = m.params
+            for key in name.split("/"):
+                node = node[key]
+            axes = quantized_axes(name, len(leaf.shape))
+            n = math.prod(leaf.shape)
+            if axes is None:
+                assert node.dtype == jnp.float32 and node.shape == leaf.shape
+                want += 4 * n
+                continue
+            quantized += 1
+            scale_shape = tuple(1 if a in axes else s for a, s in enumerate(leaf.shape))
+            assert node["qvalue"].dtype == qdtype and node["qvalue"].shape == leaf.shape
+            assert node["scale"].dtype == jnp.float32 and node["scale"].shape == scale_shape
+            want += n + 4 * math.prod(scale_shape)
+        # 3 layers of MLA attention (q_w, kv_a_w, wk_b, wv_b, o_w), layer 0's dense MLP, then two MoE
+        # layers' routed and shared experts
+        assert quantized == 3 * 5 + 2 + 2 * 4
+        assert weight_bytes(m.params) == want
+        assert sum(a.nbytes for a in jax.tree.leaves(m.params)) == want  # the device buffers themselves
+    lm = m.params["params"]["language"]
+    assert "router_w" in lm["layers_1"]["mlp"] and lm["layers_1"]["mlp"]["router_w"].dtype == jnp.float32
+    assert lm["embed"].dtype == jnp.float32 and lm["lm_head"].dtype == jnp.float32
+
+
+def test_partition_rules_place_values_and_scales():
+    """Values take their weight's axes; scales the same, unsplit where they are 1 (contracted)."""
+    assert param_logical_axes("params/language/layers_1/mlp/down_w/qvalue", 3) == ("experts", "mlp", None)
+    assert param_logical_axes("params/language/layers_1/mlp/down_w/scale", 3) == ("experts", None, None)
+    assert param_logical_axes("params/language/layers_1/mlp/gate_up_w/scale", 4) == ("experts", None, None, "mlp")
+    assert param_logical_axes("params/language/layers_0/attn/o_w/scale", 3) == (None, None, None)
+    assert param_logical_axes("params/language/layers_0/attn_norm/scale", 1) == (None,)  # a norm, not a scale
+    shapes = quantized_shapes(param_shapes(float_model("mha").cfg, jnp.float32), "fp8", lm_head=True)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:  # every leaf has a rule of its rank
+        assert len(param_logical_axes(jax.tree_util.keystr(path, simple=True, separator="/"), leaf.ndim)) == leaf.ndim
+
+
+def test_convert_quant_round_trips(tmp_path, capsys):
+    """`python -m convert --quant int8` writes the quantized leaves and records the format; both readers
+    give back exactly what quantizing at load gives; loading it as another format is one clear error."""
+    from vl2_jax import orbax_io
+
+    dst = tmp_path / "q8"
+    assert convert_main([str(ckpt_dir("mha")), str(dst), "--quant", "int8", "--dtype", "float32"]) == 0
+    assert "int8" in capsys.readouterr().out
+    assert json.loads((dst / orbax_io.MANIFEST).read_text())["quant"] == "int8"
+    assert orbax_io.saved_quant(dst) == "int8"
+    loaded = vl2_jax.load_model(str(dst), "float32")
+    at_load = vl2_jax.load_model(str(ckpt_dir("mha")), "float32", quant="int8")
+    assert loaded.quant == "int8"
+    assert jax.tree.structure(loaded.params) == jax.tree.structure(at_load.params)
+    for got, want in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(at_load.params)):
+        assert got.dtype == want.dtype and np.array_equal(np.asarray(got), np.asarray(want))
+    plain, _ = orbax_io.restore(dst, loaded.cfg, "float32", reader="orbax")
+    for got, want in zip(jax.tree.leaves(plain), jax.tree.leaves(loaded.params)):
+        assert got.dtype == want.dtype and np.array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ConfigError, match="holds int8 weights"):
+        vl2_jax.load_model(str(dst), "float32", quant="fp8")
+    with pytest.raises(ConfigError, match="unknown quantization"):
+        vl2_jax.load_model("random:test", quant="int4")
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the failure path where the kernels cannot build")
+def test_quantized_kernel_self_checks(monkeypatch):
+    """The kernels' self-checks on int8 and fp8 weights: where Triton cannot lower (the CPU) they warn
+    and say no, so quantized weights take XLA's path; with the kernels' semantics (interpreted) yes."""
+    from vl2_jax import kernels
+
+    kernels._quantized_self_check.cache_clear()
+    with pytest.warns(UserWarning, match="on int8 weights failed its self-check"):
+        assert not kernels._quantized_self_check("gathered_matvec", "int8")
+    for name in ("gathered_matvec", "expert_matmul"):
+        monkeypatch.setattr(kernels, name, jax.jit(functools.partial(getattr(kernels, name), interpret=True),
+                                                   static_argnums=(3,) if name == "gathered_matvec" else ()))
+    kernels._quantized_self_check.cache_clear()
+    assert kernels._quantized_self_check("gathered_matvec", "float8_e4m3fn")
+    assert kernels._quantized_self_check("expert_matmul", "int8")
+    kernels._quantized_self_check.cache_clear()
