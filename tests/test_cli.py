@@ -336,19 +336,21 @@ def test_system_prompt_comes_first(capsys):
 
 
 def test_console_scripts_point_at_the_mains(capsys):
-    """pyproject.toml declares vl2-generate, vl2-convert and vl2-serve; each resolves to its `main`, which returns
-    the exit status (console-script wrappers pass it to sys.exit). An installed checkout lists them too."""
+    """pyproject.toml declares vl2-generate, vl2-convert, vl2-serve and vl2-finetune; each resolves to its
+    `main`, which returns the exit status (console-script wrappers pass it to sys.exit). An installed
+    checkout lists them too."""
     import importlib.metadata
 
     import convert.__main__
     import generate.__main__
+    import vl2_jax.finetune
     import vl2_jax.serve
 
     scripts = _pyproject()["project"]["scripts"]
     assert scripts == {"vl2-generate": "generate.__main__:main", "vl2-convert": "convert.__main__:main",
-                       "vl2-serve": "vl2_jax.serve:main"}
+                       "vl2-serve": "vl2_jax.serve:main", "vl2-finetune": "vl2_jax.finetune:main"}
     mains = {"vl2-generate": generate.__main__.main, "vl2-convert": convert.__main__.main,
-             "vl2-serve": vl2_jax.serve.main}
+             "vl2-serve": vl2_jax.serve.main, "vl2-finetune": vl2_jax.finetune.main}
     for name, value in scripts.items():
         point = importlib.metadata.EntryPoint(name=name, value=value, group="console_scripts")
         assert point.load() is mains[name]
