@@ -90,3 +90,22 @@ def test_under_a_mesh_programs_are_not_kept(tmp_path):
     model = vl2_jax.load_model("random:test", "float32", runtime=SMALL, mesh="auto")
     with pytest.raises(ConfigError, match="mesh"):
         model.keep_executables(tmp_path)
+
+
+def test_kept_programs_and_jax_own_cache_do_not_mix(tmp_path):
+    """An executable JAX loaded from its own persistent cache serializes without the functions it calls
+    (a later process fails to run it): the store refuses to start beside that cache, and the entry
+    points' `keep` then leaves the programs to it, with a note."""
+    import jax
+
+    from vl2_jax import executables
+
+    lines = []
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax"))
+    try:
+        with pytest.raises(ConfigError, match="persistent compilation cache"):
+            ExecutableStore(tmp_path / "kept", "key")
+        assert executables.keep(_model(), str(tmp_path), lines.append) is None
+        assert len(lines) == 1 and "JAX's own compilation cache" in lines[0]
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)

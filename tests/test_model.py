@@ -103,3 +103,17 @@ def test_forced_moe_dispatch_matches_reference_greedy(impl):
     greedy = case["arrays"]["greedy"].tolist()
     batch = m.processor.batchify([m.processor(case["conversation"], open_images(case))])
     assert m.generate(batch, max_new_tokens=len(greedy)).token_ids[0] == greedy
+
+
+def test_random_weights_carry_information_between_tokens():
+    """`random:*` draws every weight (biases, named *_b or *bias, start at 0): MLA's absorbed wk_b and
+    wv_b, whose names end in _b too, once came out all zero, so that attention carried nothing from one
+    token to another and an answer could not depend on the image or the question."""
+    m = vl2_jax.load_model("random:test", "float32")
+    attn = m.params["params"]["language"]["layers_0"]["attn"]
+    assert np.any(np.asarray(attn["wk_b"])) and np.any(np.asarray(attn["wv_b"]))
+    p = m.processor
+    a, b = (p.batchify([p([{"role": "user", "content": q}])]) for q in ("Is it red?", "Is it big?"))
+    assert a.input_ids.shape == b.input_ids.shape
+    last = lambda batch: np.asarray(m.logits(batch))[0, -1]  # noqa: E731 - the same last token, other questions
+    assert np.abs(last(a) - last(b)).max() > 1e-3

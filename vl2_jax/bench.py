@@ -122,7 +122,7 @@ def run(args) -> list[dict]:
         from vl2_jax import executables
 
         log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-        store = executables.keep(model, executables.use_compile_cache(args.compile_cache, log), log)
+        store = executables.keep(model, executables.use_compile_cache(args.compile_cache, log, jax_cache=False), log)
     proc = model.processor
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (args.image_size, args.image_size, 3), dtype=np.uint8))

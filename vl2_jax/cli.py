@@ -63,7 +63,8 @@ def run(args, log: Callable[[str], None]) -> int:
         raise InputError("--system needs some text and no <image> placeholder (images go in the user's turns).")
     if getattr(args, "draw_boxes", None):
         check_draw_boxes(args.draw_boxes, args.image)
-    cache_dir = executables.use_compile_cache(executables.cache_dir(getattr(args, "compile_cache", None)), log)
+    cache_dir = executables.use_compile_cache(executables.cache_dir(getattr(args, "compile_cache", None)), log,
+                                              jax_cache=args.mesh is not None)
     chunks = {} if args.prefill_chunk is None else {"prefill_chunks": (args.prefill_chunk,)}
     lines = read_requests(batch_file) if batch_file is not None else None
     max_batch = getattr(args, "max_batch", None) or (8 if batch_file is not None else 1)

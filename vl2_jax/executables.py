@@ -31,6 +31,8 @@ from pathlib import Path
 
 import jax
 
+from vl2_jax.errors import ConfigError
+
 FORMAT = 1  # bump when the file layout below changes
 
 
@@ -68,6 +70,11 @@ def describe(args: Sequence) -> str:
     return f"{tree}|{'|'.join(leaf(x) for x in leaves)}"
 
 
+def jax_cache_on() -> bool:
+    """Whether JAX's own persistent compilation cache is on in this process."""
+    return bool(jax.config.jax_compilation_cache_dir) and jax.config.jax_enable_compilation_cache
+
+
 def _device(args: Sequence):
     """The one device a call of `args` runs on: its arrays', else JAX's default device."""
     for x in jax.tree.leaves(args):
@@ -86,6 +93,12 @@ class ExecutableStore:
     """
 
     def __init__(self, directory: str | os.PathLike, fingerprint: str, keep: int = 4):
+        if jax_cache_on():
+            # An executable that JAX loaded from its own cache serializes without the functions it calls
+            # (loading it later fails with "Function ... not found"): every program kept here must come
+            # from a real compile.
+            raise ConfigError("compiled programs cannot be kept while JAX's persistent compilation cache is on "
+                              "(jax_compilation_cache_dir); use one or the other.")
         self.root = Path(directory).expanduser()
         self.directory = self.root / fingerprint
         self.loaded = self.compiled = self.failures = 0
@@ -150,10 +163,12 @@ def cache_dir(flag: str | None) -> str:
     return os.environ.get("VL2_JAX_COMPILE_CACHE", default)
 
 
-def use_compile_cache(path: str, log: Callable[[str], None]) -> str:
-    """JAX's persistent compilation cache: a second run with the same shapes loads its programs instead
-    of compiling them again (seconds per prompt length on a GPU). JAX_COMPILATION_CACHE_DIR wins for
-    JAX's cache. Returns `path` if it is a usable folder (then also for `keep`), else ""."""
+def use_compile_cache(path: str, log: Callable[[str], None], jax_cache: bool = True) -> str:
+    """The entry points' --compile-cache folder, made if missing -> `path` if it is usable (for `keep`),
+    else "". `jax_cache`: also turn on JAX's persistent compilation cache there (a second run with the
+    same shapes then loads its programs, after tracing them), for runs whose programs `keep` cannot keep
+    (under a mesh); off where `keep` will keep them (the two do not mix: `ExecutableStore`).
+    JAX_COMPILATION_CACHE_DIR wins for JAX's cache."""
     if not path:
         return ""
     try:
@@ -163,7 +178,9 @@ def use_compile_cache(path: str, log: Callable[[str], None]) -> str:
     except OSError as e:
         log(f"compiled programs not cached: cannot use {path} ({e.strerror or e}); see --compile-cache")
         return ""
-    if jax.config.jax_compilation_cache_dir:
+    if not jax_cache or jax.config.jax_compilation_cache_dir:
+        if not jax_cache_on():
+            log(f"compiled programs cached in {path}")
         return path
     jax.config.update("jax_compilation_cache_dir", path)
     # Keep every program, not only those slower than a second to compile (JAX's default): a fresh
@@ -178,6 +195,10 @@ def keep(model, directory: str, log: Callable[[str], None]) -> ExecutableStore |
     folder), so that a fresh process loads them without tracing -> the store, or None (no folder, or a
     mesh)."""
     if not directory or model.mesh is not None:
+        return None
+    if jax_cache_on():
+        log("compiled programs not kept as executables: JAX's own compilation cache is on "
+            "(JAX_COMPILATION_CACHE_DIR); each run traces its programs")
         return None
     try:
         return model.keep_executables(os.path.join(directory, "executables"))

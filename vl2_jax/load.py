@@ -319,7 +319,8 @@ def draw_like(shapes, seed: int = 0, shardings: dict | None = None):
     targets = jax.tree.leaves(shardings) if shardings is not None else [None] * len(leaves)
     for path, leaf, key, sharding in zip(paths, leaves, keys, targets):
         name = jax.tree_util.keystr(path[-1:], simple=True)
-        kind = "ones" if name == "scale" else "zeros" if name.endswith(("_b", "bias")) else "normal"
+        bias = name.endswith(("_b", "bias")) and name not in ("wk_b", "wv_b")  # (MLA's two are weights)
+        kind = "ones" if name == "scale" else "zeros" if bias else "normal"
         out.append(_draw(kind, leaf.shape, jnp.dtype(leaf.dtype), sharding)(key))
     return jax.tree.unflatten(jax.tree.structure(shapes), out)
 

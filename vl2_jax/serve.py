@@ -130,7 +130,8 @@ def run(args, log) -> int:
         image_limits=ImageLimits(max_pixels=args.max_image_pixels, allow_fetch=args.allow_fetch,
                                  local_dir=args.image_dir))
     sock = _listen(args.host, args.port)
-    cache_dir = executables.use_compile_cache(executables.cache_dir(args.compile_cache), log)
+    cache_dir = executables.use_compile_cache(executables.cache_dir(args.compile_cache), log,
+                                              jax_cache=args.mesh is not None)
     chunks = {} if args.prefill_chunk is None else {"prefill_chunks": (args.prefill_chunk,)}
     runtime = Runtime(moe=args.moe, attention=args.attention, kernels=args.kernels == "on", max_batch=args.max_batch,
                       max_seq_len=args.max_seq_len, prefix_cache=not args.no_prefix_cache, **chunks)
