@@ -12,9 +12,7 @@ and `wv_b` [H, U, R] (the reference's `kv_b_proj`, which maps the latent R to ea
 input axis last: their A [H*K, r] is the output side (zeros) and B [r, R] the input side, so that
 A @ B still reshapes to W. Stacked projections share one input factor: `gate_up_w` [D, W=2, F] has
 A [D, r] and B [r, 2F] (PEFT's separate gate and up adapters would be two rank-r adapters), and
-`wk_b`/`wv_b` have one each where PEFT's `kv_b_proj` has one for both. Without `wk_b`/`wv_b` the
-random test model cannot learn to tell its prompts apart (LoRA on every other projection plateaus).
-The LM head is a target too (PEFT can target it): with the final norm and the head frozen, a
+`wk_b`/`wv_b` have one each where PEFT's `kv_b_proj` has one for both. The LM head is a target too (PEFT can target it): with the final norm and the head frozen, a
 checkpoint whose head cannot reach a confident token (the random test model's) cannot learn at all.
 
 Why explicit, not qwix: qwix's LoRA wraps the einsums and dot_generals that a module calls at trace
