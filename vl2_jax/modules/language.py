@@ -61,11 +61,12 @@ class LanguageModel(nn.Module):
     cfg: LanguageConfig
     dtype: jnp.dtype = jnp.float32
     runtime: Runtime = Runtime.plain()
+    layer_class = DecoderLayer  # (training swaps in a rematerialised one: `training.remat`)
 
     def setup(self):
         c = self.cfg
         self.embed_table = self.param("embed", normal_init(), (c.vocab_size, c.hidden_size), self.dtype)
-        self.layers = [DecoderLayer(c, i, self.dtype, self.runtime)
+        self.layers = [self.layer_class(c, i, self.dtype, self.runtime)
                        for i in range(c.num_hidden_layers)]  # layers_{i}
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, self.dtype)
         self.lm_head = weight(self, "lm_head", normal_init(), (c.hidden_size, c.vocab_size), self.dtype)

@@ -25,6 +25,7 @@ class VL2(nn.Module):
     cfg: VL2Config
     dtype: jnp.dtype = jnp.float32
     runtime: Runtime = Runtime.plain()
+    language_class = LanguageModel  # (training swaps in a rematerialised one: `training.remat`)
 
     def setup(self):
         c = self.cfg
@@ -33,7 +34,7 @@ class VL2(nn.Module):
         d = c.language.hidden_size
         self.image_newline = self.param("image_newline", normal_init(), (d,), self.dtype)
         self.view_separator = self.param("view_separator", normal_init(), (d,), self.dtype)
-        self.language = LanguageModel(c.language, self.dtype, self.runtime)
+        self.language = self.language_class(c.language, self.dtype, self.runtime)
 
     def image_features(self, tiles_I3SS: jax.Array) -> jax.Array:
         """Normalised tiles [I, 3, S, S] -> projected tile tokens [I, h*w, D]."""
