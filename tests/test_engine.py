@@ -119,6 +119,34 @@ def test_batch_larger_than_the_slots_runs_in_waves_with_the_same_answers():
         assert got[: len(want)] == want
 
 
+def test_prompts_waiting_together_are_prefilled_in_one_call_with_their_own_answers():
+    """Four prompts of different lengths and images go through the model in one prefill call (padded to
+    the longest's chunk); the fifth, a multi-chunk prompt, starts there too and goes on alone. Each
+    row's greedy answer equals that of prompts prefilled one at a time (prefill_tokens=0) and the
+    official greedy tokens."""
+    variant = "mla"
+    names = ("text_only", "one_wide", "two_images", "history", "three_images_no_crop")
+    cases = [load_case(variant, n) for n in names]
+    runtime = dict(max_batch=8, max_seq_len=512, prefill_chunks=(32, 64, 128))
+    got = {}
+    for tokens in (0, 8192):
+        m = vl2_jax.load_pretrained(ckpt_dir(variant), runtime=Runtime(**runtime, prefill_tokens=tokens))
+        outs = [m.processor(c["conversation"], open_images(c)) for c in cases]
+        calls, call = [], m.engine._call
+        m.engine._call = lambda name, *a, **k: (calls.append(name), call(name, *a, **k))[1]
+        r = m.generate(m.processor.batchify(outs), max_new_tokens=max(len(c["arrays"]["greedy"]) for c in cases))
+        got[tokens] = r.token_ids, [n for n in calls if n.startswith(("prefill", "extend", "insert"))]
+    (one_by_one, single_calls), (together, calls) = got[0], got[8192]
+    lengths = [len(m.processor(c["conversation"], open_images(c)).input_ids) for c in cases]
+    assert max(lengths) > 128 and sorted(lengths)[-2] <= 128  # one prompt needs a later chunk
+    assert calls[0] == "prefill(8, 128)" and calls.count("insert(8, True)") == 1, calls
+    assert sum(n.startswith("prefill(1, ") for n in single_calls) == 5 and "insert(8, True)" not in single_calls
+    assert together == one_by_one
+    for row, case in zip(together, cases):
+        want = case["arrays"]["greedy"].tolist()
+        assert row[: len(want)] == want
+
+
 def test_prompt_longer_than_a_slot_names_both_lengths():
     m = vl2_jax.load_pretrained(ckpt_dir("mha"), runtime=Runtime(max_seq_len=64))
     case = load_case("mha", "one_photo")

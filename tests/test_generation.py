@@ -248,9 +248,10 @@ def test_decode_and_prefill_update_the_cache_in_place():
     decode = engine._decode.lower(lm, state, stop, 2, 256, True)
     assert decode.compile().memory_analysis().alias_size_in_bytes >= cache_bytes
     x = jnp.zeros((engine.capacity, m.cfg.language.hidden_size), m.dtype)
-    for keys, fresh in ((8, True), (256, False)):  # a prompt's first chunk, a later one
-        prefill = engine._prefill.lower(lm, state, x, np.int32(0), np.int32(8), np.int32(0), 8, keys, fresh)
-        assert prefill.compile().memory_analysis().alias_size_in_bytes >= cache_bytes
+    rows = np.zeros((2,), np.int32)
+    for program in (engine._prefill.lower(lm, state, (x, x), rows, rows, 8),  # two prompts' first chunks
+                    engine._extend.lower(lm, state, x, np.int32(0), np.int32(8), np.int32(0), 8, 256)):  # a later one
+        assert program.compile().memory_analysis().alias_size_in_bytes >= cache_bytes
 
 
 @pytest.mark.parametrize("penalty", [1.3, 0.7])

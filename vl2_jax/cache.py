@@ -2,9 +2,9 @@
 
 `KVCache.layers` holds, per layer, the key entries of every slot `[B, S, ...]` (see `modules/attention.py`:
 MHA caches rotated k and v, MLA only the normed latent and the rotated shared rope key). Its shape
-never changes: the engine's jitted programs take it donated and write new entries in place, a prompt
-chunk into one slot (`write_chunk`) or one token into each decoding slot at its own length
-(`write_rows`). Which entries are real is the engine's business (each slot's length); unwritten entries
+never changes: the engine's jitted programs take it donated and write new entries in place: several
+prompts' first chunks, each into its slot (`write_prompts`), a later chunk of a prompt into its slot
+(`write_chunk`), or one token into each decoding slot at its own length (`write_rows`). Which entries are real is the engine's business (each slot's length); unwritten entries
 are zeros, never garbage, and are always masked.
 """
 
@@ -47,8 +47,21 @@ class KVCache:
         return per_layer * cfg.num_hidden_layers * jnp.dtype(dtype).itemsize
 
     @property
+    def rows(self) -> int:
+        """B: the cache's rows (one per engine slot)."""
+        return next(iter(self.layers[0].values())).shape[0]
+
+    @property
     def slots(self) -> int:
+        """S: token positions per row."""
         return next(iter(self.layers[0].values())).shape[1]
+
+
+def write_prompts(entries: dict[str, jax.Array], new: dict[str, jax.Array], rows_N: jax.Array):
+    """New entries [N, T, ...] of N prompts' first T tokens written into the cache arrays [B, S, ...] at
+    positions 0..T-1 of rows `rows_N` [N]; a row past the cache's (B: a padding prompt) is dropped."""
+    at = jnp.arange(next(iter(new.values())).shape[1])[None, :]
+    return {k: c.at[rows_N[:, None], at].set(new[k].astype(c.dtype), mode="drop") for k, c in entries.items()}
 
 
 def write_chunk(entries: dict[str, jax.Array], new: dict[str, jax.Array], row: jax.Array, start: jax.Array):

@@ -66,6 +66,9 @@ class Runtime:
     prefill_chunks: the lengths a prompt is written into the cache in, each a compiled program: a prompt
       runs as one chunk, the smallest that holds it, or, longer than the largest, in chunks of the
       largest and then the smallest that covers the rest (less memory for activations).
+    prefill_tokens: the most tokens one prefill call holds: the first chunks of several waiting prompts
+      go through the model together (padded to the longest's chunk, in row counts that are powers of
+      two) while their rows times that chunk fit in it; 0: one prompt per call.
     prefix_cache: whether a prompt may continue from the cache entries a slot kept of an earlier one
       (the server's prefix cache): the engine then also compiles prefill chunks that start past a
       cached prefix (chunks of up to `CONTINUED_CHUNK_MAX` tokens).
@@ -79,6 +82,7 @@ class Runtime:
     max_batch: int = 8
     max_seq_len: int | None = None
     prefill_chunks: tuple[int, ...] = (128, 256, 512, 1024, 1536, 2048, 3072, 4096)
+    prefill_tokens: int = 8192
     prefix_cache: bool = False
 
     def __post_init__(self):
@@ -87,6 +91,9 @@ class Runtime:
             raise ConfigError(f"max_batch must be a whole number of at least 1 (got {self.max_batch!r}).")
         if self.max_seq_len is not None and not (whole(self.max_seq_len) and self.max_seq_len >= 2):
             raise ConfigError(f"max_seq_len must be a whole number of at least 2 (got {self.max_seq_len!r}).")
+        if not (isinstance(self.prefill_tokens, int) and not isinstance(self.prefill_tokens, bool)
+                and self.prefill_tokens >= 0):
+            raise ConfigError(f"prefill_tokens must be a whole number, 0 or more (got {self.prefill_tokens!r}).")
         chunks = tuple(self.prefill_chunks)
         if not chunks or not all(whole(c) for c in chunks):
             raise ConfigError(f"prefill_chunks must be whole numbers of at least 1 (got {self.prefill_chunks!r}).")

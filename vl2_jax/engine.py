@@ -11,10 +11,12 @@ so that after `warmup()` no request compiles or traces anything:
   and a newly encoded one is taken out to be kept (take);
 - embed: the prompt's token embeddings with the image features gathered from that table, into a buffer
   of `capacity` rows;
-- prefill: one chunk of a prompt (a length from `Runtime.prefill_chunks`) into a slot, attending to the
-  slot's first `keys` cache entries (a key-length bucket: `key_buckets`), or, for a prompt's first
-  chunk, causally among its own tokens;
-- insert: the first token sampled from the prefill's logits, the slot's state set;
+- prefill: the first chunks of N prompts (a length from `Runtime.prefill_chunks`, the longest's; N from
+  `rows_for` it), each into its slot, causally among its own tokens: the prompts waiting together go
+  through the model together;
+- extend: a later chunk of one prompt into its slot, attending to the slot's first `keys` cache entries
+  (a key-length bucket: `key_buckets`);
+- insert: the first token of N prompts sampled from their last chunk's logits, their slots' state set;
 - decode: `STEPS` steps for the first `n` slots (a live-slot bucket: `slot_buckets`) in one on-device
   loop of a fixed trip count, attention reading `keys` entries, with an all-greedy variant that skips the sort.
 
@@ -22,8 +24,8 @@ Sampling settings, lengths, limits and done flags are per-slot arrays of the sta
 changes a shape. The state is donated to every program and comes back updated.
 
 Dimension letters as in `vl2_jax.modules`: B slots (`max_batch`), L cache capacity (`capacity`: the
-slot's `max_seq_len` rounded up to a multiple of the largest prefill chunk), R feature-table rows,
-N live-slot bucket, C prefill chunk, S key-length bucket, I tile chunk, V vocabulary.
+slot's `max_seq_len` rounded up to a multiple of the smallest prefill chunk), R feature-table rows,
+N live-slot or prompt-row bucket, C prefill chunk, S key-length bucket, I tile chunk, V vocabulary.
 """
 
 from __future__ import annotations
@@ -144,7 +146,7 @@ class Request:
 @dataclasses.dataclass
 class Prefill:
     """A prompt on its way into a slot: its length, ids [L] and embeddings [L, D] on the device, the
-    chunk plan (`Engine.chunk_plan`), the next chunk to run and the last chunk's logits [V]."""
+    chunk plan (`Engine.chunk_plan`), the next chunk to run and the last `extend` chunk's logits [1, V]."""
 
     length: int
     ids: jax.Array
@@ -160,6 +162,11 @@ class Prefill:
     def next_chunk(self) -> int:
         """Tokens of the next chunk (its padded size)."""
         return self.plan[self.next][1]
+
+    @property
+    def at_first_chunk(self) -> bool:
+        """Whether the next chunk is the prompt's first (a fresh chunk: `Engine.prefill_first` runs it)."""
+        return not self.finished and self.plan[self.next][3]
 
 
 class Engine:
@@ -186,6 +193,8 @@ class Engine:
         ladder = sorted({b << i for b in (512, 768) for i in range(16) if b << i < self.capacity})
         self.decode_key_buckets = (*ladder, self.capacity)
         self.slot_buckets = powers_of_two(1, self.max_batch)
+        # prompts prefilled together, padded to a row count from these (those that fit: `rows_for`)
+        self.row_buckets = powers_of_two(1, self.max_batch)
         self.side = cfg.tokens_per_tile_side
         # the most tiles a slot's image tokens can use (each tile brings at least side * side tokens)
         self.max_tiles = max(1, self.max_seq_len // self.side**2)
@@ -366,35 +375,50 @@ class Engine:
 
     @functools.cached_property
     def _prefill(self):
-        """(language params, state (donated), x [L, D], slot, start, last, C, S, fresh) -> (state, logits [V])."""
+        """(language params, state (donated), xs: N embeddings [L, D], slots [N], lasts [N], C) -> (state,
+        logits [N, V]): the first C tokens of N prompts, each into its slot (slot B: a padding row)."""
 
-        def prefill(params, state: Slots, x_LD, slot, start, last, chunk, keys, fresh):
-            x = jax.lax.dynamic_slice_in_dim(x_LD, start, chunk, 0)[None]
-            logits, cache = self.language.apply(params, x, start, last, state.cache, slot, keys, fresh,
+        def prefill(params, state: Slots, xs, slot_N, last_N, chunk):
+            x_NCD = jnp.stack([x_LD[:chunk] for x_LD in xs])
+            logits, cache = self.language.apply(params, x_NCD, last_N, state.cache, slot_N,
                                                 method=LanguageModel.prefill)
             return state.replace(cache=cache), logits
 
-        return self._jit(prefill, "first", donate_argnums=(1,), static_argnums=(6, 7, 8))
+        return self._jit(prefill, "first", donate_argnums=(1,), static_argnums=(5,))
+
+    @functools.cached_property
+    def _extend(self):
+        """(language params, state (donated), x [L, D], slot, start, last, C, S) -> (state, logits [1, V])."""
+
+        def extend(params, state: Slots, x_LD, slot, start, last, chunk, keys):
+            x = jax.lax.dynamic_slice_in_dim(x_LD, start, chunk, 0)[None]
+            logits, cache = self.language.apply(params, x, start, last, state.cache, slot, keys,
+                                                method=LanguageModel.extend)
+            return state.replace(cache=cache), logits
+
+        return self._jit(extend, "first", donate_argnums=(1,), static_argnums=(6, 7))
 
     @functools.cached_property
     def _insert(self):
-        """(state (donated), logits [V], ids [L], length, slot, max_new, eos, settings, greedy) -> (state,
-        first [2] int32: the first token sampled, 1 if the slot is already done): the slot live."""
+        """(state (donated), logits [N, V], ids: N [L], lengths [N], slots [N], max_new [N], eos [N],
+        settings [N], greedy) -> (state, first [N, 2] int32: each row's first token sampled, then 1 if its
+        slot is already done): the rows' slots live (slot B: a padding row, written nowhere)."""
 
-        def insert(state: Slots, logits_V, ids_L, length, slot, max_new, eos, settings: RowSampling, greedy):
-            v = logits_V.shape[-1]
-            seen = jnp.zeros((v,), bool).at[ids_L].max(jnp.arange(ids_L.shape[0]) < length)
-            one = jax.tree.map(lambda a: jnp.asarray(a)[None], settings)
-            first = sample_rows(logits_V[None], seen[None], one, jnp.zeros((1,), jnp.int32), greedy)[0]
-            remaining = jnp.minimum(max_new, self.max_seq_len - length) - 1
-            sampling = jax.tree.map(lambda rows, new: rows.at[slot].set(new), state.sampling, settings)
-            done = (first == eos) | (remaining <= 0)
+        def insert(state: Slots, logits_NV, ids, length_N, slot_N, max_new_N, eos_N, settings: RowSampling, greedy):
+            n, v = logits_NV.shape
+            ids_NL = jnp.stack(ids)
+            prompt_NL = jnp.arange(ids_NL.shape[1])[None, :] < length_N[:, None]
+            seen_NV = jnp.zeros((n, v), bool).at[jnp.arange(n)[:, None], ids_NL].max(prompt_NL)
+            first = sample_rows(logits_NV, seen_NV, settings, jnp.zeros((n,), jnp.int32), greedy)
+            remaining = jnp.minimum(max_new_N, self.max_seq_len - length_N) - 1
+            done = (first == eos_N) | (remaining <= 0)
+            put = lambda per_slot, rows: per_slot.at[slot_N].set(rows, mode="drop")
             state = state.replace(
-                lengths=state.lengths.at[slot].set(length), token=state.token.at[slot].set(first),
-                done=state.done.at[slot].set(done), remaining=state.remaining.at[slot].set(remaining),
-                generated=state.generated.at[slot].set(1), seen=state.seen.at[slot].set(seen.at[first].set(True)),
-                eos=state.eos.at[slot].set(eos), sampling=sampling)
-            return state, jnp.stack([first, done.astype(jnp.int32)])
+                lengths=put(state.lengths, length_N), token=put(state.token, first), done=put(state.done, done),
+                remaining=put(state.remaining, remaining), generated=put(state.generated, jnp.ones((n,), jnp.int32)),
+                seen=put(state.seen, seen_NV.at[jnp.arange(n), first].set(True)), eos=put(state.eos, eos_N),
+                sampling=jax.tree.map(put, state.sampling, settings))
+            return state, jnp.stack([first, done.astype(jnp.int32)], axis=1)
 
         return self._jit(insert, "first", donate_argnums=(0,), static_argnums=(8,))
 
@@ -547,29 +571,80 @@ class Engine:
         later = later[later >= 0] // self.side**2
         return int(later.min()) if len(later) else (0 if request.tiles is None else len(request.tiles))
 
+    def rows_for(self, chunk: int) -> tuple[int, ...]:
+        """The row counts of prefill calls whose longest first chunk is `chunk` tokens: one, and those
+        that fit `Runtime.prefill_tokens` (rows x chunk)."""
+        return tuple(n for n in self.row_buckets if n == 1 or n * chunk <= self.runtime.prefill_tokens)
+
+    def fit_together(self, prefills: list[Prefill], budget: int | None = None) -> int:
+        """How many of `prefills`, from the first, one `prefill_first` call takes: those at their first
+        chunk, while a row count of `rows_for` the longest chunk holds them (and, with `budget`, while
+        that row count times that chunk is at most `budget` tokens; 0 if the first does not fit)."""
+        taken, chunk = 0, 0
+        for prefill in prefills:
+            if not prefill.at_first_chunk:
+                break
+            longest = max(chunk, prefill.next_chunk())
+            rows = [n for n in self.rows_for(longest) if n > taken]
+            if not rows or (budget is not None and rows[0] * longest > budget):
+                break
+            taken, chunk = taken + 1, longest
+        return taken
+
+    def prefill_first(self, params, state: Slots, entries: list[tuple[int, Prefill]]) -> tuple[Slots, jax.Array]:
+        """The first chunk of each (slot, prompt) in `entries` into its slot, in one call padded to the
+        longest's chunk and to a row count of `rows_for` it (`fit_together` says how many fit) -> (state,
+        logits [N, V] on the device: row i for entries[i]'s last token in the chunk, rows past the
+        entries padding). Dispatched, not awaited."""
+        if not all(p.at_first_chunk for _, p in entries):
+            raise ValueError("prefill_first runs prompts at their first chunk; later ones go through prefill_chunk")
+        chunk = max(p.next_chunk() for _, p in entries)
+        n = smallest_at_least(len(entries), self.rows_for(chunk))
+        pad = n - len(entries)
+        xs = tuple(p.x for _, p in entries) + (entries[0][1].x,) * pad
+        slots = np.array([slot for slot, _ in entries] + [self.max_batch] * pad, np.int32)
+        lasts = np.array([min(p.length, chunk) - 1 for _, p in entries] + [0] * pad, np.int32)
+        with self._context():
+            state, logits = self._call(f"prefill{(n, chunk)}", self._prefill,
+                                       (self.language_params(params), state, xs, slots, lasts), (chunk,))
+        for _, p in entries:
+            p.next += 1
+        return state, logits
+
     def prefill_chunk(self, params, state: Slots, slot: int, prefill: Prefill) -> Slots:
-        """Writes the next chunk of `prefill`'s prompt into `slot` (dispatched, not awaited)."""
+        """Writes the next chunk of `prefill`'s prompt into `slot`, one past its first (`prefill_first`
+        writes those) or past a cached prefix; its logits [1, V] go to `prefill.logits` (dispatched, not
+        awaited)."""
         start, chunk, keys, fresh = prefill.plan[prefill.next]
+        if fresh:
+            raise ValueError("a prompt's first chunk goes through prefill_first")
         last = np.int32(min(prefill.length - 1 - start, chunk - 1))
         with self._context():
             state, prefill.logits = self._call(
-                f"prefill{(chunk, keys, fresh)}", self._prefill,
-                (self.language_params(params), state, prefill.x, np.int32(slot), np.int32(start), last),
-                (chunk, keys, fresh))
+                f"extend{(chunk, keys)}", self._extend,
+                (self.language_params(params), state, prefill.x, np.int32(slot), np.int32(start), last), (chunk, keys))
         prefill.next += 1
         return state
 
-    def insert(self, state: Slots, slot: int, prefill: Prefill, max_new: int, settings: RowSampling,
-               eos: int) -> tuple[Slots, jax.Array]:
-        """After the last chunk: samples the first token into `slot` and makes it live -> (state, first [2]
-        int32 on the device: the token, 1 if the answer already ended)."""
-        if not prefill.finished:
-            raise ValueError(f"insert needs every chunk prefilled ({prefill.next} of {len(prefill.plan)} done)")
-        greedy = bool(settings.temperature == 0)
+    def insert(self, state: Slots, logits: jax.Array, rows: list[tuple[int, Prefill, int, RowSampling, int] | None]
+               ) -> tuple[Slots, jax.Array]:
+        """Samples the first token of each prompt in `rows` ((slot, prefill, max_new, settings, eos), the
+        prefill finished; None: a row of `logits` [N, V] with nothing to insert) from its row of `logits`
+        and makes its slot live -> (state, first [N, 2] int32 on the device: row i's token, then 1 if
+        its answer already ended). Rows past `rows` pad."""
+        n = logits.shape[0]
+        real = [row for row in rows if row is not None]
+        if not real or any(not prefill.finished for _, prefill, *_ in real):
+            raise ValueError("insert needs at least one prompt, each with every chunk prefilled")
+        blank = (self.max_batch, real[0][1], 1, RowSampling.make(), -1)
+        rows = [row or blank for row in rows] + [blank] * (n - len(rows))
+        settings = jax.tree.map(lambda *v: np.stack(v), *(row[3] for row in rows))
+        greedy = all(bool(row[3].temperature == 0) for row in real)
+        as_int32 = lambda i: np.array([row[i] for row in rows], np.int32)
         with self._context():
-            return self._call(f"insert{(greedy,)}", self._insert, (
-                state, prefill.logits, prefill.ids, np.int32(prefill.length), np.int32(slot), np.int32(max_new),
-                np.int32(eos), settings), (greedy,))
+            return self._call(f"insert{(n, greedy)}", self._insert, (
+                state, logits, tuple(p.ids for _, p, *_ in rows), np.array([p.length for _, p, *_ in rows], np.int32),
+                as_int32(0), as_int32(2), as_int32(4), settings), (greedy,))
 
     def decode(self, params, state: Slots, live: int, longest: int, greedy: bool, stop: np.ndarray | None = None):
         """Up to STEPS tokens for slots 0..live-1 -> (state, out [N, STEPS + 1] on the device, N the bucket
@@ -586,14 +661,15 @@ class Engine:
     def programs(self) -> list[tuple[str, tuple]]:
         """Every program variant the engine can run, as (kind, static arguments)."""
         out = [("table", ()), *(("encode", (c,)) for c in TILE_CHUNKS), ("take", ()), ("put", ()), ("embed", ())]
-        # every (chunk, keys, fresh) that some prompt length's plan runs (and, with the prefix cache, from
-        # every start past a prefix)
+        # first chunks, N prompts together; then every later (chunk, keys) that some prompt length's plan
+        # runs (and, with the prefix cache, from every start past a prefix)
+        out += [("prefill", (n, c)) for c in self.chunks for n in self.rows_for(c)]
         c0 = self.chunks[0]
         starts = range(0, self.max_seq_len - 1, c0) if self.runtime.prefix_cache else (0,)
-        plans = {step[1:] for start in starts for length in range(start + 1, self.max_seq_len)
-                 for step in self.chunk_plan(length, start)}
-        out += [("prefill", plan) for plan in sorted(plans, key=lambda p: (not p[2], p))]
-        out += [("insert", (g,)) for g in (True, False)] + [("release", ())]
+        later = {step[1:3] for start in starts for length in range(start + 1, self.max_seq_len)
+                 for step in self.chunk_plan(length, start) if not step[3]}
+        out += [("extend", plan) for plan in sorted(later)]
+        out += [("insert", (n, g)) for n in self.rows_for(c0) for g in (True, False)] + [("release", ())]
         out += [("copy", ())] if self.runtime.prefix_cache else []
         out += [("decode", (n, k, g)) for n in self.slot_buckets for k in self.decode_key_buckets for g in (True, False)]
         return out
@@ -616,16 +692,22 @@ class Engine:
         if kind == "embed":
             return self._embed, (self.embed_params(params), ids, src, mask, made["table"]), ()
         if kind == "prefill":
-            chunk, keys, fresh = static
-            start = 0 if fresh else keys - chunk
-            return self._prefill, (lm, state, made["x"], np.int32(0), np.int32(start), np.int32(0)), static
+            n, chunk = static
+            zeros = np.zeros((n,), np.int32)
+            return self._prefill, (lm, state, (made["x"],) * n, zeros, zeros), (chunk,)
+        if kind == "extend":
+            chunk, keys = static
+            return self._extend, (lm, state, made["x"], np.int32(0), np.int32(keys - chunk), np.int32(0)), static
         if kind == "release":
             return self._release, (state, np.zeros((self.max_batch,), bool)), ()
         if kind == "copy":
             return self._copy_slot, (state, np.int32(0), np.int32(0)), ()
         if kind == "insert":
-            return self._insert, (state, made["logits"], ids, np.int32(1), np.int32(0), np.int32(2),
-                                  np.int32(lc.eos_token_id), RowSampling.make()), static
+            n, greedy = static
+            settings = jax.tree.map(lambda v: np.stack([v] * n), RowSampling.make())
+            rows = lambda value: np.full((n,), value, np.int32)
+            return self._insert, (state, made[("logits", n)], (ids,) * n, rows(1), rows(0), rows(2),
+                                  rows(lc.eos_token_id), settings), (greedy,)
         return self._decode, (lm, state, np.zeros((self.max_batch,), bool)), static
 
     def warmup(self, params, progress: Callable[[int, int, str], None] | None = None,
@@ -649,8 +731,9 @@ class Engine:
             # placement would be a different program for the calls below)
             zeros = lambda shape, dtype: self._jit(lambda: jnp.zeros(shape, dtype), "array")()
             stand_ins = {"table": zeros((self.table_rows, d), self.dtype), "x": zeros((length, d), self.dtype),
-                         "logits": zeros((self.cfg.language.vocab_size,), jnp.float32),
-                         "tile": zeros((self.side**2, d), self.dtype)}
+                         "tile": zeros((self.side**2, d), self.dtype),
+                         **{("logits", n): zeros((n, self.cfg.language.vocab_size), jnp.float32)
+                            for n in self.rows_for(self.chunks[0])}}
             calls = [self._warmup_call(kind, static, params, state, host, stand_ins) for kind, static in programs]
         lock, done = threading.Lock(), [0]
 
@@ -681,8 +764,8 @@ class Engine:
                     made["tile"] = out
                 elif kind == "embed":
                     made["x"] = out
-                elif kind == "prefill":
-                    state, made["logits"] = out
+                elif kind in ("prefill", "extend"):
+                    state, made[("logits", static[0] if kind == "prefill" else 1)] = out
                 elif kind in ("release", "copy"):
                     state = out
                 else:

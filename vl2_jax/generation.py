@@ -152,7 +152,8 @@ class Batcher:
     Each `step()` admits waiting jobs into free slots (tile encoding and embedding dispatched at once),
     runs prefill chunks of the admitted prompts up to `prefill_budget` tokens (None: all of them;
     otherwise at least one chunk, so a long prompt's prefill is spread over several steps while the
-    running answers go on decoding), inserts the first token of each finished prefill, dispatches one
+    running answers go on decoding; the first chunks of prompts admitted together run in one call),
+    inserts the first tokens of the finished prefills, dispatches one
     decode call over the live slots, and then reads the previous call's tokens while that one runs on
     the device (a step that inserted first tokens reads them before dispatching, for the time to first
     token). A job's tokens become text (`RowText`: UTF-8 safe, stop strings cut exactly) and go to its
@@ -251,7 +252,7 @@ class Batcher:
             self.stop_mask[:] = False
             for slot in live:
                 self.bound[slot] += STEPS
-            self.unread.append(("decode", out, dict(live)))
+            self.unread.append(("decode", out, dict(live), None))
             dispatched = True
         elif self.stop_mask.any() and not self.prefilling:
             self.state = engine.release(self.state, self.stop_mask.copy())
@@ -276,32 +277,56 @@ class Batcher:
         return slot, start
 
     def _prefill(self) -> None:
+        """Prefills the admitted prompts in order up to the budget: the first chunks of the prompts
+        waiting together in one call (`Engine.fit_together`), a long prompt's later chunks one at a time;
+        the prompts whose chunks are all written get their first tokens (those of one call together)."""
         used, budget = 0, self.prefill_budget
         while self.prefilling:
             slot, job, prefill = self.prefilling[0]
-            while not prefill.finished:
+            if prefill.at_first_chunk:
+                waiting = [p for _, _, p in self.prefilling]
+                k = self.engine.fit_together(waiting, None if budget is None else budget - used) or (0 if used else 1)
+                if not k:
+                    return
+                group = self.prefilling[:k]
+                chunk = max(p.next_chunk() for _, _, p in group)
+                self.state, logits = self.engine.prefill_first(self.params, self.state, [(s, p) for s, _, p in group])
+                used += logits.shape[0] * chunk
+            else:
                 if budget is not None and used and used + prefill.next_chunk() > budget:
                     return
                 used += prefill.next_chunk()
                 self.state = self.engine.prefill_chunk(self.params, self.state, slot, prefill)
-            self.state, first = self.engine.insert(self.state, slot, prefill, job.max_new_tokens, job.sampling, job.eos)
+                group, logits = [self.prefilling[0]], prefill.logits
+            self._insert([entry if entry[2].finished else None for entry in group], logits)
+
+    def _insert(self, group: list[tuple[int, Job, Prefill] | None], logits) -> None:
+        """The first tokens of the finished prompts in `group` (None: a row of `logits` [N, V] to skip):
+        their slots go live and the tokens are read before the next decode call."""
+        entries = {i: entry for i, entry in enumerate(group) if entry is not None}
+        if not entries:
+            return
+        self.state, first = self.engine.insert(self.state, logits, [
+            None if e is None else (e[0], e[2], e[1].max_new_tokens, e[1].sampling, e[1].eos) for e in group])
+        for slot, job, prefill in entries.values():
             self.stop_mask[slot] = False  # (the slot's previous answer, if a stop string ended it)
-            self.prefilling.pop(0)
             self.live[slot] = job
             self.bound[slot] = prefill.length + 1
-            self.unread.append(("first", first, {slot: job}))
+        self.prefilling = [entry for entry in self.prefilling if not entry[2].finished]
+        self.unread.append(("first", first, {e[0]: e[1] for e in entries.values()},
+                            {e[0]: i for i, e in entries.items()}))
 
     def _read(self, keep: int) -> None:
         """Reads device outputs in order until `keep` are left, handing each job its new tokens."""
         while len(self.unread) > keep:
-            kind, out, jobs = self.unread.popleft()
+            kind, out, jobs, rows = self.unread.popleft()
             out = np.asarray(out)
             now = time.perf_counter()
             for slot, job in jobs.items():
                 if job.finished:  # (cancelled, or ended by an earlier read: these tokens are past its end)
                     continue
                 if kind == "first":
-                    new, done = [int(out[0])], bool(out[1])
+                    new, done = [int(out[rows[slot], 0])], bool(out[rows[slot], 1])
                     job.first_token_at = now
                 else:
                     new, done = [int(t) for t in out[slot, :STEPS] if t != NO_TOKEN], bool(out[slot, STEPS])

@@ -22,7 +22,7 @@ import time
 
 import uvicorn
 
-from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, QUANTS
+from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, QUANTS, Runtime
 from vl2_jax.errors import command_parser, number
 
 DEFAULT_PORT = 30000  # SGLang's
@@ -43,6 +43,10 @@ def parser() -> argparse.ArgumentParser:
                    help="requests waiting for a slot before new ones get 429 (default 256)")
     p.add_argument("--prefill-chunk", type=number(int, 1), default=None,
                    help="write prompts into the cache this many tokens at a time (default: the runtime's chunks)")
+    p.add_argument("--prefill-tokens", type=number(int, 0), default=Runtime.prefill_tokens, metavar="N",
+                   help="prompt tokens prefilled between two decode steps, the first chunks of prompts that wait "
+                        f"together going through the model in one call (default {Runtime.prefill_tokens}; 0: one "
+                        "prompt per call, at most one chunk between decode steps)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="default: bfloat16 on GPU/TPU, float32 on CPU")
     p.add_argument("--mesh", default=None, metavar="SPEC",
@@ -114,7 +118,6 @@ def _warmup_progress(log):
 
 def run(args, log) -> int:
     from vl2_jax import executables, load
-    from vl2_jax.config import Runtime
     from vl2_jax.errors import InputError
     from vl2_jax.images import ImageLimits
     from vl2_jax.serving.api import ServerSettings, create_app
@@ -134,7 +137,8 @@ def run(args, log) -> int:
                                               jax_cache=args.mesh is not None)
     chunks = {} if args.prefill_chunk is None else {"prefill_chunks": (args.prefill_chunk,)}
     runtime = Runtime(moe=args.moe, attention=args.attention, kernels=args.kernels == "on", max_batch=args.max_batch,
-                      max_seq_len=args.max_seq_len, prefix_cache=not args.no_prefix_cache, **chunks)
+                      max_seq_len=args.max_seq_len, prefill_tokens=args.prefill_tokens,
+                      prefix_cache=not args.no_prefix_cache, **chunks)
     model = load.load_model(args.model, args.dtype, runtime=runtime, mesh=args.mesh, progress=log, quant=args.quant)
     store = executables.keep(model, cache_dir, log)
     if not args.no_warmup:

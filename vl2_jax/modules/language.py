@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from vl2_jax.cache import KVCache, write_chunk, write_rows
+from vl2_jax.cache import KVCache, write_chunk, write_prompts, write_rows
 from vl2_jax.config import LanguageConfig, Runtime
 from vl2_jax.modules.attention import MHAttention, MLAttention
 from vl2_jax.modules.layers import RMSNorm, normal_init, qeinsum, weight
@@ -101,34 +101,52 @@ class LanguageModel(nn.Module):
             x_BTD = layer(x_BTD, positions_BT, kv, mask_BTS, valid_BT)
         return jnp.stack(counts).astype(jnp.int32) if counts else jnp.zeros((0, 0), jnp.int32)
 
-    def prefill(self, x_1TD: jax.Array, start: jax.Array, last: jax.Array, cache: KVCache, slot: jax.Array,
-                keys: int, fresh: bool) -> tuple[jax.Array, KVCache]:
-        """T tokens of one slot's prompt at positions start..start+T-1 -> (float32 logits [V] of the token
-        at index `last` of the chunk, the cache with their entries written into row `slot`).
+    def prefill(self, x_NTD: jax.Array, last_N: jax.Array, cache: KVCache, slots_N: jax.Array
+                ) -> tuple[jax.Array, KVCache]:
+        """The first T tokens (positions 0..T-1) of N prompts, each into its cache row `slots_N` [N] ->
+        (float32 logits [N, V] of each prompt's token at index `last_N` [N], the cache with their entries
+        written).
 
-        `fresh` (static) says the chunk is the prompt's first (start 0): its tokens attend causally among
-        themselves (fused attention runs causal with no mask tensor). Otherwise they attend to the
-        first `keys` (static) entries of the slot, the chunk's own included: key s is visible to query t
-        where s <= start + t. Tokens past the prompt's end (padding the chunk) come after every real
-        token, so causality alone keeps them out of the real tokens' attention; their entries, written
-        past the prompt, are overwritten by decoding and never read before; they are routed to no expert.
+        Each prompt's tokens attend causally among themselves (fused attention runs causal with no mask
+        tensor). Tokens past a prompt's last (padding its chunk) come after its real ones, so causality
+        alone keeps them out of the real tokens' attention; their entries, written past the prompt, are
+        overwritten by later chunks or decoding and never read before; they are routed to no expert. A
+        row whose slot is past the cache's rows (B) is a padding prompt: written nowhere, routed nowhere.
+        """
+        n, t = x_NTD.shape[:2]
+        positions_NT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
+        routed_NT = (jnp.arange(t)[None, :] <= last_N[:, None]) & (slots_N < cache.rows)[:, None]
+        mask_NTT, key_valid_NT = causal_mask(jnp.ones((n, t), bool)), jnp.ones((n, t), bool)
+        layers = []
+        for layer, entries in zip(self.layers, cache.layers):
+            new = layer.new_kv(x_NTD, positions_NT)
+            layers.append(write_prompts(entries, new, slots_N))
+            x_NTD = layer(x_NTD, positions_NT, new, mask_NTT, key_valid_NT, routed_NT)
+        last_N1D = jnp.take_along_axis(x_NTD, last_N[:, None, None], axis=1)
+        return self.head(last_N1D)[:, 0], cache.replace(layers=tuple(layers))
+
+    def extend(self, x_1TD: jax.Array, start: jax.Array, last: jax.Array, cache: KVCache, slot: jax.Array,
+               keys: int) -> tuple[jax.Array, KVCache]:
+        """A later chunk of one slot's prompt: T tokens at positions start..start+T-1 (start > 0: the slot
+        already holds the ones before) -> (float32 logits [1, V] of the token at index `last` of the
+        chunk, the cache with their entries written into row `slot`).
+
+        The chunk's tokens attend to the first `keys` (static) entries of the slot, their own included:
+        key s is visible to query t where s <= start + t. Padding past the prompt's last token as in
+        `prefill`.
         """
         t = x_1TD.shape[1]
         positions_1T = (start + jnp.arange(t, dtype=jnp.int32))[None]
         routed = (jnp.arange(t) <= last)[None]  # tokens past the prompt's last take no expert's time
-        if fresh:
-            mask_1TS, key_valid = causal_mask(jnp.ones((1, t), bool)), jnp.ones((1, t), bool)
-        else:
-            mask_1TS, key_valid = (jnp.arange(keys)[None, :] <= positions_1T[0][:, None])[None], None
+        mask_1TS = (jnp.arange(keys)[None, :] <= positions_1T[0][:, None])[None]
         layers = []
         for layer, entries in zip(self.layers, cache.layers):
-            new = layer.new_kv(x_1TD, positions_1T)
-            entries = write_chunk(entries, new, slot, start)
-            kv = new if fresh else {k: jax.lax.dynamic_slice_in_dim(v, slot, 1, 0)[:, :keys] for k, v in entries.items()}
-            x_1TD = layer(x_1TD, positions_1T, kv, mask_1TS, key_valid, routed)
+            entries = write_chunk(entries, layer.new_kv(x_1TD, positions_1T), slot, start)
+            kv = {k: jax.lax.dynamic_slice_in_dim(v, slot, 1, 0)[:, :keys] for k, v in entries.items()}
+            x_1TD = layer(x_1TD, positions_1T, kv, mask_1TS, None, routed)
             layers.append(entries)
         last_1D = jax.lax.dynamic_slice_in_dim(x_1TD, last, 1, 1)
-        return self.head(last_1D)[0, 0], cache.replace(layers=tuple(layers))
+        return self.head(last_1D)[:, 0], cache.replace(layers=tuple(layers))
 
     def decode(self, x_N1D: jax.Array, lengths_N: jax.Array, cache: KVCache, keys: int,
                live_N: jax.Array | None = None) -> tuple[jax.Array, KVCache]:

@@ -94,14 +94,14 @@ class Scheduler:
 
     `metrics`, if given, receives: observe_ttft(seconds from submit to first token), observe_itl(seconds
     per token between a job's updates), add_tokens(n), set_queue(n), set_running(n) and
-    cache_lookup(hit_tokens, prompt_tokens). `prefill_budget`: prompt tokens prefilled between two
-    decode calls (at least one chunk).
+    cache_lookup(hit_tokens, prompt_tokens). `prefill_budget`: prompt tokens (chunks as padded)
+    prefilled between two decode calls, at least one chunk (default: the runtime's `prefill_tokens`).
     """
 
-    def __init__(self, model, max_queue: int = 256, metrics=None, prefill_budget: int | None = 1024,
+    def __init__(self, model, max_queue: int = 256, metrics=None, prefill_budget: int | None = None,
                  feature_cache_bytes: int = 1 << 30):
         self.model, self.max_queue, self.metrics = model, max_queue, metrics
-        self.prefill_budget = prefill_budget
+        self.prefill_budget = model.engine.runtime.prefill_tokens if prefill_budget is None else prefill_budget
         self.feature_cache_bytes = feature_cache_bytes
         self._cv = threading.Condition()
         self._inbox: list[tuple[Job, Handle]] = []
