@@ -119,6 +119,12 @@ def test_batch_larger_than_the_slots_runs_in_waves_with_the_same_answers():
         assert got[: len(want)] == want
 
 
+def recorded(call, names: list, name: str, *args, **kwargs):
+    """`Engine._call` that also notes each program's name in `names`."""
+    names.append(name)
+    return call(name, *args, **kwargs)
+
+
 def test_prompts_waiting_together_are_prefilled_in_one_call_with_their_own_answers():
     """Four prompts of different lengths and images go through the model in one prefill call (padded to
     the longest's chunk); the fifth, a multi-chunk prompt, starts there too and goes on alone. Each
@@ -132,8 +138,8 @@ def test_prompts_waiting_together_are_prefilled_in_one_call_with_their_own_answe
     for tokens in (0, 8192):
         m = vl2_jax.load_pretrained(ckpt_dir(variant), runtime=Runtime(**runtime, prefill_tokens=tokens))
         outs = [m.processor(c["conversation"], open_images(c)) for c in cases]
-        calls, call = [], m.engine._call
-        m.engine._call = lambda name, *a, **k: (calls.append(name), call(name, *a, **k))[1]
+        calls = []
+        m.engine._call = functools.partial(recorded, m.engine._call, calls)
         r = m.generate(m.processor.batchify(outs), max_new_tokens=max(len(c["arrays"]["greedy"]) for c in cases))
         got[tokens] = r.token_ids, [n for n in calls if n.startswith(("prefill", "extend", "insert"))]
     (one_by_one, single_calls), (together, calls) = got[0], got[8192]
