@@ -35,7 +35,9 @@ def one_run(spec: str, quant: str, max_seq_len: int, logits_dir: Path) -> dict:
     from PIL import Image
 
     from vl2_jax import load
+    from vl2_jax.bench import active_kernels
     from vl2_jax.config import Runtime
+    from vl2_jax.quant import QTYPES
 
     dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     t0 = time.perf_counter()
@@ -59,7 +61,8 @@ def one_run(spec: str, quant: str, max_seq_len: int, logits_dir: Path) -> dict:
            "language_param_gb": round(sum(x.nbytes for x in jax.tree.leaves(lm)) / 1e9, 3),
            "peak_gb": round((jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 1e9, 2),
            "decode_bytes_accessed_gb": round(cost.get("bytes accessed", -1) / 1e9, 3),
-           "same_tokens_each_run": runs[0].token_ids == last.token_ids}
+           "same_tokens_each_run": runs[0].token_ids == last.token_ids,
+           "kernels": active_kernels(m.cfg.language, m.dtype, Runtime(), QTYPES.get(quant))}
     logits = np.asarray(m.logits(batch)[0], np.float32)
     np.save(logits_dir / f"{quant}.npy", logits)
     reference = logits_dir / "none.npy"

@@ -46,6 +46,23 @@ def test_every_line_names_the_kernels_in_use(monkeypatch):
     assert active_kernels(lc, jnp.bfloat16, Runtime()) == ["prefill: grouped matmul (Mosaic)", "decode: gathered matvec",
                                                            "decode batches: expert matmul"]
     assert active_kernels(lc, jnp.bfloat16, Runtime(kernels=False)) == []
+    # quantized experts: the decode kernels' own self-check on int8 values decides (here: it fails)
+    monkeypatch.setattr(kernels, "gathered_matvec_usable", lambda *a, weight_dtype=None: weight_dtype is None)
+    monkeypatch.setattr(kernels, "expert_matmul_usable", lambda *a, weight_dtype=None, **kw: weight_dtype is None)
+    assert active_kernels(lc, jnp.bfloat16, Runtime(), jnp.int8) == ["prefill: grouped matmul (Mosaic)"]
+
+
+def test_the_byte_floor_counts_quantized_weights_as_stored():
+    """A batch-1 step's bytes: int8 values (1 byte) and their float32 scales, the chosen experts only."""
+    import vl2_jax
+    from vl2_jax.bench import activated_bytes
+
+    plain = vl2_jax.load_model("random:test", "float32")
+    int8 = vl2_jax.load_model("random:test", "float32", quant="int8")
+    # every quantized weight's read shrinks from 4 bytes to 1 plus its scales: below half the float bytes
+    assert 0.5 * activated_bytes(plain, 0) > activated_bytes(int8, 0) > 0
+    # the KV cache stays in the model dtype
+    assert activated_bytes(int8, 10) - activated_bytes(int8, 0) == activated_bytes(plain, 10) - activated_bytes(plain, 0)
 
 
 def test_missing_model_is_one_error_line(capsys):

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from vl2_jax import kernels, load
+from vl2_jax import kernels, load, quant
 from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, QUANTS, Runtime
 from vl2_jax.engine import CompileWatch
 from vl2_jax.errors import command_parser, guarded, number
@@ -40,31 +40,35 @@ SENTENCE = "Describe this image in detail."
 
 
 def activated_bytes(model, context: int) -> int:
-    """Bytes a batch-1 decode step must read: activated weights of the language model + its KV cache."""
-    lc, itemsize = model.cfg.language, model.dtype.itemsize
+    """Bytes a batch-1 decode step must read: activated weights of the language model (as stored: a
+    quantized weight's 1-byte values and float32 scales) + its KV cache (in the model dtype)."""
+    lc = model.cfg.language
     total = 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(model.params["params"]["language"])[0]:
         keys = jax.tree_util.keystr(path, simple=True, separator="/").split("/")
+        keys = keys[:-1] if keys[-1] in (quant.VALUES, quant.SCALES) else keys
         n = int(np.prod(leaf.shape))
         if keys[0] == "embed":
             n = lc.hidden_size  # one row
         elif keys[1:] in (["mlp", "gate_up_w"], ["mlp", "down_w"]) and lc.is_moe_layer(int(keys[0].split("_")[1])):
             n = n // lc.n_routed_experts * lc.num_experts_per_tok  # routed experts: only the chosen ones
-        total += n * itemsize
+        total += n * leaf.dtype.itemsize
     per_token = (lc.kv_lora_rank + lc.qk_rope_head_dim) if lc.use_mla else 2 * lc.num_key_value_heads * lc.head_dim
-    return total + per_token * lc.num_hidden_layers * context * itemsize
+    return total + per_token * lc.num_hidden_layers * context * model.dtype.itemsize
 
 
-def active_kernels(lc, dtype, runtime: Runtime) -> list[str]:
+def active_kernels(lc, dtype, runtime: Runtime, weight_dtype=None) -> list[str]:
     """The accelerator kernels (`vl2_jax.kernels`) this run's model uses here, by where they run; every
-    JSON line carries them, so a number says which code produced it."""
+    JSON line carries them, so a number says which code produced it. `weight_dtype`: the experts'
+    quantized values (int8, fp8), whose decode kernels pass a self-check of their own."""
     if not runtime.kernels:
         return []
     d, f = lc.hidden_size, lc.moe_intermediate_size
+    q = {} if weight_dtype is None else {"weight_dtype": weight_dtype}
     on = {
         "prefill: grouped matmul (Mosaic)": mlp_kernel_fits(kernels.mosaic_ragged_usable, dtype, d, f),
-        "decode: gathered matvec": mlp_kernel_fits(kernels.gathered_matvec_usable, dtype, d, f),
-        "decode batches: expert matmul": mlp_kernel_fits(kernels.expert_matmul_usable, dtype, d, f),
+        "decode: gathered matvec": mlp_kernel_fits(kernels.gathered_matvec_usable, dtype, d, f, **q),
+        "decode batches: expert matmul": mlp_kernel_fits(kernels.expert_matmul_usable, dtype, d, f, **q),
     }
     return [name for name, used in on.items() if used]
 
@@ -133,7 +137,7 @@ def run(args) -> list[dict]:
     common = {"model": args.model, "dtype": str(model.dtype), "quant": model.quant, "weight_bytes": weight_bytes(model.params),
               "moe": args.moe, "attention": args.attention,
               "device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": datetime.date.today().isoformat(),
-              "kernels": active_kernels(model.cfg.language, model.dtype, runtime),
+              "kernels": active_kernels(model.cfg.language, model.dtype, runtime, quant.QTYPES.get(model.quant)),
               "max_batch": model.engine.max_batch, "max_seq_len": model.engine.max_seq_len}
     rows = []
 
