@@ -9,7 +9,9 @@ Each quantization runs in a process of its own (so that `memory_stats()`'s peak 
 it loads `--model` (random weights drawn from the same seed, so every run quantizes the same draw),
 answers one 768 px image prompt three times with 128 new tokens (EOS ignored, max_batch 1) and reports
 the third run's first token and decode speed, the parameters' bytes, the peak device memory, and the
-compiled decode program's `cost_analysis` bytes beside the language model's weight bytes. With none in
+compiled decode program's `cost_analysis` bytes beside the language model's weight bytes, and the
+expert kernels that ran (quantized experts' kernels pass a GPU self-check of their own, else the plain
+path runs). With none in
 `--quants` (first), the full-forward logits of the prompt of every other run are compared with its:
 cosine similarity per position (min, mean) and how often the top token agrees. Prints one JSON line per
 run, then a table. bf16 on accelerators, float32 on a CPU (whose dot products refuse bf16 x bf16 ->
