@@ -85,13 +85,16 @@ KEEP_GRADIENT = optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_li
                                              lambda g, state, params=None: (jax.tree.map(jnp.zeros_like, g), g))
 
 
-def gradient_of_one_step(model, examples, s, cfg=None, metrics_too=False):
+def gradient_of_one_step(model, examples, s, cfg=None, metrics_too=False, specs=None):
     """(loss, gradient {path: array}) of step 0 under `s` (and the step's metrics if `metrics_too`);
-    `cfg`: the model's config with other training values (aux_loss_alpha)."""
+    `cfg`: the model's config with other training values (aux_loss_alpha); `specs`: a dict to fill with
+    the PartitionSpec of each leaf of the new state's optimizer state (the gradient) by path."""
     state = loop.init_state(jax.tree.map(jnp.copy, model.params), s, KEEP_GRADIENT)
     order = batches.Order(len(examples), s.batch, s.grad_accum, s.seed)
     inputs = batches.stack(model.processor, [[examples[j] for j in mb] for mb in order.step(0)], s.max_seq_len)
     state, metrics = loop.step_fn(training_module(cfg or model.cfg), KEEP_GRADIENT, s.lora_scale)(state, inputs)
+    if specs is not None:
+        specs.update({k: v.sharding.spec for k, v in state.opt_state.items()})
     out = (float(metrics["loss"]), host(state.opt_state))
     return (*out, host(metrics)) if metrics_too else out
 
@@ -240,17 +243,46 @@ def test_remat_model_has_the_same_loss_and_gradient():
 @pytest.mark.slow  # two compilations of the whole step: about 30 s on two cores
 def test_sharded_step_on_eight_devices_equals_the_unsharded_one():
     """Full fine-tuning of the language model and projector on data=2, expert=2, tensor=2 (the
-    inference partition rules; the batch split over data): the loss and gradient of one step."""
+    inference partition rules, the batch split over data, and the trainable weights and optimizer
+    state also split over data): the loss and gradient of one step, and the state's layout after it."""
     s = loop.Settings(steps=10, batch=4, warmup=1, max_seq_len=128, lora_rank=0, parts=("language", "projector"))
-    got = []
+    got, specs = [], {}
     for mesh in (None, "data=2,expert=2,tensor=2"):
         model = vl2_jax.load_pretrained("random:test", mesh=mesh)
         with model.mesh_context():
-            got.append(gradient_of_one_step(model, [data.example(model.processor, r) for r in RECORDS], s))
+            got.append(gradient_of_one_step(model, [data.example(model.processor, r) for r in RECORDS], s,
+                                            specs=specs if mesh else None))
     (loss, grads), (sharded_loss, sharded) = got
     assert abs(sharded_loss - loss) <= 1e-6 * loss
     for k in grads:  # float32 sums split over devices: relative to the gradient's largest entry
         assert np.abs(sharded[k] - grads[k]).max() <= 1e-5 * np.abs(grads[k]).max(), k
+    # the optimizer state (here: the gradient) keeps the inference split and adds data on a free dimension
+    assert split(specs["language/lm_head"]) == ("data", "tensor")  # [D 48, V 512]
+    assert split(specs["language/layers_1/mlp/gate_up_w"]) == ("expert", "data", None, "tensor")  # [E, D, 2, F]
+    assert split(specs["projector/w0"]) == ("data",)  # [160, 48]: the vision side has no inference split
+
+
+def split(spec) -> tuple:
+    """A PartitionSpec as a tuple without trailing Nones (JAX writes P("data") or P("data", None))."""
+    axes = tuple(spec)
+    while axes and axes[-1] is None:
+        axes = axes[:-1]
+    return axes
+
+
+def test_fsdp_state_is_split_over_data_on_eight_devices():
+    """Adam's moments and LoRA adapters under data=4, tensor=2: split over data where a dimension
+    divides, the step count replicated; the frozen weights keep the inference layout."""
+    model = vl2_jax.load_pretrained("random:test", mesh="data=4,tensor=2")
+    s = loop.Settings(steps=10, warmup=1, lora_rank=4, parts=("language", "projector", "vision"))
+    with model.mesh_context():
+        state = loop.init_state(model.params, s, loop.optimizer(s))
+    adam = state.opt_state[1][0]
+    assert split(adam.mu["language/lm_head" + lora.A].sharding.spec) == ("data",)  # [D 48, r 4]
+    assert split(adam.nu["vision/block_0/fc1_w" + lora.B].sharding.spec) == ("data",)  # [r 4, 149]: 149 is odd
+    assert split(state.trainable["language/lm_head" + lora.B].sharding.spec) == (None, "data")  # [r 4, V 512]
+    assert split(adam.count.sharding.spec) == ()
+    assert split(state.frozen["language/lm_head"].sharding.spec) == (None, "tensor")
 
 
 def with_alpha(cfg, alpha, seq_aux=True):

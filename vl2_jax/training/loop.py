@@ -37,7 +37,7 @@ from flax import traverse_util
 from vl2_jax.errors import ConfigError
 from vl2_jax.modules.vl2 import VL2
 from vl2_jax.processor import Processor
-from vl2_jax.training import batches, lora
+from vl2_jax.training import batches, fsdp, lora
 from vl2_jax.training.loss import (
     LossInputs,
     balance_alpha,
@@ -108,7 +108,8 @@ def full_trainable(parts) -> Callable[[str], bool]:
 
 def init_state(params: dict, s: Settings, tx: optax.GradientTransformation) -> TrainState:
     """The step-0 state over `params` ({"params": tree}): adapters as the trainable leaves (LoRA) or the
-    chosen parts' weights (full); everything else frozen."""
+    chosen parts' weights (full); everything else frozen. Under a mesh the trainable leaves and the
+    optimizer state are split over data as well (`fsdp`)."""
     flat = traverse_util.flatten_dict(params.get("params", params), sep="/")
     if s.lora_rank:
         trainable, frozen = lora.init_adapters(flat, s.parts, s.lora_rank, s.seed), flat
@@ -116,7 +117,8 @@ def init_state(params: dict, s: Settings, tx: optax.GradientTransformation) -> T
         chosen = full_trainable(s.parts)
         trainable = {k: v for k, v in flat.items() if chosen(k)}
         frozen = {k: v for k, v in flat.items() if not chosen(k)}
-    return TrainState(jnp.zeros((), jnp.int32), trainable, frozen, tx.init(trainable))
+    trainable, opt_state = fsdp.place(trainable, tx.init(trainable))
+    return TrainState(jnp.zeros((), jnp.int32), trainable, frozen, opt_state)
 
 
 def params_of(trainable: dict, frozen: dict, scale: float | None) -> dict:
@@ -161,8 +163,10 @@ def step_fn(module: VL2, tx: optax.GradientTransformation, scale: float | None):
         (grads, total, count, balance), _ = jax.lax.scan(micro, start, inputs)
         n = jnp.maximum(count, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grads, state.trainable)
+        grads, _ = fsdp.constrain(grads, None, like=state.trainable)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-        new = TrainState(state.step + 1, optax.apply_updates(state.trainable, updates), state.frozen, opt_state)
+        trainable, opt_state = fsdp.constrain(optax.apply_updates(state.trainable, updates), opt_state)
+        new = TrainState(state.step + 1, trainable, state.frozen, opt_state)
         return new, {"loss": total / n, "aux_loss": alpha * balance / rows, "targets": count,
                      "grad_norm": optax.tree.norm(grads)}
 
