@@ -306,9 +306,9 @@ def official_balance(scores_LTE, idx_LTX, n_experts, seq_aux):
 
 @pytest.mark.parametrize("seq_aux", [True, False])
 def test_aux_loss_is_the_official_balance_loss_of_each_unpadded_row(seq_aux):
-    """A left-padded batch of three conversations (and, for seq_aux, a row of nothing but padding): the
-    step's aux_loss is alpha times the mean over the rows of the official formula on each row alone,
-    unpadded; the reported loss stays the cross-entropy."""
+    """A left-padded batch of three conversations: the step's aux_loss is alpha times the official
+    formula over the real tokens (seq_aux: its mean over the rows, each row alone and unpadded); the
+    reported loss stays the cross-entropy; a row of nothing but padding changes nothing."""
     model, examples = setup()
     cfg, alpha = with_alpha(model.cfg, 0.05, seq_aux), 0.05
     rows = examples[:3]
