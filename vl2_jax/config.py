@@ -276,6 +276,10 @@ class LanguageConfig:
     use_mla: bool = True
     bos_token_id: int = 100000
     eos_token_id: int = 100001
+    # The sequence-level (seq_aux) or token-level expert balance loss that fine-tuning adds, times
+    # aux_loss_alpha, to the objective (`training.loss.balance_loss`); never used at inference.
+    aux_loss_alpha: float = 0.001
+    seq_aux: bool = True
 
     @property
     def head_dim(self) -> int:
@@ -297,7 +301,7 @@ class LanguageConfig:
     @classmethod
     def from_hf_dict(cls, raw: dict) -> LanguageConfig:
         ignored = frozenset(
-            "aux_loss_alpha seq_aux ep_size initializer_range pretraining_tp attention_dropout "
+            "ep_size initializer_range pretraining_tp attention_dropout "
             "lm_head rm_head".split()
         )
         extra = {"hidden_act": "silu", "rope_scaling": None, "attention_bias": False, "tie_word_embeddings": False}
@@ -310,11 +314,14 @@ class LanguageConfig:
         if values["num_key_value_heads"] is None:
             values["num_key_value_heads"] = values["num_attention_heads"]
         values["rms_norm_eps"] = float(values["rms_norm_eps"])
+        values["aux_loss_alpha"] = float(values["aux_loss_alpha"])
         cfg = cls(**values)
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
+        _require(self.aux_loss_alpha >= 0, "language_config.aux_loss_alpha", self.aux_loss_alpha, "at least 0")
+        _require(isinstance(self.seq_aux, bool), "language_config.seq_aux", self.seq_aux, "true or false")
         if self.n_routed_experts is not None:
             _require(
                 self.topk_method in ("greedy", "group_limited_greedy", "noaux_tc"),

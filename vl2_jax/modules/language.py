@@ -52,6 +52,16 @@ class DecoderLayer(nn.Module):
         x_BTD = self.attend(x_BTD, positions_BT, kv, mask_BTS, key_valid_BS)
         return constrain(x_BTD + self.mlp(self.mlp_norm(x_BTD), token_valid_BT), ("batch", None, None))
 
+    def with_router(self, x_BTD, positions_BT, kv, mask_BTS, key_valid_BS=None, token_valid_BT=None):
+        """`__call__` for training: (x [B, T, D], the MoE's (scores [B, T, E], expert ids [B, T, X]) or
+        None in a dense layer); see `MoE.with_router`."""
+        x_BTD = self.attend(x_BTD, positions_BT, kv, mask_BTS, key_valid_BS)
+        h_BTD = self.mlp_norm(x_BTD)
+        if not self.cfg.is_moe_layer(self.layer):
+            return constrain(x_BTD + self.mlp(h_BTD, token_valid_BT), ("batch", None, None)), None
+        y_BTD, router = self.mlp.with_router(h_BTD, token_valid_BT)
+        return constrain(x_BTD + y_BTD, ("batch", None, None)), router
+
     def attend(self, x_BTD, positions_BT, kv, mask_BTS, key_valid_BS=None) -> jax.Array:
         """The residual stream after this layer's attention: [B, T, D]."""
         return x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, kv, mask_BTS, key_valid_BS)
@@ -88,6 +98,18 @@ class LanguageModel(nn.Module):
         for layer in self.layers:
             x_BTD = layer(x_BTD, positions_BT, layer.new_kv(x_BTD, positions_BT), mask_BTS, valid_BT)
         return self.head(x_BTD)
+
+    def with_router(self, x_BTD: jax.Array, positions_BT: jax.Array, valid_BT: jax.Array):
+        """`__call__` for training: (float32 logits [B, T, V], (scores [L, B, T, E] float32, expert ids
+        [L, B, T, X] int32) of the L MoE layers, or None without MoE layers)."""
+        mask_BTS, routers = causal_mask(valid_BT), []
+        for layer in self.layers:
+            x_BTD, router = layer.with_router(x_BTD, positions_BT, layer.new_kv(x_BTD, positions_BT), mask_BTS,
+                                              valid_BT)
+            if router is not None:
+                routers.append(router)
+        stacked = tuple(jnp.stack(r) for r in zip(*routers)) if routers else None
+        return self.head(x_BTD), stacked
 
     def expert_load(self, x_BTD: jax.Array, positions_BT: jax.Array, valid_BT: jax.Array) -> jax.Array:
         """How many of the tokens each routed expert receives, per MoE layer, in a full forward without a

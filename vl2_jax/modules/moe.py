@@ -83,13 +83,15 @@ def _mask_groups(choice_NE: jax.Array, group_scores_NG: jax.Array, topk_group: i
     return jnp.where(keep_NE, choice_NE, 0.0)
 
 
+def router_scores(logits_NE: jax.Array, cfg: LanguageConfig) -> jax.Array:
+    """Router logits [N, E] (float32) -> the scores [N, E] float32 that choose and weigh the experts."""
+    return jax.nn.softmax(logits_NE, axis=-1) if cfg.scoring_func == "softmax" else jax.nn.sigmoid(logits_NE)
+
+
 def route(logits_NE: jax.Array, cfg: LanguageConfig, bias_E: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Router logits [N, E] (float32) -> (weights [N, X] float32, expert ids [N, X] int32)."""
     k = cfg.num_experts_per_tok
-    if cfg.scoring_func == "softmax":
-        scores = jax.nn.softmax(logits_NE, axis=-1)
-    else:
-        scores = jax.nn.sigmoid(logits_NE)
+    scores = router_scores(logits_NE, cfg)
     n, e = scores.shape
     if cfg.topk_method == "greedy":
         weights, idx = jax.lax.top_k(scores, k)
@@ -416,19 +418,41 @@ class MoE(nn.Module):
         if c.n_shared_experts:
             self.shared = MLP(d, f * c.n_shared_experts, self.dtype, self.runtime.kernels)
 
+    def router_logits(self, x_BTD: jax.Array) -> jax.Array:
+        """The router's float32 logits [N, E] for x [B, T, D], N = B * T."""
+        return einsum("ND,DE->NE", x_BTD.reshape(-1, x_BTD.shape[-1]).astype(jnp.float32),
+                      self.router_w.astype(jnp.float32))
+
     def choices(self, x_BTD: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The router's choices for x [B, T, D]: (weights [N, X] float32, expert ids [N, X] int32), N = B * T."""
-        logits = einsum("ND,DE->NE", x_BTD.reshape(-1, x_BTD.shape[-1]).astype(jnp.float32),
-                        self.router_w.astype(jnp.float32))
-        return route(logits, self.cfg, self.router_bias if self.cfg.topk_method == "noaux_tc" else None)
+        return self._route(self.router_logits(x_BTD))
+
+    def _route(self, logits_NE: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return route(logits_NE, self.cfg, self.router_bias if self.cfg.topk_method == "noaux_tc" else None)
 
     def __call__(self, x_BTD: jax.Array, token_valid_BT: jax.Array | None = None) -> jax.Array:
         """`token_valid` [B, T]: tokens routed to no expert when False (their routed output is zero), so
         that padding rows make no expert's weights be read; None routes every token."""
+        weights, idx = self.choices(x_BTD)
+        return self.experts(x_BTD, weights, idx, token_valid_BT)
+
+    def with_router(self, x_BTD: jax.Array, token_valid_BT: jax.Array | None = None):
+        """`__call__` for training: (y [B, T, D], (scores [B, T, E] float32, expert ids [B, T, X] int32)),
+        the router's scores and choices of every token, padding included (`training.loss.balance_loss`
+        reads them). Inference calls `__call__`, which computes neither."""
+        b, t, _ = x_BTD.shape
+        logits = self.router_logits(x_BTD)
+        weights, idx = self._route(logits)
+        y = self.experts(x_BTD, weights, idx, token_valid_BT)
+        return y, (router_scores(logits, self.cfg).reshape(b, t, -1), idx.reshape(b, t, -1))
+
+    def experts(self, x_BTD: jax.Array, weights_NX: jax.Array, idx_NX: jax.Array,
+                token_valid_BT: jax.Array | None) -> jax.Array:
+        """The routed experts' weighted outputs plus the shared experts': [B, T, D] (see `__call__`)."""
         c, kernels = self.cfg, self.runtime.kernels
         b, t, d = x_BTD.shape
         x_ND = x_BTD.reshape(b * t, d)
-        weights, idx = self.choices(x_BTD)
+        weights, idx = weights_NX, idx_NX
         impl = choose_dispatch(self.runtime.moe, b * t, c.num_experts_per_tok, self.gate_up_w, kernels, x_BTD.dtype)
         # An id past the experts counts for nothing in every dispatch. Not for "gather" (1-2 tokens):
         # it reads the chosen experts of each token anyway, and out-of-range ids would cost it a select

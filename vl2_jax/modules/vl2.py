@@ -55,3 +55,9 @@ class VL2(nn.Module):
         """Full forward without cache -> float32 logits [B, T, V]."""
         x_BTD = self.embed(input_ids_BT, tiles_I3SS, src_BT, images_seq_mask_BT)
         return self.language(x_BTD, positions_BT, valid_BT)
+
+    def with_router(self, input_ids_BT, tiles_I3SS, src_BT, images_seq_mask_BT, positions_BT, valid_BT):
+        """`__call__` for training: (float32 logits [B, T, V], the MoE layers' router scores and choices:
+        `LanguageModel.with_router`)."""
+        x_BTD = self.embed(input_ids_BT, tiles_I3SS, src_BT, images_seq_mask_BT)
+        return self.language.with_router(x_BTD, positions_BT, valid_BT)

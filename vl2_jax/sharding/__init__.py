@@ -141,6 +141,21 @@ class Layout:
             cache)
 
 
+def with_data_axis(spec: PartitionSpec, shape: Sequence[int], data: int) -> PartitionSpec:
+    """`spec` with the data axis (of size `data`) added on the largest dimension that it leaves unsplit
+    and that divides by `data` (the first of equal ones), for training's FSDP: [D, V] split (None,
+    "tensor") becomes ("data", "tensor"). Unchanged where data is 1, the spec already uses it, or no
+    dimension divides."""
+    axes = list(spec) + [None] * (len(shape) - len(spec))
+    if data <= 1 or "data" in axes:
+        return spec
+    free = [i for i, a in enumerate(axes) if a is None and shape[i] % data == 0]
+    if not free:
+        return spec
+    axes[max(free, key=lambda i: (shape[i], -i))] = "data"
+    return PartitionSpec(*axes)
+
+
 def param_logical_axes(path: str, ndim: int) -> tuple:
     """Logical axes of the parameter at `path` (e.g. "language/layers_1/mlp/gate_up_w"): first rule wins.
 

@@ -9,9 +9,12 @@ every target token of the step, and `batch 8` equals `batch 2, grad_accum 4` up 
 The optimizer is optax AdamW under a linear warmup then cosine decay to zero
 (`optax.warmup_cosine_decay_schedule`), after clipping the gradient's global norm.
 
-There is no auxiliary load-balancing loss: `LanguageConfig` does not keep the checkpoints'
-`aux_loss_alpha` (it is one of the keys it ignores), and the modules do not return the router scores
-the loss would need, so the loss is the cross-entropy alone (the official loss at alpha = 0).
+The objective adds the experts' balance loss of the official MoEGate (`loss.balance_loss`) times
+`aux_loss_alpha` (`loss.balance_alpha`: 0 for `noaux_tc` routing, which the official code does not
+train) to the mean cross-entropy: alpha times the balance loss summed over MoE layers and averaged over
+the step's rows (all microbatches' rows together, so accumulation leaves it unchanged). As in the official
+code, `loss` is the cross-entropy alone; the added term is reported beside it as `aux_loss`. At alpha 0
+the step is the cross-entropy's alone, the forward computing no router outputs.
 """
 
 from __future__ import annotations
@@ -34,8 +37,16 @@ from flax import traverse_util
 from vl2_jax.errors import ConfigError
 from vl2_jax.modules.vl2 import VL2
 from vl2_jax.processor import Processor
-from vl2_jax.training import batches, lora
-from vl2_jax.training.loss import LossInputs, cross_entropy, forward
+from vl2_jax.training import batches, fsdp, lora
+from vl2_jax.training.loss import (
+    LossInputs,
+    balance_alpha,
+    balance_loss,
+    cross_entropy,
+    forward,
+    forward_with_router,
+    target_mask,
+)
 from vl2_jax.training.train import TrainState
 
 PARTS = ("language", "projector", "vision")
@@ -97,7 +108,8 @@ def full_trainable(parts) -> Callable[[str], bool]:
 
 def init_state(params: dict, s: Settings, tx: optax.GradientTransformation) -> TrainState:
     """The step-0 state over `params` ({"params": tree}): adapters as the trainable leaves (LoRA) or the
-    chosen parts' weights (full); everything else frozen."""
+    chosen parts' weights (full); everything else frozen. Under a mesh the trainable leaves and the
+    optimizer state are split over data as well (`fsdp`)."""
     flat = traverse_util.flatten_dict(params.get("params", params), sep="/")
     if s.lora_rank:
         trainable, frozen = lora.init_adapters(flat, s.parts, s.lora_rank, s.seed), flat
@@ -105,7 +117,8 @@ def init_state(params: dict, s: Settings, tx: optax.GradientTransformation) -> T
         chosen = full_trainable(s.parts)
         trainable = {k: v for k, v in flat.items() if chosen(k)}
         frozen = {k: v for k, v in flat.items() if not chosen(k)}
-    return TrainState(jnp.zeros((), jnp.int32), trainable, frozen, tx.init(trainable))
+    trainable, opt_state = fsdp.place(trainable, tx.init(trainable))
+    return TrainState(jnp.zeros((), jnp.int32), trainable, frozen, opt_state)
 
 
 def params_of(trainable: dict, frozen: dict, scale: float | None) -> dict:
@@ -118,24 +131,44 @@ def params_of(trainable: dict, frozen: dict, scale: float | None) -> dict:
 
 def step_fn(module: VL2, tx: optax.GradientTransformation, scale: float | None):
     """A jitted (state, inputs with leaves [A, ...]) -> (new state, metrics) that donates `state`.
-    Metrics: loss (mean over the step's targets), targets, grad_norm (before clipping)."""
+    Metrics: loss (mean cross-entropy over the step's targets), aux_loss (alpha times the balance loss,
+    0.0 at alpha 0), targets, grad_norm (before clipping)."""
+    alpha = balance_alpha(module.cfg.language)
 
-    def sums(trainable, frozen, inputs: LossInputs):
-        return cross_entropy(forward(module, params_of(trainable, frozen, scale), inputs), inputs.labels, inputs.valid)
+    def sums(trainable, frozen, inputs: LossInputs, aux_weight):
+        """(differentiated sum, (cross-entropy sum, targets, balance sum, rows)) of one microbatch."""
+        params = params_of(trainable, frozen, scale)
+        if not alpha:
+            t, c = cross_entropy(forward(module, params, inputs), inputs.labels, inputs.valid)
+            return t, (t, c, jnp.float32(0), jnp.int32(0))
+        logits, (scores, idx) = forward_with_router(module, params, inputs)
+        t, c = cross_entropy(logits, inputs.labels, inputs.valid)
+        a, rows = balance_loss(scores, idx, inputs.valid, module.cfg.language)
+        return t + aux_weight * a, (t, c, a, rows)
 
     def step(state: TrainState, inputs: LossInputs):
+        # The gradient is summed over microbatches and divided once by the step's target count n, so the
+        # balance sum enters weighted by alpha * n / rows: alpha times its mean over the step's rows.
+        n = jnp.maximum(jnp.sum(target_mask(inputs.labels, inputs.valid)), 1).astype(jnp.float32)
+        rows = jnp.maximum(jnp.sum(jnp.any(inputs.valid, axis=-1)), 1).astype(jnp.float32)
+        aux_weight = alpha * n / rows
+
         def micro(carry, mb):
-            grads, total, count = carry
-            (t, c), g = jax.value_and_grad(sums, has_aux=True)(state.trainable, state.frozen, mb)
-            return (jax.tree.map(jnp.add, grads, g), total + t, count + c), None
+            grads, total, count, balance = carry
+            (_, (t, c, a, _)), g = jax.value_and_grad(sums, has_aux=True)(state.trainable, state.frozen, mb, aux_weight)
+            return (jax.tree.map(jnp.add, grads, g), total + t, count + c, balance + a), None
 
         zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), state.trainable)
-        (grads, total, count), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.int32(0)), inputs)
+        start = (zeros, jnp.float32(0), jnp.int32(0), jnp.float32(0))
+        (grads, total, count, balance), _ = jax.lax.scan(micro, start, inputs)
         n = jnp.maximum(count, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grads, state.trainable)
+        grads, _ = fsdp.constrain(grads, None, like=state.trainable)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-        new = TrainState(state.step + 1, optax.apply_updates(state.trainable, updates), state.frozen, opt_state)
-        return new, {"loss": total / n, "targets": count, "grad_norm": optax.tree.norm(grads)}
+        trainable, opt_state = fsdp.constrain(optax.apply_updates(state.trainable, updates), opt_state)
+        new = TrainState(state.step + 1, trainable, state.frozen, opt_state)
+        return new, {"loss": total / n, "aux_loss": alpha * balance / rows, "targets": count,
+                     "grad_norm": optax.tree.norm(grads)}
 
     return jax.jit(step, donate_argnums=0)
 
@@ -211,12 +244,13 @@ def restore_state(directory: Path, like: TrainState, s: Settings) -> TrainState:
 # --------------------------------------------------------------------------------------------- run
 @dataclasses.dataclass
 class Result:
-    """What `fit` did: the final state, the loss of every step it ran (before that step's update),
-    and the eval losses by step."""
+    """What `fit` did: the final state, the loss (mean cross-entropy) and the aux_loss (alpha times the
+    experts' balance loss) of every step it ran (before that step's update), and the eval losses by step."""
 
     state: TrainState
     losses: list[float]
     evals: dict[int, float]
+    aux_losses: list[float] = dataclasses.field(default_factory=list)
 
 
 def fit(module: VL2, processor: Processor, params: dict, train: list, s: Settings, *, state_dir: Path | None = None,
@@ -238,7 +272,7 @@ def fit(module: VL2, processor: Processor, params: dict, train: list, s: Setting
     order = batches.Order(len(train), s.batch, s.grad_accum, s.seed)
     run_eval = eval_fn(module, s.lora_scale) if eval_examples else None
     eval_inputs = list(batches.eval_batches(processor, eval_examples, s.batch, s.max_seq_len)) if eval_examples else []
-    losses, evals = [], {}
+    losses, aux_losses, evals = [], [], {}
     start = int(state.step)
     progress = tqdm(total=s.steps, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
                     disable=None if bar is None else not bar)
@@ -248,16 +282,17 @@ def fit(module: VL2, processor: Processor, params: dict, train: list, s: Setting
             tokens = int(np.sum(inputs.valid))
             t0 = time.perf_counter()
             state, metrics = step(state, inputs)
-            loss = float(metrics["loss"])
+            loss, aux = float(metrics["loss"]), float(metrics["aux_loss"])
             seconds = time.perf_counter() - t0
             losses.append(loss)
+            aux_losses.append(aux)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"the loss is {loss} at step {i + 1}; try a smaller --lr.")
-            progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / seconds:,.0f}", refresh=False)
+            progress.set_postfix(loss=f"{loss:.4f}", aux_loss=f"{aux:.3g}", tok_s=f"{tokens / seconds:,.0f}", refresh=False)
             progress.update(1)
             done = i + 1
             if progress.disable and (done % max(1, s.steps // 20) == 0 or done == s.steps):
-                log(f"step {done}/{s.steps}: loss {loss:.4f}, {tokens / seconds:,.0f} tokens/s")
+                log(f"step {done}/{s.steps}: loss {loss:.4f}, aux_loss {aux:.3g}, {tokens / seconds:,.0f} tokens/s")
             if run_eval is not None and ((s.eval_every and done % s.eval_every == 0) or done == s.steps):
                 evals[done] = evaluate(run_eval, state, eval_inputs)
                 log(f"step {done}: eval loss {evals[done]:.4f}")
@@ -265,4 +300,4 @@ def fit(module: VL2, processor: Processor, params: dict, train: list, s: Setting
                 save_state(state_dir, state, s)
     finally:
         progress.close()
-    return Result(state, losses, evals)
+    return Result(state, losses, evals, aux_losses)

@@ -6,8 +6,10 @@ the batch that is not IGNORE_ID, so that each target token weighs the same whate
 
 The forward is the model's own (`VL2.__call__`) under a differentiable runtime: the plain MoE dispatch
 ("dense": every expert on every token, each token keeping its chosen ones) and no accelerator kernels
-(they have no gradients). Routing is the inference routing, `noaux_tc` included; there is no auxiliary
-load-balancing loss. Positions of left-padded rows are `cumsum(mask) - 1`, as in generation, so that a
+(they have no gradients). Routing is the inference routing, `noaux_tc` included. `loss` and
+`loss_and_grad_fn` are the cross-entropy alone (the official gradient at aux_loss_alpha = 0); the
+fine-tuning step (`loop.step_fn`) adds the expert balance loss, `balance_loss`, from
+`forward_with_router`. Positions of left-padded rows are `cumsum(mask) - 1`, as in generation, so that a
 row's loss does not depend on its padding, and a pad token's prediction is no target. (The official
 forward with labels uses `arange` positions, which shifts a padded row's positions, and counts the
 prediction of a padded row's bos; on unpadded rows the two agree.)
@@ -22,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vl2_jax.config import Runtime, VL2Config
+from vl2_jax.config import LanguageConfig, Runtime, VL2Config
 from vl2_jax.errors import ConfigError, InputError
 from vl2_jax.modules.vision import normalize_pixels
 from vl2_jax.modules.vl2 import VL2
@@ -95,13 +97,16 @@ def cross_entropy(logits_BTV: jax.Array, labels_BT: jax.Array,
     given `valid_BT` (real tokens), are predictions from padding. (A left-padded row's first label, its
     bos, would otherwise be the target of a pad token: the official batchify pads labels so, and counts
     it.)"""
-    targets_BT = labels_BT[:, 1:]
-    keep_BT = targets_BT != IGNORE_ID
-    if valid_BT is not None:
-        keep_BT &= valid_BT[:, :-1]
+    targets_BT, keep_BT = labels_BT[:, 1:], target_mask(labels_BT, valid_BT)
     logp_BTV = jax.nn.log_softmax(logits_BTV[:, :-1].astype(jnp.float32), axis=-1)
     picked_BT = jnp.take_along_axis(logp_BTV, jnp.where(keep_BT, targets_BT, 0)[..., None], axis=-1)[..., 0]
     return -jnp.sum(jnp.where(keep_BT, picked_BT, 0.0)), jnp.sum(keep_BT, dtype=jnp.int32)
+
+
+def target_mask(labels_BT: jax.Array, valid_BT: jax.Array | None = None) -> jax.Array:
+    """[B, T - 1] bool: the positions whose next label is a target (`cross_entropy`); also [..., B, T]."""
+    keep = labels_BT[..., 1:] != IGNORE_ID
+    return keep if valid_BT is None else keep & valid_BT[..., :-1]
 
 
 def mean_cross_entropy(logits_BTV: jax.Array, labels_BT: jax.Array, valid_BT: jax.Array | None = None) -> jax.Array:
@@ -115,6 +120,58 @@ def forward(module: VL2, params: dict, inputs: LossInputs) -> jax.Array:
     tiles = None if inputs.pixels is None else normalize_pixels(inputs.pixels, inputs.pixel_norm)
     return module.apply(params, inputs.ids, tiles, inputs.image_src, inputs.images_seq_mask,
                         inputs.positions, inputs.valid)
+
+
+def forward_with_router(module: VL2, params: dict, inputs: LossInputs):
+    """`forward` that also returns the MoE layers' router scores [L, B, T, E] float32 and expert ids
+    [L, B, T, X] int32 (`VL2.with_router`; None without MoE layers)."""
+    tiles = None if inputs.pixels is None else normalize_pixels(inputs.pixels, inputs.pixel_norm)
+    return module.apply(params, inputs.ids, tiles, inputs.image_src, inputs.images_seq_mask,
+                        inputs.positions, inputs.valid, method="with_router")
+
+
+def balance_alpha(cfg: LanguageConfig) -> float:
+    """The weight of the balance loss in the objective: `aux_loss_alpha`, or 0 without routed experts
+    and for `noaux_tc` routing (its correction bias balances the experts; the official MoEGate refuses
+    to train it, so we train it without the loss)."""
+    if cfg.n_routed_experts is None or cfg.topk_method == "noaux_tc":
+        return 0.0
+    return float(cfg.aux_loss_alpha)
+
+
+def balance_loss(scores_LBTE: jax.Array, idx_LBTX: jax.Array, valid_BT: jax.Array,
+                 cfg: LanguageConfig) -> tuple[jax.Array, jax.Array]:
+    """The official MoEGate's balance loss without alpha, summed over the L MoE layers: (its sum over the
+    batch's rows float32, the number of rows int32), so that a step's loss is the sum over all its
+    microbatches over all their rows.
+
+    seq_aux: per row and layer, sum over experts e of f_e * P_e, where f_e is the number of the row's
+    top-k choices that picked e, times E / (T * X), and P_e the mean score of e over the row's T tokens.
+    Otherwise (token-level): the same over all the batch's tokens at once, counted once per row.
+
+    Where we differ from the official code: only real tokens (`valid_BT`) count, T being the row's real
+    tokens, where the official counts every position of its padded batch; a row of padding counts for
+    nothing (neither its loss nor its row). On unpadded rows the two agree. The token-level variant is
+    over each microbatch, so with gradient accumulation it is a mean over microbatches (seq_aux, the
+    released models' setting, is exact under accumulation).
+    """
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    valid_1BT = valid_BT[None].astype(jnp.float32)
+    chosen_LBTE = jnp.sum(idx_LBTX[..., None] == jnp.arange(e), axis=-2).astype(jnp.float32) * valid_1BT[..., None]
+    scored_LBTE = scores_LBTE.astype(jnp.float32) * valid_1BT[..., None]
+    tokens_B = jnp.sum(valid_BT, axis=-1).astype(jnp.float32)
+    rows_B = tokens_B > 0
+    if cfg.seq_aux:
+        n_1B1 = jnp.maximum(tokens_B, 1.0)[None, :, None]
+        f_LBE = jnp.sum(chosen_LBTE, axis=2) * e / (n_1B1 * k)
+        p_LBE = jnp.sum(scored_LBTE, axis=2) / n_1B1
+        per_row_B = jnp.sum(f_LBE * p_LBE, axis=(0, 2))
+        return jnp.sum(jnp.where(rows_B, per_row_B, 0.0)), jnp.sum(rows_B, dtype=jnp.int32)
+    n = jnp.maximum(jnp.sum(tokens_B), 1.0)
+    f_LE = jnp.sum(chosen_LBTE, axis=(1, 2)) * e / (n * k)
+    p_LE = jnp.sum(scored_LBTE, axis=(1, 2)) / n
+    rows = jnp.sum(rows_B, dtype=jnp.int32)
+    return jnp.sum(f_LE * p_LE) * rows.astype(jnp.float32), rows
 
 
 def loss(module: VL2, params: dict, inputs: LossInputs) -> jax.Array:

@@ -18,7 +18,7 @@ from vl2_jax.modules.vl2 import VL2
 class RematLanguageModel(LanguageModel):
     """`LanguageModel` whose layers are rematerialised in the backward pass."""
 
-    layer_class = nn.remat(DecoderLayer)
+    layer_class = nn.remat(DecoderLayer, methods=["__call__", "with_router"])
 
 
 class RematVL2(VL2):

@@ -7,7 +7,7 @@ The output folder `out` holds, when training ends:
                       `load_model(out)` and `python -m generate --model out` read it
     adapters/         LoRA only: adapters.safetensors (`lora`'s keys) and adapter_config.json
     train_state/      the Orbax checkpoints of the whole train state (`--resume` reads the latest)
-    metrics.json      the loss of every step this run took (from first_step) and the eval losses
+    metrics.json      the loss and aux_loss of every step this run took (from first_step) and the eval losses
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
                              {"rank": s.lora_rank, "alpha": s.lora_alpha, "parts": list(s.parts), "base_model": job.model})
     if result.losses:  # a resumed run that had nothing left to do keeps the last run's
         metrics = {"first_step": int(result.state.step) - len(result.losses) + 1, "losses": result.losses,
-                   "evals": result.evals}
+                   "aux_losses": result.aux_losses, "evals": result.evals}
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     log(f"saved the trained model to {out}")
     if job.export_hf:

@@ -3,7 +3,8 @@
 The parameters are split by path (`"language/layers_3/attn/q_w"`: `params/` left out) into trainable
 and frozen leaves. Only the trainable ones get gradients, optimizer state and updates; the frozen ones
 pass through the step untouched (bit-identical, never even added to). `train_step_fn` compiles the
-step once per input shape; its state is donated.
+step once per input shape; its state is donated. Its loss is the cross-entropy alone (no expert
+balance loss: `loop.step_fn`, the fine-tuning loop's step, adds that).
 
     state = init_state(model.params, optax.adamw(1e-4), trainable=[r"language/.*attn/"])
     step = train_step_fn(training_module(model.cfg), optax.adamw(1e-4))
