@@ -1,12 +1,14 @@
 """Where a decode step's time goes, and whether bf16 agrees with float32 at the real sizes (GPU).
 
     python benchmarks/profile_decode.py --model random:tiny --tokens 32 --cosine
+    python benchmarks/profile_decode.py --model random:tiny --quant int8      # the quantized decode step
 
 1. Profiles batch-1 greedy decode steps with `jax.profiler` (a --tokens generation minus a one-token
    one, so embedding and prefill drop out; with --first-token instead: one time to first token, the
    vision tower, prefill and first sample), then sums the device kernels by name: launches per decoded
    token, device-busy time per token against the wall time per token. A busy fraction well under 1
-   means the step is bound by launch gaps, not by the kernels. --first-token also reports where the
+   means the step is bound by launch gaps, not by the kernels. --quant int8|fp8 profiles the
+   quantized model's step (where its time goes against bf16's). --first-token also reports where the
    GPU waits: idle time between the first and last kernel, the longest gaps with the kernels around
    them, and the wall time outside that span (host work before the first launch and after the last).
 2. With --cosine: the same random weights in float32 and in bf16, logits of the image prompt, cosine
@@ -118,12 +120,12 @@ def profile_first_token(spec: str, keep: str | None = None) -> list[dict]:
     return rows
 
 
-def profile(spec: str, tokens: int, exact_names: bool = False) -> list[dict]:
+def profile(spec: str, tokens: int, exact_names: bool = False, quant: str | None = None) -> list[dict]:
     """Kernels of the decode steps alone: a `tokens`-token generation minus a one-token one (the same
     embedding and prefill), per name, divided by the tokens - 1 decode steps."""
     from vl2_jax.load import load_model
 
-    model = load_model(spec, "bfloat16")
+    model = load_model(spec, "bfloat16", quant=quant)
     batch = _prompt(model)
     run = lambda n: model.generate(batch, max_new_tokens=n, ignore_eos=True)
     run(tokens), run(1)  # compile
@@ -135,7 +137,7 @@ def profile(spec: str, tokens: int, exact_names: bool = False) -> list[dict]:
     per_step_wall = result.decode_s / steps
     step_busy = sum(v for v in busy.values() if v > 0) * 1e-6 / steps
     rows = [{
-        "model": spec, "metric": "decode_profile", "launches_per_token": sum(v for v in kernels.values() if v > 0) / steps,
+        "model": spec, "quant": quant or "none", "metric": "decode_profile", "launches_per_token": sum(v for v in kernels.values() if v > 0) / steps,
         "device_busy_ms_per_token": 1e3 * step_busy, "wall_ms_per_token": 1e3 * per_step_wall,
         "busy_fraction": step_busy / per_step_wall, "jax": jax.__version__, "device": jax.devices()[0].device_kind,
     }]
@@ -199,13 +201,16 @@ def main(argv=None) -> int:
     p.add_argument("--exact-names", action="store_true",
                    help="list kernels by their full names (to find them in an XLA dump of the optimized HLO)")
     p.add_argument("--keep-trace", metavar="PATH", help="with --first-token: copy the trace there (.json.gz)")
+    p.add_argument("--quant", choices=["int8", "fp8"], default=None, help="profile the decode step of quantized weights")
     args = p.parse_args(argv)
+    if args.quant and (args.first_token or args.cosine or args.no_profile):
+        p.error("--quant goes with the decode profile alone (no --first-token, --cosine or --no-profile)")
     if args.keep_trace and (args.no_profile or not args.first_token):
         p.error("--keep-trace goes with --first-token (and without --no-profile)")
     if args.no_profile:
         rows = []
     else:
-        rows = profile_first_token(args.model, args.keep_trace) if args.first_token else profile(args.model, args.tokens, args.exact_names)
+        rows = profile_first_token(args.model, args.keep_trace) if args.first_token else profile(args.model, args.tokens, args.exact_names, args.quant)
     if args.cosine:
         rows += cosine(args.model, args.same_weights, args.forced_routing)
     for r in rows:
