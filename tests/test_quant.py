@@ -213,6 +213,24 @@ def test_quantized_format_and_weight_bytes():
     assert lm["embed"].dtype == jnp.float32 and lm["lm_head"].dtype == jnp.float32
 
 
+@pytest.mark.parametrize("mesh", [None, "data=2,expert=2,tensor=2"])
+def test_random_model_is_quantized_leaf_by_leaf_as_drawn(mesh):
+    """`random:*` with a quant quantizes each weight as it is drawn (so a float copy of the whole model
+    never exists): the same values and scales as quantizing the whole drawn float tree, placed by the
+    partition rules under a mesh."""
+    from vl2_jax.load import init_params
+    from vl2_jax.quant import quantize_params
+
+    m = vl2_jax.load_model("random:test", "float32", quant="int8", mesh=mesh)
+    want = quantize_params(init_params(m.cfg, jnp.float32, 0), "int8")
+    assert jax.tree.structure(m.params) == jax.tree.structure(want)
+    for got, ref in zip(jax.tree.leaves(m.params), jax.tree.leaves(want)):
+        assert got.dtype == ref.dtype and np.array_equal(np.asarray(got), np.asarray(ref))
+    if mesh is not None:
+        values = m.params["params"]["language"]["layers_1"]["mlp"]["gate_up_w"]["qvalue"]
+        assert len(values.sharding.device_set) > 1
+
+
 def test_partition_rules_place_values_and_scales():
     """Values take their weight's axes; scales the same, unsplit where they are 1 (contracted)."""
     assert param_logical_axes("params/language/layers_1/mlp/down_w/qvalue", 3) == ("experts", "mlp", None)

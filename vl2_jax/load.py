@@ -296,21 +296,24 @@ def write_assets(folder: str | Path, cfg: VL2Config) -> Path:
     return folder
 
 
-def init_params(cfg: VL2Config, dtype, seed: int = 0, shardings: dict | None = None) -> dict:
+def init_params(cfg: VL2Config, dtype, seed: int = 0, shardings: dict | None = None, after=None) -> dict:
     """Random parameters `{"params": ...}`: normal(0.02) weights, norm scales 1, biases 0, drawn on the
     default device, or with `shardings` (a params-like tree of Shardings) directly in their shards.
-    Shapes come from tracing the model (`eval_shape`), so nothing but the draws is compiled."""
+    Shapes come from tracing the model (`eval_shape`), so nothing but the draws is compiled. `after`:
+    see `draw_like`."""
     s, t = cfg.vision.image_size, 4
     args = (
         jnp.zeros((1, t), jnp.int32), jnp.zeros((1, 3, s, s), dtype), jnp.zeros((1, t), jnp.int32),
         jnp.zeros((1, t), bool), jnp.zeros((1, t), jnp.int32), jnp.ones((1, t), bool),
     )
     shapes = jax.eval_shape(VL2(cfg, dtype).init, jax.random.key(seed), *args)
-    return draw_like(shapes, seed, shardings)
+    return draw_like(shapes, seed, shardings, after)
 
 
-def draw_like(shapes, seed: int = 0, shardings: dict | None = None):
-    """Random arrays shaped as the tree `shapes` (of `jax.ShapeDtypeStruct`s), by `init_params`' rules."""
+def draw_like(shapes, seed: int = 0, shardings: dict | None = None, after=None):
+    """Random arrays shaped as the tree `shapes` (of `jax.ShapeDtypeStruct`s), by `init_params`' rules.
+    `after(path, array)`, where given, replaces each leaf as soon as it is drawn (path: its keys below
+    the tree's top level), e.g. quantizes it, so the drawn leaf can go before the next is drawn."""
     paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(shapes)[0])
     keys = jax.random.split(jax.random.key(seed, impl="unsafe_rbg"), len(leaves))  # RngBitGenerator: quick to compile
     out = []
@@ -321,7 +324,8 @@ def draw_like(shapes, seed: int = 0, shardings: dict | None = None):
         name = jax.tree_util.keystr(path[-1:], simple=True)
         bias = name.endswith(("_b", "bias")) and name not in ("wk_b", "wv_b")  # (MLA's two are weights)
         kind = "ones" if name == "scale" else "zeros" if bias else "normal"
-        out.append(_draw(kind, leaf.shape, jnp.dtype(leaf.dtype), sharding)(key))
+        drawn = _draw(kind, leaf.shape, jnp.dtype(leaf.dtype), sharding)(key)
+        out.append(drawn if after is None else after(tuple(k.key for k in path[1:]), drawn))
     return jax.tree.unflatten(jax.tree.structure(shapes), out)
 
 
@@ -362,8 +366,8 @@ def random_model(name: str, dtype="float32", seed: int = 0, runtime: Runtime = R
                  quant: str = "none") -> VL2Model:
     """A `VL2Model` with random weights at a preset size ("tiny", "small", "base", "test"), on one device
     or across `mesh` (see `load_model`); its tokenizer and processor files go to a temporary folder and
-    load through the same code as a real checkpoint's. `quant`: the float weights drawn, then quantized
-    leaf by leaf (`vl2_jax.quant`)."""
+    load through the same code as a real checkpoint's. `quant`: each float weight quantized as soon as
+    it is drawn (`vl2_jax.quant`), so that memory holds the quantized model and one float leaf at most."""
     if name not in PRESETS:
         raise ConfigError(f"unknown random model size {name!r}; use one of {', '.join(PRESETS)}.")
     cfg = PRESETS[name]
@@ -371,7 +375,7 @@ def random_model(name: str, dtype="float32", seed: int = 0, runtime: Runtime = R
     folder = write_assets(Path(tempfile.mkdtemp(prefix=f"vl2-random-{name}-")), cfg)
     mesh = make_mesh(mesh, cfg)
     shardings = Layout(mesh).param_shardings(param_shapes(cfg, dtype)) if mesh is not None else None
-    params = quantize_params(init_params(cfg, dtype, seed, shardings), check_quant(quant))
-    if mesh is not None and quant != "none":
-        params = jax.device_put(params, Layout(mesh).param_shardings(jax.eval_shape(lambda: params)))
+    quant = check_quant(quant)
+    after = (lambda path, leaf: _quantize_leaf(path, leaf, quant, mesh)) if quant != "none" else None
+    params = init_params(cfg, dtype, seed, shardings, after)
     return VL2Model(cfg, params, Processor.from_pretrained(folder), dtype, runtime, mesh, quant=quant)
