@@ -64,11 +64,15 @@ class Runtime:
     max_batch: the engine's decode slots (requests decoded together; a larger batch runs in waves).
     max_seq_len: tokens per slot, prompt and answer together (None: the model's context).
     prefill_chunks: the lengths a prompt is written into the cache in, each a compiled program: a prompt
-      runs as one chunk, the smallest that holds it, or, longer than the largest, in chunks of the
-      largest and then the smallest that covers the rest (less memory for activations).
-    prefill_tokens: the most tokens one prefill call holds: the first chunks of several waiting prompts
-      go through the model together (padded to the longest's chunk, in row counts that are powers of
-      two) while their rows times that chunk fit in it; 0: one prompt per call.
+      runs as one chunk, the smallest that holds it (padded to a longer one when it goes together with
+      longer prompts), or, longer than the largest, in chunks of the largest and then the smallest that
+      covers the rest (less memory for activations).
+    prefill_tokens: how many tokens one prefill call may hold beyond a single prompt's chunk: the first
+      chunks of several waiting prompts go through the model together (padded to the longest's chunk,
+      in row counts of 1, 2, 4, ... up to max_batch) while their rows times that chunk fit in it; a
+      lone chunk may be longer. Bounds the prefill's activation memory with the chunks; 0: one prompt
+      per call. The server's scheduler also takes it as the prompt tokens prefilled between two decode
+      steps.
     prefix_cache: whether a prompt may continue from the cache entries a slot kept of an earlier one
       (the server's prefix cache): the engine then also compiles prefill chunks that start past a
       cached prefix (chunks of up to `CONTINUED_CHUNK_MAX` tokens).

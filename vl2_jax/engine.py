@@ -532,7 +532,8 @@ class Engine:
     def begin(self, params, request: Request, start: int = 0, features: TileFeatures | None = None,
               digests: list[int] | None = None) -> Prefill:
         """Checks `request`, puts it on the device and dispatches its tile encoding and embedding ->
-        the `Prefill` whose chunks `prefill_chunk` writes into a slot. `start` > 0 (a multiple of the
+        the `Prefill` whose chunks `prefill_first` (its first, with other prompts') and `prefill_chunk`
+        (the later ones) write into a slot. `start` > 0 (a multiple of the
         smallest chunk; `runtime.prefix_cache`): the slot already holds the prompt's first `start`
         tokens, and tiles whose tokens all lie before it are not encoded. `features` (with the tiles'
         `digests`, `prefix_cache.tile_digests`): tiles found there are not encoded either, and those
