@@ -192,9 +192,7 @@ class Engine:
         # decode reads every live slot's keys at each step: lengths at most 1.5x apart, from 512
         ladder = sorted({b << i for b in (512, 768) for i in range(16) if b << i < self.capacity})
         self.decode_key_buckets = (*ladder, self.capacity)
-        self.slot_buckets = powers_of_two(1, self.max_batch)
-        # prompts prefilled together, padded to a row count from these (those that fit: `rows_for`)
-        self.row_buckets = powers_of_two(1, self.max_batch)
+        self.slot_buckets = powers_of_two(1, self.max_batch)  # (also the row counts of prompts prefilled together)
         self.side = cfg.tokens_per_tile_side
         # the most tiles a slot's image tokens can use (each tile brings at least side * side tokens)
         self.max_tiles = max(1, self.max_seq_len // self.side**2)
@@ -575,7 +573,7 @@ class Engine:
     def rows_for(self, chunk: int) -> tuple[int, ...]:
         """The row counts of prefill calls whose longest first chunk is `chunk` tokens: one, and those
         that fit `Runtime.prefill_tokens` (rows x chunk)."""
-        return tuple(n for n in self.row_buckets if n == 1 or n * chunk <= self.runtime.prefill_tokens)
+        return tuple(n for n in self.slot_buckets if n == 1 or n * chunk <= self.runtime.prefill_tokens)
 
     def fit_together(self, prefills: list[Prefill], budget: int | None = None) -> int:
         """How many of `prefills`, from the first, one `prefill_first` call takes: those at their first

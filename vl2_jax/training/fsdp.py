@@ -51,6 +51,15 @@ def opt_state_specs(opt_state, trainable: dict, specs: dict[str, PartitionSpec])
     return jax.tree_util.tree_map_with_path(spec, opt_state)
 
 
+def _apply(trainable: dict, opt_state, like: dict, mesh, put):
+    """`put(leaf, spec)` over the trainable leaves and the optimizer state, with the FSDP specs of `like`."""
+    specs = trainable_specs(like, mesh)
+    trainable = {k: put(v, specs[k]) for k, v in trainable.items()}
+    if opt_state is not None:
+        opt_state = jax.tree.map(put, opt_state, opt_state_specs(opt_state, like, specs))
+    return trainable, opt_state
+
+
 def constrain(trainable: dict, opt_state, like: dict | None = None):
     """(trainable, opt_state) constrained to the FSDP specs under the current mesh (in a jitted step);
     `like`: the trainable leaves whose paths and shapes the specs come from (default: `trainable`,
@@ -58,13 +67,7 @@ def constrain(trainable: dict, opt_state, like: dict | None = None):
     mesh = _mesh()
     if mesh is None:
         return trainable, opt_state
-    like = trainable if like is None else like
-    specs = trainable_specs(like, mesh)
-    put = jax.lax.with_sharding_constraint
-    trainable = {k: put(v, specs[k]) for k, v in trainable.items()}
-    if opt_state is not None:
-        opt_state = jax.tree.map(put, opt_state, opt_state_specs(opt_state, like, specs))
-    return trainable, opt_state
+    return _apply(trainable, opt_state, trainable if like is None else like, mesh, jax.lax.with_sharding_constraint)
 
 
 def place(trainable: dict, opt_state):
@@ -73,7 +76,4 @@ def place(trainable: dict, opt_state):
     mesh = jax.sharding.get_mesh()
     if mesh is None or mesh.empty:
         return trainable, opt_state
-    specs = trainable_specs(trainable, mesh)
-    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
-    return ({k: put(v, specs[k]) for k, v in trainable.items()},
-            jax.tree.map(put, opt_state, opt_state_specs(opt_state, trainable, specs)))
+    return _apply(trainable, opt_state, trainable, mesh, lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec)))
