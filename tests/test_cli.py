@@ -120,7 +120,7 @@ def test_compile_cache_keeps_programs_between_runs(tmp_path, monkeypatch):
         (["--dtype", "float8", "--prompt", "hi"], 2,
          "python -m generate: error: argument --dtype: invalid choice: 'float8' (choose from 'bfloat16', 'float32')"),
         (["--moe", "fastest", "--prompt", "hi"], 2, "python -m generate: error: argument --moe: invalid choice: "
-         "'fastest' (choose from 'auto', 'dense', 'gather', 'grouped', 'ragged')"),
+         "'fastest' (choose from 'auto', 'dense', 'gather', 'grouped', 'ragged', 'blocked')"),
         (["--prompt", "<image> and <image>", "--image", str(FIXTURES / "images" / "noise_tiny.png")], 1,
          "error: the prompt has 2 <image> placeholder(s) but 1 image(s) were given; use one placeholder per image, "
          "or none to put the images first."),

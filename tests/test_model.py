@@ -91,7 +91,7 @@ def test_moe_fast_paths_equal_dense_path(variant):
     assert rel_err(gather, np.asarray(dense)) < 1e-5
     x = jax.random.normal(jax.random.key(1), (2, 37, m.cfg.language.hidden_size))  # prefill-sized
     dense = MoE(m.cfg.language, jnp.float32, Runtime(moe="dense")).apply(params, x)
-    for impl in ("grouped", "ragged"):
+    for impl in ("grouped", "ragged", "blocked"):
         got = MoE(m.cfg.language, jnp.float32, Runtime(moe=impl)).apply(params, x)
         assert rel_err(got, np.asarray(dense)) < 1e-5, impl
 

@@ -12,10 +12,18 @@ import pytest
 
 import vl2_jax
 from vl2_jax.kernels import mosaic_ragged_usable
-from vl2_jax.modules.moe import choose_dispatch, combine, grouped_capacity, outputs_grouped, run_experts
+from vl2_jax.modules.moe import (
+    block_rows,
+    choose_dispatch,
+    combine,
+    grouped_capacity,
+    outputs_blocked,
+    outputs_grouped,
+    run_experts,
+)
 
 E, D, F, N, X = 16, 24, 20, 80, 4
-FAST = ("gather", "grouped", "ragged")
+FAST = ("gather", "grouped", "ragged", "blocked")
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +92,46 @@ def test_grouped_overflow_falls_back_to_dense(arrays):
     want = dense(x, gate_up, down, weights, idx)
     assert rel_err(got, want) < 1e-5
     assert rel_err(exact_fit, want) < 1e-5
+
+
+@pytest.mark.parametrize("impl, skewed", [("grouped", False), ("grouped", True), ("blocked", False), ("blocked", True)])
+def test_training_dispatch_gradients_equal_dense(arrays, impl, skewed):
+    """Training runs the grouped and blocked dispatches through XLA: their gradients (tokens, both
+    projections, router weights) are the dense path's, with the tokens spread over the experts and with
+    every token on the same few (grouped: overflow, so dense; blocked: one expert's many blocks)."""
+    x, gate_up, down, weights, idx = arrays
+    if skewed:
+        idx = jnp.tile(jnp.arange(X, dtype=jnp.int32), (N, 1))
+    probe = jax.random.normal(jax.random.key(7), (N, D))
+
+    def objective(impl):
+        def f(x, gate_up, down, weights):
+            y = run_experts(impl, x, gate_up, down, weights, idx, use_kernel=False)
+            return jnp.sum(y * probe)
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))
+
+    with jax.default_matmul_precision("highest"):
+        got = objective(impl)(x, gate_up, down, weights)
+        want = objective("dense")(x, gate_up, down, weights)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-5
+
+
+@pytest.mark.parametrize("rows", [8, 16, 128])
+def test_blocked_dispatch_any_block_size(arrays, rows):
+    """Groups larger and smaller than a block, blocks past the last group, and out-of-range ids."""
+    x, gate_up, down, weights, idx = arrays
+    idx = idx.at[:5, 0].set(-1).at[5:9, 1].set(E + 2)
+    want = dense(x, gate_up, down, weights, idx)
+    with jax.default_matmul_precision("highest"):
+        got = combine(jax.jit(outputs_blocked, static_argnums=4)(x, gate_up, down, idx, rows), weights, x.dtype)
+    assert rel_err(got, want) < 1e-5
+
+
+def test_block_rows():
+    assert block_rows(1, 64) == 8  # at least 8
+    assert block_rows(6 * 300, 64) == 16  # 28 per expert: the power of two below
+    assert block_rows(6 * 4096, 64) == 128  # at most 128
 
 
 def test_grouped_capacity():
@@ -518,7 +566,7 @@ def test_dense_matvec_only_below_the_size_xla_strength_reduces(monkeypatch):
     assert not kernels.dense_matvec_usable(jnp.bfloat16, 2048, 100)
 
 
-@pytest.mark.parametrize("impl", ["dense", "gather", "grouped", "ragged"])
+@pytest.mark.parametrize("impl", ["dense", "gather", "grouped", "ragged", "blocked"])
 def test_tokens_left_out_of_routing_change_nothing_else(impl):
     """`MoE(x, token_valid)`: the valid tokens' outputs are those of the full layer (every dispatch); the
     others get no routed experts (the grouped dispatch then reads none of their experts)."""

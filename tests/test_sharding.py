@@ -184,7 +184,7 @@ def test_moe_runs_expert_parallel_under_a_mesh():
     params = {"params": m.params["params"]["language"]["layers_1"]["mlp"]}
     x = jax.random.normal(jax.random.key(0), (2, 40, m.cfg.language.hidden_size))  # grouped: capacity < tokens
     mesh = make_mesh("expert=2,tensor=4", m.cfg)
-    for impl in ("dense", "gather", "grouped", "ragged"):
+    for impl in ("dense", "gather", "grouped", "ragged", "blocked"):
         module = MoE(m.cfg.language, jnp.float32, Runtime(moe=impl))
         want = np.asarray(module.apply(params, x))
         with jax.set_mesh(mesh):
@@ -205,7 +205,7 @@ def test_expert_parallel_moe_is_bitwise_equal_in_bfloat16():
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), {"params": m.params["params"]["language"]["layers_1"]["mlp"]})
     for tokens in (1, 40):  # decode (no capacity check) and prefill-sized (grouped with its overflow check)
         x = jax.random.normal(jax.random.key(tokens), (2, tokens, m.cfg.language.hidden_size)).astype(jnp.bfloat16)
-        for impl in ("dense", "gather", "grouped", "ragged"):
+        for impl in ("dense", "gather", "grouped", "ragged", "blocked"):
             module = MoE(m.cfg.language, jnp.bfloat16, Runtime(moe=impl))
             want = np.asarray(jax.jit(module.apply)(params, x).astype(jnp.float32))
             for layout in ("data=4,expert=2", "expert=8"):

@@ -15,7 +15,7 @@ from vl2_jax.checkpoint import SafetensorsFolder, to_hf
 from vl2_jax.errors import ConfigError, InputError
 from vl2_jax.processor import IGNORE_ID, Processor
 from vl2_jax.training import data
-from vl2_jax.training.loss import LossInputs, loss_and_grad_fn, mean_cross_entropy, training_module
+from vl2_jax.training.loss import LossInputs, loss_and_grad_fn, mean_cross_entropy, training_module, training_runtime
 
 CASES = ("sft_one_image", "sft_text", "sft_two_turns")
 LOSS_TOL = 1e-4  # absolute, against the official loss (fixtures/README.md)
@@ -65,16 +65,17 @@ def rel_err(got, want) -> float:
     return float(np.abs(np.asarray(got, np.float64) - want).max() / scale)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_loss_and_gradients_match_reference(variant):
+@pytest.mark.parametrize("variant, moe", [(v, "blocked") for v in VARIANTS] + [("mla_noaux", "dense"), ("mla_noaux", "grouped")])
+def test_loss_and_gradients_match_reference(variant, moe):
     """All three cases at one padded shape (left padding, a zero tile bucket), so that one program
-    serves them: a row's loss and gradients must not depend on its padding."""
+    serves them: a row's loss and gradients must not depend on its padding. Under each MoE dispatch
+    that training runs."""
     cases, arrays = train_fixture(variant)
     model = vl2_jax.load_pretrained(ckpt_dir(variant), dtype="float32")
     examples = {name: data.example(model.processor, record(variant, name)) for name in CASES}
     length = max(len(e.labels) for e in examples.values()) + 3
     tiles = max(len(e.output.pixels) for e in examples.values())
-    step = loss_and_grad_fn(training_module(model.cfg))
+    step = loss_and_grad_fn(training_module(model.cfg, runtime=training_runtime(moe)))
     for name, ex in examples.items():
         batch = data.collate(model.processor, [ex], length)
         inputs = LossInputs.from_batch(batch, tiles=tiles)  # text only: zero tiles that no token reads
@@ -151,6 +152,8 @@ def test_refusals():
     cfg = vl2_jax.load_pretrained(ckpt_dir("mha"), dtype="float32").cfg
     with pytest.raises(ConfigError, match="Runtime.plain"):
         training_module(cfg, runtime=vl2_jax.Runtime())
+    with pytest.raises(ConfigError, match="blocked, dense, grouped"):
+        training_runtime("ragged")
 
 
 def test_batch_loss_and_gradient_weigh_every_target_token_equally():

@@ -24,7 +24,7 @@ from vl2_jax.errors import ConfigError
 
 # The routed experts' dispatches (`vl2_jax.modules.moe.MoE`); here so that the command line can check
 # --moe without importing jax.
-MOE_IMPLS = ("auto", "dense", "gather", "grouped", "ragged")
+MOE_IMPLS = ("auto", "dense", "gather", "grouped", "ragged", "blocked")
 # How attention runs, in the vision tower and the language model: "plain" is the reference's einsums and
 # float32 softmax, "cudnn" and "xla" are `jax.nn.dot_product_attention`'s implementations, "auto" picks
 # cuDNN where it applies (`modules/attention.py`, `modules/vision.py`).

@@ -44,6 +44,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute (default float32)")
     p.add_argument("--no-remat", action="store_true",
                    help="keep every layer's activations for the backward pass instead of recomputing them (faster, more memory)")
+    p.add_argument("--moe", default="blocked", choices=["blocked", "dense", "grouped"],
+                   help="routed-expert dispatch: 'blocked' runs the chosen experts' work alone (in expert-sorted "
+                        "blocks), 'dense' every expert on every token, 'grouped' per-expert slots that fall back to "
+                        "dense on overflow; same gradients (default blocked)")
     p.add_argument("--mesh", default=None, metavar="SPEC", help="shard over devices: 'auto' or sizes such as data=8")
     p.add_argument("--seed", type=number(int, 0), default=0, help="data order and adapter initialisation (default 0)")
     p.add_argument("--resume", action="store_true", help="continue from the latest train state in --out")
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             parts=tuple(p.strip() for p in args.train.split(",") if p.strip()),
             save_every=args.save_every, eval_every=args.eval_every)
         job = Job(args.model, args.data, args.out, settings, args.eval, args.export_hf, args.dtype, args.mesh, args.resume,
-                  not args.no_remat)
+                  not args.no_remat, args.moe)
         result = finetune(job, log)
         last = f", eval loss {result.evals[max(result.evals)]:.4f}" if result.evals else ""
         print(f"trained {len(result.losses)} steps: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}{last}; "

@@ -16,7 +16,7 @@ Dimension legend, used in einsum strings, variable suffixes (`x_BTD`) and docstr
        for MLA)                   Q  MLA query LoRA rank
     J  rope dim (MLA)             V  vocabulary
     U  value head dim (MLA)       N  flattened tokens (B * T)
-    W  two stacked projections    M  rows per expert (grouped MoE)
-       (gate|up, key|value)
-    A  token-expert pairs (N * X)
+    W  two stacked projections    M  rows per expert (grouped MoE) or
+       (gate|up, key|value)          per block (blocked MoE)
+    A  token-expert pairs (N * X) Z  blocks (blocked MoE)
 """

@@ -231,6 +231,84 @@ def outputs_ragged(x_ND, gate_up_w, down_w, idx_NX, use_kernel: bool = True) -> 
     return jnp.where(_in_range(idx_NX, e)[..., None], y_NXD, 0)
 
 
+BLOCK_ROWS_MAX = 128
+
+
+def block_rows(num_assignments: int, num_experts: int) -> int:
+    """Rows per block of the blocked dispatch: the power of two from 8 to BLOCK_ROWS_MAX nearest below
+    the balanced load (assignments / experts), so that the padding (under a block per expert) stays
+    small beside the assignments."""
+    rows = 8
+    while rows * 2 <= min(BLOCK_ROWS_MAX, num_assignments / num_experts):
+        rows *= 2
+    return rows
+
+
+@jax.custom_vjp
+def _move_rows(values, take, give):
+    """Rows `values[take]` ([len(take), ...]; zeros where `take` is out of range), for an index pair
+    that moves each row to at most one place: `give` [len(values)] is the inverse (where each row of
+    `values` went, out of range: nowhere). The gradient is then a gather by `give`, not the
+    scatter-add that `jnp.take`'s would be."""
+    return jnp.take(values, take, axis=0, mode="fill", fill_value=0)
+
+
+def _move_rows_fwd(values, take, give):
+    return _move_rows(values, take, give), give
+
+
+def _move_rows_bwd(give, grad):
+    return jnp.take(grad, give, axis=0, mode="fill", fill_value=0), None, None
+
+
+_move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
+
+
+def _per_block(w, block_expert_Z: jax.Array, num_experts: int):
+    """Each block's expert's weights [Z, ...]: a product with the one-hot [Z, E] (exact; its gradient,
+    the blocks' gradients summed per expert, is a matmul too, not a scatter-add), or a gather for
+    quantized weights (inference only)."""
+    if is_quantized(w):
+        return w[block_expert_Z]
+    onehot_ZE = jax.nn.one_hot(block_expert_Z, num_experts, dtype=w.dtype)
+    # float32 at full precision (a TF32 product would round the weights); 16-bit products are exact
+    precision = jax.lax.Precision.HIGHEST if w.dtype == jnp.float32 else None
+    return jnp.tensordot(onehot_ZE, w, axes=1, precision=precision)
+
+
+def outputs_blocked(x_ND, gate_up_w, down_w, idx_NX, rows: int | None = None) -> jax.Array:
+    """Blocked path (training's): token copies sorted by expert into blocks of `rows` rows, each block
+    holding one expert's tokens; one batched matmul per projection over the blocks, each with its
+    expert's weights ([Z, D, W, F]). [N, D] -> [N, X, D].
+
+    Drops nothing and needs no capacity: Z = ceil(N*X / rows) + E blocks always suffice (each expert
+    pads its group by under one block), so the work is that of N*X + E*rows rows however the tokens
+    route, where the grouped path falls back to every expert on every token once one expert overflows
+    (random weights route most tokens to a few experts). Plain XLA (gathers and batched dots, no
+    scatter in the forward or the backward), so it is differentiable. `rows` defaults to
+    `block_rows`. Ids outside [0, E) give zeros.
+    """
+    n, x = idx_NX.shape
+    e, d = gate_up_w.shape[:2]
+    a = n * x
+    m = rows or block_rows(a, e)
+    z = -(-a // m) + e  # blocks: a static bound
+    order, rank, sizes = _group_by_expert(idx_NX, e)
+    ids = idx_NX.reshape(-1)[order]
+    blocks_per = (sizes + m - 1) // m  # [E]
+    block_end = jnp.cumsum(blocks_per)
+    first_row = (block_end - blocks_per) * m
+    dest_sorted = jnp.where((ids >= 0) & (ids < e), first_row[jnp.clip(ids, 0, e - 1)] + rank, z * m)
+    dest = jnp.zeros_like(dest_sorted).at[order].set(dest_sorted)  # [A]: each assignment's row (z*m: none)
+    src = jnp.full((z * m,), a, dest.dtype).at[dest].set(jnp.arange(a, dtype=dest.dtype), mode="drop")  # row's assignment
+    xs = _move_rows(jnp.repeat(x_ND, x, axis=0), src, dest).reshape(z, m, d)
+    # each block's expert (blocks past the last group: the last expert, on rows of zeros)
+    block_expert = jnp.minimum(jnp.searchsorted(block_end, jnp.arange(z), side="right", method="compare_all"), e - 1)
+    h = swiglu(qeinsum("ZMD,ZDWF->ZMWF", xs, _per_block(gate_up_w, block_expert, e)))
+    y = qeinsum("ZMF,ZFD->ZMD", h, _per_block(down_w, block_expert, e))
+    return _move_rows(y.reshape(z * m, d), dest, src).reshape(n, x, d)
+
+
 def grouped_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float = 2.0) -> int:
     """Rows per expert of the grouped dispatch: `factor` x the balanced load, rounded up to a multiple of
     8, at most `num_tokens` (a token chooses an expert at most once, so that bound never overflows).
@@ -290,12 +368,13 @@ def outputs_grouped(x_ND, gate_up_w, down_w, idx_NX, capacity: int | None = None
     return jax.lax.cond(jnp.max(sizes) > cap, lambda: outputs_dense(x_ND, gate_up_w, down_w, idx_NX), grouped)
 
 
-_OUTPUTS = {"dense": outputs_dense, "gather": outputs_gather, "grouped": outputs_grouped, "ragged": outputs_ragged}
+_OUTPUTS = {"dense": outputs_dense, "gather": outputs_gather, "grouped": outputs_grouped, "ragged": outputs_ragged,
+            "blocked": outputs_blocked}
 
 
 def expert_outputs(impl: str, x_ND, gate_up_w, down_w, idx_NX, ids_in_range: bool = False,
                    use_kernel: bool = True) -> jax.Array:
-    """Each token's chosen experts by one dispatch ("dense", "gather", "grouped" or "ragged"):
+    """Each token's chosen experts by one dispatch ("dense", "gather", "grouped", "ragged" or "blocked"):
     [N, D] -> [N, X, D] in the activation dtype (float32 for "gather", see `outputs_gather`, and for
     "grouped" through its kernel).
 
@@ -305,8 +384,8 @@ def expert_outputs(impl: str, x_ND, gate_up_w, down_w, idx_NX, ids_in_range: boo
     """
     if impl == "gather":
         return outputs_gather(x_ND, gate_up_w, down_w, idx_NX, ids_in_range, use_kernel)
-    if impl == "dense":
-        return outputs_dense(x_ND, gate_up_w, down_w, idx_NX)
+    if impl in ("dense", "blocked"):
+        return _OUTPUTS[impl](x_ND, gate_up_w, down_w, idx_NX)
     return _OUTPUTS[impl](x_ND, gate_up_w, down_w, idx_NX, use_kernel=use_kernel)
 
 
@@ -397,7 +476,8 @@ class MoE(nn.Module):
     `runtime.moe` (one of `vl2_jax.config.MOE_IMPLS`): "dense" (the plain reference path: every expert on
     every token), "gather" (chosen experts' weights only), "grouped" (tokens in per-expert slots of a
     bounded capacity, dense on overflow), "ragged" (a grouped matmul over expert-sorted tokens: the
-    Mosaic GPU kernel on Hopper, `lax.ragged_dot` elsewhere), or "auto" (`choose_dispatch`).
+    Mosaic GPU kernel on Hopper, `lax.ragged_dot` elsewhere), "blocked" (expert-sorted blocks with
+    gathered weights, plain XLA: training's dispatch), or "auto" (`choose_dispatch`, never "blocked").
     `benchmarks/moe_dispatch.py` measured them on an H200 (BENCHMARKS.md): gather wins at one token,
     grouped at decode batches, the Mosaic kernel at prefill. Under a mesh that splits the experts
     or their width, the dispatch runs per device (`experts_sharded`).

@@ -4,9 +4,13 @@ The loss is the official one (`DeepseekV2ForCausalLM.forward` with labels): the 
 predict the label at t + 1; the mean of the cross-entropy (float32 log-softmax) over every label of
 the batch that is not IGNORE_ID, so that each target token weighs the same whatever its row.
 
-The forward is the model's own (`VL2.__call__`) under a differentiable runtime: the plain MoE dispatch
-("dense": every expert on every token, each token keeping its chosen ones) and no accelerator kernels
-(they have no gradients). Routing is the inference routing, `noaux_tc` included. `loss` and
+The forward is the model's own (`VL2.__call__`) under a differentiable runtime: no accelerator kernels
+(they have no gradients) and an MoE dispatch of DIFFERENTIABLE_MOE: the plain "dense" one (every expert
+on every token, each token keeping its chosen ones: experts / top-k times the work of the chosen
+experts), "blocked" (the default of `training_runtime`: expert-sorted blocks, the chosen experts' work
+plus under a block per expert, whatever the routing) or "grouped" (per-expert slots of a bounded
+capacity, the dense path for a layer whose slots overflow), all through XLA, whose gradients equal the
+dense one's. Routing is the inference routing, `noaux_tc` included. `loss` and
 `loss_and_grad_fn` are the cross-entropy alone (the official gradient at aux_loss_alpha = 0); the
 fine-tuning step (`loop.step_fn`) adds the expert balance loss, `balance_loss`, from
 `forward_with_router`. Positions of left-padded rows are `cumsum(mask) - 1`, as in generation, so that a
@@ -32,7 +36,7 @@ from vl2_jax.processor import IGNORE_ID, canonical_pixel_norm, left_pad_position
 from vl2_jax.training.data import LabelledBatch
 from vl2_jax.training.remat import RematVL2
 
-DIFFERENTIABLE_MOE = ("dense",)  # the MoE dispatches whose gradients are tested against the official code
+DIFFERENTIABLE_MOE = ("blocked", "dense", "grouped")  # the MoE dispatches whose gradients are tested against the official code
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +82,13 @@ jax.tree_util.register_dataclass(
 )
 
 
+def training_runtime(moe: str = "blocked") -> Runtime:
+    """`Runtime.plain()` with the MoE dispatch `moe` (one of DIFFERENTIABLE_MOE)."""
+    if moe not in DIFFERENTIABLE_MOE:
+        raise ConfigError(f"training runs the MoE dispatch {', '.join(DIFFERENTIABLE_MOE)} (got {moe!r}).")
+    return dataclasses.replace(Runtime.plain(), moe=moe)
+
+
 def training_module(cfg: VL2Config, dtype=jnp.float32, runtime: Runtime | None = None, remat: bool = False) -> VL2:
     """The model for training: `runtime` defaults to `Runtime.plain()`; one that runs kernels or an MoE
     dispatch other than DIFFERENTIABLE_MOE is refused. `remat`: each decoder layer under
@@ -86,7 +97,7 @@ def training_module(cfg: VL2Config, dtype=jnp.float32, runtime: Runtime | None =
     if runtime.kernels or runtime.moe not in DIFFERENTIABLE_MOE:
         raise ConfigError(f"training needs Runtime(kernels=False, moe in {DIFFERENTIABLE_MOE}) (the kernels and "
                           f"the other dispatches have no tested gradients); got kernels={runtime.kernels}, "
-                          f"moe={runtime.moe!r}. Use Runtime.plain().")
+                          f"moe={runtime.moe!r}. Use Runtime.plain() or training_runtime(moe).")
     return (RematVL2 if remat else VL2)(cfg, jnp.dtype(dtype).type, runtime)
 
 

@@ -25,7 +25,7 @@ from vl2_jax.errors import InputError
 from vl2_jax.load import load_model
 from vl2_jax.training import batches, export, lora
 from vl2_jax.training.loop import Result, Settings, fit
-from vl2_jax.training.loss import training_module
+from vl2_jax.training.loss import training_module, training_runtime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,7 @@ class Job:
     mesh: str | None = None
     resume: bool = False
     remat: bool = True
+    moe: str = "blocked"  # the routed experts' dispatch (`loss.DIFFERENTIABLE_MOE`)
 
 
 def merged_params(result: Result, s: Settings) -> dict:
@@ -57,6 +58,7 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
     """Runs `job`; returns `fit`'s Result. Raises InputError / ConfigError / CheckpointError on bad
     input (see `batches` for what is refused and what skipped)."""
     s, out = job.settings, Path(job.out)
+    runtime = training_runtime(job.moe)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a folder.")
     for name, file in (("--data", job.data), ("--eval", job.eval)):
@@ -74,7 +76,7 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
     what = f"LoRA rank {s.lora_rank} on {','.join(s.parts)}" if s.lora_rank else f"full fine-tuning of {','.join(s.parts)}"
     log(f"training: {what}; {s.steps} steps of {s.batch} x {s.grad_accum} conversations")
     with model.mesh_context():
-        result = fit(training_module(model.cfg, model.dtype, remat=job.remat), model.processor, model.params, train, s,
+        result = fit(training_module(model.cfg, model.dtype, runtime, remat=job.remat), model.processor, model.params, train, s,
                      state_dir=out / "train_state", eval_examples=evals, resume=job.resume, log=log, bar=bar)
         params = merged_params(result, s)
     dtype = jnp.dtype(model.dtype).name
