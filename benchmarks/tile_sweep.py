@@ -1,6 +1,6 @@
 """Tile sizes of the MoE kernels, swept at the real sizes. (GPU; ragged: Hopper)
 
-    python benchmarks/tile_sweep.py --kernel matvec [--models tiny,small,base] [--tokens 1] [--dense]
+    python benchmarks/tile_sweep.py --kernel matvec [--models tiny,small,base] [--tokens 1] [--dense] [--weights int8]
     python benchmarks/tile_sweep.py --kernel ragged [--models tiny,small,base] [--tokens 1042]
         [--block-m 64,128] [--block-n 64,128] [--block-k 64] [--steps 2,4] [--grid-block-n 1,4]
 
@@ -10,6 +10,8 @@ experts [E, D, 2F]; down: [X, F] against [E, F, D]; X = tokens * top-k chosen ex
 configuration (block_k, block_n, warps, stages, k_split) over 8 different random expert choices (so the
 experts' weights do not sit in the L2 cache), host-timed, and checks each against a float32 reference.
 The table gives the best configuration per shape, its bandwidth and the library's default.
+`--weights int8|fp8` sweeps the kernel on quantized values with per-column scales (`scales_EN`), block_n
+128 tried too (a row of 64 one-byte values is half the bytes a bf16 program reads).
 `--dense` also times the other batch-1 matrix-vector products (shared experts, attention projections)
 as XLA's dot against the kernel with one "expert" (8 weight copies rotated), at the best tiles and at
 the library's `dense_matvec_tiles`. Standalone calls can mislead: whether the kernel wins inside the
@@ -42,6 +44,7 @@ from vl2_jax.config import PRESETS
 
 # matvec tiles: block_k, block_n, warps, stages, k_split
 MATVEC_CONFIGS = list(itertools.product((128, 256), (32, 64), (4, 8), (4,), (1, 2, 4)))
+QUANT_MATVEC_CONFIGS = list(itertools.product((128, 256), (64, 128), (4, 8), (4,), (1, 2, 4)))
 ROUNDS = 8
 # ragged tiles to try by default: block_m, block_n, block_k, steps, grid_block_n
 RAGGED_DEFAULTS = {"block_m": "64,128", "block_n": "64,128", "block_k": "64", "steps": "2,4", "grid_block_n": "1,4"}
@@ -55,31 +58,38 @@ def _error_row(row: dict, tiles, e: Exception) -> None:
 # --- matvec: the gathered matrix-vector kernel at decode ---------------------------------------------
 
 
-def _matvec_case(rows: int, per: int, k: int, n: int, e: int):
+def _matvec_case(rows: int, per: int, k: int, n: int, e: int, weights: str = "bf16"):
+    """(inputs, weights or quantized values, ids [ROUNDS, rows * per], column scales or None)."""
     kx, kw, ki = jax.random.split(jax.random.key(0), 3)
     inputs = jax.random.normal(kx, (rows, k), jnp.bfloat16)
-    w = (0.05 * jax.random.normal(kw, (e, k, n), jnp.float32)).astype(jnp.bfloat16)
+    w = 0.05 * jax.random.normal(kw, (e, k, n), jnp.float32)
     ids = jnp.stack([jax.random.permutation(kk, e)[: rows * per] for kk in jax.random.split(ki, ROUNDS)])
-    return inputs, w, ids.astype(jnp.int32)
+    if weights == "bf16":
+        return inputs, w.astype(jnp.bfloat16), ids.astype(jnp.int32), None
+    scales = jnp.max(jnp.abs(w), axis=1) / 127.0  # [E, N]
+    values = jnp.clip(jnp.round(w / scales[:, None]), -127, 127).astype(jnp.dtype(weights.replace("fp8", "float8_e4m3fn")))
+    return inputs, values, ids.astype(jnp.int32), scales
 
 
-def _time_matvec(inputs, w, ids, per: int, tiles) -> float:
-    def rounds(inputs, w, ids):
-        return sum(kernels.gathered_matvec(inputs, w, ids[i], per, tiles=tiles).sum() for i in range(ROUNDS))
+def _time_matvec(inputs, w, ids, per: int, tiles, scales=None) -> float:
+    def rounds(inputs, w, ids, scales):
+        return sum(kernels.gathered_matvec(inputs, w, ids[i], per, tiles=tiles, scales_EN=scales).sum()
+                   for i in range(ROUNDS))
     fn = jax.jit(rounds)
-    return 1e3 * median_time(lambda: fn(inputs, w, ids), 5) / ROUNDS
+    return 1e3 * median_time(lambda: fn(inputs, w, ids, scales), 5) / ROUNDS
 
 
-def _matvec_sweep(row: dict, inputs, w, ids, per: int) -> dict:
-    want = np.einsum("ak,akn->an", np.asarray(inputs, np.float32)[np.arange(ids.shape[1]) // per],
-                     np.asarray(w[ids[0]], np.float32))
+def _matvec_sweep(row: dict, inputs, w, ids, scales, per: int) -> dict:
+    dequantized = np.asarray(w[ids[0]], np.float32) * (1 if scales is None else np.asarray(scales)[ids[0]][:, None, :])
+    want = np.einsum("ak,akn->an", np.asarray(inputs, np.float32)[np.arange(ids.shape[1]) // per], dequantized)
     k, n = w.shape[1:]
     results = {}
-    for tiles in [t for t in MATVEC_CONFIGS if k % (t[0] * t[4]) == 0 and n % t[1] == 0]:
+    configs = MATVEC_CONFIGS if scales is None else QUANT_MATVEC_CONFIGS
+    for tiles in [t for t in configs if k % (t[0] * t[4]) == 0 and n % t[1] == 0]:
         try:
-            got = np.asarray(kernels.gathered_matvec(inputs, w, ids[0], per, tiles=tiles))
+            got = np.asarray(kernels.gathered_matvec(inputs, w, ids[0], per, tiles=tiles, scales_EN=scales))
             err = float(np.abs(got - want).max() / np.abs(want).max())
-            ms = _time_matvec(inputs, w, ids, per, tiles)
+            ms = _time_matvec(inputs, w, ids, per, tiles, scales)
         except Exception as e:  # noqa: BLE001
             _error_row(row, tiles, e)
             continue
@@ -138,17 +148,17 @@ def _dense(model: str, name: str, k: int, n: int) -> dict:
     return row
 
 
-def matvec(models: list[str], tokens: int, dense: bool) -> None:
+def matvec(models: list[str], tokens: int, dense: bool, weights: str = "bf16") -> None:
     table, dense_rows = [], []
     for model in models:
         c = PRESETS[model].language
         e, d, f, x = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size, c.num_experts_per_tok
         for proj, rows, per, k, n in (("gate_up", tokens, x, d, 2 * f), ("down", tokens * x, 1, f, d)):
-            row = {"model": model, "proj": proj, "rows": rows * per, "k": k, "n": n}
-            table.append(_matvec_sweep(row, *_matvec_case(rows, per, k, n, e), per))
+            row = {"model": model, "proj": proj, "weights": weights, "rows": rows * per, "k": k, "n": n}
+            table.append(_matvec_sweep(row, *_matvec_case(rows, per, k, n, e, weights), per))
         if dense:
             dense_rows += [_dense(model, *shape) for shape in _dense_shapes(c)]
-    print(f"\n{jax.devices()[0].device_kind}, JAX {jax.__version__}, {tokens} token(s)")
+    print(f"\n{jax.devices()[0].device_kind}, JAX {jax.__version__}, {tokens} token(s), {weights} weights")
     print("| model | projection | rows x K x N | best (block_k, block_n, warps, stages, k_split) | ms | GB/s | default ms |")
     print("|---|---|---|---|---|---|---|")
     for r in table:
@@ -233,6 +243,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=None,
                    help="matvec: decode batch (rows = tokens * top-k; default 1); ragged: prompt tokens (default 1042)")
     p.add_argument("--dense", action="store_true", help="matvec: also time the other batch-1 matrix-vector products")
+    p.add_argument("--weights", default="bf16", choices=["bf16", "int8", "fp8"],
+                   help="matvec: the experts' weights (int8/fp8: quantized values with column scales)")
     ints = lambda text: [int(v) for v in text.split(",")]
     for name, default in RAGGED_DEFAULTS.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=ints, default=None,
@@ -243,10 +255,10 @@ def main(argv=None) -> int:
         given = [f"--{n.replace('_', '-')}" for n in RAGGED_DEFAULTS if getattr(args, n) is not None]
         if given:
             p.error(f"{', '.join(given)} go with --kernel ragged")
-        matvec(models, 1 if args.tokens is None else args.tokens, args.dense)
+        matvec(models, 1 if args.tokens is None else args.tokens, args.dense, args.weights)
     else:
-        if args.dense:
-            p.error("--dense goes with --kernel matvec")
+        if args.dense or args.weights != "bf16":
+            p.error("--dense and --weights go with --kernel matvec")
         values = [ints(d) if getattr(args, n) is None else getattr(args, n) for n, d in RAGGED_DEFAULTS.items()]
         ragged(models, 1042 if args.tokens is None else args.tokens, list(itertools.product(*values)))
     return 0
