@@ -20,9 +20,21 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test module, drop JAX's compiled programs: the whole suite in one process otherwise
+    keeps thousands of CPU executables alive, and XLA's CPU compiler then crashed (a segfault while
+    compiling, ~695 tests in, on the 2-core CI machine)."""
+    yield
+    import jax
+
+    jax.clear_caches()
+
 VARIANTS = ("mha", "mla", "mla_noaux")
 
 
