@@ -155,7 +155,7 @@ def test_load_profile_times_every_leaf(tmp_path, mode):
     assert r.returncode == 0, r.stderr[-2000:]
     row = json.loads(r.stdout.splitlines()[-1])
     assert row["leaves"] > 10 and row["weights_gb"] >= 0 and row["wall_s"] > 0
-    assert (row["device_put_s_summed"] > 0) == (mode == "default")
+    assert (row["place_s_summed"] > 0) == (mode == "default") and row["read_s_summed"] > 0
 
 
 def test_alone_vs_together_finds_float32_answers_identical():

@@ -132,6 +132,27 @@ def test_direct_reader_equals_orbax_and_reports_bytes(root, mesh):
     assert done == sorted(done) and done[-1] == total
 
 
+def test_leaves_are_written_in_chunks_and_read_back_whole(tmp_path, root, monkeypatch):
+    """`convert` splits each leaf into zstd chunks of about CHUNK_BYTES; both readers put the chunks
+    back together into the leaves a one-chunk conversion gives."""
+    import tensorstore as ts
+
+    monkeypatch.setattr(orbax_io, "CHUNK_BYTES", 4096)
+    dst = tmp_path / "chunked"
+    orbax_io.convert_checkpoint(ckpt_dir("mla"), dst, "float32")
+    spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{(dst / 'params' / 'embed').absolute()}/",
+                                          "path": "language.embed/"}}
+    store = ts.open(spec, open=True, read=True).result()
+    chunk = store.chunk_layout.read_chunk.shape
+    assert np.prod(chunk) * 4 <= 4096 < store.size * 4, (chunk, store.shape)
+    cfg = VL2Config.from_pretrained(dst)
+    whole = orbax_io.restore(converted("mla", root), cfg)[0]
+    for reader in ("tensorstore", "orbax"):
+        got = orbax_io.restore(dst, cfg, reader=reader)[0]
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(whole), jax.tree.leaves(got), strict=True):
+            assert np.array_equal(np.asarray(a), np.asarray(b)), (reader, jax.tree_util.keystr(path))
+
+
 def test_a_group_orbax_stored_otherwise_still_restores(tmp_path, root):
     """A group not in the OCDBT layout the direct reader knows (here: saved without OCDBT) is read by Orbax."""
     import orbax.checkpoint as ocp
@@ -158,6 +179,32 @@ def test_damaged_weights_fail_in_one_sentence(tmp_path, root):
     with pytest.raises(CheckpointError, match=r"params/layers_1 failed .*the checkpoint is damaged") as error:
         orbax_io.restore(dst, VL2Config.from_pretrained(dst))
     assert "\n" not in str(error.value)
+
+
+def test_a_failed_placement_ends_the_load(root, monkeypatch):
+    """A leaf that fails on its way to the device ends the load with its error, even while other
+    readers wait for bytes held by leaves read but never placed (one byte of budget: one leaf at a time)."""
+    import threading
+
+    def fail(host, sharding):
+        raise RuntimeError("device out of memory (simulated)")
+
+    monkeypatch.setattr(orbax_io, "READ_BUDGET", 1)
+    monkeypatch.setattr(orbax_io, "_place", fail)
+    dst = converted("mla", root)
+    errors = []
+
+    def load():
+        try:
+            orbax_io.restore(dst, VL2Config.from_pretrained(dst))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "the load hung after a failed placement"
+    assert len(errors) == 1 and "simulated" in str(errors[0])
 
 
 # ------------------------------------------------------------------------------------------ errors

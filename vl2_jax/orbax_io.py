@@ -170,6 +170,12 @@ def saved_quant(path: str | Path) -> str:
 # copies come on top): bounds the host memory a load needs beside the model.
 READ_BUDGET = 4 << 30
 READ_THREADS = 16  # leaves in flight; zstd decoding and file reads run on tensorstore's own thread pools
+PLACE_THREADS = 2  # leaves crossing to their devices at once
+# Bytes per zstd chunk that `convert` writes: tensorstore decodes a leaf's chunks on several threads, and
+# buffers this small are reused by the allocator rather than mapped fresh (whose first touches cost more
+# than the copies). A random tiny on an H200 machine, cold cache: 6.2-6.7 s to restore as one chunk per
+# leaf, 4.2-5.1 s in 16 MB chunks, 5.0-5.3 s in 4 MB and 5.9-6.6 s in 64 MB ones (BENCHMARKS.md).
+CHUNK_BYTES = 16 << 20
 # The file kvstore's default mode reads through the page cache (a second load of the same checkpoint is
 # served from memory); {"file_io_mode": {"mode": "direct"}} would bypass it (O_DIRECT).
 READ_CONTEXT = {"file_io_concurrency": {"limit": 64}}
@@ -296,22 +302,31 @@ def _first_line(error: BaseException) -> str:
 
 
 class _Budget:
-    """Blocks `take(n)` until fewer than `limit` bytes are taken (one request may exceed it alone)."""
+    """Blocks `take(n)` until fewer than `limit` bytes are taken (one request may exceed it alone), or
+    until `abort()`, after which `take` raises: a failed load's readers end instead of waiting for bytes
+    that read but unplaced leaves will never give back."""
 
     def __init__(self, limit: int):
-        self.left, self.limit = limit, limit
+        self.left, self.limit, self.aborted = limit, limit, False
         self.cond = threading.Condition()
 
     def take(self, n: int) -> int:
         n = min(n, self.limit)
         with self.cond:
-            self.cond.wait_for(lambda: self.left >= n)
+            self.cond.wait_for(lambda: self.left >= n or self.aborted)
+            if self.aborted:
+                raise concurrent.futures.CancelledError("the load failed")
             self.left -= n
         return n
 
     def give(self, n: int) -> None:
         with self.cond:
             self.left += n
+            self.cond.notify_all()
+
+    def abort(self) -> None:
+        with self.cond:
+            self.aborted = True
             self.cond.notify_all()
 
 
@@ -323,65 +338,89 @@ def _host_buffer(shape, dtype) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, max(n, 1)), np.uint8)[:n].view(dtype).reshape(shape)
 
 
-def _read_leaf(path: Path, group: str, p: Path_, store, sharding) -> jax.Array:
-    """One leaf from its tensorstore (cast on the way if `store` is a cast view) onto its devices."""
+def _read_host(path: Path, group: str, p: Path_, store, sharding) -> np.ndarray:
+    """One leaf from its tensorstore (cast on the way if `store` is a cast view) into host memory. For a
+    leaf bound for one CPU device, into a buffer that device adopts as it is (one host copy fewer)."""
     import tensorstore as ts
 
-    one_device = isinstance(sharding, jax.sharding.SingleDeviceSharding)
     try:
-        if one_device and next(iter(sharding.device_set)).platform == "cpu":
-            # Read into the very buffer the CPU device will use: one host copy fewer.
+        if len(sharding.device_set) == 1 and next(iter(sharding.device_set)).platform == "cpu":
             host = _host_buffer(store.shape, store.dtype.numpy_dtype)
             ts.array(host, copy=False, write=True).write(store).result()
-        else:
-            host = store.read().result()
+            return host
+        return store.read().result()
     except ValueError as e:  # tensorstore's error for unreadable or truncated data
         raise CheckpointError(
             f"{path}: reading parameter {'/'.join(p)} from params/{group} failed ({_first_line(e)}); "
             "the checkpoint is damaged, so convert it again."
         ) from None
-    if one_device:
+
+
+def _place(host: np.ndarray, sharding) -> jax.Array:
+    """A host array onto its devices, waited for: the host copy may go only once the devices hold it.
+    (`jax.device_put` copies each device's slice in one batch; `make_array_from_callback`, slower on a GPU,
+    only where other processes hold some of the devices.)"""
+    if sharding.is_fully_addressable:
         array = jax.device_put(host, sharding)
     else:  # each addressable device gets its slice; other processes' devices are theirs to fill
         array = jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-    return array.block_until_ready()  # the host copy may go only once the devices hold the leaf
+    return array.block_until_ready()
 
 
 def _read_concurrently(path: Path, stores: dict, want, shardings, bytes_progress: BytesProgress, after) -> dict:
-    """Reads every leaf, READ_THREADS at a time with at most READ_BUDGET bytes in flight, and puts each on
-    its devices as soon as it is read: one read per leaf (all of its shards come from that one host copy),
-    cast by tensorstore as it copies out of the decoded chunk. The largest leaves start first: each is one
-    zstd chunk, decoded by one thread, so started last it would be the whole load's tail."""
+    """Reads every leaf, READ_THREADS at a time with at most READ_BUDGET bytes read but not yet on their
+    devices, and hands each to PLACE_THREADS threads that put it on its devices as soon as it is read: one
+    read per leaf (all of its shards come from that one host copy), cast by tensorstore as it copies out
+    of the decoded chunk. Reading and placing run in threads of their own, so the file reads go on while
+    earlier leaves cross to the devices. The largest leaves start first, so that none is the load's tail
+    (checkpoints converted before `CHUNK_BYTES` hold each leaf as one zstd chunk, decoded by one thread)."""
     import tensorstore as ts
 
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     leaves = [(g, p, s if s.dtype.numpy_dtype == want or _keeps_saved_dtype(p, ls) else ts.cast(s, want))
               for g, ls in stores.items() for p, s in ls.items()]
     size = lambda leaf: math.prod(leaf[2].shape) * leaf[2].dtype.numpy_dtype.itemsize
+    sharding_of = lambda leaf: _lookup(shardings, ("params", *leaf[1])) or default
     leaves.sort(key=size, reverse=True)
     total = sum(map(size, leaves))
     budget = _Budget(READ_BUDGET)
 
     def read(leaf):
-        group, p, store = leaf
         taken = budget.take(size(leaf))
         try:
-            return after(p, _read_leaf(path, group, p, store, _lookup(shardings, ("params", *p)) or default))
+            return _read_host(path, leaf[0], leaf[1], leaf[2], sharding_of(leaf)), taken
+        except BaseException:
+            budget.give(taken)
+            raise
+
+    def place(leaf, host, taken):
+        try:
+            return after(leaf[1], _place(host, sharding_of(leaf)))
         finally:
             budget.give(taken)
 
     params: dict = {}
     done = 0
-    with concurrent.futures.ThreadPoolExecutor(READ_THREADS, thread_name_prefix="vl2-restore") as pool:
-        futures = {pool.submit(read, leaf): leaf for leaf in leaves}
+    with (concurrent.futures.ThreadPoolExecutor(READ_THREADS, thread_name_prefix="vl2-read") as readers,
+          concurrent.futures.ThreadPoolExecutor(PLACE_THREADS, thread_name_prefix="vl2-place") as placers):
+        stage = {readers.submit(read, leaf): ("read", leaf) for leaf in leaves}
+        pending = set(stage)
         try:
-            for future in concurrent.futures.as_completed(futures):
-                leaf = futures[future]
-                set_path(params, leaf[1], future.result())
-                done += size(leaf)
-                bytes_progress(done, total)
+            while pending:
+                finished, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in finished:
+                    kind, leaf = stage.pop(future)
+                    if kind == "read":
+                        placed = placers.submit(place, leaf, *future.result())
+                        stage[placed] = ("place", leaf)
+                        pending.add(placed)
+                    else:
+                        set_path(params, leaf[1], future.result())
+                        done += size(leaf)
+                        bytes_progress(done, total)
         except BaseException:  # the first failure (or Ctrl-C) ends the load; leaves not started never start
-            for future in futures:
+            budget.abort()
+            for future in stage:
                 future.cancel()
             raise
     return {"params": params}
@@ -617,8 +656,12 @@ def _convert_groups(cfg, src: Path, tmp: Path, np_dtype, progress: Progress, sta
 
 
 def _save_group(checkpointer, directory: Path, tree: dict) -> None:
-    """Writes one group (a nested dict of numpy arrays) as an Orbax PyTree checkpoint."""
-    checkpointer.save(directory, tree)
+    """Writes one group (a nested dict of numpy arrays) as an Orbax PyTree checkpoint, each leaf in zstd
+    chunks of about CHUNK_BYTES."""
+    import orbax.checkpoint as ocp
+
+    save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), tree)
+    checkpointer.save(directory, args=ocp.args.PyTreeSave(tree, save_args=save_args))
 
 
 def _move_into_place(tmp: Path, dst: Path) -> None:
