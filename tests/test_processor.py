@@ -335,3 +335,28 @@ def test_loading_is_quiet():
 def test_variants_share_processor_settings(variant):
     p = processor(variant)
     assert p.image_size == 70 and p.image_token_id == 3
+
+
+def test_transformers_env_is_set_once_and_given_back(monkeypatch):
+    """Nested and threaded entries of `transformers_env` write os.environ only at the outermost (a thread
+    inside never writes the environment other threads read); the caller's values come back after."""
+    import threading
+
+    from vl2_jax.processor import transformers_env
+
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")
+    monkeypatch.delenv("TRANSFORMERS_NO_ADVISORY_WARNINGS", raising=False)
+    seen = []
+    with transformers_env() as user:
+        assert user == "info" and os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] == "1"
+
+        def inner():
+            with transformers_env() as again:
+                seen.append((again, os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")))
+            seen.append(os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS"))  # still the outer's
+
+        thread = threading.Thread(target=inner)
+        thread.start()
+        thread.join()
+    assert seen == [("info", "1"), "1"]
+    assert os.environ["TRANSFORMERS_VERBOSITY"] == "info" and "TRANSFORMERS_NO_ADVISORY_WARNINGS" not in os.environ

@@ -18,6 +18,7 @@ Progress comes two ways: `progress(line)` gets a line of text at each stage, and
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import json
@@ -37,7 +38,15 @@ from vl2_jax.config import PRESETS, Runtime, VL2Config, dtype_of
 from vl2_jax.errors import CheckpointError, ConfigError, out_of_memory_as
 from vl2_jax.model import VL2Model
 from vl2_jax.modules.vl2 import VL2
-from vl2_jax.processor import BOS_TOKEN, EOS_TOKEN, EXTRA_SPECIAL_TOKENS, IMAGE_TOKEN, PAD_TOKEN, Processor
+from vl2_jax.processor import (
+    BOS_TOKEN,
+    EOS_TOKEN,
+    EXTRA_SPECIAL_TOKENS,
+    IMAGE_TOKEN,
+    PAD_TOKEN,
+    Processor,
+    transformers_env,
+)
 from vl2_jax.quant import check_quant, quantize_params, quantized_shapes
 from vl2_jax.sharding import Layout, make_mesh
 
@@ -162,33 +171,50 @@ def load_folder(path: str | Path, dtype=None, runtime: Runtime = Runtime(), mesh
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder; pass a DeepSeek-VL2 checkpoint folder.")
     cfg = VL2Config.from_pretrained(path)
-    processor = Processor.from_pretrained(path)  # before the weights: a bad tokenizer fails in a second
+    # The processor loads on a thread of its own while the weights are read (importing transformers takes
+    # seconds, more where torch is installed); an error in it ends the load when the next leaf lands.
+    with transformers_env(), concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vl2-processor") as pool:
+        processor_loaded = pool.submit(_checked_processor, path, cfg)
+
+        def landed(done: int, total: int) -> None:
+            if processor_loaded.done():
+                processor_loaded.result()  # raises the processor's error, if any
+            if bytes_progress is not None:
+                bytes_progress(done, total)
+
+        want = resolve_dtype(dtype)
+        mesh = make_mesh(mesh, cfg)
+        converted = orbax_io.is_converted(path)
+        if not converted:
+            folder = SafetensorsFolder(path)
+        saved_quant = orbax_io.saved_quant(path) if converted else "none"
+        quant = saved_quant if quant is None else check_quant(quant)
+        if saved_quant != "none" and quant != saved_quant:
+            raise ConfigError(f"{path} holds {saved_quant} weights; load it with quant={saved_quant!r} (--quant "
+                              f"{saved_quant}) or None, or convert the float checkpoint again for {quant}.")
+        dtype_ = want or (orbax_io.saved_dtype(path) if converted else source_dtype(folder))
+        shapes = param_shapes(cfg, dtype_)
+        # the shardings of what is read: a quantized checkpoint's leaves as saved, else the float leaves
+        read = quantized_shapes(shapes, saved_quant)
+        shardings = Layout(mesh).param_shardings(read) if mesh is not None else None
+        quantize = quant if saved_quant == "none" else "none"  # what to quantize while loading
+        with out_of_memory_as(f"while loading the {jnp.dtype(dtype_).name} weights"):
+            if converted:
+                after = (lambda p, leaf: _quantize_leaf(p, leaf, quantize, mesh)) if quantize != "none" else None
+                params, _ = orbax_io.restore(path, cfg, dtype_, shardings, bytes_progress=landed, after=after)
+            else:
+                total = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes))
+                params = load_hf(folder, cfg, dtype_, place=_placer(shardings, landed, total, quant))
+        processor = processor_loaded.result()
+    return VL2Model(cfg, params, processor, dtype_, runtime, mesh, quant=quant)
+
+
+def _checked_processor(path: Path, cfg: VL2Config) -> Processor:
+    """The folder's processor, its candidate resolutions checked against the config."""
+    processor = Processor.from_pretrained(path)
     cfg.check_candidate_resolutions(processor.candidate_resolutions,
                                     f"{path / 'processor_config.json'} candidate_resolutions")
-    want = resolve_dtype(dtype)
-    mesh = make_mesh(mesh, cfg)
-    converted = orbax_io.is_converted(path)
-    if not converted:
-        folder = SafetensorsFolder(path)
-    saved_quant = orbax_io.saved_quant(path) if converted else "none"
-    quant = saved_quant if quant is None else check_quant(quant)
-    if saved_quant != "none" and quant != saved_quant:
-        raise ConfigError(f"{path} holds {saved_quant} weights; load it with quant={saved_quant!r} (--quant "
-                          f"{saved_quant}) or None, or convert the float checkpoint again for {quant}.")
-    dtype_ = want or (orbax_io.saved_dtype(path) if converted else source_dtype(folder))
-    shapes = param_shapes(cfg, dtype_)
-    # the shardings of what is read: a quantized checkpoint's leaves as saved, else the float leaves
-    read = quantized_shapes(shapes, saved_quant)
-    shardings = Layout(mesh).param_shardings(read) if mesh is not None else None
-    quantize = quant if saved_quant == "none" else "none"  # what to quantize while loading
-    with out_of_memory_as(f"while loading the {jnp.dtype(dtype_).name} weights"):
-        if converted:
-            after = (lambda p, leaf: _quantize_leaf(p, leaf, quantize, mesh)) if quantize != "none" else None
-            params, _ = orbax_io.restore(path, cfg, dtype_, shardings, bytes_progress=bytes_progress, after=after)
-        else:
-            total = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes))
-            params = load_hf(folder, cfg, dtype_, place=_placer(shardings, bytes_progress, total, quant))
-    return VL2Model(cfg, params, processor, dtype_, runtime, mesh, quant=quant)
+    return processor
 
 
 def _placer(shardings, bytes_progress: BytesProgress | None = None, total: int = 0, quant: str = "none"):

@@ -28,7 +28,9 @@ import math
 import os
 import re
 import sys
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -260,22 +262,50 @@ def select_best_resolution(image_size, candidate_resolutions):
     return best
 
 
+_TRANSFORMERS_ENV = ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "TRANSFORMERS_VERBOSITY")
+_env_lock = threading.Lock()
+_env_state: dict = {"depth": 0, "saved": {}}
+
+
+@contextlib.contextmanager
+def transformers_env() -> Iterator[str | None]:
+    """Inside: TRANSFORMERS_NO_ADVISORY_WARNINGS=1, and TRANSFORMERS_VERBOSITY=error where transformers is
+    not imported yet (its first import logs notices such as "PyTorch was not found" at a level read from
+    the environment); the caller's values come back after. Yields the caller's TRANSFORMERS_VERBOSITY.
+
+    Nested and concurrent entries change `os.environ` only at the outermost, so a thread inside never
+    writes the environment other threads read: `load_folder` enters it on the main thread before it
+    loads the processor on a thread of its own."""
+    with _env_lock:
+        if _env_state["depth"] == 0:
+            _env_state["saved"] = {name: os.environ.get(name) for name in _TRANSFORMERS_ENV}
+            os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+            if "transformers" not in sys.modules:
+                os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+        _env_state["depth"] += 1
+        user_verbosity = _env_state["saved"]["TRANSFORMERS_VERBOSITY"]
+    try:
+        yield user_verbosity
+    finally:
+        with _env_lock:
+            _env_state["depth"] -= 1
+            if _env_state["depth"] == 0:
+                for name, value in _env_state["saved"].items():
+                    if value is None:
+                        os.environ.pop(name, None)
+                    else:
+                        os.environ[name] = value
+
+
 @contextlib.contextmanager
 def _quiet_transformers():
     """Hide transformers' log lines while loading (e.g. "PyTorch was not found"): they do not apply here."""
-    names = ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "TRANSFORMERS_VERBOSITY")
-    old_env = {name: os.environ.get(name) for name in names}
-    first_import = "transformers" not in sys.modules
-    # The torch notice is logged while transformers is first imported, at a level read from the env.
-    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
-    if first_import:
-        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
-    try:
+    with transformers_env() as user_verbosity:
+        first_import = "transformers" not in sys.modules
         from transformers.utils import logging as hf_logging
 
         if first_import:  # the level transformers would have chosen on its own
-            user_level = (old_env["TRANSFORMERS_VERBOSITY"] or "warning").upper()
-            old_level = getattr(logging, user_level, logging.WARNING)
+            old_level = getattr(logging, (user_verbosity or "warning").upper(), logging.WARNING)
         else:
             old_level = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
@@ -283,12 +313,6 @@ def _quiet_transformers():
             yield
         finally:
             hf_logging.set_verbosity(old_level)
-    finally:
-        for name, value in old_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _read_json(file: Path) -> dict:
