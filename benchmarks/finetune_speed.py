@@ -35,6 +35,8 @@ import time
 import jax
 import numpy as np
 
+from vl2_jax.bench import activated_parameters
+
 BF16_PEAK = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core FLOP/s (SXM)
 
 
@@ -70,32 +72,17 @@ def synthetic_examples(processor, n: int, seq_len: int, seed: int = 0) -> list:
     return out
 
 
-def matmul_params(tree, routed_fraction: float | None, skip=("embed",)) -> int:
-    """Parameters a token multiplies by: all leaves but `skip`'s, routed experts at `routed_fraction`."""
-    total = 0
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        keys = [str(getattr(k, "key", k)) for k in path]
-        if keys[0] in skip:
-            continue
-        n = int(np.prod(leaf.shape))
-        if routed_fraction is not None and keys[-1] in ("gate_up_w", "down_w") and len(leaf.shape) == (4 if keys[-1] == "gate_up_w" else 3):
-            n = int(n * routed_fraction)
-        total += n
-    return total
-
-
 def model_flops(cfg, params: dict, tokens_per_row: list[int], tiles: int, language_mult: int, vision_mult: int) -> float:
     """Model FLOPs of one step (see the module docstring)."""
     lc, vc = cfg.language, cfg.vision
-    routed = lc.num_experts_per_tok / lc.n_routed_experts if lc.n_routed_experts else None
     p = params["params"]
-    language = matmul_params(p["language"], routed)
+    language = sum(n for n, _ in activated_parameters(lc, p["language"], embed_rows=0))
     qk = (lc.qk_nope_head_dim + lc.qk_rope_head_dim) if lc.use_mla else lc.head_dim
     v = lc.v_head_dim if lc.use_mla else lc.head_dim
     heads = lc.num_attention_heads
     lang = sum(2 * language * t + lc.num_hidden_layers * heads * (qk + v) * t * t for t in tokens_per_row)
     patches = vc.num_patches
-    vision = matmul_params(p["vision"], None, skip=()) if "vision" in p else 0
+    vision = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(p["vision"])) if "vision" in p else 0
     vis_attn = vc.layers * 2 * 2 * vc.width * patches * patches
     return language_mult * lang + vision_mult * tiles * (2 * vision * patches + vis_attn)
 

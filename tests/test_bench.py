@@ -65,6 +65,29 @@ def test_the_byte_floor_counts_quantized_weights_as_stored():
     assert activated_bytes(int8, 10) - activated_bytes(int8, 0) == activated_bytes(plain, 10) - activated_bytes(plain, 0)
 
 
+def test_activated_parameters_count_one_embedding_row_and_the_chosen_experts():
+    """What one token uses: the chosen top-k of E routed experts in a MoE layer only, all of a dense
+    layer's MLP and of every other leaf, `embed_rows` rows of the embedding; quantized leaves as stored."""
+    import dataclasses
+
+    import numpy as np
+
+    from vl2_jax.bench import activated_parameters
+    from vl2_jax.config import PRESETS
+
+    lc = dataclasses.replace(PRESETS["test"].language, hidden_size=4, n_routed_experts=8, num_experts_per_tok=2,
+                             first_k_dense_replace=1, moe_layer_freq=1)
+    language = {"embed": np.zeros((100, 4), np.float32),
+                "layers_0": {"mlp": {"gate_up_w": np.zeros((4, 2, 3), np.float32)}},
+                "layers_1": {"mlp": {"gate_up_w": {"qvalue": np.zeros((8, 4, 2, 3), np.int8),
+                                                   "scale": np.zeros((8, 1, 2, 3), np.float32)},
+                                     "down_w": np.zeros((8, 3, 4), np.float32),
+                                     "router_w": np.zeros((4, 8), np.float32)}}}
+    counts = activated_parameters(lc, language)
+    assert sorted(counts) == sorted([(4, 4), (24, 4), (8 * 24 // 4, 1), (8 * 6 // 4, 4), (8 * 12 // 4, 4), (32, 4)])
+    assert (0, 4) in activated_parameters(lc, language, embed_rows=0)
+
+
 def test_missing_model_is_one_error_line(capsys):
     assert main(["--model", "/nonexistent", "--batches", "1"]) == 1
     err = capsys.readouterr().err

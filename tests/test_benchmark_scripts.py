@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,8 +165,7 @@ def test_alone_vs_together_finds_float32_answers_identical():
     assert row["identical"] == 4 and row["first_difference"] == [None] * 4
 
 
-
-def test_finetune_speed_runs_on_cpu_and_counts_the_chosen_experts_only():
+def test_finetune_speed_runs_on_cpu():
     r = _run("benchmarks/finetune_speed.py", "--model", "random:test", "--dtype", "float32", "--full", "--batch", "1",
              "--seq-len", "512", "--steps", "1")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -177,11 +175,3 @@ def test_finetune_speed_runs_on_cpu_and_counts_the_chosen_experts_only():
     short = _run("benchmarks/finetune_speed.py", "--model", "random:test", "--seq-len", "64", "--steps", "1")
     assert short.returncode != 0 and "--seq-len 64 is too short" in short.stderr
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from finetune_speed import matmul_params
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    tree = {"embed": np.zeros((100, 4)), "layers_1": {"mlp": {"gate_up_w": np.zeros((8, 4, 2, 3)),
-                                                              "down_w": np.zeros((8, 3, 4)), "router_w": np.zeros((4, 8))}}}
-    assert matmul_params(tree, 2 / 8) == (8 * 4 * 2 * 3 + 8 * 3 * 4) // 4 + 4 * 8  # embedding lookups are no matmul

@@ -39,20 +39,30 @@ from vl2_jax.quant import weight_bytes
 SENTENCE = "Describe this image in detail."
 
 
-def activated_bytes(model, context: int) -> int:
-    """Bytes a batch-1 decode step must read: activated weights of the language model (as stored: a
-    quantized weight's 1-byte values and float32 scales) + its KV cache (in the model dtype)."""
-    lc = model.cfg.language
-    total = 0
-    for path, leaf in jax.tree_util.tree_flatten_with_path(model.params["params"]["language"])[0]:
+def activated_parameters(lc, language: dict, embed_rows: int = 1) -> list[tuple[int, int]]:
+    """(elements one token uses, bytes per element) of every leaf of the language model's parameters
+    `language` (config `lc`): `embed_rows` rows of the embedding (0: a lookup counted as no work), the
+    chosen top-k of the E routed experts in a MoE layer, all of any other leaf; a quantized weight's
+    values and scales as stored. The byte floor of decoding (`activated_bytes`) and the model FLOPs of
+    fine-tuning (`benchmarks/finetune_speed.py`) both count with it."""
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(language)[0]:
         keys = jax.tree_util.keystr(path, simple=True, separator="/").split("/")
         keys = keys[:-1] if keys[-1] in (quant.VALUES, quant.SCALES) else keys
         n = int(np.prod(leaf.shape))
         if keys[0] == "embed":
-            n = lc.hidden_size  # one row
+            n = embed_rows * lc.hidden_size
         elif keys[1:] in (["mlp", "gate_up_w"], ["mlp", "down_w"]) and lc.is_moe_layer(int(keys[0].split("_")[1])):
             n = n // lc.n_routed_experts * lc.num_experts_per_tok  # routed experts: only the chosen ones
-        total += n * leaf.dtype.itemsize
+        out.append((n, leaf.dtype.itemsize))
+    return out
+
+
+def activated_bytes(model, context: int) -> int:
+    """Bytes a batch-1 decode step must read: activated weights of the language model (as stored: a
+    quantized weight's 1-byte values and float32 scales) + its KV cache (in the model dtype)."""
+    lc = model.cfg.language
+    total = sum(n * itemsize for n, itemsize in activated_parameters(lc, model.params["params"]["language"]))
     per_token = (lc.kv_lora_rank + lc.qk_rope_head_dim) if lc.use_mla else 2 * lc.num_key_value_heads * lc.head_dim
     return total + per_token * lc.num_hidden_layers * context * model.dtype.itemsize
 
