@@ -72,17 +72,26 @@ def synthetic_examples(processor, n: int, seq_len: int, seed: int = 0) -> list:
     return out
 
 
-def model_flops(cfg, params: dict, tokens_per_row: list[int], tiles: int, language_mult: int, vision_mult: int) -> float:
-    """Model FLOPs of one step (see the module docstring)."""
-    lc, vc = cfg.language, cfg.vision
+def matmul_parameters(cfg, params: dict) -> tuple[int, int]:
+    """(language, vision) parameters a token multiplies by: the language model's as
+    `bench.activated_parameters` counts them (no embedding lookup, routed experts at top-k of E), all of
+    the vision tower's (0 where there is none)."""
     p = params["params"]
-    language = sum(n for n, _ in activated_parameters(lc, p["language"], embed_rows=0))
+    language = sum(n for n, _ in activated_parameters(cfg.language, p["language"], embed_rows=0))
+    vision = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(p["vision"])) if "vision" in p else 0
+    return language, vision
+
+
+def model_flops(cfg, matmul: tuple[int, int], tokens_per_row: list[int], tiles: int, language_mult: int,
+                vision_mult: int) -> float:
+    """Model FLOPs of one step (see the module docstring); `matmul` from `matmul_parameters`."""
+    lc, vc = cfg.language, cfg.vision
+    language, vision = matmul
     qk = (lc.qk_nope_head_dim + lc.qk_rope_head_dim) if lc.use_mla else lc.head_dim
     v = lc.v_head_dim if lc.use_mla else lc.head_dim
     heads = lc.num_attention_heads
     lang = sum(2 * language * t + lc.num_hidden_layers * heads * (qk + v) * t * t for t in tokens_per_row)
     patches = vc.num_patches
-    vision = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(p["vision"])) if "vision" in p else 0
     vis_attn = vc.layers * 2 * 2 * vc.width * patches * patches
     return language_mult * lang + vision_mult * tiles * (2 * vision * patches + vis_attn)
 
@@ -106,8 +115,7 @@ def run(args) -> dict:
     cfg, processor = model.cfg, model.processor
     module = training_module(cfg, model.dtype, training_runtime(args.moe), remat=not args.no_remat)
     step = compiled_step(module, dataclasses.replace(s, save_every=0, eval_every=0))
-    flops_params = {"params": {k: v for k, v in model.params["params"].items() if k in ("language", "vision")}}
-    flops_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), flops_params)
+    matmul = matmul_parameters(cfg, model.params)  # counted once, before the model is let go
     with model.mesh_context():
         state = init_state(model.params, s, optimizer(s))
         del model
@@ -127,7 +135,7 @@ def run(args) -> dict:
                 tokens.append(int(valid.sum()))
                 targets.append(batches.targets(inputs))
                 used = sum(len(r.output.pixels) for r in rows)
-                flops.append(model_flops(cfg, flops_params, [int(t) for t in valid.sum(-1)], used, **flops_of))
+                flops.append(model_flops(cfg, matmul, [int(t) for t in valid.sum(-1)], used, **flops_of))
         if args.profile:
             from profile_decode import _traced
 

@@ -358,8 +358,8 @@ def _read_host(path: Path, group: str, p: Path_, store, sharding) -> np.ndarray:
 
 def _place(host: np.ndarray, sharding) -> jax.Array:
     """A host array onto its devices, waited for: the host copy may go only once the devices hold it.
-    (`jax.device_put` copies each device's slice in one batch; `make_array_from_callback`, slower on a GPU,
-    only where other processes hold some of the devices.)"""
+    `jax.device_put` where this process holds every device of the sharding; `make_array_from_callback`
+    where other processes hold some of them (each fills its own)."""
     if sharding.is_fully_addressable:
         array = jax.device_put(host, sharding)
     else:  # each addressable device gets its slice; other processes' devices are theirs to fill
