@@ -159,7 +159,7 @@ def test_empty_user_turn_follows_template():
     p = processor()
     out = p([{"role": "user", "content": "  "}])
     assert out.prompt == "<|User|>:<|Assistant|>:"
-    want = [p.bos_id] + p.tokenizer.encode("<|User|>:<|Assistant|>:", add_special_tokens=False)
+    want = [p.bos_id] + p.tokenizer.encode("<|User|>:<|Assistant|>:")
     assert out.input_ids.tolist() == want
 
 
@@ -168,7 +168,7 @@ def test_ending_with_assistant_text_continues_it():
     p = processor()
     out = p([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}])
     head = p([{"role": "user", "content": "Hi"}]).input_ids.tolist()
-    tail = p.tokenizer.encode("Hello there", add_special_tokens=False)
+    tail = p.tokenizer.encode("Hello there")
     assert out.input_ids.tolist() == head + tail
 
 
@@ -176,7 +176,7 @@ def test_system_message_is_plain_text_first():
     p = processor()
     out = p([{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Hi"}])
     user = p([{"role": "user", "content": "Hi"}]).input_ids.tolist()
-    system = p.tokenizer.encode("Be brief.", add_special_tokens=False)
+    system = p.tokenizer.encode("Be brief.")
     assert out.input_ids.tolist() == user[:1] + system + user[1:]
     with pytest.raises(InputError):
         p([{"role": "user", "content": "Hi"}, {"role": "system", "content": "late"}])
@@ -288,7 +288,7 @@ SPECIAL = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜
 def test_special_tokens_are_single_special_ids():
     tok = processor().tokenizer
     for i, text in enumerate(SPECIAL):
-        assert tok.encode("a" + text + "b", add_special_tokens=False)[1:-1] == [i], text
+        assert tok.encode("a" + text + "b")[1:-1] == [i], text
     assert processor().decode(list(range(len(SPECIAL))), skip_special_tokens=True) == ""
 
 
@@ -304,7 +304,7 @@ def test_missing_special_tokens_are_added(tmp_path):
     p = Processor.from_pretrained(tmp_path)
     assert (p.pad_id, p.image_token_id) == (2, 3)
     for i, text in enumerate(SPECIAL):
-        assert p.tokenizer.encode("a" + text + "b", add_special_tokens=False)[1:-1] == [i], text
+        assert p.tokenizer.encode("a" + text + "b")[1:-1] == [i], text
     assert p.decode(list(range(len(SPECIAL))), skip_special_tokens=True) == ""
     assert_same_output(run_case("mha", "one_photo"),
                        p(load_case("mha", "one_photo")["conversation"],
@@ -314,13 +314,15 @@ def test_missing_special_tokens_are_added(tmp_path):
 def test_decode_keeps_grounding_tokens():
     p = processor()
     text = "<|ref|>the giraffe<|/ref|><|det|>[[580, 270, 999, 900]]<|/det|>"
-    ids = p.tokenizer.encode(text, add_special_tokens=False)
+    ids = p.tokenizer.encode(text)
     assert p.decode(np.asarray(ids)) == text
 
 
-def test_loading_is_quiet():
-    # transformers' "PyTorch was not found" advice and tokenizer-class notes would only confuse users.
-    code = f"from vl2_jax.processor import Processor; Processor.from_pretrained({str(ckpt_dir('mha'))!r})"
+def test_loading_is_quiet_and_does_not_import_transformers():
+    # transformers' "PyTorch was not found" advice and tokenizer-class notes would only confuse users, and
+    # importing transformers (and torch, where installed) took seconds of every load.
+    code = (f"import sys; from vl2_jax.processor import Processor; Processor.from_pretrained({str(ckpt_dir('mha'))!r}); "
+            f"print(sorted(m for m in ('transformers', 'torch') if m in sys.modules))")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFORMERS_")}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
@@ -329,34 +331,10 @@ def test_loading_is_quiet():
     output = res.stdout + res.stderr
     for noise in ("PyTorch was not found", "None of PyTorch", "tokenizer_class", "TokenizersBackend"):
         assert noise not in output
+    assert res.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variants_share_processor_settings(variant):
     p = processor(variant)
     assert p.image_size == 70 and p.image_token_id == 3
-
-
-def test_transformers_env_is_set_once_and_given_back(monkeypatch):
-    """Nested and threaded entries of `transformers_env` write os.environ only at the outermost (a thread
-    inside never writes the environment other threads read); the caller's values come back after."""
-    import threading
-
-    from vl2_jax.processor import transformers_env
-
-    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")
-    monkeypatch.delenv("TRANSFORMERS_NO_ADVISORY_WARNINGS", raising=False)
-    seen = []
-    with transformers_env() as user:
-        assert user == "info" and os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] == "1"
-
-        def inner():
-            with transformers_env() as again:
-                seen.append((again, os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")))
-            seen.append(os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS"))  # still the outer's
-
-        thread = threading.Thread(target=inner)
-        thread.start()
-        thread.join()
-    assert seen == [("info", "1"), "1"]
-    assert os.environ["TRANSFORMERS_VERBOSITY"] == "info" and "TRANSFORMERS_NO_ADVISORY_WARNINGS" not in os.environ

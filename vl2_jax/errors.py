@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 
 class VL2Error(Exception):
@@ -31,6 +33,23 @@ class InputError(VL2Error):
 
 class DeviceMemoryError(VL2Error, MemoryError):
     """The accelerator ran out of memory; the message says during what and what to try."""
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (its type's name where it has none)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def read_json_object(file: Path) -> dict:
+    """The JSON object in checkpoint file `file`, or a ConfigError naming the file."""
+    try:
+        value = json.loads(Path(file).read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConfigError(f"{file} is not valid JSON ({one_line(exc)}); copy it again from the original "
+                          f"checkpoint.") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{file} must hold a JSON object, not a {type(value).__name__}.")
+    return value
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -69,7 +69,7 @@ import urllib.request
 
 from PIL import Image
 
-from vl2_jax.errors import InputError
+from vl2_jax.errors import InputError, one_line
 
 SAFE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 """PIL formats a server opens by default: the common photo and screenshot formats, and none whose
@@ -214,7 +214,7 @@ def _b64decode(text: str, limits: ImageLimits, message) -> bytes:
     try:
         data = base64.b64decode(text.translate(str.maketrans("-_", "+/")), validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise InputError(message(f"it is not valid base64 ({_one_line(exc)})")) from None
+        raise InputError(message(f"it is not valid base64 ({one_line(exc)})")) from None
     if len(data) > limits.max_bytes:
         raise InputError(message(f"it holds {len(data):,} bytes, over the limit of {limits.max_bytes:,}; "
                                  f"send a smaller image"))
@@ -259,7 +259,7 @@ def _read_file(path: str, label: str, limits: ImageLimits) -> bytes:
     except FileNotFoundError:
         raise InputError(f"image file {label} does not exist; check the path.") from None
     except OSError as exc:
-        raise InputError(f"cannot read image file {label} ({exc.strerror or _one_line(exc)}); check the file "
+        raise InputError(f"cannot read image file {label} ({exc.strerror or one_line(exc)}); check the file "
                          f"and its permissions.") from None
     if stat.S_ISDIR(info.st_mode):
         raise InputError(f"{label} is a folder, not an image file; pass the path of an image file.")
@@ -274,7 +274,7 @@ def _read_file(path: str, label: str, limits: ImageLimits) -> bytes:
         with open(resolved, "rb") as f:
             data = f.read(limits.max_bytes + 1)
     except OSError as exc:
-        raise InputError(f"cannot read image file {label} ({exc.strerror or _one_line(exc)}); check the file "
+        raise InputError(f"cannot read image file {label} ({exc.strerror or one_line(exc)}); check the file "
                          f"and its permissions.") from None
     if len(data) > limits.max_bytes:  # it grew since stat
         raise InputError(f"image file {label} has more than {limits.max_bytes:,} bytes (the limit); downscale or "
@@ -324,7 +324,7 @@ def _get(url: str, deadline: float, limits: ImageLimits):
         port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
         host = (parts.hostname or "").encode("idna").decode("ascii")
     except (ValueError, UnicodeError) as exc:
-        raise _Refused(f"is not a valid URL ({_one_line(exc)})") from None
+        raise _Refused(f"is not a valid URL ({one_line(exc)})") from None
     if not host:
         raise _Refused("names no host")
     addresses = _resolve(host, port, deadline)
@@ -384,12 +384,12 @@ def _get(url: str, deadline: float, limits: ImageLimits):
     except (TimeoutError, _Refused):
         raise
     except ssl.SSLError as exc:
-        raise _Refused(f"could not be reached: the TLS connection to {host} failed ({_one_line(exc)})") from None
+        raise _Refused(f"could not be reached: the TLS connection to {host} failed ({one_line(exc)})") from None
     except http.client.HTTPException as exc:
-        raise _Refused(f"answered with a broken HTTP response ({type(exc).__name__}: {_one_line(exc)})") from None
+        raise _Refused(f"answered with a broken HTTP response ({type(exc).__name__}: {one_line(exc)})") from None
     except OSError as exc:
         raise _Refused(f"could not be reached: this machine could not connect to {host} port {port} "
-                       f"({exc.strerror or _one_line(exc)}); check the URL and the network") from None
+                       f"({exc.strerror or one_line(exc)}); check the URL and the network") from None
     finally:
         conn.close()
 
@@ -419,7 +419,7 @@ def _resolve(host: str, port: int, deadline: float) -> list[str]:
         raise TimeoutError
     if "error" in found:
         error = found["error"]
-        why = error.strerror if isinstance(error, OSError) and error.strerror else _one_line(error)
+        why = error.strerror if isinstance(error, OSError) and error.strerror else one_line(error)
         raise _Refused(f"could not be reached: this machine could not resolve the host {host} ({why}); check the "
                        f"URL and the network (offline?)")
     addresses = list(dict.fromkeys(info[4][0] for info in found["infos"]))
@@ -452,7 +452,7 @@ def _decode(data: bytes, label: str, limits: ImageLimits) -> Image.Image:
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - a malformed header raises SyntaxError, ValueError, ...
-        raise InputError(f"image {label} is corrupt ({_one_line(exc)}); re-save or re-download it.") from None
+        raise InputError(f"image {label} is corrupt ({one_line(exc)}); re-save or re-download it.") from None
     with opened:
         width, height = opened.size
         if width < 1 or height < 1:
@@ -469,7 +469,7 @@ def _decode(data: bytes, label: str, limits: ImageLimits) -> Image.Image:
         except Image.DecompressionBombError as exc:  # a later frame or tile over PIL's limit
             raise InputError(_too_many_pixels(label, exc, limits)) from None
         except Exception as exc:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError, zlib.error, ...
-            raise InputError(f"image {label} could not be decoded ({_one_line(exc)}); it is truncated or corrupt, "
+            raise InputError(f"image {label} could not be decoded ({one_line(exc)}); it is truncated or corrupt, "
                              f"so re-save or re-download it.") from None
 
 
@@ -479,7 +479,3 @@ def _too_many_pixels(label: str, exc: Exception, limits: ImageLimits) -> str:
     limit = min(limits.max_pixels, Image.MAX_IMAGE_PIXELS or limits.max_pixels)
     which = "PIL's decompression-bomb limit" if limit == Image.MAX_IMAGE_PIXELS else "the limit"
     return f"image {label} has {count}, over {which} of {limit:,}; downscale it first."
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__

@@ -1,4 +1,4 @@
-"""Turn a chat conversation plus images into DeepSeek-VL2 model inputs (numpy, PIL, HF tokenizers).
+"""Turn a chat conversation plus images into DeepSeek-VL2 model inputs (numpy, PIL, the `tokenizers` library).
 
 This re-implements the official ``DeepseekVLV2Processor`` (``deepseek`` chat template) without torch: the
 token ids, image tiles and masks it returns are the ones the official code returns, in inference mode
@@ -19,24 +19,19 @@ Prompt layout, per turn of the conversation (``S`` is the tile size, e.g. 384):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import json
-import logging
 import math
 import os
 import re
-import sys
-import threading
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from vl2_jax.errors import ConfigError, InputError
+from vl2_jax.errors import ConfigError, InputError, one_line, read_json_object
+from vl2_jax.tokenizer import Tokenizer
 
 USER_ROLE = "<|User|>"
 ASSISTANT_ROLE = "<|Assistant|>"
@@ -262,122 +257,6 @@ def select_best_resolution(image_size, candidate_resolutions):
     return best
 
 
-_TRANSFORMERS_ENV = ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "TRANSFORMERS_VERBOSITY")
-_env_lock = threading.Lock()
-_env_state: dict = {"depth": 0, "saved": {}}
-
-
-@contextlib.contextmanager
-def transformers_env() -> Iterator[str | None]:
-    """Inside: TRANSFORMERS_NO_ADVISORY_WARNINGS=1, and TRANSFORMERS_VERBOSITY=error where transformers is
-    not imported yet (its first import logs notices such as "PyTorch was not found" at a level read from
-    the environment); the caller's values come back after. Yields the caller's TRANSFORMERS_VERBOSITY.
-
-    Nested and concurrent entries change `os.environ` only at the outermost, so a thread inside never
-    writes the environment other threads read: `load_folder` enters it on the main thread before it
-    loads the processor on a thread of its own."""
-    with _env_lock:
-        if _env_state["depth"] == 0:
-            _env_state["saved"] = {name: os.environ.get(name) for name in _TRANSFORMERS_ENV}
-            os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
-            if "transformers" not in sys.modules:
-                os.environ["TRANSFORMERS_VERBOSITY"] = "error"
-        _env_state["depth"] += 1
-        user_verbosity = _env_state["saved"]["TRANSFORMERS_VERBOSITY"]
-    try:
-        yield user_verbosity
-    finally:
-        with _env_lock:
-            _env_state["depth"] -= 1
-            if _env_state["depth"] == 0:
-                for name, value in _env_state["saved"].items():
-                    if value is None:
-                        os.environ.pop(name, None)
-                    else:
-                        os.environ[name] = value
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Hide transformers' log lines while loading (e.g. "PyTorch was not found"): they do not apply here."""
-    with transformers_env() as user_verbosity:
-        first_import = "transformers" not in sys.modules
-        from transformers.utils import logging as hf_logging
-
-        if first_import:  # the level transformers would have chosen on its own
-            old_level = getattr(logging, (user_verbosity or "warning").upper(), logging.WARNING)
-        else:
-            old_level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
-            yield
-        finally:
-            hf_logging.set_verbosity(old_level)
-
-
-def _read_json(file: Path) -> dict:
-    """A JSON object from `file`, or a ConfigError naming the file."""
-    try:
-        value = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ConfigError(f"{file} is not valid JSON ({_one_line(exc)}); copy it again from the original "
-                          f"checkpoint.") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"{file} must hold a JSON object, not a {type(value).__name__}.")
-    return value
-
-
-def _token_text(value):
-    """tokenizer_config.json stores a special token either as text or as a serialized AddedToken."""
-    return value.get("content") if isinstance(value, dict) else value
-
-
-def load_tokenizer(path, pad_token=PAD_TOKEN, image_token=IMAGE_TOKEN):
-    """Load ``tokenizer.json`` from folder ``path`` as a fast tokenizer, used exactly as stored.
-
-    The class named in tokenizer_config.json (``LlamaTokenizerFast``) is ignored on purpose: in
-    transformers 5 that class swaps its own sentencepiece-style pipeline in for the byte-level one of
-    tokenizer.json and gives different ids (spaces, newlines and CJK text are lost), while the official
-    code (transformers 4) used the file as is. Missing special tokens are added as the official
-    processor adds them.
-    """
-    path = Path(path)
-    if not (path / "tokenizer.json").is_file():
-        raise ConfigError(f"{path} has no tokenizer.json; copy tokenizer.json and tokenizer_config.json from the "
-                          f"original Hugging Face checkpoint into it.")
-    config = {}
-    if (path / "tokenizer_config.json").is_file():
-        config = _read_json(path / "tokenizer_config.json")
-    kwargs = {k: _token_text(config[k]) for k in ("bos_token", "eos_token", "pad_token") if config.get(k)}
-    kwargs.setdefault("pad_token", pad_token)  # the official processor adds this pad when there is none
-    if "model_max_length" in config:
-        kwargs["model_max_length"] = config["model_max_length"]
-    with _quiet_transformers():
-        from tokenizers import AddedToken
-        from transformers import PreTrainedTokenizerFast
-
-        try:
-            tokenizer = PreTrainedTokenizerFast(
-                tokenizer_file=str(path / "tokenizer.json"),
-                clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
-                padding_side="left", **kwargs)
-        except Exception as exc:  # noqa: BLE001 - the tokenizers library raises a bare Exception on a bad file
-            raise ConfigError(f"{path / 'tokenizer.json'} is not a valid tokenizer file ({_one_line(exc)[:200]}); "
-                              f"copy it again from the original Hugging Face checkpoint.") from None
-        # add_tokens(special_tokens=True) is spelled the same in transformers 4 and 5; it keeps the id of a
-        # token that is already in the vocabulary and only marks it special, so ids never move.
-        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False)
-                              for t in (image_token,) + EXTRA_SPECIAL_TOKENS], special_tokens=True)
-    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
-        raise ConfigError(f"the tokenizer in {path} has no bos or eos token; set bos_token and eos_token in "
-                          f"its tokenizer_config.json.")
-    return tokenizer
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def _to_rgb(image: Image.Image, label: str) -> Image.Image:
     """Decodes (a lazily opened file is read here) and converts with `convert("RGB")`, as the reference."""
     width, height = image.size
@@ -388,17 +267,17 @@ def _to_rgb(image: Image.Image, label: str) -> Image.Image:
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError, zlib.error, ...
-        raise InputError(f"{label} could not be decoded ({_one_line(exc)}); the file is truncated or corrupt, "
+        raise InputError(f"{label} could not be decoded ({one_line(exc)}); the file is truncated or corrupt, "
                          f"so re-save or re-download it.") from None
     try:
         return image.convert("RGB")
     except MemoryError:
         raise
     except ValueError as exc:
-        raise InputError(f"{label} has mode {image.mode!r}, which PIL cannot convert to RGB ({_one_line(exc)}); "
+        raise InputError(f"{label} has mode {image.mode!r}, which PIL cannot convert to RGB ({one_line(exc)}); "
                          f"save it as an RGB image first.") from None
     except Exception as exc:  # noqa: BLE001 - e.g. a decoder error surfacing at conversion
-        raise InputError(f"{label} could not be decoded ({_one_line(exc)}); the file is truncated or corrupt, "
+        raise InputError(f"{label} could not be decoded ({one_line(exc)}); the file is truncated or corrupt, "
                          f"so re-save or re-download it.") from None
 
 
@@ -439,10 +318,10 @@ def open_image(image, name: str | None = None) -> Image.Image:
     except Image.UnidentifiedImageError:
         raise InputError(f"{path} is not an image file that PIL can read; convert it to PNG or JPEG.") from None
     except OSError as exc:
-        raise InputError(f"cannot read image file {path} ({exc.strerror or _one_line(exc)}); "
+        raise InputError(f"cannot read image file {path} ({exc.strerror or one_line(exc)}); "
                          f"check the file and its permissions.") from None
     except Exception as exc:  # noqa: BLE001 - a malformed header can raise SyntaxError, ValueError, ...
-        raise InputError(f"image file {path} is corrupt ({_one_line(exc)}); re-save or re-download it.") from None
+        raise InputError(f"image file {path} is corrupt ({one_line(exc)}); re-save or re-download it.") from None
     with opened:
         limit, (width, height) = Image.MAX_IMAGE_PIXELS, opened.size
         if limit and width * height > limit:
@@ -472,7 +351,7 @@ class Processor:
         self.bos_id = tokenizer.bos_token_id
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id
-        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        self.image_token_id = tokenizer.token_to_id(image_token)
         # Padding colour: the mean colour, truncated to int as the reference does (127 for 0.5).
         self._fill = tuple(int(m * 255) for m in self.image_mean)
         side = math.ceil((self.image_size // self.patch_size) / self.downsample_ratio)
@@ -486,23 +365,22 @@ class Processor:
         if not config_file.is_file():
             raise ConfigError(f"{path} has no processor_config.json; copy it from the original Hugging Face "
                               f"checkpoint into it.")
-        config = _read_json(config_file)
+        config = read_json_object(config_file)
         missing = [k for k in ("candidate_resolutions", "patch_size", "downsample_ratio") if k not in config]
         if missing:
             raise ConfigError(f"{config_file} lacks {', '.join(missing)}")
         if config.get("sft_format", "deepseek") != "deepseek":
             raise ConfigError(f"only the 'deepseek' chat template is supported, not {config['sft_format']!r}")
         image_token = config.get("image_token", IMAGE_TOKEN)
-        tokenizer = load_tokenizer(path, config.get("pad_token", PAD_TOKEN), image_token)
+        tokenizer = Tokenizer.from_folder(path, config.get("pad_token", PAD_TOKEN),
+                                          (image_token, *EXTRA_SPECIAL_TOKENS))
         return cls(tokenizer, config["candidate_resolutions"], config["patch_size"],
                    config["downsample_ratio"], config.get("image_mean", (0.5, 0.5, 0.5)),
                    config.get("image_std", (0.5, 0.5, 0.5)), config.get("normalize", True), image_token)
 
     # ----------------------------------------------------------------------------------------- text
     def _encode(self, text):
-        # verbose=False: no "sequence length is longer than the specified maximum" log line; a prompt over
-        # the context is refused by `generate` with both counts.
-        return list(self.tokenizer.encode(text, add_special_tokens=False, verbose=False)) if text else []
+        return self.tokenizer.encode(text)
 
     def decode(self, ids, skip_special_tokens=False) -> str:
         """Token ids (any int sequence or array) -> text."""

@@ -1,0 +1,112 @@
+"""`vl2_jax.tokenizer.Tokenizer` (the `tokenizers` library directly) against transformers' fast tokenizer
+built from the same files the way the official processor builds it: same ids, same special ids, same
+text back, on every fixture and on tokenizer files that lack the special tokens."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+from conftest import VARIANTS, ckpt_dir
+
+from vl2_jax.processor import EXTRA_SPECIAL_TOKENS, IMAGE_TOKEN, PAD_TOKEN, Processor
+from vl2_jax.tokenizer import Tokenizer
+
+SPECIALS = (IMAGE_TOKEN, *EXTRA_SPECIAL_TOKENS)
+TEXTS = [
+    "", " ", "  ", "\n", "\n\n", "\t", "Hello there", " Hello  there ", "a\nb\n\nc", "<|User|>: hi\n\n<|Assistant|>:",
+    "<image>\n<|ref|>the giraffe<|/ref|><|det|>[[580, 270, 999, 900]]<|/det|>", "<|grounding|>Locate <|ref|>it<|/ref|>.",
+    "中文的句子，还有标点。", "日本語のテキスト", "emoji 🦒🧑‍🚀 and é (e + \u0301)", "x<image>y<image><image>z",
+    "<｜begin▁of▁sentence｜>text<｜end▁of▁sentence｜>", "<｜▁pad▁｜><｜▁pad▁｜>", "it's don't we're I'm ,.!?",
+    "<|User|<|Assistant|>>", "<imag", "\u00a0non-breaking\u2003em space", "tabs\tand\r\ncarriage returns",
+]
+
+
+def reference(folder):
+    """transformers' PreTrainedTokenizerFast as the official processor had it: tokenizer.json used as
+    stored, bos/eos/pad from tokenizer_config.json (pad defaulted), then the processor's special tokens."""
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    named = {k: config[k] for k in ("bos_token", "eos_token", "pad_token") if config.get(k)}
+    named.setdefault("pad_token", PAD_TOKEN)
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), padding_side="left", **named)
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS], special_tokens=True)
+    return tok
+
+
+def ours(folder) -> Tokenizer:
+    return Tokenizer.from_folder(folder, PAD_TOKEN, SPECIALS)
+
+
+def assert_same(folder):
+    ref, tok = reference(folder), ours(folder)
+    assert len(tok) == len(ref)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (ref.bos_token_id, ref.eos_token_id,
+                                                                      ref.pad_token_id)
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == (ref.bos_token, ref.eos_token, ref.pad_token)
+    for token in SPECIALS:
+        assert tok.token_to_id(token) == ref.convert_tokens_to_ids(token), token
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text, add_special_tokens=False), text
+        for skip in (False, True):
+            assert tok.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip), text
+    rng = random.Random(0)  # any ids, split UTF-8 sequences and special tokens included
+    for _ in range(50):
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 12))]
+        for skip in (False, True):
+            assert tok.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip), ids
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_matches_transformers_on_the_fixtures(variant):
+    assert_same(ckpt_dir(variant))
+
+
+def _edited(tmp_path, edit_tokenizer=None, edit_config=None):
+    src = ckpt_dir("mha")
+    for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json"):
+        shutil.copy(src / name, tmp_path / name)
+    for name, edit in (("tokenizer.json", edit_tokenizer), ("tokenizer_config.json", edit_config)):
+        if edit is not None:
+            data = json.loads((tmp_path / name).read_text(encoding="utf-8"))
+            edit(data)
+            (tmp_path / name).write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return tmp_path
+
+
+def test_matches_transformers_when_the_file_lacks_special_tokens(tmp_path):
+    # Only bos/eos among the added tokens: pad, image, grounding and role tokens keep their vocab ids.
+    assert_same(_edited(tmp_path, lambda d: d.update(added_tokens=d["added_tokens"][:2])))
+
+
+def test_matches_transformers_when_special_tokens_are_new(tmp_path):
+    # Special tokens in neither the vocabulary nor the added tokens get the next ids, in the official order
+    # (bos, eos, pad, then image, grounding, roles); a pad named in tokenizer_config.json is used.
+    def drop(data):
+        gone = {"<｜▁pad▁｜>", "<image>", "<|det|>", "<|Assistant|>"}
+        data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] not in gone]
+        data["model"]["vocab"] = {k: v for k, v in data["model"]["vocab"].items() if k not in gone}
+
+    folder = _edited(tmp_path, drop, lambda c: c.update(pad_token="<pad>"))
+    assert_same(folder)
+    tok = ours(folder)
+    assert tok.pad_token == "<pad>" and tok.token_to_id("<image>") == tok.pad_token_id + 1
+
+
+def test_clean_up_tokenization_spaces_as_the_official_code(tmp_path):
+    # transformers 4.38 (the official code's) applies the clean-up when tokenizer_config.json asks for it
+    # (newer transformers skip it for BPE, so this compares with the rule, not with the installed version).
+    tok = ours(_edited(tmp_path, edit_config=lambda c: c.update(clean_up_tokenization_spaces=True)))
+    ids = tok.encode("Yes , it is . Is it ? I 'm sure they 're right !")
+    assert tok.decode(ids) == "Yes, it is. Is it? I'm sure they're right!"
+
+
+def test_processor_uses_it():
+    p = Processor.from_pretrained(ckpt_dir("mha"))
+    assert isinstance(p.tokenizer, Tokenizer)
+    assert (p.bos_id, p.eos_id, p.pad_id, p.image_token_id) == (0, 1, 2, 3)

@@ -1,0 +1,97 @@
+"""DeepSeek-VL2's tokenizer: ``tokenizer.json`` through the `tokenizers` library, without transformers.
+
+The official processor (transformers 4.38) wraps the same file in ``LlamaTokenizerFast``, which hands
+encoding and decoding to a `tokenizers.Tokenizer` built from it; this module builds that object directly
+and adds the special tokens the way the official code does (bos, eos and pad from
+``tokenizer_config.json`` where the file lacks them, then the processor's image, grounding and role
+tokens). It gives the same ids and text, and loading it imports neither transformers nor torch (seconds,
+where torch is installed). ``tests/test_tokenizer.py`` compares it with transformers' tokenizer on every
+fixture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from vl2_jax.errors import ConfigError, one_line, read_json_object
+
+# transformers' `clean_up_tokenization`, applied on decode where tokenizer_config.json asks for it
+_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def _token_text(value):
+    """tokenizer_config.json stores a special token either as text or as a serialized AddedToken."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class Tokenizer:
+    """Text <-> token ids. ``bos_token``/``eos_token``/``pad_token`` (text) and their ``*_id``s;
+    ``encode(text)`` never adds special tokens (the processor places bos and eos itself)."""
+
+    def __init__(self, backend, bos_token: str, eos_token: str, pad_token: str | None,
+                 clean_up_tokenization_spaces: bool = False):
+        self._backend = backend
+        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        self.clean_up_tokenization_spaces = bool(clean_up_tokenization_spaces)
+        self.bos_token_id = backend.token_to_id(bos_token)
+        self.eos_token_id = backend.token_to_id(eos_token)
+        self.pad_token_id = backend.token_to_id(pad_token) if pad_token is not None else None
+
+    @classmethod
+    def from_folder(cls, path, pad_token: str, extra_special_tokens: Sequence[str] = ()) -> Tokenizer:
+        """``tokenizer.json`` (+ ``tokenizer_config.json``) in folder `path`. `pad_token` is used where the
+        config names none (the official processor adds one); `extra_special_tokens` are made special,
+        unsplittable tokens, keeping the id of any already in the vocabulary, new ones appended in order.
+
+        The class named in tokenizer_config.json (``LlamaTokenizerFast``) plays no part: the official code
+        (transformers 4.38) used tokenizer.json's byte-level pipeline as stored."""
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as Backend
+
+        path = Path(path)
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise ConfigError(f"{path} has no tokenizer.json; copy tokenizer.json and tokenizer_config.json from "
+                              f"the original Hugging Face checkpoint into it.")
+        config = read_json_object(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+        named = {k: _token_text(config[k]) for k in ("bos_token", "eos_token", "pad_token") if config.get(k)}
+        named.setdefault("pad_token", pad_token)
+        if "bos_token" not in named or "eos_token" not in named:
+            raise ConfigError(f"the tokenizer in {path} has no bos or eos token; set bos_token and eos_token in "
+                              f"its tokenizer_config.json.")
+        try:
+            backend = Backend.from_file(str(file))
+        except Exception as exc:  # noqa: BLE001 - the tokenizers library raises a bare Exception on a bad file
+            raise ConfigError(f"{file} is not a valid tokenizer file ({one_line(exc)[:200]}); copy it again "
+                              f"from the original Hugging Face checkpoint.") from None
+        backend.no_truncation()  # encoding a prompt never cuts or pads it (a long one is refused by `generate`)
+        backend.no_padding()
+        # As transformers' fast tokenizer does on creation: named special tokens the file's added tokens
+        # lack are added (an id in the vocabulary is kept, otherwise the next id); then the processor's.
+        added = {token.content for token in backend.get_added_tokens_decoder().values()}
+        missing = [t for t in (named["bos_token"], named["eos_token"], named["pad_token"]) if t not in added]
+        for tokens in (list(dict.fromkeys(missing)), list(extra_special_tokens)):
+            if tokens:
+                backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+        return cls(backend, named["bos_token"], named["eos_token"], named["pad_token"],
+                   bool(config.get("clean_up_tokenization_spaces", False)))
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._backend.token_to_id(token)
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids, without bos/eos; special tokens in the text are single ids."""
+        return self._backend.encode(text, add_special_tokens=False).ids if text else []
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        text = self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        if self.clean_up_tokenization_spaces:
+            for old, new in _CLEAN_UP:
+                text = text.replace(old, new)
+        return text
+
+    def __len__(self) -> int:
+        """Tokens including the added ones."""
+        return self._backend.get_vocab_size(with_added_tokens=True)
