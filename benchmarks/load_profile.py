@@ -4,7 +4,7 @@
     PYTHONPATH=. python benchmarks/load_profile.py CONVERTED_FOLDER --mode readonly
 
 Runs `orbax_io.restore` once in this process, from a cold page cache where it may drop it (root), JAX's
-backend started before the clock, with `_read_host` (file to host memory) and `_place` (host to device,
+backend started before the clock, with `_read_host` (file to host memory) and `place` (host to device,
 waited for) replaced by timed copies. Modes: `default`, `reuse` (each reader thread reads into one
 reused host buffer), `readonly` (no device transfer: the reading and decoding alone), `threadsN` (N
 leaves read at once instead of `orbax_io.READ_THREADS`), `placeN` (N leaves placed at once instead of
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     if os.geteuid() == 0:
         subprocess.run("sync; echo 3 > /proc/sys/vm/drop_caches", shell=True, check=False)
     reads, places, lock, local = [], [], threading.Lock(), threading.local()
-    read_host, place = orbax_io._read_host, orbax_io._place
+    read_host, place = orbax_io._read_host, orbax_io.place
 
     def timed_read(path, group, leaf, store, sharding):
         import tensorstore as ts
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
             places.append((t0, time.perf_counter()))
         return array
 
-    orbax_io._read_host, orbax_io._place = timed_read, timed_place
+    orbax_io._read_host, orbax_io.place = timed_read, timed_place
     if args.mode.startswith("threads"):
         orbax_io.READ_THREADS = int(args.mode[len("threads"):])
     if args.mode.startswith("place"):

@@ -190,7 +190,7 @@ def test_a_failed_placement_ends_the_load(root, monkeypatch):
         raise RuntimeError("device out of memory (simulated)")
 
     monkeypatch.setattr(orbax_io, "READ_BUDGET", 1)
-    monkeypatch.setattr(orbax_io, "_place", fail)
+    monkeypatch.setattr(orbax_io, "place", fail)
     dst = converted("mla", root)
     errors = []
 

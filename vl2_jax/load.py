@@ -47,7 +47,7 @@ from vl2_jax.processor import (
     Processor,
 )
 from vl2_jax.quant import check_quant, quantize_params, quantized_shapes
-from vl2_jax.sharding import Layout, make_mesh
+from vl2_jax.sharding import Layout, make_mesh, place
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model"]
@@ -225,18 +225,16 @@ def _placer(shardings, bytes_progress: BytesProgress | None = None, total: int =
         return None
     done = [0]
 
-    def place(path, array):
-        if shardings is None:
-            placed = jax.device_put(array)
-        else:
-            sharding = functools.reduce(lambda tree, key: tree[key], ("params", *path), shardings)
-            placed = jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+    def put_leaf(path, array):
+        sharding = None if shardings is None else functools.reduce(lambda tree, key: tree[key], ("params", *path),
+                                                                  shardings)
+        placed = place(array, sharding)
         if bytes_progress is not None:
             done[0] += placed.nbytes
             bytes_progress(done[0], total)
         return _quantize_leaf(path, placed, quant, None if shardings is None else sharding.mesh)
 
-    return place
+    return put_leaf
 
 
 def _converted_from_hub(repo_id: str, progress) -> Path:

@@ -59,6 +59,7 @@ from vl2_jax.checkpoint import (
 from vl2_jax.config import DTYPE_NAMES, VL2Config, dtype_of
 from vl2_jax.errors import CheckpointError
 from vl2_jax.quant import QUANTS, SCALES, VALUES, check_quant, quantize_params, quantized_shapes
+from vl2_jax.sharding import place
 
 MANIFEST = "vl2_jax_checkpoint.json"
 FORMAT = "vl2_jax-orbax-groups"
@@ -356,17 +357,6 @@ def _read_host(path: Path, group: str, p: Path_, store, sharding) -> np.ndarray:
         ) from None
 
 
-def _place(host: np.ndarray, sharding) -> jax.Array:
-    """A host array onto its devices, waited for: the host copy may go only once the devices hold it.
-    `jax.device_put` where this process holds every device of the sharding; `make_array_from_callback`
-    where other processes hold some of them (each fills its own)."""
-    if sharding.is_fully_addressable:
-        array = jax.device_put(host, sharding)
-    else:  # each addressable device gets its slice; other processes' devices are theirs to fill
-        array = jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-    return array.block_until_ready()
-
-
 def _read_concurrently(path: Path, stores: dict, want, shardings, bytes_progress: BytesProgress, after) -> dict:
     """Reads every leaf, READ_THREADS at a time with at most READ_BUDGET bytes read but not yet on their
     devices, and hands each to PLACE_THREADS threads that put it on its devices as soon as it is read: one
@@ -393,9 +383,9 @@ def _read_concurrently(path: Path, stores: dict, want, shardings, bytes_progress
             budget.give(taken)
             raise
 
-    def place(leaf, host, taken):
+    def land(leaf, host, taken):
         try:
-            return after(leaf[1], _place(host, sharding_of(leaf)))
+            return after(leaf[1], place(host, sharding_of(leaf)))
         finally:
             budget.give(taken)
 
@@ -411,7 +401,7 @@ def _read_concurrently(path: Path, stores: dict, want, shardings, bytes_progress
                 for future in finished:
                     kind, leaf = stage.pop(future)
                     if kind == "read":
-                        placed = placers.submit(place, leaf, *future.result())
+                        placed = placers.submit(land, leaf, *future.result())
                         stage[placed] = ("place", leaf)
                         pending.add(placed)
                     else:

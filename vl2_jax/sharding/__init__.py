@@ -193,3 +193,15 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, Layout(mesh).spec(logical, x.shape))
+
+
+def place(host: np.ndarray, sharding: jax.sharding.Sharding | None = None) -> jax.Array:
+    """A host array onto its devices (the default device where `sharding` is None), waited for: the
+    host copy may go only once the devices hold it. `jax.device_put` where this process holds every
+    device of the sharding; `make_array_from_callback` where other processes hold some of them (each
+    fills its own)."""
+    if sharding is None or sharding.is_fully_addressable:
+        array = jax.device_put(host, sharding)
+    else:  # each addressable device gets its slice; other processes' devices are theirs to fill
+        array = jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return array.block_until_ready()
