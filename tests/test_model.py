@@ -117,3 +117,41 @@ def test_random_weights_carry_information_between_tokens():
     assert a.input_ids.shape == b.input_ids.shape
     last = lambda batch: np.asarray(m.logits(batch))[0, -1]  # noqa: E731 - the same last token, other questions
     assert np.abs(last(a) - last(b)).max() > 1e-3
+
+
+@pytest.mark.parametrize("where", ["host", "device"])
+def test_random_draws_follow_the_rules_on_host_and_device(where, monkeypatch):
+    """`draw_like`: weights normal(0.02), norm scales 1, biases 0, in the leaf's dtype, the same for the
+    same seed; small leaves come from numpy without compiling anything, large ones from jitted draws."""
+    import jax
+    import jax.numpy as jnp
+
+    from vl2_jax import load
+
+    if where == "device":
+        monkeypatch.setattr(load, "HOST_DRAW_ELEMENTS", 0)
+    shapes = {"params": {"proj": {"kernel": jax.ShapeDtypeStruct((301, 67), jnp.bfloat16),
+                                  "bias": jax.ShapeDtypeStruct((67,), jnp.float32)},
+                         "norm": {"scale": jax.ShapeDtypeStruct((67,), jnp.float32)},
+                         "wk_b": jax.ShapeDtypeStruct((5, 67, 3), jnp.float32)}}
+    compiles = []
+    listener = lambda event, duration, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        a = load.draw_like(shapes, seed=3)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    b, c = load.draw_like(shapes, seed=3), load.draw_like(shapes, seed=4)
+    p = a["params"]
+    assert p["proj"]["kernel"].dtype == jnp.bfloat16 and p["proj"]["kernel"].shape == (301, 67)
+    kernel = np.asarray(p["proj"]["kernel"], np.float32)
+    assert abs(kernel.std() - 0.02) < 0.002 and abs(kernel.mean()) < 0.002
+    assert not np.any(np.asarray(p["proj"]["bias"])) and np.all(np.asarray(p["norm"]["scale"]) == 1)
+    assert np.asarray(p["wk_b"]).std() > 0.01  # MLA's absorbed projection is a weight, not a bias
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+    assert not np.array_equal(np.asarray(p["proj"]["kernel"], np.float32), np.asarray(c["params"]["proj"]["kernel"], np.float32))
+    if where == "host":
+        assert compiles == []
+    else:
+        assert compiles  # (these shapes are drawn nowhere else, so they compile here)

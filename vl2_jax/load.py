@@ -22,6 +22,7 @@ import concurrent.futures
 import contextlib
 import functools
 import json
+import math
 import os
 import re
 import sys
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vl2_jax.checkpoint import SafetensorsFolder, load_hf, param_shapes, set_path, source_dtype
 from vl2_jax.config import PRESETS, Runtime, VL2Config, dtype_of
@@ -333,23 +335,41 @@ def init_params(cfg: VL2Config, dtype, seed: int = 0, shardings: dict | None = N
     return draw_like(shapes, seed, shardings, after)
 
 
+HOST_DRAW_ELEMENTS = 1 << 20  # leaves up to this size are drawn by numpy on the host: no program to compile
+
+
 def draw_like(shapes, seed: int = 0, shardings: dict | None = None, after=None):
     """Random arrays shaped as the tree `shapes` (of `jax.ShapeDtypeStruct`s), by `init_params`' rules.
     `after(path, array)`, where given, replaces each leaf as soon as it is drawn (path: its keys below
-    the tree's top level), e.g. quantizes it, so the drawn leaf can go before the next is drawn."""
+    the tree's top level), e.g. quantizes it, so the drawn leaf can go before the next is drawn.
+
+    Leaves of up to `HOST_DRAW_ELEMENTS` are drawn by numpy (a generator seeded with (seed, leaf
+    index)) and placed; larger ones by one small jitted draw per distinct shape on their devices (a
+    single jit over every leaf takes minutes to compile at the real sizes). Compiling a draw costs ~0.1 s
+    on a CPU, so the small models' ~40 distinct shapes would take seconds to compile."""
     paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(shapes)[0])
-    keys = jax.random.split(jax.random.key(seed, impl="unsafe_rbg"), len(leaves))  # RngBitGenerator: quick to compile
+    keys = None
+    if any(math.prod(leaf.shape) > HOST_DRAW_ELEMENTS for leaf in leaves):  # RngBitGenerator: quick to compile
+        keys = jax.random.split(jax.random.key(seed, impl="unsafe_rbg"), len(leaves))
     out = []
-    # One small jitted draw per leaf (compiled once per distinct shape): a single jit over every leaf
-    # takes minutes to compile at the real sizes.
     targets = jax.tree.leaves(shardings) if shardings is not None else [None] * len(leaves)
-    for path, leaf, key, sharding in zip(paths, leaves, keys, targets):
+    for i, (path, leaf, sharding) in enumerate(zip(paths, leaves, targets)):
         name = jax.tree_util.keystr(path[-1:], simple=True)
         bias = name.endswith(("_b", "bias")) and name not in ("wk_b", "wv_b")  # (MLA's two are weights)
         kind = "ones" if name == "scale" else "zeros" if bias else "normal"
-        drawn = _draw(kind, leaf.shape, jnp.dtype(leaf.dtype), sharding)(key)
+        dtype = jnp.dtype(leaf.dtype)
+        if math.prod(leaf.shape) <= HOST_DRAW_ELEMENTS:
+            drawn = place(_draw_host(kind, leaf.shape, dtype, np.random.default_rng([seed, i])), sharding)
+        else:
+            drawn = _draw(kind, leaf.shape, dtype, sharding)(keys[i])
         out.append(drawn if after is None else after(tuple(k.key for k in path[1:]), drawn))
     return jax.tree.unflatten(jax.tree.structure(shapes), out)
+
+
+def _draw_host(kind: str, shape, dtype, rng: np.random.Generator) -> np.ndarray:
+    if kind == "normal":
+        return (0.02 * rng.standard_normal(shape, np.float32)).astype(dtype)
+    return (np.ones if kind == "ones" else np.zeros)(shape, dtype)
 
 
 @functools.cache
