@@ -242,3 +242,17 @@ def test_a_prompt_whose_tiles_fit_the_slot_is_accepted():
     one = roomy.processor([{"role": "user", "content": "<image>\n<image>\n"}], [image(11, 504, 56), image(12, 504, 56)])
     assert len(one.input_ids) <= 104 and len(one.pixels) == 20
     assert tight.generate(one, max_new_tokens=5).token_ids == roomy.generate(one, max_new_tokens=5).token_ids
+
+
+def test_decode_speed_leaves_out_a_first_runs_compiling():
+    """`decode_tokens_per_s` is over decoding alone: on a fresh model the decode programs compile after
+    the first token (seconds on a CPU, against milliseconds of decoding), and that time is left out."""
+    m = vl2_jax.load_model("random:test", "float32", runtime=Runtime(max_batch=1))
+    batch = m.processor.batchify([m.processor([{"role": "user", "content": "Is it red?"}])])
+    start = time.perf_counter()
+    first = m.generate(batch, max_new_tokens=40)
+    after_first_token = time.perf_counter() - start - first.ttft_s
+    again = m.generate(batch, max_new_tokens=40)
+    assert first.token_ids == again.token_ids
+    assert after_first_token > 0.3  # (compiling happened there)
+    assert first.decode_s < 0.25 * after_first_token and first.decode_s < 20 * again.decode_s + 0.05

@@ -86,6 +86,11 @@ class CompileWatch:
 
     def __init__(self):
         self.count, self.seconds = 0, 0.0
+        self.ended: list[tuple[float, float]] = []  # (perf_counter when it ended, seconds) of each
+
+    def seconds_after(self, t: float) -> float:
+        """Seconds of tracing, lowering and compiling that ended after perf_counter time `t`."""
+        return sum(seconds for end, seconds in self.ended if end > t)
 
     def __enter__(self) -> CompileWatch:
         if not CompileWatch._listening:
@@ -100,9 +105,11 @@ class CompileWatch:
     @staticmethod
     def _event(event: str, duration: float, **kwargs) -> None:
         if event in CompileWatch.EVENTS:
+            now = time.perf_counter()
             for watch in CompileWatch._open:
                 watch.count += 1
                 watch.seconds += duration
+                watch.ended.append((now, duration))
 
 
 @struct.dataclass

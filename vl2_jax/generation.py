@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from vl2_jax.engine import NO_TOKEN, STEPS, Engine, Prefill, Request, Slots, smallest_at_least
+from vl2_jax.engine import NO_TOKEN, STEPS, CompileWatch, Engine, Prefill, Request, Slots, smallest_at_least
 from vl2_jax.errors import InputError
 from vl2_jax.prefix_cache import SlotPrefixes, TileFeatures, signature, tile_digests
 from vl2_jax.sampling import RowSampling
@@ -27,7 +27,8 @@ from vl2_jax.sampling import RowSampling
 class GenerationResult:
     """Per row: the new token ids (EOS included when produced), their text (special tokens kept, EOS not
     shown), and why it ended: "stop" (EOS or a stop string) or "length" (max_new_tokens or the slot's
-    capacity). ttft_s: seconds to the first tokens of the first rows; decode_s: seconds after that."""
+    capacity). ttft_s: seconds to the first tokens of the first rows; decode_s: seconds after that, less
+    the one-time compiling of programs then (a first run's decode programs)."""
 
     token_ids: list[list[int]]
     text: list[str]
@@ -378,12 +379,15 @@ def run(engine: Engine, params, state: Slots, requests: Sequence[Request], decod
     t0 = time.perf_counter()
     jobs = [Job(request, max_new_tokens, sampling, tuple(stop), eos, update, submitted=t0) for request in requests]
     rows.update((id(job), row) for row, job in enumerate(jobs))
-    state = run_jobs(engine, params, state, jobs, decode, on_done=lambda job: None)
+    with CompileWatch() as compiling:
+        state = run_jobs(engine, params, state, jobs, decode, on_done=lambda job: None)
     errors = [job.error for job in jobs if job.finish_reason == "error"]
     if errors:
         raise InputError(errors[0])
-    ttft = min(job.first_token_at for job in jobs) - t0
-    decode_s = time.perf_counter() - t0 - ttft
+    first = min(job.first_token_at for job in jobs)
+    # decode time without the one-time compiling of decode programs (reported apart by the callers)
+    decode_s = max(0.0, time.perf_counter() - first - compiling.seconds_after(first))
+    ttft = first - t0
     result = GenerationResult(
         token_ids=[job.token_ids for job in jobs], text=[job.text.text() for job in jobs],
         finish_reason=[job.finish_reason for job in jobs], prompt_tokens=[job.prompt_tokens for job in jobs],
