@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--process-id", type=int, default=None, help="several hosts: this process's index (0 prints)")
     p.add_argument("--moe", default="auto", choices=MOE_IMPLS,
                    help="routed-expert dispatch: auto (default: the fastest measured for the token count), or "
-                        "dense (the plain path: every expert on every token), gather, grouped, ragged")
+                        "dense (the plain path: every expert on every token), gather, grouped, ragged, blocked (expert-sorted "
+                        "blocks, plain XLA)")
     p.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS,
                    help="attention: auto (default: cuDNN flash attention for images and prompts on NVIDIA GPUs "
                         "in bf16/f16), or plain (the reference's arithmetic everywhere), cudnn, xla")

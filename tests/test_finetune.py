@@ -192,6 +192,7 @@ def test_bad_lines_are_refused_with_their_line_and_short_or_unanswered_ones_skip
     assert main(["--model", "random:test", "--data", path, "--out", str(tmp_path / "o"), "--max-seq-len", "128"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "no usable conversation" in err[-1]
+    assert not any("initialising" in line for line in err)  # refused before the weights were drawn or read
     assert main(["--model", "random:test", "--data", path, "--out", str(tmp_path / "o"), "--train", "lm"]) == 1
     assert "--train takes" in capsys.readouterr().err
     assert main(["--model", "random:test", "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")]) == 1
@@ -376,3 +377,23 @@ def test_alpha_0_is_the_cross_entropy_alone_and_alpha_above_0_moves_the_router()
     assert some_m["aux_loss"] > 0 and some_loss == zero_loss
     router = "language/layers_1/mlp/router_w"
     assert np.abs(some[router] - zero[router]).max() > 1e-3 * np.abs(zero[router]).max()
+
+
+def test_a_second_run_into_the_same_out_needs_resume_or_force(tmp_path, capsys):
+    """An --out that holds an earlier run is not overwritten by accident: refused without --resume or
+    --force; --force starts over there (the old train state goes). A run of 2 steps needs no --warmup
+    (the default warmup is at most half the steps)."""
+    path = write_dataset(tmp_path, jsonl_records(tmp_path))
+    out = tmp_path / "out"
+    args = ["--model", "random:test", "--data", path, "--out", str(out), "--lora-rank", "4", "--max-seq-len", "128"]
+    assert main([*args, "--steps", "3", "--save-every", "1"]) == 0, capsys.readouterr().err
+    steps = lambda: sorted(p.name for p in (out / "train_state").iterdir() if p.name.isdigit())  # noqa: E731
+    assert steps()[-1] == "3"
+    before = (out / "metrics.json").read_text()
+    assert main([*args, "--steps", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "already holds files" in err and "--force" in err and (out / "metrics.json").read_text() == before
+    assert main([*args, "--steps", "2", "--force"]) == 0, capsys.readouterr().err
+    assert "trained 2 steps" in capsys.readouterr().out
+    assert steps() == ["2"]
+    assert len(json.loads((out / "metrics.json").read_text())["losses"]) == 2

@@ -148,7 +148,8 @@ def answer_file(model, lines: list[str], args, options: dict, limits: ImageLimit
     done: dict[int, dict] = {}
     written, failed = [0], [0]  # index into todo of the next record to write; error records
     where: dict[int, tuple[int, object]] = {}  # id(job) -> (line number, the request's "id")
-    bar = tqdm(total=len(todo), desc="requests", unit="req", file=sys.stderr, disable=not todo)
+    # a bar where stderr is a terminal (tqdm's disable=None); piped stderr keeps its lines
+    bar = tqdm(total=len(todo), desc="requests", unit="req", file=sys.stderr, disable=None if todo else True)
     eos = model.cfg.language.eos_token_id
 
     def finish(number: int, record: dict) -> None:
@@ -318,7 +319,8 @@ def _answer(model, conversation, images, options, as_json, log, text_only=False,
         print(flush=True)
         compiled = f"; compiling, one time: {compile_s:.1f} s" if compile_s >= 0.5 else ""
         if programs.get("programs_loaded"):
-            compiled += f"; {programs['programs_loaded']} compiled programs loaded from the cache"
+            n = programs["programs_loaded"]
+            compiled += f"; {n} compiled program{'s' if n != 1 else ''} loaded from the cache"
         log(f"[{result.prompt_tokens[0]} prompt tokens, {result.generated_tokens[0]} generated "
             f"({result.finish_reason[0]}); first token {result.ttft_s * 1000:.0f} ms{compiled}, "
             f"{result.decode_tokens_per_s:.1f} tokens/s]")

@@ -722,7 +722,7 @@ class Engine:
         of them ahead of time on `threads` threads (default: one per CPU core, up to 16; XLA compiles in
         parallel), then runs each once. `progress(done, total, name)` after each compile. `state`
         (donated) is used as scratch and freed: every slot is done afterwards. Returns (the state,
-        {"programs": n, "seconds": s})."""
+        {"programs": n, "seconds": s, "compile_seconds": the part spent compiling or loading them})."""
         import concurrent.futures
         import os
 
@@ -759,6 +759,7 @@ class Engine:
         workers = threads or min(16, os.cpu_count() or 1)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             list(pool.map(compile_one, range(len(programs))))
+        compiled_s = time.perf_counter() - t0
         made: dict = {}
         with self._context():  # each program once (compiled above: no tracing or compiling here)
             for kind, static in programs:
@@ -778,7 +779,7 @@ class Engine:
                     state = out[0]
             state = self._call("release()", self._release, (state, np.ones((self.max_batch,), bool)))
         jax.block_until_ready(state)
-        return state, {"programs": len(programs), "seconds": time.perf_counter() - t0}
+        return state, {"programs": len(programs), "seconds": time.perf_counter() - t0, "compile_seconds": compiled_s}
 
     def release(self, state: Slots, slots: np.ndarray) -> Slots:
         """Marks `slots` ([B] bool) done, with no decoding (slots freed by the host, e.g. at a stop string)."""

@@ -36,7 +36,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=number(int, 1), default=1, help="conversations per microbatch (default 1)")
     p.add_argument("--grad-accum", type=number(int, 1), default=1, help="microbatches per optimizer step (default 1)")
     p.add_argument("--lr", type=number(float, 0), default=1e-4, help="peak learning rate (default 1e-4)")
-    p.add_argument("--warmup", type=number(int, 0), default=10, help="linear warmup steps, then cosine decay (default 10)")
+    p.add_argument("--warmup", type=number(int, 0), default=None,
+                   help="linear warmup steps, then cosine decay (default 10, at most half of --steps)")
     p.add_argument("--weight-decay", type=number(float, 0), default=0.01, help="AdamW weight decay (default 0.01)")
     p.add_argument("--clip", type=number(float, 0), default=1.0, help="gradient global-norm clip (default 1.0)")
     p.add_argument("--max-seq-len", type=number(int, 8), default=1024,
@@ -50,7 +51,10 @@ def parser() -> argparse.ArgumentParser:
                         "dense on overflow; same gradients (default blocked)")
     p.add_argument("--mesh", default=None, metavar="SPEC", help="shard over devices: 'auto' or sizes such as data=8")
     p.add_argument("--seed", type=number(int, 0), default=0, help="data order and adapter initialisation (default 0)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest train state in --out")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from the latest train state in --out")
+    again.add_argument("--force", action="store_true",
+                       help="start over in an --out that holds an earlier run (its train state is removed)")
     p.add_argument("--save-every", type=number(int, 0), default=0, help="save the train state every K steps (0: at the end)")
     p.add_argument("--eval-every", type=number(int, 0), default=0, help="eval loss every K steps (0: at the end)")
     p.add_argument("--export-hf", default=None, metavar="DIR", help="also write the Hugging Face safetensors layout here")
@@ -67,13 +71,14 @@ def main(argv: list[str] | None = None) -> int:
 
         rank = 0 if args.full else args.lora_rank
         settings = Settings(
-            steps=args.steps, batch=args.batch, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
+            steps=args.steps, batch=args.batch, grad_accum=args.grad_accum, lr=args.lr,
+            warmup=args.warmup if args.warmup is not None else min(10, args.steps // 2),
             weight_decay=args.weight_decay, clip=args.clip, max_seq_len=args.max_seq_len, seed=args.seed,
             lora_rank=rank, lora_alpha=(args.lora_alpha if args.lora_alpha is not None else 2.0 * rank),
             parts=tuple(p.strip() for p in args.train.split(",") if p.strip()),
             save_every=args.save_every, eval_every=args.eval_every)
-        job = Job(args.model, args.data, args.out, settings, args.eval, args.export_hf, args.dtype, args.mesh, args.resume,
-                  not args.no_remat, args.moe)
+        job = Job(args.model, args.data, args.out, settings, eval=args.eval, export_hf=args.export_hf, dtype=args.dtype,
+                  mesh=args.mesh, resume=args.resume, force=args.force, remat=not args.no_remat, moe=args.moe)
         result = finetune(job, log)
         last = f", eval loss {result.evals[max(result.evals)]:.4f}" if result.evals else ""
         print(f"trained {len(result.losses)} steps: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}{last}; "

@@ -125,7 +125,9 @@ def _load(spec: str, dtype, runtime: Runtime, mesh, seed: int, progress: Callabl
         model = load_folder(_converted_from_hub(spec, progress), dtype, runtime, mesh, bytes_progress=count,
                             quant=quant)
     seconds = time.perf_counter() - start
-    rate = f" ({read[0] / 1e9:.2f} GB of weights, {read[0] / 1e9 / seconds:.2f} GB/s)" if read[0] else ""
+    from vl2_jax.orbax_io import format_bytes
+
+    rate = f" ({format_bytes(read[0])} of weights, {read[0] / 1e9 / seconds:.2f} GB/s)" if read[0] else ""
     progress(f"model ready in {seconds:.1f} s{rate}")
     return model
 

@@ -187,7 +187,8 @@ class VL2Model:
 
     def warmup(self, progress: Callable[[int, int, str], None] | None = None) -> dict:
         """Compiles every program the engine can run (`Engine.warmup`), so that no request compiles or
-        traces afterwards. `progress(done, total, program)` after each. Returns {"programs", "seconds"}."""
+        traces afterwards. `progress(done, total, program)` after each. Returns {"programs", "seconds",
+        "compile_seconds"} (the rest of the seconds: running each program once)."""
         with self.mesh_context(), out_of_memory_as("while compiling the engine's programs"):
             self._state, report = self.engine.warmup(self.params, progress, self.take_state())
         return report

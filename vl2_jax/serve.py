@@ -5,7 +5,8 @@
 
 Loads the model, compiles every program (progress on stderr; --no-warmup compiles on first use
 instead), starts the scheduler and serves `vl2_jax.serving.api`'s routes; prints the URL on stdout when
-it accepts requests. SIGTERM or Ctrl-C: no new requests (503), those in flight get up to --drain-seconds
+it accepts requests. SIGTERM or Ctrl-C: no new connections are accepted (and a request that still
+arrives on an open one gets 503), those in flight get up to --drain-seconds
 to finish (then they are cancelled), the scheduler stops, the process exits. A bad argument or a model
 that does not load prints one `error: ...` line, exit status 1.
 """
@@ -143,8 +144,10 @@ def run(args, log) -> int:
     store = executables.keep(model, cache_dir, log)
     if not args.no_warmup:
         report = model.warmup(_warmup_progress(log))
-        kept = "" if store is None else " ({loaded} loaded from the cache, {compiled} compiled)".format(**store.report())
-        log(f"warm: {report['programs']} programs in {report['seconds']:.0f} s{kept}")
+        kept = "" if store is None else "; executables, the state's included: {loaded} loaded from the cache, " \
+            "{compiled} compiled".format(**store.report())
+        log(f"warm: {report['programs']} programs in {report['seconds']:.0f} s ({report['compile_seconds']:.0f} s "
+            f"compiling or loading them, the rest running each once{kept})")
     metrics = Metrics()
     scheduler = Scheduler(model, max_queue=args.max_queue, metrics=metrics.scheduler_hooks(),
                           feature_cache_bytes=args.feature_cache_mb << 20).start()
@@ -184,7 +187,7 @@ class _Server(uvicorn.Server):
                  f"SIGTERM or Ctrl-C stops)")
 
     def handle_exit(self, sig, frame):
-        self.api.draining = True  # new requests get 503 while those in flight finish
+        self.api.draining = True  # a request on a connection still open gets 503 while those in flight finish
         super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets=None):

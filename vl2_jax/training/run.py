@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import jax.numpy as jnp
 from flax import traverse_util
 
-from vl2_jax.config import Runtime
+from vl2_jax.config import PRESETS, Runtime
 from vl2_jax.errors import InputError
-from vl2_jax.load import load_model
+from vl2_jax.load import load_model, write_assets
+from vl2_jax.processor import Processor
 from vl2_jax.training import batches, export, lora
 from vl2_jax.training.loop import Result, Settings, fit
 from vl2_jax.training.loss import training_module, training_runtime
@@ -41,6 +44,7 @@ class Job:
     dtype: str = "float32"
     mesh: str | None = None
     resume: bool = False
+    force: bool = False  # start over in an `out` that holds an earlier run (its train state is removed)
     remat: bool = True
     moe: str = "blocked"  # the routed experts' dispatch (`loss.DIFFERENTIABLE_MOE`)
 
@@ -66,13 +70,19 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
             raise InputError(f"{name} {file} is not a file.")
     if job.resume and not (out / "train_state").is_dir():
         raise InputError(f"--resume: {out / 'train_state'} does not exist; run without --resume first.")
+    if not job.resume and out.is_dir() and any(out.iterdir()):
+        if not job.force:
+            raise InputError(f"--out {out} already holds files (an earlier run?); pass --resume to continue its "
+                             f"run, --force to start over there, or another --out.")
+        shutil.rmtree(out / "train_state", ignore_errors=True)  # a fresh run's steps must not meet the old ones
+    # The data is read before the weights (seconds to minutes) where the tokenizer is at hand, so a bad
+    # line ends the run at once.
+    processor = _processor_before_loading(job.model)
+    if processor is not None:
+        train, evals = _read_data(job, processor, log)
     model = load_model(job.model, job.dtype, runtime=Runtime.plain(), mesh=job.mesh, seed=s.seed, progress=log)
-    train, skipped = batches.read_examples(model.processor, job.data, s.max_seq_len)
-    log(f"{job.data}: {len(train)} conversations" + (f", {skipped.total} skipped ({skipped})" if skipped.total else ""))
-    evals = None
-    if job.eval:
-        evals, skipped = batches.read_examples(model.processor, job.eval, s.max_seq_len)
-        log(f"{job.eval}: {len(evals)} conversations" + (f", {skipped.total} skipped ({skipped})" if skipped.total else ""))
+    if processor is None:
+        train, evals = _read_data(job, model.processor, log)
     what = f"LoRA rank {s.lora_rank} on {','.join(s.parts)}" if s.lora_rank else f"full fine-tuning of {','.join(s.parts)}"
     log(f"training: {what}; {s.steps} steps of {s.batch} x {s.grad_accum} conversations")
     with model.mesh_context():
@@ -95,3 +105,29 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
         export.write_hf(model.cfg, params, job.export_hf, source, dtype)
         log(f"wrote the Hugging Face layout to {job.export_hf}")
     return result
+
+
+def _processor_before_loading(spec: str) -> Processor | None:
+    """The processor of model spec `spec` without its weights: a random model's, a folder's, a hub id's
+    converted copy's; None where its files are not here yet (a hub id not downloaded)."""
+    if spec.startswith("random:"):
+        name = spec.removeprefix("random:")
+        if name not in PRESETS:
+            return None  # (load_model names the sizes)
+        with tempfile.TemporaryDirectory(prefix="vl2-processor-") as folder:
+            return Processor.from_pretrained(write_assets(folder, PRESETS[name]))
+    folder = export.asset_folder(spec)
+    if folder is None or not (folder / "processor_config.json").is_file():
+        return None
+    return Processor.from_pretrained(folder)
+
+
+def _read_data(job: Job, processor: Processor, log: Callable[[str], None]) -> tuple[list, list | None]:
+    """The training and eval examples (`batches.read_examples`), each file's count logged."""
+    s, evals = job.settings, None
+    train, skipped = batches.read_examples(processor, job.data, s.max_seq_len)
+    log(f"{job.data}: {len(train)} conversations" + (f", {skipped.total} skipped ({skipped})" if skipped.total else ""))
+    if job.eval:
+        evals, skipped = batches.read_examples(processor, job.eval, s.max_seq_len)
+        log(f"{job.eval}: {len(evals)} conversations" + (f", {skipped.total} skipped ({skipped})" if skipped.total else ""))
+    return train, evals
