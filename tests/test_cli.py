@@ -163,6 +163,14 @@ def test_impossible_mesh_fails_with_one_line(capsys, mesh, words):
     assert main(["--model", str(ckpt_dir("mha")), "--dtype", "float32", "--prompt", "hi", "--mesh", mesh]) == 1
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err and err.count("error:") == 1
+    if words == "bad mesh spec":  # refused before anything loads
+        assert "loading" not in err
+
+
+def test_unknown_random_size_is_refused_before_it_is_announced(capsys):
+    assert main(["--model", "random:tset", "--prompt", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert "error: unknown random model size 'tset'" in err and "initialising" not in err
 
 
 def test_unusable_compile_cache_is_one_note_not_a_failure(tmp_path):

@@ -49,7 +49,7 @@ from vl2_jax.processor import (
     Processor,
 )
 from vl2_jax.quant import check_quant, quantize_params, quantized_shapes
-from vl2_jax.sharding import Layout, make_mesh, place
+from vl2_jax.sharding import Layout, make_mesh, parse_mesh_spec, place
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model"]
@@ -109,6 +109,8 @@ def _load(spec: str, dtype, runtime: Runtime, mesh, seed: int, progress: Callabl
           bytes_progress: BytesProgress | None = None, quant: str | None = None) -> VL2Model:
     start = time.perf_counter()
     read = [0]
+    if isinstance(mesh, str) and mesh != "auto":
+        parse_mesh_spec(mesh)  # a malformed spec is refused before anything loads
 
     def count(done: int, total: int) -> None:
         read[0] = done
@@ -116,6 +118,7 @@ def _load(spec: str, dtype, runtime: Runtime, mesh, seed: int, progress: Callabl
             bytes_progress(done, total)
 
     if spec.startswith("random:"):
+        preset(spec[7:])  # an unknown size is refused before the line that announces it
         progress(f"initialising random {spec[7:]} weights ...")
         model = random_model(spec[7:], dtype or "float32", seed, runtime, mesh, quant=quant or "none")
     elif Path(spec).exists() or not HUB_ID.match(spec):
@@ -407,15 +410,20 @@ def _reshard(leaf, path, mesh):
     return jax.device_put(leaf, functools.reduce(lambda tree, key: tree[key], ("params", *path), shardings))
 
 
+def preset(name: str) -> VL2Config:
+    """The config of random model size `name` ("tiny", "small", "base", "test"), or a ConfigError."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown random model size {name!r}; use one of {', '.join(PRESETS)}.")
+    return PRESETS[name]
+
+
 def random_model(name: str, dtype="float32", seed: int = 0, runtime: Runtime = Runtime(), mesh=None,
                  quant: str = "none") -> VL2Model:
     """A `VL2Model` with random weights at a preset size ("tiny", "small", "base", "test"), on one device
     or across `mesh` (see `load_model`); its tokenizer and processor files go to a temporary folder and
     load through the same code as a real checkpoint's. `quant`: each float weight quantized as soon as
     it is drawn (`vl2_jax.quant`), so that memory holds the quantized model and one float leaf at most."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown random model size {name!r}; use one of {', '.join(PRESETS)}.")
-    cfg = PRESETS[name]
+    cfg = preset(name)
     dtype = resolve_dtype(dtype) or jnp.float32
     folder = write_assets(Path(tempfile.mkdtemp(prefix=f"vl2-random-{name}-")), cfg)
     mesh = make_mesh(mesh, cfg)

@@ -22,9 +22,9 @@ from pathlib import Path
 import jax.numpy as jnp
 from flax import traverse_util
 
-from vl2_jax.config import PRESETS, Runtime
+from vl2_jax.config import Runtime
 from vl2_jax.errors import InputError
-from vl2_jax.load import load_model, write_assets
+from vl2_jax.load import load_model, preset, write_assets
 from vl2_jax.processor import Processor
 from vl2_jax.training import batches, export, lora
 from vl2_jax.training.loop import Result, Settings, fit
@@ -111,11 +111,8 @@ def _processor_before_loading(spec: str) -> Processor | None:
     """The processor of model spec `spec` without its weights: a random model's, a folder's, a hub id's
     converted copy's; None where its files are not here yet (a hub id not downloaded)."""
     if spec.startswith("random:"):
-        name = spec.removeprefix("random:")
-        if name not in PRESETS:
-            return None  # (load_model names the sizes)
         with tempfile.TemporaryDirectory(prefix="vl2-processor-") as folder:
-            return Processor.from_pretrained(write_assets(folder, PRESETS[name]))
+            return Processor.from_pretrained(write_assets(folder, preset(spec.removeprefix("random:"))))
     folder = export.asset_folder(spec)
     if folder is None or not (folder / "processor_config.json").is_file():
         return None
