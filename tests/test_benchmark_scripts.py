@@ -175,3 +175,13 @@ def test_finetune_speed_runs_on_cpu():
     short = _run("benchmarks/finetune_speed.py", "--model", "random:test", "--seq-len", "64", "--steps", "1")
     assert short.returncode != 0 and "--seq-len 64 is too short" in short.stderr
 
+
+
+def test_cli_timeline_stamps_a_fresh_generate():
+    r = _run("benchmarks/cli_timeline.py", "--repeats", "1", "--", "--model", "random:test", "--prompt", "hi",
+             "--max-new-tokens", "4", "--compile-cache", "")
+    assert r.returncode == 0, r.stderr[-2000:]
+    run, summary = (json.loads(line) for line in r.stdout.splitlines())
+    assert summary["ok"] == 1 and run["returncode"] == 0
+    assert any("model ready" in text for _, text in run["lines"])
+    assert 0 < run["load_s"] < run["answered_s"] <= run["wall_s"] and run["exit_s"] >= 0
