@@ -621,7 +621,7 @@ def _convert_groups(cfg, src: Path, tmp: Path, np_dtype, progress: Progress, sta
     groups = grouped_plan(cfg)
     total = sum(int(np.prod(s)) for rules in groups.values() for r in rules for _, s in r.targets) * np_dtype.itemsize
     checkpointer = _checkpointer()
-    n_params = n_bytes = 0
+    n_params = n_bytes = done = 0
     for i, (name, rules) in enumerate(groups.items()):
         # A fresh reader per group: the safetensors files are memory-mapped, and pages read through a
         # map stay in this process's resident set until it is unmapped.
@@ -632,15 +632,17 @@ def _convert_groups(cfg, src: Path, tmp: Path, np_dtype, progress: Progress, sta
                 set_path(tree, p, array.astype(np_dtype, copy=False))
         del folder
         n_params += sum(a.size for a in jax.tree_util.tree_leaves(tree))
+        done += sum(a.nbytes for a in jax.tree_util.tree_leaves(tree))  # (in the float dtype, as `total`)
         if quant != "none":
             tree = jax.tree.map(np.asarray, quantize_params(tree, quant))
         leaves = jax.tree_util.tree_leaves(tree)
         n_bytes += sum(a.nbytes for a in leaves)
         _save_group(checkpointer, (tmp / "params" / name).absolute(), tree)
         del tree, leaves
+        tensors, elapsed = sum(len(r.sources) for r in rules), time.time() - start
         progress(
-            f"[{i + 1}/{len(groups)}] {name}: {sum(len(r.sources) for r in rules)} tensors, "
-            f"{format_bytes(n_bytes)} of {format_bytes(total)}, {time.time() - start:.0f} s"
+            f"[{i + 1}/{len(groups)}] {name}: {tensors} tensor{'s' if tensors != 1 else ''}, "
+            f"{format_bytes(done)} of {format_bytes(total)}, {elapsed:.{1 if elapsed < 10 else 0}f} s"
         )
     return list(groups), n_params, n_bytes
 
