@@ -315,7 +315,8 @@ def test_other_bad_requests(sched, url):
     error_of(httpx2.post(url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}), 400)
     error_of(httpx2.post(url + "/v1/chat/completions", json=[1, 2]), 400)
     assert error_of(httpx2.get(url + "/v1/nothing"), 404)["type"] == "not_found_error"
-    error_of(httpx2.get(url + "/v1/chat/completions"), 405)
+    wrong = httpx2.get(url + "/v1/chat/completions")
+    assert error_of(wrong, 405)["message"] == "/v1/chat/completions takes POST, not GET" and wrong.headers["allow"] == "POST"
     error_of(httpx2.get(url + "/v1/models/gpt-4"), 404)
     error_of(httpx2.post(url + "/v1/completions", json={"prompt": ["a", "b"]}), 400)
     error_of(httpx2.post(url + "/v1/completions", json={"prompt": "a", "echo": True}), 400)

@@ -114,8 +114,11 @@ def create_app(scheduler, model_name: str, processor, settings: ServerSettings |
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(e.status_code, "invalid_request_error")
-        detail = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
-        return _error_response(APIError(e.status_code, detail, kind))
+        detail = f"no route {request.method} {request.url.path}" if e.status_code == 404 else str(e.detail)
+        allowed = next((v for k, v in (e.headers or {}).items() if k.lower() == "allow"), None)
+        if e.status_code == 405 and allowed:
+            detail = f"{request.url.path} takes {' or '.join(allowed.split(', '))}, not {request.method}"
+        return _error_response(APIError(e.status_code, detail, kind, headers={"Allow": allowed} if allowed else None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):
