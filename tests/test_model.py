@@ -141,7 +141,7 @@ def test_random_draws_follow_the_rules_on_host_and_device(where, monkeypatch):
         a = load.draw_like(shapes, seed=3)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    b, c = load.draw_like(shapes, seed=3), load.draw_like(shapes, seed=4)
+    b, c = load.draw_like(shapes, seed=3), load.draw_like(shapes, seed=-4)  # (any int seeds, as jax.random's)
     p = a["params"]
     assert p["proj"]["kernel"].dtype == jnp.bfloat16 and p["proj"]["kernel"].shape == (301, 67)
     kernel = np.asarray(p["proj"]["kernel"], np.float32)

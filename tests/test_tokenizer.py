@@ -20,26 +20,35 @@ TEXTS = [
     "<image>\n<|ref|>the giraffe<|/ref|><|det|>[[580, 270, 999, 900]]<|/det|>", "<|grounding|>Locate <|ref|>it<|/ref|>.",
     "中文的句子，还有标点。", "日本語のテキスト", "emoji 🦒🧑‍🚀 and é (e + \u0301)", "x<image>y<image><image>z",
     "<｜begin▁of▁sentence｜>text<｜end▁of▁sentence｜>", "<｜▁pad▁｜><｜▁pad▁｜>", "it's don't we're I'm ,.!?",
-    "<|User|<|Assistant|>>", "<imag", "\u00a0non-breaking\u2003em space", "tabs\tand\r\ncarriage returns",
+    "<|User|<|Assistant|>>", "<imag", "<unk> and <s>", "\u00a0non-breaking\u2003em space", "tabs\tand\r\ncarriage returns",
 ]
 
 
 def reference(folder):
-    """transformers' PreTrainedTokenizerFast as the official processor had it: tokenizer.json used as
-    stored, bos/eos/pad from tokenizer_config.json (pad defaulted), then the processor's special tokens."""
+    """transformers' PreTrainedTokenizerFast as the official code had its tokenizer: tokenizer.json used as
+    stored; bos, eos, pad and unk from tokenizer_config.json, unk defaulting to "<unk>" where the key is
+    absent (transformers 4.38's LlamaTokenizerFast); then the official processor's additions: a pad if
+    there is none, the image token if the vocabulary lacks it, the grounding and role tokens."""
     from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
 
     config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    named = {k: config[k] for k in ("bos_token", "eos_token", "pad_token") if config.get(k)}
-    named.setdefault("pad_token", PAD_TOKEN)
+    named = {k: config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if config.get(k)}
+    if "unk_token" not in config:
+        named["unk_token"] = "<unk>"
     tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), padding_side="left", **named)
-    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS], special_tokens=True)
+    special = lambda tokens: [AddedToken(t, special=True, normalized=False) for t in tokens]  # noqa: E731
+    if tok.pad_token is None:
+        tok.add_tokens(special([PAD_TOKEN]), special_tokens=True)
+        tok.pad_token = PAD_TOKEN
+    if IMAGE_TOKEN not in tok.get_vocab():
+        tok.add_tokens(special([IMAGE_TOKEN]), special_tokens=True)
+    tok.add_tokens(special(EXTRA_SPECIAL_TOKENS), special_tokens=True)
     return tok
 
 
 def ours(folder) -> Tokenizer:
-    return Tokenizer.from_folder(folder, PAD_TOKEN, SPECIALS)
+    return Tokenizer.from_folder(folder, PAD_TOKEN, IMAGE_TOKEN, EXTRA_SPECIAL_TOKENS)
 
 
 def assert_same(folder):
@@ -48,8 +57,8 @@ def assert_same(folder):
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (ref.bos_token_id, ref.eos_token_id,
                                                                       ref.pad_token_id)
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == (ref.bos_token, ref.eos_token, ref.pad_token)
-    for token in SPECIALS:
-        assert tok.token_to_id(token) == ref.convert_tokens_to_ids(token), token
+    for token in (*SPECIALS, "<unk>"):
+        assert tok.token_to_id(token) == ref.get_vocab().get(token), token
     for text in TEXTS:
         ids = tok.encode(text)
         assert ids == ref.encode(text, add_special_tokens=False), text
@@ -86,7 +95,7 @@ def test_matches_transformers_when_the_file_lacks_special_tokens(tmp_path):
 
 def test_matches_transformers_when_special_tokens_are_new(tmp_path):
     # Special tokens in neither the vocabulary nor the added tokens get the next ids, in the official order
-    # (bos, eos, pad, then image, grounding, roles); a pad named in tokenizer_config.json is used.
+    # (bos, eos, unk, pad, then image, grounding, roles); a pad named in tokenizer_config.json is used.
     def drop(data):
         gone = {"<｜▁pad▁｜>", "<image>", "<|det|>", "<|Assistant|>"}
         data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] not in gone]
@@ -96,6 +105,23 @@ def test_matches_transformers_when_special_tokens_are_new(tmp_path):
     assert_same(folder)
     tok = ours(folder)
     assert tok.pad_token == "<pad>" and tok.token_to_id("<image>") == tok.pad_token_id + 1
+    assert tok.token_to_id("<unk>") == tok.pad_token_id - 1  # (tokenizer_config.json has no unk_token key)
+
+
+def test_matches_transformers_when_unk_is_null(tmp_path):
+    # The released configs say "unk_token": null: no <unk> is added.
+    folder = _edited(tmp_path, edit_config=lambda c: c.update(unk_token=None))
+    assert_same(folder)
+    assert ours(folder).token_to_id("<unk>") is None and len(ours(folder)) == len(ours(ckpt_dir("mha"))) - 1
+
+
+def test_matches_transformers_when_the_image_token_is_only_in_the_vocabulary(tmp_path):
+    # The official processor adds the image token only where the vocabulary lacks it: one that is there as
+    # a plain vocabulary entry stays plain (the text "<image>" then encodes as byte-level pieces).
+    folder = _edited(tmp_path, lambda d: d.update(added_tokens=[t for t in d["added_tokens"] if t["content"] != "<image>"]))
+    assert_same(folder)
+    tok = ours(folder)
+    assert tok.token_to_id("<image>") == 3 and tok.encode("<image>") != [3]
 
 
 def test_clean_up_tokenization_spaces_as_the_official_code(tmp_path):

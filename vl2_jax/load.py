@@ -300,8 +300,8 @@ def write_tokenizer(folder: Path, cfg: VL2Config) -> None:
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     tok.save(str(folder / "tokenizer.json"))
-    config = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN,
-              "model_max_length": lc.max_position_embeddings}
+    config = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN, "unk_token": None,
+              "model_max_length": lc.max_position_embeddings}  # (unk_token null, as in the released configs)
     (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=1))
 
 
@@ -348,8 +348,8 @@ def draw_like(shapes, seed: int = 0, shardings: dict | None = None, after=None):
     `after(path, array)`, where given, replaces each leaf as soon as it is drawn (path: its keys below
     the tree's top level), e.g. quantizes it, so the drawn leaf can go before the next is drawn.
 
-    Leaves of up to `HOST_DRAW_ELEMENTS` are drawn by numpy (a generator seeded with (seed, leaf
-    index)) and placed; larger ones by one small jitted draw per distinct shape on their devices (a
+    Leaves of up to `HOST_DRAW_ELEMENTS` are drawn by numpy (a generator seeded with (seed mod 2**64,
+    leaf index)) and placed; larger ones by one small jitted draw per distinct shape on their devices (a
     single jit over every leaf takes minutes to compile at the real sizes). Compiling a draw costs ~0.1 s
     on a CPU, so the small models' ~40 distinct shapes would take seconds to compile."""
     paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(shapes)[0])
@@ -364,7 +364,7 @@ def draw_like(shapes, seed: int = 0, shardings: dict | None = None, after=None):
         kind = "ones" if name == "scale" else "zeros" if bias else "normal"
         dtype = jnp.dtype(leaf.dtype)
         if math.prod(leaf.shape) <= HOST_DRAW_ELEMENTS:
-            drawn = place(_draw_host(kind, leaf.shape, dtype, np.random.default_rng([seed, i])), sharding)
+            drawn = place(_draw_host(kind, leaf.shape, dtype, np.random.default_rng([seed % (1 << 64), i])), sharding)
         else:
             drawn = _draw(kind, leaf.shape, dtype, sharding)(keys[i])
         out.append(drawn if after is None else after(tuple(k.key for k in path[1:]), drawn))

@@ -372,8 +372,7 @@ class Processor:
         if config.get("sft_format", "deepseek") != "deepseek":
             raise ConfigError(f"only the 'deepseek' chat template is supported, not {config['sft_format']!r}")
         image_token = config.get("image_token", IMAGE_TOKEN)
-        tokenizer = Tokenizer.from_folder(path, config.get("pad_token", PAD_TOKEN),
-                                          (image_token, *EXTRA_SPECIAL_TOKENS))
+        tokenizer = Tokenizer.from_folder(path, config.get("pad_token", PAD_TOKEN), image_token, EXTRA_SPECIAL_TOKENS)
         return cls(tokenizer, config["candidate_resolutions"], config["patch_size"],
                    config["downsample_ratio"], config.get("image_mean", (0.5, 0.5, 0.5)),
                    config.get("image_std", (0.5, 0.5, 0.5)), config.get("normalize", True), image_token)

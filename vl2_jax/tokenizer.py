@@ -2,11 +2,11 @@
 
 The official processor (transformers 4.38) wraps the same file in ``LlamaTokenizerFast``, which hands
 encoding and decoding to a `tokenizers.Tokenizer` built from it; this module builds that object directly
-and adds the special tokens the way the official code does (bos, eos and pad from
-``tokenizer_config.json`` where the file lacks them, then the processor's image, grounding and role
-tokens). It gives the same ids and text, and loading it imports neither transformers nor torch (seconds,
-where torch is installed). ``tests/test_tokenizer.py`` compares it with transformers' tokenizer on every
-fixture.
+and adds the special tokens the way the official code does (bos, eos, unk and pad where the file lacks
+them, then the processor's image, grounding and role tokens). It gives the same ids and text, and
+loading it imports neither transformers nor torch (seconds, where torch is installed).
+``tests/test_tokenizer.py`` compares it with transformers' fast tokenizer, set up as transformers 4.38's
+``LlamaTokenizerFast`` and the official processor set theirs up, on every fixture and on edited files.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ _CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (
              (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
 
-def _token_text(value):
+def _token_text(value) -> str | None:
     """tokenizer_config.json stores a special token either as text or as a serialized AddedToken."""
-    return value.get("content") if isinstance(value, dict) else value
+    value = value.get("content") if isinstance(value, dict) else value
+    return value if isinstance(value, str) and value else None
 
 
 class Tokenizer:
@@ -40,13 +41,16 @@ class Tokenizer:
         self.pad_token_id = backend.token_to_id(pad_token) if pad_token is not None else None
 
     @classmethod
-    def from_folder(cls, path, pad_token: str, extra_special_tokens: Sequence[str] = ()) -> Tokenizer:
-        """``tokenizer.json`` (+ ``tokenizer_config.json``) in folder `path`. `pad_token` is used where the
-        config names none (the official processor adds one); `extra_special_tokens` are made special,
-        unsplittable tokens, keeping the id of any already in the vocabulary, new ones appended in order.
+    def from_folder(cls, path, pad_token: str, image_token: str, extra_special_tokens: Sequence[str] = ()) -> Tokenizer:
+        """``tokenizer.json`` (+ ``tokenizer_config.json``) in folder `path`, with the special tokens the
+        official code has: bos, eos, unk (``"<unk>"`` where the config has no ``unk_token`` key, as
+        ``LlamaTokenizerFast`` defaults it) and pad (`pad_token` where the config names none, as the
+        official processor adds it) where the file's added tokens lack them; then `image_token` if the
+        vocabulary lacks it; then `extra_special_tokens`. Each is a special, unsplittable token that
+        keeps its id where the vocabulary has it, new ones take the next ids in that order.
 
-        The class named in tokenizer_config.json (``LlamaTokenizerFast``) plays no part: the official code
-        (transformers 4.38) used tokenizer.json's byte-level pipeline as stored."""
+        The class named in tokenizer_config.json (``LlamaTokenizerFast``) is otherwise not used: the
+        official code (transformers 4.38) ran tokenizer.json's byte-level pipeline as stored."""
         from tokenizers import AddedToken
         from tokenizers import Tokenizer as Backend
 
@@ -56,9 +60,11 @@ class Tokenizer:
             raise ConfigError(f"{path} has no tokenizer.json; copy tokenizer.json and tokenizer_config.json from "
                               f"the original Hugging Face checkpoint into it.")
         config = read_json_object(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
-        named = {k: _token_text(config[k]) for k in ("bos_token", "eos_token", "pad_token") if config.get(k)}
-        named.setdefault("pad_token", pad_token)
-        if "bos_token" not in named or "eos_token" not in named:
+        named = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        if "unk_token" not in config:
+            named["unk_token"] = "<unk>"
+        named["pad_token"] = named["pad_token"] or pad_token
+        if not named["bos_token"] or not named["eos_token"]:
             raise ConfigError(f"the tokenizer in {path} has no bos or eos token; set bos_token and eos_token in "
                               f"its tokenizer_config.json.")
         try:
@@ -68,13 +74,16 @@ class Tokenizer:
                               f"from the original Hugging Face checkpoint.") from None
         backend.no_truncation()  # encoding a prompt never cuts or pads it (a long one is refused by `generate`)
         backend.no_padding()
-        # As transformers' fast tokenizer does on creation: named special tokens the file's added tokens
-        # lack are added (an id in the vocabulary is kept, otherwise the next id); then the processor's.
-        added = {token.content for token in backend.get_added_tokens_decoder().values()}
-        missing = [t for t in (named["bos_token"], named["eos_token"], named["pad_token"]) if t not in added]
-        for tokens in (list(dict.fromkeys(missing)), list(extra_special_tokens)):
+
+        def add(tokens):
             if tokens:
                 backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+
+        added = {token.content for token in backend.get_added_tokens_decoder().values()}
+        add(list(dict.fromkeys(t for t in named.values() if t and t not in added)))
+        if backend.token_to_id(image_token) is None:
+            add([image_token])
+        add(list(extra_special_tokens))
         return cls(backend, named["bos_token"], named["eos_token"], named["pad_token"],
                    bool(config.get("clean_up_tokenization_spaces", False)))
 

@@ -70,11 +70,10 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
             raise InputError(f"{name} {file} is not a file.")
     if job.resume and not (out / "train_state").is_dir():
         raise InputError(f"--resume: {out / 'train_state'} does not exist; run without --resume first.")
-    if not job.resume and out.is_dir() and any(out.iterdir()):
-        if not job.force:
-            raise InputError(f"--out {out} already holds files (an earlier run?); pass --resume to continue its "
-                             f"run, --force to start over there, or another --out.")
-        shutil.rmtree(out / "train_state", ignore_errors=True)  # a fresh run's steps must not meet the old ones
+    start_over = not job.resume and out.is_dir() and any(out.iterdir())
+    if start_over and not job.force:
+        raise InputError(f"--out {out} already holds files (an earlier run?); pass --resume to continue its "
+                         f"run, --force to start over there, or another --out.")
     # The data is read before the weights (seconds to minutes) where the tokenizer is at hand, so a bad
     # line ends the run at once.
     processor = _processor_before_loading(job.model)
@@ -83,6 +82,10 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
     model = load_model(job.model, job.dtype, runtime=Runtime.plain(), mesh=job.mesh, seed=s.seed, progress=log)
     if processor is None:
         train, evals = _read_data(job, model.processor, log)
+    if start_over:  # (only now that the data and the model are good) the old run's outputs go
+        for name in ("train_state", "adapters"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        (out / "metrics.json").unlink(missing_ok=True)
     what = f"LoRA rank {s.lora_rank} on {','.join(s.parts)}" if s.lora_rank else f"full fine-tuning of {','.join(s.parts)}"
     log(f"training: {what}; {s.steps} steps of {s.batch} x {s.grad_accum} conversations")
     with model.mesh_context():
