@@ -146,6 +146,20 @@ def test_bad_arguments_fail_with_one_line(capsys, args, code, line):
         assert len(err) == 1
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    """`python -m generate ... | head -c 5`: once stdout's reader has gone, the command ends with 141 (as a
+    shell reports SIGPIPE) and no error line."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "generate", "--model", "random:test", "--prompt", "hi",
+                             "--max-new-tokens", "64", "--compile-cache", ""], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    proc.stdout.read(1)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141, err
+    assert "error" not in err and "Traceback" not in err
+
+
 def test_chat_keeps_history_and_survives_bad_utf8():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     stdin = b"Hello there.\n\xff\xfe bad line\nAnd again?\n"

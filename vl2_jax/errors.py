@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -155,12 +156,20 @@ def number(kind=int, low=1, high=None, what: str | None = None):
 
 def guarded(body: Callable[[], int], log: Callable[[str], None]) -> int:
     """An entry point's last line of defence: `body()`'s exit status; on Ctrl-C "interrupted" and 130;
-    on any other exception one `error: ...` line (`explain`) and 1, never a traceback."""
+    when whatever reads stdout has gone (`... | head`), quietly 141 (as a shell reports a command ended
+    by SIGPIPE), stdout then pointing nowhere so that nothing tries to write there again; on any other
+    exception one `error: ...` line (`explain`) and 1, never a traceback."""
     try:
         return body()
     except KeyboardInterrupt:
         log("interrupted")
         return 130
+    except BrokenPipeError:
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # (stdout is not a file descriptor: nothing to point elsewhere)
+            pass
+        return 141
     except Exception as e:  # noqa: BLE001 - one sentence, no traceback
         log("error: " + explain(e))
         return 1
