@@ -324,6 +324,8 @@ def test_other_bad_requests(sched, url):
     error_of(httpx2.post(url + "/generate", json={"text": "a", "input_ids": [1]}), 400)
     error_of(httpx2.post(url + "/generate", json={"text": "a", "sampling_params": {"n": 2}}), 400)
     error_of(httpx2.post(url + "/generate", json={"text": "a", "sampling_params": {"regex": "a+"}}), 400)
+    bad = error_of(httpx2.post(url + "/generate", json={"text": "a", "sampling_params": {"max_new_tokens": -1}}), 400)
+    assert bad["param"] == "sampling_params.max_new_tokens" and "max_new_tokens must be at least 1" in bad["message"]
     error_of(httpx2.post(url + "/generate", json={"text": "<image>", "image_data": "A" * 80}), 400)  # bad base64 image
     error_of(httpx2.post(url + "/generate", json={"input_ids": [1], "image_data": png_data_url()}), 400)
     with pytest.raises(openai.NotFoundError):

@@ -399,21 +399,23 @@ def test_input_file_answers_each_line_in_order_with_its_own_settings(tmp_path, c
         lines.append(json.dumps({"id": f"r{i}", "prompt": case["conversation"][0]["content"],
                                  "images": [str(p) for p in case["image_paths"]], "max_new_tokens": len(greedy) - i}))
     lines[2:2] = ["{not json", "", json.dumps({"prompt": "hi", "colour": "red"}),
-                  json.dumps({"prompt": "<image> hi", "images": [str(tmp_path / "missing.png")]})]
+                  json.dumps({"prompt": "<image> hi", "images": [str(tmp_path / "missing.png")]}),
+                  json.dumps({"id": "d", "images": []})]
     src, dst = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
     src.write_text("\n".join(lines) + "\n")
     argv = ["--model", str(ckpt_dir(variant)), "--dtype", "float32", "--input", str(src), "--output", str(dst),
             "--max-batch", "2"]
     assert main(argv) == 1
     records = [json.loads(line) for line in dst.read_text().splitlines()]
-    assert [r["line"] for r in records] == [1, 2, 3, 5, 6, 7, 8, 9]  # the blank line 4 is skipped
+    assert [r["line"] for r in records] == [1, 2, 3, 5, 6, 7, 8, 9, 10]  # the blank line 4 is skipped
     errors = {r["line"]: r["error"] for r in records if "error" in r}
-    assert set(errors) == {3, 5, 6}
-    assert "not JSON" in errors[3] and "colour" in errors[5] and "missing.png" in errors[6]
+    assert set(errors) == {3, 5, 6, 7}
+    assert "not JSON" in errors[3] and "colour" in errors[5] and "missing.png" in errors[6] and "prompt" in errors[7]
+    assert next(r["id"] for r in records if r["line"] == 7) == "d"  # a refused line keeps its id
     answers = [r for r in records if "error" not in r]
     for i, (record, case) in enumerate(zip(answers, cases)):
         want = case["arrays"]["greedy"].tolist()[: len(case["arrays"]["greedy"]) - i]
         assert record["id"] == f"r{i}" and record["token_ids"] == want and record["finish_reason"] == "length"
-    assert "answered 5 of 8" in capsys.readouterr().err
+    assert "answered 5 of 9" in capsys.readouterr().err
     assert main(["--model", "random:test", "--input", str(src), "--prompt", "x"]) == 1
     assert "--input takes" in capsys.readouterr().err

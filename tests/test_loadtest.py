@@ -111,8 +111,8 @@ def serving(stub: Stub):
         sock.close()
 
 
-def run_cli(capsys, url, *flags) -> tuple[list[dict], str]:
-    assert loadtest.main(["--url", url, "--quiet", *flags]) == 0
+def run_cli(capsys, url, *flags, status=0) -> tuple[list[dict], str]:
+    assert loadtest.main(["--url", url, "--quiet", *flags]) == status
     captured = capsys.readouterr()
     return [json.loads(line) for line in captured.out.splitlines()], captured.err
 
@@ -184,10 +184,19 @@ def test_failed_requests_are_counted(capsys):
 def test_a_slow_request_times_out_and_a_failed_warmup_only_warns(capsys):
     with serving(Stub(first_s=0.6)) as url:
         (row,), err = run_cli(capsys, url, "--concurrency", "2", "--requests", "2", "--min-tokens", "2",
-                              "--max-tokens", "2", "--image-share", "0", "--timeout", "0.2")
+                              "--max-tokens", "2", "--image-share", "0", "--timeout", "0.2", status=1)
     assert row["errors"] == 2 and row["first_error"] == "timed out after 0.2 s (--timeout)"
     assert row["output_tokens"] == 0 and row["ttft_p50_ms"] is None and row["duration_s"] < 0.6  # not the stub's 0.6 s
     assert "warning: the warm-up request failed: timed out after 0.2 s (--timeout)" in err
+    assert err.strip().splitlines()[-1] == "error: every request failed (the first: timed out after 0.2 s (--timeout))"
+
+
+def test_a_url_without_v1_gets_a_hint(capsys):
+    with serving(Stub()) as url:
+        root = url.removesuffix("/v1")
+        assert loadtest.main(["--url", root, "--quiet", "--requests", "1"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: GET {root}/models answered 404; the OpenAI API is under /v1: pass --url {root}/v1"]
 
 
 def test_repeat_scenario_reports_the_servers_hit_rate(capsys):

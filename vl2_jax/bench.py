@@ -249,7 +249,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=768, help="the image prompt's side in pixels")
     p.add_argument("--new-tokens", type=number(int, 2), default=128,
                    help="tokens per decode run, at least 2: the first token is prefill's, the rest are timed (default: 128)")
-    p.add_argument("--batches", default="1,8,32", help="decode batch sizes, comma separated ('' for none)")
+    p.add_argument("--batches", default=[1, 8, 32], type=_batch_sizes,
+                   help="decode batch sizes, comma separated ('' for none; default 1,8,32)")
     p.add_argument("--repeats", type=number(int, 1), default=3, help="decode runs per batch size (the median counts)")
     p.add_argument("--hbm-gbps", type=float, default=None,
                    help="HBM bandwidth for the decode floor (default: 4300, an H200's copy bandwidth, on GPUs; none on CPU)")
@@ -260,9 +261,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _batch_sizes(text: str) -> list[int]:
+    """--batches: comma-separated whole numbers of at least 1 ('' for none)."""
+    parse = number(int, 1)
+    return [parse(b.strip()) for b in text.split(",") if b.strip()]
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    args.batches = [int(b) for b in args.batches.split(",") if b]
     args.dtype = args.dtype or load.default_dtype()
     if args.hbm_gbps is None and jax.default_backend() == "gpu":
         args.hbm_gbps = 4300.0

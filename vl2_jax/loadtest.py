@@ -44,7 +44,7 @@ pure JSON lines); latencies are of successful requests only:
   first one's message; `max_in_flight`: the most requests this client had open at once;
   `image_requests`: how many of the level's requests carried an image.
 The client is one Python process: past some thousands of chunks per second its own parsing starts to
-show in the latencies.
+show in the latencies. Exit status 1 when every request failed (or no server answers), else 0.
 """
 
 from __future__ import annotations
@@ -347,7 +347,10 @@ async def preflight(client: openai.AsyncOpenAI, url: str, timeout: float = 30.0)
         models = await client.with_options(timeout=timeout).models.list()
     except openai.AuthenticationError as e:
         raise Unreachable(f"the server at {url} refused the API key (HTTP {e.status_code}); pass --api-key") from e
-    except openai.APIStatusError:
+    except openai.APIStatusError as e:
+        if e.status_code == 404 and not url.rstrip("/").endswith("/v1"):
+            raise Unreachable(f"GET {url.rstrip('/')}/models answered 404; the OpenAI API is under /v1: pass "
+                              f"--url {url.rstrip('/')}/v1") from e
         return None  # a server that answers, without a model list
     except openai.APITimeoutError as e:
         raise Unreachable(f"the server at {url} accepted a connection but did not answer GET /models "
@@ -457,7 +460,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     def body() -> int:
-        print(table(asyncio.run(run(args))), file=sys.stderr, flush=True)
+        rows = asyncio.run(run(args))
+        print(table(rows), file=sys.stderr, flush=True)
+        if rows and all(r["errors"] == r["requests"] for r in rows):
+            print(f"error: every request failed (the first: {rows[0]['first_error']})", file=sys.stderr, flush=True)
+            return 1
         return 0
 
     return guarded(body, lambda line: print(line, file=sys.stderr, flush=True))

@@ -321,6 +321,8 @@ class SGLangSamplingParams(_Body):
             if getattr(self, name) is not None:
                 raise not_supported(p + name, "constrained decoding")
         seed = self.sampling_seed if self.sampling_seed is not None else self.seed
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:  # (named as this route names it)
+            raise bad_request(f"{p}max_new_tokens must be at least 1 (got {self.max_new_tokens}).", p + "max_new_tokens")
         return Sampling(max_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                         top_k=_top_k(self.top_k), repetition_penalty=self.repetition_penalty, seed=seed,
                         stop=_stop(self.stop, p + "stop"), ignore_eos=self.ignore_eos)
