@@ -4,7 +4,11 @@
     python -m vl2_jax.bench --model random:test --image-size 112 --new-tokens 4 --batches 1,2   # CPU smoke
 
 The model is loaded with `max_batch` = the largest of `--batches` (timed as `load_s`) and warmed up
-(every engine program compiled, timed as `warmup_s`). The image prompt is one square image (768 px: a
+(every engine program compiled, timed as `warmup_s`; with `--compile-cache` its line also counts the
+executables `loaded` and `compiled`, the engine state's own program among them, so one more than
+`programs`). `kv_cache_gb` is the KV cache's size; `moe_busiest_expert_tokens` how many of a prompt's
+tokens the busiest routed expert of a layer took (the most over the MoE layers; each layer's in
+`per_layer`). The image prompt is one square image (768 px: a
 global view plus 2x2 tiles, 1042 tokens at the real sizes) and one sentence; the text prompt is the sentence alone; then
 prompts never seen before (other image sizes and sentence lengths) are each answered once, and their
 first tokens' p50 and p90 reported with the number of compilations and traces while they ran (0 when
@@ -225,6 +229,11 @@ def unit(metric: str) -> str:
     return next((u for end, u in sorted(UNITS.items(), key=lambda e: -len(e[0])) if metric.endswith(end)), "")
 
 
+def _value(v: float) -> str:
+    """Two decimals, or two significant digits for a value below 0.01 (a test model's cache in GB)."""
+    return f"{v:.2f}" if v == 0 or abs(v) >= 0.01 else f"{v:.2g}"
+
+
 def table(rows: list[dict]) -> str:
     """The JSON lines as a Markdown table, each value with its unit."""
     lines = ["| model | metric | prompt | batch | unit | value |", "|---|---|---|---|---|---|"]
@@ -232,7 +241,7 @@ def table(rows: list[dict]) -> str:
         extra = f" (floor {r['floor_ms']:.2f} ms/token, {100 * r['decode_floor_fraction']:.0f}% of it)" if "floor_ms" in r else ""
         if "p90" in r:
             extra = f" (p90 {r['p90']:.2f}; {r['prompts']} prompts, {r['compilations']} compilations)"
-        lines.append(f"| {r['model']} | {r['metric']} | {r.get('prompt', '')} | {r.get('batch', '')} | {unit(r['metric'])} | {r['value']:.2f}{extra} |")
+        lines.append(f"| {r['model']} | {r['metric']} | {r.get('prompt', '')} | {r.get('batch', '')} | {unit(r['metric'])} | {_value(r['value'])}{extra} |")
     return "\n".join(lines)
 
 
