@@ -145,6 +145,10 @@ def test_auto_mesh_and_undividable_heads():
     assert tuple(specs["attn"]["q_w"]) == (None, None, None)
     assert tuple(specs["mlp"]["gate_up_w"]) == ("expert", None, None, "tensor")
     assert any("heads (10) does not divide by tensor=4" in n for n in lay.notes)
+    heads, kv_heads = lay.summary()  # one line per cause, every layer's leaves folded into layers_*
+    assert heads == ("heads (10) does not divide by tensor=4, so these stay whole on every device: "
+                     "params/language/layers_*/attn/o_w, params/language/layers_*/attn/q_w")
+    assert kv_heads.startswith("kv_heads (10) does not divide by tensor=4") and "layers_1" not in kv_heads
 
 
 def _free_port() -> int:

@@ -77,7 +77,7 @@ def run(args, log: Callable[[str], None]) -> int:
     options_timing = {"load_s": time.perf_counter() - start}
     executables.keep(model, cache_dir, log)
     if model.layout is not None:
-        log(f"mesh {dict(model.mesh.shape)}" + "".join(f"; {n}" for n in sorted(model.layout.notes)[:8]))
+        log(f"mesh {dict(model.mesh.shape)}" + "".join(f"\n  {line}" for line in model.layout.summary()))
     options = dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         repetition_penalty=args.repetition_penalty, seed=args.seed,

@@ -110,6 +110,19 @@ class Layout:
 
     mesh: Mesh
     notes: set[str] = dataclasses.field(default_factory=set)
+    # (logical name, size, mesh axis, axis size) -> what was replicated for it
+    replicated: dict = dataclasses.field(default_factory=dict)
+
+    def summary(self, most: int = 6) -> list[str]:
+        """The replication notes grouped by cause, one line each, with the layers' paths folded
+        (layers_0, layers_1, ... -> layers_*): what the command lines print under a mesh."""
+        lines = []
+        for (name, size, axis, n), whats in sorted(self.replicated.items()):
+            paths = sorted({re.sub(r"layers_\d+", "layers_*", w) for w in whats})
+            more = f" and {len(paths) - most} more" if len(paths) > most else ""
+            lines.append(f"{name} ({size}) does not divide by {axis}={n}, so these stay whole on every device: "
+                         f"{', '.join(paths[:most])}{more}")
+        return lines
 
     def spec(self, logical: Sequence[str | None], shape: Sequence[int], what: str = "") -> PartitionSpec:
         axes = []
@@ -118,6 +131,7 @@ class Layout:
             n = self.mesh.shape[axis] if axis else 1
             if axis and size % n:
                 self.notes.add(f"{what or name}: {name} ({size}) does not divide by {axis}={n}; replicated")
+                self.replicated.setdefault((name, size, axis, n), set()).add(what or name)
                 axis = None
             axes.append(axis if n > 1 else None)
         return PartitionSpec(*axes)
