@@ -108,6 +108,18 @@ def test_matches_transformers_when_special_tokens_are_new(tmp_path):
     assert tok.token_to_id("<unk>") == tok.pad_token_id - 1  # (tokenizer_config.json has no unk_token key)
 
 
+def test_a_pad_named_only_in_the_padding_settings_is_the_pad(tmp_path):
+    # transformers takes the pad from tokenizer.json's "padding" where tokenizer_config.json names none.
+    def padding(data):
+        data["padding"] = {"strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": None,
+                           "pad_id": 5, "pad_type_id": 0, "pad_token": "<|det|>"}
+
+    folder = _edited(tmp_path, padding, lambda c: c.pop("pad_token"))
+    assert_same(folder)
+    assert (ours(folder).pad_token, ours(folder).pad_token_id) == ("<|det|>", 6)
+    assert ours(folder).encode("a b") == ours(ckpt_dir("mha")).encode("a b")  # (padding never applies)
+
+
 def test_matches_transformers_when_unk_is_null(tmp_path):
     # The released configs say "unk_token": null: no <unk> is added.
     folder = _edited(tmp_path, edit_config=lambda c: c.update(unk_token=None))

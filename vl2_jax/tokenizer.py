@@ -44,8 +44,8 @@ class Tokenizer:
     def from_folder(cls, path, pad_token: str, image_token: str, extra_special_tokens: Sequence[str] = ()) -> Tokenizer:
         """``tokenizer.json`` (+ ``tokenizer_config.json``) in folder `path`, with the special tokens the
         official code has: bos, eos, unk (``"<unk>"`` where the config has no ``unk_token`` key, as
-        ``LlamaTokenizerFast`` defaults it) and pad (`pad_token` where the config names none, as the
-        official processor adds it) where the file's added tokens lack them; then `image_token` if the
+        ``LlamaTokenizerFast`` defaults it) and pad (where the config names none, the one in the file's
+        padding settings, else `pad_token`, as the official processor adds it) where the file's added tokens lack them; then `image_token` if the
         vocabulary lacks it; then `extra_special_tokens`. Each is a special, unsplittable token that
         keeps its id where the vocabulary has it, new ones take the next ids in that order.
 
@@ -63,7 +63,6 @@ class Tokenizer:
         named = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
         if "unk_token" not in config:
             named["unk_token"] = "<unk>"
-        named["pad_token"] = named["pad_token"] or pad_token
         if not named["bos_token"] or not named["eos_token"]:
             raise ConfigError(f"the tokenizer in {path} has no bos or eos token; set bos_token and eos_token in "
                               f"its tokenizer_config.json.")
@@ -72,6 +71,8 @@ class Tokenizer:
         except Exception as exc:  # noqa: BLE001 - the tokenizers library raises a bare Exception on a bad file
             raise ConfigError(f"{file} is not a valid tokenizer file ({one_line(exc)[:200]}); copy it again "
                               f"from the original Hugging Face checkpoint.") from None
+        # a pad named only in the file's padding settings counts, as transformers reads it from there
+        named["pad_token"] = named["pad_token"] or (backend.padding or {}).get("pad_token") or pad_token
         backend.no_truncation()  # encoding a prompt never cuts or pads it (a long one is refused by `generate`)
         backend.no_padding()
 
