@@ -34,7 +34,7 @@ from PIL import Image
 from vl2_jax import kernels, load, quant
 from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, QUANTS, Runtime
 from vl2_jax.engine import CompileWatch
-from vl2_jax.errors import command_parser, guarded, number
+from vl2_jax.errors import command_parser, guarded, number, number_list
 from vl2_jax.modules.moe import mlp_kernel_fits
 from vl2_jax.modules.vision import normalize_pixels
 from vl2_jax.modules.vl2 import VL2
@@ -258,7 +258,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=768, help="the image prompt's side in pixels")
     p.add_argument("--new-tokens", type=number(int, 2), default=128,
                    help="tokens per decode run, at least 2: the first token is prefill's, the rest are timed (default: 128)")
-    p.add_argument("--batches", default=[1, 8, 32], type=_batch_sizes,
+    p.add_argument("--batches", default=[1, 8, 32], type=number_list(int, 1, "batch size"),
                    help="decode batch sizes, comma separated ('' for none; default 1,8,32)")
     p.add_argument("--repeats", type=number(int, 1), default=3, help="decode runs per batch size (the median counts)")
     p.add_argument("--hbm-gbps", type=float, default=None,
@@ -268,12 +268,6 @@ def parser() -> argparse.ArgumentParser:
                    help="keep compiled programs in DIR and load them from there (default: none, so warmup_s is "
                         "the first-ever cost; run twice with one DIR for the cached cost)")
     return p
-
-
-def _batch_sizes(text: str) -> list[int]:
-    """--batches: comma-separated whole numbers of at least 1 ('' for none)."""
-    parse = number(int, 1)
-    return [parse(b.strip()) for b in text.split(",") if b.strip()]
 
 
 def main(argv=None) -> int:

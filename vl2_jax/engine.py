@@ -85,8 +85,15 @@ class CompileWatch:
     _listening = False
 
     def __init__(self):
-        self.count, self.seconds = 0, 0.0
-        self.ended: list[tuple[float, float]] = []  # (perf_counter when it ended, seconds) of each
+        self.ended: list[tuple[float, float]] = []  # (perf_counter when it ended, seconds) of each event
+
+    @property
+    def count(self) -> int:
+        return len(self.ended)
+
+    @property
+    def seconds(self) -> float:
+        return sum(seconds for _, seconds in self.ended)
 
     def seconds_after(self, t: float) -> float:
         """Seconds of tracing, lowering and compiling that ended after perf_counter time `t`."""
@@ -107,8 +114,6 @@ class CompileWatch:
         if event in CompileWatch.EVENTS:
             now = time.perf_counter()
             for watch in CompileWatch._open:
-                watch.count += 1
-                watch.seconds += duration
                 watch.ended.append((now, duration))
 
 

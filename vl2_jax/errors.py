@@ -154,6 +154,20 @@ def number(kind=int, low=1, high=None, what: str | None = None):
     return parse
 
 
+def number_list(kind=int, low=1, item: str = "value"):
+    """An argparse type: comma-separated numbers, each as `number(kind, low)` takes it ('' gives none);
+    a refusal names the `item` and the whole text."""
+    parse = number(kind, low)
+
+    def parse_all(text: str) -> list:
+        try:
+            return [parse(t.strip()) for t in text.split(",") if t.strip()]
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"each {item} {e} (in {text!r})") from None
+
+    return parse_all
+
+
 def guarded(body: Callable[[], int], log: Callable[[str], None]) -> int:
     """An entry point's last line of defence: `body()`'s exit status; on Ctrl-C "interrupted" and 130;
     when whatever reads stdout has gone (`... | head`), quietly 141 (as a shell reports a command ended

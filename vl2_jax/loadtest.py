@@ -66,7 +66,7 @@ import openai
 from PIL import Image
 from tqdm import tqdm
 
-from vl2_jax.errors import VL2Error, command_parser, guarded, number
+from vl2_jax.errors import VL2Error, command_parser, guarded, number, number_list
 
 WORDS = ("image picture scene colour shape light shadow edge corner texture pattern object person animal "
          "building sky water tree road window door table chair left right top bottom centre small large "
@@ -412,11 +412,7 @@ def table(rows: list[dict]) -> str:
 
 def _levels(text: str) -> list[int]:
     """An argparse type: comma-separated concurrency levels, each a whole number of at least 1."""
-    parse = number(int, 1)
-    try:
-        levels = [parse(t.strip()) for t in text.split(",") if t.strip()]
-    except argparse.ArgumentTypeError as e:
-        raise argparse.ArgumentTypeError(f"each level {e} (in {text!r})") from None
+    levels = number_list(int, 1, "level")(text)
     if not levels:
         raise argparse.ArgumentTypeError("needs at least one level, e.g. 1,8,32")
     return levels

@@ -45,8 +45,8 @@ class Tokenizer:
         """``tokenizer.json`` (+ ``tokenizer_config.json``) in folder `path`, with the special tokens the
         official code has: bos, eos, unk (``"<unk>"`` where the config has no ``unk_token`` key, as
         ``LlamaTokenizerFast`` defaults it) and pad (where the config names none, the one in the file's
-        padding settings, else `pad_token`, as the official processor adds it) where the file's added tokens lack them; then `image_token` if the
-        vocabulary lacks it; then `extra_special_tokens`. Each is a special, unsplittable token that
+        padding settings, else `pad_token`, as the official processor adds it) where the file's added
+        tokens lack them; then `image_token` if the vocabulary lacks it; then `extra_special_tokens`. Each is a special, unsplittable token that
         keeps its id where the vocabulary has it, new ones take the next ids in that order.
 
         The class named in tokenizer_config.json (``LlamaTokenizerFast``) is otherwise not used: the

@@ -109,9 +109,14 @@ class Layout:
     """Resolves logical axes to PartitionSpecs on one mesh, replicating dimensions that do not divide."""
 
     mesh: Mesh
-    notes: set[str] = dataclasses.field(default_factory=set)
     # (logical name, size, mesh axis, axis size) -> what was replicated for it
     replicated: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def notes(self) -> set[str]:
+        """One note per replicated dimension: "WHAT: NAME (SIZE) does not divide by AXIS=N; replicated"."""
+        return {f"{what}: {name} ({size}) does not divide by {axis}={n}; replicated"
+                for (name, size, axis, n), whats in self.replicated.items() for what in whats}
 
     def summary(self, most: int = 6) -> list[str]:
         """The replication notes grouped by cause, one line each, with the layers' paths folded
@@ -130,7 +135,6 @@ class Layout:
             axis = LOGICAL_TO_MESH.get(name) if name else None
             n = self.mesh.shape[axis] if axis else 1
             if axis and size % n:
-                self.notes.add(f"{what or name}: {name} ({size}) does not divide by {axis}={n}; replicated")
                 self.replicated.setdefault((name, size, axis, n), set()).add(what or name)
                 axis = None
             axes.append(axis if n > 1 else None)
