@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 
+from vl2_jax import prefetch
 from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, QUANTS
 from vl2_jax.errors import command_parser, number
 
@@ -94,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     log = lambda line: print(line, file=sys.stderr, flush=True)
+    prefetch.start(args.model)  # the disk reads the weights while JAX is imported and starts
     from vl2_jax.cli import run
     from vl2_jax.errors import guarded
 

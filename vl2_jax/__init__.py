@@ -7,10 +7,31 @@
     result = model.generate(batch, max_new_tokens=64)
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from vl2_jax.config import PRESETS, LanguageConfig, ProjectorConfig, Runtime, VisionConfig, VL2Config
 from vl2_jax.errors import CheckpointError, ConfigError, InputError, VL2Error
-from vl2_jax.load import load_model, load_pretrained
-from vl2_jax.model import VL2Model
+
+if TYPE_CHECKING:
+    from vl2_jax.load import load_model, load_pretrained
+    from vl2_jax.model import VL2Model
+
+# Importing the package does not import JAX (a command can start reading a checkpoint first,
+# `vl2_jax.prefetch`); these come from their modules on first use.
+_LAZY = {"load_model": "vl2_jax.load", "load_pretrained": "vl2_jax.load", "VL2Model": "vl2_jax.model"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vl2_jax' has no attribute {name!r}")
+
 
 __all__ = [
     "PRESETS",

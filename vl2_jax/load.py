@@ -9,7 +9,7 @@ A spec is what a user types as a model:
   the converted copy.
 
 Every leaf goes straight to its device (or, under a mesh, into its shards); no host holds the whole
-model. The formats themselves are read by `vl2_jax.checkpoint` (safetensors) and `vl2_jax.orbax_io`.
+model. The weight files start for the page cache before JAX's backend starts (`vl2_jax.prefetch`). The formats themselves are read by `vl2_jax.checkpoint` (safetensors) and `vl2_jax.orbax_io`.
 
 Progress comes two ways: `progress(line)` gets a line of text at each stage, and
 `bytes_progress(done, total)` the bytes of weights on their devices so far, for a bar
@@ -23,8 +23,6 @@ import contextlib
 import functools
 import json
 import math
-import os
-import re
 import sys
 import tempfile
 import time
@@ -35,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vl2_jax import prefetch
 from vl2_jax.checkpoint import SafetensorsFolder, load_hf, param_shapes, set_path, source_dtype
 from vl2_jax.config import PRESETS, Runtime, VL2Config, dtype_of
 from vl2_jax.errors import CheckpointError, ConfigError, out_of_memory_as
@@ -50,9 +49,7 @@ from vl2_jax.processor import (
 )
 from vl2_jax.quant import check_quant, quantize_params, quantized_shapes
 from vl2_jax.sharding import Layout, make_mesh, parse_mesh_spec, place
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model"]
+from vl2_jax.specs import DOWNLOAD_PATTERNS, hub_folder, is_hub_id
 
 
 def default_dtype() -> str:
@@ -65,11 +62,6 @@ def resolve_dtype(dtype):
     """None, a name ("bfloat16", "float32", "float16") or a dtype -> a jnp scalar type (or None)."""
     resolved = dtype_of(dtype)
     return None if resolved is None else jnp.dtype(resolved).type
-
-
-def cache_dir() -> Path:
-    """Where hub checkpoints are converted to: `$VL2_JAX_CACHE`, default `~/.cache/vl2_jax`."""
-    return Path(os.environ.get("VL2_JAX_CACHE", Path.home() / ".cache" / "vl2_jax"))
 
 
 BytesProgress = Callable[[int, int], None]
@@ -96,8 +88,13 @@ def load_model(
         here leaf by leaf as they load (`vl2_jax.quant`), or "none"; None: as the checkpoint holds them
         (a `python -m convert --quant` output is quantized already; asking it for another is an error).
     """
-    return _load(spec, dtype or default_dtype(), runtime, mesh, seed, progress or (lambda line: None), bytes_progress,
-                 quant)
+    reading = prefetch.start(spec)  # the files start for the page cache while JAX's backend starts
+    try:
+        return _load(spec, dtype or default_dtype(), runtime, mesh, seed, progress or (lambda line: None),
+                     bytes_progress, quant)
+    finally:
+        if reading is not None:
+            reading.stop()
 
 
 def load_pretrained(spec, dtype="float32", runtime: Runtime = Runtime(), mesh=None) -> VL2Model:
@@ -121,7 +118,7 @@ def _load(spec: str, dtype, runtime: Runtime, mesh, seed: int, progress: Callabl
         preset(spec[7:])  # an unknown size is refused before the line that announces it
         progress(f"initialising random {spec[7:]} weights ...")
         model = random_model(spec[7:], dtype or "float32", seed, runtime, mesh, quant=quant or "none")
-    elif Path(spec).exists() or not HUB_ID.match(spec):
+    elif not is_hub_id(spec):
         progress(f"loading {spec} ...")
         model = load_folder(spec, dtype, runtime, mesh, bytes_progress=count, quant=quant)
     else:
@@ -247,7 +244,7 @@ def _placer(shardings, bytes_progress: BytesProgress | None = None, total: int =
 def _converted_from_hub(repo_id: str, progress) -> Path:
     from vl2_jax.orbax_io import convert_checkpoint, is_converted
 
-    target = cache_dir() / repo_id.replace("/", "--")
+    target = hub_folder(repo_id)
     if is_converted(target):
         return target
     progress(f"downloading {repo_id} from the Hugging Face hub (once) ...")

@@ -23,21 +23,11 @@ import numpy as np
 from vl2_jax.checkpoint import SafetensorsFolder, to_hf
 from vl2_jax.config import VL2Config
 from vl2_jax.errors import CheckpointError
-from vl2_jax.load import HUB_ID, cache_dir, write_assets
+from vl2_jax.load import write_assets
 from vl2_jax.orbax_io import COPIED_FILES, MANIFEST, convert_checkpoint
 from vl2_jax.testing import hf_tensor_shapes
 
 ATTN_POOL = "vision.attn_pool."
-
-
-def asset_folder(spec: str) -> Path | None:
-    """Where a model spec's config, tokenizer and processor files are: the folder itself, the converted
-    copy of a hub id, or None for `random:*` (written afresh by `write_assets`)."""
-    if spec.startswith("random:"):
-        return None
-    if Path(spec).is_dir() or not HUB_ID.match(spec):
-        return Path(spec)
-    return cache_dir() / spec.replace("/", "--")
 
 
 def _attn_pool(cfg: VL2Config, source: Path | None) -> dict[str, np.ndarray]:

@@ -26,6 +26,7 @@ from vl2_jax.config import Runtime
 from vl2_jax.errors import InputError
 from vl2_jax.load import load_model, preset, write_assets
 from vl2_jax.processor import Processor
+from vl2_jax.specs import folder_of
 from vl2_jax.training import batches, export, lora
 from vl2_jax.training.loop import Result, Settings, fit
 from vl2_jax.training.loss import training_module, training_runtime
@@ -93,7 +94,7 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
                      state_dir=out / "train_state", eval_examples=evals, resume=job.resume, log=log, bar=bar)
         params = merged_params(result, s)
     dtype = jnp.dtype(model.dtype).name
-    source = export.asset_folder(job.model)
+    source = folder_of(job.model)
     export.save_model(model.cfg, params, out, source, dtype)
     if s.lora_rank:
         adapters = {k: v for k, v in result.state.trainable.items() if lora.is_adapter(k)}
@@ -116,7 +117,7 @@ def _processor_before_loading(spec: str) -> Processor | None:
     if spec.startswith("random:"):
         with tempfile.TemporaryDirectory(prefix="vl2-processor-") as folder:
             return Processor.from_pretrained(write_assets(folder, preset(spec.removeprefix("random:"))))
-    folder = export.asset_folder(spec)
+    folder = folder_of(spec)
     if folder is None or not (folder / "processor_config.json").is_file():
         return None
     return Processor.from_pretrained(folder)
