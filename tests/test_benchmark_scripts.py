@@ -185,3 +185,17 @@ def test_cli_timeline_stamps_a_fresh_generate():
     assert summary["ok"] == 1 and run["returncode"] == 0
     assert any("model ready" in text for _, text in run["lines"])
     assert 0 < run["load_s"] < run["answered_s"] <= run["wall_s"] and run["exit_s"] >= 0
+
+
+@pytest.mark.slow
+def test_serve_ab_compares_two_checkouts_on_cpu(tmp_path):
+    """Two servers of this checkout (A and B), one round at concurrency 1: every field of both, ratios."""
+    r = subprocess.run([sys.executable, "benchmarks/serve_ab.py", "--a", ".", "--b", ".", "--cpu", "--rounds", "1",
+                        "--max-batch", "2", "--concurrency", "1", "--requests", "2", "--min-tokens", "4",
+                        "--max-tokens", "8", "--cache-dir", str(tmp_path)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert [(row["side"], row["concurrency"], row["errors"]) for row in rows] == [("a", 1, 0), ("b", 1, 0)]
+    assert all(row["output_tokens_per_s"] > 0 for row in rows)
+    assert "| 1 | " in r.stdout
