@@ -107,6 +107,31 @@ def test_seeded_answer_is_the_same_alone_and_in_a_batch():
     assert len(set(map(tuple, m.generate(p.batchify([a, a]), **{**kw, "seed": 10}).token_ids))) == 1
 
 
+def test_decode_calls_are_shorter_the_more_slots_decode_and_answers_do_not_change():
+    """Seventeen live slots decode in calls of 4 steps (one alone: 16); a seeded sampled answer and a
+    greedy one are the same either way, at any position in the batch."""
+    from vl2_jax.engine import STEPS, decode_steps
+
+    assert [decode_steps(n) for n in (1, 2, 4, 8, 16, 32, 64)] == [STEPS] * 4 + [STEPS // 2] + [STEPS // 4] * 2
+    m = vl2_jax.load_model("random:test", "float32", runtime=Runtime(max_batch=32, max_seq_len=256))
+    p = m.processor
+    a = p([{"role": "user", "content": "Tell me a story."}])
+    others = [p([{"role": "user", "content": f"Count to {i}."}]) for i in range(16)]
+    names: list = []
+    m.engine._call = functools.partial(recorded, m.engine._call, names)
+    for kw in (dict(max_new_tokens=21, temperature=1.1, top_k=50, seed=9), dict(max_new_tokens=21)):
+        alone = m.generate(p.batchify([a]), **kw).token_ids[0]
+        decodes = [n for n in names if n.startswith("decode")]
+        # 20 tokens after the first: two calls of 16 steps (and one queued before the end was read)
+        assert len(alone) == 21 and len(decodes) <= 3 and all(n.startswith("decode(1, 256,") for n in decodes)
+        names.clear()
+        together = m.generate(p.batchify([*others[:7], a, *others[7:]]), **kw).token_ids
+        assert together[7] == alone
+        decodes = [n for n in names if n.startswith("decode")]
+        assert len(decodes) >= 5 and all(n.startswith("decode(32, 256,") for n in decodes), decodes  # 4 steps a call
+        names.clear()
+
+
 def test_batch_larger_than_the_slots_runs_in_waves_with_the_same_answers():
     variant = "mla"
     m = vl2_jax.load_pretrained(ckpt_dir(variant), runtime=Runtime(max_batch=2))
@@ -125,13 +150,20 @@ def recorded(call, names: list, name: str, *args, **kwargs):
     return call(name, *args, **kwargs)
 
 
-def test_prompts_waiting_together_are_prefilled_in_one_call_with_their_own_answers():
-    """Four prompts of different lengths and images go through the model in one prefill call (padded to
-    the longest's chunk); the fifth, a multi-chunk prompt, starts there too and goes on alone. Each
-    row's greedy answer equals that of prompts prefilled one at a time (prefill_tokens=0) and the
-    official greedy tokens."""
+@pytest.mark.parametrize("names, want_calls", [
+    # the short first prompt goes alone: the four of 128 tokens are not padded to it, nor it to them
+    (("text_only", "one_wide", "two_images", "history", "three_images_no_crop"),
+     ["prefill(1, 32)", "insert(1, True)", "prefill(4, 128)", "insert(4, True)", "extend(32, 256)", "insert(1, True)"]),
+    # three of 128 tokens take a call of four rows: the short prompt fills the fourth
+    (("one_wide", "text_only", "two_images", "history"),
+     ["prefill(4, 128)", "insert(4, True)", "extend(32, 256)", "insert(1, True)"]),
+])
+def test_prompts_waiting_together_are_prefilled_in_one_call_with_their_own_answers(names, want_calls):
+    """Prompts whose first chunks have one length go through the model in one prefill call; a shorter
+    one joins them only in a row the call pads anyway; a multi-chunk prompt starts there and goes on
+    alone. Each row's greedy answer equals that of prompts prefilled one at a time (prefill_tokens=0)
+    and the official greedy tokens."""
     variant = "mla"
-    names = ("text_only", "one_wide", "two_images", "history", "three_images_no_crop")
     cases = [load_case(variant, n) for n in names]
     runtime = dict(max_batch=8, max_seq_len=512, prefill_chunks=(32, 64, 128))
     got = {}
@@ -143,14 +175,51 @@ def test_prompts_waiting_together_are_prefilled_in_one_call_with_their_own_answe
         r = m.generate(m.processor.batchify(outs), max_new_tokens=max(len(c["arrays"]["greedy"]) for c in cases))
         got[tokens] = r.token_ids, [n for n in calls if n.startswith(("prefill", "extend", "insert"))]
     (one_by_one, single_calls), (together, calls) = got[0], got[8192]
-    lengths = [len(m.processor(c["conversation"], open_images(c)).input_ids) for c in cases]
-    assert max(lengths) > 128 and sorted(lengths)[-2] <= 128  # one prompt needs a later chunk
-    assert calls[0] == "prefill(8, 128)" and calls.count("insert(8, True)") == 1, calls
-    assert sum(n.startswith("prefill(1, ") for n in single_calls) == 5 and "insert(8, True)" not in single_calls
+    lengths = {n: len(m.processor(c["conversation"], open_images(c)).input_ids) for n, c in zip(names, cases)}
+    assert lengths["text_only"] <= 32 < lengths["one_wide"] and lengths["two_images"] > 128  # a later chunk
+    assert calls == want_calls
+    assert sum(n.startswith("prefill(1, ") for n in single_calls) == len(names)
     assert together == one_by_one
     for row, case in zip(together, cases):
         want = case["arrays"]["greedy"].tolist()
         assert row[: len(want)] == want
+
+
+def test_a_prompt_s_tiles_are_encoded_after_the_prompts_ahead_of_it_are_prefilled():
+    """Prompts admitted together: the text prompt ahead is prefilled before the image behind it is
+    encoded, so its first token does not wait for the vision tower."""
+    m, _, _ = warm_model()
+    p = m.processor
+    text = p([{"role": "user", "content": "word " * 40}])  # a chunk of 256 tokens
+    pictured = p([{"role": "user", "content": "<image>\nWhat is it?"}], [image(11, 300, 200)])  # of 128
+    assert len(text.input_ids) > 128 >= len(pictured.input_ids)
+    names: list = []
+    m.engine._call = functools.partial(recorded, m.engine._call, names)
+    try:
+        m.generate(p.batchify([text, pictured]), max_new_tokens=2)
+    finally:
+        del m.engine._call
+    first_prefill = next(i for i, n in enumerate(names) if n.startswith("prefill"))
+    encodes = [i for i, n in enumerate(names) if n.startswith("encode")]
+    assert encodes and min(encodes) > first_prefill, names
+
+
+def test_pick_together_groups_first_chunks_by_length_within_the_budget():
+    from vl2_jax.engine import Prefill
+
+    m = vl2_jax.load_model("random:test", "float32", runtime=Runtime(
+        max_batch=8, max_seq_len=512, prefill_chunks=(32, 64, 128), prefill_tokens=256))
+    engine = m.engine
+    prompts = lambda *lengths: [Prefill(None, n, engine.chunk_plan(n)) for n in lengths]
+    assert engine.rows_for(128) == (1, 2) and engine.rows_for(64) == (1, 2, 4)
+    assert engine.pick_together(prompts(100, 20, 120, 110)) == [0, 2]  # two rows of 128 at most
+    assert engine.pick_together(prompts(60, 20, 30, 50, 64)) == [0, 1, 3, 4]  # 3 of 64 pad to 4 rows: one of 32 fills it
+    assert engine.pick_together(prompts(20, 60, 10)) == [0, 2]  # never padded up to a longer chunk
+    assert engine.pick_together(prompts(100, 110), budget=200) == [0]
+    assert engine.pick_together(prompts(100), budget=100) == []  # the first alone does not fit
+    later = prompts(300, 20)
+    later[0].next = 1  # past its first chunk: prefill_chunk runs it, alone
+    assert engine.pick_together(later) == []
 
 
 def test_prompt_longer_than_a_slot_names_both_lengths():

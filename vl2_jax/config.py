@@ -64,12 +64,13 @@ class Runtime:
     max_batch: the engine's decode slots (requests decoded together; a larger batch runs in waves).
     max_seq_len: tokens per slot, prompt and answer together (None: the model's context).
     prefill_chunks: the lengths a prompt is written into the cache in, each a compiled program: a prompt
-      runs as one chunk, the smallest that holds it (padded to a longer one when it goes together with
-      longer prompts), or, longer than the largest, in chunks of the largest and then the smallest that
+      runs as one chunk, the smallest that holds it (padded to a longer one only in a row that a call of
+      longer prompts pads anyway), or, longer than the largest, in chunks of the largest and then the smallest that
       covers the rest (less memory for activations).
     prefill_tokens: how many tokens one prefill call may hold beyond a single prompt's chunk: the first
-      chunks of several waiting prompts go through the model together (padded to the longest's chunk,
-      in row counts of 1, 2, 4, ... up to max_batch) while their rows times that chunk fit in it; a
+      chunks of the same length of several waiting prompts go through the model together (in row counts
+      of 1, 2, 4, ... up to max_batch; shorter ones fill rows the count pads) while their rows times
+      that chunk fit in it; a
       lone chunk may be longer. Bounds the prefill's activation memory with the chunks; 0: one prompt
       per call. The server's scheduler also takes it as the prompt tokens prefilled between two decode
       steps.

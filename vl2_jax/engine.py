@@ -17,8 +17,8 @@ so that after `warmup()` no request compiles or traces anything:
 - extend: a later chunk of one prompt into its slot, attending to the slot's first `keys` cache entries
   (a key-length bucket: `key_buckets`);
 - insert: the first token of N prompts sampled from their last chunk's logits, their slots' state set;
-- decode: `STEPS` steps for the first `n` slots (a live-slot bucket: `slot_buckets`) in one on-device
-  loop of a fixed trip count, attention reading `keys` entries, with an all-greedy variant that skips the sort.
+- decode: `decode_steps(n)` steps for the first `n` slots (a live-slot bucket: `slot_buckets`) in one
+  on-device loop of a fixed trip count, attention reading `keys` entries, with an all-greedy variant that skips the sort.
 
 Sampling settings, lengths, limits and done flags are per-slot arrays of the state, so no setting
 changes a shape. The state is donated to every program and comes back updated.
@@ -55,7 +55,7 @@ from vl2_jax.processor import NEWLINE_SOURCE, SEPARATOR_SOURCE, TILE_SOURCES, Pi
 from vl2_jax.sampling import RowSampling, sample_rows
 from vl2_jax.sharding import Layout
 
-STEPS = 16  # tokens per decode call: the host reads tokens (streaming, stop strings) between calls
+STEPS = 16  # the most tokens per decode call: the host reads tokens (streaming, stop strings) between calls
 CONTINUED_CHUNK_MAX = 1024  # the longest chunk of a prompt continued past a cached prefix
 TILE_CHUNKS = (2, 5)  # tiles per vision-tower call: 5 is a 768 px image's global view and 2x2 tiles
 NO_TOKEN = -1  # in decode outputs: the slot produced nothing at that step
@@ -68,6 +68,18 @@ def powers_of_two(low: int, high: int) -> tuple[int, ...]:
         out.append(n)
         n *= 2
     return (*out, high)
+
+
+def decode_steps(n: int) -> int:
+    """Tokens per decode call over a live-slot bucket of `n`: STEPS up to 8 slots, half as many at 16, a
+    quarter beyond. A call runs to its end before anything else does, so a prompt that arrives waits
+    for the call under way and the one queued behind it: a step takes longer the more slots decode
+    (tiny on an H200 while serving: ~1.2 ms per token at concurrency 1, ~5.7 ms at 32, BENCHMARKS.md),
+    so 16 steps over 32 slots held a new prompt back ~90 ms per call, and 4 hold it ~23 ms. Up to 8
+    slots (the benchmark's batches) calls keep their 16 steps, so the host's time between calls is
+    spread as before. The answers do not depend on it (each token's sampling key is folded with its
+    position in the answer)."""
+    return STEPS if n <= 8 else STEPS // 2 if n <= 16 else STEPS // 4
 
 
 def smallest_at_least(n: int, buckets: tuple[int, ...]) -> int:
@@ -157,15 +169,22 @@ class Request:
 
 @dataclasses.dataclass
 class Prefill:
-    """A prompt on its way into a slot: its length, ids [L] and embeddings [L, D] on the device, the
-    chunk plan (`Engine.chunk_plan`), the next chunk to run and the last `extend` chunk's logits [1, V]."""
+    """A prompt on its way into a slot (`Engine.plan`): its request, length and chunk plan
+    (`Engine.chunk_plan`, from `start`: past a cached prefix); once begun (`Engine.begin`), its ids [L]
+    and embeddings [L, D] on the device; the next chunk to run and the last `extend` chunk's logits [1, V]."""
 
+    request: Request | None
     length: int
-    ids: jax.Array
-    x: jax.Array
     plan: list[tuple[int, int, int, bool]]
+    start: int = 0
+    ids: jax.Array | None = None
+    x: jax.Array | None = None
     next: int = 0
     logits: jax.Array | None = None
+
+    @property
+    def begun(self) -> bool:
+        return self.x is not None
 
     @property
     def finished(self) -> bool:
@@ -434,14 +453,15 @@ class Engine:
 
     @functools.cached_property
     def _decode(self):
-        """(language params, state (donated), stop [B] bool, N, S, greedy) -> (state, out [N, STEPS + 1]):
-        up to STEPS tokens for slots 0..N-1 (NO_TOKEN where a slot produced none), then 1 where the slot
-        is done; `stop` ends slots before the first step (stop strings found by the host)."""
+        """(language params, state (donated), stop [B] bool, N, S, greedy) -> (state, out [N, T + 1]), T =
+        `decode_steps(N)`: up to T tokens for slots 0..N-1 (NO_TOKEN where a slot produced none), then 1
+        where the slot is done; `stop` ends slots before the first step (stop strings found by the host)."""
         language = self.language
 
         def decode(params, state: Slots, stop_B, n, keys, greedy):
             state = state.replace(done=state.done | stop_B)
-            out = jnp.full((n, STEPS), NO_TOKEN, jnp.int32)
+            steps = decode_steps(n)
+            out = jnp.full((n, steps), NO_TOKEN, jnp.int32)
 
             def body(i, carry):
                 s, out = carry
@@ -464,7 +484,7 @@ class Engine:
             # A fixed trip count, with no early exit when every slot is done: a data-dependent loop
             # condition makes the GPU runtime read it back to the host at each step, which blocks the
             # host's dispatch until the loop ends (no overlap of host work with the next call).
-            state, out = jax.lax.fori_loop(0, STEPS, body, (state, out))
+            state, out = jax.lax.fori_loop(0, steps, body, (state, out))
             return state, jnp.concatenate([out, state.done[:n, None].astype(jnp.int32)], axis=1)
 
         return self._jit(decode, "first", donate_argnums=(1,), static_argnums=(3, 4, 5))
@@ -539,19 +559,25 @@ class Engine:
             start += chunk
         return plan
 
-    def begin(self, params, request: Request, start: int = 0, features: TileFeatures | None = None,
-              digests: list[int] | None = None) -> Prefill:
-        """Checks `request`, puts it on the device and dispatches its tile encoding and embedding ->
-        the `Prefill` whose chunks `prefill_first` (its first, with other prompts') and `prefill_chunk`
-        (the later ones) write into a slot. `start` > 0 (a multiple of the
-        smallest chunk; `runtime.prefix_cache`): the slot already holds the prompt's first `start`
-        tokens, and tiles whose tokens all lie before it are not encoded. `features` (with the tiles'
-        `digests`, `prefix_cache.tile_digests`): tiles found there are not encoded either, and those
-        encoded are kept there."""
+    def plan(self, request: Request, start: int = 0) -> Prefill:
+        """Checks `request` -> the `Prefill` whose chunks `prefill_first` (its first, with other prompts')
+        and `prefill_chunk` (the later ones) write into a slot, once `begin` has put it on the device.
+        `start` > 0 (a multiple of the smallest chunk; `runtime.prefix_cache`): the slot already holds
+        the prompt's first `start` tokens. Host work only."""
         self.check(request)
         if start and not self.runtime.prefix_cache:
             raise ValueError("continuing past a cached prefix needs Runtime(prefix_cache=True)")
-        p, length = len(request.ids), self.capacity
+        return Prefill(request, len(request.ids), self.chunk_plan(len(request.ids), start), start)
+
+    def begin(self, params, prefill: Prefill, features: TileFeatures | None = None,
+              digests: list[int] | None = None) -> None:
+        """Puts `prefill`'s prompt on the device and dispatches its tile encoding and embedding (its
+        `ids` and `x`). Tiles whose tokens all lie before its `start` are not encoded; with `features`
+        (and the tiles' `digests`, `prefix_cache.tile_digests`), neither are those found there, and those
+        encoded are kept there. Called just before the prompt's first chunk runs, so that a prompt
+        admitted later than others does not put its tiles' encoding ahead of their prefill."""
+        request, start = prefill.request, prefill.start
+        p, length = prefill.length, self.capacity
         pad = lambda a, value: np.pad(a, (0, length - p), constant_values=value)
         n = 0 if request.tiles is None else len(request.tiles)
         todo = list(range(self.tiles_before(request, start), n))
@@ -573,8 +599,8 @@ class Engine:
             if features is not None:
                 for i in todo:
                     features.put(digests[i], self._call("take()", self._take_tile, (table, np.int32(i))))
-            x = self._call("embed()", self._embed, (self.embed_params(params), ids, src, mask, table))
-        return Prefill(p, ids, x, self.chunk_plan(p, start))
+            prefill.x = self._call("embed()", self._embed, (self.embed_params(params), ids, src, mask, table))
+        prefill.ids = ids
 
     def tiles_before(self, request: Request, start: int) -> int:
         """How many of the request's tiles have no token at or after position `start`."""
@@ -587,28 +613,31 @@ class Engine:
         that fit `Runtime.prefill_tokens` (rows x chunk)."""
         return tuple(n for n in self.slot_buckets if n == 1 or n * chunk <= self.runtime.prefill_tokens)
 
-    def fit_together(self, prefills: list[Prefill], budget: int | None = None) -> int:
-        """How many of `prefills`, from the first, one `prefill_first` call takes: those at their first
-        chunk, while a row count of `rows_for` the longest chunk holds them (and, with `budget`, while
-        that row count times that chunk is at most `budget` tokens; 0 if the first does not fit)."""
-        taken, chunk = 0, 0
-        for prefill in prefills:
-            if not prefill.at_first_chunk:
-                break
-            longest = max(chunk, prefill.next_chunk())
-            rows = [n for n in self.rows_for(longest) if n > taken]
-            if not rows or (budget is not None and rows[0] * longest > budget):
-                break
-            taken, chunk = taken + 1, longest
-        return taken
+    def pick_together(self, prefills: list[Prefill], budget: int | None = None) -> list[int]:
+        """Which of `prefills` (indices, in order) one `prefill_first` call takes: the first, if it is at
+        its first chunk, with the others at their first chunk of the same length while a row count of
+        `rows_for` that length holds them, and then shorter first chunks in the rows that count pads
+        anyway (so no prompt is padded to a longer one's chunk at a cost). With `budget`, the call's
+        rows x chunk stays within it ([]: the first alone does not fit, or is past its first chunk)."""
+        if not prefills or not prefills[0].at_first_chunk:
+            return []
+        chunk = prefills[0].next_chunk()
+        rows = [n for n in self.rows_for(chunk) if budget is None or n * chunk <= budget]
+        if not rows:
+            return []
+        firsts = [i for i, p in enumerate(prefills) if p.at_first_chunk]
+        same = [i for i in firsts if prefills[i].next_chunk() == chunk][: rows[-1]]
+        spare = smallest_at_least(len(same), tuple(rows)) - len(same)
+        shorter = [i for i in firsts if prefills[i].next_chunk() < chunk][:spare]
+        return sorted(same + shorter)
 
     def prefill_first(self, params, state: Slots, entries: list[tuple[int, Prefill]]) -> tuple[Slots, jax.Array]:
         """The first chunk of each (slot, prompt) in `entries` into its slot, in one call padded to the
-        longest's chunk and to a row count of `rows_for` it (`fit_together` says how many fit) -> (state,
+        longest's chunk and to a row count of `rows_for` it (`pick_together` picks them) -> (state,
         logits [N, V] on the device: row i for entries[i]'s last token in the chunk, rows past the
         entries padding). Dispatched, not awaited."""
-        if not all(p.at_first_chunk for _, p in entries):
-            raise ValueError("prefill_first runs prompts at their first chunk; later ones go through prefill_chunk")
+        if not all(p.at_first_chunk and p.begun for _, p in entries):
+            raise ValueError("prefill_first runs begun prompts at their first chunk; later ones go through prefill_chunk")
         chunk = max(p.next_chunk() for _, p in entries)
         n = smallest_at_least(len(entries), self.rows_for(chunk))
         pad = n - len(entries)
@@ -658,11 +687,11 @@ class Engine:
                 as_int32(0), as_int32(2), as_int32(4), settings), (greedy,))
 
     def decode(self, params, state: Slots, live: int, longest: int, greedy: bool, stop: np.ndarray | None = None):
-        """Up to STEPS tokens for slots 0..live-1 -> (state, out [N, STEPS + 1] on the device, N the bucket
-        of `live`: each slot's tokens, NO_TOKEN where it produced none, then 1 if it is done). `longest`:
-        an upper bound of the live slots' cached lengths (picks the key bucket)."""
+        """Up to T = `decode_steps(N)` tokens for slots 0..live-1 -> (state, out [N, T + 1] on the device,
+        N the bucket of `live`: each slot's tokens, NO_TOKEN where it produced none, then 1 if it is
+        done). `longest`: an upper bound of the live slots' cached lengths (picks the key bucket)."""
         n = smallest_at_least(live, self.slot_buckets)
-        keys = smallest_at_least(min(longest + STEPS, self.capacity), self.decode_key_buckets)
+        keys = smallest_at_least(min(longest + decode_steps(n), self.capacity), self.decode_key_buckets)
         stop = np.zeros((self.max_batch,), bool) if stop is None else stop
         with self._context():
             return self._call(f"decode{(n, keys, greedy)}", self._decode, (self.language_params(params), state, stop),

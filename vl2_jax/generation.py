@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from vl2_jax.engine import NO_TOKEN, STEPS, CompileWatch, Engine, Prefill, Request, Slots, smallest_at_least
+from vl2_jax.engine import NO_TOKEN, CompileWatch, Engine, Prefill, Request, Slots, smallest_at_least
 from vl2_jax.errors import InputError
 from vl2_jax.prefix_cache import SlotPrefixes, TileFeatures, signature, tile_digests
 from vl2_jax.sampling import RowSampling
@@ -150,16 +150,16 @@ def sign(job: Job, side: int) -> None:
 class Batcher:
     """Continuous batching on the engine, on the host: jobs join free slots and leave as they end.
 
-    Each `step()` admits waiting jobs into free slots (tile encoding and embedding dispatched at once),
-    runs prefill chunks of the admitted prompts up to `prefill_budget` tokens (None: all of them;
-    otherwise at least one chunk, so a long prompt's prefill is spread over several steps while the
-    running answers go on decoding; the first chunks of prompts admitted together run in one call),
-    inserts the first tokens of the finished prefills, dispatches one
-    decode call over the live slots, and then reads the previous call's tokens while that one runs on
-    the device (a step that inserted first tokens reads them before dispatching, for the time to first
-    token). A job's tokens become text (`RowText`: UTF-8 safe, stop strings cut exactly) and go to its
-    `on_update`. The engine state lives in `state` (donated to every program). Not thread-safe: one
-    thread drives a batcher (the server's scheduler thread, or `run`).
+    Each `step()` admits waiting jobs into free slots (checked and planned: a prompt's tiles are encoded
+    and its tokens embedded just before its first chunk runs), runs prefill chunks of the admitted
+    prompts up to `prefill_budget` tokens (None: all of them; otherwise at least one chunk, so a long
+    prompt's prefill is spread over several steps while the running answers go on decoding; the first
+    chunks of prompts waiting together run in one call per chunk length), inserts the first tokens of
+    the finished prefills, dispatches one decode call over the live slots, and then reads the previous
+    call's tokens while that one runs on the device (a step that inserted first tokens reads them before
+    dispatching, for the time to first token). A job's tokens become text (`RowText`: UTF-8 safe, stop
+    strings cut exactly) and go to its `on_update`. The engine state lives in `state` (donated to every
+    program). Not thread-safe: one thread drives a batcher (the server's scheduler thread, or `run`).
     """
 
     def __init__(self, engine: Engine, params, state: Slots, decode: Callable[[list[int]], str],
@@ -233,7 +233,7 @@ class Batcher:
             try:
                 if self.features is not None and job.digests is None:
                     job.digests = tile_digests(job.request.tiles)
-                prefill = engine.begin(self.params, job.request, start, self.features, job.digests)
+                prefill = engine.plan(job.request, start)
                 self.prefilling.append((slot, job, prefill))
                 job.cached_tokens = start
             except InputError as e:
@@ -252,7 +252,7 @@ class Batcher:
                                             self.stop_mask.copy())  # (the host's mask changes before the copy is done)
             self.stop_mask[:] = False
             for slot in live:
-                self.bound[slot] += STEPS
+                self.bound[slot] += out.shape[1] - 1  # (the call's steps)
             self.unread.append(("decode", out, dict(live), None))
             dispatched = True
         elif self.stop_mask.any() and not self.prefilling:
@@ -279,17 +279,21 @@ class Batcher:
 
     def _prefill(self) -> None:
         """Prefills the admitted prompts in order up to the budget: the first chunks of the prompts
-        waiting together in one call (`Engine.fit_together`), a long prompt's later chunks one at a time;
-        the prompts whose chunks are all written get their first tokens (those of one call together)."""
+        waiting together in calls of one chunk length each (`Engine.pick_together`), a long prompt's
+        later chunks one at a time; the prompts whose chunks are all written get their first tokens
+        (those of one call together)."""
         used, budget = 0, self.prefill_budget
         while self.prefilling:
             slot, job, prefill = self.prefilling[0]
             if prefill.at_first_chunk:
                 waiting = [p for _, _, p in self.prefilling]
-                k = self.engine.fit_together(waiting, None if budget is None else budget - used) or (0 if used else 1)
-                if not k:
+                picked = self.engine.pick_together(waiting, None if budget is None else budget - used) or (
+                    [] if used else [0])
+                if not picked:
                     return
-                group = self.prefilling[:k]
+                group = [self.prefilling[i] for i in picked]
+                for entry in group:
+                    self._begin(entry)
                 chunk = max(p.next_chunk() for _, _, p in group)
                 self.state, logits = self.engine.prefill_first(self.params, self.state, [(s, p) for s, _, p in group])
                 used += logits.shape[0] * chunk
@@ -297,9 +301,17 @@ class Batcher:
                 if budget is not None and used and used + prefill.next_chunk() > budget:
                     return
                 used += prefill.next_chunk()
+                self._begin(self.prefilling[0])  # (a prompt continued past a cached prefix starts here)
                 self.state = self.engine.prefill_chunk(self.params, self.state, slot, prefill)
                 group, logits = [self.prefilling[0]], prefill.logits
             self._insert([entry if entry[2].finished else None for entry in group], logits)
+
+    def _begin(self, entry: tuple[int, Job, Prefill]) -> None:
+        """Puts a prompt on the device (tiles encoded, tokens embedded) just before its first chunk runs,
+        not at admission, so that its encoding does not go ahead of earlier prompts' prefill."""
+        _, job, prefill = entry
+        if not prefill.begun:
+            self.engine.begin(self.params, prefill, self.features, job.digests)
 
     def _insert(self, group: list[tuple[int, Job, Prefill] | None], logits) -> None:
         """The first tokens of the finished prompts in `group` (None: a row of `logits` [N, V] to skip):
@@ -330,7 +342,7 @@ class Batcher:
                     new, done = [int(out[rows[slot], 0])], bool(out[rows[slot], 1])
                     job.first_token_at = now
                 else:
-                    new, done = [int(t) for t in out[slot, :STEPS] if t != NO_TOKEN], bool(out[slot, STEPS])
+                    new, done = [int(t) for t in out[slot, :-1] if t != NO_TOKEN], bool(out[slot, -1])
                 piece = job.text.add(new, done)
                 if done or job.text.cut:
                     self.stop_mask[slot] = not done  # a stop string: the slot ends before the next call
