@@ -200,7 +200,8 @@ def test_chat_survives_bad_turns_and_attaches_images():
     each print one error line and leave the history as it was; /image PATH attaches to the next turn."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     image = FIXTURES / "images" / "noise_tiny.png"
-    stdin = f"<image> What is this?\n/image /no/such/image.png\nSecond.\n/image {image}\nWhat is in it?\nAnd?\n"
+    stdin = (f"<image> What is this?\n/image /no/such/image.png\nSecond.\n/image {image}\nWhat is in it?\nAnd?\n"
+             f"/image {image}\n")  # the last one goes with no message
     r = subprocess.run([sys.executable, "-m", "generate", "--model", "random:test", "--chat", "--json",
                         "--max-new-tokens", "2", "--prompt", "First."], capture_output=True, text=True, env=env,
                        cwd=ROOT, input=stdin, timeout=300)
@@ -214,6 +215,7 @@ def test_chat_survives_bad_turns_and_attaches_images():
     assert len(errors) == 2 and "placeholder" in errors[0] and "/no/such/image.png" in errors[1]
     assert "Traceback" not in r.stderr
     assert not any(line.startswith("> ") for line in r.stderr.splitlines())  # no prompt marker on piped stdin
+    assert r.stderr.splitlines()[-1] == "1 attached image was not sent: the session ended before a message to go with it"
 
 
 def test_chat_on_a_terminal_shows_a_marker_and_reads_through_input(monkeypatch, capsys):

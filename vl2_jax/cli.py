@@ -116,6 +116,9 @@ def run(args, log: Callable[[str], None]) -> int:
             _draw_boxes(getattr(args, "draw_boxes", None), session.images, answer, log)
         except Exception as e:  # noqa: BLE001 - the answer stands; only its drawing failed
             log("error: " + explain(e))
+    if pending:
+        log(f"{len(pending)} attached image{'s were' if len(pending) > 1 else ' was'} not sent: the session ended "
+            "before a message to go with it")
     return 0
 
 
