@@ -15,6 +15,7 @@ per level the medians over rounds with the ratio B / A.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -30,7 +31,7 @@ def serve(checkout: Path, args, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(checkout), "PYTHONUNBUFFERED": "1"}
     if args.cpu:
         env["JAX_PLATFORMS"] = "cpu"
-    cache = Path(args.cache_dir) / checkout.name
+    cache = Path(args.cache_dir) / hashlib.sha256(str(checkout).encode()).hexdigest()[:12]  # (one per checkout)
     with open(log, "w") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "vl2_jax.serve", "--model", args.model, "--port", "0", "--max-batch",
@@ -57,8 +58,8 @@ def one_run(checkout: Path, loadtest_checkout: Path, args, log: Path) -> list[di
                 continue
             if isinstance(row, dict) and "concurrency" in row:
                 rows.append(row)
-        if not rows:
-            sys.exit(f"the load test of {checkout} failed:\n{r.stderr[-2000:]}")
+        if not rows or r.returncode:
+            sys.exit(f"the load test of {checkout} failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
         return rows
     finally:
         proc.terminate()

@@ -95,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     log = lambda line: print(line, file=sys.stderr, flush=True)
-    prefetch.start(args.model)  # the disk reads the weights while JAX is imported and starts
+    if args.coordinator is None:  # (across hosts each process reads only what it needs)
+        prefetch.start(args.model)  # the disk reads the weights while JAX is imported and starts
     from vl2_jax.cli import run
     from vl2_jax.errors import guarded
 

@@ -205,12 +205,13 @@ def test_a_prompt_s_tiles_are_encoded_after_the_prompts_ahead_of_it_are_prefille
 
 
 def test_pick_together_groups_first_chunks_by_length_within_the_budget():
-    from vl2_jax.engine import Prefill
+    from vl2_jax.engine import Prefill, Request
 
     m = vl2_jax.load_model("random:test", "float32", runtime=Runtime(
         max_batch=8, max_seq_len=512, prefill_chunks=(32, 64, 128), prefill_tokens=256))
     engine = m.engine
-    prompts = lambda *lengths: [Prefill(None, n, engine.chunk_plan(n)) for n in lengths]
+    text = lambda n: Request(np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, bool), None)
+    prompts = lambda *lengths: [Prefill(text(n), n, engine.chunk_plan(n)) for n in lengths]
     assert engine.rows_for(128) == (1, 2) and engine.rows_for(64) == (1, 2, 4)
     assert engine.pick_together(prompts(100, 20, 120, 110)) == [0, 2]  # two rows of 128 at most
     assert engine.pick_together(prompts(60, 20, 30, 50, 64)) == [0, 1, 3, 4]  # 3 of 64 pad to 4 rows: one of 32 fills it

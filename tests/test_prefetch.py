@@ -27,21 +27,35 @@ def test_weight_files_are_the_weights_only(tmp_path):
     assert prefetch.weight_files(converted) == [converted / "params/embed/d/abc", converted / "params/embed/manifest.ocdbt"]
 
 
-def test_reads_every_byte_once_and_shares_a_running_reading(tmp_path, monkeypatch):
+def test_reads_every_byte_once_and_is_forgotten_when_done(tmp_path, monkeypatch):
     monkeypatch.setattr(prefetch, "PIECE", 1000)
     (tmp_path / "a.safetensors").write_bytes(os.urandom(4500))
     (tmp_path / "b.safetensors").write_bytes(os.urandom(10))
     (tmp_path / "notes.txt").write_bytes(os.urandom(99))  # not a weight file
     reading = prefetch.start(tmp_path, threads=3, memory=1 << 30)
-    try:
-        assert prefetch.start(str(tmp_path), memory=1 << 30) is reading  # the same folder: the same reading
-        assert reading.wait(30) == reading.total == 4510
-        assert reading.finished is not None
-    finally:
-        reading.stop()
-    again = prefetch.start(tmp_path, threads=1, memory=1 << 30)  # a stopped reading is forgotten
+    assert reading.wait(30) == reading.total == 4510
+    assert reading.finished is not None and tmp_path.resolve() not in prefetch._READINGS
+    again = prefetch.start(tmp_path, threads=1, memory=1 << 30)  # a finished reading is not returned again
     assert again is not reading
     again.stop()
+
+
+def test_a_running_reading_is_shared(tmp_path, monkeypatch):
+    monkeypatch.setattr(prefetch, "PIECE", 4096)
+    with open(tmp_path / "model.safetensors", "wb") as f:
+        f.truncate(1 << 30)  # sparse: 262144 pieces, read long after the second start
+    reading = prefetch.start(tmp_path, threads=1, memory=1 << 40)
+    try:
+        assert prefetch.start(str(tmp_path), memory=1 << 40) is reading  # the same folder: the same reading
+    finally:
+        reading.stop()
+    assert reading.wait(30) < reading.total
+
+
+def test_a_folder_it_cannot_read_reads_nothing_and_raises_nothing(tmp_path):
+    (tmp_path / "model.safetensors").symlink_to(tmp_path / "gone")  # a broken link
+    assert prefetch.start(tmp_path, memory=1 << 30) is None
+    assert prefetch.start("bad\0name") is None
 
 
 def test_stop_ends_the_reading_early(tmp_path, monkeypatch):
@@ -85,21 +99,34 @@ def test_specs():
     assert specs.folder_of(str(ckpt_dir("mha"))) == ckpt_dir("mha")
 
 
-def test_load_model_stops_its_reading():
+def test_load_model_starts_a_reading_and_stops_it(monkeypatch):
     from vl2_jax.load import load_model
 
+    seen = []
+
+    def start(spec):
+        reading = prefetch.Reading(Path(spec), {ckpt_dir("mha") / "model.safetensors": 100}, threads=1)
+        monkeypatch.setattr(reading, "stop", lambda: seen.append("stopped"))
+        seen.append(spec)
+        return reading
+
+    monkeypatch.setattr(prefetch, "start", start)
     model = load_model(str(ckpt_dir("mha")))
     assert model.params is not None
-    assert not prefetch._READINGS  # the loader ended the reading it started
+    assert seen == [str(ckpt_dir("mha")), "stopped"]
 
 
 def test_the_command_starts_reading_before_jax_is_imported():
-    """`python -m generate` imports nothing of JAX before its prefetch starts (nor does the package)."""
-    code = ("import sys, generate.__main__, vl2_jax, vl2_jax.prefetch; "
-            "print(sorted(m for m in sys.modules if m == 'jax' or m.startswith('jax.')))")
+    """`python -m generate` starts reading its model's files with nothing of JAX imported (importing the
+    package imports none either)."""
+    code = ("import sys, vl2_jax, vl2_jax.prefetch as p, generate.__main__ as g\n"
+            "def start(spec):\n"
+            "    print('jax' in sys.modules, spec, flush=True); raise SystemExit(0)\n"
+            "p.start = start\n"
+            f"g.main(['--model', {str(ckpt_dir('mha'))!r}, '--prompt', 'hi'])\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.strip() == f"False {ckpt_dir('mha')}"
 
 
 @pytest.mark.parametrize("name", ["load_model", "load_pretrained", "VL2Model"])

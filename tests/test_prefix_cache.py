@@ -228,6 +228,29 @@ def test_an_image_seen_behind_another_prefix_is_not_encoded_again_and_answers_th
     m.give_state(b.state)
 
 
+def test_two_prompts_with_one_image_prefilled_together_encode_it_once(monkeypatch):
+    """Admitted together, both prompts are put on the device just before their one prefill call, in
+    order: the first encodes the image's tiles, the second finds them kept. Each answer is its own."""
+    m = model()
+    img = image(9, 90, 60)
+    reqs = [request([{"role": "system", "content": text}, {"role": "user", "content": "<image>\nWhat?"}], [img])
+            for text in ("Be brief.", "Answer at length, please.")]
+    b = batcher()
+    b.prefixes.clear()
+    alone = [answer(b, r, 8).token_ids for r in reqs]
+    b.features = TileFeatures(1 << 30)
+    b.prefixes.clear()
+    calls, call = [], b.engine._call
+    monkeypatch.setattr(b.engine, "_call", lambda name, *args: (calls.append(name), call(name, *args))[1])
+    jobs = [b.submit(Job(r, 8, RowSampling.make())) for r in reqs]
+    while not all(j.finished for j in jobs):
+        b.step()
+    assert [c for c in calls if c.startswith("prefill")] == ["prefill(2, 512)"]
+    assert calls.count("take()") == calls.count("put()") == len(reqs[0].tiles)  # encoded once, kept, put once
+    assert [j.token_ids for j in jobs] == alone
+    m.give_state(b.state)
+
+
 def test_tile_features_drop_the_least_recently_used_beyond_the_budget():
     f = TileFeatures(budget=3 * 400)
     arrays = {d: np.zeros((10, 10), np.float32) for d in range(5)}  # 400 bytes each

@@ -33,6 +33,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'vl2_jax' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
 __all__ = [
     "PRESETS",
     "CheckpointError",

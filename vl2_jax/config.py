@@ -65,15 +65,14 @@ class Runtime:
     max_seq_len: tokens per slot, prompt and answer together (None: the model's context).
     prefill_chunks: the lengths a prompt is written into the cache in, each a compiled program: a prompt
       runs as one chunk, the smallest that holds it (padded to a longer one only in a row that a call of
-      longer prompts pads anyway), or, longer than the largest, in chunks of the largest and then the smallest that
-      covers the rest (less memory for activations).
+      longer prompts pads anyway), or, longer than the largest, in chunks of the largest and then the
+      smallest that covers the rest (less memory for activations).
     prefill_tokens: how many tokens one prefill call may hold beyond a single prompt's chunk: the first
-      chunks of the same length of several waiting prompts go through the model together (in row counts
-      of 1, 2, 4, ... up to max_batch; shorter ones fill rows the count pads) while their rows times
-      that chunk fit in it; a
-      lone chunk may be longer. Bounds the prefill's activation memory with the chunks; 0: one prompt
-      per call. The server's scheduler also takes it as the prompt tokens prefilled between two decode
-      steps.
+      chunks of one length of several waiting prompts go through the model together (in row counts of
+      1, 2, 4, ... up to max_batch; shorter ones fill rows the count pads) while their rows times that
+      chunk fit in it; a lone chunk may be longer. Bounds the prefill's activation memory with the
+      chunks; 0: one prompt per call. The server's scheduler also takes it as the prompt tokens
+      prefilled between two decode calls.
     prefix_cache: whether a prompt may continue from the cache entries a slot kept of an earlier one
       (the server's prefix cache): the engine then also compiles prefill chunks that start past a
       cached prefix (chunks of up to `CONTINUED_CHUNK_MAX` tokens).

@@ -12,8 +12,8 @@ so that after `warmup()` no request compiles or traces anything:
 - embed: the prompt's token embeddings with the image features gathered from that table, into a buffer
   of `capacity` rows;
 - prefill: the first chunks of N prompts (a length from `Runtime.prefill_chunks`, the longest's; N from
-  `rows_for` it), each into its slot, causally among its own tokens: the prompts waiting together go
-  through the model together;
+  `rows_for` it), each into its slot, causally among its own tokens: waiting prompts whose first chunks
+  have one length go through the model together (`pick_together`; shorter ones only in padded rows);
 - extend: a later chunk of one prompt into its slot, attending to the slot's first `keys` cache entries
   (a key-length bucket: `key_buckets`);
 - insert: the first token of N prompts sampled from their last chunk's logits, their slots' state set;
@@ -73,12 +73,11 @@ def powers_of_two(low: int, high: int) -> tuple[int, ...]:
 def decode_steps(n: int) -> int:
     """Tokens per decode call over a live-slot bucket of `n`: STEPS up to 8 slots, half as many at 16, a
     quarter beyond. A call runs to its end before anything else does, so a prompt that arrives waits
-    for the call under way and the one queued behind it: a step takes longer the more slots decode
-    (tiny on an H200 while serving: ~1.2 ms per token at concurrency 1, ~5.7 ms at 32, BENCHMARKS.md),
-    so 16 steps over 32 slots held a new prompt back ~90 ms per call, and 4 hold it ~23 ms. Up to 8
-    slots (the benchmark's batches) calls keep their 16 steps, so the host's time between calls is
-    spread as before. The answers do not depend on it (each token's sampling key is folded with its
-    position in the answer)."""
+    for the call under way and the one queued behind it; a step takes longer the more slots decode, so
+    calls over many slots are kept short to bound that wait (the step times behind it: BENCHMARKS.md,
+    Serving). Up to 8 slots a call keeps STEPS, so that the host's time between calls weighs little.
+    The answers do not depend on it (each token's sampling key is folded with its position in the
+    answer)."""
     return STEPS if n <= 8 else STEPS // 2 if n <= 16 else STEPS // 4
 
 
@@ -173,7 +172,7 @@ class Prefill:
     (`Engine.chunk_plan`, from `start`: past a cached prefix); once begun (`Engine.begin`), its ids [L]
     and embeddings [L, D] on the device; the next chunk to run and the last `extend` chunk's logits [1, V]."""
 
-    request: Request | None
+    request: Request
     length: int
     plan: list[tuple[int, int, int, bool]]
     start: int = 0

@@ -281,7 +281,8 @@ class Batcher:
         """Prefills the admitted prompts in order up to the budget: the first chunks of the prompts
         waiting together in calls of one chunk length each (`Engine.pick_together`), a long prompt's
         later chunks one at a time; the prompts whose chunks are all written get their first tokens
-        (those of one call together)."""
+        (those of one call together). In admission order: prompts behind a long one wait for its later
+        chunks (no prompt is overtaken for ever)."""
         used, budget = 0, self.prefill_budget
         while self.prefilling:
             slot, job, prefill = self.prefilling[0]

@@ -9,7 +9,9 @@ A spec is what a user types as a model:
   the converted copy.
 
 Every leaf goes straight to its device (or, under a mesh, into its shards); no host holds the whole
-model. The weight files start for the page cache before JAX's backend starts (`vl2_jax.prefetch`). The formats themselves are read by `vl2_jax.checkpoint` (safetensors) and `vl2_jax.orbax_io`.
+model. The formats themselves are read by `vl2_jax.checkpoint` (safetensors) and `vl2_jax.orbax_io`;
+the weight files are read ahead into the page cache from the start, while JAX's backend starts
+(`vl2_jax.prefetch`; one process only: across hosts each reads what it needs).
 
 Progress comes two ways: `progress(line)` gets a line of text at each stage, and
 `bytes_progress(done, total)` the bytes of weights on their devices so far, for a bar
@@ -88,7 +90,8 @@ def load_model(
         here leaf by leaf as they load (`vl2_jax.quant`), or "none"; None: as the checkpoint holds them
         (a `python -m convert --quant` output is quantized already; asking it for another is an error).
     """
-    reading = prefetch.start(spec)  # the files start for the page cache while JAX's backend starts
+    several = getattr(jax.distributed, "is_initialized", lambda: False)()
+    reading = None if several else prefetch.start(spec)  # read ahead while JAX's backend starts
     try:
         return _load(spec, dtype or default_dtype(), runtime, mesh, seed, progress or (lambda line: None),
                      bytes_progress, quant)

@@ -53,10 +53,13 @@ class Reading:
         self.total = sum(sizes.values())
         self.started = time.perf_counter()
         self.finished: float | None = None  # perf_counter time when the last thread ended
-        self._pieces = iter([(f, offset) for f, size in sizes.items() for offset in range(0, size, PIECE)])
+        pieces = [(f, offset) for f, size in sizes.items() for offset in range(0, size, PIECE)]
+        self._pieces = iter(pieces)
+        self._piece = min(PIECE, max(sizes.values()))  # (small files: small buffers)
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._read = 0
+        threads = max(1, min(threads, len(pieces)))
         self._running = threads
         self._threads = [threading.Thread(target=self._work, name=f"vl2-prefetch-{i}", daemon=True)
                          for i in range(threads)]
@@ -73,7 +76,7 @@ class Reading:
             return None if self._stopped.is_set() else next(self._pieces, None)
 
     def _work(self) -> None:
-        buf = bytearray(PIECE)
+        buf = bytearray(self._piece)
         try:
             while (piece := self._next()) is not None:
                 path, offset = piece
@@ -88,20 +91,28 @@ class Reading:
         finally:
             with self._lock:
                 self._running -= 1
-                if self._running == 0:
+                last = self._running == 0
+                if last:
                     self.finished = time.perf_counter()
+            if last:
+                self._forget()
 
-    def stop(self) -> None:
-        """No more pieces are started (those being read finish); forgets this reading."""
-        self._stopped.set()
+    def _forget(self) -> None:
         with _REGISTRY_LOCK:
             if _READINGS.get(self.folder) is self:
                 del _READINGS[self.folder]
 
+    def stop(self) -> None:
+        """No more pieces are started (those being read finish); forgets this reading. A load that
+        shares the reading with another load of the same folder ends it for both (it only reads ahead)."""
+        self._stopped.set()
+        self._forget()
+
     def wait(self, timeout: float | None = None) -> int:
-        """Blocks until every thread is done (all read, or stopped); the bytes read."""
+        """Blocks until every thread is done (all read, or stopped), or `timeout` seconds; the bytes read."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         for t in self._threads:
-            t.join(timeout)
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return self._read
 
 
@@ -113,17 +124,22 @@ def start(spec: str | os.PathLike, *, threads: int = THREADS, memory: int | None
     """Starts reading the weight files `spec` loads from (a folder, or a hub id's converted copy) into
     the page cache; the reading, or None where there is nothing to read (random weights, a folder not on
     disk yet) or the files exceed half of `memory` (default: `available_memory()`, and nothing is read
-    where that is unknown). A folder already being read returns that reading."""
-    folder = folder_of(os.fspath(spec))
-    if folder is None or not folder.is_dir():
-        return None
-    folder = folder.resolve()
-    with _REGISTRY_LOCK:
-        if folder in _READINGS:
-            return _READINGS[folder]
-        sizes = {f: f.stat().st_size for f in weight_files(folder)}
-        memory = available_memory() if memory is None else memory
-        if not sizes or memory is None or sum(sizes.values()) > memory // 2:
+    where that is unknown). A folder being read returns that reading. It never fails: a folder it cannot
+    list or a file it cannot stat (a broken link, no permission) reads nothing, and the loader says
+    what is wrong."""
+    try:
+        folder = folder_of(os.fspath(spec))
+        if folder is None or not folder.is_dir():
             return None
-        reading = _READINGS[folder] = Reading(folder, sizes, threads)
-    return reading
+        folder = folder.resolve()
+        with _REGISTRY_LOCK:
+            if folder in _READINGS:
+                return _READINGS[folder]
+            sizes = {f: f.stat().st_size for f in weight_files(folder)}
+            memory = available_memory() if memory is None else memory
+            if not sizes or memory is None or sum(sizes.values()) > memory // 2:
+                return None
+            reading = _READINGS[folder] = Reading(folder, sizes, threads)
+        return reading
+    except (OSError, ValueError):  # (ValueError: a path with a NUL byte)
+        return None

@@ -45,9 +45,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=number(int, 1), default=None,
                    help="write prompts into the cache this many tokens at a time (default: the runtime's chunks)")
     p.add_argument("--prefill-tokens", type=number(int, 0), default=Runtime.prefill_tokens, metavar="N",
-                   help="prompt tokens prefilled between two decode steps, the first chunks of one length of "
+                   help="prompt tokens prefilled between two decode calls, the first chunks of one length of "
                         "prompts that wait together going through the model in one call (default "
-                        f"{Runtime.prefill_tokens}; 0: one prompt per call, at most one chunk between decode steps)")
+                        f"{Runtime.prefill_tokens}; 0: one prompt per call, at most one chunk between decode calls)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="default: bfloat16 on GPU/TPU, float32 on CPU")
     p.add_argument("--mesh", default=None, metavar="SPEC",
