@@ -39,18 +39,14 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CHUNK = 16 << 20
+sys.path.insert(0, str(REPO))
+from vl2_jax import prefetch  # noqa: E402 - the read-ahead's reader is the plain read (no JAX imported)
+
 THREADS = 16
-
-
-def files_of(folder: Path) -> list[Path]:
-    return sorted(p for p in (folder / "params").rglob("*") if p.is_file())
 
 
 def evict(files: list[Path], how: str) -> str:
@@ -75,27 +71,18 @@ def evict(files: list[Path], how: str) -> str:
     return "fadvise_dontneed"
 
 
-def plain_read(files: list[Path], threads: int) -> int:
-    """Reads every byte of `files` (in CHUNK pieces, `threads` at a time) into reused buffers; the bytes."""
-    pieces = [(p, start) for p in files for start in range(0, max(p.stat().st_size, 1), CHUNK)]
-    buffers: dict[int, bytearray] = {}
-
-    def read(piece) -> int:
-        buf = buffers.setdefault(threading.get_ident(), bytearray(CHUNK))
-        path, start = piece
-        with open(path, "rb", buffering=0) as f:
-            f.seek(start)
-            return f.readinto(buf)
-
-    if threads == 1:
-        return sum(map(read, pieces))
-    with ThreadPoolExecutor(threads) as pool:
-        return sum(pool.map(read, pieces))
+def plain_read(folder: Path, files: list[Path], threads: int) -> int:
+    """Reads every byte of `files` (`prefetch.PIECE`-sized pieces, `threads` at a time, reused buffers:
+    what `vl2_jax.prefetch` does ahead of a load); the bytes."""
+    reading = prefetch.Reading(folder, {f: f.stat().st_size for f in files}, threads)
+    read = reading.wait()
+    if read != reading.total:
+        sys.exit(f"read {read} of {reading.total} bytes of {folder}: a file could not be read.")
+    return read
 
 
 def child(mode: str, folder: str, dtype: str, mesh: str | None, file_io_mode: str | None) -> None:
     """Runs in a fresh process: one load, timed; prints {"seconds", "weights_bytes", CPU and page faults}."""
-    sys.path.insert(0, str(REPO))
     import jax
 
     from vl2_jax import load, orbax_io
@@ -139,7 +126,7 @@ def measure_load(mode: str, args, files: list[Path], file_bytes: int) -> dict:
 
 
 def measure(args) -> None:
-    files = files_of(args.folder)
+    files = prefetch.weight_files(args.folder) if (args.folder / "params").is_dir() else []
     if not files:
         sys.exit(f"{args.folder} has no params/ folder; pass a `python -m convert` output.")
     file_bytes = sum(p.stat().st_size for p in files)
@@ -154,7 +141,7 @@ def measure(args) -> None:
         for metric, threads in (("plain_read", 1), ("plain_read_parallel", THREADS)):
             cache = evict(files, args.evict)
             start = time.perf_counter()
-            n = plain_read(files, threads)
+            n = plain_read(args.folder, files, threads)
             s = time.perf_counter() - start
             emit({"metric": metric, "threads": threads, "cache": cache, "seconds": s, "file_gb": n / 1e9,
                   "file_gb_per_s": n / 1e9 / s})
@@ -172,7 +159,6 @@ def measure(args) -> None:
 
 def make(args) -> Path:
     """A random --make checkpoint, converted: the converted folder (the Hugging Face one is deleted)."""
-    sys.path.insert(0, str(REPO))
     import math
 
     from vl2_jax.config import PRESETS

@@ -599,7 +599,7 @@ class Engine:
                 for i in todo:
                     features.put(digests[i], self._call("take()", self._take_tile, (table, np.int32(i))))
             prefill.x = self._call("embed()", self._embed, (self.embed_params(params), ids, src, mask, table))
-        prefill.ids = ids
+            prefill.ids = ids
 
     def tiles_before(self, request: Request, start: int) -> int:
         """How many of the request's tiles have no token at or after position `start`."""
