@@ -26,9 +26,14 @@ from pathlib import Path
 FIELDS = ("output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
 
 
+def _path(checkout: Path) -> str:
+    """PYTHONPATH with `checkout` first (and whatever the caller had after it)."""
+    return os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")]))
+
+
 def serve(checkout: Path, args, log: Path) -> subprocess.Popen:
     """A warmed-up server of `checkout` (its URL is the first line of its stdout)."""
-    env = {**os.environ, "PYTHONPATH": str(checkout), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": _path(checkout), "PYTHONUNBUFFERED": "1"}
     if args.cpu:
         env["JAX_PLATFORMS"] = "cpu"
     cache = Path(args.cache_dir) / hashlib.sha256(str(checkout).encode()).hexdigest()[:12]  # (one per checkout)
@@ -49,7 +54,7 @@ def one_run(checkout: Path, loadtest_checkout: Path, args, log: Path) -> list[di
             [sys.executable, "-m", "vl2_jax.loadtest", "--url", url + "/v1", "--concurrency", args.concurrency,
              "--requests", str(args.requests), "--min-tokens", str(args.min_tokens), "--max-tokens",
              str(args.max_tokens), "--quiet"],
-            capture_output=True, text=True, cwd=loadtest_checkout, env={**os.environ, "PYTHONPATH": str(loadtest_checkout)})
+            capture_output=True, text=True, cwd=loadtest_checkout, env={**os.environ, "PYTHONPATH": _path(loadtest_checkout)})
         rows = []
         for line in r.stdout.splitlines():
             try:
