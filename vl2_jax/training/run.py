@@ -125,10 +125,12 @@ def _processor_before_loading(spec: str) -> Processor | None:
 
 def _read_data(job: Job, processor: Processor, log: Callable[[str], None]) -> tuple[list, list | None]:
     """The training and eval examples (`batches.read_examples`), each file's count logged."""
-    s, evals = job.settings, None
-    train, skipped = batches.read_examples(processor, job.data, s.max_seq_len)
-    log(f"{job.data}: {len(train)} conversations" + (f", {skipped.total} skipped ({skipped})" if skipped.total else ""))
-    if job.eval:
-        evals, skipped = batches.read_examples(processor, job.eval, s.max_seq_len)
-        log(f"{job.eval}: {len(evals)} conversations" + (f", {skipped.total} skipped ({skipped})" if skipped.total else ""))
-    return train, evals
+    read = []
+    for file in (job.data, job.eval):
+        if file is None:
+            read.append(None)
+            continue
+        examples, skipped = batches.read_examples(processor, file, job.settings.max_seq_len)
+        log(f"{file}: {len(examples)} conversations" + (f", {skipped.total} skipped ({skipped})" if skipped.total else ""))
+        read.append(examples)
+    return read[0], read[1]
