@@ -260,6 +260,9 @@ def test_generate_plain_and_streamed(sched, url):
     chunks = [json.loads(line[6:]) for line in lines[:-1]]
     assert [c["text"] for c in chunks] == ["Hel", "Hello", "Hello, wor", "Hello, world"]  # cumulative, as SGLang's
     assert chunks[-1]["meta_info"]["finish_reason"]["type"] == "stop" and chunks[0]["meta_info"]["finish_reason"] is None
+    sched.script = lambda job: [*answer(job)[:-1], (0, Event("ld", [13], "stop", 3, 4, 0, None, "User"))]
+    out = httpx2.post(url + "/generate", json={**body, "text": [body["text"]]}).json()  # a batch of one: a list
+    assert isinstance(out, list) and out[0]["meta_info"]["finish_reason"] == {"type": "stop", "matched": "User"}
     sched.script = functools.partial(answer, reason="length")
     out = httpx2.post(url + "/generate", json={"input_ids": [0, 9, 9], "sampling_params": {"max_new_tokens": 4}}).json()
     assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 4}
@@ -334,6 +337,35 @@ def test_other_bad_requests(sched, url):
         client(url).chat.completions.create(model=MODEL, n=2, messages=[{"role": "user", "content": "Hi"}])
     assert not sched.jobs
     assert httpx2.get(url + "/health").json() == {"status": "ok"}
+
+
+def test_settings_out_of_range_name_their_field_and_a_huge_top_k_keeps_every_token(sched, url):
+    assert error_of(httpx2.post(url + "/v1/chat/completions", json={**CHAT, "top_p": 2}), 400)["param"] == "top_p"
+    bad = error_of(httpx2.post(url + "/v1/chat/completions", json={**CHAT, "max_completion_tokens": 0}), 400)
+    assert bad["param"] == "max_completion_tokens" and "max_completion_tokens must be" in bad["message"]
+    bad = error_of(httpx2.post(url + "/generate", json={"text": "a", "sampling_params": {"temperature": -1}}), 400)
+    assert bad["param"] == "sampling_params.temperature"
+    assert not sched.jobs
+    for body in ({**CHAT, "top_k": 2**40}, {"text": "a", "sampling_params": {"top_k": 2**33}}):
+        route = "/generate" if "text" in body else "/v1/chat/completions"
+        assert httpx2.post(url + route, json=body).status_code == 200
+        assert int(sched.jobs[-1].sampling.top_k) == 2**31 - 1
+
+
+def test_an_internal_error_is_a_500_in_the_metrics(server, sched, url, monkeypatch):
+    def broken(job):
+        raise RuntimeError("scheduler broke")
+
+    monkeypatch.setattr(sched, "submit", broken)
+    assert error_of(httpx2.post(url + "/v1/chat/completions", json=CHAT), 500)["type"] == "server_error"
+    text = httpx2.get(url + "/metrics").text
+    assert 'vl2_requests_total{route="/v1/chat/completions",status="500"} 1.0' in text
+
+
+def test_a_request_through_the_router_without_a_model_is_served(sched, url):
+    """SGLang's router fills in "unknown" where a chat request names no model."""
+    assert httpx2.post(url + "/v1/chat/completions", json={**CHAT, "model": "unknown"}).status_code == 200
+    error_of(httpx2.post(url + "/v1/chat/completions", json={**CHAT, "model": "unknown-2"}), 404)
 
 
 def test_a_full_queue_is_429_with_retry_after(sched, url):

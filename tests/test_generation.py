@@ -196,6 +196,16 @@ def test_streamed_multibyte_text_is_the_whole_answer(ending):
         assert all("\ufffd" not in p for p in pieces[:-1]), (stop, steps)
 
 
+def test_the_stop_string_that_cut_is_the_earliest_found():
+    from vl2_jax.generation import RowText
+
+    decode = lambda ids: bytes(ids).decode()
+    for stop, matched in ((("xyz", "c", "b"), "b"), (("bc", "b"), "bc"), ((), None)):
+        row = RowText(decode, stop, EOS)
+        row.add(list(b"abcdef"), False)
+        assert row.matched == matched and row.text() == ("abcdef" if matched is None else "a"), stop
+
+
 def test_context_limit():
     m = model("mha")
     tight = dataclasses.replace(m.cfg.language, max_position_embeddings=20)

@@ -310,6 +310,21 @@ def test_local_files_refused_without_local_dir(folders):
             load_image(ref)
 
 
+def test_relative_paths_start_at_local_dir_or_at_the_working_directory_for_the_cli(folders, monkeypatch):
+    allowed, outside = folders
+    monkeypatch.chdir(outside)
+    assert same_pixels(load_image("in.png", ImageLimits(local_dir=str(allowed))), PNG)
+    with pytest.raises(InputError, match="outside the folder"):
+        load_image("../outside/secret.png", ImageLimits(local_dir=str(allowed)))
+    assert same_pixels(load_image("secret.png", ImageLimits.cli()), PNG)
+
+
+@pytest.mark.parametrize("ref", ["aGVsbG8=", "not base64!" * 8])
+def test_a_reference_that_is_no_url_and_no_base64_says_so_where_files_are_refused(ref):
+    with pytest.raises(InputError, match="is not a data: URL, an http.s. URL or base64"):
+        load_image(ref)
+
+
 def test_cli_limits_read_any_local_file(folders, tmp_path):
     _, outside = folders
     assert same_pixels(load_image(str(outside / "secret.png"), ImageLimits.cli()), PNG)

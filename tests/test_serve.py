@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -213,21 +214,50 @@ def test_a_full_queue_is_429():
 
 
 def test_python_m_vl2_jax_serve_starts_and_stops_on_sigterm():
+    """SIGTERM with --drain-seconds 0 while one request decodes and two wait (one slot): each stream ends
+    with its answer's last chunk or a 503 error event, then [DONE] (at least the last waiting one is
+    cancelled), and the process exits 0."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen([sys.executable, "-m", "vl2_jax.serve", "--model", MODEL, "--port", "0", "--no-warmup",
-                             "--max-seq-len", "256", "--compile-cache", "", "--api-key", "k"],
+                             "--max-seq-len", "256", "--max-batch", "1", "--drain-seconds", "0", "--compile-cache", "",
+                             "--api-key", "k"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
         url = proc.stdout.readline().strip()
         assert url.startswith("http://127.0.0.1:"), proc.stderr.read()
         assert httpx2.get(url + "/health").status_code == 200
         assert httpx2.get(url + "/v1/models").status_code == 401
-        models = httpx2.get(url + "/v1/models", headers={"Authorization": "Bearer k"}).json()
-        assert models["data"][0]["id"] == MODEL
+        key = {"Authorization": "Bearer k"}
+        assert httpx2.get(url + "/v1/models", headers=key).json()["data"][0]["id"] == MODEL
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 200,
+                "ignore_eos": True, "stream": True}
+        streams, decoding = [[] for _ in range(3)], threading.Event()
+
+        def read(lines: list) -> None:
+            with httpx2.stream("POST", url + "/v1/chat/completions", json=body, headers=key, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line:
+                        lines.append(line)
+                        decoding.set() if len(lines) >= 2 else None  # (the first token, after the role chunk)
+
+        readers = []
+        for lines in streams:
+            readers.append(threading.Thread(target=read, args=(lines,)))
+            readers[-1].start()
+            time.sleep(0.2)  # (in this order)
+        assert decoding.wait(120)
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
+        for reader in readers:
+            reader.join(60)
         assert proc.wait(30) == 0
         assert time.monotonic() - start < 30
+        ends = []
+        for lines in streams:
+            assert lines[-1] == "data: [DONE]", lines[-3:]
+            last = json.loads(lines[-2].removeprefix("data: "))
+            ends.append(last["error"]["type"] if "error" in last else last["choices"][0]["finish_reason"])
+        assert set(ends) <= {"length", "service_unavailable"} and ends[-1] == "service_unavailable", ends
         assert "stopped" in proc.stderr.read()
     finally:
         if proc.poll() is None:

@@ -61,6 +61,7 @@ class RowText:
         self.tokens: list[int] = []
         self.shown = 0  # characters handed out so far
         self.cut: tuple[int, int] | None = None  # (tokens kept, characters kept) at a stop string
+        self.matched: str | None = None  # the stop string that cut it
 
     @property
     def ended_by_eos(self) -> bool:
@@ -76,9 +77,9 @@ class RowText:
         if self.cut is None:
             self.tokens.extend(new)
             text = self.decode(self.tokens[:-1] if self.ended_by_eos else self.tokens)
-            found = [i for i in (text.find(s, max(0, self.shown - len(s))) for s in self.stop) if i >= 0]
+            found = [(i, s) for s in self.stop if (i := text.find(s, max(0, self.shown - len(s)))) >= 0]
             if found:
-                at = min(found)
+                at, self.matched = min(found, key=lambda hit: hit[0])  # (the earliest; the first listed on a tie)
                 keep = next(n for n in range(1, len(self.tokens) + 1) if len(self.decode(self.tokens[:n])) > at)
                 self.cut = (keep, at)
                 finished = True

@@ -28,7 +28,7 @@ looks like it, else a path; surrounding whitespace is ignored):
   paths, read only when ``local_dir`` is set and the path, resolved with its symbolic links (``..``
   included), lies inside ``local_dir`` (itself resolved). ``local_dir="/"`` allows every local file (the
   command line's choice); ``None`` (the default, a server's) refuses every local file. Relative paths
-  are relative to the current directory. Only regular files are read.
+  start at ``local_dir`` (at the current directory where it is ``"/"``). Only regular files are read.
 * Raw base64, as SGLang's ``image_data`` allows: a string with no scheme, at least 64 characters long
   and made only of base64 characters (standard or URL-safe alphabet, ``=`` padding, line breaks).
   Such a string is no plausible file name (no ``.``, no extension); a path that looks like base64 can
@@ -245,11 +245,12 @@ def _data_url(ref: str, label: str, limits: ImageLimits) -> bytes:
 def _read_file(path: str, label: str, limits: ImageLimits) -> bytes:
     if "\0" in path:
         raise InputError(f"image path {label} contains a NUL character; no file has such a name.")
-    if limits.local_dir is None:
-        raise InputError(f"image path {label} is refused: local files are not accepted here; send the image as "
-                         f"a data: URL, base64 or an http(s) URL.")
-    resolved = os.path.realpath(path)
+    if limits.local_dir is None:  # (so the reference is no URL, and no base64 of 64 characters or more)
+        raise InputError(f"image reference {label} is not a data: URL, an http(s) URL or base64 (of at least "
+                         f"{_MIN_RAW_BASE64} characters), and local files are not accepted here; send the image as "
+                         f"a data: URL or base64.")
     root = os.path.realpath(limits.local_dir)
+    resolved = os.path.realpath(path if root == os.sep else os.path.join(root, path))  # (an absolute path stays)
     if os.path.commonpath([root, resolved]) != root:
         # The folder itself is not named: a server's clients need not learn its layout.
         raise InputError(f"image path {label} is refused: it lies outside the folder of images allowed here "

@@ -164,7 +164,8 @@ def describe(error: BaseException, timeout: float) -> str:
     if isinstance(error, (openai.APITimeoutError, asyncio.TimeoutError)):
         return f"timed out after {timeout:g} s (--timeout)"
     if isinstance(error, openai.APIStatusError):
-        text = f"HTTP {error.status_code}: {error.message}"
+        body = error.body if isinstance(error.body, dict) else {}  # (the client's `message` repeats the status)
+        text = f"HTTP {error.status_code}: {body.get('message') or error.message}"
     elif isinstance(error, openai.APIConnectionError):
         text = f"connection failed: {error.__cause__ or error}"
     else:
@@ -379,7 +380,7 @@ async def run(args) -> list[dict]:
             jobs = plan(args, level, args.requests, templates)
             before = await read_counters(args.url, args.api_key)
             with tqdm(total=len(jobs), desc=f"concurrency {concurrency}", unit="req", file=sys.stderr,
-                      disable=args.quiet, leave=False) as bar:
+                      disable=True if args.quiet else None, leave=False) as bar:  # (None: off where stderr is no terminal)
                 results, most = await run_level(client, model, jobs, concurrency, args.timeout, bar)
             after = await read_counters(args.url, args.api_key)
             row = {"model": model, "scenario": args.scenario,
@@ -439,7 +440,7 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds a request may take, and may wait between chunks (default: 600)")
     p.add_argument("--warmup", choices=["first", "each", "none"], default="first",
                    help="one untimed request before the first level, before each, or none (default: first)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (there are none where stderr is not a terminal)")
     return p
 
 

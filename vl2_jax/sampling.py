@@ -25,6 +25,14 @@ from vl2_jax.errors import InputError
 def check_sampling(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, flags: bool = False) -> None:
     """Refuses settings outside their ranges with one `InputError`; `flags` names them as the command
     line's flags (`--top-p`) rather than as arguments (`top_p`)."""
+    bad = sampling_error(temperature, top_p, top_k, repetition_penalty, flags)
+    if bad is not None:
+        raise InputError(bad[1])
+
+
+def sampling_error(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
+                   flags: bool = False) -> tuple[str, str] | None:
+    """(the first setting outside its range, a sentence saying so), or None where all are within."""
     checks = [
         (0 <= temperature < math.inf, "temperature", temperature, ">= 0", ""),
         (0 < top_p <= 1, "top_p", top_p, "in (0, 1]", ""),
@@ -34,7 +42,8 @@ def check_sampling(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, 
     for ok, name, value, rule, hint in checks:  # `not ok` also refuses nan
         if not ok:
             label = "--" + name.replace("_", "-") if flags else name
-            raise InputError(f"{label} must be {rule} (got {value}{hint}).")
+            return name, f"{label} must be {rule} (got {value}{hint})."
+    return None
 
 
 def penalize(logits_BV: jax.Array, seen_BV: jax.Array, penalty: jax.Array) -> jax.Array:
@@ -72,8 +81,9 @@ class RowSampling:
 
     @classmethod
     def make(cls, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0) -> RowSampling:
-        """One row's settings as numpy scalars (host side; the engine writes them into a slot)."""
-        return cls(np.float32(temperature), np.int32(top_k), np.float32(top_p), np.float32(repetition_penalty),
+        """One row's settings as numpy scalars (host side; the engine writes them into a slot). A top_k
+        past int32 keeps every token, as any top_k of the vocabulary's size or more does."""
+        return cls(np.float32(temperature), np.int32(min(int(top_k), 2**31 - 1)), np.float32(top_p), np.float32(repetition_penalty),
                    np.uint32(int(seed) % 2**32))
 
 

@@ -5,9 +5,9 @@
 
 Loads the model, compiles every program (progress on stderr; --no-warmup compiles on first use
 instead), starts the scheduler and serves `vl2_jax.serving.api`'s routes; prints the URL on stdout when
-it accepts requests. SIGTERM or Ctrl-C: no new connections are accepted (and a request that still
-arrives on an open one gets 503), those in flight get up to --drain-seconds
-to finish (then they are cancelled), the scheduler stops, the process exits. A bad argument or a model
+it accepts requests. SIGTERM or Ctrl-C: no new connections are accepted and idle ones are closed (a
+request that arrives meanwhile gets 503), those in flight get up to --drain-seconds to finish (then
+they are cancelled: 503, or an error event in a stream), the scheduler stops, the process exits. A bad argument or a model
 that does not load prints one `error: ...` line, exit status 1.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import os
 import signal
 import socket
@@ -27,6 +28,7 @@ from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, QUANTS, Runtime
 from vl2_jax.errors import command_parser, number
 
 DEFAULT_PORT = 30000  # SGLang's
+ANSWER_SECONDS = 5.0  # past the drain time: for the 503s of the requests it cancelled to be written
 
 
 def parser() -> argparse.ArgumentParser:
@@ -36,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model's name in the API (`model` of requests, /v1/models; default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 picks a free one")
+    p.add_argument("--port", type=number(int, 0, 65535), default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 picks a free one")
     p.add_argument("--max-batch", type=number(int, 1), default=8, help="answers decoded together: slots (default 8)")
     p.add_argument("--max-seq-len", type=number(int, 1), default=None,
                    help="tokens a slot holds, prompt included (default: the model's context)")
@@ -72,7 +74,8 @@ def parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on every route but /health, /health_generate and "
                         "/metrics (default: $VL2_API_KEY; none: no key needed)")
     p.add_argument("--image-dir", default=None, metavar="DIR",
-                   help="image references may name local files inside DIR (default: no local files)")
+                   help="image references may name local files inside DIR, relative paths starting there (default: no "
+                        "local files)")
     p.add_argument("--allow-fetch", action="store_true",
                    help="fetch http(s) image URLs (public addresses only; default: data URLs and base64 only)")
     p.add_argument("--max-images", type=number(int, 1), default=8, help="images per request (default 8)")
@@ -82,8 +85,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=number(float, 0), default=600.0, metavar="S",
                    help="cancel a request still running S seconds after it arrived, answering 504 (default 600; "
                         "0: no limit)")
-    p.add_argument("--drain-seconds", type=float, default=20.0,
-                   help="on SIGTERM, how long requests in flight may take to finish (default 20)")
+    p.add_argument("--drain-seconds", type=number(float, 0), default=20.0,
+                   help="on SIGTERM, how long requests in flight may take to finish before they are cancelled "
+                        "(answered 503; default 20)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="uvicorn's log level; info adds one line per request (default warning)")
     return p
@@ -153,7 +157,10 @@ def run(args, log) -> int:
                           feature_cache_bytes=args.feature_cache_mb << 20).start()
     name = args.served_model_name or args.model
     app = create_app(scheduler, name, model.processor, settings, metrics)
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"  # (stdout carries the URL line alone)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level in ("debug", "info"),
+                            log_config=log_config,
                             timeout_graceful_shutdown=args.drain_seconds, lifespan="off")
     server = _Server(config, app.state.server, scheduler, log)
     # uvicorn raises the signal that stopped it again once it has shut down: after a clean stop that
@@ -191,11 +198,17 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets=None):
-        self.log(f"stopping: requests in flight get {self.config.timeout_graceful_shutdown:.0f} s to finish")
+        drain = self.config.timeout_graceful_shutdown
+        self.log(f"stopping: requests in flight get {drain:g} s to finish")
         self.api.draining = True
+        # The scheduler cancels what still runs when the drain time is up, and those requests are
+        # answered 503 (an error event in a stream); uvicorn waits a little longer than the drain before
+        # it cancels its own tasks, so that those answers are written. On a thread, so that requests
+        # cancelled by their clients can still reach the scheduler through this loop.
+        stopping = asyncio.ensure_future(asyncio.to_thread(self.scheduler.stop, drain))
+        self.config.timeout_graceful_shutdown = drain + ANSWER_SECONDS
         await super().shutdown(sockets)
-        # On a thread, so that cancelled requests can still reach the scheduler through this loop.
-        await asyncio.to_thread(self.scheduler.stop, 5.0)
+        await stopping
         self.stopped = True
         self.log("stopped")
 

@@ -72,6 +72,7 @@ ROUTES = frozenset({*OPEN_ROUTES, "/v1/models", "/v1/chat/completions", "/v1/com
                     "/get_model_info", "/get_server_info", "/model_info", "/server_info", "/get_load",
                     "/flush_cache"})
 DONE = b"data: [DONE]\n\n"
+ROUTER_NO_MODEL = "unknown"  # `model` as SGLang's router fills it in where a request left it out
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -215,7 +216,7 @@ def _failure(event: Event) -> APIError | None:
 
 class _Gate:
     """ASGI middleware: the bearer key (all routes but OPEN_ROUTES) and the request counts by route and
-    HTTP status (499: the client left before an answer began)."""
+    HTTP status (499: the client left before an answer began; 500: an error raised before it began)."""
 
     def __init__(self, app, server: _Server):
         self.app, self.server = app, server
@@ -239,6 +240,10 @@ class _Gate:
                                  "authentication_error", code="invalid_api_key")
                 return await _error_response(error)(scope, receive, tracked_send)
             await self.app(scope, receive, tracked_send)
+        except Exception:  # (answered 500 by the outermost error handler, after this middleware)
+            if status["code"] == 499:
+                status["code"] = 500
+            raise
         finally:
             self.server.metrics.answered(route, status["code"])
 
@@ -295,7 +300,9 @@ class _Server:
             raise bad_request(f"the request body is not valid JSON ({e}).") from None
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.name:
+        """Refuses a request for another model (404). SGLang's router sends "unknown" for a request that
+        named none, which counts as none."""
+        if model not in (None, ROUTER_NO_MODEL, self.name):
             raise APIError(404, f"the model {model!r} does not exist; this server serves {self.name!r}.",
                            "invalid_request_error", "model", "model_not_found")
 
@@ -499,7 +506,8 @@ class _Server:
         def meta(event: Event, ids: list[int]) -> dict:
             reason = event.finish_reason
             finish = None if reason is None else (
-                {"type": "stop", "matched": ids[-1] if ids and ids[-1] == self.eos else None} if reason == "stop" else
+                {"type": "stop", "matched": event.matched if event.matched is not None else
+                 ids[-1] if ids and ids[-1] == self.eos else None} if reason == "stop" else
                 {"type": "length", "length": event.completion_tokens} if reason == "length" else
                 {"type": "abort", "message": event.error or "cancelled"})
             out = {"id": rid, "finish_reason": finish, "prompt_tokens": event.prompt_tokens,
@@ -508,7 +516,8 @@ class _Server:
 
         if not body.stream:
             text, ids, last = await self.collect(handle, t0, request)
-            return {"text": text, "output_ids": ids, "meta_info": meta(last, ids)}
+            out = {"text": text, "output_ids": ids, "meta_info": meta(last, ids)}
+            return [out] if body.batched else out
 
         async def chunks():
             text, ids = "", []

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from vl2_jax.processor import IMAGE_TOKEN
-from vl2_jax.sampling import check_sampling
+from vl2_jax.sampling import sampling_error
 
 MAX_STOP_STRINGS = 16
 
@@ -83,10 +83,9 @@ class Sampling:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        try:
-            check_sampling(self.temperature, self.top_p, self.top_k, self.repetition_penalty)
-        except Exception as e:  # InputError: one sentence naming the setting
-            raise bad_request(str(e)) from None
+        bad = sampling_error(self.temperature, self.top_p, self.top_k, self.repetition_penalty)
+        if bad is not None:
+            raise bad_request(bad[1], bad[0])
         if self.max_tokens is not None and self.max_tokens < 1:
             raise bad_request(f"max_tokens must be at least 1 (got {self.max_tokens}).", "max_tokens")
 
@@ -219,6 +218,9 @@ class ChatCompletionRequest(_OpenAIBody):
         if self.prediction is not None:
             raise not_supported("prediction", "predicted outputs")
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        if self.max_completion_tokens is not None and self.max_completion_tokens < 1:  # (named as it was sent)
+            raise bad_request(f"max_completion_tokens must be at least 1 (got {self.max_completion_tokens}).",
+                              "max_completion_tokens")
         return super().sampling(limit)
 
     def conversation(self) -> tuple[list[dict], list[str]]:
@@ -323,6 +325,9 @@ class SGLangSamplingParams(_Body):
         seed = self.sampling_seed if self.sampling_seed is not None else self.seed
         if self.max_new_tokens is not None and self.max_new_tokens < 1:  # (named as this route names it)
             raise bad_request(f"{p}max_new_tokens must be at least 1 (got {self.max_new_tokens}).", p + "max_new_tokens")
+        bad = sampling_error(self.temperature, self.top_p, _top_k(self.top_k), self.repetition_penalty)
+        if bad is not None:  # (named as this route names it)
+            raise bad_request(p + bad[1], p + bad[0])
         return Sampling(max_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                         top_k=_top_k(self.top_k), repetition_penalty=self.repetition_penalty, seed=seed,
                         stop=_stop(self.stop, p + "stop"), ignore_eos=self.ignore_eos)
@@ -376,6 +381,12 @@ class GenerateRequest(_Body):
             raise bad_request(f"image_data needs text with one {IMAGE_TOKEN} placeholder per image, not input_ids.",
                               "image_data")
         return prompt, images
+
+    @property
+    def batched(self) -> bool:
+        """Whether the prompt came as a batch (of one): SGLang answers a batch with a list."""
+        prompt = self.text if self.text is not None else self.input_ids
+        return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
 
     @property
     def request_id(self) -> str | None:

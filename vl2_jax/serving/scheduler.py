@@ -36,7 +36,8 @@ class QueueFull(Exception):
 class Event:
     """A piece of one answer: newly showable `text` and the new `token_ids`; `finish_reason` is None
     until the last event ("stop", "length", "abort" or "error", then `error` says why). Counts so far:
-    the prompt's tokens, the answer's tokens, and prompt tokens served from the prefix cache."""
+    the prompt's tokens, the answer's tokens, and prompt tokens served from the prefix cache; in the last
+    event of an answer a stop string ended, `matched` is that string."""
 
     text: str
     token_ids: list[int]
@@ -45,6 +46,7 @@ class Event:
     completion_tokens: int
     cached_tokens: int = 0
     error: str | None = None
+    matched: str | None = None
 
 
 class Handle:
@@ -240,4 +242,4 @@ class Scheduler:
             self._last_update.pop(id(job), None)
         if handle is not None:
             handle._push(Event(text, ids, job.finish_reason, job.prompt_tokens, len(job.token_ids), job.cached_tokens,
-                               job.error))
+                               job.error, job.text.matched if job.finished and job.text else None))
