@@ -196,6 +196,41 @@ def test_streamed_multibyte_text_is_the_whole_answer(ending):
         assert all("\ufffd" not in p for p in pieces[:-1]), (stop, steps)
 
 
+def test_piecewise_decoding_gives_the_pieces_and_text_of_whole_decoding_in_linear_time():
+    """A byte-level tokenizer (the fixture's): RowText with `joins` settles the text as it grows; on random
+    token streams (with multi-byte characters split over tokens, stop strings, EOS) its pieces, cut and
+    final text equal those of decoding the whole answer at each step, and a 3000-token answer decodes
+    each token a bounded number of times."""
+    from vl2_jax.generation import RowText
+    from vl2_jax.processor import Processor
+
+    processor = Processor.from_pretrained(ckpt_dir("mha"))
+    assert processor.tokenizer.pieces_join
+    decode, eos, vocab = processor.decode, processor.tokenizer.eos_token_id, len(processor.tokenizer)
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        tokens = rng.integers(0, vocab, int(rng.integers(1, 120))).tolist()
+        if trial % 3 == 0:
+            tokens.append(eos)
+        stop = tuple(decode(tokens[i:i + 2])[:3] for i in rng.integers(0, len(tokens), 2)) if trial % 2 else ()
+        rows = [RowText(decode, stop, eos, joins) for joins in (False, True)]
+        at = 0
+        while at < len(tokens) and not rows[0].cut:
+            step = int(rng.integers(1, 17))
+            new, at = tokens[at:at + step], at + step
+            pieces = [row.add(new, at >= len(tokens)) for row in rows]
+            assert pieces[0] == pieces[1], (trial, at)
+        assert rows[0].text() == rows[1].text() and rows[0].cut == rows[1].cut and rows[0].matched == rows[1].matched
+
+    decoded = []
+    counting = lambda ids: decoded.append(len(ids)) or decode(ids)
+    row = RowText(counting, ("never-said",), eos, joins=True)
+    tokens = rng.integers(0, vocab, 3000).tolist()
+    for i in range(0, 3000, 4):
+        row.add(tokens[i:i + 4], False)
+    assert sum(decoded) < 30 * 3000, sum(decoded)  # (decoding the whole answer at each step: ~1.1M)
+
+
 def test_the_stop_string_that_cut_is_the_earliest_found():
     from vl2_jax.generation import RowText
 

@@ -54,35 +54,56 @@ class RowText:
     While the answer goes on, a trailing partial UTF-8 character and the last `len(stop) - 1`
     characters (which a stop string may still complete) are held back; when it ends, everything is
     released. The shown pieces always add up to the final text.
+
+    `joins`: `decode(a + b) == decode(a) + decode(b)` wherever `decode(a)` ends on a whole character
+    (`Tokenizer.pieces_join`: a byte-level decoder). Then the text of all but the last few tokens is
+    settled as it grows and only the tokens after it are decoded again at each step (a long answer
+    costs linear time, not quadratic); otherwise the whole answer is decoded at each step.
     """
 
-    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str], eos: int):
-        self.decode, self.stop, self.eos = decode, tuple(s for s in stop if s), eos
+    LAG = 8  # tokens decoded again at each step, at least, past the settled text
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str], eos: int, joins: bool = False):
+        self.decode, self.stop, self.eos, self.joins = decode, tuple(s for s in stop if s), eos, joins
         self.tokens: list[int] = []
         self.shown = 0  # characters handed out so far
         self.cut: tuple[int, int] | None = None  # (tokens kept, characters kept) at a stop string
         self.matched: str | None = None  # the stop string that cut it
+        self._settled, self._settled_text = 0, ""  # the first tokens and their text (`joins`)
 
     @property
     def ended_by_eos(self) -> bool:
         return bool(self.tokens) and self.tokens[-1] == self.eos
 
+    def _text_of(self, n: int) -> str:
+        """The text of the first `n` tokens."""
+        if n >= self._settled:
+            return self._settled_text + self.decode(self.tokens[self._settled:n])
+        return self.decode(self.tokens[:n])
+
+    def _answer_tokens(self) -> int:
+        """Tokens whose text is the answer's (all but a final EOS)."""
+        return len(self.tokens) - 1 if self.ended_by_eos else len(self.tokens)
+
     def text(self) -> str:
-        toks = self.tokens[: self.cut[0]] if self.cut else self.tokens
-        text = self.decode(toks[:-1] if toks and toks[-1] == self.eos and not self.cut else toks)
-        return text[: self.cut[1]] if self.cut else text
+        if self.cut:
+            return self._text_of(self.cut[0])[: self.cut[1]]
+        return self._text_of(self._answer_tokens())
 
     def add(self, new: list[int], finished: bool) -> str:
         """Appends tokens; returns the newly showable text. Sets `cut` when a stop string appears."""
         if self.cut is None:
             self.tokens.extend(new)
-            text = self.decode(self.tokens[:-1] if self.ended_by_eos else self.tokens)
+            text = self._text_of(self._answer_tokens())
             found = [(i, s) for s in self.stop if (i := text.find(s, max(0, self.shown - len(s)))) >= 0]
             if found:
                 at, self.matched = min(found, key=lambda hit: hit[0])  # (the earliest; the first listed on a tie)
-                keep = next(n for n in range(1, len(self.tokens) + 1) if len(self.decode(self.tokens[:n])) > at)
+                first = self._settled + 1 if at >= len(self._settled_text) else 1  # (a shorter prefix holds no more)
+                keep = next(n for n in range(first, len(self.tokens) + 1) if len(self._text_of(n)) > at)
                 self.cut = (keep, at)
                 finished = True
+            else:
+                self._settle()
         text = self.text()
         if not finished:
             text = text.rstrip("\ufffd")
@@ -91,6 +112,16 @@ class RowText:
         piece = text[self.shown:]
         self.shown = max(self.shown, len(text))
         return piece
+
+    def _settle(self) -> None:
+        """With `joins`, settles the text of all but the last LAG tokens (in steps of LAG or more, and
+        only where it ends on a whole character)."""
+        upto = self._answer_tokens() - self.LAG
+        if not self.joins or upto - self._settled < self.LAG:
+            return
+        piece = self.decode(self.tokens[self._settled:upto])
+        if not piece.endswith("\ufffd"):  # (else it may end inside a character: later)
+            self._settled, self._settled_text = upto, self._settled_text + piece
 
 
 @dataclasses.dataclass(eq=False)
@@ -165,8 +196,9 @@ class Batcher:
 
     def __init__(self, engine: Engine, params, state: Slots, decode: Callable[[list[int]], str],
                  prefill_budget: int | None = None, prefixes: SlotPrefixes | None = None,
-                 features: TileFeatures | None = None):
+                 features: TileFeatures | None = None, decode_joins: bool = False):
         self.engine, self.params, self.state, self.decode = engine, params, state, decode
+        self.decode_joins = decode_joins  # (`RowText`'s `joins`: `Tokenizer.pieces_join`)
         self.prefill_budget = prefill_budget
         if prefixes is None and engine.runtime.prefix_cache:
             prefixes = SlotPrefixes(engine.max_batch, engine.chunks[0])
@@ -190,7 +222,7 @@ class Batcher:
         return len(self.prefilling) + len(self.live)
 
     def submit(self, job: Job) -> Job:
-        job.text = RowText(self.decode, job.stop, job.eos)
+        job.text = RowText(self.decode, job.stop, job.eos, self.decode_joins)
         job.submitted = job.submitted or time.perf_counter()
         self.pending.append(job)
         return job
@@ -378,11 +410,12 @@ class Batcher:
 
 def run(engine: Engine, params, state: Slots, requests: Sequence[Request], decode: Callable[[list[int]], str],
         max_new_tokens: int, sampling: RowSampling, stop: Sequence[str] = (), eos: int = -1,
-        on_text: Callable[[int, str], None] | None = None) -> tuple[GenerationResult, Slots]:
+        on_text: Callable[[int, str], None] | None = None, decode_joins: bool = False) -> tuple[GenerationResult, Slots]:
     """Generates an answer for every request; returns the result and the engine state (donated in).
 
     `eos`: the EOS token id (-1: generate max_new_tokens). `on_text(row, text)` receives each row's
-    text as it becomes showable. Rows beyond the slots wait for one to free up.
+    text as it becomes showable. Rows beyond the slots wait for one to free up. `decode_joins`:
+    `Tokenizer.pieces_join` of `decode`'s tokenizer.
     """
     rows: dict[int, int] = {}
 
@@ -394,7 +427,7 @@ def run(engine: Engine, params, state: Slots, requests: Sequence[Request], decod
     jobs = [Job(request, max_new_tokens, sampling, tuple(stop), eos, update, submitted=t0) for request in requests]
     rows.update((id(job), row) for row, job in enumerate(jobs))
     with CompileWatch() as compiling:
-        state = run_jobs(engine, params, state, jobs, decode, on_done=lambda job: None)
+        state = run_jobs(engine, params, state, jobs, decode, on_done=lambda job: None, decode_joins=decode_joins)
     errors = [job.error for job in jobs if job.finish_reason == "error"]
     if errors:
         raise InputError(errors[0])
@@ -410,11 +443,11 @@ def run(engine: Engine, params, state: Slots, requests: Sequence[Request], decod
 
 
 def run_jobs(engine: Engine, params, state: Slots, jobs: Iterable[Job], decode: Callable[[list[int]], str],
-             on_done: Callable[[Job], None]) -> Slots:
+             on_done: Callable[[Job], None], decode_joins: bool = False) -> Slots:
     """Runs `jobs` (each with its own settings) through a Batcher, drawing the next from the iterable only
     when a slot is about to free up, and calls `on_done(job)` as each finishes (in finishing order).
     Returns the engine state (donated in)."""
-    batcher = Batcher(engine, params, state, decode)
+    batcher = Batcher(engine, params, state, decode, decode_joins=decode_joins)
     source, running, exhausted = iter(jobs), [], False
     while True:
         while not exhausted and len(running) < engine.max_batch:

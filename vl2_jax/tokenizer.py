@@ -88,6 +88,15 @@ class Tokenizer:
         return cls(backend, named["bos_token"], named["eos_token"], named["pad_token"],
                    bool(config.get("clean_up_tokenization_spaces", False)))
 
+    @property
+    def pieces_join(self) -> bool:
+        """Whether decoding joins: `decode(a + b) == decode(a) + decode(b)` wherever `decode(a)` ends on a
+        whole character (a byte-level decoder, as DeepSeek-VL2's, without the clean-up, which rewrites
+        text across the join). A stream's text is then decoded piece by piece (`generation.RowText`)."""
+        from tokenizers import decoders
+
+        return isinstance(self._backend.decoder, decoders.ByteLevel) and not self.clean_up_tokenization_spaces
+
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 

@@ -166,8 +166,10 @@ class Scheduler:
     def _new_batcher(self, state) -> Batcher:
         """A batcher over the model's engine, with a feature cache where the prefix cache is on."""
         keep = self.model.engine.runtime.prefix_cache and self.feature_cache_bytes > 0
-        return Batcher(self.model.engine, self.model.params, state, self.model.processor.decode, self.prefill_budget,
-                       features=TileFeatures(self.feature_cache_bytes) if keep else None)
+        processor = self.model.processor
+        return Batcher(self.model.engine, self.model.params, state, processor.decode, self.prefill_budget,
+                       features=TileFeatures(self.feature_cache_bytes) if keep else None,
+                       decode_joins=processor.tokenizer.pieces_join)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Refuses new jobs, lets running ones finish for up to `timeout` seconds, cancels the rest, and
