@@ -85,6 +85,15 @@ def test_quantized_model_equals_dequantized_float_model(variant, quant, moe, att
     assert rel_err(want, float_logits(variant)) > 1e-4  # the quantization is really there
 
 
+@pytest.mark.parametrize("variant", ["mha", "mla"])
+def test_bfloat16_quantized_model_runs_on_the_cpu_near_its_float32_logits(variant):
+    """XLA's CPU runtime has no batched bfloat16 x bfloat16 -> float32 product (MLA's absorbed keys):
+    in bfloat16 the CPU computes those products in float32."""
+    q = vl2_jax.load_model(str(ckpt_dir(variant)), "bfloat16", quant="int8", runtime=Runtime(kernels=False))
+    logits = np.asarray(q.logits(batch(variant))).astype(np.float32)
+    assert rel_err(logits, dequantized_logits(variant, "int8")) < 0.05
+
+
 def moe_problem(e, d, f, x, n, seed=5):
     k = jax.random.split(jax.random.key(seed), 4)
     xs = jax.random.normal(k[0], (n, d))

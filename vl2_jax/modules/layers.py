@@ -80,18 +80,21 @@ def qeinsum(spec: str, x: jax.Array, w, preferred_element_type=None) -> jax.Arra
     dequantized to x's dtype first. The result has the dtype `einsum` would give with a float weight."""
     if not is_quantized(w):
         return einsum(spec, x, w, preferred_element_type=preferred_element_type)
-    w = as_qarray(w)
+    w, dtype = as_qarray(w), x.dtype
     letters = _scale_after(spec, w)
     if letters is None:
         w_float = (w.qvalue.astype(jnp.float32) * w.scale).astype(x.dtype)
         return einsum(spec, x, w_float, preferred_element_type=preferred_element_type)
     named, kept = letters
-    y = einsum(spec, x, w.qvalue.astype(x.dtype), preferred_element_type=jnp.float32)
+    values = w.qvalue.astype(x.dtype)
+    if x.dtype != jnp.float32 and jax.default_backend() == "cpu":  # (XLA's CPU runtime has no batched
+        x, values = x.astype(jnp.float32), values.astype(jnp.float32)  # 16-bit x 16-bit -> float32 product)
+    y = einsum(spec, x, values, preferred_element_type=jnp.float32)
     rhs = spec.replace(" ", "").split("->")[0].split(",")[1]
     scale = jnp.squeeze(w.scale, tuple(i for i, letter in enumerate(rhs) if letter not in kept))
     scale = jnp.transpose(scale, [[letter for letter in rhs if letter in kept].index(c) for c in kept])
     scale = scale.reshape([scale.shape[kept.index(c)] if c in kept else 1 for c in named])
-    return (y * scale).astype(preferred_element_type or x.dtype)
+    return (y * scale).astype(preferred_element_type or dtype)
 
 
 def project(spec: str, x: jax.Array, w, use_kernel: bool = True) -> jax.Array:
