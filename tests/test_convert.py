@@ -287,6 +287,13 @@ def test_existing_destination_needs_force(tmp_path, capsys, root):
     assert (dst / "notes.txt").read_text() == "mine"
     shutil.rmtree(dst)
     shutil.copytree(converted("mla", root), dst)
+    (dst / "train_state").mkdir()  # a fine-tuning run's folder: weights and the state beside them
+    (dst / "notes.txt").write_text("mine")
+    assert convert_error(capsys, ckpt_dir("mha"), dst, "--force") == (
+        f"error: {dst} already exists and holds files that no conversion writes (notes.txt, train_state), so it "
+        "will not be replaced, even with --force; choose another destination.")
+    assert (dst / "notes.txt").read_text() == "mine" and (dst / "train_state").is_dir()
+    shutil.rmtree(dst / "train_state"), (dst / "notes.txt").unlink()
     assert "already exists" in convert_error(capsys, ckpt_dir("mha"), dst)
     assert convert_main([str(ckpt_dir("mha")), str(dst), "--force"]) == 0
     assert json.loads((dst / "config.json").read_text()) == json.loads((ckpt_dir("mha") / "config.json").read_text())

@@ -498,11 +498,10 @@ def _check_destination(src: Path, dst: Path, force: bool) -> None:
         raise CheckpointError(f"the destination {dst} would contain or replace the source {src}; choose another folder.")
     if dst.exists() or dst.is_symlink():
         # --force replaces only what a conversion made (or an empty folder), never an arbitrary folder.
-        if not _replaceable(dst):
-            raise CheckpointError(
-                f"{dst} already exists and is not a vl2_jax checkpoint, so it will not be replaced, even with "
-                "--force; choose another destination."
-            )
+        why = _not_replaceable(dst)
+        if why is not None:
+            raise CheckpointError(f"{dst} already exists and {why}, so it will not be replaced, even with --force; "
+                                  "choose another destination.")
         if not force:
             raise CheckpointError(f"{dst} already exists; pass --force to replace it.")
     parent = dst.absolute().parent
@@ -519,12 +518,22 @@ def _check_destination(src: Path, dst: Path, force: bool) -> None:
     probe.rmdir()
 
 
-def _replaceable(dst: Path) -> bool:
-    """True iff `dst` is a folder that a conversion made (finished or not) or an empty folder."""
+def _not_replaceable(dst: Path) -> str | None:
+    """Why `dst` may not be replaced (None: an empty folder, or one that a conversion made, finished or
+    not, holding nothing else: not a fine-tuning run's folder with its train state beside the weights)."""
     try:
-        return dst.is_dir() and (is_converted(dst) or (dst / MANIFEST).exists() or not any(dst.iterdir()))
+        if not dst.is_dir():
+            return "is not a vl2_jax checkpoint"
+        entries = {entry.name for entry in dst.iterdir()}
+        if entries and not ((dst / MANIFEST).exists() or is_converted(dst)):
+            return "is not a vl2_jax checkpoint"
+        other = sorted(entries - {MANIFEST, MANIFEST + ".tmp", "params", *COPIED_FILES})
     except OSError:  # unreadable: not something we can tell is ours
-        return False
+        return "cannot be read"
+    if other:
+        shown = ", ".join(other[:4]) + (f" and {len(other) - 4} more" if len(other) > 4 else "")
+        return f"holds files that no conversion writes ({shown})"
+    return None
 
 
 def _not_writable_because(error: OSError, parent: Path) -> str:
