@@ -271,8 +271,12 @@ def test_convert_quant_round_trips(tmp_path, capsys):
     plain, _ = orbax_io.restore(dst, loaded.cfg, "float32", reader="orbax")
     for got, want in zip(jax.tree.leaves(plain), jax.tree.leaves(loaded.params)):
         assert got.dtype == want.dtype and np.array_equal(np.asarray(got), np.asarray(want))
-    with pytest.raises(ConfigError, match="holds int8 weights"):
+    with pytest.raises(ConfigError, match="holds int8 weights.*leave --quant out.*again with --quant fp8"):
         vl2_jax.load_model(str(dst), "float32", quant="fp8")
+    with pytest.raises(ConfigError, match="holds int8 weights.*again without --quant"):
+        vl2_jax.load_model(str(dst), "float32", quant="none")
+    assert convert_main([str(dst), str(tmp_path / "again")]) == 1
+    assert "is already a `python -m convert` output" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="unknown quantization"):
         vl2_jax.load_model("random:test", quant="int4")
 

@@ -248,7 +248,7 @@ def table(rows: list[dict]) -> str:
 def parser() -> argparse.ArgumentParser:
     p = command_parser("python -m vl2_jax.bench", __doc__)
     p.add_argument("--model", default="random:tiny", help="random:tiny|small|base|test or a checkpoint folder")
-    p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU/TPU, float32 on CPU")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: bfloat16 on GPU/TPU, float32 on CPU")
     p.add_argument("--quant", default=None, choices=list(QUANTS),
                    help="language-model weights as int8 or fp8 (e4m3) with float32 scales (default: as the checkpoint holds them)")
     p.add_argument("--moe", default="auto", choices=list(MOE_IMPLS), help="expert dispatch")

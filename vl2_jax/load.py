@@ -196,8 +196,11 @@ def load_folder(path: str | Path, dtype=None, runtime: Runtime = Runtime(), mesh
         saved_quant = orbax_io.saved_quant(path) if converted else "none"
         quant = saved_quant if quant is None else check_quant(quant)
         if saved_quant != "none" and quant != saved_quant:
-            raise ConfigError(f"{path} holds {saved_quant} weights; load it with quant={saved_quant!r} (--quant "
-                              f"{saved_quant}) or None, or convert the float checkpoint again for {quant}.")
+            instead = ("without --quant (quant='none') for float weights" if quant == "none" else
+                       f"with --quant {quant} (quant={quant!r})")
+            raise ConfigError(f"{path} holds {saved_quant} weights, which load only as they are: leave --quant out "
+                              f"(quant=None) or pass --quant {saved_quant}, or convert the Hugging Face checkpoint "
+                              f"again {instead}.")
         dtype_ = want or (orbax_io.saved_dtype(path) if converted else source_dtype(folder))
         shapes = param_shapes(cfg, dtype_)
         # the shardings of what is read: a quantized checkpoint's leaves as saved, else the float leaves
