@@ -598,7 +598,7 @@ def convert_checkpoint(
         progress(f"dropped {len(dropped)} unused tensors ({prefixes}, {dropped_params:,} parameters)")
     for name in ("processor_config.json", "tokenizer.json"):
         if not (src / name).is_file():
-            progress(f"note: {src} has no {name}; add it to {dst} before calling load_pretrained")
+            progress(f"note: {src} has no {name}; copy it into {dst} before loading it (python -m generate, load_model)")
 
     _remove_stale(dst, progress)
     tmp = dst.with_name(f"{dst.name}.partial-{os.getpid()}")
