@@ -21,7 +21,7 @@ from vl2_jax.config import Runtime
 from vl2_jax.errors import ConfigError, InputError
 from vl2_jax.finetune import main
 from vl2_jax.model import VL2Model
-from vl2_jax.training import batches, data, export, loop, lora, loss
+from vl2_jax.training import batches, data, export, loop, lora, loss, run
 from vl2_jax.training.loss import cross_entropy, forward, training_module
 
 PICTURE = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 70, 3), np.uint8))
@@ -170,6 +170,7 @@ def test_cli_writes_a_model_that_loads_and_matches_the_unmerged_adapters(tmp_pat
         np.testing.assert_array_equal(a, b)
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["losses"]) == 10 and list(metrics["evals"]) == ["10"]
+    assert json.loads((out / "vl2_jax_checkpoint.json").read_text())["source"] is None  # (random weights: none)
 
 
 def test_bad_lines_are_refused_with_their_line_and_short_or_unanswered_ones_skipped(tmp_path, capsys):
@@ -397,3 +398,119 @@ def test_a_second_run_into_the_same_out_needs_resume_or_force(tmp_path, capsys):
     assert "trained 2 steps" in capsys.readouterr().out
     assert steps() == ["2"]
     assert len(json.loads((out / "metrics.json").read_text())["losses"]) == 2
+
+
+def test_a_quantized_checkpoint_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    """A `convert --quant int8` output cannot learn (int8 weights have no gradient): one error saying to
+    convert again without --quant, before the data or the weights are read; a checkpoint whose format is
+    known only once loaded (a hub id's) is refused right after loading, before training."""
+    from conftest import ckpt_dir
+
+    from vl2_jax import orbax_io
+
+    q8 = tmp_path / "q8"
+    orbax_io.convert_checkpoint(ckpt_dir("mha"), q8, "float32", quant="int8")
+    path = write_dataset(tmp_path, RECORDS[1:])
+    args = ["--model", str(q8), "--data", path, "--out", str(tmp_path / "out"), "--max-seq-len", "128", "--steps", "2"]
+    for kind in ([], ["--full"]):
+        assert main([*args, *kind]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: --model") and "holds int8 weights" in err[0], err
+        assert "fine-tuning needs float" in err[0] and "again without --quant" in err[0]
+        assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(run, "_saved_quant", lambda spec: "none")
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "holds int8 weights" in err[-1] and any("model ready" in line for line in err)
+    assert not any(line.startswith("training:") for line in err)
+
+
+def test_resume_refuses_another_model_dtype_or_moe_and_keeps_the_metrics_history(tmp_path, capsys):
+    """settings.json records the model, dtype and MoE dispatch: a resume with others is refused in one
+    line before anything loads; a resumed run's metrics.json keeps the earlier run's steps and evals."""
+    path = write_dataset(tmp_path, jsonl_records(tmp_path))
+    out = tmp_path / "out"
+    args = ["--model", "random:test", "--data", path, "--eval", path, "--out", str(out), "--steps", "4",
+            "--save-every", "2", "--eval-every", "2", "--lora-rank", "4", "--max-seq-len", "128"]
+    assert main(args) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    whole = json.loads((out / "metrics.json").read_text())
+    assert whole["first_step"] == 1 and len(whole["losses"]) == 4 and list(whole["evals"]) == ["2", "4"]
+    recorded = json.loads((out / "train_state" / "settings.json").read_text())
+    assert (recorded["model"], recorded["dtype"], recorded["moe"]) == ("random:test", "float32", "blocked")
+    shutil.rmtree(out / "train_state" / "4")  # as if the run had stopped after the save at step 2
+    for other, want in ((["--model", "random:tiny"], "model 'random:test' -> 'random:tiny'"),
+                        (["--dtype", "bfloat16"], "dtype 'float32' -> 'bfloat16'"),
+                        (["--moe", "dense"], "moe 'blocked' -> 'dense'")):
+        assert main([*args, "--resume", *other]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "used other settings" in err[0] and want in err[0], err
+    assert main([*args, "--resume"]) == 0, capsys.readouterr().err
+    assert "trained 2 steps" in capsys.readouterr().out
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["first_step"] == 1 and len(resumed["losses"]) == len(resumed["aux_losses"]) == 4
+    assert resumed["losses"][:2] == whole["losses"][:2] and resumed["evals"]["2"] == whole["evals"]["2"]
+    assert list(resumed["evals"]) == ["2", "4"]
+    fresh = {"first_step": 3, "losses": [1.0], "aux_losses": [0.0], "evals": {"3": 2.0}}
+    assert run.merged_metrics(None, 3, [1.0], [0.0], {3: 2.0}) == fresh
+    earlier = {"first_step": 1, "losses": [5.0], "aux_losses": [0.1], "evals": {"1": 4.0, "3": 9.0}}
+    assert run.merged_metrics(earlier, 3, [1.0], [0.0], {3: 2.0}) == {  # step 2 was never recorded
+        "first_step": 1, "losses": [5.0, None, 1.0], "aux_losses": [0.1, None, 0.0], "evals": {"1": 4.0, "3": 2.0}}
+
+
+def test_export_hf_into_a_folder_with_weights_needs_force(tmp_path, capsys):
+    """--export-hf DIR that holds weights (shards and their index) is refused before anything loads;
+    with --force those files alone are replaced. One step, one conversation: said in the singular."""
+    path = write_dataset(tmp_path, [RECORDS[1]])
+    hf, out = tmp_path / "hf", tmp_path / "out"
+    hf.mkdir()
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", export.HF_INDEX, "notes.txt"):
+        (hf / name).write_text("old")
+    args = ["--model", "random:test", "--data", path, "--out", str(out), "--steps", "1", "--lora-rank", "4",
+            "--max-seq-len", "128", "--export-hf", str(hf)]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds weights (model-00001-of-00002.safetensors" in err[0] and "--force" in err[0]
+    assert not out.exists()
+    assert main([*args, "--force"]) == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "trained 1 step:" in captured.out
+    assert "train.jsonl: 1 conversation\n" in captured.err and "1 step of 1 conversation\n" in captured.err
+    assert sorted(p.name for p in export.weight_files(hf)) == ["model.safetensors"]
+    assert (hf / "notes.txt").read_text() == "old"
+    back, tuned = vl2_jax.load_model(str(hf), "float32"), vl2_jax.load_model(str(out), "float32")
+    for a, b in zip(jax.tree.leaves(back.params), jax.tree.leaves(tuned.params)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(InputError, match="already holds weights"):
+        export.write_hf(tuned.cfg, tuned.params, hf, None)
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
+    """`python -m vl2_jax.finetune` stopped by SIGTERM mid-training (as a job scheduler stops it): one
+    "interrupted" line, exit status 130, no stack dump."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    path = write_dataset(tmp_path, jsonl_records(tmp_path))
+    env = {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "vl2_jax.finetune", "--model", "random:test", "--data", path,
+                             "--out", str(tmp_path / "out"), "--steps", "100000", "--warmup", "1"],
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=root)
+    try:
+        lines = []
+        for line in proc.stderr:  # (a log line per 5% of the steps: the first says training is under way)
+            lines.append(line)
+            if line.startswith("training:"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        assert proc.wait(60) == 130, "".join(lines) + rest
+        assert rest.strip().splitlines()[-1] == "interrupted" and "Traceback" not in rest and "SIGTERM" not in rest, rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -10,13 +10,17 @@ The data is JSON lines, one conversation a line (ms-swift's format, the official
                   {"role": "assistant", "content": "A cat."}], "images": ["cat.jpg"]}
 A malformed line, or a missing image, is an error naming the file and line; a conversation that does
 not end with an assistant answer, or is longer than --max-seq-len, is skipped and counted.
-This module only parses arguments; the work is `vl2_jax.training.run.finetune`.
+SIGTERM, like Ctrl-C, ends the run with "interrupted" (exit status 130); `--resume` continues from the
+last train state saved (--save-every). This module only parses arguments; the work is
+`vl2_jax.training.run.finetune`.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from vl2_jax.errors import command_parser, guarded, number
 
@@ -54,11 +58,17 @@ def parser() -> argparse.ArgumentParser:
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue from the latest train state in --out")
     again.add_argument("--force", action="store_true",
-                       help="start over in an --out that holds an earlier run (its train state is removed)")
+                       help="start over in an --out that holds an earlier run (its train state is removed), and "
+                            "replace the weights an --export-hf folder holds")
     p.add_argument("--save-every", type=number(int, 0), default=0, help="save the train state every K steps (0: at the end)")
     p.add_argument("--eval-every", type=number(int, 0), default=0, help="eval loss every K steps (0: at the end)")
-    p.add_argument("--export-hf", default=None, metavar="DIR", help="also write the Hugging Face safetensors layout here")
+    p.add_argument("--export-hf", default=None, metavar="DIR",
+                   help="also write the Hugging Face safetensors layout here (a folder without weights yet)")
     return p
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +77,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         from vl2_jax.training.loop import Settings
-        from vl2_jax.training.run import Job, finetune
+        from vl2_jax.training.run import Job, counted, finetune
+
+        # A job scheduler's stop ends the run as Ctrl-C does (set after JAX is imported: its libraries
+        # install a handler of their own that prints a stack dump). Handlers live on the main thread.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _interrupt)
 
         rank = 0 if args.full else args.lora_rank
         settings = Settings(
@@ -81,8 +96,11 @@ def main(argv: list[str] | None = None) -> int:
                   mesh=args.mesh, resume=args.resume, force=args.force, remat=not args.no_remat, moe=args.moe)
         result = finetune(job, log)
         last = f", eval loss {result.evals[max(result.evals)]:.4f}" if result.evals else ""
-        print(f"trained {len(result.losses)} steps: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}{last}; "
-              f"model in {args.out}" if result.losses else f"nothing to train: {args.out} is at step {args.steps}")
+        if not result.losses:
+            print(f"nothing to train: {args.out} is at step {args.steps}")
+        else:
+            print(f"trained {counted(len(result.losses), 'step')}: loss {result.losses[0]:.4f} -> "
+                  f"{result.losses[-1]:.4f}{last}; model in {args.out}")
         return 0
 
     return guarded(body, log)

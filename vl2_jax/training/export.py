@@ -22,12 +22,28 @@ import numpy as np
 
 from vl2_jax.checkpoint import SafetensorsFolder, to_hf
 from vl2_jax.config import VL2Config
-from vl2_jax.errors import CheckpointError
+from vl2_jax.errors import CheckpointError, InputError
 from vl2_jax.load import write_assets
 from vl2_jax.orbax_io import COPIED_FILES, MANIFEST, convert_checkpoint
 from vl2_jax.testing import hf_tensor_shapes
 
 ATTN_POOL = "vision.attn_pool."
+HF_INDEX = "model.safetensors.index.json"
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """The Hugging Face weight files in `folder` (its *.safetensors and the shard index), sorted; none
+    where it does not exist."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix == ".safetensors" or p.name == HF_INDEX))
+
+
+def named(files: list[Path]) -> str:
+    """Files' names for a message: the first three, then how many more."""
+    more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+    return ", ".join(p.name for p in files[:3]) + more
 
 
 def _attn_pool(cfg: VL2Config, source: Path | None) -> dict[str, np.ndarray]:
@@ -42,11 +58,14 @@ def _attn_pool(cfg: VL2Config, source: Path | None) -> dict[str, np.ndarray]:
 
 def write_hf(cfg: VL2Config, params: dict, dst: str | Path, source: Path | None, dtype=None) -> Path:
     """`params` ({"params": tree}) as a Hugging Face DeepSeek-VL2 folder `dst` (created; must not hold
-    weights yet): model.safetensors in `dtype` (default: the parameters'), config and tokenizer files
-    from `source` (a folder; None: a random model's, `write_assets`)."""
+    weights yet, `weight_files`: else InputError): model.safetensors in `dtype` (default: the
+    parameters'), config and tokenizer files from `source` (a folder; None: a random model's,
+    `write_assets`)."""
     from safetensors.numpy import save_file
 
     dst = Path(dst)
+    if held := weight_files(dst):
+        raise InputError(f"{dst} already holds weights ({named(held)}); remove them or choose another folder.")
     dst.mkdir(parents=True, exist_ok=True)
     if source is None:
         write_assets(dst, cfg)
@@ -71,6 +90,9 @@ def save_model(cfg: VL2Config, params: dict, out: str | Path, source: Path | Non
         hf = write_hf(cfg, params, Path(tmp) / "hf", source, dtype)
         converted = Path(tmp) / "converted"
         convert_checkpoint(hf, converted, dtype)
+        manifest = json.loads((converted / MANIFEST).read_text())
+        manifest["source"] = None if source is None else str(Path(source).resolve())  # (not the temporary folder)
+        (converted / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         (out / MANIFEST).unlink(missing_ok=True)
         for entry in converted.iterdir():
             if entry.name == MANIFEST:

@@ -209,30 +209,39 @@ def _manager(directory: Path):
     return ocp.CheckpointManager(directory.absolute(), options=options)
 
 
-def save_state(directory: Path, state: TrainState, s: Settings) -> None:
+def save_state(directory: Path, state: TrainState, s: Settings, model_settings: dict | None = None) -> None:
     """The whole train state (step, adapters or weights, frozen weights, optimizer moments) as the Orbax
-    checkpoint `directory/<step>`, and the settings beside it (`settings.json`)."""
+    checkpoint `directory/<step>`, and the settings beside it (`settings.json`: `s.resumable()` and
+    `model_settings`)."""
     import orbax.checkpoint as ocp
 
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "settings.json").write_text(json.dumps(s.resumable(), indent=1) + "\n")
+    recorded = {**s.resumable(), **(model_settings or {})}
+    (directory / "settings.json").write_text(json.dumps(recorded, indent=1) + "\n")
     with _manager(directory) as mgr:
         mgr.save(int(state.step), args=ocp.args.StandardSave(state), force=True)
 
 
-def restore_state(directory: Path, like: TrainState, s: Settings) -> TrainState:
-    """The latest state saved in `directory`, restored into `like`'s shapes, dtypes and shardings.
-    Refused (ConfigError) where there is none or its settings differ from `s`'."""
-    import orbax.checkpoint as ocp
-
+def check_resumable(directory: Path, s: Settings, model_settings: dict | None = None) -> None:
+    """Refuses (ConfigError) a resume from `directory` where it holds no train state or its run used
+    other settings than `s` and `model_settings` (a setting it did not record is taken on trust)."""
     settings = directory / "settings.json"
     if not settings.is_file():
         raise ConfigError(f"--resume: {directory} holds no train state; run without --resume first.")
     saved = json.loads(settings.read_text())
-    differ = {k: (saved.get(k), v) for k, v in s.resumable().items() if saved.get(k) != v}
+    wanted = {**s.resumable(), **(model_settings or {})}
+    differ = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k, v) != v}
     if differ:
         text = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in differ.items())
         raise ConfigError(f"--resume: the saved run in {directory} used other settings ({text}); use the same ones.")
+
+
+def restore_state(directory: Path, like: TrainState, s: Settings, model_settings: dict | None = None) -> TrainState:
+    """The latest state saved in `directory`, restored into `like`'s shapes, dtypes and shardings.
+    Refused (ConfigError) where there is none or its settings differ (`check_resumable`)."""
+    import orbax.checkpoint as ocp
+
+    check_resumable(directory, s, model_settings)
     with _manager(directory) as mgr:
         step = mgr.latest_step()
         if step is None:
@@ -255,18 +264,21 @@ class Result:
 
 def fit(module: VL2, processor: Processor, params: dict, train: list, s: Settings, *, state_dir: Path | None = None,
         eval_examples: list | None = None, resume: bool = False, log: Callable[[str], None] | None = None,
-        bar: bool | None = None) -> Result:
+        bar: bool | None = None, model_settings: dict | None = None,
+        on_save: Callable[[Result], None] | None = None) -> Result:
     """Trains for `s.steps` optimizer steps (a resumed state counts the ones it took) on the examples
     `train` (`batches.read_examples`). Saves the train state to `state_dir` every `s.save_every` steps and
-    at the end (when given); `resume` starts from its latest. `bar`: tqdm on stderr (None: where stderr
-    is a terminal). `params` is consumed (the step donates it)."""
+    at the end (when given), then calls `on_save` with the Result so far; `resume` starts from its latest.
+    `model_settings` (the model, dtype, MoE dispatch): what else a resumed run must share, recorded with
+    `s`. `bar`: tqdm on stderr (None: where stderr is a terminal). `params` is consumed (the step donates
+    it)."""
     from tqdm import tqdm
 
     log = log or (lambda line: None)
     tx = optimizer(s)
     state = init_state(params, s, tx)
     if resume:
-        state = restore_state(state_dir, state, s)
+        state = restore_state(state_dir, state, s, model_settings)
         log(f"resumed at step {int(state.step)} from {state_dir}")
     step = compiled_step(module, dataclasses.replace(s, save_every=0, eval_every=0))
     order = batches.Order(len(train), s.batch, s.grad_accum, s.seed)
@@ -297,7 +309,9 @@ def fit(module: VL2, processor: Processor, params: dict, train: list, s: Setting
                 evals[done] = evaluate(run_eval, state, eval_inputs)
                 log(f"step {done}: eval loss {evals[done]:.4f}")
             if state_dir is not None and ((s.save_every and done % s.save_every == 0) or done == s.steps):
-                save_state(state_dir, state, s)
+                save_state(state_dir, state, s, model_settings)
+                if on_save is not None:
+                    on_save(Result(state, losses, evals, aux_losses))
     finally:
         progress.close()
     return Result(state, losses, evals, aux_losses)

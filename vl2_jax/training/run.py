@@ -7,7 +7,11 @@ The output folder `out` holds, when training ends:
                       `load_model(out)` and `python -m generate --model out` read it
     adapters/         LoRA only: adapters.safetensors (`lora`'s keys) and adapter_config.json
     train_state/      the Orbax checkpoints of the whole train state (`--resume` reads the latest)
-    metrics.json      the loss and aux_loss of every step this run took (from first_step) and the eval losses
+    metrics.json      the loss and aux_loss of every step from first_step (a resumed run's appended to the
+                      earlier runs'; null for a step none recorded) and the eval losses by step, written
+                      with each save of the train state
+
+A quantized checkpoint (`python -m convert --quant`) is refused: its weights are not differentiable.
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from vl2_jax.config import Runtime
-from vl2_jax.errors import InputError
+from vl2_jax.errors import CheckpointError, InputError
 from vl2_jax.load import load_model, preset, write_assets
+from vl2_jax.orbax_io import MANIFEST, saved_quant
 from vl2_jax.processor import Processor
 from vl2_jax.specs import folder_of
 from vl2_jax.training import batches, export, lora
-from vl2_jax.training.loop import Result, Settings, fit
+from vl2_jax.training.loop import Result, Settings, check_resumable, fit
 from vl2_jax.training.loss import training_module, training_runtime
 
 
@@ -59,39 +64,65 @@ def merged_params(result: Result, s: Settings) -> dict:
     return {"params": traverse_util.unflatten_dict(weights, sep="/")}
 
 
+def counted(n: int, noun: str) -> str:
+    """`n` and `noun`, plural unless `n` is 1: "1 step", "2 steps"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> Result:
     """Runs `job`; returns `fit`'s Result. Raises InputError / ConfigError / CheckpointError on bad
-    input (see `batches` for what is refused and what skipped)."""
+    input (see `batches` for what is refused and what skipped), before training where it can."""
     s, out = job.settings, Path(job.out)
     runtime = training_runtime(job.moe)
+    model_settings = {"model": _model_id(job.model), "dtype": job.dtype, "moe": job.moe}
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a folder.")
     for name, file in (("--data", job.data), ("--eval", job.eval)):
         if file is not None and not Path(file).is_file():
             raise InputError(f"{name} {file} is not a file.")
+    _refuse_quantized(job.model, _saved_quant(job.model))
     if job.resume and not (out / "train_state").is_dir():
         raise InputError(f"--resume: {out / 'train_state'} does not exist; run without --resume first.")
+    if job.resume:
+        check_resumable(out / "train_state", s, model_settings)
     start_over = not job.resume and out.is_dir() and any(out.iterdir())
     if start_over and not job.force:
         raise InputError(f"--out {out} already holds files (an earlier run?); pass --resume to continue its "
                          f"run, --force to start over there, or another --out.")
+    hf = Path(job.export_hf) if job.export_hf else None
+    if hf is not None and hf.exists() and not hf.is_dir():
+        raise InputError(f"--export-hf {hf} exists and is not a folder.")
+    if hf is not None and (held := export.weight_files(hf)) and not job.force:
+        what = "remove them" if job.resume else "pass --force to replace them"
+        raise InputError(f"--export-hf {hf} already holds weights ({export.named(held)}); {what}, or choose "
+                         f"another --export-hf.")
     # The data is read before the weights (seconds to minutes) where the tokenizer is at hand, so a bad
     # line ends the run at once.
     processor = _processor_before_loading(job.model)
     if processor is not None:
         train, evals = _read_data(job, processor, log)
     model = load_model(job.model, job.dtype, runtime=Runtime.plain(), mesh=job.mesh, seed=s.seed, progress=log)
+    _refuse_quantized(job.model, model.quant)  # (a hub id's copy, converted only now)
     if processor is None:
         train, evals = _read_data(job, model.processor, log)
     if start_over:  # (only now that the data and the model are good) the old run's outputs go
         for name in ("train_state", "adapters"):
             shutil.rmtree(out / name, ignore_errors=True)
         (out / "metrics.json").unlink(missing_ok=True)
+    earlier = _read_metrics(out / "metrics.json", log) if job.resume else None
     what = f"LoRA rank {s.lora_rank} on {','.join(s.parts)}" if s.lora_rank else f"full fine-tuning of {','.join(s.parts)}"
-    log(f"training: {what}; {s.steps} steps of {s.batch} x {s.grad_accum} conversations")
+    each = f"{s.batch} x {s.grad_accum} conversations" if s.grad_accum > 1 else counted(s.batch, "conversation")
+    log(f"training: {what}; {counted(s.steps, 'step')} of {each}")
+
+    def write_metrics(so_far: Result) -> None:
+        first = int(so_far.state.step) - len(so_far.losses) + 1
+        metrics = merged_metrics(earlier, first, so_far.losses, so_far.aux_losses, so_far.evals)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+
     with model.mesh_context():
         result = fit(training_module(model.cfg, model.dtype, runtime, remat=job.remat), model.processor, model.params, train, s,
-                     state_dir=out / "train_state", eval_examples=evals, resume=job.resume, log=log, bar=bar)
+                     state_dir=out / "train_state", eval_examples=evals, resume=job.resume, log=log, bar=bar,
+                     model_settings=model_settings, on_save=write_metrics)
         params = merged_params(result, s)
     dtype = jnp.dtype(model.dtype).name
     source = folder_of(job.model)
@@ -100,15 +131,65 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
         adapters = {k: v for k, v in result.state.trainable.items() if lora.is_adapter(k)}
         export.save_adapters(adapters, out / "adapters",
                              {"rank": s.lora_rank, "alpha": s.lora_alpha, "parts": list(s.parts), "base_model": job.model})
-    if result.losses:  # a resumed run that had nothing left to do keeps the last run's
-        metrics = {"first_step": int(result.state.step) - len(result.losses) + 1, "losses": result.losses,
-                   "aux_losses": result.aux_losses, "evals": result.evals}
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     log(f"saved the trained model to {out}")
-    if job.export_hf:
-        export.write_hf(model.cfg, params, job.export_hf, source, dtype)
-        log(f"wrote the Hugging Face layout to {job.export_hf}")
+    if hf is not None:
+        for file in export.weight_files(hf) if job.force else ():  # (refused above without --force)
+            file.unlink()
+        export.write_hf(model.cfg, params, hf, source, dtype)
+        log(f"wrote the Hugging Face layout to {hf}")
     return result
+
+
+def merged_metrics(earlier: dict | None, first_step: int, losses: list, aux_losses: list, evals: dict) -> dict:
+    """metrics.json's content: the entries of `earlier` (an earlier run's metrics.json) for the steps before
+    `first_step`, then this run's from `first_step` on; a step neither recorded has null losses."""
+    if not earlier or earlier["first_step"] >= first_step:
+        start, old_losses, old_aux, old_evals = first_step, [], [], {}
+    else:
+        start, n = earlier["first_step"], first_step - earlier["first_step"]
+        old_losses = (earlier["losses"] + [None] * n)[:n]
+        old_aux = (earlier["aux_losses"] + [None] * n)[:n]
+        old_evals = {step: v for step, v in earlier["evals"].items() if int(step) < first_step}
+    return {"first_step": start, "losses": old_losses + list(losses), "aux_losses": old_aux + list(aux_losses),
+            "evals": {**old_evals, **{str(step): v for step, v in evals.items()}}}
+
+
+def _read_metrics(file: Path, log: Callable[[str], None]) -> dict | None:
+    """An earlier run's metrics.json (first_step, losses, aux_losses, evals), or None where there is none
+    or it cannot be read (logged: the resumed run then starts a new one)."""
+    if not file.is_file():
+        return None
+    try:
+        metrics = json.loads(file.read_text())
+        return {"first_step": int(metrics["first_step"]), "losses": list(metrics["losses"]),
+                "aux_losses": list(metrics.get("aux_losses", [])),
+                "evals": {str(int(step)): v for step, v in metrics.get("evals", {}).items()}}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log(f"{file} is unreadable ({type(e).__name__}: {e}); the resumed run's metrics start a new one")
+        return None
+
+
+def _model_id(spec: str) -> str:
+    """The model spec as a resumed run must repeat it: a folder as its absolute path, others as given."""
+    return spec if spec.startswith("random:") or not Path(spec).exists() else str(Path(spec).resolve())
+
+
+def _saved_quant(spec: str) -> str:
+    """The weight format of the converted checkpoint `spec` loads, where known before loading: "none" for
+    random weights, a Hugging Face folder or a hub id not converted yet (or a manifest `load_model` refuses)."""
+    folder = folder_of(spec)
+    if folder is None or not (folder / MANIFEST).is_file():
+        return "none"
+    try:
+        return saved_quant(folder)
+    except CheckpointError:
+        return "none"
+
+
+def _refuse_quantized(spec: str, quant: str) -> None:
+    if quant != "none":
+        raise InputError(f"--model {spec} holds {quant} weights and fine-tuning needs float ones; convert the "
+                         f"original checkpoint again without --quant (python -m convert SRC DST) and pass that.")
 
 
 def _processor_before_loading(spec: str) -> Processor | None:
@@ -131,6 +212,7 @@ def _read_data(job: Job, processor: Processor, log: Callable[[str], None]) -> tu
             read.append(None)
             continue
         examples, skipped = batches.read_examples(processor, file, job.settings.max_seq_len)
-        log(f"{file}: {len(examples)} conversations" + (f", {skipped.total} skipped ({skipped})" if skipped.total else ""))
+        extra = f", {skipped.total} skipped ({skipped})" if skipped.total else ""
+        log(f"{file}: {counted(len(examples), 'conversation')}{extra}")
         read.append(examples)
     return read[0], read[1]
