@@ -160,6 +160,30 @@ def test_a_reader_that_goes_away_ends_the_command_quietly():
     assert "error" not in err and "Traceback" not in err
 
 
+def test_sigterm_ends_the_command_as_ctrl_c_does():
+    """SIGTERM once the model is ready: "interrupted", exit status 130, no stack dump."""
+    import signal
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "generate", "--model", "random:test", "--prompt", "hi",
+                             "--max-new-tokens", "100000", "--compile-cache", ""],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith("model ready"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        assert proc.wait(60) == 130, "".join(seen) + rest
+        assert rest.strip().splitlines()[-1] == "interrupted" and "SIGTERM" not in rest, rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_chat_keeps_history_and_survives_bad_utf8():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     stdin = b"Hello there.\n\xff\xfe bad line\nAnd again?\n"

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from vl2_jax.chat import ChatSession, user_turn
 from vl2_jax.config import Runtime
-from vl2_jax.errors import InputError, explain
+from vl2_jax.errors import InputError, explain, sigterm_as_interrupt
 from vl2_jax.images import ImageLimits, describe, load_image, local_path
 from vl2_jax.sampling import check_sampling
 
@@ -34,6 +34,8 @@ def _start_distributed(args) -> bool:
 
 def run(args, log: Callable[[str], None]) -> int:
     from vl2_jax import executables, load
+
+    sigterm_as_interrupt()  # (JAX is imported by now)
 
     speaks = _start_distributed(args)
     if not speaks:

@@ -8,7 +8,9 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -166,6 +168,18 @@ def number_list(kind=int, low=1, item: str = "value"):
             raise argparse.ArgumentTypeError(f"each {item} {e} (in {text!r})") from None
 
     return parse_all
+
+
+def sigterm_as_interrupt() -> None:
+    """From now on SIGTERM (a job scheduler's or `kill`'s stop) raises KeyboardInterrupt, so a command
+    ends as on Ctrl-C (`guarded`: "interrupted"). Called once JAX is imported: its libraries install a
+    handler of their own, which prints a stack dump. Only on the main thread, where handlers live."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def guarded(body: Callable[[], int], log: Callable[[str], None]) -> int:

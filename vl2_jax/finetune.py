@@ -18,11 +18,9 @@ last train state saved (--save-every). This module only parses arguments; the wo
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 
-from vl2_jax.errors import command_parser, guarded, number
+from vl2_jax.errors import command_parser, guarded, number, sigterm_as_interrupt
 
 
 def parser() -> argparse.ArgumentParser:
@@ -67,10 +65,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
@@ -79,10 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         from vl2_jax.training.loop import Settings
         from vl2_jax.training.run import Job, counted, finetune
 
-        # A job scheduler's stop ends the run as Ctrl-C does (set after JAX is imported: its libraries
-        # install a handler of their own that prints a stack dump). Handlers live on the main thread.
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _interrupt)
+        sigterm_as_interrupt()  # (JAX is imported by now)
 
         rank = 0 if args.full else args.lora_rank
         settings = Settings(
