@@ -113,6 +113,9 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
     what = f"LoRA rank {s.lora_rank} on {','.join(s.parts)}" if s.lora_rank else f"full fine-tuning of {','.join(s.parts)}"
     each = f"{s.batch} x {s.grad_accum} conversations" if s.grad_accum > 1 else counted(s.batch, "conversation")
     log(f"training: {what}; {counted(s.steps, 'step')} of {each}")
+    if s.batch * s.grad_accum > len(train):
+        log(f"note: a step takes {s.batch * s.grad_accum} conversations and {job.data} has {len(train)}, so each "
+            "step takes some of them more than once")
 
     def write_metrics(so_far: Result) -> None:
         first = int(so_far.state.step) - len(so_far.losses) + 1
