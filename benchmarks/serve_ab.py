@@ -3,6 +3,8 @@
     git worktree add /tmp/old <commit>
     python benchmarks/serve_ab.py --a /tmp/old --b . --model random:tiny --max-batch 32 --rounds 2
     python benchmarks/serve_ab.py --a /tmp/old --b . --cpu            # random:test on the CPU
+    python benchmarks/serve_ab.py --a /tmp/old --only a > a.jsonl     # one side at a time, then
+    python benchmarks/serve_ab.py --table a.jsonl b.jsonl             # the table of both
 
 Each round starts A's server (`python -m vl2_jax.serve`, PYTHONPATH = that checkout, warmed up, with a
 compile cache of its own under --cache-dir, so later rounds load their programs), drives it at every
@@ -76,7 +78,7 @@ def one_run(checkout: Path, loadtest_checkout: Path, args, log: Path) -> list[di
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--a", required=True, help="the checkout to compare against (a folder)")
+    p.add_argument("--a", default=None, help="the checkout to compare against (a folder; needed but with --table)")
     p.add_argument("--b", default=".", help="the checkout under test (default: this one)")
     p.add_argument("--model", default=None, help="default: random:tiny, or random:test with --cpu")
     p.add_argument("--cpu", action="store_true", help="run the servers on the CPU (JAX_PLATFORMS=cpu)")
@@ -87,8 +89,23 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--cache-dir", default="/tmp/vl2-serve-ab", help="compile caches, one per checkout")
+    p.add_argument("--only", choices=["a", "b"], default=None,
+                   help="run one side alone (its JSON lines; a first-ever warmup of both may not fit one sitting)")
+    p.add_argument("--table", nargs="+", default=None, metavar="JSONL",
+                   help="no runs: the table of the JSON lines saved from earlier runs (e.g. one --only a, one --only b)")
     p.add_argument("serve_args", nargs=argparse.REMAINDER, help="-- then more arguments for python -m vl2_jax.serve")
     args = p.parse_args(argv)
+    if args.table:
+        rows = [json.loads(line) for file in args.table for line in Path(file).read_text().splitlines()
+                if line.startswith("{")]
+        seen: dict[tuple[str, int], list[dict]] = {}
+        for row in rows:
+            if "side" in row and "concurrency" in row:  # (other lines, e.g. a file's header, pass)
+                seen.setdefault((row["side"], row["concurrency"]), []).append(row)
+        print_table(seen)
+        return 0
+    if args.a is None:
+        p.error("--a is needed (the checkout to compare against), unless --table")
     args.model = args.model or ("random:test" if args.cpu else "random:tiny")
     args.serve_args = args.serve_args[1:] if args.serve_args[:1] == ["--"] else args.serve_args
     checkouts = {"a": Path(args.a).resolve(), "b": Path(args.b).resolve()}
@@ -99,20 +116,28 @@ def main(argv=None) -> int:
     seen: dict[tuple[str, int], list[dict]] = {}
     for round_ in range(args.rounds):
         for side, checkout in checkouts.items():
+            if args.only not in (None, side):
+                continue
             for row in one_run(checkout, checkouts["b"], args, logs / f"serve-{side}-{round_}.log"):
                 out = {"side": side, "checkout": str(checkout), "round": round_, "concurrency": row["concurrency"],
                        "errors": row["errors"], **{k: row[k] for k in FIELDS}}
                 print(json.dumps(out), flush=True)
                 seen.setdefault((side, row["concurrency"]), []).append(out)
+    if args.only is None:
+        print_table(seen)
+    return 0
+
+
+def print_table(seen: dict[tuple[str, int], list[dict]]) -> None:
+    """Per level, the medians over rounds of A and B and the ratio B / A (levels both sides ran)."""
     print("\n| concurrency | " + " | ".join(f"{f} A / B (B/A)" for f in FIELDS) + " |")
     print("|---|" + "---|" * len(FIELDS))
-    for level in sorted({c for _, c in seen}):
+    for level in sorted({c for side, c in seen if (("a", c) in seen and ("b", c) in seen)}):
         cells = []
         for f in FIELDS:
             a, b = (statistics.median(r[f] for r in seen[(s, level)]) for s in ("a", "b"))
             cells.append(f"{a:.4g} / {b:.4g} ({b / a:.2f})" if a else f"{a:.4g} / {b:.4g}")
         print(f"| {level} | " + " | ".join(cells) + " |")
-    return 0
 
 
 if __name__ == "__main__":

@@ -199,3 +199,8 @@ def test_serve_ab_compares_two_checkouts_on_cpu(tmp_path):
     assert [(row["side"], row["concurrency"], row["errors"]) for row in rows] == [("a", 1, 0), ("b", 1, 0)]
     assert all(row["output_tokens_per_s"] > 0 for row in rows)
     assert "| 1 | " in r.stdout
+    (tmp_path / "rows.jsonl").write_text(r.stdout)
+    table = subprocess.run([sys.executable, "benchmarks/serve_ab.py", "--table", str(tmp_path / "rows.jsonl")],
+                           capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert table.returncode == 0 and [line for line in table.stdout.splitlines() if line.startswith("| 1 | ")] == [
+        line for line in r.stdout.splitlines() if line.startswith("| 1 | ")]

@@ -483,6 +483,16 @@ def test_export_hf_into_a_folder_with_weights_needs_force(tmp_path, capsys):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(InputError, match="already holds weights"):
         export.write_hf(tuned.cfg, tuned.params, hf, None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out", "train.jsonl"]  # (no staging folder left)
+    model, out2 = tmp_path / "model", tmp_path / "out2"
+    shutil.copytree(out, model)
+    for same, what in ((out2, "the --out folder"), (model, "the --model folder")):  # the export goes elsewhere
+        again = ["--model", str(model), "--data", path, "--out", str(out2), "--steps", "1", "--export-hf", str(same),
+                 "--force"]
+        assert main(again) == 1 and what in capsys.readouterr().err
+    from vl2_jax import orbax_io
+
+    assert orbax_io.is_converted(model) and not out2.exists()
 
 
 def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):

@@ -317,12 +317,19 @@ def test_relative_paths_start_at_local_dir_or_at_the_working_directory_for_the_c
     with pytest.raises(InputError, match="outside the folder"):
         load_image("../outside/secret.png", ImageLimits(local_dir=str(allowed)))
     assert same_pixels(load_image("secret.png", ImageLimits.cli()), PNG)
+    looks_like_base64 = "QUJD" * 16  # (a file name of 64 base64 characters, inside the folder: a path)
+    (allowed / looks_like_base64).write_bytes(PNG)
+    assert same_pixels(load_image(looks_like_base64, ImageLimits(local_dir=str(allowed))), PNG)
 
 
 @pytest.mark.parametrize("ref", ["aGVsbG8=", "not base64!" * 8])
 def test_a_reference_that_is_no_url_and_no_base64_says_so_where_files_are_refused(ref):
     with pytest.raises(InputError, match="is not a data: URL, an http.s. URL or base64"):
         load_image(ref)
+    with pytest.raises(InputError, match="names a local file.*as a data: URL, base64 or an http.s. URL"):
+        load_image("file:///tmp/x.png")
+    with pytest.raises(InputError, match=r"as a data: URL, base64\.$"):
+        load_image("file:///tmp/x.png", ImageLimits(allow_fetch=False))
 
 
 def test_cli_limits_read_any_local_file(folders, tmp_path):

@@ -81,3 +81,24 @@ def test_cancel_frees_the_slot_and_the_queue_is_bounded():
         assert sched.stats()["running"] == 0
     finally:
         sched.stop()
+
+
+def test_stop_cancels_what_its_drain_leaves_and_hurry_cuts_the_drain_short():
+    """stop(timeout) lets jobs run for the timeout, then ends every job still running or waiting with
+    "abort" (each handle gets its last event) and hands the state back; `hurry` (a second Ctrl-C) ends
+    the drain at once."""
+    for hurried in (False, True):
+        sched = Scheduler(model()).start()
+        handles = [sched.submit(job("history", max_new=200)[0]) for _ in range(24)]  # 4 slots: 6 rounds
+        stopping = threading.Thread(target=sched.stop, args=(60.0 if hurried else 0.0,))
+        start = time.monotonic()
+        stopping.start()
+        if hurried:
+            time.sleep(0.2)
+            sched.hurry()
+        stopping.join(60)
+        assert not stopping.is_alive() and time.monotonic() - start < 30
+        ends = [collect(h)[2][-1].finish_reason for h in handles]
+        assert set(ends) <= {"length", "abort"} and ends.count("abort") >= 8, (hurried, ends)
+        assert model().take_state() is not None  # handed back
+        model().give_state(None)

@@ -174,7 +174,7 @@ def load_image(ref: str, limits: ImageLimits = ImageLimits()) -> Image.Image:
         return _decode(_data_url(ref, label, limits), f"data URL {label}", limits)
     if scheme in ("http", "https"):
         return _decode(_fetch(ref, label, limits), f"from {label}", limits)
-    if scheme is None and _looks_like_base64(ref) and not os.path.lexists(ref):
+    if scheme is None and _looks_like_base64(ref) and not _names_a_file(ref, limits):
         try:
             data = _b64decode(ref, limits, lambda why: (
                 f"image {label} was read as raw base64 (no scheme, only base64 characters) but {why}; a file "
@@ -190,6 +190,15 @@ def load_image(ref: str, limits: ImageLimits = ImageLimits()) -> Image.Image:
                          f"http(s)://, data:, file:// or a plain path.")
     path = local_path(ref) or ref  # (None for a base64-looking path that does not exist)
     return _decode(_read_file(path, label, limits), label, limits)
+
+
+def _names_a_file(ref: str, limits: ImageLimits) -> bool:
+    """Whether the path `ref` names something, where local files are read at all (relative paths start
+    at `local_dir`, as `_read_file` reads them)."""
+    if limits.local_dir is None:
+        return False
+    root = os.path.realpath(limits.local_dir)
+    return os.path.lexists(ref if root == os.sep else os.path.join(root, ref))
 
 
 def _scheme(ref: str) -> str | None:
@@ -245,10 +254,14 @@ def _data_url(ref: str, label: str, limits: ImageLimits) -> bytes:
 def _read_file(path: str, label: str, limits: ImageLimits) -> bytes:
     if "\0" in path:
         raise InputError(f"image path {label} contains a NUL character; no file has such a name.")
-    if limits.local_dir is None:  # (so the reference is no URL, and no base64 of 64 characters or more)
+    if limits.local_dir is None:
+        send = "a data: URL, base64" + (" or an http(s) URL" if limits.allow_fetch else "")
+        if _scheme(label) == "file":
+            raise InputError(f"image URL {label} names a local file, and local files are not accepted here; send the "
+                             f"image as {send}.")
         raise InputError(f"image reference {label} is not a data: URL, an http(s) URL or base64 (of at least "
                          f"{_MIN_RAW_BASE64} characters), and local files are not accepted here; send the image as "
-                         f"a data: URL or base64.")
+                         f"{send}.")
     root = os.path.realpath(limits.local_dir)
     resolved = os.path.realpath(path if root == os.sep else os.path.join(root, path))  # (an absolute path stays)
     if os.path.commonpath([root, resolved]) != root:

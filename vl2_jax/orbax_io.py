@@ -583,7 +583,8 @@ def convert_checkpoint(
         raise CheckpointError(f"{src} is not a folder; pass a Hugging Face DeepSeek-VL2 checkpoint folder.")
     if (src / MANIFEST).is_file():
         raise CheckpointError(f"{src} is already a `python -m convert` output, which loads as it is (--model {src}); "
-                              "to convert again, pass the Hugging Face folder it came from.")
+                              "to convert again, pass a Hugging Face folder: the one it came from, or for a "
+                              "fine-tuned model the one `python -m vl2_jax.finetune --export-hf` writes.")
     _check_destination(src, dst, force)  # before anything is read: a bad destination fails in a moment
     cfg = VL2Config.from_pretrained(src)
     folder = SafetensorsFolder(src)

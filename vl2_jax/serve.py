@@ -28,7 +28,7 @@ from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, QUANTS, Runtime
 from vl2_jax.errors import command_parser, number
 
 DEFAULT_PORT = 30000  # SGLang's
-ANSWER_SECONDS = 5.0  # past the drain time: for the 503s of the requests it cancelled to be written
+ANSWER_SECONDS = 8.0  # past the drain time: for the scheduler to end its last step and the 503s to be written
 
 
 def parser() -> argparse.ArgumentParser:
@@ -195,6 +195,8 @@ class _Server(uvicorn.Server):
 
     def handle_exit(self, sig, frame):
         self.api.draining = True  # a request on a connection still open gets 503 while those in flight finish
+        if self.should_exit and sig == signal.SIGINT:  # a second Ctrl-C: uvicorn stops waiting, the scheduler too
+            self.scheduler.hurry()
         super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets=None):

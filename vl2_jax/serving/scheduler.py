@@ -114,6 +114,8 @@ class Scheduler:
         self._batcher: Batcher | None = None
         self._last_update: dict[int, float] = {}
         self._flush = False
+        self._cancel_all = False  # (set by `stop` when its drain time is up: the device thread ends every job)
+        self._hurry = threading.Event()
 
     # -- the event loop's side ------------------------------------------------------------------------
     def submit(self, job: Job) -> Handle:
@@ -178,14 +180,17 @@ class Scheduler:
             self._stopping = True
             self._cv.notify()
         deadline = time.monotonic() + timeout
-        while self._thread and self._thread.is_alive() and time.monotonic() < deadline:
+        while self._thread and self._thread.is_alive() and time.monotonic() < deadline and not self._hurry.is_set():
             self._thread.join(0.05)
         if self._thread and self._thread.is_alive():
             with self._cv:
-                self._cancels.extend(job for job, _ in self._inbox)
-                self._cancels.extend(self._batcher.jobs())
+                self._cancel_all = True
                 self._cv.notify()
             self._thread.join(5.0)
+
+    def hurry(self) -> None:
+        """Cuts short the drain of a `stop` under way (a second Ctrl-C): what still runs is cancelled now."""
+        self._hurry.set()
 
     # -- the device thread ----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -199,13 +204,14 @@ class Scheduler:
                 inbox, self._inbox = self._inbox, []
                 cancels, self._cancels = self._cancels, []
                 flush, self._flush = self._flush, False
+                cancel_all = self._cancel_all
             if flush and b.prefixes is not None:
                 b.prefixes.clear()
             if flush and b.features is not None:
                 b.features.clear()
             for job, _ in inbox:
                 b.submit(job)
-            for job in cancels:
+            for job in b.jobs() if cancel_all else cancels:  # (every job it holds, the inbox's just submitted)
                 b.cancel(job)
             try:
                 b.step()

@@ -81,6 +81,18 @@ def write_hf(cfg: VL2Config, params: dict, dst: str | Path, source: Path | None,
     return dst
 
 
+def replace_into(staged: Path, dst: Path) -> None:
+    """Moves the files of `staged` (a `write_hf` folder, written in full first) into the folder `dst`,
+    whose weight files (`weight_files`) go first, so no shard of an older export stays beside the new
+    model.safetensors; other files of `dst` stay unless `staged` has one of that name. `staged` goes."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for file in weight_files(dst):
+        file.unlink()
+    for entry in staged.iterdir():
+        os.replace(entry, dst / entry.name)
+    staged.rmdir()
+
+
 def save_model(cfg: VL2Config, params: dict, out: str | Path, source: Path | None, dtype=None) -> Path:
     """`params` as a converted checkpoint in the folder `out` (kept: files the checkpoint does not
     write stay), loadable by `load_model(out)`."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -92,6 +93,9 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
     hf = Path(job.export_hf) if job.export_hf else None
     if hf is not None and hf.exists() and not hf.is_dir():
         raise InputError(f"--export-hf {hf} exists and is not a folder.")
+    for other, what in ((folder_of(job.model), "the --model folder"), (out, "the --out folder")):
+        if hf is not None and other is not None and hf.resolve() == Path(other).resolve():
+            raise InputError(f"--export-hf {hf} is {what}; choose another folder for the Hugging Face layout.")
     if hf is not None and (held := export.weight_files(hf)) and not job.force:
         what = "remove them" if job.resume else "pass --force to replace them"
         raise InputError(f"--export-hf {hf} already holds weights ({export.named(held)}); {what}, or choose "
@@ -135,10 +139,12 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
         export.save_adapters(adapters, out / "adapters",
                              {"rank": s.lora_rank, "alpha": s.lora_alpha, "parts": list(s.parts), "base_model": job.model})
     log(f"saved the trained model to {out}")
-    if hf is not None:
-        for file in export.weight_files(hf) if job.force else ():  # (refused above without --force)
-            file.unlink()
-        export.write_hf(model.cfg, params, hf, source, dtype)
+    if hf is not None:  # (weights it held: refused above without --force)
+        staged = hf.with_name(f"{hf.name}.partial-{os.getpid()}")
+        try:
+            export.replace_into(export.write_hf(model.cfg, params, staged, source, dtype), hf)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
         log(f"wrote the Hugging Face layout to {hf}")
     return result
 
