@@ -427,21 +427,29 @@ def test_input_file_answers_each_line_in_order_with_its_own_settings(tmp_path, c
     lines[2:2] = ["{not json", "", json.dumps({"prompt": "hi", "colour": "red"}),
                   json.dumps({"prompt": "<image> hi", "images": [str(tmp_path / "missing.png")]}),
                   json.dumps({"id": "d", "images": []})]
+    lines += [json.dumps({"prompt": "hi", "stop": [1, 2]}), json.dumps({"prompt": "hi", "temperature": "hot"})]
     src, dst = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
-    src.write_text("\n".join(lines) + "\n")
+    # a byte-order mark (as Windows editors write) is no text; a line that is not UTF-8 is refused alone
+    src.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b'\n{"prompt": "\xff"}\n')
     argv = ["--model", str(ckpt_dir(variant)), "--dtype", "float32", "--input", str(src), "--output", str(dst),
             "--max-batch", "2"]
     assert main(argv) == 1
     records = [json.loads(line) for line in dst.read_text().splitlines()]
-    assert [r["line"] for r in records] == [1, 2, 3, 5, 6, 7, 8, 9, 10]  # the blank line 4 is skipped
+    assert [r["line"] for r in records] == [1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13]  # the blank line 4 is skipped
     errors = {r["line"]: r["error"] for r in records if "error" in r}
-    assert set(errors) == {3, 5, 6, 7}
+    assert set(errors) == {3, 5, 6, 7, 11, 12, 13}
     assert "not JSON" in errors[3] and "colour" in errors[5] and "missing.png" in errors[6] and "prompt" in errors[7]
+    assert "stop must be a string or a list of strings" in errors[11] and "temperature must be a number" in errors[12]
+    assert "not UTF-8" in errors[13]
     assert next(r["id"] for r in records if r["line"] == 7) == "d"  # a refused line keeps its id
     answers = [r for r in records if "error" not in r]
     for i, (record, case) in enumerate(zip(answers, cases)):
         want = case["arrays"]["greedy"].tolist()[: len(case["arrays"]["greedy"]) - i]
         assert record["id"] == f"r{i}" and record["token_ids"] == want and record["finish_reason"] == "length"
-    assert "answered 5 of 9" in capsys.readouterr().err
+    assert "answered 5 of 12" in capsys.readouterr().err
     assert main(["--model", "random:test", "--input", str(src), "--prompt", "x"]) == 1
     assert "--input takes" in capsys.readouterr().err
+    for output, words in ((src, "is the --input file"), (tmp_path / "missing" / "o.jsonl", "folder does not exist")):
+        assert main(["--model", "random:test", "--input", str(src), "--output", str(output)]) == 1
+        assert words in capsys.readouterr().err
+    assert src.read_bytes().startswith(b"\xef\xbb\xbf")  # (untouched)

@@ -156,6 +156,12 @@ def test_stop_strings_and_streaming():
     r = m.generate(batch, max_new_tokens=12, stop=[stop])
     assert r.finish_reason == ["stop"] and r.text[0] == full.text[0][: full.text[0].find(stop)]
     assert r.token_ids[0] == full.token_ids[0][: len(r.token_ids[0])]
+    assert m.generate(batch, max_new_tokens=12, stop=stop).text == r.text  # one string is one stop string
+    with pytest.raises(InputError, match="stop must be a string or a list of strings"):
+        m.generate(batch, max_new_tokens=12, stop=[1])
+    two = m.processor.batchify([one(m, "mha", "text_only")[0]] * 2)
+    with pytest.raises(InputError, match="stream takes one conversation, not a batch of 2"):
+        list(m.stream(two, max_new_tokens=4))
 
 
 EOS = 256  # a byte-level vocabulary: tokens 0-255 are bytes

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from vl2_jax.chat import ChatSession, user_turn
 from vl2_jax.config import Runtime
 from vl2_jax.errors import InputError, explain, sigterm_as_interrupt
+from vl2_jax.generation import stop_strings
 from vl2_jax.images import ImageLimits, describe, load_image, local_path
 from vl2_jax.sampling import check_sampling
 
@@ -52,8 +53,15 @@ def run(args, log: Callable[[str], None]) -> int:
         raise InputError("--output goes with --input FILE.jsonl.")
     if not args.chat and args.prompt is None and batch_file is None:
         raise InputError("give --prompt TEXT (or --chat for an interactive session, or --input FILE.jsonl).")
+    if getattr(args, "draw_boxes", None) and batch_file is not None:
+        raise InputError("--draw-boxes goes with one --prompt and --image, not with --input.")
     if getattr(args, "draw_boxes", None) and not args.image:
         raise InputError("--draw-boxes needs an --image (the boxes are drawn on the first image).")
+    output = getattr(args, "output", None)
+    if output and batch_file not in (None, "-") and os.path.realpath(output) == os.path.realpath(batch_file):
+        raise InputError(f"--output {output} is the --input file; write the answers elsewhere.")
+    if output and not os.path.isdir(os.path.dirname(os.path.abspath(output))):
+        raise InputError(f"--output {output}: its folder does not exist; create it or choose another path.")
     # Images, the prompts and --draw-boxes are checked before the model loads, so a typo fails in a
     # second, not minutes.
     limits = ImageLimits.cli()
@@ -130,13 +138,16 @@ REQUEST_KEYS = {"id", "prompt", "images", "system", "max_new_tokens", "temperatu
 
 def read_requests(path: str) -> list[str]:
     """The lines of a --input file ('-': stdin), read before the model loads (a missing file fails at once)."""
-    if path == "-":
-        return sys.stdin.read().splitlines()
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().splitlines()
+        if path == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
     except OSError as e:
         raise InputError(f"cannot read --input {path}: {e.strerror or e}") from None
+    # bytes that are not UTF-8 stay as surrogates, so that only their line is refused (`answer_file`)
+    return data.decode("utf-8", "surrogateescape").removeprefix("\ufeff").splitlines()  # (a BOM is no text)
 
 
 def answer_file(model, lines: list[str], args, options: dict, limits: ImageLimits, log) -> int:
@@ -170,6 +181,10 @@ def answer_file(model, lines: list[str], args, options: dict, limits: ImageLimit
             ident = None
             try:
                 try:
+                    line.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise InputError("not UTF-8 text") from None
+                try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise InputError(f"not JSON ({e.msg} at column {e.colno})") from None
@@ -181,12 +196,16 @@ def answer_file(model, lines: list[str], args, options: dict, limits: ImageLimit
                 if unknown:
                     raise InputError(f"unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(REQUEST_KEYS))}")
                 settings = {k: rec.get(k, options[k]) for k in ("temperature", "top_p", "top_k", "repetition_penalty")}
+                for key in ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "max_new_tokens"):
+                    whole = key in ("top_k", "seed", "max_new_tokens")
+                    value = rec.get(key, 0)
+                    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+                        raise InputError(f"{key} must be {'a whole number' if whole else 'a number'} (got {value!r})")
                 check_sampling(**settings)
                 max_new = rec.get("max_new_tokens", options["max_new_tokens"])
-                if not isinstance(max_new, int) or max_new < 1:
+                if max_new < 1:
                     raise InputError(f"max_new_tokens must be a whole number of at least 1 (got {max_new!r})")
-                stop = rec.get("stop", options["stop"])
-                stop = (stop,) if isinstance(stop, str) else tuple(stop)
+                stop = stop_strings(rec.get("stop", options["stop"]))
                 refs = rec.get("images", [])
                 if not isinstance(refs, list):
                     raise InputError('"images" must be a list of paths or URLs')

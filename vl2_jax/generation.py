@@ -467,10 +467,25 @@ def run_jobs(engine: Engine, params, state: Slots, jobs: Iterable[Job], decode: 
     return batcher.state
 
 
+def stop_strings(stop) -> tuple[str, ...]:
+    """`stop` as stop strings: one string, or a sequence of them (None: none). Raises InputError for
+    anything else."""
+    stop = () if stop is None else (stop,) if isinstance(stop, str) else stop
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise InputError(f"stop must be a string or a list of strings (got {stop!r}).")
+    return tuple(stop)
+
+
 def stream_text(model, batch, **kwargs) -> Iterator[str]:
-    """Yields the text of a single-conversation batch as it is produced (generation runs in a thread)."""
+    """Yields the text of a single-conversation batch as it is produced (generation runs in a thread).
+    A batch of several conversations is refused (InputError): their pieces would interleave."""
     import queue
     import threading
+
+    rows = len(model.requests(batch))
+    if rows != 1:
+        raise InputError(f"stream takes one conversation, not a batch of {rows}; use generate(batch, on_text=...) "
+                         "for several (on_text gets each row's number with its text).")
 
     q: queue.Queue = queue.Queue()
     box: dict = {}

@@ -20,7 +20,7 @@ from vl2_jax.checkpoint import param_shapes
 from vl2_jax.config import Runtime, VL2Config
 from vl2_jax.engine import Engine, Request, Slots
 from vl2_jax.errors import InputError, out_of_memory_as
-from vl2_jax.generation import GenerationResult, stream_text
+from vl2_jax.generation import GenerationResult, stop_strings, stream_text
 from vl2_jax.modules.language import LanguageModel
 from vl2_jax.modules.vision import normalize_pixels
 from vl2_jax.modules.vl2 import VL2
@@ -224,7 +224,7 @@ class VL2Model:
         top_k: int = 0,
         repetition_penalty: float = 1.0,
         seed: int = 0,
-        stop: Sequence[str] = (),
+        stop: str | Sequence[str] = (),
         on_text: Callable[[int, str], None] | None = None,
         ignore_eos: bool = False,
     ) -> GenerationResult:
@@ -242,6 +242,7 @@ class VL2Model:
         check_sampling(temperature, top_p, top_k, repetition_penalty)
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1 (got {max_new_tokens}).")
+        stop = stop_strings(stop)
         max_new_tokens = min(int(max_new_tokens), self.engine.max_seq_len)  # a slot holds no more
         requests = self.requests(batch)
         for request in requests:
