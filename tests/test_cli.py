@@ -128,6 +128,8 @@ def test_compile_cache_keeps_programs_between_runs(tmp_path, monkeypatch):
          "error: image file /no/such/image.png does not exist; check the path."),
         (["--model", "/no/such/folder", "--prompt", "hi"], 1,
          "error: /no/such/folder is not a folder; pass a DeepSeek-VL2 checkpoint folder."),
+        (["--prompt", "bad \udcff byte"], 1,  # (a byte that is not UTF-8, as Python keeps it from the command line)
+         "error: the prompt is not UTF-8 text; check the terminal's or the file's encoding."),
     ],
 )
 def test_bad_arguments_fail_with_one_line(capsys, args, code, line):
@@ -453,3 +455,6 @@ def test_input_file_answers_each_line_in_order_with_its_own_settings(tmp_path, c
         assert main(["--model", "random:test", "--input", str(src), "--output", str(output)]) == 1
         assert words in capsys.readouterr().err
     assert src.read_bytes().startswith(b"\xef\xbb\xbf")  # (untouched)
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    assert main(["--model", "random:test", "--input", str(tmp_path / "empty.jsonl")]) == 0
+    assert capsys.readouterr().err.strip().endswith("holds no requests; nothing to answer")

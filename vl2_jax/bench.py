@@ -255,7 +255,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", default="auto", choices=list(ATTENTION_IMPLS),
                    help="attention (plain: the reference's arithmetic; auto: cuDNN flash attention where it applies)")
     p.add_argument("--kernels", default="on", choices=["on", "off"], help="accelerator kernels where they apply")
-    p.add_argument("--image-size", type=int, default=768, help="the image prompt's side in pixels")
+    p.add_argument("--image-size", type=number(int, 1), default=768, help="the image prompt's side in pixels")
     p.add_argument("--new-tokens", type=number(int, 2), default=128,
                    help="tokens per decode run, at least 2: the first token is prefill's, the rest are timed (default: 128)")
     p.add_argument("--batches", default=[1, 8, 32], type=number_list(int, 1, "batch size"),

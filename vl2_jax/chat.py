@@ -16,6 +16,10 @@ def user_turn(prompt: str, num_images: int) -> dict:
     """
     if not prompt.strip() and not num_images:
         raise InputError("the prompt is empty; say something or give an image.")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # (bytes that are not UTF-8, as Python keeps them from the command line)
+        raise InputError("the prompt is not UTF-8 text; check the terminal's or the file's encoding.") from None
     placeholders = prompt.count(IMAGE_TOKEN)
     if placeholders == 0:
         prompt = f"{IMAGE_TOKEN}\n" * num_images + prompt

@@ -73,10 +73,13 @@ def run(args, log: Callable[[str], None]) -> int:
         raise InputError("--system needs some text and no <image> placeholder (images go in the user's turns).")
     if getattr(args, "draw_boxes", None):
         check_draw_boxes(args.draw_boxes, args.image)
+    lines = read_requests(batch_file) if batch_file is not None else None
+    if lines is not None and not any(line.strip() for line in lines):
+        log(f"--input {batch_file} holds no requests; nothing to answer")
+        return 0
     cache_dir = executables.use_compile_cache(executables.cache_dir(getattr(args, "compile_cache", None)), log,
                                               jax_cache=args.mesh is not None)
     chunks = {} if args.prefill_chunk is None else {"prefill_chunks": (args.prefill_chunk,)}
-    lines = read_requests(batch_file) if batch_file is not None else None
     max_batch = getattr(args, "max_batch", None) or (8 if batch_file is not None else 1)
     runtime = Runtime(moe=args.moe, attention=args.attention, kernels=args.kernels == "on", max_batch=max_batch,
                       max_seq_len=args.max_seq_len, **chunks)
