@@ -79,3 +79,29 @@ def open_images(case: dict):
         with Image.open(path) as im:
             images.append(im.convert("RGB"))
     return images
+
+
+def sigterm_when(args: list[str], ready: str) -> tuple[int, str, str]:
+    """`python ARGS` on the CPU from the repository root, sent SIGTERM once a stderr line starts with
+    `ready` -> (exit status, stderr up to that line, stderr after it); killed if it outlives 60 s."""
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=root)
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith(ready):
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        return proc.wait(60), "".join(seen), rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

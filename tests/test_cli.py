@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from generate.__main__ import main
-from tests.conftest import FIXTURES, ckpt_dir, load_case
+from tests.conftest import FIXTURES, ckpt_dir, load_case, sigterm_when
 from vl2_jax import load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,26 +164,10 @@ def test_a_reader_that_goes_away_ends_the_command_quietly():
 
 def test_sigterm_ends_the_command_as_ctrl_c_does():
     """SIGTERM once the model is ready: "interrupted", exit status 130, no stack dump."""
-    import signal
-
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "generate", "--model", "random:test", "--prompt", "hi",
-                             "--max-new-tokens", "100000", "--compile-cache", ""],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    try:
-        seen = []
-        for line in proc.stderr:
-            seen.append(line)
-            if line.startswith("model ready"):
-                break
-        proc.send_signal(signal.SIGTERM)
-        rest = proc.stderr.read()
-        assert proc.wait(60) == 130, "".join(seen) + rest
-        assert rest.strip().splitlines()[-1] == "interrupted" and "SIGTERM" not in rest, rest
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    code, seen, rest = sigterm_when(["-m", "generate", "--model", "random:test", "--prompt", "hi",
+                                     "--max-new-tokens", "100000", "--compile-cache", ""], ready="model ready")
+    assert code == 130, seen + rest
+    assert rest.strip().splitlines()[-1] == "interrupted" and "SIGTERM" not in rest, rest
 
 
 def test_chat_keeps_history_and_survives_bad_utf8():

@@ -17,6 +17,7 @@ from flax import traverse_util
 from PIL import Image
 
 import vl2_jax
+from tests.conftest import sigterm_when
 from vl2_jax.config import Runtime
 from vl2_jax.errors import ConfigError, InputError
 from vl2_jax.finetune import main
@@ -498,29 +499,10 @@ def test_export_hf_into_a_folder_with_weights_needs_force(tmp_path, capsys):
 def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
     """`python -m vl2_jax.finetune` stopped by SIGTERM mid-training (as a job scheduler stops it): one
     "interrupted" line, exit status 130, no stack dump."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
     path = write_dataset(tmp_path, jsonl_records(tmp_path))
-    env = {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "vl2_jax.finetune", "--model", "random:test", "--data", path,
-                             "--out", str(tmp_path / "out"), "--steps", "100000", "--warmup", "1"],
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=root)
-    try:
-        lines = []
-        for line in proc.stderr:  # (a log line per 5% of the steps: the first says training is under way)
-            lines.append(line)
-            if line.startswith("training:"):
-                break
-        proc.send_signal(signal.SIGTERM)
-        rest = proc.stderr.read()
-        assert proc.wait(60) == 130, "".join(lines) + rest
-        assert rest.strip().splitlines()[-1] == "interrupted" and "Traceback" not in rest and "SIGTERM" not in rest, rest
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    code, seen, rest = sigterm_when(["-m", "vl2_jax.finetune", "--model", "random:test", "--data", path, "--out",
+                                     str(tmp_path / "out"), "--steps", "100000", "--warmup", "1"],
+                                    ready="training:")  # (the log line that says training is under way)
+    assert code == 130, seen + rest
+    assert rest.strip().splitlines()[-1] == "interrupted" and "Traceback" not in rest and "SIGTERM" not in rest, rest
+

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vl2_jax.config import VL2Config, dtype_of
-from vl2_jax.errors import CheckpointError
+from vl2_jax.errors import CheckpointError, some
 
 UNUSED_PREFIXES = ("vision.attn_pool.",)
 _FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")  # safetensors' names of the dtypes a weight may have
@@ -226,7 +226,7 @@ def to_hf(cfg: VL2Config, tree: dict, names: Sequence[str] | None = None) -> dic
                 out[name] = flat[start:start + n].reshape(shape)
             start += n
     if wanted is not None and wanted - set(out):
-        raise CheckpointError(f"no rule of the conversion plan reads {_some(sorted(wanted - set(out)))}.")
+        raise CheckpointError(f"no rule of the conversion plan reads {some(sorted(wanted - set(out)))}.")
     return out
 
 
@@ -301,19 +301,15 @@ def check_accounts(plan: list[Rule], names: list[str], where: str | Path | None 
     extra = sorted(have - set(wanted) - set(dropped))
     problems = []
     if missing:
-        problems.append(f"missing tensor(s): {_some(missing)}")
+        problems.append(f"missing tensor(s): {some(missing)}")
     if extra:
-        problems.append(f"unexpected tensor(s): {_some(extra)}")
+        problems.append(f"unexpected tensor(s): {some(extra)}")
     if problems:
         raise CheckpointError(
             "checkpoint does not match its config.json: " + "; ".join(problems)
             + f"; download {where or 'the checkpoint'} again, or use the config.json that came with its weights."
         )
     return dropped
-
-
-def _some(names: list[str], n: int = 5) -> str:
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def check_source_shapes(plan: list[Rule], folder: SafetensorsFolder) -> None:

@@ -170,6 +170,11 @@ def number_list(kind=int, low=1, item: str = "value"):
     return parse_all
 
 
+def some(names: list[str], n: int = 5) -> str:
+    """Names for a message: the first `n`, then how many more ("a, b, c and 4 more")."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
 def sigterm_as_interrupt() -> None:
     """From now on SIGTERM (a job scheduler's or `kill`'s stop) raises KeyboardInterrupt, so a command
     ends as on Ctrl-C (`guarded`: "interrupted"). Called once JAX is imported: its libraries install a

@@ -193,12 +193,15 @@ def load_image(ref: str, limits: ImageLimits = ImageLimits()) -> Image.Image:
 
 
 def _names_a_file(ref: str, limits: ImageLimits) -> bool:
-    """Whether the path `ref` names something, where local files are read at all (relative paths start
-    at `local_dir`, as `_read_file` reads them)."""
-    if limits.local_dir is None:
-        return False
+    """Whether the path `ref` names something, where local files are read at all (`_under_local_dir`)."""
+    return limits.local_dir is not None and os.path.lexists(_under_local_dir(ref, limits)[1])
+
+
+def _under_local_dir(path: str, limits: ImageLimits) -> tuple[str, str]:
+    """(the resolved `local_dir`, `path` as local files are read: a relative one starting at `local_dir`,
+    or at the current directory where that is "/"; an absolute one as it is)."""
     root = os.path.realpath(limits.local_dir)
-    return os.path.lexists(ref if root == os.sep else os.path.join(root, ref))
+    return root, path if root == os.sep else os.path.join(root, path)
 
 
 def _scheme(ref: str) -> str | None:
@@ -262,8 +265,8 @@ def _read_file(path: str, label: str, limits: ImageLimits) -> bytes:
         raise InputError(f"image reference {label} is not a data: URL, an http(s) URL or base64 (of at least "
                          f"{_MIN_RAW_BASE64} characters), and local files are not accepted here; send the image as "
                          f"{send}.")
-    root = os.path.realpath(limits.local_dir)
-    resolved = os.path.realpath(path if root == os.sep else os.path.join(root, path))  # (an absolute path stays)
+    root, path = _under_local_dir(path, limits)
+    resolved = os.path.realpath(path)
     if os.path.commonpath([root, resolved]) != root:
         # The folder itself is not named: a server's clients need not learn its layout.
         raise InputError(f"image path {label} is refused: it lies outside the folder of images allowed here "

@@ -57,7 +57,7 @@ from vl2_jax.checkpoint import (
     source_dtype,
 )
 from vl2_jax.config import DTYPE_NAMES, VL2Config, dtype_of
-from vl2_jax.errors import CheckpointError
+from vl2_jax.errors import CheckpointError, some
 from vl2_jax.quant import QUANTS, SCALES, VALUES, check_quant, quantize_params, quantized_shapes
 from vl2_jax.sharding import place
 
@@ -531,8 +531,7 @@ def _not_replaceable(dst: Path) -> str | None:
     except OSError:  # unreadable: not something we can tell is ours
         return "cannot be read"
     if other:
-        shown = ", ".join(other[:4]) + (f" and {len(other) - 4} more" if len(other) > 4 else "")
-        return f"holds files that no conversion writes ({shown})"
+        return f"holds files that no conversion writes ({some(other, 4)})"
     return None
 
 

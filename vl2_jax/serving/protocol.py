@@ -363,7 +363,7 @@ class GenerateRequest(_Body):
         if (self.text is None) == (self.input_ids is None):
             raise bad_request("give exactly one of text and input_ids.", "text")
         prompt = self.text if self.text is not None else self.input_ids
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if self.batched:
             if len(prompt) != 1:
                 raise not_supported("text", f"a batch of {len(prompt)} prompts", "send one request at a time")
             prompt = prompt[0]

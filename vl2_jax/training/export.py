@@ -22,7 +22,7 @@ import numpy as np
 
 from vl2_jax.checkpoint import SafetensorsFolder, to_hf
 from vl2_jax.config import VL2Config
-from vl2_jax.errors import CheckpointError, InputError
+from vl2_jax.errors import CheckpointError, InputError, some
 from vl2_jax.load import write_assets
 from vl2_jax.orbax_io import COPIED_FILES, MANIFEST, convert_checkpoint
 from vl2_jax.testing import hf_tensor_shapes
@@ -38,12 +38,6 @@ def weight_files(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix == ".safetensors" or p.name == HF_INDEX))
-
-
-def named(files: list[Path]) -> str:
-    """Files' names for a message: the first three, then how many more."""
-    more = f" and {len(files) - 3} more" if len(files) > 3 else ""
-    return ", ".join(p.name for p in files[:3]) + more
 
 
 def _attn_pool(cfg: VL2Config, source: Path | None) -> dict[str, np.ndarray]:
@@ -65,7 +59,7 @@ def write_hf(cfg: VL2Config, params: dict, dst: str | Path, source: Path | None,
 
     dst = Path(dst)
     if held := weight_files(dst):
-        raise InputError(f"{dst} already holds weights ({named(held)}); remove them or choose another folder.")
+        raise InputError(f"{dst} already holds weights ({some([p.name for p in held], 3)}); remove them or choose another folder.")
     dst.mkdir(parents=True, exist_ok=True)
     if source is None:
         write_assets(dst, cfg)

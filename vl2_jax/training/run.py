@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from vl2_jax.config import Runtime
-from vl2_jax.errors import CheckpointError, InputError
+from vl2_jax.errors import CheckpointError, InputError, some
 from vl2_jax.load import load_model, preset, write_assets
 from vl2_jax.orbax_io import MANIFEST, saved_quant
 from vl2_jax.processor import Processor
@@ -98,7 +98,7 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
             raise InputError(f"--export-hf {hf} is {what}; choose another folder for the Hugging Face layout.")
     if hf is not None and (held := export.weight_files(hf)) and not job.force:
         what = "remove them" if job.resume else "pass --force to replace them"
-        raise InputError(f"--export-hf {hf} already holds weights ({export.named(held)}); {what}, or choose "
+        raise InputError(f"--export-hf {hf} already holds weights ({some([p.name for p in held], 3)}); {what}, or choose "
                          f"another --export-hf.")
     # The data is read before the weights (seconds to minutes) where the tokenizer is at hand, so a bad
     # line ends the run at once.
