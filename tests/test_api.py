@@ -260,6 +260,10 @@ def test_generate_plain_and_streamed(sched, url):
     chunks = [json.loads(line[6:]) for line in lines[:-1]]
     assert [c["text"] for c in chunks] == ["Hel", "Hello", "Hello, wor", "Hello, world"]  # cumulative, as SGLang's
     assert chunks[-1]["meta_info"]["finish_reason"]["type"] == "stop" and chunks[0]["meta_info"]["finish_reason"] is None
+    assert "index" not in chunks[0]
+    with httpx2.stream("POST", url + "/generate", json={**body, "text": [body["text"]], "stream": True}) as r:
+        batch = [json.loads(line[6:]) for line in r.iter_lines() if line and line != "data: [DONE]"]
+    assert [c["text"] for c in batch] == [c["text"] for c in chunks] and {c["index"] for c in batch} == {0}
     sched.script = lambda job: [*answer(job)[:-1], (0, Event("ld", [13], "stop", 3, 4, 0, None, "User"))]
     out = httpx2.post(url + "/generate", json={**body, "text": [body["text"]]}).json()  # a batch of one: a list
     assert isinstance(out, list) and out[0]["meta_info"]["finish_reason"] == {"type": "stop", "matched": "User"}

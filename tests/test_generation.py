@@ -144,6 +144,12 @@ def test_filters_and_penalty_semantics():
     assert tiny_t.temperature == 0 and RowSampling.make(temperature=1e-30).temperature > 0
     got = sample_rows(logits[:, ::-1], unseen, rows(tiny_t), jnp.zeros((1,), jnp.int32), False)
     assert np.asarray(got).tolist() == [4]
+    # A temperature or penalty past float32 is its largest finite value: draws stay tokens of the vocabulary.
+    huge = RowSampling.make(temperature=1e308, repetition_penalty=1e308)
+    assert np.isfinite(huge.temperature) and np.isfinite(huge.repetition_penalty)
+    seen = jnp.asarray([[True, False, True, False, False]])
+    draws = jax.vmap(lambda step: sample_rows(logits, seen, rows(huge), step[None], False))(jnp.arange(50))
+    assert set(np.asarray(draws).ravel().tolist()) <= set(range(5))
 
 
 def test_stop_strings_and_streaming():

@@ -527,7 +527,8 @@ class _Server:
                     break
                 text, ids = text + event.text, ids + event.token_ids
                 if event.text or event.token_ids or event.finish_reason is not None:
-                    yield _sse({"text": text, "output_ids": ids, "meta_info": meta(event, ids)})
+                    out = {"text": text, "output_ids": ids, "meta_info": meta(event, ids)}
+                    yield _sse({**out, "index": 0} if body.batched else out)  # (SGLang numbers a batch's pieces)
             yield DONE
 
         return self.stream(chunks())
