@@ -179,6 +179,7 @@ def test_chat_keeps_history_and_survives_bad_utf8():
     answers = [json.loads(line) for line in r.stdout.decode().splitlines() if line.startswith("{")]
     assert len(answers) == 2
     assert answers[1]["prompt_tokens"] > answers[0]["prompt_tokens"] + 4  # the first exchange is in the history
+    assert answers[0]["load_s"] > 0 and "load_s" not in answers[1]  # the load counts once, with the first answer
     assert b"not valid UTF-8" in r.stderr and b"Traceback" not in r.stderr
 
 

@@ -119,7 +119,9 @@ def run(args, log: Callable[[str], None]) -> int:
                 log(f"{describe(ref)} goes with your next message")
                 continue
             conversation, every_image = session.ask(line, pending)
-            answer = _answer(model, conversation, every_image, options, args.json, log, text_only=True)
+            answer = _answer(model, conversation, every_image, options, args.json, log, text_only=True,
+                             timing=options_timing)
+            options_timing = None  # (the load belongs to the first answer's line)
         except Exception as e:  # noqa: BLE001 - one bad turn is one error line; the session goes on
             log("error: " + explain(e))
             continue
