@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true",
                    help="interactive multi-turn chat on stdin: --prompt, if given, is the first turn; --image files "
                         "go with the first turn, '/image PATH' (or URL) on its own line with the next")
-    p.add_argument("--json", action="store_true", help="print one JSON object with the answer and timings")
+    p.add_argument("--json", action="store_true", help="print one JSON object per answer, with its timings (--input always writes JSON lines)")
     p.add_argument("--input", default=None, metavar="FILE.jsonl",
                    help="a batch job: one request per line ({\"prompt\": ..., \"images\": [...], and optionally "
                         "\"id\", \"system\", \"max_new_tokens\", \"temperature\", \"top_p\", \"top_k\", "
