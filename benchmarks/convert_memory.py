@@ -56,7 +56,7 @@ def main() -> None:
         generate_s = time.time() - t
         print(f"generated {size / 1e9:.1f} GB in {generate_s:.0f} s", file=sys.stderr, flush=True)
         cmd = [sys.executable, "-m", "convert", str(src), str(dst)]
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         run = subprocess.run(["/usr/bin/time", "-v", *cmd], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
         sys.stderr.write(run.stderr)
         if run.returncode:

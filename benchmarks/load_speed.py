@@ -114,7 +114,7 @@ def measure_load(mode: str, args, files: list[Path], file_bytes: int) -> dict:
         cmd += ["--mesh", args.mesh]
     if args.file_io_mode:
         cmd += ["--file-io-mode", args.file_io_mode]
-    run = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, text=True)
+    run = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))), stdout=subprocess.PIPE, text=True)
     if run.returncode:
         sys.exit(f"{mode} failed (exit {run.returncode}); its error is above.")
     out = json.loads(run.stdout.strip().splitlines()[-1])
@@ -180,7 +180,7 @@ def make(args) -> Path:
         shutil.copyfile(assets / name, src / name)
     shutil.rmtree(assets)
     print(f"wrote {size / 1e9:.1f} GB of random {args.make} weights in {time.time() - start:.0f} s", file=sys.stderr, flush=True)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     run = subprocess.run([sys.executable, "-m", "convert", str(src), str(dst), "--dtype", "bfloat16", "--force"],
                          cwd=REPO, env=env)
     shutil.rmtree(src)
