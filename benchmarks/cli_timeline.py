@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_speed import evict  # noqa: E402 - the same page-cache eviction
+from load_speed import evict, repo_env  # noqa: E402 - the same page-cache eviction and child environment
 
 
 def run_once(generate_args: list[str], env: dict) -> dict:
@@ -64,8 +63,7 @@ def main() -> None:
     generate_args = args.generate_args[1:] if args.generate_args[:1] == ["--"] else args.generate_args
     if not generate_args:
         p.error("give python -m generate's arguments after --")
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    env = repo_env()
     records = []
     for i in range(args.repeats):
         cache = "warm"

@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from load_speed import repo_env  # noqa: E402 - the same child environment
+
 FIXTURE = REPO.parent / "shared" / "fixtures" / "mla" / "ckpt"  # tokenizer + processor files to copy
 
 
@@ -56,8 +59,7 @@ def main() -> None:
         generate_s = time.time() - t
         print(f"generated {size / 1e9:.1f} GB in {generate_s:.0f} s", file=sys.stderr, flush=True)
         cmd = [sys.executable, "-m", "convert", str(src), str(dst)]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-        run = subprocess.run(["/usr/bin/time", "-v", *cmd], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+        run = subprocess.run(["/usr/bin/time", "-v", *cmd], cwd=REPO, env=repo_env(), stderr=subprocess.PIPE, text=True)
         sys.stderr.write(run.stderr)
         if run.returncode:
             sys.exit(f"conversion failed with status {run.returncode}")

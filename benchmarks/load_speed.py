@@ -46,6 +46,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from vl2_jax import prefetch  # noqa: E402 - the read-ahead's reader is the plain read (no JAX imported)
 
+
+def repo_env() -> dict:
+    """os.environ for a child process: this repository first on PYTHONPATH, the caller's path after it
+    (e.g. wheels installed with `pip install --target`)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
 THREADS = 16
 
 
@@ -114,7 +121,7 @@ def measure_load(mode: str, args, files: list[Path], file_bytes: int) -> dict:
         cmd += ["--mesh", args.mesh]
     if args.file_io_mode:
         cmd += ["--file-io-mode", args.file_io_mode]
-    run = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))), stdout=subprocess.PIPE, text=True)
+    run = subprocess.run(cmd, cwd=REPO, env=repo_env(), stdout=subprocess.PIPE, text=True)
     if run.returncode:
         sys.exit(f"{mode} failed (exit {run.returncode}); its error is above.")
     out = json.loads(run.stdout.strip().splitlines()[-1])
@@ -180,9 +187,8 @@ def make(args) -> Path:
         shutil.copyfile(assets / name, src / name)
     shutil.rmtree(assets)
     print(f"wrote {size / 1e9:.1f} GB of random {args.make} weights in {time.time() - start:.0f} s", file=sys.stderr, flush=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     run = subprocess.run([sys.executable, "-m", "convert", str(src), str(dst), "--dtype", "bfloat16", "--force"],
-                         cwd=REPO, env=env)
+                         cwd=REPO, env=repo_env())
     shutil.rmtree(src)
     if run.returncode:
         sys.exit("conversion failed; its error is above.")
