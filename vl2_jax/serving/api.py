@@ -367,7 +367,10 @@ class _Server:
                 if first and event.token_ids:
                     self.metrics.first_token(time.perf_counter() - t0, event.prompt_tokens)
                     first = False
-                if event.finish_reason not in (None, "timeout"):  # (a timed-out job is cancelled below)
+                if event.finish_reason == "timeout":  # cancelled now: a consumer that stops at this event
+                    handle.cancel()                    # closes this generator only later
+                    finished = True
+                elif event.finish_reason is not None:
                     finished = True
                     self.metrics.finished(time.perf_counter() - t0)
                 yield event
