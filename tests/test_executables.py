@@ -21,11 +21,11 @@ def _model(runtime=SMALL):
     return vl2_jax.load_model("random:test", "float32", runtime=runtime)
 
 
-def _ask(model):
+def _ask(model, **options):
     p = model.processor
     batch = p.batchify([p([{"role": "user", "content": "<image>\nWhat is this?"}], [image(3, 70, 50)])])
     assert batch.input_ids.shape[1] < 100
-    return model.generate(batch, max_new_tokens=12).token_ids[0]
+    return model.generate(batch, max_new_tokens=12, **options).token_ids[0]
 
 
 def test_a_fresh_model_loads_every_program_and_traces_nothing(tmp_path):
@@ -33,13 +33,14 @@ def test_a_fresh_model_loads_every_program_and_traces_nothing(tmp_path):
     store = first.keep_executables(tmp_path)
     report = first.warmup()
     made = report["programs"] + 1  # and the program that makes the empty state
-    assert store.report() == {"loaded": 0, "compiled": made, "failures": 0}
+    assert store.report() | {"load_s": 0} == {"loaded": 0, "compiled": made, "failures": 0, "load_s": 0}
     expected = _ask(first)
 
     second = _model()  # new programs (new functions): without the store they would be traced again
     again = second.keep_executables(tmp_path)
     assert second.warmup()["programs"] == report["programs"]
-    assert again.report() == {"loaded": made, "compiled": 0, "failures": 0}
+    assert again.report() | {"load_s": 0} == {"loaded": made, "compiled": 0, "failures": 0, "load_s": 0}
+    assert again.report()["load_s"] > 0
     tokens, counts = count_compiles(lambda: _ask(second))
     assert counts == dict.fromkeys(EVENTS, 0), counts
     assert tokens == expected
@@ -47,6 +48,24 @@ def test_a_fresh_model_loads_every_program_and_traces_nothing(tmp_path):
     # the control: the same questions with no store trace and compile
     _, counts = count_compiles(lambda: _ask(_model()))
     assert all(counts[e] > 0 for e in EVENTS), counts
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "seed": 3}], ids=["greedy", "sampled"])
+def test_an_answer_loads_its_programs_ahead_side_by_side(tmp_path, sampling):
+    first = _model()
+    first.keep_executables(tmp_path)
+    expected = _ask(first, **sampling)
+
+    second = _model()
+    store = second.keep_executables(tmp_path)
+    engine = second.engine
+    before = set(engine._loaded)  # (the empty state's program, made at load)
+    tokens, counts = count_compiles(lambda: _ask(second, **sampling))
+    assert tokens == expected and counts == dict.fromkeys(EVENTS, 0), counts
+    ran = set(engine._loaded) - before
+    # every program the answer ran was started ahead (the forecast), found by the key its call has
+    assert ran and ran <= set(engine._loading), (ran, set(engine._loading))
+    assert store.report()["compiled"] == 0 and store.report()["loaded"] == len(engine._loading)
 
 
 def test_a_file_that_does_not_load_is_compiled_again(tmp_path):

@@ -337,7 +337,8 @@ def _answer(model, conversation, images, options, as_json, log, text_only=False,
         result = model.generate(batch, on_text=stream, **options)
     compile_s = compiling.seconds
     programs = {} if store is None else {  # this answer's programs: loaded from the cache / compiled
-        f"programs_{k}": v - before[k] for k, v in store.report().items() if k in ("loaded", "compiled")}
+        f"programs_{k}": round(v - before[k], 4) for k, v in store.report().items()
+        if k in ("loaded", "compiled", "load_s")}
     if as_json:
         print(json.dumps({
             "text": result.text[0], "token_ids": result.token_ids[0], "finish_reason": result.finish_reason[0],

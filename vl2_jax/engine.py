@@ -30,9 +30,11 @@ N live-slot or prompt-row bucket, C prefill chunk, S key-length bucket, I tile c
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -231,6 +233,8 @@ class Engine:
         self.vl2 = VL2(cfg, self.dtype.type, runtime)
         self.executables: ExecutableStore | None = None  # see keep_executables
         self._loaded: dict[str, jax.stages.Compiled] = {}
+        self._loading: dict[str, concurrent.futures.Future] = {}  # programs `preload` is loading
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # (`preload`'s threads)
 
     def keep_executables(self, directory) -> ExecutableStore:
         """Keeps every program this engine compiles under `directory` and loads it from there in later
@@ -240,6 +244,7 @@ class Engine:
             raise ConfigError("compiled programs are kept on disk for one device only, not under a mesh.")
         self.executables = ExecutableStore(directory, fingerprint(self.cfg, self.dtype, self.runtime,
                                                                   self.pixel_norm, self.pad_id))
+        self._start("state()", self._new_state, (), ())  # (the first program a request runs)
         return self.executables
 
     def _call(self, name: str, jitted, args: tuple, static: tuple = ()):
@@ -249,7 +254,10 @@ class Engine:
             return jitted(*args, *static)
         compiled = self._loaded.get(name)
         if compiled is None:
-            compiled = self._loaded.setdefault(name, self.executables.load_or_compile(name, jitted, args, static))
+            loading = self._loading.get(name)
+            compiled = loading.result() if loading is not None else self.executables.load_or_compile(
+                name, jitted, args, static)
+            compiled = self._loaded.setdefault(name, compiled)
         return compiled(*args)
 
     # -- memory ---------------------------------------------------------------------------------------
@@ -713,6 +721,73 @@ class Engine:
         out += [("decode", (n, k, g)) for n in self.slot_buckets for k in self.decode_key_buckets for g in (True, False)]
         return out
 
+    def forecast(self, prefills: list[Prefill], live: int, max_new: int, greedy: bool,
+                 decode_greedy: bool) -> list[tuple[str, tuple]]:
+        """The programs (entries of `programs()`) that prefilling `prefills` together (`greedy`: all of
+        them sample greedily) and then decoding up to `max_new` tokens over the first `live` slots
+        (`decode_greedy`: all of those do) will likely run: what `preload` loads ahead."""
+        out = [("table", ()), ("embed", ()), ("release", ())]
+        for p in prefills:
+            tiles = 0 if p.request.tiles is None else len(p.request.tiles)
+            full, rest = divmod(tiles, TILE_CHUNKS[-1])
+            out += [("encode", (TILE_CHUNKS[-1],))] * min(full, 1)
+            out += [("encode", (smallest_at_least(rest, TILE_CHUNKS),))] if rest else []
+            for _, chunk, keys, fresh in p.plan:
+                rows = self.rows_for(chunk)
+                n = smallest_at_least(min(len(prefills), rows[-1]), rows) if fresh else 1
+                out.append(("prefill", (n, chunk)) if fresh else ("extend", (chunk, keys)))
+            out.append(("insert", (n, greedy)))
+            n = smallest_at_least(live, self.slot_buckets)
+            steps = decode_steps(n)
+            first, last = (smallest_at_least(min(p.length + steps + extra, self.capacity), self.decode_key_buckets)
+                           for extra in (0, max_new))
+            out += [("decode", (n, k, decode_greedy)) for k in self.decode_key_buckets if first <= k <= last]
+        return list(dict.fromkeys(out))
+
+    def preload(self, params, state: Slots, programs: list[tuple[str, tuple]]) -> int:
+        """Starts loading, side by side on background threads, those of `programs` (entries of
+        `programs()`) that `keep_executables`' store holds and this process has not loaded, so that a
+        request's programs load together rather than one by one as its calls reach them (a decode
+        program would otherwise load in the middle of an answer). A call that needs one waits for it.
+        Programs not in the store are left to compile at their first call. -> how many it started."""
+        store = self.executables
+        if store is None:
+            return 0
+        todo = [(kind, static) for kind, static in programs
+                if f"{kind}{static}" not in self._loaded and f"{kind}{static}" not in self._loading]
+        if not todo:
+            return 0
+        abstract = lambda x: (jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding, weak_type=x.weak_type)
+                              if isinstance(x, jax.Array) else x)
+        placed = abstract(jax.tree.leaves(state)[0]).sharding  # (where the engine's arrays live)
+        like = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=placed)
+        length, d, s = self.capacity, self.cfg.language.hidden_size, self.cfg.vision.image_size
+        host = (like((length,), np.int32), like((length,), np.int32), like((length,), np.bool_))
+        stand_ins = {"table": like((self.table_rows, d), self.dtype), "x": like((length, d), self.dtype),
+                     "tile": like((self.side**2, d), self.dtype),
+                     **{("logits", n): like((n, self.cfg.language.vocab_size), jnp.float32) for n in self.slot_buckets},
+                     **{("tiles", c): like((c, s, s, 3), np.uint8) for c in TILE_CHUNKS}}
+        started = 0
+        for kind, static in todo:
+            fn, args, static_args = self._warmup_call(kind, static, params, state, host, stand_ins)
+            # (shapes and placements only: the calls may donate `state` meanwhile)
+            started += self._start(f"{kind}{static}", fn, jax.tree.map(abstract, args), static_args)
+        return started
+
+    def _start(self, name: str, fn, args: tuple, static: tuple) -> bool:
+        """Starts loading program `name` on `preload`'s threads, if the store holds it -> whether it did."""
+        if name in self._loading or not self.executables.holds(name, args, static):
+            return False
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1), "vl2-preload")
+
+        def load():
+            with self._context():
+                return self.executables.load_or_compile(name, fn, args, static)
+
+        self._loading[name] = self._pool.submit(load)
+        return True
+
     def _warmup_call(self, kind: str, static: tuple, params, state: Slots, host: tuple, made: dict):
         """(jitted program, its dynamic arguments, its static ones) for one entry of `programs()`; `host`: ids, src, mask on the
         device; `made`: the feature table, embeddings and logits that earlier programs made (or arrays of
@@ -722,7 +797,7 @@ class Engine:
         if kind == "table":
             return self._new_table, self.layout_rows(params), ()
         if kind == "encode":  # (the tile count is a shape, not a static argument)
-            tiles = self._put(np.zeros((static[0], s, s, 3), np.uint8))[0]
+            tiles = made.get(("tiles", static[0])) or self._put(np.zeros((static[0], s, s, 3), np.uint8))[0]
             return self._encode, (self.vision_params(params), made["table"], tiles, np.arange(static[0], dtype=np.int32)), ()
         if kind == "take":
             return self._take_tile, (made["table"], np.int32(0)), ()

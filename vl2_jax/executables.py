@@ -26,6 +26,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -61,8 +62,8 @@ def fingerprint(*parts: object) -> str:
 def describe(args: Sequence) -> str:
     """The shapes, dtypes and placements of a call's arguments (a pytree), as text."""
 
-    def leaf(x):
-        if isinstance(x, jax.Array):
+    def leaf(x):  # (an array and a ShapeDtypeStruct of its shape and placement read the same)
+        if isinstance(x, jax.Array) or isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None:
             return f"{x.dtype}{list(x.shape)}@{x.sharding}"
         return f"{type(x).__name__}:{getattr(x, 'dtype', '')}{list(getattr(x, 'shape', ()))}"
 
@@ -78,7 +79,7 @@ def jax_cache_on() -> bool:
 def _device(args: Sequence):
     """The one device a call of `args` runs on: its arrays', else JAX's default device."""
     for x in jax.tree.leaves(args):
-        if isinstance(x, jax.Array):
+        if isinstance(x, jax.Array) or isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None:
             (device,) = x.sharding.device_set
             return device
     return jax.config.jax_default_device or jax.devices()[0]
@@ -102,6 +103,7 @@ class ExecutableStore:
         self.root = Path(directory).expanduser()
         self.directory = self.root / fingerprint
         self.loaded = self.compiled = self.failures = 0
+        self.load_s = 0.0  # seconds spent loading programs (summed over threads)
         self._lock = threading.Lock()
         self.directory.mkdir(parents=True, exist_ok=True)
         os.utime(self.directory)  # most recently used: kept by the pruning below
@@ -118,6 +120,10 @@ class ExecutableStore:
         key = hashlib.sha256(f"{name}|{static!r}|{describe(args)}".encode()).hexdigest()[:16]
         return self.directory / f"{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-')}-{key}.bin"
 
+    def holds(self, name: str, args: Sequence, static: tuple = ()) -> bool:
+        """Whether program `name` called with `args` and `static` has a file here."""
+        return self.path(name, args, static).exists()
+
     def load_or_compile(self, name: str, jitted, args: Sequence, static: tuple = ()):
         """The compiled program `jitted(*args, *static)` (a `jax.stages.Compiled`, called with `args`
         only): loaded from its file, else traced, compiled and written there."""
@@ -126,10 +132,11 @@ class ExecutableStore:
         path = self.path(name, args, static)
         if path.exists():
             try:
+                t0 = time.perf_counter()
                 payload, in_tree, out_tree = pickle.loads(path.read_bytes())
                 compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
                                                                      execution_devices=[_device(args)])
-                self._count("loaded")
+                self._count("loaded", time.perf_counter() - t0)
                 return compiled
             except Exception:  # noqa: BLE001 - any file that does not load is compiled again
                 self._count("failures")
@@ -144,13 +151,16 @@ class ExecutableStore:
             self._count("failures")
         return compiled
 
-    def _count(self, what: str) -> None:
+    def _count(self, what: str, seconds: float = 0.0) -> None:
         with self._lock:
             setattr(self, what, getattr(self, what) + 1)
+            self.load_s += seconds
 
     def report(self) -> dict:
-        """{"loaded", "compiled", "failures"}: the counts so far."""
-        return {"loaded": self.loaded, "compiled": self.compiled, "failures": self.failures}
+        """{"loaded", "compiled", "failures"}: the counts so far; "load_s": seconds spent loading (summed
+        over threads: programs load side by side)."""
+        return {"loaded": self.loaded, "compiled": self.compiled, "failures": self.failures,
+                "load_s": round(self.load_s, 4)}
 
 
 # -- the entry points' --compile-cache ----------------------------------------------------------------

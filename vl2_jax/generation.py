@@ -259,6 +259,7 @@ class Batcher:
     def step(self) -> bool:
         """One round (see the class docstring). Returns whether any work is left."""
         engine = self.engine
+        admitted = []
         while self.pending and self.free:
             job = self.pending.popleft()
             slot, start = self._choose_slot(job)
@@ -268,11 +269,18 @@ class Batcher:
                     job.digests = tile_digests(job.request.tiles)
                 prefill = engine.plan(job.request, start)
                 self.prefilling.append((slot, job, prefill))
+                admitted.append((slot, job, prefill))
                 job.cached_tokens = start
             except InputError as e:
                 self._free(slot, forget=True)
                 job.error = str(e)
                 self._end(job, "error")
+        if admitted and engine.executables is not None:  # (their programs load side by side, from the store)
+            greedy = all(job.greedy for _, job, _ in admitted)
+            engine.preload(self.params, self.state, engine.forecast(
+                [p for _, _, p in admitted], max([*self.live, *(s for s, _, _ in admitted)]) + 1,
+                max(job.max_new_tokens for _, job, _ in admitted), greedy,
+                greedy and all(job.greedy for job in self.live.values())))
         self._prefill()
         if any(item[0] == "first" for item in self.unread):
             self._read(keep=0)
