@@ -26,6 +26,9 @@ import sys
 from pathlib import Path
 
 FIELDS = ("output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
+# kept in each line but not compared: a level of few requests per client is over before the batch
+# reaches a steady state (its duration is the last request's first token plus its whole answer)
+KEPT = ("requests", "duration_s", "output_tokens", "tpot_p50_ms", "max_in_flight")
 
 
 def _path(checkout: Path) -> str:
@@ -120,7 +123,8 @@ def main(argv=None) -> int:
                 continue
             for row in one_run(checkout, checkouts["b"], args, logs / f"serve-{side}-{round_}.log"):
                 out = {"side": side, "checkout": str(checkout), "round": round_, "concurrency": row["concurrency"],
-                       "errors": row["errors"], **{k: row[k] for k in FIELDS}}
+                       "errors": row["errors"], **{k: row[k] for k in FIELDS},
+                       **{k: row.get(k) for k in KEPT}}
                 print(json.dumps(out), flush=True)
                 seen.setdefault((side, row["concurrency"]), []).append(out)
     if args.only is None:

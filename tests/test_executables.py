@@ -1,8 +1,11 @@
 """Compiled programs kept on disk: a fresh model (as in a fresh process) loads them and then neither
 traces nor compiles; a file that does not load is compiled again; the key changes with what the
-programs depend on; old folders are pruned."""
+programs depend on; old folders are pruned; an answer's programs load ahead, side by side, as
+forecast when it is admitted."""
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import pytest
@@ -59,13 +62,62 @@ def test_an_answer_loads_its_programs_ahead_side_by_side(tmp_path, sampling):
     second = _model()
     store = second.keep_executables(tmp_path)
     engine = second.engine
-    before = set(engine._loaded)  # (the empty state's program, made at load)
+    before = set(engine._loaded)
     tokens, counts = count_compiles(lambda: _ask(second, **sampling))
     assert tokens == expected and counts == dict.fromkeys(EVENTS, 0), counts
     ran = set(engine._loaded) - before
     # every program the answer ran was started ahead (the forecast), found by the key its call has
     assert ran and ran <= set(engine._loading), (ran, set(engine._loading))
     assert store.report()["compiled"] == 0 and store.report()["loaded"] == len(engine._loading)
+
+
+def test_a_load_that_fails_on_its_thread_is_tried_again_by_the_call(tmp_path):
+    first = _model()
+    first.keep_executables(tmp_path)
+    expected = _ask(first)
+
+    second = _model()
+    store = second.keep_executables(tmp_path)
+    load = store.load_or_compile
+
+    def failing_on_threads(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("a load that failed")
+        return load(*args, **kwargs)
+
+    store.load_or_compile = failing_on_threads
+    assert _ask(second) == expected
+    assert second.engine._loading and store.report()["compiled"] == 0  # (loaded by the calls themselves)
+
+
+def test_the_forecast_covers_prompts_admitted_together(tmp_path):
+    # three prompts of different first chunks in four slots: grouped calls, inserts and decode buckets
+    runtime = Runtime(max_batch=4, max_seq_len=1024, prefill_chunks=(128, 512))
+
+    def ask(model):
+        p = model.processor
+        rows = [p([{"role": "user", "content": "Hello there."}], []),
+                p([{"role": "user", "content": "<image>\nWhat is this?"}], [image(5, 90, 60)]),
+                p([{"role": "user", "content": "tell me more " * 20}], [])]
+        assert [len(r.input_ids) > 128 for r in rows] == [False, False, True]
+        return model.generate(p.batchify(rows), max_new_tokens=40).token_ids
+
+    first = _model(runtime)
+    first.keep_executables(tmp_path)
+    expected = ask(first)
+
+    second = _model(runtime)
+    second.keep_executables(tmp_path)
+    engine, forecasts = second.engine, []
+    preload = engine.preload
+    engine.preload = lambda params, state, programs: forecasts.append(programs) or preload(params, state, programs)
+    before = set(engine._loaded)
+    assert ask(second) == expected
+    ran = set(engine._loaded) - before - {"state()"}
+    forecast = {f"{kind}{static}" for programs in forecasts for kind, static in programs}
+    assert ran <= forecast, ran - forecast
+    assert ran <= set(engine._loading)
+    assert len(forecast - ran) <= 4, forecast - ran  # (a guess, not every bucket and row count)
 
 
 def test_a_file_that_does_not_load_is_compiled_again(tmp_path):

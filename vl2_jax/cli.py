@@ -333,6 +333,8 @@ def _answer(model, conversation, images, options, as_json, log, text_only=False,
 
     store = model.engine.executables
     before = store.report() if store is not None else None
+    if before is not None and timing is not None:  # the first answer: every program since the store opened
+        before = dict.fromkeys(before, 0)
     with CompileWatch() as compiling:  # the one-time cost of programs of new shapes, reported apart
         result = model.generate(batch, on_text=stream, **options)
     compile_s = compiling.seconds

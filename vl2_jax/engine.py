@@ -233,13 +233,15 @@ class Engine:
         self.vl2 = VL2(cfg, self.dtype.type, runtime)
         self.executables: ExecutableStore | None = None  # see keep_executables
         self._loaded: dict[str, jax.stages.Compiled] = {}
-        self._loading: dict[str, concurrent.futures.Future] = {}  # programs `preload` is loading
+        self._loading: dict[str, concurrent.futures.Future] = {}  # programs loads were started for
+        self._absent: set[str] = set()  # programs `preload` found not in the store
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # (`preload`'s threads)
 
     def keep_executables(self, directory) -> ExecutableStore:
         """Keeps every program this engine compiles under `directory` and loads it from there in later
         processes, which then neither trace nor compile it (`vl2_jax.executables`). One device only:
-        under a mesh, programs are compiled in each process (JAX's compilation cache still applies)."""
+        under a mesh, programs are compiled in each process (JAX's compilation cache still applies).
+        The state's program, which every request runs first, starts loading at once (`preload`)."""
         if self.mesh is not None:
             raise ConfigError("compiled programs are kept on disk for one device only, not under a mesh.")
         self.executables = ExecutableStore(directory, fingerprint(self.cfg, self.dtype, self.runtime,
@@ -255,8 +257,12 @@ class Engine:
         compiled = self._loaded.get(name)
         if compiled is None:
             loading = self._loading.get(name)
-            compiled = loading.result() if loading is not None else self.executables.load_or_compile(
-                name, jitted, args, static)
+            try:
+                compiled = loading.result() if loading is not None else None
+            except Exception:  # noqa: BLE001 - a load that failed on its thread is tried again here
+                compiled = None
+            if compiled is None:
+                compiled = self.executables.load_or_compile(name, jitted, args, static)
             compiled = self._loaded.setdefault(name, compiled)
         return compiled(*args)
 
@@ -721,27 +727,39 @@ class Engine:
         out += [("decode", (n, k, g)) for n in self.slot_buckets for k in self.decode_key_buckets for g in (True, False)]
         return out
 
-    def forecast(self, prefills: list[Prefill], live: int, max_new: int, greedy: bool,
+    def forecast(self, prefills: list[Prefill], greedy: list[bool], live: int, longest: int, max_new: int,
                  decode_greedy: bool) -> list[tuple[str, tuple]]:
-        """The programs (entries of `programs()`) that prefilling `prefills` together (`greedy`: all of
-        them sample greedily) and then decoding up to `max_new` tokens over the first `live` slots
-        (`decode_greedy`: all of those do) will likely run: what `preload` loads ahead."""
+        """The programs (entries of `programs()`) that prefilling the just admitted `prefills` (`greedy`:
+        whether each samples greedily) and then decoding up to `max_new` tokens over the first `live`
+        slots (`longest`: the live slots' longest cached length, 0 if none; `decode_greedy`: all of
+        them greedy) will likely run: what `preload` loads ahead. First chunks are grouped as
+        `pick_together` groups them (without a prefill budget, and without prompts admitted earlier)."""
         out = [("table", ()), ("embed", ()), ("release", ())]
-        for p in prefills:
+        out += [("copy", ()), ("take", ()), ("put", ())] if self.runtime.prefix_cache else []
+        for p, g in zip(prefills, greedy):
             tiles = 0 if p.request.tiles is None else len(p.request.tiles)
             full, rest = divmod(tiles, TILE_CHUNKS[-1])
             out += [("encode", (TILE_CHUNKS[-1],))] * min(full, 1)
             out += [("encode", (smallest_at_least(rest, TILE_CHUNKS),))] if rest else []
-            for _, chunk, keys, fresh in p.plan:
-                rows = self.rows_for(chunk)
-                n = smallest_at_least(min(len(prefills), rows[-1]), rows) if fresh else 1
-                out.append(("prefill", (n, chunk)) if fresh else ("extend", (chunk, keys)))
-            out.append(("insert", (n, greedy)))
-            n = smallest_at_least(live, self.slot_buckets)
-            steps = decode_steps(n)
-            first, last = (smallest_at_least(min(p.length + steps + extra, self.capacity), self.decode_key_buckets)
-                           for extra in (0, max_new))
-            out += [("decode", (n, k, decode_greedy)) for k in self.decode_key_buckets if first <= k <= last]
+            later = [("extend", (chunk, keys)) for _, chunk, keys, fresh in p.plan if not fresh]
+            out += later + ([("insert", (1, g))] if later else [])  # (its first token after its last chunk)
+        waiting = [i for i, p in enumerate(prefills) if p.at_first_chunk]
+        while waiting:  # (the first chunks' calls, as `Batcher._prefill` makes them)
+            group = [waiting[i] for i in self.pick_together([prefills[i] for i in waiting])]
+            chunk = max(prefills[i].next_chunk() for i in group)
+            n = smallest_at_least(len(group), self.rows_for(chunk))
+            out.append(("prefill", (n, chunk)))
+            if any(len(prefills[i].plan) == 1 for i in group):
+                out.append(("insert", (n, all(greedy[i] for i in group if len(prefills[i].plan) == 1))))
+            waiting = [i for i in waiting if i not in group]
+        n = smallest_at_least(live, self.slot_buckets)
+        steps = decode_steps(n)
+        # from the first call after the first tokens to one call past the longest answer's end (the host
+        # reads that a slot is done only after the next call is queued)
+        low = max([longest, *(p.length + 1 for p in prefills)]) + steps
+        high = max([longest, *(p.length for p in prefills)]) + max_new + 2 * steps
+        first, last = (smallest_at_least(min(x, self.capacity), self.decode_key_buckets) for x in (low, high))
+        out += [("decode", (n, k, decode_greedy)) for k in self.decode_key_buckets if first <= k <= last]
         return list(dict.fromkeys(out))
 
     def preload(self, params, state: Slots, programs: list[tuple[str, tuple]]) -> int:
@@ -753,8 +771,8 @@ class Engine:
         store = self.executables
         if store is None:
             return 0
-        todo = [(kind, static) for kind, static in programs
-                if f"{kind}{static}" not in self._loaded and f"{kind}{static}" not in self._loading]
+        todo = [(kind, static) for kind, static in programs if f"{kind}{static}" not in
+                self._loaded.keys() | self._loading.keys() | self._absent]
         if not todo:
             return 0
         abstract = lambda x: (jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding, weak_type=x.weak_type)
@@ -775,8 +793,12 @@ class Engine:
         return started
 
     def _start(self, name: str, fn, args: tuple, static: tuple) -> bool:
-        """Starts loading program `name` on `preload`'s threads, if the store holds it -> whether it did."""
-        if name in self._loading or not self.executables.holds(name, args, static):
+        """Starts loading program `name` on `preload`'s threads, if the store holds it -> whether it did.
+        One it does not hold is not looked for again (it is compiled at its first call, and kept)."""
+        if name in self._loading or name in self._absent:
+            return False
+        if not self.executables.holds(name, args, static):
+            self._absent.add(name)
             return False
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1), "vl2-preload")
@@ -797,7 +819,9 @@ class Engine:
         if kind == "table":
             return self._new_table, self.layout_rows(params), ()
         if kind == "encode":  # (the tile count is a shape, not a static argument)
-            tiles = made.get(("tiles", static[0])) or self._put(np.zeros((static[0], s, s, 3), np.uint8))[0]
+            tiles = made.get(("tiles", static[0]))
+            if tiles is None:
+                tiles = self._put(np.zeros((static[0], s, s, 3), np.uint8))[0]
             return self._encode, (self.vision_params(params), made["table"], tiles, np.arange(static[0], dtype=np.int32)), ()
         if kind == "take":
             return self._take_tile, (made["table"], np.int32(0)), ()
@@ -831,9 +855,6 @@ class Engine:
         parallel), then runs each once. `progress(done, total, name)` after each compile. `state`
         (donated) is used as scratch and freed: every slot is done afterwards. Returns (the state,
         {"programs": n, "seconds": s, "compile_seconds": the part spent compiling or loading them})."""
-        import concurrent.futures
-        import os
-
         t0 = time.perf_counter()
         programs = self.programs()
         state = self.new_state() if state is None else state

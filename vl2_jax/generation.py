@@ -276,11 +276,12 @@ class Batcher:
                 job.error = str(e)
                 self._end(job, "error")
         if admitted and engine.executables is not None:  # (their programs load side by side, from the store)
-            greedy = all(job.greedy for _, job, _ in admitted)
+            jobs = [job for _, job, _ in admitted]
             engine.preload(self.params, self.state, engine.forecast(
-                [p for _, _, p in admitted], max([*self.live, *(s for s, _, _ in admitted)]) + 1,
-                max(job.max_new_tokens for _, job, _ in admitted), greedy,
-                greedy and all(job.greedy for job in self.live.values())))
+                [p for _, _, p in admitted], [job.greedy for job in jobs],
+                max([*self.live, *(s for s, _, _ in admitted)]) + 1,
+                int(max((self.bound[s] for s in self.live), default=0)), max(job.max_new_tokens for job in jobs),
+                all(job.greedy for job in [*jobs, *self.live.values()])))
         self._prefill()
         if any(item[0] == "first" for item in self.unread):
             self._read(keep=0)
