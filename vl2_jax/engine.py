@@ -87,6 +87,13 @@ def smallest_at_least(n: int, buckets: tuple[int, ...]) -> int:
     return next(b for b in buckets if b >= n)
 
 
+def tile_chunks(n: int) -> list[int]:
+    """The sizes of the vision-tower calls over `n` tiles: TILE_CHUNKS[-1] tiles each, then the smallest
+    chunk that holds the rest."""
+    full, rest = divmod(n, TILE_CHUNKS[-1])
+    return [TILE_CHUNKS[-1]] * full + ([smallest_at_least(rest, TILE_CHUNKS)] if rest else [])
+
+
 class CompileWatch:
     """Counts and times JAX's tracing, lowering and compiling (its monitoring events) while a `with`
     block runs: how the benchmark shows that a warm engine compiles nothing, and how the command line
@@ -542,12 +549,11 @@ class Engine:
 
     def tile_plan(self, tiles: np.ndarray | None, todo: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
         """(places [I] int32, tiles [I, S, S, 3]) of each vision-tower call over the tiles numbered in
-        `todo`: chunks of TILE_CHUNKS[-1] tiles, then the smallest chunk that holds the rest (zero tiles
-        pad it, placed at `max_tiles` and after: their tokens are never read)."""
+        `todo`, in chunks of `tile_chunks` (zero tiles pad a partial one, placed at `max_tiles` and after:
+        their tokens are never read)."""
         out = []
-        for at in range(0, len(todo), TILE_CHUNKS[-1]):
+        for at, size in zip(range(0, len(todo), TILE_CHUNKS[-1]), tile_chunks(len(todo))):
             part = todo[at:at + TILE_CHUNKS[-1]]
-            size = next(c for c in TILE_CHUNKS if c >= len(part))
             chunk = np.zeros((size, *tiles.shape[1:]), np.uint8)
             chunk[: len(part)] = tiles[part]
             places = np.array([*part, *range(self.max_tiles, self.max_tiles + size - len(part))], np.int32)
@@ -737,10 +743,7 @@ class Engine:
         out = [("table", ()), ("embed", ()), ("release", ())]
         out += [("copy", ()), ("take", ()), ("put", ())] if self.runtime.prefix_cache else []
         for p, g in zip(prefills, greedy):
-            tiles = 0 if p.request.tiles is None else len(p.request.tiles)
-            full, rest = divmod(tiles, TILE_CHUNKS[-1])
-            out += [("encode", (TILE_CHUNKS[-1],))] * min(full, 1)
-            out += [("encode", (smallest_at_least(rest, TILE_CHUNKS),))] if rest else []
+            out += [("encode", (size,)) for size in tile_chunks(0 if p.request.tiles is None else len(p.request.tiles))]
             later = [("extend", (chunk, keys)) for _, chunk, keys, fresh in p.plan if not fresh]
             out += later + ([("insert", (1, g))] if later else [])  # (its first token after its last chunk)
         waiting = [i for i, p in enumerate(prefills) if p.at_first_chunk]
@@ -779,12 +782,9 @@ class Engine:
                               if isinstance(x, jax.Array) else x)
         placed = abstract(jax.tree.leaves(state)[0]).sharding  # (where the engine's arrays live)
         like = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=placed)
-        length, d, s = self.capacity, self.cfg.language.hidden_size, self.cfg.vision.image_size
+        length, s = self.capacity, self.cfg.vision.image_size
         host = (like((length,), np.int32), like((length,), np.int32), like((length,), np.bool_))
-        stand_ins = {"table": like((self.table_rows, d), self.dtype), "x": like((length, d), self.dtype),
-                     "tile": like((self.side**2, d), self.dtype),
-                     **{("logits", n): like((n, self.cfg.language.vocab_size), jnp.float32) for n in self.slot_buckets},
-                     **{("tiles", c): like((c, s, s, 3), np.uint8) for c in TILE_CHUNKS}}
+        stand_ins = {**self._stand_ins(like), **{("tiles", c): like((c, s, s, 3), np.uint8) for c in TILE_CHUNKS}}
         started = 0
         for kind, static in todo:
             fn, args, static_args = self._warmup_call(kind, static, params, state, host, stand_ins)
@@ -795,8 +795,6 @@ class Engine:
     def _start(self, name: str, fn, args: tuple, static: tuple) -> bool:
         """Starts loading program `name` on `preload`'s threads, if the store holds it -> whether it did.
         One it does not hold is not looked for again (it is compiled at its first call, and kept)."""
-        if name in self._loading or name in self._absent:
-            return False
         if not self.executables.holds(name, args, static):
             self._absent.add(name)
             return False
@@ -809,6 +807,14 @@ class Engine:
 
         self._loading[name] = self._pool.submit(load)
         return True
+
+    def _stand_ins(self, make: Callable) -> dict:
+        """Stand-ins for what earlier programs make (the feature table, embeddings, a tile's tokens, the
+        logits of each prefill row count), each `make(shape, dtype)`: for `_warmup_call`'s `made`."""
+        d, vocab = self.cfg.language.hidden_size, self.cfg.language.vocab_size
+        return {"table": make((self.table_rows, d), self.dtype), "x": make((self.capacity, d), self.dtype),
+                "tile": make((self.side**2, d), self.dtype),
+                **{("logits", n): make((n, vocab), jnp.float32) for n in self.rows_for(self.chunks[0])}}
 
     def _warmup_call(self, kind: str, static: tuple, params, state: Slots, host: tuple, made: dict):
         """(jitted program, its dynamic arguments, its static ones) for one entry of `programs()`; `host`: ids, src, mask on the
@@ -858,17 +864,12 @@ class Engine:
         t0 = time.perf_counter()
         programs = self.programs()
         state = self.new_state() if state is None else state
-        length, d = self.capacity, self.cfg.language.hidden_size
+        length = self.capacity
         with self._context():
             host = tuple(self._put(np.full((length,), self.pad_id, np.int32), np.zeros((length,), np.int32),
                                    np.zeros((length,), bool)))
-            # stand-ins for what earlier programs make, placed as program outputs are (a different
-            # placement would be a different program for the calls below)
-            zeros = lambda shape, dtype: self._jit(lambda: jnp.zeros(shape, dtype), "array")()
-            stand_ins = {"table": zeros((self.table_rows, d), self.dtype), "x": zeros((length, d), self.dtype),
-                         "tile": zeros((self.side**2, d), self.dtype),
-                         **{("logits", n): zeros((n, self.cfg.language.vocab_size), jnp.float32)
-                            for n in self.rows_for(self.chunks[0])}}
+            # placed as program outputs are (a different placement would be a different program below)
+            stand_ins = self._stand_ins(lambda shape, dtype: self._jit(lambda: jnp.zeros(shape, dtype), "array")())
             calls = [self._warmup_call(kind, static, params, state, host, stand_ins) for kind, static in programs]
         lock, done = threading.Lock(), [0]
 

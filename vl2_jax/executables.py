@@ -59,11 +59,17 @@ def fingerprint(*parts: object) -> str:
     return hashlib.sha256(repr((context, parts)).encode()).hexdigest()[:24]
 
 
-def describe(args: Sequence) -> str:
-    """The shapes, dtypes and placements of a call's arguments (a pytree), as text."""
+def _placed(x) -> bool:
+    """Whether `x` is an array, or a ShapeDtypeStruct with a placement (which stands for one)."""
+    return isinstance(x, jax.Array) or isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None
 
-    def leaf(x):  # (an array and a ShapeDtypeStruct of its shape and placement read the same)
-        if isinstance(x, jax.Array) or isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None:
+
+def describe(args: Sequence) -> str:
+    """The shapes, dtypes and placements of a call's arguments (a pytree), as text (an array and a
+    ShapeDtypeStruct of its shape and placement read the same)."""
+
+    def leaf(x):
+        if _placed(x):
             return f"{x.dtype}{list(x.shape)}@{x.sharding}"
         return f"{type(x).__name__}:{getattr(x, 'dtype', '')}{list(getattr(x, 'shape', ()))}"
 
@@ -79,7 +85,7 @@ def jax_cache_on() -> bool:
 def _device(args: Sequence):
     """The one device a call of `args` runs on: its arrays', else JAX's default device."""
     for x in jax.tree.leaves(args):
-        if isinstance(x, jax.Array) or isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None:
+        if _placed(x):
             (device,) = x.sharding.device_set
             return device
     return jax.config.jax_default_device or jax.devices()[0]
