@@ -1,7 +1,7 @@
 """Compiled programs kept on disk: a fresh model (as in a fresh process) loads them and then neither
 traces nor compiles; a file that does not load is compiled again; the key changes with what the
 programs depend on; old folders are pruned; an answer's programs load ahead, side by side, as
-forecast when it is admitted."""
+forecast when it is admitted, and every kept program starts loading while the weights do."""
 
 from __future__ import annotations
 
@@ -118,6 +118,36 @@ def test_the_forecast_covers_prompts_admitted_together(tmp_path):
     assert ran <= forecast, ran - forecast
     assert ran <= set(engine._loading)
     assert len(forecast - ran) <= 4, forecast - ran  # (a guess, not every bucket and row count)
+
+
+def test_kept_programs_load_beside_the_weights_most_recent_first(tmp_path, monkeypatch):
+    import concurrent.futures
+    import os
+    import time
+
+    first = vl2_jax.load_model("random:test", "float32", runtime=SMALL, programs=str(tmp_path))
+    expected = _ask(first)
+    files = sorted(tmp_path.rglob("*.bin"))
+    assert len(files) >= 5 and first.engine.executables.report()["compiled"] == len(files)
+    newest = files[2]  # (a file the last answer used is prefetched first next time)
+    os.utime(newest, (time.time() + 60, time.time() + 60))
+
+    reads = []
+    read = ExecutableStore._read
+    monkeypatch.setattr(ExecutableStore, "_read", lambda self, path, device: reads.append(
+        (threading.current_thread().name, path)) or read(self, path, device))
+    second = vl2_jax.load_model("random:test", "float32", runtime=SMALL, programs=str(tmp_path))
+    store = second.engine.executables
+    assert store is not None and store.directory == files[0].parent  # kept while the weights loaded
+    assert list(store._ahead)[0] == newest
+    concurrent.futures.wait([future for _, future in store._ahead.values()])
+    # every one, once, on background threads (the state's program on the engine's, which starts it at once)
+    assert sorted(path for name, path in reads if name.startswith(("vl2-programs", "vl2-preload"))) == files
+    reads.clear()
+    tokens, counts = count_compiles(lambda: _ask(second))
+    assert tokens == expected and counts == dict.fromkeys(EVENTS, 0), counts
+    assert reads == []  # (the calls took them: none read again)
+    assert store.report()["compiled"] == 0 and store.report()["loaded"] == len(files)
 
 
 def test_a_file_that_does_not_load_is_compiled_again(tmp_path):

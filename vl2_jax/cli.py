@@ -86,9 +86,8 @@ def run(args, log: Callable[[str], None]) -> int:
     start = time.perf_counter()
     with load.progress_bar(enabled=speaks) as bar:  # drawn only where stderr is a terminal
         model = load.load_model(args.model, args.dtype, runtime=runtime, mesh=args.mesh, progress=log,
-                                bytes_progress=bar, quant=args.quant)
+                                bytes_progress=bar, quant=args.quant, programs=cache_dir)
     options_timing = {"load_s": time.perf_counter() - start}
-    executables.keep(model, cache_dir, log)
     if model.layout is not None:
         log(f"mesh {dict(model.mesh.shape)}" + "".join(f"\n  {line}" for line in model.layout.summary()))
     options = dict(

@@ -38,6 +38,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -244,16 +245,30 @@ class Engine:
         self._absent: set[str] = set()  # programs `preload` found not in the store
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # (`preload`'s threads)
 
+    @classmethod
+    def of(cls, cfg: VL2Config, dtype, runtime: Runtime, processor, mesh=None) -> Engine:
+        """The engine of a model of `cfg` in `dtype` with `processor` (for its pad id and pixel
+        normalisation; None for a model without one: pad id 0), run as `runtime` says."""
+        pad_id = processor.pad_id if processor is not None else 0
+        norm = processor.pixel_norm if processor is not None else None
+        return cls(cfg, dtype, runtime, norm, pad_id, mesh)
+
     def keep_executables(self, directory) -> ExecutableStore:
         """Keeps every program this engine compiles under `directory` and loads it from there in later
         processes, which then neither trace nor compile it (`vl2_jax.executables`). One device only:
         under a mesh, programs are compiled in each process (JAX's compilation cache still applies).
-        The state's program, which every request runs first, starts loading at once (`preload`)."""
+        The state's program, which every request runs first, starts loading at once (`preload`), then
+        the rest of the folder's, most recently used first (`ExecutableStore.prefetch`). Keeping the
+        same folder again returns the same store."""
         if self.mesh is not None:
             raise ConfigError("compiled programs are kept on disk for one device only, not under a mesh.")
+        store = self.executables
+        if store is not None and store.root == Path(directory).expanduser():
+            return store  # (kept already, e.g. while the weights loaded)
         self.executables = ExecutableStore(directory, fingerprint(self.cfg, self.dtype, self.runtime,
                                                                   self.pixel_norm, self.pad_id))
-        self._start("state()", self._new_state, (), ())  # (the first program a request runs)
+        self.executables.prefetch()
+        self._start("state()", self._new_state, (), ())  # (the first program a request runs: not queued)
         return self.executables
 
     def _call(self, name: str, jitted, args: tuple, static: tuple = ()):

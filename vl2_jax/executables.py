@@ -15,10 +15,17 @@ The fingerprint also covers the package's source, JAX's and jaxlib's versions, t
 the XLA flags, so that a change to any of them compiles afresh (into a new folder; the oldest folders
 beyond `keep` are removed). A file that does not load (truncated, from another build) is compiled
 and written again.
+
+Loading is not free: a program holding Mosaic GPU kernels (the grouped prefill matmul) compiles them
+again in every process, about a second for small's prefill on an H100. `prefetch` therefore starts
+loading the folder's programs, most recently used first, on background threads, e.g. while the
+weights load (`load_model(programs=...)`); a call then takes its program from there, or loads it
+itself if no thread has started on it yet.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import os
 import pickle
@@ -94,9 +101,9 @@ def _device(args: Sequence):
 class ExecutableStore:
     """Serialized executables under `directory/<fingerprint>/`, one file per program variant.
 
-    Counts programs `loaded` (from disk), `compiled` (then written) and `failures` (files that
-    would not load or could not be written: compiled as if missing). Safe to use from several threads
-    (warmup compiles in parallel); files are written whole or not at all.
+    Counts programs `loaded` (from disk, by a call), `compiled` (then written) and `failures` (files
+    that would not load or could not be written: compiled as if missing). Safe to use from several
+    threads (warmup compiles in parallel); files are written whole or not at all.
     """
 
     def __init__(self, directory: str | os.PathLike, fingerprint: str, keep: int = 4):
@@ -107,10 +114,13 @@ class ExecutableStore:
             raise ConfigError("compiled programs cannot be kept while JAX's persistent compilation cache is on "
                               "(jax_compilation_cache_dir); use one or the other.")
         self.root = Path(directory).expanduser()
+        self.fingerprint = fingerprint
         self.directory = self.root / fingerprint
         self.loaded = self.compiled = self.failures = 0
         self.load_s = 0.0  # seconds spent loading programs (summed over threads)
         self._lock = threading.Lock()
+        self._ahead: dict[Path, tuple[object, concurrent.futures.Future]] = {}  # (`prefetch`: device, load)
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.directory.mkdir(parents=True, exist_ok=True)
         os.utime(self.directory)  # most recently used: kept by the pruning below
         self._prune(keep)
@@ -130,22 +140,71 @@ class ExecutableStore:
         """Whether program `name` called with `args` and `static` has a file here."""
         return self.path(name, args, static).exists()
 
-    def load_or_compile(self, name: str, jitted, args: Sequence, static: tuple = ()):
-        """The compiled program `jitted(*args, *static)` (a `jax.stages.Compiled`, called with `args`
-        only): loaded from its file, else traced, compiled and written there."""
+    def prefetch(self, limit: int = 256, threads: int = 8) -> int:
+        """Starts loading up to `limit` of the folder's programs, most recently used first, for JAX's
+        default device, on `threads` background threads; `load_or_compile` takes them from there.
+        -> how many it started. Those not started when the process exits are dropped."""
+        def used(path: Path) -> float:
+            try:
+                return path.stat().st_mtime
+            except OSError:  # (removed meanwhile)
+                return 0.0
+
+        files = sorted(self.directory.glob("*.bin"), key=used, reverse=True)[:limit]
+        device = _device(())
+        with self._lock:
+            files = [path for path in files if path not in self._ahead]
+            if files and self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(min(threads, os.cpu_count() or 1), "vl2-programs")
+            for path in files:
+                self._ahead[path] = (device, self._pool.submit(self._read, path, device))
+        return len(files)
+
+    def _read(self, path: Path, device):
+        """The program in `path`, loaded onto `device` -> a `jax.stages.Compiled`, or None if the file
+        does not load (counted in `failures`) or the process is exiting."""
         from jax.experimental import serialize_executable
 
-        path = self.path(name, args, static)
-        if path.exists():
+        if not threading.main_thread().is_alive():  # (exiting: the interpreter waits for queued loads)
+            return None
+        t0 = time.perf_counter()
+        try:
+            payload, in_tree, out_tree = pickle.loads(path.read_bytes())
+            compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
+                                                                 execution_devices=[device])
+        except Exception:  # noqa: BLE001 - any file that does not load is compiled again
+            self._count("failures")
+            return None
+        self._count("load_s", time.perf_counter() - t0)
+        return compiled
+
+    def _take_ahead(self, path: Path, device) -> concurrent.futures.Future | None:
+        """`prefetch`'s load of `path` for `device`, if one was started (None if none was, or if it had
+        not begun: the caller then loads the file itself rather than wait in the queue)."""
+        with self._lock:
+            device_ahead, future = self._ahead.pop(path, (None, None))
+        if future is None or device_ahead != device or future.cancel():
+            return None
+        return future
+
+    def load_or_compile(self, name: str, jitted, args: Sequence, static: tuple = ()):
+        """The compiled program `jitted(*args, *static)` (a `jax.stages.Compiled`, called with `args`
+        only): loaded from its file (or taken from `prefetch`), else traced, compiled and written."""
+        from jax.experimental import serialize_executable
+
+        path, device = self.path(name, args, static), _device(args)
+        ahead = self._take_ahead(path, device)
+        if ahead is not None:
+            compiled = ahead.result()
+        else:
+            compiled = self._read(path, device) if path.exists() else None
+        if compiled is not None:
+            self._count("loaded")
             try:
-                t0 = time.perf_counter()
-                payload, in_tree, out_tree = pickle.loads(path.read_bytes())
-                compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
-                                                                     execution_devices=[_device(args)])
-                self._count("loaded", time.perf_counter() - t0)
-                return compiled
-            except Exception:  # noqa: BLE001 - any file that does not load is compiled again
-                self._count("failures")
+                os.utime(path)  # most recently used: prefetched first next time
+            except OSError:
+                pass
+            return compiled
         compiled = jitted.lower(*args, *static).compile()
         self._count("compiled")
         try:
@@ -159,12 +218,14 @@ class ExecutableStore:
 
     def _count(self, what: str, seconds: float = 0.0) -> None:
         with self._lock:
-            setattr(self, what, getattr(self, what) + 1)
-            self.load_s += seconds
+            if what == "load_s":
+                self.load_s += seconds
+            else:
+                setattr(self, what, getattr(self, what) + 1)
 
     def report(self) -> dict:
         """{"loaded", "compiled", "failures"}: the counts so far; "load_s": seconds spent loading (summed
-        over threads: programs load side by side)."""
+        over threads, including programs prefetched and not used yet)."""
         return {"loaded": self.loaded, "compiled": self.compiled, "failures": self.failures,
                 "load_s": round(self.load_s, 4)}
 
@@ -206,18 +267,19 @@ def use_compile_cache(path: str, log: Callable[[str], None], jax_cache: bool = T
     return path
 
 
-def keep(model, directory: str, log: Callable[[str], None]) -> ExecutableStore | None:
-    """The model's engine programs kept as executables in `directory`/executables (`use_compile_cache`'s
-    folder), so that a fresh process loads them without tracing -> the store, or None (no folder, or a
-    mesh)."""
-    if not directory or model.mesh is not None:
+def keep(target, directory: str, log: Callable[[str], None]) -> ExecutableStore | None:
+    """The engine programs of `target` (a `VL2Model` or an `Engine`) kept as executables in
+    `directory`/executables (`use_compile_cache`'s folder), so that a fresh process loads them
+    without tracing; those kept there start loading at once (`ExecutableStore.prefetch`) -> the
+    store, or None (no folder, or a mesh)."""
+    if not directory or target.mesh is not None:
         return None
     if jax_cache_on():
         log("compiled programs not kept as executables: JAX's own compilation cache is on "
             "(JAX_COMPILATION_CACHE_DIR); each run traces its programs")
         return None
     try:
-        return model.keep_executables(os.path.join(directory, "executables"))
+        return target.keep_executables(os.path.join(directory, "executables"))
     except OSError as e:
         log(f"compiled programs not kept: cannot use {directory} ({e.strerror or e}); see --compile-cache")
         return None

@@ -35,9 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vl2_jax import prefetch
+from vl2_jax import executables, prefetch
 from vl2_jax.checkpoint import SafetensorsFolder, load_hf, param_shapes, set_path, source_dtype
 from vl2_jax.config import PRESETS, Runtime, VL2Config, dtype_of
+from vl2_jax.engine import Engine
 from vl2_jax.errors import CheckpointError, ConfigError, out_of_memory_as
 from vl2_jax.model import VL2Model
 from vl2_jax.modules.vl2 import VL2
@@ -72,7 +73,7 @@ BytesProgress = Callable[[int, int], None]
 def load_model(
     spec: str, dtype=None, *, runtime: Runtime = Runtime(), mesh=None, seed: int = 0,
     progress: Callable[[str], None] | None = None, bytes_progress: BytesProgress | None = None,
-    quant: str | None = None,
+    quant: str | None = None, programs: str | None = None,
 ) -> VL2Model:
     """Any spec (see the module docstring) -> a `VL2Model`.
 
@@ -89,12 +90,15 @@ def load_model(
       quant: the language model's weights as "int8" or "fp8" values with float32 scales, quantized
         here leaf by leaf as they load (`vl2_jax.quant`), or "none"; None: as the checkpoint holds them
         (a `python -m convert --quant` output is quantized already; asking it for another is an error).
+      programs: a folder (the entry points' --compile-cache) where the engine keeps its compiled programs
+        (`vl2_jax.executables.keep`; one device only); those an earlier process kept there start loading
+        while the weights do, so that the first answer finds them ready.
     """
     several = getattr(jax.distributed, "is_initialized", lambda: False)()
     reading = None if several else prefetch.start(spec)  # read ahead while JAX's backend starts
     try:
         return _load(spec, dtype or default_dtype(), runtime, mesh, seed, progress or (lambda line: None),
-                     bytes_progress, quant)
+                     bytes_progress, quant, programs)
     finally:
         if reading is not None:
             reading.stop()
@@ -106,7 +110,8 @@ def load_pretrained(spec, dtype="float32", runtime: Runtime = Runtime(), mesh=No
 
 
 def _load(spec: str, dtype, runtime: Runtime, mesh, seed: int, progress: Callable[[str], None],
-          bytes_progress: BytesProgress | None = None, quant: str | None = None) -> VL2Model:
+          bytes_progress: BytesProgress | None = None, quant: str | None = None,
+          programs: str | None = None) -> VL2Model:
     start = time.perf_counter()
     read = [0]
     if isinstance(mesh, str) and mesh != "auto":
@@ -120,13 +125,15 @@ def _load(spec: str, dtype, runtime: Runtime, mesh, seed: int, progress: Callabl
     if spec.startswith("random:"):
         preset(spec[7:])  # an unknown size is refused before the line that announces it
         progress(f"initialising random {spec[7:]} weights ...")
-        model = random_model(spec[7:], dtype or "float32", seed, runtime, mesh, quant=quant or "none")
+        model = random_model(spec[7:], dtype or "float32", seed, runtime, mesh, quant=quant or "none",
+                             programs=programs, log=progress)
     elif not is_hub_id(spec):
         progress(f"loading {spec} ...")
-        model = load_folder(spec, dtype, runtime, mesh, bytes_progress=count, quant=quant)
+        model = load_folder(spec, dtype, runtime, mesh, bytes_progress=count, quant=quant, programs=programs,
+                            log=progress)
     else:
         model = load_folder(_converted_from_hub(spec, progress), dtype, runtime, mesh, bytes_progress=count,
-                            quant=quant)
+                            quant=quant, programs=programs, log=progress)
     seconds = time.perf_counter() - start
     from vl2_jax.orbax_io import format_bytes
 
@@ -163,13 +170,15 @@ def progress_bar(enabled: bool = True, file=None) -> Iterator[BytesProgress]:
 
 
 def load_folder(path: str | Path, dtype=None, runtime: Runtime = Runtime(), mesh=None, *,
-                bytes_progress: BytesProgress | None = None, quant: str | None = None) -> VL2Model:
+                bytes_progress: BytesProgress | None = None, quant: str | None = None,
+                programs: str | None = None, log: Callable[[str], None] = lambda line: None) -> VL2Model:
     """A Hugging Face DeepSeek-VL2 folder or a `python -m convert` output -> a `VL2Model`.
 
     The folder holds config.json, the tokenizer and processor files, and either safetensors weights or
     an Orbax checkpoint written by `python -m convert`. `dtype=None` keeps the checkpoint's dtype.
     `bytes_progress(done, total)` is called as the weights land (see `load_model`). `quant` (see
     `load_model`): a float checkpoint is quantized as it loads; a quantized one loads only as itself.
+    `programs` (see `load_model`): kept programs load beside the weights; `log` tells why they cannot.
     """
     from vl2_jax import orbax_io
 
@@ -207,6 +216,9 @@ def load_folder(path: str | Path, dtype=None, runtime: Runtime = Runtime(), mesh
         read = quantized_shapes(shapes, saved_quant)
         shardings = Layout(mesh).param_shardings(read) if mesh is not None else None
         quantize = quant if saved_quant == "none" else "none"  # what to quantize while loading
+        # (after the processor, on its thread: the engine's fingerprint reads the processor's settings)
+        engine = pool.submit(lambda: _engine_ahead(cfg, dtype_, runtime, processor_loaded.result(), mesh, programs,
+                                                   log))
         with out_of_memory_as(f"while loading the {jnp.dtype(dtype_).name} weights"):
             if converted:
                 after = (lambda p, leaf: _quantize_leaf(p, leaf, quantize, mesh)) if quantize != "none" else None
@@ -215,7 +227,19 @@ def load_folder(path: str | Path, dtype=None, runtime: Runtime = Runtime(), mesh
                 total = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes))
                 params = load_hf(folder, cfg, dtype_, place=_placer(shardings, landed, total, quant))
         processor = processor_loaded.result()
-    return VL2Model(cfg, params, processor, dtype_, runtime, mesh, quant=quant)
+    return VL2Model(cfg, params, processor, dtype_, runtime, mesh, quant=quant, engine=engine.result())
+
+
+def _engine_ahead(cfg: VL2Config, dtype, runtime: Runtime, processor: Processor, mesh, programs: str | None,
+                  log: Callable[[str], None]) -> Engine | None:
+    """The engine of a model still loading, its programs kept in folder `programs` and those kept there
+    already loading (`executables.keep`) -> the engine, or None (no folder, or a mesh: `VL2Model` makes
+    its engine when first asked)."""
+    if not programs or mesh is not None:
+        return None
+    engine = Engine.of(cfg, dtype, runtime, processor, mesh)
+    executables.keep(engine, programs, log)
+    return engine
 
 
 def _checked_processor(path: Path, cfg: VL2Config) -> Processor:
@@ -421,11 +445,13 @@ def preset(name: str) -> VL2Config:
 
 
 def random_model(name: str, dtype="float32", seed: int = 0, runtime: Runtime = Runtime(), mesh=None,
-                 quant: str = "none") -> VL2Model:
+                 quant: str = "none", programs: str | None = None,
+                 log: Callable[[str], None] = lambda line: None) -> VL2Model:
     """A `VL2Model` with random weights at a preset size ("tiny", "small", "base", "test"), on one device
     or across `mesh` (see `load_model`); its tokenizer and processor files go to a temporary folder and
     load through the same code as a real checkpoint's. `quant`: each float weight quantized as soon as
-    it is drawn (`vl2_jax.quant`), so that memory holds the quantized model and one float leaf at most."""
+    it is drawn (`vl2_jax.quant`), so that memory holds the quantized model and one float leaf at most.
+    `programs`, `log`: as for `load_folder`."""
     cfg = preset(name)
     dtype = resolve_dtype(dtype) or jnp.float32
     folder = write_assets(Path(tempfile.mkdtemp(prefix=f"vl2-random-{name}-")), cfg)
@@ -433,5 +459,7 @@ def random_model(name: str, dtype="float32", seed: int = 0, runtime: Runtime = R
     shardings = Layout(mesh).param_shardings(param_shapes(cfg, dtype)) if mesh is not None else None
     quant = check_quant(quant)
     after = (lambda path, leaf: _quantize_leaf(path, leaf, quant, mesh)) if quant != "none" else None
+    processor = Processor.from_pretrained(folder)
+    engine = _engine_ahead(cfg, dtype, runtime, processor, mesh, programs, log)
     params = init_params(cfg, dtype, seed, shardings, after)
-    return VL2Model(cfg, params, Processor.from_pretrained(folder), dtype, runtime, mesh, quant=quant)
+    return VL2Model(cfg, params, processor, dtype, runtime, mesh, quant=quant, engine=engine)

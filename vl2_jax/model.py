@@ -33,10 +33,11 @@ class VL2Model:
     """DeepSeek-VL2 with its parameters and processor. All arrays in and out are batch-major."""
 
     def __init__(self, cfg: VL2Config, params: dict, processor=None, dtype=jnp.float32, runtime: Runtime = Runtime(),
-                 mesh=None, quant: str = "none"):
+                 mesh=None, quant: str = "none", engine: Engine | None = None):
         """`params` must already be placed for `mesh` (None: one device); see `vl2_jax.load`. `runtime`:
         how the model runs (MoE dispatch, attention form, kernels; `Runtime.plain()` is the reference's
-        arithmetic). `quant`: what `params` hold ("none", or "int8"/"fp8" weights; `vl2_jax.quant`)."""
+        arithmetic). `quant`: what `params` hold ("none", or "int8"/"fp8" weights; `vl2_jax.quant`).
+        `engine`: its `Engine`, if made already (`Engine.of` these settings; else made when first asked)."""
         if not isinstance(runtime, Runtime):
             raise TypeError(f"runtime must be a vl2_jax.Runtime, not {type(runtime).__name__}")
         self.cfg = cfg
@@ -51,6 +52,8 @@ class VL2Model:
         if self.layout is not None:
             self.layout.param_specs(param_shapes(cfg, self.dtype))  # records what had to stay replicated
         self._state = None  # the engine's slots and cache, between calls
+        if engine is not None:
+            self.engine = engine  # (in place of the cached property's)
 
     # -- placement ------------------------------------------------------------------------------------
     def mesh_context(self):
@@ -175,9 +178,7 @@ class VL2Model:
     @functools.cached_property
     def engine(self) -> Engine:
         """The fixed-shape programs over `runtime.max_batch` slots of `runtime.max_seq_len` tokens."""
-        pad_id = self.processor.pad_id if self.processor is not None else 0
-        norm = self.processor.pixel_norm if self.processor is not None else None
-        return Engine(self.cfg, self.dtype, self.runtime, norm, pad_id, self.mesh)
+        return Engine.of(self.cfg, self.dtype, self.runtime, self.processor, self.mesh)
 
     def keep_executables(self, directory):
         """Keeps the engine's compiled programs under `directory` (`Engine.keep_executables`): a later

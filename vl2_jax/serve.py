@@ -144,8 +144,9 @@ def run(args, log) -> int:
     runtime = Runtime(moe=args.moe, attention=args.attention, kernels=args.kernels == "on", max_batch=args.max_batch,
                       max_seq_len=args.max_seq_len, prefill_tokens=args.prefill_tokens,
                       prefix_cache=not args.no_prefix_cache, **chunks)
-    model = load.load_model(args.model, args.dtype, runtime=runtime, mesh=args.mesh, progress=log, quant=args.quant)
-    store = executables.keep(model, cache_dir, log)
+    model = load.load_model(args.model, args.dtype, runtime=runtime, mesh=args.mesh, progress=log, quant=args.quant,
+                            programs=cache_dir)
+    store = model.engine.executables
     if not args.no_warmup:
         report = model.warmup(_warmup_progress(log))
         kept = "" if store is None else "; executables, the state's included: {loaded} loaded from the cache, " \
