@@ -414,6 +414,21 @@ def test_a_client_that_leaves_cancels_its_job(sched, url):
     assert httpx2.get(url + "/health").status_code == 200
 
 
+def test_flush_cache_empties_the_tile_cache():
+    from vl2_jax.processor import TileCache
+
+    proc = processor()
+    proc.tile_cache = TileCache(16 << 20)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    proc([{"role": "user", "content": "<image>\nHi"}], [image])
+    proc([{"role": "user", "content": "<image>\nHi"}], [image])
+    assert proc.tile_cache.hits == 1
+    with running(create_app(FakeScheduler(), MODEL, proc)) as url:
+        assert httpx2.post(url + "/flush_cache").status_code == 200
+    proc([{"role": "user", "content": "<image>\nHi"}], [image])
+    assert proc.tile_cache.hits == 1 and proc.tile_cache.lookups == 3  # (resampled again)
+
+
 def test_models_info_health_generate_flush_and_metrics(sched, url):
     assert [m.id for m in client(url).models.list()] == [MODEL]
     assert httpx2.get(url + f"/v1/models/{MODEL}").json()["max_model_len"] == 256

@@ -280,6 +280,38 @@ def test_three_images_disable_cropping():
     assert out.images.shape[0] == 6
 
 
+def test_a_tile_cache_gives_the_same_outputs_and_resamples_each_image_once(monkeypatch):
+    """Against the fixtures' cases (one image, two, three: cropping off), processed twice through a
+    `TileCache`: the outputs equal the cacheless processor's, and each image is resampled once."""
+    from vl2_jax.processor import TileCache
+
+    cached = Processor.from_pretrained(ckpt_dir("mha"))
+    cached.tile_cache = TileCache(64 << 20)
+    resampled = []
+    resample = Processor._resample
+    monkeypatch.setattr(Processor, "_resample", lambda self, image, cropping: (
+        resampled.append(cropping) if self is cached else None) or resample(self, image, cropping))
+    names = [name for variant, name in all_cases() if variant == "mha" and load_case("mha", name)["image_paths"]]
+    assert "three_images_no_crop" in names and len(names) >= 3
+    for round_ in range(2):
+        for name in names:
+            case = load_case("mha", name)
+            assert_same_output(cached(case["conversation"], open_images(case)), run_case("mha", name))
+        if round_ == 0:
+            first = len(resampled)
+            assert 0 < first <= sum(len(load_case("mha", n)["image_paths"]) for n in names)
+    assert len(resampled) == first  # the second round found every image's tiles
+    assert cached.tile_cache.hits == cached.tile_cache.lookups - first
+
+    # a budget too small for an image's tiles keeps nothing (and still answers)
+    small = Processor.from_pretrained(ckpt_dir("mha"))
+    small.tile_cache = TileCache(1000)
+    case = load_case("mha", names[0])
+    assert_same_output(small(case["conversation"], open_images(case)), run_case("mha", names[0]))
+    assert_same_output(small(case["conversation"], open_images(case)), run_case("mha", names[0]))
+    assert small.tile_cache.hits == 0
+
+
 # ---------------------------------------------------------------------------------- tokenizer
 SPECIAL = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "<image>",
            "<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>", "<|User|>", "<|Assistant|>")

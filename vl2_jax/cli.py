@@ -35,6 +35,7 @@ def _start_distributed(args) -> bool:
 
 def run(args, log: Callable[[str], None]) -> int:
     from vl2_jax import executables, load
+    from vl2_jax.processor import TileCache
 
     sigterm_as_interrupt()  # (JAX is imported by now)
 
@@ -103,6 +104,7 @@ def run(args, log: Callable[[str], None]) -> int:
         text = _answer(model, conversation, images, options, args.json, log, text_only=True, timing=options_timing)
         _draw_boxes(getattr(args, "draw_boxes", None), images, text, log)
         return 0
+    model.processor.tile_cache = TileCache(64 << 20)  # (each turn sends the chat's images again)
     log("chat: type a message and press Enter; /image PATH (or an http(s) or data: URL) attaches an image to "
         "your next message; an empty line or Ctrl-D ends the session.")
     pending = images

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 import re
+import threading
 import warnings
 from pathlib import Path
 
+import cachetools
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -330,9 +333,45 @@ def open_image(image, name: str | None = None) -> Image.Image:
         return _to_rgb(opened, f"image {path}")
 
 
+class TileCache:
+    """The tiles of images processed lately, by a digest of their pixels and the cropping rule, the least
+    recently used dropped beyond `budget` bytes: a server's repeated images, and a chat's earlier images
+    sent again with each turn, skip the resampling (~10 ms for a 1000 px image on one CPU core, against
+    ~2 ms for the digest). Counts images looked up and found. Safe to use from several threads."""
+
+    def __init__(self, budget: int):
+        self._entries = cachetools.LRUCache(budget, getsizeof=lambda entry: sum(t.nbytes for t in entry[0]))
+        self._lock = threading.Lock()
+        self.lookups = self.hits = 0
+
+    def tiles(self, image: Image.Image, cropping: bool, make) -> tuple[list[np.ndarray], tuple[int, int]]:
+        """`make(image, cropping)` (tiles, (nw, nh)), from the cache when these pixels were tiled so before
+        (the tiles are then shared: read-only)."""
+        key = (hashlib.blake2b(image.tobytes(), digest_size=16).digest(), image.size, image.mode, cropping)
+        with self._lock:
+            self.lookups += 1
+            found = self._entries.get(key)
+            self.hits += found is not None
+        if found is not None:
+            return found
+        tiles, grid = make(image, cropping)
+        entry = ([_read_only(t) for t in tiles], grid)
+        with self._lock:
+            try:
+                self._entries[key] = entry
+            except ValueError:  # (larger than the whole budget: not kept)
+                pass
+        return entry
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
 class Processor:
     """DeepSeek-VL2 processor: conversation + images -> :class:`ProcessorOutput` (inference mode), or
-    with training labels (`supervised`)."""
+    with training labels (`supervised`). `tile_cache` (None, or a `TileCache` a server or a chat sets):
+    where images tiled before are found again."""
 
     def __init__(self, tokenizer, candidate_resolutions, patch_size, downsample_ratio,
                  image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), normalize=True,
@@ -356,6 +395,7 @@ class Processor:
         self._fill = tuple(int(m * 255) for m in self.image_mean)
         side = math.ceil((self.image_size // self.patch_size) / self.downsample_ratio)
         self._tokens_per_side = side
+        self.tile_cache: TileCache | None = None
 
     @classmethod
     def from_pretrained(cls, path) -> Processor:
@@ -426,7 +466,14 @@ class Processor:
         return (self.image_mean, self.image_std) if self.normalize else None
 
     def _tile(self, image, cropping):
-        """One image -> ([1 + nw*nh] tiles, each [S, S, 3] uint8, (nw, nh))."""
+        """One image -> ([1 + nw*nh] tiles, each [S, S, 3] uint8, (nw, nh)); from `tile_cache`, if any."""
+        if self.tile_cache is not None:
+            return self.tile_cache.tiles(image, cropping, self._resample)
+        return self._resample(image, cropping)
+
+    def _resample(self, image, cropping):
+        """`_tile`'s work: the global view padded to a square, the local views padded to the best
+        resolution and cut."""
         size = self.image_size
         if cropping:
             best_w, best_h = select_best_resolution(image.size, self.candidate_resolutions)

@@ -68,6 +68,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-cache-mb", type=number(int, 0), default=1024, metavar="MB",
                    help="with the prefix cache: device memory for the vision tower's output of recently seen image "
                         "tiles, so an image seen before is not encoded again (default 1024; 0: off)")
+    p.add_argument("--tile-cache-mb", type=number(int, 0), default=256, metavar="MB",
+                   help="host memory for the tiles of recently seen images, so an image sent again (each turn of a "
+                        "chat sends its images again) is not resampled (default 256; 0: off)")
     p.add_argument("--no-warmup", action="store_true",
                    help="serve at once and compile each program on first use (the first requests are slow)")
     p.add_argument("--api-key", default=None, metavar="KEY",
@@ -125,6 +128,7 @@ def run(args, log) -> int:
     from vl2_jax import executables, load
     from vl2_jax.errors import InputError
     from vl2_jax.images import ImageLimits
+    from vl2_jax.processor import TileCache
     from vl2_jax.serving.api import ServerSettings, create_app
     from vl2_jax.serving.metrics import Metrics
     from vl2_jax.serving.scheduler import Scheduler
@@ -147,6 +151,8 @@ def run(args, log) -> int:
     model = load.load_model(args.model, args.dtype, runtime=runtime, mesh=args.mesh, progress=log, quant=args.quant,
                             programs=cache_dir)
     store = model.engine.executables
+    if args.tile_cache_mb:
+        model.processor.tile_cache = TileCache(args.tile_cache_mb << 20)
     if not args.no_warmup:
         report = model.warmup(_warmup_progress(log))
         kept = "" if store is None else "; executables, the state's included: {loaded} loaded from the cache, " \
