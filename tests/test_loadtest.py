@@ -23,12 +23,14 @@ from vl2_jax import loadtest
 
 class Stub:
     """Streams `max_tokens` one-token chunks (or `per_chunk` tokens per chunk), `first_s` before the
-    first and `token_s` between chunks; fails every `fail_every`-th request with HTTP 500; counts a
-    prefix-cache hit per repeated conversation on /metrics when `metrics` is set."""
+    first (`seen_first_s` for a conversation seen before, if given) and `token_s` between chunks; fails
+    every `fail_every`-th request with HTTP 500; counts a prefix-cache hit per repeated conversation on
+    /metrics when `metrics` is set."""
 
     def __init__(self, first_s=0.0, token_s=0.002, per_chunk=1, usage_every_chunk=False, fail_every=0,
-                 metrics=False, models=True, models_s=0.0):
+                 metrics=False, models=True, models_s=0.0, seen_first_s=None):
         self.first_s, self.token_s, self.per_chunk, self.usage_every_chunk = first_s, token_s, per_chunk, usage_every_chunk
+        self.seen_first_s = first_s if seen_first_s is None else seen_first_s
         self.fail_every, self.metrics = fail_every, metrics
         self.bodies: list[dict] = []
         self.in_flight = self.max_in_flight = self.failed = self.tokens_sent = 0
@@ -62,15 +64,16 @@ class Stub:
                 return JSONResponse({"error": {"message": "stub failure", "type": "server_error"}}, status_code=500)
             key = json.dumps(body["messages"])
             self.queries += 100
+            first_s = self.seen_first_s if key in self.seen else self.first_s
             self.hits += 100 if key in self.seen else 0
             self.seen.add(key)
-            return StreamingResponse(self.stream(body["max_tokens"]), media_type="text/event-stream")
+            return StreamingResponse(self.stream(body["max_tokens"], first_s), media_type="text/event-stream")
 
-    async def stream(self, n: int):
+    async def stream(self, n: int, first_s: float):
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            await asyncio.sleep(self.first_s)
+            await asyncio.sleep(first_s)
             sent = 0
             while sent < n:
                 k = min(self.per_chunk, n - sent)
@@ -210,6 +213,18 @@ def test_repeat_scenario_reports_the_servers_hit_rate(capsys):
     conversations = {json.dumps(b["messages"]) for b in stub.bodies[1:]}
     assert len(conversations) == 2
     assert sum('"image_url"' in c for c in conversations) == 1  # --image-share 0.5 of 2
+    assert rows[0]["ttft_repeat_p50_ms"] is not None and rows[1]["ttft_repeat_ratio"] is not None
+
+
+def test_repeat_scenario_compares_each_conversations_first_token_with_its_repeats(capsys):
+    with serving(Stub(first_s=0.1, seen_first_s=0.02)) as url:
+        (row,), _ = run_cli(capsys, url, "--scenario", "repeat", "--distinct", "2", "--concurrency", "1",
+                            "--requests", "6", "--min-tokens", "2", "--max-tokens", "2", "--warmup", "none")
+        (unique,), _ = run_cli(capsys, url, "--concurrency", "1", "--requests", "3", "--min-tokens", "2",
+                               "--max-tokens", "2", "--warmup", "none")
+    assert 100 <= row["ttft_first_p50_ms"] < 180 and 20 <= row["ttft_repeat_p50_ms"] < 80
+    assert 0.2 <= row["ttft_repeat_ratio"] < 0.6
+    assert unique["ttft_first_p50_ms"] is None and unique["ttft_repeat_ratio"] is None  # nothing repeats
 
 
 def test_cache_counters_from_prometheus_text():

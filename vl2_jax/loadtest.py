@@ -40,6 +40,10 @@ pure JSON lines); latencies are of successful requests only:
   counter during the level, read from `GET <url without /v1>/metrics` (Prometheus text; counters whose
   names end in `prefix_cache_hits_total` and `prefix_cache_queries_total`, summed over labels, e.g.
   `vl2_prefix_cache_*` or vLLM's tokens-based `vllm:prefix_cache_*`); null when the server has none.
+- `ttft_first_p50_ms`, `ttft_repeat_p50_ms`, `ttft_repeat_ratio` (scenario `repeat`; null where no
+  conversation repeats within the level): the first token of each conversation's first request in the
+  level (p50 over conversations), of its later requests (p50), and the median over conversations of
+  (its later requests' median / its first): a prefix cache's gain, when the first requests were cold.
 - `errors`, `first_error`: failed requests (HTTP status, connection, timeout, a broken stream) and the
   first one's message; `max_in_flight`: the most requests this client had open at once;
   `image_requests`: how many of the level's requests carried an image.
@@ -247,7 +251,10 @@ async def run_level(client, model: str, jobs: list[Job], concurrency: int, timeo
 
 def summarize(jobs: list[Job], results: list[Result], concurrency: int, most: int, hit_rate: float | None) -> dict:
     """The level's JSON line: milliseconds and tokens per second rounded to 0.01, requests per second
-    to 0.001, seconds to 0.001."""
+    to 0.001, seconds to 0.001. Where conversations repeat (`--scenario repeat`): the first token of each
+    one's first request in the level (p50 over them), of its later requests (p50), and per conversation
+    its later requests' median over its first, the median of those ratios (e.g. a prefix cache's gain;
+    None without repeats)."""
     ok = [r for r in results if r.error is None]
     failed = [r for r in results if r.error is not None]
     duration = max(r.end for r in results) - min(r.start for r in results)
@@ -259,6 +266,14 @@ def summarize(jobs: list[Job], results: list[Result], concurrency: int, most: in
     def ms(values, q):
         return None if not values else round(1e3 * float(np.percentile(values, q)), 2)
 
+    # the `repeat` scenario: each conversation's first request in the level against its later ones
+    sent: dict[int, list[float]] = {}
+    for job, r in zip(jobs, results):
+        if r.error is None and r.ttft is not None:
+            sent.setdefault(id(job.content), []).append(r.ttft)
+    repeated = [ttfts for ttfts in sent.values() if len(ttfts) > 1]
+    ratios = [float(np.median(ttfts[1:])) / ttfts[0] for ttfts in repeated if ttfts[0] > 0]
+
     return {
         "concurrency": concurrency,
         "requests": len(results),
@@ -269,6 +284,9 @@ def summarize(jobs: list[Job], results: list[Result], concurrency: int, most: in
         "itl_p50_ms": ms(itl, 50),
         "itl_p99_ms": ms(itl, 99),
         "cache_hit_rate": None if hit_rate is None else round(hit_rate, 4),
+        "ttft_first_p50_ms": ms([ttfts[0] for ttfts in repeated], 50),
+        "ttft_repeat_p50_ms": ms([t for ttfts in repeated for t in ttfts[1:]], 50),
+        "ttft_repeat_ratio": round(float(np.median(ratios)), 4) if ratios else None,
         "errors": len(failed),
         "duration_s": round(duration, 3),
         "output_tokens": tokens,
@@ -402,6 +420,8 @@ def table(rows: list[dict]) -> str:
              "| TPOT p50 ms | cache hits | duration s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hits = "-" if r["cache_hit_rate"] is None else f"{100 * r['cache_hit_rate']:.0f}%"
+        if r["ttft_repeat_ratio"] is not None:  # (repeats' first token against each conversation's first)
+            hits += f", TTFT x{r['ttft_repeat_ratio']:.2f}"
         lines.append(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {f(r['output_tokens_per_s'])} "
                      f"| {f(r['requests_per_s'], 2)} | {f(r['ttft_p50_ms'])} / {f(r['ttft_p99_ms'])} "
                      f"| {f(r['itl_p50_ms'], 2)} / {f(r['itl_p99_ms'], 2)} ({r['itl_per']}) | {f(r['tpot_p50_ms'], 2)} "
