@@ -121,33 +121,51 @@ def test_signatures_tell_images_apart_behind_the_same_ids():
 def test_slots_are_chosen_hits_first_then_empty_then_least_recently_used():
     p = SlotPrefixes(3, granularity=4)
     sig = np.arange(20, dtype=np.int64)
-    assert p.choose([0, 1, 2], sig) == (0, 0, None, None)  # all empty: the lowest
+    assert p.choose([0, 1, 2], sig) == (0, 0, None)  # all empty: the lowest
     p.keep(1, sig[:10], [100, 101, 102])  # holds 12 entries
     p.keep(2, np.arange(50, 60, dtype=np.int64), [1])
-    assert p.choose([0, 1, 2], sig) == (1, 8, None, None)  # 10 common, rounded down to 8
+    assert p.choose([0, 1, 2], sig) == (1, 8, None)  # 10 common, rounded down to 8
     assert p.choose([1, 2], np.arange(200, 210, dtype=np.int64))[0] == 1  # the least recently used
-    assert p.choose([2], sig[:4]) == (2, 0, None, None)  # at least one prompt token is prefilled
-    # slot 1 would enlarge the decode program: its prefix is copied into slot 0, which then holds it
-    assert p.choose([0, 1, 2], sig, below=1) == (0, 8, 1, None) and np.array_equal(p.held[0], sig[:8])
-    assert p.choose([1, 2], sig, below=1) == (1, 8, None, None)  # nothing below: any slot
+    assert p.choose([2], sig[:4]) == (2, 0, None)  # at least one prompt token is prefilled
+    # slot 1 would enlarge the decode program: its prefix trades places with slot 0's (empty) entries
+    assert p.choose([0, 1, 2], sig, below=1) == (0, 8, 1)
+    assert np.array_equal(p.held[0][:10], sig[:10]) and len(p.held[1]) == 0
+    p.keep(2, sig[:10], [5, 6])
+    assert p.choose([1, 2], sig, below=1) == (2, 8, None)  # nothing below: any slot
     assert p.lookups == 6 and p.hits == 24
 
 
-def test_entries_about_to_be_overwritten_move_up_into_an_idle_slot():
+def test_entries_about_to_be_overwritten_trade_places_with_an_idle_slot():
     p = SlotPrefixes(3, granularity=4)
     a, b = np.arange(20, dtype=np.int64), np.arange(100, 120, dtype=np.int64)
     p.keep(0, a, [7])
-    assert p.choose([0, 1, 2], b, below=1) == (0, 0, None, 1)  # slot 0 taken; its entries go to empty slot 1
-    assert np.array_equal(p.held[1], p.held[0]) and np.array_equal(p.held[1][:20], a)
+    assert p.choose([0, 1, 2], b, below=1) == (0, 0, 1)  # slot 0 taken; its entries go up to empty slot 1
+    assert np.array_equal(p.held[1][:20], a) and len(p.held[0]) == 0
     p.keep(0, b, [8])
-    # `a` again: cached in slot 1, copied down into slot 0, whose `b` goes up to the empty slot 2
-    assert p.choose([0, 1, 2], a, below=1) == (0, 16, 1, 2)
-    assert np.array_equal(p.held[2][:20], b) and np.array_equal(p.held[0], a[:16])
+    # `a` again: cached in slot 1, it comes down into slot 0, whose `b` goes up in its place
+    assert p.choose([0, 1, 2], a, below=1) == (0, 16, 1)
+    assert np.array_equal(p.held[1][:20], b) and np.array_equal(p.held[0][:20], a) and len(p.held[2]) == 0
+    p.keep(2, np.arange(200, 220, dtype=np.int64), [9])
     p.keep(0, np.arange(300, 320, dtype=np.int64), [9])
     p.keep(1, np.arange(400, 420, dtype=np.int64), [9])  # now the most recent of the idle slots
-    # a miss evicts into the idle slot that holds the oldest entries (slot 2), never a newer one
-    assert p.choose([0, 1, 2], np.arange(500, 520, dtype=np.int64), below=1) == (0, 0, None, 2)
-    assert p.held[2][0] == 300 and p.held[1][0] == 400
+    # a miss evicts the idle slot that holds the oldest entries (slot 2), never a newer one
+    assert p.choose([0, 1, 2], np.arange(500, 520, dtype=np.int64), below=1) == (0, 0, 2)
+    assert p.held[2][0] == 300 and p.held[1][0] == 400 and p.held[0][0] == 200
+
+
+def test_as_many_conversations_as_slots_taking_turns_all_hit_after_the_first_round():
+    """One job at a time (the decode program of one slot: every job runs in slot 0), four conversations
+    in turn over four slots: each stays cached somewhere, once."""
+    p = SlotPrefixes(4, granularity=4)
+    conversations = [np.arange(100 * i, 100 * i + 30, dtype=np.int64) for i in range(4)]
+    starts = []
+    for _ in range(3):
+        for sig in conversations:
+            slot, start, _ = p.choose([0, 1, 2, 3], sig, below=1)
+            assert slot == 0
+            starts.append(start)
+            p.keep(slot, sig, [1, 2, 3])
+    assert starts[:4] == [0] * 4 and starts[4:] == [28] * 8
 
 
 def test_nothing_compiles_after_warmup_when_prompts_continue_from_the_cache():

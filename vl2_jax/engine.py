@@ -349,21 +349,24 @@ class Engine:
         return self._jit(lambda state, slots: state.replace(done=state.done | slots), "state", donate_argnums=(0,))
 
     @functools.cached_property
-    def _copy_slot(self):
-        """(state (donated), src, dst) -> the state with slot dst's cache rows a copy of slot src's (the
-        prefix cache moves a prefix to a slot that keeps the decode program small)."""
+    def _swap_slots(self):
+        """(state (donated), a, b) -> the state with the cache rows of slots a and b traded (the prefix
+        cache moves a prefix to a slot that keeps the decode program small, and what that slot held up)."""
 
-        def copy(state: Slots, src, dst):
-            row = lambda v: jax.lax.dynamic_update_slice_in_dim(v, jax.lax.dynamic_slice_in_dim(v, src, 1, 0), dst, 0)
-            layers = tuple({k: row(v) for k, v in layer.items()} for layer in state.cache.layers)
+        def swap(state: Slots, a, b):
+            def rows(v):
+                at_a, at_b = (jax.lax.dynamic_slice_in_dim(v, i, 1, 0) for i in (a, b))
+                return jax.lax.dynamic_update_slice_in_dim(jax.lax.dynamic_update_slice_in_dim(v, at_b, a, 0), at_a, b, 0)
+
+            layers = tuple({k: rows(v) for k, v in layer.items()} for layer in state.cache.layers)
             return state.replace(cache=state.cache.replace(layers=layers))
 
-        return self._jit(copy, "state", donate_argnums=(0,))
+        return self._jit(swap, "state", donate_argnums=(0,))
 
-    def copy_slot(self, state: Slots, src: int, dst: int) -> Slots:
-        """Slot `dst`'s cache rows become a copy of slot `src`'s (both free; dispatched, not awaited)."""
+    def swap_slots(self, state: Slots, a: int, b: int) -> Slots:
+        """Slots `a` and `b` (both free) trade their cache rows (dispatched, not awaited)."""
         with self._context():
-            return self._call("copy()", self._copy_slot, (state, np.int32(src), np.int32(dst)))
+            return self._call("swap()", self._swap_slots, (state, np.int32(a), np.int32(b)))
 
     def new_state(self) -> Slots:
         """Every slot free (done), the cache zeroed. Refuses, before compiling anything, a cache that the
@@ -744,7 +747,7 @@ class Engine:
                  for step in self.chunk_plan(length, start) if not step[3]}
         out += [("extend", plan) for plan in sorted(later)]
         out += [("insert", (n, g)) for n in self.rows_for(c0) for g in (True, False)] + [("release", ())]
-        out += [("copy", ())] if self.runtime.prefix_cache else []
+        out += [("swap", ())] if self.runtime.prefix_cache else []
         out += [("decode", (n, k, g)) for n in self.slot_buckets for k in self.decode_key_buckets for g in (True, False)]
         return out
 
@@ -756,7 +759,7 @@ class Engine:
         them greedy) will likely run: what `preload` loads ahead. First chunks are grouped as
         `pick_together` groups them (without a prefill budget, and without prompts admitted earlier)."""
         out = [("table", ()), ("embed", ()), ("release", ())]
-        out += [("copy", ()), ("take", ()), ("put", ())] if self.runtime.prefix_cache else []
+        out += [("swap", ()), ("take", ()), ("put", ())] if self.runtime.prefix_cache else []
         for p, g in zip(prefills, greedy):
             out += [("encode", (size,)) for size in tile_chunks(0 if p.request.tiles is None else len(p.request.tiles))]
             later = [("extend", (chunk, keys)) for _, chunk, keys, fresh in p.plan if not fresh]
@@ -859,8 +862,8 @@ class Engine:
             return self._extend, (lm, state, made["x"], np.int32(0), np.int32(keys - chunk), np.int32(0)), static
         if kind == "release":
             return self._release, (state, np.zeros((self.max_batch,), bool)), ()
-        if kind == "copy":
-            return self._copy_slot, (state, np.int32(0), np.int32(0)), ()
+        if kind == "swap":
+            return self._swap_slots, (state, np.int32(0), np.int32(0)), ()
         if kind == "insert":
             n, greedy = static
             settings = jax.tree.map(lambda v: np.stack([v] * n), RowSampling.make())
@@ -918,7 +921,7 @@ class Engine:
                     made["x"] = out
                 elif kind in ("prefill", "extend"):
                     state, made[("logits", static[0] if kind == "prefill" else 1)] = out
-                elif kind in ("release", "copy"):
+                elif kind in ("release", "swap"):
                     state = out
                 else:
                     state = out[0]

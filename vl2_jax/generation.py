@@ -311,11 +311,9 @@ class Batcher:
             sign(job, self.engine.side)
         in_use = self.engine.max_batch - len(self.free)
         below = smallest_at_least(in_use + 1, self.engine.slot_buckets)  # (the bucket one more job needs)
-        slot, start, source, save = self.prefixes.choose(self.free, job.signature, below)
-        if save is not None:  # (the entries the job will overwrite, kept further up)
-            self.state = self.engine.copy_slot(self.state, slot, save)
-        if source is not None:
-            self.state = self.engine.copy_slot(self.state, source, slot)
+        slot, start, other = self.prefixes.choose(self.free, job.signature, below)
+        if other is not None:  # (a prefix comes down, or the entries the job would overwrite go up)
+            self.state = self.engine.swap_slots(self.state, slot, other)
         self.free.remove(slot)
         return slot, start
 

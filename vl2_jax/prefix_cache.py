@@ -10,10 +10,11 @@ starts at the longest common prefix rounded down to the smallest prefill chunk, 
 least one prompt token to prefill (its logits give the first answer token). A slot keeps its entries
 until a job that does not share them takes it: free slots are handed out hits first, then empty or
 least recently used ones (eviction), among the slots that keep the decode program no larger than the
-number of running jobs needs; a prefix cached in a slot further up is copied into the slot taken
-(one device copy of the slot's rows), and the entries a job is about to overwrite move up into a free
-slot beyond those (empty, else holding older entries), so the slots that a small decode program leaves
-idle keep the most recent prefixes. The memory is the slots' own cache.
+number of running jobs needs; a prefix cached in a slot further up trades places with the slot taken
+(one device program swaps the two slots' rows: the taken slot's entries move up, nothing is lost), and
+the entries a job is about to overwrite trade places with a free slot beyond those (empty, else
+holding older entries), so the slots that a small decode program leaves idle keep the most recent
+prefixes, each once. The memory is the slots' own cache.
 
 Beside it, `TileFeatures` keeps the vision tower's output for recently seen tiles (by the same pixel
 digest), so an image already seen behind a different prefix is not encoded again.
@@ -101,15 +102,14 @@ class SlotPrefixes:
         self.used = [0.0] * slots
         self.lookups = self.hits = 0  # prompts looked up; prompt tokens served from a cache
 
-    def choose(self, free: list[int], sig: np.ndarray, below: int | None = None
-               ) -> tuple[int, int, int | None, int | None]:
-        """(slot, start, source, save) for a prompt of signature `sig`: the free slot to take, the number
-        of its tokens that are cached (0: none; a multiple of `granularity`, below len(sig)), the free slot
-        that holds them when it is not `slot` (else None), and a free slot that `slot`'s present entries
-        move to before they are overwritten (else None). The caller copies `slot` to `save` first, then
-        `source` to `slot`. The slot is one under `below` where there is any: a decode call runs every
-        slot up to the highest live one, so a slot further up would slow every answer; a prefix cached
-        further up is copied down instead, and one about to be evicted is copied up."""
+    def choose(self, free: list[int], sig: np.ndarray, below: int | None = None) -> tuple[int, int, int | None]:
+        """(slot, start, other) for a prompt of signature `sig`: the free slot to take, the number of its
+        tokens that are cached there once the caller has swapped the rows of `slot` and `other` (0: none;
+        a multiple of `granularity`, below len(sig)), and the free slot to swap with (None: no swap). The
+        slot is one under `below` where there is any: a decode call runs every slot up to the highest
+        live one, so a slot further up would slow every answer. A prefix cached further up trades places
+        with the slot's entries; on a miss, entries the job would overwrite trade places with the idle
+        slot further up that is empty or holds the oldest entries, if those are older."""
         source, start = None, 0
         for slot in free:
             held = self.held[slot]
@@ -121,22 +121,23 @@ class SlotPrefixes:
         near = [slot for slot in free if below is None or slot < below] or free
         if source is not None and source in near:
             slot = source
-        else:  # an empty slot, else the one unused longest (never the source: it is copied from)
+        else:  # an empty slot, else the one unused longest (never the source: it is swapped with)
             slot = min((s for s in near if s != source or len(near) == 1),
                        key=lambda s: (len(self.held[s]) > 0, self.used[s], s))
         self.lookups += 1
         self.hits += start
-        save = None
-        if len(self.held[slot]) and source != slot:
-            far = [s for s in free if s not in near and s != source]
+        other = None
+        if source is not None and source != slot:
+            other = source
+        elif source is None and len(self.held[slot]):
+            far = [s for s in free if s not in near]
             oldest = min(far, key=lambda s: (len(self.held[s]) > 0, self.used[s], s), default=None)
             if oldest is not None and (not len(self.held[oldest]) or self.used[oldest] < self.used[slot]):
-                save = oldest
-                self.held[save], self.used[save] = self.held[slot], self.used[slot]
-        if source is not None and source != slot:
-            self.held[slot] = self.held[source][:start].copy()
-            return slot, start, source, save
-        return slot, start, None, save
+                other = oldest
+        if other is not None:
+            self.held[slot], self.held[other] = self.held[other], self.held[slot]
+            self.used[slot], self.used[other] = self.used[other], self.used[slot]
+        return slot, start, other
 
     def keep(self, slot: int, sig: np.ndarray, answer: list[int]) -> None:
         """The slot's job ended: it holds the prompt (`sig`) and the answer's tokens but the last."""
