@@ -120,7 +120,7 @@ def test_the_forecast_covers_prompts_admitted_together(tmp_path):
     assert len(forecast - ran) <= 4, forecast - ran  # (a guess, not every bucket and row count)
 
 
-def test_kept_programs_load_beside_the_weights_most_recent_first(tmp_path, monkeypatch):
+def test_kept_programs_load_beside_the_weights_those_of_a_first_token_first(tmp_path, monkeypatch):
     import concurrent.futures
     import os
     import time
@@ -129,7 +129,10 @@ def test_kept_programs_load_beside_the_weights_most_recent_first(tmp_path, monke
     expected = _ask(first)
     files = sorted(tmp_path.rglob("*.bin"))
     assert len(files) >= 5 and first.engine.executables.report()["compiled"] == len(files)
-    newest = files[2]  # (a file the last answer used is prefetched first next time)
+    kinds = ["state", "table", "encode", "embed", "prefill", "extend", "insert"]
+    later = [f for f in files if not f.name.startswith(tuple(kinds))]
+    assert later and [f for f in files if f.name.startswith("prefill")]
+    newest = later[-1]  # (within a kind, the most recently used first)
     os.utime(newest, (time.time() + 60, time.time() + 60))
 
     reads = []
@@ -139,8 +142,10 @@ def test_kept_programs_load_beside_the_weights_most_recent_first(tmp_path, monke
     second = vl2_jax.load_model("random:test", "float32", runtime=SMALL, programs=str(tmp_path))
     store = second.engine.executables
     assert store is not None and store.directory == files[0].parent  # kept while the weights loaded
-    assert list(store._ahead)[0] == newest
-    concurrent.futures.wait([future for _, future in store._ahead.values()])
+    order = list(store._ahead)
+    rank = [next((i for i, k in enumerate(kinds) if f.name.startswith(k)), len(kinds)) for f in order]
+    assert rank == sorted(rank) and order[rank.index(len(kinds))] == newest
+    concurrent.futures.wait([future for _, future in store._ahead.values()] + list(second.engine._loading.values()))
     # every one, once, on background threads (the state's program on the engine's, which starts it at once)
     assert sorted(path for name, path in reads if name.startswith(("vl2-programs", "vl2-preload"))) == files
     reads.clear()
@@ -148,6 +153,30 @@ def test_kept_programs_load_beside_the_weights_most_recent_first(tmp_path, monke
     assert tokens == expected and counts == dict.fromkeys(EVENTS, 0), counts
     assert reads == []  # (the calls took them: none read again)
     assert store.report()["compiled"] == 0 and store.report()["loaded"] == len(files)
+
+
+def test_loads_not_begun_are_dropped_when_the_process_exits(tmp_path):
+    """40 queued loads of 0.4 s each on one thread: the process exits after the one under way (without
+    the exit hook the interpreter would wait ~16 s for the queue)."""
+    import subprocess
+    import sys
+    import time
+
+    script = f"""
+import time
+from vl2_jax.executables import ExecutableStore
+store = ExecutableStore({str(tmp_path)!r}, "key")
+for i in range(40):
+    (store.directory / f"decode-{{i}}.bin").write_bytes(b"not a program")
+read = ExecutableStore._read
+ExecutableStore._read = lambda self, path, device: time.sleep(0.4) or read(self, path, device)
+assert store.prefetch(threads=1) == 40
+print(time.time(), flush=True)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    exited = time.time()
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert exited - float(out.stdout.split()[-1]) < 5
 
 
 def test_a_file_that_does_not_load_is_compiled_again(tmp_path):

@@ -222,8 +222,9 @@ def test_repeat_scenario_compares_each_conversations_first_token_with_its_repeat
                             "--requests", "6", "--min-tokens", "2", "--max-tokens", "2", "--warmup", "none")
         (unique,), _ = run_cli(capsys, url, "--concurrency", "1", "--requests", "3", "--min-tokens", "2",
                                "--max-tokens", "2", "--warmup", "none")
-    assert 100 <= row["ttft_first_p50_ms"] < 180 and 20 <= row["ttft_repeat_p50_ms"] < 80
-    assert 0.2 <= row["ttft_repeat_ratio"] < 0.6
+    # (lower bounds: the stub's sleeps; upper: ordering, which a busy machine does not upset)
+    assert row["ttft_first_p50_ms"] >= 100 and 20 <= row["ttft_repeat_p50_ms"] < row["ttft_first_p50_ms"]
+    assert 0.2 <= row["ttft_repeat_ratio"] < 0.9
     assert unique["ttft_first_p50_ms"] is None and unique["ttft_repeat_ratio"] is None  # nothing repeats
 
 

@@ -121,36 +121,53 @@ def test_signatures_tell_images_apart_behind_the_same_ids():
 def test_slots_are_chosen_hits_first_then_empty_then_least_recently_used():
     p = SlotPrefixes(3, granularity=4)
     sig = np.arange(20, dtype=np.int64)
-    assert p.choose([0, 1, 2], sig) == (0, 0, None)  # all empty: the lowest
+    assert p.choose([0, 1, 2], sig) == (0, 0, ())  # all empty: the lowest
     p.keep(1, sig[:10], [100, 101, 102])  # holds 12 entries
     p.keep(2, np.arange(50, 60, dtype=np.int64), [1])
-    assert p.choose([0, 1, 2], sig) == (1, 8, None)  # 10 common, rounded down to 8
+    assert p.choose([0, 1, 2], sig) == (1, 8, ())  # 10 common, rounded down to 8
     assert p.choose([1, 2], np.arange(200, 210, dtype=np.int64))[0] == 1  # the least recently used
-    assert p.choose([2], sig[:4]) == (2, 0, None)  # at least one prompt token is prefilled
-    # slot 1 would enlarge the decode program: its prefix trades places with slot 0's (empty) entries
-    assert p.choose([0, 1, 2], sig, below=1) == (0, 8, 1)
-    assert np.array_equal(p.held[0][:10], sig[:10]) and len(p.held[1]) == 0
+    assert p.choose([2], sig[:4]) == (2, 0, ())  # at least one prompt token is prefilled
+    # slot 1 would enlarge the decode program: its prefix is copied into slot 0 (the prompt parts from
+    # slot 1's answer, which stays there), and with the whole of slot 2's held, the two trade places
+    assert p.choose([0, 1, 2], sig, below=1) == (0, 8, (("copy", 1, 0),))
+    assert np.array_equal(p.held[0], sig[:8]) and len(p.held[1]) == 12
+    p.keep(2, sig[:12], [])
+    assert p.choose([0, 2], sig, below=1) == (0, 12, (("swap", 0, 2),))
+    assert np.array_equal(p.held[0], sig[:12]) and np.array_equal(p.held[2], sig[:8])
     p.keep(2, sig[:10], [5, 6])
-    assert p.choose([1, 2], sig, below=1) == (2, 8, None)  # nothing below: any slot
-    assert p.lookups == 6 and p.hits == 24
+    assert p.choose([1, 2], sig, below=1) == (1, 8, ())  # nothing below: any slot (a tie: the lower)
+    assert p.lookups == 7 and p.hits == 36
 
 
 def test_entries_about_to_be_overwritten_trade_places_with_an_idle_slot():
     p = SlotPrefixes(3, granularity=4)
     a, b = np.arange(20, dtype=np.int64), np.arange(100, 120, dtype=np.int64)
     p.keep(0, a, [7])
-    assert p.choose([0, 1, 2], b, below=1) == (0, 0, 1)  # slot 0 taken; its entries go up to empty slot 1
+    assert p.choose([0, 1, 2], b, below=1) == (0, 0, (("swap", 0, 1),))  # slot 0 taken; its entries go up
     assert np.array_equal(p.held[1][:20], a) and len(p.held[0]) == 0
     p.keep(0, b, [8])
     # `a` again: cached in slot 1, it comes down into slot 0, whose `b` goes up in its place
-    assert p.choose([0, 1, 2], a, below=1) == (0, 16, 1)
+    assert p.choose([0, 1, 2], a, below=1) == (0, 16, (("swap", 0, 1),))
     assert np.array_equal(p.held[1][:20], b) and np.array_equal(p.held[0][:20], a) and len(p.held[2]) == 0
     p.keep(2, np.arange(200, 220, dtype=np.int64), [9])
     p.keep(0, np.arange(300, 320, dtype=np.int64), [9])
     p.keep(1, np.arange(400, 420, dtype=np.int64), [9])  # now the most recent of the idle slots
     # a miss evicts the idle slot that holds the oldest entries (slot 2), never a newer one
-    assert p.choose([0, 1, 2], np.arange(500, 520, dtype=np.int64), below=1) == (0, 0, 2)
+    assert p.choose([0, 1, 2], np.arange(500, 520, dtype=np.int64), below=1) == (0, 0, (("swap", 0, 2),))
     assert p.held[2][0] == 300 and p.held[1][0] == 400 and p.held[0][0] == 200
+
+
+def test_a_prefix_shared_with_another_conversation_is_copied_and_that_conversation_kept():
+    p = SlotPrefixes(3, granularity=4)
+    system = np.arange(12, dtype=np.int64)
+    a = np.concatenate([system, np.arange(500, 520)])
+    b = np.concatenate([system, np.arange(600, 620)])
+    p.keep(1, a, [7, 8])
+    p.keep(0, np.arange(900, 930, dtype=np.int64), [1])
+    # b shares a's first 12 entries only: a stays whole in slot 1, slot 0's entries go up to empty
+    # slot 2, then the shared start is copied down into slot 0
+    assert p.choose([0, 1, 2], b, below=1) == (0, 12, (("swap", 0, 2), ("copy", 1, 0)))
+    assert np.array_equal(p.held[1][:32], a) and p.held[2][0] == 900 and np.array_equal(p.held[0], system)
 
 
 def test_as_many_conversations_as_slots_taking_turns_all_hit_after_the_first_round():
@@ -202,7 +219,7 @@ def test_requests_one_at_a_time_stay_in_slot_zero_and_keep_the_last_prefixes_abo
     model().give_state(b.state)
 
 
-def test_a_prefix_cached_in_a_higher_slot_is_copied_down_and_answers_the_same():
+def test_a_prefix_cached_in_a_higher_slot_comes_down_and_answers_the_same():
     b = batcher()
     b.prefixes.clear()
     case = load_case(VARIANT, "history")
@@ -212,11 +229,36 @@ def test_a_prefix_cached_in_a_higher_slot_is_copied_down_and_answers_the_same():
     while not (first.finished and other.finished):
         b.step()
     assert len(b.prefixes.held[1]) > len(b.prefixes.held[0])
-    again = answer(b, req, 12)  # alone: slot 0, with slot 1's prefix copied there
+    again = answer(b, req, 12)  # alone: slot 0, with slot 1's prefix brought there
     assert again.cached_tokens == (len(req.ids) - 1) // 16 * 16 > 0
     assert again.token_ids == first.token_ids == case["arrays"]["greedy"].tolist()
     assert np.array_equal(b.prefixes.held[0][: again.prompt_tokens], signature(
         req.ids, req.src, req.image_mask, req.tiles, model().cfg.tokens_per_tile_side))
+    model().give_state(b.state)
+
+
+def test_a_start_shared_with_a_conversation_further_up_is_copied_and_both_answer_the_same(monkeypatch):
+    b = batcher()
+    system = {"role": "system", "content": "You are a careful assistant who answers briefly. " * 4}
+    qa = request([system, {"role": "user", "content": "First question?"}])
+    qb = request([system, {"role": "user", "content": "Second, another question?"}])
+    b.prefixes.clear()
+    fresh = answer(b, qb, 6)
+    b.prefixes.clear()
+    other = b.submit(Job(request([{"role": "user", "content": "Something else entirely."}]), 3, RowSampling.make()))
+    first = b.submit(Job(qa, 6, RowSampling.make()))  # slot 1, beside `other` in slot 0
+    while not (first.finished and other.finished):
+        b.step()
+    assert first.slot == 1
+    calls, call = [], b.engine._call
+    monkeypatch.setattr(b.engine, "_call", lambda name, *args: (calls.append(name), call(name, *args))[1])
+    shared = b.submit(Job(qb, 6, RowSampling.make()))  # alone: slot 0, the shared start copied from slot 1
+    while not shared.finished:
+        b.step()
+    assert "copy()" in calls and "swap()" not in calls
+    assert shared.slot == 0 and shared.cached_tokens >= 16 and shared.token_ids == fresh.token_ids
+    again = answer(b, qa, 6)  # slot 1 kept all of `qa`
+    assert again.cached_tokens == (len(qa.ids) - 1) // 16 * 16 and again.token_ids == first.token_ids
     model().give_state(b.state)
 
 

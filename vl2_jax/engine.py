@@ -258,8 +258,8 @@ class Engine:
         processes, which then neither trace nor compile it (`vl2_jax.executables`). One device only:
         under a mesh, programs are compiled in each process (JAX's compilation cache still applies).
         The state's program, which every request runs first, starts loading at once (`preload`), then
-        the rest of the folder's, most recently used first (`ExecutableStore.prefetch`). Keeping the
-        same folder again returns the same store."""
+        the rest of the folder's, those a first token needs first (`ExecutableStore.prefetch`). Keeping
+        the same folder again returns the same store."""
         if self.mesh is not None:
             raise ConfigError("compiled programs are kept on disk for one device only, not under a mesh.")
         store = self.executables
@@ -267,7 +267,7 @@ class Engine:
             return store  # (kept already, e.g. while the weights loaded)
         self.executables = ExecutableStore(directory, fingerprint(self.cfg, self.dtype, self.runtime,
                                                                   self.pixel_norm, self.pad_id))
-        self.executables.prefetch()
+        self.executables.prefetch(first=("state", "table", "encode", "embed", "prefill", "extend", "insert"))
         self._start("state()", self._new_state, (), ())  # (the first program a request runs: not queued)
         return self.executables
 
@@ -349,9 +349,26 @@ class Engine:
         return self._jit(lambda state, slots: state.replace(done=state.done | slots), "state", donate_argnums=(0,))
 
     @functools.cached_property
+    def _copy_slot(self):
+        """(state (donated), src, dst) -> the state with slot dst's cache rows a copy of slot src's."""
+
+        def copy(state: Slots, src, dst):
+            row = lambda v: jax.lax.dynamic_update_slice_in_dim(v, jax.lax.dynamic_slice_in_dim(v, src, 1, 0), dst, 0)
+            layers = tuple({k: row(v) for k, v in layer.items()} for layer in state.cache.layers)
+            return state.replace(cache=state.cache.replace(layers=layers))
+
+        return self._jit(copy, "state", donate_argnums=(0,))
+
+    def copy_slot(self, state: Slots, src: int, dst: int) -> Slots:
+        """Slot `dst`'s cache rows become a copy of slot `src`'s (both free; dispatched, not awaited)."""
+        with self._context():
+            return self._call("copy()", self._copy_slot, (state, np.int32(src), np.int32(dst)))
+
+    @functools.cached_property
     def _swap_slots(self):
         """(state (donated), a, b) -> the state with the cache rows of slots a and b traded (the prefix
-        cache moves a prefix to a slot that keeps the decode program small, and what that slot held up)."""
+        cache brings a prefix down to a slot that keeps the decode program small, and what that slot
+        held up; `prefix_cache.SlotPrefixes.choose`)."""
 
         def swap(state: Slots, a, b):
             def rows(v):
@@ -747,7 +764,7 @@ class Engine:
                  for step in self.chunk_plan(length, start) if not step[3]}
         out += [("extend", plan) for plan in sorted(later)]
         out += [("insert", (n, g)) for n in self.rows_for(c0) for g in (True, False)] + [("release", ())]
-        out += [("swap", ())] if self.runtime.prefix_cache else []
+        out += [("copy", ()), ("swap", ())] if self.runtime.prefix_cache else []
         out += [("decode", (n, k, g)) for n in self.slot_buckets for k in self.decode_key_buckets for g in (True, False)]
         return out
 
@@ -759,7 +776,7 @@ class Engine:
         them greedy) will likely run: what `preload` loads ahead. First chunks are grouped as
         `pick_together` groups them (without a prefill budget, and without prompts admitted earlier)."""
         out = [("table", ()), ("embed", ()), ("release", ())]
-        out += [("swap", ()), ("take", ()), ("put", ())] if self.runtime.prefix_cache else []
+        out += [("copy", ()), ("swap", ()), ("take", ()), ("put", ())] if self.runtime.prefix_cache else []
         for p, g in zip(prefills, greedy):
             out += [("encode", (size,)) for size in tile_chunks(0 if p.request.tiles is None else len(p.request.tiles))]
             later = [("extend", (chunk, keys)) for _, chunk, keys, fresh in p.plan if not fresh]
@@ -862,8 +879,8 @@ class Engine:
             return self._extend, (lm, state, made["x"], np.int32(0), np.int32(keys - chunk), np.int32(0)), static
         if kind == "release":
             return self._release, (state, np.zeros((self.max_batch,), bool)), ()
-        if kind == "swap":
-            return self._swap_slots, (state, np.int32(0), np.int32(0)), ()
+        if kind in ("copy", "swap"):
+            return self._copy_slot if kind == "copy" else self._swap_slots, (state, np.int32(0), np.int32(0)), ()
         if kind == "insert":
             n, greedy = static
             settings = jax.tree.map(lambda v: np.stack([v] * n), RowSampling.make())
@@ -921,7 +938,7 @@ class Engine:
                     made["x"] = out
                 elif kind in ("prefill", "extend"):
                     state, made[("logits", static[0] if kind == "prefill" else 1)] = out
-                elif kind in ("release", "swap"):
+                elif kind in ("release", "copy", "swap"):
                     state = out
                 else:
                     state = out[0]

@@ -18,7 +18,7 @@ and written again.
 
 Loading is not free: a program holding Mosaic GPU kernels (the grouped prefill matmul) compiles them
 again in every process, about a second for small's prefill on an H100. `prefetch` therefore starts
-loading the folder's programs, most recently used first, on background threads, e.g. while the
+loading the folder's programs (those named first, then the rest) on background threads, e.g. while the
 weights load (`load_model(programs=...)`); a call then takes its program from there, or loads it
 itself if no thread has started on it yet.
 """
@@ -114,7 +114,6 @@ class ExecutableStore:
             raise ConfigError("compiled programs cannot be kept while JAX's persistent compilation cache is on "
                               "(jax_compilation_cache_dir); use one or the other.")
         self.root = Path(directory).expanduser()
-        self.fingerprint = fingerprint
         self.directory = self.root / fingerprint
         self.loaded = self.compiled = self.failures = 0
         self.load_s = 0.0  # seconds spent loading programs (summed over threads)
@@ -140,33 +139,38 @@ class ExecutableStore:
         """Whether program `name` called with `args` and `static` has a file here."""
         return self.path(name, args, static).exists()
 
-    def prefetch(self, limit: int = 256, threads: int = 8) -> int:
-        """Starts loading up to `limit` of the folder's programs, most recently used first, for JAX's
-        default device, on `threads` background threads; `load_or_compile` takes them from there.
-        -> how many it started. Those not started when the process exits are dropped."""
-        def used(path: Path) -> float:
+    def prefetch(self, first: Sequence[str] = (), limit: int = 256, threads: int = 8) -> int:
+        """Starts loading up to `limit` of the folder's programs for JAX's default device, on `threads`
+        background threads: those whose names start with one of `first` first, in that order, then the
+        rest; most recently used first within each. `load_or_compile` takes them from there. -> how many
+        it started. Those not started when the process exits are dropped."""
+        def order(path: Path) -> tuple[int, float]:
+            rank = next((i for i, name in enumerate(first) if path.name.startswith(name)), len(first))
             try:
-                return path.stat().st_mtime
+                return rank, -path.stat().st_mtime
             except OSError:  # (removed meanwhile)
-                return 0.0
+                return rank, 0.0
 
-        files = sorted(self.directory.glob("*.bin"), key=used, reverse=True)[:limit]
+        files = sorted(self.directory.glob("*.bin"), key=order)[:limit]
         device = _device(())
         with self._lock:
             files = [path for path in files if path not in self._ahead]
             if files and self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(min(threads, os.cpu_count() or 1), "vl2-programs")
+                try:  # (run before the interpreter waits for the pool's threads at exit, as concurrent.futures'
+                    # own hook is: the loads not begun are dropped)
+                    threading._register_atexit(lambda pool=self._pool: pool.shutdown(wait=False, cancel_futures=True))
+                except (AttributeError, RuntimeError):  # (another Python; or already exiting)
+                    pass
             for path in files:
                 self._ahead[path] = (device, self._pool.submit(self._read, path, device))
         return len(files)
 
     def _read(self, path: Path, device):
         """The program in `path`, loaded onto `device` -> a `jax.stages.Compiled`, or None if the file
-        does not load (counted in `failures`) or the process is exiting."""
+        does not load (counted in `failures`)."""
         from jax.experimental import serialize_executable
 
-        if not threading.main_thread().is_alive():  # (exiting: the interpreter waits for queued loads)
-            return None
         t0 = time.perf_counter()
         try:
             payload, in_tree, out_tree = pickle.loads(path.read_bytes())
@@ -183,8 +187,8 @@ class ExecutableStore:
         not begun: the caller then loads the file itself rather than wait in the queue)."""
         with self._lock:
             device_ahead, future = self._ahead.pop(path, (None, None))
-        if future is None or device_ahead != device or future.cancel():
-            return None
+        if future is None or future.cancel() or device_ahead != device:
+            return None  # (none started; or begun for another device: its result goes unused)
         return future
 
     def load_or_compile(self, name: str, jitted, args: Sequence, static: tuple = ()):

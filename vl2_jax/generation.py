@@ -311,9 +311,10 @@ class Batcher:
             sign(job, self.engine.side)
         in_use = self.engine.max_batch - len(self.free)
         below = smallest_at_least(in_use + 1, self.engine.slot_buckets)  # (the bucket one more job needs)
-        slot, start, other = self.prefixes.choose(self.free, job.signature, below)
-        if other is not None:  # (a prefix comes down, or the entries the job would overwrite go up)
-            self.state = self.engine.swap_slots(self.state, slot, other)
+        slot, start, moves = self.prefixes.choose(self.free, job.signature, below)
+        for kind, a, b in moves:  # (a prefix comes down; the entries the job would overwrite go up)
+            move = self.engine.swap_slots if kind == "swap" else self.engine.copy_slot
+            self.state = move(self.state, a, b)
         self.free.remove(slot)
         return slot, start
 

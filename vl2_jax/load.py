@@ -187,13 +187,16 @@ def load_folder(path: str | Path, dtype=None, runtime: Runtime = Runtime(), mesh
         raise CheckpointError(f"{path} is not a folder; pass a DeepSeek-VL2 checkpoint folder.")
     cfg = VL2Config.from_pretrained(path)
     # The processor (its tokenizer: ~0.2 s for a 100k vocabulary) loads on a thread of its own while the
-    # weights are read; an error in it ends the load when the next leaf lands.
+    # weights are read, then the engine (with `programs`: its kept programs start loading); an error in
+    # either ends the load when the next leaf lands.
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vl2-processor") as pool:
         processor_loaded = pool.submit(_checked_processor, path, cfg)
+        early = [processor_loaded]  # (and the engine's, below)
 
         def landed(done: int, total: int) -> None:
-            if processor_loaded.done():
-                processor_loaded.result()  # raises the processor's error, if any
+            for future in early:
+                if future.done():
+                    future.result()  # raises the processor's or the engine's error, if any
             if bytes_progress is not None:
                 bytes_progress(done, total)
 
@@ -219,6 +222,7 @@ def load_folder(path: str | Path, dtype=None, runtime: Runtime = Runtime(), mesh
         # (after the processor, on its thread: the engine's fingerprint reads the processor's settings)
         engine = pool.submit(lambda: _engine_ahead(cfg, dtype_, runtime, processor_loaded.result(), mesh, programs,
                                                    log))
+        early.append(engine)
         with out_of_memory_as(f"while loading the {jnp.dtype(dtype_).name} weights"):
             if converted:
                 after = (lambda p, leaf: _quantize_leaf(p, leaf, quantize, mesh)) if quantize != "none" else None

@@ -43,7 +43,9 @@ pure JSON lines); latencies are of successful requests only:
 - `ttft_first_p50_ms`, `ttft_repeat_p50_ms`, `ttft_repeat_ratio` (scenario `repeat`; null where no
   conversation repeats within the level): the first token of each conversation's first request in the
   level (p50 over conversations), of its later requests (p50), and the median over conversations of
-  (its later requests' median / its first): a prefix cache's gain, when the first requests were cold.
+  (its later requests' median / its first): a prefix cache's gain where the first requests were cold,
+  i.e. at the run's first level on a fresh server (the conversations are the same at every level) and
+  with concurrency below `--distinct` (else a conversation's first and later requests run together).
 - `errors`, `first_error`: failed requests (HTTP status, connection, timeout, a broken stream) and the
   first one's message; `max_in_flight`: the most requests this client had open at once;
   `image_requests`: how many of the level's requests carried an image.

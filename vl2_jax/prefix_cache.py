@@ -10,11 +10,13 @@ starts at the longest common prefix rounded down to the smallest prefill chunk, 
 least one prompt token to prefill (its logits give the first answer token). A slot keeps its entries
 until a job that does not share them takes it: free slots are handed out hits first, then empty or
 least recently used ones (eviction), among the slots that keep the decode program no larger than the
-number of running jobs needs; a prefix cached in a slot further up trades places with the slot taken
-(one device program swaps the two slots' rows: the taken slot's entries move up, nothing is lost), and
-the entries a job is about to overwrite trade places with a free slot beyond those (empty, else
+number of running jobs needs. A prefix cached in a slot further up comes down into the slot taken:
+where the prompt continues or repeats that slot's whole conversation the two slots trade places (one
+device program swaps their rows, so the taken slot's entries move up and no prefix is held twice);
+where it shares only a start (a system prompt), the prefix is copied, the other conversation staying
+as it is. Entries a job is about to overwrite trade places with a free slot beyond those (empty, else
 holding older entries), so the slots that a small decode program leaves idle keep the most recent
-prefixes, each once. The memory is the slots' own cache.
+prefixes. The memory is the slots' own cache.
 
 Beside it, `TileFeatures` keeps the vision tower's output for recently seen tiles (by the same pixel
 digest), so an image already seen behind a different prefix is not encoded again.
@@ -22,10 +24,10 @@ digest), so an image already seen behind a different prefix is not encoded again
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import time
 
+import cachetools
 import numpy as np
 
 from vl2_jax.processor import TILE_SOURCES
@@ -62,34 +64,31 @@ def tile_digests(tiles: np.ndarray | None) -> list[int]:
 
 class TileFeatures:
     """The vision tower's projected tokens of recently encoded tiles ([side * side, D] device arrays),
-    by tile digest, least recently used dropped first beyond `budget` bytes. Counts tiles looked up and
-    found."""
+    by tile digest, least recently used dropped first beyond `budget` bytes (`cachetools.LRUCache`).
+    Counts tiles looked up and found."""
 
     def __init__(self, budget: int):
-        self.budget, self.bytes = budget, 0
-        self.entries: collections.OrderedDict[int, object] = collections.OrderedDict()
+        self.entries = cachetools.LRUCache(budget, getsizeof=lambda features: features.nbytes)
         self.lookups = self.hits = 0
+
+    @property
+    def bytes(self) -> int:
+        """Bytes held."""
+        return self.entries.currsize
 
     def get(self, digest: int):
         """The features of the tile with this digest, or None."""
         self.lookups += 1
         found = self.entries.get(digest)
-        if found is not None:
-            self.entries.move_to_end(digest)
-            self.hits += 1
+        self.hits += found is not None
         return found
 
     def put(self, digest: int, features) -> None:
-        if digest in self.entries or features.nbytes > self.budget:
-            return
-        self.entries[digest] = features
-        self.bytes += features.nbytes
-        while self.bytes > self.budget:
-            self.bytes -= self.entries.popitem(last=False)[1].nbytes
+        if digest not in self.entries and features.nbytes <= self.entries.maxsize:
+            self.entries[digest] = features
 
     def clear(self) -> None:
         self.entries.clear()
-        self.bytes = 0
 
 
 class SlotPrefixes:
@@ -102,42 +101,49 @@ class SlotPrefixes:
         self.used = [0.0] * slots
         self.lookups = self.hits = 0  # prompts looked up; prompt tokens served from a cache
 
-    def choose(self, free: list[int], sig: np.ndarray, below: int | None = None) -> tuple[int, int, int | None]:
-        """(slot, start, other) for a prompt of signature `sig`: the free slot to take, the number of its
-        tokens that are cached there once the caller has swapped the rows of `slot` and `other` (0: none;
-        a multiple of `granularity`, below len(sig)), and the free slot to swap with (None: no swap). The
-        slot is one under `below` where there is any: a decode call runs every slot up to the highest
-        live one, so a slot further up would slow every answer. A prefix cached further up trades places
-        with the slot's entries; on a miss, entries the job would overwrite trade places with the idle
-        slot further up that is empty or holds the oldest entries, if those are older."""
-        source, start = None, 0
+    def choose(self, free: list[int], sig: np.ndarray, below: int | None = None
+               ) -> tuple[int, int, tuple[tuple[str, int, int], ...]]:
+        """(slot, start, moves) for a prompt of signature `sig`: the free slot to take, the number of its
+        tokens that are cached there once the caller has made `moves` (0: none; a multiple of
+        `granularity`, below len(sig)), and the moves, in order: ("swap", a, b), slots a and b trade
+        their rows, or ("copy", a, b), slot b's rows become a copy of slot a's. The slot is one under
+        `below` where there is any: a decode call runs every slot up to the highest live one, so a slot
+        further up would slow every answer (see the module docstring for what moves where)."""
+        source, start, reach = None, 0, 0
         for slot in free:
             held = self.held[slot]
             n = min(len(held), len(sig) - 1)
             same = np.flatnonzero(held[:n] != sig[:n])
-            common = (int(same[0]) if len(same) else n) // self.granularity * self.granularity
-            if common > start:  # (free is in order: on a tie the lower slot stays)
-                source, start = slot, common
+            common = int(same[0]) if len(same) else n
+            if common // self.granularity * self.granularity > start:  # (free is in order: on a tie the lower slot stays)
+                source, start, reach = slot, common // self.granularity * self.granularity, common
         near = [slot for slot in free if below is None or slot < below] or free
         if source is not None and source in near:
             slot = source
-        else:  # an empty slot, else the one unused longest (never the source: it is swapped with)
+        else:  # an empty slot, else the one unused longest (never the source: it is moved from)
             slot = min((s for s in near if s != source or len(near) == 1),
                        key=lambda s: (len(self.held[s]) > 0, self.used[s], s))
         self.lookups += 1
         self.hits += start
-        other = None
-        if source is not None and source != slot:
-            other = source
-        elif source is None and len(self.held[slot]):
-            far = [s for s in free if s not in near]
+        if source == slot:
+            return slot, start, ()
+        if source is not None and (reach == len(self.held[source]) or reach >= len(sig) - 1):
+            return slot, start, (self._swap(slot, source),)  # (the prompt continues or repeats it all)
+        moves = []
+        if len(self.held[slot]):  # the entries the job would overwrite go up, if an idle slot holds older
+            far = [s for s in free if s not in near and s != source]
             oldest = min(far, key=lambda s: (len(self.held[s]) > 0, self.used[s], s), default=None)
             if oldest is not None and (not len(self.held[oldest]) or self.used[oldest] < self.used[slot]):
-                other = oldest
-        if other is not None:
-            self.held[slot], self.held[other] = self.held[other], self.held[slot]
-            self.used[slot], self.used[other] = self.used[other], self.used[slot]
-        return slot, start, other
+                moves.append(self._swap(slot, oldest))
+        if source is not None:
+            self.held[slot] = self.held[source][:start].copy()
+            moves.append(("copy", source, slot))
+        return slot, start, tuple(moves)
+
+    def _swap(self, a: int, b: int) -> tuple[str, int, int]:
+        self.held[a], self.held[b] = self.held[b], self.held[a]
+        self.used[a], self.used[b] = self.used[b], self.used[a]
+        return ("swap", a, b)
 
     def keep(self, slot: int, sig: np.ndarray, answer: list[int]) -> None:
         """The slot's job ended: it holds the prompt (`sig`) and the answer's tokens but the last."""

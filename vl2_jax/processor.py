@@ -344,9 +344,9 @@ class TileCache:
         self._lock = threading.Lock()
         self.lookups = self.hits = 0
 
-    def tiles(self, image: Image.Image, cropping: bool, make) -> tuple[list[np.ndarray], tuple[int, int]]:
+    def tiles(self, image: Image.Image, cropping: bool, make) -> tuple[tuple[np.ndarray, ...], tuple[int, int]]:
         """`make(image, cropping)` (tiles, (nw, nh)), from the cache when these pixels were tiled so before
-        (the tiles are then shared: read-only)."""
+        (the tiles are then shared: a tuple of read-only arrays)."""
         key = (hashlib.blake2b(image.tobytes(), digest_size=16).digest(), image.size, image.mode, cropping)
         with self._lock:
             self.lookups += 1
@@ -355,7 +355,7 @@ class TileCache:
         if found is not None:
             return found
         tiles, grid = make(image, cropping)
-        entry = ([_read_only(t) for t in tiles], grid)
+        entry = (tuple(_read_only(t) for t in tiles), grid)
         with self._lock:
             try:
                 self._entries[key] = entry

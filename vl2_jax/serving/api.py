@@ -178,7 +178,7 @@ def create_app(scheduler, model_name: str, processor, settings: ServerSettings |
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache():
         await anyio.to_thread.run_sync(server.scheduler.flush_cache)
-        if processor.tile_cache is not None:
+        if getattr(processor, "tile_cache", None) is not None:  # (vl2_jax's processor; a caller's may have none)
             processor.tile_cache.clear()
         return PlainTextResponse("Cache flushed.\n")
 
