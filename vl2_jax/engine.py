@@ -349,41 +349,30 @@ class Engine:
         return self._jit(lambda state, slots: state.replace(done=state.done | slots), "state", donate_argnums=(0,))
 
     @functools.cached_property
-    def _copy_slot(self):
-        """(state (donated), src, dst) -> the state with slot dst's cache rows a copy of slot src's."""
+    def _moves(self) -> dict:
+        """{"copy": (state (donated), a, b) -> the state with slot b's cache rows a copy of slot a's,
+        "swap": ... with the cache rows of slots a and b traded}: how the prefix cache brings a prefix
+        down to a slot that keeps the decode program small and moves what that slot held up
+        (`prefix_cache.SlotPrefixes.choose`)."""
+        at = lambda v, i: jax.lax.dynamic_slice_in_dim(v, i, 1, 0)
+        put = lambda v, rows, i: jax.lax.dynamic_update_slice_in_dim(v, rows, i, 0)
+        rows = {"copy": lambda v, a, b: put(v, at(v, a), b),
+                "swap": lambda v, a, b: put(put(v, at(v, b), a), at(v, a), b)}
 
-        def copy(state: Slots, src, dst):
-            row = lambda v: jax.lax.dynamic_update_slice_in_dim(v, jax.lax.dynamic_slice_in_dim(v, src, 1, 0), dst, 0)
-            layers = tuple({k: row(v) for k, v in layer.items()} for layer in state.cache.layers)
-            return state.replace(cache=state.cache.replace(layers=layers))
+        def program(move):
+            def run(state: Slots, a, b):
+                layers = tuple({k: move(v, a, b) for k, v in layer.items()} for layer in state.cache.layers)
+                return state.replace(cache=state.cache.replace(layers=layers))
 
-        return self._jit(copy, "state", donate_argnums=(0,))
+            return self._jit(run, "state", donate_argnums=(0,))
 
-    def copy_slot(self, state: Slots, src: int, dst: int) -> Slots:
-        """Slot `dst`'s cache rows become a copy of slot `src`'s (both free; dispatched, not awaited)."""
+        return {kind: program(move) for kind, move in rows.items()}
+
+    def move_slots(self, state: Slots, kind: str, a: int, b: int) -> Slots:
+        """Slot `b`'s cache rows become a copy of slot `a`'s (`kind` "copy"), or the two trade their rows
+        ("swap"); both slots free (dispatched, not awaited)."""
         with self._context():
-            return self._call("copy()", self._copy_slot, (state, np.int32(src), np.int32(dst)))
-
-    @functools.cached_property
-    def _swap_slots(self):
-        """(state (donated), a, b) -> the state with the cache rows of slots a and b traded (the prefix
-        cache brings a prefix down to a slot that keeps the decode program small, and what that slot
-        held up; `prefix_cache.SlotPrefixes.choose`)."""
-
-        def swap(state: Slots, a, b):
-            def rows(v):
-                at_a, at_b = (jax.lax.dynamic_slice_in_dim(v, i, 1, 0) for i in (a, b))
-                return jax.lax.dynamic_update_slice_in_dim(jax.lax.dynamic_update_slice_in_dim(v, at_b, a, 0), at_a, b, 0)
-
-            layers = tuple({k: rows(v) for k, v in layer.items()} for layer in state.cache.layers)
-            return state.replace(cache=state.cache.replace(layers=layers))
-
-        return self._jit(swap, "state", donate_argnums=(0,))
-
-    def swap_slots(self, state: Slots, a: int, b: int) -> Slots:
-        """Slots `a` and `b` (both free) trade their cache rows (dispatched, not awaited)."""
-        with self._context():
-            return self._call("swap()", self._swap_slots, (state, np.int32(a), np.int32(b)))
+            return self._call(f"{kind}()", self._moves[kind], (state, np.int32(a), np.int32(b)))
 
     def new_state(self) -> Slots:
         """Every slot free (done), the cache zeroed. Refuses, before compiling anything, a cache that the
@@ -880,7 +869,7 @@ class Engine:
         if kind == "release":
             return self._release, (state, np.zeros((self.max_batch,), bool)), ()
         if kind in ("copy", "swap"):
-            return self._copy_slot if kind == "copy" else self._swap_slots, (state, np.int32(0), np.int32(0)), ()
+            return self._moves[kind], (state, np.int32(0), np.int32(0)), ()
         if kind == "insert":
             n, greedy = static
             settings = jax.tree.map(lambda v: np.stack([v] * n), RowSampling.make())

@@ -313,8 +313,7 @@ class Batcher:
         below = smallest_at_least(in_use + 1, self.engine.slot_buckets)  # (the bucket one more job needs)
         slot, start, moves = self.prefixes.choose(self.free, job.signature, below)
         for kind, a, b in moves:  # (a prefix comes down; the entries the job would overwrite go up)
-            move = self.engine.swap_slots if kind == "swap" else self.engine.copy_slot
-            self.state = move(self.state, a, b)
+            self.state = self.engine.move_slots(self.state, kind, a, b)
         self.free.remove(slot)
         return slot, start
 
