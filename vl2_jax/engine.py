@@ -49,7 +49,7 @@ from jax.sharding import NamedSharding
 from vl2_jax.cache import KVCache
 from vl2_jax.config import Runtime, VL2Config
 from vl2_jax.errors import ConfigError, InputError
-from vl2_jax.executables import ExecutableStore, fingerprint
+from vl2_jax.executables import ExecutableStore, fingerprint, loading_pool
 from vl2_jax.modules.language import LanguageModel
 from vl2_jax.modules.vision import normalize_pixels
 from vl2_jax.modules.vl2 import VL2
@@ -823,7 +823,7 @@ class Engine:
             self._absent.add(name)
             return False
         if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1), "vl2-preload")
+            self._pool = loading_pool(8, "vl2-preload")
 
         def load():
             with self._context():

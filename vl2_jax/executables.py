@@ -98,6 +98,17 @@ def _device(args: Sequence):
     return jax.config.jax_default_device or jax.devices()[0]
 
 
+def loading_pool(threads: int, name: str) -> concurrent.futures.ThreadPoolExecutor:
+    """Background threads (at most `threads`, one per CPU core) for loading programs, whose loads not
+    begun are dropped when the process exits (the interpreter would otherwise wait for every one)."""
+    pool = concurrent.futures.ThreadPoolExecutor(min(threads, os.cpu_count() or 1), name)
+    try:  # (runs before the interpreter waits for the pool's threads, as concurrent.futures' own hook does)
+        threading._register_atexit(lambda: pool.shutdown(wait=False, cancel_futures=True))
+    except (AttributeError, RuntimeError):  # (another Python; or already exiting)
+        pass
+    return pool
+
+
 class ExecutableStore:
     """Serialized executables under `directory/<fingerprint>/`, one file per program variant.
 
@@ -156,12 +167,7 @@ class ExecutableStore:
         with self._lock:
             files = [path for path in files if path not in self._ahead]
             if files and self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(min(threads, os.cpu_count() or 1), "vl2-programs")
-                try:  # (run before the interpreter waits for the pool's threads at exit, as concurrent.futures'
-                    # own hook is: the loads not begun are dropped)
-                    threading._register_atexit(lambda pool=self._pool: pool.shutdown(wait=False, cancel_futures=True))
-                except (AttributeError, RuntimeError):  # (another Python; or already exiting)
-                    pass
+                self._pool = loading_pool(threads, "vl2-programs")
             for path in files:
                 self._ahead[path] = (device, self._pool.submit(self._read, path, device))
         return len(files)
