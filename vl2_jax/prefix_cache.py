@@ -27,10 +27,9 @@ from __future__ import annotations
 import hashlib
 import time
 
-import cachetools
 import numpy as np
 
-from vl2_jax.processor import TILE_SOURCES
+from vl2_jax.processor import TILE_SOURCES, BytesLRU
 
 _MASK = np.uint64((1 << 62) - 1)
 
@@ -62,33 +61,13 @@ def tile_digests(tiles: np.ndarray | None) -> list[int]:
     return [int.from_bytes(hashlib.blake2b(t.tobytes(), digest_size=7).digest(), "little") for t in tiles]
 
 
-class TileFeatures:
+class TileFeatures(BytesLRU):
     """The vision tower's projected tokens of recently encoded tiles ([side * side, D] device arrays),
-    by tile digest, least recently used dropped first beyond `budget` bytes (`cachetools.LRUCache`).
-    Counts tiles looked up and found."""
+    by tile digest, least recently used dropped first beyond `budget` bytes. Counts tiles looked up and
+    found."""
 
     def __init__(self, budget: int):
-        self.entries = cachetools.LRUCache(budget, getsizeof=lambda features: features.nbytes)
-        self.lookups = self.hits = 0
-
-    @property
-    def bytes(self) -> int:
-        """Bytes held."""
-        return self.entries.currsize
-
-    def get(self, digest: int):
-        """The features of the tile with this digest, or None."""
-        self.lookups += 1
-        found = self.entries.get(digest)
-        self.hits += found is not None
-        return found
-
-    def put(self, digest: int, features) -> None:
-        if digest not in self.entries and features.nbytes <= self.entries.maxsize:
-            self.entries[digest] = features
-
-    def clear(self) -> None:
-        self.entries.clear()
+        super().__init__(budget, lambda features: features.nbytes)
 
 
 class SlotPrefixes:

@@ -333,39 +333,59 @@ def open_image(image, name: str | None = None) -> Image.Image:
         return _to_rgb(opened, f"image {path}")
 
 
-class TileCache:
+class BytesLRU:
+    """Values by key, the least recently used dropped first beyond `budget` bytes (`sizeof(value)`;
+    cachetools' LRUCache); a value larger than the whole budget is not kept. Counts lookups and hits.
+    Safe to use from several threads."""
+
+    def __init__(self, budget: int, sizeof):
+        self.entries = cachetools.LRUCache(budget, getsizeof=sizeof)
+        self._lock = threading.Lock()
+        self.lookups = self.hits = 0
+
+    @property
+    def bytes(self) -> int:
+        """Bytes held."""
+        return self.entries.currsize
+
+    def get(self, key):
+        """The value kept for `key` (now the most recently used), or None."""
+        with self._lock:
+            self.lookups += 1
+            found = self.entries.get(key)
+            self.hits += found is not None
+        return found
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            if key not in self.entries and self.entries.getsizeof(value) <= self.entries.maxsize:
+                self.entries[key] = value
+
+    def clear(self) -> None:
+        with self._lock:
+            self.entries.clear()
+
+
+class TileCache(BytesLRU):
     """The tiles of images processed lately, by a digest of their pixels and the cropping rule, the least
     recently used dropped beyond `budget` bytes: a server's repeated images, and a chat's earlier images
     sent again with each turn, skip the resampling (~10 ms for a 1000 px image on one CPU core, against
     ~2 ms for the digest). Counts images looked up and found. Safe to use from several threads."""
 
     def __init__(self, budget: int):
-        self._entries = cachetools.LRUCache(budget, getsizeof=lambda entry: sum(t.nbytes for t in entry[0]))
-        self._lock = threading.Lock()
-        self.lookups = self.hits = 0
+        super().__init__(budget, lambda entry: sum(t.nbytes for t in entry[0]))
 
     def tiles(self, image: Image.Image, cropping: bool, make) -> tuple[tuple[np.ndarray, ...], tuple[int, int]]:
         """`make(image, cropping)` (tiles, (nw, nh)), from the cache when these pixels were tiled so before
         (the tiles are then shared: a tuple of read-only arrays)."""
         key = (hashlib.blake2b(image.tobytes(), digest_size=16).digest(), image.size, image.mode, cropping)
-        with self._lock:
-            self.lookups += 1
-            found = self._entries.get(key)
-            self.hits += found is not None
+        found = self.get(key)
         if found is not None:
             return found
         tiles, grid = make(image, cropping)
         entry = (tuple(_read_only(t) for t in tiles), grid)
-        with self._lock:
-            try:
-                self._entries[key] = entry
-            except ValueError:  # (larger than the whole budget: not kept)
-                pass
+        self.put(key, entry)
         return entry
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
 
 
 class Processor:
