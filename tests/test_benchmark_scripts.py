@@ -204,3 +204,22 @@ def test_serve_ab_compares_two_checkouts_on_cpu(tmp_path):
                            capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert table.returncode == 0 and [line for line in table.stdout.splitlines() if line.startswith("| 1 | ")] == [
         line for line in r.stdout.splitlines() if line.startswith("| 1 | ")]
+
+
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_hlo_traffic_finds_the_widened_weights_of_a_decode_program(quant, tmp_path):
+    # On a CPU every quantized product widens its weight to float32 first (no kernels there): the
+    # script must find those copies in the compiled decode program, and none in a float model's.
+    r = _run("benchmarks/hlo_traffic.py", "--model", "random:test", "--quant", quant, "--min-elements", "1000",
+             "--save", str(tmp_path / "decode.hlo.gz"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads(r.stdout.splitlines()[0])
+    assert summary["ops"] > 50 and summary["written_bytes"] > 0
+    widened = summary["widened"]
+    if quant == "none":
+        assert widened == []
+    else:
+        assert len(widened) >= 8 and all(w["widens"].startswith("s8[") for w in widened)
+        assert any("attn" in w["source"] for w in widened) and any("mlp" in w["source"] for w in widened)
+    again = _run("benchmarks/hlo_traffic.py", "--hlo", str(tmp_path / "decode.hlo.gz"), "--min-elements", "1000")
+    assert again.returncode == 0 and json.loads(again.stdout.splitlines()[0])["widened"] == widened

@@ -1,0 +1,283 @@
+"""Which lines of the model a compiled decode program's memory traffic comes from, read from its
+optimized HLO: every operation the device runs (the top-level instructions of the entry computation
+and of the loops, branches and calls it runs; a fusion counts once, as one kernel), its output bytes, an
+upper bound of the bytes it reads (its operands whole: a gather or slice reads less), and the model's
+source lines it came from (the metadata's stack frames inside `vl2_jax`).
+
+    python benchmarks/hlo_traffic.py --model random:small --quant int8      # on a GPU
+    python benchmarks/hlo_traffic.py --model random:test --quant int8       # CPU smoke
+    python benchmarks/hlo_traffic.py --hlo decode.hlo.gz                    # a saved program
+
+It lists the operations that widen a quantized weight, i.e. write a 16- or 32-bit float copy of a
+1-byte operand of as many elements (a dequantized weight kept in memory between two kernels: the
+"hidden bf16 copy" a decode step must not have), then the operations that write the most, and the
+operations per step by kind. The program is the engine's decode program for one slot at the first key
+bucket, greedy (as `quant_compare.py` measures its `cost_analysis`); --save writes its HLO text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import gzip
+import json
+import re
+import sys
+
+ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1, "bf16": 2, "f16": 2,
+            "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8}
+NARROW = {"s8", "u8", "f8e4m3fn", "f8e5m2", "s4", "u4"}
+WIDE_FLOATS = {"bf16", "f16", "f32"}
+# opcodes that move no data themselves (views, control flow, bookkeeping)
+FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "conditional", "call",
+        "after-all", "opt-barrier", "partition-id", "replica-id", "iota", "async-start", "async-done"}
+
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
+_HEADER = re.compile(r"^(ENTRY )?%(\S+) \(.*\) -> .* \{$")
+_INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%(\S+) = (.*)$")
+
+
+@dataclasses.dataclass
+class Op:
+    name: str
+    opcode: str
+    kind: str  # fusion kind or custom call target, else ""
+    out: list[tuple[str, int]]  # (dtype, elements) per array of the output
+    operands: list[str]
+    calls: list[str]
+    frame: int | None
+    scope: str  # the metadata's op_name: the module path, e.g. ".../LanguageModel.decode/layers_2/mlp/..."
+    computation: str
+
+    @property
+    def out_bytes(self) -> int:
+        return sum(ITEMSIZE.get(t, 4) * n for t, n in self.out)
+
+
+def _arrays(shape: str) -> list[tuple[str, int]]:
+    out = []
+    for dtype, dims in _ARRAY.findall(shape):
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        out.append((dtype, n))
+    return out
+
+
+def _split_shape(rest: str) -> tuple[str, str]:
+    """'(s32[], bf16[2]) while(...)' -> ('(s32[], bf16[2])', 'while(...)')."""
+    if rest.startswith("("):
+        depth = 0
+        for i, ch in enumerate(rest):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if depth == 0:
+                return rest[:i + 1], rest[i + 2:]
+    shape, _, tail = rest.partition(" ")
+    return shape, tail
+
+
+def _call_args(tail: str) -> tuple[str, str, str]:
+    """'fusion(%a, %b), kind=kLoop, ...' -> ('fusion', '%a, %b', ', kind=kLoop, ...')."""
+    opcode, _, rest = tail.partition("(")
+    depth = 1
+    for i, ch in enumerate(rest):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0:
+            return opcode, rest[:i], rest[i + 1:]
+    return opcode, rest, ""
+
+
+@dataclasses.dataclass
+class Program:
+    ops: dict[str, Op]
+    computations: dict[str, list[str]]
+    entry: str
+    frames: dict[int, tuple[str, int, str]]  # stack frame id -> (file, line, function)
+
+    def executed(self) -> list[Op]:
+        """The operations the device runs, in order: the entry's, then those of the loops, branches
+        and calls they run (fused computations and reducers are inside their op)."""
+        out, todo, seen = [], [self.entry], set()
+        while todo:
+            comp = todo.pop(0)
+            if comp in seen:
+                continue
+            seen.add(comp)
+            for name in self.computations[comp]:
+                op = self.ops[name]
+                if op.opcode in ("while", "conditional", "call", "async-start"):
+                    todo += op.calls
+                if op.opcode not in FREE:
+                    out.append(op)
+        return out
+
+    def source(self, op: Op) -> str:
+        """Where the op comes from: its innermost line in the model's code and its module path (the
+        metadata's op_name past the program's own scopes), e.g. "modules/layers.py:91 qeinsum @
+        layers_2/mlp/shared"; a fusion without metadata of its own takes its fused computation's."""
+        carrier = op
+        if op.frame is None and not op.scope:
+            for comp in op.calls:
+                found = [self.ops[n] for n in reversed(self.computations.get(comp, [])) if self.ops[n].frame or self.ops[n].scope]
+                if found:
+                    carrier = found[0]
+                    break
+        line = ""
+        if carrier.frame in self.frames:
+            file, number, function = self.frames[carrier.frame]
+            line = f"{file.split('vl2_jax/', 1)[-1]}:{number} {function}"
+        scope = carrier.scope.split("LanguageModel.", 1)[-1].split("/", 1)[-1] if "LanguageModel." in carrier.scope else carrier.scope
+        return " @ ".join(x for x in (line, scope) if x) or "?"
+
+    def read_bytes(self, op: Op) -> int:
+        """Upper bound: every operand whole (each once)."""
+        return sum(self.ops[n].out_bytes for n in dict.fromkeys(op.operands) if n in self.ops)
+
+    def widens(self, op: Op, min_elements: int) -> str | None:
+        """The 1-byte operand this op writes a float copy of (as many elements), if any."""
+        if len(op.out) != 1 or op.out[0][0] not in WIDE_FLOATS or op.out[0][1] < min_elements:
+            return None
+        for n in op.operands:
+            arrays = self.ops[n].out if n in self.ops else []
+            if len(arrays) == 1 and arrays[0][0] in NARROW and arrays[0][1] == op.out[0][1]:
+                return f"{arrays[0][0]}[{arrays[0][1]}] -> {op.out[0][0]}"
+        return None
+
+
+def parse(text: str) -> Program:
+    files, functions, locations, stack = {}, {}, {}, {}
+    table, ops, computations, entry, current = None, {}, {}, None, None
+    for line in text.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            table = line
+            continue
+        if table and (m := re.match(r"^(\d+) (.*)$", line)):
+            key, value = int(m.group(1)), m.group(2)
+            if table in ("FileNames", "FunctionNames"):
+                (files if table == "FileNames" else functions)[key] = value.strip('"')
+            else:
+                fields = dict(re.findall(r"(\w+)=(\d+)", value))
+                (locations if table == "FileLocations" else stack)[key] = fields
+            continue
+        table = None
+        if m := _HEADER.match(line):
+            current = m.group(2)
+            computations[current] = []
+            entry = current if m.group(1) else entry
+            continue
+        if current is None or not (m := _INSTRUCTION.match(line)):
+            continue
+        name, rest = m.groups()
+        shape, tail = _split_shape(rest)
+        opcode, args, attrs = _call_args(tail)
+        calls = re.findall(r"(?:calls|body|condition|to_apply|true_computation|false_computation)=%([\w.\-]+)", attrs)
+        if branches := re.search(r"branch_computations=\{([^}]*)\}", attrs):
+            calls += re.findall(r"%([\w.\-]+)", branches.group(1))
+        kind = re.search(r"kind=(\w+)|custom_call_target=\"([^\"]+)\"", attrs)
+        frame = re.search(r"stack_frame_id=(\d+)", attrs)
+        scope = re.search(r'op_name="([^"]*)"', attrs)
+        ops[name] = Op(name, opcode, (kind.group(1) or kind.group(2)) if kind else "", _arrays(shape),
+                       re.findall(r"%([\w.\-]+)", args), calls, int(frame.group(1)) if frame else None,
+                       scope.group(1) if scope else "", current)
+        computations[current].append(name)
+    frames = {}
+    for fid, f in stack.items():
+        loc = locations.get(int(f.get("file_location_id", 0)), {})
+        frames[fid] = (files.get(int(loc.get("file_name_id", 0)), "?"), int(loc.get("line", 0)),
+                       functions.get(int(loc.get("function_name_id", 0)), "?"))
+    if entry is None:
+        raise ValueError("no ENTRY computation in this HLO text")
+    return Program(ops, computations, entry, frames)
+
+
+def report(program: Program, top: int = 20, min_elements: int = 1 << 20) -> dict:
+    """A summary dict: per-kind counts and bytes, the widening ops, the top writers."""
+    ops = program.executed()
+    kinds = collections.defaultdict(lambda: [0, 0, 0])
+    for op in ops:
+        k = kinds[f"{op.opcode}:{op.kind}" if op.kind else op.opcode]
+        k[0] += 1
+        k[1] += op.out_bytes
+        k[2] += program.read_bytes(op)
+    widened = [{"op": op.name, "kind": op.kind or op.opcode, "widens": w, "source": program.source(op)}
+               for op in ops if (w := program.widens(op, min_elements))]
+    writers = sorted(ops, key=lambda op: -op.out_bytes)[:top]
+    return {
+        "ops": len(ops),
+        "written_bytes": sum(op.out_bytes for op in ops),
+        "read_bytes_upper_bound": sum(program.read_bytes(op) for op in ops),
+        "by_kind": {k: {"count": c, "written": w, "read_at_most": r} for k, (c, w, r) in
+                    sorted(kinds.items(), key=lambda kv: -kv[1][2])},
+        "widened": widened,
+        "widened_bytes": sum(program.ops[op["op"]].out_bytes for op in widened),
+        "top_writers": [{"op": op.name, "kind": op.kind or op.opcode, "written": op.out_bytes,
+                         "read_at_most": program.read_bytes(op), "source": program.source(op)} for op in writers],
+    }
+
+
+def print_report(title: str, r: dict) -> None:
+    mb = lambda b: f"{b / 1e6:.1f}"
+    print(f"\n## {title}: {r['ops']} device ops, {mb(r['written_bytes'])} MB written, "
+          f"<= {mb(r['read_bytes_upper_bound'])} MB read; {len(r['widened'])} widened weights "
+          f"({mb(r['widened_bytes'])} MB of float copies)")
+    if r["widened"]:
+        print("\n| widening op | kind | copy | source |\n|---|---|---|---|")
+        for w in r["widened"]:
+            print(f"| {w['op']} | {w['kind']} | {w['widens']} | {w['source']} |")
+    print("\n| op kind | count | written MB | read MB (at most) |\n|---|---|---|---|")
+    for k, v in list(r["by_kind"].items())[:15]:
+        print(f"| {k} | {v['count']} | {mb(v['written'])} | {mb(v['read_at_most'])} |")
+    print("\n| top writer | kind | written MB | read MB (at most) | source |\n|---|---|---|---|---|")
+    for w in r["top_writers"]:
+        print(f"| {w['op']} | {w['kind']} | {mb(w['written'])} | {mb(w['read_at_most'])} | {w['source']} |")
+
+
+def decode_hlo(spec: str, quant: str, max_seq_len: int) -> str:
+    """The optimized HLO text of `spec`'s decode program (one slot, first key bucket, greedy)."""
+    import jax
+    import numpy as np
+
+    from vl2_jax import load
+    from vl2_jax.config import Runtime
+
+    dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    m = load.load_model(spec, dtype, runtime=Runtime(max_batch=1, max_seq_len=max_seq_len),
+                        quant=None if quant == "none" else quant)
+    engine = m.engine
+    state = m.take_state()
+    try:
+        compiled = engine._decode.lower(engine.language_params(m.params), state, np.zeros((engine.max_batch,), bool),
+                                        1, engine.decode_key_buckets[0], True).compile()
+    finally:
+        m.give_state(state)
+    return compiled.as_text()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="random:tiny")
+    p.add_argument("--quant", default="none", choices=["none", "int8", "fp8"])
+    p.add_argument("--max-seq-len", type=int, default=1024)
+    p.add_argument("--hlo", default=None, help="read this saved HLO text (.gz or plain) instead of compiling")
+    p.add_argument("--save", default=None, help="write the compiled program's HLO text here (.gz: compressed)")
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--min-elements", type=int, default=1 << 20, help="smallest weight counted as widened")
+    args = p.parse_args()
+    if args.hlo:
+        opener = gzip.open if args.hlo.endswith(".gz") else open
+        with opener(args.hlo, "rt") as f:
+            text, title = f.read(), args.hlo
+    else:
+        text, title = decode_hlo(args.model, args.quant, args.max_seq_len), f"{args.model} {args.quant} decode"
+    if args.save:
+        opener = gzip.open if args.save.endswith(".gz") else open
+        with opener(args.save, "wt") as f:
+            f.write(text)
+    r = report(parse(text), args.top, args.min_elements)
+    print(json.dumps({"program": title, **{k: v for k, v in r.items() if k not in ("by_kind", "top_writers")}}))
+    print_report(title, r)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
