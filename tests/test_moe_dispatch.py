@@ -566,6 +566,19 @@ def test_dense_matvec_only_below_the_size_xla_strength_reduces(monkeypatch):
     assert not kernels.dense_matvec_usable(jnp.bfloat16, 2048, 100)
 
 
+def test_dense_matvec_takes_quantized_weights_of_any_size(monkeypatch):
+    """Quantized values go to the kernel however large (small's shared experts' 2048 x 5632, the dense
+    layer's 2048 x 21888): XLA's dot would take them widened to bf16."""
+    from vl2_jax import kernels
+
+    monkeypatch.setattr(kernels, "gathered_matvec_usable",
+                        lambda dtype, k, n, weight_dtype=None: k % 128 == 0 and n % 64 == 0)
+    for k, n in [(2048, 5632), (2048, 21888), (2048, 102400)]:
+        assert not kernels.dense_matvec_usable(jnp.bfloat16, k, n)
+        assert kernels.dense_matvec_usable(jnp.bfloat16, k, n, weight_dtype=jnp.int8)
+    assert not kernels.dense_matvec_usable(jnp.bfloat16, 2048, 100, weight_dtype=jnp.int8)
+
+
 @pytest.mark.parametrize("impl", ["dense", "gather", "grouped", "ragged", "blocked"])
 def test_tokens_left_out_of_routing_change_nothing_else(impl):
     """`MoE(x, token_valid)`: the valid tokens' outputs are those of the full layer (every dispatch); the

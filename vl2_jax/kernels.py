@@ -315,10 +315,14 @@ def dense_matvec_tiles(k: int, n: int) -> tuple[int, int, int, int, int]:
 
 def dense_matvec_usable(dtype, k: int, n: int, weight_dtype=None) -> bool:
     """Whether `dense_matvec` of one row against a [k, n] weight in `dtype` (or of quantized values in
-    `weight_dtype`, with scales) runs its kernel here."""
+    `weight_dtype`, with scales) runs its kernel here. Float weights of DENSE_MATVEC_MAX_WEIGHT elements
+    or more keep XLA's dot (cuBLAS); quantized ones of any size take the kernel, which reads their
+    values once: cuBLAS has no int8 x bf16 product, so XLA's dot would take the values widened to 16
+    bits (small's int8 decode program counted more bytes than its bf16 one while every weight of
+    10M elements or more, 367M elements in all, went that way; BENCHMARKS.md)."""
     if weight_dtype is None:
         return 0 < k * n < DENSE_MATVEC_MAX_WEIGHT and gathered_matvec_usable(dtype, k, n)
-    return 0 < k * n < DENSE_MATVEC_MAX_WEIGHT and gathered_matvec_usable(dtype, k, n, weight_dtype)
+    return 0 < k * n and gathered_matvec_usable(dtype, k, n, weight_dtype)
 
 
 def dense_matvec(x_1K: jax.Array, w_KN: jax.Array, interpret: bool = False,
