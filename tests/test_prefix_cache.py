@@ -3,6 +3,7 @@ entries and gets the answer it gets fresh; images match by their tiles, not thei
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -324,3 +325,66 @@ def test_tile_features_drop_the_least_recently_used_beyond_the_budget():
     assert 4 not in f.entries
     assert tile_digests(np.zeros((2, 4, 4, 3), np.uint8))[0] == tile_digests(np.zeros((1, 4, 4, 3), np.uint8))[0]
 
+
+
+def test_random_traffic_with_follow_ups_cancels_and_stops_answers_as_each_request_alone():
+    """Seeded random traffic through three slots with a prefill budget: new conversations (shared system
+    prompts, 0-2 images), the same prompt again, next turns after an earlier answer (some adding an
+    image, which re-tiles the earlier ones), greedy and seeded sampling, stop strings and cancels, all
+    interleaved. Every answer that ended by itself equals that request's answer alone with nothing
+    cached (float32: exactly), and some of them continued from the cache."""
+    import random
+
+    m = vl2_jax.load_pretrained(ckpt_dir(VARIANT), runtime=dataclasses.replace(model().runtime, max_batch=3))
+    rng = random.Random(7)
+    images = [image(20 + i, w, h) for i, (w, h) in enumerate([(40, 30), (64, 64), (30, 90)])]
+    systems = [None, "You are a careful assistant who answers briefly. " * 3]
+    questions = ["What is this?", "Describe it.", "Why?", "Tell me more about the colours."]
+    b = Batcher(m.engine, m.params, m.take_state(), m.processor.decode, prefill_budget=32)
+    b.prefixes.clear()
+    done, running = [], []  # (conversation, image indices, (max_new, sampling, stop), job)
+
+    def new_job():
+        if done and rng.random() < 0.5:  # a next turn, or the same prompt again
+            conv, chosen, _, job = rng.choice(done)
+            if rng.random() < 0.7:
+                add = [rng.randrange(len(images))] if rng.random() < 0.4 and len(chosen) < 3 else []
+                conv = [*conv, {"role": "assistant", "content": m.processor.decode(job.token_ids)},
+                        {"role": "user", "content": "<image>\n" * len(add) + rng.choice(questions)}]
+                chosen = chosen + add
+        else:
+            chosen = [rng.randrange(len(images)) for _ in range(rng.choice([0, 1, 1, 2]))]
+            system = rng.choice(systems)
+            conv = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": "<image>\n" * len(chosen) + rng.choice(questions)}]
+        sampled = rng.random() < 0.3
+        settings = (rng.randint(1, 12), (1.3, 5, 0.9, 1.2, rng.randrange(100)) if sampled else (0.0,),
+                    (m.processor.decode(done[-1][3].token_ids)[-2:],) if done and rng.random() < 0.2 else ())
+        return conv, chosen, settings
+
+    def submit(b, conv, chosen, settings):
+        max_new, sampling, stop = settings
+        return b.submit(Job(request(conv, [images[i] for i in chosen]), max_new, RowSampling.make(*sampling),
+                            stop=tuple(s for s in stop if s)))
+
+    for _ in range(120):
+        for _ in range(rng.choice([0, 0, 0, 1, 1, 2])):
+            conv, chosen, settings = new_job()
+            running.append((conv, chosen, settings, submit(b, conv, chosen, settings)))
+        if running and rng.random() < 0.05:
+            b.cancel(rng.choice(running)[3])
+        b.step()
+        done += [r for r in running if r[3].finish_reason in ("stop", "length")]
+        assert not [r for r in running if r[3].finish_reason == "error"]
+        running = [r for r in running if not r[3].finished]
+    while b.busy:
+        b.step()
+    done += [r for r in running if r[3].finish_reason in ("stop", "length")]
+    assert len(done) > 40 and sum(r[3].cached_tokens > 0 for r in done) > 10
+    for conv, chosen, settings, job in done:
+        b.prefixes.clear()
+        alone = submit(b, conv, chosen, settings)
+        while not alone.finished:
+            b.step()
+        assert alone.cached_tokens == 0 and alone.token_ids == job.token_ids, (conv, settings)
+    m.give_state(b.state)
