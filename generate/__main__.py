@@ -18,7 +18,7 @@ import sys
 
 from vl2_jax import prefetch
 from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, QUANTS
-from vl2_jax.errors import command_parser, number
+from vl2_jax.errors import command_parser, guarded, number
 
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl2-tiny"
 
@@ -93,14 +93,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     log = lambda line: print(line, file=sys.stderr, flush=True)
-    if args.coordinator is None:  # (across hosts each process reads only what it needs)
-        prefetch.start(args.model)  # the disk reads the weights while JAX is imported and starts
-    from vl2_jax.cli import run
-    from vl2_jax.errors import guarded
 
-    return guarded(lambda: run(args, log), log)
+    def body() -> int:  # (Ctrl-C from here on ends in "interrupted", even while JAX is imported)
+        args = _parser().parse_args(argv)
+        if args.coordinator is None:  # (across hosts each process reads only what it needs)
+            prefetch.start(args.model)  # the disk reads the weights while JAX is imported and starts
+        from vl2_jax.cli import run
+
+        return run(args, log)
+
+    return guarded(body, log)
 
 
 def exit_with_main() -> None:

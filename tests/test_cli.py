@@ -170,6 +170,26 @@ def test_sigterm_ends_the_command_as_ctrl_c_does():
     assert rest.strip().splitlines()[-1] == "interrupted" and "SIGTERM" not in rest, rest
 
 
+@pytest.mark.parametrize("after_s", [0.3, 0.8, 1.5])
+def test_ctrl_c_at_any_moment_of_the_start_ends_the_command_quietly(after_s):
+    """Ctrl-C while the arguments are read, JAX is imported (where Python may drop the interrupt inside
+    JAX's garbage-collection callback, printing it and going on) or the model loads: "interrupted",
+    exit status 130, nothing else on stderr, and no answer."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "generate", "--model", "random:test", "--prompt", "hi",
+                             "--max-new-tokens", "100000", "--compile-cache", ""], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, cwd=ROOT, text=True)
+    time.sleep(after_s)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert lines[-1] == "interrupted" and not [line for line in lines if line.startswith(("Traceback", "Exception"))]
+
+
 def test_chat_keeps_history_and_survives_bad_utf8():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     stdin = b"Hello there.\n\xff\xfe bad line\nAnd again?\n"

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from vl2_jax.chat import ChatSession, user_turn
 from vl2_jax.config import Runtime
-from vl2_jax.errors import InputError, explain, sigterm_as_interrupt
+from vl2_jax.errors import InputError, check_interrupt, explain, sigterm_as_interrupt
 from vl2_jax.generation import stop_strings
 from vl2_jax.images import ImageLimits, describe, load_image, local_path
 from vl2_jax.sampling import check_sampling
@@ -38,6 +38,7 @@ def run(args, log: Callable[[str], None]) -> int:
     from vl2_jax.processor import TileCache
 
     sigterm_as_interrupt()  # (JAX is imported by now)
+    check_interrupt()  # (a Ctrl-C while JAX was imported may have been dropped by Python)
 
     speaks = _start_distributed(args)
     if not speaks:
@@ -329,7 +330,11 @@ def _draw_boxes(out_path, images, text, log) -> None:
 
 def _answer(model, conversation, images, options, as_json, log, text_only=False, timing=None):
     batch = model.processor.batchify([model.processor(conversation, images)])
-    stream = None if as_json else (lambda row, text: print(text, end="", flush=True))
+    def stream(row, text):
+        check_interrupt()  # (a Ctrl-C that Python dropped inside a callback of its own ends the answer here)
+        print(text, end="", flush=True)
+
+    stream = None if as_json else stream
     from vl2_jax.engine import CompileWatch
 
     store = model.engine.executables
