@@ -54,7 +54,7 @@ def test_forced_plain_moe_dispatch_gives_the_same_answer(capsys):
     out, err = capsys.readouterr()
     assert json.loads(out)["token_ids"] == greedy
     # stderr is no terminal here: the load reports its speed in a line, and draws no bar
-    assert re.search(r"^model ready in [\d.]+ s \([\d.]+ [MG]B of weights, [\d.]+ GB/s\)$", err, re.M) and "\r" not in err
+    assert re.search(r"^model ready in [\d.]+ s \([\d.]+ [MG]B of weights, [\d.]+ [MG]B/s\)$", err, re.M) and "\r" not in err
 
 
 def test_progress_bar_draws_on_a_terminal_only():
@@ -134,7 +134,7 @@ def test_compile_cache_keeps_programs_between_runs(tmp_path, monkeypatch):
 )
 def test_bad_arguments_fail_with_one_line(capsys, args, code, line):
     """Our refusals are one `error:` line, exit status 1 (after the loader's progress lines, for a model);
-    argparse's are its usage, then its one error line, exit status 2."""
+    argparse's are one usage line, then its one error line, exit status 2."""
     try:
         status = main(["--model", "random:test", *args])
     except SystemExit as e:
@@ -143,7 +143,7 @@ def test_bad_arguments_fail_with_one_line(capsys, args, code, line):
     assert status == code and err[-1] == line
     assert sum("error:" in e for e in err) == 1 and "Traceback" not in "\n".join(err)
     if code == 2:
-        assert err[0].startswith("usage: python -m generate ")
+        assert err[0] == "usage: python -m generate [options]  (python -m generate --help lists them)" and len(err) == 2
     elif "--model" not in args:
         assert len(err) == 1
 
@@ -224,6 +224,24 @@ def test_unusable_compile_cache_is_one_note_not_a_failure(tmp_path):
     r = _cli("--model", "random:test", "--prompt", "hi", "--max-new-tokens", "2", "--compile-cache", str(blocker / "xla"))
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("not cached") == 1 and "Warning" not in r.stderr
+
+
+def test_chat_says_when_the_history_fills_the_slot_and_starts_anew_on_request():
+    """Once the conversation so far no longer fits a slot, a turn's error says so (not "shorten the
+    prompt") and points at /new, which forgets the turns: the next one is answered as a first turn."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    stdin = "Hello there, tell me everything.\nAnd again, more please.\nAnd more.\n/new\nHello there, tell me everything.\n"
+    r = subprocess.run([sys.executable, "-m", "generate", "--model", "random:test", "--chat", "--json",
+                        "--max-new-tokens", "40", "--max-seq-len", "128", "--compile-cache", ""],
+                       capture_output=True, text=True, env=env, cwd=ROOT, input=stdin, timeout=300)
+    assert r.returncode == 0, r.stderr
+    answers = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(answers) == 3 and len(errors) == 1, r.stderr
+    assert errors[0].startswith("error: the conversation so far and this message come to ") and "/new" in errors[0]
+    assert "--max-seq-len" in errors[0] and "a new conversation" in r.stderr
+    assert answers[2]["prompt_tokens"] == answers[0]["prompt_tokens"]  # after /new: a first turn again
+    assert answers[2]["token_ids"] == answers[0]["token_ids"]
 
 
 def test_chat_survives_bad_turns_and_attaches_images():

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from vl2_jax.chat import ChatSession, user_turn
 from vl2_jax.config import Runtime
-from vl2_jax.errors import InputError, check_interrupt, explain, sigterm_as_interrupt
+from vl2_jax.errors import InputError, PromptTooLong, check_interrupt, explain, sigterm_as_interrupt
 from vl2_jax.generation import stop_strings
 from vl2_jax.images import ImageLimits, describe, load_image, local_path
 from vl2_jax.sampling import check_sampling
@@ -107,12 +107,16 @@ def run(args, log: Callable[[str], None]) -> int:
         return 0
     model.processor.tile_cache = TileCache(64 << 20)  # (each turn sends the chat's images again)
     log("chat: type a message and press Enter; /image PATH (or an http(s) or data: URL) attaches an image to "
-        "your next message; an empty line or Ctrl-D ends the session.")
+        "your next message; /new starts a new conversation; an empty line or Ctrl-D ends the session.")
     pending = images
     for line in chat_lines(args.prompt, log):
         if not line:
             break
         try:
+            if line == "/new":
+                session, pending = ChatSession(system=system), []
+                log("a new conversation: the turns so far and their images are forgotten")
+                continue
             if line.split(maxsplit=1)[0] == "/image":
                 ref = line[len("/image"):].strip()
                 if not ref:
@@ -124,6 +128,14 @@ def run(args, log: Callable[[str], None]) -> int:
             answer = _answer(model, conversation, every_image, options, args.json, log, text_only=True,
                              timing=options_timing)
             options_timing = None  # (the load belongs to the first answer's line)
+        except PromptTooLong as e:
+            if not session.turns:
+                log("error: " + explain(e))
+                continue
+            log(f"error: the conversation so far and this message come to {e.tokens} tokens, but a slot has room "
+                f"for {e.room} before an answer; type /new to start a new conversation"
+                + ("." if args.max_seq_len is None else ", or start the chat again with a larger --max-seq-len."))
+            continue
         except Exception as e:  # noqa: BLE001 - one bad turn is one error line; the session goes on
             log("error: " + explain(e))
             continue

@@ -48,7 +48,7 @@ from jax.sharding import NamedSharding
 
 from vl2_jax.cache import KVCache
 from vl2_jax.config import Runtime, VL2Config
-from vl2_jax.errors import ConfigError, InputError
+from vl2_jax.errors import ConfigError, InputError, PromptTooLong
 from vl2_jax.executables import ExecutableStore, fingerprint, loading_pool
 from vl2_jax.modules.language import LanguageModel
 from vl2_jax.modules.vision import normalize_pixels
@@ -563,9 +563,10 @@ class Engine:
         if p > self.max_seq_len - 1:
             holds = (f"the model's context is {context} tokens (max_position_embeddings)" if self.max_seq_len == context
                      else f"a slot holds {self.max_seq_len} tokens (max_seq_len)")
-            raise InputError(f"the prompt has {p} tokens but {holds}, leaving no room for an answer; shorten the "
-                             "prompt or use fewer images" + ("." if self.max_seq_len == context else
-                                                             ", or load the model with a larger max_seq_len (--max-seq-len on the command line)."))
+            raise PromptTooLong(f"the prompt has {p} tokens but {holds}, leaving no room for an answer; shorten the "
+                                "prompt or use fewer images" + ("." if self.max_seq_len == context else
+                                                                ", or load the model with a larger max_seq_len (--max-seq-len on the command line)."),
+                                p, self.max_seq_len - 1)
         tiles = 0 if request.tiles is None else len(request.tiles)
         if tiles > self.max_tiles:
             raise InputError(f"the prompt has {tiles} image tiles, more than the {self.max_tiles} a "

@@ -34,6 +34,15 @@ class InputError(VL2Error):
     context limit or a generation argument that cannot be processed."""
 
 
+class PromptTooLong(InputError):
+    """A prompt (with its images' tokens) that leaves no room for an answer in a slot: `tokens` of it
+    against the `room` of `max_seq_len` - 1 tokens a slot has for it."""
+
+    def __init__(self, message: str, tokens: int, room: int):
+        super().__init__(message)
+        self.tokens, self.room = tokens, room
+
+
 class DeviceMemoryError(VL2Error, MemoryError):
     """The accelerator ran out of memory; the message says during what and what to try."""
 
@@ -125,13 +134,22 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)".lstrip()
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """A malformed flag: one short usage line (not every option) and argparse's error line, status 2."""
+        self.exit(2, f"usage: {self.prog} [options]  ({self.prog} --help lists them)\n{self.prog}: error: {message}\n")
+
+
 def command_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     """An entry point's parser: `doc`'s first line as the description, its indented `python -m ...` lines
-    as the examples after the options, every option's default in its help, and `--version`."""
+    as the examples after the options, every option's default in its help, and `--version`. `prog`: how
+    its messages name the command ("python -m generate"), or the installed script's name when that is
+    what ran it (`vl2-generate`)."""
     examples = [line for line in doc.splitlines() if line.startswith("    python -m ")]
     epilog = "examples:\n" + "\n".join(line[2:] for line in examples) if examples else None
-    p = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0], epilog=epilog,
-                                formatter_class=_HelpFormatter)
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    p = _Parser(prog=script if script.startswith("vl2-") else prog, description=doc.splitlines()[0], epilog=epilog,
+                formatter_class=_HelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}",
                    help="print the package version and exit")
     return p

@@ -137,7 +137,7 @@ def _load(spec: str, dtype, runtime: Runtime, mesh, seed: int, progress: Callabl
     seconds = time.perf_counter() - start
     from vl2_jax.orbax_io import format_bytes
 
-    rate = f" ({format_bytes(read[0])} of weights, {read[0] / 1e9 / seconds:.2f} GB/s)" if read[0] else ""
+    rate = f" ({format_bytes(read[0])} of weights, {format_bytes(read[0] / seconds)}/s)" if read[0] else ""
     progress(f"model ready in {seconds:.1f} s{rate}")
     return model
 
