@@ -47,8 +47,8 @@ class FakeModel:
 
 
 class FakeHandle:
-    def __init__(self, job, script, scheduler):
-        self.job, self.script, self.scheduler = job, script, scheduler
+    def __init__(self, job, script, scheduler, measured=True):
+        self.job, self.script, self.scheduler, self.measured = job, script, scheduler, measured
         self.cancelled = False
 
     async def events(self):
@@ -84,11 +84,11 @@ class FakeScheduler:
         self.jobs, self.cancelled, self.full = [], [], False
         self.max_queue = 3
 
-    def submit(self, job):
+    def submit(self, job, measured=True):
         if self.full:
             raise QueueFull("3 requests are waiting for a slot (the queue holds 3)")
         self.jobs.append(job)
-        return FakeHandle(job, self.script, self)
+        return FakeHandle(job, self.script, self, measured)
 
     def stats(self):
         return {"queued": 0, "running": 0, "max_batch": 4, "max_seq_len": 256, "alive": True}
@@ -435,8 +435,13 @@ def test_models_info_health_generate_flush_and_metrics(sched, url):
     assert httpx2.get(url + "/get_model_info").json()["model_path"] == MODEL
     info = httpx2.get(url + "/get_server_info").json()
     assert info["max_batch"] == 4 and info["internal_states"][0]["alive"] and not info["api_key_required"]
+    count = lambda name: sum(float(line.split()[-1]) for line in httpx2.get(url + "/metrics").text.splitlines()
+                             if line.startswith(name))
+    before = count("vl2_time_to_first_token_seconds_count"), count("vl2_e2e_request_latency_seconds_count")
     assert httpx2.get(url + "/health_generate").json() == {"status": "ok"}
     assert sched.jobs[-1].max_new_tokens == 1
+    # (a load balancer's probe is not a request: the latency histograms leave it out)
+    assert (count("vl2_time_to_first_token_seconds_count"), count("vl2_e2e_request_latency_seconds_count")) == before
     assert httpx2.post(url + "/flush_cache").status_code == 200
     client(url).chat.completions.create(**CHAT)
     text = httpx2.get(url + "/metrics").text

@@ -326,9 +326,9 @@ def test_relative_paths_start_at_local_dir_or_at_the_working_directory_for_the_c
 def test_a_reference_that_is_no_url_and_no_base64_says_so_where_files_are_refused(ref):
     with pytest.raises(InputError, match="is not a data: URL, an http.s. URL or base64"):
         load_image(ref)
-    with pytest.raises(InputError, match="names a local file.*as a data: URL, base64 or an http.s. URL"):
+    with pytest.raises(InputError, match="names a local file.*as a base64 data: URL or an http.s. URL"):
         load_image("file:///tmp/x.png")
-    with pytest.raises(InputError, match=r"as a data: URL, base64\.$"):
+    with pytest.raises(InputError, match=r"as a base64 data: URL\.$"):
         load_image("file:///tmp/x.png", ImageLimits(allow_fetch=False))
 
 

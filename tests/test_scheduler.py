@@ -102,3 +102,23 @@ def test_stop_cancels_what_its_drain_leaves_and_hurry_cuts_the_drain_short():
         assert set(ends) <= {"length", "abort"} and ends.count("abort") >= 8, (hurried, ends)
         assert model().take_state() is not None  # handed back
         model().give_state(None)
+
+
+def test_probes_are_answered_but_left_out_of_the_metrics():
+    """`submit(job, measured=False)` (the server's /health_generate): answered as any job, but its tokens
+    and latencies reach no metric; a measured job's do."""
+    seen = []
+
+    class Metrics:
+        def __getattr__(self, name):
+            return lambda *args: seen.append(name)
+
+    sched = Scheduler(model(), metrics=Metrics()).start()
+    probe, want = job("text_only", 3)
+    _, ids, _ = collect(sched.submit(probe, measured=False))
+    assert ids == want[:3]
+    assert not {"observe_ttft", "observe_itl", "add_tokens", "cache_lookup"} & set(seen)
+    _, ids, _ = collect(sched.submit(job("text_only", 3)[0]))
+    assert ids == want[:3] and {"observe_ttft", "add_tokens", "cache_lookup"} <= set(seen)
+    sched.stop()
+    model().give_state(None)

@@ -258,7 +258,7 @@ def _read_file(path: str, label: str, limits: ImageLimits) -> bytes:
     if "\0" in path:
         raise InputError(f"image path {label} contains a NUL character; no file has such a name.")
     if limits.local_dir is None:
-        send = "a data: URL, base64" + (" or an http(s) URL" if limits.allow_fetch else "")
+        send = "a base64 data: URL" + (" or an http(s) URL" if limits.allow_fetch else "")
         if _scheme(label) == "file":
             raise InputError(f"image URL {label} names a local file, and local files are not accepted here; send the "
                              f"image as {send}.")

@@ -347,11 +347,11 @@ class _Server:
             sign(job, self.side)  # (hashing the tiles here, on a host thread, not on the device's)
         return job
 
-    def submit(self, job: Job) -> Handle:
+    def submit(self, job: Job, measured: bool = True) -> Handle:
         if self.draining:
             raise APIError(503, "the server is shutting down; send the request elsewhere.", "service_unavailable")
         try:
-            return self.scheduler.submit(job)
+            return self.scheduler.submit(job, measured)
         except QueueFull as e:
             raise APIError(429, f"the server is busy ({e}); retry later.", "rate_limit_exceeded", code="queue_full",
                            headers={"Retry-After": str(self.settings.retry_after_s)}) from None
@@ -366,7 +366,7 @@ class _Server:
         try:
             async for event in self._until(handle, t0):
                 self._tokens[key] = event.prompt_tokens + event.completion_tokens
-                if first and event.token_ids:
+                if first and event.token_ids and handle.measured:
                     self.metrics.first_token(time.perf_counter() - t0, event.prompt_tokens)
                     first = False
                 if event.finish_reason == "timeout":  # cancelled now: a consumer that stops at this event
@@ -374,7 +374,8 @@ class _Server:
                     finished = True
                 elif event.finish_reason is not None:
                     finished = True
-                    self.metrics.finished(time.perf_counter() - t0)
+                    if handle.measured:
+                        self.metrics.finished(time.perf_counter() - t0)
                 yield event
         finally:
             self._tokens.pop(key, None)
@@ -543,7 +544,7 @@ class _Server:
         job = Job(EngineRequest(np.asarray([self.processor.bos_id], np.int32), np.zeros(1, np.int32),
                                 np.zeros(1, bool), None), 1, RowSampling.make(), (), -1)
         try:
-            handle = self.submit(job)
+            handle = self.submit(job, measured=False)  # (a load balancer's probe: not a request to count)
         except APIError as e:
             raise APIError(503, f"the health check could not run: {e.message}", "service_unavailable") from None
         last = None

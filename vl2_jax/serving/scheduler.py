@@ -53,8 +53,9 @@ class Handle:
     """One submitted job: its events, in order, and `cancel()`. Made by `Scheduler.submit`; events go to
     the event loop that submitted it (`events()`), or, submitted outside one, to `iter_events()`."""
 
-    def __init__(self, job: Job, scheduler: Scheduler):
+    def __init__(self, job: Job, scheduler: Scheduler, measured: bool = True):
         self.job, self._scheduler = job, scheduler
+        self.measured = measured  # (False: a health probe, kept out of the metrics)
         try:
             self._loop = asyncio.get_running_loop()
             self._queue: asyncio.Queue | queue.Queue = asyncio.Queue()
@@ -118,9 +119,10 @@ class Scheduler:
         self._hurry = threading.Event()
 
     # -- the event loop's side ------------------------------------------------------------------------
-    def submit(self, job: Job) -> Handle:
-        """Queues `job` (thread-safe) -> its Handle. Raises QueueFull when `max_queue` jobs already wait."""
-        handle = Handle(job, self)
+    def submit(self, job: Job, measured: bool = True) -> Handle:
+        """Queues `job` (thread-safe) -> its Handle. Raises QueueFull when `max_queue` jobs already wait.
+        `measured=False`: a probe (`/health_generate`), whose tokens and latencies the metrics leave out."""
+        handle = Handle(job, self, measured)
         with self._cv:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
@@ -233,7 +235,7 @@ class Scheduler:
         """The batcher's callback (device thread): one event to the job's handle, and the metrics."""
         handle = self._handles.get(id(job))
         now = time.perf_counter()
-        if self.metrics and ids:
+        if self.metrics and ids and (handle is None or handle.measured):
             last = self._last_update.get(id(job))
             if last is None:
                 self.metrics.observe_ttft(now - job.submitted)
