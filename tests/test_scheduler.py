@@ -83,6 +83,20 @@ def test_cancel_frees_the_slot_and_the_queue_is_bounded():
         sched.stop()
 
 
+def test_a_cancelled_job_leaves_the_queue_before_the_device_thread_gets_to_it():
+    """While the device thread is busy (here: not started; in a server, compiling), a request that
+    times out cancels its job: its place in the queue is free for the next request at once."""
+    sched = Scheduler(model(), max_queue=1)  # (4 slots take jobs at once, then one waits)
+    handles = [sched.submit(job("text_only")[0]) for _ in range(5)]
+    with pytest.raises(QueueFull):
+        sched.submit(job("text_only")[0])
+    handles[-1].cancel()
+    assert sched.stats()["queued"] == 4
+    sched.submit(job("text_only")[0])
+    with pytest.raises(QueueFull):
+        sched.submit(job("text_only")[0])
+
+
 def test_stop_cancels_what_its_drain_leaves_and_hurry_cuts_the_drain_short():
     """stop(timeout) lets jobs run for the timeout, then ends every job still running or waiting with
     "abort" (each handle gets its last event) and hands the state back; `hurry` (a second Ctrl-C) ends

@@ -143,8 +143,13 @@ class Scheduler:
             self._cv.notify()
 
     def _queued(self) -> int:
-        """Jobs submitted and not yet in a slot (read under the lock, for the inbox)."""
-        return len(self._inbox) + (len(self._batcher.pending) if self._batcher else 0)
+        """Jobs submitted and not yet in a slot, less those cancelled: a request that timed out or went
+        away while the device thread was busy (e.g. compiling) leaves the queue at once, not when the
+        thread gets to its cancel. Read under the lock (the inbox, the cancels); `list()` copies the
+        batcher's deque in one step."""
+        gone = {id(job) for job in self._cancels}
+        waiting = [job for job, _ in self._inbox] + (list(self._batcher.pending) if self._batcher else [])
+        return sum(id(job) not in gone for job in waiting)
 
     def stats(self) -> dict:
         b = self._batcher
