@@ -299,8 +299,9 @@ def _matvec_self_check() -> bool:
 # same kernel, as one "expert". XLA's GPU compiler rewrites a vector times a weight of fewer than
 # ~10M elements into an elementwise multiply and a reduction, and writes the weight-sized product out
 # between the two: small's 6-21 us per projection where reading the weight once takes 1-5 us (an
-# H200 profile, BENCHMARKS.md). Larger weights (the LM head, the dense layer's MLP) go to cuBLAS,
-# which reads them near the HBM bandwidth, and keep XLA's dot.
+# H200 profile, BENCHMARKS.md). Larger float weights (the LM head, the dense layer's MLP) go to cuBLAS,
+# which reads them near the HBM bandwidth, and keep XLA's dot; quantized ones take the kernel at any
+# size (`dense_matvec_usable`).
 DENSE_MATVEC_MAX_WEIGHT = 10_000_000
 _MATVEC_MIN_PROGRAMS = 264  # two per streaming multiprocessor of an H200 (132)
 
