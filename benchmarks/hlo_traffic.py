@@ -9,8 +9,9 @@ source lines it came from (the metadata's stack frames inside `vl2_jax`).
     python benchmarks/hlo_traffic.py --hlo decode.hlo.gz                    # a saved program
 
 It lists the operations that widen a quantized weight, i.e. write a 16- or 32-bit float copy of a
-1-byte operand of as many elements (a dequantized weight kept in memory between two kernels: the
-"hidden bf16 copy" a decode step must not have), then the operations that write the most, and the
+1-byte operand, whole or a gathered or sliced part of it (a dequantized weight kept in memory between
+two kernels: the "hidden bf16 copy" a decode step must not have; an op that converts and multiplies in
+one fusion reads the 1-byte values and is not listed), then the operations that write the most, and the
 operations per step by kind. The program is the engine's decode program for one slot at the first key
 bucket, greedy (as `quant_compare.py` measures its `cost_analysis`); --save writes its HLO text.
 """
@@ -25,15 +26,19 @@ import json
 import re
 import sys
 
-ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1, "bf16": 2, "f16": 2,
-            "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8}
-NARROW = {"s8", "u8", "f8e4m3fn", "f8e5m2", "s4", "u4"}
+FP8 = {"f8e4m3fn", "f8e5m2", "f8e4m3", "f8e4m3fnuz", "f8e5m2fnuz", "f8e4m3b11fnuz", "f8e3m4", "f8e8m0fnu"}
+ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, **dict.fromkeys(FP8, 1), "s4": 1, "u4": 1, "s2": 1, "u2": 1,
+            "f4e2m1fn": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8,
+            "s64": 8, "u64": 8, "c64": 8, "c128": 16, "token": 0}
+NARROW = {"s8", "s4", "u4", "f4e2m1fn", *FP8}  # quantized weights' value types (not u8: pixels)
 WIDE_FLOATS = {"bf16", "f16", "f32"}
-# opcodes that move no data themselves (views, control flow, bookkeeping)
+# opcodes that move no data themselves (views, control flow, bookkeeping; an async pair counts at its start)
 FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "conditional", "call",
-        "after-all", "opt-barrier", "partition-id", "replica-id", "iota", "async-start", "async-done"}
+        "after-all", "opt-barrier", "partition-id", "replica-id", "iota", "async-start"}
+# custom calls whose output tuple ends in scratch space (cuBLAS and cuDNN workspaces): only element 0 is data
+_WORKSPACE_CALLS = ("__cublas", "__cudnn")
 
-_ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,<=]*)\]")
 _HEADER = re.compile(r"^(ENTRY )?%(\S+) \(.*\) -> .* \{$")
 _INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%(\S+) = (.*)$")
 
@@ -52,7 +57,8 @@ class Op:
 
     @property
     def out_bytes(self) -> int:
-        return sum(ITEMSIZE.get(t, 4) * n for t, n in self.out)
+        arrays = self.out[:1] if self.opcode == "custom-call" and self.kind.startswith(_WORKSPACE_CALLS) else self.out
+        return sum(ITEMSIZE.get(t, 4) * n for t, n in arrays)
 
 
 def _arrays(shape: str) -> list[tuple[str, int]]:
@@ -60,7 +66,7 @@ def _arrays(shape: str) -> list[tuple[str, int]]:
     for dtype, dims in _ARRAY.findall(shape):
         n = 1
         for d in filter(None, dims.split(",")):
-            n *= int(d)
+            n *= int(d.removeprefix("<="))  # (a dynamic dimension: its bound)
         out.append((dtype, n))
     return out
 
@@ -108,14 +114,15 @@ class Program:
                 op = self.ops[name]
                 if op.opcode in ("while", "conditional", "call", "async-start"):
                     todo += op.calls
-                if op.opcode not in FREE:
+                if op.opcode not in FREE and not op.opcode.endswith(("-done", "-update")):
                     out.append(op)
         return out
 
     def source(self, op: Op) -> str:
-        """Where the op comes from: its innermost line in the model's code and its module path (the
-        metadata's op_name past the program's own scopes), e.g. "modules/layers.py:91 qeinsum @
-        layers_2/mlp/shared"; a fusion without metadata of its own takes its fused computation's."""
+        """Where the op comes from: its innermost source line (the model's, or a library's it calls,
+        e.g. qwix's) and its module path (the metadata's op_name past the program's own scopes), e.g.
+        "modules/layers.py:91 qeinsum @ layers_2/mlp/shared"; a fusion without metadata of its own takes
+        its fused computation's; "?" where neither has any."""
         carrier = op
         if op.frame is None and not op.scope:
             for comp in op.calls:
@@ -135,14 +142,31 @@ class Program:
         return sum(self.ops[n].out_bytes for n in dict.fromkeys(op.operands) if n in self.ops)
 
     def widens(self, op: Op, min_elements: int) -> str | None:
-        """The 1-byte operand this op writes a float copy of (as many elements), if any."""
+        """The 1-byte operand this op writes a float copy of, whole (as many elements) or in part (a
+        gather or slice of it, converted in the same op), if any: "s8[N] -> bf16[M]"."""
         if len(op.out) != 1 or op.out[0][0] not in WIDE_FLOATS or op.out[0][1] < min_elements:
             return None
+        (wide, m), narrow = op.out[0], []
         for n in op.operands:
             arrays = self.ops[n].out if n in self.ops else []
-            if len(arrays) == 1 and arrays[0][0] in NARROW and arrays[0][1] == op.out[0][1]:
-                return f"{arrays[0][0]}[{arrays[0][1]}] -> {op.out[0][0]}"
-        return None
+            if len(arrays) == 1 and arrays[0][0] in NARROW and arrays[0][1] >= m:
+                narrow.append(arrays[0])
+        if not narrow:
+            return None
+        whole = [a for a in narrow if a[1] == m]
+        if not whole and not self._converts_narrow(op):  # (a product that reads the weight in place)
+            return None
+        t, n = (whole or narrow)[0]
+        return f"{t}[{n}] -> {wide}[{m}]"
+
+    def _converts_narrow(self, op: Op) -> bool:
+        """Whether the op is, or its fused computation holds, a convert from a 1-byte type that feeds no
+        product or reduction there (one that does is read in place: e.g. a Triton GEMM fusion)."""
+        inner = [op] + [self.ops[n] for c in op.calls for n in self.computations.get(c, [])]
+        if any(o.opcode in ("dot", "convolution", "reduce", "scaled-dot") for o in inner):
+            return False
+        return any(o.opcode == "convert" and any(self.ops[x].out[:1] and self.ops[x].out[0][0] in NARROW
+                                                 for x in o.operands if x in self.ops) for o in inner)
 
 
 def parse(text: str) -> Program:
@@ -172,8 +196,8 @@ def parse(text: str) -> Program:
         shape, tail = _split_shape(rest)
         opcode, args, attrs = _call_args(tail)
         calls = re.findall(r"(?:calls|body|condition|to_apply|true_computation|false_computation)=%([\w.\-]+)", attrs)
-        if branches := re.search(r"branch_computations=\{([^}]*)\}", attrs):
-            calls += re.findall(r"%([\w.\-]+)", branches.group(1))
+        for group in re.findall(r"(?:branch_computations|calls)=\{([^}]*)\}", attrs):
+            calls += re.findall(r"%([\w.\-]+)", group)
         kind = re.search(r"kind=(\w+)|custom_call_target=\"([^\"]+)\"", attrs)
         frame = re.search(r"stack_frame_id=(\d+)", attrs)
         scope = re.search(r'op_name="([^"]*)"', attrs)

@@ -223,3 +223,50 @@ def test_hlo_traffic_finds_the_widened_weights_of_a_decode_program(quant, tmp_pa
         assert any("attn" in w["source"] for w in widened) and any("mlp" in w["source"] for w in widened)
     again = _run("benchmarks/hlo_traffic.py", "--hlo", str(tmp_path / "decode.hlo.gz"), "--min-elements", "1000")
     assert again.returncode == 0 and json.loads(again.stdout.splitlines()[0])["widened"] == widened
+
+
+def test_hlo_traffic_reads_gpu_forms_of_the_text():
+    """On a GPU's text: a cuBLAS call's workspace is not data, an async pair counts once, a GEMM fusion
+    that converts int8 inside reads it in place (not widened), a gather converted to bf16 is widened."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hlo_traffic", ROOT / "benchmarks" / "hlo_traffic.py")
+    hlo = sys.modules["hlo_traffic"] = importlib.util.module_from_spec(spec)  # (its dataclasses look it up)
+    spec.loader.exec_module(hlo)
+    text = """HloModule m
+
+%gemm (p.0: bf16[4,2048], p.1: s8[2048,4096]) -> bf16[4,4096] {
+  %p.0 = bf16[4,2048]{1,0} parameter(0)
+  %p.1 = s8[2048,4096]{1,0} parameter(1)
+  %c.0 = bf16[2048,4096]{1,0} convert(%p.1)
+  ROOT %d.0 = bf16[4,4096]{1,0} dot(%p.0, %c.0), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%take (q.0: s8[64,2048,512], q.1: s32[6,1]) -> bf16[6,2048,512] {
+  %q.0 = s8[64,2048,512]{2,1,0} parameter(0)
+  %q.1 = s32[6,1]{1,0} parameter(1)
+  %g.0 = s8[6,2048,512]{2,1,0} gather(%q.0, %q.1), offset_dims={1,2}, slice_sizes={1,2048,512}
+  ROOT %c.1 = bf16[6,2048,512]{2,1,0} convert(%g.0), metadata={op_name="jit(decode)/while/body/closed_call/LanguageModel.decode/layers_3/mlp/gather"}
+}
+
+ENTRY %main (a: bf16[4,2048], w: s8[2048,4096], e: s8[64,2048,512], i: s32[6,1], x: bf16[2048,2048]) -> bf16[4,4096] {
+  %a = bf16[4,2048]{1,0} parameter(0)
+  %w = s8[2048,4096]{1,0} parameter(1)
+  %e = s8[64,2048,512]{2,1,0} parameter(2)
+  %i = s32[6,1]{1,0} parameter(3)
+  %x = bf16[2048,2048]{1,0} parameter(4)
+  %f.0 = bf16[4,4096]{1,0} fusion(%a, %w), kind=kCustom, calls=%gemm
+  %f.1 = bf16[6,2048,512]{2,1,0} fusion(%e, %i), kind=kLoop, calls={%take}
+  %cb = (bf16[2048,2048]{1,0}, s8[33554432]{0}) custom-call(%x, %x), custom_call_target="__cublas$gemm"
+  %cs = ((bf16[4,4096]{1,0}), bf16[4,4096]{1,0}, u32[]) copy-start(%f.0)
+  %cd = bf16[4,4096]{1,0} copy-done(%cs)
+  ROOT %r = bf16[4,4096]{1,0} add(%cd, %f.0)
+}
+"""
+    program = hlo.parse(text)
+    r = hlo.report(program, top=10, min_elements=1 << 20)
+    assert [w["op"] for w in r["widened"]] == ["f.1"]
+    assert r["widened"][0]["widens"] == "s8[67108864] -> bf16[6291456]" and "layers_3/mlp" in r["widened"][0]["source"]
+    kinds = {k: v["count"] for k, v in r["by_kind"].items()}
+    assert kinds["custom-call:__cublas$gemm"] == 1 and "copy-done" not in kinds and kinds["copy-start"] == 1
+    assert program.ops["cb"].out_bytes == 2048 * 2048 * 2  # (its workspace is not data)

@@ -213,10 +213,11 @@ def test_a_full_queue_is_429():
         assert sched.stats()["queued"] == 9
 
 
-def test_python_m_vl2_jax_serve_starts_and_stops_on_sigterm():
-    """SIGTERM with --drain-seconds 0 while one request decodes and two wait (one slot): each stream ends
-    with its answer's last chunk or a 503 error event, then [DONE] (at least the last waiting one is
-    cancelled), and the process exits 0."""
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_python_m_vl2_jax_serve_starts_and_stops_on_sigterm_or_ctrl_c(stop):
+    """SIGTERM (or Ctrl-C) with --drain-seconds 0 while one request decodes and two wait (one slot): each
+    stream ends with its answer's last chunk or a 503 error event, then [DONE] (at least the last waiting
+    one is cancelled), and the process exits 0."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen([sys.executable, "-m", "vl2_jax.serve", "--model", MODEL, "--port", "0", "--no-warmup",
                              "--max-seq-len", "256", "--max-batch", "1", "--drain-seconds", "0", "--compile-cache", "",
@@ -247,7 +248,7 @@ def test_python_m_vl2_jax_serve_starts_and_stops_on_sigterm():
             time.sleep(0.2)  # (in this order)
         assert decoding.wait(120)
         start = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(stop)
         for reader in readers:
             reader.join(60)
         assert proc.wait(30) == 0

@@ -124,6 +124,7 @@ def run(args, log: Callable[[str], None]) -> int:
                 pending = [*pending, load_image(ref, limits)]
                 log(f"{describe(ref)} goes with your next message")
                 continue
+            check_interrupt()
             conversation, every_image = session.ask(line, pending)
             answer = _answer(model, conversation, every_image, options, args.json, log, text_only=True,
                              timing=options_timing)
@@ -132,9 +133,10 @@ def run(args, log: Callable[[str], None]) -> int:
             if not session.turns:
                 log("error: " + explain(e))
                 continue
+            larger = model.engine.max_seq_len < model.cfg.language.max_position_embeddings
             log(f"error: the conversation so far and this message come to {e.tokens} tokens, but a slot has room "
                 f"for {e.room} before an answer; type /new to start a new conversation"
-                + ("." if args.max_seq_len is None else ", or start the chat again with a larger --max-seq-len."))
+                + (", or start the chat again with a larger --max-seq-len." if larger else "."))
             continue
         except Exception as e:  # noqa: BLE001 - one bad turn is one error line; the session goes on
             log("error: " + explain(e))
@@ -188,6 +190,7 @@ def answer_file(model, lines: list[str], args, options: dict, limits: ImageLimit
     eos = model.cfg.language.eos_token_id
 
     def finish(number: int, record: dict) -> None:
+        check_interrupt()  # (a Ctrl-C that Python dropped ends the batch at its next answer)
         done[number] = record
         failed[0] += "error" in record
         bar.update(1)

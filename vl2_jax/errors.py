@@ -137,7 +137,9 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         """A malformed flag: one short usage line (not every option) and argparse's error line, status 2."""
-        self.exit(2, f"usage: {self.prog} [options]  ({self.prog} --help lists them)\n{self.prog}: error: {message}\n")
+        positionals = "".join(f" {a.metavar or a.dest.upper()}" for a in self._actions if not a.option_strings)
+        self.exit(2, f"usage: {self.prog} [options]{positionals}  ({self.prog} --help lists them)\n"
+                     f"{self.prog}: error: {message}\n")
 
 
 def command_parser(prog: str, doc: str) -> argparse.ArgumentParser:
@@ -193,46 +195,38 @@ def some(names: list[str], n: int = 5) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
-_INTERRUPTED = threading.Event()  # a SIGINT or SIGTERM came since `guarded` began (`_remember_interrupts`)
+_DROPPED = threading.Event()  # a KeyboardInterrupt that Python dropped since `guarded` began
 
 
 def sigterm_as_interrupt() -> None:
     """From now on SIGTERM (a job scheduler's or `kill`'s stop) raises KeyboardInterrupt, so a command
-    ends as on Ctrl-C (`guarded`: "interrupted"), remembered as `guarded` remembers Ctrl-C. Called once
-    JAX is imported: its libraries install a handler of their own, which prints a stack dump."""
-    _remember_interrupts(signal.SIGTERM)
-
-
-def _remember_interrupts(*signums) -> None:
-    """`signums` raise KeyboardInterrupt and are remembered: Python drops the exception a signal raises
-    inside a garbage-collection callback (JAX has one, busy while JAX is imported), printing it and
-    going on, so `guarded` and `check_interrupt` end the command later instead, and the dropped
-    exception is not printed. Only on the main thread, where handlers live."""
+    ends as on Ctrl-C (`guarded`: "interrupted"). Called once JAX is imported: its libraries install a
+    handler of their own, which prints a stack dump. Only on the main thread, where handlers live."""
     if threading.current_thread() is threading.main_thread():
-        for signum in signums:
-            signal.signal(signum, _raise_interrupt)
-        if not getattr(sys.unraisablehook, "keeps_interrupts_quiet", False):
-            sys.unraisablehook = _quiet_interrupts(sys.unraisablehook)
+        signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 def _raise_interrupt(signum, frame):
-    _INTERRUPTED.set()
     raise KeyboardInterrupt
 
 
-def _quiet_interrupts(hook):
+def _noting_dropped_interrupts(hook):
+    """`sys.unraisablehook` that remembers a KeyboardInterrupt instead of printing it: Python drops the
+    exception a signal raises inside a garbage-collection callback (JAX has one, busy while JAX is
+    imported) and goes on; `guarded` and `check_interrupt` then end the command at its next step."""
     def unraisable(info):
-        if not isinstance(info.exc_value, KeyboardInterrupt):
+        if isinstance(info.exc_value, KeyboardInterrupt):
+            _DROPPED.set()
+        else:
             hook(info)
 
-    unraisable.keeps_interrupts_quiet = True
     return unraisable
 
 
 def check_interrupt() -> None:
-    """Raises KeyboardInterrupt if a SIGINT or SIGTERM came whose exception was dropped (see
-    `_remember_interrupts`): for a command's next step (after importing JAX, at each streamed piece)."""
-    if _INTERRUPTED.is_set():
+    """Raises KeyboardInterrupt if Python dropped one (see `_noting_dropped_interrupts`): for a command's
+    next step (after importing JAX, each streamed piece, each answer of a batch)."""
+    if _DROPPED.is_set():
         raise KeyboardInterrupt
 
 
@@ -241,11 +235,11 @@ def guarded(body: Callable[[], int], log: Callable[[str], None]) -> int:
     when whatever reads stdout has gone (`... | head`), quietly 141 (as a shell reports a command ended
     by SIGPIPE), stdout then pointing nowhere so that nothing tries to write there again; on any other
     exception one `error: ...` line (`explain`) and 1, never a traceback."""
-    _INTERRUPTED.clear()  # (a command run in-process starts afresh)
-    _remember_interrupts(signal.SIGINT)
+    _DROPPED.clear()  # (a command run in-process starts afresh)
+    hook, sys.unraisablehook = sys.unraisablehook, _noting_dropped_interrupts(sys.unraisablehook)
     try:
         code = body()
-        check_interrupt()  # (a signal whose exception was dropped on the way)
+        check_interrupt()  # (a Ctrl-C whose exception was dropped on the way)
         return code
     except KeyboardInterrupt:
         log("interrupted")
@@ -259,3 +253,5 @@ def guarded(body: Callable[[], int], log: Callable[[str], None]) -> int:
     except Exception as e:  # noqa: BLE001 - one sentence, no traceback
         log("error: " + explain(e))
         return 1
+    finally:
+        sys.unraisablehook = hook
