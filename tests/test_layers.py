@@ -747,6 +747,7 @@ ONE_ROW_PRODUCTS = [  # (spec, activation shape, weight shape): the decode step'
     ("BTHU,HUD->BTD", (1, 1, 2, 128), (2, 128, 320)),
     ("...F,FD->...D", (1, 1, 384), (384, 128)),
     ("...D,DWF->...WF", (1, 1, 128), (128, 2, 64)),
+    ("BTD,DWGK->WBTGK", (1, 1, 256), (256, 2, 2, 32)),  # tiny's keys and values: output axes reordered
 ]
 
 
@@ -783,7 +784,8 @@ def testone_row_products_through_the_matvec_kernel(monkeypatch, spec, x_shape, w
 
 REFUSED_PRODUCTS = [  # (spec, activation shape, weight shape) that are not one row times a weight
     ("BTHK,HKR->BTHR", (1, 1, 2, 8), (2, 8, 4)),  # per-head weights (the absorbed attention)
-    ("BTD,DWGK->WBTGK", (1, 1, 8), (8, 2, 2, 4)),  # output axes reordered (tiny's keys and values)
+    ("BTD,DWGK->BTGWK", (1, 1, 8), (8, 2, 2, 4)),  # the weight's output axes reordered
+    ("...D,DWF->WF...", (1, 1, 8), (8, 2, 4)),  # an ellipsis moved
     ("BSR,HKR->BSHK", (1, 1, 8), (2, 4, 8)),  # weight contracted on its last axis
     ("bdd,ddk->bk", (1, 4, 4), (4, 4, 8)),  # repeated letters (a diagonal)
     ("BTD,DK->BTK", (1, 8), (8, 4)),  # activation rank not the spec's
@@ -815,8 +817,8 @@ def test_no_matvec_kernel_under_automatic_partitioning(monkeypatch):
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the matrix-vector kernel runs on NVIDIA GPUs")
 def test_one_row_projections_run_the_kernel_on_the_gpu(monkeypatch):
-    """On a GPU, small's batch-1 attention and shared-expert projections take the kernel (jitted) and
-    agree with the float32 einsum."""
+    """On a GPU, small's batch-1 attention and shared-expert projections and tiny's keys and values take
+    the kernel (jitted) and agree with the float32 einsum."""
     from vl2_jax.modules import layers
 
     calls, kernel = [], layers.dense_matvec
@@ -828,7 +830,8 @@ def test_one_row_projections_run_the_kernel_on_the_gpu(monkeypatch):
     monkeypatch.setattr(layers, "dense_matvec", counted)
     for spec, x_shape, w_shape in [("BTD,DR->BTR", (1, 1, 2048), (2048, 576)),
                                    ("BTHU,HUD->BTD", (1, 1, 16, 128), (16, 128, 2048)),
-                                   ("...F,FD->...D", (1, 1, 2816), (2816, 2048))]:
+                                   ("...F,FD->...D", (1, 1, 2816), (2816, 2048)),
+                                   ("BTD,DWGK->WBTGK", (1, 1, 1280), (1280, 2, 10, 128))]:  # tiny's kv
         k = jax.random.split(jax.random.key(1), 2)
         x = jax.random.normal(k[0], x_shape).astype(jnp.bfloat16)
         w = (jax.random.normal(k[1], w_shape) / 32).astype(jnp.bfloat16)
@@ -836,4 +839,4 @@ def test_one_row_projections_run_the_kernel_on_the_gpu(monkeypatch):
         got = jax.jit(functools.partial(layers.project, spec, use_kernel=True))(x, w)
         want = jnp.einsum(spec, x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
         assert float(jnp.abs(got.astype(jnp.float32) - want).max() / jnp.abs(want).max()) < 1e-2
-    assert calls == [(2048, 576), (2048, 2048), (2816, 2048)]
+    assert calls == [(2048, 576), (2048, 2048), (2816, 2048), (1280, 2560)]

@@ -162,6 +162,7 @@ def test_expert_kernel_reads_quantized_experts(monkeypatch, quant):
 
 @pytest.mark.parametrize("spec,x_shape,w_shape,contracted", [
     ("BTHU,HUD->BTD", (1, 1, 2, 128), (2, 128, 192), (0, 1)),  # contracts two axes: o_w
+    ("BTD,DWGK->WBTGK", (1, 1, 128), (128, 2, 2, 32), (0,)),  # output axes reordered: MHA's kv_w
 ])
 def test_one_row_projection_kernel_reads_quantized_weights(monkeypatch, spec, x_shape, w_shape, contracted):
     """`layers.project` hands one row times a quantized weight to the matrix-vector kernel (interpreted)

@@ -146,7 +146,7 @@ class MHAttention(nn.Module):
 
     def new_kv(self, x_BTD: jax.Array, positions_BT: jax.Array) -> dict[str, jax.Array]:
         cos, sin = self._rope(positions_BT, x_BTD.dtype)
-        kv = qeinsum("BTD,DWGK->WBTGK", x_BTD, self.kv_w)
+        kv = project("BTD,DWGK->WBTGK", x_BTD, self.kv_w, self.runtime.kernels)
         return {"k": apply_rope(kv[0], cos, sin), "v": kv[1]}
 
     def __call__(self, x_BTD, positions_BT, kv: dict[str, jax.Array], mask_BTS, key_valid_BS=None) -> jax.Array:

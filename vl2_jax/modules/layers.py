@@ -15,8 +15,10 @@ from vl2_jax.quant import as_qarray, is_quantized
 
 def one_row_product(spec: str, x: jax.Array, w: jax.Array) -> tuple[int, int, tuple[int, ...]] | None:
     """(K, N, output shape) where `spec` multiplies one row of activations by a weight, "a c, c r -> a r"
-    (`a` may be "..."; the letters c contracted, K and N the sizes of c and r, a's sizes all 1); else None
-    (any other spec, or shapes that do not fit it: `jnp.einsum` then says what is wrong)."""
+    (`a` may be "..."; the letters c contracted, K and N the sizes of c and r, a's sizes all 1); a's
+    letters may also stand anywhere among r's in the output (tiny's "BTD,DWGK->WBTGK"): of size 1, they
+    move no data. Else None (any other spec, or shapes that do not fit it: `jnp.einsum` then says what
+    is wrong)."""
     if "->" not in spec:
         return None
     ins, out = spec.replace(" ", "").split("->")
@@ -24,13 +26,17 @@ def one_row_product(spec: str, x: jax.Array, w: jax.Array) -> tuple[int, int, tu
     c = "".join(ch for ch in lhs if ch in rhs and ch not in out)
     a, r = lhs[: len(lhs) - len(c)], rhs[len(c):]
     repeated = any(len(set(t)) != len(t) for t in (lhs.replace("...", ""), rhs))
-    if not c or repeated or "." in rhs or lhs != a + c or rhs != c + r or out != a + r:
+    if not c or repeated or "." in rhs or lhs != a + c or rhs != c + r:
+        return None
+    if out != a + r and ("..." in a or sorted(out) != sorted(a + r) or "".join(ch for ch in out if ch in r) != r):
         return None
     lead = x.shape[: x.ndim - len(c)]
     fits = (x.ndim == len(lhs) or "..." in a) and w.ndim == len(rhs) and x.shape[x.ndim - len(c):] == w.shape[: len(c)]
     if not fits or math.prod(lead) != 1:
         return None
-    return math.prod(w.shape[: len(c)]), math.prod(w.shape[len(c):]), (*lead, *w.shape[len(c):])
+    size = {**dict(zip(a, lead)), **dict(zip(r, w.shape[len(c):]))}
+    shape = (*lead, *w.shape[len(c):]) if out == a + r else tuple(size[ch] for ch in out)
+    return math.prod(w.shape[: len(c)]), math.prod(w.shape[len(c):]), shape
 
 
 def einsum(spec: str, *operands: jax.Array, preferred_element_type=None) -> jax.Array:
