@@ -273,3 +273,17 @@ def test_python_m_vl2_jax_serve_refuses_bad_arguments_in_one_line(tmp_path):
     out = run("--image-dir", str(tmp_path / "missing"))
     assert out.returncode == 1 and out.stderr.strip().splitlines()[-1].startswith("error: --image-dir")
     assert run("--max-batch", "0").returncode == 2
+
+
+def test_warmup_progress_says_how_long_is_left():
+    """A line at each tenth of the programs, with the time left at the pace so far, and the last line."""
+    from vl2_jax.serve import _warmup_progress
+
+    lines, now = [], [0.0]
+    progress = _warmup_progress(lines.append, clock=lambda: now[0])
+    for done in range(1, 21):
+        now[0] = 30.0 * done
+        progress(done, 20, "decode(1, 512, True)")
+    assert lines[0] == "warming up: 1/20 programs ready (30 s, about 10 min left)"
+    assert lines[1] == "warming up: 2/20 programs ready (60 s, about 9 min left)"
+    assert lines[-1] == "warming up: 20/20 programs ready (600 s)" and len(lines) == 11

@@ -111,17 +111,24 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _warmup_progress(log):
-    """model.warmup's progress callback: a line at each tenth of the programs, and the last."""
-    start, shown = time.perf_counter(), [-1]
+def _warmup_progress(log, clock=time.perf_counter):
+    """model.warmup's progress callback: a line at each tenth of the programs, and the last; until the
+    last, the time left at the pace so far (a first-ever warmup compiles for minutes)."""
+    start, shown = clock(), [-1]
 
     def progress(done: int, total: int, name) -> None:
         tenth = done * 10 // max(total, 1)
         if tenth > shown[0] or done == total:
             shown[0] = tenth
-            log(f"warming up: {done}/{total} programs ready ({time.perf_counter() - start:.0f} s)")
+            elapsed = clock() - start
+            left = f", about {_minutes(elapsed / done * (total - done))} left" if 0 < done < total else ""
+            log(f"warming up: {done}/{total} programs ready ({elapsed:.0f} s{left})")
 
     return progress
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def run(args, log) -> int:
