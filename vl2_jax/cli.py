@@ -345,11 +345,12 @@ def _draw_boxes(out_path, images, text, log) -> None:
 
 def _answer(model, conversation, images, options, as_json, log, text_only=False, timing=None):
     batch = model.processor.batchify([model.processor(conversation, images)])
-    def stream(row, text):
+
+    def show(row, text):
         check_interrupt()  # (a Ctrl-C that Python dropped inside a callback of its own ends the answer here)
         print(text, end="", flush=True)
 
-    stream = None if as_json else stream
+    stream = None if as_json else show
     from vl2_jax.engine import CompileWatch
 
     store = model.engine.executables
