@@ -1,4 +1,4 @@
-"""Which lines of the model a compiled decode program's memory traffic comes from, read from its
+"""Which lines of the model a compiled engine program's memory traffic comes from, read from its
 optimized HLO: every operation the device runs (the top-level instructions of the entry computation
 and of the loops, branches and calls it runs; a fusion counts once, as one kernel), its output bytes, an
 upper bound of the bytes it reads (its operands whole: a gather or slice reads less), and the model's
@@ -6,14 +6,16 @@ source lines it came from (the metadata's stack frames inside `vl2_jax`).
 
     python benchmarks/hlo_traffic.py --model random:small --quant int8      # on a GPU
     python benchmarks/hlo_traffic.py --model random:test --quant int8       # CPU smoke
+    python benchmarks/hlo_traffic.py --model random:small --quant int8 --program "prefill(1, 1024)"
     python benchmarks/hlo_traffic.py --hlo decode.hlo.gz                    # a saved program
 
 It lists the operations that widen a quantized weight, i.e. write a 16- or 32-bit float copy of a
 1-byte operand, whole or a gathered or sliced part of it (a dequantized weight kept in memory between
 two kernels: the "hidden bf16 copy" a decode step must not have; an op that converts and multiplies in
 one fusion reads the 1-byte values and is not listed), then the operations that write the most, and the
-operations per step by kind. The program is the engine's decode program for one slot at the first key
-bucket, greedy (as `quant_compare.py` measures its `cost_analysis`); --save writes its HLO text.
+operations per step by kind. The program is by default the engine's decode program for one slot at
+the first key bucket, greedy (as `quant_compare.py` measures its `cost_analysis`), or any other engine
+program (--program, max_batch 1); --save writes its HLO text.
 """
 
 from __future__ import annotations
@@ -257,9 +259,11 @@ def print_report(title: str, r: dict) -> None:
         print(f"| {w['op']} | {w['kind']} | {mb(w['written'])} | {mb(w['read_at_most'])} | {w['source']} |")
 
 
-def decode_hlo(spec: str, quant: str, max_seq_len: int) -> str:
-    """The optimized HLO text of `spec`'s decode program (one slot, first key bucket, greedy)."""
+def program_hlo(spec: str, quant: str, max_seq_len: int, program: str) -> str:
+    """The optimized HLO text of one of `spec`'s engine programs (max_batch 1), named as the engine
+    names them, e.g. "decode(1, 512, True)" or "prefill(1, 1024)"."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     from vl2_jax import load
@@ -269,10 +273,18 @@ def decode_hlo(spec: str, quant: str, max_seq_len: int) -> str:
     m = load.load_model(spec, dtype, runtime=Runtime(max_batch=1, max_seq_len=max_seq_len),
                         quant=None if quant == "none" else quant)
     engine = m.engine
+    names = {f"{kind}{static}": (kind, static) for kind, static in engine.programs()}
+    if program not in names:
+        sys.exit(f"no program {program!r} at max_batch 1 and max_seq_len {max_seq_len}; the engine has: "
+                 + ", ".join(names))
     state = m.take_state()
     try:
-        compiled = engine._decode.lower(engine.language_params(m.params), state, np.zeros((engine.max_batch,), bool),
-                                        1, engine.decode_key_buckets[0], True).compile()
+        n = engine.capacity
+        host = tuple(engine._put(np.full((n,), engine.pad_id, np.int32), np.zeros((n,), np.int32), np.zeros((n,), bool)))
+        stand_ins = engine._stand_ins(lambda shape, dtype: jnp.zeros(shape, dtype))
+        fn, args, static = engine._warmup_call(*names[program], m.params, state, host, stand_ins)
+        with engine._context():
+            compiled = fn.lower(*args, *static).compile()
     finally:
         m.give_state(state)
     return compiled.as_text()
@@ -283,6 +295,8 @@ def main() -> None:
     p.add_argument("--model", default="random:tiny")
     p.add_argument("--quant", default="none", choices=["none", "int8", "fp8"])
     p.add_argument("--max-seq-len", type=int, default=1024)
+    p.add_argument("--program", default="decode(1, 512, True)",
+                   help='the engine program to read, as the engine names it, e.g. "prefill(1, 1024)"')
     p.add_argument("--hlo", default=None, help="read this saved HLO text (.gz or plain) instead of compiling")
     p.add_argument("--save", default=None, help="write the compiled program's HLO text here (.gz: compressed)")
     p.add_argument("--top", type=int, default=20)
@@ -293,7 +307,8 @@ def main() -> None:
         with opener(args.hlo, "rt") as f:
             text, title = f.read(), args.hlo
     else:
-        text, title = decode_hlo(args.model, args.quant, args.max_seq_len), f"{args.model} {args.quant} decode"
+        text = program_hlo(args.model, args.quant, args.max_seq_len, args.program)
+        title = f"{args.model} {args.quant} {args.program}"
     if args.save:
         opener = gzip.open if args.save.endswith(".gz") else open
         with opener(args.save, "wt") as f:

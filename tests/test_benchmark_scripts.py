@@ -223,6 +223,12 @@ def test_hlo_traffic_finds_the_widened_weights_of_a_decode_program(quant, tmp_pa
         assert any("attn" in w["source"] for w in widened) and any("mlp" in w["source"] for w in widened)
     again = _run("benchmarks/hlo_traffic.py", "--hlo", str(tmp_path / "decode.hlo.gz"), "--min-elements", "1000")
     assert again.returncode == 0 and json.loads(again.stdout.splitlines()[0])["widened"] == widened
+    if quant == "int8":  # another program by its engine name
+        prefill = _run("benchmarks/hlo_traffic.py", "--model", "random:test", "--quant", quant, "--min-elements",
+                       "1000", "--program", "prefill(1, 128)")
+        assert prefill.returncode == 0, prefill.stderr[-2000:]
+        summary = json.loads(prefill.stdout.splitlines()[0])
+        assert summary["program"].endswith("prefill(1, 128)") and any("mlp" in w["source"] for w in summary["widened"])
 
 
 def test_hlo_traffic_reads_gpu_forms_of_the_text():
