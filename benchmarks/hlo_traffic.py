@@ -12,8 +12,8 @@ source lines it came from (the metadata's stack frames inside `vl2_jax`).
 It lists the operations that widen a quantized weight, i.e. write a 16- or 32-bit float copy of a
 1-byte operand, whole or a gathered or sliced part of it (a dequantized weight kept in memory between
 two kernels: the "hidden bf16 copy" a decode step must not have; an op that converts and multiplies in
-one fusion reads the 1-byte values and is not listed), then the operations that write the most, and the
-operations per step by kind. The program is by default the engine's decode program for one slot at
+one fusion reads the 1-byte values and is not listed), then the operations per step by kind, by source
+line (the same line of every layer together) and the ones that write the most. The program is by default the engine's decode program for one slot at
 the first key bucket, greedy (as `quant_compare.py` measures its `cost_analysis`), or any other engine
 program (--program, max_batch 1); --save writes its HLO text.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import gzip
 import json
 import re
@@ -56,6 +57,7 @@ class Op:
     frame: int | None
     scope: str  # the metadata's op_name: the module path, e.g. ".../LanguageModel.decode/layers_2/mlp/..."
     computation: str
+    index: int | None = None  # a get-tuple-element's
 
     @property
     def out_bytes(self) -> int:
@@ -137,7 +139,37 @@ class Program:
             file, number, function = self.frames[carrier.frame]
             line = f"{file.split('vl2_jax/', 1)[-1]}:{number} {function}"
         scope = carrier.scope.split("LanguageModel.", 1)[-1].split("/", 1)[-1] if "LanguageModel." in carrier.scope else carrier.scope
-        return " @ ".join(x for x in (line, scope) if x) or "?"
+        if line or scope:
+            return " @ ".join(x for x in (line, scope) if x)
+        weights = [w for n in op.operands if (w := self.weight(n))]
+        return f"reads {', '.join(dict.fromkeys(weights))}" if weights else "?"
+
+    def weight(self, name: str, depth: int = 0) -> str | None:
+        """The parameter an operand is or is made from alone (through loop tuples and one-input ops:
+        views, copies, converts; a few ops deep), as its path ("layers_0/attn/kv_a_w/qvalue"): names
+        an op without metadata of its own."""
+        op = self.ops.get(name)
+        if op is None or depth > 6:
+            return None
+        if op.opcode == "parameter" and op.computation == self.entry:
+            keys = [k for k in re.split(r"_{2,}", re.sub(r"\.\d+$", "", name)) if k]  # (jax's argument names)
+            return "/".join(keys[2:] if keys[:2] == ["params", "params"] else keys) if keys[:1] == ["params"] else None
+        if op.opcode == "get-tuple-element" and op.operands and op.index is not None:
+            source = self.ops.get(op.operands[0])
+            if source is not None and source.opcode == "parameter":  # a loop body's carried tuple
+                loop = self._loops.get(source.computation)
+                source = self.ops.get(loop.operands[0]) if loop is not None and loop.operands else None
+            if source is not None and source.opcode == "tuple" and op.index < len(source.operands):
+                return self.weight(source.operands[op.index], depth + 1)
+            return None
+        if len(op.operands) == 1:  # a view, a copy, or what XLA hoisted out of a loop (a converted weight)
+            return self.weight(op.operands[0], depth + 1)
+        return None
+
+    @functools.cached_property
+    def _loops(self) -> dict[str, Op]:
+        """Each loop body's computation -> its while op."""
+        return {c: op for op in self.ops.values() if op.opcode == "while" for c in op.calls}
 
     def read_bytes(self, op: Op) -> int:
         """Upper bound: every operand whole (each once)."""
@@ -203,9 +235,10 @@ def parse(text: str) -> Program:
         kind = re.search(r"kind=(\w+)|custom_call_target=\"([^\"]+)\"", attrs)
         frame = re.search(r"stack_frame_id=(\d+)", attrs)
         scope = re.search(r'op_name="([^"]*)"', attrs)
+        index = re.search(r"\bindex=(\d+)", attrs)
         ops[name] = Op(name, opcode, (kind.group(1) or kind.group(2)) if kind else "", _arrays(shape),
                        re.findall(r"%([\w.\-]+)", args), calls, int(frame.group(1)) if frame else None,
-                       scope.group(1) if scope else "", current)
+                       scope.group(1) if scope else "", current, int(index.group(1)) if index else None)
         computations[current].append(name)
     frames = {}
     for fid, f in stack.items():
@@ -228,6 +261,12 @@ def report(program: Program, top: int = 20, min_elements: int = 1 << 20) -> dict
         k[2] += program.read_bytes(op)
     widened = [{"op": op.name, "kind": op.kind or op.opcode, "widens": w, "source": program.source(op)}
                for op in ops if (w := program.widens(op, min_elements))]
+    sources = collections.defaultdict(lambda: [0, 0, 0])  # the same line in every layer: one row
+    for op in ops:
+        k = sources[re.sub(r"layers_\d+", "layers_*", program.source(op))]
+        k[0] += 1
+        k[1] += op.out_bytes
+        k[2] += program.read_bytes(op)
     writers = sorted(ops, key=lambda op: -op.out_bytes)[:top]
     return {
         "ops": len(ops),
@@ -235,6 +274,8 @@ def report(program: Program, top: int = 20, min_elements: int = 1 << 20) -> dict
         "read_bytes_upper_bound": sum(program.read_bytes(op) for op in ops),
         "by_kind": {k: {"count": c, "written": w, "read_at_most": r} for k, (c, w, r) in
                     sorted(kinds.items(), key=lambda kv: -kv[1][2])},
+        "by_source": {k: {"count": c, "written": w, "read_at_most": r} for k, (c, w, r) in
+                      sorted(sources.items(), key=lambda kv: -kv[1][2])[:top]},
         "widened": widened,
         "widened_bytes": sum(program.ops[op["op"]].out_bytes for op in widened),
         "top_writers": [{"op": op.name, "kind": op.kind or op.opcode, "written": op.out_bytes,
@@ -253,6 +294,9 @@ def print_report(title: str, r: dict) -> None:
             print(f"| {w['op']} | {w['kind']} | {w['widens']} | {w['source']} |")
     print("\n| op kind | count | written MB | read MB (at most) |\n|---|---|---|---|")
     for k, v in list(r["by_kind"].items())[:15]:
+        print(f"| {k} | {v['count']} | {mb(v['written'])} | {mb(v['read_at_most'])} |")
+    print("\n| source (every layer) | ops | written MB | read MB (at most) |\n|---|---|---|---|")
+    for k, v in r["by_source"].items():
         print(f"| {k} | {v['count']} | {mb(v['written'])} | {mb(v['read_at_most'])} |")
     print("\n| top writer | kind | written MB | read MB (at most) | source |\n|---|---|---|---|---|")
     for w in r["top_writers"]:
@@ -314,7 +358,7 @@ def main() -> None:
         with opener(args.save, "wt") as f:
             f.write(text)
     r = report(parse(text), args.top, args.min_elements)
-    print(json.dumps({"program": title, **{k: v for k, v in r.items() if k not in ("by_kind", "top_writers")}}))
+    print(json.dumps({"program": title, **{k: v for k, v in r.items() if k not in ("by_kind", "by_source", "top_writers")}}))
     print_report(title, r)
 
 

@@ -221,6 +221,7 @@ def test_hlo_traffic_finds_the_widened_weights_of_a_decode_program(quant, tmp_pa
     else:
         assert len(widened) >= 8 and all(w["widens"].startswith("s8[") for w in widened)
         assert any("attn" in w["source"] for w in widened) and any("mlp" in w["source"] for w in widened)
+        assert "| reads layers_*/attn/" in r.stdout  # (a dot without metadata, named by the weight it reads)
     again = _run("benchmarks/hlo_traffic.py", "--hlo", str(tmp_path / "decode.hlo.gz"), "--min-elements", "1000")
     assert again.returncode == 0 and json.loads(again.stdout.splitlines()[0])["widened"] == widened
     if quant == "int8":  # another program by its engine name
