@@ -147,7 +147,9 @@ class Program:
     def weight(self, name: str, depth: int = 0) -> str | None:
         """The parameter an operand is or is made from alone (through loop tuples and one-input ops:
         views, copies, converts; a few ops deep), as its path ("layers_0/attn/kv_a_w/qvalue"): names
-        an op without metadata of its own."""
+        an op without metadata of its own. A loop-carried element is named after the loop's initial
+        value, right for what the loop passes through unchanged (weights), and only parameters named
+        "params..." (the model's) are named."""
         op = self.ops.get(name)
         if op is None or depth > 6:
             return None
@@ -304,8 +306,9 @@ def print_report(title: str, r: dict) -> None:
 
 
 def program_hlo(spec: str, quant: str, max_seq_len: int, program: str) -> str:
-    """The optimized HLO text of one of `spec`'s engine programs (max_batch 1), named as the engine
-    names them, e.g. "decode(1, 512, True)" or "prefill(1, 1024)"."""
+    """The optimized HLO text of one of `spec`'s engine programs (max_batch 1, one device), named as the
+    engine names them, e.g. "decode(1, 512, True)" or "prefill(1, 1024)"; None: decode for one slot at
+    the first key bucket, greedy."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -318,17 +321,17 @@ def program_hlo(spec: str, quant: str, max_seq_len: int, program: str) -> str:
                         quant=None if quant == "none" else quant)
     engine = m.engine
     names = {f"{kind}{static}": (kind, static) for kind, static in engine.programs()}
+    program = program or f"decode{(1, engine.decode_key_buckets[0], True)}"
     if program not in names:
         sys.exit(f"no program {program!r} at max_batch 1 and max_seq_len {max_seq_len}; the engine has: "
                  + ", ".join(names))
     state = m.take_state()
     try:
-        n = engine.capacity
+        n = engine.capacity  # (one device: `load_model` without a mesh)
         host = tuple(engine._put(np.full((n,), engine.pad_id, np.int32), np.zeros((n,), np.int32), np.zeros((n,), bool)))
         stand_ins = engine._stand_ins(lambda shape, dtype: jnp.zeros(shape, dtype))
         fn, args, static = engine._warmup_call(*names[program], m.params, state, host, stand_ins)
-        with engine._context():
-            compiled = fn.lower(*args, *static).compile()
+        compiled = fn.lower(*args, *static).compile()
     finally:
         m.give_state(state)
     return compiled.as_text()
@@ -339,8 +342,9 @@ def main() -> None:
     p.add_argument("--model", default="random:tiny")
     p.add_argument("--quant", default="none", choices=["none", "int8", "fp8"])
     p.add_argument("--max-seq-len", type=int, default=1024)
-    p.add_argument("--program", default="decode(1, 512, True)",
-                   help='the engine program to read, as the engine names it, e.g. "prefill(1, 1024)"')
+    p.add_argument("--program", default=None,
+                   help='the engine program to read, as the engine names it, e.g. "prefill(1, 1024)" (default: '
+                        'decode for one slot at the first key bucket, greedy)')
     p.add_argument("--hlo", default=None, help="read this saved HLO text (.gz or plain) instead of compiling")
     p.add_argument("--save", default=None, help="write the compiled program's HLO text here (.gz: compressed)")
     p.add_argument("--top", type=int, default=20)
@@ -352,7 +356,7 @@ def main() -> None:
             text, title = f.read(), args.hlo
     else:
         text = program_hlo(args.model, args.quant, args.max_seq_len, args.program)
-        title = f"{args.model} {args.quant} {args.program}"
+        title = f"{args.model} {args.quant} {args.program or 'decode'}"
     if args.save:
         opener = gzip.open if args.save.endswith(".gz") else open
         with opener(args.save, "wt") as f:

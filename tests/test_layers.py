@@ -840,3 +840,37 @@ def test_one_row_projections_run_the_kernel_on_the_gpu(monkeypatch):
         want = jnp.einsum(spec, x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
         assert float(jnp.abs(got.astype(jnp.float32) - want).max() / jnp.abs(want).max()) < 1e-2
     assert calls == [(2048, 576), (2048, 2048), (2816, 2048), (1280, 2560)]
+
+
+def test_mha_one_token_projections_take_the_kernel_and_agree(monkeypatch):
+    """MHA at one token (tiny's decode step): q, keys and values (an output whose axes come in another
+    order, "BTD,DWGK->WBTGK") and o go to the matrix-vector kernel (interpreted, switched in as on a
+    GPU); the new keys and values and the output agree with the einsum path's (bf16)."""
+    from vl2_jax import kernels
+    from vl2_jax.modules import layers
+
+    calls = []
+
+    def interpreted(x, w):
+        calls.append(w.shape)
+        return kernels.dense_matvec(x, w, interpret=True)
+
+    cfg = make_cfg(**{**MHA, "hidden_size": 128, "num_attention_heads": 4})
+    _, params = convert(cfg, ("language", "layers_0", "attn"))
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), params)
+    x = jnp.asarray(randn(np.random.default_rng(3), 1, 1, 128), jnp.bfloat16)
+    positions, keys = np.array([[5]], np.int32), np.array([[True]])
+
+    def step(kernel_on: bool):
+        module = MHAttention(cfg.language, jnp.bfloat16, Runtime(attention="plain", kernels=kernel_on))
+        kv = module.apply({"params": params}, x, positions, method=MHAttention.new_kv)
+        return kv, module.apply({"params": params}, x, positions, kv, keys[:, None, :])
+
+    want_kv, want = step(False)
+    monkeypatch.setattr(layers, "dense_matvec_usable", lambda dtype, k, n: dtype == jnp.bfloat16)
+    monkeypatch.setattr(layers, "dense_matvec", interpreted)
+    got_kv, got = step(True)
+    assert sorted(calls) == sorted([(128, 128), (128, 128), (128, 128)])  # q [D, H*K], kv [D, 2*G*K], o [H*K, D]
+    for a, b in [(got_kv["k"], want_kv["k"]), (got_kv["v"], want_kv["v"]), (got, want)]:
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert a.shape == b.shape and np.abs(a - b).max() <= 2e-2 * np.abs(b).max()

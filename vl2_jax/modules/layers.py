@@ -16,8 +16,8 @@ from vl2_jax.quant import as_qarray, is_quantized
 def one_row_product(spec: str, x: jax.Array, w: jax.Array) -> tuple[int, int, tuple[int, ...]] | None:
     """(K, N, output shape) where `spec` multiplies one row of activations by a weight, "a c, c r -> a r"
     (`a` may be "..."; the letters c contracted, K and N the sizes of c and r, a's sizes all 1); a's
-    letters may also stand anywhere among r's in the output (tiny's "BTD,DWGK->WBTGK"): of size 1, they
-    move no data. Else None (any other spec, or shapes that do not fit it: `jnp.einsum` then says what
+    letters (not an ellipsis) may also stand anywhere among r's in the output, r's in their order (tiny's
+    "BTD,DWGK->WBTGK"): of size 1, they move no data. Else None (any other spec, or shapes that do not fit it: `jnp.einsum` then says what
     is wrong)."""
     if "->" not in spec:
         return None
