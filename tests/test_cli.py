@@ -228,17 +228,20 @@ def test_unusable_compile_cache_is_one_note_not_a_failure(tmp_path):
 
 def test_chat_says_when_the_history_fills_the_slot_and_starts_anew_on_request():
     """Once the conversation so far no longer fits a slot, a turn's error says so (not "shorten the
-    prompt") and points at /new, which forgets the turns: the next one is answered as a first turn."""
+    prompt") and points at /new, which forgets the turns: the next one is answered as a first turn. A
+    message too long even alone gets the prompt's own error."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    stdin = "Hello there, tell me everything.\nAnd again, more please.\nAnd more.\n/new\nHello there, tell me everything.\n"
+    stdin = ("Hello there, tell me everything.\nAnd again, more please.\nAnd more.\n/new\nHello there, tell me "
+             "everything.\n" + "word " * 200 + "\n")  # (last: a message too long even alone)
     r = subprocess.run([sys.executable, "-m", "generate", "--model", "random:test", "--chat", "--json",
                         "--max-new-tokens", "40", "--max-seq-len", "128", "--compile-cache", ""],
                        capture_output=True, text=True, env=env, cwd=ROOT, input=stdin, timeout=300)
     assert r.returncode == 0, r.stderr
     answers = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(answers) == 3 and len(errors) == 1, r.stderr
+    assert len(answers) == 3 and len(errors) == 2, r.stderr
     assert errors[0].startswith("error: the conversation so far and this message come to ") and "/new" in errors[0]
+    assert "shorten the prompt" in errors[1] and "/new" not in errors[1]
     assert "--max-seq-len" in errors[0] and "a new conversation" in r.stderr
     assert answers[2]["prompt_tokens"] == answers[0]["prompt_tokens"]  # after /new: a first turn again
     assert answers[2]["token_ids"] == answers[0]["token_ids"]

@@ -130,8 +130,9 @@ def run(args, log: Callable[[str], None]) -> int:
                              timing=options_timing)
             options_timing = None  # (the load belongs to the first answer's line)
         except PromptTooLong as e:
-            if not session.turns:
-                log("error: " + explain(e))
+            conversation, every_image = ChatSession(system=system).ask(line, pending)
+            if not session.turns or len(model.processor(conversation, every_image).input_ids) > e.room:
+                log("error: " + explain(e))  # (this message alone does not fit: a new conversation would not help)
                 continue
             larger = model.engine.max_seq_len < model.cfg.language.max_position_embeddings
             log(f"error: the conversation so far and this message come to {e.tokens} tokens, but a slot has room "
