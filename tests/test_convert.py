@@ -61,6 +61,16 @@ def copy_ckpt(variant: str, dst: Path) -> Path:
     return dst
 
 
+def test_a_converted_folder_loads_by_a_path_through_dot_dot(root):
+    """`../converted/mla` (as a user in a sibling folder types it) loads as the absolute path does: the
+    weights' stores are opened by the resolved path (tensorstore refuses one with `..` in it)."""
+    dst = converted("mla", root)
+    roundabout = dst.parent / "nothing" / ".." / dst.name
+    (dst.parent / "nothing").mkdir(exist_ok=True)
+    a, b = vl2_jax.load_model(str(roundabout)), vl2_jax.load_model(str(dst))
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool((np.asarray(x) == np.asarray(y)).all()), a.params, b.params))
+
+
 # ------------------------------------------------------------------------------------------ parity
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_converted_matches_reference(variant, root):

@@ -296,6 +296,15 @@ def test_prompt_over_the_context(capsys, fixture_model):
     assert f"the prompt has {n} tokens but the model's context is 4096 tokens" in line
 
 
+def test_generate_refuses_what_is_not_a_processor_batch(fixture_model):
+    """A list of processor outputs, a string or an empty list: one InputError naming what to make instead."""
+    one = fixture_model.processor(USER("Hi."))
+    for wrong, name in [([one, one], "list"), ("Hi.", "str"), ([], "list")]:
+        message = api_error(InputError, fixture_model.generate, wrong)
+        assert message.startswith(f"expected a processor batch or one processor output, got {name};")
+        assert "model.processor.batchify" in message
+
+
 def test_batches_the_model_cannot_read_correctly_are_refused(fixture_model):
     """Hand-built batches: float tiles where the uint8 pixels belong, or another normalisation than
     the model's processor, would otherwise be silently wrong on the device."""

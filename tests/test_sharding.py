@@ -134,6 +134,8 @@ def test_rules_refuse_unknown_parameters_and_bad_meshes():
         make_mesh("expert=3,tensor=2", cfg)
     with pytest.raises(ConfigError, match="bad mesh spec"):
         make_mesh("experts=8", cfg)
+    with pytest.raises(ConfigError, match="axis expert is given twice"):
+        make_mesh("expert=2,expert=2", cfg)
 
 
 def test_auto_mesh_and_undividable_heads():

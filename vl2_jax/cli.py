@@ -214,7 +214,7 @@ def answer_file(model, lines: list[str], args, options: dict, limits: ImageLimit
                 if isinstance(rec, dict):
                     ident = rec.get("id")  # (in the answer, even when the line is refused)
                 if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                    raise InputError('each line needs an object with a "prompt" string')
+                    raise InputError('each line needs an object with a "prompt" string.')
                 unknown = sorted(set(rec) - REQUEST_KEYS)
                 if unknown:
                     raise InputError(f"unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(REQUEST_KEYS))}")

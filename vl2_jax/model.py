@@ -24,7 +24,7 @@ from vl2_jax.generation import GenerationResult, stop_strings, stream_text
 from vl2_jax.modules.language import LanguageModel
 from vl2_jax.modules.vision import normalize_pixels
 from vl2_jax.modules.vl2 import VL2
-from vl2_jax.processor import ProcessorOutput, canonical_pixel_norm, left_pad, left_pad_positions
+from vl2_jax.processor import Batch, ProcessorOutput, canonical_pixel_norm, left_pad, left_pad_positions
 from vl2_jax.sampling import RowSampling, check_sampling
 from vl2_jax.sharding import Layout
 
@@ -112,8 +112,13 @@ class VL2Model:
 
     # -- public API ---------------------------------------------------------------------------------
     def check_batch(self, batch) -> None:
-        """Refuses a batch this model cannot read: pixels that are not the processor's uint8 tiles, or
-        tiles normalised otherwise than by this model's processor."""
+        """Refuses a batch this model cannot read: anything but a processor batch or output (a list, a
+        string), pixels that are not the processor's uint8 tiles, or tiles normalised otherwise than by
+        this model's processor."""
+        if not isinstance(batch, (Batch, ProcessorOutput)):
+            raise InputError(f"expected a processor batch or one processor output, got {type(batch).__name__}; make "
+                             "it with model.processor(conversation, images), and several with "
+                             "model.processor.batchify([...]).")
         if batch.used_tiles() is None:
             return
         pixels = np.asarray(batch.pixels)

@@ -275,7 +275,7 @@ def _open_stores(path: Path, expected: dict[str, dict[Path_, tuple[int, ...]]]):
     context = ts.Context(READ_CONTEXT)
     kvstores = {}
     for group in expected:
-        directory = (path / "params" / group).absolute()
+        directory = (path / "params" / group).resolve()
         if not (directory / "manifest.ocdbt").is_file():
             return None
         kvstores[group] = {"driver": "ocdbt", "base": {"driver": "file", "path": f"{directory}/"}}
@@ -440,7 +440,7 @@ def _restore_with_orbax(path: Path, expected: dict, want, shardings, bytes_progr
     params: dict = {}
     done = 0
     for group, shapes in expected.items():
-        directory = (path / "params" / group).absolute()
+        directory = (path / "params" / group).resolve()
         saved = _saved_leaves(checkpointer, directory)
         _check_leaves(path, group, shapes, {p: s for p, (s, _) in saved.items()})
         abstract: dict = {}
@@ -649,7 +649,7 @@ def _convert_groups(cfg, src: Path, tmp: Path, np_dtype, progress: Progress, sta
             tree = jax.tree.map(np.asarray, quantize_params(tree, quant))
         leaves = jax.tree_util.tree_leaves(tree)
         n_bytes += sum(a.nbytes for a in leaves)
-        _save_group(checkpointer, (tmp / "params" / name).absolute(), tree)
+        _save_group(checkpointer, (tmp / "params" / name).resolve(), tree)
         del tree, leaves
         tensors, elapsed = sum(len(r.sources) for r in rules), time.time() - start
         progress(

@@ -68,9 +68,12 @@ CACHE_RULES = {
 
 def parse_mesh_spec(spec: str) -> dict[str, int]:
     """"data=2,expert=4" -> {"data": 2, "expert": 4, "tensor": 1}; raises ConfigError on a bad spec."""
-    sizes = dict.fromkeys(MESH_AXES, 1)
+    sizes, named = dict.fromkeys(MESH_AXES, 1), set()
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, value = part.partition("=")
+        if name in named:
+            raise ConfigError(f"bad mesh spec {spec!r}: axis {name} is given twice; name each axis once.")
+        named.add(name)
         if name not in sizes or not value.isdigit() or int(value) < 1:
             raise ConfigError(
                 f"bad mesh spec {spec!r}: expected comma-separated AXIS=SIZE with AXIS in {', '.join(MESH_AXES)} "
