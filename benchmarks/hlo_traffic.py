@@ -253,35 +253,34 @@ def parse(text: str) -> Program:
 
 
 def report(program: Program, top: int = 20, min_elements: int = 1 << 20) -> dict:
-    """A summary dict: per-kind counts and bytes, the widening ops, the top writers."""
+    """A summary dict: per-kind and per-source counts and bytes, the widening ops, the top writers."""
     ops = program.executed()
-    kinds = collections.defaultdict(lambda: [0, 0, 0])
-    for op in ops:
-        k = kinds[f"{op.opcode}:{op.kind}" if op.kind else op.opcode]
-        k[0] += 1
-        k[1] += op.out_bytes
-        k[2] += program.read_bytes(op)
-    widened = [{"op": op.name, "kind": op.kind or op.opcode, "widens": w, "source": program.source(op)}
+    read = {op.name: program.read_bytes(op) for op in ops}
+    source = {op.name: program.source(op) for op in ops}
+
+    def tally(key, limit=None) -> dict:
+        """{key(op): count, written, read at most}, the most read first."""
+        rows = collections.defaultdict(lambda: [0, 0, 0])
+        for op in ops:
+            row = rows[key(op)]
+            row[0], row[1], row[2] = row[0] + 1, row[1] + op.out_bytes, row[2] + read[op.name]
+        ranked = sorted(rows.items(), key=lambda kv: -kv[1][2])[:limit]
+        return {k: {"count": c, "written": w, "read_at_most": r} for k, (c, w, r) in ranked}
+
+    widened = [{"op": op.name, "kind": op.kind or op.opcode, "widens": w, "source": source[op.name]}
                for op in ops if (w := program.widens(op, min_elements))]
-    sources = collections.defaultdict(lambda: [0, 0, 0])  # the same line in every layer: one row
-    for op in ops:
-        k = sources[re.sub(r"layers_\d+", "layers_*", program.source(op))]
-        k[0] += 1
-        k[1] += op.out_bytes
-        k[2] += program.read_bytes(op)
     writers = sorted(ops, key=lambda op: -op.out_bytes)[:top]
     return {
         "ops": len(ops),
         "written_bytes": sum(op.out_bytes for op in ops),
-        "read_bytes_upper_bound": sum(program.read_bytes(op) for op in ops),
-        "by_kind": {k: {"count": c, "written": w, "read_at_most": r} for k, (c, w, r) in
-                    sorted(kinds.items(), key=lambda kv: -kv[1][2])},
-        "by_source": {k: {"count": c, "written": w, "read_at_most": r} for k, (c, w, r) in
-                      sorted(sources.items(), key=lambda kv: -kv[1][2])[:top]},
+        "read_bytes_upper_bound": sum(read.values()),
+        "by_kind": tally(lambda op: f"{op.opcode}:{op.kind}" if op.kind else op.opcode),
+        # (the same line in every layer: one row)
+        "by_source": tally(lambda op: re.sub(r"layers_\d+", "layers_*", source[op.name]), top),
         "widened": widened,
         "widened_bytes": sum(program.ops[op["op"]].out_bytes for op in widened),
         "top_writers": [{"op": op.name, "kind": op.kind or op.opcode, "written": op.out_bytes,
-                         "read_at_most": program.read_bytes(op), "source": program.source(op)} for op in writers],
+                         "read_at_most": read[op.name], "source": source[op.name]} for op in writers],
     }
 
 
