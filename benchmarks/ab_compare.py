@@ -52,7 +52,7 @@ for line in sys.stdin:
 
 def worker(checkout: str, args) -> subprocess.Popen:
     # two processes share the GPU: each may take under half of its memory (JAX's default takes 75%)
-    env = {**os.environ, "PYTHONPATH": os.path.abspath(checkout), "PYTHONUNBUFFERED": "1",
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.abspath(checkout), os.environ.get("PYTHONPATH", "")]), "PYTHONUNBUFFERED": "1",
            "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.45"}
     proc = subprocess.Popen([sys.executable, "-c", WORKER, args.model, str(args.new_tokens), args.batches],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)

@@ -15,7 +15,7 @@ two kernels: the "hidden bf16 copy" a decode step must not have; an op that conv
 one fusion reads the 1-byte values and is not listed), then the operations per step by kind, by source
 line (the same line of every layer together) and the ones that write the most. The program is by default the engine's decode program for one slot at
 the first key bucket, greedy (as `quant_compare.py` measures its `cost_analysis`), or any other engine
-program (--program, max_batch 1); --save writes its HLO text.
+program (--program; --max-batch for the decode programs of more slots); --save writes its HLO text.
 """
 
 from __future__ import annotations
@@ -304,10 +304,10 @@ def print_report(title: str, r: dict) -> None:
         print(f"| {w['op']} | {w['kind']} | {mb(w['written'])} | {mb(w['read_at_most'])} | {w['source']} |")
 
 
-def program_hlo(spec: str, quant: str, max_seq_len: int, program: str) -> str:
-    """The optimized HLO text of one of `spec`'s engine programs (max_batch 1, one device), named as the
-    engine names them, e.g. "decode(1, 512, True)" or "prefill(1, 1024)"; None: decode for one slot at
-    the first key bucket, greedy."""
+def program_hlo(spec: str, quant: str, max_seq_len: int, program: str, max_batch: int = 1) -> str:
+    """The optimized HLO text of one of `spec`'s engine programs (one device), named as the engine names
+    them, e.g. "decode(8, 512, True)" or "prefill(1, 1024)"; None: decode for one slot at the first key
+    bucket, greedy."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -316,13 +316,13 @@ def program_hlo(spec: str, quant: str, max_seq_len: int, program: str) -> str:
     from vl2_jax.config import Runtime
 
     dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    m = load.load_model(spec, dtype, runtime=Runtime(max_batch=1, max_seq_len=max_seq_len),
+    m = load.load_model(spec, dtype, runtime=Runtime(max_batch=max_batch, max_seq_len=max_seq_len),
                         quant=None if quant == "none" else quant)
     engine = m.engine
     names = {f"{kind}{static}": (kind, static) for kind, static in engine.programs()}
     program = program or f"decode{(1, engine.decode_key_buckets[0], True)}"
     if program not in names:
-        sys.exit(f"no program {program!r} at max_batch 1 and max_seq_len {max_seq_len}; the engine has: "
+        sys.exit(f"no program {program!r} at max_batch {max_batch} and max_seq_len {max_seq_len}; the engine has: "
                  + ", ".join(names))
     state = m.take_state()
     try:
@@ -344,6 +344,8 @@ def main() -> None:
     p.add_argument("--program", default=None,
                    help='the engine program to read, as the engine names it, e.g. "prefill(1, 1024)" (default: '
                         'decode for one slot at the first key bucket, greedy)')
+    p.add_argument("--max-batch", type=int, default=1, help="the engine's slots (decode programs exist for "
+                   "1, 2, 4, ... up to it)")
     p.add_argument("--hlo", default=None, help="read this saved HLO text (.gz or plain) instead of compiling")
     p.add_argument("--save", default=None, help="write the compiled program's HLO text here (.gz: compressed)")
     p.add_argument("--top", type=int, default=20)
@@ -354,7 +356,7 @@ def main() -> None:
         with opener(args.hlo, "rt") as f:
             text, title = f.read(), args.hlo
     else:
-        text = program_hlo(args.model, args.quant, args.max_seq_len, args.program)
+        text = program_hlo(args.model, args.quant, args.max_seq_len, args.program, args.max_batch)
         title = f"{args.model} {args.quant} {args.program or 'decode'}"
     if args.save:
         opener = gzip.open if args.save.endswith(".gz") else open

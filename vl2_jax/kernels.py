@@ -21,6 +21,11 @@ product written out in between (small's batch-1 decode on an H200: 263 -> 326 to
 token chose, so a batch of 8 reads ~35 of small's 64 experts instead of all of them (small's batch-8
 decode on an H200: 866 -> 2133 tok/s).
 
+`blocked_matmul`: prefill's routed experts over quantized weights: blocks of expert-sorted rows, each
+times its expert's int8/fp8 values read in place and dequantized in registers. JAX's Mosaic grouped
+matmul takes one dtype, so quantized experts reached it only as a 16-bit copy of every expert's values
+written at each prefill (small: 14.4G elements, ~43 GB of traffic per prompt).
+
 `cudnn_attention_usable`: whether `jax.nn.dot_product_attention` may run cuDNN flash attention (the
 vision tower and the language model's prefill use it; their plain softmax paths run elsewhere).
 
@@ -462,3 +467,98 @@ def _expert_matmul_self_check() -> bool:
         return got, np.einsum("emk,ekn->emn", xs.astype(np.float32), w.astype(np.float32))
 
     return _self_check("expert matmul kernel", "decode batches use XLA's grouped matmul", 1e-3, compute)
+
+
+# Blocked matmul (prefill, quantized experts): one program per (block of rows, block of N columns)
+# multiplies the block's rows [M, K] by its expert's weights, block_k rows of them at a time.
+BLOCKED_TILES = (128, 64, 4, 3)  # block_n, block_k, warps, stages: not yet swept on a GPU
+BLOCKED_ROWS = (16, 128)  # the rows per block it takes: the tensor cores' 16-row minimum, and a tile that fits
+
+
+def blocked_matmul_usable(dtype, k: int, n: int, weight_dtype) -> bool:
+    """Whether `blocked_matmul` of `dtype` rows [., k] against [E, k, n] values of `weight_dtype`
+    (quantized, with scales) runs its kernel here: `_triton_usable`, k and n multiples of its tiles,
+    and its self-check on those values once."""
+    block_n, block_k = BLOCKED_TILES[:2]
+    return (k % block_k == 0 and n % block_n == 0 and weight_dtype is not None
+            and _triton_usable(dtype, k, n, lambda: _blocked_matmul_self_check(jnp.dtype(weight_dtype).name)))
+
+
+def _blocked_matmul_kernel(ids_ref, used_ref, x_ref, w_ref, scales_ref, out_ref, *, block_k: int):
+    # ids_ref [1]: this block's expert; used_ref [1]: whether any row of the block is routed; x_ref
+    # [M, K]: the block's rows; w_ref [E, K, N]: every expert's values, read in place; scales_ref [E, N]
+    # float32; out_ref [M, block_n]: this program's columns, in the rows' dtype.
+    m, block_n = out_ref.shape
+    expert = ids_ref[0]
+    cols = pl.ds(pl.program_id(1) * block_n, block_n)
+
+    @pl.when(used_ref[0] > 0)
+    def _():
+        def step(i, acc):
+            rows = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
+            x = x_ref[:, rows]
+            w = w_ref[expert, rows, cols].astype(x.dtype)  # the values dequantize here, in registers
+            return acc + jax.lax.dot(x, w, preferred_element_type=jnp.float32)
+
+        acc = jax.lax.fori_loop(0, w_ref.shape[1] // block_k, step, jnp.zeros((m, block_n), jnp.float32))
+        out_ref[...] = (acc * scales_ref[expert, cols][None, :]).astype(out_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "tiles"))
+def blocked_matmul(xs_ZMK: jax.Array, w_EKN: jax.Array, scales_EN: jax.Array, expert_Z: jax.Array,
+                   used_Z: jax.Array, interpret: bool = False, tiles: tuple[int, ...] | None = None) -> jax.Array:
+    """out[z] = xs[z] @ (w[expert[z]] * scales[expert[z]]) for every block z with used[z]: blocks of rows
+    [Z, M, K] (M in `BLOCKED_ROWS`), quantized values [E, K, N] (int8, fp8) and their column scales
+    [E, N], each block's expert [Z] in [0, E) (unchecked), whether it holds any routed row [Z] ->
+    [Z, M, N] in the rows' dtype, accumulated in float32. The rows of unused blocks are left unwritten
+    (unspecified): callers read only the rows they routed.
+
+    Each block reads its expert's values where they lie, in 1-byte tiles cast to the rows' dtype in
+    registers: no 16-bit copy of the weights exists in memory. `interpret=True` runs the kernel's
+    semantics on any backend (the CPU tests); `tiles` (block_n, block_k, warps, stages) overrides
+    BLOCKED_TILES.
+    """
+    z, m, k = xs_ZMK.shape
+    n = w_EKN.shape[-1]
+    block_n, block_k, warps, stages = tiles or BLOCKED_TILES
+    if not BLOCKED_ROWS[0] <= m <= BLOCKED_ROWS[1] or m & (m - 1):
+        raise ValueError(f"blocked_matmul: {m} rows per block, not a power of two in {BLOCKED_ROWS}")
+    if k % block_k or n % block_n:
+        raise ValueError(f"blocked_matmul: K={k} must be a multiple of block_k={block_k} and N={n} of block_n={block_n}")
+    return pl.pallas_call(
+        functools.partial(_blocked_matmul_kernel, block_k=block_k),
+        grid=(z, n // block_n),
+        in_specs=[
+            pl.BlockSpec((1,), lambda i, j: (i,)),
+            pl.BlockSpec((1,), lambda i, j: (i,)),
+            pl.BlockSpec((None, m, k), lambda i, j: (i, 0, 0)),
+            pl.BlockSpec(w_EKN.shape, lambda i, j: (0, 0, 0)),
+            pl.BlockSpec(scales_EN.shape, lambda i, j: (0, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, m, block_n), lambda i, j: (i, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((z, m, n), xs_ZMK.dtype),
+        compiler_params=pl_triton.CompilerParams(num_warps=warps, num_stages=stages) if pl_triton else None,
+        interpret=interpret,
+        name="blocked_matmul",
+    )(expert_Z.astype(jnp.int32), used_Z.astype(jnp.int32), xs_ZMK, w_EKN, scales_EN.astype(jnp.float32))
+
+
+@functools.cache
+def _blocked_matmul_self_check(weight_dtype: str) -> bool:
+    """`blocked_matmul` once on bf16 rows against `weight_dtype` values, several blocks per expert, an
+    expert with none and an unused block."""
+
+    def compute():
+        rng = np.random.default_rng(0)
+        e, m, (block_n, block_k) = 3, BLOCKED_ROWS[0], BLOCKED_TILES[:2]
+        k, n = 2 * block_k, 2 * block_n
+        values = np.clip(np.round(rng.standard_normal((e, k, n)) * 40), -127, 127).astype(jnp.dtype(weight_dtype))
+        scales = (rng.random((e, n)) + 0.5).astype(np.float32) / 64
+        expert, used = np.array([2, 2, 0, 0], np.int32), np.array([1, 1, 1, 0], np.int32)
+        xs = rng.standard_normal((len(expert), m, k)).astype(jnp.bfloat16)
+        got = blocked_matmul.lower(xs, values, scales, expert, used).compile()(xs, values, scales, expert, used)
+        w = values.astype(np.float32) * scales[:, None, :]
+        return np.asarray(got)[:3], np.einsum("zmk,zkn->zmn", xs[:3].astype(np.float32), w[expert[:3]])
+
+    return _self_check(f"blocked matmul kernel on {weight_dtype} weights",
+                       "prefill's quantized experts take the grouped matmul over a 16-bit copy", 1e-2, compute)

@@ -14,7 +14,8 @@ Parameter layout (W = 2 stacks the gate and up projections, so that one matmul r
 Quantized weights (`vl2_jax.quant`) arrive as `qwix.QArray`s (values, per-output-channel scales [E, 1,
 W, F] and [E, 1, D]). Every dispatch takes them: the XLA products multiply the values and scale the
 float32 result (`layers.qeinsum`), the Pallas kernels take the values and scales and dequantize in
-registers, and the ragged path scales each sorted row by its expert's scales after the grouped matmul.
+registers (prefill's: the blocked dispatch through `kernels.blocked_matmul`), and the ragged path scales
+each sorted row by its expert's scales after the grouped matmul.
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ from flax import linen as nn
 
 from vl2_jax.config import LanguageConfig, Runtime
 from vl2_jax.kernels import (
+    BLOCKED_ROWS,
     EXPERT_ROWS_MULTIPLE,
     ROW_MULTIPLE,
+    blocked_matmul,
+    blocked_matmul_usable,
     expert_matmul,
     expert_matmul_usable,
     gathered_matvec,
@@ -276,7 +280,7 @@ def _per_block(w, block_expert_Z: jax.Array, num_experts: int):
     return jnp.tensordot(onehot_ZE, w, axes=1, precision=precision)
 
 
-def outputs_blocked(x_ND, gate_up_w, down_w, idx_NX, rows: int | None = None) -> jax.Array:
+def outputs_blocked(x_ND, gate_up_w, down_w, idx_NX, rows: int | None = None, use_kernel: bool = False) -> jax.Array:
     """Blocked path (training's): token copies sorted by expert into blocks of `rows` rows, each block
     holding one expert's tokens; one batched matmul per projection over the blocks, each with its
     expert's weights ([Z, D, W, F]). [N, D] -> [N, X, D].
@@ -287,11 +291,18 @@ def outputs_blocked(x_ND, gate_up_w, down_w, idx_NX, rows: int | None = None) ->
     (random weights route most tokens to a few experts). Plain XLA (gathers and batched dots, no
     scatter in the forward or the backward), so it is differentiable. `rows` defaults to
     `block_rows`. Ids outside [0, E) give zeros.
+
+    Quantized experts with `use_kernel` (inference: prefill's dispatch for them where the kernel runs)
+    take `kernels.blocked_matmul`, which reads each block's expert's values in place, at least
+    `BLOCKED_ROWS[0]` rows per block; otherwise the blocks' weights are gathered as 16-bit copies.
     """
     n, x = idx_NX.shape
-    e, d = gate_up_w.shape[:2]
+    e, d, _, f = gate_up_w.shape
     a = n * x
+    kernel = use_kernel and is_quantized(gate_up_w) and local_arrays() and mlp_kernel_fits(
+        blocked_matmul_usable, x_ND.dtype, d, f, weight_dtype=gate_up_w.qvalue.dtype)
     m = rows or block_rows(a, e)
+    m = max(m, BLOCKED_ROWS[0]) if kernel else m
     z = -(-a // m) + e  # blocks: a static bound
     order, rank, sizes = _group_by_expert(idx_NX, e)
     ids = idx_NX.reshape(-1)[order]
@@ -304,8 +315,15 @@ def outputs_blocked(x_ND, gate_up_w, down_w, idx_NX, rows: int | None = None) ->
     xs = _move_rows(jnp.repeat(x_ND, x, axis=0), src, dest).reshape(z, m, d)
     # each block's expert (blocks past the last group: the last expert, on rows of zeros)
     block_expert = jnp.minimum(jnp.searchsorted(block_end, jnp.arange(z), side="right", method="compare_all"), e - 1)
-    h = swiglu(qeinsum("ZMD,ZDWF->ZMWF", xs, _per_block(gate_up_w, block_expert, e)))
-    y = qeinsum("ZMF,ZFD->ZMD", h, _per_block(down_w, block_expert, e))
+    if kernel:  # blocks past the last group hold no routed row: the kernel skips them
+        used = jnp.arange(z) < block_end[-1]
+        gu, gu_scales = _values_scales(gate_up_w.reshape(e, d, 2 * f), 2 * f)
+        dw, dw_scales = _values_scales(down_w, d)
+        h = swiglu(blocked_matmul(xs, gu, gu_scales, block_expert, used).reshape(z, m, 2, f))
+        y = blocked_matmul(h, dw, dw_scales, block_expert, used)
+    else:
+        h = swiglu(qeinsum("ZMD,ZDWF->ZMWF", xs, _per_block(gate_up_w, block_expert, e)))
+        y = qeinsum("ZMF,ZFD->ZMD", h, _per_block(down_w, block_expert, e))
     return _move_rows(y.reshape(z * m, d), dest, src).reshape(n, x, d)
 
 
@@ -384,8 +402,8 @@ def expert_outputs(impl: str, x_ND, gate_up_w, down_w, idx_NX, ids_in_range: boo
     """
     if impl == "gather":
         return outputs_gather(x_ND, gate_up_w, down_w, idx_NX, ids_in_range, use_kernel)
-    if impl in ("dense", "blocked"):
-        return _OUTPUTS[impl](x_ND, gate_up_w, down_w, idx_NX)
+    if impl == "dense":
+        return outputs_dense(x_ND, gate_up_w, down_w, idx_NX)
     return _OUTPUTS[impl](x_ND, gate_up_w, down_w, idx_NX, use_kernel=use_kernel)
 
 
@@ -409,8 +427,9 @@ def _expert_axes(gate_up_shape) -> tuple[str | None, str | None]:
 def choose_dispatch(impl: str, num_tokens: int, top_k: int, gate_up_w: jax.Array, use_kernel: bool = True,
                     dtype=None) -> str:
     """Resolves "auto" (static: shapes, dtype and platform only): "gather" while tokens * top-k <=
-    experts / 4 (batch-1 and -2 decode); beyond 64 tokens (prefill) "ragged" where the Mosaic GPU
-    grouped matmul runs (`use_kernel`, Hopper, bf16, the per-device width a multiple of its tiles);
+    experts / 4 (batch-1 and -2 decode); beyond 64 tokens (prefill), for quantized experts "blocked"
+    where `kernels.blocked_matmul` runs (it reads their 1-byte values), else "ragged" where the Mosaic
+    GPU grouped matmul runs (`use_kernel`, Hopper, bf16, the per-device width a multiple of its tiles);
     "grouped" otherwise. `dtype`: the activations' (default the weights'; quantized weights run in it).
     """
     if impl != "auto":
@@ -424,6 +443,9 @@ def choose_dispatch(impl: str, num_tokens: int, top_k: int, gate_up_w: jax.Array
     # The kernel runs on whole per-device arrays: one device, or `experts_sharded`'s shard_map (a mesh
     # that splits the experts or their width); a data-only mesh partitions the dispatch automatically.
     per_device = local_arrays() or expert_axis or width_axis
+    if use_kernel and num_tokens > 64 and per_device and is_quantized(gate_up_w) and mlp_kernel_fits(
+            blocked_matmul_usable, dtype, d, f_local, weight_dtype=gate_up_w.qvalue.dtype):
+        return "blocked"
     if use_kernel and num_tokens > 64 and per_device and mlp_kernel_fits(mosaic_ragged_usable, dtype, d, f_local):
         return "ragged"
     return "grouped"
@@ -477,7 +499,8 @@ class MoE(nn.Module):
     every token), "gather" (chosen experts' weights only), "grouped" (tokens in per-expert slots of a
     bounded capacity, dense on overflow), "ragged" (a grouped matmul over expert-sorted tokens: the
     Mosaic GPU kernel on Hopper, `lax.ragged_dot` elsewhere), "blocked" (expert-sorted blocks with
-    gathered weights, plain XLA: training's dispatch), or "auto" (`choose_dispatch`, never "blocked").
+    gathered weights, plain XLA: training's dispatch; quantized experts' prefill through a kernel that
+    reads them in place), or "auto" (`choose_dispatch`).
     `benchmarks/moe_dispatch.py` measured them on an H200 (BENCHMARKS.md): gather wins at one token,
     grouped at decode batches, the Mosaic kernel at prefill. Under a mesh that splits the experts
     or their width, the dispatch runs per device (`experts_sharded`).
