@@ -199,6 +199,9 @@ def test_bad_lines_are_refused_with_their_line_and_short_or_unanswered_ones_skip
     assert "--train takes" in capsys.readouterr().err
     assert main(["--model", "random:test", "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")]) == 1
     assert "error: --data" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit) as exit_:  # a flag that contradicts another: a usage error, as argparse's own
+        main(["--model", "random:test", "--data", path, "--out", str(tmp_path / "o"), "--steps", "4", "--warmup", "4"])
+    assert exit_.value.code == 2 and "--warmup (4) must be below --steps (4)" in capsys.readouterr().err
 
 
 def test_lora_adapters_cover_the_projections_and_not_the_router():

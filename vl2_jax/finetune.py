@@ -66,7 +66,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.warmup is not None and args.warmup >= args.steps:  # (`Settings` checks it too, for Python callers)
+        p.error(f"--warmup ({args.warmup}) must be below --steps ({args.steps})")
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
 
     def body() -> int:
