@@ -3,6 +3,7 @@
     python benchmarks/tile_sweep.py --kernel matvec [--models tiny,small,base] [--tokens 1] [--dense] [--weights int8]
     python benchmarks/tile_sweep.py --kernel ragged [--models tiny,small,base] [--tokens 1042]
         [--block-m 64,128] [--block-n 64,128] [--block-k 64] [--steps 2,4] [--grid-block-n 1,4]
+    python benchmarks/tile_sweep.py --kernel blocked [--models tiny,small,base] [--tokens 1042] [--weights int8]
 
 `--kernel matvec`: the decode step's gathered matrix-vector kernel (`vl2_jax.kernels.gathered_matvec`).
 For each model's routed-expert projections at a decode batch of `--tokens` (gate/up: [X, D] rows against
@@ -23,6 +24,13 @@ down [A, F] x [E, F, D], with A = tokens * top-k rows routed evenly, or skewed o
 weights route image tokens), times every tile configuration (the product of the values given:
 block_m, block_n, block_k, steps, grid_block_n) as calls dispatched back to back, checks it against
 `lax.ragged_dot` (float32 accumulation), and tabulates the best configuration next to `lax.ragged_dot`.
+
+`--kernel blocked`: prefill's kernel for quantized experts (`vl2_jax.kernels.blocked_matmul`): the same
+rows in blocks of `moe.block_rows` rows per expert (at least 16), against int8 (or fp8) values and
+column scales, every tile configuration (block_n, block_k, warps, stages) timed as calls dispatched back
+to back and checked against a float32 reference; beside it the two ways the grouped matmul runs the
+same rows: on bf16 weights (an unquantized model's prefill) and on the values cast to bf16 first (the
+cast timed with it: what quantized experts cost without this kernel).
 
 Prints one JSON line per case, then a table.
 """
@@ -235,24 +243,103 @@ def ragged(models: list[str], tokens: int, configs) -> None:
               f"{r.get('ms', float('nan')):.3f} | {r.get('tflops', 0):.0f} | {r.get('config')} |")
 
 
+# --- blocked: prefill's kernel for quantized experts -------------------------------------------------
+
+BLOCKED_CONFIGS = list(itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (3, 4)))
+
+
+def _blocked_case(a: int, k: int, n: int, e: int, weights: str):
+    """Routed rows grouped as the blocked dispatch groups them, and the same rows for the grouped matmul:
+    (xs [Z, M, K], expert [Z], used [Z], values [E, K, N], scales [E, N], x [A', K], sizes [E], w bf16)."""
+    from vl2_jax.kernels import BLOCKED_ROWS
+    from vl2_jax.modules.moe import block_rows
+
+    kx, kw, ks = jax.random.split(jax.random.key(0), 3)
+    sizes = np.bincount(np.asarray(jax.random.randint(ks, (a,), 0, e)), minlength=e)
+    m = max(block_rows(a, e), BLOCKED_ROWS[0])
+    per = -(-sizes // m)
+    z = -(-a // m) + e
+    expert = np.minimum(np.searchsorted(np.cumsum(per), np.arange(z), side="right"), e - 1).astype(np.int32)
+    used = (np.arange(z) < per.sum()).astype(np.int32)
+    xs = jax.random.normal(kx, (z, m, k), jnp.bfloat16)
+    w = 0.05 * jax.random.normal(kw, (e, k, n), jnp.float32)
+    scales = jnp.max(jnp.abs(w), axis=1) / 127.0
+    values = jnp.clip(jnp.round(w / scales[:, None]), -127, 127).astype(jnp.dtype(weights.replace("fp8", "float8_e4m3fn")))
+    rows = -(-a // 8) * 8
+    x = jax.random.normal(kx, (rows, k), jnp.bfloat16)
+    return xs, jnp.asarray(expert), jnp.asarray(used), values, scales, x, jnp.asarray(sizes, jnp.int32), w.astype(jnp.bfloat16)
+
+
+def _blocked_sweep(row: dict, e: int, weights: str) -> dict:
+    xs, expert, used, values, scales, x, sizes, w16 = _blocked_case(row["a"], row["k"], row["n"], e, weights)
+    ex, u = np.asarray(expert), np.asarray(used).astype(bool)
+    dequantized = np.asarray(values, np.float32) * np.asarray(scales)[:, None, :]
+    probe = np.flatnonzero(u)[:: max(1, u.sum() // 8)]  # a few used blocks checked against float32
+    want = np.einsum("zmk,zkn->zmn", np.asarray(xs, np.float32)[probe], dequantized[ex[probe]])
+    grouped = jax.jit(lambda x, w: kernels.ragged_dot(x, w, sizes))
+    widened = jax.jit(lambda x, v, s: kernels.ragged_dot(x, v.astype(jnp.bfloat16), sizes))
+    row = {**row, "blocks": int(u.sum()), "rows_per_block": xs.shape[1],
+           "grouped_bf16_ms": 1e3 * pipelined_time(lambda: grouped(x, w16), calls=5, repeats=3),
+           "grouped_widened_ms": 1e3 * pipelined_time(lambda: widened(x, values, scales), calls=5, repeats=3)}
+    best = {}
+    for tiles in BLOCKED_CONFIGS:
+        if row["k"] % tiles[1] or row["n"] % tiles[0]:
+            continue
+        fn = jax.jit(functools.partial(kernels.blocked_matmul, tiles=tiles))
+        try:
+            out = np.asarray(fn(xs, values, scales, expert, used), np.float32)[probe]
+            err = float(np.abs(out - want).max() / np.abs(want).max())
+            ms = 1e3 * pipelined_time(lambda fn=fn: fn(xs, values, scales, expert, used), calls=5, repeats=3)
+        except Exception as ex_:  # noqa: BLE001
+            _error_row(row, tiles, ex_)
+            continue
+        print(json.dumps({**row, "tiles": tiles, "ms": ms, "max_rel_err": err}), flush=True)
+        if not best or ms < best["ms"]:
+            best = {"tiles": tiles, "ms": ms, "max_rel_err": err}
+    return {**row, **best}
+
+
+def blocked(models: list[str], tokens: int, weights: str) -> None:
+    rows = []
+    for model in models:
+        c = PRESETS[model].language
+        e, d, f, k = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size, c.num_experts_per_tok
+        rows += [_blocked_sweep({"model": model, "proj": proj, "a": tokens * k, "k": kk, "n": n}, e, weights)
+                 for proj, (kk, n) in (("gate_up", (d, 2 * f)), ("down", (f, d)))]
+    print(f"\n{jax.devices()[0].device_kind}, JAX {jax.__version__}, {tokens} tokens, {weights} values; "
+          f"tiles = block_n, block_k, warps, stages (default {kernels.BLOCKED_TILES})")
+    print("| model | projection | blocks x rows | grouped, bf16 ms | grouped, widened ms | blocked best ms | tiles |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['proj']} | {r['blocks']} x {r['rows_per_block']} | {r['grouped_bf16_ms']:.3f} | "
+              f"{r['grouped_widened_ms']:.3f} | {r.get('ms', float('nan')):.3f} | {r.get('tiles')} |")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kernel", required=True, choices=["matvec", "ragged"],
-                   help="matvec: the decode step's gathered matrix-vector kernel; ragged: the prefill's grouped matmul")
+    p.add_argument("--kernel", required=True, choices=["matvec", "ragged", "blocked"],
+                   help="matvec: the decode step's gathered matrix-vector kernel; ragged: the prefill's grouped "
+                        "matmul; blocked: prefill's kernel for quantized experts")
     p.add_argument("--models", default="tiny,small,base")
     p.add_argument("--tokens", type=int, default=None,
-                   help="matvec: decode batch (rows = tokens * top-k; default 1); ragged: prompt tokens (default 1042)")
+                   help="matvec: decode batch (rows = tokens * top-k; default 1); ragged, blocked: prompt tokens "
+                        "(default 1042)")
     p.add_argument("--dense", action="store_true", help="matvec: also time the other batch-1 matrix-vector products")
     p.add_argument("--weights", default="bf16", choices=["bf16", "int8", "fp8"],
-                   help="matvec: the experts' weights (int8/fp8: quantized values with column scales)")
+                   help="matvec: the experts' weights (int8/fp8: quantized values with column scales); blocked: "
+                        "the values (default int8)")
     ints = lambda text: [int(v) for v in text.split(",")]
     for name, default in RAGGED_DEFAULTS.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=ints, default=None,
                        help=f"ragged: values to try (default {default})")
     args = p.parse_args(argv)
     models = args.models.split(",")
-    if args.kernel == "matvec":
-        given = [f"--{n.replace('_', '-')}" for n in RAGGED_DEFAULTS if getattr(args, n) is not None]
+    given = [f"--{n.replace('_', '-')}" for n in RAGGED_DEFAULTS if getattr(args, n) is not None]
+    if args.kernel == "blocked":
+        if given or args.dense:
+            p.error(f"{', '.join(given or ['--dense'])} do not go with --kernel blocked")
+        blocked(models, 1042 if args.tokens is None else args.tokens, "int8" if args.weights == "bf16" else args.weights)
+    elif args.kernel == "matvec":
         if given:
             p.error(f"{', '.join(given)} go with --kernel ragged")
         matvec(models, 1 if args.tokens is None else args.tokens, args.dense, args.weights)

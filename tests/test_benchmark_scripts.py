@@ -50,6 +50,7 @@ def test_moe_dispatch_benchmark_runs_on_cpu():
 @pytest.mark.parametrize("args, message", [
     (["--kernel", "matvec", "--block-m", "64"], "--block-m go with --kernel ragged"),
     (["--kernel", "ragged", "--dense"], "--dense and --weights go with --kernel matvec"),
+    (["--kernel", "blocked", "--block-k", "64"], "--block-k do not go with --kernel blocked"),
     ([], "--kernel"),
 ])
 def test_tile_sweep_refuses_options_of_the_other_kernel(args, message):
