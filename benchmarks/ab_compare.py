@@ -3,7 +3,7 @@
     git worktree add /tmp/old <commit>           # or: git archive <commit> vl2_jax | tar -x -C /tmp/old
     python benchmarks/ab_compare.py --a /tmp/old --b . --model random:tiny --rounds 5
 
-Each checkout runs in its own worker process (PYTHONPATH = that checkout), loads the model and warms it
+Each checkout runs in its own worker process (its `vl2_jax` first on `sys.path`, checked), loads the model and warms it
 up once; then the driver asks A, B, A, B, ... for one round each: the first token of the benchmark's
 image prompt (768 px, one sentence) and decode speed at batch 1 and 8 (`--new-tokens`, EOS ignored),
 computed the same way for both (rows x (new tokens - 1) / decode seconds). Medians per checkout and
@@ -21,7 +21,9 @@ import subprocess
 import sys
 
 WORKER = r"""
-import json, sys
+import sys
+sys.path.insert(0, sys.argv[4])  # the checkout before the working directory, which `python -c` puts first
+import json
 import numpy as np
 from PIL import Image
 try:
@@ -44,7 +46,8 @@ def round_():
     return row
 
 round_(); round_()  # compile, then one untimed round
-print("ready", flush=True)
+import vl2_jax
+print("ready", vl2_jax.__file__, flush=True)
 for line in sys.stdin:
     print(json.dumps(round_()), flush=True)
 """
@@ -52,12 +55,17 @@ for line in sys.stdin:
 
 def worker(checkout: str, args) -> subprocess.Popen:
     # two processes share the GPU: each may take under half of its memory (JAX's default takes 75%)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.abspath(checkout), os.environ.get("PYTHONPATH", "")]), "PYTHONUNBUFFERED": "1",
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.45"}
-    proc = subprocess.Popen([sys.executable, "-c", WORKER, args.model, str(args.new_tokens), args.batches],
+    root = os.path.abspath(checkout)
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, args.model, str(args.new_tokens), args.batches, root],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     for line in proc.stdout:
-        if line.strip() == "ready":
+        if line.startswith("ready"):
+            imported = os.path.abspath(line.split(maxsplit=1)[1].strip())
+            if not imported.startswith(os.path.join(root, "vl2_jax") + os.sep):
+                proc.kill()
+                raise RuntimeError(f"the worker for {checkout} imported {imported}, not its own vl2_jax")
             return proc
     raise RuntimeError(f"the worker for {checkout} ended before it was ready (exit {proc.wait()})")
 

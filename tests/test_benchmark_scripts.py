@@ -278,3 +278,18 @@ ENTRY %main (a: bf16[4,2048], w: s8[2048,4096], e: s8[64,2048,512], i: s32[6,1],
     kinds = {k: v["count"] for k, v in r["by_kind"].items()}
     assert kinds["custom-call:__cublas$gemm"] == 1 and "copy-done" not in kinds and kinds["copy-start"] == 1
     assert program.ops["cb"].out_bytes == 2048 * 2048 * 2  # (its workspace is not data)
+
+
+def test_ab_compare_times_each_checkout_own_code(tmp_path):
+    """Each worker imports its own checkout's package, not the working directory's (which `python -c`
+    puts first on sys.path: both sides once ran the same code); a folder without one is refused."""
+    old = tmp_path / "old"
+    old.mkdir()
+    archive = subprocess.run(["git", "archive", "HEAD", "vl2_jax"], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+    common = ["--model", "random:test", "--rounds", "1", "--new-tokens", "4", "--batches", "1"]
+    r = _run("benchmarks/ab_compare.py", "--a", str(old), "--b", ".", *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {json.loads(line)["metric"] for line in r.stderr.splitlines() if line.startswith("{")} == {"ttft_ms", "decode_b1"}
+    r = _run("benchmarks/ab_compare.py", "--a", str(tmp_path), "--b", ".", *common)
+    assert r.returncode != 0 and "not its own vl2_jax" in r.stderr
