@@ -206,6 +206,25 @@ def test_prefill_reads_quantized_experts_through_the_blocked_kernel(monkeypatch,
                    dense_reference(xs, gu, dw, weights, idx)) < TOL and len(calls) == 2
 
 
+def test_blocked_kernel_runs_per_device_under_a_mesh(monkeypatch):
+    """Experts and their width split over 4 devices: each device's shard_map runs the kernel (interpreted)
+    on its own experts' values and scales, and the all-reduced result equals one device's dense path."""
+    from vl2_jax.kernels import blocked_matmul
+    from vl2_jax.modules import moe
+    from vl2_jax.sharding import make_mesh
+
+    calls = []
+    monkeypatch.setattr(moe, "blocked_matmul_usable", lambda *a, **k: True)
+    monkeypatch.setattr(moe, "blocked_matmul", lambda *a: calls.append(a[1].shape) or blocked_matmul(*a, interpret=True))
+    xs, gate_up, down, weights, idx = moe_problem(e=8, d=128, f=256, x=2, n=80)
+    gu, dw = quantized_experts(gate_up, down, "int8")
+    with jax.set_mesh(make_mesh("expert=2,tensor=2", vl2_jax.PRESETS["test"], jax.devices()[:4])):
+        impl = moe.choose_dispatch("auto", 80, 2, gu, dtype=jnp.float32)
+        got = moe.experts_sharded(impl, xs, gu, dw, weights, idx)
+    assert impl == "blocked" and calls == [(4, 128, 256), (4, 128, 128)]  # 4 experts, half the width, a device
+    assert rel_err(got, dense_reference(xs, gu, dw, weights, idx)) < TOL
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the blocked matmul kernel runs on NVIDIA GPUs")
 @pytest.mark.parametrize("quant", ["int8", "fp8"])
 def test_blocked_kernel_on_the_gpu(quant):

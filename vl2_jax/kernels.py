@@ -490,7 +490,7 @@ def _blocked_matmul_kernel(ids_ref, used_ref, x_ref, w_ref, scales_ref, out_ref,
     # float32; out_ref [M, block_n]: this program's columns, in the rows' dtype.
     m, block_n = out_ref.shape
     expert = ids_ref[0]
-    cols = pl.ds(pl.program_id(1) * block_n, block_n)
+    cols = pl.ds(pl.program_id(0) * block_n, block_n)
 
     @pl.when(used_ref[0] > 0)
     def _():
@@ -525,17 +525,19 @@ def blocked_matmul(xs_ZMK: jax.Array, w_EKN: jax.Array, scales_EN: jax.Array, ex
         raise ValueError(f"blocked_matmul: {m} rows per block, not a power of two in {BLOCKED_ROWS}")
     if k % block_k or n % block_n:
         raise ValueError(f"blocked_matmul: K={k} must be a multiple of block_k={block_k} and N={n} of block_n={block_n}")
+    # Column blocks vary fastest: the programs in flight share a few blocks' rows (read once, then from L2)
+    # and consecutive blocks of one expert read its values while they are still in L2.
     return pl.pallas_call(
         functools.partial(_blocked_matmul_kernel, block_k=block_k),
-        grid=(z, n // block_n),
+        grid=(n // block_n, z),
         in_specs=[
-            pl.BlockSpec((1,), lambda i, j: (i,)),
-            pl.BlockSpec((1,), lambda i, j: (i,)),
-            pl.BlockSpec((None, m, k), lambda i, j: (i, 0, 0)),
-            pl.BlockSpec(w_EKN.shape, lambda i, j: (0, 0, 0)),
-            pl.BlockSpec(scales_EN.shape, lambda i, j: (0, 0)),
+            pl.BlockSpec((1,), lambda j, i: (i,)),
+            pl.BlockSpec((1,), lambda j, i: (i,)),
+            pl.BlockSpec((None, m, k), lambda j, i: (i, 0, 0)),
+            pl.BlockSpec(w_EKN.shape, lambda j, i: (0, 0, 0)),
+            pl.BlockSpec(scales_EN.shape, lambda j, i: (0, 0)),
         ],
-        out_specs=pl.BlockSpec((None, m, block_n), lambda i, j: (i, 0, j)),
+        out_specs=pl.BlockSpec((None, m, block_n), lambda j, i: (i, 0, j)),
         out_shape=jax.ShapeDtypeStruct((z, m, n), xs_ZMK.dtype),
         compiler_params=pl_triton.CompilerParams(num_warps=warps, num_stages=stages) if pl_triton else None,
         interpret=interpret,
@@ -545,20 +547,25 @@ def blocked_matmul(xs_ZMK: jax.Array, w_EKN: jax.Array, scales_EN: jax.Array, ex
 
 @functools.cache
 def _blocked_matmul_self_check(weight_dtype: str) -> bool:
-    """`blocked_matmul` once on bf16 rows against `weight_dtype` values, several blocks per expert, an
-    expert with none and an unused block."""
+    """`blocked_matmul` once on bf16 rows against `weight_dtype` values, at the fewest and the most rows
+    a block takes (the largest accumulator), several blocks per expert, an expert with none and an
+    unused block."""
 
     def compute():
         rng = np.random.default_rng(0)
-        e, m, (block_n, block_k) = 3, BLOCKED_ROWS[0], BLOCKED_TILES[:2]
-        k, n = 2 * block_k, 2 * block_n
+        e, (block_n, block_k) = 3, BLOCKED_TILES[:2]
+        k, n = 4 * block_k, 2 * block_n
         values = np.clip(np.round(rng.standard_normal((e, k, n)) * 40), -127, 127).astype(jnp.dtype(weight_dtype))
         scales = (rng.random((e, n)) + 0.5).astype(np.float32) / 64
-        expert, used = np.array([2, 2, 0, 0], np.int32), np.array([1, 1, 1, 0], np.int32)
-        xs = rng.standard_normal((len(expert), m, k)).astype(jnp.bfloat16)
-        got = blocked_matmul.lower(xs, values, scales, expert, used).compile()(xs, values, scales, expert, used)
         w = values.astype(np.float32) * scales[:, None, :]
-        return np.asarray(got)[:3], np.einsum("zmk,zkn->zmn", xs[:3].astype(np.float32), w[expert[:3]])
+        expert, used = np.array([2, 2, 0, 0], np.int32), np.array([1, 1, 1, 0], np.int32)
+        got, want = [], []
+        for m in BLOCKED_ROWS:
+            xs = rng.standard_normal((len(expert), m, k)).astype(jnp.bfloat16)
+            out = blocked_matmul.lower(xs, values, scales, expert, used).compile()(xs, values, scales, expert, used)
+            got.append(np.asarray(out)[:3].reshape(-1, n))
+            want.append(np.einsum("zmk,zkn->zmn", xs[:3].astype(np.float32), w[expert[:3]]).reshape(-1, n))
+        return np.concatenate(got), np.concatenate(want)
 
     return _self_check(f"blocked matmul kernel on {weight_dtype} weights",
                        "prefill's quantized experts take the grouped matmul over a 16-bit copy", 1e-2, compute)

@@ -302,7 +302,9 @@ def outputs_blocked(x_ND, gate_up_w, down_w, idx_NX, rows: int | None = None, us
     kernel = use_kernel and is_quantized(gate_up_w) and local_arrays() and mlp_kernel_fits(
         blocked_matmul_usable, x_ND.dtype, d, f, weight_dtype=gate_up_w.qvalue.dtype)
     m = rows or block_rows(a, e)
-    m = max(m, BLOCKED_ROWS[0]) if kernel else m
+    if kernel:  # (an explicit `rows` the kernel does not take runs the XLA products)
+        m = max(m, BLOCKED_ROWS[0])
+        kernel = m <= BLOCKED_ROWS[1] and m & (m - 1) == 0
     z = -(-a // m) + e  # blocks: a static bound
     order, rank, sizes = _group_by_expert(idx_NX, e)
     ids = idx_NX.reshape(-1)[order]
