@@ -74,9 +74,15 @@ def _matvec_case(rows: int, per: int, k: int, n: int, e: int, weights: str = "bf
     ids = jnp.stack([jax.random.permutation(kk, e)[: rows * per] for kk in jax.random.split(ki, ROUNDS)])
     if weights == "bf16":
         return inputs, w.astype(jnp.bfloat16), ids.astype(jnp.int32), None
-    scales = jnp.max(jnp.abs(w), axis=1) / 127.0  # [E, N]
-    values = jnp.clip(jnp.round(w / scales[:, None]), -127, 127).astype(jnp.dtype(weights.replace("fp8", "float8_e4m3fn")))
+    values, scales = _quantized(w, weights)
     return inputs, values, ids.astype(jnp.int32), scales
+
+
+def _quantized(w_EKN: jax.Array, weights: str) -> tuple[jax.Array, jax.Array]:
+    """Float experts as int8/fp8 values and per-column scales [E, N] (max |w| / 127)."""
+    scales = jnp.max(jnp.abs(w_EKN), axis=1) / 127.0
+    values = jnp.clip(jnp.round(w_EKN / scales[:, None]), -127, 127)
+    return values.astype(jnp.dtype(weights.replace("fp8", "float8_e4m3fn"))), scales
 
 
 def _time_matvec(inputs, w, ids, per: int, tiles, scales=None) -> float:
@@ -263,8 +269,7 @@ def _blocked_case(a: int, k: int, n: int, e: int, weights: str):
     used = (np.arange(z) < per.sum()).astype(np.int32)
     xs = jax.random.normal(kx, (z, m, k), jnp.bfloat16)
     w = 0.05 * jax.random.normal(kw, (e, k, n), jnp.float32)
-    scales = jnp.max(jnp.abs(w), axis=1) / 127.0
-    values = jnp.clip(jnp.round(w / scales[:, None]), -127, 127).astype(jnp.dtype(weights.replace("fp8", "float8_e4m3fn")))
+    values, scales = _quantized(w, weights)
     rows = -(-a // 8) * 8
     x = jax.random.normal(kx, (rows, k), jnp.bfloat16)
     return xs, jnp.asarray(expert), jnp.asarray(used), values, scales, x, jnp.asarray(sizes, jnp.int32), w.astype(jnp.bfloat16)
@@ -277,10 +282,10 @@ def _blocked_sweep(row: dict, e: int, weights: str) -> dict:
     probe = np.flatnonzero(u)[:: max(1, u.sum() // 8)]  # a few used blocks checked against float32
     want = np.einsum("zmk,zkn->zmn", np.asarray(xs, np.float32)[probe], dequantized[ex[probe]])
     grouped = jax.jit(lambda x, w: kernels.ragged_dot(x, w, sizes))
-    widened = jax.jit(lambda x, v, s: kernels.ragged_dot(x, v.astype(jnp.bfloat16), sizes))
+    widened = jax.jit(lambda x, v: kernels.ragged_dot(x, v.astype(jnp.bfloat16), sizes))
     row = {**row, "blocks": int(u.sum()), "rows_per_block": xs.shape[1],
            "grouped_bf16_ms": 1e3 * pipelined_time(lambda: grouped(x, w16), calls=5, repeats=3),
-           "grouped_widened_ms": 1e3 * pipelined_time(lambda: widened(x, values, scales), calls=5, repeats=3)}
+           "grouped_widened_ms": 1e3 * pipelined_time(lambda: widened(x, values), calls=5, repeats=3)}
     best = {}
     for tiles in BLOCKED_CONFIGS:
         if row["k"] % tiles[1] or row["n"] % tiles[0]:

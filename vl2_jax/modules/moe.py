@@ -300,7 +300,7 @@ def outputs_blocked(x_ND, gate_up_w, down_w, idx_NX, rows: int | None = None, us
     e, d, _, f = gate_up_w.shape
     a = n * x
     kernel = use_kernel and is_quantized(gate_up_w) and local_arrays() and mlp_kernel_fits(
-        blocked_matmul_usable, x_ND.dtype, d, f, weight_dtype=gate_up_w.qvalue.dtype)
+        blocked_matmul_usable, x_ND.dtype, d, f, **_weight_dtype_kw(gate_up_w))
     m = rows or block_rows(a, e)
     if kernel:  # (an explicit `rows` the kernel does not take runs the XLA products)
         m = max(m, BLOCKED_ROWS[0])
@@ -446,7 +446,7 @@ def choose_dispatch(impl: str, num_tokens: int, top_k: int, gate_up_w: jax.Array
     # that splits the experts or their width); a data-only mesh partitions the dispatch automatically.
     per_device = local_arrays() or expert_axis or width_axis
     if use_kernel and num_tokens > 64 and per_device and is_quantized(gate_up_w) and mlp_kernel_fits(
-            blocked_matmul_usable, dtype, d, f_local, weight_dtype=gate_up_w.qvalue.dtype):
+            blocked_matmul_usable, dtype, d, f_local, **_weight_dtype_kw(gate_up_w)):
         return "blocked"
     if use_kernel and num_tokens > 64 and per_device and mlp_kernel_fits(mosaic_ragged_usable, dtype, d, f_local):
         return "ragged"
