@@ -538,3 +538,24 @@ def test_convert_failing_midway_leaves_nothing(tmp_path, capsys, monkeypatch, er
         "host ran out of memory" if isinstance(error, MemoryError) else "RuntimeError: orbax: commit failed"
     ) in line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_deferred_interrupt_notes_the_first_signal_raises_at_the_second_and_restores_the_handlers():
+    import signal
+    import time
+
+    from vl2_jax.errors import deferred_interrupt
+
+    def deliver(sig):  # (Python runs a handler at its next instruction; a few to be sure)
+        os.kill(os.getpid(), sig)
+        for _ in range(100):
+            time.sleep(0.001)
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with deferred_interrupt() as stop:
+        assert not stop.is_set()
+        deliver(signal.SIGTERM)
+        assert stop.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            deliver(signal.SIGINT)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 
 import jax
@@ -500,12 +501,17 @@ def test_export_hf_into_a_folder_with_weights_needs_force(tmp_path, capsys):
 
 
 def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
-    """`python -m vl2_jax.finetune` stopped by SIGTERM mid-training (as a job scheduler stops it): one
-    "interrupted" line, exit status 130, no stack dump."""
+    """`python -m vl2_jax.finetune` stopped by SIGTERM mid-training (as a job scheduler stops it): the step
+    under way ends and the train state is saved (whole, no Orbax temporary folder), then one "interrupted"
+    line, exit status 130, no stack dump."""
     path = write_dataset(tmp_path, jsonl_records(tmp_path))
     code, seen, rest = sigterm_when(["-m", "vl2_jax.finetune", "--model", "random:test", "--data", path, "--out",
-                                     str(tmp_path / "out"), "--steps", "100000", "--warmup", "1"],
-                                    ready="training:")  # (the log line that says training is under way)
+                                     str(tmp_path / "out"), "--steps", "200", "--warmup", "1"],
+                                    ready="step 10/200:")  # (a progress line: steps are under way)
     assert code == 130, seen + rest
     assert rest.strip().splitlines()[-1] == "interrupted" and "Traceback" not in rest and "SIGTERM" not in rest, rest
+    saved = sorted(p.name for p in (tmp_path / "out" / "train_state").iterdir())
+    assert re.search(r"stopped at step (\d+)/200; its train state is saved", rest), rest
+    step = re.search(r"stopped at step (\d+)/", rest).group(1)
+    assert saved == [step, "settings.json"], saved
 

@@ -210,6 +210,30 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Within `with deferred_interrupt() as stop:` the first Ctrl-C or SIGTERM only sets the event `stop`
+    (the caller ends its work at a point of its choosing and raises KeyboardInterrupt); a second one raises
+    KeyboardInterrupt at once. The signal handlers before it come back afterwards. Off the main thread,
+    where handlers cannot be set, `stop` is never set."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    before = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in before.items():
+            signal.signal(sig, old)
+
+
 def _noting_dropped_interrupts(hook):
     """`sys.unraisablehook` that remembers a KeyboardInterrupt instead of printing it: Python drops the
     exception a signal raises inside a garbage-collection callback (JAX has one, busy while JAX is

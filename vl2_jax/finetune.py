@@ -10,8 +10,9 @@ The data is JSON lines, one conversation a line (ms-swift's format, the official
                   {"role": "assistant", "content": "A cat."}], "images": ["cat.jpg"]}
 A malformed line, or a missing image, is an error naming the file and line; a conversation that does
 not end with an assistant answer, or is longer than --max-seq-len, is skipped and counted.
-SIGTERM, like Ctrl-C, ends the run with "interrupted" (exit status 130); `--resume` continues from the
-last train state saved (--save-every). This module only parses arguments; the work is
+Ctrl-C or SIGTERM stops the run after the step under way and saves its train state, then ends with
+"interrupted" (exit status 130); a second one stops at once. `--resume` continues from the last train
+state saved (at a stop, every --save-every steps, at the end). This module only parses arguments; the work is
 `vl2_jax.training.run.finetune`.
 """
 

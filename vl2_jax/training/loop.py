@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from vl2_jax.errors import ConfigError
+from vl2_jax.errors import ConfigError, deferred_interrupt
 from vl2_jax.modules.vl2 import VL2
 from vl2_jax.processor import Processor
 from vl2_jax.training import batches, fsdp, lora
@@ -271,7 +271,8 @@ def fit(module: VL2, processor: Processor, params: dict, train: list, s: Setting
     at the end (when given), then calls `on_save` with the Result so far; `resume` starts from its latest.
     `model_settings` (the model, dtype, MoE dispatch): what else a resumed run must share, recorded with
     `s`. `bar`: tqdm on stderr (None: where stderr is a terminal). `params` is consumed (the step donates
-    it)."""
+    it). A Ctrl-C or SIGTERM (on the main thread) stops the run after the step under way: the state is
+    saved (with `state_dir`) and KeyboardInterrupt raised; a second one raises at once."""
     from tqdm import tqdm
 
     log = log or (lambda line: None)
@@ -288,7 +289,9 @@ def fit(module: VL2, processor: Processor, params: dict, train: list, s: Setting
     start = int(state.step)
     progress = tqdm(total=s.steps, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
                     disable=None if bar is None else not bar)
-    try:
+    # A Ctrl-C or SIGTERM ends the run after the step under way, its state saved; a second one at once.
+    # (Stopping inside a step or an Orbax write left half-written checkpoints and crashes at exit.)
+    with deferred_interrupt() as stop, progress:
         for i in range(start, s.steps):
             inputs = batches.stack(processor, [[train[j] for j in mb] for mb in order.step(i)], s.max_seq_len)
             tokens = int(np.sum(inputs.valid))
@@ -308,10 +311,14 @@ def fit(module: VL2, processor: Processor, params: dict, train: list, s: Setting
             if run_eval is not None and ((s.eval_every and done % s.eval_every == 0) or done == s.steps):
                 evals[done] = evaluate(run_eval, state, eval_inputs)
                 log(f"step {done}: eval loss {evals[done]:.4f}")
-            if state_dir is not None and ((s.save_every and done % s.save_every == 0) or done == s.steps):
+            due = (s.save_every and done % s.save_every == 0) or done == s.steps
+            if state_dir is not None and (due or stop.is_set()):
                 save_state(state_dir, state, s, model_settings)
                 if on_save is not None:
                     on_save(Result(state, losses, evals, aux_losses))
-    finally:
-        progress.close()
+            if stop.is_set() and done < s.steps:
+                progress.close()
+                saved = f"; its train state is saved in {state_dir} (--resume continues)" if state_dir is not None else ""
+                log(f"stopped at step {done}/{s.steps}{saved}")
+                raise KeyboardInterrupt
     return Result(state, losses, evals, aux_losses)
