@@ -196,8 +196,10 @@ def test_bad_lines_are_refused_with_their_line_and_short_or_unanswered_ones_skip
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "no usable conversation" in err[-1]
     assert not any("initialising" in line for line in err)  # refused before the weights were drawn or read
-    assert main(["--model", "random:test", "--data", path, "--out", str(tmp_path / "o"), "--train", "lm"]) == 1
-    assert "--train takes" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # (a usage error, found before JAX is imported)
+        main(["--model", "random:test", "--data", path, "--out", str(tmp_path / "o"), "--train", "language,lm"])
+    assert exit_.value.code == 2
+    assert "--train takes a comma-separated subset of language,projector,vision (got 'language,lm')" in capsys.readouterr().err
     assert main(["--model", "random:test", "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")]) == 1
     assert "error: --data" in capsys.readouterr().err and not (tmp_path / "o").exists()
     with pytest.raises(SystemExit) as exit_:  # a flag that contradicts another: a usage error, as argparse's own
@@ -456,6 +458,13 @@ def test_resume_refuses_another_model_dtype_or_moe_and_keeps_the_metrics_history
     assert resumed["first_step"] == 1 and len(resumed["losses"]) == len(resumed["aux_losses"]) == 4
     assert resumed["losses"][:2] == whole["losses"][:2] and resumed["evals"]["2"] == whole["evals"]["2"]
     assert list(resumed["evals"]) == ["2", "4"]
+    assert main([*args, "--resume"]) == 0  # (finished: nothing trained or saved again)
+    captured = capsys.readouterr()
+    assert "nothing to train" in captured.out and "saved" not in captured.err, captured
+    longer = [("6" if a == "4" else a) for a in args]
+    assert main([*longer, "--resume"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "takes 4 steps" in err[0] and f"--model {out} --out ANOTHER" in err[0], err
     fresh = {"first_step": 3, "losses": [1.0], "aux_losses": [0.0], "evals": {"3": 2.0}}
     assert run.merged_metrics(None, 3, [1.0], [0.0], {3: 2.0}) == fresh
     earlier = {"first_step": 1, "losses": [5.0], "aux_losses": [0.1], "evals": {"1": 4.0, "3": 9.0}}

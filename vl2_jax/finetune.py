@@ -22,6 +22,7 @@ import argparse
 import sys
 
 from vl2_jax.errors import command_parser, guarded, number, sigterm_as_interrupt
+from vl2_jax.training import PARTS
 
 
 def parser() -> argparse.ArgumentParser:
@@ -69,6 +70,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
+    parts = [part.strip() for part in args.train.split(",") if part.strip()]
+    if not parts or set(parts) - set(PARTS):
+        p.error(f"--train takes a comma-separated subset of {','.join(PARTS)} (got {args.train!r})")
     if args.warmup is not None and args.warmup >= args.steps:  # (`Settings` checks it too, for Python callers)
         p.error(f"--warmup ({args.warmup}) must be below --steps ({args.steps})")
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
@@ -85,17 +89,17 @@ def main(argv: list[str] | None = None) -> int:
             warmup=args.warmup if args.warmup is not None else min(10, args.steps // 2),
             weight_decay=args.weight_decay, clip=args.clip, max_seq_len=args.max_seq_len, seed=args.seed,
             lora_rank=rank, lora_alpha=(args.lora_alpha if args.lora_alpha is not None else 2.0 * rank),
-            parts=tuple(p.strip() for p in args.train.split(",") if p.strip()),
+            parts=tuple(parts),
             save_every=args.save_every, eval_every=args.eval_every)
         job = Job(args.model, args.data, args.out, settings, eval=args.eval, export_hf=args.export_hf, dtype=args.dtype,
                   mesh=args.mesh, resume=args.resume, force=args.force, remat=not args.no_remat, moe=args.moe)
         result = finetune(job, log)
+        if result is None or not result.losses:
+            print(f"nothing to train: {args.out} is at step {args.steps}; its model is there")
+            return 0
         last = f", eval loss {result.evals[max(result.evals)]:.4f}" if result.evals else ""
-        if not result.losses:
-            print(f"nothing to train: {args.out} is at step {args.steps}")
-        else:
-            print(f"trained {counted(len(result.losses), 'step')}: loss {result.losses[0]:.4f} -> "
-                  f"{result.losses[-1]:.4f}{last}; model in {args.out}")
+        print(f"trained {counted(len(result.losses), 'step')}: loss {result.losses[0]:.4f} -> "
+              f"{result.losses[-1]:.4f}{last}; model in {args.out}")
         return 0
 
     return guarded(body, log)

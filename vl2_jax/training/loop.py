@@ -37,7 +37,7 @@ from flax import traverse_util
 from vl2_jax.errors import ConfigError, deferred_interrupt
 from vl2_jax.modules.vl2 import VL2
 from vl2_jax.processor import Processor
-from vl2_jax.training import batches, fsdp, lora
+from vl2_jax.training import PARTS, batches, fsdp, lora
 from vl2_jax.training.loss import (
     LossInputs,
     balance_alpha,
@@ -49,7 +49,6 @@ from vl2_jax.training.loss import (
 )
 from vl2_jax.training.train import TrainState
 
-PARTS = ("language", "projector", "vision")
 # Full fine-tuning's parameters per part; the router's correction bias (noaux_tc) is never trained.
 FULL_PREFIXES = {"language": ("language/",), "projector": ("projector/", "image_newline", "view_separator"),
                  "vision": ("vision/",)}
@@ -231,9 +230,19 @@ def check_resumable(directory: Path, s: Settings, model_settings: dict | None = 
     saved = json.loads(settings.read_text())
     wanted = {**s.resumable(), **(model_settings or {})}
     differ = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k, v) != v}
+    if "steps" in differ:
+        raise ConfigError(f"--resume: the saved run in {directory} takes {saved['steps']} steps (its learning rate "
+                          f"decays to zero there), so pass --steps {saved['steps']}; to train a finished run further, "
+                          f"start a new one on the model it saved (--model {directory.parent} --out ANOTHER).")
     if differ:
         text = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in differ.items())
         raise ConfigError(f"--resume: the saved run in {directory} used other settings ({text}); use the same ones.")
+
+
+def saved_step(directory: Path) -> int | None:
+    """The latest step whose whole train state `directory` holds (None: none), read from its folder names."""
+    steps = [int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()] if directory.is_dir() else []
+    return max(steps, default=None)
 
 
 def restore_state(directory: Path, like: TrainState, s: Settings, model_settings: dict | None = None) -> TrainState:

@@ -34,7 +34,7 @@ from vl2_jax.orbax_io import MANIFEST, saved_quant
 from vl2_jax.processor import Processor
 from vl2_jax.specs import folder_of
 from vl2_jax.training import batches, export, lora
-from vl2_jax.training.loop import Result, Settings, check_resumable, fit
+from vl2_jax.training.loop import Result, Settings, check_resumable, fit, saved_step
 from vl2_jax.training.loss import training_module, training_runtime
 
 
@@ -70,8 +70,9 @@ def counted(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> Result:
-    """Runs `job`; returns `fit`'s Result. Raises InputError / ConfigError / CheckpointError on bad
+def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> Result | None:
+    """Runs `job`; returns `fit`'s Result, or None where `job` resumes a finished run whose model is
+    saved (nothing to do). Raises InputError / ConfigError / CheckpointError on bad
     input (see `batches` for what is refused and what skipped), before training where it can."""
     s, out = job.settings, Path(job.out)
     runtime = training_runtime(job.moe)
@@ -86,6 +87,8 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
         raise InputError(f"--resume: {out / 'train_state'} does not exist; run without --resume first.")
     if job.resume:
         check_resumable(out / "train_state", s, model_settings)
+        if (saved_step(out / "train_state") or 0) >= s.steps and (out / MANIFEST).is_file():
+            return None  # (finished, its model saved)
     start_over = not job.resume and out.is_dir() and any(out.iterdir())
     if start_over and not job.force:
         raise InputError(f"--out {out} already holds files (an earlier run?); pass --resume to continue its "
@@ -136,8 +139,8 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
     export.save_model(model.cfg, params, out, source, dtype)
     if s.lora_rank:
         adapters = {k: v for k, v in result.state.trainable.items() if lora.is_adapter(k)}
-        export.save_adapters(adapters, out / "adapters",
-                             {"rank": s.lora_rank, "alpha": s.lora_alpha, "parts": list(s.parts), "base_model": job.model})
+        adapter_config = {"rank": s.lora_rank, "alpha": s.lora_alpha, "parts": list(s.parts), "base_model": model_settings["model"]}
+        export.save_adapters(adapters, out / "adapters", adapter_config)
     log(f"saved the trained model to {out}")
     if hf is not None:  # (weights it held: refused above without --force)
         staged = hf.with_name(f"{hf.name}.partial-{os.getpid()}")
