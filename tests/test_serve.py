@@ -25,6 +25,7 @@ import pytest
 from PIL import Image
 
 import vl2_jax
+from tests.conftest import sigterm_when
 from tests.test_api import client, error_of, running, wait_for
 from vl2_jax import Runtime
 from vl2_jax.engine import CompileWatch
@@ -287,3 +288,12 @@ def test_warmup_progress_says_how_long_is_left():
     assert lines[0] == "warming up: 1/20 programs ready (30 s, about 10 min left)"
     assert lines[1] == "warming up: 2/20 programs ready (60 s, about 9 min left)"
     assert lines[-1] == "warming up: 20/20 programs ready (600 s)" and len(lines) == 11
+
+
+def test_sigterm_while_warming_up_ends_as_ctrl_c_does():
+    """SIGTERM while the server loads or compiles (a scheduler stopping a job that has not started serving):
+    one "interrupted" line, exit status 130, no stack dump."""
+    code, seen, rest = sigterm_when(["-m", "vl2_jax.serve", "--model", "random:test", "--port", "0", "--max-batch", "2",
+                                     "--compile-cache", ""], ready="model ready")
+    assert code == 130, seen + rest
+    assert rest.strip().splitlines()[-1] == "interrupted" and "SIGTERM" not in rest and "Traceback" not in rest, rest

@@ -133,13 +133,14 @@ def _minutes(seconds: float) -> str:
 
 def run(args, log) -> int:
     from vl2_jax import executables, load
-    from vl2_jax.errors import InputError
+    from vl2_jax.errors import InputError, sigterm_as_interrupt
     from vl2_jax.images import ImageLimits
     from vl2_jax.processor import TileCache
     from vl2_jax.serving.api import ServerSettings, create_app
     from vl2_jax.serving.metrics import Metrics
     from vl2_jax.serving.scheduler import Scheduler
 
+    sigterm_as_interrupt()  # (until uvicorn takes the signals over: a stop while loading or warming up)
     if args.image_dir is not None and not os.path.isdir(args.image_dir):
         raise InputError(f"--image-dir {args.image_dir} is not a folder.")
     settings = ServerSettings(
