@@ -50,6 +50,10 @@ def test_every_line_names_the_kernels_in_use(monkeypatch):
     monkeypatch.setattr(kernels, "gathered_matvec_usable", lambda *a, weight_dtype=None: weight_dtype is None)
     monkeypatch.setattr(kernels, "expert_matmul_usable", lambda *a, weight_dtype=None, **kw: weight_dtype is None)
     assert active_kernels(lc, jnp.bfloat16, Runtime(), jnp.int8) == ["prefill: grouped matmul (Mosaic)"]
+    # ... and quantized prefill takes the blocked kernel where it runs, in place of the grouped matmul
+    monkeypatch.setattr(kernels, "blocked_matmul_usable", lambda *a, weight_dtype=None: weight_dtype is not None)
+    assert active_kernels(lc, jnp.bfloat16, Runtime(), jnp.int8) == ["prefill: blocked matmul (Triton)"]
+    assert active_kernels(lc, jnp.bfloat16, Runtime())[0] == "prefill: grouped matmul (Mosaic)"
 
 
 def test_the_byte_floor_counts_quantized_weights_as_stored():
@@ -93,6 +97,16 @@ def test_missing_model_is_one_error_line(capsys):
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "/nonexistent" in errors[0] and "Traceback" not in err
+
+
+def test_a_slot_too_short_for_the_prompts_is_refused_before_warming_up(capsys):
+    assert main(["--model", "random:test", "--image-size", "112", "--new-tokens", "8", "--batches", "1",
+                 "--max-seq-len", "64"]) == 1
+    err = capsys.readouterr().err
+    need = int(err.split("pass --max-seq-len ")[1].split()[0])
+    assert "error: --max-seq-len 64 is too short for the benchmark" in err and need > 64 and "warmup" not in err, err
+    assert main(["--model", "random:test", "--image-size", "112", "--new-tokens", "8", "--batches", "1",
+                 "--repeats", "1", "--max-seq-len", str(need)]) == 0  # (and that many is enough)
 
 
 def test_one_new_token_is_refused_by_the_parser(capsys):

@@ -34,7 +34,7 @@ from PIL import Image
 from vl2_jax import kernels, load, quant
 from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, QUANTS, Runtime
 from vl2_jax.engine import CompileWatch
-from vl2_jax.errors import command_parser, guarded, number, number_list
+from vl2_jax.errors import InputError, command_parser, guarded, number, number_list
 from vl2_jax.modules.moe import mlp_kernel_fits
 from vl2_jax.modules.vision import normalize_pixels
 from vl2_jax.modules.vl2 import VL2
@@ -79,8 +79,10 @@ def active_kernels(lc, dtype, runtime: Runtime, weight_dtype=None) -> list[str]:
         return []
     d, f = lc.hidden_size, lc.moe_intermediate_size
     q = {} if weight_dtype is None else {"weight_dtype": weight_dtype}
-    on = {
-        "prefill: grouped matmul (Mosaic)": mlp_kernel_fits(kernels.mosaic_ragged_usable, dtype, d, f),
+    blocked = weight_dtype is not None and mlp_kernel_fits(kernels.blocked_matmul_usable, dtype, d, f, **q)
+    on = {  # (as `moe.choose_dispatch` picks them on one device)
+        "prefill: blocked matmul (Triton)": blocked,
+        "prefill: grouped matmul (Mosaic)": not blocked and mlp_kernel_fits(kernels.mosaic_ragged_usable, dtype, d, f),
         "decode: gathered matvec": mlp_kernel_fits(kernels.gathered_matvec_usable, dtype, d, f, **q),
         "decode batches: expert matmul": mlp_kernel_fits(kernels.expert_matmul_usable, dtype, d, f, **q),
     }
@@ -148,6 +150,15 @@ def run(args) -> list[dict]:
         "image": proc([{"role": "user", "content": "<image>\n" + SENTENCE}], [image]),
         "text": proc([{"role": "user", "content": SENTENCE}]),
     }
+    # Prompts never seen before: other image sizes and sentence lengths (first tokens only).
+    sizes = [(s, s) for s in (384, 768, 1024)] + [(1152, 384), (384, 896), (640, 480)]
+    sizes = [(int(w * args.image_size / 768), int(h * args.image_size / 768)) for w, h in sizes]
+    new_prompts = prompts(proc, sizes, rng)
+    need = max(len(fixed["image"].input_ids) + args.new_tokens, *(len(p.input_ids) + 1 for p in new_prompts))
+    if need > model.engine.max_seq_len:
+        raise InputError(f"--max-seq-len {model.engine.max_seq_len} is too short for the benchmark: its prompts and "
+                         f"--new-tokens {args.new_tokens} need {need} tokens a slot; pass --max-seq-len {need} or more "
+                         f"(or a smaller --image-size or --new-tokens).")
     common = {"model": args.model, "dtype": str(model.dtype), "quant": model.quant, "weight_bytes": weight_bytes(model.params),
               "moe": args.moe, "attention": args.attention,
               "device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": datetime.date.today().isoformat(),
@@ -187,11 +198,9 @@ def run(args) -> list[dict]:
                  per_layer=busiest, value=max(busiest))
 
     # New prompts, each answered once: the time to first token a user meets (no compilation allowed).
-    sizes = [(s, s) for s in (384, 768, 1024)] + [(1152, 384), (384, 896), (640, 480)]
-    sizes = [(int(w * args.image_size / 768), int(h * args.image_size / 768)) for w, h in sizes]
     ttfts = {}
     with CompileWatch() as compiling:
-        for name, one in [*fixed.items(), *((f"new_{i}", p) for i, p in enumerate(prompts(proc, sizes, rng)))]:
+        for name, one in [*fixed.items(), *((f"new_{i}", p) for i, p in enumerate(new_prompts))]:
             ttfts[name] = (model.generate(one, max_new_tokens=1).ttft_s, len(one.input_ids))
     emit(metric="ttft_ms", prompt="image", prompt_tokens=ttfts["image"][1], value=1e3 * ttfts["image"][0])
     emit(metric="ttft_ms", prompt="text", prompt_tokens=ttfts["text"][1], value=1e3 * ttfts["text"][0])
@@ -263,7 +272,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=number(int, 1), default=3, help="decode runs per batch size (the median counts)")
     p.add_argument("--hbm-gbps", type=float, default=None,
                    help="HBM bandwidth for the decode floor (default: 4300, an H200's copy bandwidth, on GPUs; none on CPU)")
-    p.add_argument("--max-seq-len", type=int, default=None, help="tokens per slot (default: the model's context)")
+    p.add_argument("--max-seq-len", type=number(int, 1), default=None, help="tokens per slot (default: the model's context)")
     p.add_argument("--compile-cache", default="", metavar="DIR",
                    help="keep compiled programs in DIR and load them from there (default: none, so warmup_s is "
                         "the first-ever cost; run twice with one DIR for the cached cost)")
