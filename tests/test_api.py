@@ -42,6 +42,7 @@ def processor() -> Processor:
 class FakeModel:
     def __init__(self):
         self.cfg = PRESETS["test"]
+        self.dtype, self.quant = jnp.float32, "int8"
         p = processor()
         self.engine = Engine(self.cfg, jnp.float32, Runtime(max_batch=4, max_seq_len=256), p.pixel_norm, p.pad_id)
 
@@ -431,9 +432,12 @@ def test_flush_cache_empties_the_tile_cache():
 
 def test_models_info_health_generate_flush_and_metrics(sched, url):
     assert [m.id for m in client(url).models.list()] == [MODEL]
-    assert httpx2.get(url + f"/v1/models/{MODEL}").json()["max_model_len"] == 256
-    assert httpx2.get(url + "/get_model_info").json()["model_path"] == MODEL
+    card = httpx2.get(url + f"/v1/models/{MODEL}").json()
+    assert (card["max_model_len"], card["dtype"], card["quantization"]) == (256, "float32", "int8")
+    info = httpx2.get(url + "/get_model_info").json()
+    assert (info["model_path"], info["quantization"]) == (MODEL, "int8")
     info = httpx2.get(url + "/get_server_info").json()
+    assert (info["dtype"], info["quantization"]) == ("float32", "int8")
     assert info["max_batch"] == 4 and info["internal_states"][0]["alive"] and not info["api_key_required"]
     count = lambda name: sum(float(line.split()[-1]) for line in httpx2.get(url + "/metrics").text.splitlines()
                              if line.startswith(name))

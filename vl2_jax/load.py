@@ -50,7 +50,7 @@ from vl2_jax.processor import (
     PAD_TOKEN,
     Processor,
 )
-from vl2_jax.quant import check_quant, quantize_params, quantized_shapes
+from vl2_jax.quant import check_quant, quantize_params, quantized_shapes, weight_bytes
 from vl2_jax.sharding import Layout, make_mesh, parse_mesh_spec, place
 from vl2_jax.specs import DOWNLOAD_PATTERNS, hub_folder, is_hub_id
 
@@ -137,8 +137,10 @@ def _load(spec: str, dtype, runtime: Runtime, mesh, seed: int, progress: Callabl
     seconds = time.perf_counter() - start
     from vl2_jax.orbax_io import format_bytes
 
-    rate = f" ({format_bytes(read[0])} of weights, {format_bytes(read[0] / seconds)}/s)" if read[0] else ""
-    progress(f"model ready in {seconds:.1f} s{rate}")
+    notes = [f"{format_bytes(read[0])} of weights, {format_bytes(read[0] / seconds)}/s"] if read[0] else []
+    if model.quant != "none":  # (what the devices hold: less than was read where a float checkpoint was quantized)
+        notes.append(f"{format_bytes(weight_bytes(model.params))} as {model.quant} on the devices")
+    progress(f"model ready in {seconds:.1f} s" + (f" ({'; '.join(notes)})" if notes else ""))
     return model
 
 
@@ -208,11 +210,9 @@ def load_folder(path: str | Path, dtype=None, runtime: Runtime = Runtime(), mesh
         saved_quant = orbax_io.saved_quant(path) if converted else "none"
         quant = saved_quant if quant is None else check_quant(quant)
         if saved_quant != "none" and quant != saved_quant:
-            instead = ("without --quant (quant='none') for float weights" if quant == "none" else
-                       f"with --quant {quant} (quant={quant!r})")
+            instead = "without --quant for float weights" if quant == "none" else f"with --quant {quant}"
             raise ConfigError(f"{path} holds {saved_quant} weights, which load only as they are: leave --quant out "
-                              f"(quant=None) or pass --quant {saved_quant}, or convert the Hugging Face checkpoint "
-                              f"again {instead}.")
+                              f"or pass --quant {saved_quant}, or convert the Hugging Face checkpoint again {instead}.")
         dtype_ = want or (orbax_io.saved_dtype(path) if converted else source_dtype(folder))
         shapes = param_shapes(cfg, dtype_)
         # the shardings of what is read: a quantized checkpoint's leaves as saved, else the float leaves

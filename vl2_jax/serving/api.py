@@ -273,6 +273,8 @@ class _Server:
         self.settings, self.metrics = settings, metrics
         model = scheduler.model
         self.engine, self.cfg = model.engine, model.cfg
+        # the weights as SGLang names them: "quantization" None for float ones
+        self.weights = {"dtype": np.dtype(model.dtype).name, "quantization": None if model.quant == "none" else model.quant}
         self.side, self.eos = model.cfg.tokens_per_tile_side, model.cfg.language.eos_token_id
         self.created = int(time.time())
         self.draining = False
@@ -573,17 +575,17 @@ class _Server:
 
     def model_card(self) -> dict:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "vl2-jax",
-                "root": self.name, "max_model_len": self.engine.max_seq_len}
+                "root": self.name, "max_model_len": self.engine.max_seq_len, **self.weights}
 
     def model_info(self) -> dict:
         return {"model_path": self.name, "tokenizer_path": self.name, "is_generation": True,
                 "has_image_understanding": True, "max_seq_len": self.engine.max_seq_len,
-                "max_batch": self.engine.max_batch, "eos_token_id": self.eos}
+                "max_batch": self.engine.max_batch, "eos_token_id": self.eos, **self.weights}
 
     def server_info(self) -> dict:
         s = self.settings
         stats = self.scheduler.stats()
-        return {"model_path": self.name, "served_model_name": self.name, "tp_size": 1, "dp_size": 1,
+        return {"model_path": self.name, "served_model_name": self.name, **self.weights, "tp_size": 1, "dp_size": 1,
                 "max_batch": self.engine.max_batch, "max_seq_len": self.engine.max_seq_len,
                 "max_queue": getattr(self.scheduler, "max_queue", None), "api_key_required": bool(s.api_key),
                 "max_body_bytes": s.max_body_bytes, "max_images": s.max_images,
