@@ -341,6 +341,10 @@ class _Server:
     def job(self, request: EngineRequest, sampling: Sampling) -> Job:
         self.engine.check(request)
         room = self.engine.max_seq_len - len(request.ids)
+        if sampling.max_tokens is not None and sampling.max_tokens > room:  # (a 400, as OpenAI, vLLM and SGLang answer it)
+            raise InputError(f"the model's context here is {self.engine.max_seq_len} tokens: {len(request.ids)} in the "
+                             f"prompt and {sampling.max_tokens} new ones asked for are more; ask for at most {room}, or "
+                             f"set no limit (the answer then ends where the context does).")
         limit = sampling.max_tokens or self.settings.default_max_tokens or room
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(32)
         row = RowSampling.make(sampling.temperature, sampling.top_k, sampling.top_p, sampling.repetition_penalty, seed)
