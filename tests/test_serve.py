@@ -128,6 +128,11 @@ def test_bad_requests_get_4xx_and_the_server_goes_on(served):
     with pytest.raises(openai.BadRequestError, match=r"context here is 256 tokens: \d+ in the prompt and 300 new"):
         c.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=300)  # (not cut short quietly)
     error_of(httpx2.post(url + "/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 256}}), 400)
+    # (SGLang's default of 128 new tokens is not the client's: cut to the slot, not refused)
+    near_full = httpx2.post(url + "/generate", json={"text": "word " * 40, "sampling_params": {"ignore_eos": True}},
+                            timeout=120).json()
+    assert 256 - 128 < near_full["meta_info"]["prompt_tokens"] and near_full["meta_info"]["completion_tokens"] == \
+        256 - near_full["meta_info"]["prompt_tokens"]
     assert httpx2.get(url + "/health").status_code == 200
     assert httpx2.get(url + "/health_generate", timeout=60).status_code == 200
     assert sched.stats()["running"] == 0 and sched.stats()["queued"] == 0

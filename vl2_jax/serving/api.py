@@ -341,7 +341,8 @@ class _Server:
     def job(self, request: EngineRequest, sampling: Sampling) -> Job:
         self.engine.check(request)
         room = self.engine.max_seq_len - len(request.ids)
-        if sampling.max_tokens is not None and sampling.max_tokens > room:  # (a 400, as OpenAI, vLLM and SGLang answer it)
+        asked = sampling.max_tokens is not None and not sampling.max_tokens_default
+        if asked and sampling.max_tokens > room:  # (a 400, as OpenAI, vLLM and SGLang answer it)
             raise InputError(f"the model's context here is {self.engine.max_seq_len} tokens: {len(request.ids)} in the "
                              f"prompt and {sampling.max_tokens} new ones asked for are more; ask for at most {room}, or "
                              f"set no limit (the answer then ends where the context does).")

@@ -70,10 +70,12 @@ def _branch_tag(part) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """One answer's settings. max_tokens: None = until the slot is full; seed: None = a random one;
-    ignore_eos: generate until max_tokens (benchmarks)."""
+    """One answer's settings. max_tokens: None = until the slot is full; max_tokens_default: max_tokens is
+    the route's default, not the client's (cut to what the slot holds, where a client's is refused beyond
+    it); seed: None = a random one; ignore_eos: generate until max_tokens (benchmarks)."""
 
     max_tokens: int | None = None
+    max_tokens_default: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -328,7 +330,8 @@ class SGLangSamplingParams(_Body):
         bad = sampling_error(self.temperature, self.top_p, _top_k(self.top_k), self.repetition_penalty)
         if bad is not None:  # (named as this route names it)
             raise bad_request(p + bad[1], p + bad[0])
-        return Sampling(max_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+        return Sampling(max_tokens=self.max_new_tokens, max_tokens_default="max_new_tokens" not in self.model_fields_set,
+                        temperature=self.temperature, top_p=self.top_p,
                         top_k=_top_k(self.top_k), repetition_penalty=self.repetition_penalty, seed=seed,
                         stop=_stop(self.stop, p + "stop"), ignore_eos=self.ignore_eos)
 
