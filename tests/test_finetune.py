@@ -461,10 +461,14 @@ def test_resume_refuses_another_model_dtype_or_moe_and_keeps_the_metrics_history
     assert main([*args, "--resume"]) == 0  # (finished: nothing trained or saved again)
     captured = capsys.readouterr()
     assert "nothing to train" in captured.out and "saved" not in captured.err, captured
-    longer = [("6" if a == "4" else a) for a in args]
-    assert main([*longer, "--resume"]) == 1
+    assert main([*args, "--steps", "6", "--resume"]) == 1  # (a run's schedule ends at its --steps)
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "takes 4 steps" in err[0] and f"--model {out} --out ANOTHER" in err[0], err
+    assert len(err) == 1 and "steps 4 -> 6" in err[0] and "(--steps 4: the learning rate decays to zero there)" in err[0]
+    assert f"train its model further in a new run (--model {out} --out ANOTHER)" in err[0], err
+    for written_last in (out / "train_state" / run.FINISHED, out / "vl2_jax_checkpoint.json"):
+        written_last.unlink()  # as if the run had stopped while writing its model: resuming writes it
+    assert main([*args, "--resume"]) == 0
+    assert "nothing to train" in capsys.readouterr().out and (out / "vl2_jax_checkpoint.json").is_file()
     fresh = {"first_step": 3, "losses": [1.0], "aux_losses": [0.0], "evals": {"3": 2.0}}
     assert run.merged_metrics(None, 3, [1.0], [0.0], {3: 2.0}) == fresh
     earlier = {"first_step": 1, "losses": [5.0], "aux_losses": [0.1], "evals": {"1": 4.0, "3": 9.0}}

@@ -156,9 +156,11 @@ def run(args) -> list[dict]:
     new_prompts = prompts(proc, sizes, rng)
     need = max(len(fixed["image"].input_ids) + args.new_tokens, *(len(p.input_ids) + 1 for p in new_prompts))
     if need > model.engine.max_seq_len:
-        raise InputError(f"--max-seq-len {model.engine.max_seq_len} is too short for the benchmark: its prompts and "
-                         f"--new-tokens {args.new_tokens} need {need} tokens a slot; pass --max-seq-len {need} or more "
-                         f"(or a smaller --image-size or --new-tokens).")
+        short = (f"--max-seq-len {model.engine.max_seq_len}" if args.max_seq_len is not None else
+                 f"the model's context ({model.engine.max_seq_len} tokens)")
+        more = f"pass --max-seq-len {need} or more, or " if need <= model.cfg.language.max_position_embeddings else "pass "
+        raise InputError(f"{short} is too short for the benchmark: its prompts and --new-tokens {args.new_tokens} need "
+                         f"{need} tokens a slot; {more}a smaller --image-size or --new-tokens.")
     common = {"model": args.model, "dtype": str(model.dtype), "quant": model.quant, "weight_bytes": weight_bytes(model.params),
               "moe": args.moe, "attention": args.attention,
               "device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": datetime.date.today().isoformat(),

@@ -36,6 +36,7 @@ from flax import traverse_util
 
 from vl2_jax.errors import ConfigError, deferred_interrupt
 from vl2_jax.modules.vl2 import VL2
+from vl2_jax.orbax_io import MANIFEST
 from vl2_jax.processor import Processor
 from vl2_jax.training import PARTS, batches, fsdp, lora
 from vl2_jax.training.loss import (
@@ -230,19 +231,14 @@ def check_resumable(directory: Path, s: Settings, model_settings: dict | None = 
     saved = json.loads(settings.read_text())
     wanted = {**s.resumable(), **(model_settings or {})}
     differ = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k, v) != v}
-    if "steps" in differ:
-        raise ConfigError(f"--resume: the saved run in {directory} takes {saved['steps']} steps (its learning rate "
-                          f"decays to zero there), so pass --steps {saved['steps']}; to train a finished run further, "
-                          f"start a new one on the model it saved (--model {directory.parent} --out ANOTHER).")
     if differ:
         text = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in differ.items())
-        raise ConfigError(f"--resume: the saved run in {directory} used other settings ({text}); use the same ones.")
-
-
-def saved_step(directory: Path) -> int | None:
-    """The latest step whose whole train state `directory` holds (None: none), read from its folder names."""
-    steps = [int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()] if directory.is_dir() else []
-    return max(steps, default=None)
+        advice = "use the same ones"
+        if "steps" in differ:  # (the schedule ends at --steps: a run cannot be lengthened)
+            advice += f" (--steps {saved['steps']}: the learning rate decays to zero there)"
+            if (directory.parent / MANIFEST).is_file():
+                advice += f", or train its model further in a new run (--model {directory.parent} --out ANOTHER)"
+        raise ConfigError(f"--resume: the saved run in {directory} used other settings ({text}); {advice}.")
 
 
 def restore_state(directory: Path, like: TrainState, s: Settings, model_settings: dict | None = None) -> TrainState:
@@ -325,6 +321,8 @@ def fit(module: VL2, processor: Processor, params: dict, train: list, s: Setting
                 save_state(state_dir, state, s, model_settings)
                 if on_save is not None:
                     on_save(Result(state, losses, evals, aux_losses))
+            if stop.is_set() and done == s.steps:
+                log("stop noted at the last step: the run ends as it would have (again to stop at once)")
             if stop.is_set() and done < s.steps:
                 progress.close()
                 saved = f"; its train state is saved in {state_dir} (--resume continues)" if state_dir is not None else ""

@@ -6,7 +6,8 @@ The output folder `out` holds, when training ends:
                       the trained model as a converted checkpoint (LoRA merged in float32):
                       `load_model(out)` and `python -m generate --model out` read it
     adapters/         LoRA only: adapters.safetensors (`lora`'s keys) and adapter_config.json
-    train_state/      the Orbax checkpoints of the whole train state (`--resume` reads the latest)
+    train_state/      the Orbax checkpoints of the whole train state (`--resume` reads the latest), its
+                      settings (settings.json) and, once every output is written, finished.json
     metrics.json      the loss and aux_loss of every step from first_step (a resumed run's appended to the
                       earlier runs'; null for a step none recorded) and the eval losses by step, written
                       with each save of the train state
@@ -34,8 +35,10 @@ from vl2_jax.orbax_io import MANIFEST, saved_quant
 from vl2_jax.processor import Processor
 from vl2_jax.specs import folder_of
 from vl2_jax.training import batches, export, lora
-from vl2_jax.training.loop import Result, Settings, check_resumable, fit, saved_step
+from vl2_jax.training.loop import Result, Settings, check_resumable, fit
 from vl2_jax.training.loss import training_module, training_runtime
+
+FINISHED = "finished.json"  # in train_state/: the step whose outputs were all written
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +74,8 @@ def counted(n: int, noun: str) -> str:
 
 
 def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> Result | None:
-    """Runs `job`; returns `fit`'s Result, or None where `job` resumes a finished run whose model is
-    saved (nothing to do). Raises InputError / ConfigError / CheckpointError on bad
+    """Runs `job`; returns `fit`'s Result, or None where `job` resumes a finished run whose outputs were
+    all written (nothing to do; with --export-hf the model is written again). Raises InputError / ConfigError / CheckpointError on bad
     input (see `batches` for what is refused and what skipped), before training where it can."""
     s, out = job.settings, Path(job.out)
     runtime = training_runtime(job.moe)
@@ -87,8 +90,6 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
         raise InputError(f"--resume: {out / 'train_state'} does not exist; run without --resume first.")
     if job.resume:
         check_resumable(out / "train_state", s, model_settings)
-        if (saved_step(out / "train_state") or 0) >= s.steps and (out / MANIFEST).is_file():
-            return None  # (finished, its model saved)
     start_over = not job.resume and out.is_dir() and any(out.iterdir())
     if start_over and not job.force:
         raise InputError(f"--out {out} already holds files (an earlier run?); pass --resume to continue its "
@@ -103,6 +104,8 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
         what = "remove them" if job.resume else "pass --force to replace them"
         raise InputError(f"--export-hf {hf} already holds weights ({some([p.name for p in held], 3)}); {what}, or choose "
                          f"another --export-hf.")
+    if job.resume and hf is None and _finished(out) == s.steps:
+        return None  # (every output written: nothing to do)
     # The data is read before the weights (seconds to minutes) where the tokenizer is at hand, so a bad
     # line ends the run at once.
     processor = _processor_before_loading(job.model)
@@ -149,7 +152,18 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
         finally:
             shutil.rmtree(staged, ignore_errors=True)
         log(f"wrote the Hugging Face layout to {hf}")
+    (out / "train_state" / FINISHED).write_text(json.dumps({"step": int(result.state.step)}) + "\n")
     return result
+
+
+def _finished(out: Path) -> int | None:
+    """The step whose outputs (model, adapters, --export-hf) a run into `out` wrote to the end, if any
+    (and its train state is still there)."""
+    try:
+        step = int(json.loads((out / "train_state" / FINISHED).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return step if (out / "train_state" / str(step)).is_dir() else None
 
 
 def merged_metrics(earlier: dict | None, first_step: int, losses: list, aux_losses: list, evals: dict) -> dict:
