@@ -28,7 +28,7 @@ class Stub:
     /metrics when `metrics` is set."""
 
     def __init__(self, first_s=0.0, token_s=0.002, per_chunk=1, usage_every_chunk=False, fail_every=0,
-                 metrics=False, models=True, models_s=0.0, seen_first_s=None):
+                 metrics=False, models=True, models_s=0.0, seen_first_s=None, context=None):
         self.first_s, self.token_s, self.per_chunk, self.usage_every_chunk = first_s, token_s, per_chunk, usage_every_chunk
         self.seen_first_s = first_s if seen_first_s is None else seen_first_s
         self.fail_every, self.metrics = fail_every, metrics
@@ -43,7 +43,8 @@ class Stub:
             await asyncio.sleep(models_s)
             if not models:
                 return JSONResponse({"error": "no"}, status_code=404)
-            return {"object": "list", "data": [{"id": "stub-model", "object": "model", "created": 0, "owned_by": "me"}]}
+            card = {"id": "stub-model", "object": "model", "created": 0, "owned_by": "me"}
+            return {"object": "list", "data": [card if context is None else {**card, "max_model_len": context}]}
 
         @app.get("/metrics")
         async def prometheus():
@@ -176,7 +177,7 @@ def test_failed_requests_are_counted(capsys):
         (row,), _ = run_cli(capsys, url, "--concurrency", "4", "--requests", "12", "--min-tokens", "4",
                             "--max-tokens", "4", "--image-share", "0", "--warmup", "none", "--model", "mine")
     assert row["errors"] == stub.failed == 4 and row["first_error"].startswith("HTTP 500")
-    assert "stub failure" in row["first_error"]
+    assert "stub failure" in row["first_error"] and row["errors_by_kind"] == {"HTTP 500": 4}
     assert row["output_tokens"] == row["requested_tokens"] == 8 * 4 == stub.tokens_sent
     # (duration_s is rounded to the millisecond: up to 0.5 ms / duration of relative error on a short run)
     rounding = 0.0005 / row["duration_s"]
@@ -189,6 +190,7 @@ def test_a_slow_request_times_out_and_a_failed_warmup_only_warns(capsys):
         (row,), err = run_cli(capsys, url, "--concurrency", "2", "--requests", "2", "--min-tokens", "2",
                               "--max-tokens", "2", "--image-share", "0", "--timeout", "0.2", status=1)
     assert row["errors"] == 2 and row["first_error"] == "timed out after 0.2 s (--timeout)"
+    assert row["errors_by_kind"] == {"timeout": 2}
     assert row["output_tokens"] == 0 and row["ttft_p50_ms"] is None and row["duration_s"] < 0.6  # not the stub's 0.6 s
     assert "warning: the warm-up request failed: timed out after 0.2 s (--timeout)" in err
     assert err.strip().splitlines()[-1] == "error: every request failed (the first: timed out after 0.2 s (--timeout))"
@@ -249,6 +251,18 @@ def test_unreachable_url_is_one_error_line(capsys):
     assert err.strip().splitlines() == [
         f"error: no server answers at {url}; start one with `python -m vl2_jax.serve --model MODEL` where --url "
         "points, or pass the --url of a running one"]
+
+
+def test_more_tokens_than_the_server_s_context_is_refused_before_sending(capsys):
+    stub = Stub(context=128)
+    with serving(stub) as url:
+        rows, err = run_cli(capsys, url, "--requests", "1", "--max-tokens", "128", status=1)
+        assert stub.bodies == [] and rows == []
+        assert err.strip().splitlines()[-1] == (
+            "error: --max-tokens 128 leaves no room for a prompt in the server's context of 128 tokens (max_model_len); "
+            "pass a smaller --max-tokens.")
+        (row,), _ = run_cli(capsys, url, "--concurrency", "1", "--requests", "1", "--min-tokens", "4", "--max-tokens", "4")
+    assert row["errors"] == 0 and row["errors_by_kind"] == {}
 
 
 def test_a_server_that_does_not_answer_is_not_called_absent():

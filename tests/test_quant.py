@@ -354,8 +354,8 @@ def test_convert_quant_round_trips(tmp_path, capsys):
     at_load = vl2_jax.load_model(str(ckpt_dir("mha")), "float32", quant="int8", progress=said.append)
     assert loaded.quant == "int8"
     # the line that ends the load says what was read (float32) and what the devices hold (int8: less)
-    read, held = (float(n) for n in re.search(r"\(([\d.]+) MB of weights, .*; ([\d.]+) MB as int8 on the devices\)$",
-                                               said[-1]).groups())
+    pattern = r"\(([\d.]+) MB of weights, .*; ([\d.]+) MB on the devices, the language model's in int8\)$"
+    read, held = (float(n) for n in re.search(pattern, said[-1]).groups())
     assert held == pytest.approx(weight_bytes(at_load.params) / 1e6, abs=0.01) and held < read, said[-1]
     assert jax.tree.structure(loaded.params) == jax.tree.structure(at_load.params)
     for got, want in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(at_load.params)):

@@ -225,8 +225,8 @@ def _b64decode(text: str, limits: ImageLimits, message) -> bytes:
                                  f"{limits.max_bytes:,}; send a smaller image"))
     try:
         data = base64.b64decode(text.translate(str.maketrans("-_", "+/")), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise InputError(message(f"it is not valid base64 ({one_line(exc)})")) from None
+    except (binascii.Error, ValueError):
+        raise InputError(message("it is not valid base64 (characters outside its alphabet, or missing padding)")) from None
     if len(data) > limits.max_bytes:
         raise InputError(message(f"it holds {len(data):,} bytes, over the limit of {limits.max_bytes:,}; "
                                  f"send a smaller image"))

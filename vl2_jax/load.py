@@ -138,8 +138,9 @@ def _load(spec: str, dtype, runtime: Runtime, mesh, seed: int, progress: Callabl
     from vl2_jax.orbax_io import format_bytes
 
     notes = [f"{format_bytes(read[0])} of weights, {format_bytes(read[0] / seconds)}/s"] if read[0] else []
-    if model.quant != "none":  # (what the devices hold: less than was read where a float checkpoint was quantized)
-        notes.append(f"{format_bytes(weight_bytes(model.params))} as {model.quant} on the devices")
+    held = weight_bytes(model.params)
+    if model.quant != "none" and held != read[0]:  # (a float checkpoint quantized as it loaded: less than was read)
+        notes.append(f"{format_bytes(held)} on the devices, the language model's in {model.quant}")
     progress(f"model ready in {seconds:.1f} s" + (f" ({'; '.join(notes)})" if notes else ""))
     return model
 

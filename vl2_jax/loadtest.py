@@ -46,8 +46,8 @@ pure JSON lines); latencies are of successful requests only:
   (its later requests' median / its first): a prefix cache's gain where the first requests were cold,
   i.e. at the run's first level on a fresh server (the conversations are the same at every level) and
   with concurrency below `--distinct` (else a conversation's first and later requests run together).
-- `errors`, `first_error`: failed requests (HTTP status, connection, timeout, a broken stream) and the
-  first one's message; `max_in_flight`: the most requests this client had open at once;
+- `errors`, `errors_by_kind`, `first_error`: failed requests (HTTP status, connection, timeout, a broken
+  stream), their counts by kind (`{"HTTP 429": 5, "timeout": 1}`) and the first one's message; `max_in_flight`: the most requests this client had open at once;
   `image_requests`: how many of the level's requests carried an image.
 The client is one Python process: past some thousands of chunks per second its own parsing starts to
 show in the latencies. Exit status 1 when every request failed (or no server answers), else 0.
@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import dataclasses
 import io
 import json
@@ -72,7 +73,7 @@ import openai
 from PIL import Image
 from tqdm import tqdm
 
-from vl2_jax.errors import VL2Error, command_parser, guarded, number, number_list
+from vl2_jax.errors import InputError, VL2Error, command_parser, guarded, number, number_list
 
 WORDS = ("image picture scene colour shape light shadow edge corner texture pattern object person animal "
          "building sky water tree road window door table chair left right top bottom centre small large "
@@ -178,6 +179,16 @@ def describe(error: BaseException, timeout: float) -> str:
         text = f"{type(error).__name__}: {error}"
     text = " ".join(text.split())
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+def error_kind(error: str) -> str:
+    """A failed request's kind, from its `describe` line: "HTTP 400", "timeout", "connection", or the
+    exception's name."""
+    if error.startswith("timed out"):
+        return "timeout"
+    if error.startswith("connection failed"):
+        return "connection"
+    return error.split(":", 1)[0]
 
 
 async def send(client: openai.AsyncOpenAI, model: str, job: Job, timeout: float) -> Result:
@@ -290,6 +301,7 @@ def summarize(jobs: list[Job], results: list[Result], concurrency: int, most: in
         "ttft_repeat_p50_ms": ms([t for ttfts in repeated for t in ttfts[1:]], 50),
         "ttft_repeat_ratio": round(float(np.median(ratios)), 4) if ratios else None,
         "errors": len(failed),
+        "errors_by_kind": dict(collections.Counter(error_kind(r.error) for r in failed)),
         "duration_s": round(duration, 3),
         "output_tokens": tokens,
         "requested_tokens": sum(r.max_tokens for r in ok),
@@ -361,9 +373,10 @@ class Unreachable(VL2Error):
     """The server did not answer the first request; the message is the one line to print."""
 
 
-async def preflight(client: openai.AsyncOpenAI, url: str, timeout: float = 30.0) -> str | None:
+async def preflight(client: openai.AsyncOpenAI, url: str, timeout: float = 30.0) -> tuple[str | None, int | None]:
     """Checks that a server answers at `url` (GET /models, within `timeout` seconds whatever --timeout
-    says); returns the first model it serves, if any."""
+    says); returns the first model it serves and its context (`max_model_len`, as vLLM and vl2_jax.serve
+    state it), each None where not said."""
     try:
         models = await client.with_options(timeout=timeout).models.list()
     except openai.AuthenticationError as e:
@@ -372,21 +385,27 @@ async def preflight(client: openai.AsyncOpenAI, url: str, timeout: float = 30.0)
         if e.status_code == 404 and not url.rstrip("/").endswith("/v1"):
             raise Unreachable(f"GET {url.rstrip('/')}/models answered 404; the OpenAI API is under /v1: pass "
                               f"--url {url.rstrip('/')}/v1") from e
-        return None  # a server that answers, without a model list
+        return None, None  # a server that answers, without a model list
     except openai.APITimeoutError as e:
         raise Unreachable(f"the server at {url} accepted a connection but did not answer GET /models "
                           f"within {timeout:g} s") from e
     except openai.APIConnectionError as e:
         raise Unreachable(f"no server answers at {url}; start one with `python -m vl2_jax.serve --model MODEL` "
                           "where --url points, or pass the --url of a running one") from e
-    return models.data[0].id if models.data else None
+    if not models.data:
+        return None, None
+    context = (models.data[0].model_extra or {}).get("max_model_len")
+    return models.data[0].id, context if isinstance(context, int) else None
 
 
 async def run(args) -> list[dict]:
     """Every level in turn; prints each level's JSON line to stdout as soon as it is measured."""
     client = openai.AsyncOpenAI(base_url=args.url, api_key=args.api_key, timeout=args.timeout, max_retries=0)
     try:
-        served = await preflight(client, args.url)
+        served, context = await preflight(client, args.url)
+        if context is not None and args.max_tokens >= context:
+            raise InputError(f"--max-tokens {args.max_tokens} leaves no room for a prompt in the server's context of "
+                             f"{context} tokens (max_model_len); pass a smaller --max-tokens.")
         model = args.model or served or "default"
         templates = repeat_templates(args) if args.scenario == "repeat" else None
         rows = []
