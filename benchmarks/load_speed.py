@@ -169,7 +169,6 @@ def make(args) -> Path:
     import math
 
     from vl2_jax.config import PRESETS
-    from vl2_jax.load import write_assets
     from vl2_jax.testing import hf_tensor_shapes, write_random_hf_checkpoint
 
     cfg = PRESETS[args.make]
@@ -181,11 +180,7 @@ def make(args) -> Path:
                  f"{1.9 * size / 1e9:.1f} GB.")
     src, dst = work / f"{args.make}-hf", work / f"{args.make}-converted"
     start = time.time()
-    write_random_hf_checkpoint(cfg, src, "bfloat16", shards=max(1, round(size / 4e9)))
-    assets = write_assets(work / f"{args.make}-assets", cfg)  # tokenizer and processor files of the preset
-    for name in ("processor_config.json", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(assets / name, src / name)
-    shutil.rmtree(assets)
+    write_random_hf_checkpoint(cfg, src, "bfloat16", shards=max(1, round(size / 4e9)), assets=True)
     print(f"wrote {size / 1e9:.1f} GB of random {args.make} weights in {time.time() - start:.0f} s", file=sys.stderr, flush=True)
     run = subprocess.run([sys.executable, "-m", "convert", str(src), str(dst), "--dtype", "bfloat16", "--force"],
                          cwd=REPO, env=repo_env())

@@ -384,3 +384,17 @@ def test_bfloat16_conversion_and_random_sharded_checkpoint(tmp_path):
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(params), strict=True):
         assert b.dtype == jax.numpy.bfloat16 and np.array_equal(np.asarray(a), np.asarray(b))
     assert vl2_jax.load_pretrained(tmp_path / "dst", dtype=None).dtype == jax.numpy.bfloat16
+
+
+def test_a_random_checkpoint_with_its_assets_loads_as_a_released_one_and_heeds_its_prompt(tmp_path):
+    """`write_random_hf_checkpoint(..., assets=True)`: a whole Hugging Face folder (the processor and
+    tokenizer files of `random:test`), its norms' scales about 1, so different prompts get different
+    first-token logits (with every weight at std 0.02 the output ignored the prompt)."""
+    src = write_random_hf_checkpoint(PRESETS["test"], tmp_path / "src", dtype="float32", assets=True)
+    model = vl2_jax.load_model(str(src), "float32")
+    scale = np.asarray(model.params["params"]["language"]["norm"]["scale"])
+    assert abs(float(scale.mean()) - 1) < 0.01
+    proc = model.processor
+    a, b = (np.asarray(model.logits(proc.batchify([proc([{"role": "user", "content": text}])])))[0, -1]
+            for text in ("Hello there", "What is in the picture of a cat?"))
+    assert np.argmax(a) != np.argmax(b) and not np.allclose(a, b, atol=1e-2)

@@ -52,7 +52,8 @@ def _split(sizes: list[int], shards: int) -> list[int]:
 
 
 def _write_safetensors(file: Path, shapes: dict[str, tuple[int, ...]], dtype, rng) -> None:
-    """Writes one safetensors file of random normals (std 0.02), tensor by tensor, chunk by chunk."""
+    """Writes one safetensors file of random normals (std 0.02; a norm's scale 1 plus them, so that the
+    model's output depends on its input), tensor by tensor, chunk by chunk."""
     itemsize = np.dtype(dtype).itemsize
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape in shapes.items():
@@ -64,29 +65,38 @@ def _write_safetensors(file: Path, shapes: dict[str, tuple[int, ...]], dtype, rn
     with open(file, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         buf = np.empty(_CHUNK, np.float32)
-        for shape in shapes.values():
+        for name, shape in shapes.items():
             left = int(np.prod(shape))
+            scale = name.endswith(".weight") and "norm" in name.split(".")[-2]
             while left:
                 k = min(left, _CHUNK)
                 x = buf[:k]
                 rng.standard_normal(k, dtype=np.float32, out=x)
                 x *= 0.02
+                if scale:
+                    x += 1.0
                 f.write(x.astype(dtype).view(np.uint8))  # bfloat16 has no buffer format
                 left -= k
 
 
 def write_random_hf_checkpoint(
-    cfg: VL2Config, path: str | Path, dtype="bfloat16", shards: int = 1, seed: int = 0, include_attn_pool: bool = True
+    cfg: VL2Config, path: str | Path, dtype="bfloat16", shards: int = 1, seed: int = 0, include_attn_pool: bool = True,
+    assets: bool = False,
 ) -> Path:
     """Writes config.json and random weights (std 0.02) named and shaped like the released checkpoints.
 
     One `model.safetensors` when `shards == 1`, else `model-0000X-of-0000N.safetensors` and
-    `model.safetensors.index.json`. No tokenizer or processor files (copy them from a fixture).
-    Returns the folder.
+    `model.safetensors.index.json`. With `assets`, also the processor and tokenizer files of `random:*`
+    models (`load.write_assets`), so that the folder loads and converts as a released one does; without,
+    none (copy them from a fixture). Returns the folder.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     np_dtype = np.dtype(jnp.dtype(dtype))
+    if assets:
+        from vl2_jax.load import write_assets
+
+        write_assets(path, cfg)  # (its config.json is replaced below, with the dtype)
     (path / "config.json").write_text(json.dumps(cfg.to_hf_dict() | {"torch_dtype": np_dtype.name}, indent=1) + "\n")
     shapes = hf_tensor_shapes(cfg, include_attn_pool)
     if shards < 1 or shards > len(shapes):
