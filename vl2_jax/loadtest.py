@@ -47,8 +47,9 @@ pure JSON lines); latencies are of successful requests only:
   i.e. at the run's first level on a fresh server (the conversations are the same at every level) and
   with concurrency below `--distinct` (else a conversation's first and later requests run together).
 - `errors`, `errors_by_kind`, `first_error`: failed requests (HTTP status, connection, timeout, a broken
-  stream), their counts by kind (`{"HTTP 429": 5, "timeout": 1}`) and the first one's message; `max_in_flight`: the most requests this client had open at once;
-  `image_requests`: how many of the level's requests carried an image.
+  stream), their counts by kind (`{"HTTP 429": 5, "timeout": 1}`) and the first one's message;
+  `max_in_flight`: the most requests this client had open at once; `image_requests`: how many of the
+  level's requests carried an image.
 The client is one Python process: past some thousands of chunks per second its own parsing starts to
 show in the latencies. Exit status 1 when every request failed (or no server answers), else 0.
 """
