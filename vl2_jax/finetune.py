@@ -24,7 +24,7 @@ import argparse
 import sys
 
 from vl2_jax.errors import command_parser, guarded, number, sigterm_as_interrupt
-from vl2_jax.training import PARTS
+from vl2_jax.training.parts import PARTS
 
 
 def parser() -> argparse.ArgumentParser:

@@ -38,7 +38,7 @@ from vl2_jax.errors import ConfigError, deferred_interrupt
 from vl2_jax.modules.vl2 import VL2
 from vl2_jax.orbax_io import MANIFEST
 from vl2_jax.processor import Processor
-from vl2_jax.training import PARTS, batches, fsdp, lora
+from vl2_jax.training import batches, fsdp, lora
 from vl2_jax.training.loss import (
     LossInputs,
     balance_alpha,
@@ -48,6 +48,7 @@ from vl2_jax.training.loss import (
     forward_with_router,
     target_mask,
 )
+from vl2_jax.training.parts import PARTS
 from vl2_jax.training.train import TrainState
 
 # Full fine-tuning's parameters per part; the router's correction bias (noaux_tc) is never trained.
