@@ -460,7 +460,8 @@ def test_models_info_health_generate_flush_and_metrics(sched, url):
 
 def test_get_load_counts_the_answers_in_progress(sched, url):
     """SGLang's /get_load, as its router's power-of-two policy reads it: one entry per data-parallel rank."""
-    assert httpx2.get(url + "/get_load").json() == [{"dp_rank": 0, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": 0}]
+    idle = [{"dp_rank": 0, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": 0}]
+    assert wait_for(lambda: httpx2.get(url + "/get_load").json() == idle)  # (an earlier test's answer may still end)
     sched.script = lambda job: answer(job, ["tick"] * 1000, delay=0.05)
     with httpx2.stream("POST", url + "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
         lines, ticks = r.iter_lines(), 0  # (held: a dropped iterator closes the stream)
