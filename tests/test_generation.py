@@ -15,6 +15,7 @@ import vl2_jax
 from tests.conftest import VARIANTS, all_cases, ckpt_dir, load_case, open_images
 from vl2_jax import Runtime
 from vl2_jax.errors import ConfigError, InputError
+from vl2_jax.generation import Job
 from vl2_jax.sampling import RowSampling, filter_top_k_top_p, penalize, sample_rows
 
 
@@ -170,17 +171,63 @@ def test_stop_strings_and_streaming():
         list(m.stream(two, max_new_tokens=4))
 
 
+def test_stop_strings_skip_special_tokens_in_generate_stream_and_the_scheduler():
+    """A model that answers with special tokens: the fixture's weights with the ids of "!?" and
+    <|grounding|> swapped in the embedding and the head (the same answer, relabelled). A stop string
+    within or across <|grounding|>'s text ends no answer; one in the ordinary text right after it cuts
+    exactly, in `generate`, in `stream` and in the server's scheduler."""
+    from vl2_jax.engine import Request
+    from vl2_jax.serving.scheduler import Scheduler
+
+    base = model("mla")
+    out, greedy = one(base, "mla", "text_only")  # "!?" x3, "`", ...
+    special, plain = base.processor.tokenizer.token_to_id("<|grounding|>"), greedy[0]
+    assert special not in out.input_ids and plain not in out.input_ids
+    swap = np.arange(base.cfg.language.vocab_size)
+    swap[[special, plain]] = swap[[plain, special]]
+    language = dict(base.params["params"]["language"])
+    language["embed"], language["lm_head"] = language["embed"][swap], language["lm_head"][:, swap]
+    params = {"params": {**base.params["params"], "language": language}}
+    m = vl2_jax.VL2Model(base.cfg, params, base.processor, jnp.float32)
+    batch = m.processor.batchify([out])
+    full = m.generate(batch, max_new_tokens=12)
+    assert full.token_ids[0] == [special if t == plain else t for t in greedy]
+    assert full.text[0].startswith("<|grounding|>" * 3 + "`")
+    for stop in (["|g"], ["><"], [">`"], ["|g", "<|grounding|>"]):
+        r = m.generate(batch, max_new_tokens=12, stop=stop)
+        assert r.finish_reason == ["length"] and r.text == full.text, stop
+        assert "".join(m.stream(batch, max_new_tokens=12, stop=stop)) == full.text[0], stop
+    want = "<|grounding|>" * 3
+    r = m.generate(batch, max_new_tokens=12, stop=["|g", "`"])
+    assert r.finish_reason == ["stop"] and r.text == [want] and r.token_ids[0] == full.token_ids[0][:4]
+    assert "".join(m.stream(batch, max_new_tokens=12, stop=["|g", "`"])) == want
+    sched = Scheduler(m).start()
+    try:
+        request = Request.from_output(out, m.cfg.tokens_per_tile_side)
+        events = list(sched.submit(Job(request, 12, RowSampling.make(), ("|g", "`"), m.cfg.language.eos_token_id)).iter_events(timeout=120))
+    finally:
+        sched.stop()
+    assert "".join(e.text for e in events) == want and events[-1].finish_reason == "stop"
+
+
 EOS = 256  # a byte-level vocabulary: tokens 0-255 are bytes
+REF, GROUNDING = 257, 258  # and two special tokens
+SPECIAL = {REF: "<|ref|>", GROUNDING: "<|grounding|>"}
 
 
-def _stream_pieces(data: bytes, stop=(), eos_at=None, steps=2):
-    """RowText fed `data` a few bytes (tokens) at a time, `finished` with the last call, as the batcher
-    does; (pieces, final text). An EOS token follows the bytes when `eos_at` says so."""
+def _bytes_decode(ids) -> str:
+    """The byte-level vocabulary's text (special tokens kept, EOS not): its bytes joined, then decoded."""
+    return b"".join(SPECIAL[i].encode() if i in SPECIAL else bytes([i]) for i in ids if i != EOS).decode(
+        "utf-8", errors="replace")
+
+
+def _stream_pieces(data, stop=(), eos_at=None, steps=2):
+    """RowText fed `data` (bytes, or token ids) a few tokens at a time, `finished` with the last call, as
+    the batcher does; (pieces, final text). An EOS token follows when `eos_at` says so."""
     from vl2_jax.generation import RowText
 
-    decode = lambda ids: bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
     tokens = list(data) + ([EOS] if eos_at else [])
-    row = RowText(decode, stop, EOS)
+    row = RowText(_bytes_decode, stop, EOS, special=SPECIAL)
     pieces = []
     for start in range(0, len(tokens), steps):
         new = tokens[start:start + steps]
@@ -208,17 +255,45 @@ def test_streamed_multibyte_text_is_the_whole_answer(ending):
         assert all("\ufffd" not in p for p in pieces[:-1]), (stop, steps)
 
 
+@pytest.mark.parametrize("stop,want", [
+    ("|g", "say <<|ref|>|/ref|> x<|grounding|>"),  # (not the "|g" of <|grounding|>: the one after it)
+    ("ref|>", "say <<|ref|>|/"),  # (not the end of <|ref|>: the ordinary text "|/ref|>")
+    (", end", "say <<|ref|>|/ref|> x<|grounding|>|g"),
+    ("<|ref|>", None), ("<<|", None), ("|>|/", None), ("x<|g", None), ("ng|>|g", None)])
+def test_a_stop_string_matches_only_ordinary_tokens_text(stop, want):
+    """The text keeps special tokens, but a stop string is never found within, partly within or across a
+    special token's text; one in the ordinary text around them cuts the answer exactly before it. Fed
+    a token at a time, three at a time or all at once, the pieces add up to the same final text."""
+    tokens = [*b"say <", REF, *b"|/ref|> x", GROUNDING, *b"|g, end"]
+    whole = "say <<|ref|>|/ref|> x<|grounding|>|g, end"
+    for steps in (1, 3, len(tokens)):
+        pieces, final = _stream_pieces(tokens, stop=(stop,), steps=steps)
+        assert "".join(pieces) == final == (whole if want is None else want), steps
+
+
+def test_text_up_to_a_special_token_is_shown_at_once():
+    """No stop string begins within or before a special token's text: none of it is held back."""
+    from vl2_jax.generation import RowText
+
+    row = RowText(_bytes_decode, ("a long stop string",), EOS, special=SPECIAL)
+    assert row.add([*b"ab", GROUNDING], False) == "ab<|grounding|>"
+    assert row.add([*b"cd"], False) == ""  # (ordinary text: held back again)
+
+
 def test_piecewise_decoding_gives_the_pieces_and_text_of_whole_decoding_in_linear_time():
     """A byte-level tokenizer (the fixture's): RowText with `joins` settles the text as it grows; on random
-    token streams (with multi-byte characters split over tokens, stop strings, EOS) its pieces, cut and
-    final text equal those of decoding the whole answer at each step, and a 3000-token answer decodes
-    each token a bounded number of times."""
+    token streams (with multi-byte characters split over tokens, special tokens, stop strings, EOS) its
+    pieces, cut and final text equal those of decoding the whole answer at each step, no stop string is
+    found within a special token's text nor missed outside, and a 3000-token answer decodes each token a
+    bounded number of times."""
     from vl2_jax.generation import RowText
     from vl2_jax.processor import Processor
 
     processor = Processor.from_pretrained(ckpt_dir("mha"))
     assert processor.tokenizer.pieces_join
     decode, eos, vocab = processor.decode, processor.tokenizer.eos_token_id, len(processor.tokenizer)
+    special = processor.tokenizer.special_ids
+    clear = lambda opaque, i, s: all(end <= i or start >= i + len(s) for start, end in opaque)  # (s at i)
     rng = np.random.default_rng(0)
     for trial in range(300):
         tokens = rng.integers(0, vocab, int(rng.integers(1, 120))).tolist()
@@ -226,7 +301,7 @@ def test_piecewise_decoding_gives_the_pieces_and_text_of_whole_decoding_in_linea
             tokens.append(eos)
         width = (2, 3) if trial % 4 == 1 else (12, 40)  # (long ones often begin inside the settled text)
         stop = tuple(decode(tokens[i:i + width[0]])[:width[1]] for i in rng.integers(0, len(tokens), 2)) if trial % 2 else ()
-        rows = [RowText(decode, stop, eos, joins) for joins in (False, True)]
+        rows = [RowText(decode, stop, eos, joins, special) for joins in (False, True)]
         at = 0
         while at < len(tokens) and not rows[0].cut:
             step = int(rng.integers(1, 17))
@@ -234,6 +309,14 @@ def test_piecewise_decoding_gives_the_pieces_and_text_of_whole_decoding_in_linea
             pieces = [row.add(new, at >= len(tokens)) for row in rows]
             assert pieces[0] == pieces[1], (trial, at)
         assert rows[0].text() == rows[1].text() and rows[0].cut == rows[1].cut and rows[0].matched == rows[1].matched
+        seen = tokens[:at][:-1] if tokens[:at][-1] == eos else tokens[:at]  # (the answer's tokens)
+        text = decode(seen)
+        opaque = [(len(decode(seen[:n])), len(decode(seen[:n + 1]))) for n, t in enumerate(seen) if t in special]
+        if rows[0].cut:
+            cut = rows[0].cut[1]
+            assert text[cut:].startswith(rows[0].matched) and clear(opaque, cut, rows[0].matched), trial
+        else:
+            assert not any(clear(opaque, i, s) for s in stop if s for i in range(len(text)) if text.startswith(s, i)), trial
 
     decoded = []
     counting = lambda ids: decoded.append(len(ids)) or decode(ids)

@@ -59,6 +59,7 @@ def assert_same(folder):
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == (ref.bos_token, ref.eos_token, ref.pad_token)
     for token in (*SPECIALS, "<unk>"):
         assert tok.token_to_id(token) == ref.get_vocab().get(token), token
+    assert tok.special_ids == {i for i, token in ref.added_tokens_decoder.items() if token.special}
     for text in TEXTS:
         ids = tok.encode(text)
         assert ids == ref.encode(text, add_special_tokens=False), text

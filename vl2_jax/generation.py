@@ -10,10 +10,11 @@ The server's scheduler drives the same batcher from its own thread.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -55,6 +56,10 @@ class RowText:
     characters (which a stop string may still complete) are held back; when it ends, everything is
     released. The shown pieces always add up to the final text.
 
+    The text keeps special tokens (`special`: their ids), but a stop string matches only in the text of
+    ordinary tokens: never within, partly within or across a special token's text (as in vLLM, SGLang and
+    transformers, whose default text leaves special tokens out).
+
     `joins`: `decode(a + b) == decode(a) + decode(b)` wherever `decode(a)` ends on a whole character
     (`Tokenizer.pieces_join`: a byte-level decoder). Then the text of all but the last few tokens is
     settled as it grows and only the tokens after it are decoded again at each step (a long answer
@@ -63,9 +68,13 @@ class RowText:
 
     LAG = 8  # tokens decoded again at each step, at least, past the settled text
 
-    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str], eos: int, joins: bool = False):
+    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str], eos: int, joins: bool = False,
+                 special: Collection[int] = frozenset()):
         self.decode, self.stop, self.eos, self.joins = decode, tuple(s for s in stop if s), eos, joins
+        self.special = frozenset(special)
         self.tokens: list[int] = []
+        self._opaque: list[tuple[int, int]] = []  # (start, end) characters of each special token's text, in order
+        self._scanned = 0  # the answer's tokens looked at for special tokens
         self.shown = 0  # characters handed out so far
         self.cut: tuple[int, int] | None = None  # (tokens kept, characters kept) at a stop string
         self.matched: str | None = None  # the stop string that cut it
@@ -95,7 +104,8 @@ class RowText:
         if self.cut is None:
             self.tokens.extend(new)
             text = self._text_of(self._answer_tokens())
-            found = [(i, s) for s in self.stop if (i := text.find(s, max(0, self.shown - len(s)))) >= 0]
+            self._note_special()
+            found = [(i, s) for s in self.stop if (i := self._find(text, s, max(0, self.shown - len(s)))) >= 0]
             if found:
                 at, self.matched = min(found, key=lambda hit: hit[0])  # (the earliest; the first listed on a tie)
                 first = self._settled + 1 if at >= len(self._settled_text) else 1  # (a shorter prefix holds no more)
@@ -108,10 +118,28 @@ class RowText:
         if not finished:
             text = text.rstrip("\ufffd")
             hold = max((len(s) - 1 for s in self.stop), default=0)
-            text = text[: max(self.shown, len(text) - hold)]
+            opaque_end = min(len(text), self._opaque[-1][1]) if self._opaque else 0  # (no stop string begins before)
+            text = text[: max(self.shown, len(text) - hold, opaque_end)]
         piece = text[self.shown:]
         self.shown = max(self.shown, len(text))
         return piece
+
+    def _note_special(self) -> None:
+        """Notes where the text of each special token among the answer's new tokens lies."""
+        for n in range(self._scanned, self._answer_tokens()):
+            if self.tokens[n] in self.special:
+                self._opaque.append((len(self._text_of(n)), len(self._text_of(n + 1))))
+        self._scanned = max(self._scanned, self._answer_tokens())
+
+    def _find(self, text: str, stop: str, start: int) -> int:
+        """Where `stop` first occurs in `text` from `start` on, wholly outside special tokens' text (-1: nowhere)."""
+        at = text.find(stop, start)
+        while at >= 0:
+            k = bisect.bisect_right(self._opaque, at, key=lambda span: span[1])  # the first span ending after `at`
+            if k == len(self._opaque) or self._opaque[k][0] >= at + len(stop):
+                return at
+            at = text.find(stop, self._opaque[k][1])  # (any match starting before that span's end overlaps it)
+        return at
 
     def _settle(self) -> None:
         """With `joins`, settles the text of all but the last LAG tokens (in steps of LAG or more, and
@@ -196,9 +224,11 @@ class Batcher:
 
     def __init__(self, engine: Engine, params, state: Slots, decode: Callable[[list[int]], str],
                  prefill_budget: int | None = None, prefixes: SlotPrefixes | None = None,
-                 features: TileFeatures | None = None, decode_joins: bool = False):
+                 features: TileFeatures | None = None, decode_joins: bool = False,
+                 special_ids: Collection[int] = frozenset()):
         self.engine, self.params, self.state, self.decode = engine, params, state, decode
         self.decode_joins = decode_joins  # (`RowText`'s `joins`: `Tokenizer.pieces_join`)
+        self.special_ids = frozenset(special_ids)  # (`RowText`'s `special`: `Tokenizer.special_ids`)
         self.prefill_budget = prefill_budget
         if prefixes is None and engine.runtime.prefix_cache:
             prefixes = SlotPrefixes(engine.max_batch, engine.chunks[0])
@@ -222,7 +252,7 @@ class Batcher:
         return len(self.prefilling) + len(self.live)
 
     def submit(self, job: Job) -> Job:
-        job.text = RowText(self.decode, job.stop, job.eos, self.decode_joins)
+        job.text = RowText(self.decode, job.stop, job.eos, self.decode_joins, self.special_ids)
         job.submitted = job.submitted or time.perf_counter()
         self.pending.append(job)
         return job
@@ -417,12 +447,13 @@ class Batcher:
 
 def run(engine: Engine, params, state: Slots, requests: Sequence[Request], decode: Callable[[list[int]], str],
         max_new_tokens: int, sampling: RowSampling, stop: Sequence[str] = (), eos: int = -1,
-        on_text: Callable[[int, str], None] | None = None, decode_joins: bool = False) -> tuple[GenerationResult, Slots]:
+        on_text: Callable[[int, str], None] | None = None, decode_joins: bool = False,
+        special_ids: Collection[int] = frozenset()) -> tuple[GenerationResult, Slots]:
     """Generates an answer for every request; returns the result and the engine state (donated in).
 
     `eos`: the EOS token id (-1: generate max_new_tokens). `on_text(row, text)` receives each row's
-    text as it becomes showable. Rows beyond the slots wait for one to free up. `decode_joins`:
-    `Tokenizer.pieces_join` of `decode`'s tokenizer.
+    text as it becomes showable. Rows beyond the slots wait for one to free up. `decode_joins` and
+    `special_ids`: `Tokenizer.pieces_join` and `Tokenizer.special_ids` of `decode`'s tokenizer.
     """
     rows: dict[int, int] = {}
 
@@ -434,7 +465,8 @@ def run(engine: Engine, params, state: Slots, requests: Sequence[Request], decod
     jobs = [Job(request, max_new_tokens, sampling, tuple(stop), eos, update, submitted=t0) for request in requests]
     rows.update((id(job), row) for row, job in enumerate(jobs))
     with CompileWatch() as compiling:
-        state = run_jobs(engine, params, state, jobs, decode, on_done=lambda job: None, decode_joins=decode_joins)
+        state = run_jobs(engine, params, state, jobs, decode, on_done=lambda job: None, decode_joins=decode_joins,
+                         special_ids=special_ids)
     errors = [job.error for job in jobs if job.finish_reason == "error"]
     if errors:
         raise InputError(errors[0])
@@ -450,11 +482,12 @@ def run(engine: Engine, params, state: Slots, requests: Sequence[Request], decod
 
 
 def run_jobs(engine: Engine, params, state: Slots, jobs: Iterable[Job], decode: Callable[[list[int]], str],
-             on_done: Callable[[Job], None], decode_joins: bool = False) -> Slots:
+             on_done: Callable[[Job], None], decode_joins: bool = False,
+             special_ids: Collection[int] = frozenset()) -> Slots:
     """Runs `jobs` (each with its own settings) through a Batcher, drawing the next from the iterable only
     when a slot is about to free up, and calls `on_done(job)` as each finishes (in finishing order).
     Returns the engine state (donated in)."""
-    batcher = Batcher(engine, params, state, decode, decode_joins=decode_joins)
+    batcher = Batcher(engine, params, state, decode, decode_joins=decode_joins, special_ids=special_ids)
     source, running, exhausted = iter(jobs), [], False
     while True:
         while not exhausted and len(running) < engine.max_batch:

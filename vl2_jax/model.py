@@ -259,15 +259,17 @@ class VL2Model:
         with self.mesh_context(), out_of_memory_as(f"while generating ({shape})"):
             result, self._state = generation.run(
                 self.engine, self.params, self.take_state(), requests, self.processor.decode, max_new_tokens,
-                settings, stop, eos, on_text, self.processor.tokenizer.pieces_join)
+                settings, stop, eos, on_text, self.processor.tokenizer.pieces_join,
+                self.processor.tokenizer.special_ids)
         return result
 
     def run_jobs(self, jobs: Iterable[generation.Job], on_done: Callable[[generation.Job], None]) -> None:
         """Answers `generation.Job`s, each with its own settings (prompt, limits, sampling, stop strings),
         drawn from `jobs` as slots free up; `on_done(job)` as each finishes. One call at a time per model."""
         with self.mesh_context(), out_of_memory_as("while generating"):
-            self.give_state(generation.run_jobs(self.engine, self.params, self.take_state(), jobs,
-                                                self.processor.decode, on_done, self.processor.tokenizer.pieces_join))
+            tokenizer = self.processor.tokenizer
+            self.give_state(generation.run_jobs(self.engine, self.params, self.take_state(), jobs, self.processor.decode,
+                                                on_done, tokenizer.pieces_join, tokenizer.special_ids))
 
     def stream(self, batch, **kwargs) -> Iterator[str]:
         """Like `generate` for a one-conversation batch, yielding the answer's text as it is produced."""

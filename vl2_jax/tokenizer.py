@@ -11,6 +11,7 @@ loading it imports neither transformers nor torch (seconds, where torch is insta
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -96,6 +97,12 @@ class Tokenizer:
         from tokenizers import decoders
 
         return isinstance(self._backend.decoder, decoders.ByteLevel) and not self.clean_up_tokenization_spaces
+
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        """The ids of the special tokens (bos, eos, pad, image, grounding and role tokens, and any other
+        added token marked special): opaque text to stop strings (`generation.RowText`)."""
+        return frozenset(i for i, token in self._backend.get_added_tokens_decoder().items() if token.special)
 
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)

@@ -178,7 +178,7 @@ class Scheduler:
         processor = self.model.processor
         return Batcher(self.model.engine, self.model.params, state, processor.decode, self.prefill_budget,
                        features=TileFeatures(self.feature_cache_bytes) if keep else None,
-                       decode_joins=processor.tokenizer.pieces_join)
+                       decode_joins=processor.tokenizer.pieces_join, special_ids=processor.tokenizer.special_ids)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Refuses new jobs, lets running ones finish for up to `timeout` seconds, cancels the rest, and
