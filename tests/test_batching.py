@@ -174,3 +174,31 @@ def test_run_jobs_fills_a_slot_as_soon_as_an_answer_finishes():
     for s, want in shorts:
         assert s.token_ids == want and s.finish_reason == "length"
     assert long_.token_ids[: len(long_want)] == long_want
+
+
+@pytest.mark.parametrize("max_new", [1, 17, 18])
+def test_no_decode_call_runs_past_the_answers_ends(max_new):
+    """The host dispatches a decode call before it reads the last: it sends none once every live answer
+    is full by then (the first token comes from prefill, a call makes `decode_steps` tokens: 16 at these
+    slots), so 1 / 17 / 18 new tokens take 0 / 1 / 2 calls; the answers begin with the official ones."""
+    from vl2_jax.engine import decode_steps
+
+    m = model()
+    calls = []
+    engine_decode = m.engine.decode
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return engine_decode(*args, **kwargs)
+
+    b = batcher(budget=None)
+    b.engine = type("Counted", (), {"__getattr__": lambda self, name: getattr(m.engine, name), "decode": staticmethod(counted)})()
+    jobs = [job("one_wide", max_new=max_new), job("history", max_new=max_new)]
+    for j, _ in jobs:
+        b.submit(j)
+    while b.step():
+        pass
+    m.give_state(b.state)
+    assert len(calls) == -(-(max_new - 1) // decode_steps(2))
+    for j, want in jobs:
+        assert j.finish_reason == "length" and len(j.token_ids) == max_new and j.token_ids[:len(want)] == want[:max_new]

@@ -239,6 +239,7 @@ class Batcher:
         self.prefilling: list[tuple[int, Job, Prefill]] = []  # admitted, chunks under way, in order
         self.live: dict[int, Job] = {}  # slot -> a job decoding there (as far as the host has read)
         self.bound = np.zeros((engine.max_batch,), np.int64)  # upper bounds of the slots' cached lengths
+        self.ends = np.zeros((engine.max_batch,), np.int64)  # cached lengths at which the slots' answers are full
         self.unread: collections.deque = collections.deque()  # device outputs not read yet, in order
         self.stop_mask = np.zeros((engine.max_batch,), bool)  # slots to end before the next decode call
 
@@ -316,7 +317,9 @@ class Batcher:
         if any(item[0] == "first" for item in self.unread):
             self._read(keep=0)
         dispatched = False
-        if self.live:
+        # (a call over slots whose answers are all full by now would only produce tokens past their ends:
+        # their last call, still unread, has ended them)
+        if self.live and any(self.bound[s] < self.ends[s] for s in self.live):
             live = self.live
             longest = int(max(self.bound[s] for s in live))
             greedy = all(job.greedy for job in live.values())
@@ -396,6 +399,7 @@ class Batcher:
             self.stop_mask[slot] = False  # (the slot's previous answer, if a stop string ended it)
             self.live[slot] = job
             self.bound[slot] = prefill.length + 1
+            self.ends[slot] = min(prefill.length + job.max_new_tokens, self.engine.max_seq_len)
         self.prefilling = [entry for entry in self.prefilling if not entry[2].finished]
         self.unread.append(("first", first, {e[0]: e[1] for e in entries.values()},
                             {e[0]: i for i, e in entries.items()}))
