@@ -50,6 +50,7 @@ from vl2_jax.modules.layers import (
     rope_cos_sin,
     weight,
 )
+from vl2_jax.quant import is_quantized
 
 # Fused causal attention marks invalid keys on extra head dims (a multiple of 8, cuDNN's unit): each
 # query has 1 on the first, each invalid key this score, which the softmax turns into a zero weight
@@ -146,7 +147,9 @@ class MHAttention(nn.Module):
 
     def new_kv(self, x_BTD: jax.Array, positions_BT: jax.Array) -> dict[str, jax.Array]:
         cos, sin = self._rope(positions_BT, x_BTD.dtype)
-        kv = project("BTD,DWGK->WBTGK", x_BTD, self.kv_w, self.runtime.kernels)
+        # float keys and values keep XLA's product: through the matrix-vector kernel tiny decoded 10%
+        # slower at batch 1 (H100, BENCHMARKS.md); quantized ones take it (it reads their values in place)
+        kv = project("BTD,DWGK->WBTGK", x_BTD, self.kv_w, self.runtime.kernels and is_quantized(self.kv_w))
         return {"k": apply_rope(kv[0], cos, sin), "v": kv[1]}
 
     def __call__(self, x_BTD, positions_BT, kv: dict[str, jax.Array], mask_BTS, key_valid_BS=None) -> jax.Array:
