@@ -2,11 +2,14 @@
 
     git worktree add /tmp/old <commit>           # or: git archive <commit> vl2_jax | tar -x -C /tmp/old
     python benchmarks/ab_compare.py --a /tmp/old --b . --model random:tiny --rounds 5
+    python benchmarks/ab_compare.py --a /tmp/old --b /tmp/mid --b .     # --b again: each compared with A
 
-Each checkout runs in its own worker process (its `vl2_jax` first on `sys.path`, checked), loads the model and warms it
-up once; then the driver asks A, B, A, B, ... for one round each: the first token of the benchmark's
+Each checkout runs in its own worker process (its `vl2_jax` first on `sys.path`, checked); the workers load the
+model and warm it up side by side; then the driver asks A, B, A, B, ... for one round each: the first token of the
 image prompt (768 px, one sentence) and decode speed at batch 1 and 8 (`--new-tokens`, EOS ignored),
-computed the same way for both (rows x (new tokens - 1) / decode seconds). Medians per checkout and
+computed the same way for each (rows x (new tokens - 1) / decode seconds, as each version's generate
+reports them), and the whole call's speed (rows x new tokens / its wall time, prefill included: versions
+may split a batch's time between first token and decode differently). Medians per checkout and
 the ratio B / A are printed as JSON lines and a table. The worker uses only the API both sides share
 (`load_model` from `vl2_jax` or, in older checkouts, `vl2_jax.hub`; `model.generate`).
 """
@@ -24,6 +27,7 @@ WORKER = r"""
 import sys
 sys.path.insert(0, sys.argv[4])  # the checkout before the working directory, which `python -c` puts first
 import json
+import time
 import numpy as np
 from PIL import Image
 try:
@@ -41,8 +45,12 @@ runs = {b: model.processor.batchify([one] * b) for b in batches}
 def round_():
     row = {"ttft_ms": 1e3 * model.generate(single, max_new_tokens=1).ttft_s}
     for b, batch in runs.items():
+        start = time.perf_counter()
         r = model.generate(batch, max_new_tokens=new, ignore_eos=True)
-        row[f"decode_b{b}"] = b * (new - 1) / r.decode_s
+        wall = time.perf_counter() - start
+        # (0 s in a round whose decode programs compiled: their time is left out, and may cover the rest)
+        row[f"decode_b{b}"] = b * (new - 1) / r.decode_s if r.decode_s > 0 else float("nan")
+        row[f"whole_b{b}"] = b * new / wall  # (the call end to end: prefill, first tokens and decode)
     return row
 
 round_(); round_()  # compile, then one untimed round
@@ -53,13 +61,17 @@ for line in sys.stdin:
 """
 
 
-def worker(checkout: str, args) -> subprocess.Popen:
-    # two processes share the GPU: each may take under half of its memory (JAX's default takes 75%)
+def start(checkout: str, args, share: int) -> subprocess.Popen:
+    # the processes share the GPU: each takes under 1 / share of its memory (JAX's default takes 75%)
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.45"}
+           "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{0.9 / share:.3f}"}
+    return subprocess.Popen([sys.executable, "-c", WORKER, args.model, str(args.new_tokens), args.batches,
+                             os.path.abspath(checkout)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+
+def ready(proc: subprocess.Popen, checkout: str) -> subprocess.Popen:
+    """Waits for the worker's "ready" line; refuses one that imported another checkout's vl2_jax."""
     root = os.path.abspath(checkout)
-    proc = subprocess.Popen([sys.executable, "-c", WORKER, args.model, str(args.new_tokens), args.batches, root],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     for line in proc.stdout:
         if line.startswith("ready"):
             imported = os.path.abspath(line.split(maxsplit=1)[1].strip())
@@ -73,16 +85,22 @@ def worker(checkout: str, args) -> subprocess.Popen:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--a", required=True, help="the reference checkout (a folder holding vl2_jax/)")
-    p.add_argument("--b", required=True, help="the checkout to compare with it")
+    p.add_argument("--b", required=True, action="append",
+                   help="a checkout to compare with it (again for several, each compared with A)")
     p.add_argument("--model", default="random:tiny")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batches", default="1,8")
     args = p.parse_args(argv)
-    rounds: dict[str, list[dict]] = {"a": [], "b": []}
-    workers = {}
-    for name in ("a", "b"):  # one at a time: each holds its own copy of the weights
-        workers[name] = worker(getattr(args, name), args)
+    checkouts = {"A": args.a, **{f"B{i + 1}" if len(args.b) > 1 else "B": b for i, b in enumerate(args.b)}}
+    procs = {name: start(path, args, len(checkouts)) for name, path in checkouts.items()}
+    try:
+        workers = {name: ready(proc, checkouts[name]) for name, proc in procs.items()}
+    except RuntimeError:
+        for proc in procs.values():
+            proc.kill()
+        raise
+    rounds: dict[str, list[dict]] = {name: [] for name in workers}
     for _ in range(args.rounds):
         for name, proc in workers.items():
             proc.stdin.write("go\n")
@@ -91,13 +109,17 @@ def main(argv=None) -> int:
     for proc in workers.values():
         proc.stdin.close()
         proc.wait()
-    print("| metric | A | B | B / A |\n|---|---|---|---|")
-    for metric in rounds["a"][0]:
-        a = statistics.median(r[metric] for r in rounds["a"])
-        b = statistics.median(r[metric] for r in rounds["b"])
-        print(json.dumps({"metric": metric, "model": args.model, "a": a, "b": b, "ratio": b / a, "rounds": args.rounds}),
-              file=sys.stderr)
-        print(f"| {metric} | {a:.2f} | {b:.2f} | {b / a:.3f} |")
+    others = [name for name in workers if name != "A"]
+    print("| metric | A | " + " | ".join(f"{n} | {n} / A" for n in others) + " |")
+    print("|---|---|" + "---|---|" * len(others))
+    for metric in rounds["A"][0]:
+        median = {name: statistics.median(r[metric] for r in rows) for name, rows in rounds.items()}
+        a = median["A"]
+        for name in others:
+            print(json.dumps({"metric": metric, "model": args.model, "a": a, "b": median[name], "side": name,
+                              "checkout": checkouts[name], "ratio": median[name] / a, "rounds": args.rounds}),
+                  file=sys.stderr)
+        print(f"| {metric} | {a:.2f} | " + " | ".join(f"{median[n]:.2f} | {median[n] / a:.3f}" for n in others) + " |")
     return 0
 
 

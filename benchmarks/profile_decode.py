@@ -3,10 +3,11 @@
     python benchmarks/profile_decode.py --model random:tiny --tokens 32 --cosine
     python benchmarks/profile_decode.py --model random:tiny --quant int8      # the quantized decode step
 
-1. Profiles batch-1 greedy decode steps with `jax.profiler` (a --tokens generation minus a one-token
+1. Profiles greedy decode steps (batch 1, or --batch rows) with `jax.profiler` (a --tokens generation minus a one-token
    one, so embedding and prefill drop out; with --first-token instead: one time to first token, the
    vision tower, prefill and first sample), then sums the device kernels by name: launches per decoded
-   token, device-busy time per token against the wall time per token. A busy fraction well under 1
+   token, device-busy time per token against the wall time per token, and the device's idle time
+   between kernels in the whole generation with its longest gaps. A busy fraction well under 1
    means the step is bound by launch gaps, not by the kernels. --quant int8|fp8 profiles the
    quantized model's step (where its time goes against bf16's). --first-token also reports where the
    GPU waits: idle time between the first and last kernel, the longest gaps with the kernels around
@@ -37,10 +38,10 @@ import numpy as np
 from PIL import Image
 
 
-def _prompt(model, size=768):
+def _prompt(model, size=768, rows=1):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
     one = model.processor([{"role": "user", "content": "<image>\nDescribe this image in detail."}], [image])
-    return model.processor.batchify([one])
+    return model.processor.batchify([one] * rows)
 
 
 def _traced(fn, exact_names: bool = False, intervals: list | None = None, keep: str | None = None):
@@ -120,27 +121,34 @@ def profile_first_token(spec: str, keep: str | None = None) -> list[dict]:
     return rows
 
 
-def profile(spec: str, tokens: int, exact_names: bool = False, quant: str | None = None) -> list[dict]:
+def profile(spec: str, tokens: int, exact_names: bool = False, quant: str | None = None, rows: int = 1) -> list[dict]:
     """Kernels of the decode steps alone: a `tokens`-token generation minus a one-token one (the same
-    embedding and prefill), per name, divided by the tokens - 1 decode steps."""
-    from vl2_jax.load import load_model
+    embedding and prefill), per name, divided by the tokens - 1 decode steps (of `rows` rows each)."""
+    try:
+        from vl2_jax.load import load_model
+    except ImportError:  # a checkout from before the engine (PYTHONPATH=that checkout), for a side-by-side
+        from vl2_jax.hub import load_model
 
-    model = load_model(spec, "bfloat16", quant=quant)
-    batch = _prompt(model)
+    model = load_model(spec, "bfloat16", **({"quant": quant} if quant else {}))
+    batch = _prompt(model, rows=rows)
     run = lambda n: model.generate(batch, max_new_tokens=n, ignore_eos=True)
     run(tokens), run(1)  # compile
     _, _, kernels1, busy1 = _traced(lambda: run(1), exact_names)
-    result, wall, kernels, busy = _traced(lambda: run(tokens), exact_names)
+    intervals = []
+    result, wall, kernels, busy = _traced(lambda: run(tokens), exact_names, intervals)
+    gaps = idle_gaps(intervals)
     kernels.subtract(kernels1)
     busy.subtract(busy1)
     steps = tokens - 1
     per_step_wall = result.decode_s / steps
     step_busy = sum(v for v in busy.values() if v > 0) * 1e-6 / steps
     rows = [{
-        "model": spec, "quant": quant or "none", "metric": "decode_profile", "launches_per_token": sum(v for v in kernels.values() if v > 0) / steps,
+        "model": spec, "quant": quant or "none", "rows": rows, "metric": "decode_profile", "launches_per_token": sum(v for v in kernels.values() if v > 0) / steps,
         "device_busy_ms_per_token": 1e3 * step_busy, "wall_ms_per_token": 1e3 * per_step_wall,
         "busy_fraction": step_busy / per_step_wall, "jax": jax.__version__, "device": jax.devices()[0].device_kind,
+        "idle_in_span_ms": gaps["idle_ms"], "kernel_span_ms": gaps["span_ms"],
     }]
+    rows += [{"model": spec, "metric": "idle_gap", **g} for g in gaps["largest_gaps"]]
     for name, dur in busy.most_common(25 if exact_names else 12):
         rows.append({"model": spec, "metric": "kernel", "name": name[:80], "per_token": kernels[name] / steps,
                      "us_per_token": dur / steps})
@@ -202,6 +210,7 @@ def main(argv=None) -> int:
                    help="list kernels by their full names (to find them in an XLA dump of the optimized HLO)")
     p.add_argument("--keep-trace", metavar="PATH", help="with --first-token: copy the trace there (.json.gz)")
     p.add_argument("--quant", choices=["int8", "fp8"], default=None, help="profile the decode step of quantized weights")
+    p.add_argument("--batch", type=int, default=1, help="rows decoded together (the prompt repeated), for the decode profile")
     args = p.parse_args(argv)
     if args.quant and (args.first_token or args.cosine or args.no_profile):
         p.error("--quant goes with the decode profile alone (no --first-token, --cosine or --no-profile)")
@@ -210,7 +219,7 @@ def main(argv=None) -> int:
     if args.no_profile:
         rows = []
     else:
-        rows = profile_first_token(args.model, args.keep_trace) if args.first_token else profile(args.model, args.tokens, args.exact_names, args.quant)
+        rows = profile_first_token(args.model, args.keep_trace) if args.first_token else profile(args.model, args.tokens, args.exact_names, args.quant, args.batch)
     if args.cosine:
         rows += cosine(args.model, args.same_weights, args.forced_routing)
     for r in rows:

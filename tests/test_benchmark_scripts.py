@@ -282,14 +282,17 @@ ENTRY %main (a: bf16[4,2048], w: s8[2048,4096], e: s8[64,2048,512], i: s32[6,1],
 
 def test_ab_compare_times_each_checkout_own_code(tmp_path):
     """Each worker imports its own checkout's package, not the working directory's (which `python -c`
-    puts first on sys.path: both sides once ran the same code); a folder without one is refused."""
+    puts first on sys.path: both sides once ran the same code), each B is compared with A; a folder
+    without one is refused."""
     old = tmp_path / "old"
     old.mkdir()
     archive = subprocess.run(["git", "archive", "HEAD", "vl2_jax"], cwd=ROOT, capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
     common = ["--model", "random:test", "--rounds", "1", "--new-tokens", "4", "--batches", "1"]
-    r = _run("benchmarks/ab_compare.py", "--a", str(old), "--b", ".", *common)
+    r = _run("benchmarks/ab_compare.py", "--a", str(old), "--b", ".", "--b", str(old), *common)  # (--b twice: B1, B2)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert {json.loads(line)["metric"] for line in r.stderr.splitlines() if line.startswith("{")} == {"ttft_ms", "decode_b1"}
+    rows = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
+    assert {(row["metric"], row["side"]) for row in rows} == {
+        (m, side) for m in ("ttft_ms", "decode_b1", "whole_b1") for side in ("B1", "B2")}
     r = _run("benchmarks/ab_compare.py", "--a", str(tmp_path), "--b", ".", *common)
     assert r.returncode != 0 and "not its own vl2_jax" in r.stderr
