@@ -782,10 +782,10 @@ class Engine:
             waiting = [i for i in waiting if i not in group]
         n = smallest_at_least(live, self.slot_buckets)
         steps = decode_steps(n)
-        # from the first call after the first tokens to one call past the longest answer's end (the host
-        # reads that a slot is done only after the next call is queued)
+        # from the first call after the first tokens to the call that fills the longest answer (the host
+        # sends no call past the answers' ends: `Batcher.step`)
         low = max([longest, *(p.length + 1 for p in prefills)]) + steps
-        high = max([longest, *(p.length for p in prefills)]) + max_new + 2 * steps
+        high = max([longest, *(p.length for p in prefills)]) + max_new + steps
         first, last = (smallest_at_least(min(x, self.capacity), self.decode_key_buckets) for x in (low, high))
         out += [("decode", (n, k, decode_greedy)) for k in self.decode_key_buckets if first <= k <= last]
         return list(dict.fromkeys(out))

@@ -399,7 +399,7 @@ class Batcher:
             self.stop_mask[slot] = False  # (the slot's previous answer, if a stop string ended it)
             self.live[slot] = job
             self.bound[slot] = prefill.length + 1
-            self.ends[slot] = min(prefill.length + job.max_new_tokens, self.engine.max_seq_len)
+            self.ends[slot] = min(prefill.length + int(job.max_new_tokens), self.engine.max_seq_len)
         self.prefilling = [entry for entry in self.prefilling if not entry[2].finished]
         self.unread.append(("first", first, {e[0]: e[1] for e in entries.values()},
                             {e[0]: i for i, e in entries.items()}))
