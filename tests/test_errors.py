@@ -347,6 +347,9 @@ def test_api_refuses_bad_sampling_arguments(fixture_model):
         ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0"),
         ({"top_k": -2}, "top_k must be >= 0"),
         ({"max_new_tokens": 0}, "max_new_tokens must be"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens must be a whole number (got 2.5)"),  # (was cut to 2 silently)
+        ({"max_new_tokens": None}, "max_new_tokens must be a whole number (got None)"),  # (was a TypeError)
+        ({"max_new_tokens": "8"}, "max_new_tokens must be a whole number (got '8')"),
     ]:
         assert words in api_error(InputError, functools.partial(fixture_model.generate, batch, **kwargs))
     assert "prefill_chunks must be whole numbers of at least 1" in api_error(

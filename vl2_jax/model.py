@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import numbers
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import jax
@@ -246,6 +247,8 @@ class VL2Model:
         per model: the engine's state (slots and cache) passes from call to call.
         """
         check_sampling(temperature, top_p, top_k, repetition_penalty)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
+            raise InputError(f"max_new_tokens must be a whole number (got {max_new_tokens!r}).")
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1 (got {max_new_tokens}).")
         stop = stop_strings(stop)
