@@ -348,6 +348,10 @@ def test_settings_out_of_range_name_their_field_and_a_huge_top_k_keeps_every_tok
     assert error_of(httpx2.post(url + "/v1/chat/completions", json={**CHAT, "top_p": 2}), 400)["param"] == "top_p"
     bad = error_of(httpx2.post(url + "/v1/chat/completions", json={**CHAT, "max_completion_tokens": 0}), 400)
     assert bad["param"] == "max_completion_tokens" and "max_completion_tokens must be" in bad["message"]
+    for route, body, param in [("/v1/chat/completions", {**CHAT, "n": 0}, "n"),  # (was "n=0 (several choices ...)")
+                               ("/generate", {"text": "a", "sampling_params": {"n": -1}}, "sampling_params.n")]:
+        bad = error_of(httpx2.post(url + route, json=body), 400)
+        assert bad["param"] == param and bad["message"].startswith(f"{param} must be at least 1 (got ")
     bad = error_of(httpx2.post(url + "/generate", json={"text": "a", "sampling_params": {"temperature": -1}}), 400)
     assert bad["param"] == "sampling_params.temperature"
     assert not sched.jobs

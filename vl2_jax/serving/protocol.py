@@ -140,6 +140,8 @@ class _OpenAIBody(_Body):
     ignore_eos: bool = False
 
     def _refuse_unsupported(self) -> None:
+        if self.n is not None and self.n < 1:
+            raise bad_request(f"n must be at least 1 (got {self.n}).", "n")
         if self.n not in (None, 1):
             raise not_supported("n", f"n={self.n} (several choices per request)", "send n=1 and repeat the request")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -314,6 +316,8 @@ class SGLangSamplingParams(_Body):
 
     def sampling(self) -> Sampling:
         p = "sampling_params."
+        if self.n < 1:
+            raise bad_request(f"{p}n must be at least 1 (got {self.n}).", p + "n")
         if self.n != 1:
             raise not_supported(p + "n", f"n={self.n}", "send n=1 and repeat the request")
         for name in ("min_p", "frequency_penalty", "presence_penalty", "min_new_tokens"):
