@@ -129,7 +129,9 @@ class Scheduler:
             waiting = self._queued()
             free = len(self._batcher.free) if self._batcher else self.model.engine.max_batch
             if waiting >= self.max_queue + free:  # (jobs a free slot takes at once do not wait)
-                raise QueueFull(f"{waiting} requests are waiting for a slot (the queue holds {self.max_queue})")
+                n = waiting - free
+                raise QueueFull(f"{n} request{' is' if n == 1 else 's are'} waiting for a slot "
+                                f"(the queue holds {self.max_queue})")
             job.submitted = job.submitted or time.perf_counter()  # (the API may set it at the request's arrival)
             job.on_update = self._on_update
             self._handles[id(job)] = handle
