@@ -171,6 +171,23 @@ def test_stop_strings_and_streaming():
         list(m.stream(two, max_new_tokens=4))
 
 
+def test_closing_a_stream_stops_its_generation():
+    """Leaving a `stream` loop early (`break`, an exception, Ctrl-C in a notebook) ends the answer: the
+    thread that generated it went on to max_new_tokens, holding the model's state (so that the next call
+    made a second cache) and the device."""
+    import threading
+
+    m = model("mha")
+    batch = m.processor.batchify([one(m, "mha", "text_only")[0]])
+    m.generate(batch, max_new_tokens=400, ignore_eos=True)  # (compiled before the stream is timed)
+    before = set(threading.enumerate())
+    pieces = m.stream(batch, max_new_tokens=400, ignore_eos=True)
+    next(pieces)
+    pieces.close()
+    assert not [t for t in set(threading.enumerate()) - before if t.is_alive()]
+    assert m.generate(batch, max_new_tokens=3).generated_tokens == [3]
+
+
 def test_stop_strings_skip_special_tokens_in_generate_stream_and_the_scheduler():
     """A model that answers with special tokens: the fixture's weights with the ids of "!?" and
     <|grounding|> swapped in the embedding and the head (the same answer, relabelled). A stop string

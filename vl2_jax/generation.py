@@ -522,7 +522,8 @@ def stop_strings(stop) -> tuple[str, ...]:
 
 def stream_text(model, batch, **kwargs) -> Iterator[str]:
     """Yields the text of a single-conversation batch as it is produced (generation runs in a thread).
-    A batch of several conversations is refused (InputError): their pieces would interleave."""
+    A batch of several conversations is refused (InputError): their pieces would interleave. Closing
+    the iterator early (leaving its loop) ends the answer at its next piece of text and waits for that."""
     import queue
     import threading
 
@@ -533,16 +534,31 @@ def stream_text(model, batch, **kwargs) -> Iterator[str]:
 
     q: queue.Queue = queue.Queue()
     box: dict = {}
+    closed = threading.Event()
+
+    def on_text(row: int, text: str) -> None:
+        if closed.is_set():
+            raise _StreamClosed  # (ends `generate` in the worker; nobody reads it)
+        q.put(text)
 
     def work():
         try:
-            box["result"] = model.generate(batch, on_text=lambda row, text: q.put(text), **kwargs)
+            box["result"] = model.generate(batch, on_text=on_text, **kwargs)
         except BaseException as e:  # re-raised in the consumer
             box["error"] = e
         q.put(None)
 
-    threading.Thread(target=work, daemon=True).start()
-    while (piece := q.get()) is not None:
-        yield piece
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    try:
+        while (piece := q.get()) is not None:
+            yield piece
+    finally:
+        closed.set()  # (the consumer left early, or the answer is over)
+        worker.join()
     if "error" in box:
         raise box["error"]
+
+
+class _StreamClosed(Exception):
+    """Raised in `stream_text`'s worker when its consumer has gone."""
