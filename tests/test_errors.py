@@ -9,6 +9,7 @@ an interrupted run (tests/test_convert.py); unsupported config values (tests/tes
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import functools
 import io
@@ -164,6 +165,15 @@ def test_bad_image_subprocess_has_one_line_and_no_traceback(tmp_path):
     )
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"error: image {path} could not be decoded"), r.stderr
+
+
+def test_urls_and_base64_given_to_the_processor_name_load_image(processor):
+    """The processor reads paths and PIL images; a URL or base64 (what --image and the server take) was
+    "image file data:image/png;base64,... does not exist; check the path", the whole base64 included."""
+    data = base64.b64encode(_encoded("PNG")).decode()
+    for ref in ["data:image/png;base64," + data, data, "https://example.com/cat.png"]:
+        message = one_sentence(api_error(InputError, processor, USER("<image> What is it?"), [ref]))
+        assert "vl2_jax.images.load_image" in message and len(message) < 400, message
 
 
 def test_in_memory_images_zero_area_bad_mode_and_closed_file(tmp_path, processor):

@@ -303,6 +303,15 @@ def open_image(image, name: str | None = None) -> Image.Image:
         raise InputError(f"an image must be a PIL image or a file path, got {type(image).__name__}{where}.")
     path = os.fspath(image)
     if not os.path.exists(path):
+        from vl2_jax.images import _looks_like_base64, _scheme, describe
+
+        if isinstance(path, str) and _scheme(path) not in (None, "file"):
+            raise InputError(f"image {describe(path)} is a URL, not a file path; the processor takes paths and "
+                             f"PIL images: pass vl2_jax.images.load_image(ref) (the PIL image it reads) instead.")
+        if isinstance(path, str) and _looks_like_base64(path):  # (or a long path of such characters)
+            raise InputError(f"image file {describe(path) if len(path) > 1024 else path} does not exist; check "
+                             f"the path (base64 is read by vl2_jax.images.load_image(ref), whose PIL image the "
+                             f"processor takes).")
         raise InputError(f"image file {path} does not exist; check the path.")
     if os.path.isdir(path):
         raise InputError(f"{path} is a folder, not an image file; pass the path of an image file.")
