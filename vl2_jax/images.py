@@ -146,7 +146,7 @@ def local_path(ref: str) -> str | None:
             raise InputError(f"image URL {describe(ref)} names the host {parts.netloc!r}; a file URL must name a "
                              f"local file, file:///absolute/path.")
         return urllib.request.url2pathname(parts.path)
-    if scheme is None and not _looks_like_base64(ref):
+    if scheme is None and not looks_like_base64(ref):
         return ref
     return None
 
@@ -174,7 +174,7 @@ def load_image(ref: str, limits: ImageLimits = ImageLimits()) -> Image.Image:
         return _decode(_data_url(ref, label, limits), f"data URL {label}", limits)
     if scheme in ("http", "https"):
         return _decode(_fetch(ref, label, limits), f"from {label}", limits)
-    if scheme is None and _looks_like_base64(ref) and not _names_a_file(ref, limits):
+    if scheme is None and looks_like_base64(ref) and not _names_a_file(ref, limits):
         try:
             data = _b64decode(ref, limits, lambda why: (
                 f"image {label} was read as raw base64 (no scheme, only base64 characters) but {why}; a file "
@@ -212,7 +212,13 @@ def _scheme(ref: str) -> str | None:
     return m.group(1).lower() if m else None
 
 
-def _looks_like_base64(ref: str) -> bool:
+def is_url(ref: str) -> bool:
+    """Whether ``ref`` is a URL other than a ``file://`` one (``data:``, ``http(s)://``, ...)."""
+    return _scheme(ref) not in (None, "file")
+
+
+def looks_like_base64(ref: str) -> bool:
+    """Whether ``ref`` could be raw base64 (long enough, of base64's characters alone)."""
     return len(ref) >= _MIN_RAW_BASE64 and _BASE64.fullmatch(ref) is not None
 
 

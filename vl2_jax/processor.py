@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from vl2_jax.errors import ConfigError, InputError, one_line, read_json_object
+from vl2_jax.images import describe, is_url, looks_like_base64
 from vl2_jax.tokenizer import Tokenizer
 
 USER_ROLE = "<|User|>"
@@ -303,12 +304,10 @@ def open_image(image, name: str | None = None) -> Image.Image:
         raise InputError(f"an image must be a PIL image or a file path, got {type(image).__name__}{where}.")
     path = os.fspath(image)
     if not os.path.exists(path):
-        from vl2_jax.images import _looks_like_base64, _scheme, describe
-
-        if isinstance(path, str) and _scheme(path) not in (None, "file"):
+        if isinstance(path, str) and is_url(path):
             raise InputError(f"image {describe(path)} is a URL, not a file path; the processor takes paths and "
                              f"PIL images: pass vl2_jax.images.load_image(ref) (the PIL image it reads) instead.")
-        if isinstance(path, str) and _looks_like_base64(path):  # (or a long path of such characters)
+        if isinstance(path, str) and looks_like_base64(path):  # (or a long path of such characters)
             raise InputError(f"image file {describe(path) if len(path) > 1024 else path} does not exist; check "
                              f"the path (base64 is read by vl2_jax.images.load_image(ref), whose PIL image the "
                              f"processor takes).")
