@@ -41,6 +41,7 @@ def test_load_speed_measures_a_converted_fixture(tmp_path):
     assert rows["plain_read"]["file_gb"] == rows["load_model"]["file_gb"] > 0
 
 
+@pytest.mark.slow  # (a GPU benchmark script's CPU smoke run, 14-33 s: out of CI's time)
 def test_moe_dispatch_benchmark_runs_on_cpu():
     r = _run("benchmarks/moe_dispatch.py", "--models", "test", "--tokens", "1,8")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -58,6 +59,7 @@ def test_tile_sweep_refuses_options_of_the_other_kernel(args, message):
     assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.slow  # (a GPU benchmark script's CPU smoke run, 14-33 s: out of CI's time)
 @pytest.mark.parametrize("same_weights", [False, True])
 def test_bf16_drift_runs_on_cpu(same_weights):
     extra = ["--same-weights"] if same_weights else []
@@ -67,6 +69,7 @@ def test_bf16_drift_runs_on_cpu(same_weights):
     assert f"reference_weights={'bf16' if same_weights else 'float32'}" in r.stdout
 
 
+@pytest.mark.slow  # (a GPU benchmark script's CPU smoke run, 14-33 s: out of CI's time)
 def test_cosine_on_the_same_weights_runs_on_cpu():
     r = _run("benchmarks/profile_decode.py", "--model", "random:test", "--cosine", "--no-profile", "--same-weights",
              "--forced-routing")
@@ -166,6 +169,7 @@ def test_alone_vs_together_finds_float32_answers_identical():
     assert row["identical"] == 4 and row["first_difference"] == [None] * 4
 
 
+@pytest.mark.slow  # (a GPU benchmark script's CPU smoke run, 14-33 s: out of CI's time)
 def test_finetune_speed_runs_on_cpu():
     r = _run("benchmarks/finetune_speed.py", "--model", "random:test", "--dtype", "float32", "--full", "--batch", "1",
              "--seq-len", "512", "--steps", "1")
@@ -280,6 +284,7 @@ ENTRY %main (a: bf16[4,2048], w: s8[2048,4096], e: s8[64,2048,512], i: s32[6,1],
     assert program.ops["cb"].out_bytes == 2048 * 2048 * 2  # (its workspace is not data)
 
 
+@pytest.mark.slow  # (a GPU benchmark script's CPU smoke run, 14-33 s: out of CI's time)
 def test_ab_compare_times_each_checkout_own_code(tmp_path):
     """Each worker imports its own checkout's package, not the working directory's (which `python -c`
     puts first on sys.path: both sides once ran the same code), each B is compared with A; a folder
