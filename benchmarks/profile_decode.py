@@ -121,16 +121,17 @@ def profile_first_token(spec: str, keep: str | None = None) -> list[dict]:
     return rows
 
 
-def profile(spec: str, tokens: int, exact_names: bool = False, quant: str | None = None, rows: int = 1) -> list[dict]:
+def profile(spec: str, tokens: int, exact_names: bool = False, quant: str | None = None,
+            batch_size: int = 1) -> list[dict]:
     """Kernels of the decode steps alone: a `tokens`-token generation minus a one-token one (the same
-    embedding and prefill), per name, divided by the tokens - 1 decode steps (of `rows` rows each)."""
+    embedding and prefill), per name, divided by the tokens - 1 decode steps (of `batch_size` rows each)."""
     try:
         from vl2_jax.load import load_model
     except ImportError:  # a checkout from before the engine (PYTHONPATH=that checkout), for a side-by-side
         from vl2_jax.hub import load_model
 
     model = load_model(spec, "bfloat16", **({"quant": quant} if quant else {}))
-    batch = _prompt(model, rows=rows)
+    batch = _prompt(model, rows=batch_size)
     run = lambda n: model.generate(batch, max_new_tokens=n, ignore_eos=True)
     run(tokens), run(1)  # compile
     _, _, kernels1, busy1 = _traced(lambda: run(1), exact_names)
@@ -143,7 +144,7 @@ def profile(spec: str, tokens: int, exact_names: bool = False, quant: str | None
     per_step_wall = result.decode_s / steps
     step_busy = sum(v for v in busy.values() if v > 0) * 1e-6 / steps
     rows = [{
-        "model": spec, "quant": quant or "none", "rows": rows, "metric": "decode_profile", "launches_per_token": sum(v for v in kernels.values() if v > 0) / steps,
+        "model": spec, "quant": quant or "none", "rows": batch_size, "metric": "decode_profile", "launches_per_token": sum(v for v in kernels.values() if v > 0) / steps,
         "device_busy_ms_per_token": 1e3 * step_busy, "wall_ms_per_token": 1e3 * per_step_wall,
         "busy_fraction": step_busy / per_step_wall, "jax": jax.__version__, "device": jax.devices()[0].device_kind,
         "idle_in_span_ms": gaps["idle_ms"], "kernel_span_ms": gaps["span_ms"],
