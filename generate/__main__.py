@@ -18,7 +18,7 @@ import sys
 
 from vl2_jax import prefetch
 from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, QUANTS
-from vl2_jax.errors import command_parser, guarded, number
+from vl2_jax.errors import command_parser, guarded, interrupts_held, number
 
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl2-tiny"
 
@@ -95,11 +95,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     log = lambda line: print(line, file=sys.stderr, flush=True)
 
-    def body() -> int:  # (Ctrl-C from here on ends in "interrupted", even while JAX is imported)
+    def body() -> int:  # (Ctrl-C from here on ends in "interrupted")
         args = _parser().parse_args(argv)
         if args.coordinator is None:  # (across hosts each process reads only what it needs)
             prefetch.start(args.model)  # the disk reads the weights while JAX is imported and starts
-        from vl2_jax.cli import run
+        with interrupts_held():  # (importing JAX)
+            from vl2_jax.cli import run
 
         return run(args, log)
 

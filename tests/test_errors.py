@@ -572,3 +572,35 @@ def test_deferred_interrupt_notes_the_first_signal_raises_at_the_second_and_rest
         with pytest.raises(KeyboardInterrupt):
             deliver(signal.SIGINT)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupts_held_raise_at_the_blocks_end_then_sigterm_interrupts(sig):
+    """Within `interrupts_held` (imports that bring in JAX) a signal only raises once the block is done;
+    afterwards Ctrl-C's handler is back and SIGTERM raises KeyboardInterrupt."""
+    import signal
+    import time
+
+    from vl2_jax.errors import interrupts_held
+
+    def deliver(sig):
+        os.kill(os.getpid(), sig)
+        for _ in range(100):
+            time.sleep(0.001)
+
+    before_int, before_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    finished = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_held():
+                deliver(getattr(signal, sig))
+                deliver(getattr(signal, sig))
+                finished.append(True)
+        assert finished == [True]
+        assert signal.getsignal(signal.SIGINT) == before_int
+        with pytest.raises(KeyboardInterrupt):
+            deliver(signal.SIGTERM)
+        with interrupts_held():  # (nothing came: nothing raised)
+            pass
+    finally:
+        signal.signal(signal.SIGTERM, before_term)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from vl2_jax.chat import ChatSession, user_turn
 from vl2_jax.config import Runtime
-from vl2_jax.errors import InputError, PromptTooLong, check_interrupt, explain, sigterm_as_interrupt
+from vl2_jax.errors import InputError, PromptTooLong, check_interrupt, explain
 from vl2_jax.generation import stop_strings
 from vl2_jax.images import ImageLimits, describe, load_image, local_path
 from vl2_jax.sampling import check_sampling
@@ -37,8 +37,6 @@ def run(args, log: Callable[[str], None]) -> int:
     from vl2_jax import executables, load
     from vl2_jax.processor import TileCache
 
-    sigterm_as_interrupt()  # (JAX is imported by now)
-    check_interrupt()  # (a Ctrl-C while JAX was imported may have been dropped by Python)
 
     speaks = _start_distributed(args)
     if not speaks:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vl2_jax.errors import command_parser, guarded, number, sigterm_as_interrupt
+from vl2_jax.errors import command_parser, guarded, interrupts_held, number
 from vl2_jax.training.parts import PARTS
 
 
@@ -80,10 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
 
     def body() -> int:
-        from vl2_jax.training.loop import Settings
-        from vl2_jax.training.run import Job, counted, finetune
-
-        sigterm_as_interrupt()  # (JAX is imported by now)
+        with interrupts_held():  # (importing JAX)
+            from vl2_jax.training.loop import Settings
+            from vl2_jax.training.run import Job, counted, finetune
 
         rank = 0 if args.full else args.lora_rank
         settings = Settings(

@@ -132,15 +132,16 @@ def _minutes(seconds: float) -> str:
 
 
 def run(args, log) -> int:
-    from vl2_jax import executables, load
-    from vl2_jax.errors import InputError, sigterm_as_interrupt
-    from vl2_jax.images import ImageLimits
-    from vl2_jax.processor import TileCache
-    from vl2_jax.serving.api import ServerSettings, create_app
-    from vl2_jax.serving.metrics import Metrics
-    from vl2_jax.serving.scheduler import Scheduler
+    from vl2_jax.errors import InputError, interrupts_held
 
-    sigterm_as_interrupt()  # (until uvicorn takes the signals over: a stop while loading or warming up)
+    with interrupts_held():  # (importing JAX; then SIGTERM ends loading or warmup until uvicorn takes it over)
+        from vl2_jax import executables, load
+        from vl2_jax.images import ImageLimits
+        from vl2_jax.processor import TileCache
+        from vl2_jax.serving.api import ServerSettings, create_app
+        from vl2_jax.serving.metrics import Metrics
+        from vl2_jax.serving.scheduler import Scheduler
+
     if args.image_dir is not None and not os.path.isdir(args.image_dir):
         raise InputError(f"--image-dir {args.image_dir} is not a folder.")
     settings = ServerSettings(
