@@ -455,7 +455,10 @@ def test_input_file_answers_each_line_in_order_with_its_own_settings(tmp_path, c
     lines[2:2] = ["{not json", "", json.dumps({"prompt": "hi", "colour": "red"}),
                   json.dumps({"prompt": "<image> hi", "images": [str(tmp_path / "missing.png")]}),
                   json.dumps({"id": "d", "images": []})]
-    lines += [json.dumps({"prompt": "hi", "stop": [1, 2]}), json.dumps({"prompt": "hi", "temperature": "hot"})]
+    lines += [json.dumps({"prompt": "hi", "stop": [1, 2]}), json.dumps({"prompt": "hi", "temperature": "hot"}),
+              json.dumps({"prompt": "hi", "system": 5}), json.dumps({"prompt": "hi", "system": " "}),
+              json.dumps({"id": "n", "prompt": "hi", "system": None, "stop": None, "temperature": None,
+                          "max_new_tokens": 1})]  # (null: the flags' defaults)
     src, dst = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
     # a byte-order mark (as Windows editors write) is no text; a line that is not UTF-8 is refused alone
     src.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b'\n{"prompt": "\xff"}\n')
@@ -463,18 +466,20 @@ def test_input_file_answers_each_line_in_order_with_its_own_settings(tmp_path, c
             "--max-batch", "2"]
     assert main(argv) == 1
     records = [json.loads(line) for line in dst.read_text().splitlines()]
-    assert [r["line"] for r in records] == [1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13]  # the blank line 4 is skipped
+    assert [r["line"] for r in records] == [1, 2, 3, *range(5, 17)]  # the blank line 4 is skipped
     errors = {r["line"]: r["error"] for r in records if "error" in r}
-    assert set(errors) == {3, 5, 6, 7, 11, 12, 13}
+    assert set(errors) == {3, 5, 6, 7, 11, 12, 13, 14, 16}
     assert "not JSON" in errors[3] and "colour" in errors[5] and "missing.png" in errors[6] and "prompt" in errors[7]
     assert "stop must be a string or a list of strings" in errors[11] and "temperature must be a number" in errors[12]
-    assert "not UTF-8" in errors[13]
+    assert "system must be a string (got 5)" in errors[13] and "system needs some text" in errors[14]
+    assert "not UTF-8" in errors[16]
+    assert next(r for r in records if r["line"] == 15)["generated_tokens"] == 1
     assert next(r["id"] for r in records if r["line"] == 7) == "d"  # a refused line keeps its id
     answers = [r for r in records if "error" not in r]
     for i, (record, case) in enumerate(zip(answers, cases)):
         want = case["arrays"]["greedy"].tolist()[: len(case["arrays"]["greedy"]) - i]
         assert record["id"] == f"r{i}" and record["token_ids"] == want and record["finish_reason"] == "length"
-    assert "answered 5 of 12" in capsys.readouterr().err
+    assert "answered 6 of 15" in capsys.readouterr().err
     assert main(["--model", "random:test", "--input", str(src), "--prompt", "x"]) == 1
     assert "--input takes" in capsys.readouterr().err
     for output, words in ((src, "is the --input file"), (tmp_path / "missing" / "o.jsonl", "folder does not exist")):

@@ -360,8 +360,16 @@ def test_api_refuses_bad_sampling_arguments(fixture_model):
         ({"max_new_tokens": 2.5}, "max_new_tokens must be a whole number (got 2.5)"),  # (was cut to 2 silently)
         ({"max_new_tokens": None}, "max_new_tokens must be a whole number (got None)"),  # (was a TypeError)
         ({"max_new_tokens": "8"}, "max_new_tokens must be a whole number (got '8')"),
+        ({"temperature": "0.5"}, "temperature must be a number (got '0.5')."),  # (these three were TypeErrors)
+        ({"top_p": None}, "top_p must be a number (got None)."),
+        ({"seed": "1"}, "seed must be a whole number (got '1')."),
+        ({"top_k": 2.5}, "top_k must be a whole number (got 2.5)."),  # (these two were cut silently)
+        ({"seed": 2.7}, "seed must be a whole number (got 2.7)."),
+        ({"repetition_penalty": True}, "repetition_penalty must be a number (got True)."),
     ]:
         assert words in api_error(InputError, functools.partial(fixture_model.generate, batch, **kwargs))
+    unseeded = fixture_model.generate(batch, max_new_tokens=3, temperature=1.0, seed=None, ignore_eos=True)
+    assert unseeded.generated_tokens == [3]  # (seed None: a fresh random one)
     assert "prefill_chunks must be whole numbers of at least 1" in api_error(
         ConfigError, functools.partial(vl2_jax.Runtime, prefill_chunks=(0,)))
 

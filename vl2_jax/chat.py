@@ -31,6 +31,17 @@ def user_turn(prompt: str, num_images: int) -> dict:
     return {"role": "user", "content": prompt}
 
 
+def check_system(system, name: str = "system") -> None:
+    """A system prompt is None (none) or a string with some text and no <image> placeholder; anything
+    else raises InputError, naming it as `name` (the flag, the key)."""
+    if system is None:
+        return
+    if not isinstance(system, str):
+        raise InputError(f"{name} must be a string (got {system!r}).")
+    if not system.strip() or "<image>" in system:
+        raise InputError(f"{name} needs some text and no <image> placeholder (images go in the user's turns).")
+
+
 @dataclasses.dataclass
 class ChatSession:
     """Multi-turn history, after an optional system prompt. Images belong to the turn that introduced them.
@@ -45,11 +56,14 @@ class ChatSession:
     system: str | None = None
     _asked: tuple = ()
 
+    def __post_init__(self):
+        check_system(self.system)
+
     def ask(self, prompt: str, images=()) -> tuple[list[dict], list]:
         """(conversation, every image) for the history plus `prompt` with `images`; kept by `answer`."""
         turn, images = user_turn(prompt, len(images)), list(images)
         self._asked = (turn, images)
-        head = [{"role": "system", "content": self.system}] if self.system else []
+        head = [] if self.system is None else [{"role": "system", "content": self.system}]
         return [*head, *self.turns, turn], [*self.images, *images]
 
     def answer(self, text: str) -> None:

@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from vl2_jax.chat import ChatSession, user_turn
+from vl2_jax.chat import ChatSession, check_system, user_turn
 from vl2_jax.config import Runtime
 from vl2_jax.errors import InputError, PromptTooLong, check_interrupt, explain
 from vl2_jax.generation import stop_strings
@@ -69,8 +69,7 @@ def run(args, log: Callable[[str], None]) -> int:
     if args.prompt is not None:
         user_turn(args.prompt, len(images))
     system = getattr(args, "system", None)
-    if system is not None and (not system.strip() or "<image>" in system):
-        raise InputError("--system needs some text and no <image> placeholder (images go in the user's turns).")
+    check_system(system, "--system")
     if getattr(args, "draw_boxes", None):
         check_draw_boxes(args.draw_boxes, args.image)
     lines = read_requests(batch_file) if batch_file is not None else None
@@ -211,20 +210,17 @@ def answer_file(model, lines: list[str], args, options: dict, limits: ImageLimit
                     raise InputError(f"not JSON ({e.msg} at column {e.colno})") from None
                 if isinstance(rec, dict):
                     ident = rec.get("id")  # (in the answer, even when the line is refused)
+                    rec = {key: value for key, value in rec.items() if value is not None}  # (null: the flag's default)
                 if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
                     raise InputError('each line needs an object with a "prompt" string.')
                 unknown = sorted(set(rec) - REQUEST_KEYS)
                 if unknown:
                     raise InputError(f"unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(REQUEST_KEYS))}")
                 settings = {k: rec.get(k, options[k]) for k in ("temperature", "top_p", "top_k", "repetition_penalty")}
-                for key in ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "max_new_tokens"):
-                    whole = key in ("top_k", "seed", "max_new_tokens")
-                    value = rec.get(key, 0)
-                    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
-                        raise InputError(f"{key} must be {'a whole number' if whole else 'a number'} (got {value!r})")
-                check_sampling(**settings)
+                seed = rec.get("seed", options["seed"])
+                check_sampling(**settings, seed=seed)
                 max_new = rec.get("max_new_tokens", options["max_new_tokens"])
-                if max_new < 1:
+                if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
                     raise InputError(f"max_new_tokens must be a whole number of at least 1 (got {max_new!r})")
                 stop = stop_strings(rec.get("stop", options["stop"]))
                 refs = rec.get("images", [])
@@ -236,7 +232,7 @@ def answer_file(model, lines: list[str], args, options: dict, limits: ImageLimit
                 request = Request.from_output(model.processor(conversation, images), model.cfg.tokens_per_tile_side)
                 model.engine.check(request)
                 job = Job(request, min(max_new, model.engine.max_seq_len),
-                          RowSampling.make(seed=rec.get("seed", options["seed"]), **settings), stop, eos)
+                          RowSampling.make(seed=seed, **settings), stop, eos)
             except Exception as e:  # noqa: BLE001 - one bad line is one error record
                 finish(number, {"line": number, "id": ident, "error": explain(e)})
                 continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import numbers
+import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import jax
@@ -230,7 +231,7 @@ class VL2Model:
         top_p: float = 1.0,
         top_k: int = 0,
         repetition_penalty: float = 1.0,
-        seed: int = 0,
+        seed: int | None = 0,
         stop: str | Sequence[str] = (),
         on_text: Callable[[int, str], None] | None = None,
         ignore_eos: bool = False,
@@ -238,15 +239,16 @@ class VL2Model:
         """Generates answers for a processor batch (or one processor output) -> `GenerationResult`.
 
         Greedy when `temperature == 0` (the default); otherwise samples with temperature, `top_k` (0 = off)
-        and `top_p` (1.0 = off), reproducibly for a `seed`: each row draws from its own key, so a seeded
-        answer is the same alone and in a batch. `repetition_penalty` > 1 discourages tokens already in
+        and `top_p` (1.0 = off), reproducibly for a `seed` (None: a fresh random one): each row draws from
+        its own key, so a seeded answer is the same alone and in a batch. `repetition_penalty` > 1 discourages tokens already in
         the prompt or answer. A row stops at EOS, at one of the `stop` strings (e.g. "User:", the chat
         template's), after `max_new_tokens`, or when its slot is full (`runtime.max_seq_len`). Rows beyond
         `runtime.max_batch` run as slots free up. `on_text(row, new_text)` is called with text as it is
         produced. `ignore_eos=True` generates exactly `max_new_tokens` (for benchmarks). One call at a time
         per model: the engine's state (slots and cache) passes from call to call.
         """
-        check_sampling(temperature, top_p, top_k, repetition_penalty)
+        seed = secrets.randbits(32) if seed is None else seed
+        check_sampling(temperature, top_p, top_k, repetition_penalty, seed)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
             raise InputError(f"max_new_tokens must be a whole number (got {max_new_tokens!r}).")
         if max_new_tokens < 1:

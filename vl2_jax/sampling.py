@@ -13,6 +13,7 @@ Hugging Face's logits processors, which the official code's `generate` uses:
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -22,27 +23,35 @@ from flax import struct
 from vl2_jax.errors import InputError
 
 
-def check_sampling(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, flags: bool = False) -> None:
-    """Refuses settings outside their ranges with one `InputError`; `flags` names them as the command
-    line's flags (`--top-p`) rather than as arguments (`top_p`)."""
-    bad = sampling_error(temperature, top_p, top_k, repetition_penalty, flags)
+def check_sampling(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=0, flags: bool = False) -> None:
+    """Refuses settings of the wrong kind or outside their ranges with one `InputError`; `flags` names
+    them as the command line's flags (`--top-p`) rather than as arguments (`top_p`)."""
+    bad = sampling_error(temperature, top_p, top_k, repetition_penalty, seed, flags)
     if bad is not None:
         raise InputError(bad[1])
 
 
-def sampling_error(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
+def sampling_error(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=0,
                    flags: bool = False) -> tuple[str, str] | None:
-    """(the first setting outside its range, a sentence saying so), or None where all are within."""
+    """(the first setting of the wrong kind or outside its range, a sentence saying so), or None where
+    all are fine. top_k and seed are whole numbers (any, for the seed: it is taken modulo 2**32), the
+    others numbers; a bool is neither."""
+    values = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "repetition_penalty": repetition_penalty,
+              "seed": seed}
+    label = lambda name: "--" + name.replace("_", "-") if flags else name  # noqa: E731
+    for name, value in values.items():
+        whole = name in ("top_k", "seed")
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
+            return name, f"{label(name)} must be {'a whole number' if whole else 'a number'} (got {value!r})."
     checks = [
-        (0 <= temperature < math.inf, "temperature", temperature, ">= 0", ""),
-        (0 < top_p <= 1, "top_p", top_p, "in (0, 1]", ""),
-        (top_k >= 0, "top_k", top_k, ">= 0", ""),
-        (0 < repetition_penalty < math.inf, "repetition_penalty", repetition_penalty, "> 0", "; 1 turns it off"),
+        (0 <= temperature < math.inf, "temperature", ">= 0", ""),
+        (0 < top_p <= 1, "top_p", "in (0, 1]", ""),
+        (top_k >= 0, "top_k", ">= 0", ""),
+        (0 < repetition_penalty < math.inf, "repetition_penalty", "> 0", "; 1 turns it off"),
     ]
-    for ok, name, value, rule, hint in checks:  # `not ok` also refuses nan
+    for ok, name, rule, hint in checks:  # `not ok` also refuses nan
         if not ok:
-            label = "--" + name.replace("_", "-") if flags else name
-            return name, f"{label} must be {rule} (got {value}{hint})."
+            return name, f"{label(name)} must be {rule} (got {values[name]}{hint})."
     return None
 
 
