@@ -188,6 +188,24 @@ def test_images_as_paths():
     assert_same_output(by_path, run_case("mha", "two_images"))
 
 
+def test_images_as_uint8_arrays_are_their_pil_images():
+    import jax.numpy as jnp
+
+    case = load_case("mha", "two_images")
+    pil = [im.convert("RGB") for im in open_images(case)]
+    arrays = [np.asarray(pil[0]), jnp.asarray(np.asarray(pil[1].convert("RGBA")))]  # (numpy, and JAX RGBA)
+    assert_same_output(processor()(case["conversation"], arrays), processor()(case["conversation"], pil))
+    grey = np.full((40, 90), 200, np.uint8)
+    one = [{"role": "user", "content": "<image>"}]
+    assert_same_output(processor()(one, [grey]), processor()(one, [Image.fromarray(grey).convert("RGB")]))
+    for array, words in [(np.zeros((3, 64, 64), np.uint8), "got uint8 [3, 64, 64] (image 1 of 1) (channels first?"),
+                         (np.zeros((64, 64, 3), np.float32), "got float32 [64, 64, 3] (image 1 of 1) (floats in [0, 1]?"),
+                         (np.zeros((64,), np.uint8), "[H, W, 4], got uint8 [64] (image 1 of 1).")]:
+        with pytest.raises(InputError, match=r"^an image array must be uint8") as e:
+            processor()(one, [array])
+        assert words in str(e.value)
+
+
 def test_non_rgb_image_is_converted():
     p = processor()
     gray = Image.new("L", (90, 40), 200)

@@ -285,8 +285,21 @@ def _to_rgb(image: Image.Image, label: str) -> Image.Image:
                          f"so re-save or re-download it.") from None
 
 
+def _array_image(array: np.ndarray, where: str) -> Image.Image:
+    """A uint8 [H, W] (grey), [H, W, 3] (RGB) or [H, W, 4] (RGBA) array as a PIL image; InputError otherwise."""
+    shape = list(array.shape)
+    fits = array.ndim == 2 or (array.ndim == 3 and shape[-1] in (3, 4))
+    if array.dtype != np.uint8 or not fits:
+        hint = " (channels first? move them last)" if array.ndim == 3 and shape[0] in (3, 4) and shape[-1] not in (3, 4) \
+            else " (floats in [0, 1]? scale them to 0-255 and cast to uint8)" if array.dtype.kind == "f" else ""
+        raise InputError(f"an image array must be uint8 [H, W], [H, W, 3] or [H, W, 4], got {array.dtype} "
+                         f"{shape}{where}{hint}.")
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
 def open_image(image, name: str | None = None) -> Image.Image:
-    """A PIL image or an image file path -> a fully decoded RGB PIL image, exactly ``img.convert("RGB")``.
+    """A PIL image, an image file path or a uint8 array ([H, W], [H, W, 3] RGB or [H, W, 4] RGBA: numpy,
+    or anything numpy reads, as a JAX array) -> a fully decoded RGB PIL image, exactly ``img.convert("RGB")``.
 
     Every mode PIL can convert (L, LA, P, RGBA, CMYK, I;16, ...) is converted as the reference's callers do;
     ``name`` (e.g. "image 2 of 3") labels an in-memory image in messages, a file is named by its path.
@@ -299,9 +312,11 @@ def open_image(image, name: str | None = None) -> Image.Image:
     """
     if isinstance(image, Image.Image):
         return _to_rgb(image, name or "the PIL image")
+    where = f" ({name})" if name else ""
+    if hasattr(image, "__array__") and not isinstance(image, (str, bytes)):
+        return _to_rgb(_array_image(np.asarray(image), where), name or "the image array")
     if not isinstance(image, (str, os.PathLike)):
-        where = f" ({name})" if name else ""
-        raise InputError(f"an image must be a PIL image or a file path, got {type(image).__name__}{where}.")
+        raise InputError(f"an image must be a PIL image, a file path or a uint8 array, got {type(image).__name__}{where}.")
     path = os.fspath(image)
     if not os.path.exists(path):
         if isinstance(path, str) and is_url(path):
@@ -525,7 +540,7 @@ class Processor:
 
     # ----------------------------------------------------------------------------------------- main
     def __call__(self, conversation, images=()) -> ProcessorOutput:
-        """Process one conversation (list of {'role', 'content'}) with its images (PIL or paths).
+        """Process one conversation (list of {'role', 'content'}) with its images (PIL images, paths or uint8 arrays).
 
         Images are taken in order by the ``<image>`` placeholders of the user turns; there must be
         exactly one per placeholder.
@@ -574,7 +589,7 @@ class Processor:
 
     def raw(self, prompt: str, images=()) -> ProcessorOutput:
         """A prompt already in the chat template's format (an OpenAI completions ``prompt``, SGLang's
-        ``/generate`` ``text``: the role markers are the caller's) with its images (PIL or paths), one per
+        ``/generate`` ``text``: the role markers are the caller's) with its images (PIL images, paths or uint8 arrays), one per
         ``<image>`` placeholder, in order -> :class:`ProcessorOutput`. ``bos`` comes first unless the
         prompt starts with it; nothing else is added."""
         if not isinstance(prompt, str) or not prompt:
