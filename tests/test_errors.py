@@ -370,6 +370,8 @@ def test_api_refuses_bad_sampling_arguments(fixture_model):
         assert words in api_error(InputError, functools.partial(fixture_model.generate, batch, **kwargs))
     unseeded = fixture_model.generate(batch, max_new_tokens=3, temperature=1.0, seed=None, ignore_eos=True)
     assert unseeded.generated_tokens == [3]  # (seed None: a fresh random one)
+    for dtype in ("", "bf16"):  # ("" was the default dtype)
+        assert f"unknown dtype {dtype!r}" in api_error(ConfigError, vl2_jax.load_model, "random:test", dtype)
     assert "prefill_chunks must be whole numbers of at least 1" in api_error(
         ConfigError, functools.partial(vl2_jax.Runtime, prefill_chunks=(0,)))
 

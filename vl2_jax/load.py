@@ -97,7 +97,7 @@ def load_model(
     several = getattr(jax.distributed, "is_initialized", lambda: False)()
     reading = None if several else prefetch.start(spec)  # read ahead while JAX's backend starts
     try:
-        return _load(spec, dtype or default_dtype(), runtime, mesh, seed, progress or (lambda line: None),
+        return _load(spec, default_dtype() if dtype is None else dtype, runtime, mesh, seed, progress or (lambda line: None),
                      bytes_progress, quant, programs)
     finally:
         if reading is not None:
@@ -122,6 +122,7 @@ def _load(spec: str, dtype, runtime: Runtime, mesh, seed: int, progress: Callabl
         if bytes_progress is not None:
             bytes_progress(done, total)
 
+    dtype_of(dtype)  # (an unknown name, "" included, is refused before anything loads)
     if spec.startswith("random:"):
         preset(spec[7:])  # an unknown size is refused before the line that announces it
         progress(f"initialising random {spec[7:]} weights ...")
