@@ -238,6 +238,7 @@ def test_completions_text_ids_and_stream(sched, url):
     assert sched.jobs[-1].request.ids.tolist() == [0, 5, 6, 7]
     text = "".join(ch.choices[0].text for ch in c.completions.create(model=MODEL, prompt="Hi", stream=True))
     assert text == "Hello, world"
+    assert sched.jobs[-1].max_new_tokens == 16  # no limit given: OpenAI's default for completions
 
 
 # -- SGLang -----------------------------------------------------------------------------------------------

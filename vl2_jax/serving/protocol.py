@@ -263,6 +263,9 @@ class ChatCompletionRequest(_OpenAIBody):
         return turns, images
 
 
+COMPLETIONS_MAX_TOKENS = 16  # /v1/completions' max_tokens when a request sets none
+
+
 class CompletionRequest(_OpenAIBody):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
@@ -276,7 +279,10 @@ class CompletionRequest(_OpenAIBody):
             raise not_supported("suffix", "suffix (insertion)")
         if self.best_of not in (None, 1):
             raise not_supported("best_of", f"best_of={self.best_of}")
-        return super().sampling(max_tokens)
+        sampling = super().sampling(max_tokens)
+        if sampling.max_tokens is None:  # OpenAI's default here (chat's is none), as vLLM and SGLang keep it
+            sampling = dataclasses.replace(sampling, max_tokens=COMPLETIONS_MAX_TOKENS, max_tokens_default=True)
+        return sampling
 
     def single_prompt(self) -> str | list[int]:
         """The one prompt: text (no chat template is applied) or token ids."""
