@@ -13,7 +13,7 @@ import vl2_jax
 from tests.conftest import ckpt_dir, load_case, open_images
 from vl2_jax import Runtime
 from vl2_jax.engine import Request
-from vl2_jax.generation import Batcher, Job
+from vl2_jax.generation import Batcher, Detokenizer, Job
 from vl2_jax.sampling import RowSampling
 
 VARIANT = "mla"
@@ -37,7 +37,7 @@ def job(name: str, max_new: int | None = None, **kw) -> tuple[Job, list[int]]:
 
 def batcher(budget: int | None) -> Batcher:
     m = model()
-    return Batcher(m.engine, m.params, m.take_state(), m.processor.decode, prefill_budget=budget)
+    return Batcher(m.engine, m.params, m.take_state(), Detokenizer.of(m.processor.tokenizer), prefill_budget=budget)
 
 
 def test_a_prompt_prefilled_between_decode_calls_into_a_reused_slot_gets_its_own_answer():
@@ -167,7 +167,7 @@ def test_run_jobs_fills_a_slot_as_soon_as_an_answer_finishes():
             drawn.append((id(j), long_.finished))
             yield j
 
-    state = run_jobs(m.engine, m.params, m.take_state(), source(), m.processor.decode, done.append)
+    state = run_jobs(m.engine, m.params, m.take_state(), source(), Detokenizer.of(m.processor.tokenizer), done.append)
     m.give_state(state)
     assert [id(j) for j in done] == [id(s) for s, _ in shorts] + [id(long_)]  # finishing order
     assert all(not long_done for _, long_done in drawn)  # all four short ones ran beside the long one

@@ -15,7 +15,7 @@ import vl2_jax
 from tests.conftest import VARIANTS, all_cases, ckpt_dir, load_case, open_images
 from vl2_jax import Runtime
 from vl2_jax.errors import ConfigError, InputError
-from vl2_jax.generation import Job
+from vl2_jax.generation import Detokenizer, Job, RowText
 from vl2_jax.sampling import RowSampling, filter_top_k_top_p, penalize, sample_rows
 
 
@@ -241,10 +241,8 @@ def _bytes_decode(ids) -> str:
 def _stream_pieces(data, stop=(), eos_at=None, steps=2):
     """RowText fed `data` (bytes, or token ids) a few tokens at a time, `finished` with the last call, as
     the batcher does; (pieces, final text). An EOS token follows when `eos_at` says so."""
-    from vl2_jax.generation import RowText
-
     tokens = list(data) + ([EOS] if eos_at else [])
-    row = RowText(_bytes_decode, stop, EOS, special=SPECIAL)
+    row = RowText(Detokenizer(_bytes_decode, special=frozenset(SPECIAL)), stop, EOS)
     pieces = []
     for start in range(0, len(tokens), steps):
         new = tokens[start:start + steps]
@@ -290,9 +288,7 @@ def test_a_stop_string_matches_only_ordinary_tokens_text(stop, want):
 
 def test_text_up_to_a_special_token_is_shown_at_once():
     """No stop string begins within or before a special token's text: none of it is held back."""
-    from vl2_jax.generation import RowText
-
-    row = RowText(_bytes_decode, ("a long stop string",), EOS, special=SPECIAL)
+    row = RowText(Detokenizer(_bytes_decode, special=frozenset(SPECIAL)), ("a long stop string",), EOS)
     assert row.add([*b"ab", GROUNDING], False) == "ab<|grounding|>"
     assert row.add([*b"cd"], False) == ""  # (ordinary text: held back again)
 
@@ -303,7 +299,6 @@ def test_piecewise_decoding_gives_the_pieces_and_text_of_whole_decoding_in_linea
     pieces, cut and final text equal those of decoding the whole answer at each step, no stop string is
     found within a special token's text nor missed outside, and a 3000-token answer decodes each token a
     bounded number of times."""
-    from vl2_jax.generation import RowText
     from vl2_jax.processor import Processor
 
     processor = Processor.from_pretrained(ckpt_dir("mha"))
@@ -318,7 +313,7 @@ def test_piecewise_decoding_gives_the_pieces_and_text_of_whole_decoding_in_linea
             tokens.append(eos)
         width = (2, 3) if trial % 4 == 1 else (12, 40)  # (long ones often begin inside the settled text)
         stop = tuple(decode(tokens[i:i + width[0]])[:width[1]] for i in rng.integers(0, len(tokens), 2)) if trial % 2 else ()
-        rows = [RowText(decode, stop, eos, joins, special) for joins in (False, True)]
+        rows = [RowText(Detokenizer(decode, joins, special), stop, eos) for joins in (False, True)]
         at = 0
         while at < len(tokens) and not rows[0].cut:
             step = int(rng.integers(1, 17))
@@ -337,7 +332,7 @@ def test_piecewise_decoding_gives_the_pieces_and_text_of_whole_decoding_in_linea
 
     decoded = []
     counting = lambda ids: decoded.append(len(ids)) or decode(ids)
-    row = RowText(counting, ("never-said",), eos, joins=True)
+    row = RowText(Detokenizer(counting, joins=True), ("never-said",), eos)
     tokens = rng.integers(0, vocab, 3000).tolist()
     for i in range(0, 3000, 4):
         row.add(tokens[i:i + 4], False)
@@ -345,11 +340,9 @@ def test_piecewise_decoding_gives_the_pieces_and_text_of_whole_decoding_in_linea
 
 
 def test_the_stop_string_that_cut_is_the_earliest_found():
-    from vl2_jax.generation import RowText
-
     decode = lambda ids: bytes(ids).decode()
     for stop, matched in ((("xyz", "c", "b"), "b"), (("bc", "b"), "bc"), ((), None)):
-        row = RowText(decode, stop, EOS)
+        row = RowText(Detokenizer(decode), stop, EOS)
         row.add(list(b"abcdef"), False)
         assert row.matched == matched and row.text() == ("abcdef" if matched is None else "a"), stop
 

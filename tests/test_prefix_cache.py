@@ -13,7 +13,7 @@ import vl2_jax
 from tests.conftest import ckpt_dir, load_case, open_images
 from vl2_jax import Runtime
 from vl2_jax.engine import CompileWatch, Request
-from vl2_jax.generation import Batcher, Job
+from vl2_jax.generation import Batcher, Detokenizer, Job
 from vl2_jax.prefix_cache import SlotPrefixes, TileFeatures, signature, tile_digests
 from vl2_jax.sampling import RowSampling
 
@@ -55,7 +55,7 @@ def fresh_and_cached(b: Batcher, first: Request, second: Request) -> tuple[Job, 
 
 def batcher() -> Batcher:
     m = model()
-    return Batcher(m.engine, m.params, m.take_state(), m.processor.decode)
+    return Batcher(m.engine, m.params, m.take_state(), Detokenizer.of(m.processor.tokenizer))
 
 
 def test_the_same_prompt_again_continues_from_the_cache_with_the_same_answer():
@@ -340,7 +340,7 @@ def test_random_traffic_with_follow_ups_cancels_and_stops_answers_as_each_reques
     images = [image(20 + i, w, h) for i, (w, h) in enumerate([(40, 30), (64, 64), (30, 90)])]
     systems = [None, "You are a careful assistant who answers briefly. " * 3]
     questions = ["What is this?", "Describe it.", "Why?", "Tell me more about the colours."]
-    b = Batcher(m.engine, m.params, m.take_state(), m.processor.decode, prefill_budget=32)
+    b = Batcher(m.engine, m.params, m.take_state(), Detokenizer.of(m.processor.tokenizer), prefill_budget=32)
     b.prefixes.clear()
     done, running = [], []  # (conversation, image indices, (max_new, sampling, stop), job)
 

@@ -14,7 +14,7 @@ import bisect
 import collections
 import dataclasses
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -49,6 +49,21 @@ class GenerationResult:
         return steps / self.decode_s if self.decode_s > 0 and steps > 0 else 0.0
 
 
+@dataclasses.dataclass(frozen=True)
+class Detokenizer:
+    """What turns answers' token ids into text: `decode(ids)`, whether its pieces join (`joins`:
+    `Tokenizer.pieces_join`) and the ids of the special tokens (`special`: `Tokenizer.special_ids`)."""
+
+    decode: Callable[[list[int]], str]
+    joins: bool = False
+    special: frozenset[int] = frozenset()
+
+    @classmethod
+    def of(cls, tokenizer) -> Detokenizer:
+        """A `Tokenizer`'s (`decode`, `pieces_join`, `special_ids`)."""
+        return cls(tokenizer.decode, tokenizer.pieces_join, frozenset(tokenizer.special_ids))
+
+
 class RowText:
     """One answer's text as its tokens arrive: what is safe to show, and where a stop string cuts it.
 
@@ -56,11 +71,11 @@ class RowText:
     characters (which a stop string may still complete) are held back; when it ends, everything is
     released. The shown pieces always add up to the final text.
 
-    The text keeps special tokens (`special`: their ids), but a stop string matches only in the text of
+    The text keeps special tokens (`detok.special`: their ids), but a stop string matches only in the text of
     ordinary tokens: never within, partly within or across a special token's text (as in vLLM, SGLang and
     transformers, whose default text leaves special tokens out).
 
-    `joins`: `decode(a + b) == decode(a) + decode(b)` wherever `decode(a)` ends on a whole character
+    `detok.joins`: `decode(a + b) == decode(a) + decode(b)` wherever `decode(a)` ends on a whole character
     (`Tokenizer.pieces_join`: a byte-level decoder). Then the text of all but the last few tokens is
     settled as it grows and only the tokens after it are decoded again at each step (a long answer
     costs linear time, not quadratic); otherwise the whole answer is decoded at each step.
@@ -68,10 +83,9 @@ class RowText:
 
     LAG = 8  # tokens decoded again at each step, at least, past the settled text
 
-    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str], eos: int, joins: bool = False,
-                 special: Collection[int] = frozenset()):
-        self.decode, self.stop, self.eos, self.joins = decode, tuple(s for s in stop if s), eos, joins
-        self.special = frozenset(special)
+    def __init__(self, detok: Detokenizer, stop: Sequence[str], eos: int):
+        self.decode, self.joins, self.special = detok.decode, detok.joins, detok.special
+        self.stop, self.eos = tuple(s for s in stop if s), eos
         self.tokens: list[int] = []
         self._opaque: list[tuple[int, int]] = []  # (start, end) characters of each special token's text, in order
         self._scanned = 0  # the answer's tokens looked at for special tokens
@@ -223,13 +237,10 @@ class Batcher:
     program). Not thread-safe: one thread drives a batcher (the server's scheduler thread, or `run`).
     """
 
-    def __init__(self, engine: Engine, params, state: Slots, decode: Callable[[list[int]], str],
+    def __init__(self, engine: Engine, params, state: Slots, detok: Detokenizer,
                  prefill_budget: int | None = None, prefixes: SlotPrefixes | None = None,
-                 features: TileFeatures | None = None, decode_joins: bool = False,
-                 special_ids: Collection[int] = frozenset()):
-        self.engine, self.params, self.state, self.decode = engine, params, state, decode
-        self.decode_joins = decode_joins  # (`RowText`'s `joins`: `Tokenizer.pieces_join`)
-        self.special_ids = frozenset(special_ids)  # (`RowText`'s `special`: `Tokenizer.special_ids`)
+                 features: TileFeatures | None = None):
+        self.engine, self.params, self.state, self.detok = engine, params, state, detok
         self.prefill_budget = prefill_budget
         if prefixes is None and engine.runtime.prefix_cache:
             prefixes = SlotPrefixes(engine.max_batch, engine.chunks[0])
@@ -254,7 +265,7 @@ class Batcher:
         return len(self.prefilling) + len(self.live)
 
     def submit(self, job: Job) -> Job:
-        job.text = RowText(self.decode, job.stop, job.eos, self.decode_joins, self.special_ids)
+        job.text = RowText(self.detok, job.stop, job.eos)
         job.submitted = job.submitted or time.perf_counter()
         self.pending.append(job)
         return job
@@ -450,15 +461,13 @@ class Batcher:
         self._report(job, piece)
 
 
-def run(engine: Engine, params, state: Slots, requests: Sequence[Request], decode: Callable[[list[int]], str],
+def run(engine: Engine, params, state: Slots, requests: Sequence[Request], detok: Detokenizer,
         max_new_tokens: int, sampling: RowSampling, stop: Sequence[str] = (), eos: int = -1,
-        on_text: Callable[[int, str], None] | None = None, decode_joins: bool = False,
-        special_ids: Collection[int] = frozenset()) -> tuple[GenerationResult, Slots]:
+        on_text: Callable[[int, str], None] | None = None) -> tuple[GenerationResult, Slots]:
     """Generates an answer for every request; returns the result and the engine state (donated in).
 
     `eos`: the EOS token id (-1: generate max_new_tokens). `on_text(row, text)` receives each row's
-    text as it becomes showable. Rows beyond the slots wait for one to free up. `decode_joins` and
-    `special_ids`: `Tokenizer.pieces_join` and `Tokenizer.special_ids` of `decode`'s tokenizer.
+    text as it becomes showable. Rows beyond the slots wait for one to free up.
     """
     rows: dict[int, int] = {}
 
@@ -470,8 +479,7 @@ def run(engine: Engine, params, state: Slots, requests: Sequence[Request], decod
     jobs = [Job(request, max_new_tokens, sampling, tuple(stop), eos, update, submitted=t0) for request in requests]
     rows.update((id(job), row) for row, job in enumerate(jobs))
     with CompileWatch() as compiling:
-        state = run_jobs(engine, params, state, jobs, decode, on_done=lambda job: None, decode_joins=decode_joins,
-                         special_ids=special_ids)
+        state = run_jobs(engine, params, state, jobs, detok, on_done=lambda job: None)
     errors = [job.error for job in jobs if job.finish_reason == "error"]
     if errors:
         raise InputError(errors[0])
@@ -486,13 +494,12 @@ def run(engine: Engine, params, state: Slots, requests: Sequence[Request], decod
     return result, state
 
 
-def run_jobs(engine: Engine, params, state: Slots, jobs: Iterable[Job], decode: Callable[[list[int]], str],
-             on_done: Callable[[Job], None], decode_joins: bool = False,
-             special_ids: Collection[int] = frozenset()) -> Slots:
+def run_jobs(engine: Engine, params, state: Slots, jobs: Iterable[Job], detok: Detokenizer,
+             on_done: Callable[[Job], None]) -> Slots:
     """Runs `jobs` (each with its own settings) through a Batcher, drawing the next from the iterable only
     when a slot is about to free up, and calls `on_done(job)` as each finishes (in finishing order).
     Returns the engine state (donated in)."""
-    batcher = Batcher(engine, params, state, decode, decode_joins=decode_joins, special_ids=special_ids)
+    batcher = Batcher(engine, params, state, detok)
     source, running, exhausted = iter(jobs), [], False
     while True:
         while not exhausted and len(running) < engine.max_batch:

@@ -22,7 +22,7 @@ from vl2_jax.checkpoint import param_shapes
 from vl2_jax.config import Runtime, VL2Config
 from vl2_jax.engine import Engine, Request, Slots
 from vl2_jax.errors import InputError, out_of_memory_as
-from vl2_jax.generation import GenerationResult, stop_strings, stream_text
+from vl2_jax.generation import Detokenizer, GenerationResult, stop_strings, stream_text
 from vl2_jax.modules.language import LanguageModel
 from vl2_jax.modules.vision import normalize_pixels
 from vl2_jax.modules.vl2 import VL2
@@ -263,18 +263,16 @@ class VL2Model:
         shape = f"{len(requests)} prompt(s) of up to {max(len(r.ids) for r in requests)} tokens + {max_new_tokens} new"
         with self.mesh_context(), out_of_memory_as(f"while generating ({shape})"):
             result, self._state = generation.run(
-                self.engine, self.params, self.take_state(), requests, self.processor.decode, max_new_tokens,
-                settings, stop, eos, on_text, self.processor.tokenizer.pieces_join,
-                self.processor.tokenizer.special_ids)
+                self.engine, self.params, self.take_state(), requests, Detokenizer.of(self.processor.tokenizer),
+                max_new_tokens, settings, stop, eos, on_text)
         return result
 
     def run_jobs(self, jobs: Iterable[generation.Job], on_done: Callable[[generation.Job], None]) -> None:
         """Answers `generation.Job`s, each with its own settings (prompt, limits, sampling, stop strings),
         drawn from `jobs` as slots free up; `on_done(job)` as each finishes. One call at a time per model."""
         with self.mesh_context(), out_of_memory_as("while generating"):
-            tokenizer = self.processor.tokenizer
-            self.give_state(generation.run_jobs(self.engine, self.params, self.take_state(), jobs, self.processor.decode,
-                                                on_done, tokenizer.pieces_join, tokenizer.special_ids))
+            self.give_state(generation.run_jobs(self.engine, self.params, self.take_state(), jobs,
+                                                Detokenizer.of(self.processor.tokenizer), on_done))
 
     def stream(self, batch, **kwargs) -> Iterator[str]:
         """Like `generate` for a one-conversation batch, yielding the answer's text as it is produced."""

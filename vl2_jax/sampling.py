@@ -41,8 +41,11 @@ def sampling_error(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, 
     label = lambda name: "--" + name.replace("_", "-") if flags else name  # noqa: E731
     for name, value in values.items():
         whole = name in ("top_k", "seed")
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
+        kind = _kind(value)
+        if kind is None or (whole and kind != "whole"):
             return name, f"{label(name)} must be {'a whole number' if whole else 'a number'} (got {value!r})."
+        values[name] = int(value) if kind == "whole" else float(value)
+    temperature, top_p, top_k, repetition_penalty = (values[k] for k in list(values)[:4])
     checks = [
         (0 <= temperature < math.inf, "temperature", ">= 0", ""),
         (0 < top_p <= 1, "top_p", "in (0, 1]", ""),
@@ -53,6 +56,21 @@ def sampling_error(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, 
         if not ok:
             return name, f"{label(name)} must be {rule} (got {values[name]}{hint})."
     return None
+
+
+def _kind(value) -> str | None:
+    """"whole" for an integer, "number" for a float (Python's, numpy's, or a JAX or numpy scalar
+    array's), None for anything else (a bool included)."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, numbers.Integral):
+        return "whole"
+    if isinstance(value, numbers.Real):
+        return "number"
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or np.ndim(value) != 0:
+        return None
+    return "whole" if jnp.issubdtype(dtype, jnp.integer) else "number" if jnp.issubdtype(dtype, jnp.floating) else None
 
 
 def penalize(logits_BV: jax.Array, seen_BV: jax.Array, penalty: jax.Array) -> jax.Array:

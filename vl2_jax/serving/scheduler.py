@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
-from vl2_jax.generation import Batcher, Job
+from vl2_jax.generation import Batcher, Detokenizer, Job
 from vl2_jax.prefix_cache import TileFeatures
 
 __all__ = ["Event", "Handle", "Job", "QueueFull", "Scheduler"]
@@ -177,10 +177,8 @@ class Scheduler:
     def _new_batcher(self, state) -> Batcher:
         """A batcher over the model's engine, with a feature cache where the prefix cache is on."""
         keep = self.model.engine.runtime.prefix_cache and self.feature_cache_bytes > 0
-        processor = self.model.processor
-        return Batcher(self.model.engine, self.model.params, state, processor.decode, self.prefill_budget,
-                       features=TileFeatures(self.feature_cache_bytes) if keep else None,
-                       decode_joins=processor.tokenizer.pieces_join, special_ids=processor.tokenizer.special_ids)
+        return Batcher(self.model.engine, self.model.params, state, Detokenizer.of(self.model.processor.tokenizer),
+                       self.prefill_budget, features=TileFeatures(self.feature_cache_bytes) if keep else None)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Refuses new jobs, lets running ones finish for up to `timeout` seconds, cancels the rest, and
