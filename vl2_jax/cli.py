@@ -37,7 +37,6 @@ def run(args, log: Callable[[str], None]) -> int:
     from vl2_jax import executables, load
     from vl2_jax.processor import TileCache
 
-
     speaks = _start_distributed(args)
     if not speaks:
         # Only process 0 speaks; the others run exactly the same steps (streaming included, so every

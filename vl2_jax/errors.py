@@ -215,8 +215,8 @@ def interrupts_held():
     """`with interrupts_held(): from vl2_jax... import ...` for the imports that bring in JAX: a Ctrl-C or
     SIGTERM that comes meanwhile waits for the block's end, then raises KeyboardInterrupt (the command
     ends with "interrupted"). An interrupt's exception raised while an extension module initialises can
-    crash the interpreter (importing jaxlib: a segmentation fault or an abort in about 1 of 15 Ctrl-Cs
-    0.2-0.3 s into `python -m generate`). From the block's end on SIGTERM raises KeyboardInterrupt
+    crash the interpreter (importing jaxlib: a segmentation fault, an abort or a stray TypeError in a
+    few of every hundred Ctrl-Cs sent within the first second of `python -m generate`). From the block's end on SIGTERM raises KeyboardInterrupt
     (`sigterm_as_interrupt`: JAX's libraries install a handler of their own). Off the main thread, where
     handlers cannot be set, it only runs the block."""
     if threading.current_thread() is not threading.main_thread():

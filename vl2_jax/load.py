@@ -97,8 +97,8 @@ def load_model(
     several = getattr(jax.distributed, "is_initialized", lambda: False)()
     reading = None if several else prefetch.start(spec)  # read ahead while JAX's backend starts
     try:
-        return _load(spec, default_dtype() if dtype is None else dtype, runtime, mesh, seed, progress or (lambda line: None),
-                     bytes_progress, quant, programs)
+        return _load(spec, default_dtype() if dtype is None else dtype, runtime, mesh, seed,
+                     progress or (lambda line: None), bytes_progress, quant, programs)
     finally:
         if reading is not None:
             reading.stop()
