@@ -184,7 +184,14 @@ def test_bad_lines_are_refused_with_their_line_and_short_or_unanswered_ones_skip
     path = write_dataset(tmp_path, [good[1], {**good[0], "images": ["gone.png"]}])
     with pytest.raises(InputError, match=r"train.jsonl:2: image .*gone.png does not exist"):
         batches.read_examples(processor, path, 128)
+    mistyped = {"messages": [{"role": "user", "content": "Hi"}, {"role": "Assistant", "content": "Hello"}]}
+    path = write_dataset(tmp_path, [good[1], mistyped])  # (its last role was read as no answer: skipped)
+    with pytest.raises(InputError, match=r"train.jsonl:2: message 1 has unknown role 'Assistant'"):
+        batches.read_examples(processor, path, 128)
     unanswered = {"messages": [{"role": "user", "content": "Hi"}]}
+    path = write_dataset(tmp_path, [good[1], {**unanswered, "images": ["gone.png"]}])  # skipped, but checked
+    with pytest.raises(InputError, match=r"train.jsonl:2: image .*gone.png does not exist"):
+        batches.read_examples(processor, path, 128)
     long = {"messages": [{"role": "user", "content": "x " * 200}, {"role": "assistant", "content": "y"}]}
     path = write_dataset(tmp_path, [good[1], unanswered, long, good[2]])
     examples, skipped = batches.read_examples(processor, path, 128)

@@ -469,6 +469,11 @@ class Processor:
         ids = [int(i) for i in np.asarray(ids).reshape(-1)]
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def check_conversation(self, conversation) -> None:
+        """Raises InputError where `conversation` is not one the processor takes (its messages' shape,
+        roles and contents, images only in user turns, a system message only first); images unread."""
+        self._normalize_conversation(conversation)
+
     def _normalize_conversation(self, conversation):
         """Validate; return [(template role, stripped content)], ending with an assistant turn."""
         if isinstance(conversation, (str, bytes)) or not conversation:

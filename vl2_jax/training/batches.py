@@ -74,13 +74,17 @@ def read_examples(processor: Processor, path: str | Path, max_seq_len: int) -> t
         except ValueError as exc:
             raise InputError(f"{where} is not valid JSON ({exc}).") from None
         rec = data.record(obj, where, path.parent)
-        if not _ends_with_answer(rec.messages):
-            skipped.no_answer += 1
-            continue
+        try:  # (a line that is skipped is checked all the same: a typo in its last role is no reason to skip it)
+            processor.check_conversation(rec.messages)
+        except InputError as exc:
+            raise InputError(f"{where}: {exc}") from None
         for ref in rec.images:
             file = local_path(ref) if isinstance(ref, str) else None
             if file is not None and not Path(file).is_file():
                 raise InputError(f"{where}: image {file} does not exist.")
+        if not _ends_with_answer(rec.messages):
+            skipped.no_answer += 1
+            continue
         try:
             ex = data.example(processor, rec)
         except InputError as exc:
