@@ -440,7 +440,7 @@ def test_a_quantized_checkpoint_is_refused_before_training(tmp_path, capsys, mon
 
 
 def test_resume_refuses_another_model_dtype_or_moe_and_keeps_the_metrics_history(tmp_path, capsys):
-    """settings.json records the model, dtype and MoE dispatch: a resume with others is refused in one
+    """settings.json records the model, dtype, MoE dispatch and the data's digest: a resume with others is refused in one
     line before anything loads; a resumed run's metrics.json keeps the earlier run's steps and evals."""
     path = write_dataset(tmp_path, jsonl_records(tmp_path))
     out = tmp_path / "out"
@@ -459,6 +459,11 @@ def test_resume_refuses_another_model_dtype_or_moe_and_keeps_the_metrics_history
         assert main([*args, "--resume", *other]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "used other settings" in err[0] and want in err[0], err
+    edited = tmp_path / "edited.jsonl"  # (another file of other conversations: the run's order would not hold)
+    edited.write_text((tmp_path / "train.jsonl").read_text() + json.dumps(RECORDS[1]) + "\n")
+    assert main([*args[:3], str(edited), *args[4:], "--resume"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--data file is not the one the saved run" in err[0], err
     assert main([*args, "--resume"]) == 0, capsys.readouterr().err
     assert "trained 2 steps" in capsys.readouterr().out
     resumed = json.loads((out / "metrics.json").read_text())

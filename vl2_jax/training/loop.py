@@ -232,6 +232,10 @@ def check_resumable(directory: Path, s: Settings, model_settings: dict | None = 
     saved = json.loads(settings.read_text())
     wanted = {**s.resumable(), **(model_settings or {})}
     differ = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k, v) != v}
+    if differ.pop("data_sha256", None):
+        raise ConfigError(f"--resume: the --data file is not the one the saved run in {directory} trained on (its "
+                          f"contents differ); resume with that file, or start a new run on the new data (--force, or "
+                          f"another --out).")
     if differ:
         text = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in differ.items())
         advice = "use the same ones"

@@ -18,6 +18,7 @@ A quantized checkpoint (`python -m convert --quant`) is refused: its weights are
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -68,6 +69,14 @@ def merged_params(result: Result, s: Settings) -> dict:
     return {"params": traverse_util.unflatten_dict(weights, sep="/")}
 
 
+def _sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def counted(n: int, noun: str) -> str:
     """`n` and `noun`, plural unless `n` is 1: "1 step", "2 steps"."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
@@ -79,12 +88,13 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
     input (see `batches` for what is refused and what skipped), before training where it can."""
     s, out = job.settings, Path(job.out)
     runtime = training_runtime(job.moe)
-    model_settings = {"model": _model_id(job.model), "dtype": job.dtype, "moe": job.moe}
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a folder.")
     for name, file in (("--data", job.data), ("--eval", job.eval)):
         if file is not None and not Path(file).is_file():
             raise InputError(f"{name} {file} is not a file.")
+    model_settings = {"model": _model_id(job.model), "dtype": job.dtype, "moe": job.moe,
+                      "data_sha256": _sha256(job.data)}  # (a resumed run trains on the same conversations)
     _refuse_quantized(job.model, _saved_quant(job.model))
     if job.resume and not (out / "train_state").is_dir():
         raise InputError(f"--resume: {out / 'train_state'} does not exist; run without --resume first.")
