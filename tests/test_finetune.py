@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
+import stat
 
 import jax
 import jax.numpy as jnp
@@ -149,6 +151,10 @@ def test_cli_writes_a_model_that_loads_and_matches_the_unmerged_adapters(tmp_pat
                "--warmup", "2", "--lr", "1e-2", "--batch", "2", "--lora-rank", "4", "--export-hf", str(hf)])
     assert rc == 0, capsys.readouterr().err
     assert "trained 10 steps" in capsys.readouterr().out
+    umask = os.umask(0)
+    os.umask(umask)
+    for written in (hf / "model.safetensors", out / "adapters" / "adapters.safetensors", out / "adapters" / "adapter_config.json"):
+        assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask, written  # (safetensors wrote 0600)
     base = vl2_jax.load_pretrained("random:test")
     tuned = vl2_jax.load_model(str(out), "float32")
     adapters, config = export.load_adapters(out / "adapters")

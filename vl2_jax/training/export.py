@@ -50,13 +50,22 @@ def _attn_pool(cfg: VL2Config, source: Path | None) -> dict[str, np.ndarray]:
     return {n: (folder.get(n) if n in have else np.zeros(s, np.float32)) for n, s in shapes.items()}
 
 
+def _save_safetensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict | None = None) -> None:
+    """safetensors' `save_file`, the file then readable as the umask allows (as every other file a run
+    writes): safetensors 0.8 leaves it readable by its owner only."""
+    from safetensors.numpy import save_file
+
+    save_file({n: np.ascontiguousarray(a) for n, a in tensors.items()}, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_hf(cfg: VL2Config, params: dict, dst: str | Path, source: Path | None, dtype=None) -> Path:
     """`params` ({"params": tree}) as a Hugging Face DeepSeek-VL2 folder `dst` (created; must not hold
     weights yet, `weight_files`: else InputError): model.safetensors in `dtype` (default: the
     parameters'), config and tokenizer files from `source` (a folder; None: a random model's,
     `write_assets`)."""
-    from safetensors.numpy import save_file
-
     dst = Path(dst)
     if held := weight_files(dst):
         raise InputError(f"{dst} already holds weights ({some([p.name for p in held], 3)}); remove them or choose another folder.")
@@ -70,8 +79,7 @@ def write_hf(cfg: VL2Config, params: dict, dst: str | Path, source: Path | None,
     host = jax.device_get(params)
     tensors = {**to_hf(cfg, host), **_attn_pool(cfg, source)}
     want = np.dtype(dtype) if dtype is not None else np.asarray(jax.tree.leaves(host)[0]).dtype
-    save_file({n: np.ascontiguousarray(a.astype(want)) for n, a in tensors.items()}, str(dst / "model.safetensors"),
-              metadata={"format": "pt"})
+    _save_safetensors({n: a.astype(want) for n, a in tensors.items()}, dst / "model.safetensors", {"format": "pt"})
     return dst
 
 
@@ -114,12 +122,9 @@ def save_model(cfg: VL2Config, params: dict, out: str | Path, source: Path | Non
 def save_adapters(adapters: dict, folder: str | Path, config: dict) -> Path:
     """LoRA adapters ({key: array}, `lora`'s keys) as `adapters.safetensors` and `adapter_config.json`
     (rank, alpha, parts) in `folder`."""
-    from safetensors.numpy import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(np.asarray(v)) for k, v in jax.device_get(adapters).items()},
-              str(folder / "adapters.safetensors"))
+    _save_safetensors({k: np.asarray(v) for k, v in jax.device_get(adapters).items()}, folder / "adapters.safetensors")
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=1) + "\n")
     return folder
 
