@@ -420,6 +420,14 @@ def test_a_second_run_into_the_same_out_needs_resume_or_force(tmp_path, capsys):
     assert len(json.loads((out / "metrics.json").read_text())["losses"]) == 2
 
 
+def test_loading_a_run_that_has_not_written_its_model_says_to_resume_it(tmp_path):
+    (tmp_path / "train_state").mkdir()
+    (tmp_path / "train_state" / "settings.json").write_text("{}")  # (a run stopped before its model was written)
+    with pytest.raises(vl2_jax.ConfigError, match=r"has not written its model yet; finish it \(python -m "
+                       r"vl2_jax.finetune \.\.\. --out .* --resume\)"):
+        vl2_jax.load_model(str(tmp_path))
+
+
 def test_a_quantized_checkpoint_is_refused_before_training(tmp_path, capsys, monkeypatch):
     """A `convert --quant int8` output cannot learn (int8 weights have no gradient): one error saying to
     convert again without --quant, before the data or the weights are read; a checkpoint whose format is

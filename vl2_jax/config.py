@@ -440,6 +440,9 @@ class VL2Config:
     def from_pretrained(cls, path: str | Path) -> VL2Config:
         file = Path(path) / "config.json"
         if not file.is_file():
+            if (Path(path) / "train_state" / "settings.json").is_file():  # (python -m vl2_jax.finetune's --out)
+                raise ConfigError(f"{path} holds a fine-tuning run that has not written its model yet; finish it "
+                                  f"(python -m vl2_jax.finetune ... --out {path} --resume) and load it then.")
             raise ConfigError(f"{path} has no config.json; pass a DeepSeek-VL2 checkpoint folder.")
         try:
             raw = json.loads(file.read_text())
