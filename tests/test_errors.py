@@ -574,14 +574,16 @@ def test_deferred_interrupt_notes_the_first_signal_raises_at_the_second_and_rest
         for _ in range(100):
             time.sleep(0.001)
 
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    with deferred_interrupt() as stop:
-        assert not stop.is_set()
-        deliver(signal.SIGTERM)
-        assert stop.is_set()
-        with pytest.raises(KeyboardInterrupt):
-            deliver(signal.SIGINT)
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    before = [signal.getsignal(sig) for sig in signals]
+    for first in (signal.SIGTERM, signal.SIGHUP):
+        with deferred_interrupt() as stop:
+            assert not stop.is_set()
+            deliver(first)
+            assert stop.is_set()
+            with pytest.raises(KeyboardInterrupt):
+                deliver(signal.SIGINT)
+        assert [signal.getsignal(sig) for sig in signals] == before
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])

@@ -236,10 +236,10 @@ def interrupts_held():
 
 @contextlib.contextmanager
 def deferred_interrupt():
-    """Within `with deferred_interrupt() as stop:` the first Ctrl-C or SIGTERM only sets the event `stop`
-    (the caller ends its work at a point of its choosing and raises KeyboardInterrupt); a second one raises
-    KeyboardInterrupt at once. The signal handlers before it come back afterwards. Off the main thread,
-    where handlers cannot be set, `stop` is never set."""
+    """Within `with deferred_interrupt() as stop:` the first Ctrl-C, SIGTERM or SIGHUP (the terminal
+    closing) only sets the event `stop` (the caller ends its work at a point of its choosing and raises
+    KeyboardInterrupt); a second one raises KeyboardInterrupt at once. The signal handlers before it come
+    back afterwards. Off the main thread, where handlers cannot be set, `stop` is never set."""
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield stop
@@ -250,7 +250,8 @@ def deferred_interrupt():
             raise KeyboardInterrupt
         stop.set()
 
-    before = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signals = (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
+    before = {sig: signal.signal(sig, handler) for sig in signals}
     try:
         yield stop
     finally:

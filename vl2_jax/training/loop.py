@@ -279,9 +279,9 @@ def fit(module: VL2, processor: Processor, params: dict, train: list, s: Setting
     """Trains for `s.steps` optimizer steps (a resumed state counts the ones it took) on the examples
     `train` (`batches.read_examples`). Saves the train state to `state_dir` every `s.save_every` steps and
     at the end (when given), then calls `on_save` with the Result so far; `resume` starts from its latest.
-    `model_settings` (the model, dtype, MoE dispatch): what else a resumed run must share, recorded with
+    `model_settings` (the model, dtype, MoE dispatch, the data's digest): what else a resumed run must share, recorded with
     `s`. `bar`: tqdm on stderr (None: where stderr is a terminal). `params` is consumed (the step donates
-    it). A Ctrl-C or SIGTERM (on the main thread) stops the run after the step under way: the state is
+    it). A Ctrl-C, SIGTERM or SIGHUP (on the main thread) stops the run after the step under way: the state is
     saved (with `state_dir`) and KeyboardInterrupt raised; a second one raises at once."""
     from tqdm import tqdm
 
@@ -299,7 +299,7 @@ def fit(module: VL2, processor: Processor, params: dict, train: list, s: Setting
     start = int(state.step)
     progress = tqdm(total=s.steps, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
                     disable=None if bar is None else not bar)
-    # A Ctrl-C or SIGTERM ends the run after the step under way, its state saved; a second one at once.
+    # A Ctrl-C, SIGTERM or SIGHUP ends the run after the step under way, its state saved; a second one at once.
     # (Stopping inside a step or an Orbax write left half-written checkpoints and crashes at exit.)
     with deferred_interrupt() as stop, progress:
         for i in range(start, s.steps):
