@@ -279,10 +279,11 @@ def fit(module: VL2, processor: Processor, params: dict, train: list, s: Setting
     """Trains for `s.steps` optimizer steps (a resumed state counts the ones it took) on the examples
     `train` (`batches.read_examples`). Saves the train state to `state_dir` every `s.save_every` steps and
     at the end (when given), then calls `on_save` with the Result so far; `resume` starts from its latest.
-    `model_settings` (the model, dtype, MoE dispatch, the data's digest): what else a resumed run must share, recorded with
-    `s`. `bar`: tqdm on stderr (None: where stderr is a terminal). `params` is consumed (the step donates
-    it). A Ctrl-C, SIGTERM or SIGHUP (on the main thread) stops the run after the step under way: the state is
-    saved (with `state_dir`) and KeyboardInterrupt raised; a second one raises at once."""
+    `model_settings` (the model, dtype, MoE dispatch, the data's digest): what else a resumed run must
+    share, recorded with `s`. `bar`: tqdm on stderr (None: where stderr is a terminal). `params` is
+    consumed (the step donates it). A Ctrl-C, SIGTERM or SIGHUP (on the main thread) stops the run after
+    the step under way: the state is saved (with `state_dir`) and KeyboardInterrupt raised; a second one
+    raises at once."""
     from tqdm import tqdm
 
     log = log or (lambda line: None)
