@@ -3,6 +3,12 @@
     git worktree add /tmp/old <commit>           # or: git archive <commit> vl2_jax | tar -x -C /tmp/old
     python benchmarks/ab_compare.py --a /tmp/old --b . --model random:tiny --rounds 5
     python benchmarks/ab_compare.py --a /tmp/old --b /tmp/mid --b .     # --b again: each compared with A
+    python benchmarks/ab_compare.py --a . --b ".@chunks=128,256,512,1024,1152,1536,2048,3072,4096"
+    python benchmarks/ab_compare.py --a . --b ".@xla=--xla_gpu_graph_min_graph_size=1"
+
+A side is a checkout, optionally with settings after `@` (several: `@k=v@k=v`): `chunks=` the prefill
+chunk lengths (`Runtime(prefill_chunks=...)`: checkouts with `Runtime`), `xla=` flags added to the
+worker's XLA_FLAGS. The same checkout on both sides with different settings compares the settings.
 
 Each checkout runs in its own worker process (its `vl2_jax` first on `sys.path`, checked); the workers load the
 model and warm it up side by side; then the driver asks A, B, A, B, ... for one round each: the first token of the
@@ -30,11 +36,15 @@ import json
 import time
 import numpy as np
 from PIL import Image
+runtime = json.loads(sys.argv[5])
 try:
     from vl2_jax import load_model
-    model = load_model(sys.argv[1], "bfloat16")
 except ImportError:
     from vl2_jax.hub import load_model
+if runtime:
+    from vl2_jax import Runtime
+    model = load_model(sys.argv[1], "bfloat16", runtime=Runtime(**runtime))
+else:
     model = load_model(sys.argv[1], "bfloat16")
 new, batches = int(sys.argv[2]), [int(b) for b in sys.argv[3].split(",")]
 image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (768, 768, 3), dtype=np.uint8))
@@ -61,16 +71,36 @@ for line in sys.stdin:
 """
 
 
-def start(checkout: str, args, share: int) -> subprocess.Popen:
+def side(spec: str) -> tuple[str, dict, str]:
+    """"PATH[@chunks=N,N,...][@xla=FLAGS]" -> (the checkout, Runtime keyword arguments, XLA flags)."""
+    checkout, *settings = spec.split("@")
+    runtime, xla = {}, ""
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        if key == "chunks":
+            runtime["prefill_chunks"] = [int(n) for n in value.split(",")]
+        elif key == "xla":
+            xla = value
+        else:
+            raise SystemExit(f"ab_compare: unknown setting {key!r} in {spec!r}; use chunks= or xla=")
+    return checkout, runtime, xla
+
+
+def start(spec: str, args, share: int) -> subprocess.Popen:
+    checkout, runtime, xla = side(spec)
     # the processes share the GPU: each takes under 1 / share of its memory (JAX's default takes 75%)
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{0.9 / share:.3f}"}
+    if xla:
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla}".strip()
     return subprocess.Popen([sys.executable, "-c", WORKER, args.model, str(args.new_tokens), args.batches,
-                             os.path.abspath(checkout)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                             os.path.abspath(checkout), json.dumps(runtime)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
 
 
-def ready(proc: subprocess.Popen, checkout: str) -> subprocess.Popen:
+def ready(proc: subprocess.Popen, spec: str) -> subprocess.Popen:
     """Waits for the worker's "ready" line; refuses one that imported another checkout's vl2_jax."""
+    checkout = side(spec)[0]
     root = os.path.abspath(checkout)
     for line in proc.stdout:
         if line.startswith("ready"):
@@ -84,9 +114,10 @@ def ready(proc: subprocess.Popen, checkout: str) -> subprocess.Popen:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--a", required=True, help="the reference checkout (a folder holding vl2_jax/)")
+    p.add_argument("--a", required=True, help="the reference checkout (a folder holding vl2_jax/), with settings "
+                   "after @ (see above)")
     p.add_argument("--b", required=True, action="append",
-                   help="a checkout to compare with it (again for several, each compared with A)")
+                   help="a checkout to compare with it, with settings after @ (again for several, each compared with A)")
     p.add_argument("--model", default="random:tiny")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=128)

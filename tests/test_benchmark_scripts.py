@@ -301,3 +301,10 @@ def test_ab_compare_times_each_checkout_own_code(tmp_path):
         (m, side) for m in ("ttft_ms", "decode_b1", "whole_b1") for side in ("B1", "B2")}
     r = _run("benchmarks/ab_compare.py", "--a", str(tmp_path), "--b", ".", *common)
     assert r.returncode != 0 and "not its own vl2_jax" in r.stderr
+    # the same checkout with other settings: prefill chunks and XLA flags
+    r = _run("benchmarks/ab_compare.py", "--a", ".", "--b", ".@chunks=32,64,96@xla=--xla_backend_optimization_level=2",
+             *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {json.loads(line)["side"] for line in r.stderr.splitlines() if line.startswith("{")} == {"B"}
+    r = _run("benchmarks/ab_compare.py", "--a", ".", "--b", ".@chunk=32", *common)
+    assert r.returncode != 0 and "unknown setting 'chunk'" in r.stderr
