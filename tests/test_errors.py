@@ -351,7 +351,7 @@ def test_bad_arguments(capsys, args, code, words):
     assert words in cli_error(capsys, argv, code)
 
 
-def test_api_refuses_bad_sampling_arguments(fixture_model):
+def test_api_refuses_bad_sampling_arguments(fixture_model, monkeypatch):
     batch = fixture_model.processor.batchify([fixture_model.processor(USER("hi"))])
     for kwargs, words in [
         ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0"),
@@ -368,8 +368,13 @@ def test_api_refuses_bad_sampling_arguments(fixture_model):
         ({"repetition_penalty": True}, "repetition_penalty must be a number (got True)."),
     ]:
         assert words in api_error(InputError, functools.partial(fixture_model.generate, batch, **kwargs))
-    unseeded = fixture_model.generate(batch, max_new_tokens=3, temperature=1.0, seed=None, ignore_eos=True)
-    assert unseeded.generated_tokens == [3]  # (seed None: a fresh random one)
+    import vl2_jax.model
+
+    sampled = dict(max_new_tokens=3, temperature=1.0, ignore_eos=True)
+    monkeypatch.setattr(vl2_jax.model.secrets, "randbits", lambda bits: 12345)  # (seed None: a fresh random one)
+    assert fixture_model.generate(batch, seed=None, **sampled).token_ids == fixture_model.generate(
+        batch, seed=12345, **sampled).token_ids
+    monkeypatch.undo()
     for dtype in ("", "bf16"):  # ("" was the default dtype)
         assert f"unknown dtype {dtype!r}" in api_error(ConfigError, vl2_jax.load_model, "random:test", dtype)
     assert "prefill_chunks must be whole numbers of at least 1" in api_error(
@@ -584,12 +589,19 @@ def test_deferred_interrupt_notes_the_first_signal_raises_at_the_second_and_rest
             with pytest.raises(KeyboardInterrupt):
                 deliver(signal.SIGINT)
         assert [signal.getsignal(sig) for sig in signals] == before
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (as `nohup` starts a command: a closed terminal goes unnoticed)
+    try:
+        with deferred_interrupt():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before[2])
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_interrupts_held_raise_at_the_blocks_end_then_sigterm_interrupts(sig):
-    """Within `interrupts_held` (imports that bring in JAX) a signal only raises once the block is done;
-    afterwards Ctrl-C's handler is back and SIGTERM raises KeyboardInterrupt."""
+    """Within `interrupts_held` (imports that bring in JAX) a signal raises once the block is done, a
+    second one at once; afterwards Ctrl-C's handler is back and SIGTERM raises KeyboardInterrupt; an
+    ignored SIGTERM (as a parent may set it) stays ignored."""
     import signal
     import time
 
@@ -606,13 +618,22 @@ def test_interrupts_held_raise_at_the_blocks_end_then_sigterm_interrupts(sig):
         with pytest.raises(KeyboardInterrupt):
             with interrupts_held():
                 deliver(getattr(signal, sig))
-                deliver(getattr(signal, sig))
                 finished.append(True)
         assert finished == [True]
         assert signal.getsignal(signal.SIGINT) == before_int
         with pytest.raises(KeyboardInterrupt):
             deliver(signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_held():
+                deliver(getattr(signal, sig))
+                deliver(getattr(signal, sig))  # (a second one: at once)
+                finished.append(False)
+        assert finished == [True] and signal.getsignal(signal.SIGINT) == before_int
         with interrupts_held():  # (nothing came: nothing raised)
             pass
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with interrupts_held():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, before_term)

@@ -200,9 +200,10 @@ _DROPPED = threading.Event()  # a KeyboardInterrupt that Python dropped since `g
 
 def sigterm_as_interrupt() -> None:
     """From now on SIGTERM (a job scheduler's or `kill`'s stop) raises KeyboardInterrupt, so a command
-    ends as on Ctrl-C (`guarded`: "interrupted"). Called once JAX is imported: its libraries install a
-    handler of their own, which prints a stack dump. Only on the main thread, where handlers live."""
-    if threading.current_thread() is threading.main_thread():
+    ends as on Ctrl-C (`guarded`: "interrupted"). Called by `guarded` and again once JAX is imported:
+    its libraries install a handler of their own, which prints a stack dump. Only on the main thread,
+    where handlers live, and not where the process ignores SIGTERM."""
+    if threading.current_thread() is threading.main_thread() and not _ignored(signal.SIGTERM):
         signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
@@ -210,25 +211,50 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _ignored(sig) -> bool:
+    """Whether the process ignores `sig` (`nohup` ignores SIGHUP; a shell's background job, SIGINT):
+    a stop that the user has turned off is left off."""
+    return signal.getsignal(sig) is signal.SIG_IGN
+
+
+def _stop_signals() -> list:
+    """SIGINT, SIGTERM and (where there is one) SIGHUP, less those the process ignores."""
+    signals = [signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
+    return [sig for sig in signals if not _ignored(sig)]
+
+
 @contextlib.contextmanager
 def interrupts_held():
     """`with interrupts_held(): from vl2_jax... import ...` for the imports that bring in JAX: a Ctrl-C or
     SIGTERM that comes meanwhile waits for the block's end, then raises KeyboardInterrupt (the command
-    ends with "interrupted"). An interrupt's exception raised while an extension module initialises can
-    crash the interpreter (importing jaxlib: a segmentation fault, an abort or a stray TypeError in a
-    few of every hundred Ctrl-Cs sent within the first second of `python -m generate`). From the block's end on SIGTERM raises KeyboardInterrupt
-    (`sigterm_as_interrupt`: JAX's libraries install a handler of their own). Off the main thread, where
-    handlers cannot be set, it only runs the block."""
+    ends with "interrupted"); a second one raises at once (an import that hangs). An interrupt's
+    exception raised while an extension module initialises can crash the interpreter (importing jaxlib:
+    a segmentation fault, an abort or a stray TypeError in a few of every hundred Ctrl-Cs sent within the
+    first second of `python -m generate`). Ctrl-C's handler comes back at the block's end; SIGTERM's does
+    not: from then on it raises KeyboardInterrupt (`sigterm_as_interrupt`: JAX's libraries install a
+    handler of their own while they are imported). Signals the process ignores stay ignored. Off the main
+    thread, where handlers cannot be set, it only runs the block."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     came = threading.Event()
-    before = signal.signal(signal.SIGINT, lambda signum, frame: came.set())
-    signal.signal(signal.SIGTERM, lambda signum, frame: came.set())
+    signals = [sig for sig in _stop_signals() if sig != getattr(signal, "SIGHUP", None)]
+    before = {sig: signal.getsignal(sig) for sig in signals}
+
+    def hold(signum, frame):
+        if came.is_set():
+            for sig, old in before.items():
+                signal.signal(sig, old)
+            raise KeyboardInterrupt
+        came.set()
+
+    for sig in signals:
+        signal.signal(sig, hold)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, before)
+        if signal.SIGINT in before:
+            signal.signal(signal.SIGINT, before[signal.SIGINT])
         sigterm_as_interrupt()
     if came.is_set():
         raise KeyboardInterrupt
@@ -239,7 +265,8 @@ def deferred_interrupt():
     """Within `with deferred_interrupt() as stop:` the first Ctrl-C, SIGTERM or SIGHUP (the terminal
     closing) only sets the event `stop` (the caller ends its work at a point of its choosing and raises
     KeyboardInterrupt); a second one raises KeyboardInterrupt at once. The signal handlers before it come
-    back afterwards. Off the main thread, where handlers cannot be set, `stop` is never set."""
+    back afterwards; signals the process ignores (`nohup`'s SIGHUP) stay ignored. Off the main thread,
+    where handlers cannot be set, `stop` is never set."""
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield stop
@@ -250,8 +277,7 @@ def deferred_interrupt():
             raise KeyboardInterrupt
         stop.set()
 
-    signals = (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
-    before = {sig: signal.signal(sig, handler) for sig in signals}
+    before = {sig: signal.signal(sig, handler) for sig in _stop_signals()}
     try:
         yield stop
     finally:
@@ -283,7 +309,9 @@ def guarded(body: Callable[[], int], log: Callable[[str], None]) -> int:
     """An entry point's last line of defence: `body()`'s exit status; on Ctrl-C "interrupted" and 130;
     when whatever reads stdout has gone (`... | head`), quietly 141 (as a shell reports a command ended
     by SIGPIPE), stdout then pointing nowhere so that nothing tries to write there again; on any other
-    exception one `error: ...` line (`explain`) and 1, never a traceback."""
+    exception one `error: ...` line (`explain`) and 1, never a traceback. SIGTERM raises KeyboardInterrupt
+    from the start (`sigterm_as_interrupt`)."""
+    sigterm_as_interrupt()
     _DROPPED.clear()  # (a command run in-process starts afresh)
     hook, sys.unraisablehook = sys.unraisablehook, _noting_dropped_interrupts(sys.unraisablehook)
     try:

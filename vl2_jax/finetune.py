@@ -77,7 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--train takes a comma-separated subset of {','.join(PARTS)} (got {args.train!r})")
     if args.warmup is not None and args.warmup >= args.steps:  # (`Settings` checks it too, for Python callers)
         p.error(f"--warmup ({args.warmup}) must be below --steps ({args.steps})")
-    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+
+    def log(line: str) -> None:
+        try:
+            print(line, file=sys.stderr, flush=True)
+        except OSError:  # (stderr gone: a closed terminal, a reader that left) the run goes on, unheard
+            pass
 
     def body() -> int:
         with interrupts_held():  # (importing JAX)
