@@ -495,6 +495,17 @@ def test_api_key(sched):
         assert httpx2.get(url + "/metrics").status_code == 200
 
 
+def test_the_servers_default_max_tokens_replaces_the_routes_and_a_clients_wins():
+    sched = FakeScheduler()
+    with running(create_app(sched, MODEL, processor(), ServerSettings(default_max_tokens=5))) as url:
+        c = client(url)
+        c.completions.create(model=MODEL, prompt="Hi")  # (the route's 16 without the setting)
+        c.chat.completions.create(**CHAT)  # (until the slot is full without it)
+        httpx2.post(url + "/generate", json={"text": "Hi"})  # (SGLang's 128 without it)
+        c.completions.create(model=MODEL, prompt="Hi", max_tokens=9)
+        assert [job.max_new_tokens for job in sched.jobs] == [5, 5, 5, 9]
+
+
 def test_draining_refuses_new_work_with_503(server, sched):
     url, app = server[1], server[2]
     app.state.server.draining = True

@@ -81,7 +81,8 @@ class ServerSettings:
     """What the HTTP layer allows. api_key: None = no authentication. max_images: per request.
     image_limits: what an image reference may be (`images.ImageLimits`; by default no fetching and no
     local files: data URLs and base64 only). default_max_tokens: an answer's limit when the request sets
-    none (None: until the slot is full). host_threads: requests whose images and prompt are processed at
+    none (None: the route's default: 16 on /v1/completions, 128 on /generate, else until the slot is
+    full). host_threads: requests whose images and prompt are processed at
     once. retry_after_s: the Retry-After of a 429. request_timeout_s: how long a request may take from
     its arrival to its answer's end (None: no limit); one that runs longer is cancelled and answered
     with a 504 (mid-stream: an error event)."""
@@ -346,7 +347,7 @@ class _Server:
             raise InputError(f"the model's context here is {self.engine.max_seq_len} tokens: {len(request.ids)} in the "
                              f"prompt and {sampling.max_tokens} new ones asked for are more; ask for at most {room}, or "
                              f"set no limit (the answer then ends where the context does).")
-        limit = sampling.max_tokens or self.settings.default_max_tokens or room
+        limit = (sampling.max_tokens if asked else self.settings.default_max_tokens or sampling.max_tokens) or room
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(32)
         row = RowSampling.make(sampling.temperature, sampling.top_k, sampling.top_p, sampling.repetition_penalty, seed)
         job = Job(request, max(1, min(limit, room)), row, sampling.stop, -1 if sampling.ignore_eos else self.eos)
