@@ -190,12 +190,16 @@ def test_bad_lines_are_refused_with_their_line_and_short_or_unanswered_ones_skip
     path = write_dataset(tmp_path, [good[1], {**good[0], "images": ["gone.png"]}])
     with pytest.raises(InputError, match=r"train.jsonl:2: image .*gone.png does not exist"):
         batches.read_examples(processor, path, 128)
-    mistyped = {"messages": [{"role": "user", "content": "Hi"}, {"role": "Assistant", "content": "Hello"}]}
-    path = write_dataset(tmp_path, [good[1], mistyped])  # (its last role was read as no answer: skipped)
-    with pytest.raises(InputError, match=r"train.jsonl:2: message 1 has unknown role 'Assistant'"):
-        batches.read_examples(processor, path, 128)
+    for last, words in [({"role": "Assistant", "content": "Hello"}, "message 1 has unknown role 'Assistant'"),
+                        ({"role": ["assistant"], "content": "Hello"}, r"message 1 has unknown role \['assistant'\]"),
+                        ({"role": "user", "content": "<image> and?"}, r"the conversation has 1 <image> placeholder\(s\) but 0 image")]:
+        mistyped = {"messages": [{"role": "user", "content": "Hi"}, last]}  # (each was read as no answer: skipped)
+        path = write_dataset(tmp_path, [good[1], mistyped])
+        with pytest.raises(InputError, match=r"train.jsonl:2: " + words):
+            batches.read_examples(processor, path, 128)
     unanswered = {"messages": [{"role": "user", "content": "Hi"}]}
-    path = write_dataset(tmp_path, [good[1], {**unanswered, "images": ["gone.png"]}])  # skipped, but checked
+    unanswered_image = {"messages": [{"role": "user", "content": "<image> Hi"}], "images": ["gone.png"]}
+    path = write_dataset(tmp_path, [good[1], unanswered_image])  # skipped, but checked
     with pytest.raises(InputError, match=r"train.jsonl:2: image .*gone.png does not exist"):
         batches.read_examples(processor, path, 128)
     long = {"messages": [{"role": "user", "content": "x " * 200}, {"role": "assistant", "content": "y"}]}

@@ -469,10 +469,18 @@ class Processor:
         ids = [int(i) for i in np.asarray(ids).reshape(-1)]
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def check_conversation(self, conversation) -> None:
-        """Raises InputError where `conversation` is not one the processor takes (its messages' shape,
-        roles and contents, images only in user turns, a system message only first); images unread."""
-        self._normalize_conversation(conversation)
+    def check_conversation(self, conversation, num_images: int) -> None:
+        """Raises InputError where `conversation` with `num_images` images is not one the processor takes
+        (its messages' shape, roles and contents, images only in user turns and one per placeholder, a
+        system message only first); the images themselves are not read."""
+        turns = self._normalize_conversation(conversation)
+        self._check_image_count(turns, num_images)
+
+    def _check_image_count(self, turns, num_images: int) -> None:
+        n_placeholders = sum(c.count(self.image_token) for r, c in turns if r == USER_ROLE)
+        if n_placeholders != num_images:
+            raise InputError(f"the conversation has {n_placeholders} {self.image_token} placeholder(s) "
+                             f"but {num_images} image(s) were given; pass one image per placeholder.")
 
     def _normalize_conversation(self, conversation):
         """Validate; return [(template role, stripped content)], ending with an assistant turn."""
@@ -482,7 +490,8 @@ class Processor:
         for i, message in enumerate(conversation):
             if not isinstance(message, dict) or "role" not in message or "content" not in message:
                 raise InputError(f"message {i} must be a dict with 'role' and 'content', got {message!r}.")
-            role, content = _ROLES.get(message["role"]), message["content"]
+            role = _ROLES.get(message["role"]) if isinstance(message["role"], str) else None
+            content = message["content"]
             if role is None:
                 raise InputError(f"message {i} has unknown role {message['role']!r}; use "
                                  f"'<|User|>'/'user', '<|Assistant|>'/'assistant' or 'system'.")
@@ -540,7 +549,8 @@ class Processor:
         return h * (w + 1) + 1 + (num_height_tiles * h) * (num_width_tiles * w + 1)
 
     def load_image(self, image, name: str | None = None):
-        """A PIL image or a file path -> an RGB PIL image; see :func:`open_image` (``name`` labels errors)."""
+        """A PIL image, a file path or a uint8 array -> an RGB PIL image; see :func:`open_image` (``name``
+        labels errors)."""
         return open_image(image, name)
 
     # ----------------------------------------------------------------------------------------- main
@@ -572,10 +582,7 @@ class Processor:
     def _parts(self, turns, images, mask_prompt: bool = True) -> _Parts:
         """Every turn's ids, image tokens, tiles and labels; each assistant turn ends with eos."""
         images = list(images) if images is not None else []
-        n_placeholders = sum(c.count(self.image_token) for r, c in turns if r == USER_ROLE)
-        if n_placeholders != len(images):
-            raise InputError(f"the conversation has {n_placeholders} {self.image_token} placeholder(s) "
-                             f"but {len(images)} image(s) were given; pass one image per placeholder.")
+        self._check_image_count(turns, len(images))
         images = [self.load_image(im, f"image {i + 1} of {len(images)}") for i, im in enumerate(images)]
         cropping = len(images) <= 2  # the reference tiles only when the whole conversation has <= 2
 

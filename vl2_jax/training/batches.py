@@ -75,7 +75,7 @@ def read_examples(processor: Processor, path: str | Path, max_seq_len: int) -> t
             raise InputError(f"{where} is not valid JSON ({exc}).") from None
         rec = data.record(obj, where, path.parent)
         try:  # (a line that is skipped is checked all the same: a typo in its last role is no reason to skip it)
-            processor.check_conversation(rec.messages)
+            processor.check_conversation(rec.messages, len(rec.images))
         except InputError as exc:
             raise InputError(f"{where}: {exc}") from None
         for ref in rec.images:
