@@ -56,9 +56,19 @@ def _save_safetensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict
     from safetensors.numpy import save_file
 
     save_file({n: np.ascontiguousarray(a) for n, a in tensors.items()}, str(path), metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (`os.umask` sets it, for a
+    moment, for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def write_hf(cfg: VL2Config, params: dict, dst: str | Path, source: Path | None, dtype=None) -> Path:

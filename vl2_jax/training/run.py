@@ -70,10 +70,14 @@ def merged_params(result: Result, s: Settings) -> dict:
 
 
 def _sha256(path) -> str:
+    """The hex SHA-256 of the file at `path` (the training data: a resumed run must read the same)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as e:
+        raise InputError(f"cannot read --data {path} ({e.strerror or e}).") from None
     return digest.hexdigest()
 
 
@@ -93,11 +97,11 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
     for name, file in (("--data", job.data), ("--eval", job.eval)):
         if file is not None and not Path(file).is_file():
             raise InputError(f"{name} {file} is not a file.")
-    model_settings = {"model": _model_id(job.model), "dtype": job.dtype, "moe": job.moe,
-                      "data_sha256": _sha256(job.data)}  # (a resumed run trains on the same conversations)
     _refuse_quantized(job.model, _saved_quant(job.model))
     if job.resume and not (out / "train_state").is_dir():
         raise InputError(f"--resume: {out / 'train_state'} does not exist; run without --resume first.")
+    model_settings = {"model": _model_id(job.model), "dtype": job.dtype, "moe": job.moe,
+                      "data_sha256": _sha256(job.data)}  # (a resumed run trains on the same conversations)
     if job.resume:
         check_resumable(out / "train_state", s, model_settings)
     start_over = not job.resume and out.is_dir() and any(out.iterdir())
