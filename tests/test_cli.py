@@ -43,6 +43,16 @@ def test_cli_greedy_matches_reference(capsys, variant, name):
     assert {"text", "finish_reason", "ttft_s", "decode_tokens_per_s"} <= set(out)
 
 
+def test_a_one_token_answer_tells_no_decode_speed(capsys):
+    """One token comes from the prefill: no decode step ran, so there is no decode speed (it read 0.0)."""
+    argv = ["--model", "random:test", "--prompt", "hi", "--max-new-tokens", "1"]
+    out = run_json(capsys, [*argv, "--json"])
+    assert out["generated_tokens"] == 1 and out["decode_tokens_per_s"] is None
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "1 generated" in err and "tokens/s" not in err
+
+
 def test_forced_plain_moe_dispatch_gives_the_same_answer(capsys):
     case = load_case("mla_noaux", "one_photo")
     greedy = case["arrays"]["greedy"].tolist()
@@ -170,7 +180,7 @@ def test_sigterm_ends_the_command_as_ctrl_c_does():
     assert rest.strip().splitlines()[-1] == "interrupted" and "SIGTERM" not in rest, rest
 
 
-@pytest.mark.parametrize("sig, after_s", [("SIGINT", 0.3), ("SIGINT", 0.8), ("SIGINT", 1.5), ("SIGTERM", 0.3)])
+@pytest.mark.parametrize("sig, after_s", [("SIGINT", 0.3), ("SIGINT", 0.8), ("SIGINT", 1.5), ("SIGTERM", 0.8)])
 def test_ctrl_c_at_any_moment_of_the_start_ends_the_command_quietly(sig, after_s):
     """Ctrl-C (or SIGTERM) while the arguments are read, JAX is imported (held to the import's end: raised
     inside jaxlib's initialisation it crashed the interpreter now and then) or the model loads:

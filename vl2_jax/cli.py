@@ -209,12 +209,12 @@ def answer_file(model, lines: list[str], args, options: dict, limits: ImageLimit
                     raise InputError(f"not JSON ({e.msg} at column {e.colno})") from None
                 if isinstance(rec, dict):
                     ident = rec.get("id")  # (in the answer, even when the line is refused)
-                    rec = {key: value for key, value in rec.items() if value is not None}  # (null: the flag's default)
                 if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
                     raise InputError('each line needs an object with a "prompt" string.')
                 unknown = sorted(set(rec) - REQUEST_KEYS)
                 if unknown:
                     raise InputError(f"unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(REQUEST_KEYS))}")
+                rec = {key: value for key, value in rec.items() if value is not None}  # (null: the flag's default)
                 settings = {k: rec.get(k, options[k]) for k in ("temperature", "top_p", "top_k", "repetition_penalty")}
                 seed = rec.get("seed", options["seed"])
                 check_sampling(**settings, seed=seed)
@@ -357,12 +357,14 @@ def _answer(model, conversation, images, options, as_json, log, text_only=False,
     programs = {} if store is None else {  # this answer's programs: loaded from the cache / compiled
         f"programs_{k}": round(v - before[k], 4) for k, v in store.report().items()
         if k in ("loaded", "compiled", "load_s")}
+    decoded = result.generated_tokens[0] > 1  # (one token: no decode step, no speed to tell)
     if as_json:
         print(json.dumps({
             "text": result.text[0], "token_ids": result.token_ids[0], "finish_reason": result.finish_reason[0],
             "prompt_tokens": result.prompt_tokens[0], "generated_tokens": result.generated_tokens[0],
             **{k: round(v, 4) for k, v in (timing or {}).items()}, "compile_s": round(compile_s, 4), **programs,
-            "ttft_s": round(result.ttft_s, 4), "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
+            "ttft_s": round(result.ttft_s, 4),
+            "decode_tokens_per_s": round(result.decode_tokens_per_s, 2) if decoded else None,
         }, ensure_ascii=False), flush=True)
     else:
         print(flush=True)
@@ -370,7 +372,7 @@ def _answer(model, conversation, images, options, as_json, log, text_only=False,
         if programs.get("programs_loaded"):
             n = programs["programs_loaded"]
             compiled += f"; {n} compiled program{'s' if n != 1 else ''} loaded from the cache"
+        speed = f", {result.decode_tokens_per_s:.1f} tokens/s" if decoded else ""
         log(f"[{result.prompt_tokens[0]} prompt tokens, {result.generated_tokens[0]} generated "
-            f"({result.finish_reason[0]}); first token {result.ttft_s * 1000:.0f} ms{compiled}, "
-            f"{result.decode_tokens_per_s:.1f} tokens/s]")
+            f"({result.finish_reason[0]}); first token {result.ttft_s * 1000:.0f} ms{compiled}{speed}]")
     return result.text[0] if text_only else 0
