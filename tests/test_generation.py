@@ -405,7 +405,7 @@ def test_decode_and_prefill_update_the_cache_in_place():
         assert program.compile().memory_analysis().alias_size_in_bytes >= cache_bytes
 
 
-@pytest.mark.parametrize("penalty", [1.3, 0.7])
+@pytest.mark.parametrize("penalty", [1.3, pytest.param(0.7, marks=pytest.mark.slow)])  # (0.7: 22 s, the same code)
 def test_repetition_penalty_matches_a_plain_loop_over_full_forwards(penalty):
     """Greedy with a repetition penalty through the engine equals a plain loop: the whole sequence's
     logits from a full forward (no cache), Hugging Face's penalty on every token of the prompt and the
