@@ -225,38 +225,20 @@ def _stop_signals() -> list:
 
 @contextlib.contextmanager
 def interrupts_held():
-    """`with interrupts_held(): from vl2_jax... import ...` for the imports that bring in JAX: a Ctrl-C or
-    SIGTERM that comes meanwhile waits for the block's end, then raises KeyboardInterrupt (the command
-    ends with "interrupted"); a second one raises at once (an import that hangs). An interrupt's
-    exception raised while an extension module initialises can crash the interpreter (importing jaxlib:
-    a segmentation fault, an abort or a stray TypeError in a few of every hundred Ctrl-Cs sent within the
-    first second of `python -m generate`). Ctrl-C's handler comes back at the block's end; SIGTERM's does
-    not: from then on it raises KeyboardInterrupt (`sigterm_as_interrupt`: JAX's libraries install a
-    handler of their own while they are imported). Signals the process ignores stay ignored. Off the main
-    thread, where handlers cannot be set, it only runs the block."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    came = threading.Event()
-    signals = [sig for sig in _stop_signals() if sig != getattr(signal, "SIGHUP", None)]
-    before = {sig: signal.getsignal(sig) for sig in signals}
-
-    def hold(signum, frame):
-        if came.is_set():
-            for sig, old in before.items():
-                signal.signal(sig, old)
-            raise KeyboardInterrupt
-        came.set()
-
-    for sig in signals:
-        signal.signal(sig, hold)
+    """`with interrupts_held(): from vl2_jax... import ...` for the imports that bring in JAX: a Ctrl-C,
+    SIGTERM or SIGHUP that comes meanwhile waits for the block's end, then raises KeyboardInterrupt (the
+    command ends with "interrupted"); a second one raises at once (an import that hangs)
+    (`deferred_interrupt`). An interrupt's exception raised while an extension module initialises can
+    crash the interpreter (importing jaxlib: a segmentation fault, an abort or a stray TypeError in a
+    few of every hundred Ctrl-Cs sent within the first second of `python -m generate`). The handlers
+    before it come back at the block's end, but SIGTERM's: from then on it raises KeyboardInterrupt
+    (`sigterm_as_interrupt`: JAX's libraries install a handler of their own while they are imported)."""
     try:
-        yield
+        with deferred_interrupt() as stop:
+            yield
     finally:
-        if signal.SIGINT in before:
-            signal.signal(signal.SIGINT, before[signal.SIGINT])
         sigterm_as_interrupt()
-    if came.is_set():
+    if stop.is_set():
         raise KeyboardInterrupt
 
 
