@@ -11,7 +11,7 @@ from collections.abc import Callable
 from vl2_jax.chat import ChatSession, check_system, user_turn
 from vl2_jax.config import Runtime
 from vl2_jax.errors import InputError, PromptTooLong, check_interrupt, explain
-from vl2_jax.generation import stop_strings
+from vl2_jax.generation import check_max_new_tokens, stop_strings
 from vl2_jax.images import ImageLimits, describe, load_image, local_path
 from vl2_jax.sampling import check_sampling
 
@@ -219,8 +219,7 @@ def answer_file(model, lines: list[str], args, options: dict, limits: ImageLimit
                 seed = rec.get("seed", options["seed"])
                 check_sampling(**settings, seed=seed)
                 max_new = rec.get("max_new_tokens", options["max_new_tokens"])
-                if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
-                    raise InputError(f"max_new_tokens must be a whole number of at least 1 (got {max_new!r})")
+                check_max_new_tokens(max_new)
                 stop = stop_strings(rec.get("stop", options["stop"]))
                 refs = rec.get("images", [])
                 if not isinstance(refs, list):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
+import numbers
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -517,6 +518,14 @@ def run_jobs(engine: Engine, params, state: Slots, jobs: Iterable[Job], detok: D
     for job in running:
         on_done(job)
     return batcher.state
+
+
+def check_max_new_tokens(max_new_tokens) -> None:
+    """Raises InputError unless `max_new_tokens` is a whole number (not a bool) of at least 1."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
+        raise InputError(f"max_new_tokens must be a whole number (got {max_new_tokens!r}).")
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be at least 1 (got {max_new_tokens}).")
 
 
 def stop_strings(stop) -> tuple[str, ...]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import numbers
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -22,7 +21,7 @@ from vl2_jax.checkpoint import param_shapes
 from vl2_jax.config import Runtime, VL2Config
 from vl2_jax.engine import Engine, Request, Slots
 from vl2_jax.errors import InputError, out_of_memory_as
-from vl2_jax.generation import Detokenizer, GenerationResult, stop_strings, stream_text
+from vl2_jax.generation import Detokenizer, GenerationResult, check_max_new_tokens, stop_strings, stream_text
 from vl2_jax.modules.language import LanguageModel
 from vl2_jax.modules.vision import normalize_pixels
 from vl2_jax.modules.vl2 import VL2
@@ -249,10 +248,7 @@ class VL2Model:
         """
         seed = secrets.randbits(32) if seed is None else seed
         check_sampling(temperature, top_p, top_k, repetition_penalty, seed)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
-            raise InputError(f"max_new_tokens must be a whole number (got {max_new_tokens!r}).")
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be at least 1 (got {max_new_tokens}).")
+        check_max_new_tokens(max_new_tokens)
         stop = stop_strings(stop)
         max_new_tokens = min(int(max_new_tokens), self.engine.max_seq_len)  # a slot holds no more
         requests = self.requests(batch)
