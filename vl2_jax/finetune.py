@@ -13,8 +13,8 @@ not end with an assistant answer, or is longer than --max-seq-len, is skipped an
 Ctrl-C, SIGTERM or SIGHUP while training stops the run after the step under way (the first step waits for
 its compilation) and saves its train state, then ends with "interrupted" (exit status 130); a second one,
 or one while loading, stops at once. `--resume` continues from the last train state saved (at a stop,
-every --save-every steps, at the end), with the same settings and data, --steps included; a finished run's resume
-writes what it had not written yet, or nothing. This module only parses arguments; the work is
+every --save-every steps, at the end), with the same settings and data, --steps included; a finished
+run's resume writes what it had not written yet, or nothing. This module only parses arguments; the work is
 `vl2_jax.training.run.finetune`.
 """
 

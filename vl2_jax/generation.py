@@ -72,12 +72,12 @@ class RowText:
     characters (which a stop string may still complete) are held back; when it ends, everything is
     released. The shown pieces always add up to the final text.
 
-    The text keeps special tokens (`detok.special`: their ids), but a stop string matches only in the text of
-    ordinary tokens: never within, partly within or across a special token's text (as in vLLM, SGLang and
-    transformers, whose default text leaves special tokens out).
+    The text keeps special tokens (`detok.special`: their ids), but a stop string matches only in the
+    text of ordinary tokens: never within, partly within or across a special token's text (as in vLLM,
+    SGLang and transformers, whose default text leaves special tokens out).
 
-    `detok.joins`: `decode(a + b) == decode(a) + decode(b)` wherever `decode(a)` ends on a whole character
-    (`Tokenizer.pieces_join`: a byte-level decoder). Then the text of all but the last few tokens is
+    `detok.joins`: `decode(a + b) == decode(a) + decode(b)` wherever `decode(a)` ends on a whole
+    character (`Tokenizer.pieces_join`: a byte-level decoder). Then the text of all but the last few tokens is
     settled as it grows and only the tokens after it are decoded again at each step (a long answer
     costs linear time, not quadratic); otherwise the whole answer is decoded at each step.
     """
@@ -233,8 +233,8 @@ class Batcher:
     the finished prefills, dispatches one decode call over the live slots (none once every live answer
     is full: the call before ends them), and then reads the previous call's tokens while that one runs
     on the device (a step that inserted first tokens reads them before dispatching, for the time to
-    first token). A job's tokens become text (`RowText`: UTF-8 safe, stop
-    strings cut exactly) and go to its `on_update`. The engine state lives in `state` (donated to every
+    first token). A job's tokens become text (`RowText`: UTF-8 safe, stop strings cut exactly) and go
+    to its `on_update`. The engine state lives in `state` (donated to every
     program). Not thread-safe: one thread drives a batcher (the server's scheduler thread, or `run`).
     """
 

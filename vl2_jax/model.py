@@ -240,9 +240,9 @@ class VL2Model:
         Greedy when `temperature == 0` (the default); otherwise samples with temperature, `top_k` (0 = off)
         and `top_p` (1.0 = off), reproducibly for a `seed` (None: a fresh random one): each row draws from
         its own key, so a seeded answer is the same alone and in a batch. `repetition_penalty` > 1
-        discourages tokens already in the prompt or answer. A row stops at EOS, at one of the `stop` strings (e.g. "User:", the chat
-        template's), after `max_new_tokens`, or when its slot is full (`runtime.max_seq_len`). Rows beyond
-        `runtime.max_batch` run as slots free up. `on_text(row, new_text)` is called with text as it is
+        discourages tokens already in the prompt or answer. A row stops at EOS, at one of the `stop`
+        strings (e.g. "User:", the chat template's), after `max_new_tokens`, or when its slot is full
+        (`runtime.max_seq_len`). Rows beyond `runtime.max_batch` run as slots free up. `on_text(row, new_text)` is called with text as it is
         produced. `ignore_eos=True` generates exactly `max_new_tokens` (for benchmarks). One call at a time
         per model: the engine's state (slots and cache) passes from call to call.
         """

@@ -290,8 +290,9 @@ def _array_image(array: np.ndarray, where: str) -> Image.Image:
     shape = list(array.shape)
     fits = array.ndim == 2 or (array.ndim == 3 and shape[-1] in (3, 4))
     if array.dtype != np.uint8 or not fits:
-        hint = " (channels first? move them last)" if array.ndim == 3 and shape[0] in (3, 4) and shape[-1] not in (3, 4) \
-            else " (floats in [0, 1]? scale them to 0-255 and cast to uint8)" if array.dtype.kind == "f" else ""
+        channels_first = array.ndim == 3 and shape[0] in (3, 4) and shape[-1] not in (3, 4)
+        hint = (" (channels first? move them last)" if channels_first
+                else " (floats in [0, 1]? scale them to 0-255 and cast to uint8)" if array.dtype.kind == "f" else "")
         raise InputError(f"an image array must be uint8 [H, W], [H, W, 3] or [H, W, 4], got {array.dtype} "
                          f"{shape}{where}{hint}.")
     return Image.fromarray(np.ascontiguousarray(array))
@@ -316,7 +317,8 @@ def open_image(image, name: str | None = None) -> Image.Image:
     if hasattr(image, "__array__") and not isinstance(image, (str, bytes)):
         return _to_rgb(_array_image(np.asarray(image), where), name or "the image array")
     if not isinstance(image, (str, os.PathLike)):
-        raise InputError(f"an image must be a PIL image, a file path or a uint8 array, got {type(image).__name__}{where}.")
+        raise InputError(f"an image must be a PIL image, a file path or a uint8 array, got "
+                         f"{type(image).__name__}{where}.")
     path = os.fspath(image)
     if not os.path.exists(path):
         if isinstance(path, str) and is_url(path):
@@ -555,7 +557,8 @@ class Processor:
 
     # ----------------------------------------------------------------------------------------- main
     def __call__(self, conversation, images=()) -> ProcessorOutput:
-        """Process one conversation (list of {'role', 'content'}) with its images (PIL images, paths or uint8 arrays).
+        """Process one conversation (list of {'role', 'content'}) with its images (PIL images, paths or
+        uint8 arrays).
 
         Images are taken in order by the ``<image>`` placeholders of the user turns; there must be
         exactly one per placeholder.
@@ -601,8 +604,8 @@ class Processor:
 
     def raw(self, prompt: str, images=()) -> ProcessorOutput:
         """A prompt already in the chat template's format (an OpenAI completions ``prompt``, SGLang's
-        ``/generate`` ``text``: the role markers are the caller's) with its images (PIL images, paths or uint8 arrays), one per
-        ``<image>`` placeholder, in order -> :class:`ProcessorOutput`. ``bos`` comes first unless the
+        ``/generate`` ``text``: the role markers are the caller's) with its images (PIL images, paths or
+        uint8 arrays), one per ``<image>`` placeholder, in order -> :class:`ProcessorOutput`. ``bos`` comes first unless the
         prompt starts with it; nothing else is added."""
         if not isinstance(prompt, str) or not prompt:
             raise InputError("the prompt must be a non-empty str.")

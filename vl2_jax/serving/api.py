@@ -82,10 +82,10 @@ class ServerSettings:
     image_limits: what an image reference may be (`images.ImageLimits`; by default no fetching and no
     local files: data URLs and base64 only). default_max_tokens: an answer's limit when the request sets
     none (None: the route's default: 16 on /v1/completions, 128 on /generate, else until the slot is
-    full). host_threads: requests whose images and prompt are processed at
-    once. retry_after_s: the Retry-After of a 429. request_timeout_s: how long a request may take from
-    its arrival to its answer's end (None: no limit); one that runs longer is cancelled and answered
-    with a 504 (mid-stream: an error event)."""
+    full). host_threads: requests whose images and prompt are processed at once. retry_after_s: the
+    Retry-After of a 429. request_timeout_s: how long a request may take from its arrival to its
+    answer's end (None: no limit); one that runs longer is cancelled and answered with a 504
+    (mid-stream: an error event)."""
 
     api_key: str | None = None
     max_body_bytes: int = 64 << 20
