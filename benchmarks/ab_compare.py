@@ -7,8 +7,9 @@
     python benchmarks/ab_compare.py --a . --b ".@xla=--xla_gpu_graph_min_graph_size=1"
 
 A side is a checkout, optionally with settings after `@` (several: `@k=v@k=v`): `chunks=` the prefill
-chunk lengths (`Runtime(prefill_chunks=...)`: checkouts with `Runtime`), `xla=` flags added to the
-worker's XLA_FLAGS. The same checkout on both sides with different settings compares the settings.
+chunk lengths (`Runtime(prefill_chunks=...)`), any other `Runtime` field by its name (`max_seq_len=1536`,
+`max_batch=16`, `kernels=false`: values read as JSON, else as text; checkouts with `Runtime`), `xla=` flags
+added to the worker's XLA_FLAGS. The same checkout on both sides with different settings compares the settings.
 
 Each checkout runs in its own worker process (its `vl2_jax` first on `sys.path`, checked); the workers load the
 model and warm it up side by side; then the driver asks A, B, A, B, ... for one round each: the first token of the
@@ -72,7 +73,7 @@ for line in sys.stdin:
 
 
 def side(spec: str) -> tuple[str, dict, str]:
-    """"PATH[@chunks=N,N,...][@xla=FLAGS]" -> (the checkout, Runtime keyword arguments, XLA flags)."""
+    """"PATH[@chunks=N,N,...][@xla=FLAGS][@FIELD=VALUE] -> (the checkout, Runtime keyword arguments, XLA flags)."""
     checkout, *settings = spec.split("@")
     runtime, xla = {}, ""
     for setting in settings:
@@ -81,8 +82,13 @@ def side(spec: str) -> tuple[str, dict, str]:
             runtime["prefill_chunks"] = [int(n) for n in value.split(",")]
         elif key == "xla":
             xla = value
+        elif key.isidentifier():  # a Runtime field: the worker's Runtime(**...) refuses an unknown one
+            try:
+                runtime[key] = json.loads(value)
+            except json.JSONDecodeError:
+                runtime[key] = value
         else:
-            raise SystemExit(f"ab_compare: unknown setting {key!r} in {spec!r}; use chunks= or xla=")
+            raise SystemExit(f"ab_compare: no setting {key!r} in {spec!r}; use chunks=, xla= or a Runtime field")
     return checkout, runtime, xla
 
 

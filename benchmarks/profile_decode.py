@@ -122,7 +122,7 @@ def profile_first_token(spec: str, keep: str | None = None) -> list[dict]:
 
 
 def profile(spec: str, tokens: int, exact_names: bool = False, quant: str | None = None,
-            batch_size: int = 1) -> list[dict]:
+            batch_size: int = 1, max_batch: int | None = None) -> list[dict]:
     """Kernels of the decode steps alone: a `tokens`-token generation minus a one-token one (the same
     embedding and prefill), per name, divided by the tokens - 1 decode steps (of `batch_size` rows each)."""
     try:
@@ -130,7 +130,10 @@ def profile(spec: str, tokens: int, exact_names: bool = False, quant: str | None
     except ImportError:  # a checkout from before the engine (PYTHONPATH=that checkout), for a side-by-side
         from vl2_jax.hub import load_model
 
-    model = load_model(spec, "bfloat16", **({"quant": quant} if quant else {}))
+    if max_batch:
+        from vl2_jax import Runtime
+    model = load_model(spec, "bfloat16", **({"quant": quant} if quant else {}),
+                       **({"runtime": Runtime(max_batch=max_batch)} if max_batch else {}))
     batch = _prompt(model, rows=batch_size)
     run = lambda n: model.generate(batch, max_new_tokens=n, ignore_eos=True)
     run(tokens), run(1)  # compile
@@ -212,6 +215,8 @@ def main(argv=None) -> int:
     p.add_argument("--keep-trace", metavar="PATH", help="with --first-token: copy the trace there (.json.gz)")
     p.add_argument("--quant", choices=["int8", "fp8"], default=None, help="profile the decode step of quantized weights")
     p.add_argument("--batch", type=int, default=1, help="rows decoded together (the prompt repeated), for the decode profile")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="the engine's decode slots (default: load_model's; a --batch beyond them runs in waves)")
     args = p.parse_args(argv)
     if args.quant and (args.first_token or args.cosine or args.no_profile):
         p.error("--quant goes with the decode profile alone (no --first-token, --cosine or --no-profile)")
@@ -220,7 +225,7 @@ def main(argv=None) -> int:
     if args.no_profile:
         rows = []
     else:
-        rows = profile_first_token(args.model, args.keep_trace) if args.first_token else profile(args.model, args.tokens, args.exact_names, args.quant, args.batch)
+        rows = profile_first_token(args.model, args.keep_trace) if args.first_token else profile(args.model, args.tokens, args.exact_names, args.quant, args.batch, args.max_batch)
     if args.cosine:
         rows += cosine(args.model, args.same_weights, args.forced_routing)
     for r in rows:
