@@ -87,7 +87,7 @@ class FakeScheduler:
 
     def submit(self, job, measured=True):
         if self.full:
-            raise QueueFull("3 requests are waiting for a slot (the queue holds 3)")
+            raise QueueFull("3 requests are waiting for a slot, as many as the queue holds")
         self.jobs.append(job)
         return FakeHandle(job, self.script, self, measured)
 
@@ -343,6 +343,36 @@ def test_other_bad_requests(sched, url):
         client(url).chat.completions.create(model=MODEL, n=2, messages=[{"role": "user", "content": "Hi"}])
     assert not sched.jobs
     assert httpx2.get(url + "/health").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("route, body, param", [
+    ("/v1/chat/completions", {**CHAT, "temperature": True}, "temperature"),  # (a bool is no number)
+    ("/v1/chat/completions", {**CHAT, "max_tokens": "8"}, "max_tokens"),    # (nor is a string)
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 8.0}, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "stream": "yes"}, "stream"),
+    ("/v1/chat/completions", {**CHAT, "seed": True}, "seed"),
+    ("/v1/completions", {"prompt": "a", "top_p": "1"}, "top_p"),
+    ("/generate", {"text": "a", "sampling_params": {"max_new_tokens": True}}, "sampling_params.max_new_tokens"),
+    ("/generate", {"input_ids": [[1], [2]]}, "input_ids"),
+])
+def test_fields_of_the_wrong_type_are_refused_not_converted(sched, url, route, body, param):
+    assert error_of(httpx2.post(url + route, json=body), 400)["param"] == param
+    assert not sched.jobs
+
+
+def test_text_that_is_not_unicode_and_bodies_nested_too_deeply_are_400s(sched, url):
+    """A lone surrogate escape is valid JSON but no text (it reached the tokenizer: a 500); nesting past
+    Python's recursion limit failed the JSON decoder (a 500). A stream: null is false, as OpenAI's API has it."""
+    post = lambda route, raw: httpx2.post(url + route, content=raw, headers={"content-type": "application/json"})
+    lone = '{"model": "%s", "messages": [{"role": "user", "content": "a \\ud800 b"}]}' % MODEL
+    assert "lone UTF-16 surrogate" in error_of(post("/v1/chat/completions", lone.encode()), 400)["message"]
+    assert "lone UTF-16 surrogate" in error_of(post("/generate", b'{"text": "a", "rid": "\\udfff"}'), 400)["message"]
+    assert "too deeply" in error_of(post("/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000), 400)["message"]
+    assert not sched.jobs
+    paired = '{"model": "%s", "messages": [{"role": "user", "content": "\\ud83d\\ude00"}], "stream": null}' % MODEL
+    response = post("/v1/chat/completions", paired.encode())
+    assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == "".join(PIECES)
+    assert sched.jobs and httpx2.get(url + "/health").status_code == 200
 
 
 def test_settings_out_of_range_name_their_field_and_a_huge_top_k_keeps_every_token(sched, url):

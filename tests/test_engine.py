@@ -14,6 +14,7 @@ from PIL import Image
 import vl2_jax
 from tests.conftest import ckpt_dir, load_case, open_images
 from vl2_jax import Runtime
+from vl2_jax import engine as engine_module
 from vl2_jax.errors import InputError
 
 EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/core/compile/jaxpr_trace_duration")
@@ -273,6 +274,21 @@ def test_a_cache_the_device_cannot_hold_is_refused_before_compiling(monkeypatch)
     assert counts == dict.fromkeys(EVENTS, 0)
     message = str(result.value)
     assert "max_batch=64 x max_seq_len=1024" in message and f"{need:.2f} GB" in message and "0.01 GB is free" in message
+
+
+def test_a_cache_beyond_the_systems_memory_is_refused_on_a_cpu(monkeypatch):
+    """On a CPU (no device memory report) the cache is weighed against the memory the system has
+    available: one ConfigError naming both sizes, before anything is compiled."""
+    m = vl2_jax.load_model("random:test", "float32", runtime=Runtime(max_batch=64, max_seq_len=1024))
+    monkeypatch.setattr(engine_module, "available_memory", lambda: 20_000_000)
+    need = m.engine.cache_bytes() / 1e9
+    (result, counts) = count_compiles(lambda: pytest.raises(vl2_jax.ConfigError, m.engine.new_state))
+    assert counts == dict.fromkeys(EVENTS, 0)
+    message = str(result.value)
+    assert "max_batch=64 x max_seq_len=1024" in message and f"{need:.2f} GB" in message
+    assert "0.02 GB of memory available" in message
+    monkeypatch.setattr(engine_module, "available_memory", lambda: None)  # (unknown: no check)
+    assert m.engine.new_state() is not None
 
 
 def test_the_python_api_takes_what_the_cli_takes():

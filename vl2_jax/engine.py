@@ -53,6 +53,7 @@ from vl2_jax.executables import ExecutableStore, fingerprint, loading_pool
 from vl2_jax.modules.language import LanguageModel
 from vl2_jax.modules.vision import normalize_pixels
 from vl2_jax.modules.vl2 import VL2
+from vl2_jax.prefetch import available_memory
 from vl2_jax.prefix_cache import TileFeatures
 from vl2_jax.processor import NEWLINE_SOURCE, SEPARATOR_SOURCE, TILE_SOURCES, PixelNorm, image_token_sources
 from vl2_jax.sampling import RowSampling, sample_rows
@@ -382,16 +383,22 @@ class Engine:
             return self._call("state()", self._new_state, ())
 
     def check_memory(self) -> None:
+        """Refuses a cache that cannot fit, before anything is compiled: beside what the device holds
+        (its `memory_stats`), or, on a CPU, in the memory the system has available."""
         need = self.cache_bytes() // (self.mesh.shape.get("data", 1) if self.mesh is not None else 1)
-        stats = jax.local_devices()[0].memory_stats() or {}  # (a device of this process: others' can't be asked)
-        if "bytes_limit" not in stats:
+        device = jax.local_devices()[0]  # (a device of this process: others' can't be asked)
+        stats = device.memory_stats() or {}
+        if "bytes_limit" in stats:
+            free, where = stats["bytes_limit"] - stats.get("bytes_in_use", 0), "per device but {} GB is free"
+        elif device.platform == "cpu" and (free := available_memory()) is not None:
+            where = "but the system has {} GB of memory available"
+        else:
             return
-        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
         if need > free:
             raise ConfigError(
                 f"the KV cache of max_batch={self.max_batch} x max_seq_len={self.max_seq_len} needs "
-                f"{need / 1e9:.2f} GB per device but {free / 1e9:.2f} GB is free; load the model with a smaller "
-                "Runtime(max_batch=..., max_seq_len=...), or --max-seq-len on the command line.")
+                f"{need / 1e9:.2f} GB {where.format(f'{free / 1e9:.2f}')}; load the model with a smaller "
+                "Runtime(max_batch=..., max_seq_len=...) (--max-batch, --max-seq-len on the command line).")
 
     @functools.cached_property
     def _new_table(self):

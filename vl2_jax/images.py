@@ -186,8 +186,10 @@ def load_image(ref: str, limits: ImageLimits = ImageLimits()) -> Image.Image:
         if data is not None:
             return _decode(data, f"(base64) {label}", limits)
     if scheme is not None and scheme != "file":
-        raise InputError(f"image reference {label} has the scheme {scheme!r}, which is not supported; use "
-                         f"http(s)://, data:, file:// or a plain path.")
+        kinds = [*(["http(s)://"] if limits.allow_fetch else []), "data: (or raw base64)",
+                 *(["file://", "a plain path"] if limits.local_dir is not None else [])]
+        use = kinds[0] if len(kinds) == 1 else f"{', '.join(kinds[:-1])} or {kinds[-1]}"
+        raise InputError(f"image reference {label} has the scheme {scheme!r}, which is not supported; use {use}.")
     path = local_path(ref) or ref  # (None for a base64-looking path that does not exist)
     return _decode(_read_file(path, label, limits), label, limits)
 

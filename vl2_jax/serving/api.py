@@ -37,6 +37,7 @@ import dataclasses
 import hmac
 import importlib.metadata
 import json
+import re
 import secrets
 import time
 import uuid
@@ -192,6 +193,28 @@ def create_app(scheduler, model_name: str, processor, settings: ServerSettings |
 
 
 # -- responses ---------------------------------------------------------------------------------------------
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # (JSON's escape of a UTF-16 surrogate, paired or not)
+
+
+def _holds_lone_surrogate(data) -> bool:
+    """Whether a decoded JSON value holds a string with an unpaired surrogate (valid JSON, but no text
+    that UTF-8 can carry: the tokenizer and every response would fail on it). Walked without recursion."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def _error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
@@ -299,10 +322,17 @@ class _Server:
                 chunks.append(chunk)
         except ClientDisconnect:
             raise APIError(499, "the client disconnected while sending the request.") from None
+        body = b"".join(chunks)
         try:
-            return json.loads(b"".join(chunks))
+            data = json.loads(body)
+        except RecursionError:
+            raise bad_request("the request body nests arrays or objects too deeply to be read.") from None
         except (ValueError, UnicodeDecodeError) as e:
             raise bad_request(f"the request body is not valid JSON ({e}).") from None
+        if _SURROGATE_ESCAPE.search(body) and _holds_lone_surrogate(data):
+            raise bad_request("the request body holds a lone UTF-16 surrogate (an escape from \\ud800 to \\udfff "
+                              "without its pair): its text is not valid Unicode.")
+        return data
 
     def check_model(self, model: str | None) -> None:
         """Refuses a request for another model (404). SGLang's router sends "unknown" for a request that
@@ -361,7 +391,7 @@ class _Server:
         try:
             return self.scheduler.submit(job, measured)
         except QueueFull as e:
-            raise APIError(429, f"the server is busy ({e}); retry later.", "rate_limit_exceeded", code="queue_full",
+            raise APIError(429, f"the server is busy: {e}; retry later.", "rate_limit_exceeded", code="queue_full",
                            headers={"Retry-After": str(self.settings.retry_after_s)}) from None
 
     # -- output --------------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None):
+        # (text quoted from a request may hold a lone surrogate, which no JSON response can carry)
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
@@ -105,7 +107,10 @@ def _top_k(top_k: int | None) -> int:
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """Unknown fields ignored; known ones strictly typed, as OpenAI's API checks them: a bool is no
+    number, a number no bool, and a string neither ("1", "yes" are refused, not converted)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 # -- OpenAI ---------------------------------------------------------------------------------------------
@@ -113,15 +118,15 @@ class StreamOptions(_Body):
     """OpenAI's `include_usage`, and vLLM's `continuous_usage_stats` (usage in every chunk, and a chunk
     for every step that produced tokens, text or not: how a load generator times tokens)."""
 
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
 
 
 class _OpenAIBody(_Body):
     """The fields chat and completions share."""
 
     model: str | None = None
-    stream: bool = False
+    stream: bool | None = False  # (null: false, as OpenAI's API takes it)
     stream_options: StreamOptions | None = None
     max_tokens: int | None = None
     temperature: float | None = None
@@ -137,7 +142,7 @@ class _OpenAIBody(_Body):
     # extra fields, as vLLM and SGLang accept them
     top_k: int | None = None
     repetition_penalty: float | None = None
-    ignore_eos: bool = False
+    ignore_eos: bool | None = False
 
     def _refuse_unsupported(self) -> None:
         if self.n is not None and self.n < 1:
@@ -159,7 +164,7 @@ class _OpenAIBody(_Body):
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=_top_k(self.top_k),
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-            seed=self.seed, stop=_stop(self.stop), ignore_eos=self.ignore_eos)
+            seed=self.seed, stop=_stop(self.stop), ignore_eos=bool(self.ignore_eos))
 
     @property
     def include_usage(self) -> bool:
@@ -268,7 +273,7 @@ COMPLETIONS_MAX_TOKENS = 16  # /v1/completions' max_tokens when a request sets n
 
 class CompletionRequest(_OpenAIBody):
     prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool = False
+    echo: bool | None = False
     suffix: str | None = None
     best_of: int | None = None
 
@@ -310,7 +315,7 @@ class SGLangSamplingParams(_Body):
     presence_penalty: float = 0.0
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
+    ignore_eos: bool | None = False
     n: int = 1
     min_new_tokens: int = 0
     seed: int | None = None
@@ -343,7 +348,7 @@ class SGLangSamplingParams(_Body):
         return Sampling(max_tokens=self.max_new_tokens, max_tokens_default="max_new_tokens" not in self.model_fields_set,
                         temperature=self.temperature, top_p=self.top_p,
                         top_k=_top_k(self.top_k), repetition_penalty=self.repetition_penalty, seed=seed,
-                        stop=_stop(self.stop, p + "stop"), ignore_eos=self.ignore_eos)
+                        stop=_stop(self.stop, p + "stop"), ignore_eos=bool(self.ignore_eos))
 
 
 class GenerateRequest(_Body):
@@ -354,7 +359,7 @@ class GenerateRequest(_Body):
     input_ids: list[int] | list[list[int]] | None = None
     image_data: str | list[str] | list[list[str]] | None = None
     sampling_params: SGLangSamplingParams | list[SGLangSamplingParams] | None = None
-    stream: bool = False
+    stream: bool | None = False
     rid: str | list[str] | None = None
     return_logprob: bool | list[bool] | None = None
     input_embeds: Any = None
@@ -378,7 +383,8 @@ class GenerateRequest(_Body):
         prompt = self.text if self.text is not None else self.input_ids
         if self.batched:
             if len(prompt) != 1:
-                raise not_supported("text", f"a batch of {len(prompt)} prompts", "send one request at a time")
+                raise not_supported("text" if self.text is not None else "input_ids", f"a batch of {len(prompt)} prompts",
+                                    "send one request at a time")
             prompt = prompt[0]
         if not prompt:
             raise bad_request("the prompt is empty.", "text" if self.text is not None else "input_ids")

@@ -130,8 +130,8 @@ class Scheduler:
             free = len(self._batcher.free) if self._batcher else self.model.engine.max_batch
             if waiting >= self.max_queue + free:  # (jobs a free slot takes at once do not wait)
                 n = waiting - free
-                raise QueueFull(f"{n} request{' is' if n == 1 else 's are'} waiting for a slot "
-                                f"(the queue holds {self.max_queue})")
+                raise QueueFull(f"{n} request{' is' if n == 1 else 's are'} waiting for a slot, as many as the "
+                                "queue holds")
             job.submitted = job.submitted or time.perf_counter()  # (the API may set it at the request's arrival)
             job.on_update = self._on_update
             self._handles[id(job)] = handle
