@@ -364,12 +364,12 @@ def test_text_that_is_not_unicode_and_bodies_nested_too_deeply_are_400s(sched, u
     """A lone surrogate escape is valid JSON but no text (it reached the tokenizer: a 500); nesting past
     Python's recursion limit failed the JSON decoder (a 500). A stream: null is false, as OpenAI's API has it."""
     post = lambda route, raw: httpx2.post(url + route, content=raw, headers={"content-type": "application/json"})
-    lone = '{"model": "%s", "messages": [{"role": "user", "content": "a \\ud800 b"}]}' % MODEL
+    lone = '{"model": "' + MODEL + '", "messages": [{"role": "user", "content": "a \\ud800 b"}]}'
     assert "lone UTF-16 surrogate" in error_of(post("/v1/chat/completions", lone.encode()), 400)["message"]
     assert "lone UTF-16 surrogate" in error_of(post("/generate", b'{"text": "a", "rid": "\\udfff"}'), 400)["message"]
     assert "too deeply" in error_of(post("/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000), 400)["message"]
     assert not sched.jobs
-    paired = '{"model": "%s", "messages": [{"role": "user", "content": "\\ud83d\\ude00"}], "stream": null}' % MODEL
+    paired = '{"model": "' + MODEL + '", "messages": [{"role": "user", "content": "\\ud83d\\ude00"}], "stream": null}'
     response = post("/v1/chat/completions", paired.encode())
     assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == "".join(PIECES)
     assert sched.jobs and httpx2.get(url + "/health").status_code == 200
