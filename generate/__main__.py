@@ -88,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="draw the answer's grounding boxes on the first --image and save it to OUT.png")
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="keep compiled programs in DIR between runs (default: $VL2_JAX_COMPILE_CACHE, else "
-                        "~/.cache/vl2_jax/xla; '' turns it off; JAX_COMPILATION_CACHE_DIR, if set, wins)")
+                        "~/.cache/vl2_jax/xla, under $XDG_CACHE_HOME where set; '' turns it off; "
+                        "JAX_COMPILATION_CACHE_DIR, if set, wins)")
     return p
 
 

@@ -21,6 +21,7 @@ import pytest
 from conftest import VARIANTS, case_names, ckpt_dir, load_case, open_images
 from safetensors.numpy import load_file, save_file
 
+import vl2_jax
 import vl2_jax.model
 from convert.__main__ import main as convert_main
 from vl2_jax import orbax_io
@@ -189,6 +190,25 @@ def test_damaged_weights_fail_in_one_sentence(tmp_path, root):
     with pytest.raises(CheckpointError, match=r"params/layers_1 failed .*the checkpoint is damaged") as error:
         orbax_io.restore(dst, VL2Config.from_pretrained(dst))
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / orbax_io.MANIFEST).write_text(json.dumps({**json.loads((d / orbax_io.MANIFEST).read_text()),
+                                                              "version": 1})),
+     r"format version 1; .*Convert the Hugging Face checkpoint again"),
+    (lambda d: shutil.rmtree(d / "params" / "layers_1"), r"lacks the parameter group params/layers_1"),
+])
+def test_a_conversion_that_does_not_load_says_why(tmp_path, root, capsys, damage, message):
+    """An older format version or a missing group: loading it, or converting it again, says so (it was taken
+    for a Hugging Face folder without weights)."""
+    dst = tmp_path / "ckpt"
+    shutil.copytree(converted("mla", root), dst)
+    damage(dst)
+    assert orbax_io.is_conversion(dst) and not orbax_io.is_converted(dst)
+    with pytest.raises(CheckpointError, match=message):
+        vl2_jax.load_model(str(dst))
+    error = convert_error(capsys, dst, tmp_path / "again")
+    assert re.search(message, error) and "does not load" in error and "pass a Hugging Face folder" in error
 
 
 def test_a_failed_placement_ends_the_load(root, monkeypatch):

@@ -40,6 +40,7 @@ from pathlib import Path
 import jax
 
 from vl2_jax.errors import ConfigError
+from vl2_jax.specs import cache_home
 
 FORMAT = 1  # bump when the file layout below changes
 
@@ -243,11 +244,10 @@ class ExecutableStore:
 # -- the entry points' --compile-cache ----------------------------------------------------------------
 def cache_dir(flag: str | None) -> str:
     """Where compiled programs persist between runs: the flag, else $VL2_JAX_COMPILE_CACHE, else
-    ~/.cache/vl2_jax/xla ("" = nowhere)."""
+    ~/.cache/vl2_jax/xla (under $XDG_CACHE_HOME where set; "" = nowhere)."""
     if flag is not None:
         return flag
-    default = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vl2_jax", "xla")
-    return os.environ.get("VL2_JAX_COMPILE_CACHE", default)
+    return os.environ.get("VL2_JAX_COMPILE_CACHE", str(cache_home() / "vl2_jax" / "xla"))
 
 
 def use_compile_cache(path: str, log: Callable[[str], None], jax_cache: bool = True) -> str:

@@ -5,8 +5,8 @@ A spec is what a user types as a model:
   (offline; `test` is a few MB, the others the real sizes);
 - a local folder: a Hugging Face DeepSeek-VL2 checkpoint or a `python -m convert` output;
 - a Hugging Face hub id (`deepseek-ai/deepseek-vl2-tiny`): downloaded once through `huggingface_hub`
-  into its cache, converted once into `$VL2_JAX_CACHE` (default `~/.cache/vl2_jax`), then loaded from
-  the converted copy.
+  into its cache, converted once into `$VL2_JAX_CACHE` (default `~/.cache/vl2_jax`, under
+  `$XDG_CACHE_HOME` where set), then loaded from the converted copy.
 
 Every leaf goes straight to its device (or, under a mesh, into its shards); no host holds the whole
 model. The formats themselves are read by `vl2_jax.checkpoint` (safetensors) and `vl2_jax.orbax_io`;
@@ -206,8 +206,10 @@ def load_folder(path: str | Path, dtype=None, runtime: Runtime = Runtime(), mesh
 
         want = resolve_dtype(dtype)
         mesh = make_mesh(mesh, cfg)
-        converted = orbax_io.is_converted(path)
-        if not converted:
+        converted = orbax_io.is_conversion(path)
+        if converted:
+            orbax_io.check_converted(path)  # (one that does not load says why: another format version, a missing group)
+        else:
             folder = SafetensorsFolder(path)
         saved_quant = orbax_io.saved_quant(path) if converted else "none"
         quant = saved_quant if quant is None else check_quant(quant)

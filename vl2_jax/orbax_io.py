@@ -156,6 +156,19 @@ def is_converted(path: str | Path) -> bool:
     return True
 
 
+def is_conversion(path: str | Path) -> bool:
+    """True iff `path` holds a `python -m convert` manifest (written last, as a conversion finishes):
+    a conversion, whether or not it still loads (`is_converted`); reading it (`check_converted`) says
+    what is wrong with one that does not: another format version, a missing group."""
+    path = Path(path)
+    return not _TEMP_NAME.search(path.name) and (path / MANIFEST).is_file()
+
+
+def check_converted(path: str | Path) -> None:
+    """Raises the `CheckpointError` that says why `path` is not a loadable conversion (none if it is)."""
+    _read_manifest(Path(path))
+
+
 def saved_dtype(path: str | Path):
     """The dtype a converted checkpoint was saved in (a jnp scalar type such as jnp.bfloat16)."""
     return dtype_of(_read_manifest(Path(path))["dtype"])
@@ -581,9 +594,15 @@ def convert_checkpoint(
     if not src.is_dir():
         raise CheckpointError(f"{src} is not a folder; pass a Hugging Face DeepSeek-VL2 checkpoint folder.")
     if (src / MANIFEST).is_file():
+        again = ("pass a Hugging Face folder: the one it came from, or for a fine-tuned model the one `python -m "
+                 "vl2_jax.finetune --export-hf` writes.")
+        try:
+            _read_manifest(src)
+        except CheckpointError as e:  # (an older format version, a damaged folder: why it does not load)
+            raise CheckpointError(f"{src} is a `python -m convert` output that does not load: {e} To convert, "
+                                  + again) from None
         raise CheckpointError(f"{src} is already a `python -m convert` output, which loads as it is (--model {src}); "
-                              "to convert again, pass a Hugging Face folder: the one it came from, or for a "
-                              "fine-tuned model the one `python -m vl2_jax.finetune --export-hf` writes.")
+                              "to convert again, " + again)
     _check_destination(src, dst, force)  # before anything is read: a bad destination fails in a moment
     cfg = VL2Config.from_pretrained(src)
     folder = SafetensorsFolder(src)

@@ -61,7 +61,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kernels", default="on", choices=["on", "off"], help="accelerator kernels (default on)")
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="keep compiled programs in DIR between runs (default: $VL2_JAX_COMPILE_CACHE, else "
-                        "~/.cache/vl2_jax/xla; '' turns it off)")
+                        "~/.cache/vl2_jax/xla, under $XDG_CACHE_HOME where set; '' turns it off)")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="prefill every prompt from its start (default: a prompt continues from the longest prefix a "
                         "free slot still holds of an earlier one, e.g. the same images or the chat so far)")

@@ -13,9 +13,14 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model"]
 
 
+def cache_home() -> Path:
+    """`$XDG_CACHE_HOME` where set, else `~/.cache`: the folder this package's caches go under."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+
+
 def cache_dir() -> Path:
-    """Where hub checkpoints are converted to: `$VL2_JAX_CACHE`, default `~/.cache/vl2_jax`."""
-    return Path(os.environ.get("VL2_JAX_CACHE", Path.home() / ".cache" / "vl2_jax"))
+    """Where hub checkpoints are converted to: `$VL2_JAX_CACHE`, default `~/.cache/vl2_jax` (`cache_home`)."""
+    return Path(os.environ.get("VL2_JAX_CACHE") or cache_home() / "vl2_jax")
 
 
 def is_hub_id(spec: str) -> bool:
