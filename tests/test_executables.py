@@ -12,7 +12,7 @@ import pytest
 
 import vl2_jax
 from tests.test_engine import EVENTS, count_compiles, image
-from vl2_jax import Runtime
+from vl2_jax import Runtime, executables, specs
 from vl2_jax.errors import ConfigError
 from vl2_jax.executables import ExecutableStore, fingerprint
 
@@ -239,3 +239,20 @@ def test_kept_programs_and_jax_own_cache_do_not_mix(tmp_path):
         assert len(lines) == 1 and "JAX's own compilation cache" in lines[0]
     finally:
         jax.config.update("jax_compilation_cache_dir", None)
+
+
+def test_the_caches_go_under_xdg_cache_home_where_it_is_set(monkeypatch, tmp_path):
+    """Compiled programs and hub conversions share one base: $XDG_CACHE_HOME, else ~/.cache; their own
+    variables win, and the flag wins over everything."""
+    for name in ("XDG_CACHE_HOME", "VL2_JAX_COMPILE_CACHE", "VL2_JAX_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert executables.cache_dir(None) == str(tmp_path / "home" / ".cache" / "vl2_jax" / "xla")
+    assert specs.cache_dir() == tmp_path / "home" / ".cache" / "vl2_jax"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert executables.cache_dir(None) == str(tmp_path / "xdg" / "vl2_jax" / "xla")
+    assert specs.cache_dir() == tmp_path / "xdg" / "vl2_jax"
+    monkeypatch.setenv("VL2_JAX_COMPILE_CACHE", str(tmp_path / "cc"))
+    monkeypatch.setenv("VL2_JAX_CACHE", str(tmp_path / "conv"))
+    assert executables.cache_dir(None) == str(tmp_path / "cc") and specs.cache_dir() == tmp_path / "conv"
+    assert executables.cache_dir("") == "" and executables.cache_dir("mine") == "mine"
