@@ -13,12 +13,11 @@ Images and the prompt are checked before the model loads.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from vl2_jax import prefetch
 from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, QUANTS
-from vl2_jax.errors import command_parser, guarded, interrupts_held, number
+from vl2_jax.errors import command_parser, guarded, interrupts_held, leave, number
 
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl2-tiny"
 
@@ -109,25 +108,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def exit_with_main() -> None:
-    """`python -m generate` and `vl2-generate`: `main()`, then out of the process at once, once its
-    output is flushed. Python's teardown would destroy JAX's backends first (~0.4 s on a CPU); the
-    command has nothing left to write or close by then. Across processes (`--coordinator`), each first
-    leaves the distributed runtime as JAX's own exit would (waiting for the others), so process 0's
-    coordination service outlives every process's work."""
-    code = main()
-    jax = sys.modules.get("jax")
-    if jax is not None:
-        is_initialized = getattr(jax.distributed, "is_initialized", None)
-        if is_initialized is None:  # (an older JAX: let Python's teardown do its shutdown)
-            sys.exit(code)
-        if is_initialized():
-            jax.distributed.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe: nothing more can reach it
-            pass
-    os._exit(code)
+    """`python -m generate` and `vl2-generate`: `main()`, then out of the process at once (`leave`)."""
+    leave(main())
 
 
 if __name__ == "__main__":

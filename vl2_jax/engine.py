@@ -919,8 +919,13 @@ class Engine:
                     progress(done[0], len(programs), "{}{}".format(*programs[i]))
 
         workers = threads or min(16, os.cpu_count() or 1)
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="vl2-warmup")
+        try:
             list(pool.map(compile_one, range(len(programs))))
+        except BaseException:  # (interrupted: the compiles not begun are dropped, those under way not waited for)
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
         compiled_s = time.perf_counter() - t0
         made: dict = {}
         with self._context():  # each program once (compiled above: no tracing or compiling here)

@@ -239,5 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     return guarded(lambda: run(args, log), log)
 
 
+def exit_with_main() -> None:
+    """`python -m vl2_jax.serve` and `vl2-serve`: `main()`, then out of the process at once (`leave`: an
+    interrupted warmup does not wait for the compiles under way)."""
+    from vl2_jax.errors import leave
+
+    leave(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with_main()
