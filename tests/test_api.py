@@ -354,6 +354,7 @@ def test_other_bad_requests(sched, url):
     ("/v1/completions", {"prompt": "a", "top_p": "1"}, "top_p"),
     ("/generate", {"text": "a", "sampling_params": {"max_new_tokens": True}}, "sampling_params.max_new_tokens"),
     ("/generate", {"input_ids": [[1], [2]]}, "input_ids"),
+    ("/generate", {"text": ["a"], "rid": ["x", "y"]}, "rid"),
 ])
 def test_fields_of_the_wrong_type_are_refused_not_converted(sched, url, route, body, param):
     assert error_of(httpx2.post(url + route, json=body), 400)["param"] == param

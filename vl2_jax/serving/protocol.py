@@ -388,6 +388,8 @@ class GenerateRequest(_Body):
             prompt = prompt[0]
         if not prompt:
             raise bad_request("the prompt is empty.", "text" if self.text is not None else "input_ids")
+        if isinstance(self.rid, list) and len(self.rid) != 1:
+            raise bad_request(f"rid has {len(self.rid)} ids for the one prompt; give one.", "rid")
         images = self.image_data
         if isinstance(images, str):
             images = [images]
