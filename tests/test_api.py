@@ -468,6 +468,8 @@ def test_flush_cache_empties_the_tile_cache():
 
 def test_models_info_health_generate_flush_and_metrics(sched, url):
     assert [m.id for m in client(url).models.list()] == [MODEL]
+    head = httpx2.head(url + "/health")
+    assert head.status_code == 200 and head.content == b""
     card = httpx2.get(url + f"/v1/models/{MODEL}").json()
     assert (card["max_model_len"], card["dtype"], card["quantization"]) == (256, "float32", "int8")
     info = httpx2.get(url + "/get_model_info").json()

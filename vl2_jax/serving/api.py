@@ -131,7 +131,7 @@ def create_app(scheduler, model_name: str, processor, settings: ServerSettings |
     async def internal_error(request: Request, e: Exception):
         return _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # (HEAD: load balancers probe with it)
     async def health():
         if server.draining or not server.scheduler.stats().get("alive", True):
             raise APIError(503, "the server is not serving (starting, stopping or its scheduler is down).",
