@@ -368,6 +368,8 @@ def test_text_that_is_not_unicode_and_bodies_nested_too_deeply_are_400s(sched, u
     lone = '{"model": "' + MODEL + '", "messages": [{"role": "user", "content": "a \\ud800 b"}]}'
     assert "lone UTF-16 surrogate" in error_of(post("/v1/chat/completions", lone.encode()), 400)["message"]
     assert "lone UTF-16 surrogate" in error_of(post("/generate", b'{"text": "a", "rid": "\\udfff"}'), 400)["message"]
+    assert error_of(post("/generate", b'{"text": "a \xed\xa0\x80 b"}'), 400)  # (raw surrogate bytes)
+    assert error_of(post("/v1/chat/completions", lone.encode("utf-16")), 400)
     assert "too deeply" in error_of(post("/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000), 400)["message"]
     assert not sched.jobs
     paired = '{"model": "' + MODEL + '", "messages": [{"role": "user", "content": "\\ud83d\\ude00"}], "stream": null}'

@@ -922,7 +922,7 @@ class Engine:
         pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="vl2-warmup")
         try:
             list(pool.map(compile_one, range(len(programs))))
-        except BaseException:  # (interrupted: the compiles not begun are dropped, those under way not waited for)
+        except KeyboardInterrupt:  # (the compiles not begun are dropped, those under way not waited for)
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown()

@@ -323,8 +323,8 @@ class _Server:
         except ClientDisconnect:
             raise APIError(499, "the client disconnected while sending the request.") from None
         body = b"".join(chunks)
-        try:
-            data = json.loads(body)
+        try:  # (UTF-8 alone, strictly: json.loads would take UTF-16/32 and raw surrogate bytes)
+            data = json.loads(body.decode("utf-8"))
         except RecursionError:
             raise bad_request("the request body nests arrays or objects too deeply to be read.") from None
         except (ValueError, UnicodeDecodeError) as e:
