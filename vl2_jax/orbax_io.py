@@ -146,11 +146,10 @@ def _read_manifest(path: Path) -> dict:
 
 def is_converted(path: str | Path) -> bool:
     """True iff `path` is a finished `python -m convert` output (a valid manifest, all groups there)."""
-    path = Path(path)
-    if _TEMP_NAME.search(path.name):
+    if not is_conversion(path):
         return False
     try:
-        _read_manifest(path)
+        check_converted(path)
     except CheckpointError:
         return False
     return True
@@ -597,7 +596,7 @@ def convert_checkpoint(
         again = ("pass a Hugging Face folder: the one it came from, or for a fine-tuned model the one `python -m "
                  "vl2_jax.finetune --export-hf` writes.")
         try:
-            _read_manifest(src)
+            check_converted(src)
         except CheckpointError as e:  # (an older format version, a damaged folder: why it does not load)
             raise CheckpointError(f"{src} is a `python -m convert` output that does not load: {e} To convert, "
                                   + again) from None
