@@ -60,14 +60,42 @@ def test_fused_attention_gives_the_reference_answers(variant):
     cuDNN runs on GPUs, at every step: the reference's greedy tokens for a left-padded batch of three,
     prefilled whole and in chunks of 7 (queries meeting earlier chunks' cache entries)."""
     base = model(variant)
-    m = vl2_jax.VL2Model(base.cfg, base.params, base.processor, jnp.float32, vl2_jax.Runtime(attention="xla"))
     names = ("three_images_no_crop", "text_only", "one_wide")
-    outs, greedys = zip(*(one(m, variant, n) for n in names))
-    batch = m.processor.batchify(list(outs))
-    for chunks in (None, (7,)):
-        r = model(variant, chunks).generate(batch, max_new_tokens=max(map(len, greedys)))
+    outs, greedys = zip(*(one(base, variant, n) for n in names))
+    batch = base.processor.batchify(list(outs))
+    for chunks in (Runtime().prefill_chunks, (7,)):
+        runtime = vl2_jax.Runtime(attention="xla", prefill_chunks=chunks)
+        m = vl2_jax.VL2Model(base.cfg, base.params, base.processor, jnp.float32, runtime)
+        r = m.generate(batch, max_new_tokens=max(map(len, greedys)))
         for got, want in zip(r.token_ids, greedys):
             assert got[: len(want)] == want
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_decode_attention_kernel_gives_the_reference_answers(variant, monkeypatch):
+    """Decoding through the decode attention kernel (interpreted, switched in as on a GPU: each slot's
+    keys read up to its own length from the whole cache, one key bucket): the reference's greedy tokens
+    for a batch of three prompts of different lengths."""
+    from vl2_jax import kernels
+    from vl2_jax.modules import attention
+
+    calls = []
+
+    def interpreted(*args, **kwargs):
+        calls.append(args[1][0].shape)
+        return kernels.decode_attention(*args, **kwargs, interpret=True)
+
+    monkeypatch.setattr(attention, "decode_attention_usable", lambda *args: True)
+    monkeypatch.setattr(attention, "decode_attention", interpreted)
+    base = model(variant)
+    m = vl2_jax.VL2Model(base.cfg, base.params, base.processor, jnp.float32, Runtime())
+    assert m.engine.decode_key_buckets == (m.engine.capacity,)
+    names = ("three_images_no_crop", "text_only", "one_wide")
+    outs, greedys = zip(*(one(m, variant, n) for n in names))
+    r = m.generate(m.processor.batchify(list(outs)), max_new_tokens=max(map(len, greedys)))
+    for got, want in zip(r.token_ids, greedys):
+        assert got[: len(want)] == want
+    assert calls and all(shape[:2] == (m.engine.max_batch, m.engine.capacity) for shape in calls)
 
 
 def test_unknown_attention_is_a_config_error():

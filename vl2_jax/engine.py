@@ -18,7 +18,9 @@ so that after `warmup()` no request compiles or traces anything:
   (a key-length bucket: `key_buckets`);
 - insert: the first token of N prompts sampled from their last chunk's logits, their slots' state set;
 - decode: `decode_steps(n)` steps for the first `n` slots (a live-slot bucket: `slot_buckets`) in one
-  on-device loop of a fixed trip count, attention reading `keys` entries, with an all-greedy variant that skips the sort.
+  on-device loop of a fixed trip count, attention reading `keys` entries (a bucket: `decode_key_buckets`;
+  one, the capacity, where the decode attention kernel reads each slot's own), with an all-greedy
+  variant that skips the sort.
 
 Sampling settings, lengths, limits and done flags are per-slot arrays of the state, so no setting
 changes a shape. The state is donated to every program and comes back updated.
@@ -50,6 +52,7 @@ from vl2_jax.cache import KVCache
 from vl2_jax.config import Runtime, VL2Config
 from vl2_jax.errors import ConfigError, InputError, PromptTooLong
 from vl2_jax.executables import ExecutableStore, fingerprint, loading_pool
+from vl2_jax.modules.attention import ragged_decode
 from vl2_jax.modules.language import LanguageModel
 from vl2_jax.modules.vision import normalize_pixels
 from vl2_jax.modules.vl2 import VL2
@@ -230,9 +233,12 @@ class Engine:
         # chunks start at multiples of the smallest, and each fits below the capacity (chunk_plan).
         self.capacity = -(-self.max_seq_len // self.chunks[0]) * self.chunks[0]
         self.key_buckets = powers_of_two(min(256, self.capacity), self.capacity)
-        # decode reads every live slot's keys at each step: lengths at most 1.5x apart, from 512
+        # decode reads every live slot's keys at each step up to a bucket: lengths at most 1.5x apart, from
+        # 512; where the decode attention kernel reads each slot's own keys in place, one serves them all
         ladder = sorted({b << i for b in (512, 768) for i in range(16) if b << i < self.capacity})
-        self.decode_key_buckets = (*ladder, self.capacity)
+        with self._context():
+            self.ragged_decode = ragged_decode(lc, self.dtype, runtime, self.capacity)
+        self.decode_key_buckets = (self.capacity,) if self.ragged_decode else (*ladder, self.capacity)
         self.slot_buckets = powers_of_two(1, self.max_batch)  # (also the row counts of prompts prefilled together)
         self.side = cfg.tokens_per_tile_side
         # the most tiles a slot's image tokens can use (each tile brings at least side * side tokens)

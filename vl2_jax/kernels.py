@@ -26,6 +26,10 @@ times its expert's int8/fp8 values read in place and dequantized in registers. J
 matmul takes one dtype, so quantized experts reached it only as a 16-bit copy of every expert's values
 written at each prefill (small: 14.4G elements, ~43 GB of traffic per prompt).
 
+`decode_attention`: one query token per row against that row's cached keys, read in place up to the
+row's own length, with the softmax kept online over blocks of keys (the plain path reads every row up
+to the call's key bucket, through a score tensor and a masked softmax).
+
 `cudnn_attention_usable`: whether `jax.nn.dot_product_attention` may run cuDNN flash attention (the
 vision tower and the language model's prefill use it; their plain softmax paths run elsewhere).
 
@@ -569,3 +573,161 @@ def _blocked_matmul_self_check(weight_dtype: str) -> bool:
 
     return _self_check(f"blocked matmul kernel on {weight_dtype} weights",
                        "prefill's quantized experts take the grouped matmul over a 16-bit copy", 1e-2, compute)
+
+
+# -- decode attention ---------------------------------------------------------------------------------
+# One query token per row against that row's cached keys, read in place up to the row's own length: the
+# plain path reads every row's keys up to the call's key bucket (the longest live row's, rounded up),
+# through a score tensor, a masked softmax and a second product. Keys are walked in blocks of
+# DECODE_BLOCK_K; each (row, key head) splits its keys over several programs when rows are few, so
+# that about DECODE_MIN_PROGRAMS are in flight; their partial softmax sums are combined after the kernel.
+DECODE_BLOCK_K, DECODE_WARPS, DECODE_STAGES = 64, 4, 2
+DECODE_MIN_PROGRAMS, DECODE_MAX_SPLITS = 264, 16
+
+
+def decode_splits(programs: int) -> int:
+    """Key splits per (row, key head) for `programs` of them: the fewest (a power of two, at most
+    DECODE_MAX_SPLITS) that put DECODE_MIN_PROGRAMS in flight."""
+    splits = 1
+    while splits < DECODE_MAX_SPLITS and programs * splits < DECODE_MIN_PROGRAMS:
+        splits *= 2
+    return splits
+
+
+def _power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def decode_attention_usable(dtype, queries: int, key_dims: tuple[int, ...], value_dim: int, keys: int) -> bool:
+    """Whether `decode_attention` runs its kernel here for `queries` query heads per key head, key parts
+    of `key_dims` and values of `value_dim` numbers, over cache rows of `keys` entries: Pallas's Triton
+    backend on an NVIDIA GPU, bf16/f16, power-of-two sizes (Triton's blocks), one query head per key head
+    or 16 or more (the tensor cores' rows); then its self-check, once."""
+    shapes = ((queries == 1 or (queries >= 16 and _power_of_two(queries)))
+              and all(d >= 16 and _power_of_two(d) for d in (*key_dims, value_dim)) and keys % DECODE_BLOCK_K == 0)
+    return (pl_triton is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and shapes and _cuda_gpu()
+            and _decode_attention_self_check())
+
+
+def _decode_attention_kernel(lengths_ref, *refs, parts: int, values: bool, splits: int, scale: float):
+    # lengths_ref [1]: how many of this row's keys are valid; refs: q part i [M, A_i] (this row and key
+    # head), its key part [S, A_i] (the row's whole cache, read in place), (values [S, U],) then the
+    # outputs: o [M, U] float32, unnormalised, and the softmax's running max m [M] and sum l [M] over this
+    # program's keys: a 1/splits share of the valid ones, in blocks of block_k.
+    qs, ks = refs[:2 * parts:2], refs[1:2 * parts:2]
+    v_ref = refs[2 * parts] if values else ks[0]
+    o_ref, m_ref, l_ref = refs[-3:]
+    rows, block_k = o_ref.shape[0], DECODE_BLOCK_K
+    valid = lengths_ref[0]
+    share = (valid + splits * block_k - 1) // (splits * block_k) * block_k
+    start = pl.program_id(2) * share
+    end = jnp.minimum(start + share, valid)
+    q = [r[...].astype(jnp.float32) * scale for r in qs]
+
+    def step(i, carry):
+        o, m, l = carry
+        at = pl.multiple_of(start + i * block_k, block_k)
+        keys = pl.ds(at, block_k)
+        if rows == 1:  # one query: a vector against the block, as multiplies and a sum
+            s = sum(jnp.sum(qi[0][None, :] * k[keys, :].astype(jnp.float32), axis=1) for qi, k in zip(q, ks))[None]
+        else:
+            s = sum(jax.lax.dot_general(qi.astype(k.dtype), k[keys, :], (((1,), (1,)), ((), ())),
+                                        preferred_element_type=jnp.float32) for qi, k in zip(q, ks))
+        valid = at + jnp.arange(block_k) < end  # (the last block's keys past the end are not counted)
+        s = jnp.where(valid[None, :], s, -jnp.inf)  # [M, block_k]
+        m_next = jnp.maximum(m, jnp.max(s, axis=1))
+        p = jnp.exp(s - m_next[:, None])
+        correction = jnp.exp(m - m_next)
+        v = jnp.where(valid[:, None], v_ref[keys, :], 0)
+        if rows == 1:
+            pv = jnp.sum(p[0][:, None] * v.astype(jnp.float32), axis=0)[None]
+        else:
+            pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return o * correction[:, None] + pv, m_next, l * correction + jnp.sum(p, axis=1)
+
+    u = o_ref.shape[-1]
+    init = (jnp.zeros((rows, u), jnp.float32), jnp.full((rows,), jnp.finfo(jnp.float32).min, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+    steps = jnp.maximum((end - start + block_k - 1) // block_k, 0)
+    o, m, l = jax.lax.fori_loop(0, steps, step, init)
+    o_ref[...], m_ref[...], l_ref[...] = o, m, l
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "splits", "interpret"))
+def decode_attention(q_parts: tuple[jax.Array, ...], k_parts: tuple[jax.Array, ...], v_BSGU: jax.Array | None,
+                     lengths_N: jax.Array, scale: float, splits: int | None = None,
+                     interpret: bool = False) -> jax.Array:
+    """softmax(scale * sum_i q_i . k_i) . v over each row's first `lengths` keys -> [N, G, M, U] in q's
+    dtype.
+
+    q parts [N, G, M, A_i]: N rows (the first N of the cache's B), G key heads, M query heads each; key
+    parts [B, S, G, A_i] and values [B, S, G, U] (None: the values are the first key part, as MLA's
+    latent) are whole cache arrays, read in place: keys of row n at positions < lengths[n] (at least 1)
+    count, nothing past them is read, and rows past N are not read. MHA: one part (K); MLA's absorbed
+    form: the latent (R) and the rope key (J) parts, values the latent, G = 1.
+
+    One program per (row, key head, key split); `splits` (default `decode_splits`) shares each row's
+    keys out; their float32 partial sums are combined here. `interpret=True` runs the kernel's semantics
+    on any backend (the CPU tests).
+    """
+    n, g, rows = q_parts[0].shape[:3]
+    b, s = k_parts[0].shape[:2]
+    u = (k_parts[0] if v_BSGU is None else v_BSGU).shape[-1]
+    splits = splits or decode_splits(n * g)
+    if s % DECODE_BLOCK_K or b < n:
+        raise ValueError(f"decode_attention: {s} keys a row must be a multiple of {DECODE_BLOCK_K}, and the cache's "
+                         f"{b} rows at least the {n} queried")
+    head = lambda shape: pl.BlockSpec((None, None, *shape), lambda i, j, p: (i, j) + (0,) * len(shape))
+    keys = lambda a: pl.BlockSpec((None, s, None, a.shape[-1]), lambda i, j, p: (i, 0, j, 0))
+    values = () if v_BSGU is None else (v_BSGU,)
+    out = pl.BlockSpec((None, None, None, rows, u), lambda i, j, p: (p, i, j, 0, 0))
+    stat = pl.BlockSpec((None, None, None, rows), lambda i, j, p: (p, i, j, 0))
+    o, m, l = pl.pallas_call(
+        functools.partial(_decode_attention_kernel, parts=len(q_parts), values=bool(values), splits=splits,
+                          scale=scale),
+        grid=(n, g, splits),
+        in_specs=[pl.BlockSpec((1,), lambda i, j, p: (i,)),
+                  *(spec for q, k in zip(q_parts, k_parts) for spec in (head(q.shape[2:]), keys(k))),
+                  *(keys(v) for v in values)],
+        out_specs=[out, stat, stat],
+        out_shape=[jax.ShapeDtypeStruct((splits, n, g, rows, u), jnp.float32),
+                   *[jax.ShapeDtypeStruct((splits, n, g, rows), jnp.float32)] * 2],
+        compiler_params=pl_triton.CompilerParams(num_warps=DECODE_WARPS, num_stages=DECODE_STAGES) if pl_triton else None,
+        interpret=interpret,
+        name="decode_attention",
+    )(lengths_N.astype(jnp.int32), *(a for pair in zip(q_parts, k_parts) for a in pair), *values)
+    weight = jnp.exp(m - jnp.max(m, axis=0))  # [P, N, G, M]: each split's share of the softmax
+    total = jnp.sum(o * weight[..., None], axis=0) / jnp.sum(l * weight, axis=0)[..., None]
+    return total.astype(q_parts[0].dtype)
+
+
+def decode_attention_reference(q_parts, k_parts, v_BSGU, lengths_N, scale: float) -> np.ndarray:
+    """`decode_attention` in float32 numpy (the tests' and the self-check's reference)."""
+    n = q_parts[0].shape[0]
+    f = lambda a: np.asarray(a, np.float32)
+    s = sum(np.einsum("ngma,nsga->ngms", f(q), f(k)[:n]) for q, k in zip(q_parts, k_parts)) * scale
+    s = np.where(np.arange(s.shape[-1]) < np.asarray(lengths_N)[:, None, None, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    v = f(k_parts[0] if v_BSGU is None else v_BSGU)[:n]
+    return np.einsum("ngms,nsgu->ngmu", p / p.sum(-1, keepdims=True), v)
+
+
+@functools.cache
+def _decode_attention_self_check() -> bool:
+    """`decode_attention` once in each form (one query head per key head with one key part; 16 with two
+    parts and the values in the first), rows of 1, 63, 64 and 65 to all of the keys valid."""
+
+    def compute():
+        rng = np.random.default_rng(0)
+        lengths = np.array([1, 63, 64, 65, 3 * DECODE_BLOCK_K], np.int32)
+        b, s = len(lengths) + 1, 3 * DECODE_BLOCK_K
+        bf = lambda *shape: rng.standard_normal(shape).astype(jnp.bfloat16)
+        got, want = [], []
+        for q_parts, k_parts, v in [((bf(5, 2, 1, 64),), (bf(b, s, 2, 64),), bf(b, s, 2, 32)),
+                                    ((bf(5, 1, 16, 32), bf(5, 1, 16, 16)), (bf(b, s, 1, 32), bf(b, s, 1, 16)), None)]:
+            args = (q_parts, k_parts, v, lengths)
+            got.append(np.asarray(decode_attention.lower(*args, 0.125).compile()(*args), np.float32).ravel())
+            want.append(decode_attention_reference(*args, 0.125).ravel())
+        return np.concatenate(got), np.concatenate(want)
+
+    return _self_check("decode attention kernel", "decoding attends through the masked softmax", 2e-2, compute)

@@ -6,6 +6,8 @@ already holds them); `new_kv(x, positions)` computes the entries of the current 
 is True where a query may attend to a key. `key_valid [B, S]`, where given, says the mask is causal
 over keys that are the queries themselves (S == T) with the invalid ones (left padding) masked:
 `mask == tril & key_valid[:, None, :]`; fused attention then runs causal without a mask tensor.
+`key_lengths [B]`, where given (decoding, T == 1, through `decode_attention`; `ragged_decode` says when),
+replaces the mask: `kv` holds whole cache rows [>= B, S, ...], of which row b's first key_lengths[b] count.
 
 MHA entries: k [B, S, G, K] (rotated), v [B, S, G, K].
 MLA entries: latent [B, S, R] (RMS-normed), k_rope [B, S, J] (rotated): 576 numbers per token at the
@@ -25,7 +27,8 @@ and float32 softmax above (MLA absorbed), the reference's arithmetic; "cudnn" an
 where it applies (`fused_impl`, with `runtime.kernels`) and "plain" otherwise: decoding one token with
 MLA reads the latent cache (576 numbers per token) directly, where expanding it would not pay. The
 projections go through `layers.project`, which runs batch 1's through the matrix-vector kernel where
-`runtime.kernels` allows.
+`runtime.kernels` allows. Decoding under "auto" with kernels attends through `kernels.decode_attention`
+where it runs (`ragged_decode`): each row's keys up to its own length, read in place from the cache.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from vl2_jax.config import LanguageConfig, Runtime
-from vl2_jax.kernels import cudnn_attention_usable, local_arrays
+from vl2_jax.kernels import cudnn_attention_usable, decode_attention, decode_attention_usable, local_arrays
 from vl2_jax.modules.layers import (
     RMSNorm,
     apply_rope,
@@ -85,6 +88,20 @@ def fused_impl(runtime: Runtime, dtype, queries: int, head_dim: int) -> str | No
                   and local_arrays())
         return "cudnn" if usable else None
     return None if impl == "plain" else impl
+
+
+def ragged_decode(cfg: LanguageConfig, dtype, runtime: Runtime, keys: int) -> bool:
+    """Whether decoding attends through `kernels.decode_attention` (`key_lengths`: each row's keys read
+    in place up to its own length) over cache rows of `keys` entries, rather than through the masked
+    softmax over a key bucket: under "auto" with kernels, on whole per-device arrays, where the kernel
+    runs. Asked inside the mesh the programs are traced under (`local_arrays`)."""
+    if runtime.attention != "auto" or not runtime.kernels or not local_arrays():
+        return False
+    if cfg.use_mla:
+        return decode_attention_usable(dtype, cfg.num_attention_heads, (cfg.kv_lora_rank, cfg.qk_rope_head_dim),
+                                       cfg.kv_lora_rank, keys)
+    per_group = cfg.num_attention_heads // cfg.num_key_value_heads
+    return decode_attention_usable(dtype, per_group, (cfg.head_dim,), cfg.head_dim, keys)
 
 
 def flag_invalid_keys(q_BTHK, k_BSGK, key_valid_BS) -> tuple[jax.Array, jax.Array]:
@@ -152,19 +169,23 @@ class MHAttention(nn.Module):
         kv = project("BTD,DWGK->WBTGK", x_BTD, self.kv_w, self.runtime.kernels and is_quantized(self.kv_w))
         return {"k": apply_rope(kv[0], cos, sin), "v": kv[1]}
 
-    def __call__(self, x_BTD, positions_BT, kv: dict[str, jax.Array], mask_BTS, key_valid_BS=None) -> jax.Array:
+    def __call__(self, x_BTD, positions_BT, kv: dict[str, jax.Array], mask_BTS, key_valid_BS=None,
+                 key_lengths_B=None) -> jax.Array:
         c = self.cfg
         cos, sin = self._rope(positions_BT, x_BTD.dtype)
         kernel = self.runtime.kernels
         q = apply_rope(project("BTD,DHK->BTHK", x_BTD, self.q_w, kernel), cos, sin)
         b, t, h, k = q.shape
+        g = c.num_key_value_heads
+        if key_lengths_B is not None:
+            out = decode_attention((q.reshape(b, g, h // g, k),), (kv["k"],), kv["v"], key_lengths_B, k**-0.5)
+            return project("BTHK,HKD->BTD", out.reshape(b, t, h, k), self.o_w, kernel)
         fused = fused_impl(self.runtime, q.dtype, t, k)
         if fused:
             out = attend_fused(q, kv["k"], kv["v"], mask_BTS, k**-0.5, fused, key_valid_BS,
                                self.runtime.attention == "auto")
             if out is not None:
                 return project("BTHK,HKD->BTD", out, self.o_w, kernel)
-        g = c.num_key_value_heads
         q = q.reshape(b, t, g, h // g, k)
         scores = einsum("BTGhK,BSGK->BGhTS", q, kv["k"]) / jnp.asarray(k**0.5, q.dtype)
         probs = masked_softmax(scores, mask_BTS[:, None, None], q.dtype)
@@ -211,7 +232,8 @@ class MLAttention(nn.Module):
         k_rope = jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:3], k_rope.shape[-1])).astype(k_nope.dtype)
         return jnp.concatenate([k_nope, k_rope], -1), qeinsum("BSR,HUR->BSHU", latent, self.wv_b)
 
-    def __call__(self, x_BTD, positions_BT, kv: dict[str, jax.Array], mask_BTS, key_valid_BS=None) -> jax.Array:
+    def __call__(self, x_BTD, positions_BT, kv: dict[str, jax.Array], mask_BTS, key_valid_BS=None,
+                 key_lengths_B=None) -> jax.Array:
         c, kernel = self.cfg, self.runtime.kernels
         if c.q_lora_rank is None:
             q = project("BTD,DHK->BTHK", x_BTD, self.q_w, kernel)
@@ -229,6 +251,12 @@ class MLAttention(nn.Module):
             if out is not None:
                 return project("BTHU,HUD->BTD", out, self.o_w, kernel)
         q_latent = qeinsum("BTHK,HKR->BTHR", q_nope, self.wk_b)
+        if key_lengths_B is not None:  # T == 1: [B, 1, H, .] is [B, G = 1, M = H, .]
+            out_latent = decode_attention((q_latent, q_rope.astype(q_latent.dtype)),
+                                          (kv["latent"][:, :, None], kv["k_rope"][:, :, None]), None, key_lengths_B,
+                                          c.q_head_dim**-0.5)
+            out = qeinsum("BTHR,HUR->BTHU", out_latent, self.wv_b)
+            return project("BTHU,HUD->BTD", out, self.o_w, kernel)
         scores = einsum("BTHJ,BSJ->BHTS", q_rope, kv["k_rope"]) + einsum("BTHR,BSR->BHTS", q_latent, kv["latent"])
         scores = scores * jnp.asarray(c.q_head_dim**-0.5, scores.dtype)
         probs = masked_softmax(scores, mask_BTS[:, None], q.dtype)

@@ -14,7 +14,7 @@ from flax import linen as nn
 
 from vl2_jax.cache import KVCache, write_chunk, write_prompts, write_rows
 from vl2_jax.config import LanguageConfig, Runtime
-from vl2_jax.modules.attention import MHAttention, MLAttention
+from vl2_jax.modules.attention import MHAttention, MLAttention, ragged_decode
 from vl2_jax.modules.layers import RMSNorm, normal_init, qeinsum, weight
 from vl2_jax.modules.moe import MLP, MoE
 from vl2_jax.sharding import constrain
@@ -46,10 +46,11 @@ class DecoderLayer(nn.Module):
         """Key entries [B, T, ...] of these tokens for this layer (see `attention`)."""
         return self.attn.new_kv(self.attn_norm(x_BTD), positions_BT)
 
-    def __call__(self, x_BTD, positions_BT, kv, mask_BTS, key_valid_BS=None, token_valid_BT=None) -> jax.Array:
-        """See `modules/attention.py` for kv, the mask and `key_valid`. `token_valid` [B, T]: tokens that
-        take part in expert routing (None: all); the others' MLP output is unspecified."""
-        x_BTD = self.attend(x_BTD, positions_BT, kv, mask_BTS, key_valid_BS)
+    def __call__(self, x_BTD, positions_BT, kv, mask_BTS, key_valid_BS=None, token_valid_BT=None,
+                 key_lengths_B=None) -> jax.Array:
+        """See `modules/attention.py` for kv, the mask, `key_valid` and `key_lengths`. `token_valid` [B, T]:
+        tokens that take part in expert routing (None: all); the others' MLP output is unspecified."""
+        x_BTD = self.attend(x_BTD, positions_BT, kv, mask_BTS, key_valid_BS, key_lengths_B)
         return constrain(x_BTD + self.mlp(self.mlp_norm(x_BTD), token_valid_BT), ("batch", None, None))
 
     def with_router(self, x_BTD, positions_BT, kv, mask_BTS, key_valid_BS=None, token_valid_BT=None):
@@ -62,9 +63,9 @@ class DecoderLayer(nn.Module):
         y_BTD, router = self.mlp.with_router(h_BTD, token_valid_BT)
         return constrain(x_BTD + y_BTD, ("batch", None, None)), router
 
-    def attend(self, x_BTD, positions_BT, kv, mask_BTS, key_valid_BS=None) -> jax.Array:
+    def attend(self, x_BTD, positions_BT, kv, mask_BTS, key_valid_BS=None, key_lengths_B=None) -> jax.Array:
         """The residual stream after this layer's attention: [B, T, D]."""
-        return x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, kv, mask_BTS, key_valid_BS)
+        return x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, kv, mask_BTS, key_valid_BS, key_lengths_B)
 
 
 class LanguageModel(nn.Module):
@@ -175,7 +176,8 @@ class LanguageModel(nn.Module):
         """One token for each of the first N slots, fed at its slot's length (the tokens already cached)
         -> (float32 logits [N, V], the cache with each token's entries written at its position).
 
-        Attention reads the first `keys` (static) entries of each slot, up to and including the new one.
+        Attention reads the first `keys` (static) entries of each slot, up to and including the new one;
+        where `ragged_decode` holds (for the cache's rows), only each slot's own entries, read in place.
         `live` [N]: slots whose tokens take part in expert routing and are written to the cache (the
         others' logits are unspecified), so that an empty slot makes no expert's weights be read.
         """
@@ -185,10 +187,15 @@ class LanguageModel(nn.Module):
         # a slot that is not live writes nothing (past the capacity: dropped), since its rows may be
         # taking a new prompt's chunks between decode calls
         write_at = lengths_N if live_N is None else jnp.where(live_N, lengths_N, cache.slots)
+        ragged = ragged_decode(self.cfg, self.dtype, self.runtime, cache.slots)
+        live_N1 = None if live_N is None else live_N[:, None]
         layers = []
         for layer, entries in zip(self.layers, cache.layers):
             entries = write_rows(entries, layer.new_kv(x_N1D, positions_N1), write_at)
-            kv = {k: v[:n, :keys] for k, v in entries.items()}
-            x_N1D = layer(x_N1D, positions_N1, kv, mask_N1S, None, None if live_N is None else live_N[:, None])
+            if ragged:
+                x_N1D = layer(x_N1D, positions_N1, entries, None, None, live_N1, lengths_N + 1)
+            else:
+                kv = {k: v[:n, :keys] for k, v in entries.items()}
+                x_N1D = layer(x_N1D, positions_N1, kv, mask_N1S, None, live_N1)
             layers.append(entries)
         return self.head(x_N1D)[:, 0], cache.replace(layers=tuple(layers))
