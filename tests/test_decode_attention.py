@@ -3,6 +3,9 @@ each row's keys up to its own length, read in place from whole cache rows, equal
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import numpy as np
 import pytest
 
@@ -44,3 +47,14 @@ def test_splits_fill_the_gpu_and_keys_must_fill_whole_blocks():
     q, k = np.zeros((1, 1, 1, 16), np.float32), np.zeros((1, DECODE_BLOCK_K + 8, 1, 16), np.float32)
     with pytest.raises(ValueError, match="multiple of"):
         decode_attention((q,), (k,), k, np.array([1], np.int32), 1.0, interpret=True)
+
+
+@pytest.mark.parametrize("form", [(1, (32,), 16), (16, (32, 16), None)])
+def test_self_check_passes_the_kernel_s_semantics(form, monkeypatch):
+    """The self-check at given head sizes (MHA's form; MLA's, the values the first key part) says yes to
+    the kernel's semantics (interpreted in place of the compiled kernel)."""
+    from vl2_jax import kernels
+
+    interpreted = jax.jit(functools.partial(kernels.decode_attention, interpret=True), static_argnums=4)
+    monkeypatch.setattr(kernels, "decode_attention", interpreted)
+    assert kernels._decode_attention_self_check.__wrapped__(*form)

@@ -598,15 +598,23 @@ def _power_of_two(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
-def decode_attention_usable(dtype, queries: int, key_dims: tuple[int, ...], value_dim: int, keys: int) -> bool:
+def decode_attention_usable(dtype, queries: int, key_dims: tuple[int, ...], value_dim: int | None, keys: int) -> bool:
     """Whether `decode_attention` runs its kernel here for `queries` query heads per key head, key parts
-    of `key_dims` and values of `value_dim` numbers, over cache rows of `keys` entries: Pallas's Triton
-    backend on an NVIDIA GPU, bf16/f16, power-of-two sizes (Triton's blocks), one query head per key head
-    or 16 or more (the tensor cores' rows); then its self-check, once."""
+    of `key_dims` and values of `value_dim` numbers (None: the values are the first key part), over
+    cache rows of `keys` entries: Pallas's Triton backend on an NVIDIA GPU, bf16/f16, power-of-two sizes
+    (Triton's blocks), one query head per key head or 16 or more (the tensor cores' rows); then its
+    self-check at these head sizes, once."""
+    dims = (*key_dims, *(() if value_dim is None else (value_dim,)))
     shapes = ((queries == 1 or (queries >= 16 and _power_of_two(queries)))
-              and all(d >= 16 and _power_of_two(d) for d in (*key_dims, value_dim)) and keys % DECODE_BLOCK_K == 0)
+              and all(d >= 16 and _power_of_two(d) for d in dims) and keys % DECODE_BLOCK_K == 0)
     return (pl_triton is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and shapes and _cuda_gpu()
-            and _decode_attention_self_check())
+            and _decode_attention_self_check(queries, tuple(key_dims), value_dim))
+
+
+def decode_warps(rows: int, width: int) -> int:
+    """Warps of a decode attention program whose float32 accumulator is [rows, width]: 8 past 8192
+    numbers (32 heads of MLA's 512-wide latent), so that it stays in registers."""
+    return 8 if rows * width > 8192 else DECODE_WARPS
 
 
 def _decode_attention_kernel(lengths_ref, *refs, parts: int, values: bool, splits: int, scale: float):
@@ -615,7 +623,7 @@ def _decode_attention_kernel(lengths_ref, *refs, parts: int, values: bool, split
     # outputs: o [M, U] float32, unnormalised, and the softmax's running max m [M] and sum l [M] over this
     # program's keys: a 1/splits share of the valid ones, in blocks of block_k.
     qs, ks = refs[:2 * parts:2], refs[1:2 * parts:2]
-    v_ref = refs[2 * parts] if values else ks[0]
+    v_ref = refs[2 * parts] if values else None
     o_ref, m_ref, l_ref = refs[-3:]
     rows, block_k = o_ref.shape[0], DECODE_BLOCK_K
     valid = lengths_ref[0]
@@ -628,17 +636,18 @@ def _decode_attention_kernel(lengths_ref, *refs, parts: int, values: bool, split
         o, m, l = carry
         at = pl.multiple_of(start + i * block_k, block_k)
         keys = pl.ds(at, block_k)
+        blocks = [k[keys, :] for k in ks]
         if rows == 1:  # one query: a vector against the block, as multiplies and a sum
-            s = sum(jnp.sum(qi[0][None, :] * k[keys, :].astype(jnp.float32), axis=1) for qi, k in zip(q, ks))[None]
+            s = sum(jnp.sum(qi[0][None, :] * k.astype(jnp.float32), axis=1) for qi, k in zip(q, blocks))[None]
         else:
-            s = sum(jax.lax.dot_general(qi.astype(k.dtype), k[keys, :], (((1,), (1,)), ((), ())),
-                                        preferred_element_type=jnp.float32) for qi, k in zip(q, ks))
+            s = sum(jax.lax.dot_general(qi.astype(k.dtype), k, (((1,), (1,)), ((), ())),
+                                        preferred_element_type=jnp.float32) for qi, k in zip(q, blocks))
         valid = at + jnp.arange(block_k) < end  # (the last block's keys past the end are not counted)
         s = jnp.where(valid[None, :], s, -jnp.inf)  # [M, block_k]
         m_next = jnp.maximum(m, jnp.max(s, axis=1))
         p = jnp.exp(s - m_next[:, None])
         correction = jnp.exp(m - m_next)
-        v = jnp.where(valid[:, None], v_ref[keys, :], 0)
+        v = jnp.where(valid[:, None], v_ref[keys, :] if values else blocks[0], 0)
         if rows == 1:
             pv = jnp.sum(p[0][:, None] * v.astype(jnp.float32), axis=0)[None]
         else:
@@ -692,7 +701,8 @@ def decode_attention(q_parts: tuple[jax.Array, ...], k_parts: tuple[jax.Array, .
         out_specs=[out, stat, stat],
         out_shape=[jax.ShapeDtypeStruct((splits, n, g, rows, u), jnp.float32),
                    *[jax.ShapeDtypeStruct((splits, n, g, rows), jnp.float32)] * 2],
-        compiler_params=pl_triton.CompilerParams(num_warps=DECODE_WARPS, num_stages=DECODE_STAGES) if pl_triton else None,
+        compiler_params=(pl_triton.CompilerParams(num_warps=decode_warps(rows, u), num_stages=DECODE_STAGES)
+                         if pl_triton else None),
         interpret=interpret,
         name="decode_attention",
     )(lengths_N.astype(jnp.int32), *(a for pair in zip(q_parts, k_parts) for a in pair), *values)
@@ -713,21 +723,20 @@ def decode_attention_reference(q_parts, k_parts, v_BSGU, lengths_N, scale: float
 
 
 @functools.cache
-def _decode_attention_self_check() -> bool:
-    """`decode_attention` once in each form (one query head per key head with one key part; 16 with two
-    parts and the values in the first), rows of 1, 63, 64 and 65 to all of the keys valid."""
+def _decode_attention_self_check(queries: int, key_dims: tuple[int, ...], value_dim: int | None) -> bool:
+    """`decode_attention` once at these head sizes (as `decode_attention_usable` takes them; two key
+    heads), over rows of 1, 63, 64 and 65 to all of the keys valid: a JAX or GPU on which the Triton
+    kernel does not build (its shared memory, its registers) gets the masked softmax."""
 
     def compute():
         rng = np.random.default_rng(0)
         lengths = np.array([1, 63, 64, 65, 3 * DECODE_BLOCK_K], np.int32)
-        b, s = len(lengths) + 1, 3 * DECODE_BLOCK_K
+        b, s, g = len(lengths) + 1, 3 * DECODE_BLOCK_K, 2
         bf = lambda *shape: rng.standard_normal(shape).astype(jnp.bfloat16)
-        got, want = [], []
-        for q_parts, k_parts, v in [((bf(5, 2, 1, 64),), (bf(b, s, 2, 64),), bf(b, s, 2, 32)),
-                                    ((bf(5, 1, 16, 32), bf(5, 1, 16, 16)), (bf(b, s, 1, 32), bf(b, s, 1, 16)), None)]:
-            args = (q_parts, k_parts, v, lengths)
-            got.append(np.asarray(decode_attention.lower(*args, 0.125).compile()(*args), np.float32).ravel())
-            want.append(decode_attention_reference(*args, 0.125).ravel())
-        return np.concatenate(got), np.concatenate(want)
+        q_parts, k_parts = tuple(bf(5, g, queries, d) for d in key_dims), tuple(bf(b, s, g, d) for d in key_dims)
+        args = (q_parts, k_parts, None if value_dim is None else bf(b, s, g, value_dim), lengths)
+        got = decode_attention.lower(*args, 0.125).compile()(*args)
+        return got, decode_attention_reference(*args, 0.125)
 
-    return _self_check("decode attention kernel", "decoding attends through the masked softmax", 2e-2, compute)
+    return _self_check(f"decode attention kernel ({queries} query heads a key head, keys {key_dims}, values "
+                       f"{value_dim or key_dims[0]})", "decoding attends through the masked softmax", 2e-2, compute)

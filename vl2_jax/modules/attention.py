@@ -99,7 +99,7 @@ def ragged_decode(cfg: LanguageConfig, dtype, runtime: Runtime, keys: int) -> bo
         return False
     if cfg.use_mla:
         return decode_attention_usable(dtype, cfg.num_attention_heads, (cfg.kv_lora_rank, cfg.qk_rope_head_dim),
-                                       cfg.kv_lora_rank, keys)
+                                       None, keys)
     per_group = cfg.num_attention_heads // cfg.num_key_value_heads
     return decode_attention_usable(dtype, per_group, (cfg.head_dim,), cfg.head_dim, keys)
 
