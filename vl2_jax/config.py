@@ -58,9 +58,11 @@ class Runtime:
     moe: the routed experts' dispatch (`MOE_IMPLS`): "auto" picks per token count (`modules/moe.py`),
       "dense" is the plain reference path (every expert on every token).
     attention: `ATTENTION_IMPLS`: "auto" runs cuDNN flash attention for prompts and the vision tower on
-      NVIDIA GPUs in bf16/f16, "plain" the reference's arithmetic everywhere.
-    kernels: whether accelerator kernels (`vl2_jax.kernels`: Pallas grouped matmul and matrix-vector
-      kernels, cuDNN attention under "auto") may run where they apply; False runs the portable paths.
+      NVIDIA GPUs in bf16/f16, and decoding through the decode attention kernel where it runs
+      (`modules.attention.ragged_decode`); "plain" the reference's arithmetic everywhere.
+    kernels: whether accelerator kernels (`vl2_jax.kernels`: Pallas grouped matmul, matrix-vector and
+      decode attention kernels, cuDNN attention under "auto") may run where they apply; False runs the
+      portable paths.
     max_batch: the engine's decode slots (requests decoded together; a larger batch runs in waves).
     max_seq_len: tokens per slot, prompt and answer together (None: the model's context).
     prefill_chunks: the lengths a prompt is written into the cache in, each a compiled program: a prompt
@@ -85,7 +87,7 @@ class Runtime:
     kernels: bool = True
     max_batch: int = 8
     max_seq_len: int | None = None
-    prefill_chunks: tuple[int, ...] = (128, 256, 512, 1024, 1536, 2048, 3072, 4096)
+    prefill_chunks: tuple[int, ...] = (128, 256, 512, 768, 1024, 1280, 1536, 2048, 3072, 4096)
     prefill_tokens: int = 8192
     prefix_cache: bool = False
 
