@@ -320,6 +320,8 @@ def program_hlo(spec: str, quant: str, max_seq_len: int, program: str, max_batch
                         quant=None if quant == "none" else quant)
     engine = m.engine
     names = {f"{kind}{static}": (kind, static) for kind, static in engine.programs()}
+    # (the first key bucket: the capacity where the decode attention kernel runs, whose custom call counts
+    # the whole cache as read)
     program = program or f"decode{(1, engine.decode_key_buckets[0], True)}"
     if program not in names:
         sys.exit(f"no program {program!r} at max_batch {max_batch} and max_seq_len {max_seq_len}; the engine has: "

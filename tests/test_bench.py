@@ -39,12 +39,17 @@ def test_every_line_names_the_kernels_in_use(monkeypatch):
 
     from vl2_jax import kernels
     from vl2_jax.bench import active_kernels
+    from vl2_jax.modules import attention
 
     for name in ("mosaic_ragged_usable", "gathered_matvec_usable", "expert_matmul_usable"):
         monkeypatch.setattr(kernels, name, lambda *a: True)
     lc = PRESETS["tiny"].language
     assert active_kernels(lc, jnp.bfloat16, Runtime()) == ["prefill: grouped matmul (Mosaic)", "decode: gathered matvec",
                                                            "decode batches: expert matmul"]
+    monkeypatch.setattr(attention, "decode_attention_usable", lambda *a: True)
+    assert active_kernels(lc, jnp.bfloat16, Runtime())[-1] == "decode: attention (Triton)"
+    assert "decode: attention (Triton)" not in active_kernels(lc, jnp.bfloat16, Runtime(attention="plain"))
+    monkeypatch.setattr(attention, "decode_attention_usable", lambda *a: False)
     assert active_kernels(lc, jnp.bfloat16, Runtime(kernels=False)) == []
     # quantized experts: the decode kernels' own self-check on int8 values decides (here: it fails)
     monkeypatch.setattr(kernels, "gathered_matvec_usable", lambda *a, weight_dtype=None: weight_dtype is None)

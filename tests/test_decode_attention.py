@@ -3,8 +3,6 @@ each row's keys up to its own length, read in place from whole cache rows, equal
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import numpy as np
 import pytest
@@ -50,11 +48,24 @@ def test_splits_fill_the_gpu_and_keys_must_fill_whole_blocks():
 
 
 @pytest.mark.parametrize("form", [(1, (32,), 16), (16, (32, 16), None)])
-def test_self_check_passes_the_kernel_s_semantics(form, monkeypatch):
+def test_self_check_passes_the_kernel_s_semantics_and_fails_a_kernel_that_stops_early(form, monkeypatch):
     """The self-check at given head sizes (MHA's form; MLA's, the values the first key part) says yes to
-    the kernel's semantics (interpreted in place of the compiled kernel)."""
+    the kernel's semantics (interpreted in place of the compiled kernel), and no to a kernel that reads
+    only its first block of keys where one program walks a whole row (a running softmax never rescaled)."""
     from vl2_jax import kernels
 
-    interpreted = jax.jit(functools.partial(kernels.decode_attention, interpret=True), static_argnums=4)
-    monkeypatch.setattr(kernels, "decode_attention", interpreted)
-    assert kernels._decode_attention_self_check.__wrapped__(*form)
+    kernel = kernels.decode_attention
+
+    def interpreted(q_parts, k_parts, v, lengths, scale, splits=None):
+        return kernel(q_parts, k_parts, v, lengths, scale, splits, interpret=True)
+
+    def first_block_only(q_parts, k_parts, v, lengths, scale, splits=None):
+        if splits == 1:
+            lengths = np.minimum(lengths, DECODE_BLOCK_K)
+        return interpreted(q_parts, k_parts, v, lengths, scale, splits)
+
+    monkeypatch.setattr(kernels, "decode_attention", jax.jit(interpreted, static_argnums=(4, 5)))
+    assert kernels._decode_attention_self_check.__wrapped__("bfloat16", *form)
+    monkeypatch.setattr(kernels, "decode_attention", jax.jit(first_block_only, static_argnums=(4, 5)))
+    with pytest.warns(UserWarning, match="self-check"):
+        assert not kernels._decode_attention_self_check.__wrapped__("bfloat16", *form)

@@ -35,6 +35,7 @@ from vl2_jax import kernels, load, quant
 from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, QUANTS, Runtime
 from vl2_jax.engine import CompileWatch
 from vl2_jax.errors import InputError, command_parser, guarded, number, number_list
+from vl2_jax.modules.attention import ragged_decode
 from vl2_jax.modules.moe import mlp_kernel_fits
 from vl2_jax.modules.vision import normalize_pixels
 from vl2_jax.modules.vl2 import VL2
@@ -85,6 +86,7 @@ def active_kernels(lc, dtype, runtime: Runtime, weight_dtype=None) -> list[str]:
         "prefill: grouped matmul (Mosaic)": not blocked and mlp_kernel_fits(kernels.mosaic_ragged_usable, dtype, d, f),
         "decode: gathered matvec": mlp_kernel_fits(kernels.gathered_matvec_usable, dtype, d, f, **q),
         "decode batches: expert matmul": mlp_kernel_fits(kernels.expert_matmul_usable, dtype, d, f, **q),
+        "decode: attention (Triton)": ragged_decode(lc, dtype, runtime, kernels.DECODE_BLOCK_K),
     }
     return [name for name, used in on.items() if used]
 

@@ -233,12 +233,6 @@ class Engine:
         # chunks start at multiples of the smallest, and each fits below the capacity (chunk_plan).
         self.capacity = -(-self.max_seq_len // self.chunks[0]) * self.chunks[0]
         self.key_buckets = powers_of_two(min(256, self.capacity), self.capacity)
-        # decode reads every live slot's keys at each step up to a bucket: lengths at most 1.5x apart, from
-        # 512; where the decode attention kernel reads each slot's own keys in place, one serves them all
-        ladder = sorted({b << i for b in (512, 768) for i in range(16) if b << i < self.capacity})
-        with self._context():
-            self.ragged_decode = ragged_decode(lc, self.dtype, runtime, self.capacity)
-        self.decode_key_buckets = (self.capacity,) if self.ragged_decode else (*ladder, self.capacity)
         self.slot_buckets = powers_of_two(1, self.max_batch)  # (also the row counts of prompts prefilled together)
         self.side = cfg.tokens_per_tile_side
         # the most tiles a slot's image tokens can use (each tile brings at least side * side tokens)
@@ -294,6 +288,22 @@ class Engine:
                 compiled = self.executables.load_or_compile(name, jitted, args, static)
             compiled = self._loaded.setdefault(name, compiled)
         return compiled(*args)
+
+    @functools.cached_property
+    def ragged_decode(self) -> bool:
+        """Whether decoding attends through the decode attention kernel (`attention.ragged_decode`), asked
+        under the engine's mesh on first use (its self-check compiles a small kernel, once a process)."""
+        with self._context():
+            return ragged_decode(self.cfg.language, self.dtype, self.runtime, self.capacity)
+
+    @functools.cached_property
+    def decode_key_buckets(self) -> tuple[int, ...]:
+        """The key lengths decode programs read: every live slot's keys up to a bucket, lengths at most
+        1.5x apart from 512; where the decode attention kernel reads each slot's own keys in place, one
+        (the capacity) serves them all."""
+        if self.ragged_decode:
+            return (self.capacity,)
+        return (*sorted({b << i for b in (512, 768) for i in range(16) if b << i < self.capacity}), self.capacity)
 
     # -- memory ---------------------------------------------------------------------------------------
     def cache_bytes(self) -> int:

@@ -608,7 +608,7 @@ def decode_attention_usable(dtype, queries: int, key_dims: tuple[int, ...], valu
     shapes = ((queries == 1 or (queries >= 16 and _power_of_two(queries)))
               and all(d >= 16 and _power_of_two(d) for d in dims) and keys % DECODE_BLOCK_K == 0)
     return (pl_triton is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and shapes and _cuda_gpu()
-            and _decode_attention_self_check(queries, tuple(key_dims), value_dim))
+            and _decode_attention_self_check(jnp.dtype(dtype).name, queries, tuple(key_dims), value_dim))
 
 
 def decode_warps(rows: int, width: int) -> int:
@@ -723,20 +723,23 @@ def decode_attention_reference(q_parts, k_parts, v_BSGU, lengths_N, scale: float
 
 
 @functools.cache
-def _decode_attention_self_check(queries: int, key_dims: tuple[int, ...], value_dim: int | None) -> bool:
-    """`decode_attention` once at these head sizes (as `decode_attention_usable` takes them; two key
-    heads), over rows of 1, 63, 64 and 65 to all of the keys valid: a JAX or GPU on which the Triton
-    kernel does not build (its shared memory, its registers) gets the masked softmax."""
+def _decode_attention_self_check(dtype: str, queries: int, key_dims: tuple[int, ...], value_dim: int | None) -> bool:
+    """`decode_attention` once at these head sizes in `dtype` (as `decode_attention_usable` takes them;
+    two key heads), over rows of 1, 63, 64, 65, 200 and all 256 keys valid, in one program a row (up to
+    four blocks: the running softmax rescaled) and split as the kernel splits them: a JAX or GPU on which
+    the Triton kernel does not build (its shared memory, its registers) gets the masked softmax."""
 
     def compute():
         rng = np.random.default_rng(0)
-        lengths = np.array([1, 63, 64, 65, 3 * DECODE_BLOCK_K], np.int32)
-        b, s, g = len(lengths) + 1, 3 * DECODE_BLOCK_K, 2
-        bf = lambda *shape: rng.standard_normal(shape).astype(jnp.bfloat16)
-        q_parts, k_parts = tuple(bf(5, g, queries, d) for d in key_dims), tuple(bf(b, s, g, d) for d in key_dims)
-        args = (q_parts, k_parts, None if value_dim is None else bf(b, s, g, value_dim), lengths)
-        got = decode_attention.lower(*args, 0.125).compile()(*args)
-        return got, decode_attention_reference(*args, 0.125)
+        lengths = np.array([1, 63, 64, 65, 200, 4 * DECODE_BLOCK_K], np.int32)
+        b, s, g = len(lengths) + 1, 4 * DECODE_BLOCK_K, 2
+        draw = lambda *shape: rng.standard_normal(shape).astype(jnp.dtype(dtype))
+        q_parts = tuple(draw(len(lengths), g, queries, d) for d in key_dims)
+        k_parts = tuple(draw(b, s, g, d) for d in key_dims)
+        args = (q_parts, k_parts, None if value_dim is None else draw(b, s, g, value_dim), lengths)
+        got = [decode_attention.lower(*args, 0.125, splits).compile()(*args) for splits in (1, None)]
+        want = decode_attention_reference(*args, 0.125)
+        return np.stack([np.asarray(a, np.float32) for a in got]), np.stack([want, want])
 
     return _self_check(f"decode attention kernel ({queries} query heads a key head, keys {key_dims}, values "
-                       f"{value_dim or key_dims[0]})", "decoding attends through the masked softmax", 2e-2, compute)
+                       f"{value_dim or key_dims[0]}, {dtype})", "decoding attends through the masked softmax", 2e-2, compute)
