@@ -247,6 +247,7 @@ def _engine_ahead(cfg: VL2Config, dtype, runtime: Runtime, processor: Processor,
         return None
     engine = Engine.of(cfg, dtype, runtime, processor, mesh)
     executables.keep(engine, programs, log)
+    engine.ragged_decode  # noqa: B018 - asked now: the decode attention kernel's self-check compiles beside the load
     return engine
 
 
