@@ -52,8 +52,8 @@ def one_run(spec: str, quant: str, max_seq_len: int, logits_dir: Path) -> dict:
     last = runs[-1]
     engine = m.engine
     state, lm = m.take_state(), engine.language_params(m.params)
-    # the first key bucket: 512 keys, or the capacity where the decode attention kernel runs (it reads each
-    # slot's own keys; XLA's cost analysis counts the whole cache it is handed), so bytes differ by path
+    # the first key bucket: 512 keys (past a capacity of 512), or the capacity where the decode attention
+    # kernel runs (it reads each slot's own keys; XLA's cost analysis counts the whole cache it is handed)
     decode = engine._decode.lower(lm, state, np.zeros((engine.max_batch,), bool), 1, engine.decode_key_buckets[0],
                                   True).compile()
     m.give_state(state)

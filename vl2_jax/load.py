@@ -239,15 +239,17 @@ def load_folder(path: str | Path, dtype=None, runtime: Runtime = Runtime(), mesh
 
 
 def _engine_ahead(cfg: VL2Config, dtype, runtime: Runtime, processor: Processor, mesh, programs: str | None,
-                  log: Callable[[str], None]) -> Engine | None:
+                  log: Callable[[str], None], ask_kernels: bool = True) -> Engine | None:
     """The engine of a model still loading, its programs kept in folder `programs` and those kept there
     already loading (`executables.keep`) -> the engine, or None (no folder, or a mesh: `VL2Model` makes
-    its engine when first asked)."""
+    its engine when first asked). `ask_kernels`: whether decoding takes the decode attention kernel is
+    asked now (its self-check compiles a kernel: on the loader's thread, beside the weights' read)."""
     if not programs or mesh is not None:
         return None
     engine = Engine.of(cfg, dtype, runtime, processor, mesh)
     executables.keep(engine, programs, log)
-    engine.ragged_decode  # noqa: B018 - asked now: the decode attention kernel's self-check compiles beside the load
+    if ask_kernels:
+        engine.ragged_decode  # noqa: B018
     return engine
 
 
@@ -469,6 +471,8 @@ def random_model(name: str, dtype="float32", seed: int = 0, runtime: Runtime = R
     quant = check_quant(quant)
     after = (lambda path, leaf: _quantize_leaf(path, leaf, quant, mesh)) if quant != "none" else None
     processor = Processor.from_pretrained(folder)
-    engine = _engine_ahead(cfg, dtype, runtime, processor, mesh, programs, log)
+    engine = _engine_ahead(cfg, dtype, runtime, processor, mesh, programs, log, ask_kernels=False)
     params = init_params(cfg, dtype, seed, shardings, after)
+    if engine is not None:
+        engine.ragged_decode  # noqa: B018 - (asked after the draws are dispatched)
     return VL2Model(cfg, params, processor, dtype, runtime, mesh, quant=quant, engine=engine)
