@@ -182,13 +182,13 @@ class LanguageModel(nn.Module):
         others' logits are unspecified), so that an empty slot makes no expert's weights be read.
         """
         positions_N1 = lengths_N[:, None]
-        mask_N1S = (jnp.arange(keys)[None, :] <= lengths_N[:, None])[:, None, :]
         n = x_N1D.shape[0]
         # a slot that is not live writes nothing (past the capacity: dropped), since its rows may be
         # taking a new prompt's chunks between decode calls
         write_at = lengths_N if live_N is None else jnp.where(live_N, lengths_N, cache.slots)
         ragged = ragged_decode(self.cfg, self.dtype, self.runtime, cache.slots)
         live_N1 = None if live_N is None else live_N[:, None]
+        mask_N1S = None if ragged else (jnp.arange(keys)[None, :] <= lengths_N[:, None])[:, None, :]
         layers = []
         for layer, entries in zip(self.layers, cache.layers):
             entries = write_rows(entries, layer.new_kv(x_N1D, positions_N1), write_at)
