@@ -330,6 +330,8 @@ def test_other_bad_requests(sched, url):
     error_of(httpx2.post(url + "/v1/completions", json={"prompt": ["a", "b"]}), 400)
     error_of(httpx2.post(url + "/v1/completions", json={"prompt": "a", "echo": True}), 400)
     error_of(httpx2.post(url + "/v1/completions", json={"prompt": [1, 99999]}), 400)
+    image = error_of(httpx2.post(url + "/v1/completions", json={"prompt": "<image>\nDescribe it."}), 400)
+    assert image["param"] == "prompt" and "/v1/completions takes no images" in image["message"]
     error_of(httpx2.post(url + "/generate", json={"text": "a", "input_ids": [1]}), 400)
     error_of(httpx2.post(url + "/generate", json={"text": "a", "sampling_params": {"n": 2}}), 400)
     error_of(httpx2.post(url + "/generate", json={"text": "a", "sampling_params": {"regex": "a+"}}), 400)

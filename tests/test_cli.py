@@ -125,7 +125,7 @@ def test_compile_cache_keeps_programs_between_runs(tmp_path, monkeypatch):
     [
         (["--max-new-tokens", "0", "--prompt", "hi"], 2,
          "python -m generate: error: argument --max-new-tokens: must be at least 1 (got 0)"),
-        (["--temperature", "-1", "--prompt", "hi"], 1, "error: --temperature must be >= 0 (got -1.0)."),
+        (["--temperature", "-1", "--prompt", "hi"], 1, "error: --temperature must be finite and >= 0 (got -1.0)."),
         (["--top-p", "1.5", "--prompt", "hi"], 1, "error: --top-p must be in (0, 1] (got 1.5)."),
         (["--dtype", "float8", "--prompt", "hi"], 2,
          "python -m generate: error: argument --dtype: invalid choice: 'float8' (choose from 'bfloat16', 'float32')"),
@@ -137,7 +137,7 @@ def test_compile_cache_keeps_programs_between_runs(tmp_path, monkeypatch):
         (["--prompt", "hi", "--image", "/no/such/image.png"], 1,
          "error: image file /no/such/image.png does not exist; check the path."),
         (["--model", "/no/such/folder", "--prompt", "hi"], 1,
-         "error: /no/such/folder is not a folder; pass a DeepSeek-VL2 checkpoint folder."),
+         "error: /no/such/folder does not exist; pass a DeepSeek-VL2 checkpoint folder, a hub id or random:SIZE."),
         (["--prompt", "bad \udcff byte"], 1,  # (a byte that is not UTF-8, as Python keeps it from the command line)
          "error: the prompt is not UTF-8 text; check the terminal's or the file's encoding."),
     ],
@@ -236,6 +236,16 @@ def test_unusable_compile_cache_is_one_note_not_a_failure(tmp_path):
     assert r.stderr.count("not cached") == 1 and "Warning" not in r.stderr
 
 
+def test_a_file_named_as_the_compile_cache_is_called_a_file(tmp_path):
+    from vl2_jax.executables import use_compile_cache
+
+    file = tmp_path / "README.md"
+    file.write_text("")
+    lines = []
+    assert use_compile_cache(str(file), lines.append) == ""
+    assert lines == [f"compiled programs not cached: cannot use {file} (a file, not a folder); see --compile-cache"]
+
+
 def test_chat_says_when_the_history_fills_the_slot_and_starts_anew_on_request():
     """Once the conversation so far no longer fits a slot, a turn's error says so (not "shorten the
     prompt") and points at /new, which forgets the turns: the next one is answered as a first turn. A
@@ -259,22 +269,25 @@ def test_chat_says_when_the_history_fills_the_slot_and_starts_anew_on_request():
 
 def test_chat_survives_bad_turns_and_attaches_images():
     """--prompt is the first turn; a turn with <image> but no image and an image that cannot be opened
-    each print one error line and leave the history as it was; /image PATH attaches to the next turn."""
+    each print one error line and leave the history as it was; /image PATH attaches to the next turn; an
+    unknown command is an error, not a message, and // sends a message that begins with /."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     image = FIXTURES / "images" / "noise_tiny.png"
     stdin = (f"<image> What is this?\n/image /no/such/image.png\nSecond.\n/image {image}\nWhat is in it?\nAnd?\n"
-             f"/image {image}\n")  # the last one goes with no message
+             f"/imagefoo x\n//etc\n/image {image}\n")  # the last one goes with no message
     r = subprocess.run([sys.executable, "-m", "generate", "--model", "random:test", "--chat", "--json",
                         "--max-new-tokens", "2", "--prompt", "First."], capture_output=True, text=True, env=env,
                        cwd=ROOT, input=stdin, timeout=300)
     assert r.returncode == 0, r.stderr
     answers = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    assert len(answers) == 4  # First., Second., What is in it?, And?
+    assert len(answers) == 5  # First., Second., What is in it?, And?, /etc
     tokens = [a["prompt_tokens"] for a in answers]
     assert tokens[0] < tokens[1] < tokens[2] < tokens[3]  # each turn's history holds the turns before
     assert tokens[2] - tokens[1] > tokens[3] - tokens[2] + 10  # the image's tokens are in turn 3
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 2 and "placeholder" in errors[0] and "/no/such/image.png" in errors[1]
+    assert len(errors) == 3 and "placeholder" in errors[0] and "/no/such/image.png" in errors[1]
+    assert errors[2].startswith("error: unknown command /imagefoo: the commands are /image PATH and /new")
+    assert answers[4]["prompt_tokens"] - answers[3]["prompt_tokens"] > 2  # (/etc went to the model)
     assert "Traceback" not in r.stderr
     assert not any(line.startswith("> ") for line in r.stderr.splitlines())  # no prompt marker on piped stdin
     assert r.stderr.splitlines()[-1] == "1 attached image was not sent: the session ended before a message to go with it"
@@ -492,7 +505,8 @@ def test_input_file_answers_each_line_in_order_with_its_own_settings(tmp_path, c
     assert "answered 6 of 15" in capsys.readouterr().err
     assert main(["--model", "random:test", "--input", str(src), "--prompt", "x"]) == 1
     assert "--input takes" in capsys.readouterr().err
-    for output, words in ((src, "is the --input file"), (tmp_path / "missing" / "o.jsonl", "folder does not exist")):
+    for output, words in ((src, "is the --input file"), (tmp_path / "missing" / "o.jsonl", "folder does not exist"),
+                          (tmp_path, "is a folder; name the file")):
         assert main(["--model", "random:test", "--input", str(src), "--output", str(output)]) == 1
         assert words in capsys.readouterr().err
     assert src.read_bytes().startswith(b"\xef\xbb\xbf")  # (untouched)

@@ -278,7 +278,7 @@ def test_truncated_file_fails_cleanly(tmp_path):
 
 
 def test_missing_inputs_fail_cleanly(tmp_path, capsys):
-    assert "is not a folder" in convert_error(capsys, tmp_path / "nowhere", tmp_path / "dst")
+    assert "does not exist" in convert_error(capsys, tmp_path / "nowhere", tmp_path / "dst")
     src = copy_ckpt("mla", tmp_path / "src")
     (src / "config.json").unlink()
     assert "config.json" in convert_error(capsys, src, tmp_path / "dst")

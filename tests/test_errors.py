@@ -336,12 +336,13 @@ def test_batches_the_model_cannot_read_correctly_are_refused(fixture_model):
         (["--max-new-tokens", "ten"], 2, "--max-new-tokens: must be a whole number of at least 1 (got 'ten')"),
         (["--prefill-chunk", "0"], 2, "--prefill-chunk: must be at least 1 (got 0)"),
         (["--temperature", "hot"], 2, "--temperature: invalid float value"),
-        (["--temperature", "nan"], 1, "--temperature must be >= 0 (got nan)"),
+        (["--temperature", "nan"], 1, "--temperature must be finite and >= 0 (got nan)"),
+        (["--temperature", "inf"], 1, "--temperature must be finite and >= 0 (got inf)"),
         (["--top-p", "0"], 1, "--top-p must be in (0, 1] (got 0.0)"),
         (["--top-p", "nan"], 1, "--top-p must be in (0, 1]"),
         (["--top-k", "-1"], 1, "--top-k must be >= 0 (got -1)"),
-        (["--repetition-penalty", "0"], 1, "--repetition-penalty must be > 0 (got 0.0"),
-        (["--repetition-penalty", "-1.5"], 1, "--repetition-penalty must be > 0 (got -1.5"),
+        (["--repetition-penalty", "0"], 1, "--repetition-penalty must be finite and > 0 (got 0.0"),
+        (["--repetition-penalty", "-1.5"], 1, "--repetition-penalty must be finite and > 0 (got -1.5"),
         (["--dtype", "int8"], 2, "--dtype: invalid choice: 'int8'"),
         ([], 1, "give --prompt TEXT"),
     ],
@@ -351,10 +352,20 @@ def test_bad_arguments(capsys, args, code, words):
     assert words in cli_error(capsys, argv, code)
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN may run here")
+def test_cudnn_attention_where_it_cannot_run_is_refused_before_loading(capsys, monkeypatch):
+    """An explicit --attention cudnn on a CPU (or in float32) is one clear error before any weight is made,
+    not a failure at the first request."""
+    monkeypatch.setattr(vl2_jax.load, "random_model", lambda *a, **k: pytest.fail("weights were made"))
+    with pytest.raises(ConfigError, match="attention 'cudnn' runs on NVIDIA GPUs in bfloat16 or float16, not here"):
+        vl2_jax.load_model("random:test", runtime=vl2_jax.Runtime(attention="cudnn"))
+    assert "use 'auto'" in cli_error(capsys, ["--model", "random:test", "--attention", "cudnn", "--prompt", "hi"], 1)
+
+
 def test_api_refuses_bad_sampling_arguments(fixture_model, monkeypatch):
     batch = fixture_model.processor.batchify([fixture_model.processor(USER("hi"))])
     for kwargs, words in [
-        ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty must be finite and > 0"),
         ({"top_k": -2}, "top_k must be >= 0"),
         ({"max_new_tokens": 0}, "max_new_tokens must be"),
         ({"max_new_tokens": 2.5}, "max_new_tokens must be a whole number (got 2.5)"),  # (was cut to 2 silently)
@@ -408,7 +419,7 @@ def _truncate(path: Path):
 LLAMA = '{"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "vocab_size": 32000}'
 EXPERT = "language.model.layers.1.mlp.experts.3.up_proj.weight"
 BAD_CKPTS = {
-    "no folder": (lambda p: shutil.rmtree(p), CheckpointError, "is not a folder"),
+    "no folder": (lambda p: shutil.rmtree(p), CheckpointError, "does not exist"),
     "no config": (lambda p: (p / "config.json").unlink(), ConfigError, "has no config.json"),
     "bad json config": (lambda p: (p / "config.json").write_text("{"), ConfigError, "config.json is not valid JSON"),
     "llama config": (lambda p: (p / "config.json").write_text(LLAMA), ConfigError, "model_type='llama'"),

@@ -320,6 +320,12 @@ def test_relative_paths_start_at_local_dir_or_at_the_working_directory_for_the_c
     looks_like_base64 = "QUJD" * 16  # (a file name of 64 base64 characters, inside the folder: a path)
     (allowed / looks_like_base64).write_bytes(PNG)
     assert same_pixels(load_image(looks_like_base64, ImageLimits(local_dir=str(allowed))), PNG)
+    # a missing relative file says where relative paths start (without naming the folder); the CLI's does not
+    with pytest.raises(InputError, match=r"^image file missing.png does not exist \(a relative path starts at the "
+                                         r"folder of images allowed here\); check the path.$"):
+        load_image("missing.png", ImageLimits(local_dir=str(allowed)))
+    with pytest.raises(InputError, match=r"^image file missing.png does not exist; check the path.$"):
+        load_image("missing.png", ImageLimits.cli())
 
 
 @pytest.mark.parametrize("ref", ["aGVsbG8=", "not base64!" * 8])

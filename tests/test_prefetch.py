@@ -136,3 +136,13 @@ def test_the_package_still_exports_the_loader(name):
     assert getattr(vl2_jax, name).__name__ == name
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         vl2_jax.nothing  # noqa: B018
+
+
+def test_submodules_are_reachable_from_a_plain_import():
+    """`import vl2_jax` then `vl2_jax.load.progress_bar()` (as the README writes it), in a fresh process
+    where nothing else imported `vl2_jax.load`; importing the package alone does not import JAX."""
+    code = ("import sys, vl2_jax\n"
+            "print('jax' in sys.modules, callable(vl2_jax.load.progress_bar), vl2_jax.load is sys.modules['vl2_jax.load'])\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.split() == ["False", "True", "True"]

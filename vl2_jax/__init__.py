@@ -24,13 +24,17 @@ _LAZY = {"load_model": "vl2_jax.load", "load_pretrained": "vl2_jax.load", "VL2Mo
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    import importlib
+    import importlib.util
 
+    if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'vl2_jax' has no attribute {name!r}")
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f"{__name__}.{name}")  # a submodule, e.g. `vl2_jax.load.progress_bar`
+    else:
+        raise AttributeError(f"module 'vl2_jax' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
 def __dir__() -> list[str]:

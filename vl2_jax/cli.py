@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -59,6 +60,8 @@ def run(args, log: Callable[[str], None]) -> int:
     output = getattr(args, "output", None)
     if output and batch_file not in (None, "-") and os.path.realpath(output) == os.path.realpath(batch_file):
         raise InputError(f"--output {output} is the --input file; write the answers elsewhere.")
+    if output and os.path.isdir(output):
+        raise InputError(f"--output {output} is a folder; name the file to write the answers to.")
     if output and not os.path.isdir(os.path.dirname(os.path.abspath(output))):
         raise InputError(f"--output {output}: its folder does not exist; create it or choose another path.")
     # Images, the prompts and --draw-boxes are checked before the model loads, so a typo fails in a
@@ -103,7 +106,8 @@ def run(args, log: Callable[[str], None]) -> int:
         return 0
     model.processor.tile_cache = TileCache(64 << 20)  # (each turn sends the chat's images again)
     log("chat: type a message and press Enter; /image PATH (or an http(s) or data: URL) attaches an image to "
-        "your next message; /new starts a new conversation; an empty line or Ctrl-D ends the session.")
+        "your next message; /new starts a new conversation (// sends a message that begins with /); an empty line or "
+        "Ctrl-D ends the session.")
     pending = images
     for line in chat_lines(args.prompt, log):
         if not line:
@@ -120,6 +124,10 @@ def run(args, log: Callable[[str], None]) -> int:
                 pending = [*pending, load_image(ref, limits)]
                 log(f"{describe(ref)} goes with your next message")
                 continue
+            if re.fullmatch(r"/[A-Za-z]\w*", line.split(maxsplit=1)[0]):
+                raise InputError(f"unknown command {line.split(maxsplit=1)[0]}: the commands are /image PATH and "
+                                 "/new; start a message with // to send one that begins with /.")
+            line = line[1:] if line.startswith("//") else line
             check_interrupt()
             conversation, every_image = session.ask(line, pending)
             answer = _answer(model, conversation, every_image, options, args.json, log, text_only=True,

@@ -259,6 +259,8 @@ def use_compile_cache(path: str, log: Callable[[str], None], jax_cache: bool = T
     if not path:
         return ""
     try:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise NotADirectoryError("a file, not a folder")
         os.makedirs(path, exist_ok=True)
         if not os.access(path, os.W_OK):
             raise PermissionError("not writable")

@@ -273,6 +273,7 @@ def _read_file(path: str, label: str, limits: ImageLimits) -> bytes:
         raise InputError(f"image reference {label} is not a data: URL, an http(s) URL or base64 (of at least "
                          f"{_MIN_RAW_BASE64} characters), and local files are not accepted here; send the image as "
                          f"{send}.")
+    relative = not os.path.isabs(path)
     root, path = _under_local_dir(path, limits)
     resolved = os.path.realpath(path)
     if os.path.commonpath([root, resolved]) != root:
@@ -282,7 +283,8 @@ def _read_file(path: str, label: str, limits: ImageLimits) -> bytes:
     try:
         info = os.stat(resolved)
     except FileNotFoundError:
-        raise InputError(f"image file {label} does not exist; check the path.") from None
+        where = " (a relative path starts at the folder of images allowed here)" if relative and root != os.sep else ""
+        raise InputError(f"image file {label} does not exist{where}; check the path.") from None
     except OSError as exc:
         raise InputError(f"cannot read image file {label} ({exc.strerror or one_line(exc)}); check the file "
                          f"and its permissions.") from None

@@ -41,6 +41,7 @@ from vl2_jax.config import PRESETS, Runtime, VL2Config, dtype_of
 from vl2_jax.engine import Engine
 from vl2_jax.errors import CheckpointError, ConfigError, out_of_memory_as
 from vl2_jax.model import VL2Model
+from vl2_jax.modules.attention import check_attention
 from vl2_jax.modules.vl2 import VL2
 from vl2_jax.processor import (
     BOS_TOKEN,
@@ -123,6 +124,8 @@ def _load(spec: str, dtype, runtime: Runtime, mesh, seed: int, progress: Callabl
             bytes_progress(done, total)
 
     dtype_of(dtype)  # (an unknown name, "" included, is refused before anything loads)
+    if dtype is not None or spec.startswith("random:"):
+        check_attention(runtime, dtype or "float32")  # (as VL2Model checks it, before the weights load)
     if spec.startswith("random:"):
         preset(spec[7:])  # an unknown size is refused before the line that announces it
         progress(f"initialising random {spec[7:]} weights ...")
@@ -186,9 +189,11 @@ def load_folder(path: str | Path, dtype=None, runtime: Runtime = Runtime(), mesh
     """
     from vl2_jax import orbax_io
 
-    path = Path(path)
-    if not path.is_dir():
+    if not Path(path).exists():
+        raise CheckpointError(f"{path} does not exist; pass a DeepSeek-VL2 checkpoint folder, a hub id or random:SIZE.")
+    if not Path(path).is_dir():
         raise CheckpointError(f"{path} is not a folder; pass a DeepSeek-VL2 checkpoint folder.")
+    path = Path(path)
     cfg = VL2Config.from_pretrained(path)
     # The processor (its tokenizer: ~0.2 s for a 100k vocabulary) loads on a thread of its own while the
     # weights are read, then the engine (with `programs`: its kept programs start loading); an error in

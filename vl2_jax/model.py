@@ -22,6 +22,7 @@ from vl2_jax.config import Runtime, VL2Config
 from vl2_jax.engine import Engine, Request, Slots
 from vl2_jax.errors import InputError, out_of_memory_as
 from vl2_jax.generation import Detokenizer, GenerationResult, check_max_new_tokens, stop_strings, stream_text
+from vl2_jax.modules.attention import check_attention
 from vl2_jax.modules.language import LanguageModel
 from vl2_jax.modules.vision import normalize_pixels
 from vl2_jax.modules.vl2 import VL2
@@ -41,6 +42,7 @@ class VL2Model:
         `engine`: its `Engine`, if made already (`Engine.of` these settings; else made when first asked)."""
         if not isinstance(runtime, Runtime):
             raise TypeError(f"runtime must be a vl2_jax.Runtime, not {type(runtime).__name__}")
+        check_attention(runtime, dtype)
         self.cfg = cfg
         self.params = params
         self.processor = processor

@@ -591,7 +591,8 @@ def convert_checkpoint(
     start = time.time()
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
-        raise CheckpointError(f"{src} is not a folder; pass a Hugging Face DeepSeek-VL2 checkpoint folder.")
+        what = "is not a folder" if src.exists() else "does not exist"
+        raise CheckpointError(f"{src} {what}; pass a Hugging Face DeepSeek-VL2 checkpoint folder.")
     if (src / MANIFEST).is_file():
         again = ("pass a Hugging Face folder: the one it came from, or for a fine-tuned model the one `python -m "
                  "vl2_jax.finetune --export-hf` writes.")

@@ -47,10 +47,10 @@ def sampling_error(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, 
         values[name] = int(value) if kind == "whole" else float(value)
     temperature, top_p, top_k, repetition_penalty = (values[k] for k in list(values)[:4])
     checks = [
-        (0 <= temperature < math.inf, "temperature", ">= 0", ""),
+        (0 <= temperature < math.inf, "temperature", "finite and >= 0", ""),
         (0 < top_p <= 1, "top_p", "in (0, 1]", ""),
         (top_k >= 0, "top_k", ">= 0", ""),
-        (0 < repetition_penalty < math.inf, "repetition_penalty", "> 0", "; 1 turns it off"),
+        (0 < repetition_penalty < math.inf, "repetition_penalty", "finite and > 0", "; 1 turns it off"),
     ]
     for ok, name, rule, hint in checks:  # `not ok` also refuses nan
         if not ok:

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from vl2_jax.config import LanguageConfig, Runtime
+from vl2_jax.errors import ConfigError
 from vl2_jax.kernels import cudnn_attention_usable, decode_attention, decode_attention_usable, local_arrays
 from vl2_jax.modules.layers import (
     RMSNorm,
@@ -75,6 +76,15 @@ def masked_softmax(scores: jax.Array, mask: jax.Array, dtype) -> jax.Array:
     """
     scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+
+def check_attention(runtime: Runtime, dtype) -> None:
+    """Refuses `attention="cudnn"` where cuDNN flash attention cannot run (an NVIDIA GPU and bf16/f16
+    weights), before anything runs: JAX would fail at the first call."""
+    if runtime.attention == "cudnn" and not cudnn_attention_usable(dtype, 128):
+        raise ConfigError(
+            f"attention 'cudnn' runs on NVIDIA GPUs in bfloat16 or float16, not here ({jax.default_backend()}, "
+            f"{jnp.dtype(dtype).name}); use 'auto' (cuDNN where it runs), 'xla' or 'plain'.")
 
 
 def fused_impl(runtime: Runtime, dtype, queries: int, head_dim: int) -> str | None:

@@ -298,6 +298,10 @@ class CompletionRequest(_OpenAIBody):
             prompt = prompt[0]
         if not prompt:
             raise bad_request("prompt is empty.", "prompt")
+        if isinstance(prompt, str) and IMAGE_TOKEN in prompt:
+            raise bad_request(f"the prompt holds {IMAGE_TOKEN}, an image's placeholder, and /v1/completions takes no "
+                              "images; send images to /v1/chat/completions (image_url parts) or /generate "
+                              "(image_data).", "prompt")
         return prompt
 
 
