@@ -13,6 +13,7 @@ import base64
 import dataclasses
 import functools
 import io
+import json
 import os
 import shutil
 import struct
@@ -648,3 +649,16 @@ def test_interrupts_held_raise_at_the_blocks_end_then_sigterm_interrupts(sig):
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, before_term)
+
+
+def test_the_command_line_shows_warnings_as_lines(tmp_path, capsys):
+    """A checkpoint's unknown config key is one `warning: ...` line on stderr, not Python's file:line
+    UserWarning with its source line; the answer still comes."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(ckpt_dir("mha"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "mystery_knob": 3}))
+    assert main(["--model", str(folder), "--prompt", "hi", "--max-new-tokens", "1", "--compile-cache", ""]) == 0
+    err = capsys.readouterr().err
+    assert any(line.startswith("warning: config.json: unknown key(s) mystery_knob; ignored") for line in err.splitlines())
+    assert "UserWarning" not in err and "warnings.warn" not in err and "config.py" not in err

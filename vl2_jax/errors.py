@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -314,12 +315,15 @@ def guarded(body: Callable[[], int], log: Callable[[str], None]) -> int:
     when whatever reads stdout has gone (`... | head`), quietly 141 (as a shell reports a command ended
     by SIGPIPE), stdout then pointing nowhere so that nothing tries to write there again; on any other
     exception one `error: ...` line (`explain`) and 1, never a traceback. SIGTERM raises KeyboardInterrupt
-    from the start (`sigterm_as_interrupt`)."""
+    from the start (`sigterm_as_interrupt`). Warnings are `warning: ...` lines (not Python's file, line
+    and source)."""
     sigterm_as_interrupt()
     _DROPPED.clear()  # (a command run in-process starts afresh)
     hook, sys.unraisablehook = sys.unraisablehook, _noting_dropped_interrupts(sys.unraisablehook)
     try:
-        code = body()
+        with warnings.catch_warnings():  # (restores the display afterwards)
+            warnings.showwarning = lambda message, *_, **__: log("warning: " + " ".join(str(message).split()))
+            code = body()
         check_interrupt()  # (a Ctrl-C whose exception was dropped on the way)
         return code
     except KeyboardInterrupt:
