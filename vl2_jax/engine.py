@@ -373,8 +373,11 @@ class Engine:
         (`prefix_cache.SlotPrefixes.choose`)."""
         at = lambda v, i: jax.lax.dynamic_slice_in_dim(v, i, 1, 0)
         put = lambda v, rows, i: jax.lax.dynamic_update_slice_in_dim(v, rows, i, 0)
+        # (a swap is one scatter of the two rows gathered: as two row writes, the second reading what the
+        # first overwrote, XLA kept that row by copying the whole cache array, twice, at every swap)
+        pair = lambda a, b: jnp.stack([a, b])
         rows = {"copy": lambda v, a, b: put(v, at(v, a), b),
-                "swap": lambda v, a, b: put(put(v, at(v, b), a), at(v, a), b)}
+                "swap": lambda v, a, b: v.at[pair(a, b)].set(v[pair(b, a)], unique_indices=True)}
 
         def program(move):
             def run(state: Slots, a, b):
