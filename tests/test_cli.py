@@ -274,7 +274,7 @@ def test_chat_survives_bad_turns_and_attaches_images():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     image = FIXTURES / "images" / "noise_tiny.png"
     stdin = (f"<image> What is this?\n/image /no/such/image.png\nSecond.\n/image {image}\nWhat is in it?\nAnd?\n"
-             f"/imagefoo x\n//etc\n/image {image}\n")  # the last one goes with no message
+             f"/imagefoo x\n/new please\n//etc\n/image {image}\n")  # the last one goes with no message
     r = subprocess.run([sys.executable, "-m", "generate", "--model", "random:test", "--chat", "--json",
                         "--max-new-tokens", "2", "--prompt", "First."], capture_output=True, text=True, env=env,
                        cwd=ROOT, input=stdin, timeout=300)
@@ -285,8 +285,9 @@ def test_chat_survives_bad_turns_and_attaches_images():
     assert tokens[0] < tokens[1] < tokens[2] < tokens[3]  # each turn's history holds the turns before
     assert tokens[2] - tokens[1] > tokens[3] - tokens[2] + 10  # the image's tokens are in turn 3
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 3 and "placeholder" in errors[0] and "/no/such/image.png" in errors[1]
+    assert len(errors) == 4 and "placeholder" in errors[0] and "/no/such/image.png" in errors[1]
     assert errors[2].startswith("error: unknown command /imagefoo: the commands are /image PATH and /new")
+    assert errors[3] == "error: /new takes nothing after it; type /new alone to start a new conversation."
     assert answers[4]["prompt_tokens"] - answers[3]["prompt_tokens"] > 2  # (/etc went to the model)
     assert "Traceback" not in r.stderr
     assert not any(line.startswith("> ") for line in r.stderr.splitlines())  # no prompt marker on piped stdin

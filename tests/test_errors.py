@@ -662,3 +662,19 @@ def test_the_command_line_shows_warnings_as_lines(tmp_path, capsys):
     err = capsys.readouterr().err
     assert any(line.startswith("warning: config.json: unknown key(s) mystery_knob; ignored") for line in err.splitlines())
     assert "UserWarning" not in err and "warnings.warn" not in err and "config.py" not in err
+
+
+def test_a_warning_while_stderr_is_gone_does_not_end_the_command():
+    """As Python's own display, the `warning: ...` line is dropped where stderr cannot be written."""
+    import warnings
+
+    from vl2_jax.errors import guarded
+
+    def gone(line: str) -> None:
+        raise BrokenPipeError
+
+    def body() -> int:
+        warnings.warn("a note", stacklevel=1)
+        return 0
+
+    assert guarded(body, gone) == 0

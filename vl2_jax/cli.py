@@ -124,9 +124,12 @@ def run(args, log: Callable[[str], None]) -> int:
                 pending = [*pending, load_image(ref, limits)]
                 log(f"{describe(ref)} goes with your next message")
                 continue
-            if re.fullmatch(r"/[A-Za-z]\w*", line.split(maxsplit=1)[0]):
-                raise InputError(f"unknown command {line.split(maxsplit=1)[0]}: the commands are /image PATH and "
-                                 "/new; start a message with // to send one that begins with /.")
+            word = line.split(maxsplit=1)[0]
+            if word == "/new":
+                raise InputError("/new takes nothing after it; type /new alone to start a new conversation.")
+            if re.fullmatch(r"/[A-Za-z]\w*", word):
+                raise InputError(f"unknown command {word}: the commands are /image PATH and /new; start a message "
+                                 "with // to send one that begins with /.")
             line = line[1:] if line.startswith("//") else line
             check_interrupt()
             conversation, every_image = session.ask(line, pending)

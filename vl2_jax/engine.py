@@ -371,12 +371,12 @@ class Engine:
         "swap": ... with the cache rows of slots a and b traded}: how the prefix cache brings a prefix
         down to a slot that keeps the decode program small and moves what that slot held up
         (`prefix_cache.SlotPrefixes.choose`)."""
-        at = lambda v, i: jax.lax.dynamic_slice_in_dim(v, i, 1, 0)
-        put = lambda v, rows, i: jax.lax.dynamic_update_slice_in_dim(v, rows, i, 0)
-        # (a swap is one scatter of the two rows gathered: as two row writes, the second reading what the
-        # first overwrote, XLA kept that row by copying the whole cache array, twice, at every swap)
+        # Rows gathered, then scattered (distinct slots: `SlotPrefixes.choose` never moves a slot onto
+        # itself): in place, and under a mesh that splits the slots only the moved rows travel. (A swap as
+        # two row writes, the second reading the row the first overwrote, made XLA copy every cache array
+        # twice; a copy as a row write gathered the whole cache across a data-split mesh.)
         pair = lambda a, b: jnp.stack([a, b])
-        rows = {"copy": lambda v, a, b: put(v, at(v, a), b),
+        rows = {"copy": lambda v, a, b: v.at[b[None]].set(v[a[None]], unique_indices=True),
                 "swap": lambda v, a, b: v.at[pair(a, b)].set(v[pair(b, a)], unique_indices=True)}
 
         def program(move):
@@ -895,8 +895,8 @@ class Engine:
             return self._extend, (lm, state, made["x"], np.int32(0), np.int32(keys - chunk), np.int32(0)), static
         if kind == "release":
             return self._release, (state, np.zeros((self.max_batch,), bool)), ()
-        if kind in ("copy", "swap"):
-            return self._moves[kind], (state, np.int32(0), np.int32(0)), ()
+        if kind in ("copy", "swap"):  # (two distinct slots where there are two)
+            return self._moves[kind], (state, np.int32(0), np.int32(min(1, self.max_batch - 1))), ()
         if kind == "insert":
             n, greedy = static
             settings = jax.tree.map(lambda v: np.stack([v] * n), RowSampling.make())

@@ -310,6 +310,14 @@ def leave(code: int) -> NoReturn:
     os._exit(code)
 
 
+def _show_warning(log: Callable[[str], None], message) -> None:
+    """A warning as one `warning: ...` line; like Python's own display, nothing if stderr is gone."""
+    try:
+        log("warning: " + " ".join(str(message).split()))
+    except (OSError, ValueError):  # (a closed or broken stderr)
+        pass
+
+
 def guarded(body: Callable[[], int], log: Callable[[str], None]) -> int:
     """An entry point's last line of defence: `body()`'s exit status; on Ctrl-C "interrupted" and 130;
     when whatever reads stdout has gone (`... | head`), quietly 141 (as a shell reports a command ended
@@ -322,7 +330,7 @@ def guarded(body: Callable[[], int], log: Callable[[str], None]) -> int:
     hook, sys.unraisablehook = sys.unraisablehook, _noting_dropped_interrupts(sys.unraisablehook)
     try:
         with warnings.catch_warnings():  # (restores the display afterwards)
-            warnings.showwarning = lambda message, *_, **__: log("warning: " + " ".join(str(message).split()))
+            warnings.showwarning = lambda message, *_, **__: _show_warning(log, message)
             code = body()
         check_interrupt()  # (a Ctrl-C whose exception was dropped on the way)
         return code
