@@ -117,14 +117,14 @@ def run(args, log: Callable[[str], None]) -> int:
                 session, pending = ChatSession(system=system), []
                 log("a new conversation: the turns so far and their images are forgotten")
                 continue
-            if line.split(maxsplit=1)[0] == "/image":
+            word = line.split(maxsplit=1)[0]
+            if word == "/image":
                 ref = line[len("/image"):].strip()
                 if not ref:
                     raise InputError("/image needs a path or URL, e.g. /image photo.jpg.")
                 pending = [*pending, load_image(ref, limits)]
                 log(f"{describe(ref)} goes with your next message")
                 continue
-            word = line.split(maxsplit=1)[0]
             if word == "/new":
                 raise InputError("/new takes nothing after it; type /new alone to start a new conversation.")
             if re.fullmatch(r"/[A-Za-z]\w*", word):
