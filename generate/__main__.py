@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=number(int, 1), default=512, help="the answer's length limit")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1 = off)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0 = off; -1 is off too, as in SGLang)")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="divide seen tokens' positive logits by it, multiply their negative ones (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="the sampling seed (temperature > 0)")
@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="default: bfloat16 on GPU/TPU, float32 on CPU")
     p.add_argument("--chat", action="store_true",
                    help="interactive multi-turn chat on stdin: --prompt, if given, is the first turn; --image files "
-                        "go with the first turn, '/image PATH' (or URL) on its own line with the next")
+                        "go with the first turn, '/image PATH' (or URL) on its own line with the next; '/new' starts a "
+                        "new conversation, '//' begins a message with '/'")
     p.add_argument("--json", action="store_true", help="print one JSON object per answer, with its timings (--input always writes JSON lines)")
     p.add_argument("--input", default=None, metavar="FILE.jsonl",
                    help="a batch job: one request per line ({\"prompt\": ..., \"images\": [...], and optionally "

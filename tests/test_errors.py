@@ -341,7 +341,7 @@ def test_batches_the_model_cannot_read_correctly_are_refused(fixture_model):
         (["--temperature", "inf"], 1, "--temperature must be finite and >= 0 (got inf)"),
         (["--top-p", "0"], 1, "--top-p must be in (0, 1] (got 0.0)"),
         (["--top-p", "nan"], 1, "--top-p must be in (0, 1]"),
-        (["--top-k", "-1"], 1, "--top-k must be >= 0 (got -1)"),
+        (["--top-k", "-2"], 1, "--top-k must be >= 0 (got -2; 0 or -1 turns it off)"),
         (["--repetition-penalty", "0"], 1, "--repetition-penalty must be finite and > 0 (got 0.0"),
         (["--repetition-penalty", "-1.5"], 1, "--repetition-penalty must be finite and > 0 (got -1.5"),
         (["--dtype", "int8"], 2, "--dtype: invalid choice: 'int8'"),

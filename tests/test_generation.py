@@ -159,7 +159,7 @@ def test_filters_and_penalty_semantics():
     assert kept(2, 1.0).tolist() == [True, True, False, False, False]
     assert kept(0, 0.6).tolist() == [True, True, False, False, False]  # 0.5 < 0.6, 0.5 + 0.2 reaches it
     assert kept(0, 0.5).tolist() == [True, False, False, False, False]
-    assert kept(0, 1.0).all()
+    assert kept(0, 1.0).all() and kept(-1, 1.0).all()  # -1 is off too, as SGLang writes it
     pen = penalize(jnp.asarray([[2.0, -2.0, 2.0]]), jnp.asarray([[True, True, False]]), jnp.float32(2.0))
     np.testing.assert_allclose(np.asarray(pen), [[1.0, -4.0, 2.0]])
     # Sampled tokens stay inside the top-k set.

@@ -49,7 +49,7 @@ def sampling_error(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, 
     checks = [
         (0 <= temperature < math.inf, "temperature", "finite and >= 0", ""),
         (0 < top_p <= 1, "top_p", "in (0, 1]", ""),
-        (top_k >= 0, "top_k", ">= 0", ""),
+        (top_k >= -1, "top_k", ">= 0", "; 0 or -1 turns it off"),
         (0 < repetition_penalty < math.inf, "repetition_penalty", "finite and > 0", "; 1 turns it off"),
     ]
     for ok, name, rule, hint in checks:  # `not ok` also refuses nan
@@ -97,7 +97,7 @@ def filter_top_k_top_p(logits_BV: jax.Array, top_k: jax.Array, top_p: jax.Array)
 @struct.dataclass
 class RowSampling:
     """Per-row settings [B] as device arrays, so that no setting changes a compiled program: temperature
-    f32 (0 = greedy for that row), top_k i32 (0 = off), top_p f32 (1 = off), repetition_penalty f32
+    f32 (0 = greedy for that row), top_k i32 (0 or -1 = off), top_p f32 (1 = off), repetition_penalty f32
     (1 = off), seed u32 (each row draws from its own key: the seed folded with the row's step)."""
 
     temperature: jax.Array
