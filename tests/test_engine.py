@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import time
+import unittest.mock
 
 import jax
 import numpy as np
@@ -291,6 +292,25 @@ def test_a_cache_beyond_the_systems_memory_is_refused_on_a_cpu(monkeypatch):
     assert "0.02 GB of memory available" in message
     monkeypatch.setattr(engine_module, "available_memory", lambda: None)  # (unknown: no check)
     assert m.engine.new_state() is not None
+
+
+def test_under_a_mesh_the_memory_check_weighs_each_devices_shards():
+    """A device's share is the shards it holds (checked against the cache's real shards); on a CPU this
+    process's devices share the system's memory, so a cache whose one shard fits but whose shards
+    together do not is refused."""
+    if jax.local_devices()[0].platform != "cpu":
+        pytest.skip("a CPU's check")
+    m = vl2_jax.load_model("random:test", "float32", runtime=Runtime(max_batch=4, max_seq_len=256),
+                           mesh="data=2,expert=2,tensor=2")
+    engine = m.engine
+    state = engine.new_state()
+    device = engine.mesh.devices.flat[0]
+    held = sum(s.data.nbytes for leaf in jax.tree.leaves(state.cache) for s in leaf.addressable_shards
+               if s.device == device)
+    assert held == engine.cache_bytes_per_device() < engine.cache_bytes()
+    with unittest.mock.patch.object(engine_module, "available_memory", lambda: 2 * held):  # one fits, 8 don't
+        with pytest.raises(vl2_jax.ConfigError, match=f"needs {8 * held / 1e9:.2f} GB but the system"):
+            engine.check_memory()
 
 
 def test_the_python_api_takes_what_the_cli_takes():

@@ -36,6 +36,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 import threading
 import time
@@ -310,6 +311,15 @@ class Engine:
         """Bytes of the KV cache: max_batch x capacity tokens."""
         return KVCache.bytes_per_token(self.cfg.language, self.dtype) * self.max_batch * self.capacity
 
+    def cache_bytes_per_device(self) -> int:
+        """Bytes of the KV cache one device holds: its shard of each cache array under a mesh (a copy
+        where the partition rules leave an array unsplit), all of it without one."""
+        if self.mesh is None:
+            return self.cache_bytes()
+        shapes = jax.eval_shape(self._make_state).cache
+        return sum(math.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+                   for leaf, sharding in zip(jax.tree.leaves(shapes), jax.tree.leaves(self.state_shardings.cache)))
+
     # -- placement ------------------------------------------------------------------------------------
     def _context(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
@@ -403,14 +413,16 @@ class Engine:
 
     def check_memory(self) -> None:
         """Refuses a cache that cannot fit, before anything is compiled: beside what the device holds
-        (its `memory_stats`), or, on a CPU, in the memory the system has available."""
-        need = self.cache_bytes() // (self.mesh.shape.get("data", 1) if self.mesh is not None else 1)
+        (its `memory_stats`), or, on a CPU, in the memory the system has available, which this process's
+        devices share: there their shards add up."""
+        need = self.cache_bytes_per_device()
         device = jax.local_devices()[0]  # (a device of this process: others' can't be asked)
         stats = device.memory_stats() or {}
         if "bytes_limit" in stats:
             free, where = stats["bytes_limit"] - stats.get("bytes_in_use", 0), "per device but {} GB is free"
         elif device.platform == "cpu" and (free := available_memory()) is not None:
-            where = "but the system has {} GB of memory available"
+            local = 1 if self.mesh is None else sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
+            need, where = need * local, "but the system has {} GB of memory available"
         else:
             return
         if need > free:
