@@ -418,10 +418,52 @@ def test_a_second_run_into_the_same_out_needs_resume_or_force(tmp_path, capsys):
     assert main([*args, "--steps", "2"]) == 1
     err = capsys.readouterr().err
     assert "already holds files" in err and "--force" in err and (out / "metrics.json").read_text() == before
+    (out / "notes.txt").write_text("mine")  # --force starts over only in a folder that holds a run alone
+    assert main([*args, "--steps", "2", "--force"]) == 1
+    assert "holds files that no run writes (notes.txt)" in capsys.readouterr().err
+    (out / "notes.txt").unlink()
     assert main([*args, "--steps", "2", "--force"]) == 0, capsys.readouterr().err
     assert "trained 2 steps" in capsys.readouterr().out
     assert steps() == ["2"]
     assert len(json.loads((out / "metrics.json").read_text())["losses"]) == 2
+
+
+def test_outputs_that_are_not_a_runs_or_cannot_be_written_are_refused_before_loading(tmp_path, capsys):
+    """--force never starts over in a folder that holds no run (its files stay); an --out or --export-hf
+    that cannot be created, and an --export-hf that holds a converted checkpoint, are refused before
+    anything loads; so are a --lora-alpha that is 0 or goes with --full, and --eval-every without --eval."""
+    path = write_dataset(tmp_path, [RECORDS[1]])
+    base = ["--model", "random:test", "--data", path, "--steps", "1", "--max-seq-len", "128"]
+    args = [*base, "--lora-rank", "4"]
+    mine = tmp_path / "mine"
+    (mine / "params").mkdir(parents=True)
+    (mine / "params" / "notes.txt").write_text("mine")
+    (mine / "config.json").write_text('{"my": 1}')
+    assert main([*args, "--out", str(mine), "--force"]) == 1
+    assert "holds no earlier run (no train_state/), so --force will not start over there" in capsys.readouterr().err
+    assert (mine / "params" / "notes.txt").read_text() == "mine" and (mine / "config.json").read_text() == '{"my": 1}'
+    blocked = [(str(tmp_path / "train.jsonl" / "sub"), "train.jsonl is a file, not a folder")]
+    if os.path.isdir("/proc"):
+        blocked.append(("/proc/vl2-out", "/proc does not allow creating folders in it"))
+    for where, why in blocked:
+        assert main([*args, "--out", where]) == 1
+        assert why in capsys.readouterr().err
+        assert main([*args, "--out", str(tmp_path / "out"), "--export-hf", where]) == 1
+        assert why in capsys.readouterr().err
+    converted = tmp_path / "converted"
+    (converted / "params").mkdir(parents=True)
+    (converted / "vl2_jax_checkpoint.json").write_text("{}")
+    assert main([*args, "--out", str(tmp_path / "out"), "--export-hf", str(converted)]) == 1
+    assert "holds a converted checkpoint or a fine-tuning run" in capsys.readouterr().err
+    for extra, words in ((["--lora-alpha", "0"], "--lora-alpha must be above 0"),
+                         (["--full", "--lora-alpha", "4"], "--full trains the weights themselves and takes none"),
+                         (["--eval-every", "1"], "--eval-every goes with --eval FILE")):
+        with pytest.raises(SystemExit) as exit_:
+            main([*base, "--out", str(tmp_path / "out"), *extra])
+        assert exit_.value.code == 2 and words in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted", "mine", "train.jsonl"]  # (no probe left)
+    with pytest.raises(ConfigError, match="--lora-alpha must be above 0"):
+        loop.Settings(lora_rank=4, lora_alpha=0.0)
 
 
 def test_loading_a_run_that_has_not_written_its_model_says_to_resume_it(tmp_path):

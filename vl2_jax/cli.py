@@ -8,10 +8,11 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from vl2_jax.chat import ChatSession, check_system, user_turn
 from vl2_jax.config import Runtime
-from vl2_jax.errors import InputError, PromptTooLong, check_interrupt, explain
+from vl2_jax.errors import InputError, PromptTooLong, check_interrupt, explain, not_writable_because
 from vl2_jax.generation import check_max_new_tokens, stop_strings
 from vl2_jax.images import ImageLimits, describe, load_image, local_path
 from vl2_jax.sampling import check_sampling
@@ -64,6 +65,8 @@ def run(args, log: Callable[[str], None]) -> int:
         raise InputError(f"--output {output} is a folder; name the file to write the answers to.")
     if output and not os.path.isdir(os.path.dirname(os.path.abspath(output))):
         raise InputError(f"--output {output}: its folder does not exist; create it or choose another path.")
+    if output:
+        _check_writable(output)
     # Images, the prompts and --draw-boxes are checked before the model loads, so a typo fails in a
     # second, not minutes.
     limits = ImageLimits.cli()
@@ -159,6 +162,19 @@ def run(args, log: Callable[[str], None]) -> int:
         log(f"{len(pending)} attached image{'s were' if len(pending) > 1 else ' was'} not sent: the session ended "
             "before a message to go with it")
     return 0
+
+
+def _check_writable(path: str) -> None:
+    """Refuses, before the model loads, an --output file this process cannot write (a file it creates
+    for the test goes again)."""
+    existed = os.path.lexists(path)
+    try:
+        open(path, "a").close()  # noqa: SIM115 - (opened to try, closed at once)
+    except OSError as e:
+        why = e.strerror if existed else not_writable_because(e, Path(os.path.abspath(path)).parent, "file")
+        raise InputError(f"cannot write --output {path}: {why}; choose another path.") from None
+    if not existed:
+        os.unlink(path)
 
 
 REQUEST_KEYS = {"id", "prompt", "images", "system", "max_new_tokens", "temperature", "top_p", "top_k",

@@ -1,15 +1,17 @@
 """Exceptions that users see: each carries one sentence saying what is wrong, where, and what to do.
 Also what every entry point shares around them: its argparse parser (`command_parser`, `number`), the
-package version, and its last line of defence (`guarded`)."""
+package version, the check that an output path can be written, and its last line of defence (`guarded`)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 import warnings
 from collections.abc import Callable
@@ -190,6 +192,36 @@ def number_list(kind=int, low=1, item: str = "value"):
             raise argparse.ArgumentTypeError(f"each {item} {e} (in {text!r})") from None
 
     return parse_all
+
+
+def not_writable_because(error: OSError, parent: Path, what: str = "folder") -> str:
+    """Why a `what` ("folder" or "file") could not be created in `parent`, in words (the errno's text
+    names the wrong path)."""
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return f"no permission to create a {what} in {parent}"
+    if error.errno == errno.EROFS:
+        return f"{parent} is on a read-only file system"
+    if error.errno == errno.ENOSPC:
+        return f"no space left on the device of {parent}"
+    if error.errno == errno.ENOENT:  # the parent exists, yet refuses new entries (e.g. /proc)
+        return f"{parent} does not allow creating {what}s in it"
+    return f"creating a {what} in {parent} failed ({error.strerror or error})"
+
+
+def check_can_create(folder: Path, flag: str) -> None:
+    """Refuses (InputError), before anything loads, an output `folder` (given as `flag`) that this process
+    cannot create, or write in where it exists: its nearest existing ancestor must be a folder in which
+    a folder can be made (tried, and removed again at once)."""
+    base = folder.absolute()
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise InputError(f"{flag} {folder}: {base} is a file, not a folder; choose another path.")
+    try:
+        probe = tempfile.mkdtemp(prefix=".vl2-probe-", dir=base)
+    except OSError as e:
+        raise InputError(f"cannot write {flag} {folder}: {not_writable_because(e, base)}; choose another path.") from None
+    os.rmdir(probe)
 
 
 def some(names: list[str], n: int = 5) -> str:

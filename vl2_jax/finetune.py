@@ -77,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--train takes a comma-separated subset of {','.join(PARTS)} (got {args.train!r})")
     if args.warmup is not None and args.warmup >= args.steps:  # (`Settings` checks it too, for Python callers)
         p.error(f"--warmup ({args.warmup}) must be below --steps ({args.steps})")
+    if args.lora_alpha is not None and args.full:
+        p.error("--lora-alpha scales LoRA adapters; --full trains the weights themselves and takes none")
+    if args.lora_alpha is not None and not args.lora_alpha > 0:  # (`Settings` checks it too)
+        p.error(f"--lora-alpha must be above 0 (got {args.lora_alpha}): 0 would leave the adapters unused")
+    if args.eval_every and args.eval is None:
+        p.error("--eval-every goes with --eval FILE (the conversations to compute the eval loss on)")
 
     def log(line: str) -> None:
         try:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime
-import errno
 import json
 import math
 import mmap
@@ -57,7 +56,7 @@ from vl2_jax.checkpoint import (
     source_dtype,
 )
 from vl2_jax.config import DTYPE_NAMES, VL2Config, dtype_of
-from vl2_jax.errors import CheckpointError, some
+from vl2_jax.errors import CheckpointError, not_writable_because, some
 from vl2_jax.quant import QUANTS, SCALES, VALUES, check_quant, quantize_params, quantized_shapes
 from vl2_jax.sharding import place
 
@@ -526,7 +525,7 @@ def _check_destination(src: Path, dst: Path, force: bool) -> None:
     except FileExistsError:
         return  # a leftover of an earlier process with our pid: the folder can be written, leave it alone
     except OSError as e:
-        raise CheckpointError(f"cannot write {dst}: {_not_writable_because(e, parent)}; choose another destination.") from None
+        raise CheckpointError(f"cannot write {dst}: {not_writable_because(e, parent)}; choose another destination.") from None
     probe.rmdir()
 
 
@@ -545,19 +544,6 @@ def _not_replaceable(dst: Path) -> str | None:
     if other:
         return f"holds files that no conversion writes ({some(other, 4)})"
     return None
-
-
-def _not_writable_because(error: OSError, parent: Path) -> str:
-    """Why a folder could not be created in `parent`, in words (the errno's text names the wrong path)."""
-    if error.errno in (errno.EACCES, errno.EPERM):
-        return f"no permission to create a folder in {parent}"
-    if error.errno == errno.EROFS:
-        return f"{parent} is on a read-only file system"
-    if error.errno == errno.ENOSPC:
-        return f"no space left on the device of {parent}"
-    if error.errno == errno.ENOENT:  # the parent exists, yet refuses new entries (e.g. /proc)
-        return f"{parent} does not allow creating folders in it"
-    return f"creating a folder in {parent} failed ({error.strerror or error})"
 
 
 def _copy_side_files(src: Path, tmp: Path) -> list[str]:

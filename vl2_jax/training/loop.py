@@ -83,6 +83,8 @@ class Settings:
             raise ConfigError(f"--train takes a comma-separated subset of {','.join(PARTS)} (got {','.join(self.parts)}).")
         if self.warmup >= self.steps:
             raise ConfigError(f"--warmup ({self.warmup}) must be below --steps ({self.steps}).")
+        if self.lora_rank and not self.lora_alpha > 0:
+            raise ConfigError(f"--lora-alpha must be above 0 (got {self.lora_alpha}): 0 would leave the adapters unused.")
 
     @property
     def lora_scale(self) -> float | None:

@@ -30,9 +30,9 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from vl2_jax.config import Runtime
-from vl2_jax.errors import CheckpointError, InputError, some
+from vl2_jax.errors import CheckpointError, InputError, check_can_create, some
 from vl2_jax.load import load_model, preset, write_assets
-from vl2_jax.orbax_io import MANIFEST, saved_quant
+from vl2_jax.orbax_io import COPIED_FILES, MANIFEST, saved_quant
 from vl2_jax.processor import Processor
 from vl2_jax.specs import folder_of
 from vl2_jax.training import batches, export, lora
@@ -108,12 +108,20 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
     if start_over and not job.force:
         raise InputError(f"--out {out} already holds files (an earlier run?); pass --resume to continue its "
                          f"run, --force to start over there, or another --out.")
+    if start_over and (why := _not_a_run(out)) is not None:
+        raise InputError(f"--out {out} {why}, so --force will not start over there; choose another --out.")
+    check_can_create(out, "--out")
     hf = Path(job.export_hf) if job.export_hf else None
     if hf is not None and hf.exists() and not hf.is_dir():
         raise InputError(f"--export-hf {hf} exists and is not a folder.")
     for other, what in ((folder_of(job.model), "the --model folder"), (out, "the --out folder")):
         if hf is not None and other is not None and hf.resolve() == Path(other).resolve():
             raise InputError(f"--export-hf {hf} is {what}; choose another folder for the Hugging Face layout.")
+    if hf is not None and any((hf / name).exists() for name in (MANIFEST, "params", "train_state")):
+        raise InputError(f"--export-hf {hf} holds a converted checkpoint or a fine-tuning run, which the Hugging "
+                         "Face layout would break; choose another --export-hf.")
+    if hf is not None:
+        check_can_create(hf, "--export-hf")
     if hf is not None and (held := export.weight_files(hf)) and not job.force:
         what = "remove them" if job.resume else "pass --force to replace them"
         raise InputError(f"--export-hf {hf} already holds weights ({some([p.name for p in held], 3)}); {what}, or choose "
@@ -168,6 +176,19 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
         log(f"wrote the Hugging Face layout to {hf}")
     (out / "train_state" / FINISHED).write_text(json.dumps({"step": int(result.state.step)}) + "\n")
     return result
+
+
+RUN_ENTRIES = {MANIFEST, MANIFEST + ".tmp", "params", *COPIED_FILES, "adapters", "train_state", "metrics.json"}
+
+
+def _not_a_run(out: Path) -> str | None:
+    """Why `--force` may not start over in the folder `out` (None: it holds an earlier run, with its
+    train_state/, and nothing that no run writes)."""
+    entries = {entry.name for entry in out.iterdir()}
+    if not (out / "train_state").is_dir():
+        return "holds no earlier run (no train_state/)"
+    other = sorted(name for name in entries - RUN_ENTRIES if not name.startswith(".export-"))
+    return f"holds files that no run writes ({some(other, 4)})" if other else None
 
 
 def _finished(out: Path) -> int | None:
