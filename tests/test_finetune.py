@@ -205,7 +205,14 @@ def test_bad_lines_are_refused_with_their_line_and_short_or_unanswered_ones_skip
     long = {"messages": [{"role": "user", "content": "x " * 200}, {"role": "assistant", "content": "y"}]}
     path = write_dataset(tmp_path, [good[1], unanswered, long, good[2]])
     examples, skipped = batches.read_examples(processor, path, 128)
-    assert len(examples) == 2 and (skipped.no_answer, skipped.too_long) == (1, 1)
+    assert len(examples) == 2 and (skipped.no_answer, skipped.too_long) == ([2], [3])
+    assert str(skipped) == "1 without an assistant answer at the end (line 2), 1 longer than --max-seq-len (line 3)"
+    with open(path, "rb") as f:
+        text = f.read()
+    with open(path, "wb") as f:
+        f.write(b"\xef\xbb\xbf" + text)  # a byte order mark, as some editors write
+    again = batches.read_examples(processor, path, 128)[0]
+    assert [e.labels.tolist() for e in again] == [e.labels.tolist() for e in examples]
     path = write_dataset(tmp_path, [unanswered, long])
     with pytest.raises(InputError, match="no usable conversation"):
         batches.read_examples(processor, path, 128)
@@ -532,7 +539,8 @@ def test_resume_refuses_another_model_dtype_or_moe_and_keeps_the_metrics_history
     assert list(resumed["evals"]) == ["2", "4"]
     assert main([*args, "--resume"]) == 0  # (finished: nothing trained or saved again)
     captured = capsys.readouterr()
-    assert "nothing to train" in captured.out and "saved" not in captured.err, captured
+    assert "nothing to train" in captured.out and "its model is there" in captured.out, captured
+    assert "saved" not in captured.err, captured
     assert main([*args, "--steps", "6", "--resume"]) == 1  # (a run's schedule ends at its --steps)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "steps 4 -> 6" in err[0] and "(--steps 4: the learning rate decays to zero there)" in err[0]
@@ -540,7 +548,9 @@ def test_resume_refuses_another_model_dtype_or_moe_and_keeps_the_metrics_history
     for written_last in (out / "train_state" / run.FINISHED, out / "vl2_jax_checkpoint.json"):
         written_last.unlink()  # as if the run had stopped while writing its model: resuming writes it
     assert main([*args, "--resume"]) == 0
-    assert "nothing to train" in capsys.readouterr().out and (out / "vl2_jax_checkpoint.json").is_file()
+    captured = capsys.readouterr()
+    assert "nothing to train: " in captured.out and "wrote what it had not written yet" in captured.out
+    assert (out / "vl2_jax_checkpoint.json").is_file() and f"saved the trained model to {out}" in captured.err
     fresh = {"first_step": 3, "losses": [1.0], "aux_losses": [0.0], "evals": {"3": 2.0}}
     assert run.merged_metrics(None, 3, [1.0], [0.0], {3: 2.0}) == fresh
     earlier = {"first_step": 1, "losses": [5.0], "aux_losses": [0.1], "evals": {"1": 4.0, "3": 9.0}}

@@ -106,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         job = Job(args.model, args.data, args.out, settings, eval=args.eval, export_hf=args.export_hf, dtype=args.dtype,
                   mesh=args.mesh, resume=args.resume, force=args.force, remat=not args.no_remat, moe=args.moe)
         result = finetune(job, log)
-        if result is None or not result.losses:
-            print(f"nothing to train: {args.out} is at step {args.steps}; its model is there")
+        if result is None or not result.losses:  # (a finished run: its outputs were there, or are now)
+            done = "its model is there" if result is None else "wrote what it had not written yet"
+            print(f"nothing to train: {args.out} is at step {args.steps}; {done}")
             return 0
         last = f", eval loss {result.evals[max(result.evals)]:.4f}" if result.evals else ""
         print(f"trained {counted(len(result.losses), 'step')}: loss {result.losses[0]:.4f} -> "

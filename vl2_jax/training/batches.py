@@ -25,7 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from vl2_jax.errors import InputError
+from vl2_jax.errors import InputError, some
 from vl2_jax.images import local_path
 from vl2_jax.processor import IGNORE_ID, Processor
 from vl2_jax.training import data
@@ -37,18 +37,20 @@ MIN_BUCKET = 64
 
 @dataclasses.dataclass
 class Skipped:
-    """Conversations left out: without an assistant answer at the end, and longer than max_seq_len."""
+    """Conversations left out, by their line numbers: without an assistant answer at the end (an empty
+    answer is none), and longer than max_seq_len."""
 
-    no_answer: int = 0
-    too_long: int = 0
+    no_answer: list[int] = dataclasses.field(default_factory=list)
+    too_long: list[int] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
-        return (f"{self.no_answer} without an assistant answer at the end, "
-                f"{self.too_long} longer than --max-seq-len")
+        said = lambda lines: f" (line{'s' if len(lines) > 1 else ''} {some([str(n) for n in lines])})" if lines else ""  # noqa: E731
+        return (f"{len(self.no_answer)} without an assistant answer at the end{said(self.no_answer)}, "
+                f"{len(self.too_long)} longer than --max-seq-len{said(self.too_long)}")
 
     @property
     def total(self) -> int:
-        return self.no_answer + self.too_long
+        return len(self.no_answer) + len(self.too_long)
 
 
 def _ends_with_answer(messages) -> bool:
@@ -61,7 +63,7 @@ def read_examples(processor: Processor, path: str | Path, max_seq_len: int) -> t
     InputError naming the file and line (see the module docstring)."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # (a byte order mark at the start is no text)
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read {path}: {exc}") from None
     examples, skipped = [], Skipped()
@@ -83,14 +85,14 @@ def read_examples(processor: Processor, path: str | Path, max_seq_len: int) -> t
             if file is not None and not Path(file).is_file():
                 raise InputError(f"{where}: image {file} does not exist.")
         if not _ends_with_answer(rec.messages):
-            skipped.no_answer += 1
+            skipped.no_answer.append(n)
             continue
         try:
             ex = data.example(processor, rec)
         except InputError as exc:
             raise InputError(f"{where}: {exc}") from None
         if len(ex.labels) > max_seq_len:
-            skipped.too_long += 1
+            skipped.too_long.append(n)
             continue
         examples.append(ex)
     if not examples:

@@ -91,7 +91,7 @@ def read_jsonl(path: str | Path) -> list[Record]:
     relative to the file's folder."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # (a byte order mark at the start is no text)
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read {path}: {exc}") from None
     out = []
