@@ -140,6 +140,9 @@ def test_compile_cache_keeps_programs_between_runs(tmp_path, monkeypatch):
          "error: /no/such/folder does not exist; pass a DeepSeek-VL2 checkpoint folder, a hub id or random:SIZE."),
         (["--prompt", "bad \udcff byte"], 1,  # (a byte that is not UTF-8, as Python keeps it from the command line)
          "error: the prompt is not UTF-8 text; check the terminal's or the file's encoding."),
+        (["--prompt", "half \ud800 a pair"], 1,  # (as a JSON escape in an --input line can write it)
+         "error: the prompt holds \\ud800, half of a UTF-16 surrogate pair (as a JSON escape writes it), which is "
+         "no character alone; write the whole character."),
     ],
 )
 def test_bad_arguments_fail_with_one_line(capsys, args, code, line):

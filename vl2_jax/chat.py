@@ -18,8 +18,12 @@ def user_turn(prompt: str, num_images: int) -> dict:
         raise InputError("the prompt is empty; say something or give an image.")
     try:
         prompt.encode("utf-8")
-    except UnicodeEncodeError:  # (bytes that are not UTF-8, as Python keeps them from the command line)
-        raise InputError("the prompt is not UTF-8 text; check the terminal's or the file's encoding.") from None
+    except UnicodeEncodeError as e:
+        code = ord(prompt[e.start])
+        if 0xDC80 <= code <= 0xDCFF:  # (a byte that is not UTF-8, as Python keeps it from the command line)
+            raise InputError("the prompt is not UTF-8 text; check the terminal's or the file's encoding.") from None
+        raise InputError(f"the prompt holds \\u{code:04x}, half of a UTF-16 surrogate pair (as a JSON escape "
+                         "writes it), which is no character alone; write the whole character.") from None
     placeholders = prompt.count(IMAGE_TOKEN)
     if placeholders == 0:
         prompt = f"{IMAGE_TOKEN}\n" * num_images + prompt
