@@ -139,10 +139,11 @@ def test_compile_cache_keeps_programs_between_runs(tmp_path, monkeypatch):
         (["--model", "/no/such/folder", "--prompt", "hi"], 1,
          "error: /no/such/folder does not exist; pass a DeepSeek-VL2 checkpoint folder, a hub id or random:SIZE."),
         (["--prompt", "bad \udcff byte"], 1,  # (a byte that is not UTF-8, as Python keeps it from the command line)
-         "error: the prompt is not UTF-8 text; check the terminal's or the file's encoding."),
-        (["--prompt", "half \ud800 a pair"], 1,  # (as a JSON escape in an --input line can write it)
-         "error: the prompt holds \\ud800, half of a UTF-16 surrogate pair (as a JSON escape writes it), which is "
-         "no character alone; write the whole character."),
+         "error: the prompt is not UTF-8 text (it holds \\udcff, no character: a byte that is not UTF-8, or half of "
+         "a surrogate pair written alone as a JSON escape); check the terminal's or the file's encoding."),
+        (["--prompt", "hi", "--system", "half \ud800 a pair"], 1,  # (as a JSON escape in an --input line can write it)
+         "error: --system is not UTF-8 text (it holds \\ud800, no character: a byte that is not UTF-8, or half of "
+         "a surrogate pair written alone as a JSON escape); check the terminal's or the file's encoding."),
     ],
 )
 def test_bad_arguments_fail_with_one_line(capsys, args, code, line):
@@ -509,8 +510,10 @@ def test_input_file_answers_each_line_in_order_with_its_own_settings(tmp_path, c
     assert "answered 6 of 15" in capsys.readouterr().err
     assert main(["--model", "random:test", "--input", str(src), "--prompt", "x"]) == 1
     assert "--input takes" in capsys.readouterr().err
+    unwritable = [("/proc/vl2-answers.jsonl", "cannot write --output /proc/vl2-answers.jsonl: /proc does not allow "
+                   "creating files in it")] if os.path.isdir("/proc") else []
     for output, words in ((src, "is the --input file"), (tmp_path / "missing" / "o.jsonl", "folder does not exist"),
-                          (tmp_path, "is a folder; name the file")):
+                          (tmp_path, "is a folder; name the file"), *unwritable):
         assert main(["--model", "random:test", "--input", str(src), "--output", str(output)]) == 1
         assert words in capsys.readouterr().err
     assert src.read_bytes().startswith(b"\xef\xbb\xbf")  # (untouched)

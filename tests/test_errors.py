@@ -341,7 +341,7 @@ def test_batches_the_model_cannot_read_correctly_are_refused(fixture_model):
         (["--temperature", "inf"], 1, "--temperature must be finite and >= 0 (got inf)"),
         (["--top-p", "0"], 1, "--top-p must be in (0, 1] (got 0.0)"),
         (["--top-p", "nan"], 1, "--top-p must be in (0, 1]"),
-        (["--top-k", "-2"], 1, "--top-k must be >= 0 (got -2; 0 or -1 turns it off)"),
+        (["--top-k", "-2"], 1, "--top-k must be a whole number >= 1, or 0 or -1 (off) (got -2)"),
         (["--repetition-penalty", "0"], 1, "--repetition-penalty must be finite and > 0 (got 0.0"),
         (["--repetition-penalty", "-1.5"], 1, "--repetition-penalty must be finite and > 0 (got -1.5"),
         (["--dtype", "int8"], 2, "--dtype: invalid choice: 'int8'"),
@@ -367,7 +367,7 @@ def test_api_refuses_bad_sampling_arguments(fixture_model, monkeypatch):
     batch = fixture_model.processor.batchify([fixture_model.processor(USER("hi"))])
     for kwargs, words in [
         ({"repetition_penalty": 0.0}, "repetition_penalty must be finite and > 0"),
-        ({"top_k": -2}, "top_k must be >= 0"),
+        ({"top_k": -2}, "top_k must be a whole number >= 1, or 0 or -1 (off)"),
         ({"max_new_tokens": 0}, "max_new_tokens must be"),
         ({"max_new_tokens": 2.5}, "max_new_tokens must be a whole number (got 2.5)"),  # (was cut to 2 silently)
         ({"max_new_tokens": None}, "max_new_tokens must be a whole number (got None)"),  # (was a TypeError)

@@ -213,6 +213,10 @@ def test_bad_lines_are_refused_with_their_line_and_short_or_unanswered_ones_skip
         f.write(b"\xef\xbb\xbf" + text)  # a byte order mark, as some editors write
     again = batches.read_examples(processor, path, 128)[0]
     assert [e.labels.tolist() for e in again] == [e.labels.tolist() for e in examples]
+    raw = {"messages": [{"role": "user", "content": "one\u2028two\x85three"}, {"role": "assistant", "content": "ok"}]}
+    path = write_dataset(tmp_path, [json.dumps(raw, ensure_ascii=False), unanswered])  # (JSON keeps those raw)
+    examples, skipped = batches.read_examples(processor, path, 128)
+    assert len(examples) == 1 and skipped.no_answer == [2]
     path = write_dataset(tmp_path, [unanswered, long])
     with pytest.raises(InputError, match="no usable conversation"):
         batches.read_examples(processor, path, 128)
@@ -462,15 +466,29 @@ def test_outputs_that_are_not_a_runs_or_cannot_be_written_are_refused_before_loa
     (converted / "vl2_jax_checkpoint.json").write_text("{}")
     assert main([*args, "--out", str(tmp_path / "out"), "--export-hf", str(converted)]) == 1
     assert "holds a converted checkpoint or a fine-tuning run" in capsys.readouterr().err
-    for extra, words in ((["--lora-alpha", "0"], "--lora-alpha must be above 0"),
+    for extra, words in ((["--lora-alpha", "0"], "--lora-alpha: must be a finite number above 0 (got 0)"),
+                         (["--lora-alpha", "inf"], "--lora-alpha: must be a finite number above 0 (got inf)"),
                          (["--full", "--lora-alpha", "4"], "--full trains the weights themselves and takes none"),
                          (["--eval-every", "1"], "--eval-every goes with --eval FILE")):
         with pytest.raises(SystemExit) as exit_:
             main([*base, "--out", str(tmp_path / "out"), *extra])
         assert exit_.value.code == 2 and words in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["converted", "mine", "train.jsonl"]  # (no probe left)
-    with pytest.raises(ConfigError, match="--lora-alpha must be above 0"):
+    with pytest.raises(ConfigError, match="--lora-alpha must be a finite number above 0"):
         loop.Settings(lora_rank=4, lora_alpha=0.0)
+
+
+def test_a_runs_folder_may_hold_its_export_hf(tmp_path):
+    """--force takes a folder with a train_state/ and what runs write, an --export-hf inside it (and its
+    staging folder) included; anything else makes it not a run's."""
+    out = tmp_path / "out"
+    for name in ("train_state", "params", "hf", "hf.partial-7"):
+        (out / name).mkdir(parents=True)
+    (out / "metrics.json").write_text("{}")
+    assert run._not_a_run(out, out.absolute() / "hf") is None
+    assert run._not_a_run(out, None) == "holds files that no run writes (hf, hf.partial-7)"
+    (out / "train_state").rmdir()
+    assert run._not_a_run(out, out.absolute() / "hf") == "holds no earlier run (no train_state/)"
 
 
 def test_loading_a_run_that_has_not_written_its_model_says_to_resume_it(tmp_path):

@@ -16,14 +16,7 @@ def user_turn(prompt: str, num_images: int) -> dict:
     """
     if not prompt.strip() and not num_images:
         raise InputError("the prompt is empty; say something or give an image.")
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as e:
-        code = ord(prompt[e.start])
-        if 0xDC80 <= code <= 0xDCFF:  # (a byte that is not UTF-8, as Python keeps it from the command line)
-            raise InputError("the prompt is not UTF-8 text; check the terminal's or the file's encoding.") from None
-        raise InputError(f"the prompt holds \\u{code:04x}, half of a UTF-16 surrogate pair (as a JSON escape "
-                         "writes it), which is no character alone; write the whole character.") from None
+    check_text(prompt, "the prompt")
     placeholders = prompt.count(IMAGE_TOKEN)
     if placeholders == 0:
         prompt = f"{IMAGE_TOKEN}\n" * num_images + prompt
@@ -35,6 +28,17 @@ def user_turn(prompt: str, num_images: int) -> dict:
     return {"role": "user", "content": prompt}
 
 
+def check_text(text: str, name: str) -> None:
+    """Refuses (InputError, naming it as `name`) text that holds a surrogate: a byte that is not UTF-8,
+    as Python keeps it from the command line, or half of a UTF-16 pair, as a JSON escape can write it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{name} is not UTF-8 text (it holds \\u{ord(text[e.start]):04x}, no character: a byte "
+                         "that is not UTF-8, or half of a surrogate pair written alone as a JSON escape); check the "
+                         "terminal's or the file's encoding.") from None
+
+
 def check_system(system, name: str = "system") -> None:
     """A system prompt is None (none) or a string with some text and no <image> placeholder; anything
     else raises InputError, naming it as `name` (the flag, the key)."""
@@ -44,6 +48,7 @@ def check_system(system, name: str = "system") -> None:
         raise InputError(f"{name} must be a string (got {system!r}).")
     if not system.strip() or "<image>" in system:
         raise InputError(f"{name} needs some text and no <image> placeholder (images go in the user's turns).")
+    check_text(system, name)
 
 
 @dataclasses.dataclass

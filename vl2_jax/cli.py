@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from vl2_jax.chat import ChatSession, check_system, user_turn
 from vl2_jax.config import Runtime
-from vl2_jax.errors import InputError, PromptTooLong, check_interrupt, explain, not_writable_because
+from vl2_jax.errors import InputError, PromptTooLong, check_interrupt, explain, not_writable_because, text_lines
 from vl2_jax.generation import check_max_new_tokens, stop_strings
 from vl2_jax.images import ImageLimits, describe, load_image, local_path
 from vl2_jax.sampling import check_sampling
@@ -166,15 +167,18 @@ def run(args, log: Callable[[str], None]) -> int:
 
 def _check_writable(path: str) -> None:
     """Refuses, before the model loads, an --output file this process cannot write (a file it creates
-    for the test goes again)."""
-    existed = os.path.lexists(path)
+    for the test goes again; a link to no file is left to the writing)."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return
+    existed = os.path.exists(path)
     try:
         open(path, "a").close()  # noqa: SIM115 - (opened to try, closed at once)
     except OSError as e:
         why = e.strerror if existed else not_writable_because(e, Path(os.path.abspath(path)).parent, "file")
         raise InputError(f"cannot write --output {path}: {why}; choose another path.") from None
     if not existed:
-        os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):  # (another process of a multi-host run tried it too)
+            os.unlink(path)
 
 
 REQUEST_KEYS = {"id", "prompt", "images", "system", "max_new_tokens", "temperature", "top_p", "top_k",
@@ -192,7 +196,7 @@ def read_requests(path: str) -> list[str]:
     except OSError as e:
         raise InputError(f"cannot read --input {path}: {e.strerror or e}") from None
     # bytes that are not UTF-8 stay as surrogates, so that only their line is refused (`answer_file`)
-    return data.decode("utf-8", "surrogateescape").removeprefix("\ufeff").splitlines()  # (a BOM is no text)
+    return text_lines(data.decode("utf-8", "surrogateescape").removeprefix("\ufeff"))  # (a BOM is no text)
 
 
 def answer_file(model, lines: list[str], args, options: dict, limits: ImageLimits, log) -> int:

@@ -68,6 +68,15 @@ def read_json_object(file: Path) -> dict:
     return value
 
 
+def text_lines(text: str) -> list[str]:
+    """A JSON-lines file's lines: split at "\n" alone (a "\r" before it dropped), since JSON strings may
+    hold U+2028, U+0085 and the other breaks `str.splitlines` also splits at."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether `error` is an accelerator's out-of-memory failure (XLA's RESOURCE_EXHAUSTED) rather than
     one of ours or another failure."""
@@ -161,9 +170,10 @@ def command_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     return p
 
 
-def number(kind=int, low=1, high=None, what: str | None = None):
-    """An argparse type: `kind(text)` within [low, high] (`what` names it in the message; default "a whole
-    number of at least LOW" for int, "a number" otherwise). A refusal is argparse's one error line."""
+def number(kind=int, low=1, high=None, what: str | None = None, above: bool = False):
+    """An argparse type: `kind(text)` within [low, high] (`above`: within (low, high], finite) (`what`
+    names it in the message; default "a whole number of at least LOW" for int, "a number" otherwise). A
+    refusal is argparse's one error line."""
     what = what or (f"a whole number of at least {low}" if kind is int and high is None else
                     "a whole number" if kind is int else "a number")
 
@@ -172,6 +182,8 @@ def number(kind=int, low=1, high=None, what: str | None = None):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {what} (got {text!r})") from None
+        if above and not low < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a finite number above {low} (got {text})")
         if value < low or (high is not None and value > high) or value != value:  # (value != value: nan)
             bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
             raise argparse.ArgumentTypeError(f"must be {bounds} (got {text})")

@@ -36,7 +36,8 @@ def parser() -> argparse.ArgumentParser:
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--lora-rank", type=number(int, 1), default=16, help="LoRA adapters of this rank (default 16)")
     kind.add_argument("--full", action="store_true", help="train the chosen parts' weights themselves, not adapters")
-    p.add_argument("--lora-alpha", type=number(float, 0), default=None, help="LoRA scale numerator (default 2 x rank)")
+    p.add_argument("--lora-alpha", type=number(float, 0, above=True), default=None,
+                   help="LoRA scale numerator, above 0 (default 2 x rank)")
     p.add_argument("--train", default="language", help="parts that learn, comma separated: language,projector,vision")
     p.add_argument("--steps", type=number(int, 1), default=100, help="optimizer steps (default 100)")
     p.add_argument("--batch", type=number(int, 1), default=1, help="conversations per microbatch (default 1)")
@@ -79,8 +80,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--warmup ({args.warmup}) must be below --steps ({args.steps})")
     if args.lora_alpha is not None and args.full:
         p.error("--lora-alpha scales LoRA adapters; --full trains the weights themselves and takes none")
-    if args.lora_alpha is not None and not args.lora_alpha > 0:  # (`Settings` checks it too)
-        p.error(f"--lora-alpha must be above 0 (got {args.lora_alpha}): 0 would leave the adapters unused")
     if args.eval_every and args.eval is None:
         p.error("--eval-every goes with --eval FILE (the conversations to compute the eval loss on)")
 

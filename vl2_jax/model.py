@@ -239,7 +239,7 @@ class VL2Model:
     ) -> GenerationResult:
         """Generates answers for a processor batch (or one processor output) -> `GenerationResult`.
 
-        Greedy when `temperature == 0` (the default); otherwise samples with temperature, `top_k` (0 = off)
+        Greedy when `temperature == 0` (the default); otherwise samples with temperature, `top_k` (0 or -1 = off)
         and `top_p` (1.0 = off), reproducibly for a `seed` (None: a fresh random one): each row draws from
         its own key, so a seeded answer is the same alone and in a batch. `repetition_penalty` > 1
         discourages tokens already in the prompt or answer. A row stops at EOS, at one of the `stop`

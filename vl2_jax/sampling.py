@@ -49,7 +49,7 @@ def sampling_error(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, 
     checks = [
         (0 <= temperature < math.inf, "temperature", "finite and >= 0", ""),
         (0 < top_p <= 1, "top_p", "in (0, 1]", ""),
-        (top_k >= -1, "top_k", ">= 0", "; 0 or -1 turns it off"),
+        (top_k >= -1, "top_k", "a whole number >= 1, or 0 or -1 (off)", ""),
         (0 < repetition_penalty < math.inf, "repetition_penalty", "finite and > 0", "; 1 turns it off"),
     ]
     for ok, name, rule, hint in checks:  # `not ok` also refuses nan

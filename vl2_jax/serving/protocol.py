@@ -102,8 +102,8 @@ def _stop(stop: str | list[str] | None, param: str = "stop") -> tuple[str, ...]:
 
 
 def _top_k(top_k: int | None) -> int:
-    """OpenAI-style extra `top_k` and SGLang's: -1 and 0 both mean off."""
-    return 0 if top_k is None or top_k == -1 else top_k
+    """OpenAI-style extra `top_k` and SGLang's: absent is off (as 0 and -1 are)."""
+    return 0 if top_k is None else top_k
 
 
 class _Body(BaseModel):

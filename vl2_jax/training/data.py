@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vl2_jax.errors import InputError
+from vl2_jax.errors import InputError, text_lines
 from vl2_jax.images import ImageLimits, load_image, local_path
 from vl2_jax.processor import IGNORE_ID, Batch, Processor, ProcessorOutput, left_pad
 
@@ -91,7 +91,7 @@ def read_jsonl(path: str | Path) -> list[Record]:
     relative to the file's folder."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # (a byte order mark at the start is no text)
+        lines = text_lines(path.read_text(encoding="utf-8-sig"))  # (a byte order mark at the start is no text)
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read {path}: {exc}") from None
     out = []

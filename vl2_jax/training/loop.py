@@ -83,8 +83,8 @@ class Settings:
             raise ConfigError(f"--train takes a comma-separated subset of {','.join(PARTS)} (got {','.join(self.parts)}).")
         if self.warmup >= self.steps:
             raise ConfigError(f"--warmup ({self.warmup}) must be below --steps ({self.steps}).")
-        if self.lora_rank and not self.lora_alpha > 0:
-            raise ConfigError(f"--lora-alpha must be above 0 (got {self.lora_alpha}): 0 would leave the adapters unused.")
+        if self.lora_rank and not 0 < self.lora_alpha < float("inf"):
+            raise ConfigError(f"--lora-alpha must be a finite number above 0 (got {self.lora_alpha}).")
 
     @property
     def lora_scale(self) -> float | None:
@@ -94,7 +94,7 @@ class Settings:
         """The settings a resumed run must share (all that shape the data order, the schedule and the
         state; the save and eval intervals may change)."""
         keys = ("steps", "batch", "grad_accum", "lr", "warmup", "weight_decay", "clip", "max_seq_len", "seed",
-                "lora_rank", "lora_alpha", "parts")
+                "lora_rank", "parts") + (("lora_alpha",) if self.lora_rank else ())  # (full fine-tuning has none)
         return {k: list(v) if isinstance(v := getattr(self, k), tuple) else v for k in keys}
 
 

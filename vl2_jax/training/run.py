@@ -108,10 +108,10 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
     if start_over and not job.force:
         raise InputError(f"--out {out} already holds files (an earlier run?); pass --resume to continue its "
                          f"run, --force to start over there, or another --out.")
-    if start_over and (why := _not_a_run(out)) is not None:
+    hf = Path(job.export_hf).absolute() if job.export_hf else None
+    if start_over and (why := _not_a_run(out, hf)) is not None:
         raise InputError(f"--out {out} {why}, so --force will not start over there; choose another --out.")
     check_can_create(out, "--out")
-    hf = Path(job.export_hf) if job.export_hf else None
     if hf is not None and hf.exists() and not hf.is_dir():
         raise InputError(f"--export-hf {hf} exists and is not a folder.")
     for other, what in ((folder_of(job.model), "the --model folder"), (out, "the --out folder")):
@@ -120,8 +120,9 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
     if hf is not None and any((hf / name).exists() for name in (MANIFEST, "params", "train_state")):
         raise InputError(f"--export-hf {hf} holds a converted checkpoint or a fine-tuning run, which the Hugging "
                          "Face layout would break; choose another --export-hf.")
-    if hf is not None:
+    if hf is not None:  # (written beside it first, then moved in)
         check_can_create(hf, "--export-hf")
+        check_can_create(hf.parent, "--export-hf's folder")
     if hf is not None and (held := export.weight_files(hf)) and not job.force:
         what = "remove them" if job.resume else "pass --force to replace them"
         raise InputError(f"--export-hf {hf} already holds weights ({some([p.name for p in held], 3)}); {what}, or choose "
@@ -141,6 +142,7 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
         for name in ("train_state", "adapters"):
             shutil.rmtree(out / name, ignore_errors=True)
         (out / "metrics.json").unlink(missing_ok=True)
+        (out / "train_state").mkdir()  # (still a run's folder, should this run fail before it saves)
     earlier = _read_metrics(out / "metrics.json", log) if job.resume else None
     what = f"LoRA rank {s.lora_rank} on {','.join(s.parts)}" if s.lora_rank else f"full fine-tuning of {','.join(s.parts)}"
     each = f"{s.batch} x {s.grad_accum} conversations" if s.grad_accum > 1 else counted(s.batch, "conversation")
@@ -181,13 +183,14 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
 RUN_ENTRIES = {MANIFEST, MANIFEST + ".tmp", "params", *COPIED_FILES, "adapters", "train_state", "metrics.json"}
 
 
-def _not_a_run(out: Path) -> str | None:
+def _not_a_run(out: Path, hf: Path | None) -> str | None:
     """Why `--force` may not start over in the folder `out` (None: it holds an earlier run, with its
-    train_state/, and nothing that no run writes)."""
+    train_state/, and nothing that no run writes; an --export-hf `hf` inside it counts as the run's)."""
     entries = {entry.name for entry in out.iterdir()}
     if not (out / "train_state").is_dir():
         return "holds no earlier run (no train_state/)"
-    other = sorted(name for name in entries - RUN_ENTRIES if not name.startswith(".export-"))
+    ours = (".export-",) + ((hf.name, f"{hf.name}.partial-") if hf is not None and hf.parent == out.absolute() else ())
+    other = sorted(name for name in entries - RUN_ENTRIES if not name.startswith(ours))
     return f"holds files that no run writes ({some(other, 4)})" if other else None
 
 
