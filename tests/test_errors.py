@@ -678,3 +678,18 @@ def test_a_warning_while_stderr_is_gone_does_not_end_the_command():
         return 0
 
     assert guarded(body, gone) == 0
+
+
+def test_sigterm_after_the_kernels_import_is_no_stack_dump():
+    """JAX's Mosaic example module imports JAX's test utilities, which install absl's failure signal
+    handler; the kernels module puts SIGTERM's handler back, so a stop prints no '*** SIGTERM received'
+    stack dump."""
+    import signal
+
+    code = "import vl2_jax.kernels, time; print('ready', flush=True); time.sleep(60)"
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=Path(__file__).parent.parent)
+    assert p.stdout.readline() == "ready\n"
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGTERM and "SIGTERM received" not in err, err

@@ -41,6 +41,8 @@ argument. Nothing here reads the environment.
 from __future__ import annotations
 
 import functools
+import signal
+import threading
 import warnings
 
 import jax
@@ -48,10 +50,24 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-try:  # an example kernel module of JAX, not a stable API: any import failure means "not available"
-    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu as _mgpu
-except Exception:  # noqa: BLE001
-    _mgpu = None
+
+def _import_mosaic_example():
+    """JAX's Mosaic GPU grouped matmul, an example kernel module of JAX, not a stable API (any import
+    failure: None, "not available"). It imports JAX's test utilities, which install absl's failure
+    signal handler: SIGTERM's is put back, so a stop stays the Python exit the commands make of it, with
+    no stack dump."""
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+    except Exception:  # noqa: BLE001
+        return None
+    finally:
+        if before is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, before)
+    return ragged_dot_mgpu
+
+
+_mgpu = _import_mosaic_example()
 
 try:  # Pallas's Triton backend, deprecated in JAX 0.11: once it is gone, decode uses XLA's gather
     from jax.experimental.pallas import triton as pl_triton
