@@ -108,11 +108,12 @@ class RowSampling:
 
     @classmethod
     def make(cls, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0) -> RowSampling:
-        """One row's settings as numpy scalars (host side; the engine writes them into a slot). A top_k
-        past int32 keeps every token, as any top_k of the vocabulary's size or more does; a temperature
-        or penalty past float32 becomes its largest finite value (not inf, which would make nan of -inf)."""
+        """One row's settings as numpy scalars (host side; the engine writes them into a slot). A top_k of
+        -1 (off, as SGLang writes it) becomes 0; one past int32 keeps every token, as any top_k of the
+        vocabulary's size or more does; a temperature or penalty past float32 becomes its largest finite
+        value (not inf, which would make nan of -inf)."""
         big = float(np.finfo(np.float32).max)
-        return cls(np.float32(min(temperature, big)), np.int32(min(int(top_k), 2**31 - 1)), np.float32(top_p),
+        return cls(np.float32(min(temperature, big)), np.int32(min(max(int(top_k), 0), 2**31 - 1)), np.float32(top_p),
                    np.float32(min(repetition_penalty, big)), np.uint32(int(seed) % 2**32))
 
 
