@@ -214,6 +214,25 @@ class Prefill:
         return not self.finished and self.plan[self.next][3]
 
 
+def copy_row(v: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """`v` [B, ...] with row b a copy of row a (a != b)."""
+    return v.at[b[None]].set(v[a[None]], unique_indices=True)
+
+
+def swap_rows(v: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """`v` [B, ...] with rows a and b traded (a != b)."""
+    pair = lambda i, j: jnp.stack([i, j])  # noqa: E731
+    return v.at[pair(a, b)].set(v[pair(b, a)], unique_indices=True)
+
+
+# A slot's cache rows moved as rows gathered, then scattered (distinct slots: `SlotPrefixes.choose`
+# never moves a slot onto itself): in place, and under a mesh that splits the slots only the moved rows
+# travel. (A swap as two row writes, the second reading the row the first overwrote, made XLA copy every
+# cache array twice; a copy as a row write gathered the whole cache across a data-split mesh;
+# `benchmarks/slot_moves.py` times the forms.)
+SLOT_MOVES = {"copy": copy_row, "swap": swap_rows}
+
+
 class Engine:
     """Fixed-shape programs of one model; see the module docstring. `params` are passed to each call."""
 
@@ -381,14 +400,6 @@ class Engine:
         "swap": ... with the cache rows of slots a and b traded}: how the prefix cache brings a prefix
         down to a slot that keeps the decode program small and moves what that slot held up
         (`prefix_cache.SlotPrefixes.choose`)."""
-        # Rows gathered, then scattered (distinct slots: `SlotPrefixes.choose` never moves a slot onto
-        # itself): in place, and under a mesh that splits the slots only the moved rows travel. (A swap as
-        # two row writes, the second reading the row the first overwrote, made XLA copy every cache array
-        # twice; a copy as a row write gathered the whole cache across a data-split mesh.)
-        pair = lambda a, b: jnp.stack([a, b])
-        rows = {"copy": lambda v, a, b: v.at[b[None]].set(v[a[None]], unique_indices=True),
-                "swap": lambda v, a, b: v.at[pair(a, b)].set(v[pair(b, a)], unique_indices=True)}
-
         def program(move):
             def run(state: Slots, a, b):
                 layers = tuple({k: move(v, a, b) for k, v in layer.items()} for layer in state.cache.layers)
@@ -396,7 +407,7 @@ class Engine:
 
             return self._jit(run, "state", donate_argnums=(0,))
 
-        return {kind: program(move) for kind, move in rows.items()}
+        return {kind: program(move) for kind, move in SLOT_MOVES.items()}
 
     def move_slots(self, state: Slots, kind: str, a: int, b: int) -> Slots:
         """Slot `b`'s cache rows become a copy of slot `a`'s (`kind` "copy"), or the two trade their rows
