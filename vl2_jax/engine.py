@@ -335,7 +335,7 @@ class Engine:
         where the partition rules leave an array unsplit), all of it without one."""
         if self.mesh is None:
             return self.cache_bytes()
-        shapes = jax.eval_shape(self._make_state).cache
+        shapes = self._state_shapes.cache
         return sum(math.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
                    for leaf, sharding in zip(jax.tree.leaves(shapes), jax.tree.leaves(self.state_shardings.cache)))
 
@@ -362,12 +362,17 @@ class Engine:
                         jnp.ones((b,), jnp.float32), zeros(jnp.uint32)))
 
     @functools.cached_property
+    def _state_shapes(self) -> Slots:
+        """The state's shapes and dtypes (ShapeDtypeStructs), traced once."""
+        return jax.eval_shape(self._make_state)
+
+    @functools.cached_property
     def state_shardings(self) -> Slots | None:
         """Under a mesh: the cache by the partition rules, everything else replicated. Every program that
         returns the state pins it to these, so that its next call sees the shardings warmup compiled for."""
         if self.layout is None:
             return None
-        shapes = jax.eval_shape(self._make_state)
+        shapes = self._state_shapes
         specs = jax.tree.map(lambda _: jax.sharding.PartitionSpec(), shapes).replace(
             cache=self.layout.cache_specs(shapes.cache))
         return jax.tree.map(lambda p: NamedSharding(self.mesh, p), specs)

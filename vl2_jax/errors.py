@@ -77,6 +77,15 @@ def text_lines(text: str) -> list[str]:
     return [line.removesuffix("\r") for line in lines]
 
 
+def read_lines(path: Path) -> list[str]:
+    """The UTF-8 file `path`'s `text_lines` (a byte order mark at its start is no text); one InputError
+    where it cannot be read or is not UTF-8."""
+    try:
+        return text_lines(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read {path}: {exc}") from None
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether `error` is an accelerator's out-of-memory failure (XLA's RESOURCE_EXHAUSTED) rather than
     one of ours or another failure."""

@@ -25,7 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from vl2_jax.errors import InputError, some, text_lines
+from vl2_jax.errors import InputError, read_lines, some
 from vl2_jax.images import local_path
 from vl2_jax.processor import IGNORE_ID, Processor
 from vl2_jax.training import data
@@ -62,10 +62,7 @@ def read_examples(processor: Processor, path: str | Path, max_seq_len: int) -> t
     """A JSONL file (see `data`) -> (its usable examples in file order, what was skipped). Raises
     InputError naming the file and line (see the module docstring)."""
     path = Path(path)
-    try:
-        lines = text_lines(path.read_text(encoding="utf-8-sig"))  # (a byte order mark at the start is no text)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {path}: {exc}") from None
+    lines = read_lines(path)
     examples, skipped = [], Skipped()
     for n, line in enumerate(lines, 1):
         if not line.strip():

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vl2_jax.errors import InputError, text_lines
+from vl2_jax.errors import InputError, read_lines
 from vl2_jax.images import ImageLimits, load_image, local_path
 from vl2_jax.processor import IGNORE_ID, Batch, Processor, ProcessorOutput, left_pad
 
@@ -90,10 +90,7 @@ def read_jsonl(path: str | Path) -> list[Record]:
     """ms-swift's JSONL (one record a line; blank lines skipped) -> Records. Relative image paths are
     relative to the file's folder."""
     path = Path(path)
-    try:
-        lines = text_lines(path.read_text(encoding="utf-8-sig"))  # (a byte order mark at the start is no text)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {path}: {exc}") from None
+    lines = read_lines(path)
     out = []
     for n, line in enumerate(lines, 1):
         if not line.strip():

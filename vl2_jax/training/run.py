@@ -112,21 +112,8 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
     if start_over and (why := _not_a_run(out, hf)) is not None:
         raise InputError(f"--out {out} {why}, so --force will not start over there; choose another --out.")
     check_can_create(out, "--out")
-    if hf is not None and hf.exists() and not hf.is_dir():
-        raise InputError(f"--export-hf {hf} exists and is not a folder.")
-    for other, what in ((folder_of(job.model), "the --model folder"), (out, "the --out folder")):
-        if hf is not None and other is not None and hf.resolve() == Path(other).resolve():
-            raise InputError(f"--export-hf {hf} is {what}; choose another folder for the Hugging Face layout.")
-    if hf is not None and any((hf / name).exists() for name in (MANIFEST, "params", "train_state")):
-        raise InputError(f"--export-hf {hf} holds a converted checkpoint or a fine-tuning run, which the Hugging "
-                         "Face layout would break; choose another --export-hf.")
-    if hf is not None:  # (written beside it first, then moved in)
-        check_can_create(hf, "--export-hf")
-        check_can_create(hf.parent, "--export-hf's folder")
-    if hf is not None and (held := export.weight_files(hf)) and not job.force:
-        what = "remove them" if job.resume else "pass --force to replace them"
-        raise InputError(f"--export-hf {hf} already holds weights ({some([p.name for p in held], 3)}); {what}, or choose "
-                         f"another --export-hf.")
+    if hf is not None:
+        _check_export_hf(hf, job, out)
     if job.resume and hf is None and _finished(out) == s.steps:
         return None  # (every output written: nothing to do)
     # The data is read before the weights (seconds to minutes) where the tokenizer is at hand, so a bad
@@ -178,6 +165,27 @@ def finetune(job: Job, log: Callable[[str], None], bar: bool | None = None) -> R
         log(f"wrote the Hugging Face layout to {hf}")
     (out / "train_state" / FINISHED).write_text(json.dumps({"step": int(result.state.step)}) + "\n")
     return result
+
+
+def _check_export_hf(hf: Path, job: Job, out: Path) -> None:
+    """Refuses (InputError) an --export-hf folder `hf` the export must not or cannot write: a file, the
+    --model or --out folder, a converted checkpoint or a run, one this user cannot create or write in,
+    or one that holds weights already (without --force)."""
+    if hf.exists() and not hf.is_dir():
+        raise InputError(f"--export-hf {hf} exists and is not a folder.")
+    for other, what in ((folder_of(job.model), "the --model folder"), (out, "the --out folder")):
+        if other is not None and hf.resolve() == Path(other).resolve():
+            raise InputError(f"--export-hf {hf} is {what}; choose another folder for the Hugging Face layout.")
+    if any((hf / name).exists() for name in (MANIFEST, "params", "train_state")):
+        raise InputError(f"--export-hf {hf} holds a converted checkpoint or a fine-tuning run, which the Hugging "
+                         "Face layout would break; choose another --export-hf.")
+    check_can_create(hf, "--export-hf")
+    if hf.exists():  # (the export is written beside it first, then moved in: its folder is written too)
+        check_can_create(hf.parent, "--export-hf's folder")
+    if (held := export.weight_files(hf)) and not job.force:
+        what = "remove them" if job.resume else "pass --force to replace them"
+        raise InputError(f"--export-hf {hf} already holds weights ({some([p.name for p in held], 3)}); {what}, or choose "
+                         f"another --export-hf.")
 
 
 RUN_ENTRIES = {MANIFEST, MANIFEST + ".tmp", "params", *COPIED_FILES, "adapters", "train_state", "metrics.json"}
