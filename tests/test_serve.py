@@ -12,6 +12,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -229,9 +230,10 @@ def test_a_full_queue_is_429():
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_python_m_vl2_jax_serve_starts_and_stops_on_sigterm_or_ctrl_c(stop):
-    """SIGTERM (or Ctrl-C) with --drain-seconds 0 while one request decodes and two wait (one slot): each
-    stream ends with its answer's last chunk or a 503 error event, then [DONE] (at least the last waiting
-    one is cancelled), and the process exits 0."""
+    """SIGTERM (or Ctrl-C) with --drain-seconds 0 while one request decodes, two wait (one slot) and one's
+    body is half sent: each stream ends with its answer's last chunk or a 503 error event, then [DONE] (at
+    least the last waiting one is cancelled), the half-sent request gets its 503 at once (not uvicorn's 500
+    when the shutdown's wait runs out), and the process exits 0 without a traceback."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen([sys.executable, "-m", "vl2_jax.serve", "--model", MODEL, "--port", "0", "--no-warmup",
                              "--max-seq-len", "256", "--max-batch", "1", "--drain-seconds", "0", "--compile-cache", "",
@@ -246,6 +248,10 @@ def test_python_m_vl2_jax_serve_starts_and_stops_on_sigterm_or_ctrl_c(stop):
         assert httpx2.get(url + "/v1/models", headers=key).json()["data"][0]["id"] == MODEL
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 200,
                 "ignore_eos": True, "stream": True}
+        host, port = url.removeprefix("http://").split(":")
+        half_sent = socket.create_connection((host, int(port)), timeout=30)
+        half_sent.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                          b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"messages\":")
         streams, decoding = [[] for _ in range(3)], threading.Event()
 
         def read(lines: list) -> None:
@@ -263,6 +269,9 @@ def test_python_m_vl2_jax_serve_starts_and_stops_on_sigterm_or_ctrl_c(stop):
         assert decoding.wait(120)
         start = time.monotonic()
         proc.send_signal(stop)
+        answer = half_sent.makefile("rb").read().decode()
+        assert time.monotonic() - start < 5, answer
+        assert answer.startswith("HTTP/1.1 503") and '"service_unavailable"' in answer, answer
         for reader in readers:
             reader.join(60)
         assert proc.wait(30) == 0
@@ -273,7 +282,8 @@ def test_python_m_vl2_jax_serve_starts_and_stops_on_sigterm_or_ctrl_c(stop):
             last = json.loads(lines[-2].removeprefix("data: "))
             ends.append(last["error"]["type"] if "error" in last else last["choices"][0]["finish_reason"])
         assert set(ends) <= {"length", "service_unavailable"} and ends[-1] == "service_unavailable", ends
-        assert "stopped" in proc.stderr.read()
+        err = proc.stderr.read()
+        assert "stopped" in err and "Traceback" not in err, err
     finally:
         if proc.poll() is None:
             proc.kill()

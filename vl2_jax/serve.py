@@ -218,7 +218,7 @@ class _Server(uvicorn.Server):
     async def shutdown(self, sockets=None):
         drain = self.config.timeout_graceful_shutdown
         self.log(f"stopping: requests in flight get {drain:g} s to finish")
-        self.api.draining = True
+        self.api.stop_reading()
         # The scheduler cancels what still runs when the drain time is up, and those requests are
         # answered 503 (an error event in a stream); uvicorn waits a little longer than the drain before
         # it cancels its own tasks, so that those answers are written. On a thread, so that requests

@@ -193,6 +193,10 @@ def create_app(scheduler, model_name: str, processor, settings: ServerSettings |
 
 
 # -- responses ---------------------------------------------------------------------------------------------
+def _stopping() -> APIError:
+    return APIError(503, "the server is shutting down; send the request elsewhere.", "service_unavailable")
+
+
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # (JSON's escape of a UTF-16 surrogate, paired or not)
 
 
@@ -302,6 +306,7 @@ class _Server:
         self.side, self.eos = model.cfg.tokens_per_tile_side, model.cfg.language.eos_token_id
         self.created = int(time.time())
         self.draining = False
+        self._reading: set[anyio.CancelScope] = set()  # the bodies being received (`stop_reading` ends them)
         self._limiter: anyio.CapacityLimiter | None = None
         self._tokens: dict[int, int] = {}  # id(handle) -> tokens an answer in progress holds (prompt + answer)
 
@@ -314,14 +319,22 @@ class _Server:
         if length.isdigit() and int(length) > limit:
             raise too_big
         chunks, size = [], 0
-        try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise too_big
-                chunks.append(chunk)
-        except ClientDisconnect:
-            raise APIError(499, "the client disconnected while sending the request.") from None
+        with anyio.CancelScope() as reading:
+            self._reading.add(reading)
+            try:
+                if self.draining:
+                    reading.cancel()
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise too_big
+                    chunks.append(chunk)
+            except ClientDisconnect:
+                raise APIError(499, "the client disconnected while sending the request.") from None
+            finally:
+                self._reading.discard(reading)
+        if reading.cancelled_caught:
+            raise _stopping()
         body = b"".join(chunks)
         try:  # (UTF-8 alone, strictly: json.loads would take UTF-16/32 and raw surrogate bytes)
             data = json.loads(body.decode("utf-8"))
@@ -333,6 +346,13 @@ class _Server:
             raise bad_request("the request body holds a lone UTF-16 surrogate (an escape from \\ud800 to \\udfff "
                               "without its pair): its text is not valid Unicode.")
         return data
+
+    def stop_reading(self) -> None:
+        """A shutdown: refuses new work, and a request whose body is still arriving gets its 503 now rather
+        than holding the shutdown until the client has sent it (call on the event loop)."""
+        self.draining = True
+        for reading in self._reading:
+            reading.cancel()
 
     def check_model(self, model: str | None) -> None:
         """Refuses a request for another model (404). SGLang's router sends "unknown" for a request that
@@ -387,7 +407,7 @@ class _Server:
 
     def submit(self, job: Job, measured: bool = True) -> Handle:
         if self.draining:
-            raise APIError(503, "the server is shutting down; send the request elsewhere.", "service_unavailable")
+            raise _stopping()
         try:
             return self.scheduler.submit(job, measured)
         except QueueFull as e:
