@@ -289,7 +289,11 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
 @pytest.mark.parametrize("body, status, param", [
     ({**CHAT, "n": 2}, 400, "n"),
     ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ({**CHAT, "functions": [{"name": "f"}]}, 400, "functions"),
     ({**CHAT, "logprobs": True}, 400, "logprobs"),
+    ({**CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
+    ({**CHAT, "audio": {"voice": "x"}}, 400, "audio"),
+    ({**CHAT, "modalities": ["text", "audio"]}, 400, "modalities"),
     ({**CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
     ({**CHAT, "frequency_penalty": 0.5}, 400, "frequency_penalty"),
     ({**CHAT, "temperature": -1}, 400, None),

@@ -155,7 +155,8 @@ class _OpenAIBody(_Body):
         if self.logit_bias:
             raise not_supported("logit_bias", "logit_bias")
         if self.logprobs not in (None, False, 0) or self.top_logprobs:
-            raise not_supported("logprobs", "returning logprobs")
+            raise not_supported("logprobs" if self.logprobs not in (None, False, 0) else "top_logprobs",
+                                "returning logprobs")
 
     def sampling(self, max_tokens: int | None = None) -> Sampling:
         self._refuse_unsupported()
@@ -218,12 +219,13 @@ class ChatCompletionRequest(_OpenAIBody):
 
     def sampling(self, max_tokens: int | None = None) -> Sampling:
         if self.tools or self.functions or self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
-            raise not_supported("tools", "tool and function calling")
+            raise not_supported("tools" if self.tools or self.tool_choice not in (None, "none") else "functions",
+                                "tool and function calling")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise not_supported("response_format", f"response_format {self.response_format.get('type')!r}",
                                 "only {'type': 'text'} is")
         if self.audio is not None or (self.modalities and set(self.modalities) - {"text"}):
-            raise not_supported("modalities", "output other than text")
+            raise not_supported("modalities" if self.audio is None else "audio", "output other than text")
         if self.prediction is not None:
             raise not_supported("prediction", "predicted outputs")
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -243,11 +245,12 @@ class ChatCompletionRequest(_OpenAIBody):
         for i, message in enumerate(self.messages):
             role = ROLES.get(message.role)
             if role is None:
-                raise bad_request(f"messages.{i}.role {message.role!r} is not supported; use system, user or "
-                                  f"assistant (tool messages are not supported).", f"messages.{i}.role")
+                raise bad_request(f"messages.{i}.role {message.role!r} is not supported; use system (or "
+                                  f"developer), user or assistant (tool messages are not supported).", f"messages.{i}.role")
             content = message.content
             if content is None:
-                raise bad_request(f"messages.{i}.content is missing (tool calls are not supported).",
+                raise bad_request(f"messages.{i}.content is missing" + (" (tool calls are not supported)." if role ==
+                                  "assistant" else "."),
                                   f"messages.{i}.content")
             if isinstance(content, list):
                 pieces = []
