@@ -8,6 +8,7 @@ import io
 import struct
 import threading
 import time
+import urllib.parse
 import zlib
 
 import numpy as np
@@ -56,6 +57,7 @@ def test_data_url_round_trip():
     assert same_pixels(load_image(data_url(rgba, "image/webp")), rgba)  # the declared subtype is not trusted
     urlsafe = "data:;base64," + base64.urlsafe_b64encode(PNG).decode()
     assert same_pixels(load_image(urlsafe), PNG)
+    assert same_pixels(load_image("data:image/png," + urllib.parse.quote_from_bytes(PNG)), PNG)  # percent-encoded
 
 
 def test_raw_base64_round_trip_line_breaks_allowed():
@@ -69,6 +71,7 @@ def test_raw_base64_round_trip_line_breaks_allowed():
     ("data:image/png;base64,iVBORw0KGgo", "not valid base64"),  # missing padding
     ("data:image/png;base64" + "A" * 40, "no comma"),
     ("data:text/html;base64,PGgxPg==", "not an image"),
+    ("data:image/png," + base64.b64encode(png_bytes()).decode(), "holds base64 but does not say so"),
 ])
 def test_malformed_data_urls(ref, words):
     with pytest.raises(InputError, match=words) as caught:

@@ -254,6 +254,9 @@ def _data_url(ref: str, label: str, limits: ImageLimits) -> bytes:
                          f"data:image/png;base64,... (or jpeg, webp, gif).")
     if encoded:
         return _b64decode(payload, limits, lambda why: f"image data URL {label} is refused: {why}.")
+    if looks_like_base64(payload):  # (percent-encoded image bytes always hold a %: no image is plain text)
+        raise InputError(f"image data URL {label} holds base64 but does not say so; write "
+                         f"data:{media or 'image/png'};base64,<base64 of the image>.")
     data = urllib.parse.unquote_to_bytes(payload)
     if len(data) > limits.max_bytes:
         raise InputError(f"image data URL {label} holds {len(data):,} bytes, over the limit of "
