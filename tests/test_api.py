@@ -326,6 +326,8 @@ def test_bad_chat_requests_get_openai_errors(sched, url, body, status, param):
 
 def test_other_bad_requests(sched, url):
     error_of(httpx2.post(url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}), 400)
+    huge = b'{"max_tokens": ' + b"9" * 5000 + b"}"
+    assert "more than 4300 digits" in error_of(httpx2.post(url + "/v1/chat/completions", content=huge), 400)["message"]
     error_of(httpx2.post(url + "/v1/chat/completions", json=[1, 2]), 400)
     assert error_of(httpx2.get(url + "/v1/nothing"), 404)["type"] == "not_found_error"
     wrong = httpx2.get(url + "/v1/chat/completions")

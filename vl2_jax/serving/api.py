@@ -39,6 +39,7 @@ import importlib.metadata
 import json
 import re
 import secrets
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -341,6 +342,9 @@ class _Server:
         except RecursionError:
             raise bad_request("the request body nests arrays or objects too deeply to be read.") from None
         except (ValueError, UnicodeDecodeError) as e:
+            if "integer string conversion" in str(e):  # (Python's guard against quadratic int parsing)
+                raise bad_request(f"the request body holds an integer of more than {sys.get_int_max_str_digits()} "
+                                  f"digits; no field takes one.") from None
             raise bad_request(f"the request body is not valid JSON ({e}).") from None
         if _SURROGATE_ESCAPE.search(body) and _holds_lone_surrogate(data):
             raise bad_request("the request body holds a lone UTF-16 surrogate (an escape from \\ud800 to \\udfff "
