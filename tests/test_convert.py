@@ -328,6 +328,11 @@ def test_existing_destination_needs_force(tmp_path, capsys, root):
     assert convert_main([str(ckpt_dir("mha")), str(dst), "--force"]) == 0
     assert json.loads((dst / "config.json").read_text()) == json.loads((ckpt_dir("mha") / "config.json").read_text())
     assert orbax_io.is_converted(dst) and [p.name for p in tmp_path.iterdir()] == ["dst"]
+    link = tmp_path / "link"  # a link to a conversion: --force replaces the link, the folder it named stays
+    link.symlink_to(dst)
+    assert convert_main([str(ckpt_dir("mla")), str(link), "--force"]) == 0
+    assert not link.is_symlink() and orbax_io.is_converted(link) and orbax_io.is_converted(dst)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "link"]
 
 
 def test_unwritable_destination_fails_first_naming_it(tmp_path, capsys):
@@ -342,7 +347,7 @@ def test_unwritable_destination_fails_first_naming_it(tmp_path, capsys):
         "another destination.")
     assert not missing.parent.exists()
     assert convert_error(capsys, src, under_file) == (
-        f"error: cannot write {under_file}: its parent folder {under_file.parent} is not a folder; create it or "
+        f"error: cannot write {under_file}: its parent folder {under_file.parent} is a file, not a folder; "
         "choose another destination.")
     if Path("/proc/self").is_dir():  # a folder that exists but takes no new entries (the example)
         line = convert_error(capsys, src, "/proc/forbidden")

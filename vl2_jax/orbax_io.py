@@ -489,7 +489,15 @@ def _remove_stale(dst: Path, progress: Progress) -> None:
         m = _TEMP_NAME.search(p.name)
         if m and p.name == dst.name + m.group(0) and not _pid_alive(int(m.group(2))):
             progress(f"removing {p}, left by an interrupted conversion")
-            shutil.rmtree(p, ignore_errors=True)
+            _remove(p)
+
+
+def _remove(path: Path) -> None:
+    """Deletes a folder, or only the link where `path` is a link (a replaced DST that linked elsewhere)."""
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def glob_escape(name: str) -> str:
@@ -517,8 +525,8 @@ def _check_destination(src: Path, dst: Path, force: bool) -> None:
             raise CheckpointError(f"{dst} already exists; pass --force to replace it.")
     parent = dst.absolute().parent
     if not parent.is_dir():
-        what = "is not a folder" if parent.exists() else "does not exist"
-        raise CheckpointError(f"cannot write {dst}: its parent folder {parent} {what}; create it or choose another destination.")
+        what = "is a file, not a folder; choose" if parent.exists() else "does not exist; create it or choose"
+        raise CheckpointError(f"cannot write {dst}: its parent folder {parent} {what} another destination.")
     probe = dst.with_name(f"{dst.name}.partial-{os.getpid()}")
     try:
         probe.mkdir()
@@ -674,10 +682,10 @@ def _save_group(checkpointer, directory: Path, tree: dict) -> None:
 
 
 def _move_into_place(tmp: Path, dst: Path) -> None:
-    if not dst.exists():
+    if not (dst.exists() or dst.is_symlink()):
         os.rename(tmp, dst)
         return
     old = dst.with_name(f"{dst.name}.replaced-{os.getpid()}")
     os.rename(dst, old)
     os.rename(tmp, dst)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
