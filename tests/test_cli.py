@@ -512,7 +512,11 @@ def test_input_file_answers_each_line_in_order_with_its_own_settings(tmp_path, c
     assert "--input takes" in capsys.readouterr().err
     unwritable = [("/proc/vl2-answers.jsonl", "cannot write --output /proc/vl2-answers.jsonl: /proc does not allow "
                    "creating files in it")] if os.path.isdir("/proc") else []
-    for output, words in ((src, "is the --input file"), (tmp_path / "missing" / "o.jsonl", "folder does not exist"),
+    os.link(src, tmp_path / "hard.jsonl")  # the same file under another name
+    (tmp_path / "dangling.jsonl").symlink_to(tmp_path / "missing" / "o.jsonl")
+    for output, words in ((src, "is the --input file"), (tmp_path / "hard.jsonl", "is the --input file"),
+                          (tmp_path / "missing" / "o.jsonl", "folder does not exist"),
+                          (tmp_path / "dangling.jsonl", "whose folder does not exist"),
                           (tmp_path, "is a folder; name the file"), *unwritable):
         assert main(["--model", "random:test", "--input", str(src), "--output", str(output)]) == 1
         assert words in capsys.readouterr().err

@@ -60,7 +60,7 @@ def run(args, log: Callable[[str], None]) -> int:
     if getattr(args, "draw_boxes", None) and not args.image:
         raise InputError("--draw-boxes needs an --image (the boxes are drawn on the first image).")
     output = getattr(args, "output", None)
-    if output and batch_file not in (None, "-") and os.path.realpath(output) == os.path.realpath(batch_file):
+    if output and batch_file not in (None, "-") and same_file(output, batch_file):
         raise InputError(f"--output {output} is the --input file; write the answers elsewhere.")
     if output and os.path.isdir(output):
         raise InputError(f"--output {output} is a folder; name the file to write the answers to.")
@@ -165,10 +165,25 @@ def run(args, log: Callable[[str], None]) -> int:
     return 0
 
 
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file: the same path after links, or one file under two names (a hard
+    link, a bind mount)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # (one of them does not exist yet)
+        return False
+
+
 def _check_writable(path: str) -> None:
     """Refuses, before the model loads, an --output file this process cannot write (a file it creates
-    for the test goes again; a link to no file is left to the writing)."""
+    for the test goes again; a link to no file is left to the writing, where the folder it names exists)."""
     if os.path.islink(path) and not os.path.exists(path):
+        target = os.path.realpath(path)
+        if not os.path.isdir(os.path.dirname(target)):
+            raise InputError(f"--output {path} is a link to {target}, whose folder does not exist; create it or "
+                             f"choose another path.")
         return
     existed = os.path.exists(path)
     try:
@@ -334,12 +349,11 @@ def check_draw_boxes(out_path: str, image_refs: list[str]) -> None:
     if Image.registered_extensions().get(extension) not in Image.SAVE:
         raise InputError(f"--draw-boxes {out_path}: PIL cannot write {extension or 'files without an extension'}; "
                          f"use .png or .jpg.")
-    target = os.path.realpath(out_path)
     for ref in image_refs:
         image = local_path(ref)
         if image is None:
             continue
-        if os.path.realpath(image) == target or (os.path.exists(out_path) and os.path.samefile(image, out_path)):
+        if same_file(image, out_path):
             raise InputError(f"--draw-boxes {out_path} is an input image ({ref}); pick another path, the input "
                              f"is kept as it is.")
 
