@@ -18,11 +18,11 @@ import warnings
 
 
 def _parser():
-    from vl2_jax.errors import command_parser
+    from vl2_jax.errors import command_parser, given
 
     p = command_parser("python -m convert", __doc__)
-    p.add_argument("src", help="Hugging Face folder: config.json, safetensors weights, tokenizer and processor files")
-    p.add_argument("dst", help="output folder (created inside an existing folder; must not exist unless --force)")
+    p.add_argument("src", type=given, help="Hugging Face folder: config.json, safetensors weights, tokenizer and processor files")
+    p.add_argument("dst", type=given, help="output folder (created inside an existing folder; must not exist unless --force)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="saved dtype (default: the source's)")
     p.add_argument("--quant", choices=["none", "int8", "fp8"], default="none",
                    help="save the language model's weights as int8 or fp8 (e4m3) values with per-output-channel "

@@ -17,14 +17,14 @@ import sys
 
 from vl2_jax import prefetch
 from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, QUANTS
-from vl2_jax.errors import command_parser, guarded, interrupts_held, leave, number
+from vl2_jax.errors import command_parser, given, guarded, interrupts_held, leave, number
 
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl2-tiny"
 
 
 def _parser() -> argparse.ArgumentParser:
     p = command_parser("python -m generate", __doc__)
-    p.add_argument("--model", default=DEFAULT_MODEL,
+    p.add_argument("--model", type=given, default=DEFAULT_MODEL,
                    help="local checkpoint folder (Hugging Face or converted), a hub id (downloaded and converted "
                         f"once), or random:tiny|small|base|test for random weights offline (default: {DEFAULT_MODEL})")
     p.add_argument("--image", action="append", default=[], metavar="PATH|URL",
@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="divide seen tokens' positive logits by it, multiply their negative ones (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="the sampling seed (temperature > 0)")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                   help='stop when the answer contains TEXT; repeatable (default: "User:", the chat template\'s)')
+                   help='stop when the answer contains TEXT; repeatable (default: "User:", the chat template\'s; given ones '
+                        'replace it: add "User:" to keep it, or --stop "" for no stop string)')
     p.add_argument("--prefill-chunk", type=number(int, 1), default=None,
                    help="write the prompt into the cache this many tokens at a time (same answer, less memory; "
                         "default: one chunk, the smallest of 128, 256, ..., 4096 that holds the prompt)")

@@ -693,3 +693,20 @@ def test_sigterm_after_the_kernels_import_is_no_stack_dump():
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)
     assert p.returncode == -signal.SIGTERM and "SIGTERM received" not in err, err
+
+
+@pytest.mark.parametrize("command, argv", [
+    ("generate.__main__:_parser", ["--model", "", "--prompt", "hi"]),
+    ("convert.__main__:_parser", ["src", " "]),
+    ("vl2_jax.serve:parser", ["--model", ""]),
+    ("vl2_jax.finetune:parser", ["--model", "", "--data", "d.jsonl", "--out", "o"]),
+    ("vl2_jax.bench:parser", ["--model", ""]),
+])
+def test_an_empty_model_or_folder_is_refused_by_the_parser(capsys, command, argv):
+    """An empty --model, SRC or DST (which a path would read as the current folder) is one usage error."""
+    import importlib
+
+    module, name = command.split(":")
+    with pytest.raises(SystemExit) as exit_:
+        getattr(importlib.import_module(module), name)().parse_args(argv)
+    assert exit_.value.code == 2 and "must not be empty" in capsys.readouterr().err

@@ -34,7 +34,7 @@ from PIL import Image
 from vl2_jax import kernels, load, quant
 from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, QUANTS, Runtime
 from vl2_jax.engine import CompileWatch
-from vl2_jax.errors import InputError, command_parser, guarded, number, number_list
+from vl2_jax.errors import InputError, command_parser, given, guarded, number, number_list
 from vl2_jax.modules.attention import ragged_decode
 from vl2_jax.modules.moe import mlp_kernel_fits
 from vl2_jax.modules.vision import normalize_pixels
@@ -260,7 +260,7 @@ def table(rows: list[dict]) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = command_parser("python -m vl2_jax.bench", __doc__)
-    p.add_argument("--model", default="random:tiny", help="random:tiny|small|base|test or a checkpoint folder")
+    p.add_argument("--model", type=given, default="random:tiny", help="random:tiny|small|base|test or a checkpoint folder")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: bfloat16 on GPU/TPU, float32 on CPU")
     p.add_argument("--quant", default=None, choices=list(QUANTS),
                    help="language-model weights as int8 or fp8 (e4m3) with float32 scales (default: as the checkpoint holds them)")

@@ -201,6 +201,13 @@ def number(kind=int, low=1, high=None, what: str | None = None, above: bool = Fa
     return parse
 
 
+def given(text: str) -> str:
+    """An argparse type: a path or name that is not empty (an empty one would mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def number_list(kind=int, low=1, item: str = "value"):
     """An argparse type: comma-separated numbers, each as `number(kind, low)` takes it ('' gives none);
     a refusal names the `item` and the whole text."""

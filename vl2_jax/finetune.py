@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vl2_jax.errors import command_parser, guarded, interrupts_held, number
+from vl2_jax.errors import command_parser, given, guarded, interrupts_held, number
 from vl2_jax.training.parts import PARTS
 
 
 def parser() -> argparse.ArgumentParser:
     p = command_parser("python -m vl2_jax.finetune", __doc__)
-    p.add_argument("--model", required=True, help="random:test|tiny|small|base, a checkpoint folder, or a hub id")
+    p.add_argument("--model", type=given, required=True, help="random:test|tiny|small|base, a checkpoint folder, or a hub id")
     p.add_argument("--data", required=True, help="training conversations, JSON lines")
     p.add_argument("--eval", default=None, help="eval conversations, JSON lines (loss at --eval-every and at the end)")
     p.add_argument("--out", required=True, help="output folder: the trained model, adapters, train state")

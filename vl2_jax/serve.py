@@ -25,7 +25,7 @@ import time
 import uvicorn
 
 from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, QUANTS, Runtime
-from vl2_jax.errors import command_parser, number
+from vl2_jax.errors import command_parser, given, number
 
 DEFAULT_PORT = 30000  # SGLang's
 ANSWER_SECONDS = 8.0  # past the drain time: for the scheduler to end its last step and the 503s to be written
@@ -33,7 +33,7 @@ ANSWER_SECONDS = 8.0  # past the drain time: for the scheduler to end its last s
 
 def parser() -> argparse.ArgumentParser:
     p = command_parser("python -m vl2_jax.serve", __doc__)
-    p.add_argument("--model", required=True,
+    p.add_argument("--model", type=given, required=True,
                    help="a local checkpoint folder (Hugging Face or converted), a hub id, or random:tiny|small|base|test")
     p.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model's name in the API (`model` of requests, /v1/models; default: --model)")

@@ -34,6 +34,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from vl2_jax.engine import CompileWatch
 from vl2_jax.errors import ConfigError, deferred_interrupt
 from vl2_jax.modules.vl2 import VL2
 from vl2_jax.orbax_io import MANIFEST
@@ -309,18 +310,20 @@ def fit(module: VL2, processor: Processor, params: dict, train: list, s: Setting
             inputs = batches.stack(processor, [[train[j] for j in mb] for mb in order.step(i)], s.max_seq_len)
             tokens = int(np.sum(inputs.valid))
             t0 = time.perf_counter()
-            state, metrics = step(state, inputs)
-            loss, aux = float(metrics["loss"]), float(metrics["aux_loss"])
+            with CompileWatch() as compiling:  # (a step of a new shape compiles: its time is no speed)
+                state, metrics = step(state, inputs)
+                loss, aux = float(metrics["loss"]), float(metrics["aux_loss"])
             seconds = time.perf_counter() - t0
+            speed = f"compiled in {compiling.seconds:.1f} s" if compiling.count else f"{tokens / seconds:,.0f} tokens/s"
             losses.append(loss)
             aux_losses.append(aux)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"the loss is {loss} at step {i + 1}; try a smaller --lr.")
-            progress.set_postfix(loss=f"{loss:.4f}", aux_loss=f"{aux:.3g}", tok_s=f"{tokens / seconds:,.0f}", refresh=False)
+            progress.set_postfix(loss=f"{loss:.4f}", aux_loss=f"{aux:.3g}", speed=speed, refresh=False)
             progress.update(1)
             done = i + 1
             if progress.disable and (done % max(1, s.steps // 20) == 0 or done == s.steps):
-                log(f"step {done}/{s.steps}: loss {loss:.4f}, aux_loss {aux:.3g}, {tokens / seconds:,.0f} tokens/s")
+                log(f"step {done}/{s.steps}: loss {loss:.4f}, aux_loss {aux:.3g}, {speed}")
             if run_eval is not None and ((s.eval_every and done % s.eval_every == 0) or done == s.steps):
                 evals[done] = evaluate(run_eval, state, eval_inputs)
                 log(f"step {done}: eval loss {evals[done]:.4f}")
