@@ -28,7 +28,8 @@ def _parser():
                    help="save the language model's weights as int8 or fp8 (e4m3) values with per-output-channel "
                         "float32 scales (default: none)")
     p.add_argument("--force", action="store_true",
-                   help="replace an existing converted checkpoint (or empty folder) at DST; never any other folder")
+                   help="replace an existing converted checkpoint (or empty folder) at DST; never any other folder (a DST "
+                        "that is a link to a checkpoint: the link is replaced, the folder it names is kept)")
     return p
 
 

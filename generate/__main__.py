@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
                         "\"id\", \"system\", \"max_new_tokens\", \"temperature\", \"top_p\", \"top_k\", "
                         "\"repetition_penalty\", \"seed\", \"stop\"; the flags give the defaults); '-' reads stdin. "
                         "One JSON answer per line, in input order, to stdout or --output")
-    p.add_argument("--output", default=None, metavar="FILE.jsonl", help="with --input: write the answers there")
+    p.add_argument("--output", type=given, default=None, metavar="FILE.jsonl", help="with --input: write the answers there")
     p.add_argument("--max-batch", type=number(int, 1), default=None,
                    help="requests decoded together (default: 8 with --input, else 1)")
     p.add_argument("--mesh", default=None, metavar="SPEC",
@@ -85,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="the language model's weights as int8 or fp8 (e4m3) values with per-output-channel float32 "
                         "scales, quantized as they load (default: as the checkpoint holds them; a `convert --quant` "
                         "output loads only as its own format)")
-    p.add_argument("--draw-boxes", default=None, metavar="OUT.png",
+    p.add_argument("--draw-boxes", type=given, default=None, metavar="OUT.png",
                    help="draw the answer's grounding boxes on the first --image and save it to OUT.png")
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="keep compiled programs in DIR between runs (default: $VL2_JAX_COMPILE_CACHE, else "

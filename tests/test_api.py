@@ -290,6 +290,9 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
     ({**CHAT, "n": 2}, 400, "n"),
     ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     ({**CHAT, "functions": [{"name": "f"}]}, 400, "functions"),
+    ({**CHAT, "tool_choice": "auto"}, 400, "tool_choice"),
+    ({**CHAT, "function_call": "auto"}, 400, "function_call"),
+    ({**CHAT, "messages": [{"role": "user", "content": None}]}, 400, "messages.0.content"),
     ({**CHAT, "logprobs": True}, 400, "logprobs"),
     ({**CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
     ({**CHAT, "audio": {"voice": "x"}}, 400, "audio"),
@@ -322,6 +325,13 @@ def test_bad_chat_requests_get_openai_errors(sched, url, body, status, param):
         assert (error["param"] or "").startswith(param), error
     assert not sched.jobs
     assert httpx2.get(url + "/health").status_code == 200
+
+
+def test_role_and_content_errors_say_what_is_taken(url):
+    post = lambda messages: error_of(httpx2.post(url + "/v1/chat/completions", json={**CHAT, "messages": messages}), 400)
+    assert "use system (or developer), user or assistant" in post([{"role": "tool", "content": "x"}])["message"]
+    assert post([{"role": "user", "content": None}])["message"] == "messages.0.content is missing."
+    assert "tool calls are not supported" in post([{"role": "assistant", "content": None}])["message"]
 
 
 def test_other_bad_requests(sched, url):

@@ -700,13 +700,18 @@ def test_sigterm_after_the_kernels_import_is_no_stack_dump():
     ("convert.__main__:_parser", ["src", " "]),
     ("vl2_jax.serve:parser", ["--model", ""]),
     ("vl2_jax.finetune:parser", ["--model", "", "--data", "d.jsonl", "--out", "o"]),
+    ("vl2_jax.finetune:parser", ["--model", "m", "--data", "d.jsonl", "--out", ""]),
+    ("vl2_jax.finetune:parser", ["--model", "m", "--data", "d.jsonl", "--out", "o", "--export-hf", ""]),
+    ("generate.__main__:_parser", ["--input", "in.jsonl", "--output", ""]),
+    ("generate.__main__:_parser", ["--prompt", "hi", "--image", "a.png", "--draw-boxes", ""]),
     ("vl2_jax.bench:parser", ["--model", ""]),
 ])
 def test_an_empty_model_or_folder_is_refused_by_the_parser(capsys, command, argv):
-    """An empty --model, SRC or DST (which a path would read as the current folder) is one usage error."""
+    """An empty --model, SRC, DST or output path (read as the current folder, or as the option left out) is
+    one usage error."""
     import importlib
 
     module, name = command.split(":")
     with pytest.raises(SystemExit) as exit_:
         getattr(importlib.import_module(module), name)().parse_args(argv)
-    assert exit_.value.code == 2 and "must not be empty" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "must not be empty or blank" in capsys.readouterr().err

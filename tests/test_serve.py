@@ -239,6 +239,7 @@ def test_python_m_vl2_jax_serve_starts_and_stops_on_sigterm_or_ctrl_c(stop):
                              "--max-seq-len", "256", "--max-batch", "1", "--drain-seconds", "0", "--compile-cache", "",
                              "--api-key", "k"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    half_sent = None
     try:
         url = proc.stdout.readline().strip()
         assert url.startswith("http://127.0.0.1:"), proc.stderr.read()
@@ -269,7 +270,8 @@ def test_python_m_vl2_jax_serve_starts_and_stops_on_sigterm_or_ctrl_c(stop):
         assert decoding.wait(120)
         start = time.monotonic()
         proc.send_signal(stop)
-        answer = half_sent.makefile("rb").read().decode()
+        with half_sent.makefile("rb") as answer_file:
+            answer = answer_file.read().decode()
         assert time.monotonic() - start < 5, answer
         assert answer.startswith("HTTP/1.1 503") and '"service_unavailable"' in answer, answer
         for reader in readers:
@@ -285,6 +287,8 @@ def test_python_m_vl2_jax_serve_starts_and_stops_on_sigterm_or_ctrl_c(stop):
         err = proc.stderr.read()
         assert "stopped" in err and "Traceback" not in err, err
     finally:
+        if half_sent is not None:
+            half_sent.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()

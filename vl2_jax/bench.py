@@ -274,8 +274,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", default=[1, 8, 32], type=number_list(int, 1, "batch size"),
                    help="decode batch sizes, comma separated ('' for none; default 1,8,32)")
     p.add_argument("--repeats", type=number(int, 1), default=3, help="decode runs per batch size (the median counts)")
-    p.add_argument("--hbm-gbps", type=number(float, 0, above=True), default=None,
-                   help="HBM bandwidth for the decode floor (default: 4300, an H200's copy bandwidth, on GPUs; none on CPU)")
+    p.add_argument("--hbm-gbps", type=number(float, 0), default=None,
+                   help="HBM bandwidth for the decode floor in GB/s (default: 4300, an H200's copy bandwidth, on GPUs; none on "
+                        "CPU; 0: none)")
     p.add_argument("--max-seq-len", type=number(int, 1), default=None, help="tokens per slot (default: the model's context)")
     p.add_argument("--compile-cache", default="", metavar="DIR",
                    help="keep compiled programs in DIR and load them from there (default: none, so warmup_s is "

@@ -202,9 +202,10 @@ def number(kind=int, low=1, high=None, what: str | None = None, above: bool = Fa
 
 
 def given(text: str) -> str:
-    """An argparse type: a path or name that is not empty (an empty one would mean the current folder)."""
+    """An argparse type: a path or name that is not blank (an empty path would mean the current folder,
+    or turn its option off)."""
     if not text.strip():
-        raise argparse.ArgumentTypeError("must not be empty")
+        raise argparse.ArgumentTypeError("must not be empty or blank")
     return text
 
 

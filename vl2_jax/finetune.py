@@ -32,7 +32,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=given, required=True, help="random:test|tiny|small|base, a checkpoint folder, or a hub id")
     p.add_argument("--data", required=True, help="training conversations, JSON lines")
     p.add_argument("--eval", default=None, help="eval conversations, JSON lines (loss at --eval-every and at the end)")
-    p.add_argument("--out", required=True, help="output folder: the trained model, adapters, train state")
+    p.add_argument("--out", type=given, required=True, help="output folder: the trained model, adapters, train state")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--lora-rank", type=number(int, 1), default=16, help="LoRA adapters of this rank (default 16)")
     kind.add_argument("--full", action="store_true", help="train the chosen parts' weights themselves, not adapters")
@@ -65,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
                             "replace the weights an --export-hf folder holds")
     p.add_argument("--save-every", type=number(int, 0), default=0, help="save the train state every K steps (0: at the end)")
     p.add_argument("--eval-every", type=number(int, 0), default=0, help="eval loss every K steps (0: at the end)")
-    p.add_argument("--export-hf", default=None, metavar="DIR",
+    p.add_argument("--export-hf", type=given, default=None, metavar="DIR",
                    help="also write the Hugging Face safetensors layout here (a folder without weights yet)")
     return p
 

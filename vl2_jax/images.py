@@ -254,7 +254,7 @@ def _data_url(ref: str, label: str, limits: ImageLimits) -> bytes:
                          f"data:image/png;base64,... (or jpeg, webp, gif).")
     if encoded:
         return _b64decode(payload, limits, lambda why: f"image data URL {label} is refused: {why}.")
-    if looks_like_base64(payload):  # (percent-encoded image bytes always hold a %: no image is plain text)
+    if looks_like_base64(payload):  # (percent-encoded binary image bytes hold a %; only a text format such as PPM's could not)
         raise InputError(f"image data URL {label} holds base64 but does not say so; write "
                          f"data:{media or 'image/png'};base64,<base64 of the image>.")
     data = urllib.parse.unquote_to_bytes(payload)

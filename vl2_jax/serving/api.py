@@ -105,7 +105,8 @@ def create_app(scheduler, model_name: str, processor, settings: ServerSettings |
     """The FastAPI app over a started `Scheduler` (its `model` gives the engine's limits and the EOS id;
     `processor` turns conversations into ids). `metrics`: the one the scheduler reports to
     (`Metrics.scheduler_hooks()`), else a new one with the API's metrics alone. The caller starts and
-    stops the scheduler; `app.state.server.draining = True` refuses new work (503) during a shutdown."""
+    stops the scheduler; during a shutdown, `app.state.server.stop_reading()` (on the event loop) refuses new
+    work with 503, and so answers requests whose bodies are still arriving."""
     server = _Server(scheduler, model_name, processor, settings or ServerSettings(), metrics or Metrics())
     app = FastAPI(title="vl2-jax", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server

@@ -218,9 +218,10 @@ class ChatCompletionRequest(_OpenAIBody):
     prediction: Any = None
 
     def sampling(self, max_tokens: int | None = None) -> Sampling:
-        if self.tools or self.functions or self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
-            raise not_supported("tools" if self.tools or self.tool_choice not in (None, "none") else "functions",
-                                "tool and function calling")
+        sent = {"tools": bool(self.tools), "tool_choice": self.tool_choice not in (None, "none"),
+                "functions": bool(self.functions), "function_call": self.function_call not in (None, "none")}
+        if any(sent.values()):
+            raise not_supported(next(name for name, on in sent.items() if on), "tool and function calling")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise not_supported("response_format", f"response_format {self.response_format.get('type')!r}",
                                 "only {'type': 'text'} is")
