@@ -60,6 +60,21 @@ def test_data_url_round_trip():
     assert same_pixels(load_image("data:image/png," + urllib.parse.quote_from_bytes(PNG)), PNG)  # percent-encoded
 
 
+def test_a_missing_path_of_base64_characters_is_said_to_name_no_file():
+    """A missing file's path can be made of base64's characters alone (no extension): one that mixes the
+    standard and URL-safe alphabets is no base64 (it "does not exist"); one of the standard alphabet that
+    decodes, but to no image, is said to be neither."""
+    folder = "/" + "a" * 64  # (no such folder)
+    mixed = f"{folder}/pytest-of-x_y/missing"  # (as pytest's temporary folders are named)
+    mixed += "z" * (-len(mixed) % 4)  # (a length that decodes)
+    with pytest.raises(InputError, match="does not exist"):
+        load_image(mixed, ImageLimits.cli())
+    standard = f"{folder}/missing"
+    standard += "z" * (-len(standard) % 4)
+    with pytest.raises(InputError, match="names no file .nothing exists there., and read as base64 it is not an image"):
+        load_image(standard, ImageLimits.cli())
+
+
 def test_raw_base64_round_trip_line_breaks_allowed():
     text = base64.encodebytes(PNG).decode()  # wrapped at 76 characters, as `base64` prints it
     assert same_pixels(load_image(text), PNG)

@@ -76,7 +76,7 @@ SAFE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 plugin runs an outside program (EPS runs Ghostscript)."""
 
 _REDIRECTS = (301, 302, 303, 307, 308)
-_BASE64 = re.compile(r"[A-Za-z0-9+/\-_\s]+=*\s*")
+_BASE64 = re.compile(r"([A-Za-z0-9+/\s]+|[A-Za-z0-9\-_\s]+)=*\s*")  # (one alphabet: standard or URL-safe, never both)
 _MIN_RAW_BASE64 = 64
 _SHOWN = 96  # characters of a long reference shown in messages
 _CHUNK = 1 << 16
@@ -184,7 +184,13 @@ def load_image(ref: str, limits: ImageLimits = ImageLimits()) -> Image.Image:
                 raise
             data = None  # not base64 after all: a path that does not exist, said as such below
         if data is not None:
-            return _decode(data, f"(base64) {label}", limits)
+            try:
+                return _decode(data, f"(base64) {label}", limits)
+            except InputError:
+                if "/" not in ref:
+                    raise
+                raise InputError(f"image {label} names no file (nothing exists there), and read as base64 it is "
+                                 f"not an image; check the path, or send the image as a data: URL.") from None
     if scheme is not None and scheme != "file":
         kinds = [*(["http(s)://"] if limits.allow_fetch else []), "data: (or raw base64)",
                  *(["file://", "a plain path"] if limits.local_dir is not None else [])]
