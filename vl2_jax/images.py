@@ -30,7 +30,7 @@ looks like it, else a path; surrounding whitespace is ignored):
   command line's choice); ``None`` (the default, a server's) refuses every local file. Relative paths
   start at ``local_dir`` (at the current directory where it is ``"/"``). Only regular files are read.
 * Raw base64, as SGLang's ``image_data`` allows: a string with no scheme, at least 64 characters long
-  and made only of base64 characters (standard or URL-safe alphabet, ``=`` padding, line breaks).
+  and made only of base64 characters (the standard or the URL-safe alphabet, not both; ``=`` padding, line breaks).
   Such a string is no plausible file name (no ``.``, no extension); a path that looks like base64 can
   be written ``./PATH`` or ``file:///absolute/path``, and an image under 48 bytes as a data URL.
 * Any other ``scheme://`` is refused.
