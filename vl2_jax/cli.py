@@ -13,7 +13,15 @@ from pathlib import Path
 
 from vl2_jax.chat import ChatSession, check_system, user_turn
 from vl2_jax.config import Runtime
-from vl2_jax.errors import InputError, PromptTooLong, check_interrupt, explain, not_writable_because, text_lines
+from vl2_jax.errors import (
+    InputError,
+    PromptTooLong,
+    check_interrupt,
+    explain,
+    not_writable_because,
+    same_file,
+    text_lines,
+)
 from vl2_jax.generation import check_max_new_tokens, stop_strings
 from vl2_jax.images import ImageLimits, describe, load_image, local_path
 from vl2_jax.sampling import check_sampling
@@ -163,17 +171,6 @@ def run(args, log: Callable[[str], None]) -> int:
         log(f"{len(pending)} attached image{'s were' if len(pending) > 1 else ' was'} not sent: the session ended "
             "before a message to go with it")
     return 0
-
-
-def same_file(a: str, b: str) -> bool:
-    """Whether two paths name one file: the same path after links, or one file under two names (a hard
-    link, a bind mount)."""
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # (one of them does not exist yet)
-        return False
 
 
 def _check_writable(path: str) -> None:

@@ -237,6 +237,17 @@ def not_writable_because(error: OSError, parent: Path, what: str = "folder") -> 
     return f"creating a {what} in {parent} failed ({error.strerror or error})"
 
 
+def same_file(a, b) -> bool:
+    """Whether two paths name one file or folder: the same path after links, or one under two names (a
+    hard link, a bind mount)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # (one of them does not exist yet)
+        return False
+
+
 def check_can_create(folder: Path, flag: str) -> None:
     """Refuses (InputError), before anything loads, an output `folder` (given as `flag`) that this process
     cannot create, or write in where it exists: its nearest existing ancestor must be a folder in which

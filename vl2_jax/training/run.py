@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from vl2_jax.config import Runtime
-from vl2_jax.errors import CheckpointError, InputError, check_can_create, some
+from vl2_jax.errors import CheckpointError, InputError, check_can_create, same_file, some
 from vl2_jax.load import load_model, preset, write_assets
 from vl2_jax.orbax_io import COPIED_FILES, MANIFEST, saved_quant
 from vl2_jax.processor import Processor
@@ -174,7 +174,7 @@ def _check_export_hf(hf: Path, job: Job, out: Path) -> None:
     if hf.exists() and not hf.is_dir():
         raise InputError(f"--export-hf {hf} exists and is not a folder.")
     for other, what in ((folder_of(job.model), "the --model folder"), (out, "the --out folder")):
-        if other is not None and hf.resolve() == Path(other).resolve():
+        if other is not None and same_file(hf, other):
             raise InputError(f"--export-hf {hf} is {what}; choose another folder for the Hugging Face layout.")
     if any((hf / name).exists() for name in (MANIFEST, "params", "train_state")):
         raise InputError(f"--export-hf {hf} holds a converted checkpoint or a fine-tuning run, which the Hugging "
