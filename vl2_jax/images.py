@@ -76,7 +76,7 @@ SAFE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 plugin runs an outside program (EPS runs Ghostscript)."""
 
 _REDIRECTS = (301, 302, 303, 307, 308)
-_BASE64 = re.compile(r"([A-Za-z0-9+/\s]+|[A-Za-z0-9\-_\s]+)=*\s*")  # (one alphabet: standard or URL-safe, never both)
+_BASE64 = re.compile(r"([A-Za-z0-9+/\s]+|[A-Za-z0-9\-_\s]+)=*\s*")  # (standard or URL-safe: one alphabet)
 _MIN_RAW_BASE64 = 64
 _SHOWN = 96  # characters of a long reference shown in messages
 _CHUNK = 1 << 16
@@ -260,7 +260,7 @@ def _data_url(ref: str, label: str, limits: ImageLimits) -> bytes:
                          f"data:image/png;base64,... (or jpeg, webp, gif).")
     if encoded:
         return _b64decode(payload, limits, lambda why: f"image data URL {label} is refused: {why}.")
-    if looks_like_base64(payload):  # (percent-encoded binary image bytes hold a %; only a text format such as PPM's could not)
+    if looks_like_base64(payload):  # (percent-encoded binary bytes hold a %; only a text format such as PPM's need not)
         raise InputError(f"image data URL {label} holds base64 but does not say so; write "
                          f"data:{media or 'image/png'};base64,<base64 of the image>.")
     data = urllib.parse.unquote_to_bytes(payload)

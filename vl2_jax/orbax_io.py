@@ -525,8 +525,11 @@ def _check_destination(src: Path, dst: Path, force: bool) -> None:
             raise CheckpointError(f"{dst} already exists; pass --force to replace it.")
     parent = dst.absolute().parent
     if not parent.is_dir():
-        what = "is a file, not a folder; choose" if parent.exists() else "does not exist; create it or choose"
-        raise CheckpointError(f"cannot write {dst}: its parent folder {parent} {what} another destination.")
+        if parent.exists():
+            raise CheckpointError(f"cannot write {dst}: its parent folder {parent} is a file, not a folder; choose "
+                                  "another destination.")
+        raise CheckpointError(f"cannot write {dst}: its parent folder {parent} does not exist; create it or choose "
+                              "another destination.")
     probe = dst.with_name(f"{dst.name}.partial-{os.getpid()}")
     try:
         probe.mkdir()

@@ -246,13 +246,12 @@ class ChatCompletionRequest(_OpenAIBody):
         for i, message in enumerate(self.messages):
             role = ROLES.get(message.role)
             if role is None:
-                raise bad_request(f"messages.{i}.role {message.role!r} is not supported; use system (or "
-                                  f"developer), user or assistant (tool messages are not supported).", f"messages.{i}.role")
+                raise bad_request(f"messages.{i}.role {message.role!r} is not supported; use system (or developer), "
+                                  f"user or assistant (tool messages are not supported).", f"messages.{i}.role")
             content = message.content
             if content is None:
-                raise bad_request(f"messages.{i}.content is missing" + (" (tool calls are not supported)." if role ==
-                                  "assistant" else "."),
-                                  f"messages.{i}.content")
+                why = " (tool calls are not supported)" if role == "assistant" else ""
+                raise bad_request(f"messages.{i}.content is missing{why}.", f"messages.{i}.content")
             if isinstance(content, list):
                 pieces = []
                 for j, part in enumerate(content):

@@ -314,7 +314,8 @@ def fit(module: VL2, processor: Processor, params: dict, train: list, s: Setting
                 state, metrics = step(state, inputs)
                 loss, aux = float(metrics["loss"]), float(metrics["aux_loss"])
             seconds = time.perf_counter() - t0
-            speed = f"compiled in {compiling.seconds:.1f} s" if compiling.count else f"{tokens / seconds:,.0f} tokens/s"
+            speed = (f"compiled in {compiling.seconds:.1f} s" if compiling.count
+                     else f"{tokens / seconds:,.0f} tokens/s")
             losses.append(loss)
             aux_losses.append(aux)
             if not math.isfinite(loss):
