@@ -194,6 +194,10 @@ def test_bad_lines_are_refused_with_their_line_and_short_or_unanswered_ones_skip
     path = write_dataset(tmp_path, [good[1], {**good[0], "images": ["gone.png"]}])
     with pytest.raises(InputError, match=r"train.jsonl:2: image .*gone.png does not exist"):
         batches.read_examples(processor, path, 128)
+    (tmp_path / "pictures").mkdir()
+    path = write_dataset(tmp_path, [good[1], {**good[0], "images": ["pictures"]}])
+    with pytest.raises(InputError, match=r"train.jsonl:2: image .*pictures is a folder, not an image file\.$"):
+        batches.read_examples(processor, path, 128)
     for last, words in [({"role": "Assistant", "content": "Hello"}, "message 1 has unknown role 'Assistant'"),
                         ({"role": ["assistant"], "content": "Hello"}, r"message 1 has unknown role \['assistant'\]"),
                         ({"role": "user", "content": "<image> and?"}, r"the conversation has 1 <image> placeholder\(s\) but 0 image")]:
@@ -279,6 +283,21 @@ def test_remat_model_has_the_same_loss_and_gradient():
     assert abs(float(got) - float(want)) <= 1e-6 * float(want)
     for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
         assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5 * max(np.abs(np.asarray(b)).max(), 1e-30)
+
+
+@pytest.mark.parametrize("mesh", [None, "data=2,expert=2,tensor=2"])
+def test_the_step_compiles_once_with_weights_committed_as_a_checkpoints_are(mesh):
+    """Weights read from a checkpoint are committed to their devices, new adapters and the step count
+    are not; the step's outputs are: the second step must not compile again."""
+    model = vl2_jax.load_pretrained("random:test", mesh=mesh)
+    if mesh is None:
+        model.params = jax.device_put(model.params, jax.devices()[0])
+    examples = [data.example(model.processor, r) for r in RECORDS]
+    lines = []
+    s = loop.Settings(steps=3, batch=4, warmup=0, max_seq_len=128)  # (every record each step: one shape)
+    with model.mesh_context():
+        loop.fit(training_module(model.cfg), model.processor, model.params, examples, s, bar=False, log=lines.append)
+    assert [("compiled in" in line) for line in lines] == [True, False, False], lines
 
 
 @pytest.mark.slow  # two compilations of the whole step: about 30 s on two cores
@@ -472,6 +491,8 @@ def test_outputs_that_are_not_a_runs_or_cannot_be_written_are_refused_before_loa
     assert "holds a converted checkpoint or a fine-tuning run" in capsys.readouterr().err
     for extra, words in ((["--lora-alpha", "0"], "--lora-alpha: must be a finite number above 0 (got 0)"),
                          (["--lora-alpha", "inf"], "--lora-alpha: must be a finite number above 0 (got inf)"),
+                         (["--lr", "0"], "--lr: must be a finite number above 0 (got 0)"),
+                         (["--lr", "inf"], "--lr: must be a finite number above 0 (got inf)"),
                          (["--full", "--lora-alpha", "4"], "--full trains the weights themselves and takes none"),
                          (["--eval-every", "1"], "--eval-every goes with --eval FILE")):
         with pytest.raises(SystemExit) as exit_:
@@ -480,6 +501,19 @@ def test_outputs_that_are_not_a_runs_or_cannot_be_written_are_refused_before_loa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["converted", "mine", "train.jsonl"]  # (no probe left)
     with pytest.raises(ConfigError, match="--lora-alpha must be a finite number above 0"):
         loop.Settings(lora_rank=4, lora_alpha=0.0)
+    with pytest.raises(ConfigError, match=r"--lr must be a finite number above 0 \(got 0.0\)"):
+        loop.Settings(lr=0.0)
+    with pytest.raises(ConfigError, match=r"--clip must be a number, 0 or more \(0: no clipping; got -1.0\)"):
+        loop.Settings(clip=-1.0)
+
+
+def test_clip_0_is_no_clipping():
+    """--clip 0 leaves the gradient as it is (as transformers' max_grad_norm 0), not scaled to nothing."""
+    grads = {"w": jnp.full((4,), 100.0)}
+    for clip, norm in ((0.0, 200.0), (1.0, 1.0)):
+        tx = loop.clipping(loop.Settings(clip=clip))
+        out, _ = tx.update(grads, tx.init(grads))
+        assert float(optax.tree.norm(out)) == pytest.approx(norm)
 
 
 def test_a_runs_folder_may_hold_its_export_hf(tmp_path):

@@ -42,11 +42,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=number(int, 1), default=100, help="optimizer steps (default 100)")
     p.add_argument("--batch", type=number(int, 1), default=1, help="conversations per microbatch (default 1)")
     p.add_argument("--grad-accum", type=number(int, 1), default=1, help="microbatches per optimizer step (default 1)")
-    p.add_argument("--lr", type=number(float, 0), default=1e-4, help="peak learning rate (default 1e-4)")
+    p.add_argument("--lr", type=number(float, 0, above=True), default=1e-4, help="peak learning rate, above 0 (default 1e-4)")
     p.add_argument("--warmup", type=number(int, 0), default=None,
                    help="linear warmup steps, then cosine decay (default 10, at most half of --steps)")
     p.add_argument("--weight-decay", type=number(float, 0), default=0.01, help="AdamW weight decay (default 0.01)")
-    p.add_argument("--clip", type=number(float, 0), default=1.0, help="gradient global-norm clip (default 1.0)")
+    p.add_argument("--clip", type=number(float, 0), default=1.0,
+                   help="gradient global-norm clip (default 1.0; 0: no clipping)")
     p.add_argument("--max-seq-len", type=number(int, 8), default=1024,
                    help="longest conversation in tokens, image tokens included; longer ones are skipped (default 1024)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute (default float32)")

@@ -79,6 +79,8 @@ def read_examples(processor: Processor, path: str | Path, max_seq_len: int) -> t
             raise InputError(f"{where}: {exc}") from None
         for ref in rec.images:
             file = local_path(ref) if isinstance(ref, str) else None
+            if file is not None and Path(file).is_dir():
+                raise InputError(f"{where}: image {file} is a folder, not an image file.")
             if file is not None and not Path(file).is_file():
                 raise InputError(f"{where}: image {file} does not exist.")
         if not _ends_with_answer(rec.messages):

@@ -77,3 +77,19 @@ def place(trainable: dict, opt_state):
     if mesh is None or mesh.empty:
         return trainable, opt_state
     return _apply(trainable, opt_state, trainable, mesh, lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec)))
+
+
+def commit(tree):
+    """`tree` with every leaf committed to where it is (one device), or replicated over the concrete mesh
+    in use: a jitted step's outputs are committed, and a first call with leaves that were not (new
+    adapters, the step count, random weights) beside ones that were (a checkpoint's) compiled the step a
+    second time at the next call."""
+    mesh = jax.sharding.get_mesh()
+    on_mesh = mesh is not None and not mesh.empty
+
+    def put(leaf):
+        if not isinstance(leaf, jax.Array) or leaf.committed:
+            return leaf
+        return jax.device_put(leaf, NamedSharding(mesh, PartitionSpec()) if on_mesh else leaf.sharding)
+
+    return jax.tree.map(put, tree)

@@ -84,6 +84,10 @@ class Settings:
             raise ConfigError(f"--train takes a comma-separated subset of {','.join(PARTS)} (got {','.join(self.parts)}).")
         if self.warmup >= self.steps:
             raise ConfigError(f"--warmup ({self.warmup}) must be below --steps ({self.steps}).")
+        if not 0 < self.lr < float("inf"):
+            raise ConfigError(f"--lr must be a finite number above 0 (got {self.lr}).")
+        if not 0 <= self.clip <= float("inf"):
+            raise ConfigError(f"--clip must be a number, 0 or more (0: no clipping; got {self.clip}).")
         if self.lora_rank and not 0 < self.lora_alpha < float("inf"):
             raise ConfigError(f"--lora-alpha must be a finite number above 0 (got {self.lora_alpha}).")
 
@@ -100,9 +104,14 @@ class Settings:
 
 
 def optimizer(s: Settings) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW under warmup + cosine decay."""
+    """Global-norm clipping (`clipping`), then AdamW under warmup + cosine decay."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, s.lr, s.warmup, s.steps, end_value=0.0)
-    return optax.chain(optax.clip_by_global_norm(s.clip), optax.adamw(schedule, weight_decay=s.weight_decay))
+    return optax.chain(clipping(s), optax.adamw(schedule, weight_decay=s.weight_decay))
+
+
+def clipping(s: Settings) -> optax.GradientTransformation:
+    """The gradient scaled to a global norm of at most `s.clip`; as it is where `clip` is 0."""
+    return optax.clip_by_global_norm(s.clip) if s.clip > 0 else optax.identity()
 
 
 def full_trainable(parts) -> Callable[[str], bool]:
@@ -122,7 +131,7 @@ def init_state(params: dict, s: Settings, tx: optax.GradientTransformation) -> T
         trainable = {k: v for k, v in flat.items() if chosen(k)}
         frozen = {k: v for k, v in flat.items() if not chosen(k)}
     trainable, opt_state = fsdp.place(trainable, tx.init(trainable))
-    return TrainState(jnp.zeros((), jnp.int32), trainable, frozen, opt_state)
+    return fsdp.commit(TrainState(jnp.zeros((), jnp.int32), trainable, frozen, opt_state))
 
 
 def params_of(trainable: dict, frozen: dict, scale: float | None) -> dict:
