@@ -329,6 +329,47 @@ def test_batches_the_model_cannot_read_correctly_are_refused(fixture_model):
         batch.images[0, 0, 0, 0, 0] = 1.0  # the model reads the pixels, so an edit here must not pass
 
 
+def test_one_processor_output_is_a_batch_of_one_everywhere(fixture_model):
+    """logits and prepare_inputs_embeds take one processor output, as generate and stream do."""
+    p = fixture_model.processor
+    one = p(USER("<image> What is it?"), [TINY_IMAGE])
+    batch = p.batchify([one])
+    np.testing.assert_array_equal(fixture_model.logits(one), fixture_model.logits(batch))
+    np.testing.assert_array_equal(fixture_model.prepare_inputs_embeds(one), fixture_model.prepare_inputs_embeds(batch))
+
+
+@pytest.mark.parametrize("bad", [-3, 10**6])
+def test_token_ids_outside_the_vocabulary_are_refused(fixture_model, bad):
+    """An edited prompt with an id the embedding table has no row for: an error, not a silent clamp."""
+    one = fixture_model.processor(USER("Hi."))
+    ids = one.input_ids.copy()
+    ids[1] = bad
+    vocab = fixture_model.cfg.language.vocab_size
+    message = api_error(InputError, fixture_model.generate, dataclasses.replace(one, input_ids=ids))
+    assert message == f"the prompt's token ids must be in [0, {vocab}); got [{bad}]."
+
+
+def test_runtime_the_model_cannot_take_is_refused_before_the_weights(monkeypatch):
+    """A max_seq_len beyond the context, or prefill chunks of no common step, fail in load_model, not
+    at the first generate; so do a spec or runtime of the wrong type."""
+    monkeypatch.setattr(vl2_jax.load, "init_params", lambda *a, **k: pytest.fail("weights were made"))
+    with pytest.raises(ConfigError, match=r"^max_seq_len 100000 is longer than the model's context \(\d+ tokens"):
+        vl2_jax.load_model("random:test", runtime=vl2_jax.Runtime(max_seq_len=100000))
+    with pytest.raises(ConfigError, match=r"^prefill_chunks \(100, 1024\) must all be multiples of the smallest, 100\.$"):
+        vl2_jax.load_model("random:test", runtime=vl2_jax.Runtime(prefill_chunks=(100, 1024)))
+    with pytest.raises(ConfigError, match="max_seq_len 100000 is longer"):
+        vl2_jax.load_pretrained(ckpt_dir("mla"), runtime=vl2_jax.Runtime(max_seq_len=100000))
+    for spec, runtime, error, words in [
+        (None, vl2_jax.Runtime(), TypeError, "the model spec must be a str (random:SIZE, a checkpoint folder or a hub id) or a path, not NoneType"),
+        (5, vl2_jax.Runtime(), TypeError, "not int"),
+        (" ", vl2_jax.Runtime(), CheckpointError, "the model spec is empty; pass random:SIZE, a checkpoint folder or a hub id."),
+        ("random:test", {"max_batch": 2}, TypeError, "runtime must be a vl2_jax.Runtime, not dict"),
+    ]:
+        with pytest.raises(error) as e:
+            vl2_jax.load_model(spec, runtime=runtime)
+        assert words in str(e.value)
+
+
 # ---------------------------------------------------------------------------------------- arguments
 @pytest.mark.parametrize(
     "args,code,words",

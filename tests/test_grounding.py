@@ -140,6 +140,28 @@ def test_draw_boxes_outlines_in_colour_and_leaves_the_inside():
     assert out.getpixel((20, 0)) == COLORS[1]  # second label, second colour
 
 
+def test_a_list_for_the_text_is_named_with_the_row_to_pass():
+    with pytest.raises(InputError, match=r"^parse_boxes reads the answer's text, a str, not list .*; a "
+                                         r"GenerationResult's \.text holds a str per row: pass result\.text\[0\]\.$"):
+        parse_boxes(["<|det|>[[1, 2, 3, 4]]<|/det|>"], SIZE)
+
+
+def test_image_arrays_as_the_processor_takes_them():
+    """An [H, W, 3] or [H, W] uint8 array is an image here too: its size for parse_boxes, its pixels for draw_boxes."""
+    text = "<|det|>[[100, 100, 900, 900]]<|/det|>"
+    pixels = np.full((48, 64, 3), 255, np.uint8)
+    assert parse_quiet(text, pixels) == parse_quiet(text, pixels[..., 0]) == parse_quiet(text, (64, 48))
+    drawn = draw_boxes(pixels, parse_quiet(text, pixels))
+    assert drawn.size == (64, 48) and drawn.getpixel((6, 36)) == COLORS[0]
+
+
+@pytest.mark.parametrize("target", ["boxes.xyz", "missing/boxes.png"])
+def test_draw_boxes_cannot_save_is_one_input_error(tmp_path, target):
+    image = Image.new("RGB", (64, 48), "white")
+    with pytest.raises(InputError, match=r"^cannot save the boxes to .*boxes\.\w+: "):
+        draw_boxes(image, [], tmp_path / target)
+
+
 def test_draw_boxes_saves(tmp_path):
     path = tmp_path / "boxes.png"
     image = Image.new("RGB", (64, 48), "white")

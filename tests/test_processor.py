@@ -225,6 +225,26 @@ def test_count_mismatch_raises():
         p([{"role": "user", "content": "<image>"}])
 
 
+@pytest.mark.parametrize("single", ["photo.png", "pil", "array"])
+def test_a_single_image_not_in_a_list_is_refused(single):
+    """One image passed bare is not taken apart (a path's characters, an array's rows) into many."""
+    p = processor()
+    image = {"photo.png": "photo.png", "pil": Image.new("RGB", (70, 70)), "array": np.zeros((10, 10, 3), np.uint8)}[single]
+    conversation = [{"role": "user", "content": "<image>"}]
+    with pytest.raises(InputError, match=r"^images must be a list, one image per <image> placeholder; got a single "
+                                         r"\w+: pass \[image\] for one image\.$"):
+        p(conversation, image)
+    with pytest.raises(InputError, match="images must be a list"):
+        p.raw("<image>", image)
+    stack = np.zeros((1, 10, 10, 3), np.uint8)  # (a stack of images is a list of them)
+    assert_same_output(p(conversation, stack), p(conversation, [stack[0]]))
+
+
+def test_batchify_refuses_what_is_no_processor_output():
+    with pytest.raises(InputError, match=r"^batchify takes the processor's outputs; item 1 is a int\.$"):
+        processor().batchify([run_case("mha", "one_photo"), 1])
+
+
 def test_bad_messages_raise():
     p = processor()
     with pytest.raises(InputError, match="role"):

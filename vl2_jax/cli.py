@@ -386,15 +386,12 @@ def _answer(model, conversation, images, options, as_json, log, text_only=False,
         print(text, end="", flush=True)
 
     stream = None if as_json else show
-    from vl2_jax.engine import CompileWatch
-
     store = model.engine.executables
     before = store.report() if store is not None else None
     if before is not None and timing is not None:  # the first answer: every program since the store opened
         before = dict.fromkeys(before, 0)
-    with CompileWatch() as compiling:  # the one-time cost of programs of new shapes, reported apart
-        result = model.generate(batch, on_text=stream, **options)
-    compile_s = compiling.seconds
+    result = model.generate(batch, on_text=stream, **options)
+    compile_s = result.compile_s  # the one-time cost of programs of new shapes, reported apart
     programs = {} if store is None else {  # this answer's programs: loaded from the cache / compiled
         f"programs_{k}": round(v - before[k], 4) for k, v in store.report().items()
         if k in ("loaded", "compiled", "load_s")}

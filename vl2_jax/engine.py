@@ -233,6 +233,28 @@ def swap_rows(v: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
 SLOT_MOVES = {"copy": copy_row, "swap": swap_rows}
 
 
+def slot_shapes(cfg: VL2Config, runtime: Runtime) -> tuple[int, tuple[int, ...]]:
+    """(max_seq_len, prefill chunks) of an engine of `runtime` for a model of `cfg`: the runtime's
+    max_seq_len (None: the model's context) and its chunks that fit it. Raises ConfigError where the
+    two do not go together (checked as a model loads, before its weights)."""
+    context = cfg.language.max_position_embeddings
+    max_seq_len = runtime.max_seq_len or context
+    if max_seq_len > context:
+        raise ConfigError(f"max_seq_len {max_seq_len} is longer than the model's context ({context} tokens, "
+                          "max_position_embeddings); leave it out to use the whole context.")
+    chunks = tuple(sorted(c for c in runtime.prefill_chunks if c <= max_seq_len)) or (max_seq_len,)
+    if any(c % chunks[0] for c in chunks):
+        raise ConfigError(f"prefill_chunks {chunks} must all be multiples of the smallest, {chunks[0]}.")
+    return max_seq_len, chunks
+
+
+def check_token_ids(ids, vocab: int) -> None:
+    """Raises InputError unless every token id (ints, or an int array) is in [0, vocab)."""
+    if len(ids) and (min(ids) < 0 or max(ids) >= vocab):
+        outside = [int(i) for i in ids if not 0 <= i < vocab]
+        raise InputError(f"the prompt's token ids must be in [0, {vocab}); got {outside[:5]}.")
+
+
 class Engine:
     """Fixed-shape programs of one model; see the module docstring. `params` are passed to each call."""
 
@@ -242,13 +264,7 @@ class Engine:
         self.layout = Layout(mesh) if mesh is not None else None
         self.pad_id, self.pixel_norm = pad_id, pixel_norm
         self.max_batch = runtime.max_batch
-        self.max_seq_len = runtime.max_seq_len or lc.max_position_embeddings
-        if self.max_seq_len > lc.max_position_embeddings:
-            raise InputError(f"max_seq_len {self.max_seq_len} is longer than the model's context "
-                             f"({lc.max_position_embeddings} tokens, max_position_embeddings).")
-        self.chunks = tuple(sorted(c for c in runtime.prefill_chunks if c <= self.max_seq_len)) or (self.max_seq_len,)
-        if any(c % self.chunks[0] for c in self.chunks):
-            raise ConfigError(f"prefill_chunks {self.chunks} must all be multiples of the smallest, {self.chunks[0]}.")
+        self.max_seq_len, self.chunks = slot_shapes(cfg, runtime)
         # Room for the last chunk's padding past max_seq_len (the cache rows and the embedding buffer):
         # chunks start at multiples of the smallest, and each fits below the capacity (chunk_plan).
         self.capacity = -(-self.max_seq_len // self.chunks[0]) * self.chunks[0]
@@ -612,7 +628,9 @@ class Engine:
         return {"params": params["params"]["language"]}
 
     def check(self, request: Request) -> None:
-        """Refuses a request that cannot fit: a prompt that leaves no room for an answer in a slot."""
+        """Refuses a request that cannot run: token ids outside the vocabulary, a prompt that leaves no
+        room for an answer in a slot, more image tiles than a slot holds."""
+        check_token_ids(request.ids, self.cfg.language.vocab_size)
         p, context = len(request.ids), self.cfg.language.max_position_embeddings
         if p > self.max_seq_len - 1:
             holds = (f"the model's context is {context} tokens (max_position_embeddings)" if self.max_seq_len == context

@@ -29,8 +29,10 @@ from vl2_jax.sampling import RowSampling
 class GenerationResult:
     """Per row: the new token ids (EOS included when produced), their text (special tokens kept, EOS not
     shown), and why it ended: "stop" (EOS or a stop string) or "length" (max_new_tokens or the slot's
-    capacity). ttft_s: seconds to the first tokens of the first rows; decode_s: seconds after that, less
-    the one-time compiling of programs then (a first run's decode programs)."""
+    capacity). ttft_s: seconds to the first tokens of the first rows (any compiling before them
+    included); decode_s: seconds after that, less the one-time compiling of programs then (a first
+    run's decode programs); compile_s: seconds tracing and compiling programs of new shapes during the
+    call (0 once `warmup` has compiled them all, or their shapes have run before)."""
 
     token_ids: list[list[int]]
     text: list[str]
@@ -38,6 +40,7 @@ class GenerationResult:
     prompt_tokens: list[int]
     ttft_s: float = 0.0
     decode_s: float = 0.0
+    compile_s: float = 0.0
 
     @property
     def generated_tokens(self) -> list[int]:
@@ -45,7 +48,8 @@ class GenerationResult:
 
     @property
     def decode_tokens_per_s(self) -> float:
-        """Tokens per second over the decode calls alone (the first token of each row excluded)."""
+        """Tokens per second over the decode calls alone (the first token of each row excluded); 0.0
+        where no row decoded (one-token answers)."""
         steps = sum(max(0, n - 1) for n in self.generated_tokens)
         return steps / self.decode_s if self.decode_s > 0 and steps > 0 else 0.0
 

@@ -28,6 +28,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from vl2_jax.errors import InputError
 
 GRID = 999
@@ -62,6 +64,8 @@ def _image_size(image) -> tuple[int, int]:
     if isinstance(image, (str, os.PathLike)):
         return _file_size(os.fspath(image))
     size = getattr(image, "size", None)  # a PIL image's is a tuple; a numpy array's is a count
+    if hasattr(image, "__array__") and np.ndim(image) in (2, 3):  # an image array [H, W(, C)], as the processor's
+        size = np.shape(image)[1::-1]
     size = size if isinstance(size, tuple) else image
     try:
         width, height = size
@@ -147,6 +151,9 @@ def parse_boxes(text: str, image) -> list[Detection]:
     with a warning (see the module docstring); never raises on text. Raises InputError (one sentence) for
     an `image` that is none of the above, a missing file, or a file that is not an image.
     """
+    if not isinstance(text, str):
+        hint = "; a GenerationResult's .text holds a str per row: pass result.text[0]" if isinstance(text, list) else ""
+        raise InputError(f"parse_boxes reads the answer's text, a str, not {_describe(text)}{hint}.")
     width, height = _image_size(image)
     found: list[Detection] = []
     notes: list[str] = []
@@ -166,19 +173,18 @@ def parse_boxes(text: str, image) -> list[Detection]:
 
 
 def draw_boxes(image, boxes, out_path: str | Path | None = None):
-    """A new RGB image: `image` (PIL image or path) with each box outlined and labelled.
+    """A new RGB image: `image` (a PIL image, a path or a uint8 array, as the processor takes them) with
+    each box outlined and labelled.
 
     `boxes` are `Detection`s (or anything with `.label` and a pixel `.box`). Boxes of the same label share
     a colour, labels get `COLORS` in order of first appearance. The label is written with PIL's default
     font on a filled tag above the box (inside it when there is no room above). Saved to `out_path` if given.
     """
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import ImageDraw, ImageFont
 
-    if isinstance(image, (str, Path)):
-        with Image.open(image) as opened:
-            canvas = opened.convert("RGB")
-    else:
-        canvas = image.convert("RGB")  # a copy, also when already RGB
+    from vl2_jax.processor import open_image
+
+    canvas = open_image(image)  # (a copy: `convert("RGB")` copies an RGB image too)
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     width, height = canvas.size
@@ -198,5 +204,8 @@ def draw_boxes(image, boxes, out_path: str | Path | None = None):
         ink = (0, 0, 0) if sum(colour) > 450 else (255, 255, 255)  # readable on light and dark tags
         draw.text((tx + 2 - left, ty + 2 - top), det.label, fill=ink, font=font)
     if out_path is not None:
-        canvas.save(out_path)
+        try:
+            canvas.save(out_path)
+        except (OSError, ValueError) as e:  # (a missing folder, an extension PIL does not write)
+            raise InputError(f"cannot save the boxes to {out_path}: {e}") from None
     return canvas

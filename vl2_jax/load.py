@@ -25,6 +25,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -38,7 +39,7 @@ import numpy as np
 from vl2_jax import executables, prefetch
 from vl2_jax.checkpoint import SafetensorsFolder, load_hf, param_shapes, set_path, source_dtype
 from vl2_jax.config import PRESETS, Runtime, VL2Config, dtype_of
-from vl2_jax.engine import Engine
+from vl2_jax.engine import Engine, slot_shapes
 from vl2_jax.errors import CheckpointError, ConfigError, out_of_memory_as
 from vl2_jax.model import VL2Model
 from vl2_jax.modules.attention import check_attention
@@ -95,6 +96,7 @@ def load_model(
         (`vl2_jax.executables.keep`; one device only); those an earlier process kept there start loading
         while the weights do, so that the first answer finds them ready.
     """
+    spec = _spec(spec, runtime)
     several = getattr(jax.distributed, "is_initialized", lambda: False)()
     reading = None if several else prefetch.start(spec)  # read ahead while JAX's backend starts
     try:
@@ -107,7 +109,22 @@ def load_model(
 
 def load_pretrained(spec, dtype="float32", runtime: Runtime = Runtime(), mesh=None) -> VL2Model:
     """`load_model` with float32 as the default, for parity work; `dtype=None` keeps a checkpoint's dtype."""
-    return _load(str(spec), dtype, runtime, mesh, 0, lambda line: None)
+    return _load(_spec(spec, runtime), dtype, runtime, mesh, 0, lambda line: None)
+
+
+def _spec(spec, runtime) -> str:
+    """The model spec as a str (a path given as one), refused with one error where it is no spec or
+    `runtime` is no `Runtime`."""
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str):
+        raise TypeError(f"the model spec must be a str (random:SIZE, a checkpoint folder or a hub id) or a path, "
+                        f"not {type(spec).__name__}")
+    if not spec.strip():
+        raise CheckpointError("the model spec is empty; pass random:SIZE, a checkpoint folder or a hub id.")
+    if not isinstance(runtime, Runtime):
+        raise TypeError(f"runtime must be a vl2_jax.Runtime, not {type(runtime).__name__}")
+    return spec
 
 
 def _load(spec: str, dtype, runtime: Runtime, mesh, seed: int, progress: Callable[[str], None],
@@ -195,6 +212,7 @@ def load_folder(path: str | Path, dtype=None, runtime: Runtime = Runtime(), mesh
         raise CheckpointError(f"{path} is not a folder; pass a DeepSeek-VL2 checkpoint folder.")
     path = Path(path)
     cfg = VL2Config.from_pretrained(path)
+    slot_shapes(cfg, runtime)  # (a max_seq_len or prefill chunks the model cannot take: before the weights)
     # The processor (its tokenizer: ~0.2 s for a 100k vocabulary) loads on a thread of its own while the
     # weights are read, then the engine (with `programs`: its kept programs start loading); an error in
     # either ends the load when the next leaf lands.
@@ -469,6 +487,7 @@ def random_model(name: str, dtype="float32", seed: int = 0, runtime: Runtime = R
     it is drawn (`vl2_jax.quant`), so that memory holds the quantized model and one float leaf at most.
     `programs`, `log`: as for `load_folder`."""
     cfg = preset(name)
+    slot_shapes(cfg, runtime)
     dtype = resolve_dtype(dtype) or jnp.float32
     folder = write_assets(Path(tempfile.mkdtemp(prefix=f"vl2-random-{name}-")), cfg)
     mesh = make_mesh(mesh, cfg)

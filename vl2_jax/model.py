@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -19,7 +20,7 @@ import numpy as np
 from vl2_jax import generation
 from vl2_jax.checkpoint import param_shapes
 from vl2_jax.config import Runtime, VL2Config
-from vl2_jax.engine import Engine, Request, Slots
+from vl2_jax.engine import CompileWatch, Engine, Request, Slots, slot_shapes
 from vl2_jax.errors import InputError, out_of_memory_as
 from vl2_jax.generation import Detokenizer, GenerationResult, check_max_new_tokens, stop_strings, stream_text
 from vl2_jax.modules.attention import check_attention
@@ -43,6 +44,7 @@ class VL2Model:
         if not isinstance(runtime, Runtime):
             raise TypeError(f"runtime must be a vl2_jax.Runtime, not {type(runtime).__name__}")
         check_attention(runtime, dtype)
+        slot_shapes(cfg, runtime)
         self.cfg = cfg
         self.params = params
         self.processor = processor
@@ -133,12 +135,22 @@ class VL2Model:
             raise InputError(f"the batch's images are normalised with {batch.pixel_norm}, this model's "
                              f"processor with {self.processor.pixel_norm}; make the batch with model.processor.")
 
+    def as_batch(self, batch) -> Batch:
+        """A processor batch as it is, one processor output as a batch of one (`processor.batchify`)."""
+        if isinstance(batch, ProcessorOutput):
+            if self.processor is None:
+                raise InputError("this model has no processor to batch a processor output; pass a processor batch.")
+            batch = self.processor.batchify([batch])
+        self.check_batch(batch)
+        return batch
+
     def embed(self, batch, length: int | None = None) -> tuple[jax.Array, np.ndarray]:
         """A processor batch -> (token embeddings with the image features written in [B, length, D] in
         the model dtype, token ids [B, length] int32 on the host), left padded to `length` (default: the
-        batch's) with the pad token. Call under `mesh_context()`. Without a mesh every input goes to the
-        device in one transfer call, so that the vision tower starts as early as it can."""
-        self.check_batch(batch)
+        batch's) with the pad token. One processor output is a batch of one. Call under `mesh_context()`.
+        Without a mesh every input goes to the device in one transfer call, so that the vision tower
+        starts as early as it can."""
+        batch = self.as_batch(batch)
         tiles = batch.used_tiles()
         length = length or np.shape(batch.input_ids)[1]
         pad_id = self.processor.pad_id if self.processor is not None else 0
@@ -154,12 +166,14 @@ class VL2Model:
         return x, ids
 
     def prepare_inputs_embeds(self, batch) -> jax.Array:
-        """Token embeddings with the image features written in: [B, T, D] in the model dtype."""
+        """Token embeddings with the image features written in: [B, T, D] in the model dtype (a processor
+        batch, or one processor output: B = 1)."""
         with self.mesh_context(), out_of_memory_as("while embedding the prompt and its images"):
             return self.embed(batch)[0]
 
     def logits(self, batch) -> jax.Array:
-        """Full forward without a cache: float32 logits [B, T, V]."""
+        """Full forward without a cache: float32 logits [B, T, V] (one processor output: B = 1)."""
+        batch = self.as_batch(batch)
         mask = np.asarray(batch.attention_mask, bool)
         x = self.prepare_inputs_embeds(batch)
         with self.mesh_context(), out_of_memory_as(f"in a full forward of {mask.shape[0]} x {mask.shape[1]} tokens"):
@@ -169,6 +183,7 @@ class VL2Model:
     def expert_load(self, batch, length: int | None = None) -> np.ndarray:
         """How many of the batch's tokens (left padded to `length`, padding included) each routed expert
         receives in a full forward, per MoE layer: int32 [MoE layers, E] (the routing balance)."""
+        batch = self.as_batch(batch)
         with self.mesh_context():
             x, _ = self.embed(batch, length)
             mask = left_pad(batch.attention_mask, x.shape[1], False).astype(bool)
@@ -259,11 +274,11 @@ class VL2Model:
         settings = RowSampling.make(temperature, top_k, top_p, repetition_penalty, seed)
         eos = -1 if ignore_eos else self.cfg.language.eos_token_id
         shape = f"{len(requests)} prompt(s) of up to {max(len(r.ids) for r in requests)} tokens + {max_new_tokens} new"
-        with self.mesh_context(), out_of_memory_as(f"while generating ({shape})"):
+        with self.mesh_context(), out_of_memory_as(f"while generating ({shape})"), CompileWatch() as compiling:
             result, self._state = generation.run(
                 self.engine, self.params, self.take_state(), requests, Detokenizer.of(self.processor.tokenizer),
                 max_new_tokens, settings, stop, eos, on_text)
-        return result
+        return dataclasses.replace(result, compile_s=compiling.seconds)
 
     def run_jobs(self, jobs: Iterable[generation.Job], on_done: Callable[[generation.Job], None]) -> None:
         """Answers `generation.Job`s, each with its own settings (prompt, limits, sampling, stop strings),

@@ -298,6 +298,22 @@ def _array_image(array: np.ndarray, where: str) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array))
 
 
+def _image_list(images) -> list:
+    """A conversation's images as a list (None: none; a [N, H, W, C] array: its N images). A single image
+    (a PIL image, a path, an [H, W(, C)] array) is refused rather than taken apart: a path's characters
+    or an image's rows are no list of images."""
+    if images is None:
+        return []
+    if isinstance(images, (Image.Image, str, bytes, os.PathLike)) or (hasattr(images, "__array__")
+                                                                      and np.ndim(images) <= 3):
+        raise InputError(f"images must be a list, one image per {IMAGE_TOKEN} placeholder; got a single "
+                         f"{type(images).__name__}: pass [image] for one image.")
+    try:
+        return list(images)
+    except TypeError:
+        raise InputError(f"images must be a list of images, not a {type(images).__name__}.") from None
+
+
 def open_image(image, name: str | None = None) -> Image.Image:
     """A PIL image, an image file path or a uint8 array ([H, W], [H, W, 3] RGB or [H, W, 4] RGBA: numpy,
     or anything numpy reads, as a JAX array) -> a fully decoded RGB PIL image, exactly ``img.convert("RGB")``.
@@ -584,7 +600,7 @@ class Processor:
 
     def _parts(self, turns, images, mask_prompt: bool = True) -> _Parts:
         """Every turn's ids, image tokens, tiles and labels; each assistant turn ends with eos."""
-        images = list(images) if images is not None else []
+        images = _image_list(images)
         self._check_image_count(turns, len(images))
         images = [self.load_image(im, f"image {i + 1} of {len(images)}") for i, im in enumerate(images)]
         cropping = len(images) <= 2  # the reference tiles only when the whole conversation has <= 2
@@ -609,7 +625,7 @@ class Processor:
         prompt starts with it; nothing else is added."""
         if not isinstance(prompt, str) or not prompt:
             raise InputError("the prompt must be a non-empty str.")
-        images = list(images) if images is not None else []
+        images = _image_list(images)
         n_placeholders = prompt.count(self.image_token)
         if n_placeholders != len(images):
             raise InputError(f"the prompt has {n_placeholders} {self.image_token} placeholder(s) "
@@ -626,6 +642,9 @@ class Processor:
         outputs = list(outputs)
         if not outputs:
             raise InputError("batchify needs at least one ProcessorOutput.")
+        for n, o in enumerate(outputs):
+            if not isinstance(o, ProcessorOutput):
+                raise InputError(f"batchify takes the processor's outputs; item {n} is a {type(o).__name__}.")
         batch, length = len(outputs), max(len(o.input_ids) for o in outputs)
         max_tiles = max(o.pixels.shape[0] for o in outputs)
         max_images = max(o.images_spatial_crop.shape[0] for o in outputs)

@@ -53,6 +53,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from vl2_jax.engine import Request as EngineRequest
+from vl2_jax.engine import check_token_ids
 from vl2_jax.errors import InputError
 from vl2_jax.generation import Job, sign
 from vl2_jax.images import ImageLimits, load_image
@@ -387,10 +388,7 @@ class _Server:
     def prompt_job(self, prompt: str | list[int], refs: list[str], sampling: Sampling) -> Job:
         if isinstance(prompt, str):
             return self.job(EngineRequest.from_output(self.processor.raw(prompt, self.images(refs)), self.side), sampling)
-        vocab = self.cfg.language.vocab_size
-        outside = [i for i in prompt if not 0 <= i < vocab]
-        if outside:
-            raise InputError(f"the prompt's token ids must be in [0, {vocab}); got {outside[:5]}.")
+        check_token_ids(prompt, self.cfg.language.vocab_size)  # (before int32 could wrap one)
         ids = np.asarray(prompt, np.int32)
         return self.job(EngineRequest(ids, np.zeros(ids.shape, np.int32), np.zeros(ids.shape, bool), None), sampling)
 
