@@ -666,3 +666,38 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
     step = re.search(r"stopped at step (\d+)/", rest).group(1)
     assert saved == [step, "settings.json"], saved
 
+
+
+def test_a_second_interrupt_while_the_state_is_written_waits_for_the_write(tmp_path, monkeypatch):
+    """The first Ctrl-C comes during a step, the impatient second one while the train state is written:
+    the write and the run's own files finish (no half-written step), then the run stops."""
+    import signal
+
+    model, examples = setup()
+    compiled_step, save_state = loop.compiled_step, loop.save_state
+
+    def step_then_ctrl_c(*args, **kwargs):
+        step = compiled_step(*args, **kwargs)
+
+        def run(state, inputs):
+            out = step(state, inputs)
+            os.kill(os.getpid(), signal.SIGINT)  # (the handler runs at once: the first Ctrl-C, mid-step)
+            return out
+
+        return run
+
+    written = []
+
+    def save_after_ctrl_c(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the second, while the state is being written
+        save_state(*args, **kwargs)
+        written.append("state")
+
+    monkeypatch.setattr(loop, "compiled_step", step_then_ctrl_c)
+    monkeypatch.setattr(loop, "save_state", save_after_ctrl_c)
+    s = loop.Settings(steps=5, batch=4, warmup=1, max_seq_len=128)
+    with pytest.raises(KeyboardInterrupt):
+        loop.fit(training_module(model.cfg), model.processor, model.params, examples, s, state_dir=tmp_path,
+                 bar=False, on_save=lambda result: written.append("on_save"))
+    assert written == ["state", "on_save"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "settings.json"]

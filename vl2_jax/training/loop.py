@@ -295,7 +295,7 @@ def fit(module: VL2, processor: Processor, params: dict, train: list, s: Setting
     share, recorded with `s`. `bar`: tqdm on stderr (None: where stderr is a terminal). `params` is
     consumed (the step donates it). A Ctrl-C, SIGTERM or SIGHUP (on the main thread) stops the run after
     the step under way: the state is saved (with `state_dir`) and KeyboardInterrupt raised; a second one
-    raises at once."""
+    raises at once, unless the state is being written: then the write ends first."""
     from tqdm import tqdm
 
     log = log or (lambda line: None)
@@ -339,9 +339,14 @@ def fit(module: VL2, processor: Processor, params: dict, train: list, s: Setting
                 log(f"step {done}: eval loss {evals[done]:.4f}")
             due = (s.save_every and done % s.save_every == 0) or done == s.steps
             if state_dir is not None and (due or stop.is_set()):
-                save_state(state_dir, state, s, model_settings)
-                if on_save is not None:
-                    on_save(Result(state, losses, evals, aux_losses))
+                # a Ctrl-C while the state is written waits for the write's end (one inside it left a
+                # half-written step and Orbax's traceback); a further one still raises at once
+                with deferred_interrupt() as during:
+                    save_state(state_dir, state, s, model_settings)
+                    if on_save is not None:
+                        on_save(Result(state, losses, evals, aux_losses))
+                if during.is_set():
+                    stop.set()
             if stop.is_set() and done == s.steps:
                 log("stop noted at the last step: the run ends as it would have (again to stop at once)")
             if stop.is_set() and done < s.steps:
