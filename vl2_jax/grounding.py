@@ -180,11 +180,15 @@ def draw_boxes(image, boxes, out_path: str | Path | None = None):
     a colour, labels get `COLORS` in order of first appearance. The label is written with PIL's default
     font on a filled tag above the box (inside it when there is no room above). Saved to `out_path` if given.
     """
-    from PIL import ImageDraw, ImageFont
+    from PIL import Image, ImageDraw, ImageFont
 
-    from vl2_jax.processor import open_image
-
-    canvas = open_image(image)  # (a copy: `convert("RGB")` copies an RGB image too)
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as opened:
+            canvas = opened.convert("RGB")
+    elif hasattr(image, "__array__"):
+        canvas = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
+    else:
+        canvas = image.convert("RGB")  # a copy, also when already RGB
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     width, height = canvas.size
