@@ -345,8 +345,13 @@ def test_token_ids_outside_the_vocabulary_are_refused(fixture_model, bad):
     ids = one.input_ids.copy()
     ids[1] = bad
     vocab = fixture_model.cfg.language.vocab_size
-    message = api_error(InputError, fixture_model.generate, dataclasses.replace(one, input_ids=ids))
-    assert message == f"the prompt's token ids must be in [0, {vocab}); got [{bad}]."
+    edited = dataclasses.replace(one, input_ids=ids)
+    for call in (fixture_model.generate, fixture_model.logits, fixture_model.prepare_inputs_embeds):
+        assert api_error(InputError, call, edited) == f"the prompt's token ids must be in [0, {vocab}); got [{bad}]."
+    wide = one.input_ids.astype(np.int64)
+    wide[1] = 2**32 + 5  # (not wrapped to 5 on its way to int32)
+    message = api_error(InputError, fixture_model.generate, dataclasses.replace(one, input_ids=wide))
+    assert message == f"the prompt's token ids must be int32 values; got [{2**32 + 5}]."
 
 
 def test_runtime_the_model_cannot_take_is_refused_before_the_weights(monkeypatch):
@@ -357,6 +362,7 @@ def test_runtime_the_model_cannot_take_is_refused_before_the_weights(monkeypatch
         vl2_jax.load_model("random:test", runtime=vl2_jax.Runtime(max_seq_len=100000))
     with pytest.raises(ConfigError, match=r"^prefill_chunks \(100, 1024\) must all be multiples of the smallest, 100\.$"):
         vl2_jax.load_model("random:test", runtime=vl2_jax.Runtime(prefill_chunks=(100, 1024)))
+    monkeypatch.setattr(vl2_jax.load, "load_hf", lambda *a, **k: pytest.fail("weights were read"))
     with pytest.raises(ConfigError, match="max_seq_len 100000 is longer"):
         vl2_jax.load_pretrained(ckpt_dir("mla"), runtime=vl2_jax.Runtime(max_seq_len=100000))
     for spec, runtime, error, words in [

@@ -107,8 +107,8 @@ def test_image_as_a_file_path_reads_only_its_size(tmp_path, as_path):
     ("missing.jpg", r"^image file .*missing\.jpg does not exist; check the path\.$"),
     ("", r"^.* is a folder, not an image file; pass the image the answer is about\.$"),
     ("notes.txt", r"^.*notes\.txt is not an image file that PIL can read; pass the image the answer is about\.$"),
-    (3, r"^parse_boxes needs the image as a PIL image, a file path or \(width, height\), not int 3\.$"),
-    (None, r"^parse_boxes needs the image as a PIL image, a file path or \(width, height\), not NoneType None\.$"),
+    (3, r"^parse_boxes needs the image as a PIL image, a file path, a uint8 array or \(width, height\), not int 3\.$"),
+    (None, r"^parse_boxes needs the image as a PIL image, a file path, a uint8 array or \(width, height\), not NoneType None\.$"),
     ((640, 480, 3), r"not tuple \(640, 480, 3\)\.$"),
     ((0, 480), r"^parse_boxes needs an image size of two positive numbers \(width, height\), not \(0, 480\)\.$"),
     (("640", "480"), r"two positive numbers \(width, height\), not \('640', '480'\)\.$"),
@@ -153,6 +153,16 @@ def test_image_arrays_as_the_processor_takes_them():
     assert parse_quiet(text, pixels) == parse_quiet(text, pixels[..., 0]) == parse_quiet(text, (64, 48))
     drawn = draw_boxes(pixels, parse_quiet(text, pixels))
     assert drawn.size == (64, 48) and drawn.getpixel((6, 36)) == COLORS[0]
+    for wrong, shape in ((pixels / 255, "float64 [48, 64, 3]"), (pixels.transpose(2, 0, 1), "uint8 [3, 48, 64]")):
+        for call, args in ((parse_boxes, (text, wrong)), (draw_boxes, (wrong, []))):
+            with pytest.raises(InputError, match=r"takes an image array as uint8 \[H, W\], \[H, W, 3\] or \[H, W, 4\], "
+                                                 rf"not {re.escape(shape)}\.$"):
+                call(*args)
+
+
+def test_draw_boxes_on_a_missing_file_is_one_input_error(tmp_path):
+    with pytest.raises(InputError, match=r"^image file .*gone\.png does not exist; check the path\.$"):
+        draw_boxes(tmp_path / "gone.png", [])
 
 
 @pytest.mark.parametrize("target", ["boxes.xyz", "missing/boxes.png"])

@@ -236,8 +236,11 @@ def test_a_single_image_not_in_a_list_is_refused(single):
         p(conversation, image)
     with pytest.raises(InputError, match="images must be a list"):
         p.raw("<image>", image)
-    stack = np.zeros((1, 10, 10, 3), np.uint8)  # (a stack of images is a list of them)
+    stack = np.zeros((1, 10, 10, 3), np.uint8)  # (a stack of images is a list of them, as are arrays of items)
     assert_same_output(p(conversation, stack), p(conversation, [stack[0]]))
+    items = np.empty(1, object)
+    items[0] = Image.new("RGB", (70, 70))
+    assert_same_output(p(conversation, items), p(conversation, [items[0]]))
 
 
 def test_batchify_refuses_what_is_no_processor_output():

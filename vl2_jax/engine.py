@@ -173,8 +173,12 @@ class Request:
 
     @classmethod
     def from_output(cls, output, side: int) -> Request:
-        """A `processor.ProcessorOutput` -> Request (`side`: image tokens per tile side)."""
-        ids = np.asarray(output.input_ids, np.int32)
+        """A `processor.ProcessorOutput` -> Request (`side`: image tokens per tile side). Ids that int32
+        cannot hold are refused (InputError), not wrapped into the vocabulary."""
+        given = np.asarray(output.input_ids)
+        ids = given.astype(np.int32)
+        if not np.array_equal(ids, given):
+            raise InputError(f"the prompt's token ids must be int32 values; got {given[ids != given][:5].tolist()}.")
         mask = np.asarray(output.images_seq_mask, bool)
         tiles, src = image_token_sources(np.asarray(output.images_spatial_crop)[None], mask[None], side)
         used = output.pixels[tiles[:, 1]] if len(tiles) else None
@@ -249,8 +253,11 @@ def slot_shapes(cfg: VL2Config, runtime: Runtime) -> tuple[int, tuple[int, ...]]
 
 
 def check_token_ids(ids, vocab: int) -> None:
-    """Raises InputError unless every token id (ints, or an int array) is in [0, vocab)."""
-    if len(ids) and (min(ids) < 0 or max(ids) >= vocab):
+    """Raises InputError unless every token id (a sequence of ints, or an int array) is in [0, vocab)."""
+    if len(ids) == 0:
+        return
+    low, high = (ids.min(), ids.max()) if isinstance(ids, np.ndarray) else (min(ids), max(ids))
+    if low < 0 or high >= vocab:
         outside = [int(i) for i in ids if not 0 <= i < vocab]
         raise InputError(f"the prompt's token ids must be in [0, {vocab}); got {outside[:5]}.")
 

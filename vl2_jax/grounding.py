@@ -1,6 +1,6 @@
 """Boxes in grounding answers: parse `<|ref|>LABEL<|/ref|><|det|>[[x1,y1,x2,y2], ...]<|/det|>`, draw them.
 
-    detections = parse_boxes(answer, image)          # image: a PIL image, a file path or (width, height)
+    detections = parse_boxes(answer, image)          # image: a PIL image, a file path, a uint8 array or (width, height)
     draw_boxes(image, detections, "boxes.png")       # a new PIL image with outlines and labels
 
 The model writes boxes on a 0-999 grid relative to the ORIGINAL image; a box becomes pixels as
@@ -59,25 +59,35 @@ class Detection:
 
 
 def _image_size(image) -> tuple[int, int]:
-    """(width, height) of a PIL image, of an image file (only its header is read) or of a (width, height)
-    pair of positive numbers; an InputError (one sentence) for anything else."""
+    """(width, height) of a PIL image, of an image file (only its header is read), of a uint8 image
+    array or of a (width, height) pair of positive numbers; an InputError (one sentence) for anything else."""
     if isinstance(image, (str, os.PathLike)):
         return _file_size(os.fspath(image))
     size = getattr(image, "size", None)  # a PIL image's is a tuple; a numpy array's is a count
-    if hasattr(image, "__array__") and np.ndim(image) in (2, 3):  # an image array [H, W(, C)], as the processor's
-        size = np.shape(image)[1::-1]
+    if hasattr(image, "__array__") and np.ndim(image) >= 2:  # (a 1-D array may be the pair)
+        size = _pixels(image, "parse_boxes").shape[1::-1]
     size = size if isinstance(size, tuple) else image
     try:
         width, height = size
     except (TypeError, ValueError):
         raise InputError(
-            f"parse_boxes needs the image as a PIL image, a file path or (width, height), not {_describe(image)}."
+            f"parse_boxes needs the image as a PIL image, a file path, a uint8 array or (width, height), not {_describe(image)}."
         ) from None
     pair = (width, height)
     numeric = all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in pair)
     if not numeric or int(width) < 1 or int(height) < 1:
         raise InputError(f"parse_boxes needs an image size of two positive numbers (width, height), not {pair!r}.")
     return int(width), int(height)
+
+
+def _pixels(image, who: str) -> np.ndarray:
+    """An image array as the processor takes it, uint8 [H, W] or [H, W, 3|4]; an InputError otherwise (a
+    float array or a channels-first one would give wrong boxes without a word)."""
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise InputError(f"{who} takes an image array as uint8 [H, W], [H, W, 3] or [H, W, 4], not "
+                         f"{array.dtype} {list(array.shape)}.")
+    return array
 
 
 def _describe(value) -> str:
@@ -146,10 +156,11 @@ def parse_boxes(text: str, image) -> list[Detection]:
     """The boxes of a grounding answer, in pixels of `image`, in order.
 
     `image` is the picture the answer is about: a PIL image, an image file path (str or Path; only its
-    size is read, no pixels are decoded) or (width, height). Each `<|det|>` takes the label of the
+    size is read, no pixels are decoded), a uint8 array [H, W(, 3|4)] or (width, height). Each `<|det|>` takes the label of the
     `<|ref|>` just before it (since the previous `<|det|>`), else "object". Malformed boxes are skipped
-    with a warning (see the module docstring); never raises on text. Raises InputError (one sentence) for
-    an `image` that is none of the above, a missing file, or a file that is not an image.
+    with a warning (see the module docstring); never raises on what the model wrote. Raises InputError (one
+    sentence) for `text` that is not a str, an `image` that is none of the above, a missing file, or a file
+    that is not an image.
     """
     if not isinstance(text, str):
         hint = "; a GenerationResult's .text holds a str per row: pass result.text[0]" if isinstance(text, list) else ""
@@ -183,10 +194,11 @@ def draw_boxes(image, boxes, out_path: str | Path | None = None):
     from PIL import Image, ImageDraw, ImageFont
 
     if isinstance(image, (str, os.PathLike)):
+        _file_size(os.fspath(image))  # (a missing file, a folder or no image: one InputError)
         with Image.open(image) as opened:
             canvas = opened.convert("RGB")
     elif hasattr(image, "__array__"):
-        canvas = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
+        canvas = Image.fromarray(_pixels(image, "draw_boxes")).convert("RGB")
     else:
         canvas = image.convert("RGB")  # a copy, also when already RGB
     draw = ImageDraw.Draw(canvas)

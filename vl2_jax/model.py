@@ -20,7 +20,7 @@ import numpy as np
 from vl2_jax import generation
 from vl2_jax.checkpoint import param_shapes
 from vl2_jax.config import Runtime, VL2Config
-from vl2_jax.engine import CompileWatch, Engine, Request, Slots, slot_shapes
+from vl2_jax.engine import CompileWatch, Engine, Request, Slots, check_token_ids, slot_shapes
 from vl2_jax.errors import InputError, out_of_memory_as
 from vl2_jax.generation import Detokenizer, GenerationResult, check_max_new_tokens, stop_strings, stream_text
 from vl2_jax.modules.attention import check_attention
@@ -136,12 +136,14 @@ class VL2Model:
                              f"processor with {self.processor.pixel_norm}; make the batch with model.processor.")
 
     def as_batch(self, batch) -> Batch:
-        """A processor batch as it is, one processor output as a batch of one (`processor.batchify`)."""
+        """A processor batch as it is, one processor output as a batch of one (`processor.batchify`);
+        refused (InputError) where `check_batch` refuses it or a token id is outside the vocabulary."""
         if isinstance(batch, ProcessorOutput):
             if self.processor is None:
                 raise InputError("this model has no processor to batch a processor output; pass a processor batch.")
             batch = self.processor.batchify([batch])
         self.check_batch(batch)
+        check_token_ids(np.asarray(batch.input_ids)[np.asarray(batch.attention_mask, bool)], self.cfg.language.vocab_size)
         return batch
 
     def embed(self, batch, length: int | None = None) -> tuple[jax.Array, np.ndarray]:

@@ -299,13 +299,13 @@ def _array_image(array: np.ndarray, where: str) -> Image.Image:
 
 
 def _image_list(images) -> list:
-    """A conversation's images as a list (None: none; a [N, H, W, C] array: its N images). A single image
-    (a PIL image, a path, an [H, W(, C)] array) is refused rather than taken apart: a path's characters
-    or an image's rows are no list of images."""
+    """A conversation's images as a list (None: none; an array of paths or images, or an [N, H, W, C]
+    stack: its items). A single image (a PIL image, a path, an [H, W(, C)] array of numbers) is refused
+    rather than taken apart: a path's characters or an image's rows are no list of images."""
     if images is None:
         return []
-    if isinstance(images, (Image.Image, str, bytes, os.PathLike)) or (hasattr(images, "__array__")
-                                                                      and np.ndim(images) <= 3):
+    pixels = hasattr(images, "__array__") and np.asarray(images).dtype.kind in "uifb" and np.ndim(images) in (2, 3)
+    if isinstance(images, (Image.Image, str, bytes, os.PathLike)) or pixels:
         raise InputError(f"images must be a list, one image per {IMAGE_TOKEN} placeholder; got a single "
                          f"{type(images).__name__}: pass [image] for one image.")
     try:
