@@ -81,12 +81,14 @@ def open_images(case: dict):
     return images
 
 
-def sigterm_when(args: list[str], ready: str) -> tuple[int, str, str]:
-    """`python ARGS` on the CPU from the repository root, sent SIGTERM once a stderr line starts with
-    `ready` -> (exit status, stderr up to that line, stderr after it); killed if it outlives 60 s."""
+def sigterm_when(args: list[str], ready: str, signals: tuple[str, ...] = ("SIGTERM",)) -> tuple[int, str, str]:
+    """`python ARGS` on the CPU from the repository root, sent SIGTERM (or `signals`, half a second
+    apart) once a stderr line starts with `ready` -> (exit status, stderr up to that line, stderr after
+    it); killed if it outlives 60 s."""
     import signal
     import subprocess
     import sys
+    import time
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
@@ -98,7 +100,9 @@ def sigterm_when(args: list[str], ready: str) -> tuple[int, str, str]:
             seen.append(line)
             if line.startswith(ready):
                 break
-        proc.send_signal(signal.SIGTERM)
+        for n, name in enumerate(signals):
+            time.sleep(0.5 if n else 0)
+            proc.send_signal(getattr(signal, name))
         rest = proc.stderr.read()
         return proc.wait(60), "".join(seen), rest
     finally:

@@ -664,6 +664,18 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
 
 
 
+def test_two_ctrl_cs_while_the_first_step_compiles_end_with_interrupted_not_a_crash(tmp_path):
+    """The second Ctrl-C raises at once, while XLA still compiles the step on its threads: the command
+    leaves the process there (Python's teardown beside the compile crashed it with SIGSEGV in about
+    half of such stops)."""
+    path = write_dataset(tmp_path, jsonl_records(tmp_path))
+    code, seen, rest = sigterm_when(["-m", "vl2_jax.finetune", "--model", "random:test", "--data", path, "--out",
+                                     str(tmp_path / "out"), "--steps", "20", "--warmup", "1"],
+                                    ready="training:", signals=("SIGINT", "SIGINT"))
+    assert code == 130, seen + rest
+    assert rest.strip().splitlines()[-1] == "interrupted" and "SIGSEGV" not in rest, rest
+
+
 def test_a_second_interrupt_while_the_state_is_written_waits_for_the_write(tmp_path, monkeypatch):
     """The first Ctrl-C comes during a step, the impatient second one while the train state is written:
     the write and the run's own files finish (no half-written step), then the run stops."""

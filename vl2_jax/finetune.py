@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vl2_jax.errors import command_parser, given, guarded, interrupts_held, number
+from vl2_jax.errors import command_parser, given, guarded, interrupts_held, leave, number
 from vl2_jax.training.parts import PARTS
 
 
@@ -118,5 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     return guarded(body, log)
 
 
+def exit_with_main() -> None:
+    """`python -m vl2_jax.finetune` and `vl2-finetune`: `main()`, then out of the process at once (`leave`:
+    Python's teardown beside a step still compiling on JAX's threads, after a Ctrl-C, crashed it)."""
+    leave(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with_main()
