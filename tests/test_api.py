@@ -516,21 +516,24 @@ def test_models_info_health_generate_flush_and_metrics(sched, url):
     assert float(ttft[0].split()[-1]) >= 1
 
 
-def test_get_load_counts_the_answers_in_progress(sched, url):
-    """SGLang's /get_load, as its router's power-of-two policy reads it: one entry per data-parallel rank."""
-    idle = [{"dp_rank": 0, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": 0}]
-    assert wait_for(lambda: httpx2.get(url + "/get_load").json() == idle)  # (an earlier test's answer may still end)
-    sched.script = lambda job: answer(job, ["tick"] * 1000, delay=0.05)
-    with httpx2.stream("POST", url + "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
-        lines, ticks = r.iter_lines(), 0  # (held: a dropped iterator closes the stream)
-        for line in lines:
-            ticks += "tick" in line
-            if ticks == 3:
-                break
-        load = httpx2.get(url + "/get_load").json()
-    prompt = len(sched.jobs[-1].request.ids)
-    assert len(load) == 1 and load[0]["num_reqs"] == 1 and prompt + 3 <= load[0]["num_tokens"] <= prompt + 20
-    assert wait_for(lambda: httpx2.get(url + "/get_load").json()[0]["num_reqs"] == 0)
+def test_get_load_counts_the_answers_in_progress():
+    """SGLang's /get_load, as its router's power-of-two policy reads it: one entry per data-parallel rank.
+    (A server of its own: the shared one may still be ending an earlier test's cancelled answers.)"""
+    sched = FakeScheduler()
+    with running(create_app(sched, MODEL, processor())) as url:
+        idle = [{"dp_rank": 0, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": 0}]
+        assert httpx2.get(url + "/get_load").json() == idle
+        sched.script = lambda job: answer(job, ["tick"] * 1000, delay=0.05)
+        with httpx2.stream("POST", url + "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+            lines, ticks = r.iter_lines(), 0  # (held: a dropped iterator closes the stream)
+            for line in lines:
+                ticks += "tick" in line
+                if ticks == 3:
+                    break
+            load = httpx2.get(url + "/get_load").json()
+        prompt = len(sched.jobs[-1].request.ids)
+        assert len(load) == 1 and load[0]["num_reqs"] == 1 and prompt + 3 <= load[0]["num_tokens"] <= prompt + 20
+        assert wait_for(lambda: httpx2.get(url + "/get_load").json()[0]["num_reqs"] == 0)
 
 
 def test_api_key(sched):
