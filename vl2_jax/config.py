@@ -118,6 +118,12 @@ class Runtime:
         return cls(moe="dense", attention="plain", kernels=False)
 
 
+def check_runtime_type(runtime) -> None:
+    """Raises TypeError unless `runtime` is a `Runtime` (a dict of its fields is not one)."""
+    if not isinstance(runtime, Runtime):
+        raise TypeError(f"runtime must be a vl2_jax.Runtime, not {type(runtime).__name__}")
+
+
 # Keys that Hugging Face's `PretrainedConfig` (4.x and 5.x) writes into any config.json. They carry no
 # model structure (generation defaults, bookkeeping), so they are accepted and ignored.
 _HF_GENERIC_KEYS = frozenset(

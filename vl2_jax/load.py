@@ -38,7 +38,7 @@ import numpy as np
 
 from vl2_jax import executables, prefetch
 from vl2_jax.checkpoint import SafetensorsFolder, load_hf, param_shapes, set_path, source_dtype
-from vl2_jax.config import PRESETS, Runtime, VL2Config, dtype_of
+from vl2_jax.config import PRESETS, Runtime, VL2Config, check_runtime_type, dtype_of
 from vl2_jax.engine import Engine, slot_shapes
 from vl2_jax.errors import CheckpointError, ConfigError, out_of_memory_as
 from vl2_jax.model import VL2Model
@@ -122,8 +122,7 @@ def _spec(spec, runtime) -> str:
                         f"not {type(spec).__name__}")
     if not spec.strip():
         raise CheckpointError("the model spec is empty; pass random:SIZE, a checkpoint folder or a hub id.")
-    if not isinstance(runtime, Runtime):
-        raise TypeError(f"runtime must be a vl2_jax.Runtime, not {type(runtime).__name__}")
+    check_runtime_type(runtime)
     return spec
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from vl2_jax import generation
 from vl2_jax.checkpoint import param_shapes
-from vl2_jax.config import Runtime, VL2Config
+from vl2_jax.config import Runtime, VL2Config, check_runtime_type
 from vl2_jax.engine import CompileWatch, Engine, Request, Slots, check_token_ids, slot_shapes
 from vl2_jax.errors import InputError, out_of_memory_as
 from vl2_jax.generation import Detokenizer, GenerationResult, check_max_new_tokens, stop_strings, stream_text
@@ -41,8 +41,7 @@ class VL2Model:
         how the model runs (MoE dispatch, attention form, kernels; `Runtime.plain()` is the reference's
         arithmetic). `quant`: what `params` hold ("none", or "int8"/"fp8" weights; `vl2_jax.quant`).
         `engine`: its `Engine`, if made already (`Engine.of` these settings; else made when first asked)."""
-        if not isinstance(runtime, Runtime):
-            raise TypeError(f"runtime must be a vl2_jax.Runtime, not {type(runtime).__name__}")
+        check_runtime_type(runtime)
         check_attention(runtime, dtype)
         slot_shapes(cfg, runtime)
         self.cfg = cfg
@@ -146,13 +145,11 @@ class VL2Model:
         check_token_ids(np.asarray(batch.input_ids)[np.asarray(batch.attention_mask, bool)], self.cfg.language.vocab_size)
         return batch
 
-    def embed(self, batch, length: int | None = None) -> tuple[jax.Array, np.ndarray]:
-        """A processor batch -> (token embeddings with the image features written in [B, length, D] in
-        the model dtype, token ids [B, length] int32 on the host), left padded to `length` (default: the
-        batch's) with the pad token. One processor output is a batch of one. Call under `mesh_context()`.
-        Without a mesh every input goes to the device in one transfer call, so that the vision tower
-        starts as early as it can."""
-        batch = self.as_batch(batch)
+    def embed(self, batch: Batch, length: int | None = None) -> tuple[jax.Array, np.ndarray]:
+        """A processor batch that `as_batch` passed -> (token embeddings with the image features written in
+        [B, length, D] in the model dtype, token ids [B, length] int32 on the host), left padded to `length`
+        (default: the batch's) with the pad token. Call under `mesh_context()`. Without a mesh every input
+        goes to the device in one transfer call, so that the vision tower starts as early as it can."""
         tiles = batch.used_tiles()
         length = length or np.shape(batch.input_ids)[1]
         pad_id = self.processor.pad_id if self.processor is not None else 0
@@ -170,6 +167,9 @@ class VL2Model:
     def prepare_inputs_embeds(self, batch) -> jax.Array:
         """Token embeddings with the image features written in: [B, T, D] in the model dtype (a processor
         batch, or one processor output: B = 1)."""
+        return self._embeds(self.as_batch(batch))
+
+    def _embeds(self, batch: Batch) -> jax.Array:
         with self.mesh_context(), out_of_memory_as("while embedding the prompt and its images"):
             return self.embed(batch)[0]
 
@@ -177,7 +177,7 @@ class VL2Model:
         """Full forward without a cache: float32 logits [B, T, V] (one processor output: B = 1)."""
         batch = self.as_batch(batch)
         mask = np.asarray(batch.attention_mask, bool)
-        x = self.prepare_inputs_embeds(batch)
+        x = self._embeds(batch)
         with self.mesh_context(), out_of_memory_as(f"in a full forward of {mask.shape[0]} x {mask.shape[1]} tokens"):
             bt = ("batch", None)
             return self._language(self.params, x, self.put(left_pad_positions(mask), bt), self.put(mask, bt))

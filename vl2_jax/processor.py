@@ -304,8 +304,9 @@ def _image_list(images) -> list:
     rather than taken apart: a path's characters or an image's rows are no list of images."""
     if images is None:
         return []
-    pixels = hasattr(images, "__array__") and np.asarray(images).dtype.kind in "uifb" and np.ndim(images) in (2, 3)
-    if isinstance(images, (Image.Image, str, bytes, os.PathLike)) or pixels:
+    array = np.asarray(images) if hasattr(images, "__array__") else None
+    one_image = array is not None and array.dtype.kind in "uifb" and array.ndim in (2, 3)
+    if isinstance(images, (Image.Image, str, bytes, os.PathLike)) or one_image:
         raise InputError(f"images must be a list, one image per {IMAGE_TOKEN} placeholder; got a single "
                          f"{type(images).__name__}: pass [image] for one image.")
     try:

@@ -293,9 +293,10 @@ def fit(module: VL2, processor: Processor, params: dict, train: list, s: Setting
     at the end (when given), then calls `on_save` with the Result so far; `resume` starts from its latest.
     `model_settings` (the model, dtype, MoE dispatch, the data's digest): what else a resumed run must
     share, recorded with `s`. `bar`: tqdm on stderr (None: where stderr is a terminal). `params` is
-    consumed (the step donates it); under a mesh, call it inside the model's `mesh_context()`. A Ctrl-C, SIGTERM or SIGHUP (on the main thread) stops the run after
-    the step under way: the state is saved (with `state_dir`) and KeyboardInterrupt raised; a second one
-    raises at once, unless the state is being written: then the write ends first."""
+    consumed (the step donates it); under a mesh, call it inside the model's `mesh_context()`. A Ctrl-C,
+    SIGTERM or SIGHUP (on the main thread) stops the run after the step under way: the state is saved
+    (with `state_dir`) and KeyboardInterrupt raised; a second one raises at once, unless the state is
+    being written: then the write ends first."""
     from tqdm import tqdm
 
     log = log or (lambda line: None)
