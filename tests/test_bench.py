@@ -132,3 +132,16 @@ def test_table_values_have_units():
     lines = table(rows).splitlines()
     assert lines[0].split("|")[5].strip() == "unit"
     assert [line.split("|")[5].strip() for line in lines[2:]] == ["s", "GB", "ms", "ms", "tok/s", "tokens", "GB"]
+
+
+def test_sigterm_during_warmup_ends_at_once_without_waiting_for_compiles_under_way():
+    """SIGTERM (or Ctrl-C) while the benchmark warms up: "interrupted" and exit status 130, leaving at
+    once; the compiles already under way on the warmup's threads are not waited for (Python's own exit
+    joined them, which printed their progress lines after "interrupted": half a minute on a GPU)."""
+    from tests.conftest import sigterm_when
+
+    code, seen, rest = sigterm_when(["-m", "vl2_jax.bench", "--model", "random:test", "--batches", "1,2",
+                                     "--repeats", "1"], ready="warmup 1/")
+    assert code == 130, seen + rest
+    after = rest.split("interrupted\n", 1)
+    assert len(after) == 2 and after[1] == "" and "Traceback" not in rest, rest

@@ -34,7 +34,7 @@ from PIL import Image
 from vl2_jax import kernels, load, quant
 from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, QUANTS, Runtime
 from vl2_jax.engine import CompileWatch
-from vl2_jax.errors import InputError, command_parser, given, guarded, number, number_list
+from vl2_jax.errors import InputError, command_parser, given, guarded, leave, number, number_list
 from vl2_jax.modules.attention import ragged_decode
 from vl2_jax.modules.moe import mlp_kernel_fits
 from vl2_jax.modules.vision import normalize_pixels
@@ -297,5 +297,11 @@ def main(argv=None) -> int:
     return guarded(body, lambda line: print(line, file=sys.stderr, flush=True))
 
 
+def exit_with_main() -> None:
+    """`python -m vl2_jax.bench`: `main()`, then out of the process at once (`leave`: an interrupted
+    warmup does not wait for the compiles under way on its threads)."""
+    leave(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with_main()
