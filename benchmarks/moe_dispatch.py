@@ -1,6 +1,6 @@
 """Which MoE dispatch, and which fused weight layout, is fastest at each token count? (GPU)
 
-    python benchmarks/moe_dispatch.py [--models tiny,small] [--tokens 1,8,32,1088]
+    python benchmarks/moe_dispatch.py [--models tiny,small] [--tokens 1,8,32,1088] [--dispatches grouped,ragged]
 
 Times the routed + shared experts of every MoE layer of a model (random bf16 weights at the real
 sizes, layers chained so each depends on the last, one jitted call) for each dispatch of
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from vl2_jax.bench import median_time
 from vl2_jax.config import PRESETS
+from vl2_jax.kernels import MIN_ROWS
 from vl2_jax.modules.moe import run_experts, swiglu
 
 REPS = 5
@@ -69,12 +70,17 @@ def _layer_shared_as_experts(k):
     return layer
 
 
-def run(model: str, tokens: list[int]) -> list[dict]:
+# the names --dispatches takes, and the cases they time
+DISPATCHES = {"dense": "dense", "grouped": "grouped", "nokernel": "grouped, no kernel", "gather": "gather",
+              "ragged": "ragged", "shared": "gather+shared as experts"}
+
+
+def run(model: str, tokens: list[int], dispatches=None) -> list[dict]:
     c = PRESETS[model].language
     e, d, f, s, k = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size, c.n_shared_experts, c.num_experts_per_tok
     layers = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
     rows = []
-    for name in ("dense", "grouped", "grouped, no kernel", "gather", "ragged", "gather+shared as experts"):
+    for name in dispatches or DISPATCHES.values():
         ws = _weights(jax.random.key(0), layers, e, d, f, s, name.endswith("experts"))
         if name.endswith("experts"):
             layer = _layer_shared_as_experts(k)
@@ -88,7 +94,8 @@ def run(model: str, tokens: list[int]) -> list[dict]:
             return x
 
         for n in tokens:
-            if ((name.startswith("gather") and n > 64) or (name == "ragged" and n < 64)
+            # (ragged below the Mosaic kernel's fewest rows would time `lax.ragged_dot`, not the kernel)
+            if ((name.startswith("gather") and n > 64) or (name == "ragged" and n * k < MIN_ROWS)
                     or (name.endswith("no kernel") and n > 64)):
                 continue
             x = jax.random.normal(jax.random.key(n), (n, d), jnp.bfloat16)
@@ -105,9 +112,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="tiny,small")
     p.add_argument("--tokens", default="1,8,32,1088")
+    p.add_argument("--dispatches", default=",".join(DISPATCHES),
+                   help="comma-separated, of: " + ", ".join(f"{k} ({v})" for k, v in DISPATCHES.items()))
     a = p.parse_args()
     tokens = [int(t) for t in a.tokens.split(",")]
-    rows = [r for m in a.models.split(",") for r in run(m, tokens)]
+    unknown = [d for d in a.dispatches.split(",") if d not in DISPATCHES]
+    if unknown:
+        p.error(f"unknown dispatch(es) {unknown}: choose from {', '.join(DISPATCHES)}")
+    chosen = [DISPATCHES[d] for d in a.dispatches.split(",")]
+    rows = [r for m in a.models.split(",") for r in run(m, tokens, chosen)]
     print("\n| model | dispatch | " + " | ".join(f"{n} tokens (ms)" for n in tokens) + " |")
     print("|---|---|" + "---|" * len(tokens))
     for (m, name) in dict.fromkeys((r["model"], r["dispatch"]) for r in rows):
