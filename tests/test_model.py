@@ -119,6 +119,17 @@ def test_random_weights_carry_information_between_tokens():
     assert np.abs(last(a) - last(b)).max() > 1e-3
 
 
+def test_a_random_model_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    """Its tokenizer and processor files are written to a temporary folder and read back: every load of a
+    `random:*` model left one behind (hundreds in /tmp after a day of tests and servers)."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    m = vl2_jax.load_model("random:test", "float32")
+    assert m.processor.decode(m.processor.tokenizer.encode("hi")) == "hi"
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("where", ["host", "device"])
 def test_random_draws_follow_the_rules_on_host_and_device(where, monkeypatch):
     """`draw_like`: weights normal(0.02), norm scales 1, biases 0, in the leaf's dtype, the same for the

@@ -481,19 +481,19 @@ def random_model(name: str, dtype="float32", seed: int = 0, runtime: Runtime = R
                  quant: str = "none", programs: str | None = None,
                  log: Callable[[str], None] = lambda line: None) -> VL2Model:
     """A `VL2Model` with random weights at a preset size ("tiny", "small", "base", "test"), on one device
-    or across `mesh` (see `load_model`); its tokenizer and processor files go to a temporary folder and
-    load through the same code as a real checkpoint's. `quant`: each float weight quantized as soon as
+    or across `mesh` (see `load_model`); its tokenizer and processor files are written to a temporary
+    folder, removed once they are read, and load through the same code as a real checkpoint's. `quant`: each float weight quantized as soon as
     it is drawn (`vl2_jax.quant`), so that memory holds the quantized model and one float leaf at most.
     `programs`, `log`: as for `load_folder`."""
     cfg = preset(name)
     slot_shapes(cfg, runtime)
     dtype = resolve_dtype(dtype) or jnp.float32
-    folder = write_assets(Path(tempfile.mkdtemp(prefix=f"vl2-random-{name}-")), cfg)
+    with tempfile.TemporaryDirectory(prefix=f"vl2-random-{name}-") as folder:  # (read once, then removed)
+        processor = Processor.from_pretrained(write_assets(folder, cfg))
     mesh = make_mesh(mesh, cfg)
     shardings = Layout(mesh).param_shardings(param_shapes(cfg, dtype)) if mesh is not None else None
     quant = check_quant(quant)
     after = (lambda path, leaf: _quantize_leaf(path, leaf, quant, mesh)) if quant != "none" else None
-    processor = Processor.from_pretrained(folder)
     engine = _engine_ahead(cfg, dtype, runtime, processor, mesh, programs, log, ask_kernels=False)
     params = init_params(cfg, dtype, seed, shardings, after)
     if engine is not None:
