@@ -299,6 +299,13 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
     ({**CHAT, "modalities": ["text", "audio"]}, 400, "modalities"),
     ({**CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
     ({**CHAT, "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ({**CHAT, "regex": "a+"}, 400, "regex"),  # (vLLM's and SGLang's extras: refused, not silently ignored)
+    ({**CHAT, "guided_choice": ["yes", "no"]}, 400, "guided_choice"),
+    ({**CHAT, "json_schema": "{}"}, 400, "json_schema"),
+    ({**CHAT, "min_p": 0.1}, 400, "min_p"),
+    ({**CHAT, "min_tokens": 5}, 400, "min_tokens"),
+    ({**CHAT, "stop_token_ids": [5]}, 400, "stop_token_ids"),
+    ({**CHAT, "stream_options": {"include_usage": True}}, 400, "stream_options"),  # (without stream, as OpenAI)
     ({**CHAT, "temperature": -1}, 400, None),
     ({**CHAT, "max_tokens": 0}, 400, "max_tokens"),
     ({**CHAT, "model": "gpt-4"}, 404, "model"),
@@ -334,6 +341,13 @@ def test_role_and_content_errors_say_what_is_taken(url):
     assert "tool calls are not supported" in post([{"role": "assistant", "content": None}])["message"]
 
 
+def test_extras_left_at_their_defaults_are_no_constraint(url):
+    """The refused extras, sent at the values that mean "off" (as a proxy that re-serializes a request may
+    send them), are accepted."""
+    unset = {"min_p": 0.0, "min_tokens": 0, "stop_token_ids": [], "regex": None, "use_beam_search": False}
+    assert httpx2.post(url + "/v1/chat/completions", json={**CHAT, **unset, "max_tokens": 2}).status_code == 200
+
+
 def test_other_bad_requests(sched, url):
     error_of(httpx2.post(url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}), 400)
     huge = b'{"max_tokens": ' + b"9" * 5000 + b"}"
@@ -345,6 +359,7 @@ def test_other_bad_requests(sched, url):
     error_of(httpx2.get(url + "/v1/models/gpt-4"), 404)
     error_of(httpx2.post(url + "/v1/completions", json={"prompt": ["a", "b"]}), 400)
     error_of(httpx2.post(url + "/v1/completions", json={"prompt": "a", "echo": True}), 400)
+    assert error_of(httpx2.post(url + "/v1/completions", json={"prompt": "a", "ebnf": "x"}), 400)["param"] == "ebnf"
     error_of(httpx2.post(url + "/v1/completions", json={"prompt": [1, 99999]}), 400)
     image = error_of(httpx2.post(url + "/v1/completions", json={"prompt": "<image>\nDescribe it."}), 400)
     assert image["param"] == "prompt" and "/v1/completions takes no images" in image["message"]

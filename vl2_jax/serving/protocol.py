@@ -143,8 +143,39 @@ class _OpenAIBody(_Body):
     top_k: int | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool | None = False
+    # extra fields of vLLM's and SGLang's that this server does not implement: refused when set, rather than
+    # ignored as unknown fields are (an answer that looks right but was never constrained)
+    min_p: Any = None
+    min_tokens: Any = None
+    stop_token_ids: Any = None
+    bad_words: Any = None
+    allowed_token_ids: Any = None
+    use_beam_search: Any = None
+    regex: Any = None
+    ebnf: Any = None
+    json_schema: Any = None
+    structural_tag: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
 
     def _refuse_unsupported(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("stream_options is only allowed when stream is true.", "stream_options")
+        for name in ("regex", "ebnf", "json_schema", "structural_tag", "guided_json", "guided_regex", "guided_choice",
+                     "guided_grammar", "structured_outputs"):
+            if getattr(self, name) not in (None, "", [], {}):
+                raise not_supported(name, "constrained decoding")
+        for name, what, instead in (("min_p", "a non-zero min_p", "use top_p or top_k"),
+                                    ("min_tokens", "a non-zero min_tokens", ""),
+                                    ("stop_token_ids", "stop_token_ids", "use stop strings"),
+                                    ("bad_words", "bad_words", ""),
+                                    ("allowed_token_ids", "allowed_token_ids", ""),
+                                    ("use_beam_search", "beam search", "")):
+            if getattr(self, name) not in (None, 0, 0.0, False, [], ""):
+                raise not_supported(name, what, instead)
         if self.n is not None and self.n < 1:
             raise bad_request(f"n must be at least 1 (got {self.n}).", "n")
         if self.n not in (None, 1):
