@@ -82,12 +82,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="random:tiny")
     p.add_argument("--quants", default="none,int8,fp8", help="comma-separated, of none, int8, fp8 (default: all)")
-    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--max-seq-len", type=int, default=2048,
+                   help="tokens per slot (default 2048; at most the model's context: random:test's is 1024)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # (a child process: one quantization)
     p.add_argument("--logits-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        print(json.dumps(one_run(args.model, args.one, args.max_seq_len, Path(args.logits_dir))), flush=True)
+        from vl2_jax.errors import VL2Error
+
+        try:
+            print(json.dumps(one_run(args.model, args.one, args.max_seq_len, Path(args.logits_dir))), flush=True)
+        except VL2Error as e:  # (a bad model or setting: its one line, which the parent passes on)
+            sys.exit(f"error: {e}")
         return
     quants = [q for q in args.quants.split(",") if q]
     if unknown := set(quants) - {"none", "int8", "fp8"}:
@@ -98,7 +104,8 @@ def main() -> None:
             r = subprocess.run([sys.executable, __file__, "--model", args.model, "--max-seq-len", str(args.max_seq_len),
                                 "--one", quant, "--logits-dir", logits_dir], capture_output=True, text=True)
             if r.returncode:
-                sys.exit(f"{quant} failed:\n{r.stderr[-3000:]}")
+                errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+                sys.exit(f"{quant}: {errors[-1]}" if errors else f"{quant} failed:\n{r.stderr[-3000:]}")
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
     print("\n| quant | decode tok/s | first token ms | params GB | peak GB | decode bytes GB | cosine min / mean | top-1 |")
