@@ -363,7 +363,7 @@ def test_convert_quant_round_trips(tmp_path, capsys):
     plain, _ = orbax_io.restore(dst, loaded.cfg, "float32", reader="orbax")
     for got, want in zip(jax.tree.leaves(plain), jax.tree.leaves(loaded.params)):
         assert got.dtype == want.dtype and np.array_equal(np.asarray(got), np.asarray(want))
-    with pytest.raises(ConfigError, match="holds int8 weights.*leave --quant out.*again with --quant fp8"):
+    with pytest.raises(ConfigError, match=r"holds int8 weights.*leave --quant \(in Python, quant=\) out or set it to int8.*again with --quant fp8"):
         vl2_jax.load_model(str(dst), "float32", quant="fp8")
     with pytest.raises(ConfigError, match="holds int8 weights.*again without --quant"):
         vl2_jax.load_model(str(dst), "float32", quant="none")

@@ -237,8 +237,9 @@ def load_folder(path: str | Path, dtype=None, runtime: Runtime = Runtime(), mesh
         quant = saved_quant if quant is None else check_quant(quant)
         if saved_quant != "none" and quant != saved_quant:
             instead = "without --quant for float weights" if quant == "none" else f"with --quant {quant}"
-            raise ConfigError(f"{path} holds {saved_quant} weights, which load only as they are: leave --quant out "
-                              f"or pass --quant {saved_quant}, or convert the Hugging Face checkpoint again {instead}.")
+            raise ConfigError(f"{path} holds {saved_quant} weights, which load only as they are: leave --quant (in "
+                              f"Python, quant=) out or set it to {saved_quant}, or convert the Hugging Face checkpoint "
+                              f"again {instead} (python -m convert).")
         dtype_ = want or (orbax_io.saved_dtype(path) if converted else source_dtype(folder))
         shapes = param_shapes(cfg, dtype_)
         # the shardings of what is read: a quantized checkpoint's leaves as saved, else the float leaves
