@@ -483,9 +483,9 @@ def random_model(name: str, dtype="float32", seed: int = 0, runtime: Runtime = R
                  log: Callable[[str], None] = lambda line: None) -> VL2Model:
     """A `VL2Model` with random weights at a preset size ("tiny", "small", "base", "test"), on one device
     or across `mesh` (see `load_model`); its tokenizer and processor files are written to a temporary
-    folder, removed once they are read, and load through the same code as a real checkpoint's. `quant`: each float weight quantized as soon as
-    it is drawn (`vl2_jax.quant`), so that memory holds the quantized model and one float leaf at most.
-    `programs`, `log`: as for `load_folder`."""
+    folder, removed once they are read, and load through the same code as a real checkpoint's. `quant`:
+    each float weight quantized as soon as it is drawn (`vl2_jax.quant`), so that memory holds the
+    quantized model and one float leaf at most. `programs`, `log`: as for `load_folder`."""
     cfg = preset(name)
     slot_shapes(cfg, runtime)
     dtype = resolve_dtype(dtype) or jnp.float32
