@@ -7,8 +7,9 @@ Loads the model, compiles every program (progress on stderr; --no-warmup compile
 instead), starts the scheduler and serves `vl2_jax.serving.api`'s routes; prints the URL on stdout when
 it accepts requests. SIGTERM or Ctrl-C: no new connections are accepted and idle ones are closed (a
 request that arrives meanwhile gets 503), those in flight get up to --drain-seconds to finish (then
-they are cancelled: 503, or an error event in a stream), the scheduler stops, the process exits. A bad argument or a model
-that does not load prints one `error: ...` line, exit status 1.
+they are cancelled: 503, or an error event in a stream), the scheduler stops, the process exits. A malformed flag prints a usage line and
+exits with status 2; a model that does not load, or an argument it refuses, prints one `error: ...` line,
+exit status 1.
 """
 
 from __future__ import annotations
