@@ -134,6 +134,26 @@ def test_decode_calls_are_shorter_the_more_slots_decode_and_answers_do_not_chang
         names.clear()
 
 
+def test_fewer_decode_steps_a_call_give_the_same_answers():
+    """`Runtime.decode_steps` sets the tokens per decode call (the server's --decode-steps): 4 a call over
+    one slot, and a seeded sampled answer and a greedy one equal those of the default 16."""
+    from vl2_jax.engine import decode_steps
+
+    assert [decode_steps(n, 4) for n in (1, 8, 16, 32)] == [4, 4, 2, 1] and decode_steps(64, 2) == 1
+    with pytest.raises(vl2_jax.ConfigError, match="decode_steps"):
+        Runtime(decode_steps=0)
+    default, short = (vl2_jax.load_model("random:test", "float32", runtime=Runtime(max_batch=2, max_seq_len=256, **kw))
+                      for kw in ({}, {"decode_steps": 4}))
+    p = default.processor
+    batch = p.batchify([p([{"role": "user", "content": "Tell me a story."}])])
+    names: list = []
+    short.engine._call = functools.partial(recorded, short.engine._call, names)
+    for kw in (dict(max_new_tokens=13, temperature=1.1, top_k=50, seed=9), dict(max_new_tokens=13)):
+        assert short.generate(batch, **kw).token_ids == default.generate(batch, **kw).token_ids
+    decodes = [n for n in names if n.startswith("decode")]
+    assert 2 * 3 <= len(decodes) <= 2 * 4, decodes  # 12 tokens after the first, 4 a call: 3 calls (+1 queued)
+
+
 def test_batch_larger_than_the_slots_runs_in_waves_with_the_same_answers():
     variant = "mla"
     m = vl2_jax.load_pretrained(ckpt_dir(variant), runtime=Runtime(max_batch=2))

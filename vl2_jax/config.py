@@ -78,6 +78,9 @@ class Runtime:
     prefix_cache: whether a prompt may continue from the cache entries a slot kept of an earlier one
       (the server's prefix cache): the engine then also compiles prefill chunks that start past a
       cached prefix (chunks of up to `CONTINUED_CHUNK_MAX` tokens).
+    decode_steps: tokens per decode call over up to 8 live slots (half as many over 9-16, a quarter
+      beyond; `engine.decode_steps`). A prompt that arrives waits for the call under way: fewer steps
+      shorten that wait, more let the host's time between calls weigh less. Answers do not depend on it.
 
     `Runtime.plain()` is the reference path the fast paths are tested against.
     """
@@ -90,11 +93,14 @@ class Runtime:
     prefill_chunks: tuple[int, ...] = (128, 256, 512, 768, 1024, 1280, 1536, 2048, 3072, 4096)
     prefill_tokens: int = 8192
     prefix_cache: bool = False
+    decode_steps: int = 16
 
     def __post_init__(self):
         whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1
         if not whole(self.max_batch):
             raise ConfigError(f"max_batch must be a whole number of at least 1 (got {self.max_batch!r}).")
+        if not whole(self.decode_steps):
+            raise ConfigError(f"decode_steps must be a whole number of at least 1 (got {self.decode_steps!r}).")
         if self.max_seq_len is not None and not (whole(self.max_seq_len) and self.max_seq_len >= 2):
             raise ConfigError(f"max_seq_len must be a whole number of at least 2 (got {self.max_seq_len!r}).")
         if not (isinstance(self.prefill_tokens, int) and not isinstance(self.prefill_tokens, bool)

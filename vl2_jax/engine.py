@@ -63,7 +63,7 @@ from vl2_jax.processor import NEWLINE_SOURCE, SEPARATOR_SOURCE, TILE_SOURCES, Pi
 from vl2_jax.sampling import RowSampling, sample_rows
 from vl2_jax.sharding import Layout
 
-STEPS = 16  # the most tokens per decode call: the host reads tokens (streaming, stop strings) between calls
+STEPS = Runtime.decode_steps  # (the default: 16) the host reads tokens (streaming, stop strings) between calls
 CONTINUED_CHUNK_MAX = 1024  # the longest chunk of a prompt continued past a cached prefix
 TILE_CHUNKS = (2, 5)  # tiles per vision-tower call: 5 is a 768 px image's global view and 2x2 tiles
 NO_TOKEN = -1  # in decode outputs: the slot produced nothing at that step
@@ -78,15 +78,15 @@ def powers_of_two(low: int, high: int) -> tuple[int, ...]:
     return (*out, high)
 
 
-def decode_steps(n: int) -> int:
-    """Tokens per decode call over a live-slot bucket of `n`: STEPS up to 8 slots, half as many at 16, a
-    quarter beyond. A call runs to its end before anything else does, so a prompt that arrives waits
-    for the call under way and the one queued behind it; a step takes longer the more slots decode, so
-    calls over many slots are kept short to bound that wait (the step times behind it: BENCHMARKS.md,
-    Serving). Up to 8 slots a call keeps STEPS, so that the host's time between calls weighs little.
-    The answers do not depend on it (each token's sampling key is folded with its position in the
-    answer)."""
-    return STEPS if n <= 8 else STEPS // 2 if n <= 16 else STEPS // 4
+def decode_steps(n: int, steps: int = STEPS) -> int:
+    """Tokens per decode call over a live-slot bucket of `n`: `steps` (`Runtime.decode_steps`) up to 8
+    slots, half as many at 16, a quarter beyond, at least 1. A call runs to its end before anything else
+    does, so a prompt that arrives waits for the call under way and the one queued behind it; a step
+    takes longer the more slots decode, so calls over many slots are kept short to bound that wait (the
+    step times behind it: BENCHMARKS.md, Serving). Up to 8 slots a call keeps `steps`, so that the host's
+    time between calls weighs little. The answers do not depend on it (each token's sampling key is
+    folded with its position in the answer)."""
+    return max(1, steps if n <= 8 else steps // 2 if n <= 16 else steps // 4)
 
 
 def smallest_at_least(n: int, buckets: tuple[int, ...]) -> int:
@@ -581,7 +581,7 @@ class Engine:
 
         def decode(params, state: Slots, stop_B, n, keys, greedy):
             state = state.replace(done=state.done | stop_B)
-            steps = decode_steps(n)
+            steps = decode_steps(n, self.runtime.decode_steps)
             out = jnp.full((n, steps), NO_TOKEN, jnp.int32)
 
             def body(i, carry):
@@ -814,7 +814,8 @@ class Engine:
         N the bucket of `live`: each slot's tokens, NO_TOKEN where it produced none, then 1 if it is
         done). `longest`: an upper bound of the live slots' cached lengths (picks the key bucket)."""
         n = smallest_at_least(live, self.slot_buckets)
-        keys = smallest_at_least(min(longest + decode_steps(n), self.capacity), self.decode_key_buckets)
+        keys = smallest_at_least(min(longest + decode_steps(n, self.runtime.decode_steps), self.capacity),
+                                 self.decode_key_buckets)
         stop = np.zeros((self.max_batch,), bool) if stop is None else stop
         with self._context():
             return self._call(f"decode{(n, keys, greedy)}", self._decode, (self.language_params(params), state, stop),
@@ -860,7 +861,7 @@ class Engine:
                 out.append(("insert", (n, all(greedy[i] for i in group if len(prefills[i].plan) == 1))))
             waiting = [i for i in waiting if i not in group]
         n = smallest_at_least(live, self.slot_buckets)
-        steps = decode_steps(n)
+        steps = decode_steps(n, self.runtime.decode_steps)
         # from the first call after the first tokens to the call that fills the longest answer (the host
         # sends no call past the answers' ends: `Batcher.step`)
         low = max([longest, *(p.length + 1 for p in prefills)]) + steps

@@ -43,6 +43,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=number(int, 1), default=8, help="answers decoded together: slots (default 8)")
     p.add_argument("--max-seq-len", type=number(int, 1), default=None,
                    help="tokens a slot holds, prompt included (default: the model's context)")
+    p.add_argument("--decode-steps", type=number(int, 1), default=Runtime.decode_steps, metavar="N",
+                   help="tokens per decode call over up to 8 slots, half as many over 9-16, a quarter beyond (default "
+                        f"{Runtime.decode_steps}): fewer shorten the wait of a prompt that arrives while answers decode")
     p.add_argument("--max-queue", type=number(int, 1), default=256,
                    help="requests waiting for a slot before new ones get 429 (default 256)")
     p.add_argument("--prefill-chunk", type=number(int, 1), default=None,
@@ -157,7 +160,7 @@ def run(args, log) -> int:
     chunks = {} if args.prefill_chunk is None else {"prefill_chunks": (args.prefill_chunk,)}
     runtime = Runtime(moe=args.moe, attention=args.attention, kernels=args.kernels == "on", max_batch=args.max_batch,
                       max_seq_len=args.max_seq_len, prefill_tokens=args.prefill_tokens,
-                      prefix_cache=not args.no_prefix_cache, **chunks)
+                      prefix_cache=not args.no_prefix_cache, decode_steps=args.decode_steps, **chunks)
     model = load.load_model(args.model, args.dtype, runtime=runtime, mesh=args.mesh, progress=log, quant=args.quant,
                             programs=cache_dir)
     store = model.engine.executables
