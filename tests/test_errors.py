@@ -354,6 +354,23 @@ def test_token_ids_outside_the_vocabulary_are_refused(fixture_model, bad):
     assert message == f"the prompt's token ids must be int32 values; got [{2**32 + 5}]."
 
 
+def test_weights_larger_than_the_host_memory_are_refused_before_any_is_made(monkeypatch):
+    """On the CPU the weights live in the host's memory, and running out of it ends the process with no
+    message (random:small in float32 on a 24 GB machine: 64.5 GB): load_model refuses first, naming the
+    sizes and what to try, for random weights and checkpoints alike; quantized weights count as such."""
+    need = vl2_jax.load.weight_bytes(vl2_jax.load.param_shapes(vl2_jax.PRESETS["test"], jax.numpy.float32))
+    monkeypatch.setattr(vl2_jax.prefetch, "available_memory", lambda: need - 1)
+    assert vl2_jax.load_model("random:test", "float32", quant="int8").quant == "int8"  # (int8: under half of it)
+    monkeypatch.setattr(vl2_jax.load, "init_params", lambda *a, **k: pytest.fail("weights were made"))
+    monkeypatch.setattr(vl2_jax.load, "load_hf", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(ConfigError, match=r"^random:test's float32 weights need 0\.0 GB of memory and this machine has "
+                                          r"0\.0 GB available; use dtype bfloat16 \(--dtype bfloat16\) or int8 weights "
+                                          r"\(--quant int8\), or take a smaller model \(random:tiny, random:test\)\.$"):
+        vl2_jax.load_model("random:test", "float32")
+    with pytest.raises(ConfigError, match=r"'s float32 weights need .* or a machine with more memory\.$"):
+        vl2_jax.load_pretrained(ckpt_dir("mla"), "float32")
+
+
 def test_runtime_the_model_cannot_take_is_refused_before_the_weights(monkeypatch):
     """A max_seq_len beyond the context, or prefill chunks of no common step, fail in load_model, not
     at the first generate; so do a spec or runtime of the wrong type."""
