@@ -581,7 +581,7 @@ class Engine:
 
         def decode(params, state: Slots, stop_B, n, keys, greedy):
             state = state.replace(done=state.done | stop_B)
-            steps = decode_steps(n, self.runtime.decode_steps)
+            steps = self.steps(n)
             out = jnp.full((n, steps), NO_TOKEN, jnp.int32)
 
             def body(i, carry):
@@ -809,13 +809,16 @@ class Engine:
                 state, logits, tuple(p.ids for _, p, *_ in rows), np.array([p.length for _, p, *_ in rows], np.int32),
                 as_int32(0), as_int32(2), as_int32(4), settings), (greedy,))
 
+    def steps(self, n: int) -> int:
+        """Tokens per decode call over the live-slot bucket `n`: `decode_steps` at this runtime's steps."""
+        return decode_steps(n, self.runtime.decode_steps)
+
     def decode(self, params, state: Slots, live: int, longest: int, greedy: bool, stop: np.ndarray | None = None):
         """Up to T = `decode_steps(N)` tokens for slots 0..live-1 -> (state, out [N, T + 1] on the device,
         N the bucket of `live`: each slot's tokens, NO_TOKEN where it produced none, then 1 if it is
         done). `longest`: an upper bound of the live slots' cached lengths (picks the key bucket)."""
         n = smallest_at_least(live, self.slot_buckets)
-        keys = smallest_at_least(min(longest + decode_steps(n, self.runtime.decode_steps), self.capacity),
-                                 self.decode_key_buckets)
+        keys = smallest_at_least(min(longest + self.steps(n), self.capacity), self.decode_key_buckets)
         stop = np.zeros((self.max_batch,), bool) if stop is None else stop
         with self._context():
             return self._call(f"decode{(n, keys, greedy)}", self._decode, (self.language_params(params), state, stop),
@@ -861,7 +864,7 @@ class Engine:
                 out.append(("insert", (n, all(greedy[i] for i in group if len(prefills[i].plan) == 1))))
             waiting = [i for i in waiting if i not in group]
         n = smallest_at_least(live, self.slot_buckets)
-        steps = decode_steps(n, self.runtime.decode_steps)
+        steps = self.steps(n)
         # from the first call after the first tokens to the call that fills the longest answer (the host
         # sends no call past the answers' ends: `Batcher.step`)
         low = max([longest, *(p.length + 1 for p in prefills)]) + steps

@@ -242,8 +242,7 @@ def load_folder(path: str | Path, dtype=None, runtime: Runtime = Runtime(), mesh
                               f"again {instead} (python -m convert).")
         dtype_ = want or (orbax_io.saved_dtype(path) if converted else source_dtype(folder))
         shapes = param_shapes(cfg, dtype_)
-        check_host_memory(quantized_shapes(shapes, quant), f"{path}'s {jnp.dtype(dtype_).name} weights"
-                          f"{'' if quant == 'none' else ' in ' + quant}", _smaller(dtype_, quant, "or a machine with more memory"))
+        check_host_memory(shapes, dtype_, quant, str(path), "or a machine with more memory")
         # the shardings of what is read: a quantized checkpoint's leaves as saved, else the float leaves
         read = quantized_shapes(shapes, saved_quant)
         shardings = Layout(mesh).param_shardings(read) if mesh is not None else None
@@ -473,24 +472,23 @@ def _reshard(leaf, path, mesh):
     return jax.device_put(leaf, functools.reduce(lambda tree, key: tree[key], ("params", *path), shardings))
 
 
-def check_host_memory(shapes, what: str, smaller: str) -> None:
+def check_host_memory(shapes, dtype, quant: str, name: str, also: str) -> None:
     """On the CPU backend, where the weights live in the host's memory and running out of it ends the
     process with no message (the kernel's out-of-memory kill), a ConfigError before any weight is made
-    when `shapes`' bytes exceed the memory the system can give (`prefetch.available_memory`; no check
-    where that is unknown). `what` names the weights, `smaller` what to try instead."""
+    when the `dtype` weights `shapes`, as `quant` stores them, exceed the memory the system can give
+    (`prefetch.available_memory`; no check where that is unknown). The error names them as `name`'s and
+    suggests bfloat16 for float32 weights, int8 for float ones, then `also`."""
     if jax.default_backend() != "cpu":
         return
-    need, have = weight_bytes(shapes), prefetch.available_memory()
-    if have is not None and need > have:
-        raise ConfigError(f"{what} need {need / 1e9:.1f} GB of memory and this machine has {have / 1e9:.1f} GB "
-                          f"available; {smaller}.")
-
-
-def _smaller(dtype, quant: str, also: str) -> str:
-    """What check_host_memory's error suggests: bfloat16 for float32 weights, int8 for float ones, `also`."""
-    ways = ["dtype bfloat16 (--dtype bfloat16)"] if jnp.dtype(dtype) == jnp.float32 else []
+    need, have = weight_bytes(quantized_shapes(shapes, quant)), prefetch.available_memory()
+    if have is None or need <= have:
+        return
+    dtype = jnp.dtype(dtype)
+    ways = ["dtype bfloat16 (--dtype bfloat16)"] if dtype == jnp.float32 else []
     ways += ["int8 weights (--quant int8)"] if quant == "none" else []
-    return f"use {' or '.join(ways)}, {also}" if ways else also
+    use = f"use {' or '.join(ways)}, " if ways else ""
+    raise ConfigError(f"{name}'s {dtype.name} weights{'' if quant == 'none' else ' in ' + quant} need "
+                      f"{need / 1e9:.1f} GB of memory and this machine has {have / 1e9:.1f} GB available; {use}{also}.")
 
 
 def preset(name: str) -> VL2Config:
@@ -511,14 +509,12 @@ def random_model(name: str, dtype="float32", seed: int = 0, runtime: Runtime = R
     cfg = preset(name)
     slot_shapes(cfg, runtime)
     dtype = resolve_dtype(dtype) or jnp.float32
-    check_host_memory(quantized_shapes(param_shapes(cfg, dtype), check_quant(quant)),
-                      f"random:{name}'s {jnp.dtype(dtype).name} weights{'' if quant == 'none' else ' in ' + quant}",
-                      _smaller(dtype, quant, "or take a smaller model (random:tiny, random:test)"))
+    quant, shapes = check_quant(quant), param_shapes(cfg, dtype)
+    check_host_memory(shapes, dtype, quant, f"random:{name}", "or take a smaller model (random:tiny, random:test)")
     with tempfile.TemporaryDirectory(prefix=f"vl2-random-{name}-") as folder:  # (read once, then removed)
         processor = Processor.from_pretrained(write_assets(folder, cfg))
     mesh = make_mesh(mesh, cfg)
-    shardings = Layout(mesh).param_shardings(param_shapes(cfg, dtype)) if mesh is not None else None
-    quant = check_quant(quant)
+    shardings = Layout(mesh).param_shardings(shapes) if mesh is not None else None
     after = (lambda path, leaf: _quantize_leaf(path, leaf, quant, mesh)) if quant != "none" else None
     engine = _engine_ahead(cfg, dtype, runtime, processor, mesh, programs, log, ask_kernels=False)
     params = init_params(cfg, dtype, seed, shardings, after)
