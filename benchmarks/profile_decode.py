@@ -57,35 +57,49 @@ def _traced(fn, exact_names: bool = False, intervals: list | None = None, keep: 
     files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
     if keep:
         shutil.copyfile(files[0], keep)
-    events = json.load(gzip.open(files[0]))["traceEvents"]
+    kernels, busy, _ = read_trace(files[0], exact_names, intervals)
+    return result, wall, kernels, busy
+
+
+def read_trace(path: str, exact_names: bool = False, intervals: list | None = None, arg_keys: set | None = None):
+    """The device kernels of a trace file (`*.trace.json.gz`) -> (launches by name, busy us by name, busy
+    us by program: the XLA module a kernel belongs to, where the trace names it). Names as `_traced`'s;
+    `intervals` as there, with the program as a fourth item; `arg_keys` receives the argument names the
+    kernels' events carry (what the trace can tell about them)."""
+    events = json.load(gzip.open(path))["traceEvents"]
     threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("name") == "thread_name"}
     procs = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
     kernels = collections.Counter()
     busy = collections.Counter()
+    programs = collections.Counter()
     for e in events:
         if e.get("ph") != "X" or "dur" not in e:
             continue
         where = procs.get(e["pid"], "") + " " + threads.get((e["pid"], e["tid"]), "")
         if "/device:GPU" in where and "Stream" in where:
             name = e["name"] if exact_names else re.sub(r"[._]\d+$", "", e["name"])
+            program = re.sub(r"\(\d+\)$", "", str(e.get("args", {}).get("hlo_module", "(not named)")))
             kernels[name] += 1
             busy[name] += e["dur"]
+            programs[program] += e["dur"]
+            if arg_keys is not None:
+                arg_keys.update(e.get("args", {}))
             if intervals is not None:
-                intervals.append((float(e["ts"]), float(e["dur"]), name))
+                intervals.append((float(e["ts"]), float(e["dur"]), name, program))
     if not kernels:  # unknown trace layout: show what is there instead of a silent zero
         print(json.dumps({"trace_processes": sorted(set(procs.values()))[:20],
                           "trace_threads": sorted(set(threads.values()))[:20]}), flush=True)
-    return result, wall, kernels, busy
+    return kernels, busy, programs
 
 
 def idle_gaps(intervals: list[tuple[float, float, str]], top: int = 8) -> dict:
-    """Where the device waits: kernels (start us, duration us, name) -> the span from the first kernel's
+    """Where the device waits: kernels (start us, duration us, name, ...) -> the span from the first kernel's
     start to the last one's end, the time inside it with no kernel running, and the `top` longest such
     gaps with the kernels on either side (a gap after a kernel usually means host work or a transfer
     before the next launch)."""
     spans = sorted(intervals)
     gaps, idle, end, last = [], 0.0, None, None
-    for start, dur, name in spans:
+    for start, dur, name, *_ in spans:
         if end is not None and start > end:
             idle += start - end
             gaps.append((start - end, last, name))

@@ -599,3 +599,28 @@ def test_image_limits_are_the_settings():
         small = {"type": "image_url", "image_url": {"url": png_data_url(size=(30, 30))}}
         body = {**CHAT, "messages": [{"role": "user", "content": [small, small, small]}]}
         assert httpx2.post(url + "/v1/chat/completions", json=body).status_code == 200  # default max_images: 8
+
+
+def test_start_and_stop_profile_write_a_trace_where_the_server_has_a_profile_directory(tmp_path):
+    import jax.numpy as jnp
+
+    with running(create_app(FakeScheduler(), MODEL, processor())) as url:
+        off = httpx2.post(url + "/start_profile")
+        assert off.status_code == 400 and "--profile-dir" in off.json()["error"]["message"]
+    with running(create_app(FakeScheduler(), MODEL, processor(), ServerSettings(profile_dir=str(tmp_path)))) as url:
+        assert error_of(httpx2.post(url + "/stop_profile"), 400)["message"].startswith("no profile")
+        refused = httpx2.post(url + "/start_profile", json={"output_dir": "/etc"})
+        assert error_of(refused, 400)["param"] == "output_dir"
+        started = httpx2.post(url + "/start_profile", json={"activities": ["GPU"], "num_steps": None})
+        assert started.status_code == 200, started.text
+        folder = started.json()["trace_dir"]
+        assert folder.startswith(str(tmp_path))
+        assert error_of(httpx2.post(url + "/start_profile"), 400)["message"].startswith("a profile is already")
+        jnp.arange(1000.0).sum().block_until_ready()
+        stopped = httpx2.post(url + "/stop_profile")
+        assert stopped.status_code == 200, stopped.text
+        files = stopped.json()["files"]
+        assert stopped.json()["trace_dir"] == folder
+        assert any(f.endswith("perfetto_trace.json.gz") for f in files) and all(f.startswith(folder) for f in files)
+        assert httpx2.get(url + "/start_profile").status_code == 200  # (a second trace, by GET as SGLang allows)
+        assert httpx2.get(url + "/stop_profile").status_code == 200

@@ -229,15 +229,16 @@ def test_a_full_queue_is_429():
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_python_m_vl2_jax_serve_starts_and_stops_on_sigterm_or_ctrl_c(stop):
+def test_python_m_vl2_jax_serve_starts_and_stops_on_sigterm_or_ctrl_c(stop, tmp_path):
     """SIGTERM (or Ctrl-C) with --drain-seconds 0 while one request decodes, two wait (one slot) and one's
     body is half sent: each stream ends with its answer's last chunk or a 503 error event, then [DONE] (at
     least the last waiting one is cancelled), the half-sent request gets its 503 at once (not uvicorn's 500
-    when the shutdown's wait runs out), and the process exits 0 without a traceback."""
+    when the shutdown's wait runs out), and the process exits 0 without a traceback. A profile started
+    (--profile-dir) and never stopped is written as the server stops."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen([sys.executable, "-m", "vl2_jax.serve", "--model", MODEL, "--port", "0", "--no-warmup",
                              "--max-seq-len", "256", "--max-batch", "1", "--drain-seconds", "0", "--compile-cache", "",
-                             "--api-key", "k"],
+                             "--api-key", "k", "--profile-dir", str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     half_sent = None
     try:
@@ -247,6 +248,8 @@ def test_python_m_vl2_jax_serve_starts_and_stops_on_sigterm_or_ctrl_c(stop):
         assert httpx2.get(url + "/v1/models").status_code == 401
         key = {"Authorization": "Bearer k"}
         assert httpx2.get(url + "/v1/models", headers=key).json()["data"][0]["id"] == MODEL
+        assert httpx2.post(url + "/start_profile").status_code == 401
+        trace_dir = httpx2.post(url + "/start_profile", headers=key).json()["trace_dir"]
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 200,
                 "ignore_eos": True, "stream": True}
         host, port = url.removeprefix("http://").split(":")
@@ -286,6 +289,8 @@ def test_python_m_vl2_jax_serve_starts_and_stops_on_sigterm_or_ctrl_c(stop):
         assert set(ends) <= {"length", "service_unavailable"} and ends[-1] == "service_unavailable", ends
         err = proc.stderr.read()
         assert "stopped" in err and "Traceback" not in err, err
+        assert f"the profile under way was stopped: {trace_dir}" in err
+        assert list(Path(trace_dir).rglob("perfetto_trace.json.gz"))
     finally:
         if half_sent is not None:
             half_sent.close()

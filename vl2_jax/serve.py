@@ -95,6 +95,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-seconds", type=number(float, 0), default=20.0,
                    help="on SIGTERM, how long requests in flight may take to finish before they are cancelled "
                         "(answered 503; default 20)")
+    p.add_argument("--profile-dir", default=None, metavar="DIR",
+                   help="enable SGLang's POST /start_profile and /stop_profile: a JAX profiler trace of the server "
+                        "between the two, written into a new folder under DIR (default: off)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="uvicorn's log level; info adds one line per request (default warning)")
     return p
@@ -151,7 +154,7 @@ def run(args, log) -> int:
     settings = ServerSettings(
         api_key=args.api_key if args.api_key is not None else os.environ.get("VL2_API_KEY") or None,
         max_body_bytes=args.max_body_mb << 20, max_images=args.max_images,
-        request_timeout_s=args.request_timeout or None,
+        request_timeout_s=args.request_timeout or None, profile_dir=args.profile_dir,
         image_limits=ImageLimits(max_pixels=args.max_image_pixels, allow_fetch=args.allow_fetch,
                                  local_dir=args.image_dir))
     sock = _listen(args.host, args.port)
@@ -231,6 +234,10 @@ class _Server(uvicorn.Server):
         self.config.timeout_graceful_shutdown = drain + ANSWER_SECONDS
         await super().shutdown(sockets)
         await stopping
+        profiler = self.api.profiler
+        if profiler is not None and profiler.running:  # (a trace started and never stopped is written now)
+            folder, _ = await asyncio.to_thread(profiler.stop)
+            self.log(f"the profile under way was stopped: {folder}")
         self.stopped = True
         self.log("stopped")
 

@@ -13,6 +13,8 @@ Routes:
     GET  /get_load                SGLang's load report, one entry per data-parallel rank (here one):
                                   [{"dp_rank", "num_reqs", "num_waiting_reqs", "num_tokens"}]
     GET|POST /flush_cache
+    GET|POST /start_profile, /stop_profile   SGLang's: a device trace of the window between them, where
+                                  the server has a profile directory (`profiling.Profiler`; else 400)
     GET  /metrics                 Prometheus text format (`metrics.Metrics`)
 
 A request's path: the body is read within `max_body_bytes` (413), parsed (`protocol`; 400 names the
@@ -59,6 +61,7 @@ from vl2_jax.generation import Job, sign
 from vl2_jax.images import ImageLimits, load_image
 from vl2_jax.sampling import RowSampling
 from vl2_jax.serving.metrics import Metrics
+from vl2_jax.serving.profiling import Profiler
 from vl2_jax.serving.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -73,7 +76,7 @@ from vl2_jax.serving.scheduler import Event, Handle, QueueFull
 OPEN_ROUTES = frozenset({"/health", "/health_generate", "/metrics"})
 ROUTES = frozenset({*OPEN_ROUTES, "/v1/models", "/v1/chat/completions", "/v1/completions", "/generate",
                     "/get_model_info", "/get_server_info", "/model_info", "/server_info", "/get_load",
-                    "/flush_cache"})
+                    "/flush_cache", "/start_profile", "/stop_profile"})
 DONE = b"data: [DONE]\n\n"
 ROUTER_NO_MODEL = "unknown"  # `model` as SGLang's router fills it in where a request left it out
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -88,7 +91,8 @@ class ServerSettings:
     full). host_threads: requests whose images and prompt are processed at once. retry_after_s: the
     Retry-After of a 429. request_timeout_s: how long a request may take from its arrival to its
     answer's end (None: no limit); one that runs longer is cancelled and answered with a 504
-    (mid-stream: an error event)."""
+    (mid-stream: an error event). profile_dir: where /start_profile and /stop_profile write device
+    traces (None: those routes answer 400)."""
 
     api_key: str | None = None
     max_body_bytes: int = 64 << 20
@@ -99,6 +103,7 @@ class ServerSettings:
     host_threads: int = 4
     retry_after_s: int = 1
     request_timeout_s: float | None = 600.0
+    profile_dir: str | None = None
 
 
 def create_app(scheduler, model_name: str, processor, settings: ServerSettings | None = None,
@@ -186,6 +191,14 @@ def create_app(scheduler, model_name: str, processor, settings: ServerSettings |
         if getattr(processor, "tile_cache", None) is not None:  # (vl2_jax's processor; a caller's may have none)
             processor.tile_cache.clear()
         return PlainTextResponse("Cache flushed.\n")
+
+    @app.api_route("/start_profile", methods=["GET", "POST"])
+    async def start_profile(request: Request):
+        return await server.profile(request, start=True)
+
+    @app.api_route("/stop_profile", methods=["GET", "POST"])
+    async def stop_profile(request: Request):
+        return await server.profile(request, start=False)
 
     @app.get("/metrics")
     async def metrics_text():
@@ -312,9 +325,11 @@ class _Server:
         self._reading: set[anyio.CancelScope] = set()  # the bodies being received (`stop_reading` ends them)
         self._limiter: anyio.CapacityLimiter | None = None
         self._tokens: dict[int, int] = {}  # id(handle) -> tokens an answer in progress holds (prompt + answer)
+        self.profiler = None if settings.profile_dir is None else Profiler(settings.profile_dir)
 
     # -- input ---------------------------------------------------------------------------------------
-    async def read_json(self, request: Request):
+    async def read_json(self, request: Request, empty=None):
+        """The request's JSON body (`empty`, where given, for a body of no bytes)."""
         limit = self.settings.max_body_bytes
         too_big = APIError(413, f"the request body is over {limit:,} bytes; send smaller or fewer images.",
                            "invalid_request_error", code="request_too_large")
@@ -339,6 +354,8 @@ class _Server:
         if reading.cancelled_caught:
             raise _stopping()
         body = b"".join(chunks)
+        if not body and empty is not None:
+            return empty
         try:  # (UTF-8 alone, strictly: json.loads would take UTF-16/32 and raw surrogate bytes)
             data = json.loads(body.decode("utf-8"))
         except RecursionError:
@@ -624,6 +641,26 @@ class _Server:
             raise APIError(503, f"the health check's generation ended with {last and last.finish_reason!r} "
                                 f"({last and last.error}).", "service_unavailable")
         return {"status": "ok"}
+
+    async def profile(self, request: Request, start: bool) -> dict:
+        """/start_profile (`start`) or /stop_profile. SGLang's body fields that choose where and for how
+        long are refused (the server's profile directory holds every trace; /stop_profile ends one);
+        its others (activities, with_stack, ...) are ignored: JAX's profiler records what it records."""
+        if self.profiler is None:
+            raise bad_request("profiling is off on this server; start it with --profile-dir DIR to record device "
+                              "traces with /start_profile and /stop_profile.")
+        data = await self.read_json(request, empty={})
+        if not isinstance(data, dict):
+            raise bad_request("the request body must be a JSON object (or empty).")
+        for field in ("output_dir", "num_steps", "start_step"):
+            if data.get(field) is not None:
+                raise bad_request(f"{field} is not supported here: traces go to the server's --profile-dir, and a "
+                                  f"trace ends with POST /stop_profile.", field)
+        if start:
+            folder = await self.host(self.profiler.start)
+            return {"message": "profiling started", "trace_dir": str(folder)}
+        folder, files = await self.host(self.profiler.stop)
+        return {"message": "profiling stopped", "trace_dir": str(folder), "files": [str(f) for f in files]}
 
     def load(self) -> dict:
         """SGLang's load entry, which its router's power-of-two policy compares (`num_tokens`): answers in
