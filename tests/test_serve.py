@@ -305,6 +305,9 @@ def test_python_m_vl2_jax_serve_refuses_bad_arguments_in_one_line(tmp_path):
                                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     out = run("--image-dir", str(tmp_path / "missing"))
     assert out.returncode == 1 and out.stderr.strip().splitlines()[-1].startswith("error: --image-dir")
+    (tmp_path / "file").write_text("")
+    out = run("--profile-dir", str(tmp_path / "file" / "traces"))
+    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1].startswith("error: --profile-dir"), out.stderr
     assert run("--max-batch", "0").returncode == 2
 
 

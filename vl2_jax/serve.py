@@ -151,6 +151,11 @@ def run(args, log) -> int:
 
     if args.image_dir is not None and not os.path.isdir(args.image_dir):
         raise InputError(f"--image-dir {args.image_dir} is not a folder.")
+    if args.profile_dir is not None:
+        try:
+            os.makedirs(args.profile_dir, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"--profile-dir {args.profile_dir}: cannot make that folder ({e.strerror or e}).") from None
     settings = ServerSettings(
         api_key=args.api_key if args.api_key is not None else os.environ.get("VL2_API_KEY") or None,
         max_body_bytes=args.max_body_mb << 20, max_images=args.max_images,
