@@ -329,6 +329,19 @@ def test_batches_the_model_cannot_read_correctly_are_refused(fixture_model):
         batch.images[0, 0, 0, 0, 0] = 1.0  # the model reads the pixels, so an edit here must not pass
 
 
+def test_one_processor_output_the_model_cannot_read_is_refused_by_every_entry_point(fixture_model):
+    """The same checks for one output, not batched first: generate and stream ran float tiles (cast) and
+    another normalisation (ignored), and batchify cast float tiles to uint8."""
+    p = fixture_model.processor
+    one = p(USER("<image> What is it?"), [TINY_IMAGE])
+    floats = dataclasses.replace(one, pixels=one.pixels.astype(np.float32) / 255)
+    other = dataclasses.replace(one, pixel_norm=((0.1, 0.2, 0.3), (0.9, 0.9, 0.9)))
+    for call in (fixture_model.generate, lambda b: list(fixture_model.stream(b)), fixture_model.logits):
+        assert "the output's pixels must be uint8 [tiles, S, S, 3]" in api_error(InputError, call, floats)
+        assert "the output's images are normalised with" in api_error(InputError, call, other)
+    assert "item 0's pixels are float32" in api_error(InputError, p.batchify, [floats])
+
+
 def test_one_processor_output_is_a_batch_of_one_everywhere(fixture_model):
     """logits and prepare_inputs_embeds take one processor output, as generate and stream do."""
     p = fixture_model.processor

@@ -225,6 +225,27 @@ def test_count_mismatch_raises():
         p([{"role": "user", "content": "<image>"}])
 
 
+def test_urls_given_as_paths_say_what_to_pass(tmp_path):
+    """A file: URL of a file that exists was "does not exist; check the path"."""
+    p = processor()
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    for ref, says in [("http://example.com/x.png", "is a URL, not a file path"), (image.as_uri(), "is a file: URL")]:
+        with pytest.raises(InputError, match=says) as e:
+            p([{"role": "user", "content": "<image>"}], [ref])
+        assert "load_image(ref)" in str(e.value)
+
+
+def test_text_that_is_not_unicode_is_an_input_error():
+    """A lone surrogate (a byte Python kept from a non-UTF-8 source) reached the tokenizer: TypeError."""
+    p = processor()
+    for text in ["caf\udce9", "\ud800 alone"]:
+        with pytest.raises(InputError, match=r"^the conversation's text is not UTF-8 text \(it holds \\u"):
+            p([{"role": "user", "content": text}])
+        with pytest.raises(InputError, match="not UTF-8"):
+            p.raw(text)
+
+
 @pytest.mark.parametrize("single", ["photo.png", "pil", "array"])
 def test_a_single_image_not_in_a_list_is_refused(single):
     """One image passed bare is not taken apart (a path's characters, an array's rows) into many."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from vl2_jax.errors import InputError
+from vl2_jax.errors import InputError, check_text
 from vl2_jax.processor import IMAGE_TOKEN
 
 
@@ -26,17 +26,6 @@ def user_turn(prompt: str, num_images: int) -> dict:
             f"use one placeholder per image, or none to put the images first."
         )
     return {"role": "user", "content": prompt}
-
-
-def check_text(text: str, name: str) -> None:
-    """Refuses (InputError, naming it as `name`) text that holds a surrogate: a byte that is not UTF-8,
-    as Python keeps it from the command line, or half of a UTF-16 pair, as a JSON escape can write it."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise InputError(f"{name} is not UTF-8 text (it holds \\u{ord(text[e.start]):04x}, no character: a byte "
-                         "that is not UTF-8, or half of a surrogate pair written alone as a JSON escape); check the "
-                         "terminal's or the file's encoding.") from None
 
 
 def check_system(system, name: str = "system") -> None:

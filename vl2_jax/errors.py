@@ -77,6 +77,17 @@ def text_lines(text: str) -> list[str]:
     return [line.removesuffix("\r") for line in lines]
 
 
+def check_text(text: str, name: str) -> None:
+    """Refuses (InputError, naming it as `name`) text that holds a surrogate: a byte that is not UTF-8,
+    as Python keeps it from the command line, or half of a UTF-16 pair, as a JSON escape can write it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{name} is not UTF-8 text (it holds \\u{ord(text[e.start]):04x}, no character: a byte "
+                         "that is not UTF-8, or half of a surrogate pair written alone as a JSON escape); check the "
+                         "terminal's or the file's encoding.") from None
+
+
 def read_lines(path: Path) -> list[str]:
     """The UTF-8 file `path`'s `text_lines` (a byte order mark at its start is no text); one InputError
     where it cannot be read or is not UTF-8."""

@@ -123,25 +123,28 @@ class VL2Model:
             raise InputError(f"expected a processor batch or one processor output, got {type(batch).__name__}; make "
                              "it with model.processor(conversation, images), and several with "
                              "model.processor.batchify([...]).")
-        if batch.used_tiles() is None:
+        one = isinstance(batch, ProcessorOutput)
+        if not np.asarray(batch.images_seq_mask).any():
             return
-        pixels = np.asarray(batch.pixels)
-        if pixels.dtype != np.uint8 or pixels.ndim != 5 or pixels.shape[-1] != 3:
-            raise InputError(f"batch.pixels must be uint8 [B, tiles, S, S, 3], as the processor makes them "
+        pixels, name = np.asarray(batch.pixels), "the output's pixels" if one else "batch.pixels"
+        if pixels.dtype != np.uint8 or pixels.ndim != (4 if one else 5) or pixels.shape[-1] != 3:
+            shape = "[tiles, S, S, 3]" if one else "[B, tiles, S, S, 3]"
+            raise InputError(f"{name} must be uint8 {shape}, as the processor makes them "
                              f"(got {pixels.dtype} {list(pixels.shape)}); `images` is derived from them.")
         norm = canonical_pixel_norm(batch.pixel_norm)
         if self.processor is not None and norm != canonical_pixel_norm(self.processor.pixel_norm):
-            raise InputError(f"the batch's images are normalised with {batch.pixel_norm}, this model's "
-                             f"processor with {self.processor.pixel_norm}; make the batch with model.processor.")
+            what = "output's" if one else "batch's"
+            raise InputError(f"the {what} images are normalised with {batch.pixel_norm}, this model's "
+                             f"processor with {self.processor.pixel_norm}; make the {what[:-2]} with model.processor.")
 
     def as_batch(self, batch) -> Batch:
         """A processor batch as it is, one processor output as a batch of one (`processor.batchify`);
         refused (InputError) where `check_batch` refuses it or a token id is outside the vocabulary."""
+        self.check_batch(batch)
         if isinstance(batch, ProcessorOutput):
             if self.processor is None:
                 raise InputError("this model has no processor to batch a processor output; pass a processor batch.")
             batch = self.processor.batchify([batch])
-        self.check_batch(batch)
         check_token_ids(np.asarray(batch.input_ids)[np.asarray(batch.attention_mask, bool)], self.cfg.language.vocab_size)
         return batch
 
@@ -232,10 +235,10 @@ class VL2Model:
 
     def requests(self, batch) -> list[Request]:
         """A processor batch (or one processor output) -> the engine's requests, one per row."""
+        self.check_batch(batch)
         if isinstance(batch, ProcessorOutput):
             outputs = [batch]
         else:
-            self.check_batch(batch)
             outputs = list(batch.rows)
             if len(outputs) != np.shape(batch.input_ids)[0]:
                 raise InputError("the batch has no processor outputs; make it with model.processor.batchify.")
@@ -291,5 +294,7 @@ class VL2Model:
 
     def stream(self, batch, **kwargs) -> Iterator[str]:
         """Like `generate` for a one-conversation batch, yielding the answer's text as it is produced."""
+        if "on_text" in kwargs:
+            raise TypeError("stream yields the text itself and takes no on_text; pass on_text to generate instead")
         return stream_text(self, batch, **kwargs)
 

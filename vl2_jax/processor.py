@@ -33,7 +33,7 @@ import cachetools
 import numpy as np
 from PIL import Image, ImageOps
 
-from vl2_jax.errors import ConfigError, InputError, one_line, read_json_object
+from vl2_jax.errors import ConfigError, InputError, check_text, one_line, read_json_object
 from vl2_jax.images import describe, is_url, looks_like_base64
 from vl2_jax.tokenizer import Tokenizer
 
@@ -341,6 +341,9 @@ def open_image(image, name: str | None = None) -> Image.Image:
         if isinstance(path, str) and is_url(path):
             raise InputError(f"image {describe(path)} is a URL, not a file path; the processor takes paths and "
                              f"PIL images: pass vl2_jax.images.load_image(ref) (the PIL image it reads) instead.")
+        if isinstance(path, str) and path[:5].lower() == "file:":
+            raise InputError(f"image {describe(path)} is a file: URL; the processor takes file paths: pass the path "
+                             f"itself, or the PIL image vl2_jax.images.load_image(ref) reads.")
         if isinstance(path, str) and looks_like_base64(path):  # (or a long path of such characters)
             raise InputError(f"image file {describe(path) if len(path) > 1024 else path} does not exist; check "
                              f"the path (base64 is read by vl2_jax.images.load_image(ref), whose PIL image the "
@@ -481,6 +484,7 @@ class Processor:
 
     # ----------------------------------------------------------------------------------------- text
     def _encode(self, text):
+        check_text(text, "the conversation's text")
         return self.tokenizer.encode(text)
 
     def decode(self, ids, skip_special_tokens=False) -> str:
@@ -646,6 +650,9 @@ class Processor:
         for n, o in enumerate(outputs):
             if not isinstance(o, ProcessorOutput):
                 raise InputError(f"batchify takes the processor's outputs; item {n} is a {type(o).__name__}.")
+            if np.asarray(o.pixels).dtype != np.uint8:
+                raise InputError(f"batchify takes the processor's uint8 tiles; item {n}'s pixels are "
+                                 f"{np.asarray(o.pixels).dtype} (`images` is derived from them).")
         batch, length = len(outputs), max(len(o.input_ids) for o in outputs)
         max_tiles = max(o.pixels.shape[0] for o in outputs)
         max_images = max(o.images_spatial_crop.shape[0] for o in outputs)
