@@ -175,10 +175,10 @@ def recorded(call, names: list, name: str, *args, **kwargs):
 @pytest.mark.parametrize("names, want_calls", [
     # the short first prompt goes alone: the four of 128 tokens are not padded to it, nor it to them
     (("text_only", "one_wide", "two_images", "history", "three_images_no_crop"),
-     ["prefill(1, 32)", "insert(1, True)", "prefill(4, 128)", "insert(4, True)", "extend(32, 256)", "insert(1, True)"]),
+     ["prefill(1, 32)", "insert(1, True)", "prefill(4, 128)", "insert(4, True)", "extend(1, 32, 256)", "insert(1, True)"]),
     # three of 128 tokens take a call of four rows: the short prompt fills the fourth
     (("one_wide", "text_only", "two_images", "history"),
-     ["prefill(4, 128)", "insert(4, True)", "extend(32, 256)", "insert(1, True)"]),
+     ["prefill(4, 128)", "insert(4, True)", "extend(1, 32, 256)", "insert(1, True)"]),
 ])
 def test_prompts_waiting_together_are_prefilled_in_one_call_with_their_own_answers(names, want_calls):
     """Prompts whose first chunks have one length go through the model in one prefill call; a shorter
@@ -201,6 +201,33 @@ def test_prompts_waiting_together_are_prefilled_in_one_call_with_their_own_answe
     assert lengths["text_only"] <= 32 < lengths["one_wide"] and lengths["two_images"] > 128  # a later chunk
     assert calls == want_calls
     assert sum(n.startswith("prefill(1, ") for n in single_calls) == len(names)
+    assert together == one_by_one
+    for row, case in zip(together, cases):
+        want = case["arrays"]["greedy"].tolist()
+        assert row[: len(want)] == want
+
+
+def test_later_chunks_of_prompts_waiting_together_go_in_one_call_with_their_own_answers():
+    """With one chunk length of 32, every prompt but the shortest has later chunks: those of one length
+    go through the model EXTEND_ROWS prompts a call (fewer rows pad), and each row's greedy answer equals
+    that of prompts prefilled one chunk at a time (prefill_tokens=0) and the official greedy tokens."""
+    from vl2_jax.engine import EXTEND_ROWS
+
+    variant = "mla"
+    names = ("text_only", "one_wide", "two_images", "history", "three_images_no_crop")
+    cases = [load_case(variant, n) for n in names]
+    got = {}
+    for tokens in (0, 8192):
+        m = vl2_jax.load_pretrained(ckpt_dir(variant), runtime=Runtime(
+            max_batch=8, max_seq_len=512, prefill_chunks=(32,), prefill_tokens=tokens))
+        outs = [m.processor(c["conversation"], open_images(c)) for c in cases]
+        calls = []
+        m.engine._call = functools.partial(recorded, m.engine._call, calls)
+        r = m.generate(m.processor.batchify(outs), max_new_tokens=max(len(c["arrays"]["greedy"]) for c in cases))
+        got[tokens] = r.token_ids, [n for n in calls if n.startswith("extend")]
+    (one_by_one, single_calls), (together, calls) = got[0], got[8192]
+    assert single_calls and all(n.startswith("extend(1, 32, ") for n in single_calls)
+    assert any(n.startswith(f"extend({EXTEND_ROWS}, 32, ") for n in calls) and len(calls) < len(single_calls) / 2
     assert together == one_by_one
     for row, case in zip(together, cases):
         want = case["arrays"]["greedy"].tolist()
@@ -241,7 +268,7 @@ def test_pick_together_groups_first_chunks_by_length_within_the_budget():
     assert engine.pick_together(prompts(100, 110), budget=200) == [0]
     assert engine.pick_together(prompts(100), budget=100) == []  # the first alone does not fit
     later = prompts(300, 20)
-    later[0].next = 1  # past its first chunk: prefill_chunk runs it, alone
+    later[0].next = 1  # past its first chunk: prefill_later runs it
     assert engine.pick_together(later) == []
 
 

@@ -197,6 +197,8 @@ def test_stop_strings_and_streaming():
     two = m.processor.batchify([one(m, "mha", "text_only")[0]] * 2)
     with pytest.raises(InputError, match="stream takes one conversation, not a batch of 2"):
         list(m.stream(two, max_new_tokens=4))
+    with pytest.raises(TypeError, match="stream yields the text itself and takes no on_text"):
+        m.stream(batch, on_text=print)
 
 
 def test_closing_a_stream_stops_its_generation():
@@ -429,7 +431,7 @@ def test_decode_and_prefill_update_the_cache_in_place():
     x = jnp.zeros((engine.capacity, m.cfg.language.hidden_size), m.dtype)
     rows = np.zeros((2,), np.int32)
     for program in (engine._prefill.lower(lm, state, (x, x), rows, rows, 8),  # two prompts' first chunks
-                    engine._extend.lower(lm, state, x, np.int32(0), np.int32(8), np.int32(0), 8, 256)):  # a later one
+                    engine._extend.lower(lm, state, (x, x), rows, rows + 8, rows, 8, 256)):  # two later ones
         assert program.compile().memory_analysis().alias_size_in_bytes >= cache_bytes
 
 

@@ -74,6 +74,17 @@ def write_chunk(entries: dict[str, jax.Array], new: dict[str, jax.Array], row: j
             for k, c in entries.items()}
 
 
+def write_chunks(entries: dict[str, jax.Array], new: dict[str, jax.Array], rows_N: jax.Array, starts_N: jax.Array):
+    """New entries [N, T, ...] of N prompts' later chunks written into the cache arrays [B, S, ...] at
+    positions starts_N[i]..starts_N[i]+T-1 of rows `rows_N` [N]; a row past the cache's (B: a padding
+    prompt) is dropped. One chunk is one in-place slice update (`write_chunk`)."""
+    n, t = next(iter(new.values())).shape[:2]
+    if n == 1:
+        return write_chunk(entries, new, rows_N[0], starts_N[0])
+    at = starts_N[:, None] + jnp.arange(t)[None, :]
+    return {k: c.at[rows_N[:, None], at].set(new[k].astype(c.dtype), mode="drop") for k, c in entries.items()}
+
+
 def write_rows(entries: dict[str, jax.Array], new: dict[str, jax.Array], positions_N: jax.Array):
     """One new entry per row, [N, 1, ...], written into rows 0..N-1 of the cache arrays [B, S, ...] at
     each row's own position (positions [N]); positions past the capacity are dropped."""

@@ -14,8 +14,9 @@ so that after `warmup()` no request compiles or traces anything:
 - prefill: the first chunks of N prompts (a length from `Runtime.prefill_chunks`, the longest's; N from
   `rows_for` it), each into its slot, causally among its own tokens: waiting prompts whose first chunks
   have one length go through the model together (`pick_together`; shorter ones only in padded rows);
-- extend: a later chunk of one prompt into its slot, attending to the slot's first `keys` cache entries
-  (a key-length bucket: `key_buckets`);
+- extend: a later chunk (past the first, or past a cached prefix) of N prompts, each into its slot,
+  attending to the slot's first `keys` cache entries (a key-length bucket: `key_buckets`); N is 1 or
+  `EXTEND_ROWS` (`extend_rows`): prompts whose next chunks have one length go together (`pick_later`);
 - insert: the first token of N prompts sampled from their last chunk's logits, their slots' state set;
 - decode: `decode_steps(n)` steps for the first `n` slots (a live-slot bucket: `slot_buckets`) in one
   on-device loop of a fixed trip count, attention reading `keys` entries (a bucket: `decode_key_buckets`;
@@ -65,6 +66,7 @@ from vl2_jax.sharding import Layout
 
 STEPS = Runtime.decode_steps  # (the default: 16) the host reads tokens (streaming, stop strings) between calls
 CONTINUED_CHUNK_MAX = 1024  # the longest chunk of a prompt continued past a cached prefix
+EXTEND_ROWS = 4  # later chunks of up to this many prompts go through the model in one call
 TILE_CHUNKS = (2, 5)  # tiles per vision-tower call: 5 is a 768 px image's global view and 2x2 tiles
 NO_TOKEN = -1  # in decode outputs: the slot produced nothing at that step
 
@@ -189,7 +191,7 @@ class Request:
 class Prefill:
     """A prompt on its way into a slot (`Engine.plan`): its request, length and chunk plan
     (`Engine.chunk_plan`, from `start`: past a cached prefix); once begun (`Engine.begin`), its ids [L]
-    and embeddings [L, D] on the device; the next chunk to run and the last `extend` chunk's logits [1, V]."""
+    and embeddings [L, D] on the device; the next chunk to run."""
 
     request: Request
     length: int
@@ -198,7 +200,6 @@ class Prefill:
     ids: jax.Array | None = None
     x: jax.Array | None = None
     next: int = 0
-    logits: jax.Array | None = None
 
     @property
     def begun(self) -> bool:
@@ -538,11 +539,13 @@ class Engine:
 
     @functools.cached_property
     def _extend(self):
-        """(language params, state (donated), x [L, D], slot, start, last, C, S) -> (state, logits [1, V])."""
+        """(language params, state (donated), xs: N embeddings [L, D], slots [N], starts [N], lasts [N], C, S)
+        -> (state, logits [N, V]): a later chunk of C tokens of N prompts, each from its start into its slot
+        (slot B: a padding row), attending to the first S entries of the slot."""
 
-        def extend(params, state: Slots, x_LD, slot, start, last, chunk, keys):
-            x = jax.lax.dynamic_slice_in_dim(x_LD, start, chunk, 0)[None]
-            logits, cache = self.language.apply(params, x, start, last, state.cache, slot, keys,
+        def extend(params, state: Slots, xs, slot_N, start_N, last_N, chunk, keys):
+            x_NCD = jnp.stack([jax.lax.dynamic_slice_in_dim(x_LD, start_N[i], chunk, 0) for i, x_LD in enumerate(xs)])
+            logits, cache = self.language.apply(params, x_NCD, start_N, last_N, state.cache, slot_N, keys,
                                                 method=LanguageModel.extend)
             return state.replace(cache=cache), logits
 
@@ -684,7 +687,7 @@ class Engine:
 
     def plan(self, request: Request, start: int = 0) -> Prefill:
         """Checks `request` -> the `Prefill` whose chunks `prefill_first` (its first, with other prompts')
-        and `prefill_chunk` (the later ones) write into a slot, once `begin` has put it on the device.
+        and `prefill_later` (the later ones, with other prompts') write into a slot, once `begin` has put it on the device.
         `start` > 0 (a multiple of the smallest chunk; `runtime.prefix_cache`): the slot already holds
         the prompt's first `start` tokens. Host work only."""
         self.check(request)
@@ -760,7 +763,7 @@ class Engine:
         logits [N, V] on the device: row i for entries[i]'s last token in the chunk, rows past the
         entries padding). Dispatched, not awaited."""
         if not all(p.at_first_chunk and p.begun for _, p in entries):
-            raise ValueError("prefill_first runs begun prompts at their first chunk; later ones go through prefill_chunk")
+            raise ValueError("prefill_first runs begun prompts at their first chunk; later ones go through prefill_later")
         chunk = max(p.next_chunk() for _, p in entries)
         n = smallest_at_least(len(entries), self.rows_for(chunk))
         pad = n - len(entries)
@@ -774,20 +777,49 @@ class Engine:
             p.next += 1
         return state, logits
 
-    def prefill_chunk(self, params, state: Slots, slot: int, prefill: Prefill) -> Slots:
-        """Writes the next chunk of `prefill`'s prompt into `slot`, one past its first (`prefill_first`
-        writes those) or past a cached prefix; its logits [1, V] go to `prefill.logits` (dispatched, not
-        awaited)."""
-        start, chunk, keys, fresh = prefill.plan[prefill.next]
-        if fresh:
-            raise ValueError("a prompt's first chunk goes through prefill_first")
-        last = np.int32(min(prefill.length - 1 - start, chunk - 1))
+    def extend_rows(self, chunk: int) -> tuple[int, ...]:
+        """The row counts of calls that write later chunks of `chunk` tokens: one, and EXTEND_ROWS where
+        `rows_for` holds it (a few programs more, not one per row count)."""
+        return tuple(n for n in self.rows_for(chunk) if n in (1, EXTEND_ROWS))
+
+    def pick_later(self, prefills: list[Prefill], budget: int | None = None) -> list[int]:
+        """Which of `prefills` (indices, in order) one `prefill_later` call takes: the first, if it is past
+        its first chunk (or continues past a cached prefix), with the others there whose next chunk has
+        the same length, up to the largest row count of `extend_rows` and, with `budget`, while the call's
+        rows x chunk stays within it ([]: the first is at its first chunk, or alone does not fit)."""
+        if not prefills or prefills[0].at_first_chunk or prefills[0].finished:
+            return []
+        chunk = prefills[0].next_chunk()
+        rows = [n for n in self.extend_rows(chunk) if budget is None or n * chunk <= budget]
+        if not rows:
+            return []
+        same = [i for i, p in enumerate(prefills)
+                if not p.finished and not p.at_first_chunk and p.next_chunk() == chunk]
+        return same[: rows[-1]]
+
+    def prefill_later(self, params, state: Slots, entries: list[tuple[int, Prefill]]) -> tuple[Slots, jax.Array]:
+        """The next chunk of each (slot, prompt) in `entries`, one past its first (`prefill_first` writes
+        those) or past a cached prefix, all of one chunk length (`pick_later` picks them), in one call
+        padded to a row count of `extend_rows` -> (state, logits [N, V] on the device: row i for
+        entries[i]'s last token in the chunk, rows past the entries padding). Dispatched, not awaited."""
+        steps = [p.plan[p.next] for _, p in entries]
+        if any(fresh for *_, fresh in steps) or len({chunk for _, chunk, _, _ in steps}) != 1:
+            raise ValueError("prefill_later runs later chunks of one length; a prompt's first chunk goes through "
+                             "prefill_first")
+        chunk, keys = steps[0][1], max(k for _, _, k, _ in steps)
+        n = smallest_at_least(len(entries), self.extend_rows(chunk))
+        pad = n - len(entries)
+        xs = tuple(p.x for _, p in entries) + (entries[0][1].x,) * pad
+        as_int32 = lambda values: np.array(values, np.int32)
+        slots = as_int32([slot for slot, _ in entries] + [self.max_batch] * pad)
+        starts = as_int32([start for start, *_ in steps] + [0] * pad)
+        lasts = as_int32([min(p.length - 1 - start, chunk - 1) for (_, p), (start, *_) in zip(entries, steps)] + [0] * pad)
         with self._context():
-            state, prefill.logits = self._call(
-                f"extend{(chunk, keys)}", self._extend,
-                (self.language_params(params), state, prefill.x, np.int32(slot), np.int32(start), last), (chunk, keys))
-        prefill.next += 1
-        return state
+            state, logits = self._call(f"extend{(n, chunk, keys)}", self._extend,
+                                       (self.language_params(params), state, xs, slots, starts, lasts), (chunk, keys))
+        for _, p in entries:
+            p.next += 1
+        return state, logits
 
     def insert(self, state: Slots, logits: jax.Array, rows: list[tuple[int, Prefill, int, RowSampling, int] | None]
                ) -> tuple[Slots, jax.Array]:
@@ -835,7 +867,7 @@ class Engine:
         starts = range(0, self.max_seq_len - 1, c0) if self.runtime.prefix_cache else (0,)
         later = {step[1:3] for start in starts for length in range(start + 1, self.max_seq_len)
                  for step in self.chunk_plan(length, start) if not step[3]}
-        out += [("extend", plan) for plan in sorted(later)]
+        out += [("extend", (n, chunk, keys)) for chunk, keys in sorted(later) for n in self.extend_rows(chunk)]
         out += [("insert", (n, g)) for n in self.rows_for(c0) for g in (True, False)] + [("release", ())]
         out += [("copy", ()), ("swap", ())] if self.runtime.prefix_cache else []
         out += [("decode", (n, k, g)) for n in self.slot_buckets for k in self.decode_key_buckets for g in (True, False)]
@@ -852,8 +884,10 @@ class Engine:
         out += [("copy", ()), ("swap", ()), ("take", ()), ("put", ())] if self.runtime.prefix_cache else []
         for p, g in zip(prefills, greedy):
             out += [("encode", (size,)) for size in tile_chunks(0 if p.request.tiles is None else len(p.request.tiles))]
-            later = [("extend", (chunk, keys)) for _, chunk, keys, fresh in p.plan if not fresh]
-            out += later + ([("insert", (1, g))] if later else [])  # (its first token after its last chunk)
+            later = [("extend", (n, chunk, keys)) for _, chunk, keys, fresh in p.plan if not fresh
+                     for n in self.extend_rows(chunk)]
+            if later:  # (its first token after its last chunk, alone or with others')
+                out += later + [("insert", (n, g)) for n in self.extend_rows(p.plan[-1][1])]
         waiting = [i for i, p in enumerate(prefills) if p.at_first_chunk]
         while waiting:  # (the first chunks' calls, as `Batcher._prefill` makes them)
             group = [waiting[i] for i in self.pick_together([prefills[i] for i in waiting])]
@@ -948,8 +982,9 @@ class Engine:
             zeros = np.zeros((n,), np.int32)
             return self._prefill, (lm, state, (made["x"],) * n, zeros, zeros), (chunk,)
         if kind == "extend":
-            chunk, keys = static
-            return self._extend, (lm, state, made["x"], np.int32(0), np.int32(keys - chunk), np.int32(0)), static
+            n, chunk, keys = static
+            rows = lambda value: np.full((n,), value, np.int32)
+            return self._extend, (lm, state, (made["x"],) * n, rows(0), rows(keys - chunk), rows(0)), (chunk, keys)
         if kind == "release":
             return self._release, (state, np.zeros((self.max_batch,), bool)), ()
         if kind in ("copy", "swap"):  # (two distinct slots where there are two)
@@ -1015,7 +1050,7 @@ class Engine:
                 elif kind == "embed":
                     made["x"] = out
                 elif kind in ("prefill", "extend"):
-                    state, made[("logits", static[0] if kind == "prefill" else 1)] = out
+                    state, made[("logits", static[0])] = out
                 elif kind in ("release", "copy", "swap"):
                     state = out
                 else:

@@ -369,32 +369,25 @@ class Batcher:
 
     def _prefill(self) -> None:
         """Prefills the admitted prompts in order up to the budget: the first chunks of the prompts
-        waiting together in calls of one chunk length each (`Engine.pick_together`), a long prompt's
-        later chunks one at a time; the prompts whose chunks are all written get their first tokens
-        (those of one call together). In admission order: prompts behind a long one wait for its later
-        chunks (no prompt is overtaken for ever)."""
+        waiting together in calls of one chunk length each (`Engine.pick_together`), later chunks (and
+        prompts continued past a cached prefix) likewise (`Engine.pick_later`); the prompts whose chunks
+        are all written get their first tokens (those of one call together). In admission order: prompts
+        behind a long one wait for its later chunks (no prompt is overtaken for ever)."""
         used, budget = 0, self.prefill_budget
         while self.prefilling:
-            slot, job, prefill = self.prefilling[0]
-            if prefill.at_first_chunk:
-                waiting = [p for _, _, p in self.prefilling]
-                picked = self.engine.pick_together(waiting, None if budget is None else budget - used) or (
-                    [] if used else [0])
-                if not picked:
-                    return
-                group = [self.prefilling[i] for i in picked]
-                for entry in group:
-                    self._begin(entry)
-                chunk = max(p.next_chunk() for _, _, p in group)
-                self.state, logits = self.engine.prefill_first(self.params, self.state, [(s, p) for s, _, p in group])
-                used += logits.shape[0] * chunk
-            else:
-                if budget is not None and used and used + prefill.next_chunk() > budget:
-                    return
-                used += prefill.next_chunk()
-                self._begin(self.prefilling[0])  # (a prompt continued past a cached prefix starts here)
-                self.state = self.engine.prefill_chunk(self.params, self.state, slot, prefill)
-                group, logits = [self.prefilling[0]], prefill.logits
+            first = self.prefilling[0][2].at_first_chunk
+            pick, run = ((self.engine.pick_together, self.engine.prefill_first) if first else
+                         (self.engine.pick_later, self.engine.prefill_later))
+            picked = pick([p for _, _, p in self.prefilling], None if budget is None else budget - used) or (
+                [] if used else [0])
+            if not picked:
+                return
+            group = [self.prefilling[i] for i in picked]
+            for entry in group:
+                self._begin(entry)  # (a prompt continued past a cached prefix starts at a later chunk)
+            chunk = max(p.next_chunk() for _, _, p in group)
+            self.state, logits = run(self.params, self.state, [(s, p) for s, _, p in group])
+            used += logits.shape[0] * chunk
             self._insert([entry if entry[2].finished else None for entry in group], logits)
 
     def _begin(self, entry: tuple[int, Job, Prefill]) -> None:

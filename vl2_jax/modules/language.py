@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from vl2_jax.cache import KVCache, write_chunk, write_prompts, write_rows
+from vl2_jax.cache import KVCache, write_chunks, write_prompts, write_rows
 from vl2_jax.config import LanguageConfig, Runtime
 from vl2_jax.modules.attention import MHAttention, MLAttention, ragged_decode
 from vl2_jax.modules.layers import RMSNorm, normal_init, qeinsum, weight
@@ -148,28 +148,33 @@ class LanguageModel(nn.Module):
         last_N1D = jnp.take_along_axis(x_NTD, last_N[:, None, None], axis=1)
         return self.head(last_N1D)[:, 0], cache.replace(layers=tuple(layers))
 
-    def extend(self, x_1TD: jax.Array, start: jax.Array, last: jax.Array, cache: KVCache, slot: jax.Array,
+    def extend(self, x_NTD: jax.Array, start_N: jax.Array, last_N: jax.Array, cache: KVCache, slots_N: jax.Array,
                keys: int) -> tuple[jax.Array, KVCache]:
-        """A later chunk of one slot's prompt: T tokens at positions start..start+T-1 (start > 0: the slot
-        already holds the ones before) -> (float32 logits [1, V] of the token at index `last` of the
-        chunk, the cache with their entries written into row `slot`).
+        """Later chunks of N prompts, each in its cache row `slots_N` [N]: T tokens at positions
+        start..start+T-1 of its own `start_N` [N] (> 0: the row already holds the ones before) -> (float32
+        logits [N, V] of each chunk's token at index `last_N` [N], the cache with their entries written).
 
-        The chunk's tokens attend to the first `keys` (static) entries of the slot, their own included:
-        key s is visible to query t where s <= start + t. Padding past the prompt's last token as in
-        `prefill`.
+        A chunk's tokens attend to the first `keys` (static) entries of their row, their own included:
+        key s is visible to query t where s <= start + t. Padding past a prompt's last token, and padding
+        prompts (a row past the cache's, B), as in `prefill`.
         """
-        t = x_1TD.shape[1]
-        positions_1T = (start + jnp.arange(t, dtype=jnp.int32))[None]
-        routed = (jnp.arange(t) <= last)[None]  # tokens past the prompt's last take no expert's time
-        mask_1TS = (jnp.arange(keys)[None, :] <= positions_1T[0][:, None])[None]
+        n, t = x_NTD.shape[:2]
+        positions_NT = start_N[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        # tokens past a prompt's last, and padding prompts, take no expert's time
+        routed_NT = (jnp.arange(t)[None, :] <= last_N[:, None]) & (slots_N < cache.rows)[:, None]
+        mask_NTS = jnp.arange(keys)[None, None, :] <= positions_NT[:, :, None]
+        rows_N = jnp.minimum(slots_N, cache.rows - 1)  # (a padding prompt reads some row; its output is unused)
         layers = []
         for layer, entries in zip(self.layers, cache.layers):
-            entries = write_chunk(entries, layer.new_kv(x_1TD, positions_1T), slot, start)
-            kv = {k: jax.lax.dynamic_slice_in_dim(v, slot, 1, 0)[:, :keys] for k, v in entries.items()}
-            x_1TD = layer(x_1TD, positions_1T, kv, mask_1TS, None, routed)
+            entries = write_chunks(entries, layer.new_kv(x_NTD, positions_NT), slots_N, start_N)
+            if n == 1:
+                kv = {k: jax.lax.dynamic_slice_in_dim(v, rows_N[0], 1, 0)[:, :keys] for k, v in entries.items()}
+            else:
+                kv = {k: v[rows_N, :keys] for k, v in entries.items()}
+            x_NTD = layer(x_NTD, positions_NT, kv, mask_NTS, None, routed_NT)
             layers.append(entries)
-        last_1D = jax.lax.dynamic_slice_in_dim(x_1TD, last, 1, 1)
-        return self.head(last_1D)[:, 0], cache.replace(layers=tuple(layers))
+        last_N1D = jnp.take_along_axis(x_NTD, last_N[:, None, None], axis=1)
+        return self.head(last_N1D)[:, 0], cache.replace(layers=tuple(layers))
 
     def decode(self, x_N1D: jax.Array, lengths_N: jax.Array, cache: KVCache, keys: int,
                live_N: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
