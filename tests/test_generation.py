@@ -430,8 +430,10 @@ def test_decode_and_prefill_update_the_cache_in_place():
     assert decode.compile().memory_analysis().alias_size_in_bytes >= cache_bytes
     x = jnp.zeros((engine.capacity, m.cfg.language.hidden_size), m.dtype)
     rows = np.zeros((2,), np.int32)
+    one, four = np.zeros((1,), np.int32), np.zeros((4,), np.int32)
     for program in (engine._prefill.lower(lm, state, (x, x), rows, rows, 8),  # two prompts' first chunks
-                    engine._extend.lower(lm, state, (x, x), rows, rows + 8, rows, 8, 256)):  # two later ones
+                    engine._extend.lower(lm, state, (x,), one, one + 8, one, 8, 256),  # a later one (in place)
+                    engine._extend.lower(lm, state, (x,) * 4, four, four + 8, four, 8, 256)):  # four (a scatter)
         assert program.compile().memory_analysis().alias_size_in_bytes >= cache_bytes
 
 

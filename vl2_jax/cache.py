@@ -3,9 +3,10 @@
 `KVCache.layers` holds, per layer, the key entries of every slot `[B, S, ...]` (see `modules/attention.py`:
 MHA caches rotated k and v, MLA only the normed latent and the rotated shared rope key). Its shape
 never changes: the engine's jitted programs take it donated and write new entries in place: several
-prompts' first chunks, each into its slot (`write_prompts`), a later chunk of a prompt into its slot
-(`write_chunk`), or one token into each decoding slot at its own length (`write_rows`). Which entries are real is the engine's business (each slot's length); unwritten entries
-are zeros, never garbage, and are always masked.
+prompts' first chunks, each into its slot (`write_prompts`), several prompts' later chunks, each into
+its slot from its own start (`write_chunks`; one is `write_chunk`), or one token into each decoding slot
+at its own length (`write_rows`). Which entries are real is the engine's business (each slot's length);
+unwritten entries are zeros, never garbage, and are always masked.
 """
 
 from __future__ import annotations

@@ -72,8 +72,9 @@ class Runtime:
     prefill_tokens: how many tokens one prefill call may hold beyond a single prompt's chunk: the first
       chunks of one length of several waiting prompts go through the model together (in row counts of
       1, 2, 4, ... up to max_batch; shorter ones fill rows the count pads) while their rows times that
-      chunk fit in it, and their later chunks of one length up to `engine.EXTEND_ROWS` prompts a call;
-      a lone chunk may be longer. Bounds the prefill's activation memory with the
+      chunk fit in it, and their later chunks of one length in calls of one or `engine.EXTEND_ROWS`
+      (4) prompts (fewer pad; where 4 such chunks fit in it and max_batch is 4 or more); a lone chunk
+      may be longer. Bounds the prefill's activation memory with the
       chunks; 0: one prompt per call. The server's scheduler also takes it as the prompt tokens
       prefilled between two decode calls.
     prefix_cache: whether a prompt may continue from the cache entries a slot kept of an earlier one

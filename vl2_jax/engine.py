@@ -687,7 +687,8 @@ class Engine:
 
     def plan(self, request: Request, start: int = 0) -> Prefill:
         """Checks `request` -> the `Prefill` whose chunks `prefill_first` (its first, with other prompts')
-        and `prefill_later` (the later ones, with other prompts') write into a slot, once `begin` has put it on the device.
+        and `prefill_later` (the later ones, with other prompts') write into a slot, once `begin` has put
+        it on the device.
         `start` > 0 (a multiple of the smallest chunk; `runtime.prefix_cache`): the slot already holds
         the prompt's first `start` tokens. Host work only."""
         self.check(request)
@@ -803,9 +804,10 @@ class Engine:
         padded to a row count of `extend_rows` -> (state, logits [N, V] on the device: row i for
         entries[i]'s last token in the chunk, rows past the entries padding). Dispatched, not awaited."""
         steps = [p.plan[p.next] for _, p in entries]
-        if any(fresh for *_, fresh in steps) or len({chunk for _, chunk, _, _ in steps}) != 1:
-            raise ValueError("prefill_later runs later chunks of one length; a prompt's first chunk goes through "
-                             "prefill_first")
+        if (any(fresh for *_, fresh in steps) or len({chunk for _, chunk, _, _ in steps}) != 1
+                or not all(p.begun for _, p in entries)):
+            raise ValueError("prefill_later runs begun prompts' later chunks of one length; a prompt's first chunk "
+                             "goes through prefill_first")
         chunk, keys = steps[0][1], max(k for _, _, k, _ in steps)
         n = smallest_at_least(len(entries), self.extend_rows(chunk))
         pad = n - len(entries)
