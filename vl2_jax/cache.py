@@ -60,13 +60,9 @@ class KVCache:
 
 def write_prompts(entries: dict[str, jax.Array], new: dict[str, jax.Array], rows_N: jax.Array):
     """New entries [N, T, ...] of N prompts' first T tokens written into the cache arrays [B, S, ...] at
-    positions 0..T-1 of rows `rows_N` [N]; a row past the cache's (B: a padding prompt) is dropped. One
-    prompt (never padding) is one in-place slice update, as `write_chunk`."""
-    n, t = next(iter(new.values())).shape[:2]
-    if n == 1:
-        return write_chunk(entries, new, rows_N[0], jnp.int32(0))
-    at = jnp.arange(t)[None, :]
-    return {k: c.at[rows_N[:, None], at].set(new[k].astype(c.dtype), mode="drop") for k, c in entries.items()}
+    positions 0..T-1 of rows `rows_N` [N]; a row past the cache's (B: a padding prompt) is dropped
+    (`write_chunks` from position 0)."""
+    return write_chunks(entries, new, rows_N, jnp.zeros(rows_N.shape, jnp.int32))
 
 
 def write_chunk(entries: dict[str, jax.Array], new: dict[str, jax.Array], row: jax.Array, start: jax.Array):
