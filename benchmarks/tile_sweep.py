@@ -15,7 +15,8 @@ The table gives the best configuration per shape, its bandwidth and the library'
 128 tried too (a row of 64 one-byte values is half the bytes a bf16 program reads).
 `--dense` also times the other batch-1 matrix-vector products (shared experts, attention projections)
 as XLA's dot against the kernel with one "expert" (8 weight copies rotated), at the best tiles and at
-the library's `dense_matvec_tiles`. Standalone calls can mislead: whether the kernel wins inside the
+the library's `dense_matvec_tiles`; with `--weights int8|fp8` the kernel reads quantized values (XLA's dot
+still on bf16 weights, what an unquantized model runs). Standalone calls can mislead: whether the kernel wins inside the
 decode step is for `python -m vl2_jax.bench` to say.
 
 `--kernel ragged`: the prefill's Mosaic GPU grouped matmul (JAX's `ragged_dot_mgpu`, which
@@ -111,7 +112,7 @@ def _matvec_sweep(row: dict, inputs, w, ids, scales, per: int) -> dict:
         results[tiles] = (ms, gbps, err)
         print(json.dumps(row | {"tiles": tiles, "ms": ms, "gb_per_s": gbps, "rel_err": err}), flush=True)
     best = min(results, key=lambda t: results[t][0])
-    default = (kernels.matvec_block_k(k), kernels.MATVEC_BLOCK_N, kernels.MATVEC_WARPS, kernels.MATVEC_STAGES, 1)
+    default = (*kernels.matvec_tiles(k, n, scales is not None), 1)[:5]
     return row | {"best": best, "best_ms": results[best][0], "best_gb_per_s": results[best][1],
                   "best_rel_err": results[best][2], "default_ms": results.get(default, (float("nan"),))[0]}
 
@@ -131,21 +132,25 @@ def _dense_shapes(c) -> list[tuple[str, int, int]]:
     return shapes
 
 
-def _dense(model: str, name: str, k: int, n: int) -> dict:
-    """XLA's batch-1 dot against the kernel with E = 1, over 8 rotated weight copies."""
+def _dense(model: str, name: str, k: int, n: int, weights: str = "bf16") -> dict:
+    """XLA's batch-1 dot on bf16 weights against the kernel with E = 1 on `weights`, over 8 rotated
+    weight copies."""
     x = jax.random.normal(jax.random.key(1), (1, k), jnp.bfloat16)
-    ws = (0.05 * jax.random.normal(jax.random.key(2), (ROUNDS, k, n), jnp.float32)).astype(jnp.bfloat16)
+    w = 0.05 * jax.random.normal(jax.random.key(2), (ROUNDS, k, n), jnp.float32)
+    ws = w.astype(jnp.bfloat16)
     xla = jax.jit(lambda x, ws: sum(jnp.einsum("mk,kn->mn", x, ws[i]).sum() for i in range(ROUNDS)))
-    row = {"model": model, "dense": name, "k": k, "n": n,
+    row = {"model": model, "dense": name, "weights": weights, "k": k, "n": n,
            "xla_ms": 1e3 * median_time(lambda: xla(x, ws), 5) / ROUNDS}
+    values, scales = (ws, None) if weights == "bf16" else _quantized(w, weights)
     zero = jnp.zeros((1,), jnp.int32)
 
     def kernel_ms(tiles) -> float:
-        fn = jax.jit(lambda x, ws: sum(
-            kernels.gathered_matvec(x, ws[i][None], zero, tiles=tiles).sum() for i in range(ROUNDS)))
-        return 1e3 * median_time(lambda: fn(x, ws), 5) / ROUNDS
+        fn = jax.jit(lambda x, vs, ss: sum(kernels.gathered_matvec(
+            x, vs[i][None], zero, tiles=tiles, scales_EN=None if ss is None else ss[i][None]).sum() for i in range(ROUNDS)))
+        return 1e3 * median_time(lambda: fn(x, values, scales), 5) / ROUNDS
 
-    for tiles in [t for t in MATVEC_CONFIGS if k % (t[0] * t[4]) == 0 and n % t[1] == 0 and t[2:4] == (4, 4)]:
+    configs = MATVEC_CONFIGS if scales is None else QUANT_MATVEC_CONFIGS
+    for tiles in [t for t in configs if k % (t[0] * t[4]) == 0 and n % t[1] == 0 and t[2:4] == (4, 4)]:
         try:
             ms = kernel_ms(tiles)
         except Exception as e:  # noqa: BLE001
@@ -171,7 +176,7 @@ def matvec(models: list[str], tokens: int, dense: bool, weights: str = "bf16") -
             row = {"model": model, "proj": proj, "weights": weights, "rows": rows * per, "k": k, "n": n}
             table.append(_matvec_sweep(row, *_matvec_case(rows, per, k, n, e, weights), per))
         if dense:
-            dense_rows += [_dense(model, *shape) for shape in _dense_shapes(c)]
+            dense_rows += [_dense(model, *shape, weights) for shape in _dense_shapes(c)]
     print(f"\n{jax.devices()[0].device_kind}, JAX {jax.__version__}, {tokens} token(s), {weights} weights")
     print("| model | projection | rows x K x N | best (block_k, block_n, warps, stages, k_split) | ms | GB/s | default ms |")
     print("|---|---|---|---|---|---|---|")

@@ -131,14 +131,16 @@ def test_every_dispatch_takes_quantized_experts(impl, quant):
 @pytest.mark.parametrize("quant", ["int8"])
 def test_gather_kernel_reads_quantized_experts(monkeypatch, quant):
     """The decode kernel (interpreted) on int8/fp8 values and scales equals the dense path over the
-    dequantized weights, with the kernel really called."""
-    from vl2_jax.kernels import gathered_matvec
+    dequantized weights, with the kernel really called (at its quantized tiles: gate/up's K split over
+    two programs, whose sums the scales multiply after the kernel)."""
+    from vl2_jax.kernels import gathered_matvec, matvec_tiles
     from vl2_jax.modules import moe
 
     calls = []
     monkeypatch.setattr(moe, "gathered_matvec_usable", lambda *a, **k: bool(k))  # only quantized calls here
     monkeypatch.setattr(moe, "gathered_matvec", lambda *a, **k: calls.append(k) or gathered_matvec(*a, **k, interpret=True))
-    xs, gate_up, down, weights, idx = moe_problem(e=6, d=128, f=128, x=2, n=1)
+    xs, gate_up, down, weights, idx = moe_problem(e=6, d=256, f=128, x=2, n=1)
+    assert matvec_tiles(256, 256, quantized=True)[4] == 2
     gu, dw = quantized_experts(gate_up, down, quant)
     got = moe.run_experts("gather", xs, gu, dw, weights, idx, ids_in_range=True)
     assert len(calls) == 2 and all(k["scales_EN"] is not None for k in calls)
