@@ -209,14 +209,16 @@ def matvec_block_k(k: int) -> int:
 
 def matvec_tiles(k: int, n: int, quantized: bool = False) -> tuple[int, ...]:
     """`gathered_matvec`'s default tiles for a contraction of `k` into `n` columns. Quantized values
-    (1 byte) take 128-wide column blocks and K split over up to 4 programs: at batch-1 decode on an
-    H100, 18-25% faster than the float tiles for small's and base's expert projections
-    (`benchmarks/tile_sweep.py --kernel matvec --weights int8`, BENCHMARKS.md)."""
-    if not quantized:
+    (1 byte) take 128-wide column blocks with K split over 4 (or 2) programs where K's 128-row blocks
+    divide so: at batch-1 decode on an H100, 18-24% faster than the float tiles for small's gate/up
+    and base's expert projections; without a split the wide blocks were slower (small's down, K 1408:
+    40.2 against 37.1 us), so such a K keeps the float tiles (`benchmarks/tile_sweep.py --kernel matvec
+    --weights int8`, BENCHMARKS.md)."""
+    blocks = k // MATVEC_BLOCK_K
+    split = next((s for s in (4, 2) if blocks % s == 0), 1)
+    if not quantized or split == 1 or n % (2 * MATVEC_BLOCK_N):
         return matvec_block_k(k), MATVEC_BLOCK_N, MATVEC_WARPS, MATVEC_STAGES
-    block_n = 2 * MATVEC_BLOCK_N if n % (2 * MATVEC_BLOCK_N) == 0 else MATVEC_BLOCK_N
-    split = next(s for s in (4, 2, 1) if (k // MATVEC_BLOCK_K) % s == 0)
-    return MATVEC_BLOCK_K, block_n, MATVEC_WARPS, MATVEC_STAGES, split
+    return MATVEC_BLOCK_K, 2 * MATVEC_BLOCK_N, MATVEC_WARPS, MATVEC_STAGES, split
 
 
 def _triton_usable(dtype, k: int, n: int, self_check) -> bool:
