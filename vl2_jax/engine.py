@@ -767,9 +767,7 @@ class Engine:
             raise ValueError("prefill_first runs begun prompts at their first chunk; later ones go through prefill_later")
         chunk = max(p.next_chunk() for _, p in entries)
         n = smallest_at_least(len(entries), self.rows_for(chunk))
-        pad = n - len(entries)
-        xs = tuple(p.x for _, p in entries) + (entries[0][1].x,) * pad
-        slots = np.array([slot for slot, _ in entries] + [self.max_batch] * pad, np.int32)
+        xs, slots, pad = self._padded(entries, n)
         lasts = np.array([min(p.length, chunk) - 1 for _, p in entries] + [0] * pad, np.int32)
         with self._context():
             state, logits = self._call(f"prefill{(n, chunk)}", self._prefill,
@@ -777,6 +775,14 @@ class Engine:
         for _, p in entries:
             p.next += 1
         return state, logits
+
+    def _padded(self, entries: list[tuple[int, Prefill]], n: int) -> tuple[tuple, np.ndarray, int]:
+        """(embeddings, slots int32 [n], padding rows) of a prefill call's `entries` (slot, prompt) padded
+        to `n` rows: a padding row repeats the first prompt's embeddings for slot `max_batch`, past the
+        cache's rows (written nowhere, routed nowhere)."""
+        pad = n - len(entries)
+        xs = tuple(p.x for _, p in entries) + (entries[0][1].x,) * pad
+        return xs, np.array([slot for slot, _ in entries] + [self.max_batch] * pad, np.int32), pad
 
     def extend_rows(self, chunk: int) -> tuple[int, ...]:
         """The row counts of calls that write later chunks of `chunk` tokens: one, and EXTEND_ROWS where
@@ -810,10 +816,8 @@ class Engine:
                              "goes through prefill_first")
         chunk, keys = steps[0][1], max(k for _, _, k, _ in steps)
         n = smallest_at_least(len(entries), self.extend_rows(chunk))
-        pad = n - len(entries)
-        xs = tuple(p.x for _, p in entries) + (entries[0][1].x,) * pad
+        xs, slots, pad = self._padded(entries, n)
         as_int32 = lambda values: np.array(values, np.int32)
-        slots = as_int32([slot for slot, _ in entries] + [self.max_batch] * pad)
         starts = as_int32([start for start, *_ in steps] + [0] * pad)
         lasts = as_int32([min(p.length - 1 - start, chunk - 1) for (_, p), (start, *_) in zip(entries, steps)] + [0] * pad)
         with self._context():

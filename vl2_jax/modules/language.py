@@ -20,6 +20,13 @@ from vl2_jax.modules.moe import MLP, MoE
 from vl2_jax.sharding import constrain
 
 
+def routed_tokens(t: int, last_N: jax.Array, slots_N: jax.Array, rows: int) -> jax.Array:
+    """bool [N, T]: the tokens of a prefill call's chunks that go to the experts: up to each prompt's
+    last (`last_N` [N]), in prompts whose slot (`slots_N` [N]) is one of the cache's `rows` (a slot past
+    them marks a padding prompt). Padding takes no expert's time."""
+    return (jnp.arange(t)[None, :] <= last_N[:, None]) & (slots_N < rows)[:, None]
+
+
 def causal_mask(valid_BT: jax.Array) -> jax.Array:
     """[B, T, T]: query i may attend to key j <= i where key j is a real token (`valid_BT`)."""
     t = valid_BT.shape[1]
@@ -138,7 +145,7 @@ class LanguageModel(nn.Module):
         """
         n, t = x_NTD.shape[:2]
         positions_NT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
-        routed_NT = (jnp.arange(t)[None, :] <= last_N[:, None]) & (slots_N < cache.rows)[:, None]
+        routed_NT = routed_tokens(t, last_N, slots_N, cache.rows)
         mask_NTT, key_valid_NT = causal_mask(jnp.ones((n, t), bool)), jnp.ones((n, t), bool)
         layers = []
         for layer, entries in zip(self.layers, cache.layers):
@@ -160,8 +167,7 @@ class LanguageModel(nn.Module):
         """
         n, t = x_NTD.shape[:2]
         positions_NT = start_N[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-        # tokens past a prompt's last, and padding prompts, take no expert's time
-        routed_NT = (jnp.arange(t)[None, :] <= last_N[:, None]) & (slots_N < cache.rows)[:, None]
+        routed_NT = routed_tokens(t, last_N, slots_N, cache.rows)
         mask_NTS = jnp.arange(keys)[None, None, :] <= positions_NT[:, :, None]
         rows_N = jnp.minimum(slots_N, cache.rows - 1)  # (a padding prompt reads some row; its output is unused)
         layers = []
