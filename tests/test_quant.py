@@ -128,7 +128,7 @@ def test_every_dispatch_takes_quantized_experts(impl, quant):
     assert rel_err(run_experts(impl, xs, gu, dw, weights, idx), want) < TOL
 
 
-@pytest.mark.parametrize("quant", ["int8"])
+@pytest.mark.parametrize("quant", ["int8", "fp8"])
 def test_gather_kernel_reads_quantized_experts(monkeypatch, quant):
     """The decode kernel (interpreted) on int8/fp8 values and scales equals the dense path over the
     dequantized weights, with the kernel really called (at its quantized tiles: gate/up's K split over

@@ -196,9 +196,10 @@ def ragged_dot(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, 
     return jax.lax.ragged_dot(lhs_MK, rhs_GKN, group_sizes_G, precision=precision)
 
 
-# Gathered matrix-vector kernel: each program reduces one (row, expert) pair over all of K for a slice
-# of MATVEC_BLOCK_N output columns, block_k rows of the weight at a time: 256 where K allows, else
-# MATVEC_BLOCK_K. From a sweep on an H200 at small's and base's expert shapes (BENCHMARKS.md).
+# Gathered matrix-vector kernel: each program reduces one (row, expert) pair over K (or a slice of it,
+# where K is split) for a block of output columns, block_k rows of the weight at a time. Float weights:
+# MATVEC_BLOCK_N columns, block_k 256 where K allows, else MATVEC_BLOCK_K, K whole (a sweep on an H200
+# at small's and base's expert shapes); quantized values: `matvec_tiles` (BENCHMARKS.md).
 MATVEC_BLOCK_K, MATVEC_BLOCK_N, MATVEC_WARPS, MATVEC_STAGES = 128, 64, 4, 4
 
 
@@ -210,10 +211,10 @@ def matvec_block_k(k: int) -> int:
 def matvec_tiles(k: int, n: int, quantized: bool = False) -> tuple[int, ...]:
     """`gathered_matvec`'s default tiles for a contraction of `k` into `n` columns. Quantized values
     (1 byte) take 128-wide column blocks with K split over 4 (or 2) programs where K's 128-row blocks
-    divide so: at batch-1 decode on an H100, 18-24% faster than the float tiles for small's gate/up
-    and base's expert projections; without a split the wide blocks were slower (small's down, K 1408:
-    40.2 against 37.1 us), so such a K keeps the float tiles (`benchmarks/tile_sweep.py --kernel matvec
-    --weights int8`, BENCHMARKS.md)."""
+    divide so, and `n` a multiple of 128: at batch-1 decode on an H100, 18-24% faster than the float
+    tiles for small's gate/up and base's expert projections; without a split the wide blocks were
+    slower (small's down, K 1408: 40.2 against 37.1 us), so such a K (or another `n`) keeps the float
+    tiles (`benchmarks/tile_sweep.py --kernel matvec --weights int8`, BENCHMARKS.md)."""
     blocks = k // MATVEC_BLOCK_K
     split = next((s for s in (4, 2) if blocks % s == 0), 1)
     if not quantized or split == 1 or n % (2 * MATVEC_BLOCK_N):
@@ -254,8 +255,8 @@ def _cuda_gpu() -> bool:
 
 def _gathered_matvec_kernel(ids_ref, x_ref, w_ref, *refs, block_k: int, k_steps: int):
     # ids_ref [1]: this row's expert; x_ref [K]: its input; w_ref [E, K, N]: all experts, read in place;
-    # refs: (scales [E, N] float32, for quantized weights,) out [block_n]: float32 sums for this
-    # program's columns over its k_steps blocks of K, times the expert's column scales.
+    # refs: (scales [E, N] float32, for quantized weights with K whole,) out [block_n]: float32 sums for
+    # this program's columns over its k_steps blocks of K, times the expert's column scales if given.
     out_ref = refs[-1]
     block_n = out_ref.shape[-1]
     expert = ids_ref[0]
