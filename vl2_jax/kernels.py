@@ -297,8 +297,9 @@ def gathered_matvec(x_RK: jax.Array, w_EKN: jax.Array, ids_A: jax.Array, rows_pe
         raise ValueError(f"gathered_matvec: K={k} must be a multiple of block_k*k_split={block_k * k_split} "
                          f"and N={n} of block_n={block_n}")
     # The column scales multiply the sums in the kernel, or with K split, the added partial sums after it.
-    after = k_split > 1 and scales_EN is not None
-    scaled = () if scales_EN is None or after else (scales_EN.astype(jnp.float32),)
+    scales = None if scales_EN is None else scales_EN.astype(jnp.float32)
+    after = k_split > 1 and scales is not None
+    scaled = () if scales is None or after else (scales,)
     partial_sums = pl.pallas_call(
         functools.partial(_gathered_matvec_kernel, block_k=block_k, k_steps=k // (block_k * k_split)),
         grid=(a, n // block_n, k_split),
@@ -315,7 +316,7 @@ def gathered_matvec(x_RK: jax.Array, w_EKN: jax.Array, ids_A: jax.Array, rows_pe
         name="gathered_matvec",
     )(ids_A.astype(jnp.int32), x_RK, w_EKN, *scaled)
     sums = partial_sums[0] if k_split == 1 else partial_sums.sum(0)
-    return sums * scales_EN.astype(jnp.float32)[ids_A] if after else sums
+    return sums * scales[ids_A] if after else sums
 
 
 @functools.cache
