@@ -249,7 +249,6 @@ def test_python_m_vl2_jax_serve_starts_and_stops_on_sigterm_or_ctrl_c(stop, tmp_
         key = {"Authorization": "Bearer k"}
         assert httpx2.get(url + "/v1/models", headers=key).json()["data"][0]["id"] == MODEL
         assert httpx2.post(url + "/start_profile").status_code == 401
-        trace_dir = httpx2.post(url + "/start_profile", headers=key).json()["trace_dir"]
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 200,
                 "ignore_eos": True, "stream": True}
         host, port = url.removeprefix("http://").split(":")
@@ -271,6 +270,8 @@ def test_python_m_vl2_jax_serve_starts_and_stops_on_sigterm_or_ctrl_c(stop, tmp_
             readers[-1].start()
             time.sleep(0.2)  # (in this order)
         assert decoding.wait(120)
+        # (started once the programs are compiled: a trace of their compiling takes seconds to write)
+        trace_dir = httpx2.post(url + "/start_profile", headers=key).json()["trace_dir"]
         start = time.monotonic()
         proc.send_signal(stop)
         with half_sent.makefile("rb") as answer_file:
