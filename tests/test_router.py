@@ -63,10 +63,13 @@ GENERATE = {"text": "<|User|>: <image>\nWhat is it?\n\n<|Assistant|>:", "image_d
             "sampling_params": {"max_new_tokens": 24, "temperature": 0}}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct ports free now (all held open together while the system picks them)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def _first_line(proc: subprocess.Popen, seconds: float) -> str:
@@ -113,13 +116,13 @@ def instances(tmp_path_factory):
 def router(workers: list[str], policy: str, logs: Path):
     """`python -m sglang_router.launch_router` in front of `workers` -> its URL, once it has registered
     every worker as healthy."""
-    port = _free_port()
+    port, metrics_port = _free_ports(2)
     log = logs / f"router-{policy}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *workers, "--policy", policy,
              "--host", "127.0.0.1", "--port", str(port), "--prometheus-host", "127.0.0.1",
-             "--prometheus-port", str(_free_port()), "--log-level", "warn"],
+             "--prometheus-port", str(metrics_port), "--log-level", "warn"],
             stdout=out, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
