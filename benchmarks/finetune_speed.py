@@ -137,9 +137,9 @@ def run(args) -> dict:
                 used = sum(len(r.output.pixels) for r in rows)
                 flops.append(model_flops(cfg, matmul, [int(t) for t in valid.sum(-1)], used, **flops_of))
         if args.profile:
-            from profile_decode import _traced
+            from vl2_jax.traces import traced
 
-            (state, metrics), wall, launches, busy = _traced(lambda: jax.block_until_ready(step(state, inputs)))
+            (state, metrics), wall, launches, busy = traced(lambda: jax.block_until_ready(step(state, inputs)))
             print(json.dumps({"metric": "step_profile", "wall_ms": round(wall * 1e3, 1), "launches": sum(launches.values()),
                               "busy_ms": round(sum(busy.values()) / 1e3, 1)}), flush=True)
             for name, us in busy.most_common(args.profile):

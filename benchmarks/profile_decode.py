@@ -21,93 +21,21 @@ Prints one JSON line per result, then a short table.
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
-import gzip
 import json
-import os
-import re
-import shutil
 import sys
-import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from vl2_jax.traces import idle_gaps, traced
+
 
 def _prompt(model, size=768, rows=1):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
     one = model.processor([{"role": "user", "content": "<image>\nDescribe this image in detail."}], [image])
     return model.processor.batchify([one] * rows)
-
-
-def _traced(fn, exact_names: bool = False, intervals: list | None = None, keep: str | None = None):
-    """Runs fn() under the profiler -> (its result, wall seconds, kernel launches and busy us by name).
-    Names lose their numeric suffix (all `input_reduce_fusion_N` together) unless `exact_names`.
-    `intervals`, if given, receives every kernel as (start us, duration us, name). `keep`: a path to copy
-    the trace to (Chrome trace JSON, gzipped; opens in Perfetto), host threads included."""
-    trace_dir = tempfile.mkdtemp()
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        start = time.perf_counter()
-        result = fn()
-        wall = time.perf_counter() - start
-    files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
-    if keep:
-        shutil.copyfile(files[0], keep)
-    kernels, busy, _ = read_trace(files[0], exact_names, intervals)
-    return result, wall, kernels, busy
-
-
-def read_trace(path: str, exact_names: bool = False, intervals: list | None = None, arg_keys: set | None = None):
-    """The device kernels of a trace file (`*.trace.json.gz`) -> (launches by name, busy us by name, busy
-    us by program: the XLA module a kernel belongs to, where the trace names it). Names as `_traced`'s;
-    `intervals` as there, with the program as a fourth item; `arg_keys` receives the argument names the
-    kernels' events carry (what the trace can tell about them)."""
-    events = json.load(gzip.open(path))["traceEvents"]
-    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("name") == "thread_name"}
-    procs = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
-    kernels = collections.Counter()
-    busy = collections.Counter()
-    programs = collections.Counter()
-    for e in events:
-        if e.get("ph") != "X" or "dur" not in e:
-            continue
-        where = procs.get(e["pid"], "") + " " + threads.get((e["pid"], e["tid"]), "")
-        if "/device:GPU" in where and "Stream" in where:
-            name = e["name"] if exact_names else re.sub(r"[._]\d+$", "", e["name"])
-            program = re.sub(r"\(\d+\)$", "", str(e.get("args", {}).get("hlo_module", "(not named)")))
-            kernels[name] += 1
-            busy[name] += e["dur"]
-            programs[program] += e["dur"]
-            if arg_keys is not None:
-                arg_keys.update(e.get("args", {}))
-            if intervals is not None:
-                intervals.append((float(e["ts"]), float(e["dur"]), name, program))
-    if not kernels:  # unknown trace layout: show what is there instead of a silent zero
-        print(json.dumps({"trace_processes": sorted(set(procs.values()))[:20],
-                          "trace_threads": sorted(set(threads.values()))[:20]}), flush=True)
-    return kernels, busy, programs
-
-
-def idle_gaps(intervals: list[tuple[float, float, str]], top: int = 8) -> dict:
-    """Where the device waits: kernels (start us, duration us, name, ...) -> the span from the first kernel's
-    start to the last one's end, the time inside it with no kernel running, and the `top` longest such
-    gaps with the kernels on either side (a gap after a kernel usually means host work or a transfer
-    before the next launch)."""
-    spans = sorted(intervals)
-    gaps, idle, end, last = [], 0.0, None, None
-    for start, dur, name, *_ in spans:
-        if end is not None and start > end:
-            idle += start - end
-            gaps.append((start - end, last, name))
-        if end is None or start + dur > end:
-            end, last = start + dur, name
-    span = end - spans[0][0] if spans else 0.0
-    return {"span_ms": span / 1e3, "idle_ms": idle / 1e3,
-            "largest_gaps": [{"ms": g / 1e3, "after": a[:60], "before": b[:60]} for g, a, b in sorted(gaps, reverse=True)[:top]]}
 
 
 def profile_first_token(spec: str, keep: str | None = None) -> list[dict]:
@@ -121,7 +49,7 @@ def profile_first_token(spec: str, keep: str | None = None) -> list[dict]:
     for _ in range(3):
         model.generate(batch, max_new_tokens=1)
     intervals = []
-    result, wall, kernels, busy = _traced(lambda: model.generate(batch, max_new_tokens=1), intervals=intervals,
+    result, wall, kernels, busy = traced(lambda: model.generate(batch, max_new_tokens=1), intervals=intervals,
                                               keep=keep)
     gaps = idle_gaps(intervals)
     rows = [{"model": spec, "metric": "first_token_profile", "launches": sum(kernels.values()),
@@ -151,9 +79,9 @@ def profile(spec: str, tokens: int, exact_names: bool = False, quant: str | None
     batch = _prompt(model, rows=batch_size)
     run = lambda n: model.generate(batch, max_new_tokens=n, ignore_eos=True)
     run(tokens), run(1)  # compile
-    _, _, kernels1, busy1 = _traced(lambda: run(1), exact_names)
+    _, _, kernels1, busy1 = traced(lambda: run(1), exact_names)
     intervals = []
-    result, wall, kernels, busy = _traced(lambda: run(tokens), exact_names, intervals)
+    result, wall, kernels, busy = traced(lambda: run(tokens), exact_names, intervals)
     gaps = idle_gaps(intervals)
     kernels.subtract(kernels1)
     busy.subtract(busy1)

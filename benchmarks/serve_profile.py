@@ -25,7 +25,8 @@ import sys
 import time
 
 import httpx2
-from profile_decode import idle_gaps, read_trace
+
+from vl2_jax.traces import idle_gaps, read_trace
 
 GENERATED = re.compile(r"^vl2_generated_tokens_total (\S+)$", re.M)
 

@@ -31,6 +31,34 @@ def test_bench_smoke(capsys):
     assert any(line.startswith("| random:test | decode_tokens_per_s") for line in out)
     assert all(r["kernels"] == [] for r in rows)  # CPU: the portable paths only
     assert not any("floor_ms" in r for r in rows)  # no bandwidth floor off the GPU
+    assert not any(r["metric"] == "decode_launches_per_token" for r in rows)  # (a CPU trace names no kernels)
+
+
+def test_decode_launches_are_a_long_answers_kernels_less_a_one_token_answers(monkeypatch):
+    """Per decode step: the kernels of a 5-token answer less those of a 1-token one (the same prefill),
+    over its 4 steps; the wall time is the answer's decode time over its steps."""
+    import collections
+
+    from vl2_jax import traces
+    from vl2_jax.bench import decode_launches
+    from vl2_jax.load import load_model
+
+    model = load_model("random:test", runtime=Runtime(max_batch=1, max_seq_len=64))
+    batch = model.processor.batchify([model.processor([{"role": "user", "content": "Hi"}])])
+    traced = iter([({"prefill": 3, "sample": 2}, {"prefill": 300, "sample": 20}),
+                   ({"prefill": 3, "sample": 2 + 4, "matvec": 4 * 10, "norm": 4 * 5}, {"prefill": 310, "sample": 60,
+                                                                                     "matvec": 4000, "norm": 400})])
+
+    def fake(fn):
+        launches, busy = next(traced)
+        return fn(), 0.0, collections.Counter(launches), collections.Counter(busy)
+
+    monkeypatch.setattr(traces, "traced", fake)
+    row = decode_launches(model, batch, 5)
+    assert row["metric"] == "decode_launches_per_token" and row["batch"] == 1
+    assert row["value"] == (4 + 40 + 20) / 4
+    assert abs(row["device_busy_ms"] - 1e-3 * (10 + 40 + 4000 + 400) / 4) < 1e-12
+    assert row["wall_ms"] > 0
 
 
 def test_every_line_names_the_kernels_in_use(monkeypatch):

@@ -136,18 +136,45 @@ def test_router_margins_of_the_torch_drift_script():
 
 
 def test_idle_gaps_of_a_kernel_timeline():
-    """The first-token profile's gap finder: overlapping kernels count once, gaps are ranked with their
+    """The profiles' gap finder: overlapping kernels count once, gaps are ranked with their
     neighbours, the span runs from the first start to the last end."""
-    import importlib.util
+    from vl2_jax.traces import idle_gaps
 
-    spec = importlib.util.spec_from_file_location("profile_decode", ROOT / "benchmarks" / "profile_decode.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     # us: a [0, 100), b [50, 120) overlapping a, c [400, 450), d [460, 500)
     timeline = [(400.0, 50.0, "c"), (0.0, 100.0, "a"), (50.0, 70.0, "b"), (460.0, 40.0, "d")]
-    got = module.idle_gaps(timeline, top=1)
+    got = idle_gaps(timeline, top=1)
     assert got["span_ms"] == 0.5 and abs(got["idle_ms"] - 0.29) < 1e-9
     assert got["largest_gaps"] == [{"ms": 0.28, "after": "b", "before": "c"}]
+
+
+def test_read_trace_counts_the_gpu_streams_kernels(tmp_path):
+    """A trace's kernels are the complete events on a GPU's stream threads, by name without the numeric
+    suffix and by program; host threads and other devices' events do not count."""
+    import gzip
+
+    from vl2_jax.traces import read_trace
+
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #13(Compute)"}},
+            {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+            {"ph": "M", "name": "thread_name", "pid": 2, "tid": 1, "args": {"name": "python"}}]
+    kernel = lambda name, ts, dur, module: {"ph": "X", "pid": 1, "tid": 7, "name": name, "ts": ts, "dur": dur,
+                                            "args": {"hlo_module": module}}
+    events = [kernel("input_reduce_fusion_3", 0, 5, "jit_decode(12)"), kernel("input_reduce_fusion.7", 10, 7, "jit_decode(12)"),
+              kernel("gemm_fusion_dot", 20, 30, "jit_prefill(3)"),
+              {"ph": "X", "pid": 2, "tid": 1, "name": "input_reduce_fusion_3", "ts": 0, "dur": 99},  # (the host's)
+              {"ph": "i", "pid": 1, "tid": 7, "name": "marker", "ts": 1}]
+    path = tmp_path / "t.trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": meta + events}, f)
+    intervals = []
+    launches, busy, programs = read_trace(str(path), intervals=intervals)
+    assert launches == {"input_reduce_fusion": 2, "gemm_fusion_dot": 1}
+    assert busy == {"input_reduce_fusion": 12, "gemm_fusion_dot": 30}
+    assert programs == {"jit_decode": 12, "jit_prefill": 30}
+    assert sorted(intervals)[0] == (0.0, 5.0, "input_reduce_fusion", "jit_decode")
+    exact, _, _ = read_trace(str(path), exact_names=True)
+    assert exact == {"input_reduce_fusion_3": 1, "input_reduce_fusion.7": 1, "gemm_fusion_dot": 1}
 
 
 @pytest.mark.parametrize("mode", ["default", "readonly"])

@@ -15,7 +15,10 @@ first tokens' p50 and p90 reported with the number of compilations and traces wh
 the engine works as designed). Decode speed is the median of `--repeats` runs. Every measurement is
 printed as one JSON line; a table follows, each value with its unit. `decode_floor_fraction` is the time to read the weights a
 batch-1 token activates (embedding row, attention, dense MLP, shared + top-k experts, LM head; plus its
-KV cache) at `--hbm-gbps`, divided by the measured time per token (GPUs only).
+KV cache) at `--hbm-gbps`, divided by the measured time per token (GPUs only). On GPUs,
+`decode_launches_per_token` is the number of kernels a batch-1 decode step launches, with the
+device-busy and wall milliseconds per token beside it, from profiler traces (`vl2_jax.traces`): a step
+far less busy than its wall time waits on launches, not on bytes.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from vl2_jax import kernels, load, quant
+from vl2_jax import kernels, load, quant, traces
 from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, QUANTS, Runtime
 from vl2_jax.engine import CompileWatch
 from vl2_jax.errors import InputError, command_parser, given, guarded, leave, number, number_list
@@ -228,13 +231,31 @@ def run(args) -> list[dict]:
             row["decode_floor_fraction"] = floor_s * rate
             row["floor_ms"] = 1e3 * floor_s
         emit(**row)
+    if jax.default_backend() == "gpu":  # (other backends' traces name no kernels)
+        emit(**decode_launches(model, proc.batchify([fixed["image"]]), min(args.new_tokens, 33)))
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         emit(metric="peak_memory_gb", value=stats["peak_bytes_in_use"] / 1e9)
     return rows
 
 
-UNITS = {"_s": "s", "_ms": "ms", "_gb": "GB", "_tokens_per_s": "tok/s", "_tokens": "tokens"}
+def decode_launches(model, batch, tokens: int) -> dict:
+    """The kernels a batch-1 decode step launches, from `jax.profiler` traces of a `tokens`-token answer
+    and of a one-token one (the same prefill and first sample), their difference over tokens - 1 steps ->
+    a row: launches per token, and device-busy and wall milliseconds per token (wall under the profiler)."""
+    run = lambda n: model.generate(batch, max_new_tokens=n, ignore_eos=True)  # noqa: E731
+    _, _, launches, busy = traces.traced(lambda: run(1))
+    result, _, more, busier = traces.traced(lambda: run(tokens))
+    more.subtract(launches)
+    busier.subtract(busy)
+    steps = tokens - 1
+    return dict(metric="decode_launches_per_token", prompt="image", batch=1,
+                value=sum(n for n in more.values() if n > 0) / steps,
+                device_busy_ms=1e-3 * sum(us for us in busier.values() if us > 0) / steps,
+                wall_ms=1e3 * result.decode_s / steps)
+
+
+UNITS = {"_launches_per_token": "kernels/token", "_s": "s", "_ms": "ms", "_gb": "GB", "_tokens_per_s": "tok/s", "_tokens": "tokens"}
 
 
 def unit(metric: str) -> str:
@@ -252,6 +273,8 @@ def table(rows: list[dict]) -> str:
     lines = ["| model | metric | prompt | batch | unit | value |", "|---|---|---|---|---|---|"]
     for r in rows:
         extra = f" (floor {r['floor_ms']:.2f} ms/token, {100 * r['decode_floor_fraction']:.0f}% of it)" if "floor_ms" in r else ""
+        if "device_busy_ms" in r:
+            extra = f" ({r['device_busy_ms']:.2f} ms device-busy, {r['wall_ms']:.2f} ms wall a token)"
         if "p90" in r:
             extra = f" (p90 {r['p90']:.2f}; {r['prompts']} prompts, {r['compilations']} compilations)"
         lines.append(f"| {r['model']} | {r['metric']} | {r.get('prompt', '')} | {r.get('batch', '')} | {unit(r['metric'])} | {_value(r['value'])}{extra} |")
