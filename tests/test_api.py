@@ -622,5 +622,19 @@ def test_start_and_stop_profile_write_a_trace_where_the_server_has_a_profile_dir
         files = stopped.json()["files"]
         assert stopped.json()["trace_dir"] == folder
         assert any(f.endswith("perfetto_trace.json.gz") for f in files) and all(f.startswith(folder) for f in files)
+        assert python_calls(files) == 0  # (Python's own calls only with SGLang's with_stack)
+        assert error_of(httpx2.post(url + "/start_profile", json={"with_stack": "yes"}), 400)["param"] == "with_stack"
+        assert httpx2.post(url + "/start_profile", json={"with_stack": True}).status_code == 200
+        jnp.arange(1000.0).sum().block_until_ready()
+        assert python_calls(httpx2.post(url + "/stop_profile").json()["files"]) > 0
         assert httpx2.get(url + "/start_profile").status_code == 200  # (a second trace, by GET as SGLang allows)
         assert httpx2.get(url + "/stop_profile").status_code == 200
+
+
+def python_calls(files: list[str]) -> int:
+    """The Python function events (JAX's Python tracer names them `$file:line function`) of a trace."""
+    import gzip
+    import json
+
+    path = next(f for f in files if f.endswith("perfetto_trace.json.gz"))
+    return sum(str(e.get("name", "")).startswith("$") for e in json.load(gzip.open(path))["traceEvents"])

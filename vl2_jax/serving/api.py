@@ -645,7 +645,9 @@ class _Server:
     async def profile(self, request: Request, start: bool) -> dict:
         """/start_profile (`start`) or /stop_profile. SGLang's body fields that choose where and for how
         long are refused (the server's profile directory holds every trace; /stop_profile ends one);
-        its others (activities, with_stack, ...) are ignored: JAX's profiler records what it records."""
+        `with_stack: true` records Python's calls too (JAX's Python tracer: off by default, since it slows
+        the server while it runs and makes the trace several times larger); the others (activities,
+        record_shapes, ...) are ignored: JAX's profiler records what it records."""
         if self.profiler is None:
             raise bad_request("profiling is off on this server; start it with --profile-dir DIR to record device "
                               "traces with /start_profile and /stop_profile.")
@@ -657,7 +659,10 @@ class _Server:
                 raise bad_request(f"{field} is not supported here: traces go to the server's --profile-dir, and a "
                                   f"trace ends with POST /stop_profile.", field)
         if start:
-            folder = await self.host(self.profiler.start)
+            stack = data.get("with_stack")
+            if stack is not None and not isinstance(stack, bool):
+                raise bad_request("with_stack must be true or false.", "with_stack")
+            folder = await self.host(self.profiler.start, bool(stack))
             return {"message": "profiling started", "trace_dir": str(folder)}
         folder, files = await self.host(self.profiler.stop)
         return {"message": "profiling stopped", "trace_dir": str(folder), "files": [str(f) for f in files]}

@@ -4,7 +4,8 @@
     curl -X POST localhost:30000/start_profile; sleep 5; curl -X POST localhost:30000/stop_profile
 
 Between the two calls `jax.profiler` records every thread of the process and the device's kernels
-(the scheduler's programs as they run under load); `stop` writes the trace (Perfetto's
+(the scheduler's programs as they run under load), and Python's own calls only where the start asks
+(SGLang's `with_stack`: they slow the server while recorded and make the trace several times larger); `stop` writes the trace (Perfetto's
 `perfetto_trace.json.gz` and TensorBoard's profile) into a new folder under the profile directory and
 answers its path. `python benchmarks/serve_profile.py` takes such a window and sums it by program.
 """
@@ -32,8 +33,9 @@ class Profiler:
     def running(self) -> bool:
         return self._current is not None
 
-    def start(self) -> Path:
-        """Starts a trace -> the folder it will be written to. InputError if one is already running."""
+    def start(self, python: bool = False) -> Path:
+        """Starts a trace -> the folder it will be written to. InputError if one is already running.
+        `python`: Python's calls too (every thread's; slower while it runs, and far larger to write)."""
         with self._lock:
             if self._current is not None:
                 raise InputError(f"a profile is already being recorded (into {self._current}); POST /stop_profile "
@@ -41,7 +43,9 @@ class Profiler:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
             folder = self.directory / f"trace-{stamp}"
             folder.mkdir(parents=True)
-            jax.profiler.start_trace(str(folder), create_perfetto_trace=True)
+            options = jax.profiler.ProfileOptions()
+            options.python_tracer_level = int(python)
+            jax.profiler.start_trace(str(folder), create_perfetto_trace=True, profiler_options=options)
             self._current = folder
             return folder
 
