@@ -174,9 +174,10 @@ def test_latencies_follow_the_servers_delays(capsys):
 def test_failed_requests_are_counted(capsys):
     stub = Stub(fail_every=3)
     with serving(stub) as url:
-        (row,), _ = run_cli(capsys, url, "--concurrency", "4", "--requests", "12", "--min-tokens", "4",
-                            "--max-tokens", "4", "--image-share", "0", "--warmup", "none", "--model", "mine")
+        (row,), err = run_cli(capsys, url, "--concurrency", "4", "--requests", "12", "--min-tokens", "4",
+                              "--max-tokens", "4", "--image-share", "0", "--warmup", "none", "--model", "mine")
     assert row["errors"] == stub.failed == 4 and row["first_error"].startswith("HTTP 500")
+    assert err.strip().splitlines()[-1] == "warning: 4 of 12 requests failed (the first: HTTP 500: stub failure)"
     assert "stub failure" in row["first_error"] and row["errors_by_kind"] == {"HTTP 500": 4}
     assert row["output_tokens"] == row["requested_tokens"] == 8 * 4 == stub.tokens_sent
     # (duration_s is rounded to the millisecond: up to 0.5 ms / duration of relative error on a short run)
@@ -261,8 +262,12 @@ def test_more_tokens_than_the_server_s_context_is_refused_before_sending(capsys)
         assert err.strip().splitlines()[-1] == (
             "error: --max-tokens 128 leaves no room for a prompt in the server's context of 128 tokens (max_model_len); "
             "pass a smaller --max-tokens.")
-        (row,), _ = run_cli(capsys, url, "--concurrency", "1", "--requests", "1", "--min-tokens", "4", "--max-tokens", "4")
-    assert row["errors"] == 0 and row["errors_by_kind"] == {}
+        (row,), err = run_cli(capsys, url, "--concurrency", "1", "--requests", "1", "--min-tokens", "4", "--max-tokens", "4")
+        assert row["errors"] == 0 and row["errors_by_kind"] == {} and "warning" not in err
+        # the warm-up's prompt (the stub's usage: 5 tokens) and --max-tokens 124 are more than the context
+        _, err = run_cli(capsys, url, "--concurrency", "1", "--requests", "1", "--min-tokens", "4", "--max-tokens", "124")
+    assert "warning: the warm-up's prompt took 5 tokens, and with up to --max-tokens 124 new ones prompts like it do " \
+           "not fit the server's context of 128 tokens (max_model_len)" in err and "Pass --max-tokens 123 or less" in err
 
 
 def test_a_server_that_does_not_answer_is_not_called_absent():

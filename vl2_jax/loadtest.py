@@ -51,7 +51,9 @@ pure JSON lines); latencies are of successful requests only:
   `max_in_flight`: the most requests this client had open at once; `image_requests`: how many of the
   level's requests carried an image.
 The client is one Python process: past some thousands of chunks per second its own parsing starts to
-show in the latencies. Exit status 1 when every request failed (or no server answers), else 0.
+show in the latencies. Exit status 1 when every request failed (or no server answers), else 0 (with a
+warning on stderr where some failed). Where the warm-up's prompt and --max-tokens together do not fit
+the server's context (its `max_model_len`), a warning says so before the first level.
 """
 
 from __future__ import annotations
@@ -158,6 +160,7 @@ class Result:
     last: float | None = None  # last content chunk
     chunks: int = 0  # non-empty content chunks
     usage_tokens: int | None = None  # completion_tokens of the last usage seen
+    prompt_tokens: int | None = None  # prompt_tokens of the last usage seen
     per_token: bool = False  # usage came with every content chunk
     itl: list[float] = dataclasses.field(default_factory=list)
     max_tokens: int = 0
@@ -211,7 +214,7 @@ async def send(client: openai.AsyncOpenAI, model: str, job: Job, timeout: float)
                 now = time.perf_counter()
                 usage = chunk.usage.completion_tokens if chunk.usage is not None else None
                 if usage is not None:
-                    r.usage_tokens = usage
+                    r.usage_tokens, r.prompt_tokens = usage, chunk.usage.prompt_tokens
                 text = "".join(c.delta.content or "" for c in chunk.choices if c.delta is not None)
                 if not (text or (chunk.choices and usage is not None and usage > seen)):
                     continue
@@ -417,6 +420,12 @@ async def run(args) -> list[dict]:
                 result = await send(client, model, warm, args.timeout)
                 if result.error:
                     print(f"warning: the warm-up request failed: {result.error}", file=sys.stderr, flush=True)
+                elif context is not None and result.prompt_tokens and result.prompt_tokens + args.max_tokens > context:
+                    print(f"warning: the warm-up's prompt took {result.prompt_tokens} tokens, and with up to "
+                          f"--max-tokens {args.max_tokens} new ones prompts like it do not fit the server's context "
+                          f"of {context} tokens (max_model_len): such requests will fail (HTTP 400). Pass "
+                          f"--max-tokens {max(context - result.prompt_tokens, 1)} or less (images take more "
+                          f"tokens the larger they are), or serve a longer context.", file=sys.stderr, flush=True)
             jobs = plan(args, level, args.requests, templates)
             before = await read_counters(args.url, args.api_key)
             with tqdm(total=len(jobs), desc=f"concurrency {concurrency}", unit="req", file=sys.stderr,
@@ -504,6 +513,10 @@ def main(argv=None) -> int:
         if rows and all(r["errors"] == r["requests"] for r in rows):
             print(f"error: every request failed (the first: {rows[0]['first_error']})", file=sys.stderr, flush=True)
             return 1
+        failed = [r for r in rows if r["errors"]]
+        if failed:
+            print(f"warning: {sum(r['errors'] for r in failed)} of {sum(r['requests'] for r in rows)} requests "
+                  f"failed (the first: {failed[0]['first_error']})", file=sys.stderr, flush=True)
         return 0
 
     return guarded(body, lambda line: print(line, file=sys.stderr, flush=True))
