@@ -11,6 +11,7 @@ import functools
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -128,7 +129,13 @@ def test_bad_requests_get_4xx_and_the_server_goes_on(served):
     error_of(httpx2.post(url + "/generate", json={"text": "word " * 100}), 400)  # over the 256-token slot
     with pytest.raises(openai.BadRequestError, match=r"context here is 256 tokens: \d+ in the prompt and 300 new"):
         c.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=300)  # (not cut short quietly)
-    error_of(httpx2.post(url + "/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 256}}), 400)
+    # each route's error names its own field, and says how to ask for no limit where the route can
+    over = error_of(httpx2.post(chat, json={"model": MODEL, "messages": QUESTION, "max_completion_tokens": 300}), 400)
+    assert over["param"] == "max_completion_tokens" and "or leave max_completion_tokens and max_tokens out" in over["message"]
+    over = error_of(httpx2.post(url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 300}), 400)
+    assert over["param"] == "max_tokens" and re.search(r"ask for at most \d+\.$", over["message"])  # (null means 16 here)
+    over = error_of(httpx2.post(url + "/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 256}}), 400)
+    assert over["param"] == "sampling_params.max_new_tokens" and "send sampling_params.max_new_tokens: null" in over["message"]
     # (SGLang's default of 128 new tokens is not the client's: cut to the slot, not refused)
     near_full = httpx2.post(url + "/generate", json={"text": "word " * 40, "sampling_params": {"ignore_eos": True}},
                             timeout=120).json()

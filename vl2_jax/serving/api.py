@@ -414,9 +414,10 @@ class _Server:
         room = self.engine.max_seq_len - len(request.ids)
         asked = sampling.max_tokens is not None and not sampling.max_tokens_default
         if asked and sampling.max_tokens > room:  # (a 400, as OpenAI, vLLM and SGLang answer it)
-            raise InputError(f"the model's context here is {self.engine.max_seq_len} tokens: {len(request.ids)} in the "
-                             f"prompt and {sampling.max_tokens} new ones asked for are more; ask for at most {room}, or "
-                             f"set no limit (the answer then ends where the context does).")
+            unlimited = f", or {sampling.no_limit} (the answer then ends where the context does)" if sampling.no_limit else ""
+            raise bad_request(f"the model's context here is {self.engine.max_seq_len} tokens: {len(request.ids)} in "
+                              f"the prompt and {sampling.max_tokens} new ones asked for are more; ask for at most "
+                              f"{room}{unlimited}.", sampling.max_tokens_param)
         limit = (sampling.max_tokens if asked else self.settings.default_max_tokens or sampling.max_tokens) or room
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(32)
         row = RowSampling.make(sampling.temperature, sampling.top_k, sampling.top_p, sampling.repetition_penalty, seed)

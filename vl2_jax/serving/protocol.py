@@ -74,10 +74,14 @@ def _branch_tag(part) -> bool:
 class Sampling:
     """One answer's settings. max_tokens: None = until the slot is full; max_tokens_default: max_tokens is
     the route's default, not the client's (cut to what the slot holds, where a client's is refused beyond
-    it); seed: None = a random one; ignore_eos: generate until max_tokens (benchmarks)."""
+    it); max_tokens_param: the request's name for it, and no_limit: how that route asks for no limit
+    (None: it cannot), both for the error of a limit past the context; seed: None = a random one;
+    ignore_eos: generate until max_tokens (benchmarks)."""
 
     max_tokens: int | None = None
     max_tokens_default: bool = False
+    max_tokens_param: str = "max_tokens"
+    no_limit: str | None = "leave max_tokens out"
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -264,7 +268,11 @@ class ChatCompletionRequest(_OpenAIBody):
         if self.max_completion_tokens is not None and self.max_completion_tokens < 1:  # (named as it was sent)
             raise bad_request(f"max_completion_tokens must be at least 1 (got {self.max_completion_tokens}).",
                               "max_completion_tokens")
-        return super().sampling(limit)
+        sampling = super().sampling(limit)
+        if self.max_completion_tokens is not None:
+            sampling = dataclasses.replace(sampling, max_tokens_param="max_completion_tokens",
+                                           no_limit="leave max_completion_tokens and max_tokens out")
+        return sampling
 
     def conversation(self) -> tuple[list[dict], list[str]]:
         """The messages as this package's conversation (`processor.Processor.__call__`) and the image
@@ -318,7 +326,7 @@ class CompletionRequest(_OpenAIBody):
             raise not_supported("suffix", "suffix (insertion)")
         if self.best_of not in (None, 1):
             raise not_supported("best_of", f"best_of={self.best_of}")
-        sampling = super().sampling(max_tokens)
+        sampling = dataclasses.replace(super().sampling(max_tokens), no_limit=None)  # (None means 16 here)
         if sampling.max_tokens is None:  # OpenAI's default here (chat's is none), as vLLM and SGLang keep it
             sampling = dataclasses.replace(sampling, max_tokens=COMPLETIONS_MAX_TOKENS, max_tokens_default=True)
         return sampling
@@ -384,6 +392,7 @@ class SGLangSamplingParams(_Body):
         if bad is not None:  # (named as this route names it)
             raise bad_request(p + bad[1], p + bad[0])
         return Sampling(max_tokens=self.max_new_tokens, max_tokens_default="max_new_tokens" not in self.model_fields_set,
+                        max_tokens_param=p + "max_new_tokens", no_limit=f"send {p}max_new_tokens: null",
                         temperature=self.temperature, top_p=self.top_p,
                         top_k=_top_k(self.top_k), repetition_penalty=self.repetition_penalty, seed=seed,
                         stop=_stop(self.stop, p + "stop"), ignore_eos=bool(self.ignore_eos))
