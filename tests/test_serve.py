@@ -235,6 +235,16 @@ def test_a_full_queue_is_429():
         assert sched.stats()["queued"] == 9
 
 
+def test_a_slot_too_short_for_any_chat_is_said_at_start():
+    """--max-seq-len at or under the chat template's own tokens: the server still starts (raw prompts of
+    /v1/completions and /generate may fit), with a warning that every chat request will be refused."""
+    status, before, _ = sigterm_when(["-m", "vl2_jax.serve", "--model", MODEL, "--port", "0", "--no-warmup",
+                                      "--max-seq-len", "5", "--compile-cache", ""], "serving ")
+    assert status == 0
+    assert re.search(r"warning: a slot of 5 tokens \(--max-seq-len\) leaves no room for a chat: the chat template "
+                     r"alone takes \d+, so every chat request will be refused \(400\)\.", before), before
+
+
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_python_m_vl2_jax_serve_starts_and_stops_on_sigterm_or_ctrl_c(stop, tmp_path):
     """SIGTERM (or Ctrl-C) with --drain-seconds 0 while one request decodes, two wait (one slot) and one's

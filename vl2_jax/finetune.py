@@ -44,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=number(int, 1), default=1, help="microbatches per optimizer step (default 1)")
     p.add_argument("--lr", type=number(float, 0, above=True), default=1e-4, help="peak learning rate, above 0 (default 1e-4)")
     p.add_argument("--warmup", type=number(int, 0), default=None,
-                   help="linear warmup steps, then cosine decay (default 10, at most half of --steps)")
+                   help="linear warmup steps, then cosine decay (below --steps; default 10, or half of --steps if that is fewer)")
     p.add_argument("--weight-decay", type=number(float, 0), default=0.01, help="AdamW weight decay (default 0.01)")
     p.add_argument("--clip", type=number(float, 0), default=1.0,
                    help="gradient global-norm clip (default 1.0; 0: no clipping)")

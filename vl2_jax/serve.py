@@ -172,12 +172,16 @@ def run(args, log) -> int:
     model = load.load_model(args.model, args.dtype, runtime=runtime, mesh=args.mesh, progress=log, quant=args.quant,
                             programs=cache_dir)
     store = model.engine.executables
+    template = len(model.processor([{"role": "user", "content": ""}]).input_ids)  # (an empty chat's prompt)
+    if template >= model.engine.max_seq_len:
+        log(f"warning: a slot of {model.engine.max_seq_len} tokens (--max-seq-len) leaves no room for a chat: the chat "
+            f"template alone takes {template}, so every chat request will be refused (400).")
     if args.tile_cache_mb:
         model.processor.tile_cache = TileCache(args.tile_cache_mb << 20)
     if not args.no_warmup:
         report = model.warmup(_warmup_progress(log))
-        kept = "" if store is None else "; executables, the state's included: {loaded} loaded from the cache, " \
-            "{compiled} compiled".format(**store.report())
+        kept = "" if store is None else "; {loaded} executables loaded from the cache, {compiled} compiled: the " \
+            "programs and the one that makes the engine's state".format(**store.report())
         log(f"warm: {report['programs']} programs in {report['seconds']:.0f} s ({report['compile_seconds']:.0f} s "
             f"compiling or loading them, the rest running each once{kept})")
     metrics = Metrics()
