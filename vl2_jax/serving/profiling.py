@@ -5,9 +5,9 @@
 
 Between the two calls `jax.profiler` records every thread of the process and the device's kernels
 (the scheduler's programs as they run under load), and Python's own calls only where the start asks
-(SGLang's `with_stack`: they slow the server while recorded and make the trace several times larger); `stop` writes the trace (Perfetto's
-`perfetto_trace.json.gz` and TensorBoard's profile) into a new folder under the profile directory and
-answers its path. `python benchmarks/serve_profile.py` takes such a window and sums it by program.
+(SGLang's `with_stack`: they slow the server while recorded and make the trace several times larger);
+`stop` writes the trace (Perfetto's `perfetto_trace.json.gz` and TensorBoard's profile) into a new
+folder under the profile directory and answers its path. `python benchmarks/serve_profile.py` takes such a window and sums it by program.
 """
 
 from __future__ import annotations
