@@ -177,13 +177,14 @@ def test_a_request_past_the_timeout_is_cancelled_with_a_504():
     """request_timeout_s: an answer still running after it gets 504 (a stream: an error event, then
     [DONE]), and its job is cancelled, freeing its slot."""
     sched = FakeScheduler()
-    sched.script = lambda job: answer(job, delay=0.4)  # 1.6 s in all
+    # the first token at 0.1 s, the others a second apart: 3.1 s in all
+    sched.script = lambda job: [(0.1 if i == 0 else 1.0, event) for i, (_, event) in enumerate(answer(job))]
     app = create_app(sched, MODEL, processor(), ServerSettings(request_timeout_s=0.5), Metrics())
     body = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
     with running(app) as url:
         start = time.monotonic()
         r = httpx2.post(url + "/v1/chat/completions", json=body, timeout=10)
-        assert r.status_code == 504 and time.monotonic() - start < 1.4
+        assert r.status_code == 504 and time.monotonic() - start < 2  # (well before the answer's end)
         assert r.json()["error"]["type"] == "timeout" and "--request-timeout" in r.json()["error"]["message"]
         assert len(sched.cancelled) == 1
         lines = [x for x in httpx2.post(url + "/v1/chat/completions", json={**body, "stream": True}, timeout=10)
