@@ -10,7 +10,7 @@ from vl2_jax.config import PRESETS, Runtime
 
 def test_bench_smoke(capsys):
     assert main(["--model", "random:test", "--image-size", "112", "--new-tokens", "4", "--batches", "1,2",
-                 "--repeats", "1"]) == 0
+                 "--repeats", "1", "--decode-steps", "2"]) == 0
     out = capsys.readouterr().out.splitlines()
     rows = [json.loads(line) for line in out if line.startswith("{")]
     metrics = {(r["metric"], r.get("prompt"), r.get("batch")) for r in rows}
@@ -18,6 +18,7 @@ def test_bench_smoke(capsys):
             ("ttft_ms", "image", None), ("ttft_new_prompts_ms", None, None),
             ("decode_tokens_per_s", "image", 1), ("decode_tokens_per_s", "image", 2)} <= metrics
     assert all(r["value"] > 0 for r in rows)
+    assert all(r["decode_steps"] == 2 for r in rows)
     new = next(r for r in rows if r["metric"] == "ttft_new_prompts_ms")
     assert new["compilations"] == 0 and new["prompts"] >= 6 and 0 < new["p50"] <= new["p90"]
     assert len(set(new["prompt_tokens"])) >= 6  # different prompts, not one repeated

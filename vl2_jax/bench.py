@@ -135,7 +135,7 @@ def prompts(proc, image_sizes: list[tuple[int, int]], rng: np.random.Generator) 
 
 def run(args) -> list[dict]:
     runtime = Runtime(moe=args.moe, attention=args.attention, kernels=args.kernels == "on",
-                      max_batch=max([*args.batches, 1]), max_seq_len=args.max_seq_len)
+                      max_batch=max([*args.batches, 1]), max_seq_len=args.max_seq_len, decode_steps=args.decode_steps)
     start = time.perf_counter()
     with load.progress_bar() as bar:  # drawn only where stderr is a terminal
         model = load.load_model(args.model, args.dtype, runtime=runtime, quant=args.quant,
@@ -170,7 +170,8 @@ def run(args) -> list[dict]:
               "moe": args.moe, "attention": args.attention,
               "device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": datetime.date.today().isoformat(),
               "kernels": active_kernels(model.cfg.language, model.dtype, runtime, quant.QTYPES.get(model.quant)),
-              "max_batch": model.engine.max_batch, "max_seq_len": model.engine.max_seq_len}
+              "max_batch": model.engine.max_batch, "max_seq_len": model.engine.max_seq_len,
+              "decode_steps": runtime.decode_steps}
     rows = []
 
     def emit(**row):
@@ -301,6 +302,9 @@ def parser() -> argparse.ArgumentParser:
                    help="HBM bandwidth for the decode floor in GB/s (default: 4300, an H200's copy bandwidth, on GPUs; none on "
                         "CPU; 0: none)")
     p.add_argument("--max-seq-len", type=number(int, 1), default=None, help="tokens per slot (default: the model's context)")
+    p.add_argument("--decode-steps", type=number(int, 1), default=Runtime.decode_steps, metavar="N",
+                   help=f"tokens per decode call over up to 8 slots (half as many over 9-16, a quarter beyond; default "
+                        f"{Runtime.decode_steps})")
     p.add_argument("--compile-cache", default="", metavar="DIR",
                    help="keep compiled programs in DIR and load them from there (default: none, so warmup_s is "
                         "the first-ever cost; run twice with one DIR for the cached cost)")
