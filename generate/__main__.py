@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
                         'replace it: add "User:" to keep it, or --stop "" for no stop string)')
     p.add_argument("--prefill-chunk", type=number(int, 1), default=None,
                    help="write the prompt into the cache this many tokens at a time (same answer, less memory; "
-                        "default: one chunk, the smallest of 128, 256, ..., 4096 that holds the prompt)")
+                        "default: one chunk, the smallest of 128, 256, 512, 768, 1024, 1280, 1536, 2048, 3072, 4096 that "
+                        "holds the prompt)")
     p.add_argument("--max-seq-len", type=number(int, 1), default=None,
                    help="tokens the answer's slot holds, prompt included (default: the model's context)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,

@@ -15,10 +15,11 @@ first tokens' p50 and p90 reported with the number of compilations and traces wh
 the engine works as designed). Decode speed is the median of `--repeats` runs. Every measurement is
 printed as one JSON line; a table follows, each value with its unit. `decode_floor_fraction` is the time to read the weights a
 batch-1 token activates (embedding row, attention, dense MLP, shared + top-k experts, LM head; plus its
-KV cache) at `--hbm-gbps`, divided by the measured time per token (GPUs only). On GPUs,
-`decode_launches_per_token` is the number of kernels a batch-1 decode step launches, with the
-device-busy and wall milliseconds per token beside it, from profiler traces (`vl2_jax.traces`): a step
-far less busy than its wall time waits on launches, not on bytes.
+KV cache) at `--hbm-gbps`, divided by the measured time per token (by default on GPUs only; elsewhere
+where `--hbm-gbps` is given). On GPUs, `decode_launches_per_token` is the number of kernels a
+batch-1 decode step launches, with the device-busy and wall milliseconds per token beside it, from
+profiler traces (`vl2_jax.traces`): a step far less busy than its wall time waits on launches, not on
+bytes.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
     python -m vl2_jax.loadtest --scenario repeat --distinct 4 --requests 64     # the server's prefix cache
 
 Works with any OpenAI-compatible server (`python -m vl2_jax.serve`, SGLang, vLLM) through the official
-`openai` client (`AsyncOpenAI`, `stream=True`, `stream_options={"include_usage": True}`, no retries).
+`openai` client (`AsyncOpenAI`, `stream=True`, `stream_options={"include_usage": True,
+"continuous_usage_stats": True}` (the latter vLLM's extension, which servers without it ignore), no retries).
 
 Requests. Every request is built before its level's clock starts. Scenario `unique` (default): each
 request has a prompt of its own (a serial number, then random words) and, for `--image-share` of them
@@ -29,12 +30,14 @@ pure JSON lines); latencies are of successful requests only:
 - `output_tokens`: the sum of the final usage chunks' `completion_tokens` (a request without usage counts
   its non-empty content chunks); `requested_tokens`: the sum of those requests' `max_tokens`, equal to
   `output_tokens` when the server honours `ignore_eos`.
-- `ttft_p50_ms`, `ttft_p99_ms`: time from sending the request to its first chunk with non-empty content.
+- `ttft_p50_ms`, `ttft_p99_ms`: time from sending the request to its first content chunk: one that carries
+  text or, where the server reports usage in every chunk, new tokens (whose text may be held back, e.g. a
+  partial UTF-8 character).
 - `itl_p50_ms`, `itl_p99_ms`: inter-token latency, pooled over every request of the level. When the
   server reports usage in every chunk (`itl_per: "token"`), each gap between successive content chunks
   is divided by the tokens that chunk added and counted once per token (as SGLang's bench_serving does);
   otherwise (`itl_per: "chunk"`) each gap counts once, whatever the chunk holds.
-- `tpot_p50_ms`: per request, (last content chunk - first content chunk) / (output tokens - 1), its
+- `tpot_p50_ms`: per request, (last content chunk - first content chunk, as above) / (output tokens - 1), its
   median over requests: the decode time per token whatever the server's chunking.
 - `cache_hit_rate`: the change of the server's prefix-cache hit counter over the change of its query
   counter during the level, read from `GET <url without /v1>/metrics` (Prometheus text; counters whose
@@ -52,8 +55,9 @@ pure JSON lines); latencies are of successful requests only:
   level's requests carried an image.
 The client is one Python process: past some thousands of chunks per second its own parsing starts to
 show in the latencies. Exit status 1 when every request failed (or no server answers), else 0 (with a
-warning on stderr where some failed). Where the warm-up's prompt and --max-tokens together do not fit
-the server's context (its `max_model_len`), a warning says so before the first level.
+warning on stderr where some failed). Where the warm-up request's prompt and --max-tokens together do
+not fit the server's context (its `max_model_len`), a warning says so after that warm-up (so none with
+`--warmup none`).
 """
 
 from __future__ import annotations

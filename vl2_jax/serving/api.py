@@ -3,12 +3,12 @@
     app = create_app(scheduler, "deepseek-vl2-tiny", model.processor, ServerSettings(api_key="..."))
 
 Routes:
-    GET  /health                  200 while the scheduler runs, 503 when it is down or draining
+    GET|HEAD /health              200 while the scheduler runs, 503 when it is down or draining
     GET  /health_generate         200 when a one-token generation completes within `health_timeout_s`
     GET  /v1/models, /v1/models/{id}
     POST /v1/chat/completions     OpenAI chat: text and image_url parts, streaming (SSE), usage
     POST /v1/completions          OpenAI completions: a raw prompt (text or token ids)
-    POST /generate                SGLang: text with <image> placeholders + image_data, or input_ids
+    POST|PUT /generate            SGLang: text with <image> placeholders + image_data, or input_ids
     GET  /get_model_info, /get_server_info (and /model_info, /server_info, as SGLang's router asks)
     GET  /get_load                SGLang's load report, one entry per data-parallel rank (here one):
                                   [{"dp_rank", "num_reqs", "num_waiting_reqs", "num_tokens"}]
@@ -669,9 +669,9 @@ class _Server:
         return {"message": "profiling stopped", "trace_dir": str(folder), "files": [str(f) for f in files]}
 
     def load(self) -> dict:
-        """SGLang's load entry, which its router's power-of-two policy compares (`num_tokens`): answers in
-        progress, those still waiting for a slot, and the tokens the answers in progress hold (prompt and
-        answer so far, waiting prompts included)."""
+        """SGLang's load entry, which its router's power-of-two policy compares (`num_tokens`): every request
+        the server holds (answering or waiting for a slot), those still waiting, and the tokens they hold
+        (prompt and answer so far)."""
         return {"dp_rank": 0, "num_reqs": len(self._tokens), "num_waiting_reqs": self.scheduler.stats()["queued"],
                 "num_tokens": sum(self._tokens.values())}
 
