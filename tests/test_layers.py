@@ -761,9 +761,9 @@ def testone_row_products_through_the_matvec_kernel(monkeypatch, spec, x_shape, w
 
     calls = []
 
-    def interpreted(x, w):
+    def interpreted(x, w, out_dtype):
         calls.append((x.shape, w.shape))
-        return kernels.dense_matvec(x, w, interpret=True)
+        return kernels.dense_matvec(x, w, interpret=True, out_dtype=out_dtype)
 
     monkeypatch.setattr(layers, "dense_matvec_usable", lambda dtype, k, n: dtype == jnp.bfloat16)
     monkeypatch.setattr(layers, "dense_matvec", interpreted)
@@ -851,9 +851,9 @@ def test_mha_one_token_projections_take_the_kernel_and_agree(monkeypatch):
 
     calls = []
 
-    def interpreted(x, w):
+    def interpreted(x, w, out_dtype):
         calls.append(w.shape)
-        return kernels.dense_matvec(x, w, interpret=True)
+        return kernels.dense_matvec(x, w, interpret=True, out_dtype=out_dtype)
 
     cfg = make_cfg(**{**MHA, "hidden_size": 128, "num_attention_heads": 4})
     _, params = convert(cfg, ("language", "layers_0", "attn"))

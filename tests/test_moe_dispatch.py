@@ -339,6 +339,27 @@ def test_gathered_matvec_kernel_semantics(dtype, k_blocks, tiles):
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
 
 
+@pytest.mark.parametrize("tiles", [None, (128, 64, 4, 4, 2)], ids=["whole K", "K split"])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_gathered_matvec_writes_16_bit_values_as_a_cast_of_its_float32_sums(tiles, quantized):
+    """out_dtype=bfloat16: the kernel rounds as it writes (or, with K split, after adding the partial
+    sums), bit for bit the float32 result cast to bfloat16, with quantized values' scales too."""
+    from vl2_jax.kernels import MATVEC_BLOCK_K, MATVEC_BLOCK_N, gathered_matvec
+
+    rng = np.random.default_rng(5)
+    e, k, n = 3, 4 * MATVEC_BLOCK_K, 2 * MATVEC_BLOCK_N
+    x = rng.standard_normal((2, k)).astype(jnp.bfloat16)
+    w = (rng.integers(-127, 128, (e, k, n)).astype(np.int8) if quantized
+         else rng.standard_normal((e, k, n)).astype(jnp.bfloat16))
+    scales = {"scales_EN": rng.uniform(1e-3, 1e-2, (e, n)).astype(np.float32)} if quantized else {}
+    ids = np.array([2, 0, 1, 2], np.int32)
+    run = lambda dtype: np.asarray(gathered_matvec(x, w, ids, rows_per_input=2, interpret=True, tiles=tiles,
+                                                   out_dtype=dtype, **scales))
+    wide, narrow = run(jnp.float32), run(jnp.bfloat16)
+    assert wide.dtype == np.float32 and narrow.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(narrow.view(np.uint16), wide.astype(jnp.bfloat16).view(np.uint16))
+
+
 def test_gathered_matvec_refuses_tiles_that_do_not_divide():
     from vl2_jax.kernels import gathered_matvec
 
@@ -393,7 +414,8 @@ def test_matvec_self_check_fails_closed_where_the_kernel_cannot_build(monkeypatc
     kernels._matvec_self_check.cache_clear()
     with pytest.warns(UserWarning, match="gathered matrix-vector kernel failed its self-check"):
         assert not kernels._matvec_self_check()
-    interpreted = jax.jit(functools.partial(kernels.gathered_matvec, interpret=True), static_argnums=3)
+    interpreted = jax.jit(functools.partial(kernels.gathered_matvec, interpret=True), static_argnums=3,
+                          static_argnames="out_dtype")
     monkeypatch.setattr(kernels, "gathered_matvec", interpreted)
     kernels._matvec_self_check.cache_clear()
     assert bool(jax.jit(lambda: jnp.array(kernels._matvec_self_check()))())

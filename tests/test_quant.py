@@ -260,9 +260,9 @@ def test_one_row_projection_kernel_reads_quantized_weights(monkeypatch, spec, x_
 
     calls = []
 
-    def interpreted(x, w, scales_N=None):
+    def interpreted(x, w, scales_N=None, out_dtype=jnp.float32):
         calls.append(scales_N is not None)
-        return kernels.dense_matvec(x, w, interpret=True, scales_N=scales_N)
+        return kernels.dense_matvec(x, w, interpret=True, scales_N=scales_N, out_dtype=out_dtype)
 
     monkeypatch.setattr(layers, "dense_matvec_usable", lambda *a, **k: "weight_dtype" in k)
     monkeypatch.setattr(layers, "dense_matvec", interpreted)

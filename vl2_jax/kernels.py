@@ -255,8 +255,9 @@ def _cuda_gpu() -> bool:
 
 def _gathered_matvec_kernel(ids_ref, x_ref, w_ref, *refs, block_k: int, k_steps: int):
     # ids_ref [1]: this row's expert; x_ref [K]: its input; w_ref [E, K, N]: all experts, read in place;
-    # refs: (scales [E, N] float32, for quantized weights with K whole,) out [block_n]: float32 sums for
-    # this program's columns over its k_steps blocks of K, times the expert's column scales if given.
+    # refs: (scales [E, N] float32, for quantized weights with K whole,) out [block_n]: the float32 sums
+    # for this program's columns over its k_steps blocks of K, times the expert's column scales if
+    # given, rounded to out's dtype as they are stored.
     out_ref = refs[-1]
     block_n = out_ref.shape[-1]
     expert = ids_ref[0]
@@ -270,15 +271,16 @@ def _gathered_matvec_kernel(ids_ref, x_ref, w_ref, *refs, block_k: int, k_steps:
         return acc + jnp.sum(x[:, None] * w, axis=0)
 
     acc = jax.lax.fori_loop(0, k_steps, step, jnp.zeros((block_n,), jnp.float32))
-    out_ref[...] = acc * refs[0][expert, cols] if len(refs) == 2 else acc
+    out_ref[...] = (acc * refs[0][expert, cols] if len(refs) == 2 else acc).astype(out_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("rows_per_input", "interpret", "tiles"))
+@functools.partial(jax.jit, static_argnames=("rows_per_input", "interpret", "tiles", "out_dtype"))
 def gathered_matvec(x_RK: jax.Array, w_EKN: jax.Array, ids_A: jax.Array, rows_per_input: int = 1,
                     interpret: bool = False, tiles: tuple[int, ...] | None = None,
-                    scales_EN: jax.Array | None = None) -> jax.Array:
+                    scales_EN: jax.Array | None = None, out_dtype=jnp.float32) -> jax.Array:
     """out[a] = x[a // rows_per_input] @ w[ids[a]]: inputs [R, K], experts [E, K, N], expert ids [A] in
-    [0, E) -> [A, N] float32 (A = R * rows_per_input). Ids must be in range: nothing checks them.
+    [0, E) -> [A, N] (A = R * rows_per_input), summed in float32 and rounded to `out_dtype` as it is
+    written (a 16-bit caller's cast without a kernel of its own). Ids must be in range: nothing checks them.
     With `scales_EN` [E, N] (float32), `w` holds quantized values (int8, fp8; `vl2_jax.quant`) and the
     product is x @ (w * scales): the values are upcast in registers, the column scales multiply the sums.
 
@@ -300,6 +302,7 @@ def gathered_matvec(x_RK: jax.Array, w_EKN: jax.Array, ids_A: jax.Array, rows_pe
     scales = None if scales_EN is None else scales_EN.astype(jnp.float32)
     after = k_split > 1 and scales is not None
     scaled = () if scales is None or after else (scales,)
+    stored = out_dtype if k_split == 1 else jnp.float32  # (partial sums stay float32 until added)
     partial_sums = pl.pallas_call(
         functools.partial(_gathered_matvec_kernel, block_k=block_k, k_steps=k // (block_k * k_split)),
         grid=(a, n // block_n, k_split),
@@ -310,13 +313,15 @@ def gathered_matvec(x_RK: jax.Array, w_EKN: jax.Array, ids_A: jax.Array, rows_pe
             *([pl.BlockSpec((e, n), lambda i, j, s: (0, 0))] if scaled else []),
         ],
         out_specs=pl.BlockSpec((None, None, block_n), lambda i, j, s: (s, i, j)),
-        out_shape=jax.ShapeDtypeStruct((k_split, a, n), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((k_split, a, n), stored),
         compiler_params=pl_triton.CompilerParams(num_warps=warps, num_stages=stages) if pl_triton else None,
         interpret=interpret,
         name="gathered_matvec",
     )(ids_A.astype(jnp.int32), x_RK, w_EKN, *scaled)
-    sums = partial_sums[0] if k_split == 1 else partial_sums.sum(0)
-    return sums * scales[ids_A] if after else sums
+    if k_split == 1:
+        return partial_sums[0]
+    sums = partial_sums.sum(0)
+    return (sums * scales[ids_A] if after else sums).astype(out_dtype)
 
 
 @functools.cache
@@ -330,7 +335,11 @@ def _matvec_self_check() -> bool:
         x = rng.standard_normal((2, k)).astype(jnp.bfloat16)
         w = rng.standard_normal((e, k, n)).astype(jnp.bfloat16)
         ids = np.array([4, 0, 2, 2, 1, 4], np.int32)
-        got = gathered_matvec.lower(x, w, ids, per).compile()(x, w, ids)
+        got = np.asarray(gathered_matvec.lower(x, w, ids, per).compile()(x, w, ids))
+        # (and written as bf16, as the model's calls do: within the rounding of the float32 sums)
+        narrow = gathered_matvec.lower(x, w, ids, per, out_dtype=jnp.bfloat16).compile()(x, w, ids)
+        if not np.all(np.abs(np.asarray(narrow, np.float32) - got) <= np.abs(got) * 2.0**-8):
+            raise ValueError("its bf16 output is not its float32 sums rounded")
         want = np.einsum("ak,akn->an", x[np.arange(len(ids)) // per].astype(np.float32), w[ids].astype(np.float32))
         return got, want
 
@@ -369,12 +378,14 @@ def dense_matvec_usable(dtype, k: int, n: int, weight_dtype=None) -> bool:
 
 
 def dense_matvec(x_1K: jax.Array, w_KN: jax.Array, interpret: bool = False,
-                 scales_N: jax.Array | None = None) -> jax.Array:
-    """x [1, K] @ w [K, N] -> [1, N] float32 by the gathered matrix-vector kernel (`dense_matvec_tiles`);
-    with `scales_N`, `w` holds quantized values and the product is x @ (w * scales)."""
+                 scales_N: jax.Array | None = None, out_dtype=jnp.float32) -> jax.Array:
+    """x [1, K] @ w [K, N] -> [1, N] (summed in float32, written as `out_dtype`) by the gathered
+    matrix-vector kernel (`dense_matvec_tiles`); with `scales_N`, `w` holds quantized values and the
+    product is x @ (w * scales)."""
     k, n = w_KN.shape
     return gathered_matvec(x_1K, w_KN[None], jnp.zeros((1,), jnp.int32), interpret=interpret,
-                           tiles=dense_matvec_tiles(k, n), scales_EN=None if scales_N is None else scales_N[None])
+                           tiles=dense_matvec_tiles(k, n), scales_EN=None if scales_N is None else scales_N[None],
+                           out_dtype=out_dtype)
 
 
 # Expert matmul: one program per (expert, block of N columns) multiplies the expert's

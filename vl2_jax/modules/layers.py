@@ -106,7 +106,7 @@ def qeinsum(spec: str, x: jax.Array, w, preferred_element_type=None) -> jax.Arra
 def project(spec: str, x: jax.Array, w, use_kernel: bool = True) -> jax.Array:
     """Activations times a weight by `spec` (an einsum whose weight operand is second): `qeinsum`, or,
     with `use_kernel` where one row of 16-bit activations meets a weight (batch-1 decode),
-    `kernels.dense_matvec` rounded to the activations' dtype. XLA's GPU compiler runs such a product
+    `kernels.dense_matvec`, which writes the activations' dtype itself. XLA's GPU compiler runs such a product
     as an elementwise multiply and a reduction with the weight-sized product written out in between;
     the kernel reads the weight once. A quantized weight (`qwix.QArray`) goes into the kernel as its
     values and per-output-channel scales, where its scales vary over the output only.
@@ -119,10 +119,10 @@ def project(spec: str, x: jax.Array, w, use_kernel: bool = True) -> jax.Array:
         if usable:
             k, n, shape = product
             if not quantized:
-                return dense_matvec(x.reshape(1, k), w.reshape(k, n)).astype(x.dtype).reshape(shape)
+                return dense_matvec(x.reshape(1, k), w.reshape(k, n), out_dtype=x.dtype).reshape(shape)
             if _scale_after(spec, w) is not None and w.scale.size == n:
-                y = dense_matvec(x.reshape(1, k), w.qvalue.reshape(k, n), scales_N=w.scale.reshape(n))
-                return y.astype(x.dtype).reshape(shape)
+                y = dense_matvec(x.reshape(1, k), w.qvalue.reshape(k, n), scales_N=w.scale.reshape(n), out_dtype=x.dtype)
+                return y.reshape(shape)
     return qeinsum(spec, x, w)
 
 

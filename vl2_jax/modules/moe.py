@@ -176,7 +176,7 @@ def outputs_gather(x_ND, gate_up_w, down_w, idx_NX, ids_in_range: bool = False, 
         ids = safe.reshape(-1)  # [N*X]: row a runs expert ids[a] on token a // X
         gu, gu_scales = _values_scales(gate_up_w.reshape(e, d, 2 * f), 2 * f)
         dw, dw_scales = _values_scales(down_w, d)
-        h = gathered_matvec(x_ND, gu, ids, rows_per_input=x, **_scales_kw(gu_scales)).astype(dtype)
+        h = gathered_matvec(x_ND, gu, ids, rows_per_input=x, **_scales_kw(gu_scales), out_dtype=dtype)
         y_NXD = gathered_matvec(swiglu(h.reshape(-1, 2, f)), dw, ids, **_scales_kw(dw_scales)).reshape(n, x, d)
     else:
         h = swiglu(qeinsum("ND,NXDWF->NXWF", x_ND, gate_up_w[safe]))
