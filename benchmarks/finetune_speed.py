@@ -139,7 +139,7 @@ def run(args) -> dict:
         if args.profile:
             from vl2_jax.traces import traced
 
-            (state, metrics), wall, launches, busy = traced(lambda: jax.block_until_ready(step(state, inputs)))
+            (state, metrics), wall, launches, busy = traced(lambda: jax.block_until_ready(step(state, inputs)), python=True)
             print(json.dumps({"metric": "step_profile", "wall_ms": round(wall * 1e3, 1), "launches": sum(launches.values()),
                               "busy_ms": round(sum(busy.values()) / 1e3, 1)}), flush=True)
             for name, us in busy.most_common(args.profile):

@@ -49,7 +49,7 @@ def profile_first_token(spec: str, keep: str | None = None) -> list[dict]:
     for _ in range(3):
         model.generate(batch, max_new_tokens=1)
     intervals = []
-    result, wall, kernels, busy = traced(lambda: model.generate(batch, max_new_tokens=1), intervals=intervals,
+    result, wall, kernels, busy = traced(lambda: model.generate(batch, max_new_tokens=1), intervals=intervals, python=True,
                                               keep=keep)
     gaps = idle_gaps(intervals)
     rows = [{"model": spec, "metric": "first_token_profile", "launches": sum(kernels.values()),
@@ -66,7 +66,8 @@ def profile_first_token(spec: str, keep: str | None = None) -> list[dict]:
 def profile(spec: str, tokens: int, exact_names: bool = False, quant: str | None = None,
             batch_size: int = 1, max_batch: int | None = None) -> list[dict]:
     """Kernels of the decode steps alone: a `tokens`-token generation minus a one-token one (the same
-    embedding and prefill), per name, divided by the tokens - 1 decode steps (of `batch_size` rows each)."""
+    embedding and prefill), per name, divided by the decode steps it ran (of `batch_size` rows each): its
+    tokens - 1, rounded up to whole decode calls (`engine.steps`), which run all their steps."""
     try:
         from vl2_jax.load import load_model
     except ImportError:  # a checkout from before the engine (PYTHONPATH=that checkout), for a side-by-side
@@ -79,17 +80,19 @@ def profile(spec: str, tokens: int, exact_names: bool = False, quant: str | None
     batch = _prompt(model, rows=batch_size)
     run = lambda n: model.generate(batch, max_new_tokens=n, ignore_eos=True)
     run(tokens), run(1)  # compile
-    _, _, kernels1, busy1 = traced(lambda: run(1), exact_names)
+    _, _, kernels1, busy1 = traced(lambda: run(1), exact_names, python=True)
     intervals = []
-    result, wall, kernels, busy = traced(lambda: run(tokens), exact_names, intervals)
+    result, wall, kernels, busy = traced(lambda: run(tokens), exact_names, intervals, python=True)
     gaps = idle_gaps(intervals)
     kernels.subtract(kernels1)
     busy.subtract(busy1)
-    steps = tokens - 1
+    # the decode steps run: tokens - 1, rounded up to whole calls (a call runs all its steps)
+    per_call = model.engine.steps(batch_size) if hasattr(model, "engine") else 1
+    steps = -(-(tokens - 1) // per_call) * per_call
     per_step_wall = result.decode_s / steps
     step_busy = sum(v for v in busy.values() if v > 0) * 1e-6 / steps
     rows = [{
-        "model": spec, "quant": quant or "none", "rows": batch_size, "metric": "decode_profile", "launches_per_token": sum(v for v in kernels.values() if v > 0) / steps,
+        "model": spec, "quant": quant or "none", "rows": batch_size, "metric": "decode_profile", "decode_steps_run": steps, "launches_per_token": sum(v for v in kernels.values() if v > 0) / steps,
         "device_busy_ms_per_token": 1e3 * step_busy, "wall_ms_per_token": 1e3 * per_step_wall,
         "busy_fraction": step_busy / per_step_wall, "jax": jax.__version__, "device": jax.devices()[0].device_kind,
         "idle_in_span_ms": gaps["idle_ms"], "kernel_span_ms": gaps["span_ms"],

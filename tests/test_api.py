@@ -177,8 +177,8 @@ def test_a_request_past_the_timeout_is_cancelled_with_a_504():
     """request_timeout_s: an answer still running after it gets 504 (a stream: an error event, then
     [DONE]), and its job is cancelled, freeing its slot."""
     sched = FakeScheduler()
-    # the first token at 0.1 s, the others a second apart: 3.1 s in all
-    sched.script = lambda job: [(0.1 if i == 0 else 1.0, event) for i, (_, event) in enumerate(answer(job))]
+    # the first token at once, the others a second apart: 3 s in all
+    sched.script = lambda job: [(0.0 if i == 0 else 1.0, event) for i, (_, event) in enumerate(answer(job))]
     app = create_app(sched, MODEL, processor(), ServerSettings(request_timeout_s=0.5), Metrics())
     body = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
     with running(app) as url:

@@ -37,7 +37,8 @@ def test_bench_smoke(capsys):
 
 def test_decode_launches_are_a_long_answers_kernels_less_a_one_token_answers(monkeypatch):
     """Per decode step: the kernels of a 5-token answer less those of a 1-token one (the same prefill),
-    over its 4 steps; the wall time is the answer's decode time over its steps."""
+    over the steps it ran: 4 in calls of 2 or 4 steps, 6 in calls of 3 (a call runs to its end); the
+    wall time is the answer's decode time over those steps. A trace without kernels gives no row."""
     import collections
 
     from vl2_jax import traces
@@ -46,20 +47,23 @@ def test_decode_launches_are_a_long_answers_kernels_less_a_one_token_answers(mon
 
     model = load_model("random:test", runtime=Runtime(max_batch=1, max_seq_len=64))
     batch = model.processor.batchify([model.processor([{"role": "user", "content": "Hi"}])])
-    traced = iter([({"prefill": 3, "sample": 2}, {"prefill": 300, "sample": 20}),
-                   ({"prefill": 3, "sample": 2 + 4, "matvec": 4 * 10, "norm": 4 * 5}, {"prefill": 310, "sample": 60,
-                                                                                     "matvec": 4000, "norm": 400})])
+    one = ({"prefill": 3, "sample": 2}, {"prefill": 300, "sample": 20})
+    five = ({"prefill": 3, "sample": 2 + 4, "matvec": 4 * 10, "norm": 4 * 5},
+            {"prefill": 310, "sample": 60, "matvec": 4000, "norm": 400})
+    traced = iter([one, five, one, five, one, five, ({}, {}), ({}, {})])
 
     def fake(fn):
         launches, busy = next(traced)
         return fn(), 0.0, collections.Counter(launches), collections.Counter(busy)
 
     monkeypatch.setattr(traces, "traced", fake)
-    row = decode_launches(model, batch, 5)
-    assert row["metric"] == "decode_launches_per_token" and row["batch"] == 1
-    assert row["value"] == (4 + 40 + 20) / 4
-    assert abs(row["device_busy_ms"] - 1e-3 * (10 + 40 + 4000 + 400) / 4) < 1e-12
-    assert row["wall_ms"] > 0
+    for per_call, steps in [(2, 4), (4, 4), (3, 6)]:
+        row = decode_launches(model, batch, 5, per_call)
+        assert row["metric"] == "decode_launches_per_token" and row["batch"] == 1 and row["decode_steps_run"] == steps
+        assert row["value"] == (4 + 40 + 20) / steps
+        assert abs(row["device_busy_ms"] - 1e-3 * (10 + 40 + 4000 + 400) / steps) < 1e-12
+        assert row["wall_ms"] > 0
+    assert decode_launches(model, batch, 5, 4) is None
 
 
 def test_every_line_names_the_kernels_in_use(monkeypatch):

@@ -266,8 +266,13 @@ def test_more_tokens_than_the_server_s_context_is_refused_before_sending(capsys)
         assert row["errors"] == 0 and row["errors_by_kind"] == {} and "warning" not in err
         # the warm-up's prompt (the stub's usage: 5 tokens) and --max-tokens 124 are more than the context
         _, err = run_cli(capsys, url, "--concurrency", "1", "--requests", "1", "--min-tokens", "4", "--max-tokens", "124")
-    assert "warning: the warm-up's prompt took 5 tokens, and with up to --max-tokens 124 new ones prompts like it do " \
-           "not fit the server's context of 128 tokens (max_model_len)" in err and "Pass --max-tokens 123 or less" in err
+        assert "warning: the warm-up's prompt took 5 tokens, and with up to --max-tokens 124 new ones prompts like it " \
+               "do not fit the server's context of 128 tokens (max_model_len)" in err
+        assert "Pass --max-tokens 123 or less (images" in err
+        _, err = run_cli(capsys, url, "--concurrency", "1,1", "--requests", "1", "--min-tokens", "124", "--max-tokens",
+                         "124", "--warmup", "each")
+    assert err.count("warning: the warm-up's prompt") == 1  # (said once, whatever the warm-ups)
+    assert "Pass --max-tokens 123 or less (and --min-tokens 123 or less)" in err
 
 
 def test_a_server_that_does_not_answer_is_not_called_absent():

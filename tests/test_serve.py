@@ -236,13 +236,13 @@ def test_a_full_queue_is_429():
 
 
 def test_a_slot_too_short_for_any_chat_is_said_at_start():
-    """--max-seq-len at or under the chat template's own tokens: the server still starts (raw prompts of
-    /v1/completions and /generate may fit), with a warning that every chat request will be refused."""
+    """--max-seq-len at or under a one-character chat's tokens: the server still starts (raw prompts of
+    /v1/completions and /generate may fit), with a warning that chat requests will be refused."""
     status, before, _ = sigterm_when(["-m", "vl2_jax.serve", "--model", MODEL, "--port", "0", "--no-warmup",
                                       "--max-seq-len", "5", "--compile-cache", ""], "serving ")
     assert status == 0
-    assert re.search(r"warning: a slot of 5 tokens \(--max-seq-len\) leaves no room for a chat: the chat template "
-                     r"alone takes \d+, so every chat request will be refused \(400\)\.", before), before
+    assert re.search(r"warning: a slot of 5 tokens \(--max-seq-len\) leaves no room for a chat: a one-character "
+                     r"message takes \d+ with the chat template, so chat requests will be refused \(400\)\.", before), before
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

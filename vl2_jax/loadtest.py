@@ -416,7 +416,7 @@ async def run(args) -> list[dict]:
                              f"{context} tokens (max_model_len); pass a smaller --max-tokens.")
         model = args.model or served or "default"
         templates = repeat_templates(args) if args.scenario == "repeat" else None
-        rows = []
+        rows, overflow_said = [], False
         for level, concurrency in enumerate(args.concurrency, start=1):
             if args.warmup == "each" or (args.warmup == "first" and level == 1):
                 rng = np.random.default_rng([args.seed, 0, level])
@@ -424,12 +424,16 @@ async def run(args) -> list[dict]:
                 result = await send(client, model, warm, args.timeout)
                 if result.error:
                     print(f"warning: the warm-up request failed: {result.error}", file=sys.stderr, flush=True)
-                elif context is not None and result.prompt_tokens and result.prompt_tokens + args.max_tokens > context:
+                elif (not overflow_said and context is not None and result.prompt_tokens
+                      and result.prompt_tokens + args.max_tokens > context):
+                    room = max(context - result.prompt_tokens, 1)
+                    also = f" (and --min-tokens {room} or less)" if args.min_tokens > room else ""
                     print(f"warning: the warm-up's prompt took {result.prompt_tokens} tokens, and with up to "
                           f"--max-tokens {args.max_tokens} new ones prompts like it do not fit the server's context "
                           f"of {context} tokens (max_model_len): such requests will fail (HTTP 400). Pass "
-                          f"--max-tokens {max(context - result.prompt_tokens, 1)} or less (images take more "
-                          f"tokens the larger they are), or serve a longer context.", file=sys.stderr, flush=True)
+                          f"--max-tokens {room} or less{also} (images take more tokens the larger they are), or "
+                          f"serve a longer context.", file=sys.stderr, flush=True)
+                    overflow_said = True
             jobs = plan(args, level, args.requests, templates)
             before = await read_counters(args.url, args.api_key)
             with tqdm(total=len(jobs), desc=f"concurrency {concurrency}", unit="req", file=sys.stderr,

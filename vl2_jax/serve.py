@@ -172,10 +172,10 @@ def run(args, log) -> int:
     model = load.load_model(args.model, args.dtype, runtime=runtime, mesh=args.mesh, progress=log, quant=args.quant,
                             programs=cache_dir)
     store = model.engine.executables
-    template = len(model.processor([{"role": "user", "content": ""}]).input_ids)  # (an empty chat's prompt)
-    if template >= model.engine.max_seq_len:
-        log(f"warning: a slot of {model.engine.max_seq_len} tokens (--max-seq-len) leaves no room for a chat: the chat "
-            f"template alone takes {template}, so every chat request will be refused (400).")
+    shortest = len(model.processor([{"role": "user", "content": "x"}]).input_ids)  # (a one-character chat)
+    if shortest >= model.engine.max_seq_len:
+        log(f"warning: a slot of {model.engine.max_seq_len} tokens (--max-seq-len) leaves no room for a chat: a "
+            f"one-character message takes {shortest} with the chat template, so chat requests will be refused (400).")
     if args.tile_cache_mb:
         model.processor.tile_cache = TileCache(args.tile_cache_mb << 20)
     if not args.no_warmup:

@@ -50,15 +50,17 @@ def read_trace(path: str, exact_names: bool = False, intervals: list | None = No
     return launches, busy, programs
 
 
-def traced(fn: Callable, exact_names: bool = False, intervals: list | None = None, keep: str | None = None):
+def traced(fn: Callable, exact_names: bool = False, intervals: list | None = None, keep: str | None = None,
+           python: bool = False):
     """Runs fn() under the profiler -> (its result, wall seconds, launches by name, busy us by name), the
     kernels as `read_trace`'s. `keep`: a path to copy the trace to (gzipped Chrome trace JSON, host
-    threads included; Perfetto opens it)."""
+    threads included; Perfetto opens it). `python`: Python's calls too (JAX's Python tracer, which
+    slows the host while it records: off by default, so the wall time stays close to an untraced run's)."""
     import jax
 
     trace_dir = tempfile.mkdtemp()
     try:
-        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True, **profiler_options(python)):
             start = time.perf_counter()
             result = fn()
             wall = time.perf_counter() - start
@@ -69,6 +71,18 @@ def traced(fn: Callable, exact_names: bool = False, intervals: list | None = Non
     finally:
         shutil.rmtree(trace_dir, ignore_errors=True)
     return result, wall, launches, busy
+
+
+def profiler_options(python: bool) -> dict:
+    """`jax.profiler.start_trace`'s and `trace`'s keyword for recording Python's calls or not (JAX's
+    Python tracer); {} on a JAX without `ProfileOptions` (before 0.6.1), whose traces always hold them."""
+    import jax
+
+    if not hasattr(jax.profiler, "ProfileOptions"):
+        return {}
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = int(python)
+    return {"profiler_options": options}
 
 
 def idle_gaps(intervals: list[tuple], top: int = 8) -> dict:

@@ -414,7 +414,8 @@ class _Server:
         room = self.engine.max_seq_len - len(request.ids)
         asked = sampling.max_tokens is not None and not sampling.max_tokens_default
         if asked and sampling.max_tokens > room:  # (a 400, as OpenAI, vLLM and SGLang answer it)
-            unlimited = f", or {sampling.no_limit} (the answer then ends where the context does)" if sampling.no_limit else ""
+            unlimited = (f", or {sampling.no_limit} (the answer then ends where the context does)"
+                         if sampling.no_limit and not self.settings.default_max_tokens else "")
             raise bad_request(f"the model's context here is {self.engine.max_seq_len} tokens: {len(request.ids)} in "
                               f"the prompt and {sampling.max_tokens} new ones asked for are more; ask for at most "
                               f"{room}{unlimited}.", sampling.max_tokens_param)
@@ -646,8 +647,9 @@ class _Server:
     async def profile(self, request: Request, start: bool) -> dict:
         """/start_profile (`start`) or /stop_profile. SGLang's body fields that choose where and for how
         long are refused (the server's profile directory holds every trace; /stop_profile ends one);
-        `with_stack: true` records Python's calls too (JAX's Python tracer: off by default, since it slows
-        the server while it runs and makes the trace several times larger); the others (activities,
+        `with_stack: true` records Python's calls too (JAX's Python tracer: off unless asked, where SGLang's
+        default is on, since it slows the server while it runs and makes the trace several times larger);
+        the others (activities,
         record_shapes, ...) are ignored: JAX's profiler records what it records."""
         if self.profiler is None:
             raise bad_request("profiling is off on this server; start it with --profile-dir DIR to record device "

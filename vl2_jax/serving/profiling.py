@@ -19,6 +19,7 @@ from pathlib import Path
 import jax
 
 from vl2_jax.errors import InputError
+from vl2_jax.traces import profiler_options
 
 
 class Profiler:
@@ -43,9 +44,7 @@ class Profiler:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
             folder = self.directory / f"trace-{stamp}"
             folder.mkdir(parents=True)
-            options = jax.profiler.ProfileOptions()
-            options.python_tracer_level = int(python)
-            jax.profiler.start_trace(str(folder), create_perfetto_trace=True, profiler_options=options)
+            jax.profiler.start_trace(str(folder), create_perfetto_trace=True, **profiler_options(python))
             self._current = folder
             return folder
 
