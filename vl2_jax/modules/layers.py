@@ -121,8 +121,8 @@ def project(spec: str, x: jax.Array, w, use_kernel: bool = True) -> jax.Array:
             if not quantized:
                 return dense_matvec(x.reshape(1, k), w.reshape(k, n), out_dtype=x.dtype).reshape(shape)
             if _scale_after(spec, w) is not None and w.scale.size == n:
-                y = dense_matvec(x.reshape(1, k), w.qvalue.reshape(k, n), scales_N=w.scale.reshape(n), out_dtype=x.dtype)
-                return y.reshape(shape)
+                return dense_matvec(x.reshape(1, k), w.qvalue.reshape(k, n), scales_N=w.scale.reshape(n),
+                                    out_dtype=x.dtype).reshape(shape)
     return qeinsum(spec, x, w)
 
 
