@@ -21,15 +21,21 @@ Prints one JSON line per result, then a short table.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from vl2_jax.traces import idle_gaps, traced
+# This checkout's trace helpers, loaded by path: the model comes from whichever `vl2_jax` is first on
+# PYTHONPATH (another checkout, for a side-by-side profile), which may predate them.
+_spec = importlib.util.spec_from_file_location("vl2_traces", Path(__file__).resolve().parents[1] / "vl2_jax" / "traces.py")
+traces = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(traces)
 
 
 def _prompt(model, size=768, rows=1):
@@ -49,9 +55,9 @@ def profile_first_token(spec: str, keep: str | None = None) -> list[dict]:
     for _ in range(3):
         model.generate(batch, max_new_tokens=1)
     intervals = []
-    result, wall, kernels, busy = traced(lambda: model.generate(batch, max_new_tokens=1), intervals=intervals, python=True,
+    result, wall, kernels, busy = traces.traced(lambda: model.generate(batch, max_new_tokens=1), intervals=intervals, python=True,
                                               keep=keep)
-    gaps = idle_gaps(intervals)
+    gaps = traces.idle_gaps(intervals)
     rows = [{"model": spec, "metric": "first_token_profile", "launches": sum(kernels.values()),
              "device_busy_ms": 1e-3 * sum(busy.values()), "wall_ms": 1e3 * wall, "ttft_ms": 1e3 * result.ttft_s,
              "kernel_span_ms": gaps["span_ms"], "idle_in_span_ms": gaps["idle_ms"],
@@ -78,17 +84,13 @@ def profile(spec: str, tokens: int, exact_names: bool = False, quant: str | None
     model = load_model(spec, "bfloat16", **({"quant": quant} if quant else {}),
                        **({"runtime": Runtime(max_batch=max_batch)} if max_batch else {}))
     batch = _prompt(model, rows=batch_size)
-    run = lambda n: model.generate(batch, max_new_tokens=n, ignore_eos=True)
-    run(tokens), run(1)  # compile
-    _, _, kernels1, busy1 = traced(lambda: run(1), exact_names, python=True)
+    for n in (tokens, 1):  # compile
+        model.generate(batch, max_new_tokens=n, ignore_eos=True)
     intervals = []
-    result, wall, kernels, busy = traced(lambda: run(tokens), exact_names, intervals, python=True)
-    gaps = idle_gaps(intervals)
-    kernels.subtract(kernels1)
-    busy.subtract(busy1)
-    # the decode steps run: tokens - 1, rounded up to whole calls (a call runs all its steps)
-    per_call = model.engine.steps(batch_size) if hasattr(model, "engine") else 1
-    steps = -(-(tokens - 1) // per_call) * per_call
+    per_call = model.engine.steps(batch_size) if hasattr(model, "engine") else 1  # (the generator: 1)
+    result, kernels, busy, steps = traces.decode_step_kernels(model, batch, tokens, per_call, exact_names, intervals,
+                                                              python=True)
+    gaps = traces.idle_gaps(intervals)
     per_step_wall = result.decode_s / steps
     step_busy = sum(v for v in busy.values() if v > 0) * 1e-6 / steps
     rows = [{

@@ -52,7 +52,7 @@ def test_decode_launches_are_a_long_answers_kernels_less_a_one_token_answers(mon
             {"prefill": 310, "sample": 60, "matvec": 4000, "norm": 400})
     traced = iter([one, five, one, five, one, five, ({}, {}), ({}, {})])
 
-    def fake(fn):
+    def fake(fn, *args, **kwargs):
         launches, busy = next(traced)
         return fn(), 0.0, collections.Counter(launches), collections.Counter(busy)
 

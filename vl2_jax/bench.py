@@ -253,17 +253,12 @@ def decode_launches(model, batch, tokens: int, steps_per_call: int) -> dict | No
     the answer ran (its tokens - 1, rounded up to whole calls of `steps_per_call`, which run to their
     end) -> a row: launches per step, and device-busy and wall milliseconds per step (wall under the
     profiler); None where the trace names no kernels."""
-    run = lambda n: model.generate(batch, max_new_tokens=n, ignore_eos=True)  # noqa: E731
-    _, _, launches, busy = traces.traced(lambda: run(1))
-    result, _, more, busier = traces.traced(lambda: run(tokens))
-    if not more:
+    result, launches, busy, steps = traces.decode_step_kernels(model, batch, tokens, steps_per_call)
+    if not launches:
         return None
-    more.subtract(launches)
-    busier.subtract(busy)
-    steps = -(-(tokens - 1) // steps_per_call) * steps_per_call
     return dict(metric="decode_launches_per_token", prompt="image", batch=1, decode_steps_run=steps,
-                value=sum(n for n in more.values() if n > 0) / steps,
-                device_busy_ms=1e-3 * sum(us for us in busier.values() if us > 0) / steps,
+                value=sum(n for n in launches.values() if n > 0) / steps,
+                device_busy_ms=1e-3 * sum(us for us in busy.values() if us > 0) / steps,
                 wall_ms=1e3 * result.decode_s / steps)
 
 

@@ -2,12 +2,15 @@
 
     launches, busy, programs = read_trace(".../plugins/profile/<run>/<host>.trace.json.gz")
     result, wall_s, launches, busy = traced(lambda: model.generate(batch, max_new_tokens=32))
+    result, launches, busy, steps = decode_step_kernels(model, batch, 33, model.engine.steps(1))
 
 A GPU trace holds one event per kernel on the device's stream threads (`/device:GPU:0` ... `Stream`);
 a kernel's name loses its numeric suffix (all `input_reduce_fusion_N` together) unless `exact_names`,
 and its program is the XLA module the event names (`jit_decode`, `jit_prefill`, ...). Other backends'
 traces hold no such events: the counters come back empty. `python -m vl2_jax.bench` counts a decode
 step's launches with these; `benchmarks/profile_decode.py` and `benchmarks/serve_profile.py` go further.
+The module needs only JAX, so a script can load it by path while another checkout's `vl2_jax` is the
+one on `PYTHONPATH` (profile_decode's side-by-side profiles).
 """
 
 from __future__ import annotations
@@ -71,6 +74,23 @@ def traced(fn: Callable, exact_names: bool = False, intervals: list | None = Non
     finally:
         shutil.rmtree(trace_dir, ignore_errors=True)
     return result, wall, launches, busy
+
+
+def decode_step_kernels(model, batch, tokens: int, steps_per_call: int, exact_names: bool = False,
+                        intervals: list | None = None, python: bool = False):
+    """The kernels of a `tokens`-token answer's decode steps: traces (`traced`) of that greedy answer
+    (EOS ignored) and of a one-token one, the same prefill and first sample, and their difference ->
+    (the long answer's result, launches by name, busy us by name, the decode steps it ran: its tokens
+    - 1, rounded up to whole calls of `steps_per_call`, which run all their steps). A name the long
+    answer ran less often than the short one (noise) is left at or below zero: sum the positive counts.
+    `model`: anything with `generate(batch, max_new_tokens=, ignore_eos=)` whose result has `decode_s`;
+    `intervals` as `traced`'s, of the long answer."""
+    run = lambda n: model.generate(batch, max_new_tokens=n, ignore_eos=True)  # noqa: E731
+    _, _, launches_one, busy_one = traced(lambda: run(1), exact_names, python=python)
+    result, _, launches, busy = traced(lambda: run(tokens), exact_names, intervals, python=python)
+    launches.subtract(launches_one)
+    busy.subtract(busy_one)
+    return result, launches, busy, -(-(tokens - 1) // steps_per_call) * steps_per_call
 
 
 def profiler_options(python: bool) -> dict:
