@@ -38,6 +38,18 @@ def _release_compiled_programs():
 VARIANTS = ("mha", "mla", "mla_noaux")
 
 
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct ports free on `host` now (all held open together while the system picks them)."""
+    import contextlib
+    import socket
+
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+
+
 def ckpt_dir(variant: str) -> Path:
     """Checkpoint folder of a variant (config, weights, tokenizer, processor config)."""
     return FIXTURES / variant / "ckpt"

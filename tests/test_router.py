@@ -12,7 +12,6 @@ import io
 import os
 import re
 import selectors
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ import numpy as np
 import openai
 import pytest
 from PIL import Image
+
+from tests.conftest import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "random:test"
@@ -61,15 +62,6 @@ CHATS = [
 ]
 GENERATE = {"text": "<|User|>: <image>\nWhat is it?\n\n<|Assistant|>:", "image_data": IMAGE,
             "sampling_params": {"max_new_tokens": 24, "temperature": 0}}
-
-
-def _free_ports(n: int) -> list[int]:
-    """n distinct ports free now (all held open together while the system picks them)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
 
 
 def _first_line(proc: subprocess.Popen, seconds: float) -> str:
@@ -116,7 +108,7 @@ def instances(tmp_path_factory):
 def router(workers: list[str], policy: str, logs: Path):
     """`python -m sglang_router.launch_router` in front of `workers` -> its URL, once it has registered
     every worker as healthy."""
-    port, metrics_port = _free_ports(2)
+    port, metrics_port = free_ports(2)
     log = logs / f"router-{policy}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(

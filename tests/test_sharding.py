@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 
 import vl2_jax
-from tests.conftest import FIXTURES, VARIANTS, ckpt_dir, load_case, open_images
+from tests.conftest import FIXTURES, VARIANTS, ckpt_dir, free_ports, load_case, open_images
 from vl2_jax import Runtime
 from vl2_jax.cache import KVCache
 from vl2_jax.checkpoint import param_shapes
@@ -153,12 +152,6 @@ def test_auto_mesh_and_undividable_heads():
     assert kv_heads.startswith("kv_heads (10) does not divide by tensor=4") and "layers_1" not in kv_heads
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_give_the_single_process_answer():
     """Two processes on one machine (one CPU device each, gloo over loopback) share one generation."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
@@ -166,7 +159,7 @@ def test_two_processes_give_the_single_process_answer():
     args = [sys.executable, "-m", "generate", "--model", str(ckpt_dir("mla")), "--dtype", "float32", "--json",
             "--max-new-tokens", "6", "--image", str(FIXTURES / "images" / "noise_wide.png"),
             "--prompt", "What is in the picture?"]
-    port = _free_port()
+    (port,) = free_ports(1, "localhost")
     procs = [subprocess.Popen([*args, "--mesh", "expert=2", "--coordinator", f"localhost:{port}",
                                "--num-processes", "2", "--process-id", str(i)], env=env, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
