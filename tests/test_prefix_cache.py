@@ -172,6 +172,22 @@ def test_a_prefix_shared_with_another_conversation_is_copied_and_that_conversati
     assert np.array_equal(p.held[1][:32], a) and p.held[2][0] == 900 and np.array_equal(p.held[0], system)
 
 
+def test_a_prefix_of_a_job_still_decoding_is_copied_never_taken_or_swapped():
+    p = SlotPrefixes(3, granularity=4)
+    system = np.arange(12, dtype=np.int64)
+    a = np.concatenate([system, np.arange(500, 520)])
+    b = np.concatenate([system, np.arange(600, 620)])
+    # slot 0 decodes `a`: its prompt is copied into free slot 1, which keeps only the shared start
+    assert p.choose([1, 2], b, running={0: a}) == (1, 12, (("copy", 0, 1),))
+    assert np.array_equal(p.held[1], system) and len(p.held[0]) == 0
+    # the whole of `a` again while it decodes: still a copy (a swap would move the running job)
+    assert p.choose([2], a, running={0: a, 1: b}) == (2, 28, (("copy", 0, 2),))
+    # a free slot that holds as much as a running one: taken as it is, nothing copied
+    p.keep(1, b, [1])
+    assert p.choose([1], b, running={0: b}) == (1, 28, ())
+    assert p.hits == 12 + 28 + 28
+
+
 def test_as_many_conversations_as_slots_taking_turns_all_hit_after_the_first_round():
     """One job at a time (the decode program of one slot: every job runs in slot 0), four conversations
     in turn over four slots: each stays cached somewhere, once."""
@@ -288,6 +304,31 @@ def test_a_start_shared_with_a_conversation_further_up_is_copied_and_both_answer
     assert shared.slot == 0 and shared.cached_tokens >= 16 and shared.token_ids == fresh.token_ids
     again = answer(b, qa, 6)  # slot 1 kept all of `qa`
     assert again.cached_tokens == (len(qa.ids) - 1) // 16 * 16 and again.token_ids == first.token_ids
+    model().give_state(b.state)
+
+
+def test_requests_sharing_a_start_with_one_still_decoding_copy_it_and_answer_the_same(monkeypatch):
+    """A second request that shares an image and a system prompt with one still decoding starts from
+    that one's entries (copied: the first goes on decoding) and both answers equal their fresh ones."""
+    b = batcher()
+    system = {"role": "system", "content": "You are a careful assistant who answers briefly. " * 3}
+    picture = [image(5, 48, 40)]
+    qa = request([system, {"role": "user", "content": "<image>\nWhat is this?"}], picture)
+    qb = request([system, {"role": "user", "content": "<image>\nDescribe the colours, please."}], picture)
+    b.prefixes.clear()
+    fresh_a, fresh_b = answer(b, qa, 12), answer(b, qb, 6)
+    b.prefixes.clear()
+    calls, call = [], b.engine._call
+    monkeypatch.setattr(b.engine, "_call", lambda name, *args: (calls.append(name), call(name, *args))[1])
+    first = b.submit(Job(qa, 12, RowSampling.make()))
+    while first.slot not in b.live:
+        b.step()
+    second = b.submit(Job(qb, 6, RowSampling.make()))
+    while not (first.finished and second.finished):
+        b.step()
+    assert calls.count("copy()") == 1 and "swap()" not in calls
+    assert first.cached_tokens == 0 and second.cached_tokens >= 16 and second.slot != first.slot
+    assert first.token_ids == fresh_a.token_ids and second.token_ids == fresh_b.token_ids
     model().give_state(b.state)
 
 

@@ -361,7 +361,8 @@ class Batcher:
             sign(job, self.engine.side)
         in_use = self.engine.max_batch - len(self.free)
         below = smallest_at_least(in_use + 1, self.engine.slot_buckets)  # (the bucket one more job needs)
-        slot, start, moves = self.prefixes.choose(self.free, job.signature, below)
+        running = {slot: other.signature for slot, other in self.live.items() if other.signature is not None}
+        slot, start, moves = self.prefixes.choose(self.free, job.signature, below, running)
         for kind, a, b in moves:  # (a prefix comes down; the entries the job would overwrite go up)
             self.state = self.engine.move_slots(self.state, kind, a, b)
         self.free.remove(slot)

@@ -2,21 +2,22 @@
 answer, so that a new prompt that starts the same way (a shared system prompt, the same image, the
 earlier turns of a chat) continues from there instead of prefilling it again.
 
-A prompt is compared position by position through its signature (`signature`): token ids for text,
-and for image tokens a digest of the tile they come from with their place in it, so that two
-different images behind the same placeholder ids never match, and a re-tiled image (the cropping rule
-re-tiles the first two images when a third arrives) matches only where its tiles are the same. Reuse
-starts at the longest common prefix rounded down to the smallest prefill chunk, and always leaves at
-least one prompt token to prefill (its logits give the first answer token). A slot keeps its entries
-until a job that does not share them takes it: free slots are handed out hits first, then empty or
-least recently used ones (eviction), among the slots that keep the decode program no larger than the
-number of running jobs needs. A prefix cached in a slot further up comes down into the slot taken:
-where the prompt continues or repeats that slot's whole conversation the two slots trade places (one
-device program swaps their rows, so the taken slot's entries move up and no prefix is held twice);
-where it shares only a start (a system prompt), the prefix is copied, the other conversation staying
-as it is. Entries a job is about to overwrite trade places with a free slot beyond those (empty, else
-holding older entries), so the slots that a small decode program leaves idle keep the most recent
-prefixes. The memory is the slots' own cache.
+A prompt is compared position by position through its signature (`signature`): token ids for text, and
+for image tokens a digest of the tile they come from with their place in it, so that two different
+images behind the same placeholder ids never match, and a re-tiled image (the cropping rule re-tiles
+the first two images when a third arrives) matches only where its tiles are the same. Reuse starts at
+the longest common prefix rounded down to the smallest prefill chunk, and always leaves at least one
+prompt token to prefill (its logits give the first answer token). A prompt also continues from the
+prompt of a job still decoding in another slot (copied from there: a system prompt or an image that
+several requests at once share). A slot keeps its entries until a job that does not share them takes
+it: free slots are handed out hits first, then empty or least recently used ones (eviction), among the
+slots that keep the decode program no larger than the number of running jobs needs. A prefix cached in
+a slot further up comes down into the slot taken: where the prompt continues or repeats that slot's
+whole conversation the two slots trade places (one device program swaps their rows, so the taken slot's
+entries move up and no prefix is held twice); where it shares only a start (a system prompt), the
+prefix is copied, the other conversation staying as it is. Entries a job is about to overwrite trade
+places with a free slot beyond those (empty, else holding older entries), so the slots that a small
+decode program leaves idle keep the most recent prefixes. The memory is the slots' own cache.
 
 Beside it, `TileFeatures` keeps the vision tower's output for recently seen tiles (by the same pixel
 digest), so an image already seen behind a different prefix is not encoded again.
@@ -80,33 +81,37 @@ class SlotPrefixes:
         self.used = [0.0] * slots
         self.lookups = self.hits = 0  # prompts looked up; prompt tokens served from a cache
 
-    def choose(self, free: list[int], sig: np.ndarray, below: int | None = None
+    def choose(self, free: list[int], sig: np.ndarray, below: int | None = None,
+               running: dict[int, np.ndarray] | None = None
                ) -> tuple[int, int, tuple[tuple[str, int, int], ...]]:
         """(slot, start, moves) for a prompt of signature `sig`: the free slot to take, the number of its
         tokens that are cached there once the caller has made `moves` (0: none; a multiple of
         `granularity`, below len(sig)), and the moves, in order: ("swap", a, b), slots a and b trade
         their rows, or ("copy", a, b), slot b's rows become a copy of slot a's. The slot is one under
         `below` where there is any: a decode call runs every slot up to the highest live one, so a slot
-        further up would slow every answer (see the module docstring for what moves where)."""
+        further up would slow every answer (see the module docstring for what moves where).
+        `running`: {slot: the signature of the entries written there} of the slots whose jobs are
+        decoding; a prefix found only there is copied (the job there goes on)."""
         source, start, reach = None, 0, 0
-        for slot in free:
-            held = self.held[slot]
+        # (free slots first: on a tie the lower free slot stays, and a prefix there needs no copy)
+        for slot, held in [*((s, self.held[s]) for s in free), *(running or {}).items()]:
             n = min(len(held), len(sig) - 1)
             same = np.flatnonzero(held[:n] != sig[:n])
             common = int(same[0]) if len(same) else n
-            if common // self.granularity * self.granularity > start:  # (free is in order: on a tie the lower slot stays)
+            if common // self.granularity * self.granularity > start:
                 source, start, reach = slot, common // self.granularity * self.granularity, common
+        busy = source is not None and source not in free
         near = [slot for slot in free if below is None or slot < below] or free
         if source is not None and source in near:
             slot = source
-        else:  # an empty slot, else the one unused longest (never the source: it is moved from)
+        else:  # an empty slot, else the one unused longest (never a free source: it is moved from)
             slot = min((s for s in near if s != source or len(near) == 1),
                        key=lambda s: (len(self.held[s]) > 0, self.used[s], s))
         self.lookups += 1
         self.hits += start
         if source == slot:
             return slot, start, ()
-        if source is not None and (reach == len(self.held[source]) or reach >= len(sig) - 1):
+        if not busy and source is not None and (reach == len(self.held[source]) or reach >= len(sig) - 1):
             return slot, start, (self._swap(slot, source),)  # (the prompt continues or repeats it all)
         moves = []
         if len(self.held[slot]):  # the entries the job would overwrite go up, if an idle slot holds older
@@ -115,7 +120,7 @@ class SlotPrefixes:
             if oldest is not None and (not len(self.held[oldest]) or self.used[oldest] < self.used[slot]):
                 moves.append(self._swap(slot, oldest))
         if source is not None:
-            self.held[slot] = self.held[source][:start].copy()
+            self.held[slot] = (running[source] if busy else self.held[source])[:start].copy()
             moves.append(("copy", source, slot))
         return slot, start, tuple(moves)
 
