@@ -8,13 +8,16 @@ read: a folder that cannot be written, or an existing one that is not a vl2_jax 
 even with --force), fails at once. A bad input (missing folder or config, missing, unexpected or
 mis-shaped tensors, truncated files) or destination prints one `error: ...` line and exits with status 1;
 a warning (e.g. an unknown, ignored key in config.json) prints one `warning: ...` line and the run goes on.
+Ctrl-C or SIGTERM ends it with `error: interrupted; DST was not written.` and status 130, the partial
+output removed.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import warnings
+
+from vl2_jax.errors import check_interrupt, guarded, interrupts_held, leave
 
 
 def _parser():
@@ -34,35 +37,45 @@ def _parser():
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    # Conversion is host work: keep jax (which orbax initialises) off any accelerator it would grab.
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from vl2_jax.errors import VL2Error
-    from vl2_jax.orbax_io import convert_checkpoint, format_bytes
-
     log = lambda line: print(line, file=sys.stderr, flush=True)
-    try:
-        with warnings.catch_warnings():  # restores the default display afterwards
-            warnings.showwarning = lambda message, *_, **__: log("warning: " + " ".join(str(message).split()))
-            result = convert_checkpoint(args.src, args.dst, args.dtype, args.force, progress=log, quant=args.quant)
-    except (VL2Error, OSError) as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"error: interrupted; {args.dst} was not written.", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - last line of defence (out of memory, an orbax failure): one line
-        from vl2_jax.cli import explain
 
-        print(f"error: {explain(e).rstrip('.')}; {args.dst} was not written.", file=sys.stderr)
-        return 1
-    print(
-        f"converted {args.src} -> {args.dst}: {result['num_parameters']:,} parameters in {len(result['groups'])} "
-        f"groups, {result['dtype']}{'' if result['quant'] == 'none' else ', ' + result['quant']}, "
-        f"{format_bytes(result['bytes'])}, {result['seconds']:.1f} s"
-    )
-    return 0
+    def body() -> int:  # (Ctrl-C or SIGTERM from here on ends in "interrupted", status 130)
+        args = _parser().parse_args(argv)
+        # Conversion is host work: keep jax (which orbax initialises) off any accelerator it would grab.
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        with interrupts_held():  # (importing JAX)
+            from vl2_jax.errors import VL2Error
+            from vl2_jax.orbax_io import convert_checkpoint, format_bytes
+
+        try:
+            # (a Ctrl-C that Python dropped on the way ends the run at its next step: `check_interrupt`)
+            result = convert_checkpoint(args.src, args.dst, args.dtype, args.force, quant=args.quant,
+                                        progress=lambda line: (check_interrupt(), log(line)))
+        except KeyboardInterrupt:
+            log(f"error: interrupted; {args.dst} was not written.")
+            return 130
+        except (VL2Error, OSError) as e:
+            log("error: " + " ".join(str(e).split()))
+            return 1
+        except Exception as e:  # noqa: BLE001 - last line of defence (out of memory, an orbax failure): one line
+            from vl2_jax.errors import explain
+
+            log(f"error: {explain(e).rstrip('.')}; {args.dst} was not written.")
+            return 1
+        print(
+            f"converted {args.src} -> {args.dst}: {result['num_parameters']:,} parameters in "
+            f"{len(result['groups'])} groups, {result['dtype']}{'' if result['quant'] == 'none' else ', ' + result['quant']}, "
+            f"{format_bytes(result['bytes'])}, {result['seconds']:.1f} s"
+        )
+        return 0
+
+    return guarded(body, log)
+
+
+def exit_with_main() -> None:
+    """`python -m convert` and `vl2-convert`: `main()`, then out of the process at once (`leave`)."""
+    leave(main())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with_main()

@@ -356,6 +356,17 @@ def test_unwritable_destination_fails_first_naming_it(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "src"]
 
 
+def test_destination_that_is_contains_or_lies_inside_the_source_is_refused(tmp_path, capsys):
+    src = copy_ckpt("mla", tmp_path / "src")
+    before = sorted(p.name for p in src.iterdir())
+    for dst in (src, tmp_path, src / "out"):
+        line = convert_error(capsys, src, dst)
+        assert line == (f"error: the destination {dst} is inside the source {src}; choose a folder outside it."
+                        if dst == src / "out" else
+                        f"error: the destination {dst} would contain or replace the source {src}; choose another folder.")
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
 # ------------------------------------------------------------------------------- interrupted runs
 SLOW_CONVERT = textwrap.dedent("""
     import sys, time
@@ -389,6 +400,26 @@ def test_killed_conversion_leaves_no_checkpoint(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "interrupted conversion" in run.stderr and not partial.exists()
     assert orbax_io.is_converted(dst) and [p.name for p in tmp_path.iterdir()] == ["dst"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_conversion_says_so_and_removes_what_it_wrote(tmp_path, sig):
+    """Ctrl-C or SIGTERM in the middle: one line, status 130, no partial folder left behind."""
+    dst = tmp_path / "dst"
+    script = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n" + SLOW_CONVERT
+    proc = subprocess.Popen([sys.executable, "-c", script, str(ckpt_dir("mha")), str(dst)], cwd=REPO,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / f"dst.partial-{proc.pid}"
+    deadline = time.time() + 60
+    while not (partial / "params" / "vision" / "commit_success.txt").exists():
+        assert proc.poll() is None and time.time() < deadline, "the conversion never wrote its first group"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.splitlines()[-1] == f"error: interrupted; {dst} was not written.", err
+    assert "Traceback" not in err and out == ""
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------ dtypes

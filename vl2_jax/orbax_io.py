@@ -507,7 +507,7 @@ def glob_escape(name: str) -> str:
 def _check_destination(src: Path, dst: Path, force: bool) -> None:
     """Refuses, before anything is read, a destination that this run must not replace or cannot write.
 
-    DST must neither be nor contain SRC. An existing DST is replaced only with `force` and only if it is
+    DST must neither be, contain nor lie inside SRC. An existing DST is replaced only with `force` and only if it is
     what a conversion made (or an empty folder); an unrelated one is refused at once, with or without
     `force`. DST's parent must be an existing folder in which this process can create a folder: tried with
     the `DST.partial-<pid>` folder the run will write into, removed again at once. Raises CheckpointError
@@ -515,6 +515,8 @@ def _check_destination(src: Path, dst: Path, force: bool) -> None:
     """
     if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
         raise CheckpointError(f"the destination {dst} would contain or replace the source {src}; choose another folder.")
+    if src.resolve() in dst.resolve().parents:  # (a Hugging Face folder, e.g. the hub's cache, keeps its own files)
+        raise CheckpointError(f"the destination {dst} is inside the source {src}; choose a folder outside it.")
     if dst.exists() or dst.is_symlink():
         # --force replaces only what a conversion made (or an empty folder), never an arbitrary folder.
         why = _not_replaceable(dst)
