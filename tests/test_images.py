@@ -133,6 +133,16 @@ def test_pils_decompression_bomb_guard_is_an_input_error():
         load_image(bomb, ImageLimits(max_pixels=10**12))
 
 
+def test_an_image_between_once_and_twice_pils_limit_is_one_error_without_pils_warning():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(InputError, match=r"12000x12000 = 144,000,000 pixels, over the limit of 40,000,000"):
+            load_image(data_url(png_header_only(12_000, 12_000)))
+    assert [str(w.message) for w in caught] == []
+
+
 def test_unsupported_scheme_and_empty_reference():
     with pytest.raises(InputError, match="scheme 'ftp'"):
         load_image("ftp://example.com/cat.png")

@@ -38,7 +38,7 @@ looks like it, else a path; surrounding whitespace is ignored):
 The bytes are then opened with PIL restricted to ``formats`` (``None``: every format PIL reads), refused
 over ``max_pixels`` (width x height, read from the header before anything is decoded; PIL's own
 decompression-bomb guard, ``PIL.Image.MAX_IMAGE_PIXELS``, also applies: over twice it PIL refuses,
-reported the same way, and between once and twice it PIL warns, then ``max_pixels`` decides),
+reported the same way; between once and twice ``max_pixels`` decides, without PIL's warning),
 decoded in full and converted with ``convert("RGB")``, as ``processor.open_image`` does and the
 reference's callers do: no EXIF rotation, the first frame of an animation.
 
@@ -66,6 +66,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+import warnings
 
 from PIL import Image
 
@@ -479,7 +480,9 @@ def _decode(data: bytes, label: str, limits: ImageLimits) -> Image.Image:
     if not data:
         raise InputError(f"image {label} is empty (0 bytes); send a complete image.")
     try:
-        opened = Image.open(io.BytesIO(data), formats=limits.formats)
+        with warnings.catch_warnings():  # (PIL warns between 1x and 2x its limit; max_pixels decides below)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(data), formats=limits.formats)
     except Image.DecompressionBombError as exc:
         raise InputError(_too_many_pixels(label, exc, limits)) from None
     except Image.UnidentifiedImageError:
