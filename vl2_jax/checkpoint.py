@@ -233,7 +233,8 @@ def to_hf(cfg: VL2Config, tree: dict, names: Sequence[str] | None = None) -> dic
 class SafetensorsFolder:
     """Read-only view of a Hugging Face checkpoint folder's tensors, one tensor at a time.
 
-    Accepts a single `model.safetensors` or shards listed in `model.safetensors.index.json`.
+    Accepts a single `model.safetensors` or shards listed in `model.safetensors.index.json` (shards
+    without their index are refused, naming the missing index).
     """
 
     def __init__(self, path: str | Path):
@@ -252,6 +253,12 @@ class SafetensorsFolder:
                 ) from None
         elif single.is_file():
             files = [single.name]
+        elif shards := sorted(p.name for p in self.path.glob("*.safetensors")):
+            raise CheckpointError(
+                f"{self.path} has safetensors files ({', '.join(shards[:3])}{', ...' if len(shards) > 3 else ''}) "
+                "but not model.safetensors.index.json, which says which tensor each one holds; download the "
+                "index too."
+            )
         else:
             raise CheckpointError(
                 f"{self.path} has no weights (neither model.safetensors nor model.safetensors.index.json); "
