@@ -437,7 +437,7 @@ def test_alpha_0_is_the_cross_entropy_alone_and_alpha_above_0_moves_the_router()
 def test_a_second_run_into_the_same_out_needs_resume_or_force(tmp_path, capsys):
     """An --out that holds an earlier run is not overwritten by accident: refused without --resume or
     --force; --force starts over there (the old train state goes). A run of 2 steps needs no --warmup
-    (the default warmup is at most half the steps)."""
+    (the default warmup is below half the steps)."""
     path = write_dataset(tmp_path, jsonl_records(tmp_path))
     out = tmp_path / "out"
     args = ["--model", "random:test", "--data", path, "--out", str(out), "--lora-rank", "4", "--max-seq-len", "128"]
@@ -456,6 +456,16 @@ def test_a_second_run_into_the_same_out_needs_resume_or_force(tmp_path, capsys):
     assert "trained 2 steps" in capsys.readouterr().out
     assert steps() == ["2"]
     assert len(json.loads((out / "metrics.json").read_text())["losses"]) == 2
+
+
+def test_a_two_step_run_shows_its_first_update_in_the_losses(tmp_path, capsys):
+    """The default warmup leaves a 2-step smoke test none (the first warmup step runs at rate 0, and each
+    loss is its step's before its update): one record, so the two steps' batches are the same."""
+    path = write_dataset(tmp_path, [RECORDS[1]])
+    assert main(["--model", "random:test", "--data", path, "--out", str(tmp_path / "out"), "--steps", "2",
+                 "--batch", "1", "--lr", "1e-2", "--lora-rank", "4", "--max-seq-len", "128"]) == 0, capsys.readouterr().err
+    first, second = json.loads((tmp_path / "out" / "metrics.json").read_text())["losses"]
+    assert second < first - 1e-3, (first, second)
 
 
 def test_outputs_that_are_not_a_runs_or_cannot_be_written_are_refused_before_loading(tmp_path, capsys):

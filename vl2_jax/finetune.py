@@ -44,7 +44,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=number(int, 1), default=1, help="microbatches per optimizer step (default 1)")
     p.add_argument("--lr", type=number(float, 0, above=True), default=1e-4, help="peak learning rate, above 0 (default 1e-4)")
     p.add_argument("--warmup", type=number(int, 0), default=None,
-                   help="linear warmup steps, then cosine decay (below --steps; default 10, or half of --steps if that is fewer)")
+                   help="linear warmup steps from rate 0 (the first step's), then cosine decay (below --steps; default "
+                        "10, or (--steps - 1) // 2 if fewer, so that a short run's losses show an update)")
     p.add_argument("--weight-decay", type=number(float, 0), default=0.01, help="AdamW weight decay (default 0.01)")
     p.add_argument("--clip", type=number(float, 0), default=1.0,
                    help="gradient global-norm clip (default 1.0; 0: no clipping)")
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         rank = 0 if args.full else args.lora_rank
         settings = Settings(
             steps=args.steps, batch=args.batch, grad_accum=args.grad_accum, lr=args.lr,
-            warmup=args.warmup if args.warmup is not None else min(10, args.steps // 2),
+            warmup=args.warmup if args.warmup is not None else min(10, (args.steps - 1) // 2),
             weight_decay=args.weight_decay, clip=args.clip, max_seq_len=args.max_seq_len, seed=args.seed,
             lora_rank=rank, lora_alpha=(args.lora_alpha if args.lora_alpha is not None else 2.0 * rank),
             parts=tuple(parts),
