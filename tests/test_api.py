@@ -324,6 +324,8 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
     ({**CHAT, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": png_data_url(i)}} for i in range(3)]}]}, 400, None),
     ({**CHAT, "messages": [{"role": "user", "content": "Look: <image>"}]}, 400, None),
+    ({**CHAT, "messages": [{"role": "system", "content": [  # (images only in user turns, as the official template)
+        {"type": "image_url", "image_url": {"url": png_data_url(0)}}]}, *CHAT["messages"]]}, 400, "messages.0.content.0"),
     ({**CHAT, "messages": [{"role": "user", "content": "word " * 300}]}, 400, None),
     ({**CHAT, "messages": [{"role": "user", "content": "x" * 300_000}]}, 413, None),
 ])
