@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--input", default=None, metavar="FILE.jsonl",
                    help="a batch job: one request per line ({\"prompt\": ..., \"images\": [...], and optionally "
                         "\"id\", \"system\", \"max_new_tokens\", \"temperature\", \"top_p\", \"top_k\", "
-                        "\"repetition_penalty\", \"seed\", \"stop\"; the flags give the defaults); '-' reads stdin. "
+                        "\"repetition_penalty\", \"seed\", \"stop\"; the flags give the defaults; image paths relative to "
+                        "the current directory); '-' reads stdin. "
                         "One JSON answer per line, in input order, to stdout or --output")
     p.add_argument("--output", type=given, default=None, metavar="FILE.jsonl", help="with --input: write the answers there")
     p.add_argument("--max-batch", type=number(int, 1), default=None,

@@ -240,7 +240,7 @@ def test_unusable_compile_cache_is_one_note_not_a_failure(tmp_path):
     assert r.stderr.count("not cached") == 1 and "Warning" not in r.stderr
 
 
-def test_a_file_named_as_the_compile_cache_is_called_a_file(tmp_path):
+def test_a_file_named_as_the_compile_cache_is_called_a_file(tmp_path, monkeypatch):
     from vl2_jax.executables import use_compile_cache
 
     file = tmp_path / "README.md"
@@ -248,6 +248,9 @@ def test_a_file_named_as_the_compile_cache_is_called_a_file(tmp_path):
     lines = []
     assert use_compile_cache(str(file), lines.append) == ""
     assert lines == [f"compiled programs not cached: cannot use {file} (a file, not a folder); see --compile-cache"]
+    monkeypatch.setenv("VL2_JAX_COMPILE_CACHE", str(file))  # (the default it came from is named)
+    assert use_compile_cache(str(file), lines.append) == ""
+    assert lines[-1].endswith("(a file, not a folder); it comes from $VL2_JAX_COMPILE_CACHE; see --compile-cache")
 
 
 def test_chat_says_when_the_history_fills_the_slot_and_starts_anew_on_request():

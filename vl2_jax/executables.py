@@ -250,6 +250,13 @@ def cache_dir(flag: str | None) -> str:
     return os.environ.get("VL2_JAX_COMPILE_CACHE", str(cache_home() / "vl2_jax" / "xla"))
 
 
+def _see(path: str) -> str:
+    """Where to change the compile-cache folder `path`, for an error about it."""
+    if os.environ.get("VL2_JAX_COMPILE_CACHE") == path:
+        return "it comes from $VL2_JAX_COMPILE_CACHE; see --compile-cache"
+    return "see --compile-cache"
+
+
 def use_compile_cache(path: str, log: Callable[[str], None], jax_cache: bool = True) -> str:
     """The entry points' --compile-cache folder, made if missing -> `path` if it is usable (for `keep`),
     else "". `jax_cache`: also turn on JAX's persistent compilation cache there (a second run with the
@@ -265,7 +272,7 @@ def use_compile_cache(path: str, log: Callable[[str], None], jax_cache: bool = T
         if not os.access(path, os.W_OK):
             raise PermissionError("not writable")
     except OSError as e:
-        log(f"compiled programs not cached: cannot use {path} ({e.strerror or e}); see --compile-cache")
+        log(f"compiled programs not cached: cannot use {path} ({e.strerror or e}); {_see(path)}")
         return ""
     if not jax_cache or jax.config.jax_compilation_cache_dir:
         if not jax_cache_on():
@@ -293,5 +300,5 @@ def keep(target, directory: str, log: Callable[[str], None]) -> ExecutableStore 
     try:
         return target.keep_executables(os.path.join(directory, "executables"))
     except OSError as e:
-        log(f"compiled programs not kept: cannot use {directory} ({e.strerror or e}); see --compile-cache")
+        log(f"compiled programs not kept: cannot use {directory} ({e.strerror or e}); {_see(directory)}")
         return None
