@@ -309,7 +309,8 @@ def test_a_start_shared_with_a_conversation_further_up_is_copied_and_both_answer
 
 def test_requests_sharing_a_start_with_one_still_decoding_copy_it_and_answer_the_same(monkeypatch):
     """A second request that shares an image and a system prompt with one still decoding starts from
-    that one's entries (copied: the first goes on decoding) and both answers equal their fresh ones."""
+    that one's entries (copied: the first goes on decoding), and so does one that comes with it (it
+    waits for the first's prefill); both answers equal their fresh ones."""
     b = batcher()
     system = {"role": "system", "content": "You are a careful assistant who answers briefly. " * 3}
     picture = [image(5, 48, 40)]
@@ -328,6 +329,16 @@ def test_requests_sharing_a_start_with_one_still_decoding_copy_it_and_answer_the
         b.step()
     assert calls.count("copy()") == 1 and "swap()" not in calls
     assert first.cached_tokens == 0 and second.cached_tokens >= 16 and second.slot != first.slot
+    assert first.token_ids == fresh_a.token_ids and second.token_ids == fresh_b.token_ids
+    # the two at once: the second waits for the first's prefill, then copies its entries likewise
+    b.prefixes.clear()
+    calls.clear()
+    first, second = (b.submit(Job(q, n, RowSampling.make())) for q, n in ((qa, 12), (qb, 6)))
+    b.step()
+    assert first.slot in b.live and second in b.pending
+    while not (first.finished and second.finished):
+        b.step()
+    assert calls.count("copy()") == 1 and first.cached_tokens == 0 and second.cached_tokens >= 16
     assert first.token_ids == fresh_a.token_ids and second.token_ids == fresh_b.token_ids
     model().give_state(b.state)
 

@@ -307,9 +307,12 @@ class Batcher:
     def step(self) -> bool:
         """One round (see the class docstring). Returns whether any work is left."""
         engine = self.engine
-        admitted = []
+        admitted, waiting = [], []
         while self.pending and self.free:
             job = self.pending.popleft()
+            if self._sharer_prefilling(job):
+                waiting.append(job)
+                continue
             slot, start = self._choose_slot(job)
             job.slot = slot
             try:
@@ -323,6 +326,7 @@ class Batcher:
                 self._free(slot, forget=True)
                 job.error = str(e)
                 self._end(job, "error")
+        self.pending.extendleft(reversed(waiting))
         if admitted and engine.executables is not None:  # (their programs load side by side, from the store)
             jobs = [job for _, job, _ in admitted]
             engine.preload(self.params, self.state, engine.forecast(
@@ -353,6 +357,26 @@ class Batcher:
         self._read(keep=1 if dispatched else 0)
         return self.busy
 
+    def _running(self) -> dict[int, np.ndarray]:
+        """{slot: prompt signature} of the jobs decoding (their prompts are all in the cache)."""
+        return {slot: job.signature for slot, job in self.live.items() if job.signature is not None}
+
+    def _sharer_prefilling(self, job: Job) -> bool:
+        """Whether `job` should wait for a prompt still being prefilled that shares a longer start with it
+        than any slot holds now (a burst of requests with one system prompt or image): once that one
+        decodes, `job` continues from a copy of its entries instead of prefilling the same start again
+        beside it (as SGLang's scheduler holds back a request whose prefix another in its batch is about
+        to cache)."""
+        if self.prefixes is None or not self.prefilling:
+            return False
+        if job.signature is None:
+            sign(job, self.engine.side)
+        candidates = [(s, self.prefixes.held[s]) for s in self.free] + list(self._running().items())
+        now = self.prefixes.longest(candidates, job.signature)[1]
+        later = self.prefixes.longest([(s, other.signature) for s, other, _ in self.prefilling
+                                       if other.signature is not None], job.signature)[1]
+        return later > now
+
     def _choose_slot(self, job: Job) -> tuple[int, int]:
         """(slot, cached prompt tokens) for a job about to be admitted; the slot leaves the free list."""
         if self.prefixes is None:
@@ -361,8 +385,7 @@ class Batcher:
             sign(job, self.engine.side)
         in_use = self.engine.max_batch - len(self.free)
         below = smallest_at_least(in_use + 1, self.engine.slot_buckets)  # (the bucket one more job needs)
-        running = {slot: other.signature for slot, other in self.live.items() if other.signature is not None}
-        slot, start, moves = self.prefixes.choose(self.free, job.signature, below, running)
+        slot, start, moves = self.prefixes.choose(self.free, job.signature, below, self._running())
         for kind, a, b in moves:  # (a prefix comes down; the entries the job would overwrite go up)
             self.state = self.engine.move_slots(self.state, kind, a, b)
         self.free.remove(slot)

@@ -92,14 +92,8 @@ class SlotPrefixes:
         further up would slow every answer (see the module docstring for what moves where).
         `running`: {slot: the signature of the entries written there} of the slots whose jobs are
         decoding; a prefix found only there is copied (the job there goes on)."""
-        source, start, reach = None, 0, 0
         # (free slots first: on a tie the lower free slot stays, and a prefix there needs no copy)
-        for slot, held in [*((s, self.held[s]) for s in free), *(running or {}).items()]:
-            n = min(len(held), len(sig) - 1)
-            same = np.flatnonzero(held[:n] != sig[:n])
-            common = int(same[0]) if len(same) else n
-            if common // self.granularity * self.granularity > start:
-                source, start, reach = slot, common // self.granularity * self.granularity, common
+        source, start, reach = self.longest([*((s, self.held[s]) for s in free), *(running or {}).items()], sig)
         busy = source is not None and source not in free
         near = [slot for slot in free if below is None or slot < below] or free
         if source is not None and source in near:
@@ -123,6 +117,19 @@ class SlotPrefixes:
             self.held[slot] = (running[source] if busy else self.held[source])[:start].copy()
             moves.append(("copy", source, slot))
         return slot, start, tuple(moves)
+
+    def longest(self, candidates, sig: np.ndarray) -> tuple[int | None, int, int]:
+        """(key, start, common) of the first of `candidates` ((key, signature) pairs) that shares the
+        longest reusable prefix with `sig`: `start` its length rounded down to `granularity` (0 and key
+        None: none shares one), `common` the positions the two share (at most len(sig) - 1)."""
+        source, start, reach = None, 0, 0
+        for key, held in candidates:
+            n = min(len(held), len(sig) - 1)
+            same = np.flatnonzero(held[:n] != sig[:n])
+            common = int(same[0]) if len(same) else n
+            if common // self.granularity * self.granularity > start:
+                source, start, reach = key, common // self.granularity * self.granularity, common
+        return source, start, reach
 
     def _swap(self, a: int, b: int) -> tuple[str, int, int]:
         self.held[a], self.held[b] = self.held[b], self.held[a]
