@@ -230,7 +230,8 @@ class Batcher:
     """Continuous batching on the engine, on the host: jobs join free slots and leave as they end.
 
     Each `step()` admits waiting jobs into free slots (checked and planned: a prompt's tiles are encoded
-    and its tokens embedded just before its first chunk runs), runs prefill chunks of the admitted
+    and its tokens embedded just before its first chunk runs; with the prefix cache, one that shares a
+    longer start with a prompt being prefilled than with any slot waits for that prompt), runs prefill chunks of the admitted
     prompts up to `prefill_budget` tokens (None: all of them; otherwise at least one chunk, so a long
     prompt's prefill is spread over several steps while the running answers go on decoding; the first
     chunks of prompts waiting together run in one call per chunk length), inserts the first tokens of
