@@ -140,8 +140,11 @@ def test_fewer_decode_steps_a_call_give_the_same_answers():
     from vl2_jax.engine import decode_steps
 
     assert [decode_steps(n, 4) for n in (1, 8, 16, 32)] == [4, 4, 2, 1] and decode_steps(64, 2) == 1
-    with pytest.raises(vl2_jax.ConfigError, match="decode_steps"):
-        Runtime(decode_steps=0)
+    for bad in (0, 1025):
+        with pytest.raises(vl2_jax.ConfigError, match=r"^decode_steps must be a whole number from 1 to 1024 "):
+            Runtime(decode_steps=bad)
+    # a call runs at most a slot's tokens (a server of 5-token slots and the default 16 steps runs 5)
+    assert vl2_jax.load_model("random:test", runtime=Runtime(max_seq_len=5)).engine.steps(1) == 5
     default, short = (vl2_jax.load_model("random:test", "float32", runtime=Runtime(max_batch=2, max_seq_len=256, **kw))
                       for kw in ({}, {"decode_steps": 4}))
     p = default.processor

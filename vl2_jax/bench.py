@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from vl2_jax import kernels, load, quant, traces
-from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, QUANTS, Runtime
+from vl2_jax.config import ATTENTION_IMPLS, MAX_DECODE_STEPS, MOE_IMPLS, QUANTS, Runtime
 from vl2_jax.engine import CompileWatch
 from vl2_jax.errors import InputError, command_parser, given, guarded, leave, number, number_list
 from vl2_jax.modules.attention import ragged_decode
@@ -308,7 +308,7 @@ def parser() -> argparse.ArgumentParser:
                    help="HBM bandwidth for the decode floor in GB/s (default: 4300, an H200's copy bandwidth, on GPUs; none on "
                         "CPU; 0: none)")
     p.add_argument("--max-seq-len", type=number(int, 1), default=None, help="tokens per slot (default: the model's context)")
-    p.add_argument("--decode-steps", type=number(int, 1), default=Runtime.decode_steps, metavar="N",
+    p.add_argument("--decode-steps", type=number(int, 1, MAX_DECODE_STEPS), default=Runtime.decode_steps, metavar="N",
                    help=f"tokens per decode call over up to 8 slots (half as many over 9-16, a quarter beyond; default "
                         f"{Runtime.decode_steps})")
     p.add_argument("--compile-cache", default="", metavar="DIR",

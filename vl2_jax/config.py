@@ -34,6 +34,7 @@ ATTENTION_IMPLS = ("auto", "plain", "cudnn", "xla")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # Weight-only quantization of the language model (`vl2_jax.quant`); here for the command lines' --quant.
 QUANTS = ("none", "int8", "fp8")
+MAX_DECODE_STEPS = 1024  # tokens a decode call may run (`Runtime.decode_steps`)
 
 
 def dtype_of(name_or_dtype):
@@ -81,7 +82,7 @@ class Runtime:
       (the server's prefix cache): the engine then also compiles prefill chunks that start past a
       cached prefix (chunks of up to `CONTINUED_CHUNK_MAX` tokens).
     decode_steps: tokens per decode call over up to 8 live slots (half as many over 9-16, a quarter
-      beyond; `engine.decode_steps`). A prompt that arrives waits for the call under way: fewer steps
+      beyond; `engine.decode_steps`; at most `MAX_DECODE_STEPS`, and a slot's tokens). A prompt that arrives waits for the call under way: fewer steps
       shorten that wait, more let the host's time between calls weigh less. Answers do not depend on it.
 
     `Runtime.plain()` is the reference path the fast paths are tested against.
@@ -101,8 +102,10 @@ class Runtime:
         whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1
         if not whole(self.max_batch):
             raise ConfigError(f"max_batch must be a whole number of at least 1 (got {self.max_batch!r}).")
-        if not whole(self.decode_steps):
-            raise ConfigError(f"decode_steps must be a whole number of at least 1 (got {self.decode_steps!r}).")
+        if not (whole(self.decode_steps) and self.decode_steps <= MAX_DECODE_STEPS):
+            raise ConfigError(f"decode_steps must be a whole number from 1 to {MAX_DECODE_STEPS} (got "
+                              f"{self.decode_steps!r}): a decode call runs all its steps before any token "
+                              "streams or a new prompt starts.")
         if self.max_seq_len is not None and not (whole(self.max_seq_len) and self.max_seq_len >= 2):
             raise ConfigError(f"max_seq_len must be a whole number of at least 2 (got {self.max_seq_len!r}).")
         if not (isinstance(self.prefill_tokens, int) and not isinstance(self.prefill_tokens, bool)

@@ -240,17 +240,13 @@ SLOT_MOVES = {"copy": copy_row, "swap": swap_rows}
 
 def slot_shapes(cfg: VL2Config, runtime: Runtime) -> tuple[int, tuple[int, ...]]:
     """(max_seq_len, prefill chunks) of an engine of `runtime` for a model of `cfg`: the runtime's
-    max_seq_len (None: the model's context) and its chunks that fit it. Raises ConfigError where these
-    and its decode steps do not go together (checked as a model loads, before its weights)."""
+    max_seq_len (None: the model's context) and its chunks that fit it. Raises ConfigError where the
+    two do not go together (checked as a model loads, before its weights)."""
     context = cfg.language.max_position_embeddings
     max_seq_len = runtime.max_seq_len or context
     if max_seq_len > context:
         raise ConfigError(f"max_seq_len {max_seq_len} is longer than the model's context ({context} tokens, "
                           "max_position_embeddings); leave it out to use the whole context.")
-    if runtime.decode_steps > max_seq_len:
-        raise ConfigError(f"decode_steps {runtime.decode_steps} is more than a slot holds ({max_seq_len} tokens): a decode "
-                          "call runs all its steps, so the steps past a full slot would only slow every answer; "
-                          f"pass {max_seq_len} or fewer (default {STEPS}).")
     chunks = tuple(sorted(c for c in runtime.prefill_chunks if c <= max_seq_len)) or (max_seq_len,)
     if any(c % chunks[0] for c in chunks):
         raise ConfigError(f"prefill_chunks {chunks} must all be multiples of the smallest, {chunks[0]}.")
@@ -852,8 +848,9 @@ class Engine:
                 as_int32(0), as_int32(2), as_int32(4), settings), (greedy,))
 
     def steps(self, n: int) -> int:
-        """Tokens per decode call over the live-slot bucket `n`: `decode_steps` at this runtime's steps."""
-        return decode_steps(n, self.runtime.decode_steps)
+        """Tokens per decode call over the live-slot bucket `n`: `decode_steps` at this runtime's steps,
+        at most a slot's tokens (a call runs all its steps: more could only produce past a full slot)."""
+        return decode_steps(n, min(self.runtime.decode_steps, self.max_seq_len))
 
     def decode(self, params, state: Slots, live: int, longest: int, greedy: bool, stop: np.ndarray | None = None):
         """Up to T = `decode_steps(N)` tokens for slots 0..live-1 -> (state, out [N, T + 1] on the device,

@@ -25,7 +25,7 @@ import time
 
 import uvicorn
 
-from vl2_jax.config import ATTENTION_IMPLS, MOE_IMPLS, QUANTS, Runtime
+from vl2_jax.config import ATTENTION_IMPLS, MAX_DECODE_STEPS, MOE_IMPLS, QUANTS, Runtime
 from vl2_jax.errors import command_parser, given, number
 
 DEFAULT_PORT = 30000  # SGLang's
@@ -43,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=number(int, 1), default=8, help="answers decoded together: slots (default 8)")
     p.add_argument("--max-seq-len", type=number(int, 1), default=None,
                    help="tokens a slot holds, prompt included (default: the model's context)")
-    p.add_argument("--decode-steps", type=number(int, 1), default=Runtime.decode_steps, metavar="N",
+    p.add_argument("--decode-steps", type=number(int, 1, MAX_DECODE_STEPS), default=Runtime.decode_steps, metavar="N",
                    help="tokens per decode call over up to 8 slots, half as many over 9-16, a quarter beyond (default "
                         f"{Runtime.decode_steps}): fewer shorten the wait of a prompt that arrives while answers decode")
     p.add_argument("--max-queue", type=number(int, 1), default=256,
