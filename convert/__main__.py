@@ -8,8 +8,8 @@ read: a folder that cannot be written, or an existing one that is not a vl2_jax 
 even with --force), fails at once. A bad input (missing folder or config, missing, unexpected or
 mis-shaped tensors, truncated files) or destination prints one `error: ...` line and exits with status 1;
 a warning (e.g. an unknown, ignored key in config.json) prints one `warning: ...` line and the run goes on.
-Ctrl-C or SIGTERM ends it with `error: interrupted; DST was not written.` and status 130, the partial
-output removed.
+Ctrl-C or SIGTERM ends it with status 130 and one line (`error: interrupted; DST was not written.` once
+the conversion has begun), the partial output removed.
 """
 
 from __future__ import annotations

@@ -448,9 +448,8 @@ def test_system_prompt_comes_first(capsys):
 
 def test_console_scripts_point_at_the_mains(capsys):
     """pyproject.toml declares vl2-generate, vl2-convert, vl2-serve and vl2-finetune; each resolves to its
-    `main`, which returns the exit status (console-script wrappers pass it to sys.exit), or for
-    vl2-generate, vl2-serve and vl2-finetune to `exit_with_main`, which leaves with main's status as
-    `python -m` does. An installed checkout lists them too."""
+    command's `exit_with_main`, which leaves with `main`'s exit status as `python -m` does. An installed
+    checkout lists them too."""
     import importlib.metadata
 
     import convert.__main__
@@ -459,9 +458,9 @@ def test_console_scripts_point_at_the_mains(capsys):
     import vl2_jax.serve
 
     scripts = _pyproject()["project"]["scripts"]
-    assert scripts == {"vl2-generate": "generate.__main__:exit_with_main", "vl2-convert": "convert.__main__:main",
+    assert scripts == {"vl2-generate": "generate.__main__:exit_with_main", "vl2-convert": "convert.__main__:exit_with_main",
                        "vl2-serve": "vl2_jax.serve:exit_with_main", "vl2-finetune": "vl2_jax.finetune:exit_with_main"}
-    mains = {"vl2-generate": generate.__main__.exit_with_main, "vl2-convert": convert.__main__.main,
+    mains = {"vl2-generate": generate.__main__.exit_with_main, "vl2-convert": convert.__main__.exit_with_main,
              "vl2-serve": vl2_jax.serve.exit_with_main, "vl2-finetune": vl2_jax.finetune.exit_with_main}
     for name, value in scripts.items():
         point = importlib.metadata.EntryPoint(name=name, value=value, group="console_scripts")

@@ -356,7 +356,7 @@ def test_unwritable_destination_fails_first_naming_it(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "src"]
 
 
-def test_destination_that_is_contains_or_lies_inside_the_source_is_refused(tmp_path, capsys):
+def test_a_destination_equal_to_containing_or_inside_the_source_is_refused(tmp_path, capsys):
     src = copy_ckpt("mla", tmp_path / "src")
     before = sorted(p.name for p in src.iterdir())
     for dst in (src, tmp_path, src / "out"):
@@ -372,8 +372,9 @@ SLOW_CONVERT = textwrap.dedent("""
     import sys, time
     from vl2_jax import orbax_io
     save = orbax_io._save_group
-    def slow_save(*args):  # the first group lands, then the run stalls until it is killed
-        save(*args)
+    def slow_save(checkpointer, directory, tree):  # the first group lands, then the run stalls until it is killed
+        save(checkpointer, directory, tree)
+        (directory.parent / "saved").touch()  # (orbax's save has returned)
         time.sleep(600)
     orbax_io._save_group = slow_save
     from convert.__main__ import main
@@ -387,7 +388,7 @@ def test_killed_conversion_leaves_no_checkpoint(tmp_path):
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = tmp_path / f"dst.partial-{proc.pid}"
     deadline = time.time() + 60
-    while not (partial / "params" / "vision" / "commit_success.txt").exists():
+    while not (partial / "params" / "saved").exists():
         assert proc.poll() is None and time.time() < deadline, "the conversion never wrote its first group"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
@@ -411,7 +412,7 @@ def test_interrupted_conversion_says_so_and_removes_what_it_wrote(tmp_path, sig)
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     partial = tmp_path / f"dst.partial-{proc.pid}"
     deadline = time.time() + 60
-    while not (partial / "params" / "vision" / "commit_success.txt").exists():
+    while not (partial / "params" / "saved").exists():
         assert proc.poll() is None and time.time() < deadline, "the conversion never wrote its first group"
         time.sleep(0.05)
     proc.send_signal(sig)

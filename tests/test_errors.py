@@ -503,7 +503,7 @@ BAD_CKPTS = {
     "llama config": (lambda p: (p / "config.json").write_text(LLAMA), ConfigError, "model_type='llama'"),
     "no weights": (lambda p: (p / "model.safetensors").unlink(), CheckpointError, "has no weights"),
     "shards without their index": (lambda p: (p / "model.safetensors").rename(p / "model-00001-of-00002.safetensors"),
-                                   CheckpointError, "has safetensors files (model-00001-of-00002.safetensors) but not "
+                                   CheckpointError, "has safetensors shards (model-00001-of-00002.safetensors) but not "
                                    "model.safetensors.index.json"),
     "missing tensor": (_edit_tensors(lambda t: t.pop(EXPERT)), CheckpointError, f"missing tensor(s): {EXPERT}"),
     "extra tensor": (

@@ -316,14 +316,21 @@ def test_requests_sharing_a_start_with_one_still_decoding_copy_it_and_answer_the
     picture = [image(5, 48, 40)]
     qa = request([system, {"role": "user", "content": "<image>\nWhat is this?"}], picture)
     qb = request([system, {"role": "user", "content": "<image>\nDescribe the colours, please."}], picture)
-    b.prefixes.clear()
-    fresh_a, fresh_b = answer(b, qa, 12), answer(b, qb, 6)
+    fresh = []
+    for q, n in ((qa, 12), (qb, 6)):
+        b.prefixes.clear()
+        fresh.append(answer(b, q, n))
+    fresh_a, fresh_b = fresh
+    assert fresh_a.cached_tokens == fresh_b.cached_tokens == 0
     b.prefixes.clear()
     calls, call = [], b.engine._call
     monkeypatch.setattr(b.engine, "_call", lambda name, *args: (calls.append(name), call(name, *args))[1])
     first = b.submit(Job(qa, 12, RowSampling.make()))
-    while first.slot not in b.live:
+    for _ in range(5):
         b.step()
+        if first.slot in b.live:
+            break
+    assert first.slot in b.live and not first.finished
     second = b.submit(Job(qb, 6, RowSampling.make()))
     while not (first.finished and second.finished):
         b.step()

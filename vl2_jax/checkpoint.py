@@ -253,9 +253,9 @@ class SafetensorsFolder:
                 ) from None
         elif single.is_file():
             files = [single.name]
-        elif shards := sorted(p.name for p in self.path.glob("*.safetensors")):
+        elif shards := sorted(p.name for p in self.path.glob("model-*-of-*.safetensors")):
             raise CheckpointError(
-                f"{self.path} has safetensors files ({', '.join(shards[:3])}{', ...' if len(shards) > 3 else ''}) "
+                f"{self.path} has safetensors shards ({', '.join(shards[:3])}{', ...' if len(shards) > 3 else ''}) "
                 "but not model.safetensors.index.json, which says which tensor each one holds; download the "
                 "index too."
             )

@@ -440,7 +440,8 @@ class Engine:
 
     def move_slots(self, state: Slots, kind: str, a: int, b: int) -> Slots:
         """Slot `b`'s cache rows become a copy of slot `a`'s (`kind` "copy"), or the two trade their rows
-        ("swap"); both slots free (dispatched, not awaited)."""
+        ("swap"); `b` free, and `a` free or (a copy) decoding: its rows are only read (dispatched, not
+        awaited)."""
         with self._context():
             return self._call(f"{kind}()", self._moves[kind], (state, np.int32(a), np.int32(b)))
 

@@ -230,8 +230,9 @@ class Batcher:
     """Continuous batching on the engine, on the host: jobs join free slots and leave as they end.
 
     Each `step()` admits waiting jobs into free slots (checked and planned: a prompt's tiles are encoded
-    and its tokens embedded just before its first chunk runs; with the prefix cache, one that shares a
-    longer start with a prompt being prefilled than with any slot waits for that prompt), runs prefill chunks of the admitted
+    and its tokens embedded just before its first chunk runs; with the prefix cache, the next job waits,
+    and those behind it with it, while it shares a longer start with a prompt being prefilled than with
+    any slot), runs prefill chunks of the admitted
     prompts up to `prefill_budget` tokens (None: all of them; otherwise at least one chunk, so a long
     prompt's prefill is spread over several steps while the running answers go on decoding; the first
     chunks of prompts waiting together run in one call per chunk length), inserts the first tokens of
@@ -308,12 +309,11 @@ class Batcher:
     def step(self) -> bool:
         """One round (see the class docstring). Returns whether any work is left."""
         engine = self.engine
-        admitted, waiting = [], []
+        admitted = []
         while self.pending and self.free:
+            if self._sharer_prefilling(self.pending[0]):
+                break  # (it waits for that prompt's prefill; the jobs behind it wait their turn)
             job = self.pending.popleft()
-            if self._sharer_prefilling(job):
-                waiting.append(job)
-                continue
             slot, start = self._choose_slot(job)
             job.slot = slot
             try:
@@ -327,7 +327,6 @@ class Batcher:
                 self._free(slot, forget=True)
                 job.error = str(e)
                 self._end(job, "error")
-        self.pending.extendleft(reversed(waiting))
         if admitted and engine.executables is not None:  # (their programs load side by side, from the store)
             jobs = [job for _, job, _ in admitted]
             engine.preload(self.params, self.state, engine.forecast(
@@ -372,11 +371,12 @@ class Batcher:
             return False
         if job.signature is None:
             sign(job, self.engine.side)
-        candidates = [(s, self.prefixes.held[s]) for s in self.free] + list(self._running().items())
-        now = self.prefixes.longest(candidates, job.signature)[1]
         later = self.prefixes.longest([(s, other.signature) for s, other, _ in self.prefilling
                                        if other.signature is not None], job.signature)[1]
-        return later > now
+        if not later:  # (the common case, found without looking at the slots)
+            return False
+        candidates = [(s, self.prefixes.held[s]) for s in self.free] + list(self._running().items())
+        return later > self.prefixes.longest(candidates, job.signature)[1]
 
     def _choose_slot(self, job: Job) -> tuple[int, int]:
         """(slot, cached prompt tokens) for a job about to be admitted; the slot leaves the free list."""

@@ -38,7 +38,8 @@ looks like it, else a path; surrounding whitespace is ignored):
 The bytes are then opened with PIL restricted to ``formats`` (``None``: every format PIL reads), refused
 over ``max_pixels`` (width x height, read from the header before anything is decoded; PIL's own
 decompression-bomb guard, ``PIL.Image.MAX_IMAGE_PIXELS``, also applies: over twice it PIL refuses,
-reported the same way; between once and twice ``max_pixels`` decides, without PIL's warning),
+reported the same way; between once and twice ``max_pixels`` decides, PIL's warning hidden on the main
+thread),
 decoded in full and converted with ``convert("RGB")``, as ``processor.open_image`` does and the
 reference's callers do: no EXIF rotation, the first frame of an animation.
 
@@ -53,6 +54,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import dataclasses
 import http.client
 import io
@@ -480,8 +482,7 @@ def _decode(data: bytes, label: str, limits: ImageLimits) -> Image.Image:
     if not data:
         raise InputError(f"image {label} is empty (0 bytes); send a complete image.")
     try:
-        with warnings.catch_warnings():  # (PIL warns between 1x and 2x its limit; max_pixels decides below)
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with without_bomb_warning():  # (PIL warns between 1x and 2x its limit; max_pixels decides below)
             opened = Image.open(io.BytesIO(data), formats=limits.formats)
     except Image.DecompressionBombError as exc:
         raise InputError(_too_many_pixels(label, exc, limits)) from None
@@ -510,6 +511,19 @@ def _decode(data: bytes, label: str, limits: ImageLimits) -> Image.Image:
         except Exception as exc:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError, zlib.error, ...
             raise InputError(f"image {label} could not be decoded ({one_line(exc)}); it is truncated or corrupt, "
                              f"so re-save or re-download it.") from None
+
+
+@contextlib.contextmanager
+def without_bomb_warning():
+    """A context that hides PIL's DecompressionBombWarning (the caller refuses such images itself), on
+    the main thread only: `warnings.catch_warnings` swaps the process's filters, which threads opening
+    images side by side (a server's) would restore out of order; there the warning stays."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
 
 
 def _too_many_pixels(label: str, exc: Exception, limits: ImageLimits) -> str:

@@ -56,7 +56,7 @@ from vl2_jax.checkpoint import (
     source_dtype,
 )
 from vl2_jax.config import DTYPE_NAMES, VL2Config, dtype_of
-from vl2_jax.errors import CheckpointError, not_writable_because, some
+from vl2_jax.errors import CheckpointError, deferred_interrupt, not_writable_because, some
 from vl2_jax.quant import QUANTS, SCALES, VALUES, check_quant, quantize_params, quantized_shapes
 from vl2_jax.sharding import place
 
@@ -638,7 +638,8 @@ def convert_checkpoint(
         }
         (tmp / (MANIFEST + ".tmp")).write_text(json.dumps(manifest, indent=1) + "\n")
         os.replace(tmp / (MANIFEST + ".tmp"), tmp / MANIFEST)  # the manifest appears whole or not at all
-        _move_into_place(tmp, dst)
+        with deferred_interrupt():  # (a stop between the renames would leave neither the old DST nor the new)
+            _move_into_place(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

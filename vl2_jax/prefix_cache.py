@@ -9,8 +9,8 @@ the first two images when a third arrives) matches only where its tiles are the 
 the longest common prefix rounded down to the smallest prefill chunk, and always leaves at least one
 prompt token to prefill (its logits give the first answer token). A prompt also continues from the
 prompt of a job still decoding in another slot (copied from there: a system prompt or an image that
-several requests at once share; `generation.Batcher` holds a prompt back while one that shares its
-start is still being prefilled). A slot keeps its entries until a job that does not share them takes
+several requests at once share; `generation.Batcher` holds a prompt back while one still being
+prefilled shares a longer start with it than any slot holds). A slot keeps its entries until a job that does not share them takes
 it: free slots are handed out hits first, then empty or least recently used ones (eviction), among the
 slots that keep the decode program no larger than the number of running jobs needs. A prefix cached in
 a slot further up comes down into the slot taken: where the prompt continues or repeats that slot's

@@ -26,7 +26,6 @@ import math
 import os
 import re
 import threading
-import warnings
 from pathlib import Path
 
 import cachetools
@@ -34,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from vl2_jax.errors import ConfigError, InputError, check_text, one_line, read_json_object
-from vl2_jax.images import describe, is_url, looks_like_base64
+from vl2_jax.images import describe, is_url, looks_like_base64, without_bomb_warning
 from vl2_jax.tokenizer import Tokenizer
 
 USER_ROLE = "<|User|>"
@@ -354,8 +353,7 @@ def open_image(image, name: str | None = None) -> Image.Image:
     if os.path.getsize(path) == 0:
         raise InputError(f"image file {path} is empty (0 bytes); pass a complete image file.")
     try:
-        with warnings.catch_warnings():  # PIL warns between 1x and 2x its limit; we refuse from 1x below
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with without_bomb_warning():  # PIL warns between 1x and 2x its limit; we refuse from 1x below
             opened = Image.open(path)
     except Image.DecompressionBombError as exc:  # over 2x the limit: PIL refuses at open
         pixels = re.search(r"\((\d+) pixels\)", str(exc))

@@ -302,7 +302,7 @@ class ChatCompletionRequest(_OpenAIBody):
                     else:
                         if role != "user":  # (as the official template: images only in user turns)
                             raise bad_request(f"{where}: an image_url part may only be in a user message, not in "
-                                              f"a {message.role} message.", where)
+                                              f"the {message.role} message.", where)
                         url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
                         if not url:
                             raise bad_request(f"{where}.image_url.url is missing.", f"{where}.image_url")

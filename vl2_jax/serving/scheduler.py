@@ -162,7 +162,8 @@ class Scheduler:
 
     def flush_cache(self) -> None:
         """Forgets every prefix the free slots hold and every tile's kept features (the prefix and
-        feature caches; the device thread applies it before its next step). Running jobs are not affected."""
+        feature caches; the device thread applies it before its next step). Running jobs are not affected,
+        and a new prompt may still continue from a running job's prompt (`prefix_cache`)."""
         with self._cv:
             self._flush = True
             self._cv.notify()
