@@ -82,8 +82,9 @@ class Runtime:
       (the server's prefix cache): the engine then also compiles prefill chunks that start past a
       cached prefix (chunks of up to `CONTINUED_CHUNK_MAX` tokens).
     decode_steps: tokens per decode call over up to 8 live slots (half as many over 9-16, a quarter
-      beyond; `engine.decode_steps`; at most `MAX_DECODE_STEPS`, and a slot's tokens). A prompt that arrives waits for the call under way: fewer steps
-      shorten that wait, more let the host's time between calls weigh less. Answers do not depend on it.
+      beyond; `engine.decode_steps`; at most `MAX_DECODE_STEPS`, and a slot's tokens). A prompt that
+      arrives waits for the call under way: fewer steps shorten that wait, more let the host's time
+      between calls weigh less. Answers do not depend on it.
 
     `Runtime.plain()` is the reference path the fast paths are tested against.
     """

@@ -229,19 +229,19 @@ def sign(job: Job, side: int) -> None:
 class Batcher:
     """Continuous batching on the engine, on the host: jobs join free slots and leave as they end.
 
-    Each `step()` admits waiting jobs into free slots (checked and planned: a prompt's tiles are encoded
-    and its tokens embedded just before its first chunk runs; with the prefix cache, the next job waits,
-    and those behind it with it, while it shares a longer start with a prompt being prefilled than with
-    any slot), runs prefill chunks of the admitted
-    prompts up to `prefill_budget` tokens (None: all of them; otherwise at least one chunk, so a long
-    prompt's prefill is spread over several steps while the running answers go on decoding; the first
-    chunks of prompts waiting together run in one call per chunk length), inserts the first tokens of
-    the finished prefills, dispatches one decode call over the live slots (none once every live answer
-    is full: the call before ends them), and then reads the previous call's tokens while that one runs
-    on the device (a step that inserted first tokens reads them before dispatching, for the time to
-    first token). A job's tokens become text (`RowText`: UTF-8 safe, stop strings cut exactly) and go
-    to its `on_update`. The engine state lives in `state` (donated to every
-    program). Not thread-safe: one thread drives a batcher (the server's scheduler thread, or `run`).
+    Each `step()` admits waiting jobs into free slots (checked and planned: a prompt's tiles are
+    encoded and its tokens embedded just before its first chunk runs; with the prefix cache, the next
+    job waits, and those behind it with it, while it shares a longer start with a prompt being
+    prefilled than with any slot), runs prefill chunks of the admitted prompts up to `prefill_budget`
+    tokens (None: all of them; otherwise at least one chunk, so a long prompt's prefill is spread over
+    several steps while the running answers go on decoding; the first chunks of prompts waiting
+    together run in one call per chunk length), inserts the first tokens of the finished prefills,
+    dispatches one decode call over the live slots (none once every live answer is full: the call
+    before ends them), and then reads the previous call's tokens while that one runs on the device (a
+    step that inserted first tokens reads them before dispatching, for the time to first token). A
+    job's tokens become text (`RowText`: UTF-8 safe, stop strings cut exactly) and go to its
+    `on_update`. The engine state lives in `state` (donated to every program). Not thread-safe: one
+    thread drives a batcher (the server's scheduler thread, or `run`).
     """
 
     def __init__(self, engine: Engine, params, state: Slots, detok: Detokenizer,

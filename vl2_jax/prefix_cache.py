@@ -10,15 +10,16 @@ the longest common prefix rounded down to the smallest prefill chunk, and always
 prompt token to prefill (its logits give the first answer token). A prompt also continues from the
 prompt of a job still decoding in another slot (copied from there: a system prompt or an image that
 several requests at once share; `generation.Batcher` holds a prompt back while one still being
-prefilled shares a longer start with it than any slot holds). A slot keeps its entries until a job that does not share them takes
-it: free slots are handed out hits first, then empty or least recently used ones (eviction), among the
-slots that keep the decode program no larger than the number of running jobs needs. A prefix cached in
-a slot further up comes down into the slot taken: where the prompt continues or repeats that slot's
-whole conversation the two slots trade places (one device program swaps their rows, so the taken slot's
-entries move up and no prefix is held twice); where it shares only a start (a system prompt), the
-prefix is copied, the other conversation staying as it is. Entries a job is about to overwrite trade
-places with a free slot beyond those (empty, else holding older entries), so the slots that a small
-decode program leaves idle keep the most recent prefixes. The memory is the slots' own cache.
+prefilled shares a longer start with it than any slot holds). A slot keeps its entries until a job that
+does not share them takes it: free slots are handed out hits first, then empty or least recently used
+ones (eviction), among the slots that keep the decode program no larger than the number of running jobs
+needs. A prefix cached in a slot further up comes down into the slot taken: where the prompt continues
+or repeats that slot's whole conversation the two slots trade places (one device program swaps their
+rows, so the taken slot's entries move up and no prefix is held twice); where it shares only a start (a
+system prompt), the prefix is copied, the other conversation staying as it is. Entries a job is about
+to overwrite trade places with a free slot beyond those (empty, else holding older entries), so the
+slots that a small decode program leaves idle keep the most recent prefixes. The memory is the slots'
+own cache.
 
 Beside it, `TileFeatures` keeps the vision tower's output for recently seen tiles (by the same pixel
 digest), so an image already seen behind a different prefix is not encoded again.
