@@ -84,6 +84,7 @@ class FakeScheduler:
         self.script = answer
         self.jobs, self.cancelled, self.full = [], [], False
         self.max_queue = 3
+        self.busy, self.stepped_at = False, 0.0  # (busy: stats report a running request)
 
     def submit(self, job, measured=True):
         if self.full:
@@ -92,7 +93,7 @@ class FakeScheduler:
         return FakeHandle(job, self.script, self, measured)
 
     def stats(self):
-        return {"queued": 0, "running": 0, "max_batch": 4, "max_seq_len": 256, "alive": True}
+        return {"queued": 0, "running": int(self.busy), "max_batch": 4, "max_seq_len": 256, "alive": True}
 
     def flush_cache(self):
         pass
@@ -454,6 +455,21 @@ def test_a_full_queue_is_429_with_retry_after(sched, url):
     with pytest.raises(openai.RateLimitError):
         client(url).chat.completions.create(**CHAT)
     assert error_of(httpx2.get(url + "/health_generate"), 503)
+
+
+def test_health_generate_on_a_busy_server_waits_for_a_step_not_behind_the_queue():
+    """With requests in flight (here a full queue) the probe submits nothing: 200 once the scheduler
+    finishes a step after it came, 503 where none finishes within the health timeout."""
+    sched = FakeScheduler()
+    sched.busy = sched.full = True
+    with running(create_app(sched, MODEL, processor(), ServerSettings(health_timeout_s=1.0), Metrics())) as url:
+        stepper = threading.Timer(0.3, lambda: setattr(sched, "stepped_at", time.monotonic()))
+        stepper.start()
+        start = time.monotonic()
+        assert httpx2.get(url + "/health_generate").json() == {"status": "ok"}
+        assert 0.25 < time.monotonic() - start < 1.0 and sched.jobs == []
+        body = error_of(httpx2.get(url + "/health_generate"), 503)  # (no step after this probe came)
+        assert body["message"] == "requests are in flight, but no scheduler step finished within 1.0 s."
 
 
 def test_a_failure_mid_stream_ends_the_stream_with_an_error(sched, url):

@@ -4,7 +4,8 @@
 
 Routes:
     GET|HEAD /health              200 while the scheduler runs, 503 when it is down or draining
-    GET  /health_generate         200 when a one-token generation completes within `health_timeout_s`
+    GET  /health_generate         200 when the busy scheduler finishes a step, or when idle a one-token
+                                  generation completes, within `health_timeout_s`
     GET  /v1/models, /v1/models/{id}
     POST /v1/chat/completions     OpenAI chat: text and image_url parts, streaming (SSE), usage
     POST /v1/completions          OpenAI completions: a raw prompt (text or token ids)
@@ -621,6 +622,20 @@ class _Server:
 
     # -- the rest ------------------------------------------------------------------------------------
     async def health_generate(self):
+        """200 once the server shows it can generate: where requests run or wait, once the scheduler
+        finishes a step (as SGLang's check, which does not queue behind them); where it is idle, once a
+        one-token generation finishes. 503 otherwise, or after `health_timeout_s`."""
+        stats = self.scheduler.stats()
+        if not stats["alive"]:
+            raise APIError(503, "the scheduler is not running.", "service_unavailable")
+        if stats["queued"] or stats["running"]:
+            since = time.monotonic()
+            while time.monotonic() - since < self.settings.health_timeout_s:
+                if self.scheduler.stepped_at > since:
+                    return {"status": "ok"}
+                await asyncio.sleep(0.01)
+            raise APIError(503, f"requests are in flight, but no scheduler step finished within "
+                                f"{self.settings.health_timeout_s} s.", "service_unavailable")
         job = Job(EngineRequest(np.asarray([self.processor.bos_id], np.int32), np.zeros(1, np.int32),
                                 np.zeros(1, bool), None), 1, RowSampling.make(), (), -1)
         try:

@@ -115,6 +115,7 @@ class Scheduler:
         self._batcher: Batcher | None = None
         self._last_update: dict[int, float] = {}
         self._flush = False
+        self.stepped_at = 0.0  # time.monotonic() when the device thread last finished a step
         self._cancel_all = False  # (set by `stop` when its drain time is up: the device thread ends every job)
         self._hurry = threading.Event()
 
@@ -223,6 +224,7 @@ class Scheduler:
                 b.cancel(job)
             try:
                 b.step()
+                self.stepped_at = time.monotonic()
             except Exception as e:  # a device program failed: end everyone in flight, start afresh
                 self._fail_all(f"{type(e).__name__}: {e}")
             if self.metrics:
