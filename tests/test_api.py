@@ -520,6 +520,15 @@ def test_flush_cache_empties_the_tile_cache():
     assert proc.tile_cache.hits == 1 and proc.tile_cache.lookups == 3  # (resampled again)
 
 
+def test_model_info_reports_the_path_loaded_and_the_served_name_apart():
+    """SGLang's router reads tokenizer_path: the model as loaded, whatever name it is served under."""
+    with running(create_app(FakeScheduler(), MODEL, processor(), ServerSettings(model_path="/models/vl2-tiny"))) as url:
+        info = httpx2.get(url + "/get_model_info").json()
+        assert (info["model_path"], info["tokenizer_path"]) == ("/models/vl2-tiny", "/models/vl2-tiny")
+        info = httpx2.get(url + "/get_server_info").json()
+        assert (info["model_path"], info["served_model_name"]) == ("/models/vl2-tiny", MODEL)
+
+
 def test_models_info_health_generate_flush_and_metrics(sched, url):
     assert [m.id for m in client(url).models.list()] == [MODEL]
     head = httpx2.head(url + "/health")
@@ -641,6 +650,7 @@ def test_start_and_stop_profile_write_a_trace_where_the_server_has_a_profile_dir
         files = stopped.json()["files"]
         assert stopped.json()["trace_dir"] == folder
         assert any(f.endswith("perfetto_trace.json.gz") for f in files) and all(f.startswith(folder) for f in files)
+        assert any(f.endswith(".xplane.pb") for f in files)  # (TensorBoard's profile)
         assert python_calls(files) == 0  # (Python's own calls only with SGLang's with_stack)
         assert error_of(httpx2.post(url + "/start_profile", json={"with_stack": "yes"}), 400)["param"] == "with_stack"
         assert httpx2.post(url + "/start_profile", json={"with_stack": True}).status_code == 200

@@ -159,7 +159,7 @@ def run(args, log) -> int:
     settings = ServerSettings(
         api_key=args.api_key if args.api_key is not None else os.environ.get("VL2_API_KEY") or None,
         max_body_bytes=args.max_body_mb << 20, max_images=args.max_images,
-        request_timeout_s=args.request_timeout or None, profile_dir=args.profile_dir,
+        request_timeout_s=args.request_timeout or None, profile_dir=args.profile_dir, model_path=args.model,
         image_limits=ImageLimits(max_pixels=args.max_image_pixels, allow_fetch=args.allow_fetch,
                                  local_dir=args.image_dir))
     sock = _listen(args.host, args.port)

@@ -93,7 +93,8 @@ class ServerSettings:
     Retry-After of a 429. request_timeout_s: how long a request may take from its arrival to its
     answer's end (None: no limit); one that runs longer is cancelled and answered with a 504
     (mid-stream: an error event). profile_dir: where /start_profile and /stop_profile write device
-    traces (None: those routes answer 400)."""
+    traces (None: those routes answer 400). model_path: the model as loaded (a folder, a hub id), for
+    /get_model_info and /get_server_info's model_path and tokenizer_path (None: the served name)."""
 
     api_key: str | None = None
     max_body_bytes: int = 64 << 20
@@ -105,6 +106,7 @@ class ServerSettings:
     retry_after_s: int = 1
     request_timeout_s: float | None = 600.0
     profile_dir: str | None = None
+    model_path: str | None = None
 
 
 def create_app(scheduler, model_name: str, processor, settings: ServerSettings | None = None,
@@ -697,14 +699,15 @@ class _Server:
                 "root": self.name, "max_model_len": self.engine.max_seq_len, **self.weights}
 
     def model_info(self) -> dict:
-        return {"model_path": self.name, "tokenizer_path": self.name, "is_generation": True,
+        path = self.settings.model_path or self.name
+        return {"model_path": path, "tokenizer_path": path, "is_generation": True,
                 "has_image_understanding": True, "max_seq_len": self.engine.max_seq_len,
                 "max_batch": self.engine.max_batch, "eos_token_id": self.eos, **self.weights}
 
     def server_info(self) -> dict:
         s = self.settings
         stats = self.scheduler.stats()
-        return {"model_path": self.name, "served_model_name": self.name, **self.weights, "tp_size": 1, "dp_size": 1,
+        return {"model_path": s.model_path or self.name, "served_model_name": self.name, **self.weights, "tp_size": 1, "dp_size": 1,
                 "max_batch": self.engine.max_batch, "max_seq_len": self.engine.max_seq_len,
                 "max_queue": getattr(self.scheduler, "max_queue", None), "api_key_required": bool(s.api_key),
                 "max_body_bytes": s.max_body_bytes, "max_images": s.max_images,

@@ -55,4 +55,4 @@ class Profiler:
                 raise InputError("no profile is being recorded; POST /start_profile first.")
             folder, self._current = self._current, None
             jax.profiler.stop_trace()
-        return folder, sorted(folder.rglob("*.json.gz"))
+        return folder, sorted(p for p in folder.rglob("*") if p.name.endswith((".json.gz", ".xplane.pb")))
