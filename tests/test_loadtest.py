@@ -282,12 +282,17 @@ def test_a_server_that_does_not_answer_is_not_called_absent():
             asyncio.run(loadtest.preflight(client, url, timeout=0.1))
 
 
+def test_min_tokens_defaults_to_64_or_max_tokens_where_fewer():
+    assert (loadtest.parse_args([]).min_tokens, loadtest.parse_args(["--max-tokens", "16"]).min_tokens) == (64, 16)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--concurrency", "1,0"], "each level must be at least 1"),
     (["--concurrency", "1,x"], "each level must be a whole number"),
     (["--requests", "0"], "must be at least 1"),
     (["--image-share", "1.5"], "must be between 0.0 and 1.0"),
     (["--min-tokens", "10", "--max-tokens", "5"], "--max-tokens (5) must be at least --min-tokens (10)"),
+    (["--max-tokens", "16", "--min-tokens", "64"], "--max-tokens (16) must be at least --min-tokens (64)"),
     (["--timeout", "0"], "must be at least 0.001"),
     (["--url", "127.0.0.1:30000"], "--url must be an http:// or https:// URL"),
 ])

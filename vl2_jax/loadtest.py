@@ -492,7 +492,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image-share", type=number(float, 0.0, 1.0, "a number"), default=0.5,
                    help="fraction of requests with an image, 0 to 1 (default: 0.5)")
     p.add_argument("--image-format", choices=["jpeg", "png"], default="jpeg", help="how images are encoded (default: jpeg)")
-    p.add_argument("--min-tokens", type=number(int, 1), default=64, help="fewest new tokens asked for (default: 64)")
+    p.add_argument("--min-tokens", type=number(int, 1), default=None,
+                   help="fewest new tokens asked for (default: 64, or --max-tokens where that is fewer)")
     p.add_argument("--max-tokens", type=number(int, 1), default=256, help="most new tokens asked for (default: 256)")
     p.add_argument("--seed", type=number(int, 0), default=0, help="seeds prompts, images and token counts (default: 0)")
     p.add_argument("--timeout", type=number(float, 0.001, what="a number of seconds"), default=600.0,
@@ -506,6 +507,8 @@ def parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     p = parser()
     args = p.parse_args(argv)
+    if args.min_tokens is None:
+        args.min_tokens = min(64, args.max_tokens)
     if args.max_tokens < args.min_tokens:
         p.error(f"--max-tokens ({args.max_tokens}) must be at least --min-tokens ({args.min_tokens})")
     if urllib.parse.urlsplit(args.url).scheme not in ("http", "https") or not urllib.parse.urlsplit(args.url).netloc:
