@@ -322,7 +322,7 @@ def test_python_m_vl2_jax_serve_refuses_bad_arguments_in_one_line(tmp_path):
     run = lambda *args: subprocess.run([sys.executable, "-m", "vl2_jax.serve", "--model", MODEL, *args],
                                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     out = run("--image-dir", str(tmp_path / "missing"))
-    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1].startswith("error: --image-dir")
+    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1] == f"error: --image-dir {tmp_path / 'missing'} does not exist."
     (tmp_path / "file").write_text("")
     out = run("--profile-dir", str(tmp_path / "file" / "traces"))
     assert out.returncode == 1 and out.stderr.strip().splitlines()[-1].startswith("error: --profile-dir"), out.stderr

@@ -7,7 +7,8 @@ Loads the model, compiles every program (progress on stderr; --no-warmup compile
 instead), starts the scheduler and serves `vl2_jax.serving.api`'s routes; prints the URL on stdout when
 it accepts requests. SIGTERM or Ctrl-C: no new connections are accepted and idle ones are closed (a
 request that arrives meanwhile gets 503), those in flight get up to --drain-seconds to finish (then
-they are cancelled: 503, or an error event in a stream), the scheduler stops, the process exits. A malformed flag prints a usage line and
+they are cancelled: 503, or an error event in a stream; a second Ctrl-C cancels them at once), the
+scheduler stops, the process exits. A malformed flag prints a usage line and
 exits with status 2; a model that does not load, or an argument it refuses, prints one `error: ...` line,
 exit status 1.
 """
@@ -96,7 +97,7 @@ def parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, how long requests in flight may take to finish before they are cancelled "
                         "(answered 503; default 20)")
     p.add_argument("--profile-dir", default=None, metavar="DIR",
-                   help="enable SGLang's POST /start_profile and /stop_profile: a JAX profiler trace of the server "
+                   help="enable SGLang's /start_profile and /stop_profile (GET or POST): a JAX profiler trace of the server "
                         "between the two, written into a new folder under DIR (default: off)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="uvicorn's log level; info adds one line per request (default warning)")
@@ -150,7 +151,8 @@ def run(args, log) -> int:
         from vl2_jax.serving.scheduler import Scheduler
 
     if args.image_dir is not None and not os.path.isdir(args.image_dir):
-        raise InputError(f"--image-dir {args.image_dir} is not a folder.")
+        what = "is not a folder" if os.path.exists(args.image_dir) else "does not exist"
+        raise InputError(f"--image-dir {args.image_dir} {what}.")
     if args.profile_dir is not None:
         try:
             os.makedirs(args.profile_dir, exist_ok=True)
@@ -228,6 +230,7 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig, frame):
         self.api.draining = True  # a request on a connection still open gets 503 while those in flight finish
         if self.should_exit and sig == signal.SIGINT:  # a second Ctrl-C: uvicorn stops waiting, the scheduler too
+            self.log("a second Ctrl-C: the requests in flight are cancelled now")
             self.scheduler.hurry()
         super().handle_exit(sig, frame)
 
