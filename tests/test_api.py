@@ -472,16 +472,26 @@ def test_health_generate_on_a_busy_server_waits_for_a_step_not_behind_the_queue(
         assert body["message"] == "requests are in flight, but no scheduler step finished within 1.0 s."
 
 
+def answered(url, route: str, status: int) -> float:
+    """vl2_requests_total of `route` and `status`, from /metrics."""
+    line = f'vl2_requests_total{{route="{route}",status="{status}"}} '
+    return sum(float(x.split()[-1]) for x in httpx2.get(url + "/metrics").text.splitlines() if x.startswith(line))
+
+
 def test_a_failure_mid_stream_ends_the_stream_with_an_error(sched, url):
+    """... and the request counts under the error's status, not the 200 its stream began with."""
     def failing(job):
         return [*answer(job, ["Hel", "lo"])[:1], (0, Event("", [], "error", 3, 1, 0, "RuntimeError: device lost"))]
 
     sched.script = failing
+    before = [answered(url, route, code) for route in ("/v1/chat/completions", "/generate") for code in (200, 500)]
     with pytest.raises(openai.APIError, match="device lost"):
         list(client(url).chat.completions.create(**CHAT, stream=True))
     with httpx2.stream("POST", url + "/generate", json={"text": "a", "stream": True}) as r:
         lines = [line for line in r.iter_lines() if line]
     assert '"error"' in lines[-2] and lines[-1] == "data: [DONE]"
+    after = [answered(url, route, code) for route in ("/v1/chat/completions", "/generate") for code in (200, 500)]
+    assert [b - a for a, b in zip(before, after)] == [0, 1, 0, 1]
     assert error_of(httpx2.post(url + "/v1/chat/completions", json=CHAT), 500)["type"] == "server_error"
 
 
@@ -494,11 +504,13 @@ def wait_for(predicate, seconds=5.0):
 
 def test_a_client_that_leaves_cancels_its_job(sched, url):
     sched.script = lambda job: answer(job, ["tick"] * 1000, delay=0.05)
+    left = answered(url, "/v1/chat/completions", 499)
     with httpx2.stream("POST", url + "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
         for line in r.iter_lines():
             if "tick" in line:
                 break
     assert wait_for(lambda: len(sched.cancelled) == 1), "a stream's job not cancelled"
+    assert wait_for(lambda: answered(url, "/v1/chat/completions", 499) == left + 1), "a stream left counted as 200"
     with pytest.raises(httpx2.TimeoutException):
         httpx2.post(url + "/generate", json={"text": "a"}, timeout=0.5)
     assert wait_for(lambda: len(sched.cancelled) == 2), "a waiting request's job not cancelled"

@@ -81,6 +81,7 @@ ROUTES = frozenset({*OPEN_ROUTES, "/v1/models", "/v1/chat/completions", "/v1/com
 DONE = b"data: [DONE]\n\n"
 ROUTER_NO_MODEL = "unknown"  # `model` as SGLang's router fills it in where a request left it out
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+OUTCOME = "vl2.outcome"  # the request scope's key for a stream's outcome, an HTTP status (`_Server.stream`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,7 +266,8 @@ def _failure(event: Event) -> APIError | None:
 
 class _Gate:
     """ASGI middleware: the bearer key (all routes but OPEN_ROUTES) and the request counts by route and
-    HTTP status (499: the client left before an answer began; 500: an error raised before it began)."""
+    HTTP status (499: the client left before an answer began; 500: an error raised before it began; a
+    stream counts under its outcome, `_Server.stream`)."""
 
     def __init__(self, app, server: _Server):
         self.app, self.server = app, server
@@ -294,7 +296,7 @@ class _Gate:
                 status["code"] = 500
             raise
         finally:
-            self.server.metrics.answered(route, status["code"])
+            self.server.metrics.answered(route, scope.get(OUTCOME, status["code"]))
 
 
 def _authorized(scope, key: str) -> bool:
@@ -511,8 +513,27 @@ class _Server:
             raise error
         return text, ids, last
 
-    def stream(self, chunks: AsyncIterator[bytes]) -> StreamingResponse:
-        return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
+    def stream(self, request: Request, chunks: AsyncIterator[bytes]) -> StreamingResponse:
+        """An SSE response of `chunks`; the request's count (`_Gate`) takes the stream's outcome: the
+        status of an error event it ended with (`stream_error`), 499 where the client left before its
+        end, else 200."""
+        async def watched():
+            ended = False
+            try:
+                async for piece in chunks:
+                    yield piece
+                ended = True
+            finally:
+                if not ended:
+                    request.scope.setdefault(OUTCOME, 499)
+
+        return StreamingResponse(watched(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    @staticmethod
+    def stream_error(request: Request, error: APIError) -> bytes:
+        """The error event that ends a stream; the request counts under its status."""
+        request.scope[OUTCOME] = error.status
+        return _sse(error.body())
 
     # -- OpenAI --------------------------------------------------------------------------------------
     async def chat(self, request: Request):
@@ -540,7 +561,7 @@ class _Server:
             yield chunk({"role": "assistant", "content": ""})
             async for event in self.events(handle, t0):
                 if (error := _failure(event)) is not None:
-                    yield _sse(error.body())
+                    yield self.stream_error(request, error)
                     break
                 if event.text or (continuous and event.token_ids):
                     yield chunk({"content": event.text}, event=event)
@@ -550,7 +571,7 @@ class _Server:
                         yield _sse({**head, "choices": [], "usage": _usage(event)})
             yield DONE
 
-        return self.stream(chunks())
+        return self.stream(request, chunks())
 
     async def completions(self, request: Request):
         t0 = time.perf_counter()
@@ -573,7 +594,7 @@ class _Server:
         async def chunks():
             async for event in self.events(handle, t0):
                 if (error := _failure(event)) is not None:
-                    yield _sse(error.body())
+                    yield self.stream_error(request, error)
                     break
                 if event.text or event.finish_reason is not None or (continuous and event.token_ids):
                     yield chunk(event.text, event.finish_reason, event)
@@ -581,7 +602,7 @@ class _Server:
                     yield _sse({**head, "choices": [], "usage": _usage(event)})
             yield DONE
 
-        return self.stream(chunks())
+        return self.stream(request, chunks())
 
     # -- SGLang --------------------------------------------------------------------------------------
     async def generate(self, request: Request):
@@ -612,7 +633,7 @@ class _Server:
             text, ids = "", []
             async for event in self.events(handle, t0):
                 if (error := _failure(event)) is not None:
-                    yield _sse(error.body())
+                    yield self.stream_error(request, error)
                     break
                 text, ids = text + event.text, ids + event.token_ids
                 if event.text or event.token_ids or event.finish_reason is not None:
@@ -620,7 +641,7 @@ class _Server:
                     yield _sse({**out, "index": 0} if body.batched else out)  # (SGLang numbers a batch's pieces)
             yield DONE
 
-        return self.stream(chunks())
+        return self.stream(request, chunks())
 
     # -- the rest ------------------------------------------------------------------------------------
     async def health_generate(self):

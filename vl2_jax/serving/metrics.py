@@ -11,7 +11,8 @@
     vl2_prefix_cache_hits_total          counter: prompt tokens served from the prefix cache
     vl2_prefix_cache_queries_total       counter: prompt tokens looked up in the prefix cache (the hit
                                          rate is hits / queries)
-    vl2_requests_total{route, status}    counter: answered requests by route and HTTP status
+    vl2_requests_total{route, status}    counter: answered requests by route and HTTP status (a stream by
+                                         its outcome: an error event's status, 499 where the client left)
 
 `Metrics` carries the scheduler's hooks (`observe_itl`, `add_tokens`, `set_queue`, `set_running`,
 `cache_lookup`); the first-token time is observed by the API (`first_token`), which knows when the
