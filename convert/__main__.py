@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 
-from vl2_jax.errors import check_interrupt, guarded, interrupts_held, leave
+from vl2_jax.errors import VL2Error, check_interrupt, explain, guarded, interrupts_held, leave
 
 
 def _parser():
@@ -44,7 +44,6 @@ def main(argv: list[str] | None = None) -> int:
         # Conversion is host work: keep jax (which orbax initialises) off any accelerator it would grab.
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         with interrupts_held():  # (importing JAX)
-            from vl2_jax.errors import VL2Error
             from vl2_jax.orbax_io import convert_checkpoint, format_bytes
 
         try:
@@ -58,8 +57,6 @@ def main(argv: list[str] | None = None) -> int:
             log("error: " + " ".join(str(e).split()))
             return 1
         except Exception as e:  # noqa: BLE001 - last line of defence (out of memory, an orbax failure): one line
-            from vl2_jax.errors import explain
-
             log(f"error: {explain(e).rstrip('.')}; {args.dst} was not written.")
             return 1
         print(

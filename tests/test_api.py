@@ -472,10 +472,14 @@ def test_health_generate_on_a_busy_server_waits_for_a_step_not_behind_the_queue(
         assert body["message"] == "requests are in flight, but no scheduler step finished within 1.0 s."
 
 
+def metric(url, prefix: str) -> float:
+    """The sum of the /metrics lines that start with `prefix`."""
+    return sum(float(x.split()[-1]) for x in httpx2.get(url + "/metrics").text.splitlines() if x.startswith(prefix))
+
+
 def answered(url, route: str, status: int) -> float:
     """vl2_requests_total of `route` and `status`, from /metrics."""
-    line = f'vl2_requests_total{{route="{route}",status="{status}"}} '
-    return sum(float(x.split()[-1]) for x in httpx2.get(url + "/metrics").text.splitlines() if x.startswith(line))
+    return metric(url, f'vl2_requests_total{{route="{route}",status="{status}"}} ')
 
 
 def test_a_failure_mid_stream_ends_the_stream_with_an_error(sched, url):
@@ -552,8 +556,7 @@ def test_models_info_health_generate_flush_and_metrics(sched, url):
     info = httpx2.get(url + "/get_server_info").json()
     assert (info["dtype"], info["quantization"]) == ("float32", "int8")
     assert info["max_batch"] == 4 and info["internal_states"][0]["alive"] and not info["api_key_required"]
-    count = lambda name: sum(float(line.split()[-1]) for line in httpx2.get(url + "/metrics").text.splitlines()
-                             if line.startswith(name))
+    count = functools.partial(metric, url)
     before = count("vl2_time_to_first_token_seconds_count"), count("vl2_e2e_request_latency_seconds_count")
     assert httpx2.get(url + "/health_generate").json() == {"status": "ok"}
     assert sched.jobs[-1].max_new_tokens == 1

@@ -319,6 +319,7 @@ async def _disconnected(request: Request) -> None:
 class _Server:
     def __init__(self, scheduler, model_name: str, processor, settings: ServerSettings, metrics: Metrics):
         self.scheduler, self.name, self.processor = scheduler, model_name, processor
+        self.model_path = settings.model_path or model_name  # (SGLang's model_path and tokenizer_path)
         self.settings, self.metrics = settings, metrics
         model = scheduler.model
         self.engine, self.cfg = model.engine, model.cfg
@@ -720,15 +721,14 @@ class _Server:
                 "root": self.name, "max_model_len": self.engine.max_seq_len, **self.weights}
 
     def model_info(self) -> dict:
-        path = self.settings.model_path or self.name
-        return {"model_path": path, "tokenizer_path": path, "is_generation": True,
+        return {"model_path": self.model_path, "tokenizer_path": self.model_path, "is_generation": True,
                 "has_image_understanding": True, "max_seq_len": self.engine.max_seq_len,
                 "max_batch": self.engine.max_batch, "eos_token_id": self.eos, **self.weights}
 
     def server_info(self) -> dict:
         s = self.settings
         stats = self.scheduler.stats()
-        return {"model_path": s.model_path or self.name, "served_model_name": self.name, **self.weights, "tp_size": 1, "dp_size": 1,
+        return {"model_path": self.model_path, "served_model_name": self.name, **self.weights, "tp_size": 1, "dp_size": 1,
                 "max_batch": self.engine.max_batch, "max_seq_len": self.engine.max_seq_len,
                 "max_queue": getattr(self.scheduler, "max_queue", None), "api_key_required": bool(s.api_key),
                 "max_body_bytes": s.max_body_bytes, "max_images": s.max_images,
